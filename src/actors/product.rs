@@ -1,0 +1,293 @@
+//! One actor per product: the only place a product's stock changes while the server runs.
+//!
+//! The mailbox orders every change to the product, so no lock guards stock. Changes that
+//! the actor decides on its own (patch, replenish, adjust, delete) are queued to the log
+//! inside the same `handle` call that applies them, before the next message is looked at:
+//! a replenish is therefore in the log before any of its units can be held (invariant 3).
+//! Changes decided elsewhere (a reservation's hold, settle, commit, release) arrive as
+//! messages; their records are queued by the supervisor, which owns reservations.
+//!
+//! A panic while handling a message must not lose the product: the message is handled
+//! under `catch_unwind`, and on a panic the state is put back as it was before that
+//! message, the caller gets an internal error (its reply port is dropped), and the
+//! supervisor is told. The actor then goes on serving from the restored state.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::actors::supervisor::SupervisorMsg;
+use crate::clock::{Millis, SharedClock};
+use crate::domain::{Price, Product, StockError};
+use crate::error::Error;
+use crate::log::{LogHandle, Ticket};
+use crate::record::Record;
+
+/// A change to a product that the product actor decides and logs itself.
+#[derive(Debug)]
+pub enum Change {
+    Patch {
+        name: Option<String>,
+        price: Option<Option<Price>>,
+    },
+    Replenish {
+        quantity: u64,
+    },
+    Adjust {
+        delta: i64,
+        reason: Option<String>,
+    },
+}
+
+pub enum ProductMsg {
+    Get(RpcReplyPort<Result<Product, Error>>),
+    /// Hold units for a reservation being assembled (not logged yet).
+    Hold {
+        quantity: u64,
+        reply: RpcReplyPort<Result<(), Error>>,
+    },
+    /// Roll back a hold whose reservation was never registered.
+    Unhold {
+        quantity: u64,
+    },
+    /// The reservation holding these units is registered and logged.
+    SettleHold {
+        at: Millis,
+    },
+    /// A pending reservation was cancelled or expired (its record is already queued).
+    Release {
+        quantity: u64,
+        at: Millis,
+    },
+    /// A pending reservation was confirmed (its record is already queued).
+    Commit {
+        quantity: u64,
+        at: Millis,
+    },
+    Change {
+        change: Change,
+        if_match: Option<u64>,
+        reply: RpcReplyPort<Result<(Product, Ticket), Error>>,
+    },
+    Delete {
+        if_match: Option<u64>,
+        reply: RpcReplyPort<Result<Ticket, Error>>,
+    },
+    /// Test hook: panics inside the actor, to exercise recovery from a failed message.
+    #[doc(hidden)]
+    Crash(RpcReplyPort<()>),
+}
+
+impl ProductMsg {
+    /// Answers a message addressed to a product that does not exist.
+    pub fn reply_not_found(self, sku: &str) {
+        let err = || Error::ProductNotFound {
+            sku: sku.to_string(),
+        };
+        match self {
+            ProductMsg::Get(reply) => drop(reply.send(Err(err()))),
+            ProductMsg::Hold { reply, .. } => drop(reply.send(Err(err()))),
+            ProductMsg::Change { reply, .. } => drop(reply.send(Err(err()))),
+            ProductMsg::Delete { reply, .. } => drop(reply.send(Err(err()))),
+            ProductMsg::Crash(_) => {}
+            // Holds, settles, releases and commits are only sent for products that hold
+            // reserved units, which cannot be deleted: reaching here is a bug.
+            ProductMsg::Unhold { .. }
+            | ProductMsg::SettleHold { .. }
+            | ProductMsg::Release { .. }
+            | ProductMsg::Commit { .. } => {
+                tracing::error!(sku, "stock message for a product that does not exist");
+                debug_assert!(false, "stock message for missing product {sku}");
+            }
+        }
+    }
+}
+
+pub struct ProductActor {
+    pub log: LogHandle,
+    pub clock: SharedClock,
+    pub supervisor: ActorRef<SupervisorMsg>,
+}
+
+pub struct ProductState {
+    product: Product,
+    /// Set by a successful delete; the actor then answers "not found" until it stops.
+    deleted: bool,
+}
+
+impl Actor for ProductActor {
+    type Msg = ProductMsg;
+    type State = ProductState;
+    type Arguments = Product;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<ProductMsg>,
+        product: Product,
+    ) -> Result<ProductState, ActorProcessingErr> {
+        assert!(product.invariant_holds(), "starting from a broken product");
+        Ok(ProductState {
+            product,
+            deleted: false,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<ProductMsg>,
+        msg: ProductMsg,
+        state: &mut ProductState,
+    ) -> Result<(), ActorProcessingErr> {
+        if state.deleted {
+            msg.reply_not_found(&state.product.sku);
+            return Ok(());
+        }
+        let before = state.product.clone();
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.process(msg, &mut state.product)));
+        match outcome {
+            Ok(Processed::Continue) => {}
+            Ok(Processed::Deleted) => {
+                state.deleted = true;
+                myself.stop(Some("deleted".into()));
+            }
+            Err(panic) => {
+                let reason = panic_message(panic.as_ref());
+                state.product = before;
+                tracing::error!(
+                    sku = %state.product.sku,
+                    reason,
+                    "product actor panicked; restored its state from before the message"
+                );
+                let _ = self.supervisor.cast(SupervisorMsg::ProductPanicked {
+                    sku: state.product.sku.clone(),
+                    reason,
+                });
+            }
+        }
+        debug_assert!(state.product.invariant_holds());
+        Ok(())
+    }
+}
+
+enum Processed {
+    Continue,
+    Deleted,
+}
+
+impl ProductActor {
+    fn process(&self, msg: ProductMsg, p: &mut Product) -> Processed {
+        match msg {
+            ProductMsg::Get(reply) => drop(reply.send(Ok(p.clone()))),
+            ProductMsg::Hold { quantity, reply } => {
+                let result = p
+                    .hold(quantity)
+                    .map_err(|e| stock_error(p, quantity, "quantity", e));
+                let _ = reply.send(result);
+            }
+            ProductMsg::Unhold { quantity } => p.unhold(quantity),
+            ProductMsg::SettleHold { at } => p.settle_hold(at),
+            ProductMsg::Release { quantity, at } => p.release(quantity, at),
+            ProductMsg::Commit { quantity, at } => p.commit(quantity, at),
+            ProductMsg::Change {
+                change,
+                if_match,
+                reply,
+            } => {
+                let result = check_version(p, if_match).and_then(|()| self.change(p, change));
+                let _ = reply.send(result);
+            }
+            ProductMsg::Delete { if_match, reply } => {
+                let result = check_version(p, if_match).and_then(|()| self.delete(p));
+                let deleted = result.is_ok();
+                let _ = reply.send(result);
+                if deleted {
+                    return Processed::Deleted;
+                }
+            }
+            ProductMsg::Crash(_reply) => panic!("injected panic in product actor {}", p.sku),
+        }
+        Processed::Continue
+    }
+
+    fn change(&self, p: &mut Product, change: Change) -> Result<(Product, Ticket), Error> {
+        let at = self.clock.now_ms();
+        let sku = p.sku.clone();
+        let record = match change {
+            Change::Patch { name, price } => {
+                p.patch(name.clone(), price.clone(), at);
+                Record::ProductPatched {
+                    sku,
+                    name,
+                    price,
+                    at,
+                }
+            }
+            Change::Replenish { quantity } => {
+                p.check_replenish(quantity)
+                    .map_err(|e| stock_error(p, quantity, "quantity", e))?;
+                p.replenish(quantity, at);
+                Record::Replenished { sku, quantity, at }
+            }
+            Change::Adjust { delta, reason } => {
+                p.check_adjust(delta)
+                    .map_err(|e| stock_error(p, delta.unsigned_abs(), "delta", e))?;
+                p.adjust(delta, at);
+                Record::Adjusted {
+                    sku,
+                    delta,
+                    reason,
+                    at,
+                }
+            }
+        };
+        // Queued before this handler returns, so before the next message can hand out
+        // any unit this change freed (invariant 3).
+        let ticket = self.log.append(record);
+        Ok((p.clone(), ticket))
+    }
+
+    fn delete(&self, p: &Product) -> Result<Ticket, Error> {
+        if p.reserved > 0 {
+            return Err(Error::ProductHasReservations { sku: p.sku.clone() });
+        }
+        Ok(self.log.append(Record::ProductDeleted {
+            sku: p.sku.clone(),
+            at: self.clock.now_ms(),
+        }))
+    }
+}
+
+fn check_version(p: &Product, if_match: Option<u64>) -> Result<(), Error> {
+    match if_match {
+        Some(expected) if expected != p.version => Err(Error::VersionMismatch {
+            sku: p.sku.clone(),
+            expected,
+            current: p.version,
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn stock_error(p: &Product, requested: u64, field: &str, err: StockError) -> Error {
+    match err {
+        StockError::Insufficient { available } => Error::InsufficientStock {
+            sku: p.sku.clone(),
+            requested,
+            available,
+        },
+        StockError::Overflow => Error::StockOverflow {
+            field: field.into(),
+            detail: format!("the change would take on_hand of {} above 2^53-1", p.sku),
+        },
+    }
+}
+
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".into()
+    }
+}

@@ -1,0 +1,81 @@
+//! Wall-clock time as Unix milliseconds, behind a trait so tests can move time by hand.
+//!
+//! Deadlines (`expires_at`) are wall-clock instants that must survive restarts, so the
+//! server reasons in Unix milliseconds (`Millis`) rather than `tokio::time::Instant`.
+//! Formatting to RFC 3339 with millisecond precision happens only at the HTTP edge.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+/// Unix time in milliseconds (UTC).
+pub type Millis = i64;
+
+/// A source of the current wall-clock time.
+pub trait Clock: Send + Sync + 'static {
+    fn now_ms(&self) -> Millis;
+}
+
+/// Shared handle to the clock every component reads.
+pub type SharedClock = Arc<dyn Clock>;
+
+/// The real clock.
+#[derive(Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> Millis {
+        chrono::Utc::now().timestamp_millis()
+    }
+}
+
+/// A clock that only moves when told to: used by tests of expiry and deadlines.
+#[derive(Debug)]
+pub struct ManualClock {
+    now_ms: AtomicI64,
+}
+
+impl ManualClock {
+    pub fn new(start_ms: Millis) -> Self {
+        Self {
+            now_ms: AtomicI64::new(start_ms),
+        }
+    }
+
+    /// Moves the clock forward by `ms` milliseconds.
+    pub fn advance_ms(&self, ms: i64) {
+        self.now_ms.fetch_add(ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> Millis {
+        self.now_ms.load(Ordering::SeqCst)
+    }
+}
+
+/// Formats `ms` as RFC 3339 UTC with millisecond precision (`2026-11-22T10:00:00.123Z`).
+pub fn rfc3339(ms: Millis) -> String {
+    match chrono::DateTime::from_timestamp_millis(ms) {
+        Some(t) => t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+        None => String::from("1970-01-01T00:00:00.000Z"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_with_milliseconds_in_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_795_341_600_123), "2026-11-22T10:00:00.123Z");
+    }
+
+    #[test]
+    fn manual_clock_moves_only_when_told() {
+        let clock = ManualClock::new(1_000);
+        assert_eq!(clock.now_ms(), 1_000);
+        clock.advance_ms(500);
+        assert_eq!(clock.now_ms(), 1_500);
+    }
+}

@@ -1,0 +1,11 @@
+//! The business rules of stock and reservations, as plain data and pure functions.
+//!
+//! Nothing here knows about actors, the log or HTTP. Product actors, the supervisor and the
+//! fold (`crate::fold::apply`) all change state through these methods, so a rule lives in
+//! exactly one place.
+
+pub mod product;
+pub mod reservation;
+
+pub use product::{Price, Product, StockError};
+pub use reservation::{Line, Reservation, Status};

@@ -1,0 +1,234 @@
+//! A product's catalogue data and stock figures, and every change that can be made to them.
+//!
+//! Invariant 1 of DESIGN.md (`0 <= reserved <= on_hand <= STOCK_MAX`) is checked by
+//! `debug_assert!` after every change; the checks that refuse a change (insufficient stock,
+//! overflow) are done before anything is modified, so a refused change leaves no trace.
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::Millis;
+use crate::limits::STOCK_MAX;
+
+/// A price in the currency's minor unit (cents for USD).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Price {
+    pub amount_minor: u64,
+    /// Three-letter upper-case ISO 4217 code.
+    pub currency: String,
+}
+
+/// One product: what the catalogue says about it and how many units are where.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Product {
+    pub sku: String,
+    pub name: String,
+    pub price: Option<Price>,
+    /// Units physically in stock, including those held by pending reservations.
+    pub on_hand: u64,
+    /// Units held by pending reservations (and, briefly, by holds of a reservation that is
+    /// still being assembled: see `hold`).
+    pub reserved: u64,
+    /// Units moved out of `on_hand` by confirmed reservations, cumulative.
+    pub sold: u64,
+    /// Increases by one on every logged change; the HTTP `ETag`.
+    pub version: u64,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
+/// Why a stock change was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StockError {
+    #[error("insufficient stock: {available} available")]
+    Insufficient { available: u64 },
+    #[error("the change would take on_hand above {STOCK_MAX}")]
+    Overflow,
+}
+
+impl Product {
+    pub fn new(
+        sku: String,
+        name: String,
+        price: Option<Price>,
+        on_hand: u64,
+        at: Millis,
+    ) -> Product {
+        let product = Product {
+            sku,
+            name,
+            price,
+            on_hand,
+            reserved: 0,
+            sold: 0,
+            version: 1,
+            created_at: at,
+            updated_at: at,
+        };
+        debug_assert!(product.invariant_holds());
+        product
+    }
+
+    /// Units that can still be reserved.
+    pub fn available(&self) -> u64 {
+        debug_assert!(self.reserved <= self.on_hand);
+        self.on_hand - self.reserved
+    }
+
+    /// Invariant 1: `0 <= reserved <= on_hand <= STOCK_MAX`.
+    pub fn invariant_holds(&self) -> bool {
+        self.reserved <= self.on_hand && self.on_hand <= STOCK_MAX
+    }
+
+    fn touch(&mut self, at: Millis) {
+        self.version += 1;
+        self.updated_at = self.updated_at.max(at);
+        debug_assert!(self.invariant_holds(), "invariant 1 broken: {self:?}");
+    }
+
+    /// Takes `quantity` units for a reservation being assembled. The version does not move
+    /// yet: a hold becomes a logged change only when its reservation is registered
+    /// (`settle_hold`); a hold that is rolled back (`unhold`) never reaches the log.
+    pub fn hold(&mut self, quantity: u64) -> Result<(), StockError> {
+        if quantity > self.available() {
+            return Err(StockError::Insufficient {
+                available: self.available(),
+            });
+        }
+        self.reserved += quantity;
+        debug_assert!(self.invariant_holds());
+        Ok(())
+    }
+
+    /// Rolls back a hold that never reached the log.
+    pub fn unhold(&mut self, quantity: u64) {
+        debug_assert!(quantity <= self.reserved);
+        self.reserved -= quantity.min(self.reserved);
+    }
+
+    /// Marks a hold as part of a registered (logged) reservation.
+    pub fn settle_hold(&mut self, at: Millis) {
+        self.touch(at);
+    }
+
+    /// A pending reservation ended without a sale (cancelled or expired): its units are
+    /// available again.
+    pub fn release(&mut self, quantity: u64, at: Millis) {
+        debug_assert!(
+            quantity <= self.reserved,
+            "release beyond reserved: {self:?}"
+        );
+        self.reserved -= quantity.min(self.reserved);
+        self.touch(at);
+    }
+
+    /// A pending reservation was confirmed: its units leave the shelf as sold.
+    pub fn commit(&mut self, quantity: u64, at: Millis) {
+        debug_assert!(
+            quantity <= self.reserved,
+            "commit beyond reserved: {self:?}"
+        );
+        let quantity = quantity.min(self.reserved);
+        self.reserved -= quantity;
+        self.on_hand -= quantity;
+        self.sold = self.sold.saturating_add(quantity);
+        self.touch(at);
+    }
+
+    /// Checks a replenishment without applying it.
+    pub fn check_replenish(&self, quantity: u64) -> Result<(), StockError> {
+        match self.on_hand.checked_add(quantity) {
+            Some(total) if total <= STOCK_MAX => Ok(()),
+            _ => Err(StockError::Overflow),
+        }
+    }
+
+    pub fn replenish(&mut self, quantity: u64, at: Millis) {
+        debug_assert!(self.check_replenish(quantity).is_ok());
+        self.on_hand = self.on_hand.saturating_add(quantity).min(STOCK_MAX);
+        self.touch(at);
+    }
+
+    /// Checks an adjustment without applying it: the result must keep every reserved unit
+    /// (reserved units cannot be written off) and stay within `STOCK_MAX`.
+    pub fn check_adjust(&self, delta: i64) -> Result<(), StockError> {
+        let result = i128::from(self.on_hand) + i128::from(delta);
+        if result < i128::from(self.reserved) {
+            return Err(StockError::Insufficient {
+                available: self.available(),
+            });
+        }
+        if result > i128::from(STOCK_MAX) {
+            return Err(StockError::Overflow);
+        }
+        Ok(())
+    }
+
+    pub fn adjust(&mut self, delta: i64, at: Millis) {
+        debug_assert!(self.check_adjust(delta).is_ok());
+        let result = (i128::from(self.on_hand) + i128::from(delta))
+            .clamp(i128::from(self.reserved), i128::from(STOCK_MAX));
+        self.on_hand = result as u64;
+        self.touch(at);
+    }
+
+    /// Changes catalogue data. `price: Some(None)` clears the price.
+    pub fn patch(&mut self, name: Option<String>, price: Option<Option<Price>>, at: Millis) {
+        if let Some(name) = name {
+            self.name = name;
+        }
+        if let Some(price) = price {
+            self.price = price;
+        }
+        self.touch(at);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn product(on_hand: u64) -> Product {
+        Product::new("SKU-1".into(), "Thing".into(), None, on_hand, 0)
+    }
+
+    #[test]
+    fn hold_refuses_more_than_available_and_changes_nothing() {
+        let mut p = product(2);
+        assert_eq!(p.hold(3), Err(StockError::Insufficient { available: 2 }));
+        assert_eq!(p, product(2));
+        p.hold(2).unwrap();
+        assert_eq!(p.available(), 0);
+        assert_eq!(p.version, 1, "a hold is not a logged change until settled");
+        p.settle_hold(5);
+        assert_eq!((p.version, p.updated_at), (2, 5));
+    }
+
+    #[test]
+    fn commit_moves_units_from_reserved_to_sold() {
+        let mut p = product(5);
+        p.hold(2).unwrap();
+        p.commit(2, 1);
+        assert_eq!((p.on_hand, p.reserved, p.sold), (3, 0, 2));
+    }
+
+    #[test]
+    fn adjust_cannot_write_off_reserved_units() {
+        let mut p = product(5);
+        p.hold(3).unwrap();
+        assert_eq!(
+            p.check_adjust(-3),
+            Err(StockError::Insufficient { available: 2 })
+        );
+        assert!(p.check_adjust(-2).is_ok());
+        p.adjust(-2, 1);
+        assert_eq!((p.on_hand, p.reserved), (3, 3));
+    }
+
+    #[test]
+    fn stock_never_exceeds_the_json_safe_maximum() {
+        let p = product(STOCK_MAX - 1);
+        assert_eq!(p.check_replenish(2), Err(StockError::Overflow));
+        assert_eq!(p.check_adjust(2), Err(StockError::Overflow));
+        assert!(p.check_replenish(1).is_ok());
+    }
+}

@@ -1,0 +1,65 @@
+//! The error type shared by the service layer; `crate::http::problem` maps each variant to
+//! its RFC 9457 answer in one place.
+
+use uuid::Uuid;
+
+use crate::log::LogError;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("product {sku} does not exist")]
+    ProductNotFound { sku: String },
+    #[error("reservation {id} does not exist")]
+    ReservationNotFound { id: String },
+    #[error("product {sku} already exists")]
+    SkuExists { sku: String },
+    #[error("only {available} of {sku} available, {requested} requested")]
+    InsufficientStock {
+        sku: String,
+        requested: u64,
+        available: u64,
+    },
+    /// A valid request whose result would take a stock figure past 2^53 − 1.
+    #[error("{detail}")]
+    StockOverflow { field: String, detail: String },
+    #[error("product {sku} is held by pending reservations")]
+    ProductHasReservations { sku: String },
+    #[error("reservation {id} has expired")]
+    ReservationExpired { id: Uuid },
+    #[error("reservation {id} was cancelled")]
+    ReservationCancelled { id: Uuid },
+    #[error("reservation {id} was confirmed")]
+    ReservationConfirmed { id: Uuid },
+    #[error("this Idempotency-Key was used with a different request")]
+    IdempotencyKeyReused,
+    #[error("a request with this Idempotency-Key is still in flight")]
+    IdempotencyKeyInFlight,
+    #[error("product {sku} is at version {current}, not {expected}")]
+    VersionMismatch {
+        sku: String,
+        expected: u64,
+        current: u64,
+    },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<LogError> for Error {
+    fn from(err: LogError) -> Self {
+        Error::Unavailable(err.to_string())
+    }
+}
+
+impl<T> From<ractor::RactorErr<T>> for Error {
+    fn from(err: ractor::RactorErr<T>) -> Self {
+        match err {
+            ractor::RactorErr::Timeout => Error::Unavailable("the server is overloaded".into()),
+            // The actor stopped (or failed) before answering.
+            _ => Error::Internal("an actor stopped before answering".into()),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

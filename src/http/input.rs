@@ -1,0 +1,363 @@
+//! Request validation: JSON syntax errors are 400 `bad_request`; valid JSON of the wrong
+//! shape (missing or unknown field, wrong type, out of range) is 422 `validation_failed`
+//! naming the field, e.g. `items[2].quantity`. Parsing goes through `serde_json::Value`
+//! so that every message can name its field precisely; typos never pass silently.
+
+use serde_json::{Map, Value};
+use warp::http::HeaderMap;
+
+use crate::actors::product::Change;
+use crate::domain::{Line, Price};
+use crate::http::problem::Problem;
+use crate::limits::*;
+use crate::service::ReserveRequest;
+
+type Result<T> = std::result::Result<T, Problem>;
+
+/// Parses the body as JSON. An empty body is `None` (the caller decides if that is allowed).
+pub fn json_body(headers: &HeaderMap, body: &[u8]) -> Result<Option<Value>> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    if let Some(ct) = headers.get(warp::http::header::CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
+        let essence = ct.split(';').next().unwrap_or("").trim();
+        if essence != "application/json" && !essence.ends_with("+json") {
+            return Err(Problem::bad_request(format!(
+                "Content-Type must be application/json, not {essence:?}"
+            )));
+        }
+    }
+    serde_json::from_slice(body)
+        .map(Some)
+        .map_err(|e| Problem::bad_request(format!("the body is not valid JSON: {e}")))
+}
+
+pub fn required(body: Option<Value>) -> Result<Value> {
+    body.ok_or_else(|| Problem::bad_request("this request needs a JSON body"))
+}
+
+/// A JSON object being validated, with the path of its fields for error messages.
+struct Obj<'a> {
+    map: &'a Map<String, Value>,
+    path: String,
+}
+
+impl<'a> Obj<'a> {
+    fn new(value: &'a Value, path: &str, allowed: &[&str]) -> Result<Obj<'a>> {
+        let map = value.as_object().ok_or_else(|| {
+            let field = if path.is_empty() { "body" } else { path };
+            Problem::invalid(field, format!("{field} must be a JSON object"))
+        })?;
+        let obj = Obj {
+            map,
+            path: path.to_string(),
+        };
+        if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
+            let field = obj.field(unknown);
+            return Err(Problem::invalid(
+                field.clone(),
+                format!("unknown field {field}; allowed: {}", allowed.join(", ")),
+            ));
+        }
+        Ok(obj)
+    }
+
+    fn field(&self, name: &str) -> String {
+        if self.path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.path)
+        }
+    }
+
+    /// The field's value; JSON `null` counts as absent.
+    fn opt(&self, name: &str) -> Option<&'a Value> {
+        self.map.get(name).filter(|v| !v.is_null())
+    }
+
+    fn req(&self, name: &str) -> Result<&'a Value> {
+        self.opt(name).ok_or_else(|| {
+            let field = self.field(name);
+            Problem::invalid(field.clone(), format!("{field} is required"))
+        })
+    }
+}
+
+fn integer(value: &Value, field: &str, min: i128, max: i128) -> Result<i128> {
+    let n = match value {
+        Value::Number(n) if n.is_i64() => n.as_i64().map(i128::from),
+        Value::Number(n) if n.is_u64() => n.as_u64().map(i128::from),
+        _ => None,
+    };
+    let n = n.ok_or_else(|| Problem::invalid(field, format!("{field} must be an integer")))?;
+    if n < min || n > max {
+        return Err(Problem::invalid(
+            field,
+            format!("{field} must be between {min} and {max}"),
+        ));
+    }
+    Ok(n)
+}
+
+fn unsigned(value: &Value, field: &str, min: u64, max: u64) -> Result<u64> {
+    integer(value, field, min.into(), max.into()).map(|n| n as u64)
+}
+
+fn string<'v>(value: &'v Value, field: &str, max_chars: usize) -> Result<&'v str> {
+    let s = value
+        .as_str()
+        .ok_or_else(|| Problem::invalid(field, format!("{field} must be a string")))?;
+    let chars = s.chars().count();
+    if chars == 0 || chars > max_chars {
+        return Err(Problem::invalid(
+            field,
+            format!("{field} must be 1 to {max_chars} characters"),
+        ));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(Problem::invalid(
+            field,
+            format!("{field} must not contain control characters"),
+        ));
+    }
+    Ok(s)
+}
+
+/// Whether `s` is a well-formed SKU: 1..=64 of `A-Z a-z 0-9 . _ -`.
+pub fn is_sku(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= SKU_LEN_MAX
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn sku(value: &Value, field: &str) -> Result<String> {
+    let s = value
+        .as_str()
+        .ok_or_else(|| Problem::invalid(field, format!("{field} must be a string")))?;
+    if !is_sku(s) {
+        return Err(Problem::invalid(
+            field,
+            format!("{field} must be 1 to {SKU_LEN_MAX} characters of A-Z a-z 0-9 . _ -"),
+        ));
+    }
+    Ok(s.to_string())
+}
+
+fn price(value: &Value, field: &str) -> Result<Price> {
+    let obj = Obj::new(value, field, &["amount_minor", "currency"])?;
+    let amount_minor = unsigned(
+        obj.req("amount_minor")?,
+        &obj.field("amount_minor"),
+        0,
+        STOCK_MAX,
+    )?;
+    let currency_field = obj.field("currency");
+    let currency = obj
+        .req("currency")?
+        .as_str()
+        .filter(|c| c.len() == 3 && c.bytes().all(|b| b.is_ascii_uppercase()))
+        .ok_or_else(|| {
+            Problem::invalid(
+                currency_field.clone(),
+                format!("{currency_field} must be a three-letter upper-case ISO 4217 code"),
+            )
+        })?;
+    Ok(Price {
+        amount_minor,
+        currency: currency.to_string(),
+    })
+}
+
+/// `POST /v1/products`.
+pub struct CreateProduct {
+    pub sku: String,
+    pub name: String,
+    pub price: Option<Price>,
+    pub on_hand: u64,
+}
+
+pub fn create_product(body: &Value) -> Result<CreateProduct> {
+    let obj = Obj::new(body, "", &["sku", "name", "price", "on_hand"])?;
+    Ok(CreateProduct {
+        sku: sku(obj.req("sku")?, "sku")?,
+        name: string(obj.req("name")?, "name", NAME_CHARS_MAX)?.to_string(),
+        price: obj.opt("price").map(|v| price(v, "price")).transpose()?,
+        on_hand: match obj.opt("on_hand") {
+            Some(v) => unsigned(v, "on_hand", 0, STOCK_MAX)?,
+            None => 0,
+        },
+    })
+}
+
+/// `PATCH /v1/products/{sku}`: `price: null` clears the price.
+pub fn patch_product(body: &Value) -> Result<Change> {
+    let obj = Obj::new(body, "", &["name", "price"])?;
+    if obj.map.is_empty() {
+        return Err(Problem::invalid("body", "give name and/or price to change"));
+    }
+    let name = match obj.map.get("name") {
+        None => None,
+        Some(v) => Some(string(v, "name", NAME_CHARS_MAX)?.to_string()),
+    };
+    let price = match obj.map.get("price") {
+        None => None,
+        Some(Value::Null) => Some(None),
+        Some(v) => Some(Some(price(v, "price")?)),
+    };
+    Ok(Change::Patch { name, price })
+}
+
+pub fn replenish(body: &Value) -> Result<Change> {
+    let obj = Obj::new(body, "", &["quantity"])?;
+    let quantity = unsigned(obj.req("quantity")?, "quantity", 1, QUANTITY_MAX)?;
+    Ok(Change::Replenish { quantity })
+}
+
+pub fn adjust(body: &Value) -> Result<Change> {
+    let obj = Obj::new(body, "", &["delta", "reason"])?;
+    let max = i128::from(QUANTITY_MAX);
+    let delta = integer(obj.req("delta")?, "delta", -max, max)? as i64;
+    if delta == 0 {
+        return Err(Problem::invalid("delta", "delta must not be zero"));
+    }
+    let reason = obj
+        .opt("reason")
+        .map(|v| string(v, "reason", REASON_CHARS_MAX).map(str::to_string))
+        .transpose()?;
+    Ok(Change::Adjust { delta, reason })
+}
+
+pub fn reserve(body: &Value) -> Result<ReserveRequest> {
+    let obj = Obj::new(body, "", &["customer_id", "items", "ttl_seconds"])?;
+    let customer_id = string(
+        obj.req("customer_id")?,
+        "customer_id",
+        CUSTOMER_ID_CHARS_MAX,
+    )?;
+    let items = obj
+        .req("items")?
+        .as_array()
+        .ok_or_else(|| Problem::invalid("items", "items must be an array"))?;
+    if items.is_empty() || items.len() > RESERVATION_LINES_MAX {
+        return Err(Problem::invalid(
+            "items",
+            format!("items must have 1 to {RESERVATION_LINES_MAX} lines"),
+        ));
+    }
+    let mut lines: Vec<Line> = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let path = format!("items[{i}]");
+        let line = Obj::new(item, &path, &["sku", "quantity"])?;
+        let sku_field = line.field("sku");
+        let sku = sku(line.req("sku")?, &sku_field)?;
+        if lines.iter().any(|l| l.sku == sku) {
+            return Err(Problem::invalid(
+                sku_field,
+                format!("{sku} appears in more than one line"),
+            ));
+        }
+        let quantity = unsigned(
+            line.req("quantity")?,
+            &line.field("quantity"),
+            1,
+            QUANTITY_MAX,
+        )?;
+        lines.push(Line { sku, quantity });
+    }
+    let ttl_seconds = obj.opt("ttl_seconds").map(ttl).transpose()?;
+    Ok(ReserveRequest {
+        customer_id: customer_id.to_string(),
+        items: lines,
+        ttl_seconds,
+    })
+}
+
+fn ttl(value: &Value) -> Result<u64> {
+    unsigned(value, "ttl_seconds", TTL_SECONDS_MIN, TTL_SECONDS_MAX)
+}
+
+/// `POST /v1/reservations/{id}/confirm`: the body is optional.
+pub fn confirm(body: Option<&Value>) -> Result<Option<String>> {
+    let Some(body) = body else { return Ok(None) };
+    let obj = Obj::new(body, "", &["order_id"])?;
+    obj.opt("order_id")
+        .map(|v| string(v, "order_id", ORDER_ID_CHARS_MAX).map(str::to_string))
+        .transpose()
+}
+
+pub fn extend(body: &Value) -> Result<u64> {
+    let obj = Obj::new(body, "", &["ttl_seconds"])?;
+    ttl(obj.req("ttl_seconds")?)
+}
+
+/// `GET /v1/products?limit=N&after=SKU`.
+pub fn page(query: &str) -> Result<(usize, Option<String>)> {
+    let mut limit = PAGE_LIMIT_DEFAULT;
+    let mut after = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "limit" => {
+                limit = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=PAGE_LIMIT_MAX).contains(n))
+                    .ok_or_else(|| {
+                        Problem::invalid(
+                            "limit",
+                            format!("limit must be an integer from 1 to {PAGE_LIMIT_MAX}"),
+                        )
+                    })?;
+            }
+            "after" => {
+                if !is_sku(value) {
+                    return Err(Problem::invalid("after", "after must be a SKU"));
+                }
+                after = Some(value.to_string());
+            }
+            other => {
+                return Err(Problem::invalid(
+                    other,
+                    format!("unknown query parameter {other}; allowed: limit, after"),
+                ))
+            }
+        }
+    }
+    Ok((limit, after))
+}
+
+/// `If-Match: "<version>"`; `*` matches any version.
+pub fn if_match(headers: &HeaderMap) -> Result<Option<u64>> {
+    let Some(value) = headers.get(warp::http::header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let value = value.to_str().unwrap_or("").trim();
+    if value == "*" {
+        return Ok(None);
+    }
+    value
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Some)
+        .ok_or_else(|| Problem::bad_request("If-Match must be a version in quotes, like \"7\""))
+}
+
+/// `Idempotency-Key`: 1..=255 printable ASCII characters.
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let bytes = value.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= IDEMPOTENCY_KEY_BYTES_MAX
+        && bytes.iter().all(|b| (0x20..=0x7e).contains(b));
+    if !ok {
+        return Err(Problem::bad_request(format!(
+            "Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_BYTES_MAX} printable ASCII characters"
+        )));
+    }
+    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+}

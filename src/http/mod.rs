@@ -1,0 +1,127 @@
+//! The HTTP layer (warp): one catch-all filter and a router of our own.
+//!
+//! A single filter extracts method, path, query, headers and body, and `router::dispatch`
+//! matches the route by hand. This keeps 404 vs 405 exact (warp's rejection merging
+//! cannot tell them apart reliably), gives every error the same problem+json shape, and
+//! avoids backtracking through a chain of filters on every request.
+
+pub mod input;
+pub mod problem;
+pub mod router;
+pub mod views;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::Semaphore;
+use warp::http::{HeaderMap, Method};
+use warp::Filter;
+
+use crate::limits::{REQUESTS_IN_FLIGHT_MAX, REQUEST_BODY_BYTES_MAX};
+use crate::service::Service;
+use problem::Problem;
+
+/// Everything a handler needs, shared by all requests.
+#[derive(Clone)]
+pub struct App {
+    pub service: Service,
+    /// Admission control: requests beyond `REQUESTS_IN_FLIGHT_MAX` get 503 at once.
+    pub in_flight: Arc<Semaphore>,
+}
+
+impl App {
+    pub fn new(service: Service) -> App {
+        App {
+            service,
+            in_flight: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),
+        }
+    }
+}
+
+/// A request as the router sees it.
+pub struct Request {
+    pub method: Method,
+    pub path: String,
+    pub query: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// The warp filter serving the whole API.
+pub fn routes(
+    app: App,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection>
+       + Clone
+       + Send
+       + Sync
+       + 'static {
+    let query = warp::query::raw().or(warp::any().map(String::new)).unify();
+    warp::method()
+        .and(warp::path::full())
+        .and(query)
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .then(
+            move |method, path: warp::path::FullPath, query, headers, body| {
+                let app = app.clone();
+                async move {
+                    let started = std::time::Instant::now();
+                    let path = path.as_str().to_string();
+                    let response = match read_body(&headers, body).await {
+                        Ok(body) => {
+                            let request = Request {
+                                method,
+                                path,
+                                query,
+                                headers,
+                                body,
+                            };
+                            router::handle(&app, request, started).await
+                        }
+                        Err(problem) => problem.into_response(),
+                    };
+                    response
+                }
+            },
+        )
+}
+
+/// Reads the body, refusing more than `REQUEST_BODY_BYTES_MAX` bytes with 413.
+async fn read_body<S, B>(headers: &HeaderMap, stream: S) -> Result<Bytes, Problem>
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>>,
+    B: bytes::Buf,
+{
+    let too_large = || {
+        Problem::new(
+            413,
+            "payload_too_large",
+            format!("request bodies are limited to {REQUEST_BODY_BYTES_MAX} bytes"),
+        )
+    };
+    if let Some(len) = headers.get(warp::http::header::CONTENT_LENGTH) {
+        let len: Option<usize> = len.to_str().ok().and_then(|v| v.trim().parse().ok());
+        match len {
+            Some(len) if len > REQUEST_BODY_BYTES_MAX => return Err(too_large()),
+            Some(_) => {}
+            None => return Err(Problem::bad_request("malformed Content-Length header")),
+        }
+    }
+    let mut stream = std::pin::pin!(stream);
+    let mut body = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let mut chunk =
+            chunk.map_err(|e| Problem::bad_request(format!("reading the body: {e}")))?;
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            if body.len() + part.len() > REQUEST_BODY_BYTES_MAX {
+                return Err(too_large());
+            }
+            body.extend_from_slice(part);
+            let n = part.len();
+            chunk.advance(n);
+        }
+    }
+    Ok(Bytes::from(body))
+}

@@ -1,0 +1,311 @@
+//! Routing and the endpoint handlers: parse, call the service, render.
+
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::Value;
+use uuid::Uuid;
+use warp::http::{header, HeaderValue, Method, Response, StatusCode};
+
+use crate::domain::{Product, Reservation};
+use crate::http::input;
+use crate::http::problem::Problem;
+use crate::http::views::{PageView, ProductView, ReservationView};
+use crate::http::{App, Request};
+
+type Reply = warp::reply::Response;
+type Result<T> = std::result::Result<T, Problem>;
+
+enum Endpoint {
+    Health,
+    CreateProduct,
+    ListProducts,
+    GetProduct(String),
+    PatchProduct(String),
+    DeleteProduct(String),
+    Replenish(String),
+    Adjust(String),
+    Reserve,
+    GetReservation(String),
+    Confirm(String),
+    Cancel(String),
+    Extend(String),
+}
+
+enum Route {
+    Found(Endpoint),
+    NotFound,
+    MethodNotAllowed(&'static str),
+}
+
+fn route(method: &Method, path: &str) -> Route {
+    use Endpoint::*;
+    let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+    let m = method;
+    let pick = |allowed: &'static str, found: Option<Endpoint>| match found {
+        Some(e) => Route::Found(e),
+        None => Route::MethodNotAllowed(allowed),
+    };
+    let s = |x: &str| x.to_string();
+    match segments.as_slice() {
+        ["health"] => pick("GET", (m == Method::GET).then_some(Health)),
+        ["v1", "products"] => pick(
+            "GET, POST",
+            match *m {
+                Method::GET => Some(ListProducts),
+                Method::POST => Some(CreateProduct),
+                _ => None,
+            },
+        ),
+        ["v1", "products", sku] if !sku.is_empty() => pick(
+            "GET, PATCH, DELETE",
+            match *m {
+                Method::GET => Some(GetProduct(s(sku))),
+                Method::PATCH => Some(PatchProduct(s(sku))),
+                Method::DELETE => Some(DeleteProduct(s(sku))),
+                _ => None,
+            },
+        ),
+        ["v1", "products", sku, "replenish"] if !sku.is_empty() => {
+            pick("POST", (m == Method::POST).then(|| Replenish(s(sku))))
+        }
+        ["v1", "products", sku, "adjust"] if !sku.is_empty() => {
+            pick("POST", (m == Method::POST).then(|| Adjust(s(sku))))
+        }
+        ["v1", "reservations"] => pick("POST", (m == Method::POST).then_some(Reserve)),
+        ["v1", "reservations", id] if !id.is_empty() => {
+            pick("GET", (m == Method::GET).then(|| GetReservation(s(id))))
+        }
+        ["v1", "reservations", id, action] if !id.is_empty() => {
+            let endpoint = match *action {
+                "confirm" => Confirm(s(id)),
+                "cancel" => Cancel(s(id)),
+                "extend" => Extend(s(id)),
+                _ => return Route::NotFound,
+            };
+            pick("POST", (m == Method::POST).then_some(endpoint))
+        }
+        _ => Route::NotFound,
+    }
+}
+
+/// Serves one request; never panics on input (a panic inside a handler task is a 500).
+pub async fn handle(app: &App, request: Request, started: Instant) -> Reply {
+    let method = request.method.clone();
+    let path = request.path.clone();
+    let response = match route(&request.method, &request.path) {
+        Route::NotFound => {
+            Problem::new(404, "not_found", format!("no route for {path}")).into_response()
+        }
+        Route::MethodNotAllowed(allow) => Problem::new(
+            405,
+            "method_not_allowed",
+            format!("{method} is not allowed on {path}; allowed: {allow}"),
+        )
+        .header(header::ALLOW, allow)
+        .into_response(),
+        Route::Found(endpoint) => run(app, endpoint, request).await,
+    };
+    let status = response.status().as_u16();
+    if status >= 500 {
+        tracing::warn!(%method, %path, status, "request refused");
+    }
+    tracing::debug!(
+        %method,
+        %path,
+        status,
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "request"
+    );
+    response
+}
+
+/// Runs the endpoint on its own task, under admission control.
+async fn run(app: &App, endpoint: Endpoint, request: Request) -> Reply {
+    let Ok(permit) = app.in_flight.clone().try_acquire_owned() else {
+        return Problem::new(503, "unavailable", "too many requests in flight; retry")
+            .header(header::RETRY_AFTER, "1")
+            .into_response();
+    };
+    let app = app.clone();
+    // A task of its own: a client hanging up cannot cancel a change half made.
+    let task = tokio::spawn(async move {
+        let _permit = permit;
+        match serve(&app, endpoint, &request).await {
+            Ok(reply) => reply,
+            Err(problem) => problem.into_response(),
+        }
+    });
+    match task.await {
+        Ok(reply) => reply,
+        Err(err) => {
+            tracing::error!(error = %err, "request handler failed");
+            Problem::new(
+                500,
+                "internal_error",
+                "the request failed inside the server",
+            )
+            .into_response()
+        }
+    }
+}
+
+async fn serve(app: &App, endpoint: Endpoint, req: &Request) -> Result<Reply> {
+    use Endpoint::*;
+    let svc = &app.service;
+    let body = || input::json_body(&req.headers, &req.body);
+    match endpoint {
+        Health => {
+            if svc.log_healthy() {
+                Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
+            } else {
+                Err(Problem::new(
+                    503,
+                    "unavailable",
+                    "the write-ahead log cannot be written",
+                ))
+            }
+        }
+        CreateProduct => {
+            let input = input::create_product(&input::required(body()?)?)?;
+            let p = svc
+                .create_product(input.sku, input.name, input.price, input.on_hand)
+                .await?;
+            let mut reply = product(StatusCode::CREATED, &p);
+            set(
+                &mut reply,
+                header::LOCATION,
+                &format!("/v1/products/{}", p.sku),
+            );
+            Ok(reply)
+        }
+        ListProducts => {
+            let (limit, after) = input::page(&req.query)?;
+            let (products, more) = svc.list_products(after, limit).await?;
+            let next_after = if more {
+                products.last().map(|p| p.sku.as_str())
+            } else {
+                None
+            };
+            let page = PageView {
+                items: products.iter().map(ProductView::from).collect(),
+                next_after,
+            };
+            Ok(json(StatusCode::OK, &page))
+        }
+        GetProduct(sku) => {
+            let sku = known_sku(sku)?;
+            Ok(product(StatusCode::OK, &svc.get_product(&sku).await?))
+        }
+        PatchProduct(sku) | Replenish(sku) | Adjust(sku) => {
+            let sku = known_sku(sku)?;
+            let if_match = input::if_match(&req.headers)?;
+            let value: Value = input::required(body()?)?;
+            let change = match &req.path {
+                p if p.ends_with("/replenish") => input::replenish(&value)?,
+                p if p.ends_with("/adjust") => input::adjust(&value)?,
+                _ => input::patch_product(&value)?,
+            };
+            let p = svc.change_product(&sku, change, if_match).await?;
+            Ok(product(StatusCode::OK, &p))
+        }
+        DeleteProduct(sku) => {
+            let sku = known_sku(sku)?;
+            let if_match = input::if_match(&req.headers)?;
+            svc.delete_product(&sku, if_match).await?;
+            let mut reply = Response::new(Vec::new().into());
+            *reply.status_mut() = StatusCode::NO_CONTENT;
+            Ok(reply)
+        }
+        Reserve => {
+            let key = input::idempotency_key(&req.headers)?;
+            let request = input::reserve(&input::required(body()?)?)?;
+            let (r, replayed) = svc.reserve(request, key).await?;
+            let view = if replayed {
+                ReservationView::original(&r)
+            } else {
+                ReservationView::new(&r)
+            };
+            let mut reply = json(StatusCode::CREATED, &view);
+            set(
+                &mut reply,
+                header::LOCATION,
+                &format!("/v1/reservations/{}", r.id),
+            );
+            if replayed {
+                set(&mut reply, "idempotent-replayed", "true");
+            }
+            Ok(reply)
+        }
+        GetReservation(id) => reservation(&svc.get_reservation(reservation_id(&id)?).await?),
+        Confirm(id) => {
+            let id = reservation_id(&id)?;
+            let order_id = input::confirm(body()?.as_ref())?;
+            reservation(&svc.confirm(id, order_id).await?)
+        }
+        Cancel(id) => {
+            let id = reservation_id(&id)?;
+            // A body is not expected; if one is sent it must at least be an empty object.
+            if let Some(value) = body()? {
+                if value.as_object().is_none_or(|o| !o.is_empty()) {
+                    return Err(Problem::invalid("body", "cancel takes no body"));
+                }
+            }
+            reservation(&svc.cancel(id).await?)
+        }
+        Extend(id) => {
+            let id = reservation_id(&id)?;
+            let ttl = input::extend(&input::required(body()?)?)?;
+            reservation(&svc.extend(id, ttl).await?)
+        }
+    }
+}
+
+/// A SKU from the path: one that cannot exist is simply not found.
+fn known_sku(sku: String) -> Result<String> {
+    if input::is_sku(&sku) {
+        Ok(sku)
+    } else {
+        Err(crate::error::Error::ProductNotFound { sku }.into())
+    }
+}
+
+/// Any string that is not a UUID names no reservation.
+fn reservation_id(id: &str) -> Result<Uuid> {
+    Uuid::parse_str(id)
+        .map_err(|_| crate::error::Error::ReservationNotFound { id: id.to_string() }.into())
+}
+
+fn reservation(r: &Reservation) -> Result<Reply> {
+    Ok(json(StatusCode::OK, &ReservationView::new(r)))
+}
+
+fn product(status: StatusCode, p: &Product) -> Reply {
+    let mut reply = json(status, &ProductView::from(p));
+    set(&mut reply, header::ETAG, &format!("\"{}\"", p.version));
+    reply
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Reply {
+    let bytes = match serde_json::to_vec(value) {
+        Ok(bytes) => bytes,
+        Err(err) => {
+            return Problem::new(
+                500,
+                "internal_error",
+                format!("rendering the answer: {err}"),
+            )
+            .into_response()
+        }
+    };
+    let mut reply = Response::new(bytes.into());
+    *reply.status_mut() = status;
+    set(&mut reply, header::CONTENT_TYPE, "application/json");
+    reply
+}
+
+fn set<K: header::IntoHeaderName>(reply: &mut Reply, name: K, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        reply.headers_mut().insert(name, value);
+    }
+}

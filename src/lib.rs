@@ -1,0 +1,34 @@
+//! stockd: an in-memory, actor-based inventory reservation server for flash-sale traffic.
+//!
+//! Map of the crate, from the inside out:
+//!
+//! - `domain`: products and reservations as plain data with their rules (pure functions).
+//! - `record`: the log record type and its versioned, checksummed bincode codec.
+//! - `fold`: `apply(state, record)`, the one function that turns records into state.
+//! - `log`: the write-ahead log over sled, one writer thread with group commit.
+//! - `recovery`: folds the log at start-up.
+//! - `actors::product`: one actor per product, the only place its stock changes.
+//! - `actors::supervisor`: routes by SKU, owns reservations and expiry deadlines, and
+//!   supervises the product actors.
+//! - `service`: the operations offered to HTTP, as async functions over the actors.
+//! - `http`: warp, routing, validation, problem+json.
+//! - `server`: start-up and graceful shutdown; `config`, `clock`, `limits`, `error`.
+//!
+//! The invariants these modules keep are listed in `docs/ARCHITECTURE.md`.
+
+pub mod actors;
+pub mod clock;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod fold;
+pub mod http;
+pub mod limits;
+pub mod log;
+pub mod record;
+pub mod recovery;
+pub mod server;
+pub mod service;
+
+pub use config::{Config, Durability};
+pub use server::{start, Server, StartError};

@@ -1,0 +1,39 @@
+//! Every limit the server enforces, in one place, named with the unit last.
+
+/// Largest requested quantity (reserve line, replenish, |adjust delta|).
+pub const QUANTITY_MAX: u64 = 1_000_000_000;
+/// Largest stock figure: 2^53 − 1, exactly representable in every JSON client.
+pub const STOCK_MAX: u64 = (1 << 53) - 1;
+/// SKU length bounds, in characters of `A-Z a-z 0-9 . _ -`.
+pub const SKU_LEN_MAX: usize = 64;
+/// Product name length bound, in characters.
+pub const NAME_CHARS_MAX: usize = 200;
+/// `customer_id` and `order_id` length bound, in characters.
+pub const CUSTOMER_ID_CHARS_MAX: usize = 128;
+pub const ORDER_ID_CHARS_MAX: usize = 128;
+/// Adjustment reason length bound, in characters.
+pub const REASON_CHARS_MAX: usize = 500;
+/// Lines in one reservation.
+pub const RESERVATION_LINES_MAX: usize = 100;
+/// Reservation time-to-live bounds.
+pub const TTL_SECONDS_MIN: u64 = 1;
+pub const TTL_SECONDS_MAX: u64 = 86_400;
+pub const TTL_SECONDS_DEFAULT: u64 = 300;
+/// `Idempotency-Key` length bound, in bytes of printable ASCII.
+pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 255;
+/// How long an idempotency key is remembered after the reservation it created.
+pub const IDEMPOTENCY_RETENTION_MS: i64 = 24 * 60 * 60 * 1000;
+/// Request bodies larger than this are refused with 413.
+pub const REQUEST_BODY_BYTES_MAX: usize = 64 * 1024;
+/// Page size bounds for `GET /v1/products`.
+pub const PAGE_LIMIT_MAX: usize = 1000;
+pub const PAGE_LIMIT_DEFAULT: usize = 100;
+/// Requests being processed at once; beyond this the server answers 503 at once
+/// (admission control: ractor mailboxes are unbounded, so the bound lives here).
+pub const REQUESTS_IN_FLIGHT_MAX: usize = 8192;
+/// Most records the log writer applies and flushes as one group commit.
+pub const LOG_BATCH_RECORDS_MAX: usize = 4096;
+/// How often the supervisor looks for due expiry deadlines.
+pub const EXPIRY_TICK_MS: u64 = 100;
+/// How long a caller waits for an actor's answer before giving up with 503.
+pub const ACTOR_CALL_TIMEOUT_MS: u64 = 10_000;

@@ -1,0 +1,172 @@
+//! Start-up and shutdown: open the log, recover, start the actors, serve HTTP.
+//!
+//! `start` is what the binary and the tests call. `Server::shutdown` is graceful: stop
+//! accepting, let requests in flight finish, stop the actors, then flush and close the log
+//! (last, so every change made while draining is durable).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorRef};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::actors::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
+use crate::config::Config;
+use crate::log::{Log, LogHandle, OpenError};
+use crate::recovery::{self, RecoveryError};
+use crate::service::Service;
+
+/// How long shutdown waits for requests in flight before closing connections anyway.
+const SHUTDOWN_DRAIN_TIMEOUT_MS: u64 = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create directory {path}: {source}")]
+    Dir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error(transparent)]
+    Recovery(#[from] RecoveryError),
+    #[error("cannot start the actors: {0}")]
+    Actors(String),
+    #[error("cannot expire overdue reservations at start-up: {0}")]
+    Expiry(crate::error::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running server.
+pub struct Server {
+    addr: SocketAddr,
+    service: Service,
+    supervisor: ActorRef<SupervisorMsg>,
+    log: LogHandle,
+    stop_http: Option<oneshot::Sender<()>>,
+    http: JoinHandle<()>,
+    writer: std::thread::JoinHandle<()>,
+}
+
+fn create_dir(path: &std::path::Path) -> Result<(), StartError> {
+    std::fs::create_dir_all(path).map_err(|source| StartError::Dir {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Recovers from `config.data_dir` and starts serving on `config.listen`.
+pub async fn start(config: Config) -> Result<Server, StartError> {
+    let started = Instant::now();
+    create_dir(&config.data_dir)?;
+    create_dir(&config.snapshot_dir)?;
+    let log = Log::open(&config.data_dir.join("log"))?;
+    let reader = log.reader();
+    let recovered = recovery::fold_log(&reader)?;
+    tracing::info!(
+        records = recovered.records,
+        last_seq = recovered.last_seq,
+        products = recovered.state.products.len(),
+        reservations = recovered.state.reservations.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "recovered state from the log"
+    );
+    let (log_handle, writer) = log.start_writer();
+    let supervisor = Supervisor {
+        log: log_handle.clone(),
+        reader,
+        clock: config.clock.clone(),
+    };
+    let args = SupervisorArgs {
+        state: recovered.state,
+    };
+    let (supervisor, _join) = Actor::spawn(None, supervisor, args)
+        .await
+        .map_err(|e| StartError::Actors(e.to_string()))?;
+    let service = Service {
+        supervisor: supervisor.clone(),
+        log: log_handle.clone(),
+        clock: config.clock.clone(),
+        durability: config.durability,
+        default_ttl_seconds: config.default_ttl_seconds,
+    };
+    // Reservations whose deadline passed while we were down: expired (and logged) first.
+    service.expire_due_now().await.map_err(StartError::Expiry)?;
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    let (stop_http, stopped) = oneshot::channel::<()>();
+    let routes = crate::http::routes(crate::http::App::new(service.clone()));
+    let http = tokio::spawn(
+        warp::serve(routes)
+            .incoming(listener)
+            .graceful(async move {
+                let _ = stopped.await;
+            })
+            .run(),
+    );
+    tracing::info!(%addr, durability = ?config.durability, elapsed_ms = started.elapsed().as_millis() as u64, "serving");
+    Ok(Server {
+        addr,
+        service,
+        supervisor,
+        log: log_handle,
+        stop_http: Some(stop_http),
+        http,
+        writer,
+    })
+}
+
+impl Server {
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn service(&self) -> &Service {
+        &self.service
+    }
+
+    /// Graceful shutdown: drain HTTP, stop the actors, flush the log.
+    pub async fn shutdown(mut self) -> Result<(), crate::log::LogError> {
+        if let Some(stop) = self.stop_http.take() {
+            let _ = stop.send(());
+        }
+        let drain = Duration::from_millis(SHUTDOWN_DRAIN_TIMEOUT_MS);
+        if tokio::time::timeout(drain, &mut self.http).await.is_err() {
+            tracing::warn!("requests still in flight after the drain timeout; closing");
+            self.http.abort();
+        }
+        let stop_timeout = Some(Duration::from_secs(5));
+        let _ = crate::service::ask(&self.supervisor, SupervisorMsg::PrepareShutdown).await;
+        self.supervisor
+            .stop_children_and_wait(Some("shutdown".into()), stop_timeout)
+            .await;
+        let _ = self
+            .supervisor
+            .stop_and_wait(Some("shutdown".into()), stop_timeout)
+            .await;
+        let result = self.log.shutdown().await;
+        let writer = self.writer;
+        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        match &result {
+            Ok(seq) => tracing::info!(last_seq = seq, "log flushed; stopped"),
+            Err(err) => tracing::error!(error = %err, "stopped with an unwritable log"),
+        }
+        result.map(drop)
+    }
+}

@@ -1,0 +1,339 @@
+//! The operations the HTTP layer offers, as plain async functions over the actors.
+//!
+//! Each mutating operation ends by waiting for its log ticket (in `sync` durability), so
+//! an `Ok` here means the change is durable. Input arrives already validated
+//! (`crate::http::input`): this layer enforces business rules, not syntax.
+//!
+//! Callers run mutations on a task of their own (`tokio::spawn`), so a client that hangs
+//! up mid-request cannot strand the holds of a reservation half assembled.
+
+use std::time::Duration;
+
+use ractor::rpc::CallResult;
+use ractor::{ActorRef, Message, RpcReplyPort};
+use uuid::Uuid;
+
+use crate::actors::product::{Change, ProductMsg};
+use crate::actors::supervisor::{Resolved, Stats, SupervisorMsg};
+use crate::clock::SharedClock;
+use crate::config::Durability;
+use crate::domain::{Line, Price, Product, Reservation};
+use crate::error::{Error, Result};
+use crate::limits::ACTOR_CALL_TIMEOUT_MS;
+use crate::log::{LogHandle, Ticket};
+use crate::record::IdempotencyKey;
+
+/// Why an actor call produced no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AskError {
+    /// The actor is not running (stopped or never started).
+    Gone,
+    /// No answer within `ACTOR_CALL_TIMEOUT_MS`.
+    Timeout,
+    /// The actor dropped the reply port: it failed while handling the message.
+    Dropped,
+}
+
+impl From<AskError> for Error {
+    fn from(err: AskError) -> Self {
+        match err {
+            AskError::Timeout => Error::Unavailable("the server is overloaded; retry".into()),
+            AskError::Gone | AskError::Dropped => {
+                Error::Internal("the request failed inside the server".into())
+            }
+        }
+    }
+}
+
+/// Calls an actor with a deadline.
+pub async fn ask<M: Message, T: Send + 'static>(
+    actor: &ActorRef<M>,
+    build: impl FnOnce(RpcReplyPort<T>) -> M,
+) -> std::result::Result<T, AskError> {
+    let timeout = Some(Duration::from_millis(ACTOR_CALL_TIMEOUT_MS));
+    match actor.call(build, timeout).await {
+        Ok(CallResult::Success(value)) => Ok(value),
+        Ok(CallResult::Timeout) => Err(AskError::Timeout),
+        Ok(CallResult::SenderError) => Err(AskError::Dropped),
+        Err(_) => Err(AskError::Gone),
+    }
+}
+
+/// A validated reservation request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReserveRequest {
+    pub customer_id: String,
+    pub items: Vec<Line>,
+    pub ttl_seconds: Option<u64>,
+}
+
+impl ReserveRequest {
+    /// What "the same body" means for `Idempotency-Key`: the request as parsed.
+    fn fingerprint(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64);
+        out.extend_from_slice(self.customer_id.as_bytes());
+        out.push(0);
+        for line in &self.items {
+            out.extend_from_slice(line.sku.as_bytes());
+            out.push(0);
+            out.extend_from_slice(&line.quantity.to_le_bytes());
+        }
+        out.extend_from_slice(&self.ttl_seconds.map_or(0, |t| t + 1).to_le_bytes());
+        out
+    }
+}
+
+/// A handle on the running core. Cheap to clone.
+#[derive(Clone)]
+pub struct Service {
+    pub(crate) supervisor: ActorRef<SupervisorMsg>,
+    pub(crate) log: LogHandle,
+    pub(crate) clock: SharedClock,
+    pub(crate) durability: Durability,
+    pub(crate) default_ttl_seconds: u64,
+}
+
+impl Service {
+    /// Waits until the change is durable (sync) or lets it go (async).
+    async fn settle(&self, ticket: Ticket) -> Result<()> {
+        match self.durability {
+            Durability::Sync => ticket.durable().await.map(drop).map_err(Error::from),
+            Durability::Async => Ok(()),
+        }
+    }
+
+    async fn route<T: Send + 'static>(
+        &self,
+        sku: &str,
+        build: impl FnOnce(RpcReplyPort<Result<T>>) -> ProductMsg,
+    ) -> Result<T> {
+        let sku_owned = sku.to_string();
+        ask(&self.supervisor, |reply| SupervisorMsg::Route {
+            sku: sku_owned,
+            msg: build(reply),
+        })
+        .await?
+    }
+
+    pub async fn create_product(
+        &self,
+        sku: String,
+        name: String,
+        price: Option<Price>,
+        on_hand: u64,
+    ) -> Result<Product> {
+        let (product, ticket) = ask(&self.supervisor, |reply| SupervisorMsg::CreateProduct {
+            sku,
+            name,
+            price,
+            on_hand,
+            reply,
+        })
+        .await??;
+        self.settle(ticket).await?;
+        Ok(product)
+    }
+
+    pub async fn get_product(&self, sku: &str) -> Result<Product> {
+        self.route(sku, ProductMsg::Get).await
+    }
+
+    /// One page of products after `after`, ordered by SKU, and whether more follow.
+    pub async fn list_products(
+        &self,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<(Vec<Product>, bool)> {
+        let (actors, more) = ask(&self.supervisor, |reply| SupervisorMsg::ListProducts {
+            after,
+            limit,
+            reply,
+        })
+        .await?;
+        let mut products = Vec::with_capacity(actors.len());
+        for actor in actors {
+            // A product deleted since the page was cut is simply left out.
+            if let Ok(Ok(p)) = ask(&actor, ProductMsg::Get).await {
+                products.push(p);
+            }
+        }
+        Ok((products, more))
+    }
+
+    pub async fn change_product(
+        &self,
+        sku: &str,
+        change: Change,
+        if_match: Option<u64>,
+    ) -> Result<Product> {
+        let (product, ticket) = self
+            .route(sku, |reply| ProductMsg::Change {
+                change,
+                if_match,
+                reply,
+            })
+            .await?;
+        self.settle(ticket).await?;
+        Ok(product)
+    }
+
+    pub async fn delete_product(&self, sku: &str, if_match: Option<u64>) -> Result<()> {
+        let ticket = ask(&self.supervisor, |reply| SupervisorMsg::DeleteProduct {
+            sku: sku.to_string(),
+            if_match,
+            reply,
+        })
+        .await??;
+        self.settle(ticket).await
+    }
+
+    /// Holds every line or none. Returns the reservation and whether it is a replay.
+    pub async fn reserve(
+        &self,
+        request: ReserveRequest,
+        idempotency_key: Option<String>,
+    ) -> Result<(Reservation, bool)> {
+        let idempotency = idempotency_key.map(|key| {
+            let key = IdempotencyKey {
+                customer_id: request.customer_id.clone(),
+                key,
+            };
+            (key, request.fingerprint())
+        });
+        let skus = request.items.iter().map(|l| l.sku.clone()).collect();
+        let resolved = ask(&self.supervisor, |reply| SupervisorMsg::Resolve {
+            skus,
+            idempotency: idempotency.clone(),
+            reply,
+        })
+        .await??;
+        let actors = match resolved {
+            Resolved::Replay(original, ticket) => {
+                self.settle(ticket).await?;
+                return Ok((original, true));
+            }
+            Resolved::Proceed(actors) => actors,
+        };
+        if let Err(err) = self.hold_all(&request.items, &actors).await {
+            if let Some((key, _)) = idempotency {
+                let _ = self.supervisor.cast(SupervisorMsg::AbortIdempotency(key));
+            }
+            return Err(err);
+        }
+        let now = self.clock.now_ms();
+        let ttl = request.ttl_seconds.unwrap_or(self.default_ttl_seconds);
+        let reservation = Reservation::new(
+            Uuid::now_v7(),
+            request.customer_id,
+            request.items,
+            now,
+            now + (ttl as i64) * 1000,
+        );
+        let view = reservation.clone();
+        let ticket = ask(&self.supervisor, |reply| SupervisorMsg::Register {
+            reservation,
+            idempotency,
+            reply,
+        })
+        .await?;
+        self.settle(ticket).await?;
+        Ok((view, false))
+    }
+
+    /// Holds each line in turn; on the first failure releases what it held.
+    async fn hold_all(&self, items: &[Line], actors: &[ActorRef<ProductMsg>]) -> Result<()> {
+        debug_assert_eq!(items.len(), actors.len());
+        for (i, (line, actor)) in items.iter().zip(actors).enumerate() {
+            let quantity = line.quantity;
+            let outcome = match ask(actor, |reply| ProductMsg::Hold { quantity, reply }).await {
+                Ok(result) => result,
+                Err(AskError::Gone) => Err(Error::ProductNotFound {
+                    sku: line.sku.clone(),
+                }),
+                Err(err) => Err(err.into()),
+            };
+            if let Err(err) = outcome {
+                for (line, actor) in items[..i].iter().zip(actors) {
+                    let quantity = line.quantity;
+                    let _ = actor.cast(ProductMsg::Unhold { quantity });
+                }
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn get_reservation(&self, id: Uuid) -> Result<Reservation> {
+        ask(&self.supervisor, |reply| SupervisorMsg::GetReservation {
+            id,
+            reply,
+        })
+        .await?
+    }
+
+    pub async fn confirm(&self, id: Uuid, order_id: Option<String>) -> Result<Reservation> {
+        let (r, ticket) = ask(&self.supervisor, |reply| SupervisorMsg::Confirm {
+            id,
+            order_id,
+            reply,
+        })
+        .await??;
+        self.settle(ticket).await?;
+        Ok(r)
+    }
+
+    pub async fn cancel(&self, id: Uuid) -> Result<Reservation> {
+        let (r, ticket) = ask(&self.supervisor, |reply| SupervisorMsg::Cancel {
+            id,
+            reply,
+        })
+        .await??;
+        self.settle(ticket).await?;
+        Ok(r)
+    }
+
+    pub async fn extend(&self, id: Uuid, ttl_seconds: u64) -> Result<Reservation> {
+        let ttl_ms = (ttl_seconds as i64) * 1000;
+        let (r, ticket) = ask(&self.supervisor, |reply| SupervisorMsg::Extend {
+            id,
+            ttl_ms,
+            reply,
+        })
+        .await??;
+        self.settle(ticket).await?;
+        Ok(r)
+    }
+
+    /// Expires every reservation whose deadline has passed, and waits for the records.
+    pub async fn expire_due_now(&self) -> Result<()> {
+        let ticket = ask(&self.supervisor, |reply| SupervisorMsg::Tick(Some(reply))).await?;
+        ticket.durable().await.map(drop).map_err(Error::from)
+    }
+
+    pub async fn stats(&self) -> Result<Stats> {
+        Ok(ask(&self.supervisor, SupervisorMsg::Stats).await?)
+    }
+
+    /// Whether the log still accepts writes.
+    pub fn log_healthy(&self) -> bool {
+        self.log.is_healthy()
+    }
+
+    /// Test hook: makes the product actor of `sku` panic while handling a message.
+    #[doc(hidden)]
+    pub async fn inject_product_panic(&self, sku: &str) -> Result<()> {
+        let sku = sku.to_string();
+        let outcome = ask(&self.supervisor, |reply| SupervisorMsg::Route {
+            sku,
+            msg: ProductMsg::Crash(reply),
+        })
+        .await;
+        outcome.map_err(Error::from)
+    }
+
+    /// Test hook: every later log write fails.
+    #[doc(hidden)]
+    pub fn inject_log_failure(&self) {
+        self.log.inject_write_failure();
+    }
+}

@@ -1,0 +1,308 @@
+//! Helpers shared by the integration tests: an in-process server on `127.0.0.1:0`, the real
+//! binary as a child process (killed on drop, even when a test fails), and a small client.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::header::HeaderMap;
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use stockd::clock::ManualClock;
+use stockd::{Config, Durability, Server};
+
+/// A JSON answer: status, headers, body (`Value::Null` when empty).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn code(&self) -> &str {
+        self.body["code"].as_str().unwrap_or("")
+    }
+
+    /// Asserts an RFC 9457 problem with this status and code.
+    pub fn assert_problem(&self, status: u16, code: &str) {
+        assert_eq!(self.status.as_u16(), status, "{:?}", self.body);
+        assert_eq!(self.code(), code, "{:?}", self.body);
+        assert_eq!(
+            self.body["status"], status,
+            "status member equals HTTP status"
+        );
+        assert_eq!(self.body["type"], format!("/problems/{code}"));
+        assert!(self.body["title"].is_string() && self.body["detail"].is_string());
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/problem+json")
+        );
+    }
+}
+
+#[derive(Clone)]
+pub struct Client {
+    pub base: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base: String) -> Client {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client");
+        Client { base, http }
+    }
+
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Result<Answer> {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(body) = body {
+            if !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+            {
+                req = req.header("content-type", "application/json");
+            }
+            req = req.body(body.to_string());
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let res = req.send().await?;
+        let status = res.status();
+        let headers = res.headers().clone();
+        let bytes = res.bytes().await?;
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        };
+        Ok(Answer {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        self.send(Method::GET, path, None, &[]).await.expect("GET")
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Answer {
+        self.send(Method::POST, path, Some(&body.to_string()), &[])
+            .await
+            .expect("POST")
+    }
+
+    pub async fn post_with(&self, path: &str, body: Value, headers: &[(&str, &str)]) -> Answer {
+        self.send(Method::POST, path, Some(&body.to_string()), headers)
+            .await
+            .expect("POST")
+    }
+
+    pub async fn create_product(&self, sku: &str, on_hand: u64) -> Answer {
+        let a = self
+            .post(
+                "/v1/products",
+                serde_json::json!({"sku": sku, "name": format!("Product {sku}"), "on_hand": on_hand}),
+            )
+            .await;
+        assert_eq!(a.status, 201, "{:?}", a.body);
+        a
+    }
+
+    pub async fn reserve(&self, customer: &str, sku: &str, quantity: u64) -> Answer {
+        self.post(
+            "/v1/reservations",
+            serde_json::json!({"customer_id": customer, "items": [{"sku": sku, "quantity": quantity}]}),
+        )
+        .await
+    }
+
+    pub async fn product(&self, sku: &str) -> Value {
+        let a = self.get(&format!("/v1/products/{sku}")).await;
+        assert_eq!(a.status, 200, "{:?}", a.body);
+        a.body
+    }
+}
+
+/// An in-process server with its own data directory and a hand-moved clock.
+pub struct TestServer {
+    pub server: Option<Server>,
+    pub client: Client,
+    pub clock: Arc<ManualClock>,
+    pub dir: tempfile::TempDir,
+}
+
+pub const START_MS: i64 = 1_795_341_600_000; // 2026-11-22T10:00:00Z
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        TestServer::start_with(Durability::Sync).await
+    }
+
+    pub async fn start_with(durability: Durability) -> TestServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(ManualClock::new(START_MS));
+        TestServer::start_in(dir, clock, durability).await
+    }
+
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        clock: Arc<ManualClock>,
+        durability: Durability,
+    ) -> TestServer {
+        let config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().join("data"),
+            snapshot_dir: dir.path().join("snapshots"),
+            durability,
+            clock: clock.clone(),
+            ..Config::default()
+        };
+        let server = stockd::start(config).await.expect("server starts");
+        let client = Client::new(format!("http://{}", server.local_addr()));
+        TestServer {
+            server: Some(server),
+            client,
+            clock,
+            dir,
+        }
+    }
+
+    pub fn service(&self) -> &stockd::service::Service {
+        self.server.as_ref().expect("running").service()
+    }
+
+    /// Graceful stop, then a fresh start on the same data directory and clock.
+    pub async fn restart(mut self) -> TestServer {
+        self.server
+            .take()
+            .unwrap()
+            .shutdown()
+            .await
+            .expect("clean shutdown");
+        TestServer::start_in(self.dir, self.clock, Durability::Sync).await
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await.expect("clean shutdown");
+        }
+    }
+}
+
+/// Polls `check` until it returns true or `limit` passes.
+pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The real `stockd` binary as a child process; killed (SIGKILL) when dropped.
+pub struct ChildServer {
+    child: Option<Child>,
+    pub client: Client,
+    pub data_dir: PathBuf,
+}
+
+impl ChildServer {
+    pub fn spawn(dir: &Path, extra: &[&str]) -> ChildServer {
+        let data_dir = dir.join("data");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_stockd"))
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--snapshot-dir")
+            .arg(dir.join("snapshots"))
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn stockd");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(addr) = line.strip_prefix("listening on ") {
+                        break addr.trim().to_string();
+                    }
+                }
+                _ => {
+                    let _ = child.kill();
+                    panic!("stockd exited before listening");
+                }
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        ChildServer {
+            child: Some(child),
+            client: Client::new(format!("http://{addr}")),
+            data_dir,
+        }
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let pid = child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

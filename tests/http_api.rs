@@ -1,0 +1,900 @@
+//! The HTTP contract of ../shared/API.md, endpoint by endpoint, against an in-process
+//! server on 127.0.0.1:0.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{eventually, TestServer};
+use reqwest::Method;
+use serde_json::json;
+
+#[tokio::test]
+async fn health_and_unknown_routes() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    let a = c.get("/health").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body, json!({"status": "ok"}));
+    c.get("/nope").await.assert_problem(404, "not_found");
+    c.get("/v1/products/A/nope")
+        .await
+        .assert_problem(404, "not_found");
+    let a = c
+        .send(Method::PUT, "/v1/products", None, &[])
+        .await
+        .unwrap();
+    a.assert_problem(405, "method_not_allowed");
+    assert_eq!(a.header("allow"), Some("GET, POST"));
+    let a = c
+        .send(Method::GET, "/v1/reservations", None, &[])
+        .await
+        .unwrap();
+    a.assert_problem(405, "method_not_allowed");
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn create_get_and_list_products() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    let a = c
+        .post(
+            "/v1/products",
+            json!({"sku": "LAPTOP-001", "name": "Premium Laptop Pro",
+                   "price": {"amount_minor": 129999, "currency": "USD"}, "on_hand": 5}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{:?}", a.body);
+    assert_eq!(a.header("location"), Some("/v1/products/LAPTOP-001"));
+    assert_eq!(a.body["available"], 5);
+    assert_eq!(a.body["reserved"], 0);
+    assert_eq!(a.body["sold"], 0);
+    assert_eq!(a.body["version"], 1);
+    assert_eq!(
+        a.body["price"],
+        json!({"amount_minor": 129999, "currency": "USD"})
+    );
+    assert_eq!(a.body["created_at"], "2026-11-22T10:00:00.000Z");
+
+    let a = c.get("/v1/products/LAPTOP-001").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("etag"), Some("\"1\""));
+    assert_eq!(a.body["name"], "Premium Laptop Pro");
+
+    c.post(
+        "/v1/products",
+        json!({"sku": "LAPTOP-001", "name": "again"}),
+    )
+    .await
+    .assert_problem(409, "sku_exists");
+    let a = c.get("/v1/products/NOPE").await;
+    a.assert_problem(404, "product_not_found");
+    assert_eq!(a.body["sku"], "NOPE");
+    c.get("/v1/products/bad%20sku")
+        .await
+        .assert_problem(404, "product_not_found");
+
+    // No price and no on_hand: defaults.
+    let a = c
+        .post("/v1/products", json!({"sku": "B", "name": "Bee"}))
+        .await;
+    assert_eq!(a.status, 201);
+    assert_eq!(a.body["price"], json!(null));
+    assert_eq!(a.body["on_hand"], 0);
+
+    for sku in ["C", "D", "E"] {
+        c.create_product(sku, 1).await;
+    }
+    let a = c.get("/v1/products?limit=2").await;
+    assert_eq!(a.status, 200);
+    let skus: Vec<_> = a.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["sku"].clone())
+        .collect();
+    assert_eq!(skus, vec![json!("B"), json!("C")]);
+    assert_eq!(a.body["next_after"], "C");
+    let a = c.get("/v1/products?limit=2&after=C").await;
+    let skus: Vec<_> = a.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["sku"].clone())
+        .collect();
+    assert_eq!(skus, vec![json!("D"), json!("E")]);
+    assert_eq!(
+        a.body["next_after"],
+        "LAPTOP-001".to_string().replace("LAPTOP-001", "E")
+    );
+    let a = c.get("/v1/products?after=E").await;
+    assert_eq!(a.body["items"].as_array().unwrap().len(), 1);
+    assert_eq!(a.body["next_after"], json!(null));
+    let a = c.get("/v1/products").await;
+    assert_eq!(a.body["items"].as_array().unwrap().len(), 5);
+    c.get("/v1/products?limit=0")
+        .await
+        .assert_problem(422, "validation_failed");
+    c.get("/v1/products?limit=1001")
+        .await
+        .assert_problem(422, "validation_failed");
+    c.get("/v1/products?limmit=5")
+        .await
+        .assert_problem(422, "validation_failed");
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_and_invalid_bodies_change_nothing() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.create_product("A", 3).await;
+    let bad_json = c
+        .send(Method::POST, "/v1/products", Some("{\"sku\": "), &[])
+        .await
+        .unwrap();
+    bad_json.assert_problem(400, "bad_request");
+    let cases = [
+        (json!({"name": "x"}), "sku"),
+        (json!({"sku": "X", "name": "x", "colour": "red"}), "colour"),
+        (json!({"sku": "X", "name": 5}), "name"),
+        (json!({"sku": "X", "name": ""}), "name"),
+        (json!({"sku": "X Y", "name": "x"}), "sku"),
+        (json!({"sku": "X", "name": "x", "on_hand": 1.5}), "on_hand"),
+        (json!({"sku": "X", "name": "x", "on_hand": "5"}), "on_hand"),
+        (json!({"sku": "X", "name": "x", "on_hand": -1}), "on_hand"),
+        (
+            json!({"sku": "X", "name": "x", "on_hand": 9007199254740992u64}),
+            "on_hand",
+        ),
+        (
+            json!({"sku": "X", "name": "x", "price": {"amount_minor": 1, "currency": "usd"}}),
+            "price.currency",
+        ),
+        (
+            json!({"sku": "X", "name": "x", "price": {"amount_minor": -1, "currency": "USD"}}),
+            "price.amount_minor",
+        ),
+        (
+            json!({"sku": "X", "name": "x", "price": {"amount_minor": 1, "currency": "USD", "tax": 1}}),
+            "price.tax",
+        ),
+        (json!([1, 2]), "body"),
+    ];
+    for (body, field) in cases {
+        let a = c.post("/v1/products", body.clone()).await;
+        a.assert_problem(422, "validation_failed");
+        assert_eq!(a.body["field"], field, "{body}");
+    }
+    let reserve_cases = [
+        (
+            json!({"items": [{"sku": "A", "quantity": 1}]}),
+            "customer_id",
+        ),
+        (json!({"customer_id": "u", "items": []}), "items"),
+        (
+            json!({"customer_id": "u", "items": [{"sku": "A", "quantity": 0}]}),
+            "items[0].quantity",
+        ),
+        (
+            json!({"customer_id": "u", "items": [{"sku": "A", "quantity": 1000000001u64}]}),
+            "items[0].quantity",
+        ),
+        (
+            json!({"customer_id": "u", "items": [{"sku": "A", "quantity": 1}, {"sku": "A", "quantity": 1}]}),
+            "items[1].sku",
+        ),
+        (
+            json!({"customer_id": "u", "items": [{"sku": "A", "qty": 1}]}),
+            "items[0].qty",
+        ),
+        (
+            json!({"customer_id": "u", "items": [{"sku": "A", "quantity": 1}], "ttl_seconds": 0}),
+            "ttl_seconds",
+        ),
+        (
+            json!({"customer_id": "u", "items": [{"sku": "A", "quantity": 1}], "ttl_seconds": 86401}),
+            "ttl_seconds",
+        ),
+        (
+            json!({"customer_id": "u\u{1}", "items": [{"sku": "A", "quantity": 1}]}),
+            "customer_id",
+        ),
+        (
+            json!({"customer_id": "x".repeat(129), "items": [{"sku": "A", "quantity": 1}]}),
+            "customer_id",
+        ),
+    ];
+    for (body, field) in reserve_cases {
+        let a = c.post("/v1/reservations", body.clone()).await;
+        a.assert_problem(422, "validation_failed");
+        assert_eq!(a.body["field"], field, "{body}");
+    }
+    let too_many: Vec<_> = (0..101)
+        .map(|i| json!({"sku": format!("S{i}"), "quantity": 1}))
+        .collect();
+    c.post(
+        "/v1/reservations",
+        json!({"customer_id": "u", "items": too_many}),
+    )
+    .await
+    .assert_problem(422, "validation_failed");
+    let wrong_type = c
+        .send(
+            Method::POST,
+            "/v1/products",
+            Some("{\"sku\":\"Q\",\"name\":\"q\"}"),
+            &[("content-type", "text/plain")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(wrong_type.status, 400);
+    let big = format!("{{\"sku\":\"X\",\"name\":\"{}\"}}", "x".repeat(70 * 1024));
+    c.send(Method::POST, "/v1/products", Some(&big), &[])
+        .await
+        .unwrap()
+        .assert_problem(413, "payload_too_large");
+    c.send(Method::POST, "/v1/reservations", None, &[])
+        .await
+        .unwrap()
+        .assert_problem(400, "bad_request");
+
+    let p = c.product("A").await;
+    assert_eq!(
+        (
+            p["on_hand"].as_u64(),
+            p["reserved"].as_u64(),
+            p["version"].as_u64()
+        ),
+        (Some(3), Some(0), Some(1))
+    );
+    let list = c.get("/v1/products").await;
+    assert_eq!(
+        list.body["items"].as_array().unwrap().len(),
+        1,
+        "no invalid product was created"
+    );
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn patch_replenish_adjust_and_if_match() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.post("/v1/products", json!({"sku": "A", "name": "a", "price": {"amount_minor": 100, "currency": "EUR"}, "on_hand": 5}))
+        .await;
+    let send = |m: Method,
+                path: &'static str,
+                body: serde_json::Value,
+                h: Vec<(&'static str, &'static str)>| {
+        let c = c.clone();
+        async move { c.send(m, path, Some(&body.to_string()), &h).await.unwrap() }
+    };
+    let a = send(
+        Method::PATCH,
+        "/v1/products/A",
+        json!({"name": "Renamed"}),
+        vec![],
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(
+        (a.body["name"].as_str(), a.body["version"].as_u64()),
+        (Some("Renamed"), Some(2))
+    );
+    assert_eq!(a.body["price"]["currency"], "EUR");
+    let a = send(
+        Method::PATCH,
+        "/v1/products/A",
+        json!({"price": null}),
+        vec![],
+    )
+    .await;
+    assert_eq!(a.body["price"], json!(null));
+    send(Method::PATCH, "/v1/products/A", json!({}), vec![])
+        .await
+        .assert_problem(422, "validation_failed");
+    send(Method::PATCH, "/v1/products/A", json!({"sku": "B"}), vec![])
+        .await
+        .assert_problem(422, "validation_failed");
+    send(
+        Method::PATCH,
+        "/v1/products/Z",
+        json!({"name": "z"}),
+        vec![],
+    )
+    .await
+    .assert_problem(404, "product_not_found");
+
+    let a = c
+        .post("/v1/products/A/replenish", json!({"quantity": 10}))
+        .await;
+    assert_eq!(
+        (a.status.as_u16(), a.body["on_hand"].as_u64()),
+        (200, Some(15))
+    );
+    c.post("/v1/products/A/replenish", json!({"quantity": 0}))
+        .await
+        .assert_problem(422, "validation_failed");
+    c.post("/v1/products/A/replenish", json!({}))
+        .await
+        .assert_problem(422, "validation_failed");
+
+    let a = c
+        .post(
+            "/v1/products/A/adjust",
+            json!({"delta": -4, "reason": "damaged"}),
+        )
+        .await;
+    assert_eq!(a.body["on_hand"], 11);
+    c.post("/v1/products/A/adjust", json!({"delta": 0}))
+        .await
+        .assert_problem(422, "validation_failed");
+    c.reserve("u", "A", 10).await;
+    let a = c.post("/v1/products/A/adjust", json!({"delta": -2})).await;
+    a.assert_problem(409, "insufficient_stock");
+    assert_eq!(a.body["available"], 1);
+    assert_eq!(
+        c.post("/v1/products/A/adjust", json!({"delta": -1}))
+            .await
+            .body["on_hand"],
+        10
+    );
+
+    // Stock never exceeds 2^53 - 1.
+    c.create_product("BIG", 9007199254740991).await;
+    let a = c
+        .post("/v1/products/BIG/replenish", json!({"quantity": 1}))
+        .await;
+    a.assert_problem(422, "validation_failed");
+    assert_eq!(a.body["field"], "quantity");
+    c.post("/v1/products/BIG/adjust", json!({"delta": 1}))
+        .await
+        .assert_problem(422, "validation_failed");
+
+    // If-Match.
+    let version = c.product("A").await["version"].as_u64().unwrap();
+    let stale = format!("\"{}\"", version - 1);
+    let current = format!("\"{version}\"");
+    let a = c
+        .send(
+            Method::POST,
+            "/v1/products/A/replenish",
+            Some("{\"quantity\":1}"),
+            &[("if-match", &stale)],
+        )
+        .await
+        .unwrap();
+    a.assert_problem(412, "version_mismatch");
+    let a = c
+        .send(
+            Method::POST,
+            "/v1/products/A/replenish",
+            Some("{\"quantity\":1}"),
+            &[("if-match", &current)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200);
+    assert_eq!(
+        a.header("etag"),
+        Some(format!("\"{}\"", version + 1).as_str())
+    );
+    c.send(
+        Method::PATCH,
+        "/v1/products/A",
+        Some("{\"name\":\"n\"}"),
+        &[("if-match", "seven")],
+    )
+    .await
+    .unwrap()
+    .assert_problem(400, "bad_request");
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn delete_product() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.create_product("A", 2).await;
+    c.create_product("B", 2).await;
+    let r = c.reserve("u", "A", 1).await;
+    let del = |sku: &'static str, h: Vec<(&'static str, &'static str)>| {
+        let c = c.clone();
+        async move {
+            c.send(Method::DELETE, &format!("/v1/products/{sku}"), None, &h)
+                .await
+                .unwrap()
+        }
+    };
+    let a = del("A", vec![]).await;
+    a.assert_problem(409, "product_has_reservations");
+    del("B", vec![("if-match", "\"9\"")])
+        .await
+        .assert_problem(412, "version_mismatch");
+    let a = del("B", vec![("if-match", "\"1\"")]).await;
+    assert_eq!(a.status, 204);
+    c.get("/v1/products/B")
+        .await
+        .assert_problem(404, "product_not_found");
+    del("B", vec![])
+        .await
+        .assert_problem(404, "product_not_found");
+    c.reserve("u", "B", 1)
+        .await
+        .assert_problem(404, "product_not_found");
+    // A deleted SKU can be created again.
+    c.create_product("B", 7).await;
+    assert_eq!(c.product("B").await["on_hand"], 7);
+
+    let id = r.body["id"].as_str().unwrap();
+    c.post(&format!("/v1/reservations/{id}/cancel"), json!({}))
+        .await;
+    assert_eq!(del("A", vec![]).await.status, 204);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn reservation_life_cycle() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.create_product("A", 5).await;
+    c.create_product("B", 1).await;
+    let a = c
+        .post(
+            "/v1/reservations",
+            json!({"customer_id": "user-1", "items": [{"sku": "A", "quantity": 2}, {"sku": "B", "quantity": 1}], "ttl_seconds": 60}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{:?}", a.body);
+    let id = a.body["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        a.header("location"),
+        Some(format!("/v1/reservations/{id}").as_str())
+    );
+    assert_eq!(a.body["status"], "pending");
+    assert_eq!(a.body["expires_at"], "2026-11-22T10:01:00.000Z");
+    assert_eq!(a.body["confirmed_at"], json!(null));
+    let p = c.product("A").await;
+    assert_eq!(
+        (p["reserved"].as_u64(), p["available"].as_u64()),
+        (Some(2), Some(3))
+    );
+
+    // All or nothing: B has no unit left, so A's line is not held either.
+    let a = c
+        .post(
+            "/v1/reservations",
+            json!({"customer_id": "user-2", "items": [{"sku": "A", "quantity": 1}, {"sku": "B", "quantity": 1}]}),
+        )
+        .await;
+    a.assert_problem(409, "insufficient_stock");
+    assert_eq!(
+        (
+            a.body["sku"].as_str(),
+            a.body["requested"].as_u64(),
+            a.body["available"].as_u64()
+        ),
+        (Some("B"), Some(1), Some(0))
+    );
+    assert_eq!(c.product("A").await["reserved"], 2);
+    let a = c
+        .post("/v1/reservations", json!({"customer_id": "u", "items": [{"sku": "A", "quantity": 1}, {"sku": "GHOST", "quantity": 1}]}))
+        .await;
+    a.assert_problem(404, "product_not_found");
+    assert_eq!(a.body["sku"], "GHOST");
+    assert_eq!(c.product("A").await["reserved"], 2);
+
+    assert_eq!(
+        c.get(&format!("/v1/reservations/{id}")).await.body["status"],
+        "pending"
+    );
+    c.get("/v1/reservations/not-a-uuid")
+        .await
+        .assert_problem(404, "reservation_not_found");
+    c.get("/v1/reservations/0193a1b2-0000-7000-8000-000000000000")
+        .await
+        .assert_problem(404, "reservation_not_found");
+    c.post(
+        "/v1/reservations/0193a1b2-0000-7000-8000-000000000000/confirm",
+        json!({}),
+    )
+    .await
+    .assert_problem(404, "reservation_not_found");
+
+    t.clock.advance_ms(10_000);
+    let a = c
+        .post(
+            &format!("/v1/reservations/{id}/extend"),
+            json!({"ttl_seconds": 120}),
+        )
+        .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body["expires_at"], "2026-11-22T10:02:10.000Z");
+    c.post(&format!("/v1/reservations/{id}/extend"), json!({}))
+        .await
+        .assert_problem(422, "validation_failed");
+
+    let a = c
+        .post(
+            &format!("/v1/reservations/{id}/confirm"),
+            json!({"order_id": "order-9"}),
+        )
+        .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body["status"], "confirmed");
+    assert_eq!(a.body["order_id"], "order-9");
+    assert_eq!(a.body["confirmed_at"], "2026-11-22T10:00:10.000Z");
+    let again = c
+        .post(&format!("/v1/reservations/{id}/confirm"), json!({}))
+        .await;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.body, a.body);
+    let p = c.product("A").await;
+    assert_eq!(
+        (
+            p["on_hand"].as_u64(),
+            p["reserved"].as_u64(),
+            p["sold"].as_u64()
+        ),
+        (Some(3), Some(0), Some(2))
+    );
+    assert_eq!(c.product("B").await["sold"], 1);
+    c.post(&format!("/v1/reservations/{id}/cancel"), json!({}))
+        .await
+        .assert_problem(409, "reservation_confirmed");
+    c.post(
+        &format!("/v1/reservations/{id}/extend"),
+        json!({"ttl_seconds": 5}),
+    )
+    .await
+    .assert_problem(409, "reservation_confirmed");
+
+    // Cancel releases stock, is repeatable, and blocks confirm.
+    let r2 = c.reserve("user-3", "A", 3).await;
+    let id2 = r2.body["id"].as_str().unwrap().to_string();
+    assert_eq!(c.product("A").await["available"], 0);
+    let a = c
+        .send(
+            Method::POST,
+            &format!("/v1/reservations/{id2}/cancel"),
+            None,
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (a.status.as_u16(), a.body["status"].as_str()),
+        (200, Some("cancelled"))
+    );
+    assert_eq!(
+        c.post(&format!("/v1/reservations/{id2}/cancel"), json!({}))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(c.product("A").await["available"], 3);
+    c.post(&format!("/v1/reservations/{id2}/confirm"), json!({}))
+        .await
+        .assert_problem(409, "reservation_cancelled");
+    c.post(
+        &format!("/v1/reservations/{id2}/extend"),
+        json!({"ttl_seconds": 5}),
+    )
+    .await
+    .assert_problem(409, "reservation_cancelled");
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn expiry_is_authoritative_and_releases_stock() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.create_product("A", 2).await;
+    let r1 = c
+        .post(
+            "/v1/reservations",
+            json!({"customer_id": "u", "items": [{"sku": "A", "quantity": 1}], "ttl_seconds": 30}),
+        )
+        .await;
+    let r2 = c
+        .post(
+            "/v1/reservations",
+            json!({"customer_id": "u", "items": [{"sku": "A", "quantity": 1}], "ttl_seconds": 30}),
+        )
+        .await;
+    let (id1, id2) = (
+        r1.body["id"].as_str().unwrap(),
+        r2.body["id"].as_str().unwrap(),
+    );
+    assert_eq!(c.product("A").await["available"], 0);
+
+    t.clock.advance_ms(30_000);
+    // Past the deadline: confirm is refused whether or not the timer has fired.
+    c.post(&format!("/v1/reservations/{id1}/confirm"), json!({}))
+        .await
+        .assert_problem(409, "reservation_expired");
+    c.post(&format!("/v1/reservations/{id1}/cancel"), json!({}))
+        .await
+        .assert_problem(409, "reservation_expired");
+    c.post(
+        &format!("/v1/reservations/{id1}/extend"),
+        json!({"ttl_seconds": 60}),
+    )
+    .await
+    .assert_problem(409, "reservation_expired");
+    // The other one is expired by the supervisor's timer, within a second.
+    let client = c.clone();
+    let expired = eventually(Duration::from_secs(5), || {
+        let client = client.clone();
+        async move { client.product("A").await["available"] == 2 }
+    })
+    .await;
+    assert!(expired, "expiry released the stock");
+    assert_eq!(
+        c.get(&format!("/v1/reservations/{id2}")).await.body["status"],
+        "expired"
+    );
+    assert_eq!(c.product("A").await["reserved"], 0);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn idempotency_key_replays_and_refuses_reuse() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.create_product("A", 10).await;
+    let body = json!({"customer_id": "user-1", "items": [{"sku": "A", "quantity": 2}]});
+    let key = [("idempotency-key", "order-123")];
+    let first = c.post_with("/v1/reservations", body.clone(), &key).await;
+    assert_eq!(first.status, 201);
+    assert_eq!(first.header("idempotent-replayed"), None);
+    let id = first.body["id"].as_str().unwrap();
+    c.post(&format!("/v1/reservations/{id}/confirm"), json!({}))
+        .await;
+
+    let replay = c.post_with("/v1/reservations", body.clone(), &key).await;
+    assert_eq!(replay.status, 201);
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    assert_eq!(
+        replay.body, first.body,
+        "the original answer, not the current state"
+    );
+    assert_eq!(c.product("A").await["sold"], 2, "nothing more was held");
+    assert_eq!(c.product("A").await["reserved"], 0);
+
+    let other = json!({"customer_id": "user-1", "items": [{"sku": "A", "quantity": 3}]});
+    c.post_with("/v1/reservations", other, &key)
+        .await
+        .assert_problem(422, "idempotency_key_reused");
+    // The key is scoped to the customer.
+    let b = c
+        .post_with(
+            "/v1/reservations",
+            json!({"customer_id": "user-2", "items": [{"sku": "A", "quantity": 1}]}),
+            &key,
+        )
+        .await;
+    assert_eq!(b.status, 201);
+    assert_ne!(b.body["id"], first.body["id"]);
+    // A failed attempt is not remembered: the same key may be retried.
+    let k2 = [("idempotency-key", "k2")];
+    c.post_with(
+        "/v1/reservations",
+        json!({"customer_id": "u3", "items": [{"sku": "A", "quantity": 50}]}),
+        &k2,
+    )
+    .await
+    .assert_problem(409, "insufficient_stock");
+    assert_eq!(
+        c.post_with(
+            "/v1/reservations",
+            json!({"customer_id": "u3", "items": [{"sku": "A", "quantity": 5}]}),
+            &k2
+        )
+        .await
+        .status,
+        201
+    );
+    let bad = c
+        .post_with("/v1/reservations", body.clone(), &[("idempotency-key", "")])
+        .await;
+    bad.assert_problem(400, "bad_request");
+    let long = "k".repeat(256);
+    c.post_with(
+        "/v1/reservations",
+        body,
+        &[("idempotency-key", long.as_str())],
+    )
+    .await
+    .assert_problem(400, "bad_request");
+
+    // Remembered across a restart.
+    let t = t.restart().await;
+    let c = &t.client;
+    let replay = c
+        .post_with(
+            "/v1/reservations",
+            json!({"customer_id": "user-1", "items": [{"sku": "A", "quantity": 2}]}),
+            &key,
+        )
+        .await;
+    assert_eq!(replay.status, 201);
+    assert_eq!(replay.body["id"], first.body["id"]);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_requests_with_one_key_hold_once() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.create_product("A", 100).await;
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            c.post_with(
+                "/v1/reservations",
+                json!({"customer_id": "u", "items": [{"sku": "A", "quantity": 1}]}),
+                &[("idempotency-key", "same")],
+            )
+            .await
+        }));
+    }
+    let mut ids = std::collections::HashSet::new();
+    for task in tasks {
+        let a = task.await.unwrap();
+        match a.status.as_u16() {
+            201 => {
+                ids.insert(a.body["id"].as_str().unwrap().to_string());
+            }
+            409 => a.assert_problem(409, "idempotency_key_in_flight"),
+            other => panic!("unexpected {other}: {:?}", a.body),
+        }
+    }
+    assert_eq!(ids.len(), 1, "one reservation for one key");
+    assert_eq!(c.product("A").await["reserved"], 1);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn state_survives_a_restart() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.create_product("A", 10).await;
+    let keep = c.reserve("u", "A", 2).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let sold = c.reserve("u", "A", 3).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let gone = c.reserve("u", "A", 1).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    c.post(&format!("/v1/reservations/{sold}/confirm"), json!({}))
+        .await;
+    c.post(&format!("/v1/reservations/{gone}/cancel"), json!({}))
+        .await;
+    let before = c.product("A").await;
+
+    let t = t.restart().await;
+    let c = &t.client;
+    assert_eq!(
+        c.product("A").await,
+        before,
+        "including version and timestamps"
+    );
+    assert_eq!(
+        c.get(&format!("/v1/reservations/{keep}")).await.body["status"],
+        "pending"
+    );
+    assert_eq!(
+        c.get(&format!("/v1/reservations/{sold}")).await.body["status"],
+        "confirmed"
+    );
+    assert_eq!(
+        c.get(&format!("/v1/reservations/{gone}")).await.body["status"],
+        "cancelled"
+    );
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_reservation_that_expired_while_down_is_expired_at_start_up() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.create_product("A", 1).await;
+    let id = c
+        .post(
+            "/v1/reservations",
+            json!({"customer_id": "u", "items": [{"sku": "A", "quantity": 1}], "ttl_seconds": 5}),
+        )
+        .await
+        .body["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let clock = t.clock.clone();
+    let mut t = t;
+    t.server.take().unwrap().shutdown().await.unwrap();
+    clock.advance_ms(60_000);
+    let t = TestServer::start_in(t.dir, clock, stockd::Durability::Sync).await;
+    let c = &t.client;
+    assert_eq!(c.product("A").await["available"], 1);
+    assert_eq!(
+        c.get(&format!("/v1/reservations/{id}")).await.body["status"],
+        "expired"
+    );
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_panicking_product_actor_answers_500_and_keeps_its_state() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.create_product("A", 5).await;
+    c.reserve("u", "A", 2).await;
+    let before = c.product("A").await;
+    let outcome = t.service().inject_product_panic("A").await;
+    assert!(
+        matches!(outcome, Err(stockd::error::Error::Internal(_))),
+        "{outcome:?}"
+    );
+    assert_eq!(c.product("A").await, before);
+    assert_eq!(
+        c.reserve("u", "A", 3).await.status,
+        201,
+        "the actor still serves"
+    );
+    assert_eq!(c.reserve("u", "A", 1).await.status, 409);
+    assert_eq!(t.service().stats().await.unwrap().product_panics, 1);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn an_unwritable_log_refuses_changes_with_503() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.create_product("A", 5).await;
+    t.service().inject_log_failure();
+    c.reserve("u", "A", 1)
+        .await
+        .assert_problem(503, "unavailable");
+    c.post("/v1/products", json!({"sku": "B", "name": "b"}))
+        .await
+        .assert_problem(503, "unavailable");
+    c.get("/health").await.assert_problem(503, "unavailable");
+    let mut t = t;
+    let server = t.server.take().unwrap();
+    assert!(
+        server.shutdown().await.is_err(),
+        "shutdown reports the failed log"
+    );
+    // Nothing that was refused is in the log.
+    let t = TestServer::start_in(t.dir, t.clock, stockd::Durability::Sync).await;
+    let c = &t.client;
+    let p = c.product("A").await;
+    assert_eq!(
+        (p["reserved"].as_u64(), p["version"].as_u64()),
+        (Some(0), Some(1))
+    );
+    c.get("/v1/products/B")
+        .await
+        .assert_problem(404, "product_not_found");
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn async_durability_answers_and_still_logs() {
+    let t = TestServer::start_with(stockd::Durability::Async).await;
+    let c = &t.client;
+    c.create_product("A", 5).await;
+    assert_eq!(c.reserve("u", "A", 2).await.status, 201);
+    let t = t.restart().await;
+    assert_eq!(t.client.product("A").await["reserved"], 2);
+    t.stop().await;
+}
