@@ -1,0 +1,270 @@
+//! Property tests of the domain rules and the one fold, against a plain reference model.
+//!
+//! Random operation sequences are decided by the reference model (plain arithmetic, no
+//! shared code), cross-checked against the domain methods the actors use, turned into log
+//! records and folded. After every step: invariant 1 holds and the fold agrees with the
+//! model. At the end, every prefix of the produced log folds to a valid state, and every
+//! record survives the codec.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use stockd::domain::{Line, Status};
+use stockd::fold::{apply, State};
+use stockd::limits::STOCK_MAX;
+use stockd::record::{decode, encode, Record};
+use uuid::Uuid;
+
+const SKUS: [&str; 3] = ["A", "B", "C"];
+
+#[derive(Clone, Debug)]
+enum Op {
+    Create { sku: usize, on_hand: u64 },
+    Replenish { sku: usize, quantity: u64 },
+    Adjust { sku: usize, delta: i64 },
+    Delete { sku: usize },
+    Reserve { lines: Vec<(usize, u64)> },
+    Confirm { res: usize },
+    Cancel { res: usize },
+    Expire { res: usize },
+    Extend { res: usize },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0..3usize, 0..6u64).prop_map(|(sku, on_hand)| Op::Create { sku, on_hand }),
+        (0..3usize, 1..4u64).prop_map(|(sku, quantity)| Op::Replenish { sku, quantity }),
+        (0..3usize, -4..4i64).prop_map(|(sku, delta)| Op::Adjust { sku, delta }),
+        (0..3usize).prop_map(|sku| Op::Delete { sku }),
+        prop::collection::vec((0..3usize, 1..4u64), 1..3).prop_map(|lines| Op::Reserve { lines }),
+        prop::collection::vec((0..3usize, 1..4u64), 1..3).prop_map(|lines| Op::Reserve { lines }),
+        (0..8usize).prop_map(|res| Op::Confirm { res }),
+        (0..8usize).prop_map(|res| Op::Cancel { res }),
+        (0..8usize).prop_map(|res| Op::Expire { res }),
+        (0..8usize).prop_map(|res| Op::Extend { res }),
+    ]
+}
+
+/// The reference model: counters and statuses, nothing else.
+#[derive(Default)]
+struct Model {
+    /// sku → (on_hand, reserved, sold)
+    stock: BTreeMap<&'static str, (u64, u64, u64)>,
+    /// (id, lines, pending)
+    reservations: Vec<(Uuid, Vec<(&'static str, u64)>, bool)>,
+}
+
+impl Model {
+    /// Decides the op; returns the record it produces, if accepted.
+    fn step(&mut self, op: &Op, at: i64) -> Option<Record> {
+        match op {
+            Op::Create { sku, on_hand } => {
+                let sku = SKUS[*sku];
+                if self.stock.contains_key(sku) {
+                    return None;
+                }
+                self.stock.insert(sku, (*on_hand, 0, 0));
+                Some(Record::ProductCreated {
+                    sku: sku.into(),
+                    name: "n".into(),
+                    price: None,
+                    on_hand: *on_hand,
+                    at,
+                })
+            }
+            Op::Replenish { sku, quantity } => {
+                let sku = SKUS[*sku];
+                let s = self.stock.get_mut(sku)?;
+                s.0 += quantity;
+                Some(Record::Replenished {
+                    sku: sku.into(),
+                    quantity: *quantity,
+                    at,
+                })
+            }
+            Op::Adjust { sku, delta } => {
+                let sku = SKUS[*sku];
+                let s = self.stock.get_mut(sku)?;
+                let result = s.0 as i64 + delta;
+                if *delta == 0 || result < s.1 as i64 {
+                    return None;
+                }
+                s.0 = result as u64;
+                Some(Record::Adjusted {
+                    sku: sku.into(),
+                    delta: *delta,
+                    reason: None,
+                    at,
+                })
+            }
+            Op::Delete { sku } => {
+                let sku = SKUS[*sku];
+                let s = self.stock.get(sku)?;
+                if s.1 > 0 {
+                    return None;
+                }
+                self.stock.remove(sku);
+                Some(Record::ProductDeleted {
+                    sku: sku.into(),
+                    at,
+                })
+            }
+            Op::Reserve { lines } => {
+                let mut seen = Vec::new();
+                for (sku, quantity) in lines {
+                    let sku = SKUS[*sku];
+                    let s = self.stock.get(sku)?;
+                    if seen.contains(&sku) || s.0 - s.1 < *quantity {
+                        return None;
+                    }
+                    seen.push(sku);
+                }
+                let lines: Vec<_> = lines.iter().map(|(s, q)| (SKUS[*s], *q)).collect();
+                for (sku, q) in &lines {
+                    self.stock.get_mut(sku).unwrap().1 += q;
+                }
+                let id = Uuid::now_v7();
+                self.reservations.push((id, lines.clone(), true));
+                Some(Record::ReservationCreated {
+                    id,
+                    customer_id: "c".into(),
+                    items: lines
+                        .iter()
+                        .map(|(s, q)| Line {
+                            sku: s.to_string(),
+                            quantity: *q,
+                        })
+                        .collect(),
+                    created_at: at,
+                    expires_at: at + 1000,
+                    idempotency: None,
+                })
+            }
+            Op::Confirm { res } | Op::Cancel { res } | Op::Expire { res } | Op::Extend { res } => {
+                let (id, lines, pending) = self.reservations.get_mut(*res)?;
+                if !*pending {
+                    return None;
+                }
+                let id = *id;
+                if let Op::Extend { .. } = op {
+                    return Some(Record::ReservationExtended {
+                        id,
+                        expires_at: at + 5000,
+                        at,
+                    });
+                }
+                *pending = false;
+                for (sku, q) in lines.iter() {
+                    let s = self.stock.get_mut(sku).unwrap();
+                    s.1 -= q;
+                    if let Op::Confirm { .. } = op {
+                        s.0 -= q;
+                        s.2 += q;
+                    }
+                }
+                Some(match op {
+                    Op::Confirm { .. } => Record::ReservationConfirmed {
+                        id,
+                        order_id: None,
+                        at,
+                    },
+                    Op::Cancel { .. } => Record::ReservationCancelled { id, at },
+                    _ => Record::ReservationExpired { id, at },
+                })
+            }
+        }
+    }
+}
+
+/// The domain methods (what the actors call) must agree with the model's decision.
+fn domain_agrees(state: &State, op: &Op, accepted: bool) -> bool {
+    match op {
+        Op::Adjust { sku, delta } if *delta != 0 => match state.products.get(SKUS[*sku]) {
+            Some(p) => p.check_adjust(*delta).is_ok() == accepted,
+            None => !accepted,
+        },
+        Op::Replenish { sku, quantity } => match state.products.get(SKUS[*sku]) {
+            Some(p) => p.check_replenish(*quantity).is_ok() == accepted,
+            None => !accepted,
+        },
+        Op::Reserve { lines } if lines.len() == 1 => match state.products.get(SKUS[lines[0].0]) {
+            Some(p) => p.clone().hold(lines[0].1).is_ok() == accepted,
+            None => !accepted,
+        },
+        _ => true,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn fold_matches_the_reference_model(ops in prop::collection::vec(op(), 1..80)) {
+        let mut model = Model::default();
+        let mut state = State::default();
+        let mut log = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            let at = 1_000 + i as i64;
+            let record = model.step(op, at);
+            prop_assert!(domain_agrees(&state, op, record.is_some()), "domain disagrees on {op:?}");
+            if let Some(record) = record {
+                apply(&mut state, &record).map_err(|e| TestCaseError::fail(format!("{op:?}: {e}")))?;
+                log.push(record);
+            }
+            prop_assert!(state.invariant_holds());
+            for (sku, (on_hand, reserved, sold)) in &model.stock {
+                let p = &state.products[*sku];
+                prop_assert_eq!((p.on_hand, p.reserved, p.sold), (*on_hand, *reserved, *sold));
+                prop_assert!(p.on_hand <= STOCK_MAX);
+            }
+            prop_assert_eq!(state.products.len(), model.stock.len());
+            let holds = state.pending_holds();
+            for (sku, p) in &state.products {
+                prop_assert_eq!(p.reserved, holds.get(sku).copied().unwrap_or(0));
+            }
+        }
+        // Every prefix of the log folds to a valid state (the log order rule's consequence).
+        let mut prefix = State::default();
+        for record in &log {
+            let decoded = decode(&encode(record));
+            prop_assert_eq!(decoded.as_ref(), Ok(record));
+            apply(&mut prefix, record).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert!(prefix.invariant_holds());
+        }
+        prop_assert!(prefix == state, "prefix fold of the whole log equals the live fold");
+        let pending = model.reservations.iter().filter(|r| r.2).count();
+        prop_assert_eq!(
+            state.reservations.values().filter(|r| r.status == Status::Pending).count(),
+            pending
+        );
+    }
+}
+
+#[test]
+fn a_hold_beyond_stock_is_a_fold_error_not_an_oversell() {
+    let mut state = State::default();
+    apply(
+        &mut state,
+        &Record::ProductCreated {
+            sku: "A".into(),
+            name: "a".into(),
+            price: None,
+            on_hand: 1,
+            at: 0,
+        },
+    )
+    .unwrap();
+    let take = |n: u64| Record::ReservationCreated {
+        id: Uuid::now_v7(),
+        customer_id: "c".into(),
+        items: vec![Line {
+            sku: "A".into(),
+            quantity: n,
+        }],
+        created_at: 1,
+        expires_at: 2,
+        idempotency: None,
+    };
+    apply(&mut state, &take(1)).unwrap();
+    assert!(apply(&mut state, &take(1)).is_err());
+}

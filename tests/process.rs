@@ -1,0 +1,301 @@
+//! Tests of the real `stockd` binary: spawned on 127.0.0.1:0, loaded concurrently, killed
+//! with SIGKILL, restarted on the same data directory. Every child is killed on drop, so a
+//! failing test leaves no server behind. Load is bounded in count and time.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{eventually, ChildServer, Client};
+use serde_json::json;
+
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_buyers_get_exactly_the_stock() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::spawn(dir.path(), &[]);
+    let c = server.client.clone();
+    c.create_product("HOT", 50).await;
+    let buyers = 300;
+    let mut tasks = Vec::new();
+    for i in 0..buyers {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            c.reserve(&format!("buyer-{i}"), "HOT", 1)
+                .await
+                .status
+                .as_u16()
+        }));
+    }
+    let mut won = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            201 => won += 1,
+            409 => {}
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(won, 50, "exactly the stock is sold");
+    let p = c.product("HOT").await;
+    assert_eq!(
+        (p["reserved"].as_u64(), p["available"].as_u64()),
+        (Some(50), Some(0))
+    );
+}
+
+/// What a client was told, per reservation.
+#[derive(Clone, Debug)]
+struct Acked {
+    sku: String,
+    quantity: u64,
+    /// The last status a 2xx answer showed.
+    status: &'static str,
+    /// A transition was sent but its answer never came (it may or may not have happened).
+    unsure: bool,
+}
+
+async fn buyer(c: Client, seed: u64, stop_at: Instant, acked: Arc<Mutex<HashMap<String, Acked>>>) {
+    let mut rng = seed | 1;
+    while Instant::now() < stop_at {
+        let sku = ["A", "B", "C"][(xorshift(&mut rng) % 3) as usize];
+        let quantity = 1 + xorshift(&mut rng) % 2;
+        let body = json!({"customer_id": format!("c{seed}"), "items": [{"sku": sku, "quantity": quantity}], "ttl_seconds": 3600});
+        let Ok(a) = c
+            .send(
+                reqwest::Method::POST,
+                "/v1/reservations",
+                Some(&body.to_string()),
+                &[],
+            )
+            .await
+        else {
+            return; // the server is gone
+        };
+        if a.status != 201 {
+            continue;
+        }
+        let id = a.body["id"].as_str().unwrap().to_string();
+        acked.lock().unwrap().insert(
+            id.clone(),
+            Acked {
+                sku: sku.to_string(),
+                quantity,
+                status: "pending",
+                unsure: false,
+            },
+        );
+        let (action, status) = match xorshift(&mut rng) % 3 {
+            0 => ("confirm", "confirmed"),
+            1 => ("cancel", "cancelled"),
+            _ => continue,
+        };
+        acked.lock().unwrap().get_mut(&id).unwrap().unsure = true;
+        let path = format!("/v1/reservations/{id}/{action}");
+        match c.send(reqwest::Method::POST, &path, Some("{}"), &[]).await {
+            Ok(a) if a.status == 200 => {
+                let mut acked = acked.lock().unwrap();
+                let entry = acked.get_mut(&id).unwrap();
+                entry.status = status;
+                entry.unsure = false;
+            }
+            Ok(a) => panic!("{action} answered {}: {:?}", a.status, a.body),
+            Err(_) => return,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ChildServer::spawn(dir.path(), &[]);
+    let c = server.client.clone();
+    let initial = 400u64;
+    for sku in ["A", "B", "C"] {
+        c.create_product(sku, initial).await;
+    }
+    let acked = Arc::new(Mutex::new(HashMap::new()));
+    let stop_at = Instant::now() + Duration::from_secs(5);
+    let mut workers = Vec::new();
+    for seed in 0..32u64 {
+        workers.push(tokio::spawn(buyer(
+            c.clone(),
+            seed * 7919 + 1,
+            stop_at,
+            acked.clone(),
+        )));
+    }
+    // Kill in the middle of the load.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    server.kill9();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 20,
+        "the load made progress before the kill ({})",
+        acked.len()
+    );
+
+    let restart = Instant::now();
+    let server = ChildServer::spawn(dir.path(), &[]);
+    let restart_ms = restart.elapsed().as_millis();
+    eprintln!(
+        "restart to serving after kill -9: {restart_ms} ms ({} acknowledged reservations)",
+        acked.len()
+    );
+    let c = server.client.clone();
+    let mut sold_at_least: HashMap<&str, u64> = HashMap::new();
+    let mut held_at_least: HashMap<&str, u64> = HashMap::new();
+    for (id, a) in &acked {
+        let r = c.get(&format!("/v1/reservations/{id}")).await;
+        assert_eq!(r.status, 200, "acknowledged reservation {id} survived");
+        let status = r.body["status"].as_str().unwrap();
+        if a.unsure {
+            assert!(
+                status == "pending" || status == "confirmed" || status == "cancelled",
+                "{status}"
+            );
+        } else {
+            assert_eq!(status, a.status, "reservation {id}");
+        }
+        let sku = a.sku.as_str();
+        match status {
+            "confirmed" => *sold_at_least.entry(sku).or_default() += a.quantity,
+            "pending" => *held_at_least.entry(sku).or_default() += a.quantity,
+            _ => {}
+        }
+    }
+    for sku in ["A", "B", "C"] {
+        let p = c.product(sku).await;
+        let (on_hand, reserved, sold) = (
+            p["on_hand"].as_u64().unwrap(),
+            p["reserved"].as_u64().unwrap(),
+            p["sold"].as_u64().unwrap(),
+        );
+        assert!(reserved <= on_hand, "never oversold: {p}");
+        assert_eq!(on_hand + sold, initial, "units are conserved: {p}");
+        assert!(sold >= sold_at_least.get(sku).copied().unwrap_or(0), "{p}");
+        assert!(
+            reserved >= held_at_least.get(sku).copied().unwrap_or(0),
+            "{p}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_second_ttl_expires_while_running_and_while_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ChildServer::spawn(dir.path(), &[]);
+    let c = server.client.clone();
+    c.create_product("A", 2).await;
+    let body =
+        json!({"customer_id": "u", "items": [{"sku": "A", "quantity": 1}], "ttl_seconds": 1});
+    let running = c.post("/v1/reservations", body.clone()).await;
+    assert_eq!(running.status, 201);
+    let client = c.clone();
+    let released = eventually(Duration::from_secs(5), || {
+        let c = client.clone();
+        async move { c.product("A").await["available"] == 2 }
+    })
+    .await;
+    assert!(released, "expired within its deadline plus a second");
+    let id = running.body["id"].as_str().unwrap();
+    assert_eq!(
+        c.get(&format!("/v1/reservations/{id}")).await.body["status"],
+        "expired"
+    );
+
+    // Now one that expires while the server is down.
+    let down = c.post("/v1/reservations", body).await;
+    let id = down.body["id"].as_str().unwrap().to_string();
+    server.kill9();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let server = ChildServer::spawn(dir.path(), &[]);
+    let c = server.client.clone();
+    let p = c.product("A").await;
+    assert_eq!(
+        (p["available"].as_u64(), p["reserved"].as_u64()),
+        (Some(2), Some(0))
+    );
+    assert_eq!(
+        c.get(&format!("/v1/reservations/{id}")).await.body["status"],
+        "expired"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_key_replays_after_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ChildServer::spawn(dir.path(), &[]);
+    let c = server.client.clone();
+    c.create_product("A", 5).await;
+    let body = json!({"customer_id": "u", "items": [{"sku": "A", "quantity": 2}]});
+    let first = c
+        .post_with(
+            "/v1/reservations",
+            body.clone(),
+            &[("idempotency-key", "k-1")],
+        )
+        .await;
+    assert_eq!(first.status, 201);
+    server.kill9();
+    let server = ChildServer::spawn(dir.path(), &[]);
+    let c = server.client.clone();
+    let again = c
+        .post_with("/v1/reservations", body, &[("idempotency-key", "k-1")])
+        .await;
+    assert_eq!(again.status, 201);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.body, first.body);
+    assert_eq!(c.product("A").await["reserved"], 2, "held once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_flushes_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ChildServer::spawn(dir.path(), &["--durability", "async"]);
+    let c = server.client.clone();
+    c.create_product("A", 5).await;
+    assert_eq!(c.reserve("u", "A", 3).await.status, 201);
+    let status = server.terminate().expect("exited");
+    assert!(status.success(), "graceful exit: {status:?}");
+    let server = ChildServer::spawn(dir.path(), &[]);
+    assert_eq!(
+        server.client.product("A").await["reserved"],
+        3,
+        "flushed at shutdown"
+    );
+}
+
+#[test]
+fn help_describes_every_flag() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stockd"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--listen",
+        "--data-dir",
+        "--snapshot-dir",
+        "--default-ttl",
+        "--durability",
+        "STOCKD_LISTEN",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+    }
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_stockd"))
+        .args(["--default-ttl", "0"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+}
