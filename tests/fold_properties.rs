@@ -45,13 +45,16 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// A model reservation: id, lines, still pending.
+type ModelReservation = (Uuid, Vec<(&'static str, u64)>, bool);
+
 /// The reference model: counters and statuses, nothing else.
 #[derive(Default)]
 struct Model {
     /// sku → (on_hand, reserved, sold)
     stock: BTreeMap<&'static str, (u64, u64, u64)>,
     /// (id, lines, pending)
-    reservations: Vec<(Uuid, Vec<(&'static str, u64)>, bool)>,
+    reservations: Vec<ModelReservation>,
 }
 
 impl Model {
