@@ -331,6 +331,15 @@ impl Service {
         outcome.map_err(Error::from)
     }
 
+    /// Test hook: kills the product actor of `sku` as a crash would; the supervisor
+    /// restarts it from the durable state.
+    #[doc(hidden)]
+    pub fn inject_product_kill(&self, sku: &str) {
+        let _ = self
+            .supervisor
+            .cast(SupervisorMsg::KillProduct(sku.to_string()));
+    }
+
     /// Test hook: every later log write fails.
     #[doc(hidden)]
     pub fn inject_log_failure(&self) {

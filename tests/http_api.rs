@@ -856,6 +856,42 @@ async fn a_panicking_product_actor_answers_500_and_keeps_its_state() {
 }
 
 #[tokio::test]
+async fn a_killed_product_actor_is_restarted_from_the_log() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.create_product("A", 5).await;
+    let r = c.reserve("u", "A", 2).await;
+    let before = c.product("A").await;
+    t.service().inject_product_kill("A");
+    let service = t.service().clone();
+    let restarted = eventually(Duration::from_secs(5), || {
+        let service = service.clone();
+        async move { service.stats().await.unwrap().product_restarts == 1 }
+    })
+    .await;
+    assert!(restarted, "the supervisor restarted the actor");
+    assert_eq!(
+        c.product("A").await,
+        before,
+        "from the last acknowledged state"
+    );
+    let id = r.body["id"].as_str().unwrap();
+    assert_eq!(
+        c.post(&format!("/v1/reservations/{id}/confirm"), json!({}))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(c.product("A").await["sold"], 2);
+    assert_eq!(
+        c.get("/health").await.status,
+        200,
+        "the server keeps serving"
+    );
+    t.stop().await;
+}
+
+#[tokio::test]
 async fn an_unwritable_log_refuses_changes_with_503() {
     let t = TestServer::start().await;
     let c = &t.client;

@@ -113,6 +113,9 @@ pub enum SupervisorMsg {
         reason: String,
     },
     Stats(RpcReplyPort<Stats>),
+    /// Test hook: kills a product actor outright (no handler runs), as a crash would.
+    #[doc(hidden)]
+    KillProduct(String),
     /// Shutdown is starting: product actors that stop from now on are not restarted.
     PrepareShutdown(RpcReplyPort<()>),
 }
@@ -337,6 +340,11 @@ impl Actor for Supervisor {
             SupervisorMsg::ProductPanicked { sku, reason } => {
                 state.product_panics += 1;
                 tracing::error!(%sku, %reason, "a product actor recovered from a panic");
+            }
+            SupervisorMsg::KillProduct(sku) => {
+                if let Some(actor) = state.routes.get(&sku) {
+                    actor.kill();
+                }
             }
             SupervisorMsg::PrepareShutdown(reply) => {
                 state.stopping = true;
