@@ -141,7 +141,7 @@ pub fn apply(state: &mut State, record: &Record) -> Result<(), FoldError> {
                 let p = state.product(&line.sku)?;
                 p.hold(line.quantity)
                     .map_err(|_| FoldError::Invariant(line.sku.clone()))?;
-                p.settle_hold(*created_at);
+                p.settle_hold(line.quantity, *created_at);
             }
             let r = Reservation::new(
                 *id,

@@ -35,5 +35,5 @@ pub const REQUESTS_IN_FLIGHT_MAX: usize = 8192;
 pub const LOG_BATCH_RECORDS_MAX: usize = 4096;
 /// How often the supervisor looks for due expiry deadlines.
 pub const EXPIRY_TICK_MS: u64 = 100;
-/// How long a caller waits for an actor's answer before giving up with 503.
-pub const ACTOR_CALL_TIMEOUT_MS: u64 = 10_000;
+/// How long a deleted product's actor keeps answering "not found" before it stops.
+pub const RETIRE_GRACE_MS: u64 = 5_000;

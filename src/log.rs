@@ -88,9 +88,10 @@ impl LogHandle {
         Ticket(rx)
     }
 
-    /// A ticket that resolves once everything queued so far is durable. Used when an
-    /// answer repeats an earlier change (an idempotent replay, a repeated confirm) whose
-    /// own record may still be in flight.
+    /// A ticket that resolves once everything queued so far is durable, with the sequence
+    /// number of the last record queued before it. Used when an answer repeats an earlier
+    /// change (an idempotent replay, a repeated confirm) whose own record may still be in
+    /// flight, and to know exactly which records a read of the log must include.
     pub fn barrier(&self) -> Ticket {
         let (tx, rx) = oneshot::channel();
         if let Err(mpsc::SendError(Command::Barrier(tx))) = self.tx.send(Command::Barrier(tx)) {
@@ -231,7 +232,8 @@ type Waiter = oneshot::Sender<Result<u64, LogError>>;
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Command>) {
         let mut records: Vec<(Record, Option<Waiter>)> = Vec::with_capacity(LOG_BATCH_RECORDS_MAX);
-        let mut barriers: Vec<Waiter> = Vec::new();
+        // Each barrier with the number of this batch's records queued before it.
+        let mut barriers: Vec<(Waiter, u64)> = Vec::new();
         loop {
             let mut shutdown = None;
             // Block for the first command, then take whatever else is already queued.
@@ -252,9 +254,8 @@ impl Writer {
                     let _ = waiter.send(outcome.clone().map(|_| first_seq + i as u64));
                 }
             }
-            let last = self.next_seq - 1;
-            for waiter in barriers.drain(..) {
-                let _ = waiter.send(outcome.clone().map(|_| last));
+            for (waiter, before) in barriers.drain(..) {
+                let _ = waiter.send(outcome.clone().map(|_| first_seq - 1 + before));
             }
             if shutdown.is_some() {
                 return self.finish(shutdown);
@@ -266,12 +267,12 @@ impl Writer {
         &self,
         cmd: Command,
         records: &mut Vec<(Record, Option<Waiter>)>,
-        barriers: &mut Vec<Waiter>,
+        barriers: &mut Vec<(Waiter, u64)>,
         shutdown: &mut Option<Waiter>,
     ) {
         match cmd {
             Command::Append(record, waiter) => records.push((record, waiter)),
-            Command::Barrier(waiter) => barriers.push(waiter),
+            Command::Barrier(waiter) => barriers.push((waiter, records.len() as u64)),
             Command::Shutdown(waiter) => *shutdown = Some(waiter),
         }
     }

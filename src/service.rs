@@ -7,8 +7,6 @@
 //! Callers run mutations on a task of their own (`tokio::spawn`), so a client that hangs
 //! up mid-request cannot strand the holds of a reservation half assembled.
 
-use std::time::Duration;
-
 use ractor::rpc::CallResult;
 use ractor::{ActorRef, Message, RpcReplyPort};
 use uuid::Uuid;
@@ -19,17 +17,14 @@ use crate::clock::SharedClock;
 use crate::config::Durability;
 use crate::domain::{Line, Price, Product, Reservation};
 use crate::error::{Error, Result};
-use crate::limits::ACTOR_CALL_TIMEOUT_MS;
 use crate::log::{LogHandle, Ticket};
 use crate::record::IdempotencyKey;
 
 /// Why an actor call produced no answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AskError {
-    /// The actor is not running (stopped or never started).
+    /// The actor is not running (stopped, or failed and being restarted).
     Gone,
-    /// No answer within `ACTOR_CALL_TIMEOUT_MS`.
-    Timeout,
     /// The actor dropped the reply port: it failed while handling the message.
     Dropped,
 }
@@ -37,24 +32,25 @@ pub enum AskError {
 impl From<AskError> for Error {
     fn from(err: AskError) -> Self {
         match err {
-            AskError::Timeout => Error::Unavailable("the server is overloaded; retry".into()),
-            AskError::Gone | AskError::Dropped => {
-                Error::Internal("the request failed inside the server".into())
-            }
+            AskError::Gone => Error::Unavailable("the product is being restarted; retry".into()),
+            AskError::Dropped => Error::Internal("the request failed inside the server".into()),
         }
     }
 }
 
-/// Calls an actor with a deadline.
+/// Calls an actor and waits for its answer.
+///
+/// There is deliberately no deadline: a call that timed out could still be carried out
+/// afterwards (a hold nobody rolls back, an idempotency key left "in flight"). Our actors
+/// never wait on anything slow, so an answer always comes; load is bounded before it gets
+/// here, by admission control in the HTTP layer.
 pub async fn ask<M: Message, T: Send + 'static>(
     actor: &ActorRef<M>,
     build: impl FnOnce(RpcReplyPort<T>) -> M,
 ) -> std::result::Result<T, AskError> {
-    let timeout = Some(Duration::from_millis(ACTOR_CALL_TIMEOUT_MS));
-    match actor.call(build, timeout).await {
+    match actor.call(build, None).await {
         Ok(CallResult::Success(value)) => Ok(value),
-        Ok(CallResult::Timeout) => Err(AskError::Timeout),
-        Ok(CallResult::SenderError) => Err(AskError::Dropped),
+        Ok(CallResult::Timeout) | Ok(CallResult::SenderError) => Err(AskError::Dropped),
         Err(_) => Err(AskError::Gone),
     }
 }
@@ -138,13 +134,13 @@ impl Service {
         self.route(sku, ProductMsg::Get).await
     }
 
-    /// One page of products after `after`, ordered by SKU, and whether more follow.
+    /// One page of products after `after`, ordered by SKU, and the SKU to continue after.
     pub async fn list_products(
         &self,
         after: Option<String>,
         limit: usize,
-    ) -> Result<(Vec<Product>, bool)> {
-        let (actors, more) = ask(&self.supervisor, |reply| SupervisorMsg::ListProducts {
+    ) -> Result<(Vec<Product>, Option<String>)> {
+        let (actors, next_after) = ask(&self.supervisor, |reply| SupervisorMsg::ListProducts {
             after,
             limit,
             reply,
@@ -157,7 +153,7 @@ impl Service {
                 products.push(p);
             }
         }
-        Ok((products, more))
+        Ok((products, next_after))
     }
 
     pub async fn change_product(
@@ -220,6 +216,7 @@ impl Service {
             }
             return Err(err);
         }
+        let held_by = actors.iter().map(|a| a.get_id()).collect();
         let now = self.clock.now_ms();
         let ttl = request.ttl_seconds.unwrap_or(self.default_ttl_seconds);
         let reservation = Reservation::new(
@@ -230,12 +227,22 @@ impl Service {
             now + (ttl as i64) * 1000,
         );
         let view = reservation.clone();
-        let ticket = ask(&self.supervisor, |reply| SupervisorMsg::Register {
+        let registered = ask(&self.supervisor, |reply| SupervisorMsg::Register {
             reservation,
             idempotency,
+            held_by,
             reply,
         })
-        .await?;
+        .await
+        .map_err(Error::from)
+        .and_then(|r| r);
+        let ticket = match registered {
+            Ok(ticket) => ticket,
+            Err(err) => {
+                unhold(&view.items, &actors);
+                return Err(err);
+            }
+        };
         self.settle(ticket).await?;
         Ok((view, false))
     }
@@ -247,16 +254,10 @@ impl Service {
             let quantity = line.quantity;
             let outcome = match ask(actor, |reply| ProductMsg::Hold { quantity, reply }).await {
                 Ok(result) => result,
-                Err(AskError::Gone) => Err(Error::ProductNotFound {
-                    sku: line.sku.clone(),
-                }),
                 Err(err) => Err(err.into()),
             };
             if let Err(err) = outcome {
-                for (line, actor) in items[..i].iter().zip(actors) {
-                    let quantity = line.quantity;
-                    let _ = actor.cast(ProductMsg::Unhold { quantity });
-                }
+                unhold(&items[..i], actors);
                 return Err(err);
             }
         }
@@ -344,5 +345,14 @@ impl Service {
     #[doc(hidden)]
     pub fn inject_log_failure(&self) {
         self.log.inject_write_failure();
+    }
+}
+
+/// Rolls back holds that never reached the log (lines paired with the actors holding them).
+fn unhold(items: &[Line], actors: &[ActorRef<ProductMsg>]) {
+    for (line, actor) in items.iter().zip(actors) {
+        let quantity = line.quantity;
+        // An actor that is gone took its holds with it.
+        let _ = actor.cast(ProductMsg::Unhold { quantity });
     }
 }

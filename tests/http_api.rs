@@ -904,6 +904,13 @@ async fn an_unwritable_log_refuses_changes_with_503() {
         .await
         .assert_problem(503, "unavailable");
     c.get("/health").await.assert_problem(503, "unavailable");
+    let a = c.get("/v1/products/A").await;
+    a.assert_problem(503, "unavailable");
+    assert_eq!(
+        a.header("retry-after"),
+        Some("1"),
+        "reads refused: memory is not trusted"
+    );
     let mut t = t;
     let server = t.server.take().unwrap();
     assert!(
@@ -932,5 +939,46 @@ async fn async_durability_answers_and_still_logs() {
     assert_eq!(c.reserve("u", "A", 2).await.status, 201);
     let t = t.restart().await;
     assert_eq!(t.client.product("A").await["reserved"], 2);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn patch_semantics_and_skus_named_like_actions() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.create_product("A", 1).await;
+    let patch = |path: &'static str, body: serde_json::Value| {
+        let c = c.clone();
+        async move {
+            c.send(Method::PATCH, path, Some(&body.to_string()), &[])
+                .await
+                .unwrap()
+        }
+    };
+    patch("/v1/products/A", json!({"name": null}))
+        .await
+        .assert_problem(422, "validation_failed");
+    let a = patch(
+        "/v1/products/A",
+        json!({"name": null, "price": {"amount_minor": 5, "currency": "JPY"}}),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body["name"], "Product A", "null name means absent");
+    assert_eq!(a.body["price"]["currency"], "JPY");
+
+    // A SKU may be called "replenish" or "adjust": PATCH on it is still a PATCH.
+    c.create_product("replenish", 4).await;
+    let a = patch("/v1/products/replenish", json!({"name": "odd sku"})).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.body["name"], "odd sku");
+    patch("/v1/products/replenish", json!({"quantity": 5}))
+        .await
+        .assert_problem(422, "validation_failed");
+    assert_eq!(c.product("replenish").await["on_hand"], 4);
+    let a = c
+        .post("/v1/products/replenish/replenish", json!({"quantity": 5}))
+        .await;
+    assert_eq!(a.body["on_hand"], 9);
     t.stop().await;
 }

@@ -13,6 +13,7 @@
 //! supervisor is told. The actor then goes on serving from the restored state.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
@@ -20,6 +21,7 @@ use crate::actors::supervisor::SupervisorMsg;
 use crate::clock::{Millis, SharedClock};
 use crate::domain::{Price, Product, StockError};
 use crate::error::Error;
+use crate::limits::RETIRE_GRACE_MS;
 use crate::log::{LogHandle, Ticket};
 use crate::record::Record;
 
@@ -52,6 +54,7 @@ pub enum ProductMsg {
     },
     /// The reservation holding these units is registered and logged.
     SettleHold {
+        quantity: u64,
         at: Millis,
     },
     /// A pending reservation was cancelled or expired (its record is already queued).
@@ -73,31 +76,47 @@ pub enum ProductMsg {
         if_match: Option<u64>,
         reply: RpcReplyPort<Result<Ticket, Error>>,
     },
+    /// Stop now (sent after a grace period once deleted, so that messages already on
+    /// their way are answered "not found" rather than dropped).
+    Retire,
     /// Test hook: panics inside the actor, to exercise recovery from a failed message.
     #[doc(hidden)]
     Crash(RpcReplyPort<()>),
 }
 
+/// Messages that carry a stock effect decided elsewhere (their records are already
+/// queued): they must reach the product's actor, even one being restarted.
+pub fn is_stock_effect(msg: &ProductMsg) -> bool {
+    matches!(
+        msg,
+        ProductMsg::SettleHold { .. } | ProductMsg::Release { .. } | ProductMsg::Commit { .. }
+    )
+}
+
 impl ProductMsg {
     /// Answers a message addressed to a product that does not exist.
     pub fn reply_not_found(self, sku: &str) {
-        let err = || Error::ProductNotFound {
+        self.reply_err(Error::ProductNotFound {
             sku: sku.to_string(),
-        };
+        });
+    }
+
+    /// Answers a message with an error (messages without a reply port are dropped, which is
+    /// only correct for those without a stock effect).
+    pub fn reply_err(self, err: Error) {
         match self {
-            ProductMsg::Get(reply) => drop(reply.send(Err(err()))),
-            ProductMsg::Hold { reply, .. } => drop(reply.send(Err(err()))),
-            ProductMsg::Change { reply, .. } => drop(reply.send(Err(err()))),
-            ProductMsg::Delete { reply, .. } => drop(reply.send(Err(err()))),
-            ProductMsg::Crash(_) => {}
-            // Holds, settles, releases and commits are only sent for products that hold
-            // reserved units, which cannot be deleted: reaching here is a bug.
-            ProductMsg::Unhold { .. }
-            | ProductMsg::SettleHold { .. }
+            ProductMsg::Get(reply) => drop(reply.send(Err(err))),
+            ProductMsg::Hold { reply, .. } => drop(reply.send(Err(err))),
+            ProductMsg::Change { reply, .. } => drop(reply.send(Err(err))),
+            ProductMsg::Delete { reply, .. } => drop(reply.send(Err(err))),
+            ProductMsg::Crash(_) | ProductMsg::Retire | ProductMsg::Unhold { .. } => {}
+            // Settles, releases and commits are only sent for products that hold reserved
+            // units, which cannot be deleted: reaching here is a bug.
+            ProductMsg::SettleHold { .. }
             | ProductMsg::Release { .. }
             | ProductMsg::Commit { .. } => {
-                tracing::error!(sku, "stock message for a product that does not exist");
-                debug_assert!(false, "stock message for missing product {sku}");
+                tracing::error!(error = %err, "stock effect for a product without an actor");
+                debug_assert!(false, "stock effect lost: {err}");
             }
         }
     }
@@ -139,7 +158,11 @@ impl Actor for ProductActor {
         state: &mut ProductState,
     ) -> Result<(), ActorProcessingErr> {
         if state.deleted {
-            msg.reply_not_found(&state.product.sku);
+            if let ProductMsg::Retire = msg {
+                myself.stop(Some("deleted".into()));
+            } else {
+                msg.reply_not_found(&state.product.sku);
+            }
             return Ok(());
         }
         let before = state.product.clone();
@@ -148,7 +171,11 @@ impl Actor for ProductActor {
             Ok(Processed::Continue) => {}
             Ok(Processed::Deleted) => {
                 state.deleted = true;
-                myself.stop(Some("deleted".into()));
+                // Requests that looked up this actor before the supervisor dropped its route
+                // may still be on their way: answer them "not found" for a while, then stop.
+                myself.send_after(Duration::from_millis(RETIRE_GRACE_MS), || {
+                    ProductMsg::Retire
+                });
             }
             Err(panic) => {
                 let reason = panic_message(panic.as_ref());
@@ -185,7 +212,7 @@ impl ProductActor {
                 let _ = reply.send(result);
             }
             ProductMsg::Unhold { quantity } => p.unhold(quantity),
-            ProductMsg::SettleHold { at } => p.settle_hold(at),
+            ProductMsg::SettleHold { quantity, at } => p.settle_hold(quantity, at),
             ProductMsg::Release { quantity, at } => p.release(quantity, at),
             ProductMsg::Commit { quantity, at } => p.commit(quantity, at),
             ProductMsg::Change {
@@ -204,6 +231,7 @@ impl ProductActor {
                     return Processed::Deleted;
                 }
             }
+            ProductMsg::Retire => {} // only acted on once deleted
             ProductMsg::Crash(_reply) => panic!("injected panic in product actor {}", p.sku),
         }
         Processed::Continue
@@ -247,7 +275,7 @@ impl ProductActor {
     }
 
     fn delete(&self, p: &Product) -> Result<Ticket, Error> {
-        if p.reserved > 0 {
+        if p.reserved > 0 || p.holding > 0 {
             return Err(Error::ProductHasReservations { sku: p.sku.clone() });
         }
         Ok(self.log.append(Record::ProductDeleted {

@@ -33,7 +33,7 @@ use ractor::{
 };
 use uuid::Uuid;
 
-use crate::actors::product::{ProductActor, ProductMsg};
+use crate::actors::product::{is_stock_effect, ProductActor, ProductMsg};
 use crate::clock::{Millis, SharedClock};
 use crate::domain::{Price, Product, Reservation, Status};
 use crate::error::Error;
@@ -66,10 +66,11 @@ pub enum SupervisorMsg {
         sku: String,
         msg: ProductMsg,
     },
+    /// One page of product actors after `after`, and the SKU to continue after (if more).
     ListProducts {
         after: Option<String>,
         limit: usize,
-        reply: RpcReplyPort<(Vec<ActorRef<ProductMsg>>, bool)>,
+        reply: RpcReplyPort<(Vec<ActorRef<ProductMsg>>, Option<String>)>,
     },
     DeleteProduct {
         sku: String,
@@ -83,10 +84,13 @@ pub enum SupervisorMsg {
     },
     /// The holds of a reservation failed: forget its in-flight idempotency key.
     AbortIdempotency(IdempotencyKey),
+    /// Log and keep a reservation whose lines are held by the actors `held_by` (refused if
+    /// any of them has been replaced since: its holds died with it).
     Register {
         reservation: Reservation,
         idempotency: Option<Idempotency>,
-        reply: RpcReplyPort<Ticket>,
+        held_by: Vec<ActorId>,
+        reply: RpcReplyPort<Result<Ticket, Error>>,
     },
     GetReservation {
         id: Uuid,
@@ -111,6 +115,11 @@ pub enum SupervisorMsg {
     ProductPanicked {
         sku: String,
         reason: String,
+    },
+    /// A failed product's state was rebuilt from the log (or could not be).
+    ProductRecovered {
+        sku: String,
+        result: Result<Option<Product>, String>,
     },
     Stats(RpcReplyPort<Stats>),
     /// Test hook: kills a product actor outright (no handler runs), as a crash would.
@@ -152,6 +161,10 @@ pub struct SupervisorState {
     idempotency_order: VecDeque<(Millis, IdempotencyKey)>,
     /// Keys whose first request is still being served.
     in_flight: HashMap<IdempotencyKey, Vec<u8>>,
+    /// Products whose actor failed and is being rebuilt from the log, with the stock
+    /// effects that arrived meanwhile (delivered, in order, to the new actor). Requests
+    /// for them answer 503 until then; an entry stays if the rebuild failed.
+    restarting: HashMap<String, Vec<ProductMsg>>,
     pending: usize,
     product_panics: u64,
     product_restarts: u64,
@@ -180,6 +193,7 @@ impl Actor for Supervisor {
             deadlines: BinaryHeap::new(),
             idempotency_order: VecDeque::new(),
             in_flight: HashMap::new(),
+            restarting: HashMap::new(),
             pending: 0,
             product_panics: 0,
             product_restarts: 0,
@@ -250,14 +264,13 @@ impl Actor for Supervisor {
                     .await;
                 let _ = reply.send(result);
             }
-            SupervisorMsg::Route { sku, msg } => match state.routes.get(&sku) {
-                Some(actor) => {
-                    if let Err(ractor::MessagingErr::SendErr(msg)) = actor.send_message(msg) {
-                        msg.reply_not_found(&sku);
-                    }
+            SupervisorMsg::Route { sku, msg } => {
+                if state.restarting.contains_key(&sku) {
+                    msg.reply_err(restarting(&sku));
+                } else {
+                    self.send_to_product(state, &sku, msg);
                 }
-                None => msg.reply_not_found(&sku),
-            },
+            }
             SupervisorMsg::ListProducts {
                 after,
                 limit,
@@ -271,11 +284,12 @@ impl Actor for Supervisor {
                     .routes
                     .range((start, Bound::Unbounded))
                     .take(limit + 1)
-                    .map(|(_, actor)| actor.clone())
                     .collect();
                 let more = page.len() > limit;
                 page.truncate(limit);
-                let _ = reply.send((page, more));
+                let next_after = more.then(|| page.last().map(|(sku, _)| (*sku).clone()));
+                let actors = page.into_iter().map(|(_, a)| a.clone()).collect();
+                let _ = reply.send((actors, next_after.flatten()));
             }
             SupervisorMsg::DeleteProduct {
                 sku,
@@ -299,9 +313,10 @@ impl Actor for Supervisor {
             SupervisorMsg::Register {
                 reservation,
                 idempotency,
+                held_by,
                 reply,
             } => {
-                let _ = reply.send(self.register(state, reservation, idempotency));
+                let _ = reply.send(self.register(state, reservation, idempotency, held_by));
             }
             SupervisorMsg::GetReservation { id, reply } => {
                 let now = self.clock.now_ms();
@@ -336,6 +351,9 @@ impl Actor for Supervisor {
                 if let Some(reply) = reply {
                     let _ = reply.send(self.log.barrier());
                 }
+            }
+            SupervisorMsg::ProductRecovered { sku, result } => {
+                self.finish_restart(&myself, state, sku, result).await?;
             }
             SupervisorMsg::ProductPanicked { sku, reason } => {
                 state.product_panics += 1;
@@ -395,8 +413,13 @@ impl Actor for Supervisor {
         }
         state.routes.remove(&sku);
         tracing::error!(%sku, %reason, "product actor stopped unexpectedly; restarting it from the log");
-        self.restart_product(&myself, state, &sku, cell).await
+        self.begin_restart(&myself, state, sku, cell);
+        Ok(())
     }
+}
+
+fn restarting(sku: &str) -> Error {
+    Error::Unavailable(format!("product {sku} is being restarted; retry"))
 }
 
 fn not_found(id: Uuid) -> Error {
@@ -448,6 +471,9 @@ impl Supervisor {
         price: Option<Price>,
         on_hand: u64,
     ) -> Result<(Product, Ticket), Error> {
+        if state.restarting.contains_key(&sku) {
+            return Err(restarting(&sku));
+        }
         if state.routes.contains_key(&sku) {
             return Err(Error::SkuExists { sku });
         }
@@ -473,47 +499,87 @@ impl Supervisor {
         sku: &str,
         if_match: Option<u64>,
     ) -> Result<Ticket, Error> {
-        let actor = state
-            .routes
-            .get(sku)
-            .cloned()
-            .ok_or_else(|| Error::ProductNotFound {
-                sku: sku.to_string(),
-            })?;
-        // Awaiting a product actor here is safe: product actors never wait on us.
-        let ticket = crate::service::ask(&actor, |reply| ProductMsg::Delete { if_match, reply })
-            .await
-            .map_err(|_| Error::ProductNotFound {
-                sku: sku.to_string(),
-            })??;
+        if state.restarting.contains_key(sku) {
+            return Err(restarting(sku));
+        }
+        let not_found = || Error::ProductNotFound {
+            sku: sku.to_string(),
+        };
+        let actor = state.routes.get(sku).cloned().ok_or_else(not_found)?;
+        // Awaiting a product actor here is safe and short: product actors never wait.
+        let asked = crate::service::ask(&actor, |reply| ProductMsg::Delete { if_match, reply });
+        let ticket = match asked.await {
+            Ok(result) => result?,
+            Err(crate::service::AskError::Gone) => return Err(not_found()),
+            Err(err) => return Err(err.into()),
+        };
         state.routes.remove(sku);
         Ok(ticket)
     }
 
-    async fn restart_product(
+    /// Starts rebuilding a failed product from the log, off this actor's mailbox. The
+    /// barrier marks exactly which records the rebuilt state includes: stock effects sent
+    /// from now on are buffered and delivered to the new actor.
+    fn begin_restart(
         &self,
         myself: &ActorRef<SupervisorMsg>,
         state: &mut SupervisorState,
-        sku: &str,
+        sku: String,
         _dead: ActorCell,
+    ) {
+        state.restarting.insert(sku.clone(), Vec::new());
+        let barrier = self.log.barrier();
+        let reader = self.reader.clone();
+        let myself = myself.clone();
+        tokio::spawn(async move {
+            let result = match barrier.durable().await {
+                Ok(last) => {
+                    let sku = sku.clone();
+                    tokio::task::spawn_blocking(move || {
+                        crate::recovery::fold_log_until(&reader, last)
+                            .map(|r| r.state.products.get(&sku).cloned())
+                            .map_err(|e| e.to_string())
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r)
+                }
+                Err(err) => Err(err.to_string()),
+            };
+            let _ = myself.cast(SupervisorMsg::ProductRecovered { sku, result });
+        });
+    }
+
+    async fn finish_restart(
+        &self,
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+        sku: String,
+        result: Result<Option<Product>, String>,
     ) -> Result<(), ActorProcessingErr> {
-        // Everything queued before the failure must be on disk before we read it back.
-        if let Err(err) = self.log.barrier().durable().await {
-            tracing::error!(%sku, error = %err, "cannot restart product: the log is unavailable");
-            return Ok(());
-        }
-        let durable = match crate::recovery::fold_log(&self.reader).map(|r| r.state) {
-            Ok(durable) => durable,
+        let product = match result {
+            Ok(Some(product)) => product,
+            Ok(None) => {
+                // Not in the log (its creation never became durable): nothing to restart.
+                state.restarting.remove(&sku);
+                return Ok(());
+            }
             Err(err) => {
-                tracing::error!(%sku, error = %err, "cannot restart product: the log cannot be read");
+                // The product stays "restarting": its requests answer 503 rather than
+                // risk serving (or re-creating) it from a state we could not rebuild.
+                tracing::error!(%sku, error = %err, "cannot rebuild the product from the log");
                 return Ok(());
             }
         };
-        if let Some(product) = durable.products.get(sku).cloned() {
-            self.spawn_product(myself, state, product).await?;
-            state.product_restarts += 1;
-            tracing::warn!(%sku, "product actor restarted from the durable state");
+        let buffered = state.restarting.remove(&sku).unwrap_or_default();
+        let actor = self.spawn_product(myself, state, product).await?;
+        for msg in buffered {
+            if actor.send_message(msg).is_err() {
+                tracing::error!(%sku, "restarted product actor stopped at once");
+            }
         }
+        state.product_restarts += 1;
+        tracing::warn!(%sku, "product actor restarted from its last acknowledged state");
         Ok(())
     }
 
@@ -548,6 +614,9 @@ impl Supervisor {
         }
         let mut actors = Vec::with_capacity(skus.len());
         for sku in skus {
+            if state.restarting.contains_key(&sku) {
+                return Err(restarting(&sku));
+            }
             match state.routes.get(&sku) {
                 Some(actor) => actors.push(actor.clone()),
                 None => return Err(Error::ProductNotFound { sku }),
@@ -564,8 +633,21 @@ impl Supervisor {
         state: &mut SupervisorState,
         reservation: Reservation,
         idempotency: Option<Idempotency>,
-    ) -> Ticket {
+        held_by: Vec<ActorId>,
+    ) -> Result<Ticket, Error> {
         debug_assert_eq!(reservation.status, Status::Pending);
+        debug_assert_eq!(reservation.items.len(), held_by.len());
+        let replaced = reservation
+            .items
+            .iter()
+            .zip(&held_by)
+            .find(|(line, id)| state.routes.get(&line.sku).map(|a| a.get_id()) != Some(**id));
+        if let Some((line, _)) = replaced {
+            if let Some((key, _)) = &idempotency {
+                state.in_flight.remove(key);
+            }
+            return Err(restarting(&line.sku));
+        }
         let id = reservation.id;
         let at = reservation.created_at;
         if let Some((key, fingerprint)) = &idempotency {
@@ -590,20 +672,35 @@ impl Supervisor {
             idempotency,
         });
         for line in &reservation.items {
-            self.send_stock(state, &line.sku, ProductMsg::SettleHold { at });
+            let quantity = line.quantity;
+            self.send_stock(state, &line.sku, ProductMsg::SettleHold { quantity, at });
         }
         state.deadlines.push(Reverse((reservation.expires_at, id)));
         state.pending += 1;
         state.reservations.insert(id, reservation);
-        ticket
+        Ok(ticket)
     }
 
-    /// Sends a stock message for a product that holds reserved units (so exists).
-    fn send_stock(&self, state: &SupervisorState, sku: &str, msg: ProductMsg) {
+    /// Sends a stock effect (whose record is already queued) to a product that holds
+    /// reserved units, so exists; buffered while the product is being restarted.
+    fn send_stock(&self, state: &mut SupervisorState, sku: &str, msg: ProductMsg) {
+        debug_assert!(is_stock_effect(&msg));
+        if let Some(buffer) = state.restarting.get_mut(sku) {
+            buffer.push(msg);
+            return;
+        }
+        self.send_to_product(state, sku, msg);
+    }
+
+    /// Sends to a product's actor. A message for an actor that has just failed is answered
+    /// with 503; a stock effect is then recovered from the log by the restart.
+    fn send_to_product(&self, state: &SupervisorState, sku: &str, msg: ProductMsg) {
         match state.routes.get(sku) {
             Some(actor) => {
-                if actor.send_message(msg).is_err() {
-                    tracing::error!(%sku, "product actor gone while it holds reserved units");
+                if let Err(ractor::MessagingErr::SendErr(msg)) = actor.send_message(msg) {
+                    if !is_stock_effect(&msg) {
+                        msg.reply_err(restarting(sku));
+                    }
                 }
             }
             None => msg.reply_not_found(sku),

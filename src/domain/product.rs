@@ -25,9 +25,12 @@ pub struct Product {
     pub price: Option<Price>,
     /// Units physically in stock, including those held by pending reservations.
     pub on_hand: u64,
-    /// Units held by pending reservations (and, briefly, by holds of a reservation that is
-    /// still being assembled: see `hold`).
+    /// Units held by pending (registered, logged) reservations.
     pub reserved: u64,
+    /// Units held for reservations still being assembled (see `hold`): unavailable to
+    /// others, but not yet a logged change, so not yet in `reserved` or the version.
+    /// Always 0 in a state folded from the log.
+    pub holding: u64,
     /// Units moved out of `on_hand` by confirmed reservations, cumulative.
     pub sold: u64,
     /// Increases by one on every logged change; the HTTP `ETag`.
@@ -59,6 +62,7 @@ impl Product {
             price,
             on_hand,
             reserved: 0,
+            holding: 0,
             sold: 0,
             version: 1,
             created_at: at,
@@ -68,15 +72,24 @@ impl Product {
         product
     }
 
-    /// Units that can still be reserved.
+    /// Units not held by registered reservations (`on_hand − reserved`, as shown to clients).
     pub fn available(&self) -> u64 {
         debug_assert!(self.reserved <= self.on_hand);
         self.on_hand - self.reserved
     }
 
-    /// Invariant 1: `0 <= reserved <= on_hand <= STOCK_MAX`.
+    /// Units that a new hold can take: also excludes holds still being assembled.
+    pub fn holdable(&self) -> u64 {
+        debug_assert!(self.reserved + self.holding <= self.on_hand);
+        self.on_hand - self.reserved - self.holding
+    }
+
+    /// Invariant 1: `0 <= reserved (+ holds being assembled) <= on_hand <= STOCK_MAX`.
     pub fn invariant_holds(&self) -> bool {
-        self.reserved <= self.on_hand && self.on_hand <= STOCK_MAX
+        self.reserved
+            .checked_add(self.holding)
+            .is_some_and(|held| held <= self.on_hand)
+            && self.on_hand <= STOCK_MAX
     }
 
     fn touch(&mut self, at: Millis) {
@@ -85,28 +98,34 @@ impl Product {
         debug_assert!(self.invariant_holds(), "invariant 1 broken: {self:?}");
     }
 
-    /// Takes `quantity` units for a reservation being assembled. The version does not move
-    /// yet: a hold becomes a logged change only when its reservation is registered
-    /// (`settle_hold`); a hold that is rolled back (`unhold`) never reaches the log.
+    /// Takes `quantity` units for a reservation being assembled: from now on no one else
+    /// can hold them. The view (`reserved`, `version`) does not move yet: a hold becomes a
+    /// logged change only when its reservation is registered (`settle_hold`); a hold that
+    /// is rolled back (`unhold`) never reaches the log and never shows.
     pub fn hold(&mut self, quantity: u64) -> Result<(), StockError> {
-        if quantity > self.available() {
+        if quantity > self.holdable() {
             return Err(StockError::Insufficient {
-                available: self.available(),
+                available: self.holdable(),
             });
         }
-        self.reserved += quantity;
+        self.holding += quantity;
         debug_assert!(self.invariant_holds());
         Ok(())
     }
 
     /// Rolls back a hold that never reached the log.
     pub fn unhold(&mut self, quantity: u64) {
-        debug_assert!(quantity <= self.reserved);
-        self.reserved -= quantity.min(self.reserved);
+        debug_assert!(quantity <= self.holding);
+        self.holding -= quantity.min(self.holding);
     }
 
-    /// Marks a hold as part of a registered (logged) reservation.
-    pub fn settle_hold(&mut self, at: Millis) {
+    /// The reservation holding `quantity` units is registered (logged): the hold becomes
+    /// part of `reserved`.
+    pub fn settle_hold(&mut self, quantity: u64, at: Millis) {
+        debug_assert!(quantity <= self.holding);
+        let quantity = quantity.min(self.holding);
+        self.holding -= quantity;
+        self.reserved += quantity;
         self.touch(at);
     }
 
@@ -152,9 +171,9 @@ impl Product {
     /// (reserved units cannot be written off) and stay within `STOCK_MAX`.
     pub fn check_adjust(&self, delta: i64) -> Result<(), StockError> {
         let result = i128::from(self.on_hand) + i128::from(delta);
-        if result < i128::from(self.reserved) {
+        if result < i128::from(self.reserved + self.holding) {
             return Err(StockError::Insufficient {
-                available: self.available(),
+                available: self.holdable(),
             });
         }
         if result > i128::from(STOCK_MAX) {
@@ -165,8 +184,10 @@ impl Product {
 
     pub fn adjust(&mut self, delta: i64, at: Millis) {
         debug_assert!(self.check_adjust(delta).is_ok());
-        let result = (i128::from(self.on_hand) + i128::from(delta))
-            .clamp(i128::from(self.reserved), i128::from(STOCK_MAX));
+        let result = (i128::from(self.on_hand) + i128::from(delta)).clamp(
+            i128::from(self.reserved + self.holding),
+            i128::from(STOCK_MAX),
+        );
         self.on_hand = result as u64;
         self.touch(at);
     }
@@ -197,16 +218,28 @@ mod tests {
         assert_eq!(p.hold(3), Err(StockError::Insufficient { available: 2 }));
         assert_eq!(p, product(2));
         p.hold(2).unwrap();
-        assert_eq!(p.available(), 0);
-        assert_eq!(p.version, 1, "a hold is not a logged change until settled");
-        p.settle_hold(5);
-        assert_eq!((p.version, p.updated_at), (2, 5));
+        assert_eq!(p.holdable(), 0);
+        assert_eq!(p.hold(1), Err(StockError::Insufficient { available: 0 }));
+        assert_eq!(
+            (p.reserved, p.available(), p.version),
+            (0, 2, 1),
+            "a hold is not a visible change until settled"
+        );
+        p.settle_hold(2, 5);
+        assert_eq!(
+            (p.reserved, p.holding, p.version, p.updated_at),
+            (2, 0, 2, 5)
+        );
+        p.hold(0).unwrap();
+        p.unhold(0);
+        assert_eq!(p.version, 2);
     }
 
     #[test]
     fn commit_moves_units_from_reserved_to_sold() {
         let mut p = product(5);
         p.hold(2).unwrap();
+        p.settle_hold(2, 1);
         p.commit(2, 1);
         assert_eq!((p.on_hand, p.reserved, p.sold), (3, 0, 2));
     }
@@ -215,6 +248,7 @@ mod tests {
     fn adjust_cannot_write_off_reserved_units() {
         let mut p = product(5);
         p.hold(3).unwrap();
+        p.settle_hold(3, 1);
         assert_eq!(
             p.check_adjust(-3),
             Err(StockError::Insufficient { available: 2 })

@@ -194,18 +194,18 @@ pub fn create_product(body: &Value) -> Result<CreateProduct> {
 /// `PATCH /v1/products/{sku}`: `price: null` clears the price.
 pub fn patch_product(body: &Value) -> Result<Change> {
     let obj = Obj::new(body, "", &["name", "price"])?;
-    if obj.map.is_empty() {
-        return Err(Problem::invalid("body", "give name and/or price to change"));
-    }
-    let name = match obj.map.get("name") {
-        None => None,
-        Some(v) => Some(string(v, "name", NAME_CHARS_MAX)?.to_string()),
-    };
+    let name = obj
+        .opt("name")
+        .map(|v| string(v, "name", NAME_CHARS_MAX).map(str::to_string))
+        .transpose()?;
     let price = match obj.map.get("price") {
         None => None,
         Some(Value::Null) => Some(None),
         Some(v) => Some(Some(price(v, "price")?)),
     };
+    if name.is_none() && price.is_none() {
+        return Err(Problem::invalid("body", "give name and/or price to change"));
+    }
     Ok(Change::Patch { name, price })
 }
 

@@ -153,19 +153,19 @@ async fn run(app: &App, endpoint: Endpoint, request: Request) -> Reply {
 async fn serve(app: &App, endpoint: Endpoint, req: &Request) -> Result<Reply> {
     use Endpoint::*;
     let svc = &app.service;
+    if !svc.log_healthy() {
+        // Memory may hold changes that were refused (503) and will not survive a restart:
+        // answer nothing from it, reads included, until the operator restarts the server.
+        return Err(Problem::new(
+            503,
+            "unavailable",
+            "the write-ahead log cannot be written; restart the server once storage is fixed",
+        )
+        .header(header::RETRY_AFTER, "1"));
+    }
     let body = || input::json_body(&req.headers, &req.body);
     match endpoint {
-        Health => {
-            if svc.log_healthy() {
-                Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
-            } else {
-                Err(Problem::new(
-                    503,
-                    "unavailable",
-                    "the write-ahead log cannot be written",
-                ))
-            }
-        }
+        Health => Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
         CreateProduct => {
             let input = input::create_product(&input::required(body()?)?)?;
             let p = svc
@@ -181,15 +181,10 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request) -> Result<Reply> {
         }
         ListProducts => {
             let (limit, after) = input::page(&req.query)?;
-            let (products, more) = svc.list_products(after, limit).await?;
-            let next_after = if more {
-                products.last().map(|p| p.sku.as_str())
-            } else {
-                None
-            };
+            let (products, next_after) = svc.list_products(after, limit).await?;
             let page = PageView {
                 items: products.iter().map(ProductView::from).collect(),
-                next_after,
+                next_after: next_after.as_deref(),
             };
             Ok(json(StatusCode::OK, &page))
         }
@@ -197,18 +192,9 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request) -> Result<Reply> {
             let sku = known_sku(sku)?;
             Ok(product(StatusCode::OK, &svc.get_product(&sku).await?))
         }
-        PatchProduct(sku) | Replenish(sku) | Adjust(sku) => {
-            let sku = known_sku(sku)?;
-            let if_match = input::if_match(&req.headers)?;
-            let value: Value = input::required(body()?)?;
-            let change = match &req.path {
-                p if p.ends_with("/replenish") => input::replenish(&value)?,
-                p if p.ends_with("/adjust") => input::adjust(&value)?,
-                _ => input::patch_product(&value)?,
-            };
-            let p = svc.change_product(&sku, change, if_match).await?;
-            Ok(product(StatusCode::OK, &p))
-        }
+        PatchProduct(sku) => change(svc, req, sku, input::patch_product).await,
+        Replenish(sku) => change(svc, req, sku, input::replenish).await,
+        Adjust(sku) => change(svc, req, sku, input::adjust).await,
         DeleteProduct(sku) => {
             let sku = known_sku(sku)?;
             let if_match = input::if_match(&req.headers)?;
@@ -259,6 +245,23 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request) -> Result<Reply> {
             reservation(&svc.extend(id, ttl).await?)
         }
     }
+}
+
+/// PATCH, replenish and adjust: a product change with `If-Match`.
+async fn change(
+    svc: &crate::service::Service,
+    req: &Request,
+    sku: String,
+    parse: fn(&Value) -> Result<crate::actors::product::Change>,
+) -> Result<Reply> {
+    let sku = known_sku(sku)?;
+    let if_match = input::if_match(&req.headers)?;
+    let change = parse(&input::required(input::json_body(
+        &req.headers,
+        &req.body,
+    )?)?)?;
+    let p = svc.change_product(&sku, change, if_match).await?;
+    Ok(product(StatusCode::OK, &p))
 }
 
 /// A SKU from the path: one that cannot exist is simply not found.
