@@ -332,6 +332,25 @@ impl Service {
         outcome.map_err(Error::from)
     }
 
+    /// Test hook: the next message the product actor of `sku` handles panics.
+    #[doc(hidden)]
+    pub fn arm_product_panic(&self, sku: &str) {
+        let msg = ProductMsg::ArmPanic;
+        let _ = self.supervisor.cast(SupervisorMsg::Route {
+            sku: sku.to_string(),
+            msg,
+        });
+    }
+
+    /// Test hook: the product actor of `sku` reads no message for `pause`.
+    #[doc(hidden)]
+    pub fn stall_product(&self, sku: &str, pause: std::time::Duration) {
+        let _ = self.supervisor.cast(SupervisorMsg::Route {
+            sku: sku.to_string(),
+            msg: ProductMsg::Stall(pause),
+        });
+    }
+
     /// Test hook: kills the product actor of `sku` as a crash would; the supervisor
     /// restarts it from the durable state.
     #[doc(hidden)]

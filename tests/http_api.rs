@@ -982,3 +982,58 @@ async fn patch_semantics_and_skus_named_like_actions() {
     assert_eq!(a.body["on_hand"], 9);
     t.stop().await;
 }
+
+#[tokio::test]
+async fn a_panic_inside_the_server_is_a_500_problem_and_nothing_more() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.create_product("A", 5).await;
+    t.service().arm_product_panic("A");
+    let a = c.reserve("u", "A", 1).await;
+    a.assert_problem(500, "internal_error");
+    let p = c.product("A").await;
+    assert_eq!(
+        (p["reserved"].as_u64(), p["available"].as_u64()),
+        (Some(0), Some(5))
+    );
+    assert_eq!(c.reserve("u", "A", 1).await.status, 201);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_key_whose_first_request_is_still_in_flight_answers_409() {
+    let t = TestServer::start().await;
+    let c = t.client.clone();
+    c.create_product("A", 5).await;
+    // The product stops reading its mailbox: the first request waits inside its hold.
+    t.service().stall_product("A", Duration::from_millis(2000));
+    let body = json!({"customer_id": "u", "items": [{"sku": "A", "quantity": 1}]});
+    let first = {
+        let (c, body) = (c.clone(), body.clone());
+        tokio::spawn(async move {
+            c.post_with("/v1/reservations", body, &[("idempotency-key", "k")])
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = c
+        .post_with(
+            "/v1/reservations",
+            body.clone(),
+            &[("idempotency-key", "k")],
+        )
+        .await;
+    second.assert_problem(409, "idempotency_key_in_flight");
+    assert_eq!(second.header("retry-after"), Some("1"));
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 201);
+    let third = c
+        .post_with("/v1/reservations", body, &[("idempotency-key", "k")])
+        .await;
+    assert_eq!(
+        (third.status.as_u16(), third.header("idempotent-replayed")),
+        (201, Some("true"))
+    );
+    assert_eq!(c.product("A").await["reserved"], 1);
+    t.stop().await;
+}

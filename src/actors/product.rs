@@ -82,6 +82,13 @@ pub enum ProductMsg {
     /// Test hook: panics inside the actor, to exercise recovery from a failed message.
     #[doc(hidden)]
     Crash(RpcReplyPort<()>),
+    /// Test hook: the next message panics while being handled.
+    #[doc(hidden)]
+    ArmPanic,
+    /// Test hook: the actor stops reading its mailbox for this long (a slow product), so
+    /// tests can hold a request in flight deterministically.
+    #[doc(hidden)]
+    Stall(Duration),
 }
 
 /// Messages that carry a stock effect decided elsewhere (their records are already
@@ -109,7 +116,11 @@ impl ProductMsg {
             ProductMsg::Hold { reply, .. } => drop(reply.send(Err(err))),
             ProductMsg::Change { reply, .. } => drop(reply.send(Err(err))),
             ProductMsg::Delete { reply, .. } => drop(reply.send(Err(err))),
-            ProductMsg::Crash(_) | ProductMsg::Retire | ProductMsg::Unhold { .. } => {}
+            ProductMsg::Crash(_)
+            | ProductMsg::ArmPanic
+            | ProductMsg::Stall(_)
+            | ProductMsg::Retire
+            | ProductMsg::Unhold { .. } => {}
             // Settles, releases and commits are only sent for products that hold reserved
             // units, which cannot be deleted: reaching here is a bug.
             ProductMsg::SettleHold { .. }
@@ -132,6 +143,8 @@ pub struct ProductState {
     product: Product,
     /// Set by a successful delete; the actor then answers "not found" until it stops.
     deleted: bool,
+    /// Test hook (`ArmPanic`): panic while handling the next message.
+    panic_next: bool,
 }
 
 impl Actor for ProductActor {
@@ -148,6 +161,7 @@ impl Actor for ProductActor {
         Ok(ProductState {
             product,
             deleted: false,
+            panic_next: false,
         })
     }
 
@@ -165,8 +179,25 @@ impl Actor for ProductActor {
             }
             return Ok(());
         }
+        match msg {
+            ProductMsg::ArmPanic => {
+                state.panic_next = true;
+                return Ok(());
+            }
+            ProductMsg::Stall(pause) => {
+                tokio::time::sleep(pause).await;
+                return Ok(());
+            }
+            _ => {}
+        }
         let before = state.product.clone();
-        let outcome = catch_unwind(AssertUnwindSafe(|| self.process(msg, &mut state.product)));
+        let panic_now = std::mem::take(&mut state.panic_next);
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            if panic_now {
+                panic!("injected panic in product actor {}", state.product.sku);
+            }
+            self.process(msg, &mut state.product)
+        }));
         match outcome {
             Ok(Processed::Continue) => {}
             Ok(Processed::Deleted) => {
@@ -231,7 +262,8 @@ impl ProductActor {
                     return Processed::Deleted;
                 }
             }
-            ProductMsg::Retire => {} // only acted on once deleted
+            // Only acted on once deleted / handled before `process`.
+            ProductMsg::Retire | ProductMsg::ArmPanic | ProductMsg::Stall(_) => {}
             ProductMsg::Crash(_reply) => panic!("injected panic in product actor {}", p.sku),
         }
         Processed::Continue
