@@ -1,0 +1,21 @@
+//! The bundled load test for stockd.
+//!
+//! A load test for an inventory server must prove two things in one run: speed, and that
+//! under that speed not one unit was oversold and not one acknowledged change was lost. So
+//! every scenario ends by checking its own results against the server's state, and every
+//! throughput is reported beside the HTTP ceiling of the same server, measured with the
+//! same client and connections in the same invocation (this machine is noisy: only ratios
+//! from one run mean anything).
+//!
+//! - `server`: starts `stockd` on a free loopback port with a fresh data directory.
+//! - `driver`: the closed-loop client (fixed connections, keep-alive) and its histogram.
+//! - `scenarios`: `ceiling`, `flash-sale`.
+//! - `report`: the terminal table, Markdown and JSON.
+
+pub mod driver;
+pub mod report;
+pub mod scenarios;
+pub mod server;
+
+pub use report::Report;
+pub use scenarios::{run, Options, Scenario};

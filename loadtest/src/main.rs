@@ -1,0 +1,103 @@
+//! `loadtest`: run a scenario against stockd, verify it, report. Exits 1 if verification
+//! failed, 2 if the run itself could not be made.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use loadtest::driver::Limits;
+use loadtest::scenarios::Target;
+use loadtest::{Options, Scenario};
+
+/// The bundled flash-sale load test: speed and correctness, in one run.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// What to run (the ceiling phase runs first in every scenario).
+    #[arg(value_enum)]
+    scenario: Scenario,
+    /// Start this stockd binary on a free loopback port with a fresh data directory.
+    #[arg(long, conflicts_with = "target")]
+    stockd: Option<PathBuf>,
+    /// Load a server already running (loopback only), e.g. http://127.0.0.1:8080.
+    #[arg(long)]
+    target: Option<String>,
+    /// Durability of the started server (with --stockd).
+    #[arg(long, default_value = "sync", value_parser = ["sync", "async"])]
+    durability: String,
+    /// Concurrent keep-alive connections (closed loop).
+    #[arg(long, default_value_t = 256)]
+    connections: usize,
+    /// Seconds each phase runs.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Stop each phase after this many requests (whichever comes first).
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Units of the hot SKU (flash-sale).
+    #[arg(long, default_value_t = 1_000_000)]
+    stock: u64,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the report as Markdown to this file.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let target = match (cli.stockd, cli.target) {
+        (Some(stockd), _) => Target::Spawn {
+            stockd,
+            durability: cli.durability,
+        },
+        (None, Some(url)) => Target::Url(url),
+        (None, None) => {
+            eprintln!("loadtest: give --stockd PATH (start a server) or --target URL");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.connections == 0 || !(cli.duration > 0.0 && cli.duration <= 3600.0) {
+        eprintln!("loadtest: --connections must be ≥ 1 and --duration in (0, 3600]");
+        return ExitCode::from(2);
+    }
+    let opts = Options {
+        scenario: cli.scenario,
+        target,
+        limits: Limits {
+            connections: cli.connections,
+            duration: Duration::from_secs_f64(cli.duration),
+            requests_max: cli.requests,
+        },
+        stock: cli.stock,
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let report = match runtime.block_on(loadtest::run(opts)) {
+        Ok(report) => report,
+        Err(err) => {
+            eprintln!("loadtest: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    print!("{}", report.markdown());
+    if let Some(path) = cli.json {
+        let json = serde_json::to_string_pretty(&report).expect("report serializes");
+        if let Err(e) = std::fs::write(&path, json + "\n") {
+            eprintln!("loadtest: writing {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    }
+    if let Some(path) = cli.markdown {
+        if let Err(e) = std::fs::write(&path, report.markdown()) {
+            eprintln!("loadtest: writing {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    }
+    if report.verified {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}

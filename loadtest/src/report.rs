@@ -1,0 +1,141 @@
+//! The report: a terminal table, Markdown, and JSON (`--json FILE`).
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::driver::PhaseStats;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+impl Latency {
+    fn of(stats: &PhaseStats) -> Latency {
+        let h = &stats.latency_us;
+        let ms = |us: u64| us as f64 / 1000.0;
+        Latency {
+            p50: ms(h.value_at_quantile(0.50)),
+            p90: ms(h.value_at_quantile(0.90)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+        }
+    }
+}
+
+/// One verification and its outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+impl Check {
+    pub fn new(name: &str, ok: bool, detail: String) -> Check {
+        Check {
+            name: name.to_string(),
+            ok,
+            detail,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub durability: Option<String>,
+    pub connections: usize,
+    pub duration_s: f64,
+    pub requests: u64,
+    pub throughput_rps: f64,
+    pub ceiling_rps: f64,
+    /// `throughput_rps / ceiling_rps`, both from this run.
+    pub ratio: f64,
+    pub latency_ms: Latency,
+    pub ceiling_latency_ms: Latency,
+    pub statuses: BTreeMap<String, u64>,
+    pub transport_errors: u64,
+    pub oversold: u64,
+    pub lost_acks: u64,
+    pub verified: bool,
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    pub fn new(scenario: &str, stats: &PhaseStats, ceiling: &PhaseStats) -> Report {
+        let throughput = stats.throughput_rps();
+        let ceiling_rps = ceiling.throughput_rps();
+        Report {
+            scenario: scenario.to_string(),
+            durability: None,
+            connections: 0,
+            duration_s: stats.elapsed.as_secs_f64(),
+            requests: stats.requests,
+            throughput_rps: throughput,
+            ceiling_rps,
+            ratio: throughput / ceiling_rps.max(1e-9),
+            latency_ms: Latency::of(stats),
+            ceiling_latency_ms: Latency::of(ceiling),
+            statuses: stats
+                .by_status
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+            transport_errors: stats.transport_errors,
+            oversold: 0,
+            lost_acks: 0,
+            verified: stats.transport_errors == 0,
+            checks: Vec::new(),
+        }
+    }
+
+    /// Markdown: a results table and the checks (used for the terminal too).
+    pub fn markdown(&self) -> String {
+        let l = &self.latency_ms;
+        let c = &self.ceiling_latency_ms;
+        let mut out = format!(
+            "### {} ({} connections, durability {})\n\n\
+             | phase | requests/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |\n\
+             | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n\
+             | ceiling (GET /health) | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n\
+             | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n\n\
+             ratio to ceiling: **{:.2}** · requests: {} · statuses: {:?} · unanswered: {}\n\n",
+            self.scenario,
+            self.connections,
+            self.durability.as_deref().unwrap_or("unknown"),
+            self.ceiling_rps,
+            c.p50,
+            c.p90,
+            c.p99,
+            c.p999,
+            c.max,
+            self.scenario,
+            self.throughput_rps,
+            l.p50,
+            l.p90,
+            l.p99,
+            l.p999,
+            l.max,
+            self.ratio,
+            self.requests,
+            self.statuses,
+            self.transport_errors,
+        );
+        for check in &self.checks {
+            let mark = if check.ok { "ok  " } else { "FAIL" };
+            out.push_str(&format!("- {mark} {}: {}\n", check.name, check.detail));
+        }
+        out.push_str(&format!(
+            "\noversold: {} · lost acknowledgements: {} · verified: {}\n",
+            self.oversold, self.lost_acks, self.verified
+        ));
+        out
+    }
+}

@@ -1,0 +1,230 @@
+//! The scenarios. Each runs the `ceiling` phase first (GET /health, same client, same
+//! connections, same limits), then its own phase, then verifies against the server.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::driver::{closed_loop, Limits, PhaseStats};
+use crate::report::{Check, Report};
+use crate::server::ServerProcess;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// GET /health only: the HTTP ceiling of this machine for this client.
+    Ceiling,
+    /// One hot SKU with stock S; every request reserves one unit.
+    FlashSale,
+}
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Ceiling => "ceiling",
+            Scenario::FlashSale => "flash-sale",
+        }
+    }
+}
+
+/// Which server to load.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Start this `stockd` binary on a free loopback port with a fresh data directory.
+    Spawn { stockd: PathBuf, durability: String },
+    /// A server already running (loopback only: see `check_loopback`).
+    Url(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub scenario: Scenario,
+    pub target: Target,
+    pub limits: Limits,
+    /// Units of the hot SKU (flash-sale).
+    pub stock: u64,
+}
+
+fn check_loopback(url: &str) -> Result<(), String> {
+    let host = url
+        .strip_prefix("http://")
+        .and_then(|rest| rest.split(['/', ':']).next())
+        .unwrap_or("");
+    if matches!(host, "127.0.0.1" | "localhost" | "[::1]") {
+        Ok(())
+    } else {
+        Err(format!(
+            "refusing to load {url}: only loopback targets are allowed"
+        ))
+    }
+}
+
+/// Runs the scenario and verifies it. The report says whether verification passed.
+pub async fn run(opts: Options) -> Result<Report, String> {
+    let (server, base) = match &opts.target {
+        Target::Spawn { stockd, durability } => {
+            let server = ServerProcess::start(stockd, durability)?;
+            let base = server.base_url.clone();
+            (Some(server), base)
+        }
+        Target::Url(url) => {
+            check_loopback(url)?;
+            (None, url.trim_end_matches('/').to_string())
+        }
+    };
+    let durability = match &opts.target {
+        Target::Spawn { durability, .. } => Some(durability.clone()),
+        Target::Url(_) => None,
+    };
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(opts.limits.connections)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| e.to_string())?;
+
+    let ceiling = ceiling(&client, &base, opts.limits).await;
+    let mut report = match opts.scenario {
+        Scenario::Ceiling => Report::new("ceiling", &ceiling, &ceiling),
+        Scenario::FlashSale => flash_sale(&client, &base, &opts, &ceiling).await?,
+    };
+    report.durability = durability;
+    report.connections = opts.limits.connections;
+    drop(server);
+    Ok(report)
+}
+
+async fn ceiling(client: &reqwest::Client, base: &str, limits: Limits) -> PhaseStats {
+    let url = Arc::new(format!("{base}/health"));
+    let client = client.clone();
+    closed_loop(limits, move |_, _| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let res = client.get(url.as_str()).send().await.ok()?;
+            let status = res.status().as_u16();
+            res.bytes().await.ok()?;
+            Some(status)
+        }
+    })
+    .await
+}
+
+async fn post_json(
+    client: &reqwest::Client,
+    url: &str,
+    body: &Value,
+) -> Result<(u16, Value), String> {
+    let res = client
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .map_err(|e| format!("POST {url}: {e}"))?;
+    let status = res.status().as_u16();
+    let body = res.json().await.unwrap_or(Value::Null);
+    Ok((status, body))
+}
+
+async fn get_json(client: &reqwest::Client, url: &str) -> Result<Value, String> {
+    let res = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    if !res.status().is_success() {
+        return Err(format!("GET {url}: {}", res.status()));
+    }
+    res.json().await.map_err(|e| format!("GET {url}: {e}"))
+}
+
+async fn flash_sale(
+    client: &reqwest::Client,
+    base: &str,
+    opts: &Options,
+    ceiling: &PhaseStats,
+) -> Result<Report, String> {
+    let sku = format!("FLASH-{}", std::process::id());
+    let (status, body) = post_json(
+        client,
+        &format!("{base}/v1/products"),
+        &json!({"sku": sku, "name": "Flash-sale item", "on_hand": opts.stock}),
+    )
+    .await?;
+    if status != 201 {
+        return Err(format!("creating {sku}: {status} {body}"));
+    }
+    let url = Arc::new(format!("{base}/v1/reservations"));
+    let bodies: Arc<Vec<Vec<u8>>> = Arc::new(
+        (0..opts.limits.connections)
+            .map(|w| {
+                let body = json!({"customer_id": format!("buyer-{w}"),
+                                  "items": [{"sku": sku, "quantity": 1}],
+                                  "ttl_seconds": 86400});
+                serde_json::to_vec(&body).expect("json")
+            })
+            .collect(),
+    );
+    let load_client = client.clone();
+    let stats = closed_loop(opts.limits, move |worker, _| {
+        let (client, url, bodies) = (load_client.clone(), url.clone(), bodies.clone());
+        async move {
+            let res = client
+                .post(url.as_str())
+                .header("content-type", "application/json")
+                .body(bodies[worker].clone())
+                .send()
+                .await
+                .ok()?;
+            let status = res.status().as_u16();
+            res.bytes().await.ok()?;
+            Some(status)
+        }
+    })
+    .await;
+
+    let product = get_json(client, &format!("{base}/v1/products/{sku}")).await?;
+    let on_hand = product["on_hand"].as_u64().unwrap_or(0);
+    let reserved = product["reserved"].as_u64().unwrap_or(u64::MAX);
+    let acked = stats.status(201);
+    let refused = stats.status(409);
+    let answered = acked + refused;
+    let expected = opts.stock.min(answered);
+    let mut report = Report::new("flash-sale", &stats, ceiling);
+    report.oversold = acked.saturating_sub(opts.stock) + reserved.saturating_sub(on_hand);
+    report.lost_acks = acked.saturating_sub(reserved);
+    report.checks = vec![
+        Check::new(
+            "no unit oversold (acknowledged ≤ stock, reserved ≤ on_hand)",
+            report.oversold == 0,
+            format!(
+                "acknowledged {acked}, stock {}, reserved {reserved}, on_hand {on_hand}",
+                opts.stock
+            ),
+        ),
+        Check::new(
+            "every acknowledged hold is held by the server",
+            report.lost_acks == 0,
+            format!("acknowledged {acked}, server reserved {reserved}"),
+        ),
+        Check::new(
+            "nothing held that was not acknowledged",
+            stats.transport_errors > 0 || reserved == acked,
+            format!(
+                "server reserved {reserved}, acknowledged {acked}, unanswered {}",
+                stats.transport_errors
+            ),
+        ),
+        Check::new(
+            "exactly min(stock, attempts) acknowledged",
+            stats.transport_errors > 0 || acked == expected,
+            format!("acknowledged {acked}, expected {expected} ({answered} answered attempts)"),
+        ),
+        Check::new(
+            "every answer is 201 or 409",
+            answered + stats.transport_errors == stats.requests,
+            format!("statuses {:?}", stats.by_status),
+        ),
+    ];
+    report.verified = report.checks.iter().all(|c| c.ok);
+    Ok(report)
+}

@@ -1,0 +1,119 @@
+//! The bundled load test, run small against the real binary, and against a fake server
+//! that acknowledges holds it does not keep, to prove its verification can fail.
+
+use std::time::Duration;
+
+use loadtest::driver::Limits;
+use loadtest::scenarios::Target;
+use loadtest::{Options, Scenario};
+use warp::Filter;
+
+fn limits() -> Limits {
+    Limits {
+        connections: 8,
+        duration: Duration::from_secs(10),
+        requests_max: Some(400),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flash_sale_sells_exactly_the_stock_and_verifies() {
+    let opts = Options {
+        scenario: Scenario::FlashSale,
+        target: Target::Spawn {
+            stockd: env!("CARGO_BIN_EXE_stockd").into(),
+            durability: "sync".into(),
+        },
+        limits: limits(),
+        stock: 150,
+    };
+    let report = loadtest::run(opts).await.expect("run");
+    assert!(report.verified, "{}", report.markdown());
+    assert_eq!(report.requests, 400);
+    assert_eq!(report.statuses.get("201"), Some(&150));
+    assert_eq!(report.statuses.get("409"), Some(&250));
+    assert_eq!((report.oversold, report.lost_acks), (0, 0));
+    assert!(report.ceiling_rps > 0.0 && report.ratio > 0.0);
+    let json = serde_json::to_value(&report).unwrap();
+    for key in [
+        "scenario",
+        "requests",
+        "throughput_rps",
+        "ceiling_rps",
+        "ratio",
+        "oversold",
+        "lost_acks",
+        "verified",
+    ] {
+        assert!(json.get(key).is_some(), "{key} in the JSON report");
+    }
+    for key in ["p50", "p90", "p99", "p999", "max"] {
+        assert!(json["latency_ms"].get(key).is_some());
+    }
+}
+
+/// A server that says 201 to every reservation but holds nothing.
+async fn lying_server() -> (String, tokio::sync::oneshot::Sender<()>) {
+    let health =
+        warp::path("health").map(|| warp::reply::json(&serde_json::json!({"status": "ok"})));
+    let create = warp::post().and(warp::path!("v1" / "products")).map(|| {
+        warp::reply::with_status(
+            warp::reply::json(&serde_json::json!({})),
+            warp::http::StatusCode::CREATED,
+        )
+    });
+    let reserve = warp::post()
+        .and(warp::path!("v1" / "reservations"))
+        .map(|| {
+            warp::reply::with_status(
+                warp::reply::json(&serde_json::json!({})),
+                warp::http::StatusCode::CREATED,
+            )
+        });
+    let product = warp::get()
+        .and(warp::path!("v1" / "products" / String))
+        .map(|_| warp::reply::json(&serde_json::json!({"on_hand": 20, "reserved": 20})));
+    let routes = health.or(create).or(reserve).or(product);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(
+        warp::serve(routes)
+            .incoming(listener)
+            .graceful(async move {
+                let _ = rx.await;
+            })
+            .run(),
+    );
+    (format!("http://{addr}"), tx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verification_catches_an_overselling_server() {
+    let (url, stop) = lying_server().await;
+    let opts = Options {
+        scenario: Scenario::FlashSale,
+        target: Target::Url(url),
+        limits: Limits {
+            requests_max: Some(100),
+            ..limits()
+        },
+        stock: 20,
+    };
+    let report = loadtest::run(opts).await.expect("run");
+    assert!(!report.verified, "{}", report.markdown());
+    assert_eq!(report.oversold, 80);
+    assert_eq!(report.lost_acks, 80);
+    let _ = stop.send(());
+}
+
+#[tokio::test]
+async fn refuses_non_loopback_targets() {
+    let opts = Options {
+        scenario: Scenario::Ceiling,
+        target: Target::Url("http://10.1.2.3:8080".into()),
+        limits: limits(),
+        stock: 1,
+    };
+    assert!(loadtest::run(opts).await.is_err());
+}
