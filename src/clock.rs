@@ -54,11 +54,24 @@ impl Clock for ManualClock {
 }
 
 /// Formats `ms` as RFC 3339 UTC with millisecond precision (`2026-11-22T10:00:00.123Z`).
+///
+/// Written out by hand: it runs several times per response, and chrono's `format` parses
+/// its format string on every call.
 pub fn rfc3339(ms: Millis) -> String {
-    match chrono::DateTime::from_timestamp_millis(ms) {
-        Some(t) => t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
-        None => String::from("1970-01-01T00:00:00.000Z"),
-    }
+    use chrono::{Datelike, Timelike};
+    let Some(t) = chrono::DateTime::from_timestamp_millis(ms) else {
+        return String::from("1970-01-01T00:00:00.000Z");
+    };
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        t.month(),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        ms.rem_euclid(1000)
+    )
 }
 
 #[cfg(test)]
@@ -69,6 +82,14 @@ mod tests {
     fn formats_with_milliseconds_in_utc() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(1_795_341_600_123), "2026-11-22T10:00:00.123Z");
+        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59.999Z");
+        for ms in [0, 1_795_341_600_007, 951_782_400_000, 4_102_444_799_999] {
+            let chrono = chrono::DateTime::from_timestamp_millis(ms)
+                .unwrap()
+                .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+                .to_string();
+            assert_eq!(rfc3339(ms), chrono);
+        }
     }
 
     #[test]
