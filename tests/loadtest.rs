@@ -26,6 +26,8 @@ async fn flash_sale_sells_exactly_the_stock_and_verifies() {
         },
         limits: limits(),
         stock: 150,
+        catalogue: 1,
+        abandon_ttl_seconds: 1,
     };
     let report = loadtest::run(opts).await.expect("run");
     assert!(report.verified, "{}", report.markdown());
@@ -99,6 +101,8 @@ async fn verification_catches_an_overselling_server() {
             ..limits()
         },
         stock: 20,
+        catalogue: 1,
+        abandon_ttl_seconds: 1,
     };
     let report = loadtest::run(opts).await.expect("run");
     assert!(!report.verified, "{}", report.markdown());
@@ -114,6 +118,35 @@ async fn refuses_non_loopback_targets() {
         target: Target::Url("http://10.1.2.3:8080".into()),
         limits: limits(),
         stock: 1,
+        catalogue: 1,
+        abandon_ttl_seconds: 1,
     };
     assert!(loadtest::run(opts).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkout_mix_conserves_every_unit() {
+    let opts = Options {
+        scenario: Scenario::Checkout,
+        target: Target::Spawn {
+            stockd: env!("CARGO_BIN_EXE_stockd").into(),
+            durability: "sync".into(),
+        },
+        limits: Limits {
+            requests_max: Some(600),
+            ..limits()
+        },
+        // Small stock on a skewed catalogue: the popular SKUs run out, so 409s happen.
+        stock: 20,
+        catalogue: 10,
+        abandon_ttl_seconds: 1,
+    };
+    let report = loadtest::run(opts).await.expect("run");
+    assert!(report.verified, "{}", report.markdown());
+    assert!(
+        report.statuses.get("201").copied().unwrap_or(0) > 50,
+        "{:?}",
+        report.statuses
+    );
+    assert_eq!((report.oversold, report.lost_acks), (0, 0));
 }

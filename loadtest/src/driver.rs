@@ -39,12 +39,29 @@ pub struct Limits {
     pub requests_max: Option<u64>,
 }
 
-/// Runs `send(worker, n)` in a closed loop; `send` answers the HTTP status, or `None` when
-/// the request got no answer.
+/// One HTTP request as measured: its status (`None`: no answer) and latency.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    pub status: Option<u16>,
+    pub latency_us: u64,
+}
+
+/// Times one request; the future answers the status, or `None` when there was no answer.
+pub async fn timed<Fut: Future<Output = Option<u16>>>(request: Fut) -> Sample {
+    let sent = Instant::now();
+    let status = request.await;
+    Sample {
+        status,
+        latency_us: sent.elapsed().as_micros() as u64,
+    }
+}
+
+/// Runs `send(worker, n)` in a closed loop. One call may make several requests (a
+/// checkout: reserve, then confirm): it answers a sample for each.
 pub async fn closed_loop<F, Fut>(limits: Limits, send: F) -> PhaseStats
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Option<u16>> + Send,
+    Fut: Future<Output = Vec<Sample>> + Send,
 {
     let send = Arc::new(send);
     let issued = Arc::new(AtomicU64::new(0));
@@ -63,14 +80,14 @@ where
                 if limits.requests_max.is_some_and(|max| ticket >= max) {
                     break;
                 }
-                let sent = Instant::now();
-                match send(worker, n).await {
-                    Some(status) => {
-                        let us = sent.elapsed().as_micros() as u64;
-                        hist.saturating_record(us.max(1));
-                        *by_status.entry(status).or_default() += 1;
+                for sample in send(worker, n).await {
+                    match sample.status {
+                        Some(status) => {
+                            hist.saturating_record(sample.latency_us.max(1));
+                            *by_status.entry(status).or_default() += 1;
+                        }
+                        None => errors += 1,
                     }
-                    None => errors += 1,
                 }
                 n += 1;
             }

@@ -9,9 +9,10 @@
 //!
 //! - `server`: starts `stockd` on a free loopback port with a fresh data directory.
 //! - `driver`: the closed-loop client (fixed connections, keep-alive) and its histogram.
-//! - `scenarios`: `ceiling`, `flash-sale`.
+//! - `scenarios`: `ceiling`, `flash-sale`; `checkout`: the shopper mix.
 //! - `report`: the terminal table, Markdown and JSON.
 
+pub mod checkout;
 pub mod driver;
 pub mod report;
 pub mod scenarios;

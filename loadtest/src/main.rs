@@ -35,9 +35,15 @@ struct Cli {
     /// Stop each phase after this many requests (whichever comes first).
     #[arg(long)]
     requests: Option<u64>,
-    /// Units of the hot SKU (flash-sale).
+    /// Units of the hot SKU (flash-sale) or of each SKU (checkout).
     #[arg(long, default_value_t = 1_000_000)]
     stock: u64,
+    /// SKUs in the catalogue (checkout).
+    #[arg(long, default_value_t = 100)]
+    catalogue: usize,
+    /// TTL in seconds of the reservations shoppers abandon (checkout).
+    #[arg(long, default_value_t = 1)]
+    abandon_ttl: u64,
     /// Write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -72,6 +78,8 @@ fn main() -> ExitCode {
             requests_max: cli.requests,
         },
         stock: cli.stock,
+        catalogue: cli.catalogue.max(1),
+        abandon_ttl_seconds: cli.abandon_ttl.clamp(1, 86_400),
     };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let report = match runtime.block_on(loadtest::run(opts)) {

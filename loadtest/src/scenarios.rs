@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::driver::{closed_loop, Limits, PhaseStats};
+use crate::driver::{closed_loop, timed, Limits, PhaseStats};
 use crate::report::{Check, Report};
 use crate::server::ServerProcess;
 
@@ -17,6 +17,9 @@ pub enum Scenario {
     Ceiling,
     /// One hot SKU with stock S; every request reserves one unit.
     FlashSale,
+    /// A shopper mix over a Zipf-skewed catalogue: reads, reserve then confirm / cancel /
+    /// abandon, replenishments; verified by per-SKU conservation.
+    Checkout,
 }
 
 impl Scenario {
@@ -24,6 +27,7 @@ impl Scenario {
         match self {
             Scenario::Ceiling => "ceiling",
             Scenario::FlashSale => "flash-sale",
+            Scenario::Checkout => "checkout",
         }
     }
 }
@@ -42,8 +46,12 @@ pub struct Options {
     pub scenario: Scenario,
     pub target: Target,
     pub limits: Limits,
-    /// Units of the hot SKU (flash-sale).
+    /// Units of the hot SKU (flash-sale), or of each SKU (checkout).
     pub stock: u64,
+    /// SKUs in the catalogue (checkout).
+    pub catalogue: usize,
+    /// TTL of the reservations shoppers abandon (checkout).
+    pub abandon_ttl_seconds: u64,
 }
 
 fn check_loopback(url: &str) -> Result<(), String> {
@@ -87,6 +95,7 @@ pub async fn run(opts: Options) -> Result<Report, String> {
     let mut report = match opts.scenario {
         Scenario::Ceiling => Report::new("ceiling", &ceiling, &ceiling),
         Scenario::FlashSale => flash_sale(&client, &base, &opts, &ceiling).await?,
+        Scenario::Checkout => crate::checkout::checkout(&client, &base, &opts, &ceiling).await?,
     };
     report.durability = durability;
     report.connections = opts.limits.connections;
@@ -100,16 +109,21 @@ async fn ceiling(client: &reqwest::Client, base: &str, limits: Limits) -> PhaseS
     closed_loop(limits, move |_, _| {
         let (client, url) = (client.clone(), url.clone());
         async move {
-            let res = client.get(url.as_str()).send().await.ok()?;
-            let status = res.status().as_u16();
-            res.bytes().await.ok()?;
-            Some(status)
+            vec![
+                timed(async {
+                    let res = client.get(url.as_str()).send().await.ok()?;
+                    let status = res.status().as_u16();
+                    res.bytes().await.ok()?;
+                    Some(status)
+                })
+                .await,
+            ]
         }
     })
     .await
 }
 
-async fn post_json(
+pub(crate) async fn post_json(
     client: &reqwest::Client,
     url: &str,
     body: &Value,
@@ -125,7 +139,7 @@ async fn post_json(
     Ok((status, body))
 }
 
-async fn get_json(client: &reqwest::Client, url: &str) -> Result<Value, String> {
+pub(crate) async fn get_json(client: &reqwest::Client, url: &str) -> Result<Value, String> {
     let res = client
         .get(url)
         .send()
@@ -168,16 +182,21 @@ async fn flash_sale(
     let stats = closed_loop(opts.limits, move |worker, _| {
         let (client, url, bodies) = (load_client.clone(), url.clone(), bodies.clone());
         async move {
-            let res = client
-                .post(url.as_str())
-                .header("content-type", "application/json")
-                .body(bodies[worker].clone())
-                .send()
-                .await
-                .ok()?;
-            let status = res.status().as_u16();
-            res.bytes().await.ok()?;
-            Some(status)
+            vec![
+                timed(async {
+                    let res = client
+                        .post(url.as_str())
+                        .header("content-type", "application/json")
+                        .body(bodies[worker].clone())
+                        .send()
+                        .await
+                        .ok()?;
+                    let status = res.status().as_u16();
+                    res.bytes().await.ok()?;
+                    Some(status)
+                })
+                .await,
+            ]
         }
     })
     .await;
