@@ -8,7 +8,7 @@
 #                            [--markdown FILE] [--durability sync|async] [--stock S]
 #                            [--requests N]
 #
-# SCENARIO: ceiling | flash-sale
+# SCENARIO: ceiling | flash-sale | checkout | crash   (loadtest --help lists every flag)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ]; then

@@ -13,6 +13,7 @@ fn limits() -> Limits {
         connections: 8,
         duration: Duration::from_secs(10),
         requests_max: Some(400),
+        stop_on_error: false,
     }
 }
 
@@ -149,4 +150,31 @@ async fn checkout_mix_conserves_every_unit() {
         report.statuses
     );
     assert_eq!((report.oversold, report.lost_acks), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_mid_load_loses_no_acknowledged_change() {
+    let opts = Options {
+        scenario: Scenario::Crash,
+        target: Target::Spawn {
+            stockd: env!("CARGO_BIN_EXE_stockd").into(),
+            durability: "sync".into(),
+        },
+        limits: Limits {
+            duration: Duration::from_secs(3),
+            requests_max: None,
+            ..limits()
+        },
+        stock: 50,
+        catalogue: 10,
+        abandon_ttl_seconds: 1,
+    };
+    let report = loadtest::run(opts).await.expect("run");
+    assert!(report.verified, "{}", report.markdown());
+    assert!(report.recovery_ms.is_some());
+    assert!(
+        report.statuses.get("201").copied().unwrap_or(0) > 0,
+        "{:?}",
+        report.statuses
+    );
 }

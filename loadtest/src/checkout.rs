@@ -8,6 +8,7 @@
 //! `initial + replenished = on_hand + sold`, `sold` = acknowledged confirmed units,
 //! `reserved` = acknowledged holds still pending (0 once the abandoned ones expired).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,8 @@ struct Tally {
     sold: Vec<u64>,
     /// Requests whose answer never came (their effect is unknown).
     unsure: u64,
+    /// Replenishments among them (each may or may not have added 5 units).
+    replenish_unsure: u64,
     /// Answers the contract does not allow for the request (e.g. a confirm refused).
     unexpected: Vec<String>,
 }
@@ -94,16 +97,29 @@ async fn request(
     (sample, answer)
 }
 
-struct Shared {
+/// A reservation a client was told about (crash scenario: checked after the restart).
+#[derive(Debug, Clone)]
+pub(crate) struct Acked {
+    /// The last status a 2xx answer showed.
+    pub status: &'static str,
+    /// A confirm or cancel was sent and its answer never came.
+    pub unsure: bool,
+    /// Left to expire (short TTL).
+    pub abandoned: bool,
+}
+
+pub(crate) struct Shared {
     client: reqwest::Client,
     base: String,
-    skus: Vec<String>,
+    pub skus: Vec<String>,
     cdf: Vec<f64>,
     abandon_ttl_seconds: u64,
     tally: Mutex<Tally>,
+    /// Every acknowledged reservation by id, when the scenario checks them one by one.
+    pub track: Option<Mutex<HashMap<String, Acked>>>,
 }
 
-async fn shopper(shared: Arc<Shared>, worker: usize, n: u64) -> Vec<Sample> {
+pub(crate) async fn shopper(shared: Arc<Shared>, worker: usize, n: u64) -> Vec<Sample> {
     use reqwest::Method;
     let s = &*shared;
     let mut rng = Rng::new(worker, n);
@@ -126,7 +142,10 @@ async fn shopper(shared: Arc<Shared>, worker: usize, n: u64) -> Vec<Sample> {
         let mut tally = s.tally.lock().unwrap();
         match sample.status {
             Some(200) => tally.replenished[i] += 5,
-            None => tally.unsure += 1,
+            None => {
+                tally.unsure += 1;
+                tally.replenish_unsure += 1;
+            }
             Some(other) => tally.unexpected.push(format!("replenish answered {other}")),
         }
         return vec![sample];
@@ -176,10 +195,18 @@ async fn shopper(shared: Arc<Shared>, worker: usize, n: u64) -> Vec<Sample> {
             return samples;
         }
     }
+    let id = answer["id"].as_str().unwrap_or_default().to_string();
+    if let Some(track) = &s.track {
+        let acked = Acked {
+            status: "pending",
+            unsure: false,
+            abandoned: action >= 8,
+        };
+        track.lock().unwrap().insert(id.clone(), acked);
+    }
     if action >= 8 {
         return samples; // abandoned: expires by itself
     }
-    let id = answer["id"].as_str().unwrap_or_default().to_string();
     let verb = if action < 6 { "confirm" } else { "cancel" };
     let (sample, answer) = request(
         &s.client,
@@ -189,6 +216,15 @@ async fn shopper(shared: Arc<Shared>, worker: usize, n: u64) -> Vec<Sample> {
     )
     .await;
     samples.push(sample);
+    if let Some(track) = &s.track {
+        if let Some(acked) = track.lock().unwrap().get_mut(&id) {
+            match sample.status {
+                Some(200) if verb == "confirm" => acked.status = "confirmed",
+                Some(200) => acked.status = "cancelled",
+                _ => acked.unsure = true,
+            }
+        }
+    }
     let mut tally = s.tally.lock().unwrap();
     match sample.status {
         Some(200) if verb == "confirm" => {
@@ -205,12 +241,13 @@ async fn shopper(shared: Arc<Shared>, worker: usize, n: u64) -> Vec<Sample> {
     samples
 }
 
-pub async fn checkout(
+/// Creates the catalogue and the shared state of the shoppers.
+pub(crate) async fn setup(
     client: &reqwest::Client,
     base: &str,
     opts: &Options,
-    ceiling: &PhaseStats,
-) -> Result<Report, String> {
+    track: bool,
+) -> Result<Arc<Shared>, String> {
     let prefix = format!("CO-{}-", std::process::id());
     let skus: Vec<String> = (0..opts.catalogue)
         .map(|i| format!("{prefix}{i:05}"))
@@ -226,7 +263,7 @@ pub async fn checkout(
             return Err(format!("creating {sku}: {status} {body}"));
         }
     }
-    let shared = Arc::new(Shared {
+    Ok(Arc::new(Shared {
         client: client.clone(),
         base: base.to_string(),
         cdf: zipf_cdf(skus.len(), 1.0),
@@ -237,7 +274,37 @@ pub async fn checkout(
             sold: vec![0; opts.catalogue],
             ..Tally::default()
         }),
-    });
+        track: track.then(|| Mutex::new(HashMap::new())),
+    }))
+}
+
+/// Per-SKU figures the clients were told about.
+pub(crate) struct Told {
+    pub replenished: Vec<u64>,
+    pub replenish_unsure: u64,
+    pub sold: Vec<u64>,
+    pub unexpected: Vec<String>,
+}
+
+impl Shared {
+    pub(crate) fn told(&self) -> Told {
+        let t = self.tally.lock().unwrap();
+        Told {
+            replenished: t.replenished.clone(),
+            replenish_unsure: t.replenish_unsure,
+            sold: t.sold.clone(),
+            unexpected: t.unexpected.clone(),
+        }
+    }
+}
+
+pub async fn checkout(
+    client: &reqwest::Client,
+    base: &str,
+    opts: &Options,
+    ceiling: &PhaseStats,
+) -> Result<Report, String> {
+    let shared = setup(client, base, opts, false).await?;
     let load = shared.clone();
     let stats = closed_loop(opts.limits, move |worker, n| {
         shopper(load.clone(), worker, n)

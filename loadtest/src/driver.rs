@@ -37,6 +37,9 @@ pub struct Limits {
     pub connections: usize,
     pub duration: Duration,
     pub requests_max: Option<u64>,
+    /// A worker stops at its first unanswered request (the crash scenario kills the
+    /// server mid-run and must not spin on refused connections).
+    pub stop_on_error: bool,
 }
 
 /// One HTTP request as measured: its status (`None`: no answer) and latency.
@@ -80,16 +83,23 @@ where
                 if limits.requests_max.is_some_and(|max| ticket >= max) {
                     break;
                 }
+                let mut failed = false;
                 for sample in send(worker, n).await {
                     match sample.status {
                         Some(status) => {
                             hist.saturating_record(sample.latency_us.max(1));
                             *by_status.entry(status).or_default() += 1;
                         }
-                        None => errors += 1,
+                        None => {
+                            errors += 1;
+                            failed = true;
+                        }
                     }
                 }
                 n += 1;
+                if failed && limits.stop_on_error {
+                    break;
+                }
             }
             (hist, by_status, errors)
         }));

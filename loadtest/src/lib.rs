@@ -9,10 +9,12 @@
 //!
 //! - `server`: starts `stockd` on a free loopback port with a fresh data directory.
 //! - `driver`: the closed-loop client (fixed connections, keep-alive) and its histogram.
-//! - `scenarios`: `ceiling`, `flash-sale`; `checkout`: the shopper mix.
+//! - `scenarios`: `ceiling`, `flash-sale`; `checkout`: the shopper mix; `crash`: the mix
+//!   with a SIGKILL and a restart.
 //! - `report`: the terminal table, Markdown and JSON.
 
 pub mod checkout;
+pub mod crash;
 pub mod driver;
 pub mod report;
 pub mod scenarios;

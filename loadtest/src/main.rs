@@ -76,6 +76,7 @@ fn main() -> ExitCode {
             connections: cli.connections,
             duration: Duration::from_secs_f64(cli.duration),
             requests_max: cli.requests,
+            stop_on_error: false,
         },
         stock: cli.stock,
         catalogue: cli.catalogue.max(1),

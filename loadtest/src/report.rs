@@ -64,6 +64,8 @@ pub struct Report {
     pub transport_errors: u64,
     pub oversold: u64,
     pub lost_acks: u64,
+    /// Crash scenario: from exec of the restarted server to `listening on`.
+    pub recovery_ms: Option<f64>,
     pub verified: bool,
     pub checks: Vec<Check>,
 }
@@ -91,6 +93,7 @@ impl Report {
             transport_errors: stats.transport_errors,
             oversold: 0,
             lost_acks: 0,
+            recovery_ms: None,
             verified: stats.transport_errors == 0,
             checks: Vec::new(),
         }
@@ -131,6 +134,11 @@ impl Report {
         for check in &self.checks {
             let mark = if check.ok { "ok  " } else { "FAIL" };
             out.push_str(&format!("- {mark} {}: {}\n", check.name, check.detail));
+        }
+        if let Some(ms) = self.recovery_ms {
+            out.push_str(&format!(
+                "\nrecovery after kill -9: {ms:.0} ms to serving\n"
+            ));
         }
         out.push_str(&format!(
             "\noversold: {} · lost acknowledgements: {} · verified: {}\n",

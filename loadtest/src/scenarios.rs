@@ -20,6 +20,8 @@ pub enum Scenario {
     /// A shopper mix over a Zipf-skewed catalogue: reads, reserve then confirm / cancel /
     /// abandon, replenishments; verified by per-SKU conservation.
     Checkout,
+    /// The checkout mix while the server is killed with SIGKILL and restarted.
+    Crash,
 }
 
 impl Scenario {
@@ -28,6 +30,7 @@ impl Scenario {
             Scenario::Ceiling => "ceiling",
             Scenario::FlashSale => "flash-sale",
             Scenario::Checkout => "checkout",
+            Scenario::Crash => "crash",
         }
     }
 }
@@ -70,7 +73,7 @@ fn check_loopback(url: &str) -> Result<(), String> {
 
 /// Runs the scenario and verifies it. The report says whether verification passed.
 pub async fn run(opts: Options) -> Result<Report, String> {
-    let (server, base) = match &opts.target {
+    let (mut server, base) = match &opts.target {
         Target::Spawn { stockd, durability } => {
             let server = ServerProcess::start(stockd, durability)?;
             let base = server.base_url.clone();
@@ -96,6 +99,12 @@ pub async fn run(opts: Options) -> Result<Report, String> {
         Scenario::Ceiling => Report::new("ceiling", &ceiling, &ceiling),
         Scenario::FlashSale => flash_sale(&client, &base, &opts, &ceiling).await?,
         Scenario::Checkout => crate::checkout::checkout(&client, &base, &opts, &ceiling).await?,
+        Scenario::Crash => {
+            let server = server
+                .as_mut()
+                .ok_or("the crash scenario starts its own server: give --stockd")?;
+            crate::crash::crash(&client, server, &opts, &ceiling).await?
+        }
     };
     report.durability = durability;
     report.connections = opts.limits.connections;

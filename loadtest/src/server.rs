@@ -8,15 +8,50 @@ use std::time::{Duration, Instant};
 pub struct ServerProcess {
     child: Option<Child>,
     pub base_url: String,
+    binary: PathBuf,
+    durability: String,
     /// Kept so the data directory outlives the server (and is removed after it).
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl ServerProcess {
     /// Starts `binary` and waits for its `listening on ADDR` line (at most 30 s).
     pub fn start(binary: &Path, durability: &str) -> Result<ServerProcess, String> {
         let dir = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
-        let data: PathBuf = dir.path().join("data");
+        let (child, base_url) = spawn(binary, durability, dir.path())?;
+        Ok(ServerProcess {
+            child: Some(child),
+            base_url,
+            binary: binary.to_path_buf(),
+            durability: durability.to_string(),
+            dir,
+        })
+    }
+
+    /// SIGKILL: no shutdown code runs in the server.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same data directory; answers how long it took
+    /// from exec to `listening on`.
+    pub fn restart(&mut self) -> Result<Duration, String> {
+        self.kill9();
+        let started = Instant::now();
+        let (child, base_url) = spawn(&self.binary, &self.durability, self.dir.path())?;
+        let took = started.elapsed();
+        self.child = Some(child);
+        self.base_url = base_url;
+        Ok(took)
+    }
+}
+
+fn spawn(binary: &Path, durability: &str, dir: &Path) -> Result<(Child, String), String> {
+    {
+        let data: PathBuf = dir.join("data");
         let mut child = Command::new(binary)
             .args([
                 "serve",
@@ -28,7 +63,7 @@ impl ServerProcess {
             .arg("--data-dir")
             .arg(&data)
             .arg("--snapshot-dir")
-            .arg(dir.path().join("snapshots"))
+            .arg(dir.join("snapshots"))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -55,11 +90,7 @@ impl ServerProcess {
                 return Err("stockd did not start listening".into());
             }
         };
-        Ok(ServerProcess {
-            child: Some(child),
-            base_url: format!("http://{addr}"),
-            _dir: dir,
-        })
+        Ok((child, format!("http://{addr}")))
     }
 }
 
