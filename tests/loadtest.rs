@@ -138,7 +138,7 @@ async fn checkout_mix_conserves_every_unit() {
             ..limits()
         },
         // Small stock on a skewed catalogue: the popular SKUs run out, so 409s happen.
-        stock: 20,
+        stock: 100,
         catalogue: 10,
         abandon_ttl_seconds: 1,
     };
@@ -149,6 +149,8 @@ async fn checkout_mix_conserves_every_unit() {
         "{:?}",
         report.statuses
     );
+    let refused = report.statuses.get("409").copied().unwrap_or(0);
+    assert!(refused > 0, "popular SKUs sold out: {:?}", report.statuses);
     assert_eq!((report.oversold, report.lost_acks), (0, 0));
 }
 
