@@ -385,18 +385,18 @@ pub async fn checkout(
             still_reserved == 0,
             format!("{still_reserved} units still reserved"),
         ),
-        Check::new(
-            "every answer is one the contract allows",
-            tally.unexpected.is_empty(),
-            tally
-                .unexpected
-                .iter()
-                .take(3)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("; "),
-        ),
+        allowed_answers(&tally.unexpected),
     ];
     report.verified = report.checks.iter().all(|c| c.ok);
     Ok(report)
+}
+
+/// The check that every answer was one the contract allows for its request.
+pub(crate) fn allowed_answers(unexpected: &[String]) -> Check {
+    let examples: Vec<&str> = unexpected.iter().take(3).map(String::as_str).collect();
+    Check::new(
+        "every answer is one the contract allows",
+        unexpected.is_empty(),
+        examples.join("; "),
+    )
 }

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::checkout::{setup, shopper, Acked};
+use crate::checkout::{allowed_answers, setup, shopper, Acked};
 use crate::driver::{closed_loop, Limits, PhaseStats};
 use crate::report::{Check, Report};
 use crate::scenarios::{get_json, Options};
@@ -124,16 +124,7 @@ pub async fn crash(
                 breaks.join("; ")
             },
         ),
-        Check::new(
-            "every answer before the kill is one the contract allows",
-            told.unexpected.is_empty(),
-            told.unexpected
-                .iter()
-                .take(3)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("; "),
-        ),
+        allowed_answers(&told.unexpected),
     ];
     report.verified = report.checks.iter().all(|c| c.ok);
     Ok(report)
