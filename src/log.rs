@@ -60,8 +60,13 @@ impl Ticket {
     }
 }
 
+/// The durable state, folded by the writer (see `LogHandle::fold_durable`).
+pub type FoldResult = Result<crate::fold::State, String>;
+
 enum Command {
     Append(Record, Option<oneshot::Sender<Result<u64, LogError>>>),
+    /// Flush everything queued before it, then fold the whole log and answer the state.
+    Fold(oneshot::Sender<FoldResult>),
     /// Resolves once every command queued before it has been flushed.
     Barrier(oneshot::Sender<Result<u64, LogError>>),
     Shutdown(oneshot::Sender<Result<u64, LogError>>),
@@ -98,6 +103,17 @@ impl LogHandle {
             let _ = tx.send(Err(LogError::Unavailable("the log writer stopped".into())));
         }
         Ticket(rx)
+    }
+
+    /// The state folded from exactly the records queued before this call (flushed first).
+    /// Rebuilds a failed product actor. The writer thread does the read, so no sled handle
+    /// ever lives outside it: when the writer stops, the log is closed.
+    pub fn fold_durable(&self) -> oneshot::Receiver<FoldResult> {
+        let (tx, rx) = oneshot::channel();
+        if let Err(mpsc::SendError(Command::Fold(tx))) = self.tx.send(Command::Fold(tx)) {
+            let _ = tx.send(Err("the log writer stopped".into()));
+        }
+        rx
     }
 
     /// Flushes everything queued and stops the writer. Later appends fail.
@@ -153,7 +169,8 @@ impl Log {
         self.last_seq
     }
 
-    /// A read-only view of the log, for recovery and for rebuilding a failed product.
+    /// A read-only view of the log, for recovery at start-up. Drop it before the server
+    /// runs: the log must be closed when the writer stops.
     pub fn reader(&self) -> LogReader {
         LogReader {
             tree: self.tree.clone(),
@@ -236,14 +253,18 @@ impl Writer {
         let mut barriers: Vec<(Waiter, u64)> = Vec::new();
         loop {
             let mut shutdown = None;
-            // Block for the first command, then take whatever else is already queued.
+            let mut fold = None;
+            // Block for the first command, then take whatever else is already queued, up to
+            // a command that must see exactly the records before it (fold, shutdown).
             match rx.recv() {
-                Ok(cmd) => self.take(cmd, &mut records, &mut barriers, &mut shutdown),
+                Ok(cmd) => self.take(cmd, &mut records, &mut barriers, &mut shutdown, &mut fold),
                 Err(_) => return self.finish(None),
             }
-            while shutdown.is_none() && records.len() < LOG_BATCH_RECORDS_MAX {
+            while shutdown.is_none() && fold.is_none() && records.len() < LOG_BATCH_RECORDS_MAX {
                 match rx.try_recv() {
-                    Ok(cmd) => self.take(cmd, &mut records, &mut barriers, &mut shutdown),
+                    Ok(cmd) => {
+                        self.take(cmd, &mut records, &mut barriers, &mut shutdown, &mut fold)
+                    }
                     Err(_) => break,
                 }
             }
@@ -257,6 +278,20 @@ impl Writer {
             for (waiter, before) in barriers.drain(..) {
                 let _ = waiter.send(outcome.clone().map(|_| first_seq - 1 + before));
             }
+            if let Some(waiter) = fold {
+                let result = match &outcome {
+                    Ok(_) => {
+                        let reader = LogReader {
+                            tree: self.tree.clone(),
+                        };
+                        crate::recovery::fold_log(&reader)
+                            .map(|r| r.state)
+                            .map_err(|e| e.to_string())
+                    }
+                    Err(err) => Err(err.to_string()),
+                };
+                let _ = waiter.send(result);
+            }
             if shutdown.is_some() {
                 return self.finish(shutdown);
             }
@@ -269,8 +304,10 @@ impl Writer {
         records: &mut Vec<(Record, Option<Waiter>)>,
         barriers: &mut Vec<(Waiter, u64)>,
         shutdown: &mut Option<Waiter>,
+        fold: &mut Option<oneshot::Sender<FoldResult>>,
     ) {
         match cmd {
+            Command::Fold(waiter) => *fold = Some(waiter),
             Command::Append(record, waiter) => records.push((record, waiter)),
             Command::Barrier(waiter) => barriers.push((waiter, records.len() as u64)),
             Command::Shutdown(waiter) => *shutdown = Some(waiter),

@@ -26,19 +26,11 @@ pub struct Recovered {
 
 /// Folds every record of the log into a fresh state.
 pub fn fold_log(reader: &LogReader) -> Result<Recovered, RecoveryError> {
-    fold_log_until(reader, u64::MAX)
-}
-
-/// Folds the records with sequence numbers up to `last` (inclusive).
-pub fn fold_log_until(reader: &LogReader, last: u64) -> Result<Recovered, RecoveryError> {
     let mut state = State::default();
     let mut records = 0;
     let mut last_seq = 0;
     for item in reader.records() {
         let (seq, record) = item?;
-        if seq > last {
-            break;
-        }
         debug_assert!(seq > last_seq, "log keys are strictly increasing");
         fold::apply(&mut state, &record).map_err(|source| RecoveryError::Fold { seq, source })?;
         assert!(

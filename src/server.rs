@@ -67,8 +67,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     create_dir(&config.data_dir)?;
     create_dir(&config.snapshot_dir)?;
     let log = Log::open(&config.data_dir.join("log"))?;
-    let reader = log.reader();
-    let recovered = recovery::fold_log(&reader)?;
+    let recovered = recovery::fold_log(&log.reader())?;
     tracing::info!(
         records = recovered.records,
         last_seq = recovered.last_seq,
@@ -80,7 +79,6 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     let (log_handle, writer) = log.start_writer();
     let supervisor = Supervisor {
         log: log_handle.clone(),
-        reader,
         clock: config.clock.clone(),
     };
     let args = SupervisorArgs {

@@ -39,7 +39,7 @@ use crate::domain::{Price, Product, Reservation, Status};
 use crate::error::Error;
 use crate::fold::{IdempotencyEntry, State};
 use crate::limits::{EXPIRY_TICK_MS, IDEMPOTENCY_RETENTION_MS};
-use crate::log::{LogHandle, LogReader, Ticket};
+use crate::log::{LogHandle, Ticket};
 use crate::record::{IdempotencyKey, Record};
 
 /// An `Idempotency-Key` with the fingerprint of the request that carries it.
@@ -141,7 +141,6 @@ pub struct Stats {
 
 pub struct Supervisor {
     pub log: LogHandle,
-    pub reader: LogReader,
     pub clock: SharedClock,
 }
 
@@ -517,9 +516,9 @@ impl Supervisor {
         Ok(ticket)
     }
 
-    /// Starts rebuilding a failed product from the log, off this actor's mailbox. The
-    /// barrier marks exactly which records the rebuilt state includes: stock effects sent
-    /// from now on are buffered and delivered to the new actor.
+    /// Starts rebuilding a failed product from the log, off this actor's mailbox. The fold
+    /// includes exactly the records queued before this call: stock effects sent from now
+    /// on are buffered and delivered to the new actor.
     fn begin_restart(
         &self,
         myself: &ActorRef<SupervisorMsg>,
@@ -528,23 +527,14 @@ impl Supervisor {
         _dead: ActorCell,
     ) {
         state.restarting.insert(sku.clone(), Vec::new());
-        let barrier = self.log.barrier();
-        let reader = self.reader.clone();
+        // Queued now, so the fold sees exactly the records queued before this point.
+        let folded = self.log.fold_durable();
         let myself = myself.clone();
         tokio::spawn(async move {
-            let result = match barrier.durable().await {
-                Ok(last) => {
-                    let sku = sku.clone();
-                    tokio::task::spawn_blocking(move || {
-                        crate::recovery::fold_log_until(&reader, last)
-                            .map(|r| r.state.products.get(&sku).cloned())
-                            .map_err(|e| e.to_string())
-                    })
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r)
-                }
-                Err(err) => Err(err.to_string()),
+            let result = match folded.await {
+                Ok(Ok(durable)) => Ok(durable.products.get(&sku).cloned()),
+                Ok(Err(err)) => Err(err),
+                Err(_) => Err("the log writer stopped".to_string()),
             };
             let _ = myself.cast(SupervisorMsg::ProductRecovered { sku, result });
         });
