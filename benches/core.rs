@@ -1,0 +1,143 @@
+//! Micro-benchmarks of the core: the fold, a product actor round trip, and the log writer's
+//! group commit. Run with `cargo bench --bench core`; figures go to docs/PERFORMANCE.md
+//! as ratios to a baseline measured in the same run (this machine is noisy).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use stockd::clock::SystemClock;
+use stockd::domain::Line;
+use stockd::fold::{apply, State};
+use stockd::log::Log;
+use stockd::record::Record;
+use uuid::Uuid;
+
+/// A realistic record mix: products, then reservations that are confirmed or cancelled.
+fn records(n: usize) -> Vec<Record> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..100 {
+        out.push(Record::ProductCreated {
+            sku: format!("SKU-{i}"),
+            name: "Thing".into(),
+            price: None,
+            on_hand: 1_000_000,
+            at: 0,
+        });
+    }
+    while out.len() < n {
+        let id = Uuid::now_v7();
+        out.push(Record::ReservationCreated {
+            id,
+            customer_id: "c".into(),
+            items: vec![Line {
+                sku: format!("SKU-{}", out.len() % 100),
+                quantity: 1,
+            }],
+            created_at: 1,
+            expires_at: 2,
+            idempotency: None,
+        });
+        if out.len() % 3 == 0 {
+            out.push(Record::ReservationConfirmed {
+                id,
+                order_id: None,
+                at: 2,
+            });
+        } else {
+            out.push(Record::ReservationCancelled { id, at: 2 });
+        }
+    }
+    out
+}
+
+fn fold(c: &mut Criterion) {
+    let log = records(100_000);
+    let mut group = c.benchmark_group("fold");
+    group.throughput(Throughput::Elements(log.len() as u64));
+    group.bench_function("apply 100k records", |b| {
+        b.iter(|| {
+            let mut state = State::default();
+            for r in &log {
+                apply(&mut state, r).unwrap();
+            }
+            state
+        })
+    });
+    group.finish();
+}
+
+fn actor_round_trip(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = rt.block_on(async {
+        let config = stockd::Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().join("data"),
+            snapshot_dir: dir.path().join("snapshots"),
+            clock: Arc::new(SystemClock),
+            ..stockd::Config::default()
+        };
+        let server = stockd::start(config).await.unwrap();
+        server
+            .service()
+            .create_product("HOT".into(), "Hot".into(), None, 1_000_000_000_000)
+            .await
+            .unwrap();
+        server
+    });
+    let service = server.service().clone();
+    let mut group = c.benchmark_group("actors");
+    // Baseline in the same run: a round trip to the supervisor alone.
+    group.bench_function("supervisor round trip (stats)", |b| {
+        b.to_async(&rt)
+            .iter(|| async { service.stats().await.unwrap() })
+    });
+    group.bench_function("product actor round trip (get via supervisor)", |b| {
+        b.to_async(&rt)
+            .iter(|| async { service.get_product("HOT").await.unwrap() })
+    });
+    group.finish();
+    rt.block_on(server.shutdown()).unwrap();
+}
+
+fn group_commit(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut group = c.benchmark_group("log writer");
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(10));
+    let record = Record::Replenished {
+        sku: "SKU-1".into(),
+        quantity: 1,
+        at: 0,
+    };
+    for batch in [1usize, 64, 1024] {
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_function(format!("{batch} records, then wait for all"), |b| {
+            b.iter_batched(
+                || {
+                    let dir = tempfile::tempdir().unwrap();
+                    let log = Log::open(&dir.path().join("log")).unwrap();
+                    let (handle, join) = log.start_writer();
+                    (dir, handle, join)
+                },
+                |(dir, handle, join)| {
+                    let tickets: Vec<_> =
+                        (0..batch).map(|_| handle.append(record.clone())).collect();
+                    rt.block_on(async {
+                        for t in tickets {
+                            t.durable().await.unwrap();
+                        }
+                    });
+                    // Dropped after the measurement: the writer stops when its handles go.
+                    (dir, handle, join)
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, fold, actor_round_trip, group_commit);
+criterion_main!(benches);
