@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,11 +69,13 @@ where
 {
     let send = Arc::new(send);
     let issued = Arc::new(AtomicU64::new(0));
+    let answered = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let stop_at = started + limits.duration;
+    let progress = tokio::spawn(progress(limits.duration, answered.clone()));
     let mut workers = Vec::with_capacity(limits.connections);
     for worker in 0..limits.connections {
-        let (send, issued) = (send.clone(), issued.clone());
+        let (send, issued, answered) = (send.clone(), issued.clone(), answered.clone());
         workers.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
             let mut by_status: BTreeMap<u16, u64> = BTreeMap::new();
@@ -84,7 +87,9 @@ where
                     break;
                 }
                 let mut failed = false;
-                for sample in send(worker, n).await {
+                let samples = send(worker, n).await;
+                answered.fetch_add(samples.len() as u64, Ordering::Relaxed);
+                for sample in samples {
                     match sample.status {
                         Some(status) => {
                             hist.saturating_record(sample.latency_us.max(1));
@@ -122,5 +127,33 @@ where
         stats.requests += errors;
     }
     stats.elapsed = started.elapsed();
+    progress.abort();
+    if std::io::stderr().is_terminal() {
+        eprint!("\r{:70}\r", "");
+    }
     stats
+}
+
+/// A one-line progress display on stderr, once a second, when stderr is a terminal.
+async fn progress(duration: Duration, answered: Arc<AtomicU64>) {
+    if !std::io::stderr().is_terminal() {
+        return;
+    }
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let elapsed = started.elapsed().as_secs_f64();
+        let done = answered.load(Ordering::Relaxed);
+        let width = 30usize;
+        let filled = ((elapsed / duration.as_secs_f64()) * width as f64).min(width as f64) as usize;
+        eprint!(
+            "\r[{}{}] {elapsed:4.0}/{:.0} s  {done} requests  {:.0} req/s ",
+            "#".repeat(filled),
+            " ".repeat(width - filled),
+            duration.as_secs_f64(),
+            done as f64 / elapsed.max(1e-9)
+        );
+    }
 }
