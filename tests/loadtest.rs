@@ -14,6 +14,7 @@ fn limits() -> Limits {
         duration: Duration::from_secs(10),
         requests_max: Some(400),
         stop_on_error: false,
+        rate: None,
     }
 }
 
@@ -179,4 +180,33 @@ async fn crash_mid_load_loses_no_acknowledged_change() {
         "{:?}",
         report.statuses
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_sends_at_the_given_rate_and_verifies() {
+    let opts = Options {
+        scenario: Scenario::FlashSale,
+        target: Target::Spawn {
+            stockd: env!("CARGO_BIN_EXE_stockd").into(),
+            durability: "sync".into(),
+        },
+        limits: Limits {
+            duration: Duration::from_secs(2),
+            requests_max: None,
+            rate: Some(100.0),
+            ..limits()
+        },
+        stock: 150,
+        catalogue: 1,
+        abandon_ttl_seconds: 1,
+    };
+    let report = loadtest::run(opts).await.expect("run");
+    assert!(report.verified, "{}", report.markdown());
+    // 100 per second for 2 seconds: the arrival schedule, not the server, sets the count.
+    assert!(
+        (190..=200).contains(&report.requests),
+        "{} requests",
+        report.requests
+    );
+    assert_eq!(report.statuses.get("201"), Some(&150));
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::driver::{closed_loop, timed, PhaseStats, Sample};
+use crate::driver::{run_phase, timed, PhaseStats, Sample};
 use crate::report::{Check, Report};
 use crate::scenarios::{get_json, post_json, Options};
 
@@ -306,7 +306,7 @@ pub async fn checkout(
 ) -> Result<Report, String> {
     let shared = setup(client, base, opts, false).await?;
     let load = shared.clone();
-    let stats = closed_loop(opts.limits, move |worker, n| {
+    let stats = run_phase(opts.limits, move |worker, n| {
         shopper(load.clone(), worker, n)
     })
     .await;

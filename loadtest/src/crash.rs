@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::checkout::{allowed_answers, setup, shopper, Acked};
-use crate::driver::{closed_loop, Limits, PhaseStats};
+use crate::driver::{run_phase, Limits, PhaseStats};
 use crate::report::{Check, Report};
 use crate::scenarios::{get_json, Options};
 use crate::server::ServerProcess;
@@ -33,7 +33,7 @@ pub async fn crash(
         ..opts.limits
     };
     let load = shared.clone();
-    let running = tokio::spawn(closed_loop(limits, move |worker, n| {
+    let running = tokio::spawn(run_phase(limits, move |worker, n| {
         shopper(load.clone(), worker, n)
     }));
     // Somewhere between 30 % and 70 % of the run.

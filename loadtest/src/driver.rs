@@ -1,14 +1,25 @@
-//! The closed-loop driver: `connections` workers, each sending its next request as soon as
-//! the previous answer arrives, until the duration or the request budget runs out.
+//! The load drivers.
+//!
+//! - Closed loop (the default): `connections` workers, each sending its next request as
+//!   soon as the previous answer arrives, until the duration or the request budget runs
+//!   out. Measures what the server sustains.
+//! - Open loop (`rate`): requests are *due* at a fixed arrival rate whatever the server
+//!   does, and latency is measured from the moment a request was due, not from when it
+//!   could be sent, so a stalled server cannot hide its stall (no coordinated omission).
+//!   At most `connections × OPEN_LOOP_IN_FLIGHT_PER_CONNECTION` requests are in flight; a
+//!   request due while that bound is reached waits, and its wait counts as latency.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+
+/// Open loop: requests in flight per connection before due requests start to wait.
+const OPEN_LOOP_IN_FLIGHT_PER_CONNECTION: usize = 4;
 
 /// What one phase measured.
 #[derive(Debug, Clone)]
@@ -23,6 +34,36 @@ pub struct PhaseStats {
 }
 
 impl PhaseStats {
+    fn new() -> PhaseStats {
+        PhaseStats {
+            requests: 0,
+            transport_errors: 0,
+            by_status: BTreeMap::new(),
+            latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    fn record(&mut self, sample: &Sample) {
+        self.requests += 1;
+        match sample.status {
+            Some(status) => {
+                self.latency_us.saturating_record(sample.latency_us.max(1));
+                *self.by_status.entry(status).or_default() += 1;
+            }
+            None => self.transport_errors += 1,
+        }
+    }
+
+    fn merge(&mut self, other: &PhaseStats) {
+        self.requests += other.requests;
+        self.transport_errors += other.transport_errors;
+        for (status, count) in &other.by_status {
+            *self.by_status.entry(*status).or_default() += count;
+        }
+        self.latency_us.add(&other.latency_us).expect("same bounds");
+    }
+
     pub fn throughput_rps(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
@@ -41,6 +82,8 @@ pub struct Limits {
     /// A worker stops at its first unanswered request (the crash scenario kills the
     /// server mid-run and must not spin on refused connections).
     pub stop_on_error: bool,
+    /// Open loop at this many iterations per second; `None` for the closed loop.
+    pub rate: Option<f64>,
 }
 
 /// One HTTP request as measured: its status (`None`: no answer) and latency.
@@ -60,78 +103,119 @@ pub async fn timed<Fut: Future<Output = Option<u16>>>(request: Fut) -> Sample {
     }
 }
 
-/// Runs `send(worker, n)` in a closed loop. One call may make several requests (a
-/// checkout: reserve, then confirm): it answers a sample for each.
-pub async fn closed_loop<F, Fut>(limits: Limits, send: F) -> PhaseStats
+/// Runs `send(worker, n)` under `limits` (closed or open loop). One call may make several
+/// requests (a checkout: reserve, then confirm): it answers a sample for each.
+pub async fn run_phase<F, Fut>(limits: Limits, send: F) -> PhaseStats
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Vec<Sample>> + Send,
+    Fut: Future<Output = Vec<Sample>> + Send + 'static,
 {
-    let send = Arc::new(send);
-    let issued = Arc::new(AtomicU64::new(0));
     let answered = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let stop_at = started + limits.duration;
     let progress = tokio::spawn(progress(limits.duration, answered.clone()));
+    let started = Instant::now();
+    let mut stats = match limits.rate {
+        Some(rate) => open_loop(limits, rate, Arc::new(send), answered).await,
+        None => closed_loop(limits, Arc::new(send), answered).await,
+    };
+    stats.elapsed = started.elapsed();
+    progress.abort();
+    if std::io::stderr().is_terminal() {
+        eprint!("\r{:78}\r", "");
+    }
+    stats
+}
+
+async fn closed_loop<F, Fut>(limits: Limits, send: Arc<F>, answered: Arc<AtomicU64>) -> PhaseStats
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Vec<Sample>> + Send + 'static,
+{
+    let issued = Arc::new(AtomicU64::new(0));
+    let stop_at = Instant::now() + limits.duration;
     let mut workers = Vec::with_capacity(limits.connections);
     for worker in 0..limits.connections {
         let (send, issued, answered) = (send.clone(), issued.clone(), answered.clone());
         workers.push(tokio::spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
-            let mut by_status: BTreeMap<u16, u64> = BTreeMap::new();
-            let mut errors = 0u64;
+            let mut stats = PhaseStats::new();
             let mut n = 0u64;
             while Instant::now() < stop_at {
                 let ticket = issued.fetch_add(1, Ordering::Relaxed);
                 if limits.requests_max.is_some_and(|max| ticket >= max) {
                     break;
                 }
-                let mut failed = false;
                 let samples = send(worker, n).await;
                 answered.fetch_add(samples.len() as u64, Ordering::Relaxed);
-                for sample in samples {
-                    match sample.status {
-                        Some(status) => {
-                            hist.saturating_record(sample.latency_us.max(1));
-                            *by_status.entry(status).or_default() += 1;
-                        }
-                        None => {
-                            errors += 1;
-                            failed = true;
-                        }
-                    }
-                }
+                samples.iter().for_each(|s| stats.record(s));
                 n += 1;
-                if failed && limits.stop_on_error {
+                if limits.stop_on_error && samples.iter().any(|s| s.status.is_none()) {
                     break;
                 }
             }
-            (hist, by_status, errors)
+            stats
         }));
     }
-    let mut stats = PhaseStats {
-        requests: 0,
-        transport_errors: 0,
-        by_status: BTreeMap::new(),
-        latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
-        elapsed: Duration::ZERO,
-    };
+    let mut stats = PhaseStats::new();
     for worker in workers {
-        let (hist, by_status, errors) = worker.await.expect("load worker panicked");
-        stats.latency_us.add(&hist).expect("same bounds");
-        for (status, count) in by_status {
-            *stats.by_status.entry(status).or_default() += count;
-            stats.requests += count;
-        }
-        stats.transport_errors += errors;
-        stats.requests += errors;
-    }
-    stats.elapsed = started.elapsed();
-    progress.abort();
-    if std::io::stderr().is_terminal() {
-        eprint!("\r{:70}\r", "");
+        stats.merge(&worker.await.expect("load worker panicked"));
     }
     stats
+}
+
+async fn open_loop<F, Fut>(
+    limits: Limits,
+    rate: f64,
+    send: Arc<F>,
+    answered: Arc<AtomicU64>,
+) -> PhaseStats
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Vec<Sample>> + Send + 'static,
+{
+    let started = Instant::now();
+    let stop_at = started + limits.duration;
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(
+        limits.connections.max(1) * OPEN_LOOP_IN_FLIGHT_PER_CONNECTION,
+    ));
+    let failed = Arc::new(AtomicBool::new(false));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<Sample>>();
+    let collector = tokio::spawn(async move {
+        let mut stats = PhaseStats::new();
+        while let Some(samples) = rx.recv().await {
+            samples.iter().for_each(|s| stats.record(s));
+        }
+        stats
+    });
+    let mut n = 0u64;
+    loop {
+        let due = started + Duration::from_secs_f64(n as f64 / rate);
+        let over_budget = limits.requests_max.is_some_and(|max| n >= max);
+        if due >= stop_at || over_budget || failed.load(Ordering::Relaxed) {
+            break;
+        }
+        tokio::time::sleep_until(due.into()).await;
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        let (send, tx, answered, failed) =
+            (send.clone(), tx.clone(), answered.clone(), failed.clone());
+        let worker = (n % limits.connections.max(1) as u64) as usize;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut samples = send(worker, n).await;
+            // Latency from when the request was due, not from when it could be sent.
+            if let Some(first) = samples.first_mut() {
+                first.latency_us = due.elapsed().as_micros() as u64;
+            }
+            if limits.stop_on_error && samples.iter().any(|s| s.status.is_none()) {
+                failed.store(true, Ordering::Relaxed);
+            }
+            answered.fetch_add(samples.len() as u64, Ordering::Relaxed);
+            let _ = tx.send(samples);
+        });
+        n += 1;
+    }
+    drop(tx);
+    collector.await.expect("collector")
 }
 
 /// A one-line progress display on stderr, once a second, when stderr is a terminal.

@@ -32,9 +32,13 @@ struct Cli {
     /// Seconds each phase runs.
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
-    /// Stop each phase after this many requests (whichever comes first).
+    /// Stop each phase after this many iterations (whichever comes first).
     #[arg(long)]
     requests: Option<u64>,
+    /// Open loop: send at this fixed rate (iterations per second) and measure latency from
+    /// when each request was due. Without it: closed loop.
+    #[arg(long)]
+    rate: Option<f64>,
     /// Units of the hot SKU (flash-sale) or of each SKU (checkout).
     #[arg(long, default_value_t = 1_000_000)]
     stock: u64,
@@ -65,6 +69,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if cli.rate.is_some_and(|r| !(r > 0.0 && r <= 1_000_000.0)) {
+        eprintln!("loadtest: --rate must be in (0, 1000000]");
+        return ExitCode::from(2);
+    }
     if cli.connections == 0 || !(cli.duration > 0.0 && cli.duration <= 3600.0) {
         eprintln!("loadtest: --connections must be ≥ 1 and --duration in (0, 3600]");
         return ExitCode::from(2);
@@ -77,6 +85,7 @@ fn main() -> ExitCode {
             duration: Duration::from_secs_f64(cli.duration),
             requests_max: cli.requests,
             stop_on_error: false,
+            rate: cli.rate,
         },
         stock: cli.stock,
         catalogue: cli.catalogue.max(1),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::driver::{closed_loop, timed, Limits, PhaseStats};
+use crate::driver::{run_phase, timed, Limits, PhaseStats};
 use crate::report::{Check, Report};
 use crate::server::ServerProcess;
 
@@ -94,7 +94,12 @@ pub async fn run(opts: Options) -> Result<Report, String> {
         .build()
         .map_err(|e| e.to_string())?;
 
-    let ceiling = ceiling(&client, &base, opts.limits).await;
+    // The ceiling is always closed loop: the most this client and server can do.
+    let ceiling_limits = Limits {
+        rate: None,
+        ..opts.limits
+    };
+    let ceiling = ceiling(&client, &base, ceiling_limits).await;
     let mut report = match opts.scenario {
         Scenario::Ceiling => Report::new("ceiling", &ceiling, &ceiling),
         Scenario::FlashSale => flash_sale(&client, &base, &opts, &ceiling).await?,
@@ -115,7 +120,7 @@ pub async fn run(opts: Options) -> Result<Report, String> {
 async fn ceiling(client: &reqwest::Client, base: &str, limits: Limits) -> PhaseStats {
     let url = Arc::new(format!("{base}/health"));
     let client = client.clone();
-    closed_loop(limits, move |_, _| {
+    run_phase(limits, move |_, _| {
         let (client, url) = (client.clone(), url.clone());
         async move {
             vec![
@@ -188,7 +193,7 @@ async fn flash_sale(
             .collect(),
     );
     let load_client = client.clone();
-    let stats = closed_loop(opts.limits, move |worker, _| {
+    let stats = run_phase(opts.limits, move |worker, _| {
         let (client, url, bodies) = (load_client.clone(), url.clone(), bodies.clone());
         async move {
             vec![
