@@ -54,6 +54,20 @@ async fn flash_sale_sells_exactly_the_stock_and_verifies() {
     for key in ["p50", "p90", "p99", "p999", "max"] {
         assert!(json["latency_ms"].get(key).is_some());
     }
+    let per_second: u64 = report
+        .timeline
+        .iter()
+        .map(|s| s.requests_per_second as u64)
+        .sum();
+    assert!(
+        per_second <= report.requests,
+        "the timeline counts answers once"
+    );
+    let svg = loadtest::chart::svg(&report);
+    assert!(
+        svg.starts_with("<svg") && svg.contains("<polyline"),
+        "{svg}"
+    );
 }
 
 /// A server that says 201 to every reservation but holds nothing.

@@ -21,9 +21,19 @@ use hdrhistogram::Histogram;
 /// Open loop: requests in flight per connection before due requests start to wait.
 const OPEN_LOOP_IN_FLIGHT_PER_CONNECTION: usize = 4;
 
+/// Answers completed in one second of a phase.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Second {
+    pub requests: u64,
+    pub latency_sum_us: u64,
+    pub latency_max_us: u64,
+}
+
 /// What one phase measured.
 #[derive(Debug, Clone)]
 pub struct PhaseStats {
+    /// Per second since the phase started (for the chart).
+    pub timeline: Vec<Second>,
     pub requests: u64,
     /// Requests that got no HTTP answer (connection refused or reset, timeout).
     pub transport_errors: u64,
@@ -36,6 +46,7 @@ pub struct PhaseStats {
 impl PhaseStats {
     fn new() -> PhaseStats {
         PhaseStats {
+            timeline: Vec::new(),
             requests: 0,
             transport_errors: 0,
             by_status: BTreeMap::new(),
@@ -44,7 +55,15 @@ impl PhaseStats {
         }
     }
 
-    fn record(&mut self, sample: &Sample) {
+    fn record(&mut self, sample: &Sample, phase_started: Instant) {
+        let second = phase_started.elapsed().as_secs() as usize;
+        if self.timeline.len() <= second {
+            self.timeline.resize(second + 1, Second::default());
+        }
+        let slot = &mut self.timeline[second];
+        slot.requests += 1;
+        slot.latency_sum_us += sample.latency_us;
+        slot.latency_max_us = slot.latency_max_us.max(sample.latency_us);
         self.requests += 1;
         match sample.status {
             Some(status) => {
@@ -56,6 +75,15 @@ impl PhaseStats {
     }
 
     fn merge(&mut self, other: &PhaseStats) {
+        if self.timeline.len() < other.timeline.len() {
+            self.timeline
+                .resize(other.timeline.len(), Second::default());
+        }
+        for (mine, theirs) in self.timeline.iter_mut().zip(&other.timeline) {
+            mine.requests += theirs.requests;
+            mine.latency_sum_us += theirs.latency_sum_us;
+            mine.latency_max_us = mine.latency_max_us.max(theirs.latency_max_us);
+        }
         self.requests += other.requests;
         self.transport_errors += other.transport_errors;
         for (status, count) in &other.by_status {
@@ -131,7 +159,8 @@ where
     Fut: Future<Output = Vec<Sample>> + Send + 'static,
 {
     let issued = Arc::new(AtomicU64::new(0));
-    let stop_at = Instant::now() + limits.duration;
+    let started = Instant::now();
+    let stop_at = started + limits.duration;
     let mut workers = Vec::with_capacity(limits.connections);
     for worker in 0..limits.connections {
         let (send, issued, answered) = (send.clone(), issued.clone(), answered.clone());
@@ -145,7 +174,7 @@ where
                 }
                 let samples = send(worker, n).await;
                 answered.fetch_add(samples.len() as u64, Ordering::Relaxed);
-                samples.iter().for_each(|s| stats.record(s));
+                samples.iter().for_each(|s| stats.record(s, started));
                 n += 1;
                 if limits.stop_on_error && samples.iter().any(|s| s.status.is_none()) {
                     break;
@@ -181,7 +210,7 @@ where
     let collector = tokio::spawn(async move {
         let mut stats = PhaseStats::new();
         while let Some(samples) = rx.recv().await {
-            samples.iter().for_each(|s| stats.record(s));
+            samples.iter().for_each(|s| stats.record(s, started));
         }
         stats
     });

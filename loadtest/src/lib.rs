@@ -11,8 +11,9 @@
 //! - `driver`: the closed-loop client (fixed connections, keep-alive) and its histogram.
 //! - `scenarios`: `ceiling`, `flash-sale`; `checkout`: the shopper mix; `crash`: the mix
 //!   with a SIGKILL and a restart.
-//! - `report`: the terminal table, Markdown and JSON.
+//! - `report`: the terminal table, Markdown and JSON; `chart`: the SVG chart.
 
+pub mod chart;
 pub mod checkout;
 pub mod crash;
 pub mod driver;

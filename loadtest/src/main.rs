@@ -54,6 +54,9 @@ struct Cli {
     /// Write the report as Markdown to this file.
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// Write an SVG chart of throughput and latency over the run to this file.
+    #[arg(long)]
+    svg: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -109,6 +112,12 @@ fn main() -> ExitCode {
     }
     if let Some(path) = cli.markdown {
         if let Err(e) = std::fs::write(&path, report.markdown()) {
+            eprintln!("loadtest: writing {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    }
+    if let Some(path) = cli.svg {
+        if let Err(e) = std::fs::write(&path, loadtest::chart::svg(&report)) {
             eprintln!("loadtest: writing {}: {e}", path.display());
             return ExitCode::from(2);
         }

@@ -29,6 +29,15 @@ impl Latency {
     }
 }
 
+/// One second of the main phase, for the chart.
+#[derive(Debug, Clone, Serialize)]
+pub struct SecondView {
+    pub second: usize,
+    pub requests_per_second: f64,
+    pub mean_ms: f64,
+    pub max_ms: f64,
+}
+
 /// One verification and its outcome.
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
@@ -68,6 +77,24 @@ pub struct Report {
     pub recovery_ms: Option<f64>,
     pub verified: bool,
     pub checks: Vec<Check>,
+    /// Per second of the main phase (the last, partial second is left out).
+    pub timeline: Vec<SecondView>,
+}
+
+fn timeline(stats: &PhaseStats) -> Vec<SecondView> {
+    let full_seconds = stats.elapsed.as_secs() as usize;
+    stats
+        .timeline
+        .iter()
+        .take(full_seconds.max(1))
+        .enumerate()
+        .map(|(second, s)| SecondView {
+            second,
+            requests_per_second: s.requests as f64,
+            mean_ms: s.latency_sum_us as f64 / s.requests.max(1) as f64 / 1000.0,
+            max_ms: s.latency_max_us as f64 / 1000.0,
+        })
+        .collect()
 }
 
 impl Report {
@@ -96,6 +123,7 @@ impl Report {
             recovery_ms: None,
             verified: stats.transport_errors == 0,
             checks: Vec::new(),
+            timeline: timeline(stats),
         }
     }
 
