@@ -1037,3 +1037,55 @@ async fn a_key_whose_first_request_is_still_in_flight_answers_409() {
     assert_eq!(c.product("A").await["reserved"], 1);
     t.stop().await;
 }
+
+#[tokio::test]
+async fn a_panic_on_a_logged_stock_effect_rebuilds_the_product_from_the_log() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.create_product("A", 2).await;
+    let r1 = c.reserve("u", "A", 1).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r2 = c.reserve("u", "A", 1).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The next message A handles is the Release of r1's cancel, already logged: restoring
+    // the state from before it would forget the release; the actor must be rebuilt instead.
+    t.service().arm_product_panic("A");
+    let a = c
+        .post(&format!("/v1/reservations/{r1}/cancel"), json!({}))
+        .await;
+    assert_eq!(a.status, 200);
+    let service = t.service().clone();
+    let rebuilt = eventually(Duration::from_secs(5), || {
+        let service = service.clone();
+        async move { service.stats().await.unwrap().product_restarts == 1 }
+    })
+    .await;
+    assert!(rebuilt, "the product was rebuilt from the log");
+    let p = c.product("A").await;
+    assert_eq!(
+        (p["reserved"].as_u64(), p["available"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(
+        c.reserve("u", "A", 1).await.status,
+        201,
+        "the released unit"
+    );
+    c.reserve("u", "A", 1)
+        .await
+        .assert_problem(409, "insufficient_stock");
+    let confirm = c
+        .post(&format!("/v1/reservations/{r2}/confirm"), json!({}))
+        .await;
+    assert_eq!(confirm.status, 200);
+    assert_eq!(c.product("A").await["sold"], 1);
+    // And the log agrees with memory: a restart shows the same product.
+    let before = c.product("A").await;
+    let t = t.restart().await;
+    assert_eq!(t.client.product("A").await, before);
+    t.stop().await;
+}

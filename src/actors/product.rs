@@ -8,9 +8,10 @@
 //! messages; their records are queued by the supervisor, which owns reservations.
 //!
 //! A panic while handling a message must not lose the product: the message is handled
-//! under `catch_unwind`, and on a panic the state is put back as it was before that
-//! message, the caller gets an internal error (its reply port is dropped), and the
-//! supervisor is told. The actor then goes on serving from the restored state.
+//! under `catch_unwind`, the caller gets an internal error (its reply port is dropped) and
+//! the supervisor is told. If the message had no logged effect (a read, a hold), the state
+//! is put back as it was before it and the actor goes on. Otherwise the actor fails, and
+//! the supervisor rebuilds it from the log, which holds every logged effect.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
@@ -190,6 +191,14 @@ impl Actor for ProductActor {
             }
             _ => {}
         }
+        // Only a message whose effect is not in the log may be undone by restoring the
+        // state: a read, or a hold (the caller sees the failure and rolls the reservation
+        // back). Anything else may already be logged, or be the stock effect of a logged
+        // record; undoing it would make memory and the log disagree.
+        let restorable = matches!(
+            msg,
+            ProductMsg::Get(_) | ProductMsg::Hold { .. } | ProductMsg::Crash(_)
+        );
         let before = state.product.clone();
         let panic_now = std::mem::take(&mut state.panic_next);
         let outcome = catch_unwind(AssertUnwindSafe(|| {
@@ -210,16 +219,23 @@ impl Actor for ProductActor {
             }
             Err(panic) => {
                 let reason = panic_message(panic.as_ref());
+                let sku = state.product.sku.clone();
+                let _ = self.supervisor.cast(SupervisorMsg::ProductPanicked {
+                    sku: sku.clone(),
+                    reason: reason.clone(),
+                });
+                if !restorable {
+                    // Fail: the supervisor rebuilds this product from the log, which holds
+                    // every logged effect, this message's included.
+                    tracing::error!(%sku, reason, "product actor panicked on a logged effect; failing it");
+                    return Err(format!("panicked on a logged effect: {reason}").into());
+                }
                 state.product = before;
                 tracing::error!(
-                    sku = %state.product.sku,
+                    %sku,
                     reason,
                     "product actor panicked; restored its state from before the message"
                 );
-                let _ = self.supervisor.cast(SupervisorMsg::ProductPanicked {
-                    sku: state.product.sku.clone(),
-                    reason,
-                });
             }
         }
         debug_assert!(state.product.invariant_holds());

@@ -561,8 +561,15 @@ impl Supervisor {
                 return Ok(());
             }
         };
+        let actor = match self.spawn_product(myself, state, product).await {
+            Ok(actor) => actor,
+            Err(err) => {
+                // Stays "restarting" (503) with its buffered effects; nothing is lost.
+                tracing::error!(%sku, error = %err, "cannot spawn the rebuilt product actor");
+                return Ok(());
+            }
+        };
         let buffered = state.restarting.remove(&sku).unwrap_or_default();
-        let actor = self.spawn_product(myself, state, product).await?;
         for msg in buffered {
             if actor.send_message(msg).is_err() {
                 tracing::error!(%sku, "restarted product actor stopped at once");
