@@ -224,3 +224,89 @@ async fn open_loop_sends_at_the_given_rate_and_verifies() {
     );
     assert_eq!(report.statuses.get("201"), Some(&150));
 }
+
+/// A server that acknowledges every reservation, confirm and replenishment but applies
+/// none of them: the checkout scenario must see the oversells, the lost sales and the
+/// broken conservation.
+async fn careless_server(stock: u64) -> (String, tokio::sync::oneshot::Sender<()>) {
+    use warp::http::StatusCode;
+    let json = |v: serde_json::Value, code: StatusCode| {
+        warp::reply::with_status(warp::reply::json(&v), code)
+    };
+    let health =
+        warp::path("health").map(move || json(serde_json::json!({"status": "ok"}), StatusCode::OK));
+    let create = warp::post()
+        .and(warp::path!("v1" / "products"))
+        .map(move || json(serde_json::json!({}), StatusCode::CREATED));
+    let product = warp::get()
+        .and(warp::path!("v1" / "products" / String))
+        .map(move |_| {
+            json(
+                serde_json::json!({"on_hand": stock, "reserved": 0, "sold": 0}),
+                StatusCode::OK,
+            )
+        });
+    let replenish = warp::post()
+        .and(warp::path!("v1" / "products" / String / "replenish"))
+        .map(move |_| json(serde_json::json!({}), StatusCode::OK));
+    let reserve = warp::post()
+        .and(warp::path!("v1" / "reservations"))
+        .map(move || {
+            json(
+                serde_json::json!({"id": uuid::Uuid::now_v7().to_string()}),
+                StatusCode::CREATED,
+            )
+        });
+    let settle = warp::post()
+        .and(warp::path!("v1" / "reservations" / String / String))
+        .map(move |_, _| json(serde_json::json!({}), StatusCode::OK));
+    let routes = health
+        .or(create)
+        .or(product)
+        .or(replenish)
+        .or(reserve)
+        .or(settle);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(
+        warp::serve(routes)
+            .incoming(listener)
+            .graceful(async move {
+                let _ = rx.await;
+            })
+            .run(),
+    );
+    (format!("http://{addr}"), tx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkout_verification_catches_a_careless_server() {
+    let (url, stop) = careless_server(3).await;
+    let opts = Options {
+        scenario: Scenario::Checkout,
+        target: Target::Url(url),
+        limits: Limits {
+            requests_max: Some(300),
+            ..limits()
+        },
+        stock: 3,
+        catalogue: 2,
+        abandon_ttl_seconds: 1,
+    };
+    let report = loadtest::run(opts).await.expect("run");
+    assert!(!report.verified, "{}", report.markdown());
+    assert!(report.oversold > 0, "oversells seen: {}", report.markdown());
+    assert!(
+        report.lost_acks > 0,
+        "lost confirms seen: {}",
+        report.markdown()
+    );
+    let conservation = report
+        .checks
+        .iter()
+        .find(|c| c.name.starts_with("units conserved"))
+        .unwrap();
+    assert!(!conservation.ok, "{}", report.markdown());
+    let _ = stop.send(());
+}

@@ -230,10 +230,12 @@ where
         let worker = (n % limits.connections.max(1) as u64) as usize;
         tokio::spawn(async move {
             let _permit = permit;
+            // Latency from when the request was due, not from when it could be sent: the
+            // wait for a slot is added to the first request of the iteration.
+            let lag_us = due.elapsed().as_micros() as u64;
             let mut samples = send(worker, n).await;
-            // Latency from when the request was due, not from when it could be sent.
             if let Some(first) = samples.first_mut() {
-                first.latency_us = due.elapsed().as_micros() as u64;
+                first.latency_us += lag_us;
             }
             if limits.stop_on_error && samples.iter().any(|s| s.status.is_none()) {
                 failed.store(true, Ordering::Relaxed);
