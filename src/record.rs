@@ -83,21 +83,6 @@ pub enum Record {
     },
 }
 
-impl Record {
-    /// Whether the record makes units available again (DESIGN.md, invariant 3: such a
-    /// record is queued before the freed units can be handed out).
-    pub fn frees_stock(&self) -> bool {
-        match self {
-            Record::Replenished { .. }
-            | Record::ReservationCancelled { .. }
-            | Record::ReservationExpired { .. }
-            | Record::ProductCreated { .. } => true,
-            Record::Adjusted { delta, .. } => *delta > 0,
-            _ => false,
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("record is {0} bytes, shorter than its header")]

@@ -70,6 +70,26 @@ async fn flash_sale_sells_exactly_the_stock_and_verifies() {
     );
 }
 
+/// Serves a fake stockd on 127.0.0.1:0; stops when the sender is used or dropped.
+async fn serve_fake<F>(routes: F) -> (String, tokio::sync::oneshot::Sender<()>)
+where
+    F: Filter<Error = warp::Rejection> + Clone + Send + Sync + 'static,
+    F::Extract: warp::Reply,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(
+        warp::serve(routes)
+            .incoming(listener)
+            .graceful(async move {
+                let _ = rx.await;
+            })
+            .run(),
+    );
+    (format!("http://{addr}"), tx)
+}
+
 /// A server that says 201 to every reservation but holds nothing.
 async fn lying_server() -> (String, tokio::sync::oneshot::Sender<()>) {
     let health =
@@ -92,18 +112,7 @@ async fn lying_server() -> (String, tokio::sync::oneshot::Sender<()>) {
         .and(warp::path!("v1" / "products" / String))
         .map(|_| warp::reply::json(&serde_json::json!({"on_hand": 20, "reserved": 20})));
     let routes = health.or(create).or(reserve).or(product);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(
-        warp::serve(routes)
-            .incoming(listener)
-            .graceful(async move {
-                let _ = rx.await;
-            })
-            .run(),
-    );
-    (format!("http://{addr}"), tx)
+    serve_fake(routes).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -266,18 +275,7 @@ async fn careless_server(stock: u64) -> (String, tokio::sync::oneshot::Sender<()
         .or(replenish)
         .or(reserve)
         .or(settle);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(
-        warp::serve(routes)
-            .incoming(listener)
-            .graceful(async move {
-                let _ = rx.await;
-            })
-            .run(),
-    );
-    (format!("http://{addr}"), tx)
+    serve_fake(routes).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use crate::driver::{run_phase, timed, PhaseStats, Sample};
 use crate::report::{Check, Report};
-use crate::scenarios::{get_json, post_json, Options};
+use crate::scenarios::{create_product, get_json, Options};
 
 /// What the clients were told, per SKU (index into the catalogue).
 #[derive(Default, Clone)]
@@ -360,15 +360,7 @@ pub(crate) async fn setup(
         .map(|i| format!("{prefix}{i:05}"))
         .collect();
     for sku in &skus {
-        let (status, body) = post_json(
-            client,
-            &format!("{base}/v1/products"),
-            &json!({"sku": sku, "name": "Catalogue item", "on_hand": opts.stock}),
-        )
-        .await?;
-        if status != 201 {
-            return Err(format!("creating {sku}: {status} {body}"));
-        }
+        create_product(client, base, sku, opts.stock).await?;
     }
     Ok(Arc::new(Shared {
         client: client.clone(),
@@ -494,57 +486,94 @@ pub async fn checkout(
     }
 
     let told = shared.told();
-    let (mut unaccounted, mut missing, mut breaks, mut over_reserved) =
-        (0, 0, Vec::new(), Vec::new());
-    for (i, p) in products.iter().enumerate() {
-        let shown = Shown::of(p);
-        let name = &shared.skus[i];
-        let (extra, lost) = told.sold_errors(i, &shown);
-        unaccounted += extra + shown.reserved.saturating_sub(shown.on_hand);
-        missing += lost;
-        breaks.extend(told.conservation_error(i, opts.stock, &shown, name));
-        if shown.reserved > told.reserved_most(i) {
-            over_reserved.push(format!(
-                "{name}: {} reserved, at most {} explained",
-                shown.reserved,
-                told.reserved_most(i)
-            ));
-        }
-    }
-    let oversold_live: u64 = told.oversells().iter().map(|(_, q)| q).sum();
+    let audit = told.audit(&shared.skus, &products, opts.stock);
     let mut report = Report::new("checkout", &stats, ceiling);
-    report.oversold = oversold_live + unaccounted;
-    report.lost_acks = missing;
-    report.checks = vec![
-        oversold_check(&told, unaccounted),
-        Check::new(
-            "every acknowledged confirm is sold",
-            missing == 0,
-            format!("{missing} confirmed units missing from sold"),
-        ),
-        Check::new(
-            "units conserved per SKU (initial + replenished = on_hand + sold)",
-            breaks.is_empty(),
-            if breaks.is_empty() {
-                format!("{} SKUs", products.len())
-            } else {
-                breaks.join("; ")
-            },
-        ),
-        Check::new(
-            "reserved = acknowledged holds still pending (none once abandoned holds expired)",
-            over_reserved.is_empty(),
-            over_reserved.join("; "),
-        ),
-        allowed_answers(told.unexpected()),
-    ];
+    report.oversold = audit.oversold(&told);
+    report.lost_acks = audit.missing;
+    report.checks = audit.checks(&told);
+    report.checks.push(Check::new(
+        "reserved = acknowledged holds still pending (none once abandoned holds expired)",
+        audit.over_reserved.is_empty(),
+        audit.over_reserved.join("; "),
+    ));
+    report.checks.push(allowed_answers(told.unexpected()));
     report.verified = report.checks.iter().all(|c| c.ok);
     Ok(report)
 }
 
+/// The server's end state of every SKU, audited against what the clients were told.
+pub(crate) struct Audit {
+    /// Units sold or reserved that no acknowledged (or unanswered) request accounts for.
+    pub unaccounted: u64,
+    /// Acknowledged confirmed units missing from `sold`.
+    pub missing: u64,
+    /// SKUs whose `on_hand + sold` is outside the supply.
+    pub breaks: Vec<String>,
+    /// SKUs with more reserved than pending acknowledged (or unanswered) holds explain.
+    pub over_reserved: Vec<String>,
+}
+
+impl Told {
+    /// Audits `products` (the server's views of `skus`, in the same order).
+    pub fn audit(&self, skus: &[String], products: &[Value], stock: u64) -> Audit {
+        let mut audit = Audit {
+            unaccounted: 0,
+            missing: 0,
+            breaks: Vec::new(),
+            over_reserved: Vec::new(),
+        };
+        for (i, (name, p)) in skus.iter().zip(products).enumerate() {
+            let shown = Shown::of(p);
+            let (extra, missing) = self.sold_errors(i, &shown);
+            audit.unaccounted += extra + shown.reserved.saturating_sub(shown.on_hand);
+            audit.missing += missing;
+            audit
+                .breaks
+                .extend(self.conservation_error(i, stock, &shown, name));
+            if shown.reserved > self.reserved_most(i) {
+                audit.over_reserved.push(format!(
+                    "{name}: {} reserved, at most {} explained",
+                    shown.reserved,
+                    self.reserved_most(i)
+                ));
+            }
+        }
+        audit
+    }
+}
+
+impl Audit {
+    /// Oversold units: seen live while the load ran, plus unaccounted at the end.
+    pub fn oversold(&self, told: &Told) -> u64 {
+        told.oversells().iter().map(|(_, q)| q).sum::<u64>() + self.unaccounted
+    }
+
+    /// The checks every scenario with a shopper mix makes.
+    pub fn checks(&self, told: &Told) -> Vec<Check> {
+        let breaks = if self.breaks.is_empty() {
+            "every SKU".to_string()
+        } else {
+            self.breaks.join("; ")
+        };
+        vec![
+            oversold_check(told, self.unaccounted),
+            Check::new(
+                "every acknowledged confirm is sold",
+                self.missing == 0,
+                format!("{} confirmed units missing from sold", self.missing),
+            ),
+            Check::new(
+                "units conserved per SKU (initial + replenished = on_hand + sold)",
+                self.breaks.is_empty(),
+                breaks,
+            ),
+        ]
+    }
+}
+
 /// No client was told it holds a unit beyond the supply, and the server's end state
 /// shows no sale or reservation that acknowledged requests do not account for.
-pub(crate) fn oversold_check(told: &Told, unaccounted: u64) -> Check {
+fn oversold_check(told: &Told, unaccounted: u64) -> Check {
     let live = told.oversells();
     let detail = if live.is_empty() {
         format!("{unaccounted} units sold or reserved beyond what was acknowledged")

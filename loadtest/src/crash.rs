@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::checkout::{allowed_answers, oversold_check, setup, shopper, Acked, Shown};
+use crate::checkout::{allowed_answers, setup, shopper, Acked};
 use crate::driver::{run_phase, Limits, PhaseStats};
 use crate::report::{Check, Report};
 use crate::scenarios::{get_json, Options};
@@ -55,20 +55,15 @@ pub async fn crash(
         .unwrap_or_default();
     let (mismatches, confirmed_on_server) =
         check_reservations(client, &base, acked.clone()).await?;
-    let told = shared.told();
-    let (mut unaccounted, mut units_missing, mut breaks) = (0u64, 0u64, Vec::new());
-    for (i, sku) in shared.skus.iter().enumerate() {
-        let p = get_json(client, &format!("{base}/v1/products/{sku}")).await?;
-        let shown = Shown::of(&p);
-        let (extra, missing) = told.sold_errors(i, &shown);
-        unaccounted += extra + shown.reserved.saturating_sub(shown.on_hand);
-        units_missing += missing;
-        breaks.extend(told.conservation_error(i, opts.stock, &shown, sku));
+    let mut products = Vec::with_capacity(shared.skus.len());
+    for sku in &shared.skus {
+        products.push(get_json(client, &format!("{base}/v1/products/{sku}")).await?);
     }
-    let oversold_live: u64 = told.oversells().iter().map(|(_, q)| q).sum();
+    let told = shared.told();
+    let audit = told.audit(&shared.skus, &products, opts.stock);
     let mut report = Report::new("crash", &stats, ceiling);
-    report.oversold = oversold_live + unaccounted;
-    report.lost_acks = mismatches.len() as u64 + units_missing;
+    report.oversold = audit.oversold(&told);
+    report.lost_acks = mismatches.len() as u64 + audit.missing;
     report.recovery_ms = Some(recovery.as_secs_f64() * 1000.0);
     report.checks = vec![
         Check::new(
@@ -90,19 +85,9 @@ pub async fn crash(
                 mismatches.iter().take(3).cloned().collect::<Vec<_>>().join("; ")
             },
         ),
-        oversold_check(&told, unaccounted),
-        Check::new(
-            "every acknowledged confirm is sold",
-            units_missing == 0,
-            format!("{units_missing} confirmed units missing from sold"),
-        ),
-        Check::new(
-            "units conserved per SKU",
-            breaks.is_empty(),
-            if breaks.is_empty() { format!("{} SKUs", shared.skus.len()) } else { breaks.join("; ") },
-        ),
-        allowed_answers(told.unexpected()),
     ];
+    report.checks.extend(audit.checks(&told));
+    report.checks.push(allowed_answers(told.unexpected()));
     report.verified = report.checks.iter().all(|c| c.ok);
     Ok(report)
 }

@@ -137,7 +137,7 @@ async fn ceiling(client: &reqwest::Client, base: &str, limits: Limits) -> PhaseS
     .await
 }
 
-pub(crate) async fn post_json(
+async fn post_json(
     client: &reqwest::Client,
     url: &str,
     body: &Value,
@@ -151,6 +151,20 @@ pub(crate) async fn post_json(
     let status = res.status().as_u16();
     let body = res.json().await.unwrap_or(Value::Null);
     Ok((status, body))
+}
+
+/// Creates a product with `on_hand` units; anything but 201 is an error.
+pub(crate) async fn create_product(
+    client: &reqwest::Client,
+    base: &str,
+    sku: &str,
+    on_hand: u64,
+) -> Result<(), String> {
+    let body = json!({"sku": sku, "name": format!("Load-test item {sku}"), "on_hand": on_hand});
+    match post_json(client, &format!("{base}/v1/products"), &body).await? {
+        (201, _) => Ok(()),
+        (status, body) => Err(format!("creating {sku}: {status} {body}")),
+    }
 }
 
 pub(crate) async fn get_json(client: &reqwest::Client, url: &str) -> Result<Value, String> {
@@ -172,15 +186,7 @@ async fn flash_sale(
     ceiling: &PhaseStats,
 ) -> Result<Report, String> {
     let sku = format!("FLASH-{}", std::process::id());
-    let (status, body) = post_json(
-        client,
-        &format!("{base}/v1/products"),
-        &json!({"sku": sku, "name": "Flash-sale item", "on_hand": opts.stock}),
-    )
-    .await?;
-    if status != 201 {
-        return Err(format!("creating {sku}: {status} {body}"));
-    }
+    create_product(client, base, &sku, opts.stock).await?;
     let url = Arc::new(format!("{base}/v1/reservations"));
     let bodies: Arc<Vec<Vec<u8>>> = Arc::new(
         (0..opts.limits.connections)
