@@ -118,7 +118,7 @@ fn group_commit(c: &mut Criterion) {
                 || {
                     let dir = tempfile::tempdir().unwrap();
                     let log = Log::open(&dir.path().join("log")).unwrap();
-                    let (handle, join) = log.start_writer();
+                    let (handle, join) = log.start_writer(1);
                     (dir, handle, join)
                 },
                 |(dir, handle, join)| {

@@ -4,8 +4,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use crate::clock::{SharedClock, SystemClock};
-use crate::limits::TTL_SECONDS_DEFAULT;
+use crate::limits::{PASSIVATE_AFTER_SECONDS_DEFAULT, TTL_SECONDS_DEFAULT};
+use crate::snapshot::WriteHooks;
+use crate::snapshotter::SnapshotPolicy;
 
 /// When a mutation is acknowledged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -25,6 +29,15 @@ pub struct Config {
     pub default_ttl_seconds: u64,
     pub durability: Durability,
     pub clock: SharedClock,
+    pub snapshots: SnapshotPolicy,
+    /// A product actor idle this long is passivated (`None`: never).
+    pub passivate_after: Option<Duration>,
+    /// Start even if a log record is damaged, by removing it and every later record (the
+    /// operator's explicit choice; the default refuses to start and names the record).
+    pub truncate_damaged_log: bool,
+    /// Test hooks for snapshot writing.
+    #[doc(hidden)]
+    pub snapshot_hooks: WriteHooks,
 }
 
 impl Default for Config {
@@ -36,6 +49,10 @@ impl Default for Config {
             default_ttl_seconds: TTL_SECONDS_DEFAULT,
             durability: Durability::Sync,
             clock: Arc::new(SystemClock),
+            snapshots: SnapshotPolicy::default(),
+            passivate_after: Some(Duration::from_secs(PASSIVATE_AFTER_SECONDS_DEFAULT)),
+            truncate_damaged_log: false,
+            snapshot_hooks: WriteHooks::default(),
         }
     }
 }
@@ -48,6 +65,9 @@ impl std::fmt::Debug for Config {
             .field("snapshot_dir", &self.snapshot_dir)
             .field("default_ttl_seconds", &self.default_ttl_seconds)
             .field("durability", &self.durability)
+            .field("snapshots", &self.snapshots)
+            .field("passivate_after", &self.passivate_after)
+            .field("truncate_damaged_log", &self.truncate_damaged_log)
             .finish()
     }
 }

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::clock::Millis;
@@ -16,15 +17,15 @@ use crate::domain::{Product, Reservation, Status};
 use crate::record::{IdempotencyKey, Record};
 
 /// A remembered idempotency key: what it created, for which request, and when.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdempotencyEntry {
     pub reservation_id: Uuid,
     pub fingerprint: Vec<u8>,
     pub created_at: Millis,
 }
 
-/// Everything the log describes.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Everything the log describes (and what a snapshot holds).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     pub products: BTreeMap<String, Product>,
     pub reservations: HashMap<Uuid, Reservation>,

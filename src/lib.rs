@@ -6,7 +6,9 @@
 //! - `record`: the log record type and its versioned, checksummed bincode codec.
 //! - `fold`: `apply(state, record)`, the one function that turns records into state.
 //! - `log`: the write-ahead log over sled, one writer thread with group commit.
-//! - `recovery`: folds the log at start-up.
+//! - `snapshot`: snapshot files (the state after log record S): write, verify, read, prune.
+//! - `recovery`: the newest verifying snapshot plus the log after it, folded.
+//! - `snapshotter`: the background thread that takes snapshots and truncates the log.
 //! - `actors::product`: one actor per product, the only place its stock changes.
 //! - `actors::supervisor`: routes by SKU, owns reservations and expiry deadlines, and
 //!   supervises the product actors.
@@ -29,6 +31,8 @@ pub mod record;
 pub mod recovery;
 pub mod server;
 pub mod service;
+pub mod snapshot;
+pub mod snapshotter;
 
 pub use config::{Config, Durability};
 pub use server::{start, Server, StartError};

@@ -37,3 +37,15 @@ pub const LOG_BATCH_RECORDS_MAX: usize = 4096;
 pub const EXPIRY_TICK_MS: u64 = 100;
 /// How long a deleted product's actor keeps answering "not found" before it stops.
 pub const RETIRE_GRACE_MS: u64 = 5_000;
+/// Automatic snapshot after this many durable log records since the newest one.
+pub const SNAPSHOT_EVERY_RECORDS_DEFAULT: u64 = 500_000;
+/// Automatic snapshot after this long, if anything changed.
+pub const SNAPSHOT_EVERY_SECONDS_DEFAULT: u64 = 600;
+/// Snapshots kept on disk; the log keeps the records after the oldest of them.
+pub const SNAPSHOTS_KEPT_DEFAULT: usize = 3;
+/// A product actor with no message for this long is passivated (its state kept as plain
+/// data in the supervisor) and activated again by its next message.
+pub const PASSIVATE_AFTER_SECONDS_DEFAULT: u64 = 60;
+/// Most actors passivated per periodic check (each is one actor round trip inside the
+/// supervisor's mailbox, so this bounds the pause it adds: ~128 × 20 µs).
+pub const PASSIVATIONS_PER_TICK_MAX: usize = 128;

@@ -18,7 +18,7 @@
 //! process recovers from what reached the disk.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
@@ -60,13 +60,8 @@ impl Ticket {
     }
 }
 
-/// The durable state, folded by the writer (see `LogHandle::fold_durable`).
-pub type FoldResult = Result<crate::fold::State, String>;
-
 enum Command {
     Append(Record, Option<oneshot::Sender<Result<u64, LogError>>>),
-    /// Flush everything queued before it, then fold the whole log and answer the state.
-    Fold(oneshot::Sender<FoldResult>),
     /// Resolves once every command queued before it has been flushed.
     Barrier(oneshot::Sender<Result<u64, LogError>>),
     Shutdown(oneshot::Sender<Result<u64, LogError>>),
@@ -79,6 +74,8 @@ pub struct LogHandle {
     fail_writes: Arc<AtomicBool>,
     /// Set by the writer when a write fails; the log then refuses everything.
     failed: Arc<AtomicBool>,
+    /// Sequence number of the last flushed record.
+    durable: Arc<AtomicU64>,
 }
 
 impl LogHandle {
@@ -105,15 +102,9 @@ impl LogHandle {
         Ticket(rx)
     }
 
-    /// The state folded from exactly the records queued before this call (flushed first).
-    /// Rebuilds a failed product actor. The writer thread does the read, so no sled handle
-    /// ever lives outside it: when the writer stops, the log is closed.
-    pub fn fold_durable(&self) -> oneshot::Receiver<FoldResult> {
-        let (tx, rx) = oneshot::channel();
-        if let Err(mpsc::SendError(Command::Fold(tx))) = self.tx.send(Command::Fold(tx)) {
-            let _ = tx.send(Err("the log writer stopped".into()));
-        }
-        rx
+    /// Sequence number of the last record known to be flushed (0 if none).
+    pub fn durable_seq(&self) -> u64 {
+        self.durable.load(Ordering::SeqCst)
     }
 
     /// Flushes everything queued and stops the writer. Later appends fail.
@@ -137,11 +128,18 @@ impl LogHandle {
     }
 }
 
+/// Key of the log's one metadata entry: the highest sequence number removed from the
+/// front of the log because a kept snapshot covers it (big-endian `u64`).
+const TRUNCATED_THROUGH_KEY: &[u8] = b"truncated_through";
+/// Records removed per sled batch when the front of the log is dropped.
+const TRUNCATE_BATCH_RECORDS: usize = 10_000;
+
 /// The opened log, before its writer starts: recovery reads it, then `start_writer`.
 pub struct Log {
     db: sled::Db,
     tree: sled::Tree,
-    last_seq: u64,
+    meta: sled::Tree,
+    dir: String,
 }
 
 impl Log {
@@ -157,36 +155,87 @@ impl Log {
             .open()
             .map_err(err)?;
         let tree = db.open_tree("wal").map_err(err)?;
-        let last_seq = match tree.last().map_err(err)? {
+        let meta = db.open_tree("meta").map_err(err)?;
+        Ok(Log {
+            db,
+            tree,
+            meta,
+            dir: dir.display().to_string(),
+        })
+    }
+
+    /// Sequence number of the newest record, or of the last one truncated away (0 for a
+    /// log that never held a record).
+    pub fn last_seq(&self) -> Result<u64, OpenError> {
+        let reader = self.reader();
+        let last = match self.tree.last().map_err(|e| reader.sled_err(e))? {
             Some((key, _)) => seq_of(&key)?,
             None => 0,
         };
-        Ok(Log { db, tree, last_seq })
+        Ok(last.max(reader.truncated_through()?))
     }
 
-    /// Sequence number of the newest record (0 for an empty log).
-    pub fn last_seq(&self) -> u64 {
-        self.last_seq
-    }
-
-    /// A read-only view of the log, for recovery at start-up. Drop it before the server
-    /// runs: the log must be closed when the writer stops.
+    /// A view of the log for reading (recovery, snapshots). Every clone must be dropped
+    /// before the writer stops, so that the log is closed when it does.
     pub fn reader(&self) -> LogReader {
         LogReader {
             tree: self.tree.clone(),
+            meta: self.meta.clone(),
+            dir: self.dir.clone(),
         }
     }
 
-    /// Starts the writer thread; the log is then written only through the handle.
-    pub fn start_writer(self) -> (LogHandle, thread::JoinHandle<()>) {
+    /// Removes record `seq` and every later one, and flushes: the operator's explicit
+    /// choice when a damaged record stops start-up (`--truncate-damaged-log`). Returns the
+    /// number of records removed.
+    pub fn truncate_from(&self, seq: u64) -> Result<u64, OpenError> {
+        let reader = self.reader();
+        let mut removed = 0;
+        loop {
+            let keys: Vec<_> = self
+                .tree
+                .range(seq.to_be_bytes()..)
+                .keys()
+                .take(TRUNCATE_BATCH_RECORDS)
+                .collect::<Result<_, _>>()
+                .map_err(|e| reader.sled_err(e))?;
+            if keys.is_empty() {
+                break;
+            }
+            let mut batch = sled::Batch::default();
+            for key in &keys {
+                batch.remove(key.clone());
+            }
+            self.tree
+                .apply_batch(batch)
+                .map_err(|e| reader.sled_err(e))?;
+            removed += keys.len() as u64;
+        }
+        self.flush()?;
+        Ok(removed)
+    }
+
+    /// Flushes everything written so far (only while no writer runs).
+    pub fn flush(&self) -> Result<(), OpenError> {
+        self.db
+            .flush()
+            .map(drop)
+            .map_err(|e| self.reader().sled_err(e))
+    }
+
+    /// Starts the writer thread; the log is then written only through the handle. The
+    /// first record written gets `next_seq`.
+    pub fn start_writer(self, next_seq: u64) -> (LogHandle, thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel();
         let fail_writes = Arc::new(AtomicBool::new(false));
         let failed = Arc::new(AtomicBool::new(false));
+        let durable = Arc::new(AtomicU64::new(next_seq - 1));
         let writer = Writer {
             failed_flag: failed.clone(),
+            durable: durable.clone(),
             db: self.db,
             tree: self.tree,
-            next_seq: self.last_seq + 1,
+            next_seq,
             failed: None,
             fail_writes: fail_writes.clone(),
         };
@@ -199,31 +248,157 @@ impl Log {
                 tx,
                 fail_writes,
                 failed,
+                durable,
             },
             join,
         )
     }
 }
 
-/// Reads the log while the writer runs (sled trees are safe to read concurrently).
+/// Reads the log while the writer runs (sled trees are safe to read concurrently), and
+/// drops its front once snapshots cover it.
 #[derive(Clone)]
 pub struct LogReader {
     tree: sled::Tree,
+    meta: sled::Tree,
+    dir: String,
+}
+
+/// What `stockd log dump` reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LogSummary {
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    pub records: u64,
+    /// Encoded record bytes (what sled stores as values; its own overhead is not counted).
+    pub record_bytes: u64,
+    pub truncated_through: u64,
+    /// Records per kind, e.g. `ReservationCreated`.
+    pub kinds: std::collections::BTreeMap<String, u64>,
+    /// The first damaged record, if any (the summary stops counting there).
+    pub damaged_at: Option<u64>,
+}
+
+impl std::fmt::Display for LogSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let range = match (self.first_seq, self.last_seq) {
+            (Some(first), Some(last)) => format!("{first}..={last}"),
+            _ => "empty".to_string(),
+        };
+        writeln!(f, "records:           {} ({range})", self.records)?;
+        writeln!(f, "record bytes:      {}", self.record_bytes)?;
+        writeln!(
+            f,
+            "truncated through: {} (covered by snapshots)",
+            self.truncated_through
+        )?;
+        for (kind, count) in &self.kinds {
+            writeln!(f, "  {kind:<22} {count}")?;
+        }
+        if let Some(seq) = self.damaged_at {
+            writeln!(f, "DAMAGED record at:  {seq} (counting stopped there)")?;
+        }
+        Ok(())
+    }
 }
 
 impl LogReader {
+    fn sled_err(&self, source: sled::Error) -> OpenError {
+        OpenError::Sled {
+            path: self.dir.clone(),
+            source,
+        }
+    }
+
+    /// Every record after `after`, in log order, verified.
+    pub fn records_after(
+        &self,
+        after: u64,
+    ) -> impl Iterator<Item = Result<(u64, Record), OpenError>> + '_ {
+        self.tree
+            .range(after.saturating_add(1).to_be_bytes()..)
+            .map(|item| {
+                let (key, value) = item.map_err(|e| self.sled_err(e))?;
+                let seq = seq_of(&key)?;
+                let record =
+                    record::decode(&value).map_err(|source| OpenError::Damaged { seq, source })?;
+                Ok((seq, record))
+            })
+    }
+
     /// Every record in log order, verified.
     pub fn records(&self) -> impl Iterator<Item = Result<(u64, Record), OpenError>> + '_ {
-        self.tree.iter().map(|item| {
-            let (key, value) = item.map_err(|source| OpenError::Sled {
-                path: String::from("(log)"),
-                source,
-            })?;
+        self.records_after(0)
+    }
+
+    /// The highest sequence number dropped from the front of the log (0: none).
+    pub fn truncated_through(&self) -> Result<u64, OpenError> {
+        match self
+            .meta
+            .get(TRUNCATED_THROUGH_KEY)
+            .map_err(|e| self.sled_err(e))?
+        {
+            Some(bytes) => seq_of(&bytes),
+            None => Ok(0),
+        }
+    }
+
+    /// Drops every record up to and including `seq` (a kept snapshot covers them). The
+    /// mark is written before the records are removed, and it is never lowered. Not
+    /// flushed here: the writer's next flush makes it durable (only the writer flushes);
+    /// if a crash loses it, the records are simply still there.
+    pub fn truncate_through(&self, seq: u64) -> Result<u64, OpenError> {
+        if seq <= self.truncated_through()? {
+            return Ok(0);
+        }
+        self.meta
+            .insert(TRUNCATED_THROUGH_KEY, &seq.to_be_bytes())
+            .map_err(|e| self.sled_err(e))?;
+        let mut removed = 0;
+        loop {
+            let keys: Vec<_> = self
+                .tree
+                .range(..=seq.to_be_bytes())
+                .keys()
+                .take(TRUNCATE_BATCH_RECORDS)
+                .collect::<Result<_, _>>()
+                .map_err(|e| self.sled_err(e))?;
+            if keys.is_empty() {
+                break;
+            }
+            let mut batch = sled::Batch::default();
+            for key in &keys {
+                batch.remove(key.clone());
+            }
+            self.tree.apply_batch(batch).map_err(|e| self.sled_err(e))?;
+            removed += keys.len() as u64;
+        }
+        Ok(removed)
+    }
+
+    /// Sequence range, counts and sizes, decoding every record (for `stockd log dump`).
+    pub fn summary(&self) -> Result<LogSummary, OpenError> {
+        let mut summary = LogSummary {
+            truncated_through: self.truncated_through()?,
+            ..LogSummary::default()
+        };
+        for item in self.tree.iter() {
+            let (key, value) = item.map_err(|e| self.sled_err(e))?;
             let seq = seq_of(&key)?;
-            let record =
-                record::decode(&value).map_err(|source| OpenError::Damaged { seq, source })?;
-            Ok((seq, record))
-        })
+            let record = match record::decode(&value) {
+                Ok(record) => record,
+                Err(_) => {
+                    summary.damaged_at = Some(seq);
+                    break;
+                }
+            };
+            summary.first_seq.get_or_insert(seq);
+            summary.last_seq = Some(seq);
+            summary.records += 1;
+            summary.record_bytes += value.len() as u64;
+            *summary.kinds.entry(record.kind().to_string()).or_insert(0) += 1;
+        }
+        Ok(summary)
     }
 }
 
@@ -234,6 +409,28 @@ fn seq_of(key: &[u8]) -> Result<u64, OpenError> {
     Ok(u64::from_be_bytes(bytes))
 }
 
+/// Test hook: overwrites the stored bytes of record `seq` with a damaged copy, as a bad
+/// disk would. Only for a log no server has open.
+#[doc(hidden)]
+pub fn damage_record(dir: &Path, seq: u64) -> Result<(), OpenError> {
+    let log = Log::open(dir)?;
+    let reader = log.reader();
+    let key = seq.to_be_bytes();
+    let mut value = log
+        .tree
+        .get(key)
+        .map_err(|e| reader.sled_err(e))?
+        .map(|v| v.to_vec())
+        .unwrap_or_default();
+    if let Some(last) = value.last_mut() {
+        *last ^= 0x5a;
+    }
+    log.tree
+        .insert(key, value)
+        .map_err(|e| reader.sled_err(e))?;
+    log.flush()
+}
+
 struct Writer {
     db: sled::Db,
     tree: sled::Tree,
@@ -242,6 +439,7 @@ struct Writer {
     failed: Option<LogError>,
     failed_flag: Arc<AtomicBool>,
     fail_writes: Arc<AtomicBool>,
+    durable: Arc<AtomicU64>,
 }
 
 type Waiter = oneshot::Sender<Result<u64, LogError>>;
@@ -253,23 +451,23 @@ impl Writer {
         let mut barriers: Vec<(Waiter, u64)> = Vec::new();
         loop {
             let mut shutdown = None;
-            let mut fold = None;
             // Block for the first command, then take whatever else is already queued, up to
-            // a command that must see exactly the records before it (fold, shutdown).
+            // a shutdown (which must see exactly the records before it).
             match rx.recv() {
-                Ok(cmd) => self.take(cmd, &mut records, &mut barriers, &mut shutdown, &mut fold),
+                Ok(cmd) => self.take(cmd, &mut records, &mut barriers, &mut shutdown),
                 Err(_) => return self.finish(None),
             }
-            while shutdown.is_none() && fold.is_none() && records.len() < LOG_BATCH_RECORDS_MAX {
+            while shutdown.is_none() && records.len() < LOG_BATCH_RECORDS_MAX {
                 match rx.try_recv() {
-                    Ok(cmd) => {
-                        self.take(cmd, &mut records, &mut barriers, &mut shutdown, &mut fold)
-                    }
+                    Ok(cmd) => self.take(cmd, &mut records, &mut barriers, &mut shutdown),
                     Err(_) => break,
                 }
             }
             let first_seq = self.next_seq;
             let outcome = self.write_batch(&records);
+            if let Ok(last) = outcome {
+                self.durable.store(last, Ordering::SeqCst);
+            }
             for (i, (_, waiter)) in records.drain(..).enumerate() {
                 if let Some(waiter) = waiter {
                     let _ = waiter.send(outcome.clone().map(|_| first_seq + i as u64));
@@ -277,20 +475,6 @@ impl Writer {
             }
             for (waiter, before) in barriers.drain(..) {
                 let _ = waiter.send(outcome.clone().map(|_| first_seq - 1 + before));
-            }
-            if let Some(waiter) = fold {
-                let result = match &outcome {
-                    Ok(_) => {
-                        let reader = LogReader {
-                            tree: self.tree.clone(),
-                        };
-                        crate::recovery::fold_log(&reader)
-                            .map(|r| r.state)
-                            .map_err(|e| e.to_string())
-                    }
-                    Err(err) => Err(err.to_string()),
-                };
-                let _ = waiter.send(result);
             }
             if shutdown.is_some() {
                 return self.finish(shutdown);
@@ -304,16 +488,13 @@ impl Writer {
         records: &mut Vec<(Record, Option<Waiter>)>,
         barriers: &mut Vec<(Waiter, u64)>,
         shutdown: &mut Option<Waiter>,
-        fold: &mut Option<oneshot::Sender<FoldResult>>,
     ) {
         match cmd {
-            Command::Fold(waiter) => *fold = Some(waiter),
             Command::Append(record, waiter) => records.push((record, waiter)),
             Command::Barrier(waiter) => barriers.push((waiter, records.len() as u64)),
             Command::Shutdown(waiter) => *shutdown = Some(waiter),
         }
     }
-
     /// Writes and flushes one batch; returns the sequence number of its last record.
     fn write_batch(&mut self, records: &[(Record, Option<Waiter>)]) -> Result<u64, LogError> {
         if let Some(err) = &self.failed {

@@ -4,7 +4,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::time::Duration;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use stockd::snapshot::WriteHooks;
+use stockd::snapshotter::{take_offline, SnapshotPolicy};
 use stockd::{Config, Durability};
 
 /// stockd: an inventory reservation server for flash-sale traffic.
@@ -24,6 +28,66 @@ struct Cli {
 enum Command {
     /// Start the server (the default when no command is given).
     Serve(ServeArgs),
+    /// Take a snapshot of a stopped server's data (or `inspect` a snapshot file).
+    Snapshot(SnapshotCommand),
+    /// Inspect the write-ahead log of a stopped server.
+    Log {
+        #[command(subcommand)]
+        action: LogAction,
+    },
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct SnapshotCommand {
+    #[command(subcommand)]
+    action: Option<SnapshotAction>,
+    #[command(flatten)]
+    take: OfflineSnapshotArgs,
+}
+
+#[derive(Subcommand)]
+enum SnapshotAction {
+    /// Verify a snapshot file and describe it: sequence, time, counts, size.
+    Inspect {
+        file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct OfflineSnapshotArgs {
+    /// Directory of the write-ahead log.
+    #[arg(long, env = "STOCKD_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+    /// Directory of snapshots.
+    #[arg(long, env = "STOCKD_SNAPSHOT_DIR", default_value = "./snapshots")]
+    snapshot_dir: PathBuf,
+    /// Snapshots kept; the log keeps the records after the oldest of them.
+    #[arg(long, env = "STOCKD_SNAPSHOTS_KEEP", default_value_t = 3,
+          value_parser = clap::value_parser!(u64).range(1..=1000))]
+    snapshots_keep: u64,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum LogAction {
+    /// Sequence range, record counts per kind and sizes of the log.
+    Dump {
+        /// Directory of the write-ahead log.
+        #[arg(long, env = "STOCKD_DATA_DIR", default_value = "./data")]
+        data_dir: PathBuf,
+        /// Also print every record, one JSON object per line.
+        #[arg(long)]
+        records: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -48,6 +112,28 @@ struct ServeArgs {
     /// Log format on stderr.
     #[arg(long, env = "STOCKD_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Take a snapshot once this many log records were written since the newest one
+    /// (0: never by count).
+    #[arg(long, env = "STOCKD_SNAPSHOT_EVERY_RECORDS", default_value_t = 500_000)]
+    snapshot_every_records: u64,
+    /// Take a snapshot this often, in seconds, if anything changed (0: never by time).
+    #[arg(long, env = "STOCKD_SNAPSHOT_EVERY_SECONDS", default_value_t = 600)]
+    snapshot_every_seconds: u64,
+    /// Snapshots kept; the log keeps the records after the oldest of them.
+    #[arg(long, env = "STOCKD_SNAPSHOTS_KEEP", default_value_t = 3,
+          value_parser = clap::value_parser!(u64).range(1..=1000))]
+    snapshots_keep: u64,
+    /// A product actor idle this many seconds is passivated (its state kept as plain
+    /// data) until its next request (0: never).
+    #[arg(long, env = "STOCKD_PASSIVATE_AFTER", default_value_t = 60)]
+    passivate_after: u64,
+    /// If a log record is damaged, remove it and every later record and start, instead of
+    /// refusing to start. Acknowledged changes in the removed records are lost.
+    #[arg(long)]
+    truncate_damaged_log: bool,
+    /// Test hook: pause this long while writing each snapshot file (to test crashes).
+    #[arg(long, hide = true, env = "STOCKD_TEST_SNAPSHOT_PAUSE_MS")]
+    test_snapshot_pause_ms: Option<u64>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -99,6 +185,19 @@ async fn serve(args: ServeArgs) -> ExitCode {
         snapshot_dir: args.snapshot_dir,
         default_ttl_seconds: args.default_ttl,
         durability: args.durability,
+        snapshots: SnapshotPolicy {
+            every_records: args.snapshot_every_records,
+            every: (args.snapshot_every_seconds > 0)
+                .then(|| Duration::from_secs(args.snapshot_every_seconds)),
+            keep: args.snapshots_keep as usize,
+            on_shutdown: true,
+        },
+        passivate_after: (args.passivate_after > 0)
+            .then(|| Duration::from_secs(args.passivate_after)),
+        truncate_damaged_log: args.truncate_damaged_log,
+        snapshot_hooks: WriteHooks {
+            pause_before_rename: args.test_snapshot_pause_ms.map(Duration::from_millis),
+        },
         ..Config::default()
     };
     let server = match stockd::start(config).await {
@@ -126,10 +225,146 @@ async fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
+/// Prints `value` as JSON, or `text` for people.
+fn print(json: bool, value: &impl serde::Serialize, text: impl FnOnce() -> String) {
+    if json {
+        match serde_json::to_string_pretty(value) {
+            Ok(out) => println!("{out}"),
+            Err(err) => eprintln!("stockd: {err}"),
+        }
+    } else {
+        print!("{}", text());
+    }
+}
+
+/// Names the usual cause of an error opening a log that a server has open.
+fn explain(err: String) -> String {
+    if err.contains("lock") {
+        format!("{err} (is a server running on this data directory? stop it first)")
+    } else {
+        err
+    }
+}
+
+fn offline_snapshot(args: OfflineSnapshotArgs) -> ExitCode {
+    let now = chrono::Utc::now().timestamp_millis();
+    let log_dir = args.data_dir.join("log");
+    if !log_dir.exists() {
+        eprintln!("stockd: no log in {}", log_dir.display());
+        return ExitCode::FAILURE;
+    }
+    match take_offline(
+        &log_dir,
+        &args.snapshot_dir,
+        args.snapshots_keep as usize,
+        now,
+    ) {
+        Ok(taken) => {
+            print(args.json, &taken, || {
+                format!(
+                    "{} {} after log record {} ({} bytes, {} records folded, {} log records dropped, {} ms)\n",
+                    if taken.created { "wrote" } else { "already current:" },
+                    args.snapshot_dir.join(&taken.file).display(),
+                    taken.sequence,
+                    taken.size_bytes,
+                    taken.records_folded,
+                    taken.log_records_dropped,
+                    taken.elapsed_ms
+                )
+            });
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("stockd: {}", explain(err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn inspect_snapshot(file: &std::path::Path, json: bool) -> ExitCode {
+    match stockd::snapshot::inspect(file) {
+        Ok(report) => {
+            print(json, &report, || report.to_string());
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            if json {
+                print(
+                    true,
+                    &serde_json::json!({"file": file, "valid": false, "error": err.to_string()}),
+                    String::new,
+                );
+            }
+            eprintln!("stockd: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dump_log(data_dir: &std::path::Path, records: bool, json: bool) -> ExitCode {
+    let log_dir = data_dir.join("log");
+    if !log_dir.exists() {
+        eprintln!("stockd: no log in {}", log_dir.display());
+        return ExitCode::FAILURE;
+    }
+    let log = match stockd::log::Log::open(&log_dir) {
+        Ok(log) => log,
+        Err(err) => {
+            eprintln!("stockd: {}", explain(err.to_string()));
+            return ExitCode::FAILURE;
+        }
+    };
+    let reader = log.reader();
+    if records {
+        for item in reader.records() {
+            match item {
+                Ok((seq, record)) => {
+                    let line =
+                        serde_json::json!({"seq": seq, "kind": record.kind(), "record": record});
+                    println!("{line}");
+                }
+                Err(err) => {
+                    eprintln!("stockd: {err}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    match reader.summary() {
+        Ok(summary) => {
+            print(json, &summary, || summary.to_string());
+            if summary.damaged_at.is_some() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(err) => {
+            eprintln!("stockd: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
+        Some(Command::Snapshot(cmd)) => {
+            return match cmd.action {
+                Some(SnapshotAction::Inspect { file, json }) => inspect_snapshot(&file, json),
+                None => offline_snapshot(cmd.take),
+            }
+        }
+        Some(Command::Log {
+            action:
+                LogAction::Dump {
+                    data_dir,
+                    records,
+                    json,
+                },
+        }) => return dump_log(&data_dir, records, json),
         None => cli.serve,
     };
     let runtime = match tokio::runtime::Runtime::new() {

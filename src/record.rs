@@ -83,6 +83,24 @@ pub enum Record {
     },
 }
 
+impl Record {
+    /// The record's kind, as operators see it in `stockd log dump`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Record::ProductCreated { .. } => "ProductCreated",
+            Record::ProductPatched { .. } => "ProductPatched",
+            Record::Replenished { .. } => "Replenished",
+            Record::Adjusted { .. } => "Adjusted",
+            Record::ProductDeleted { .. } => "ProductDeleted",
+            Record::ReservationCreated { .. } => "ReservationCreated",
+            Record::ReservationConfirmed { .. } => "ReservationConfirmed",
+            Record::ReservationCancelled { .. } => "ReservationCancelled",
+            Record::ReservationExpired { .. } => "ReservationExpired",
+            Record::ReservationExtended { .. } => "ReservationExtended",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("record is {0} bytes, shorter than its header")]

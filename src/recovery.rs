@@ -1,13 +1,22 @@
-//! Start-up recovery: fold the log into the state the server had acknowledged.
+//! Recovery: the newest snapshot that verifies, then the log records after it, folded with
+//! the one fold (`crate::fold::apply`). Start-up, the snapshotter (building the next
+//! snapshot, rebuilding a failed product) and the offline tools all recover this way.
 //!
-//! Records are applied as facts with the one fold (`crate::fold::apply`); invariant 1 is
-//! asserted after every record. A damaged record or one that contradicts the state stops
-//! start-up with an error naming its sequence number: serving from a log we cannot trust
-//! could oversell. Reservations whose deadline passed while the server was down are
-//! expired by the supervisor's first tick, before the server accepts requests.
+//! Records are applied as facts; invariant 1 is asserted after every record. A damaged
+//! record or one that contradicts the state stops recovery with an error naming its
+//! sequence number: serving from a log we cannot trust could oversell. A snapshot that
+//! fails verification is skipped (with the reason, for a warning) and the one before it is
+//! used; the log keeps every record after the oldest kept snapshot, so that works. Records
+//! after the base must be contiguous: a gap means lost records, and is an error too.
+//! Reservations whose deadline passed while the server was down are expired by the
+//! supervisor's first tick, before the server accepts requests.
+
+use std::path::Path;
 
 use crate::fold::{self, FoldError, State};
 use crate::log::{LogReader, OpenError};
+use crate::record::Record;
+use crate::snapshot::{self, SnapshotInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecoveryError {
@@ -15,23 +24,119 @@ pub enum RecoveryError {
     Open(#[from] OpenError),
     #[error("log record {seq} cannot be applied: {source}")]
     Fold { seq: u64, source: FoldError },
+    #[error("log record {expected} is missing (the next record is {found})")]
+    Gap { expected: u64, found: u64 },
+    #[error("cannot list snapshots in {dir}: {source}")]
+    ListSnapshots { dir: String, source: std::io::Error },
+    #[error(
+        "the log starts after record {truncated_through}, but no snapshot at or after it \
+         verifies ({})",
+        if skipped.is_empty() { "none found".to_string() } else { skipped.join("; ") }
+    )]
+    NoUsableSnapshot {
+        truncated_through: u64,
+        skipped: Vec<String>,
+    },
+}
+
+impl RecoveryError {
+    /// The sequence number of a damaged log record that stopped recovery, if that is why.
+    pub fn damaged_seq(&self) -> Option<u64> {
+        match self {
+            RecoveryError::Open(OpenError::Damaged { seq, .. }) => Some(*seq),
+            _ => None,
+        }
+    }
 }
 
 /// What recovery rebuilt.
+#[derive(Debug)]
 pub struct Recovered {
     pub state: State,
+    /// The snapshot recovery started from (`None`: the log from its first record).
+    pub snapshot: Option<SnapshotInfo>,
+    /// Newer snapshots that failed verification, with the reason (skipped).
+    pub skipped: Vec<String>,
+    /// Log records replayed after the snapshot.
     pub records: u64,
+    /// The state is the fold of records 1..=last_seq.
     pub last_seq: u64,
 }
 
-/// Folds every record of the log into a fresh state.
-pub fn fold_log(reader: &LogReader) -> Result<Recovered, RecoveryError> {
-    let mut state = State::default();
+/// Recovers the state after record `upto` (`u64::MAX`: everything in the log).
+pub fn recover(
+    reader: &LogReader,
+    snapshot_dir: &Path,
+    upto: u64,
+) -> Result<Recovered, RecoveryError> {
+    let truncated_through = reader.truncated_through()?;
+    let candidates =
+        snapshot::list(snapshot_dir).map_err(|source| RecoveryError::ListSnapshots {
+            dir: snapshot_dir.display().to_string(),
+            source,
+        })?;
+    let mut skipped = Vec::new();
+    let mut base = None;
+    for (seq, path) in candidates {
+        if seq > upto {
+            continue;
+        }
+        if seq < truncated_through {
+            break; // the records between it and the log's start are gone
+        }
+        match snapshot::read(&path) {
+            Ok(found) => {
+                base = Some(found);
+                break;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "skipping a snapshot that does not verify");
+                skipped.push(err.to_string());
+            }
+        }
+    }
+    let (snapshot, state) = match base {
+        Some((info, state)) => (Some(info), state),
+        None if truncated_through > 0 => {
+            return Err(RecoveryError::NoUsableSnapshot {
+                truncated_through,
+                skipped,
+            })
+        }
+        None => (None, State::default()),
+    };
+    let after = snapshot.as_ref().map_or(0, |s| s.seq);
+    let (state, records, last_seq) = fold_records(reader, state, after, upto)?;
+    Ok(Recovered {
+        state,
+        snapshot,
+        skipped,
+        records,
+        last_seq,
+    })
+}
+
+/// Folds the records after `after` (up to `upto`) onto `state`, which is the state after
+/// record `after`. Returns the state, the number of records and the last sequence folded.
+pub fn fold_records(
+    reader: &LogReader,
+    mut state: State,
+    after: u64,
+    upto: u64,
+) -> Result<(State, u64, u64), RecoveryError> {
     let mut records = 0;
-    let mut last_seq = 0;
-    for item in reader.records() {
+    let mut last_seq = after;
+    for item in reader.records_after(after) {
         let (seq, record) = item?;
-        debug_assert!(seq > last_seq, "log keys are strictly increasing");
+        if seq > upto {
+            break;
+        }
+        if seq != last_seq + 1 {
+            return Err(RecoveryError::Gap {
+                expected: last_seq + 1,
+                found: seq,
+            });
+        }
         fold::apply(&mut state, &record).map_err(|source| RecoveryError::Fold { seq, source })?;
         assert!(
             record_products_hold_invariant(&state, &record),
@@ -40,15 +145,23 @@ pub fn fold_log(reader: &LogReader) -> Result<Recovered, RecoveryError> {
         records += 1;
         last_seq = seq;
     }
+    Ok((state, records, last_seq))
+}
+
+/// Folds every record of the log into a fresh state, ignoring snapshots (tests, tools).
+pub fn fold_log(reader: &LogReader) -> Result<Recovered, RecoveryError> {
+    let (state, records, last_seq) = fold_records(reader, State::default(), 0, u64::MAX)?;
     Ok(Recovered {
         state,
+        snapshot: None,
+        skipped: Vec::new(),
         records,
         last_seq,
     })
 }
 
 /// Invariant 1 for the products the record touched (checking all would be quadratic).
-fn record_products_hold_invariant(state: &State, record: &crate::record::Record) -> bool {
+fn record_products_hold_invariant(state: &State, record: &Record) -> bool {
     use crate::record::Record::*;
     let check = |sku: &str| state.products.get(sku).is_none_or(|p| p.invariant_holds());
     match record {

@@ -15,8 +15,9 @@ use tokio::task::JoinHandle;
 use crate::actors::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
 use crate::config::Config;
 use crate::log::{Log, LogHandle, OpenError};
-use crate::recovery::{self, RecoveryError};
+use crate::recovery::{self, Recovered, RecoveryError};
 use crate::service::Service;
+use crate::snapshotter::{Snapshotter, SnapshotterArgs};
 
 /// How long shutdown waits for requests in flight before closing connections anyway.
 const SHUTDOWN_DRAIN_TIMEOUT_MS: u64 = 10_000;
@@ -49,6 +50,9 @@ pub struct Server {
     service: Service,
     supervisor: ActorRef<SupervisorMsg>,
     log: LogHandle,
+    snapshotter: Snapshotter,
+    snapshot_on_shutdown: bool,
+    snapshot_thread: std::thread::JoinHandle<()>,
     stop_http: Option<oneshot::Sender<()>>,
     http: JoinHandle<()>,
     writer: std::thread::JoinHandle<()>,
@@ -67,19 +71,24 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     create_dir(&config.data_dir)?;
     create_dir(&config.snapshot_dir)?;
     let log = Log::open(&config.data_dir.join("log"))?;
-    let recovered = recovery::fold_log(&log.reader())?;
-    tracing::info!(
-        records = recovered.records,
-        last_seq = recovered.last_seq,
-        products = recovered.state.products.len(),
-        reservations = recovered.state.reservations.len(),
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "recovered state from the log"
-    );
-    let (log_handle, writer) = log.start_writer();
+    let recovered = recover(&log, &config)?;
+    let next_seq = log.last_seq()?.max(recovered.last_seq) + 1;
+    let reader = log.reader();
+    let (log_handle, writer) = log.start_writer(next_seq);
+    let (snapshotter, snapshot_thread) = Snapshotter::start(SnapshotterArgs {
+        reader,
+        log: log_handle.clone(),
+        dir: config.snapshot_dir.clone(),
+        policy: config.snapshots.clone(),
+        clock: config.clock.clone(),
+        hooks: config.snapshot_hooks,
+        newest: recovered.snapshot.as_ref().map_or(0, |s| s.seq),
+    });
     let supervisor = Supervisor {
         log: log_handle.clone(),
         clock: config.clock.clone(),
+        snapshotter: snapshotter.clone(),
+        passivate_after: config.passivate_after,
     };
     let args = SupervisorArgs {
         state: recovered.state,
@@ -93,6 +102,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         clock: config.clock.clone(),
         durability: config.durability,
         default_ttl_seconds: config.default_ttl_seconds,
+        snapshotter: snapshotter.clone(),
     };
     // Reservations whose deadline passed while we were down: expired (and logged) first.
     service.expire_due_now().await.map_err(StartError::Expiry)?;
@@ -123,13 +133,74 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         service,
         supervisor,
         log: log_handle,
+        snapshotter,
+        snapshot_on_shutdown: config.snapshots.on_shutdown,
+        snapshot_thread,
         stop_http: Some(stop_http),
         http,
         writer,
     })
 }
 
+/// Recovers the state: the newest verifying snapshot plus the log after it. A damaged
+/// log record stops start-up, unless the operator asked to truncate the log there.
+fn recover(log: &Log, config: &Config) -> Result<Recovered, StartError> {
+    let started = Instant::now();
+    crate::snapshot::remove_temp_files(&config.snapshot_dir).map_err(|source| StartError::Dir {
+        path: config.snapshot_dir.display().to_string(),
+        source,
+    })?;
+    let recovered = match recovery::recover(&log.reader(), &config.snapshot_dir, u64::MAX) {
+        Err(err) if config.truncate_damaged_log && err.damaged_seq().is_some() => {
+            let seq = err.damaged_seq().expect("checked above");
+            let removed = log.truncate_from(seq)?;
+            tracing::warn!(
+                seq,
+                removed,
+                error = %err,
+                "log truncated at a damaged record, as asked (--truncate-damaged-log)"
+            );
+            recovery::recover(&log.reader(), &config.snapshot_dir, u64::MAX)?
+        }
+        result => result?,
+    };
+    for skipped in &recovered.skipped {
+        tracing::warn!(reason = %skipped, "skipped a snapshot that does not verify");
+    }
+    tracing::info!(
+        snapshot = recovered.snapshot.as_ref().map(|s| s.seq),
+        records = recovered.records,
+        last_seq = recovered.last_seq,
+        products = recovered.state.products.len(),
+        reservations = recovered.state.reservations.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "recovered state from the snapshot and the log"
+    );
+    Ok(recovered)
+}
+
 impl Server {
+    /// A snapshot of the final state, so the next start replays no log.
+    async fn final_snapshot(&self) {
+        let seq = match self.log.barrier().durable().await {
+            Ok(seq) => seq,
+            Err(err) => return tracing::error!(error = %err, "no snapshot at shutdown"),
+        };
+        if seq <= self.snapshotter.newest_seq() {
+            return;
+        }
+        match self.snapshotter.take(seq).await {
+            Ok(taken) => tracing::info!(
+                sequence = taken.sequence,
+                size_bytes = taken.size_bytes,
+                elapsed_ms = taken.elapsed_ms,
+                "snapshot taken at shutdown"
+            ),
+            // The log still holds everything: the next start replays it.
+            Err(err) => tracing::error!(error = %err, "cannot take a snapshot at shutdown"),
+        }
+    }
+
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
@@ -158,6 +229,13 @@ impl Server {
             .supervisor
             .stop_and_wait(Some("shutdown".into()), stop_timeout)
             .await;
+        if self.snapshot_on_shutdown && self.log.is_healthy() {
+            self.final_snapshot().await;
+        }
+        // The snapshot thread reads the log: it stops first, so the log closes with the writer.
+        self.snapshotter.stop();
+        let snapshot_thread = self.snapshot_thread;
+        let _ = tokio::task::spawn_blocking(move || snapshot_thread.join()).await;
         let result = self.log.shutdown().await;
         let writer = self.writer;
         let _ = tokio::task::spawn_blocking(move || writer.join()).await;

@@ -12,13 +12,14 @@ use ractor::{ActorRef, Message, RpcReplyPort};
 use uuid::Uuid;
 
 use crate::actors::product::{Change, ProductMsg};
-use crate::actors::supervisor::{Resolved, Stats, SupervisorMsg};
+use crate::actors::supervisor::{Listed, Resolved, Stats, SupervisorMsg};
 use crate::clock::SharedClock;
 use crate::config::Durability;
 use crate::domain::{Line, Price, Product, Reservation};
 use crate::error::{Error, Result};
 use crate::log::{LogHandle, Ticket};
 use crate::record::IdempotencyKey;
+use crate::snapshotter::{Snapshotter, Taken};
 
 /// Why an actor call produced no answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +88,7 @@ pub struct Service {
     pub(crate) clock: SharedClock,
     pub(crate) durability: Durability,
     pub(crate) default_ttl_seconds: u64,
+    pub(crate) snapshotter: Snapshotter,
 }
 
 impl Service {
@@ -140,17 +142,31 @@ impl Service {
         after: Option<String>,
         limit: usize,
     ) -> Result<(Vec<Product>, Option<String>)> {
-        let (actors, next_after) = ask(&self.supervisor, |reply| SupervisorMsg::ListProducts {
+        let (listed, next_after) = ask(&self.supervisor, |reply| SupervisorMsg::ListProducts {
             after,
             limit,
             reply,
         })
         .await?;
-        let mut products = Vec::with_capacity(actors.len());
-        for actor in actors {
-            // A product deleted since the page was cut is simply left out.
-            if let Ok(Ok(p)) = ask(&actor, ProductMsg::Get).await {
-                products.push(p);
+        let mut products = Vec::with_capacity(listed.len());
+        for item in listed {
+            let (sku, actor) = match item {
+                Listed::Product(p) => {
+                    products.push(p);
+                    continue;
+                }
+                Listed::Actor(sku, actor) => (sku, actor),
+            };
+            match ask(&actor, ProductMsg::Get).await {
+                Ok(Ok(p)) => products.push(p),
+                // Passivated since the page was cut: ask where it lives now. A product
+                // deleted since is simply left out.
+                Ok(Err(Error::Unavailable(_))) | Err(AskError::Gone) => {
+                    if let Ok(p) = self.get_product(&sku).await {
+                        products.push(p);
+                    }
+                }
+                _ => {}
             }
         }
         Ok((products, next_after))
@@ -309,6 +325,25 @@ impl Service {
     pub async fn expire_due_now(&self) -> Result<()> {
         let ticket = ask(&self.supervisor, |reply| SupervisorMsg::Tick(Some(reply))).await?;
         ticket.durable().await.map(drop).map_err(Error::from)
+    }
+
+    /// Takes a snapshot of everything acknowledged so far (`POST /v1/admin/snapshot`).
+    pub async fn snapshot(&self) -> Result<Taken> {
+        if !self.log.is_healthy() {
+            return Err(Error::Unavailable(
+                "the write-ahead log cannot be written; no snapshot".into(),
+            ));
+        }
+        let upto = self.log.barrier().durable().await?;
+        self.snapshotter
+            .take(upto)
+            .await
+            .map_err(|e| Error::Internal(format!("snapshot failed: {e}")))
+    }
+
+    /// Passivates every product actor idle for the configured period now; returns how many.
+    pub async fn passivate_idle(&self) -> Result<usize> {
+        Ok(ask(&self.supervisor, SupervisorMsg::PassivateIdle).await?)
     }
 
     pub async fn stats(&self) -> Result<Stats> {

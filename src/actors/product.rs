@@ -80,6 +80,9 @@ pub enum ProductMsg {
     /// Stop now (sent after a grace period once deleted, so that messages already on
     /// their way are answered "not found" rather than dropped).
     Retire,
+    /// Hand the product back to the supervisor as plain data and stop; answered `None`
+    /// (and ignored) while holds are in flight or once deleted.
+    Passivate(RpcReplyPort<Option<Product>>),
     /// Test hook: panics inside the actor, to exercise recovery from a failed message.
     #[doc(hidden)]
     Crash(RpcReplyPort<()>),
@@ -101,6 +104,21 @@ pub fn is_stock_effect(msg: &ProductMsg) -> bool {
     )
 }
 
+/// Handles, on a product kept as plain data (a passive product, a rebuilt one), the
+/// messages that need no actor: a read, and the stock effects of reservations. Gives any
+/// other message back. The actor handles the same messages with this same function.
+pub fn apply_without_actor(p: &mut Product, msg: ProductMsg) -> Result<(), ProductMsg> {
+    match msg {
+        ProductMsg::Get(reply) => drop(reply.send(Ok(p.clone()))),
+        ProductMsg::SettleHold { quantity, at } => p.settle_hold(quantity, at),
+        ProductMsg::Release { quantity, at } => p.release(quantity, at),
+        ProductMsg::Commit { quantity, at } => p.commit(quantity, at),
+        other => return Err(other),
+    }
+    debug_assert!(p.invariant_holds());
+    Ok(())
+}
+
 impl ProductMsg {
     /// Answers a message addressed to a product that does not exist.
     pub fn reply_not_found(self, sku: &str) {
@@ -117,6 +135,7 @@ impl ProductMsg {
             ProductMsg::Hold { reply, .. } => drop(reply.send(Err(err))),
             ProductMsg::Change { reply, .. } => drop(reply.send(Err(err))),
             ProductMsg::Delete { reply, .. } => drop(reply.send(Err(err))),
+            ProductMsg::Passivate(reply) => drop(reply.send(None)),
             ProductMsg::Crash(_)
             | ProductMsg::ArmPanic
             | ProductMsg::Stall(_)
@@ -144,6 +163,9 @@ pub struct ProductState {
     product: Product,
     /// Set by a successful delete; the actor then answers "not found" until it stops.
     deleted: bool,
+    /// Set once the product was handed back to the supervisor: the actor is stopping, and
+    /// a message that reaches it anyway (a hold from a lookup made before) gets a 503.
+    passivated: bool,
     /// Test hook (`ArmPanic`): panic while handling the next message.
     panic_next: bool,
 }
@@ -162,6 +184,7 @@ impl Actor for ProductActor {
         Ok(ProductState {
             product,
             deleted: false,
+            passivated: false,
             panic_next: false,
         })
     }
@@ -172,6 +195,13 @@ impl Actor for ProductActor {
         msg: ProductMsg,
         state: &mut ProductState,
     ) -> Result<(), ActorProcessingErr> {
+        if state.passivated {
+            msg.reply_err(Error::Unavailable(format!(
+                "product {} was just passivated; retry",
+                state.product.sku
+            )));
+            return Ok(());
+        }
         if state.deleted {
             if let ProductMsg::Retire = msg {
                 myself.stop(Some("deleted".into()));
@@ -181,6 +211,16 @@ impl Actor for ProductActor {
             return Ok(());
         }
         match msg {
+            ProductMsg::Passivate(reply) => {
+                if state.product.holding > 0 {
+                    let _ = reply.send(None);
+                } else {
+                    state.passivated = true;
+                    let _ = reply.send(Some(state.product.clone()));
+                    myself.stop(Some("passivated".into()));
+                }
+                return Ok(());
+            }
             ProductMsg::ArmPanic => {
                 state.panic_next = true;
                 return Ok(());
@@ -250,8 +290,11 @@ enum Processed {
 
 impl ProductActor {
     fn process(&self, msg: ProductMsg, p: &mut Product) -> Processed {
+        let msg = match apply_without_actor(p, msg) {
+            Ok(()) => return Processed::Continue,
+            Err(msg) => msg,
+        };
         match msg {
-            ProductMsg::Get(reply) => drop(reply.send(Ok(p.clone()))),
             ProductMsg::Hold { quantity, reply } => {
                 let result = p
                     .hold(quantity)
@@ -259,9 +302,11 @@ impl ProductActor {
                 let _ = reply.send(result);
             }
             ProductMsg::Unhold { quantity } => p.unhold(quantity),
-            ProductMsg::SettleHold { quantity, at } => p.settle_hold(quantity, at),
-            ProductMsg::Release { quantity, at } => p.release(quantity, at),
-            ProductMsg::Commit { quantity, at } => p.commit(quantity, at),
+            // Handled by `apply_without_actor` above.
+            ProductMsg::Get(_)
+            | ProductMsg::SettleHold { .. }
+            | ProductMsg::Release { .. }
+            | ProductMsg::Commit { .. } => {}
             ProductMsg::Change {
                 change,
                 if_match,
@@ -279,7 +324,10 @@ impl ProductActor {
                 }
             }
             // Only acted on once deleted / handled before `process`.
-            ProductMsg::Retire | ProductMsg::ArmPanic | ProductMsg::Stall(_) => {}
+            ProductMsg::Retire
+            | ProductMsg::ArmPanic
+            | ProductMsg::Stall(_)
+            | ProductMsg::Passivate(_) => {}
             ProductMsg::Crash(_reply) => panic!("injected panic in product actor {}", p.sku),
         }
         Processed::Continue

@@ -19,28 +19,45 @@
 //! longer pending, or whose deadline moved, is skipped.
 //!
 //! Supervision: product actors are linked children. A product actor catches its own panics
-//! (see `product`); if one still fails, this actor logs it and respawns it from the
-//! durable state in the log (the default, which would stop the supervisor, is overridden).
+//! (see `product`); if one still fails, this actor logs it and rebuilds the product from
+//! the durable state (snapshot + log, by the snapshotter), off its own mailbox (the
+//! default, which would stop the supervisor, is overridden).
+//!
+//! Virtual actors (like Orleans'): a product is in one of three slots. `Active`: an actor
+//! owns it. `Passive`: nobody touched it for `passivate_after`; its actor was stopped and
+//! the product is kept here as plain data (a few hundred bytes instead of an actor's
+//! ~7.8 KB). `Restarting`: its actor failed and is being rebuilt. Start-up makes every
+//! product passive (no actor is spawned per product). A message that needs an actor (a
+//! hold, a change, a delete) activates a passive product: the actor is spawned from the
+//! plain data and the message delivered. Reads and stock effects decided here (settle,
+//! release, commit: an expiry, a cancel or a confirm) are applied to the passive data
+//! directly with the same domain methods, so expiry timers fire on time for passive
+//! products without waking them. This mailbox serializes a passive product's changes, as
+//! the actor's mailbox does for an active one; a product is never both.
+//!
+//! Passivation asks the idle actor for its state and waits for the answer inside one
+//! handler call, so no message can reach the product in between. The actor refuses while
+//! it has holds in flight (units held for a reservation not registered yet), so a hold is
+//! always registered, or rolled back, on the actor that took it.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
 use std::time::Duration;
 
 use ractor::concurrency::JoinHandle;
-use ractor::{
-    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
-};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use uuid::Uuid;
 
-use crate::actors::product::{is_stock_effect, ProductActor, ProductMsg};
+use crate::actors::product::{apply_without_actor, is_stock_effect, ProductActor, ProductMsg};
 use crate::clock::{Millis, SharedClock};
 use crate::domain::{Price, Product, Reservation, Status};
 use crate::error::Error;
 use crate::fold::{IdempotencyEntry, State};
-use crate::limits::{EXPIRY_TICK_MS, IDEMPOTENCY_RETENTION_MS};
+use crate::limits::{EXPIRY_TICK_MS, IDEMPOTENCY_RETENTION_MS, PASSIVATIONS_PER_TICK_MAX};
 use crate::log::{LogHandle, Ticket};
 use crate::record::{IdempotencyKey, Record};
+use crate::snapshotter::Snapshotter;
 
 /// An `Idempotency-Key` with the fingerprint of the request that carries it.
 pub type Idempotency = (IdempotencyKey, Vec<u8>);
@@ -66,11 +83,11 @@ pub enum SupervisorMsg {
         sku: String,
         msg: ProductMsg,
     },
-    /// One page of product actors after `after`, and the SKU to continue after (if more).
+    /// One page of products after `after`, and the SKU to continue after (if more).
     ListProducts {
         after: Option<String>,
         limit: usize,
-        reply: RpcReplyPort<(Vec<ActorRef<ProductMsg>>, Option<String>)>,
+        reply: RpcReplyPort<(Vec<Listed>, Option<String>)>,
     },
     DeleteProduct {
         sku: String,
@@ -127,6 +144,27 @@ pub enum SupervisorMsg {
     KillProduct(String),
     /// Shutdown is starting: product actors that stop from now on are not restarted.
     PrepareShutdown(RpcReplyPort<()>),
+    /// Passivates every actor idle for `passivate_after` now, rather than at the next
+    /// periodic check; answers how many were passivated (tests, operators).
+    PassivateIdle(RpcReplyPort<usize>),
+}
+
+/// A product in a page of `ListProducts`: ask its actor, or here it is.
+pub enum Listed {
+    Actor(String, ActorRef<ProductMsg>),
+    Product(Product),
+}
+
+/// Where a product lives (see the module documentation).
+enum Slot {
+    Active {
+        actor: ActorRef<ProductMsg>,
+        /// When this supervisor last routed something to it.
+        used_at: Millis,
+    },
+    Passive(Product),
+    /// Its actor failed; the stock effects sent meanwhile, for the rebuilt product.
+    Restarting(Vec<ProductMsg>),
 }
 
 /// Counters for operators and tests.
@@ -137,11 +175,19 @@ pub struct Stats {
     pub pending: usize,
     pub product_panics: u64,
     pub product_restarts: u64,
+    /// Products with a resident actor (the rest are passive).
+    pub active_products: usize,
+    pub activations: u64,
+    pub passivations: u64,
 }
 
 pub struct Supervisor {
     pub log: LogHandle,
     pub clock: SharedClock,
+    /// Rebuilds failed products (the newest snapshot plus the log).
+    pub snapshotter: Snapshotter,
+    /// An actor idle this long is passivated (`None`: never).
+    pub passivate_after: Option<Duration>,
 }
 
 /// What the supervisor starts from: the recovered state.
@@ -150,7 +196,9 @@ pub struct SupervisorArgs {
 }
 
 pub struct SupervisorState {
-    routes: BTreeMap<String, ActorRef<ProductMsg>>,
+    routes: BTreeMap<String, Slot>,
+    /// SKUs whose slot is `Active`, for the passivation check.
+    active: HashSet<String>,
     /// Actor id → SKU, to know which product a supervision event is about.
     skus_by_actor: HashMap<ActorId, String>,
     reservations: HashMap<Uuid, Reservation>,
@@ -160,13 +208,13 @@ pub struct SupervisorState {
     idempotency_order: VecDeque<(Millis, IdempotencyKey)>,
     /// Keys whose first request is still being served.
     in_flight: HashMap<IdempotencyKey, Vec<u8>>,
-    /// Products whose actor failed and is being rebuilt from the log, with the stock
-    /// effects that arrived meanwhile (delivered, in order, to the new actor). Requests
-    /// for them answer 503 until then; an entry stays if the rebuild failed.
-    restarting: HashMap<String, Vec<ProductMsg>>,
     pending: usize,
     product_panics: u64,
     product_restarts: u64,
+    activations: u64,
+    passivations: u64,
+    /// When idle actors were last looked for.
+    passivation_checked_at: Millis,
     ticker: Option<JoinHandle<()>>,
     stopping: bool,
 }
@@ -187,15 +235,22 @@ impl Actor for Supervisor {
             idempotency,
         } = args.state;
         let mut state = SupervisorState {
-            routes: BTreeMap::new(),
+            // Every product starts passive: no actor is spawned per product at start-up.
+            routes: products
+                .into_iter()
+                .map(|(sku, p)| (sku, Slot::Passive(p)))
+                .collect(),
+            active: HashSet::new(),
             skus_by_actor: HashMap::new(),
             deadlines: BinaryHeap::new(),
             idempotency_order: VecDeque::new(),
             in_flight: HashMap::new(),
-            restarting: HashMap::new(),
             pending: 0,
             product_panics: 0,
             product_restarts: 0,
+            activations: 0,
+            passivations: 0,
+            passivation_checked_at: self.clock.now_ms(),
             ticker: None,
             stopping: false,
             reservations,
@@ -214,9 +269,7 @@ impl Actor for Supervisor {
             .collect();
         order.sort_by_key(|(created_at, _)| *created_at);
         state.idempotency_order = order.into();
-        for (_, product) in products {
-            self.spawn_product(&myself, &mut state, product).await?;
-        }
+        let _ = myself;
         Ok(state)
     }
 
@@ -264,11 +317,7 @@ impl Actor for Supervisor {
                 let _ = reply.send(result);
             }
             SupervisorMsg::Route { sku, msg } => {
-                if state.restarting.contains_key(&sku) {
-                    msg.reply_err(restarting(&sku));
-                } else {
-                    self.send_to_product(state, &sku, msg);
-                }
+                self.deliver(&myself, state, &sku, msg).await;
             }
             SupervisorMsg::ListProducts {
                 after,
@@ -279,23 +328,35 @@ impl Actor for Supervisor {
                     Some(after) => Bound::Excluded(after.clone()),
                     None => Bound::Unbounded,
                 };
-                let mut page: Vec<_> = state
+                // Products being rebuilt are left out of the page, like one mid-delete.
+                let mut page: Vec<(&String, Listed)> = state
                     .routes
                     .range((start, Bound::Unbounded))
+                    .filter_map(|(sku, slot)| match slot {
+                        Slot::Active { actor, .. } => {
+                            Some((sku, Listed::Actor(sku.clone(), actor.clone())))
+                        }
+                        Slot::Passive(p) => Some((sku, Listed::Product(p.clone()))),
+                        Slot::Restarting(_) => None,
+                    })
                     .take(limit + 1)
                     .collect();
                 let more = page.len() > limit;
                 page.truncate(limit);
-                let next_after = more.then(|| page.last().map(|(sku, _)| (*sku).clone()));
-                let actors = page.into_iter().map(|(_, a)| a.clone()).collect();
-                let _ = reply.send((actors, next_after.flatten()));
+                let next_after = if more {
+                    page.last().map(|(sku, _)| (*sku).clone())
+                } else {
+                    None
+                };
+                let products = page.into_iter().map(|(_, l)| l).collect();
+                let _ = reply.send((products, next_after));
             }
             SupervisorMsg::DeleteProduct {
                 sku,
                 if_match,
                 reply,
             } => {
-                let result = self.delete_product(state, &sku, if_match).await;
+                let result = self.delete_product(&myself, state, &sku, if_match).await;
                 let _ = reply.send(result);
             }
             SupervisorMsg::Resolve {
@@ -304,7 +365,8 @@ impl Actor for Supervisor {
                 reply,
             } => {
                 let now = self.clock.now_ms();
-                let _ = reply.send(self.resolve(state, skus, idempotency, now));
+                let result = self.resolve(&myself, state, skus, idempotency, now).await;
+                let _ = reply.send(result);
             }
             SupervisorMsg::AbortIdempotency(key) => {
                 state.in_flight.remove(&key);
@@ -347,19 +409,29 @@ impl Actor for Supervisor {
                 let now = self.clock.now_ms();
                 self.expire_due(state, now);
                 prune_idempotency(state, now);
+                if now - state.passivation_checked_at >= PASSIVATION_CHECK_MS {
+                    state.passivation_checked_at = now;
+                    self.passivate_idle(state, now, PASSIVATIONS_PER_TICK_MAX)
+                        .await;
+                }
                 if let Some(reply) = reply {
                     let _ = reply.send(self.log.barrier());
                 }
             }
+            SupervisorMsg::PassivateIdle(reply) => {
+                let now = self.clock.now_ms();
+                let done = self.passivate_idle(state, now, usize::MAX).await;
+                let _ = reply.send(done);
+            }
             SupervisorMsg::ProductRecovered { sku, result } => {
-                self.finish_restart(&myself, state, sku, result).await?;
+                self.finish_restart(state, sku, result);
             }
             SupervisorMsg::ProductPanicked { sku, reason } => {
                 state.product_panics += 1;
                 tracing::error!(%sku, %reason, "a product actor recovered from a panic");
             }
             SupervisorMsg::KillProduct(sku) => {
-                if let Some(actor) = state.routes.get(&sku) {
+                if let Some(actor) = self.activate(&myself, state, &sku).await {
                     actor.kill();
                 }
             }
@@ -377,6 +449,9 @@ impl Actor for Supervisor {
                     pending: state.pending,
                     product_panics: state.product_panics,
                     product_restarts: state.product_restarts,
+                    active_products: state.active.len(),
+                    activations: state.activations,
+                    passivations: state.passivations,
                 });
             }
         }
@@ -398,24 +473,26 @@ impl Actor for Supervisor {
             _ => return Ok(()),
         };
         let Some(sku) = state.skus_by_actor.remove(&cell.get_id()) else {
-            return Ok(());
+            return Ok(()); // passivated or retired on purpose
         };
         if state.stopping {
             return Ok(());
         }
-        let still_routed = state
-            .routes
-            .get(&sku)
-            .is_some_and(|a| a.get_id() == cell.get_id());
+        let still_routed = matches!(
+            state.routes.get(&sku),
+            Some(Slot::Active { actor, .. }) if actor.get_id() == cell.get_id()
+        );
         if !still_routed {
             return Ok(()); // deleted on purpose
         }
-        state.routes.remove(&sku);
-        tracing::error!(%sku, %reason, "product actor stopped unexpectedly; restarting it from the log");
-        self.begin_restart(&myself, state, sku, cell);
+        tracing::error!(%sku, %reason, "product actor stopped unexpectedly; rebuilding it from the log");
+        self.begin_restart(&myself, state, sku);
         Ok(())
     }
 }
+
+/// How often (by the supervisor's clock) idle actors are looked for.
+const PASSIVATION_CHECK_MS: i64 = 1_000;
 
 fn restarting(sku: &str) -> Error {
     Error::Unavailable(format!("product {sku} is being restarted; retry"))
@@ -457,8 +534,90 @@ impl Supervisor {
         let (actor_ref, _join) =
             Actor::spawn_linked(None, actor, product, myself.get_cell()).await?;
         state.skus_by_actor.insert(actor_ref.get_id(), sku.clone());
-        state.routes.insert(sku, actor_ref.clone());
+        state.active.insert(sku.clone());
+        state.routes.insert(
+            sku,
+            Slot::Active {
+                actor: actor_ref.clone(),
+                used_at: self.clock.now_ms(),
+            },
+        );
         Ok(actor_ref)
+    }
+
+    /// The actor of `sku`, spawned from its passive state if need be (`None`: no such
+    /// product, it is being restarted, or spawning failed).
+    async fn activate(
+        &self,
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+        sku: &str,
+    ) -> Option<ActorRef<ProductMsg>> {
+        let now = self.clock.now_ms();
+        let product = match state.routes.get_mut(sku)? {
+            Slot::Active { actor, used_at } => {
+                *used_at = now;
+                return Some(actor.clone());
+            }
+            Slot::Restarting(_) => return None,
+            Slot::Passive(p) => p.clone(),
+        };
+        match self.spawn_product(myself, state, product).await {
+            Ok(actor) => {
+                state.activations += 1;
+                Some(actor)
+            }
+            Err(err) => {
+                // The slot is still `Passive`: nothing is lost, the request gets a 503.
+                tracing::error!(%sku, error = %err, "cannot activate the product actor");
+                None
+            }
+        }
+    }
+
+    /// Passivates up to `max` actors idle since `now - passivate_after`; returns how many.
+    async fn passivate_idle(&self, state: &mut SupervisorState, now: Millis, max: usize) -> usize {
+        let Some(after) = self.passivate_after else {
+            return 0;
+        };
+        let idle_ms = after.as_millis() as i64;
+        let idle: Vec<(String, ActorRef<ProductMsg>)> = state
+            .active
+            .iter()
+            .filter_map(|sku| match state.routes.get(sku) {
+                Some(Slot::Active { actor, used_at }) if now - *used_at >= idle_ms => {
+                    Some((sku.clone(), actor.clone()))
+                }
+                _ => None,
+            })
+            .take(max)
+            .collect();
+        let mut done = 0;
+        for (sku, actor) in idle {
+            // Waited for here, so that nothing reaches the product in between. Product
+            // actors answer at once (they never wait on anything).
+            let answer = crate::service::ask(&actor, ProductMsg::Passivate).await;
+            match answer {
+                Ok(Some(product)) => {
+                    debug_assert!(product.invariant_holds());
+                    debug_assert_eq!(product.holding, 0);
+                    state.skus_by_actor.remove(&actor.get_id());
+                    state.active.remove(&sku);
+                    state.routes.insert(sku, Slot::Passive(product));
+                    state.passivations += 1;
+                    done += 1;
+                }
+                // Holds in flight: it stays active, and is looked at again later.
+                Ok(None) => {
+                    if let Some(Slot::Active { used_at, .. }) = state.routes.get_mut(&sku) {
+                        *used_at = now;
+                    }
+                }
+                // It failed meanwhile: its supervision event rebuilds it.
+                Err(_) => {}
+            }
+        }
+        done
     }
 
     async fn create_product(
@@ -470,15 +629,14 @@ impl Supervisor {
         price: Option<Price>,
         on_hand: u64,
     ) -> Result<(Product, Ticket), Error> {
-        if state.restarting.contains_key(&sku) {
-            return Err(restarting(&sku));
-        }
-        if state.routes.contains_key(&sku) {
-            return Err(Error::SkuExists { sku });
+        match state.routes.get(&sku) {
+            Some(Slot::Restarting(_)) => return Err(restarting(&sku)),
+            Some(_) => return Err(Error::SkuExists { sku }),
+            None => {}
         }
         let at = self.clock.now_ms();
         let product = Product::new(sku.clone(), name.clone(), price.clone(), on_hand, at);
-        // Queued before the actor exists, so before any of its units can be held.
+        // Queued before the product can be reached, so before any of its units are held.
         let ticket = self.log.append(Record::ProductCreated {
             sku,
             name,
@@ -486,6 +644,7 @@ impl Supervisor {
             on_hand,
             at,
         });
+        // A new product is likely to be used soon: it starts with an actor.
         self.spawn_product(myself, state, product.clone())
             .await
             .map_err(|e| Error::Internal(format!("spawning the product actor: {e}")))?;
@@ -494,94 +653,114 @@ impl Supervisor {
 
     async fn delete_product(
         &self,
+        myself: &ActorRef<SupervisorMsg>,
         state: &mut SupervisorState,
         sku: &str,
         if_match: Option<u64>,
     ) -> Result<Ticket, Error> {
-        if state.restarting.contains_key(sku) {
-            return Err(restarting(sku));
-        }
         let not_found = || Error::ProductNotFound {
             sku: sku.to_string(),
         };
-        let actor = state.routes.get(sku).cloned().ok_or_else(not_found)?;
+        match state.routes.get(sku) {
+            None => return Err(not_found()),
+            Some(Slot::Restarting(_)) => return Err(restarting(sku)),
+            Some(_) => {}
+        }
+        let actor = self
+            .activate(myself, state, sku)
+            .await
+            .ok_or_else(|| restarting(sku))?;
         // Awaiting a product actor here is safe and short: product actors never wait.
         let asked = crate::service::ask(&actor, |reply| ProductMsg::Delete { if_match, reply });
         let ticket = match asked.await {
             Ok(result) => result?,
-            Err(crate::service::AskError::Gone) => return Err(not_found()),
+            Err(crate::service::AskError::Gone) => return Err(restarting(sku)),
             Err(err) => return Err(err.into()),
         };
         state.routes.remove(sku);
+        state.active.remove(sku);
         Ok(ticket)
     }
 
-    /// Starts rebuilding a failed product from the log, off this actor's mailbox. The fold
-    /// includes exactly the records queued before this call: stock effects sent from now
-    /// on are buffered and delivered to the new actor.
+    /// Starts rebuilding a failed product, off this actor's mailbox: the durable state as
+    /// of exactly the records queued before this call (a barrier's sequence), folded by
+    /// the snapshotter. Stock effects sent from now on wait in the slot.
     fn begin_restart(
         &self,
         myself: &ActorRef<SupervisorMsg>,
         state: &mut SupervisorState,
         sku: String,
-        _dead: ActorCell,
     ) {
-        state.restarting.insert(sku.clone(), Vec::new());
-        // Queued now, so the fold sees exactly the records queued before this point.
-        let folded = self.log.fold_durable();
+        state.active.remove(&sku);
+        state
+            .routes
+            .insert(sku.clone(), Slot::Restarting(Vec::new()));
+        // Queued now, so its sequence is that of the last record queued before this point.
+        let barrier = self.log.barrier();
+        let snapshotter = self.snapshotter.clone();
         let myself = myself.clone();
         tokio::spawn(async move {
-            let result = match folded.await {
-                Ok(Ok(durable)) => Ok(durable.products.get(&sku).cloned()),
-                Ok(Err(err)) => Err(err),
-                Err(_) => Err("the log writer stopped".to_string()),
+            let result = match barrier.durable().await {
+                Ok(seq) => match snapshotter.fold_to(seq).await {
+                    Ok(Ok(durable)) => Ok(durable.products.get(&sku).cloned()),
+                    Ok(Err(err)) => Err(err),
+                    Err(_) => Err("the snapshot thread stopped".to_string()),
+                },
+                Err(err) => Err(err.to_string()),
             };
             let _ = myself.cast(SupervisorMsg::ProductRecovered { sku, result });
         });
     }
 
-    async fn finish_restart(
+    /// The rebuilt product becomes passive, with the stock effects that waited applied in
+    /// order; its next request activates it.
+    fn finish_restart(
         &self,
-        myself: &ActorRef<SupervisorMsg>,
         state: &mut SupervisorState,
         sku: String,
         result: Result<Option<Product>, String>,
-    ) -> Result<(), ActorProcessingErr> {
-        let product = match result {
+    ) {
+        let mut product = match result {
             Ok(Some(product)) => product,
             Ok(None) => {
                 // Not in the log (its creation never became durable): nothing to restart.
-                state.restarting.remove(&sku);
-                return Ok(());
+                state.routes.remove(&sku);
+                return;
             }
             Err(err) => {
                 // The product stays "restarting": its requests answer 503 rather than
                 // risk serving (or re-creating) it from a state we could not rebuild.
                 tracing::error!(%sku, error = %err, "cannot rebuild the product from the log");
-                return Ok(());
+                return;
             }
         };
-        let actor = match self.spawn_product(myself, state, product).await {
-            Ok(actor) => actor,
-            Err(err) => {
-                // Stays "restarting" (503) with its buffered effects; nothing is lost.
-                tracing::error!(%sku, error = %err, "cannot spawn the rebuilt product actor");
-                return Ok(());
+        let waiting = match state.routes.remove(&sku) {
+            Some(Slot::Restarting(waiting)) => waiting,
+            other => {
+                debug_assert!(
+                    other.is_none(),
+                    "a restarting slot changed under the rebuild"
+                );
+                Vec::new()
             }
         };
-        let buffered = state.restarting.remove(&sku).unwrap_or_default();
-        for msg in buffered {
-            if actor.send_message(msg).is_err() {
-                tracing::error!(%sku, "restarted product actor stopped at once");
+        for msg in waiting {
+            if apply_without_actor(&mut product, msg).is_err() {
+                debug_assert!(false, "only stock effects wait for a restart");
             }
         }
+        assert!(
+            product.invariant_holds(),
+            "rebuilt product {sku} breaks invariant 1"
+        );
+        state.routes.insert(sku.clone(), Slot::Passive(product));
         state.product_restarts += 1;
-        tracing::warn!(%sku, "product actor restarted from its last acknowledged state");
-        Ok(())
+        tracing::warn!(%sku, "product rebuilt from its last acknowledged state");
     }
 
-    fn resolve(
+    async fn resolve(
         &self,
+        myself: &ActorRef<SupervisorMsg>,
         state: &mut SupervisorState,
         skus: Vec<String>,
         idempotency: Option<Idempotency>,
@@ -611,12 +790,14 @@ impl Supervisor {
         }
         let mut actors = Vec::with_capacity(skus.len());
         for sku in skus {
-            if state.restarting.contains_key(&sku) {
-                return Err(restarting(&sku));
-            }
             match state.routes.get(&sku) {
-                Some(actor) => actors.push(actor.clone()),
                 None => return Err(Error::ProductNotFound { sku }),
+                Some(Slot::Restarting(_)) => return Err(restarting(&sku)),
+                Some(_) => {}
+            }
+            match self.activate(myself, state, &sku).await {
+                Some(actor) => actors.push(actor),
+                None => return Err(restarting(&sku)),
             }
         }
         if let Some((key, fingerprint)) = idempotency {
@@ -634,11 +815,14 @@ impl Supervisor {
     ) -> Result<Ticket, Error> {
         debug_assert_eq!(reservation.status, Status::Pending);
         debug_assert_eq!(reservation.items.len(), held_by.len());
-        let replaced = reservation
-            .items
-            .iter()
-            .zip(&held_by)
-            .find(|(line, id)| state.routes.get(&line.sku).map(|a| a.get_id()) != Some(**id));
+        // Holds live in the actor that took them; an actor never passivates with holds in
+        // flight, so a different (or no) actor here means the holder failed.
+        let replaced = reservation.items.iter().zip(&held_by).find(|(line, id)| {
+            !matches!(
+                state.routes.get(&line.sku),
+                Some(Slot::Active { actor, .. }) if actor.get_id() == **id
+            )
+        });
         if let Some((line, _)) = replaced {
             if let Some((key, _)) = &idempotency {
                 state.in_flight.remove(key);
@@ -679,28 +863,50 @@ impl Supervisor {
     }
 
     /// Sends a stock effect (whose record is already queued) to a product that holds
-    /// reserved units, so exists; buffered while the product is being restarted.
+    /// reserved units, so exists: to its actor, or applied to its passive data, or kept
+    /// for the rebuilt product while it is being restarted.
     fn send_stock(&self, state: &mut SupervisorState, sku: &str, msg: ProductMsg) {
         debug_assert!(is_stock_effect(&msg));
-        if let Some(buffer) = state.restarting.get_mut(sku) {
-            buffer.push(msg);
-            return;
-        }
-        self.send_to_product(state, sku, msg);
-    }
-
-    /// Sends to a product's actor. A message for an actor that has just failed is answered
-    /// with 503; a stock effect is then recovered from the log by the restart.
-    fn send_to_product(&self, state: &SupervisorState, sku: &str, msg: ProductMsg) {
-        match state.routes.get(sku) {
-            Some(actor) => {
-                if let Err(ractor::MessagingErr::SendErr(msg)) = actor.send_message(msg) {
-                    if !is_stock_effect(&msg) {
-                        msg.reply_err(restarting(sku));
-                    }
-                }
+        match state.routes.get_mut(sku) {
+            Some(Slot::Restarting(waiting)) => waiting.push(msg),
+            Some(Slot::Passive(product)) => {
+                let applied = apply_without_actor(product, msg);
+                debug_assert!(applied.is_ok());
+                debug_assert!(product.invariant_holds());
+            }
+            Some(Slot::Active { actor, used_at }) => {
+                *used_at = self.clock.now_ms();
+                // An actor that has just failed loses it; the rebuild reads it from the log.
+                let _ = actor.send_message(msg);
             }
             None => msg.reply_not_found(sku),
+        }
+    }
+
+    /// Delivers a request to a product: answered from its passive data when that is
+    /// enough (a read), otherwise by its actor, activated if need be.
+    async fn deliver(
+        &self,
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+        sku: &str,
+        msg: ProductMsg,
+    ) {
+        let msg = match state.routes.get_mut(sku) {
+            None => return msg.reply_not_found(sku),
+            Some(Slot::Restarting(_)) => return msg.reply_err(restarting(sku)),
+            Some(Slot::Passive(product)) => match apply_without_actor(product, msg) {
+                Ok(()) => return,
+                Err(msg) => msg,
+            },
+            Some(Slot::Active { .. }) => msg,
+        };
+        let Some(actor) = self.activate(myself, state, sku).await else {
+            return msg.reply_err(restarting(sku));
+        };
+        if let Err(ractor::MessagingErr::SendErr(msg)) = actor.send_message(msg) {
+            // It has just failed: its supervision event will rebuild it.
+            msg.reply_err(restarting(sku));
         }
     }
 

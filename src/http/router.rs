@@ -30,6 +30,7 @@ enum Endpoint {
     Confirm(String),
     Cancel(String),
     Extend(String),
+    Snapshot,
 }
 
 enum Route {
@@ -73,6 +74,7 @@ fn route(method: &Method, path: &str) -> Route {
             pick("POST", (m == Method::POST).then(|| Adjust(s(sku))))
         }
         ["v1", "reservations"] => pick("POST", (m == Method::POST).then_some(Reserve)),
+        ["v1", "admin", "snapshot"] => pick("POST", (m == Method::POST).then_some(Snapshot)),
         ["v1", "reservations", id] if !id.is_empty() => {
             pick("GET", (m == Method::GET).then(|| GetReservation(s(id))))
         }
@@ -224,6 +226,20 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request) -> Result<Reply> {
             Ok(reply)
         }
         GetReservation(id) => reservation(&svc.get_reservation(reservation_id(&id)?).await?),
+        Snapshot => {
+            if let Some(value) = body()? {
+                if value.as_object().is_none_or(|o| !o.is_empty()) {
+                    return Err(Problem::invalid("body", "a snapshot request takes no body"));
+                }
+            }
+            let taken = svc.snapshot().await?;
+            let status = if taken.created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok(json(status, &taken))
+        }
         Confirm(id) => {
             let id = reservation_id(&id)?;
             let order_id = input::confirm(body()?.as_ref())?;

@@ -1,0 +1,501 @@
+//! Snapshot files: the complete state after log record S, so recovery reads one file and
+//! the log after S instead of the whole log.
+//!
+//! One file per snapshot, named `snapshot-<S, 20 digits>.snap` so names sort by sequence.
+//! Layout (integers little-endian):
+//!
+//! ```text
+//! magic "STOCKDSN" (8) | format version u8 | crc32 u32 | seq u64 | created_at i64 |
+//! body_len u64 | body: bincode 2 (standard config) of `fold::State`
+//! ```
+//!
+//! The checksum covers the body and then the three header fields after it, so a flipped
+//! byte anywhere but the magic is caught (a damaged magic or version is refused too). The
+//! body is streamed to a temporary file through the checksum, the header patched in,
+//! the file fsynced, renamed into place, and the directory fsynced: a snapshot file either
+//! is complete and verifiable, or is not there. A reader checks the checksum before it
+//! decodes, so a damaged length prefix can never make it allocate wildly.
+//!
+//! Which snapshot recovery uses, and when snapshots are taken, is `crate::snapshotter`'s
+//! business; this module only writes, reads, lists and prunes files.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::clock::Millis;
+use crate::fold::State;
+
+/// The format version written into every snapshot.
+pub const SNAPSHOT_FORMAT_VERSION: u8 = 1;
+const MAGIC: &[u8; 8] = b"STOCKDSN";
+const HEADER_BYTES: usize = 8 + 1 + 4 + 8 + 8 + 8;
+const PREFIX: &str = "snapshot-";
+const SUFFIX: &str = ".snap";
+const TEMP_PREFIX: &str = ".tmp-snapshot-";
+
+/// A snapshot file on disk, as its header describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// The state is exactly the fold of log records 1..=seq.
+    pub seq: u64,
+    pub path: PathBuf,
+    pub size_bytes: u64,
+    pub created_at: Millis,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("cannot read {path}: {source}")]
+    Io { path: String, source: io::Error },
+    #[error("{path} is not a stockd snapshot (bad magic)")]
+    Magic { path: String },
+    #[error("{path} has unknown snapshot format version {version}")]
+    Version { path: String, version: u8 },
+    #[error("{path} is truncated: {len} bytes, its header says {expected}")]
+    Truncated {
+        path: String,
+        len: u64,
+        expected: u64,
+    },
+    #[error("{path} fails its checksum (damaged)")]
+    Checksum { path: String },
+    #[error("{path} says sequence {inside}, its name says {named}")]
+    Misnamed {
+        path: String,
+        inside: u64,
+        named: u64,
+    },
+    #[error("{path} cannot be decoded: {detail}")]
+    Decode { path: String, detail: String },
+}
+
+/// The file name of the snapshot after record `seq`.
+pub fn file_name(seq: u64) -> String {
+    format!("{PREFIX}{seq:020}{SUFFIX}")
+}
+
+/// The sequence number a snapshot file name stands for.
+pub fn seq_of_name(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix(PREFIX)?.strip_suffix(SUFFIX)?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Snapshot files in `dir`, newest (highest sequence) first. Temporary files are ignored.
+pub fn list(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut found = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(found),
+        Err(err) => return Err(err),
+    };
+    for entry in entries {
+        let entry = entry?;
+        if let Some(seq) = entry.file_name().to_str().and_then(seq_of_name) {
+            found.push((seq, entry.path()));
+        }
+    }
+    found.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
+    Ok(found)
+}
+
+/// A writer that checksums and counts what passes through it.
+struct Checksummed<W> {
+    inner: W,
+    hasher: crc32fast::Hasher,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Checksummed<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn trailer_fields(seq: u64, created_at: Millis, body_len: u64) -> [u8; 24] {
+    let mut out = [0u8; 24];
+    out[..8].copy_from_slice(&seq.to_le_bytes());
+    out[8..16].copy_from_slice(&created_at.to_le_bytes());
+    out[16..].copy_from_slice(&body_len.to_le_bytes());
+    out
+}
+
+/// Test hook: pause this long after the body is written, before the file is complete
+/// (so a test can kill the process while a snapshot is being written).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WriteHooks {
+    pub pause_before_rename: Option<Duration>,
+}
+
+/// Writes `state` (the fold of records 1..=seq) as a snapshot in `dir`: temporary file,
+/// fsync, rename, directory fsync. An existing snapshot of the same sequence is replaced.
+pub fn write(
+    dir: &Path,
+    seq: u64,
+    state: &State,
+    created_at: Millis,
+    hooks: WriteHooks,
+) -> io::Result<SnapshotInfo> {
+    fs::create_dir_all(dir)?;
+    let final_path = dir.join(file_name(seq));
+    let temp_path = dir.join(format!("{TEMP_PREFIX}{seq:020}-{}", std::process::id()));
+    let result = write_temp(&temp_path, seq, state, created_at, hooks);
+    let size_bytes = match result {
+        Ok(size) => size,
+        Err(err) => {
+            let _ = fs::remove_file(&temp_path);
+            return Err(err);
+        }
+    };
+    fs::rename(&temp_path, &final_path)?;
+    sync_dir(dir)?;
+    Ok(SnapshotInfo {
+        seq,
+        path: final_path,
+        size_bytes,
+        created_at,
+    })
+}
+
+fn write_temp(
+    path: &Path,
+    seq: u64,
+    state: &State,
+    created_at: Millis,
+    hooks: WriteHooks,
+) -> io::Result<u64> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    // The header is written last, once the checksum and length are known; zeros until then
+    // make an unfinished file fail verification.
+    file.write_all(&[0u8; HEADER_BYTES])?;
+    let (mut hasher, body_len) = {
+        let mut body = Checksummed {
+            inner: BufWriter::with_capacity(1 << 20, &mut file),
+            hasher: crc32fast::Hasher::new(),
+            bytes: 0,
+        };
+        bincode::serde::encode_into_std_write(state, &mut body, bincode::config::standard())
+            .map_err(|e| io::Error::other(format!("encoding the snapshot: {e}")))?;
+        body.flush()?;
+        (body.hasher, body.bytes)
+    };
+    if let Some(pause) = hooks.pause_before_rename {
+        std::thread::sleep(pause);
+    }
+    let fields = trailer_fields(seq, created_at, body_len);
+    hasher.update(&fields);
+    let mut header = Vec::with_capacity(HEADER_BYTES);
+    header.extend_from_slice(MAGIC);
+    header.push(SNAPSHOT_FORMAT_VERSION);
+    header.extend_from_slice(&hasher.finalize().to_le_bytes());
+    header.extend_from_slice(&fields);
+    debug_assert_eq!(header.len(), HEADER_BYTES);
+    file.seek(SeekFrom::Start(0))?;
+    file.write_all(&header)?;
+    file.sync_all()?;
+    Ok(HEADER_BYTES as u64 + body_len)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    File::open(dir)?.sync_all()?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// Reads and verifies a snapshot file: magic, version, length, checksum, then decodes.
+pub fn read(path: &Path) -> Result<(SnapshotInfo, State), SnapshotError> {
+    let name = path.display().to_string();
+    let io_err = |source| SnapshotError::Io {
+        path: name.clone(),
+        source,
+    };
+    let mut file = File::open(path).map_err(io_err)?;
+    let len = file.metadata().map_err(io_err)?.len();
+    let mut header = [0u8; HEADER_BYTES];
+    if len < HEADER_BYTES as u64 {
+        return Err(SnapshotError::Truncated {
+            path: name,
+            len,
+            expected: HEADER_BYTES as u64,
+        });
+    }
+    file.read_exact(&mut header).map_err(io_err)?;
+    let info = verify_header(&name, &header, len)?;
+    let mut body = Vec::with_capacity((len as usize).saturating_sub(HEADER_BYTES));
+    file.read_to_end(&mut body).map_err(io_err)?;
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&body);
+    hasher.update(&header[13..]);
+    let stored = u32::from_le_bytes(header[9..13].try_into().expect("4 bytes"));
+    if hasher.finalize() != stored {
+        return Err(SnapshotError::Checksum { path: name });
+    }
+    let (state, used): (State, usize) =
+        bincode::serde::decode_from_slice(&body, bincode::config::standard()).map_err(|e| {
+            SnapshotError::Decode {
+                path: name.clone(),
+                detail: e.to_string(),
+            }
+        })?;
+    if used != body.len() {
+        return Err(SnapshotError::Decode {
+            path: name,
+            detail: "trailing bytes after the state".into(),
+        });
+    }
+    if let Some(named) = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(seq_of_name)
+    {
+        if named != info.seq {
+            return Err(SnapshotError::Misnamed {
+                path: name,
+                inside: info.seq,
+                named,
+            });
+        }
+    }
+    Ok((
+        SnapshotInfo {
+            path: path.to_path_buf(),
+            ..info
+        },
+        state,
+    ))
+}
+
+fn verify_header(name: &str, header: &[u8], len: u64) -> Result<SnapshotInfo, SnapshotError> {
+    if &header[..8] != MAGIC {
+        return Err(SnapshotError::Magic { path: name.into() });
+    }
+    if header[8] != SNAPSHOT_FORMAT_VERSION {
+        return Err(SnapshotError::Version {
+            path: name.into(),
+            version: header[8],
+        });
+    }
+    let u64_at = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
+    let seq = u64_at(13);
+    let created_at = u64_at(21) as i64;
+    let body_len = u64_at(29);
+    let expected = (HEADER_BYTES as u64).saturating_add(body_len);
+    if expected != len {
+        return Err(SnapshotError::Truncated {
+            path: name.into(),
+            len,
+            expected,
+        });
+    }
+    Ok(SnapshotInfo {
+        seq,
+        path: PathBuf::from(name),
+        size_bytes: len,
+        created_at,
+    })
+}
+
+/// What `stockd snapshot inspect` reports about a file that verifies.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Inspection {
+    pub file: String,
+    pub valid: bool,
+    pub format_version: u8,
+    pub sequence: u64,
+    pub created_at: String,
+    pub size_bytes: u64,
+    pub products: usize,
+    pub reservations: usize,
+    pub reservations_by_status: std::collections::BTreeMap<String, usize>,
+    pub idempotency_keys: usize,
+    /// Sums over every product.
+    pub units_on_hand: u64,
+    pub units_reserved: u64,
+    pub units_sold: u64,
+}
+
+/// Verifies a snapshot file and describes it.
+pub fn inspect(path: &Path) -> Result<Inspection, SnapshotError> {
+    let (info, state) = read(path)?;
+    let mut by_status = std::collections::BTreeMap::new();
+    for r in state.reservations.values() {
+        *by_status
+            .entry(format!("{:?}", r.status).to_lowercase())
+            .or_insert(0) += 1;
+    }
+    let sum = |f: fn(&crate::domain::Product) -> u64| state.products.values().map(f).sum();
+    Ok(Inspection {
+        file: path.display().to_string(),
+        valid: true,
+        format_version: SNAPSHOT_FORMAT_VERSION,
+        sequence: info.seq,
+        created_at: crate::clock::rfc3339(info.created_at),
+        size_bytes: info.size_bytes,
+        products: state.products.len(),
+        reservations: state.reservations.len(),
+        reservations_by_status: by_status,
+        idempotency_keys: state.idempotency.len(),
+        units_on_hand: sum(|p| p.on_hand),
+        units_reserved: sum(|p| p.reserved),
+        units_sold: sum(|p| p.sold),
+    })
+}
+
+impl std::fmt::Display for Inspection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "file:             {} (verified)", self.file)?;
+        writeln!(f, "format version:   {}", self.format_version)?;
+        writeln!(f, "state after log:  record {}", self.sequence)?;
+        writeln!(f, "created at:       {}", self.created_at)?;
+        writeln!(f, "size:             {} bytes", self.size_bytes)?;
+        writeln!(f, "products:         {}", self.products)?;
+        let statuses: Vec<String> = self
+            .reservations_by_status
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        writeln!(
+            f,
+            "reservations:     {} ({})",
+            self.reservations,
+            statuses.join(", ")
+        )?;
+        writeln!(f, "idempotency keys: {}", self.idempotency_keys)?;
+        writeln!(
+            f,
+            "units:            on_hand {}, reserved {}, sold {}",
+            self.units_on_hand, self.units_reserved, self.units_sold
+        )
+    }
+}
+
+/// Removes all but the newest `keep` snapshots, and temporary files left by a crash.
+/// Returns the removed snapshot files.
+pub fn prune(dir: &Path, keep: usize) -> io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for (_, path) in list(dir)?.into_iter().skip(keep) {
+        fs::remove_file(&path)?;
+        removed.push(path);
+    }
+    remove_temp_files(dir)?;
+    if !removed.is_empty() {
+        sync_dir(dir)?;
+    }
+    Ok(removed)
+}
+
+/// Removes temporary files of snapshots that were never completed.
+pub fn remove_temp_files(dir: &Path) -> io::Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(err),
+    };
+    for entry in entries {
+        let entry = entry?;
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(TEMP_PREFIX))
+        {
+            fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Product;
+
+    fn state() -> State {
+        let mut s = State::default();
+        for i in 0..50 {
+            let sku = format!("SKU-{i}");
+            s.products
+                .insert(sku.clone(), Product::new(sku, "n".into(), None, i, 7));
+        }
+        s
+    }
+
+    #[test]
+    fn round_trips_and_lists_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write(dir.path(), 5, &state(), 11, WriteHooks::default()).unwrap();
+        let b = write(dir.path(), 12, &State::default(), 12, WriteHooks::default()).unwrap();
+        assert_eq!(a.size_bytes, fs::metadata(&a.path).unwrap().len());
+        let (info, read_back) = read(&a.path).unwrap();
+        assert_eq!((info.seq, info.created_at), (5, 11));
+        assert_eq!(read_back, state());
+        let listed: Vec<u64> = list(dir.path()).unwrap().iter().map(|x| x.0).collect();
+        assert_eq!(listed, vec![12, 5]);
+        assert_eq!(read(&b.path).unwrap().1, State::default());
+    }
+
+    #[test]
+    fn detects_damage_anywhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let info = write(dir.path(), 3, &state(), 1, WriteHooks::default()).unwrap();
+        let good = fs::read(&info.path).unwrap();
+        for at in [
+            0,
+            8,
+            10,
+            14,
+            22,
+            30,
+            HEADER_BYTES + 1,
+            good.len() / 2,
+            good.len() - 1,
+        ] {
+            let mut bad = good.clone();
+            bad[at] ^= 0x10;
+            fs::write(&info.path, &bad).unwrap();
+            assert!(read(&info.path).is_err(), "flip at byte {at} not detected");
+        }
+        fs::write(&info.path, &good[..good.len() - 3]).unwrap();
+        assert!(matches!(
+            read(&info.path),
+            Err(SnapshotError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn prune_keeps_the_newest_and_removes_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        for seq in [1, 2, 3, 4] {
+            write(dir.path(), seq, &State::default(), 0, WriteHooks::default()).unwrap();
+        }
+        fs::write(dir.path().join(format!("{TEMP_PREFIX}x")), b"junk").unwrap();
+        let removed = prune(dir.path(), 2).unwrap();
+        assert_eq!(removed.len(), 2);
+        let left: Vec<u64> = list(dir.path()).unwrap().iter().map(|x| x.0).collect();
+        assert_eq!(left, vec![4, 3]);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        assert_eq!(seq_of_name(&file_name(42)), Some(42));
+        assert_eq!(seq_of_name("snapshot-42.snap"), None);
+        assert_eq!(seq_of_name("other"), None);
+    }
+}

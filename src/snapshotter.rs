@@ -1,0 +1,323 @@
+//! The snapshotter: one background thread that builds snapshots and drops the log records
+//! no kept snapshot needs.
+//!
+//! A snapshot is built without pausing traffic and without a cut across actors: the thread
+//! loads the newest snapshot, folds the log records after it up to a sequence S that is
+//! already durable (the one fold of DESIGN.md), and writes the result as "the state after
+//! record S". The actors never stop; the writer keeps appending records after S meanwhile.
+//!
+//! When: every `every_records` durable records, every `every` period if anything changed,
+//! on demand (`POST /v1/admin/snapshot`, `Service::snapshot`), and at clean shutdown. The
+//! newest `keep` snapshots are kept; once at least two are kept (one to fall back to), the
+//! log is truncated through the oldest kept one, so a damaged newest snapshot can always be
+//! replaced by an older one plus the log. With `keep = 1` there is no fallback by choice.
+//!
+//! The same thread rebuilds a failed product actor's state (`fold_to`), since that is the
+//! same work: the newest snapshot at or before a sequence, plus the log up to it.
+//!
+//! It reads the log through a `LogReader`; it must be stopped (`stop`) before the log
+//! writer, so that the log is closed when the writer stops.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use crate::clock::{Millis, SharedClock};
+use crate::fold::State;
+use crate::log::{LogHandle, LogReader};
+use crate::recovery;
+use crate::snapshot::{self, WriteHooks};
+
+/// When snapshots are taken and how many are kept.
+#[derive(Clone, Debug)]
+pub struct SnapshotPolicy {
+    /// Take a snapshot once this many records are durable after the newest one (0: never).
+    pub every_records: u64,
+    /// Take a snapshot this often if anything changed (`None`: never on a timer).
+    pub every: Option<Duration>,
+    /// Snapshots kept on disk (at least 1).
+    pub keep: usize,
+    /// Take one at clean shutdown.
+    pub on_shutdown: bool,
+}
+
+impl Default for SnapshotPolicy {
+    fn default() -> Self {
+        SnapshotPolicy {
+            every_records: crate::limits::SNAPSHOT_EVERY_RECORDS_DEFAULT,
+            every: Some(Duration::from_secs(
+                crate::limits::SNAPSHOT_EVERY_SECONDS_DEFAULT,
+            )),
+            keep: crate::limits::SNAPSHOTS_KEPT_DEFAULT,
+            on_shutdown: true,
+        }
+    }
+}
+
+/// A snapshot that was taken (or found already current).
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Taken {
+    /// The snapshot is the state after this log record.
+    pub sequence: u64,
+    /// The file's name inside the snapshot directory.
+    pub file: String,
+    pub size_bytes: u64,
+    /// False when the newest snapshot was already at this sequence (nothing written).
+    pub created: bool,
+    /// Log records folded onto the previous snapshot to build it.
+    pub records_folded: u64,
+    /// Log records dropped because no kept snapshot needs them any more.
+    pub log_records_dropped: u64,
+    pub elapsed_ms: u64,
+}
+
+enum Job {
+    Take {
+        upto: u64,
+        reply: oneshot::Sender<Result<Taken, String>>,
+    },
+    FoldTo {
+        upto: u64,
+        reply: oneshot::Sender<Result<State, String>>,
+    },
+    Stop,
+}
+
+/// Cheap to clone: a handle on the snapshot thread.
+#[derive(Clone)]
+pub struct Snapshotter {
+    tx: mpsc::Sender<Job>,
+    newest: Arc<AtomicU64>,
+}
+
+/// Everything the snapshot thread needs.
+pub struct SnapshotterArgs {
+    pub reader: LogReader,
+    pub log: LogHandle,
+    pub dir: PathBuf,
+    pub policy: SnapshotPolicy,
+    pub clock: SharedClock,
+    pub hooks: WriteHooks,
+    /// Sequence of the newest snapshot at start-up (0: none).
+    pub newest: u64,
+}
+
+impl Snapshotter {
+    /// Starts the thread; `stop` it, then join the handle.
+    pub fn start(args: SnapshotterArgs) -> (Snapshotter, thread::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel();
+        let newest = Arc::new(AtomicU64::new(args.newest));
+        let worker = Worker {
+            newest: newest.clone(),
+            last_taken: Instant::now(),
+            args,
+        };
+        let join = thread::Builder::new()
+            .name("stockd-snapshotter".into())
+            .spawn(move || worker.run(rx))
+            .expect("spawning the snapshot thread");
+        (Snapshotter { tx, newest }, join)
+    }
+
+    /// Takes a snapshot of the state after record `upto` (which must be durable).
+    pub async fn take(&self, upto: u64) -> Result<Taken, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Take { upto, reply })
+            .map_err(|_| "the snapshot thread has stopped".to_string())?;
+        rx.await
+            .map_err(|_| "the snapshot thread has stopped".to_string())?
+    }
+
+    /// The state after record `upto` (which must be durable), from the newest snapshot
+    /// at or before it plus the log.
+    pub fn fold_to(&self, upto: u64) -> oneshot::Receiver<Result<State, String>> {
+        let (reply, rx) = oneshot::channel();
+        if let Err(mpsc::SendError(Job::FoldTo { reply, .. })) =
+            self.tx.send(Job::FoldTo { upto, reply })
+        {
+            let _ = reply.send(Err("the snapshot thread has stopped".into()));
+        }
+        rx
+    }
+
+    /// Stops the thread after the jobs queued before this; join its handle afterwards.
+    pub fn stop(&self) {
+        let _ = self.tx.send(Job::Stop);
+    }
+
+    /// Sequence of the newest snapshot taken (0: none).
+    pub fn newest_seq(&self) -> u64 {
+        self.newest.load(Ordering::SeqCst)
+    }
+}
+
+struct Worker {
+    args: SnapshotterArgs,
+    newest: Arc<AtomicU64>,
+    last_taken: Instant,
+}
+
+/// How often the thread checks the automatic policy.
+const POLICY_CHECK_MS: u64 = 500;
+
+impl Worker {
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
+        loop {
+            match rx.recv_timeout(Duration::from_millis(POLICY_CHECK_MS)) {
+                Ok(Job::Take { upto, reply }) => {
+                    let _ = reply.send(self.take(upto));
+                }
+                Ok(Job::FoldTo { upto, reply }) => {
+                    let result = recovery::recover(&self.args.reader, &self.args.dir, upto)
+                        .map(|r| r.state)
+                        .map_err(|e| e.to_string());
+                    let _ = reply.send(result);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => self.check_policy(),
+                Ok(Job::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn check_policy(&mut self) {
+        if !self.args.log.is_healthy() {
+            return;
+        }
+        let durable = self.args.log.durable_seq();
+        let newest = self.newest.load(Ordering::SeqCst);
+        if durable <= newest {
+            return;
+        }
+        let policy = &self.args.policy;
+        let by_count = policy.every_records > 0 && durable - newest >= policy.every_records;
+        let by_time = policy
+            .every
+            .is_some_and(|every| self.last_taken.elapsed() >= every);
+        if !(by_count || by_time) {
+            return;
+        }
+        match self.take(durable) {
+            Ok(taken) => tracing::info!(
+                sequence = taken.sequence,
+                size_bytes = taken.size_bytes,
+                records_folded = taken.records_folded,
+                log_records_dropped = taken.log_records_dropped,
+                elapsed_ms = taken.elapsed_ms,
+                "snapshot taken"
+            ),
+            Err(err) => {
+                // Retried at the next period; the log keeps everything meanwhile.
+                self.last_taken = Instant::now();
+                tracing::error!(error = %err, "cannot take a snapshot");
+            }
+        }
+    }
+
+    fn take(&mut self, upto: u64) -> Result<Taken, String> {
+        let now = self.args.clock.now_ms();
+        let args = &self.args;
+        let taken = take_snapshot(
+            &args.reader,
+            &args.dir,
+            upto,
+            args.policy.keep,
+            now,
+            args.hooks,
+        )?;
+        self.newest.fetch_max(taken.sequence, Ordering::SeqCst);
+        self.last_taken = Instant::now();
+        Ok(taken)
+    }
+}
+
+/// Builds the snapshot after record `upto` (newest snapshot + log, folded), writes it,
+/// keeps the newest `keep` snapshots and drops the log records none of them needs. If the
+/// newest snapshot is already at `upto` and verifies, nothing is written.
+pub fn take_snapshot(
+    reader: &LogReader,
+    dir: &Path,
+    upto: u64,
+    keep: usize,
+    now: Millis,
+    hooks: WriteHooks,
+) -> Result<Taken, String> {
+    let started = Instant::now();
+    let newest = snapshot::list(dir)
+        .map_err(|e| format!("cannot list {}: {e}", dir.display()))?
+        .into_iter()
+        .next();
+    if let Some((seq, path)) = newest {
+        if seq == upto {
+            if let Ok((info, _)) = snapshot::read(&path) {
+                return Ok(Taken {
+                    sequence: seq,
+                    file: snapshot::file_name(seq),
+                    size_bytes: info.size_bytes,
+                    created: false,
+                    records_folded: 0,
+                    log_records_dropped: 0,
+                    elapsed_ms: started.elapsed().as_millis() as u64,
+                });
+            }
+        }
+    }
+    let recovered = recovery::recover(reader, dir, upto).map_err(|e| e.to_string())?;
+    let seq = recovered.last_seq;
+    let info = snapshot::write(dir, seq, &recovered.state, now, hooks)
+        .map_err(|e| format!("cannot write a snapshot in {}: {e}", dir.display()))?;
+    drop(recovered.state);
+    let dropped = drop_unneeded(reader, dir, keep)?;
+    Ok(Taken {
+        sequence: seq,
+        file: snapshot::file_name(seq),
+        size_bytes: info.size_bytes,
+        created: true,
+        records_folded: recovered.records,
+        log_records_dropped: dropped,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// Prunes old snapshots, then the log records before the oldest kept one, once there is
+/// a snapshot to fall back to (or `keep` is 1, the operator's choice of no fallback).
+fn drop_unneeded(reader: &LogReader, dir: &Path, keep: usize) -> Result<u64, String> {
+    let keep = keep.max(1);
+    snapshot::prune(dir, keep)
+        .map_err(|e| format!("cannot prune snapshots in {}: {e}", dir.display()))?;
+    let kept = snapshot::list(dir).map_err(|e| format!("cannot list snapshots: {e}"))?;
+    if kept.len() < keep.min(2) {
+        return Ok(0); // the whole log is the fallback of the only snapshot
+    }
+    let oldest = kept.last().map_or(0, |(seq, _)| *seq);
+    reader
+        .truncate_through(oldest)
+        .map_err(|e| format!("cannot truncate the log: {e}"))
+}
+
+/// `stockd snapshot`: takes a snapshot of a stopped server's data directory (the log in
+/// `log_dir`), prunes, truncates the log, and flushes. Fails if a server has the log open.
+pub fn take_offline(
+    log_dir: &Path,
+    snapshot_dir: &Path,
+    keep: usize,
+    now: Millis,
+) -> Result<Taken, String> {
+    let log = crate::log::Log::open(log_dir).map_err(|e| e.to_string())?;
+    let upto = log.last_seq().map_err(|e| e.to_string())?;
+    let taken = take_snapshot(
+        &log.reader(),
+        snapshot_dir,
+        upto,
+        keep,
+        now,
+        WriteHooks::default(),
+    )?;
+    log.flush().map_err(|e| e.to_string())?;
+    Ok(taken)
+}
