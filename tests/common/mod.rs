@@ -149,6 +149,8 @@ pub struct TestServer {
     pub client: Client,
     pub clock: Arc<ManualClock>,
     pub dir: tempfile::TempDir,
+    /// Changes to the default configuration, kept across restarts.
+    pub tweak: fn(&mut Config),
 }
 
 pub const START_MS: i64 = 1_795_341_600_000; // 2026-11-22T10:00:00Z
@@ -169,7 +171,17 @@ impl TestServer {
         clock: Arc<ManualClock>,
         durability: Durability,
     ) -> TestServer {
-        let config = Config {
+        TestServer::start_tweaked(dir, clock, durability, |_| {}).await
+    }
+
+    /// A server whose configuration `tweak` adjusts (also after `restart`).
+    pub async fn start_tweaked(
+        dir: tempfile::TempDir,
+        clock: Arc<ManualClock>,
+        durability: Durability,
+        tweak: fn(&mut Config),
+    ) -> TestServer {
+        let mut config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: dir.path().join("data"),
             snapshot_dir: dir.path().join("snapshots"),
@@ -177,6 +189,7 @@ impl TestServer {
             clock: clock.clone(),
             ..Config::default()
         };
+        tweak(&mut config);
         let server = stockd::start(config).await.expect("server starts");
         let client = Client::new(format!("http://{}", server.local_addr()));
         TestServer {
@@ -184,6 +197,7 @@ impl TestServer {
             client,
             clock,
             dir,
+            tweak,
         }
     }
 
@@ -199,7 +213,7 @@ impl TestServer {
             .shutdown()
             .await
             .expect("clean shutdown");
-        TestServer::start_in(self.dir, self.clock, Durability::Sync).await
+        TestServer::start_tweaked(self.dir, self.clock, Durability::Sync, self.tweak).await
     }
 
     pub async fn stop(mut self) {

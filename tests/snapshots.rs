@@ -1,0 +1,596 @@
+//! Snapshots, bounded recovery and passivation (issue 3): the on-demand endpoint, the
+//! automatic policy keeping the log bounded, a passive product behaving like a resident
+//! one, and, against the real binary, kill -9 during a snapshot, a corrupted newest
+//! snapshot, a damaged log record, and the operator commands.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{eventually, ChildServer, Client, TestServer, START_MS};
+use serde_json::{json, Value};
+use stockd::clock::ManualClock;
+use stockd::{Config, Durability};
+
+fn snapshot_files(dir: &Path) -> Vec<PathBuf> {
+    stockd::snapshot::list(dir)
+        .unwrap()
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect()
+}
+
+fn flip_middle_byte(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// The stock figures of a product view (what must agree between two products).
+fn figures(view: &Value) -> Value {
+    json!({
+        "on_hand": view["on_hand"], "reserved": view["reserved"],
+        "available": view["available"], "sold": view["sold"], "version": view["version"],
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_snapshot_answers_sequence_file_and_size_and_restart_uses_it() {
+    let t = TestServer::start().await;
+    let c = t.client.clone();
+    c.create_product("A", 10).await;
+    assert_eq!(c.reserve("u1", "A", 3).await.status, 201);
+
+    let a = c.post("/v1/admin/snapshot", json!({})).await;
+    assert_eq!(a.status, 201, "{:?}", a.body);
+    assert_eq!(a.body["sequence"], 2, "{:?}", a.body);
+    assert_eq!(a.body["created"], true);
+    let file = a.body["file"].as_str().unwrap().to_string();
+    let path = t.dir.path().join("snapshots").join(&file);
+    assert_eq!(
+        a.body["size_bytes"].as_u64(),
+        Some(std::fs::metadata(&path).unwrap().len())
+    );
+    let inspected = stockd::snapshot::inspect(&path).unwrap();
+    assert_eq!(
+        (
+            inspected.sequence,
+            inspected.products,
+            inspected.units_reserved
+        ),
+        (2, 1, 3)
+    );
+
+    // Nothing changed since: the same snapshot, 200.
+    let again = c.post("/v1/admin/snapshot", json!({})).await;
+    assert_eq!(again.status, 200, "{:?}", again.body);
+    assert_eq!(
+        (
+            again.body["sequence"].clone(),
+            again.body["created"].clone()
+        ),
+        (json!(2), json!(false))
+    );
+    c.post("/v1/admin/snapshot", json!({"now": true}))
+        .await
+        .assert_problem(422, "validation_failed");
+    c.get("/v1/admin/snapshot")
+        .await
+        .assert_problem(405, "method_not_allowed");
+
+    assert_eq!(c.reserve("u2", "A", 2).await.status, 201);
+    let before = c.product("A").await;
+    let t = t.restart().await;
+    assert_eq!(figures(&t.client.product("A").await), figures(&before));
+    assert_eq!(before["reserved"], 5);
+    t.stop().await;
+}
+
+fn small_snapshots(config: &mut Config) {
+    config.snapshots.every_records = 40;
+    config.snapshots.every = None;
+    config.snapshots.keep = 2;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_and_snapshots_stay_bounded_under_a_steady_workload() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = std::sync::Arc::new(ManualClock::new(START_MS));
+    let t = TestServer::start_tweaked(dir, clock, Durability::Sync, small_snapshots).await;
+    let c = t.client.clone();
+    c.create_product("A", 1_000).await;
+    let snapshots = t.dir.path().join("snapshots");
+    let mut written = 1u64;
+    for round in 0..8 {
+        for i in 0..40 {
+            let r = c.reserve(&format!("u{round}-{i}"), "A", 1).await;
+            assert_eq!(r.status, 201, "{:?}", r.body);
+            let id = r.body["id"].as_str().unwrap().to_string();
+            let x = c
+                .post(&format!("/v1/reservations/{id}/cancel"), json!({}))
+                .await;
+            assert_eq!(x.status, 200);
+        }
+        written += 80;
+        // The snapshotter takes one within its next check (every 500 ms).
+        let caught_up = eventually(Duration::from_secs(10), || {
+            let snapshots = snapshots.clone();
+            async move {
+                stockd::snapshot::list(&snapshots)
+                    .unwrap()
+                    .first()
+                    .is_some_and(|(seq, _)| written - seq < 40)
+            }
+        })
+        .await;
+        assert!(caught_up, "no automatic snapshot after round {round}");
+        // The new file is renamed into place before the oldest is pruned: 3 for a moment.
+        let pruned = eventually(Duration::from_secs(10), || {
+            let snapshots = snapshots.clone();
+            async move { snapshot_files(&snapshots).len() <= 2 }
+        })
+        .await;
+        assert!(pruned, "keeps 2 snapshots");
+    }
+    let before = c.product("A").await;
+    let dir_path = t.dir.path().to_path_buf();
+    let t = t.restart().await;
+    assert_eq!(figures(&t.client.product("A").await), figures(&before));
+    let mut t = t;
+    t.server.take().unwrap().shutdown().await.unwrap();
+
+    let log = stockd::log::Log::open(&dir_path.join("data").join("log")).unwrap();
+    let summary = log.reader().summary().unwrap();
+    assert_eq!(summary.last_seq, Some(written));
+    assert!(
+        summary.records <= 160 && summary.first_seq > Some(1),
+        "{written} records written, the log keeps only those after the oldest kept snapshot: {summary:?}"
+    );
+    assert_eq!(summary.truncated_through + 1, summary.first_seq.unwrap());
+    assert!(snapshot_files(&dir_path.join("snapshots")).len() <= 2);
+}
+
+fn passivate_after_60s(config: &mut Config) {
+    config.passivate_after = Some(Duration::from_secs(60));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passive_product_behaves_exactly_like_a_resident_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = std::sync::Arc::new(ManualClock::new(START_MS));
+    let t = TestServer::start_tweaked(dir, clock, Durability::Sync, passivate_after_60s).await;
+    let client = t.client.clone();
+    let c = &client;
+    // "P" is passivated before every step; "R" stays resident (it is touched first).
+    c.create_product("P", 10).await;
+    c.create_product("R", 10).await;
+    let passivate_p = || async {
+        // P idle for 62 s, R for at most 31 s: the periodic check may passivate P before
+        // the explicit call below does, but never R.
+        for _ in 0..2 {
+            t.clock.advance_ms(31_000);
+            c.product("R").await;
+        }
+        let done = t.service().passivate_idle().await.unwrap();
+        assert!(done <= 1);
+        let stats = t.service().stats().await.unwrap();
+        assert_eq!(stats.active_products, 1, "only R is resident: {stats:?}");
+    };
+    let same = |step: &'static str| async move {
+        let (p, r) = (c.product("P").await, c.product("R").await);
+        assert_eq!(figures(&p), figures(&r), "after {step}");
+    };
+    let reserve = |sku: &'static str, quantity: u64, ttl: u64| async move {
+        let a = c
+            .post(
+                "/v1/reservations",
+                json!({"customer_id": "u", "items": [{"sku": sku, "quantity": quantity}], "ttl_seconds": ttl}),
+            )
+            .await;
+        assert_eq!(a.status, 201, "{:?}", a.body);
+        a.body["id"].as_str().unwrap().to_string()
+    };
+    let post = |path: String| async move {
+        let a = c.post(&path, json!({})).await;
+        assert_eq!(a.status, 200, "{path}: {:?}", a.body);
+        a.body
+    };
+
+    passivate_p().await;
+    let (p1, r1) = (reserve("P", 3, 86_400).await, reserve("R", 3, 86_400).await);
+    same("a reserve that activates P").await;
+
+    passivate_p().await;
+    let activations = t.service().stats().await.unwrap().activations;
+    post(format!("/v1/reservations/{p1}/confirm")).await;
+    post(format!("/v1/reservations/{r1}/confirm")).await;
+    same("a confirm while passive").await;
+
+    let (p2, r2) = (reserve("P", 2, 86_400).await, reserve("R", 2, 86_400).await);
+    passivate_p().await;
+    post(format!("/v1/reservations/{p2}/cancel")).await;
+    post(format!("/v1/reservations/{r2}/cancel")).await;
+    same("a cancel while passive").await;
+
+    let (p3, r3) = (reserve("P", 4, 100).await, reserve("R", 4, 100).await);
+    passivate_p().await; // 61 s of the 100 s TTL gone
+    let activations_before_expiry = t.service().stats().await.unwrap().activations;
+    t.clock.advance_ms(40_000);
+    // The expiry timer fires (100 ms tick) for both, without waking P.
+    let fired = eventually(Duration::from_secs(5), || async {
+        let p = c.product("P").await;
+        let r = c.product("R").await;
+        p["reserved"] == 0 && r["reserved"] == 0
+    })
+    .await;
+    assert!(
+        fired,
+        "expiry fired for the passive and the resident product"
+    );
+    assert_eq!(
+        c.get(&format!("/v1/reservations/{p3}")).await.body["status"],
+        "expired"
+    );
+    assert_eq!(
+        c.get(&format!("/v1/reservations/{r3}")).await.body["status"],
+        "expired"
+    );
+    let stats = t.service().stats().await.unwrap();
+    assert_eq!(
+        stats.activations, activations_before_expiry,
+        "reads and expiry do not activate"
+    );
+    assert_eq!(stats.active_products, 1);
+    assert!(activations > 0);
+    same("an expiry while passive").await;
+
+    passivate_p().await;
+    for sku in ["P", "R"] {
+        let a = c
+            .post(
+                &format!("/v1/products/{sku}/replenish"),
+                json!({"quantity": 5}),
+            )
+            .await;
+        assert_eq!(a.status, 200, "{:?}", a.body);
+    }
+    same("a replenish that activates P").await;
+
+    // Listing shows the same figures for a passive and a resident product.
+    passivate_p().await;
+    let page = c.get("/v1/products").await;
+    let items = page.body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    assert_eq!(figures(&items[0]), figures(&items[1]));
+
+    // After a restart every product starts passive, with the same figures.
+    let t = t.restart().await;
+    let stats = t.service().stats().await.unwrap();
+    assert_eq!(
+        stats.active_products, 0,
+        "start-up spawns no actor per product"
+    );
+    let (p, r) = (t.client.product("P").await, t.client.product("R").await);
+    assert_eq!(figures(&p), figures(&r));
+    assert_eq!(
+        (p["on_hand"].clone(), p["sold"].clone()),
+        (json!(12), json!(3))
+    );
+    t.stop().await;
+}
+
+// ---- the real binary ----------------------------------------------------------------
+
+fn stockd() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stockd"));
+    cmd.env("RUST_LOG", "warn");
+    cmd
+}
+
+/// Runs `stockd serve` expecting it to refuse to start; returns its stderr. A server that
+/// starts after all is killed after 20 s, and the test fails.
+fn start_refused(dir: &Path, extra: &[&str]) -> String {
+    let mut child = stockd()
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.join("data"))
+        .arg("--snapshot-dir")
+        .arg(dir.join("snapshots"))
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("stockd started although it should have refused");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().unwrap();
+    assert!(!output.status.success());
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn run(args: &[&str]) -> Output {
+    stockd().args(args).output().unwrap()
+}
+
+fn json_of(output: &Output) -> Value {
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: stdout {:?}, stderr {:?}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+async fn reserve_ok(c: &Client, customer: &str, sku: &str) -> String {
+    let a = c.reserve(customer, sku, 1).await;
+    assert_eq!(a.status, 201, "{:?}", a.body);
+    a.body["id"].as_str().unwrap().to_string()
+}
+
+async fn assert_statuses(c: &Client, expected: &[(String, &str)]) {
+    for (id, status) in expected {
+        let a = c.get(&format!("/v1/reservations/{id}")).await;
+        assert_eq!(
+            a.status, 200,
+            "acknowledged reservation {id} lost: {:?}",
+            a.body
+        );
+        assert_eq!(a.body["status"], *status, "{id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_while_a_snapshot_is_written_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let snapshots = dir.path().join("snapshots");
+    let mut s = ChildServer::spawn(dir.path(), &["--test-snapshot-pause-ms", "1500"]);
+    let c = s.client.clone();
+    c.create_product("A", 100).await;
+    let mut acked = Vec::new();
+    for i in 0..5 {
+        acked.push((reserve_ok(&c, &format!("a{i}"), "A").await, "pending"));
+    }
+    let first = c.post("/v1/admin/snapshot", json!({})).await;
+    assert_eq!(first.status, 201, "{:?}", first.body);
+    for i in 0..5 {
+        acked.push((reserve_ok(&c, &format!("b{i}"), "A").await, "pending"));
+    }
+    // A second snapshot, killed while its file is being written.
+    let background = c.clone();
+    let second = tokio::spawn(async move {
+        background
+            .send(reqwest::Method::POST, "/v1/admin/snapshot", Some("{}"), &[])
+            .await
+    });
+    let writing = eventually(Duration::from_secs(10), || {
+        let snapshots = snapshots.clone();
+        async move {
+            std::fs::read_dir(&snapshots).unwrap().any(|e| {
+                let name = e.unwrap().file_name();
+                name.to_string_lossy().starts_with(".tmp-snapshot-")
+            })
+        }
+    })
+    .await;
+    assert!(writing, "the snapshot file is being written");
+    // Traffic is served while the snapshot is being built: nothing pauses.
+    for i in 0..3 {
+        acked.push((reserve_ok(&c, &format!("c{i}"), "A").await, "pending"));
+    }
+    s.kill9();
+    assert!(
+        second.await.unwrap().is_err(),
+        "the killed snapshot was never answered"
+    );
+
+    let s = ChildServer::spawn(dir.path(), &[]);
+    assert_statuses(&s.client, &acked).await;
+    let a = s.client.product("A").await;
+    assert_eq!(
+        (a["reserved"].clone(), a["on_hand"].clone()),
+        (json!(13), json!(100))
+    );
+    let left: Vec<_> = std::fs::read_dir(&snapshots)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        left,
+        vec![first.body["file"].as_str().unwrap().to_string()],
+        "the unfinished file is gone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_newest_snapshot_falls_back_to_the_previous_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let snapshots = dir.path().join("snapshots");
+    let mut s = ChildServer::spawn(dir.path(), &[]);
+    let c = s.client.clone();
+    c.create_product("A", 100).await;
+    let mut acked = Vec::new();
+    for i in 0..4 {
+        acked.push((reserve_ok(&c, &format!("a{i}"), "A").await, "pending"));
+    }
+    assert_eq!(c.post("/v1/admin/snapshot", json!({})).await.status, 201);
+    for i in 0..4 {
+        acked.push((reserve_ok(&c, &format!("b{i}"), "A").await, "pending"));
+    }
+    for (id, status) in acked.iter_mut().take(2) {
+        let a = c
+            .post(&format!("/v1/reservations/{id}/confirm"), json!({}))
+            .await;
+        assert_eq!(a.status, 200);
+        *status = "confirmed";
+    }
+    // The second snapshot truncates the log through the first (its fallback).
+    assert_eq!(c.post("/v1/admin/snapshot", json!({})).await.status, 201);
+    for i in 0..3 {
+        acked.push((reserve_ok(&c, &format!("c{i}"), "A").await, "pending"));
+    }
+    let id = acked[2].0.clone();
+    assert_eq!(
+        c.post(&format!("/v1/reservations/{id}/cancel"), json!({}))
+            .await
+            .status,
+        200
+    );
+    acked[2].1 = "cancelled";
+    s.kill9();
+
+    let files = snapshot_files(&snapshots);
+    assert_eq!(files.len(), 2);
+    flip_middle_byte(&files[0]);
+    let s = ChildServer::spawn(dir.path(), &[]);
+    assert_statuses(&s.client, &acked).await;
+    let a = s.client.product("A").await;
+    assert_eq!(
+        (
+            a["reserved"].clone(),
+            a["sold"].clone(),
+            a["on_hand"].clone()
+        ),
+        (json!(8), json!(2), json!(98))
+    );
+    drop(s);
+
+    // With the fallback damaged too, the log alone cannot rebuild the state: refuse.
+    let files = snapshot_files(&snapshots);
+    for file in &files {
+        if stockd::snapshot::read(file).is_ok() {
+            flip_middle_byte(file);
+        }
+    }
+    let stderr = start_refused(dir.path(), &[]);
+    assert!(
+        stderr.contains("no snapshot at or after it verifies"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_log_record_stops_start_up_unless_truncation_is_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = ChildServer::spawn(dir.path(), &[]);
+    let c = s.client.clone();
+    c.create_product("A", 100).await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(reserve_ok(&c, &format!("u{i}"), "A").await);
+    }
+    s.kill9(); // no shutdown snapshot: records 1..=7 are only in the log
+    stockd::log::damage_record(&dir.path().join("data").join("log"), 4).unwrap();
+
+    let stderr = start_refused(dir.path(), &[]);
+    assert!(stderr.contains("log record 4 is damaged"), "{stderr}");
+
+    let s = ChildServer::spawn(dir.path(), &["--truncate-damaged-log"]);
+    assert_eq!(
+        s.client.product("A").await["reserved"],
+        2,
+        "records 2 and 3 survive"
+    );
+    assert_eq!(
+        s.client
+            .get(&format!("/v1/reservations/{}", ids[1]))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        s.client
+            .get(&format!("/v1/reservations/{}", ids[2]))
+            .await
+            .status,
+        404
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_commands_snapshot_inspect_and_dump() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let snapshots = dir.path().join("snapshots");
+    let (data_s, snap_s) = (data.to_str().unwrap(), snapshots.to_str().unwrap());
+    let mut s = ChildServer::spawn(dir.path(), &[]);
+    let c = s.client.clone();
+    c.create_product("A", 10).await;
+    reserve_ok(&c, "u1", "A").await;
+    reserve_ok(&c, "u2", "A").await;
+
+    let busy = run(&["snapshot", "--data-dir", data_s, "--snapshot-dir", snap_s]);
+    assert!(!busy.status.success());
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("is a server running"));
+    s.kill9();
+
+    let dump = run(&["log", "dump", "--data-dir", data_s, "--json"]);
+    assert!(dump.status.success());
+    let dump = json_of(&dump);
+    assert_eq!(
+        (
+            dump["first_seq"].clone(),
+            dump["last_seq"].clone(),
+            dump["records"].clone()
+        ),
+        (json!(1), json!(3), json!(3))
+    );
+    assert_eq!(dump["kinds"]["ReservationCreated"], 2);
+    assert!(dump["record_bytes"].as_u64().unwrap() > 0);
+    let lines = run(&["log", "dump", "--data-dir", data_s, "--records"]);
+    let lines: Vec<Value> = String::from_utf8_lossy(&lines.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(
+        (lines[0]["seq"].clone(), lines[0]["kind"].clone()),
+        (json!(1), json!("ProductCreated"))
+    );
+
+    let taken = run(&[
+        "snapshot",
+        "--data-dir",
+        data_s,
+        "--snapshot-dir",
+        snap_s,
+        "--json",
+    ]);
+    assert!(taken.status.success(), "{taken:?}");
+    let taken = json_of(&taken);
+    assert_eq!(
+        (taken["sequence"].clone(), taken["created"].clone()),
+        (json!(3), json!(true))
+    );
+    let file = snapshots.join(taken["file"].as_str().unwrap());
+    let inspect = run(&["snapshot", "inspect", file.to_str().unwrap(), "--json"]);
+    assert!(inspect.status.success());
+    let inspect = json_of(&inspect);
+    assert_eq!(inspect["valid"], true);
+    assert_eq!(
+        (
+            inspect["sequence"].clone(),
+            inspect["products"].clone(),
+            inspect["reservations"].clone()
+        ),
+        (json!(3), json!(1), json!(2))
+    );
+    assert_eq!(inspect["units_reserved"], 2);
+    let text = run(&["snapshot", "inspect", file.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("verified"));
+
+    flip_middle_byte(&file);
+    let bad = run(&["snapshot", "inspect", file.to_str().unwrap()]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("checksum"));
+}
