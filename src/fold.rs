@@ -27,7 +27,7 @@ pub struct IdempotencyEntry {
 /// Everything the log describes (and what a snapshot holds).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
-    pub products: BTreeMap<String, Product>,
+    pub products: HashMap<String, Product>,
     pub reservations: HashMap<Uuid, Reservation>,
     pub idempotency: HashMap<IdempotencyKey, IdempotencyEntry>,
 }
@@ -48,22 +48,31 @@ pub enum FoldError {
     DeleteReserved(String),
 }
 
+fn product<'a>(
+    products: &'a mut HashMap<String, Product>,
+    sku: &str,
+) -> Result<&'a mut Product, FoldError> {
+    products
+        .get_mut(sku)
+        .ok_or_else(|| FoldError::UnknownProduct(sku.to_string()))
+}
+
+fn pending(
+    reservations: &mut HashMap<Uuid, Reservation>,
+    id: Uuid,
+) -> Result<&mut Reservation, FoldError> {
+    let r = reservations
+        .get_mut(&id)
+        .ok_or(FoldError::UnknownReservation(id))?;
+    if r.status != Status::Pending {
+        return Err(FoldError::NotPending(id));
+    }
+    Ok(r)
+}
+
 impl State {
     fn product(&mut self, sku: &str) -> Result<&mut Product, FoldError> {
-        self.products
-            .get_mut(sku)
-            .ok_or_else(|| FoldError::UnknownProduct(sku.to_string()))
-    }
-
-    fn pending(&mut self, id: Uuid) -> Result<&mut Reservation, FoldError> {
-        let r = self
-            .reservations
-            .get_mut(&id)
-            .ok_or(FoldError::UnknownReservation(id))?;
-        if r.status != Status::Pending {
-            return Err(FoldError::NotPending(id));
-        }
-        Ok(r)
+        product(&mut self.products, sku)
     }
 
     /// Invariant 1 for every product; used by tests and after recovery.
@@ -86,9 +95,30 @@ impl State {
     }
 }
 
+/// Retention (`Record::Forgotten`): drops the reservations that ended with a deadline
+/// before `before` and the idempotency keys created before it. A pending reservation is
+/// never dropped; an ended one's deadline is at or after the moment it ended (confirm,
+/// cancel and expiry all happen by the deadline), so it is dropped only once it ended
+/// before `before`. A key is dropped no later than its reservation (created at or after
+/// the key, deadline after that), so a replay never misses its original.
+pub fn forget(
+    reservations: &mut HashMap<Uuid, Reservation>,
+    idempotency: &mut HashMap<IdempotencyKey, IdempotencyEntry>,
+    before: Millis,
+) {
+    reservations.retain(|_, r| r.status == Status::Pending || r.expires_at >= before);
+    idempotency.retain(|_, e| e.created_at >= before);
+}
+
 /// Applies one record to the state. On error the state may be partly changed: the caller
 /// stops (recovery refuses to start on a contradictory log).
 pub fn apply(state: &mut State, record: &Record) -> Result<(), FoldError> {
+    apply_owned(state, record.clone())
+}
+
+/// `apply`, taking the record by value so that its strings move into the state instead of
+/// being copied (recovery folds millions of records: this is its hot path).
+pub fn apply_owned(state: &mut State, record: Record) -> Result<(), FoldError> {
     match record {
         Record::ProductCreated {
             sku,
@@ -97,38 +127,38 @@ pub fn apply(state: &mut State, record: &Record) -> Result<(), FoldError> {
             on_hand,
             at,
         } => {
-            if state.products.contains_key(sku) {
-                return Err(FoldError::DuplicateProduct(sku.clone()));
+            if state.products.contains_key(&sku) {
+                return Err(FoldError::DuplicateProduct(sku));
             }
-            let p = Product::new(sku.clone(), name.clone(), price.clone(), *on_hand, *at);
+            let p = Product::new(sku.clone(), name, price, on_hand, at);
             if !p.invariant_holds() {
-                return Err(FoldError::Invariant(sku.clone()));
+                return Err(FoldError::Invariant(sku));
             }
-            state.products.insert(sku.clone(), p);
+            state.products.insert(sku, p);
         }
         Record::ProductPatched {
             sku,
             name,
             price,
             at,
-        } => state.product(sku)?.patch(name.clone(), price.clone(), *at),
+        } => state.product(&sku)?.patch(name, price, at),
         Record::Replenished { sku, quantity, at } => {
-            let p = state.product(sku)?;
-            p.check_replenish(*quantity)
+            let p = state.product(&sku)?;
+            p.check_replenish(quantity)
                 .map_err(|_| FoldError::Invariant(sku.clone()))?;
-            p.replenish(*quantity, *at);
+            p.replenish(quantity, at);
         }
         Record::Adjusted { sku, delta, at, .. } => {
-            let p = state.product(sku)?;
-            p.check_adjust(*delta)
+            let p = state.product(&sku)?;
+            p.check_adjust(delta)
                 .map_err(|_| FoldError::Invariant(sku.clone()))?;
-            p.adjust(*delta, *at);
+            p.adjust(delta, at);
         }
         Record::ProductDeleted { sku, .. } => {
-            if state.product(sku)?.reserved != 0 {
-                return Err(FoldError::DeleteReserved(sku.clone()));
+            if state.product(&sku)?.reserved != 0 {
+                return Err(FoldError::DeleteReserved(sku));
             }
-            state.products.remove(sku);
+            state.products.remove(&sku);
         }
         Record::ReservationCreated {
             id,
@@ -138,62 +168,118 @@ pub fn apply(state: &mut State, record: &Record) -> Result<(), FoldError> {
             expires_at,
             idempotency,
         } => {
-            for line in items {
+            for line in &items {
                 let p = state.product(&line.sku)?;
                 p.hold(line.quantity)
                     .map_err(|_| FoldError::Invariant(line.sku.clone()))?;
-                p.settle_hold(line.quantity, *created_at);
+                p.settle_hold(line.quantity, created_at);
             }
-            let r = Reservation::new(
-                *id,
-                customer_id.clone(),
-                items.clone(),
-                *created_at,
-                *expires_at,
-            );
-            state.reservations.insert(*id, r);
+            let r = Reservation::new(id, customer_id, items, created_at, expires_at);
+            state.reservations.insert(id, r);
             if let Some((key, fingerprint)) = idempotency {
                 state.idempotency.insert(
-                    key.clone(),
+                    key,
                     IdempotencyEntry {
-                        reservation_id: *id,
-                        fingerprint: fingerprint.clone(),
-                        created_at: *created_at,
+                        reservation_id: id,
+                        fingerprint,
+                        created_at,
                     },
                 );
             }
         }
         Record::ReservationConfirmed { id, order_id, at } => {
-            let r = state.pending(*id)?;
-            r.confirm(order_id.clone(), *at);
-            let items = r.items.clone();
-            for line in &items {
-                let p = state.product(&line.sku)?;
+            let State {
+                products,
+                reservations,
+                ..
+            } = state;
+            let r = pending(reservations, id)?;
+            r.confirm(order_id, at);
+            for line in &r.items {
+                let p = product(products, &line.sku)?;
                 if p.reserved < line.quantity {
                     return Err(FoldError::Invariant(line.sku.clone()));
                 }
-                p.commit(line.quantity, *at);
+                p.commit(line.quantity, at);
             }
         }
         Record::ReservationCancelled { id, at } | Record::ReservationExpired { id, at } => {
-            let r = state.pending(*id)?;
-            if matches!(record, Record::ReservationCancelled { .. }) {
+            let cancelled = matches!(record, Record::ReservationCancelled { .. });
+            let State {
+                products,
+                reservations,
+                ..
+            } = state;
+            let r = pending(reservations, id)?;
+            if cancelled {
                 r.cancel();
             } else {
                 r.expire();
             }
-            let items = r.items.clone();
-            for line in &items {
-                let p = state.product(&line.sku)?;
+            for line in &r.items {
+                let p = product(products, &line.sku)?;
                 if p.reserved < line.quantity {
                     return Err(FoldError::Invariant(line.sku.clone()));
                 }
-                p.release(line.quantity, *at);
+                p.release(line.quantity, at);
             }
         }
         Record::ReservationExtended { id, expires_at, .. } => {
-            state.pending(*id)?.extend(*expires_at);
+            pending(&mut state.reservations, id)?.extend(expires_at);
+        }
+        Record::Forgotten { before, .. } => {
+            forget(&mut state.reservations, &mut state.idempotency, before);
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Line;
+
+    #[test]
+    fn forget_keeps_pending_and_recent_and_drops_ended_and_old() {
+        let line = |sku: &str| Line {
+            sku: sku.into(),
+            quantity: 1,
+        };
+        let mut reservations = HashMap::new();
+        let mut keys = HashMap::new();
+        for (n, expires_at, status) in [
+            (1u128, 50, Status::Pending),
+            (2, 50, Status::Confirmed),
+            (3, 150, Status::Cancelled),
+            (4, 99, Status::Expired),
+        ] {
+            let mut r = Reservation::new(
+                Uuid::from_u128(n),
+                "c".into(),
+                vec![line("A")],
+                10,
+                expires_at,
+            );
+            r.status = status;
+            reservations.insert(r.id, r);
+            keys.insert(
+                IdempotencyKey {
+                    customer_id: "c".into(),
+                    key: n.to_string(),
+                },
+                IdempotencyEntry {
+                    reservation_id: Uuid::from_u128(n),
+                    fingerprint: vec![],
+                    created_at: 80 + n as i64 * 10,
+                },
+            );
+        }
+        forget(&mut reservations, &mut keys, 100);
+        let mut left: Vec<u128> = reservations.keys().map(|id| id.as_u128()).collect();
+        left.sort();
+        assert_eq!(left, vec![1, 3], "pending, and ended at or after 100");
+        let mut kept: Vec<&str> = keys.keys().map(|k| k.key.as_str()).collect();
+        kept.sort();
+        assert_eq!(kept, vec!["2", "3", "4"], "created at or after 100");
+    }
 }

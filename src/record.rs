@@ -81,6 +81,13 @@ pub enum Record {
         expires_at: Millis,
         at: Millis,
     },
+    /// Retention: forget ended reservations whose deadline was before `before`, and
+    /// idempotency keys created before it (`fold::forget`). Logged by the supervisor from
+    /// time to time, so memory, snapshots and recovery agree on what is remembered.
+    Forgotten {
+        before: Millis,
+        at: Millis,
+    },
 }
 
 impl Record {
@@ -97,6 +104,7 @@ impl Record {
             Record::ReservationCancelled { .. } => "ReservationCancelled",
             Record::ReservationExpired { .. } => "ReservationExpired",
             Record::ReservationExtended { .. } => "ReservationExtended",
+            Record::Forgotten { .. } => "Forgotten",
         }
     }
 }

@@ -15,7 +15,6 @@ use std::path::Path;
 
 use crate::fold::{self, FoldError, State};
 use crate::log::{LogReader, OpenError};
-use crate::record::Record;
 use crate::snapshot::{self, SnapshotInfo};
 
 #[derive(Debug, thiserror::Error)]
@@ -116,8 +115,17 @@ pub fn recover(
     })
 }
 
+/// Records decoded per batch handed from the reading thread to the folding one.
+const REPLAY_BATCH_RECORDS: usize = 1024;
+/// Batches decoded ahead of the fold.
+const REPLAY_BATCHES_AHEAD: usize = 8;
+
 /// Folds the records after `after` (up to `upto`) onto `state`, which is the state after
 /// record `after`. Returns the state, the number of records and the last sequence folded.
+///
+/// Two threads: one reads the log and decodes records (sled's iterator, checksums,
+/// bincode), the calling one folds them, in order. They take about the same time per
+/// record, so replay runs at about twice the speed of one thread doing both.
 pub fn fold_records(
     reader: &LogReader,
     mut state: State,
@@ -126,25 +134,56 @@ pub fn fold_records(
 ) -> Result<(State, u64, u64), RecoveryError> {
     let mut records = 0;
     let mut last_seq = after;
-    for item in reader.records_after(after) {
-        let (seq, record) = item?;
-        if seq > upto {
-            break;
+    std::thread::scope(|scope| -> Result<(), RecoveryError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(REPLAY_BATCHES_AHEAD);
+        scope.spawn(move || {
+            let mut batch = Vec::with_capacity(REPLAY_BATCH_RECORDS);
+            for item in reader.records_after(after) {
+                let stop = match &item {
+                    Ok((seq, _)) => *seq > upto,
+                    Err(_) => true,
+                };
+                if !stop || item.is_err() {
+                    batch.push(item);
+                }
+                if stop || batch.len() == REPLAY_BATCH_RECORDS {
+                    let full =
+                        std::mem::replace(&mut batch, Vec::with_capacity(REPLAY_BATCH_RECORDS));
+                    // The fold stopped (an error): nobody listens any more.
+                    if tx.send(full).is_err() || stop {
+                        return;
+                    }
+                }
+            }
+            let _ = tx.send(batch);
+        });
+        for batch in rx {
+            for item in batch {
+                let (seq, record) = item?;
+                if seq != last_seq + 1 {
+                    return Err(RecoveryError::Gap {
+                        expected: last_seq + 1,
+                        found: seq,
+                    });
+                }
+                // `apply` refuses any record that would break invariant 1 (a hold beyond
+                // what is available, a release beyond what is reserved...); debug builds
+                // check it again on every product the record touched.
+                #[cfg(debug_assertions)]
+                let touched = record.clone();
+                fold::apply_owned(&mut state, record)
+                    .map_err(|source| RecoveryError::Fold { seq, source })?;
+                #[cfg(debug_assertions)]
+                assert!(
+                    record_products_hold_invariant(&state, &touched),
+                    "invariant 1 broken after log record {seq}"
+                );
+                records += 1;
+                last_seq = seq;
+            }
         }
-        if seq != last_seq + 1 {
-            return Err(RecoveryError::Gap {
-                expected: last_seq + 1,
-                found: seq,
-            });
-        }
-        fold::apply(&mut state, &record).map_err(|source| RecoveryError::Fold { seq, source })?;
-        assert!(
-            record_products_hold_invariant(&state, &record),
-            "invariant 1 broken after log record {seq}"
-        );
-        records += 1;
-        last_seq = seq;
-    }
+        Ok(())
+    })?;
     Ok((state, records, last_seq))
 }
 
@@ -161,7 +200,8 @@ pub fn fold_log(reader: &LogReader) -> Result<Recovered, RecoveryError> {
 }
 
 /// Invariant 1 for the products the record touched (checking all would be quadratic).
-fn record_products_hold_invariant(state: &State, record: &Record) -> bool {
+#[cfg(debug_assertions)]
+fn record_products_hold_invariant(state: &State, record: &crate::record::Record) -> bool {
     use crate::record::Record::*;
     let check = |sku: &str| state.products.get(sku).is_none_or(|p| p.invariant_holds());
     match record {
@@ -171,6 +211,7 @@ fn record_products_hold_invariant(state: &State, record: &Record) -> bool {
         | Adjusted { sku, .. }
         | ProductDeleted { sku, .. } => check(sku),
         ReservationCreated { items, .. } => items.iter().all(|l| check(&l.sku)),
+        Forgotten { .. } => true,
         ReservationConfirmed { id, .. }
         | ReservationCancelled { id, .. }
         | ReservationExpired { id, .. }

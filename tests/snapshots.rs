@@ -594,3 +594,67 @@ async fn operator_commands_snapshot_inspect_and_dump() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("checksum"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_reservations_and_old_keys_are_forgotten_in_memory_and_in_the_log() {
+    let t = TestServer::start().await;
+    let c = t.client.clone();
+    c.create_product("A", 10).await;
+    let body =
+        json!({"customer_id": "u1", "items": [{"sku": "A", "quantity": 1}], "ttl_seconds": 60});
+    let keyed = c
+        .post_with(
+            "/v1/reservations",
+            body.clone(),
+            &[("idempotency-key", "k1")],
+        )
+        .await;
+    assert_eq!(keyed.status, 201);
+    let ended = keyed.body["id"].as_str().unwrap().to_string();
+    let confirmed = c
+        .post(&format!("/v1/reservations/{ended}/confirm"), json!({}))
+        .await;
+    assert_eq!(confirmed.status, 200);
+    let long = c
+        .post(
+            "/v1/reservations",
+            json!({"customer_id": "u2", "items": [{"sku": "A", "quantity": 2}], "ttl_seconds": 86_400}),
+        )
+        .await;
+    let long = long.body["id"].as_str().unwrap().to_string();
+
+    // 26 h later: the confirmed one ended more than 24 h ago; the long one expired 2 h ago.
+    t.clock.advance_ms(26 * 3_600_000);
+    let forgotten = eventually(Duration::from_secs(5), || async {
+        c.get(&format!("/v1/reservations/{ended}")).await.status == 404
+    })
+    .await;
+    assert!(
+        forgotten,
+        "an ended reservation is forgotten after retention"
+    );
+    let kept = c.get(&format!("/v1/reservations/{long}")).await;
+    assert_eq!(kept.body["status"], "expired", "{:?}", kept.body);
+    let a = c.product("A").await;
+    assert_eq!(
+        (a["sold"].clone(), a["reserved"].clone()),
+        (json!(1), json!(0))
+    );
+    // The key is forgotten too: the same request is a new reservation, not a replay.
+    let again = c
+        .post_with("/v1/reservations", body, &[("idempotency-key", "k1")])
+        .await;
+    assert_eq!(again.status, 201);
+    assert_eq!(again.header("idempotent-replayed"), None);
+
+    // The fold forgets the same (a `Forgotten` record), from the log and from a snapshot.
+    assert_eq!(c.post("/v1/admin/snapshot", json!({})).await.status, 201);
+    let t = t.restart().await;
+    let c = t.client.clone();
+    assert_eq!(
+        c.get(&format!("/v1/reservations/{ended}")).await.status,
+        404
+    );
+    assert_eq!(c.get(&format!("/v1/reservations/{long}")).await.status, 200);
+    t.stop().await;
+}

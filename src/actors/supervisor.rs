@@ -41,7 +41,7 @@
 //! always registered, or rolled back, on the actor that took it.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::ops::Bound;
 use std::time::Duration;
 
@@ -54,7 +54,9 @@ use crate::clock::{Millis, SharedClock};
 use crate::domain::{Price, Product, Reservation, Status};
 use crate::error::Error;
 use crate::fold::{IdempotencyEntry, State};
-use crate::limits::{EXPIRY_TICK_MS, IDEMPOTENCY_RETENTION_MS, PASSIVATIONS_PER_TICK_MAX};
+use crate::limits::{
+    EXPIRY_TICK_MS, FORGET_EVERY_MS, IDEMPOTENCY_RETENTION_MS, PASSIVATIONS_PER_TICK_MAX,
+};
 use crate::log::{LogHandle, Ticket};
 use crate::record::{IdempotencyKey, Record};
 use crate::snapshotter::Snapshotter;
@@ -204,8 +206,8 @@ pub struct SupervisorState {
     reservations: HashMap<Uuid, Reservation>,
     deadlines: BinaryHeap<Reverse<(Millis, Uuid)>>,
     idempotency: HashMap<IdempotencyKey, IdempotencyEntry>,
-    /// Keys in creation order, for pruning after the retention period.
-    idempotency_order: VecDeque<(Millis, IdempotencyKey)>,
+    /// When ended reservations and old idempotency keys were last forgotten.
+    forgotten_at: Millis,
     /// Keys whose first request is still being served.
     in_flight: HashMap<IdempotencyKey, Vec<u8>>,
     pending: usize,
@@ -236,14 +238,11 @@ impl Actor for Supervisor {
         } = args.state;
         let mut state = SupervisorState {
             // Every product starts passive: no actor is spawned per product at start-up.
-            routes: products
-                .into_iter()
-                .map(|(sku, p)| (sku, Slot::Passive(p)))
-                .collect(),
+            routes: sorted_routes(products),
             active: HashSet::new(),
             skus_by_actor: HashMap::new(),
             deadlines: BinaryHeap::new(),
-            idempotency_order: VecDeque::new(),
+            forgotten_at: self.clock.now_ms(),
             in_flight: HashMap::new(),
             pending: 0,
             product_panics: 0,
@@ -262,13 +261,6 @@ impl Actor for Supervisor {
                 state.pending += 1;
             }
         }
-        let mut order: Vec<_> = state
-            .idempotency
-            .iter()
-            .map(|(k, e)| (e.created_at, k.clone()))
-            .collect();
-        order.sort_by_key(|(created_at, _)| *created_at);
-        state.idempotency_order = order.into();
         let _ = myself;
         Ok(state)
     }
@@ -408,7 +400,9 @@ impl Actor for Supervisor {
             SupervisorMsg::Tick(reply) => {
                 let now = self.clock.now_ms();
                 self.expire_due(state, now);
-                prune_idempotency(state, now);
+                if now - state.forgotten_at >= FORGET_EVERY_MS {
+                    self.forget_old(state, now);
+                }
                 if now - state.passivation_checked_at >= PASSIVATION_CHECK_MS {
                     state.passivation_checked_at = now;
                     self.passivate_idle(state, now, PASSIVATIONS_PER_TICK_MAX)
@@ -494,28 +488,23 @@ impl Actor for Supervisor {
 /// How often (by the supervisor's clock) idle actors are looked for.
 const PASSIVATION_CHECK_MS: i64 = 1_000;
 
+/// The routing table, every product passive. Sorted first: a B-tree is built in one
+/// pass from sorted input.
+fn sorted_routes(products: HashMap<String, Product>) -> BTreeMap<String, Slot> {
+    let mut sorted: Vec<(String, Product)> = products.into_iter().collect();
+    sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    sorted
+        .into_iter()
+        .map(|(sku, p)| (sku, Slot::Passive(p)))
+        .collect()
+}
+
 fn restarting(sku: &str) -> Error {
     Error::Unavailable(format!("product {sku} is being restarted; retry"))
 }
 
 fn not_found(id: Uuid) -> Error {
     Error::ReservationNotFound { id: id.to_string() }
-}
-
-fn prune_idempotency(state: &mut SupervisorState, now: Millis) {
-    while let Some((created_at, _)) = state.idempotency_order.front() {
-        if now - *created_at < IDEMPOTENCY_RETENTION_MS {
-            break;
-        }
-        let (created_at, key) = state.idempotency_order.pop_front().expect("front exists");
-        if state
-            .idempotency
-            .get(&key)
-            .is_some_and(|e| e.created_at == created_at)
-        {
-            state.idempotency.remove(&key);
-        }
-    }
 }
 
 impl Supervisor {
@@ -573,6 +562,22 @@ impl Supervisor {
                 None
             }
         }
+    }
+
+    /// Retention: logs `Forgotten` and forgets the same reservations and keys the fold
+    /// will (`fold::forget`), so memory, snapshots and recovery agree. Nobody waits on the
+    /// record: if a crash loses it, the next one forgets the same and more.
+    fn forget_old(&self, state: &mut SupervisorState, now: Millis) {
+        state.forgotten_at = now;
+        let before = now - IDEMPOTENCY_RETENTION_MS;
+        drop(self.log.append(Record::Forgotten { before, at: now }));
+        let (reservations, keys) = (state.reservations.len(), state.idempotency.len());
+        crate::fold::forget(&mut state.reservations, &mut state.idempotency, before);
+        tracing::info!(
+            reservations = reservations - state.reservations.len(),
+            idempotency_keys = keys - state.idempotency.len(),
+            "forgot ended reservations and idempotency keys past retention"
+        );
     }
 
     /// Passivates up to `max` actors idle since `now - passivate_after`; returns how many.
@@ -841,7 +846,6 @@ impl Supervisor {
                     created_at: at,
                 },
             );
-            state.idempotency_order.push_back((at, key.clone()));
         }
         // A take: queued after the holds it records (invariant 3 allows it).
         let ticket = self.log.append(Record::ReservationCreated {

@@ -1,0 +1,357 @@
+//! The million-SKU benchmark of issue 3: restart time from a snapshot plus a log tail, log
+//! replay rate, resident memory, and a snapshot written while reserves are served.
+//!
+//! `cargo bench --bench catalogue` (release build). Sizes via environment variables:
+//! `CATALOGUE_PRODUCTS` (default 1,000,000), `CATALOGUE_RESERVATIONS` (1,000,000),
+//! `CATALOGUE_TAIL` (100,000 log records after the snapshot), `CATALOGUE_LOAD_SECONDS`
+//! (10), `CATALOGUE_CONNECTIONS` (64), `CATALOGUE_HOT` (1,000: the SKUs the load reserves,
+//! spread over the catalogue: a flash sale touches few products, the rest stay idle),
+//! `CATALOGUE_JSON` (write the figures there).
+//!
+//! Steps: (1) write the log of N products and M pending reservations with the real log
+//! writer (the records the server writes; generating them over HTTP would take minutes
+//! and measure nothing more); (2) fold the whole log in-process: the replay rate;
+//! (3) `stockd snapshot` offline: the time to write a snapshot of that state; (4) append a
+//! tail of replenish records; (5) start the real binary on it: exec to `listening on` is the
+//! restart time, then VmRSS; (6) reserves on random SKUs for a while (baseline p99), then
+//! the same while `POST /v1/admin/snapshot` runs (p99 during a snapshot, its duration);
+//! (7) peak RSS (VmHWM). The server is killed at the end; the data is a temp directory.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use loadtest::driver::{run_phase, timed, Limits, PhaseStats};
+use stockd::domain::Line;
+use stockd::log::Log;
+use stockd::record::Record;
+
+/// The server's allocator, so the in-process replay figure is the server's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn sku(i: u64) -> String {
+    format!("SKU-{i:08}")
+}
+
+/// Appends records through the real writer in chunks, waiting for each chunk's last one.
+fn append_all(dir: &Path, first_seq: u64, records: impl Iterator<Item = Record>) -> u64 {
+    let log = Log::open(dir).expect("open log");
+    let (handle, join) = log.start_writer(first_seq);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut written = 0;
+    runtime.block_on(async {
+        let mut last = None;
+        for record in records {
+            last = Some(handle.append(record));
+            written += 1;
+            if written % 4096 == 0 {
+                last.take().unwrap().durable().await.expect("durable");
+            }
+        }
+        if let Some(ticket) = last {
+            ticket.durable().await.expect("durable");
+        }
+        handle.shutdown().await.expect("flushed");
+    });
+    join.join().unwrap();
+    written
+}
+
+fn proc_status_kb(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn dir_bytes(path: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for entry in entries.flatten() {
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                Err(_) => continue,
+            };
+            total += if meta.is_dir() {
+                dir_bytes(&entry.path())
+            } else {
+                meta.len()
+            };
+        }
+    }
+    total
+}
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(dir: &Path) -> (Server, Duration) {
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stockd"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.join("data"))
+        .arg("--snapshot-dir")
+        .arg(dir.join("snapshots"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn stockd");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        match lines.next() {
+            Some(Ok(line)) => {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    break addr.trim().to_string();
+                }
+            }
+            _ => {
+                let _ = child.kill();
+                panic!("stockd exited before listening");
+            }
+        }
+    };
+    let took = started.elapsed();
+    std::thread::spawn(move || for _ in lines {});
+    (
+        Server {
+            child,
+            base: format!("http://{addr}"),
+        },
+        took,
+    )
+}
+
+async fn reserve_phase(base: &str, products: u64, hot: u64, limits: Limits) -> PhaseStats {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(limits.connections)
+        .build()
+        .unwrap();
+    let url = Arc::new(format!("{base}/v1/reservations"));
+    run_phase(limits, move |worker, n| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let mut x = (worker as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (n + 1);
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let body = format!(
+                r#"{{"customer_id":"load-{worker}","items":[{{"sku":"{}","quantity":1}}],"ttl_seconds":600}}"#,
+                sku((x % hot) * (products / hot))
+            );
+            let sample = timed(async {
+                let res = client
+                    .post(url.as_str())
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .ok()?;
+                let status = res.status().as_u16();
+                res.bytes().await.ok()?;
+                Some(status)
+            })
+            .await;
+            vec![sample]
+        }
+    })
+    .await
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn p99_ms(stats: &PhaseStats) -> f64 {
+    stats.latency_us.value_at_quantile(0.99) as f64 / 1000.0
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo bench -- --list`
+    }
+    let products = env_u64("CATALOGUE_PRODUCTS", 1_000_000).max(1);
+    let reservations = env_u64("CATALOGUE_RESERVATIONS", 1_000_000);
+    let tail = env_u64("CATALOGUE_TAIL", 100_000);
+    let load = Duration::from_secs(env_u64("CATALOGUE_LOAD_SECONDS", 10));
+    let connections = env_u64("CATALOGUE_CONNECTIONS", 64) as usize;
+    let hot = env_u64("CATALOGUE_HOT", 1_000).clamp(1, products);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let log_dir = dir.join("data").join("log");
+    let snapshots = dir.join("snapshots");
+    let now = chrono::Utc::now().timestamp_millis();
+    println!("catalogue: {products} products, {reservations} pending reservations, tail {tail}");
+
+    // (1) The log.
+    let t = Instant::now();
+    let creates = (0..products).map(|i| Record::ProductCreated {
+        sku: sku(i),
+        name: format!("Product {i}"),
+        price: None,
+        on_hand: 1_000,
+        at: now,
+    });
+    let holds = (0..reservations).map(|i| Record::ReservationCreated {
+        id: uuid::Uuid::now_v7(),
+        customer_id: format!("customer-{i}"),
+        items: vec![Line {
+            sku: sku(i % products),
+            quantity: 1,
+        }],
+        created_at: now,
+        expires_at: now + 86_400_000,
+        idempotency: None,
+    });
+    let written = append_all(&log_dir, 1, creates.chain(holds));
+    let generate = t.elapsed();
+    println!(
+        "  wrote {written} records in {:.1} s",
+        generate.as_secs_f64()
+    );
+
+    // (2) Replay rate: the whole log folded, in-process.
+    let log = Log::open(&log_dir).unwrap();
+    let t = Instant::now();
+    let folded = stockd::recovery::fold_log(&log.reader()).expect("fold");
+    let replay = t.elapsed();
+    let replay_rate = folded.records as f64 / replay.as_secs_f64();
+    drop(folded);
+    drop(log);
+    println!(
+        "  replay: {written} records in {:.0} ms = {:.2}M records/s",
+        ms(replay),
+        replay_rate / 1e6
+    );
+
+    // (3) A snapshot of that state, offline.
+    let t = Instant::now();
+    let taken = stockd::snapshotter::take_offline(&log_dir, &snapshots, 3, now).expect("snapshot");
+    let offline_snapshot = t.elapsed();
+    println!(
+        "  offline snapshot: {} bytes in {:.0} ms",
+        taken.size_bytes,
+        ms(offline_snapshot)
+    );
+
+    // (4) A log tail after the snapshot.
+    let mut x = 88172645463325252u64;
+    let tail_records = (0..tail).map(move |_| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        Record::Replenished {
+            sku: sku(x % products),
+            quantity: 1,
+            at: now,
+        }
+    });
+    append_all(&log_dir, written + 1, tail_records);
+
+    // (5) Restart to serving.
+    let (server, restart) = start_server(dir);
+    let pid = server.child.id();
+    let rss_started_kb = proc_status_kb(pid, "VmRSS:");
+    println!(
+        "  restart to serving: {:.0} ms; RSS {} MB",
+        ms(restart),
+        rss_started_kb / 1024
+    );
+
+    // (6) Reserves, then reserves during a snapshot.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let limits = Limits {
+        connections,
+        duration: load,
+        requests_max: None,
+        stop_on_error: false,
+        rate: None,
+    };
+    let base = server.base.clone();
+    let (baseline, during, snapshot_ms, snapshot_status) = runtime.block_on(async {
+        let baseline = reserve_phase(&base, products, hot, limits).await;
+        let url = format!("{base}/v1/admin/snapshot");
+        let snap = tokio::spawn(async move {
+            // Let the second phase warm up first.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let t = Instant::now();
+            let res = reqwest::Client::new()
+                .post(url)
+                .timeout(Duration::from_secs(300))
+                .send()
+                .await;
+            let status = res.map(|r| r.status().as_u16()).unwrap_or(0);
+            (t.elapsed(), status)
+        });
+        let during = reserve_phase(&base, products, hot, limits).await;
+        let (took, status) = snap.await.unwrap();
+        (baseline, during, ms(took), status)
+    });
+    let rss_end_kb = proc_status_kb(pid, "VmRSS:");
+    let rss_peak_kb = proc_status_kb(pid, "VmHWM:");
+    let p99_ratio = p99_ms(&during) / p99_ms(&baseline);
+    println!(
+        "  reserves: baseline {:.0} req/s p99 {:.2} ms; during the snapshot {:.0} req/s p99 {:.2} ms ({p99_ratio:.2}x); snapshot {snapshot_ms:.0} ms (HTTP {snapshot_status})",
+        baseline.throughput_rps(),
+        p99_ms(&baseline),
+        during.throughput_rps(),
+        p99_ms(&during),
+    );
+    println!(
+        "  RSS: {} MB after start, {} MB at the end, peak {} MB; disk: log {} MB, snapshots {} MB",
+        rss_started_kb / 1024,
+        rss_end_kb / 1024,
+        rss_peak_kb / 1024,
+        dir_bytes(&dir.join("data")) / (1 << 20),
+        dir_bytes(&snapshots) / (1 << 20)
+    );
+    let figures = serde_json::json!({
+        "products": products,
+        "reservations": reservations,
+        "tail_records": tail,
+        "log_records": written + tail,
+        "replay_records_per_s": replay_rate,
+        "offline_snapshot_ms": ms(offline_snapshot),
+        "snapshot_bytes": taken.size_bytes,
+        "restart_to_serving_ms": ms(restart),
+        "rss_after_start_mb": rss_started_kb / 1024,
+        "rss_end_mb": rss_end_kb / 1024,
+        "rss_peak_mb": rss_peak_kb / 1024,
+        "baseline_rps": baseline.throughput_rps(),
+        "baseline_p99_ms": p99_ms(&baseline),
+        "during_snapshot_rps": during.throughput_rps(),
+        "during_snapshot_p99_ms": p99_ms(&during),
+        "p99_ratio": p99_ratio,
+        "online_snapshot_ms": snapshot_ms,
+        "online_snapshot_status": snapshot_status,
+    });
+    if let Ok(path) = std::env::var("CATALOGUE_JSON") {
+        std::fs::write(path, serde_json::to_string_pretty(&figures).unwrap()).unwrap();
+    }
+    drop(server);
+}
