@@ -6,7 +6,8 @@
 //! `CATALOGUE_TAIL` (100,000 log records after the snapshot), `CATALOGUE_LOAD_SECONDS`
 //! (10), `CATALOGUE_CONNECTIONS` (64), `CATALOGUE_HOT` (1,000: the SKUs the load reserves,
 //! spread over the catalogue: a flash sale touches few products, the rest stay idle),
-//! `CATALOGUE_JSON` (write the figures there).
+//! `CATALOGUE_RATE` (5,000 reserves/s, open loop: latency from when each request was due;
+//! 0 for a closed loop that saturates the machine), `CATALOGUE_JSON` (write the figures).
 //!
 //! Steps: (1) write the log of N products and M pending reservations with the real log
 //! writer (the records the server writes; generating them over HTTP would take minutes
@@ -201,12 +202,20 @@ fn main() {
     let load = Duration::from_secs(env_u64("CATALOGUE_LOAD_SECONDS", 10));
     let connections = env_u64("CATALOGUE_CONNECTIONS", 64) as usize;
     let hot = env_u64("CATALOGUE_HOT", 1_000).clamp(1, products);
+    let rate = env_u64("CATALOGUE_RATE", 5_000);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let log_dir = dir.join("data").join("log");
     let snapshots = dir.join("snapshots");
     let now = chrono::Utc::now().timestamp_millis();
-    println!("catalogue: {products} products, {reservations} pending reservations, tail {tail}");
+    println!(
+        "catalogue: {products} products, {reservations} pending reservations, tail {tail}, load {}",
+        if rate > 0 {
+            format!("{rate} reserves/s (open loop)")
+        } else {
+            format!("closed loop, {connections} connections")
+        }
+    );
 
     // (1) The log.
     let t = Instant::now();
@@ -290,7 +299,7 @@ fn main() {
         duration: load,
         requests_max: None,
         stop_on_error: false,
-        rate: None,
+        rate: (rate > 0).then_some(rate as f64),
     };
     let base = server.base.clone();
     let (baseline, during, snapshot_ms, snapshot_status) = runtime.block_on(async {
@@ -334,6 +343,8 @@ fn main() {
         "products": products,
         "reservations": reservations,
         "tail_records": tail,
+        "load_rate": rate,
+        "connections": connections,
         "log_records": written + tail,
         "replay_records_per_s": replay_rate,
         "offline_snapshot_ms": ms(offline_snapshot),
