@@ -314,7 +314,11 @@ fn main() {
                 .timeout(Duration::from_secs(300))
                 .send()
                 .await;
-            let status = res.map(|r| r.status().as_u16()).unwrap_or(0);
+            let (status, body) = match res {
+                Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+                Err(e) => (0, e.to_string()),
+            };
+            println!("  online snapshot answer: {body}");
             (t.elapsed(), status)
         });
         let during = reserve_phase(&base, products, hot, limits).await;

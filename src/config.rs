@@ -38,6 +38,9 @@ pub struct Config {
     /// Test hooks for snapshot writing.
     #[doc(hidden)]
     pub snapshot_hooks: WriteHooks,
+    /// Records per log segment (tests use small ones to see truncation).
+    #[doc(hidden)]
+    pub log_segment_records: u64,
 }
 
 impl Default for Config {
@@ -53,6 +56,7 @@ impl Default for Config {
             passivate_after: Some(Duration::from_secs(PASSIVATE_AFTER_SECONDS_DEFAULT)),
             truncate_damaged_log: false,
             snapshot_hooks: WriteHooks::default(),
+            log_segment_records: crate::log::SEGMENT_RECORDS_DEFAULT,
         }
     }
 }

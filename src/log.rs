@@ -1,7 +1,11 @@
-//! The write-ahead log: one writer thread over a sled tree, with group commit.
+//! The write-ahead log: one writer thread over sled, with group commit.
 //!
 //! Keys are big-endian `u64` sequence numbers, so sled's key order is log order; values
-//! are records encoded by `crate::record`. Everyone else talks to the writer through a
+//! are records encoded by `crate::record`. The records live in *segments*: sled trees
+//! named `wal-<first sequence>`, each a contiguous run of up to 65,536 records. Appends go
+//! to the newest; the front of the log is truncated (once snapshots cover it) by dropping
+//! whole segments, one tree drop instead of a removal per record. A `meta` tree holds the
+//! truncation mark. Everyone else talks to the writer through a
 //! `LogHandle`: `append` queues a record and returns a `Ticket` that resolves once the
 //! record is flushed. The writer takes everything that arrived while the previous flush
 //! ran, applies it as one sled batch, calls `flush()` once, then answers every ticket of
@@ -128,18 +132,58 @@ impl LogHandle {
     }
 }
 
-/// Key of the log's one metadata entry: the highest sequence number removed from the
-/// front of the log because a kept snapshot covers it (big-endian `u64`).
+/// Key of the log's one metadata entry: the highest sequence number that may have been
+/// removed from the front of the log because a kept snapshot covers it (big-endian `u64`).
 const TRUNCATED_THROUGH_KEY: &[u8] = b"truncated_through";
-/// Records removed per sled batch when the front of the log is dropped.
+/// Records per log segment (one sled tree each) before the writer starts the next one.
+pub const SEGMENT_RECORDS_DEFAULT: u64 = 65_536;
+const SEGMENT_PREFIX: &str = "wal-";
+/// The single tree of logs written before segments existed; read as the first segment.
+const LEGACY_TREE: &str = "wal";
+/// Records removed per sled batch when the end of the log is cut (`truncate_from`).
 const TRUNCATE_BATCH_RECORDS: usize = 10_000;
+
+fn segment_name(first_seq: u64) -> String {
+    format!("{SEGMENT_PREFIX}{first_seq:020}")
+}
+
+/// The log's segments, oldest first: (first sequence number, tree name, tree). A segment
+/// is a sled tree holding a contiguous run of records; dropping a whole segment is how
+/// the front of the log is truncated (one tree drop instead of a removal per record).
+fn segments(db: &sled::Db, dir: &str) -> Result<Vec<(u64, Vec<u8>, sled::Tree)>, OpenError> {
+    let err = |source| OpenError::Sled {
+        path: dir.to_string(),
+        source,
+    };
+    let mut found = Vec::new();
+    for name in db.tree_names() {
+        let text = String::from_utf8_lossy(&name).into_owned();
+        let first = if let Some(digits) = text.strip_prefix(SEGMENT_PREFIX) {
+            digits.parse::<u64>().ok()
+        } else if text == LEGACY_TREE {
+            let tree = db.open_tree(&name).map_err(err)?;
+            match tree.first().map_err(err)? {
+                Some((key, _)) => Some(seq_of(&key)?),
+                None => None,
+            }
+        } else {
+            None
+        };
+        if let Some(first) = first {
+            let tree = db.open_tree(&name).map_err(err)?;
+            found.push((first, name.to_vec(), tree));
+        }
+    }
+    found.sort_by_key(|(first, _, _)| *first);
+    Ok(found)
+}
 
 /// The opened log, before its writer starts: recovery reads it, then `start_writer`.
 pub struct Log {
     db: sled::Db,
-    tree: sled::Tree,
     meta: sled::Tree,
     dir: String,
+    segment_records: u64,
 }
 
 impl Log {
@@ -154,24 +198,32 @@ impl Log {
             .flush_every_ms(None)
             .open()
             .map_err(err)?;
-        let tree = db.open_tree("wal").map_err(err)?;
         let meta = db.open_tree("meta").map_err(err)?;
         Ok(Log {
             db,
-            tree,
             meta,
             dir: dir.display().to_string(),
+            segment_records: SEGMENT_RECORDS_DEFAULT,
         })
+    }
+
+    /// Records per segment from now on (tests use small segments to see truncation).
+    pub fn with_segment_records(mut self, records: u64) -> Log {
+        self.segment_records = records.max(1);
+        self
     }
 
     /// Sequence number of the newest record, or of the last one truncated away (0 for a
     /// log that never held a record).
     pub fn last_seq(&self) -> Result<u64, OpenError> {
         let reader = self.reader();
-        let last = match self.tree.last().map_err(|e| reader.sled_err(e))? {
-            Some((key, _)) => seq_of(&key)?,
-            None => 0,
-        };
+        let mut last = 0;
+        for (_, _, tree) in segments(&self.db, &self.dir)?.iter().rev() {
+            if let Some((key, _)) = tree.last().map_err(|e| reader.sled_err(e))? {
+                last = seq_of(&key)?;
+                break;
+            }
+        }
         Ok(last.max(reader.truncated_through()?))
     }
 
@@ -179,7 +231,7 @@ impl Log {
     /// before the writer stops, so that the log is closed when it does.
     pub fn reader(&self) -> LogReader {
         LogReader {
-            tree: self.tree.clone(),
+            db: self.db.clone(),
             meta: self.meta.clone(),
             dir: self.dir.clone(),
         }
@@ -191,25 +243,29 @@ impl Log {
     pub fn truncate_from(&self, seq: u64) -> Result<u64, OpenError> {
         let reader = self.reader();
         let mut removed = 0;
-        loop {
-            let keys: Vec<_> = self
-                .tree
-                .range(seq.to_be_bytes()..)
-                .keys()
-                .take(TRUNCATE_BATCH_RECORDS)
-                .collect::<Result<_, _>>()
-                .map_err(|e| reader.sled_err(e))?;
-            if keys.is_empty() {
-                break;
+        for (first, name, tree) in segments(&self.db, &self.dir)? {
+            if first >= seq {
+                removed += tree.len() as u64;
+                self.db.drop_tree(&name).map_err(|e| reader.sled_err(e))?;
+                continue;
             }
-            let mut batch = sled::Batch::default();
-            for key in &keys {
-                batch.remove(key.clone());
+            loop {
+                let keys: Vec<_> = tree
+                    .range(seq.to_be_bytes()..)
+                    .keys()
+                    .take(TRUNCATE_BATCH_RECORDS)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| reader.sled_err(e))?;
+                if keys.is_empty() {
+                    break;
+                }
+                let mut batch = sled::Batch::default();
+                for key in &keys {
+                    batch.remove(key.clone());
+                }
+                tree.apply_batch(batch).map_err(|e| reader.sled_err(e))?;
+                removed += keys.len() as u64;
             }
-            self.tree
-                .apply_batch(batch)
-                .map_err(|e| reader.sled_err(e))?;
-            removed += keys.len() as u64;
         }
         self.flush()?;
         Ok(removed)
@@ -230,11 +286,17 @@ impl Log {
         let fail_writes = Arc::new(AtomicBool::new(false));
         let failed = Arc::new(AtomicBool::new(false));
         let durable = Arc::new(AtomicU64::new(next_seq - 1));
+        // Appends continue the newest segment, unless it is full (or there is none).
+        let current = segments(&self.db, &self.dir)
+            .ok()
+            .and_then(|segs| segs.into_iter().last())
+            .map(|(first, _, tree)| (first, tree));
         let writer = Writer {
             failed_flag: failed.clone(),
             durable: durable.clone(),
             db: self.db,
-            tree: self.tree,
+            current,
+            segment_records: self.segment_records,
             next_seq,
             failed: None,
             fail_writes: fail_writes.clone(),
@@ -259,7 +321,7 @@ impl Log {
 /// drops its front once snapshots cover it.
 #[derive(Clone)]
 pub struct LogReader {
-    tree: sled::Tree,
+    db: sled::Db,
     meta: sled::Tree,
     dir: String,
 }
@@ -272,6 +334,9 @@ pub struct LogSummary {
     pub records: u64,
     /// Encoded record bytes (what sled stores as values; its own overhead is not counted).
     pub record_bytes: u64,
+    /// Segments (sled trees) the records are in.
+    pub segments: usize,
+    /// Records up to here may have been dropped (snapshots cover them).
     pub truncated_through: u64,
     /// Records per kind, e.g. `ReservationCreated`.
     pub kinds: std::collections::BTreeMap<String, u64>,
@@ -315,15 +380,26 @@ impl LogReader {
         &self,
         after: u64,
     ) -> impl Iterator<Item = Result<(u64, Record), OpenError>> + '_ {
-        self.tree
-            .range(after.saturating_add(1).to_be_bytes()..)
-            .map(|item| {
-                let (key, value) = item.map_err(|e| self.sled_err(e))?;
-                let seq = seq_of(&key)?;
-                let record =
-                    record::decode(&value).map_err(|source| OpenError::Damaged { seq, source })?;
-                Ok((seq, record))
-            })
+        let from = after.saturating_add(1);
+        let (segs, listed) = match segments(&self.db, &self.dir) {
+            Ok(segs) => (segs, None),
+            Err(err) => (Vec::new(), Some(Err(err))),
+        };
+        // Skip the segments that end before `from`: a segment ends where the next begins.
+        let starts: Vec<u64> = segs.iter().map(|(first, _, _)| *first).collect();
+        let skip = starts.windows(2).take_while(|w| w[1] <= from).count();
+        let trees = segs.into_iter().skip(skip).map(|(_, _, tree)| tree);
+        listed.into_iter().chain(
+            trees
+                .flat_map(move |tree| tree.range(from.to_be_bytes()..))
+                .map(|item| {
+                    let (key, value) = item.map_err(|e| self.sled_err(e))?;
+                    let seq = seq_of(&key)?;
+                    let record = record::decode(&value)
+                        .map_err(|source| OpenError::Damaged { seq, source })?;
+                    Ok((seq, record))
+                }),
+        )
     }
 
     /// Every record in log order, verified.
@@ -331,7 +407,8 @@ impl LogReader {
         self.records_after(0)
     }
 
-    /// The highest sequence number dropped from the front of the log (0: none).
+    /// The highest sequence number that may have been dropped from the front of the log
+    /// (0: none).
     pub fn truncated_through(&self) -> Result<u64, OpenError> {
         match self
             .meta
@@ -343,10 +420,12 @@ impl LogReader {
         }
     }
 
-    /// Drops every record up to and including `seq` (a kept snapshot covers them). The
-    /// mark is written before the records are removed, and it is never lowered. Not
-    /// flushed here: the writer's next flush makes it durable (only the writer flushes);
-    /// if a crash loses it, the records are simply still there.
+    /// Drops the records up to and including `seq` (a kept snapshot covers them), a whole
+    /// segment at a time: segments that end at or before `seq` are dropped, the one that
+    /// straddles it stays until a later truncation. The mark is written before anything is
+    /// dropped and never lowered. Not flushed here: the writer's next flush makes it durable
+    /// (only the writer flushes); if a crash loses it, the records are simply still there.
+    /// Returns the number of records dropped.
     pub fn truncate_through(&self, seq: u64) -> Result<u64, OpenError> {
         if seq <= self.truncated_through()? {
             return Ok(0);
@@ -354,49 +433,43 @@ impl LogReader {
         self.meta
             .insert(TRUNCATED_THROUGH_KEY, &seq.to_be_bytes())
             .map_err(|e| self.sled_err(e))?;
-        let mut removed = 0;
-        loop {
-            let keys: Vec<_> = self
-                .tree
-                .range(..=seq.to_be_bytes())
-                .keys()
-                .take(TRUNCATE_BATCH_RECORDS)
-                .collect::<Result<_, _>>()
-                .map_err(|e| self.sled_err(e))?;
-            if keys.is_empty() {
+        let segs = segments(&self.db, &self.dir)?;
+        let mut dropped = 0;
+        for pair in segs.windows(2) {
+            let ((first, name, _), (next_first, _, _)) = (&pair[0], &pair[1]);
+            if *next_first > seq.saturating_add(1) {
                 break;
             }
-            let mut batch = sled::Batch::default();
-            for key in &keys {
-                batch.remove(key.clone());
-            }
-            self.tree.apply_batch(batch).map_err(|e| self.sled_err(e))?;
-            removed += keys.len() as u64;
+            self.db.drop_tree(name).map_err(|e| self.sled_err(e))?;
+            dropped += next_first - first;
         }
-        Ok(removed)
+        Ok(dropped)
     }
 
     /// Sequence range, counts and sizes, decoding every record (for `stockd log dump`).
     pub fn summary(&self) -> Result<LogSummary, OpenError> {
         let mut summary = LogSummary {
             truncated_through: self.truncated_through()?,
+            segments: segments(&self.db, &self.dir)?.len(),
             ..LogSummary::default()
         };
-        for item in self.tree.iter() {
-            let (key, value) = item.map_err(|e| self.sled_err(e))?;
-            let seq = seq_of(&key)?;
-            let record = match record::decode(&value) {
-                Ok(record) => record,
-                Err(_) => {
-                    summary.damaged_at = Some(seq);
-                    break;
-                }
-            };
-            summary.first_seq.get_or_insert(seq);
-            summary.last_seq = Some(seq);
-            summary.records += 1;
-            summary.record_bytes += value.len() as u64;
-            *summary.kinds.entry(record.kind().to_string()).or_insert(0) += 1;
+        for (_, _, tree) in segments(&self.db, &self.dir)? {
+            for item in tree.iter() {
+                let (key, value) = item.map_err(|e| self.sled_err(e))?;
+                let seq = seq_of(&key)?;
+                let record = match record::decode(&value) {
+                    Ok(record) => record,
+                    Err(_) => {
+                        summary.damaged_at = Some(seq);
+                        return Ok(summary);
+                    }
+                };
+                summary.first_seq.get_or_insert(seq);
+                summary.last_seq = Some(seq);
+                summary.records += 1;
+                summary.record_bytes += value.len() as u64;
+                *summary.kinds.entry(record.kind().to_string()).or_insert(0) += 1;
+            }
         }
         Ok(summary)
     }
@@ -416,24 +489,23 @@ pub fn damage_record(dir: &Path, seq: u64) -> Result<(), OpenError> {
     let log = Log::open(dir)?;
     let reader = log.reader();
     let key = seq.to_be_bytes();
-    let mut value = log
-        .tree
-        .get(key)
-        .map_err(|e| reader.sled_err(e))?
-        .map(|v| v.to_vec())
-        .unwrap_or_default();
-    if let Some(last) = value.last_mut() {
-        *last ^= 0x5a;
+    for (_, _, tree) in segments(&log.db, &log.dir)? {
+        if let Some(value) = tree.get(key).map_err(|e| reader.sled_err(e))? {
+            let mut value = value.to_vec();
+            if let Some(last) = value.last_mut() {
+                *last ^= 0x5a;
+            }
+            tree.insert(key, value).map_err(|e| reader.sled_err(e))?;
+        }
     }
-    log.tree
-        .insert(key, value)
-        .map_err(|e| reader.sled_err(e))?;
     log.flush()
 }
 
 struct Writer {
     db: sled::Db,
-    tree: sled::Tree,
+    /// The segment being appended to, with its first sequence number.
+    current: Option<(u64, sled::Tree)>,
+    segment_records: u64,
     next_seq: u64,
     /// Set on the first failed write; the log never writes again.
     failed: Option<LogError>,
@@ -519,14 +591,24 @@ impl Writer {
         if self.fail_writes.load(Ordering::SeqCst) {
             return Err(LogError::Unavailable("injected write failure".into()));
         }
+        let io = |e: sled::Error| LogError::Unavailable(e.to_string());
+        // A batch goes to one segment; a full segment is followed by a new one.
+        let full = match &self.current {
+            Some((first, _)) => self.next_seq - first >= self.segment_records,
+            None => true,
+        };
+        if full {
+            let tree = self.db.open_tree(segment_name(self.next_seq)).map_err(io)?;
+            self.current = Some((self.next_seq, tree));
+        }
+        let (_, tree) = self.current.as_ref().expect("a segment was opened above");
         let mut batch = sled::Batch::default();
         let mut seq = self.next_seq;
         for (record, _) in records {
             batch.insert(&seq.to_be_bytes(), record::encode(record));
             seq += 1;
         }
-        let io = |e: sled::Error| LogError::Unavailable(e.to_string());
-        self.tree.apply_batch(batch).map_err(io)?;
+        tree.apply_batch(batch).map_err(io)?;
         self.db.flush().map_err(io)?;
         self.next_seq = seq;
         Ok(seq - 1)

@@ -70,7 +70,8 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     let started = Instant::now();
     create_dir(&config.data_dir)?;
     create_dir(&config.snapshot_dir)?;
-    let log = Log::open(&config.data_dir.join("log"))?;
+    let log =
+        Log::open(&config.data_dir.join("log"))?.with_segment_records(config.log_segment_records);
     let recovered = recover(&log, &config)?;
     let next_seq = log.last_seq()?.max(recovered.last_seq) + 1;
     let reader = log.reader();

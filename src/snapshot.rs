@@ -103,18 +103,29 @@ pub fn list(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     Ok(found)
 }
 
-/// A writer that checksums and counts what passes through it.
-struct Checksummed<W> {
-    inner: W,
+/// Bytes written between two `sync_data` calls while a snapshot is written. Without
+/// them the whole file would be dirty in the page cache until the final fsync, which then
+/// writes it all at once and makes the log's own flushes wait behind it.
+const SYNC_EVERY_BYTES: u64 = 8 << 20;
+
+/// A writer that checksums and counts what passes through it, and syncs as it goes.
+struct Checksummed<'a> {
+    inner: BufWriter<&'a mut File>,
     hasher: crc32fast::Hasher,
     bytes: u64,
+    synced_at: u64,
 }
 
-impl<W: Write> Write for Checksummed<W> {
+impl Write for Checksummed<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.bytes += n as u64;
+        if self.bytes - self.synced_at >= SYNC_EVERY_BYTES {
+            self.inner.flush()?;
+            self.inner.get_ref().sync_data()?;
+            self.synced_at = self.bytes;
+        }
         Ok(n)
     }
 
@@ -188,6 +199,7 @@ fn write_temp(
             inner: BufWriter::with_capacity(1 << 20, &mut file),
             hasher: crc32fast::Hasher::new(),
             bytes: 0,
+            synced_at: 0,
         };
         bincode::serde::encode_into_std_write(state, &mut body, bincode::config::standard())
             .map_err(|e| io::Error::other(format!("encoding the snapshot: {e}")))?;

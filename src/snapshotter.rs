@@ -74,6 +74,10 @@ pub struct Taken {
     /// Log records dropped because no kept snapshot needs them any more.
     pub log_records_dropped: u64,
     pub elapsed_ms: u64,
+    /// Where the time went: loading the previous snapshot and folding the log onto it,
+    /// then writing and syncing the new file.
+    pub build_ms: u64,
+    pub write_ms: u64,
 }
 
 enum Job {
@@ -285,14 +289,18 @@ pub fn take_snapshot(
                     records_folded: 0,
                     log_records_dropped: 0,
                     elapsed_ms: started.elapsed().as_millis() as u64,
+                    build_ms: 0,
+                    write_ms: 0,
                 });
             }
         }
     }
     let recovered = recovery::recover(reader, dir, upto).map_err(|e| e.to_string())?;
+    let built = started.elapsed();
     let seq = recovered.last_seq;
     let info = snapshot::write(dir, seq, &recovered.state, now, hooks)
         .map_err(|e| format!("cannot write a snapshot in {}: {e}", dir.display()))?;
+    let written = started.elapsed();
     drop(recovered.state);
     let dropped = drop_unneeded(reader, dir, keep)?;
     Ok(Taken {
@@ -303,6 +311,8 @@ pub fn take_snapshot(
         records_folded: recovered.records,
         log_records_dropped: dropped,
         elapsed_ms: started.elapsed().as_millis() as u64,
+        build_ms: built.as_millis() as u64,
+        write_ms: (written - built).as_millis() as u64,
     })
 }
 

@@ -274,7 +274,8 @@ fn a_hold_beyond_stock_is_a_fold_error_not_an_oversell() {
 
 /// Writes `records` to a fresh log in `dir` through the real writer; returns a reader.
 fn write_log(dir: &std::path::Path, records: &[Record]) -> stockd::log::LogReader {
-    let log = stockd::log::Log::open(dir).unwrap();
+    // Small segments, so that truncation really drops some.
+    let log = stockd::log::Log::open(dir).unwrap().with_segment_records(4);
     let reader = log.reader();
     let (handle, join) = log.start_writer(1);
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -335,6 +336,9 @@ proptest! {
         prop_assert_eq!(again.created, second > first);
         let truncated = if second > first { first } else { 0 };
         prop_assert_eq!(reader.truncated_through().unwrap(), truncated);
+        let left = reader.records().count() as u64;
+        prop_assert!(left <= n - truncated + 4, "whole segments before the mark are dropped");
+        prop_assert!(left >= n - truncated);
         let r = stockd::recovery::recover(&reader, &snapshots, u64::MAX)
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert!(r.state == full, "snapshots at {}, {} + tail", first, second);
