@@ -592,23 +592,30 @@ impl Writer {
             return Err(LogError::Unavailable("injected write failure".into()));
         }
         let io = |e: sled::Error| LogError::Unavailable(e.to_string());
-        // A batch goes to one segment; a full segment is followed by a new one.
-        let full = match &self.current {
-            Some((first, _)) => self.next_seq - first >= self.segment_records,
-            None => true,
-        };
-        if full {
-            let tree = self.db.open_tree(segment_name(self.next_seq)).map_err(io)?;
-            self.current = Some((self.next_seq, tree));
-        }
-        let (_, tree) = self.current.as_ref().expect("a segment was opened above");
-        let mut batch = sled::Batch::default();
+        // Each segment gets one sled batch of the records that fit in it; a full segment is
+        // followed by a new one. The flush below makes all of them durable together.
         let mut seq = self.next_seq;
-        for (record, _) in records {
-            batch.insert(&seq.to_be_bytes(), record::encode(record));
-            seq += 1;
+        let mut rest = records;
+        while !rest.is_empty() {
+            let room = match &self.current {
+                Some((first, _)) => (first + self.segment_records).saturating_sub(seq),
+                None => 0,
+            };
+            if room == 0 {
+                let tree = self.db.open_tree(segment_name(seq)).map_err(io)?;
+                self.current = Some((seq, tree));
+                continue;
+            }
+            let (now, later) = rest.split_at(rest.len().min(room as usize));
+            let (_, tree) = self.current.as_ref().expect("a segment is open");
+            let mut batch = sled::Batch::default();
+            for (record, _) in now {
+                batch.insert(&seq.to_be_bytes(), record::encode(record));
+                seq += 1;
+            }
+            tree.apply_batch(batch).map_err(io)?;
+            rest = later;
         }
-        tree.apply_batch(batch).map_err(io)?;
         self.db.flush().map_err(io)?;
         self.next_seq = seq;
         Ok(seq - 1)
