@@ -302,7 +302,13 @@ fn main() {
         rate: (rate > 0).then_some(rate as f64),
     };
     let base = server.base.clone();
-    let (baseline, during, snapshot_ms, snapshot_status) = runtime.block_on(async {
+    let (baseline, during, after, snapshot_ms, snapshot_status) = runtime.block_on(async {
+        // Warm-up (connections, first activations of the hot products), not measured.
+        let warm = Limits {
+            duration: Duration::from_secs(3),
+            ..limits
+        };
+        reserve_phase(&base, products, hot, warm).await;
         let baseline = reserve_phase(&base, products, hot, limits).await;
         let url = format!("{base}/v1/admin/snapshot");
         let snap = tokio::spawn(async move {
@@ -323,17 +329,20 @@ fn main() {
         });
         let during = reserve_phase(&base, products, hot, limits).await;
         let (took, status) = snap.await.unwrap();
-        (baseline, during, ms(took), status)
+        let after = reserve_phase(&base, products, hot, limits).await;
+        (baseline, during, after, ms(took), status)
     });
     let rss_end_kb = proc_status_kb(pid, "VmRSS:");
     let rss_peak_kb = proc_status_kb(pid, "VmHWM:");
     let p99_ratio = p99_ms(&during) / p99_ms(&baseline);
     println!(
-        "  reserves: baseline {:.0} req/s p99 {:.2} ms; during the snapshot {:.0} req/s p99 {:.2} ms ({p99_ratio:.2}x); snapshot {snapshot_ms:.0} ms (HTTP {snapshot_status})",
+        "  reserves: baseline {:.0} req/s p99 {:.2} ms; during the snapshot {:.0} req/s p99 {:.2} ms ({p99_ratio:.2}x); after it {:.0} req/s p99 {:.2} ms; snapshot {snapshot_ms:.0} ms (HTTP {snapshot_status})",
         baseline.throughput_rps(),
         p99_ms(&baseline),
         during.throughput_rps(),
         p99_ms(&during),
+        after.throughput_rps(),
+        p99_ms(&after),
     );
     println!(
         "  RSS: {} MB after start, {} MB at the end, peak {} MB; disk: log {} MB, snapshots {} MB",
@@ -362,6 +371,8 @@ fn main() {
         "during_snapshot_rps": during.throughput_rps(),
         "during_snapshot_p99_ms": p99_ms(&during),
         "p99_ratio": p99_ratio,
+        "after_snapshot_rps": after.throughput_rps(),
+        "after_snapshot_p99_ms": p99_ms(&after),
         "online_snapshot_ms": snapshot_ms,
         "online_snapshot_status": snapshot_status,
     });

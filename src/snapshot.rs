@@ -105,8 +105,13 @@ pub fn list(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
 
 /// Bytes written between two `sync_data` calls while a snapshot is written. Without
 /// them the whole file would be dirty in the page cache until the final fsync, which then
-/// writes it all at once and makes the log's own flushes wait behind it.
-const SYNC_EVERY_BYTES: u64 = 8 << 20;
+/// writes it all at once and makes the log's own flushes (the latency of every `sync`
+/// acknowledgement) wait behind it.
+const SYNC_EVERY_BYTES: u64 = 1 << 20;
+/// The pace of snapshot writing: the disk is shared with the log's flushes, which are in
+/// every sync request's latency. 64 MB/s writes a 160 MB snapshot (1M products and 1M
+/// reservations) in 2.5 s, and leaves the disk to the log between chunks.
+const WRITE_BYTES_PER_SECOND: u64 = 64 << 20;
 
 /// A writer that checksums and counts what passes through it, and syncs as it goes.
 struct Checksummed<'a> {
@@ -114,6 +119,7 @@ struct Checksummed<'a> {
     hasher: crc32fast::Hasher,
     bytes: u64,
     synced_at: u64,
+    started: std::time::Instant,
 }
 
 impl Write for Checksummed<'_> {
@@ -125,6 +131,10 @@ impl Write for Checksummed<'_> {
             self.inner.flush()?;
             self.inner.get_ref().sync_data()?;
             self.synced_at = self.bytes;
+            let due = Duration::from_secs_f64(self.bytes as f64 / WRITE_BYTES_PER_SECOND as f64);
+            if let Some(early) = due.checked_sub(self.started.elapsed()) {
+                std::thread::sleep(early);
+            }
         }
         Ok(n)
     }
@@ -200,6 +210,7 @@ fn write_temp(
             hasher: crc32fast::Hasher::new(),
             bytes: 0,
             synced_at: 0,
+            started: std::time::Instant::now(),
         };
         bincode::serde::encode_into_std_write(state, &mut body, bincode::config::standard())
             .map_err(|e| io::Error::other(format!("encoding the snapshot: {e}")))?;
