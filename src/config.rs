@@ -32,6 +32,8 @@ pub struct Config {
     pub snapshots: SnapshotPolicy,
     /// A product actor idle this long is passivated (`None`: never).
     pub passivate_after: Option<Duration>,
+    /// How long ended reservations and idempotency keys are remembered.
+    pub retention: Duration,
     /// Start even if a log record is damaged, by removing it and every later record (the
     /// operator's explicit choice; the default refuses to start and names the record).
     pub truncate_damaged_log: bool,
@@ -54,6 +56,7 @@ impl Default for Config {
             clock: Arc::new(SystemClock),
             snapshots: SnapshotPolicy::default(),
             passivate_after: Some(Duration::from_secs(PASSIVATE_AFTER_SECONDS_DEFAULT)),
+            retention: Duration::from_millis(crate::limits::IDEMPOTENCY_RETENTION_MS as u64),
             truncate_damaged_log: false,
             snapshot_hooks: WriteHooks::default(),
             log_segment_records: crate::log::SEGMENT_RECORDS_DEFAULT,
@@ -71,6 +74,7 @@ impl std::fmt::Debug for Config {
             .field("durability", &self.durability)
             .field("snapshots", &self.snapshots)
             .field("passivate_after", &self.passivate_after)
+            .field("retention", &self.retention)
             .field("truncate_damaged_log", &self.truncate_damaged_log)
             .finish()
     }

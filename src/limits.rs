@@ -21,8 +21,9 @@ pub const TTL_SECONDS_MAX: u64 = 86_400;
 pub const TTL_SECONDS_DEFAULT: u64 = 300;
 /// `Idempotency-Key` length bound, in bytes of printable ASCII.
 pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 255;
-/// How long an idempotency key is remembered after the reservation it created, and an
-/// ended reservation after its deadline (then `GET` answers 404).
+/// Default retention (`--retention-seconds`): how long an idempotency key is remembered
+/// after the reservation it created, and an ended reservation after its deadline (then
+/// `GET` answers 404).
 pub const IDEMPOTENCY_RETENTION_MS: i64 = 24 * 60 * 60 * 1000;
 /// How often the supervisor forgets what is past retention (`Record::Forgotten`).
 pub const FORGET_EVERY_MS: i64 = 60 * 60 * 1000;

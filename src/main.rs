@@ -133,6 +133,11 @@ struct ServeArgs {
     /// data) until its next request (0: never).
     #[arg(long, env = "STOCKD_PASSIVATE_AFTER", default_value_t = 60)]
     passivate_after: u64,
+    /// How long ended reservations (after their deadline) and idempotency keys (after
+    /// their reservation was created) are remembered, in seconds; then they are forgotten.
+    #[arg(long, env = "STOCKD_RETENTION_SECONDS", default_value_t = 86_400,
+          value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
+    retention_seconds: u64,
     /// If a log record is damaged, remove it and every later record and start, instead of
     /// refusing to start. Acknowledged changes in the removed records are lost.
     #[arg(long)]
@@ -201,6 +206,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         passivate_after: (args.passivate_after > 0)
             .then(|| Duration::from_secs(args.passivate_after)),
         truncate_damaged_log: args.truncate_damaged_log,
+        retention: Duration::from_secs(args.retention_seconds),
         snapshot_hooks: WriteHooks {
             pause_before_rename: args.test_snapshot_pause_ms.map(Duration::from_millis),
         },

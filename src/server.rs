@@ -90,6 +90,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         clock: config.clock.clone(),
         snapshotter: snapshotter.clone(),
         passivate_after: config.passivate_after,
+        retention_ms: config.retention.as_millis().min(i64::MAX as u128) as i64,
     };
     let args = SupervisorArgs {
         state: recovered.state,

@@ -54,9 +54,7 @@ use crate::clock::{Millis, SharedClock};
 use crate::domain::{Price, Product, Reservation, Status};
 use crate::error::Error;
 use crate::fold::{IdempotencyEntry, State};
-use crate::limits::{
-    EXPIRY_TICK_MS, FORGET_EVERY_MS, IDEMPOTENCY_RETENTION_MS, PASSIVATIONS_PER_TICK_MAX,
-};
+use crate::limits::{EXPIRY_TICK_MS, FORGET_EVERY_MS, PASSIVATIONS_PER_TICK_MAX};
 use crate::log::{LogHandle, Ticket};
 use crate::record::{IdempotencyKey, Record};
 use crate::snapshotter::Snapshotter;
@@ -190,6 +188,9 @@ pub struct Supervisor {
     pub snapshotter: Snapshotter,
     /// An actor idle this long is passivated (`None`: never).
     pub passivate_after: Option<Duration>,
+    /// How long ended reservations (after their deadline) and idempotency keys (after
+    /// their reservation's creation) are remembered.
+    pub retention_ms: i64,
 }
 
 /// What the supervisor starts from: the recovered state.
@@ -400,7 +401,8 @@ impl Actor for Supervisor {
             SupervisorMsg::Tick(reply) => {
                 let now = self.clock.now_ms();
                 self.expire_due(state, now);
-                if now - state.forgotten_at >= FORGET_EVERY_MS {
+                // Hourly, or ten times per retention period if that is shorter.
+                if now - state.forgotten_at >= FORGET_EVERY_MS.min(self.retention_ms / 10) {
                     self.forget_old(state, now);
                 }
                 if now - state.passivation_checked_at >= PASSIVATION_CHECK_MS {
@@ -569,7 +571,7 @@ impl Supervisor {
     /// record: if a crash loses it, the next one forgets the same and more.
     fn forget_old(&self, state: &mut SupervisorState, now: Millis) {
         state.forgotten_at = now;
-        let before = now - IDEMPOTENCY_RETENTION_MS;
+        let before = now - self.retention_ms;
         drop(self.log.append(Record::Forgotten { before, at: now }));
         let (reservations, keys) = (state.reservations.len(), state.idempotency.len());
         crate::fold::forget(&mut state.reservations, &mut state.idempotency, before);
@@ -776,7 +778,7 @@ impl Supervisor {
                 if entry.fingerprint != *fingerprint {
                     return Err(Error::IdempotencyKeyReused);
                 }
-                if now - entry.created_at < IDEMPOTENCY_RETENTION_MS {
+                if now - entry.created_at < self.retention_ms {
                     let original =
                         state
                             .reservations
