@@ -99,15 +99,17 @@ impl State {
 /// before `before` and the idempotency keys created before it. A pending reservation is
 /// never dropped; an ended one's deadline is at or after the moment it ended (confirm,
 /// cancel and expiry all happen by the deadline), so it is dropped only once it ended
-/// before `before`. A key is dropped no later than its reservation (created at or after
-/// the key, deadline after that), so a replay never misses its original.
+/// before `before`. A key created before `before` is dropped only once its reservation
+/// is (a reservation extended for days keeps its key), so a replay never misses its
+/// original and never creates a second hold.
 pub fn forget(
     reservations: &mut HashMap<Uuid, Reservation>,
     idempotency: &mut HashMap<IdempotencyKey, IdempotencyEntry>,
     before: Millis,
 ) {
     reservations.retain(|_, r| r.status == Status::Pending || r.expires_at >= before);
-    idempotency.retain(|_, e| e.created_at >= before);
+    idempotency
+        .retain(|_, e| e.created_at >= before || reservations.contains_key(&e.reservation_id));
 }
 
 /// Applies one record to the state. On error the state may be partly changed: the caller
@@ -278,6 +280,15 @@ mod tests {
         let mut left: Vec<u128> = reservations.keys().map(|id| id.as_u128()).collect();
         left.sort();
         assert_eq!(left, vec![1, 3], "pending, and ended at or after 100");
+        let mut kept: Vec<&str> = keys.keys().map(|k| k.key.as_str()).collect();
+        kept.sort();
+        assert_eq!(
+            kept,
+            vec!["1", "2", "3", "4"],
+            "key 1 is old, but its reservation is pending"
+        );
+        reservations.clear();
+        forget(&mut reservations, &mut keys, 100);
         let mut kept: Vec<&str> = keys.keys().map(|k| k.key.as_str()).collect();
         kept.sort();
         assert_eq!(kept, vec!["2", "3", "4"], "created at or after 100");

@@ -239,11 +239,13 @@ impl Log {
 
     /// Removes record `seq` and every later one, and flushes: the operator's explicit
     /// choice when a damaged record stops start-up (`--truncate-damaged-log`). Returns the
-    /// number of records removed.
+    /// number of records removed. Works from the newest record backwards, so whatever part
+    /// of it a crash lets reach the disk leaves a log without a hole (sled persists a prefix
+    /// of its operations).
     pub fn truncate_from(&self, seq: u64) -> Result<u64, OpenError> {
         let reader = self.reader();
         let mut removed = 0;
-        for (first, name, tree) in segments(&self.db, &self.dir)? {
+        for (first, name, tree) in segments(&self.db, &self.dir)?.into_iter().rev() {
             if first >= seq {
                 removed += tree.len() as u64;
                 self.db.drop_tree(&name).map_err(|e| reader.sled_err(e))?;
@@ -253,6 +255,7 @@ impl Log {
                 let keys: Vec<_> = tree
                     .range(seq.to_be_bytes()..)
                     .keys()
+                    .rev()
                     .take(TRUNCATE_BATCH_RECORDS)
                     .collect::<Result<_, _>>()
                     .map_err(|e| reader.sled_err(e))?;
@@ -266,6 +269,7 @@ impl Log {
                 tree.apply_batch(batch).map_err(|e| reader.sled_err(e))?;
                 removed += keys.len() as u64;
             }
+            break;
         }
         self.flush()?;
         Ok(removed)

@@ -144,6 +144,27 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     })
 }
 
+/// Renames every snapshot at or after `seq` to `discarded-<name>` (kept for the
+/// operator, ignored by recovery).
+fn set_aside_snapshots_from(dir: &std::path::Path, seq: u64) -> Result<(), StartError> {
+    let io = |source| StartError::Dir {
+        path: dir.display().to_string(),
+        source,
+    };
+    for (at, path) in crate::snapshot::list(dir).map_err(io)? {
+        if at >= seq {
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            let aside = dir.join(format!("discarded-{name}"));
+            std::fs::rename(&path, &aside).map_err(io)?;
+            tracing::warn!(file = %aside.display(), "set aside a snapshot past the truncated log");
+        }
+    }
+    Ok(())
+}
+
 /// Recovers the state: the newest verifying snapshot plus the log after it. A damaged
 /// log record stops start-up, unless the operator asked to truncate the log there.
 fn recover(log: &Log, config: &Config) -> Result<Recovered, StartError> {
@@ -156,6 +177,9 @@ fn recover(log: &Log, config: &Config) -> Result<Recovered, StartError> {
         Err(err) if config.truncate_damaged_log && err.damaged_seq().is_some() => {
             let seq = err.damaged_seq().expect("checked above");
             let removed = log.truncate_from(seq)?;
+            // Snapshots at or past the cut describe a history the log no longer has (their
+            // sequence numbers will be reused): set aside, never loaded again.
+            set_aside_snapshots_from(&config.snapshot_dir, seq)?;
             tracing::warn!(
                 seq,
                 removed,

@@ -161,7 +161,7 @@ impl Service {
                 Ok(Ok(p)) => products.push(p),
                 // Passivated since the page was cut: ask where it lives now. A product
                 // deleted since is simply left out.
-                Ok(Err(Error::Unavailable(_))) | Err(AskError::Gone) => {
+                Ok(Err(Error::Unavailable(_))) | Err(AskError::Gone) | Err(AskError::Dropped) => {
                     if let Ok(p) = self.get_product(&sku).await {
                         products.push(p);
                     }

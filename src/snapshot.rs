@@ -363,7 +363,13 @@ pub fn inspect(path: &Path) -> Result<Inspection, SnapshotError> {
             .entry(format!("{:?}", r.status).to_lowercase())
             .or_insert(0) += 1;
     }
-    let sum = |f: fn(&crate::domain::Product) -> u64| state.products.values().map(f).sum();
+    let sum = |f: fn(&crate::domain::Product) -> u64| {
+        state
+            .products
+            .values()
+            .map(f)
+            .fold(0u64, u64::saturating_add)
+    };
     Ok(Inspection {
         file: path.display().to_string(),
         valid: true,

@@ -119,6 +119,7 @@ impl Snapshotter {
         let worker = Worker {
             newest: newest.clone(),
             last_taken: Instant::now(),
+            retry_at: None,
             args,
         };
         let join = thread::Builder::new()
@@ -165,6 +166,8 @@ struct Worker {
     args: SnapshotterArgs,
     newest: Arc<AtomicU64>,
     last_taken: Instant,
+    /// After a failed automatic snapshot: not again before this, and the next pause.
+    retry_at: Option<(Instant, Duration)>,
 }
 
 /// How often the thread checks the automatic policy.
@@ -215,6 +218,9 @@ impl Worker {
         if !self.args.log.is_healthy() {
             return;
         }
+        if self.retry_at.is_some_and(|(at, _)| Instant::now() < at) {
+            return;
+        }
         let durable = self.args.log.durable_seq();
         let newest = self.newest.load(Ordering::SeqCst);
         if durable <= newest {
@@ -229,18 +235,25 @@ impl Worker {
             return;
         }
         match self.take(durable) {
-            Ok(taken) => tracing::info!(
-                sequence = taken.sequence,
-                size_bytes = taken.size_bytes,
-                records_folded = taken.records_folded,
-                log_records_dropped = taken.log_records_dropped,
-                elapsed_ms = taken.elapsed_ms,
-                "snapshot taken"
-            ),
+            Ok(taken) => {
+                self.retry_at = None;
+                tracing::info!(
+                    sequence = taken.sequence,
+                    size_bytes = taken.size_bytes,
+                    records_folded = taken.records_folded,
+                    log_records_dropped = taken.log_records_dropped,
+                    elapsed_ms = taken.elapsed_ms,
+                    "snapshot taken"
+                )
+            }
             Err(err) => {
-                // Retried at the next period; the log keeps everything meanwhile.
-                self.last_taken = Instant::now();
-                tracing::error!(error = %err, "cannot take a snapshot");
+                // Retried after a pause that doubles up to 5 minutes; the log keeps
+                // everything meanwhile.
+                let pause = self.retry_at.map_or(Duration::from_secs(5), |(_, p)| {
+                    (p * 2).min(Duration::from_secs(300))
+                });
+                self.retry_at = Some((Instant::now() + pause, pause));
+                tracing::error!(error = %err, retry_in_s = pause.as_secs(), "cannot take a snapshot");
             }
         }
     }
@@ -274,25 +287,25 @@ pub fn take_snapshot(
     hooks: WriteHooks,
 ) -> Result<Taken, String> {
     let started = Instant::now();
-    let newest = snapshot::list(dir)
-        .map_err(|e| format!("cannot list {}: {e}", dir.display()))?
-        .into_iter()
-        .next();
-    if let Some((seq, path)) = newest {
-        if seq == upto {
-            if let Ok((info, _)) = snapshot::read(&path) {
-                return Ok(Taken {
-                    sequence: seq,
-                    file: snapshot::file_name(seq),
-                    size_bytes: info.size_bytes,
-                    created: false,
-                    records_folded: 0,
-                    log_records_dropped: 0,
-                    elapsed_ms: started.elapsed().as_millis() as u64,
-                    build_ms: 0,
-                    write_ms: 0,
-                });
-            }
+    // The newest snapshot that verifies, if it is already at (or past: a job queued behind
+    // a later one) `upto`, is the answer: nothing older is ever written over it.
+    let listed = snapshot::list(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+    for (seq, path) in listed {
+        if seq < upto {
+            break;
+        }
+        if let Ok((info, _)) = snapshot::read(&path) {
+            return Ok(Taken {
+                sequence: seq,
+                file: snapshot::file_name(seq),
+                size_bytes: info.size_bytes,
+                created: false,
+                records_folded: 0,
+                log_records_dropped: 0,
+                elapsed_ms: started.elapsed().as_millis() as u64,
+                build_ms: 0,
+                write_ms: 0,
+            });
         }
     }
     let recovered = recovery::recover(reader, dir, upto).map_err(|e| e.to_string())?;

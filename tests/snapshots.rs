@@ -492,7 +492,13 @@ async fn a_damaged_log_record_stops_start_up_unless_truncation_is_asked_for() {
     for i in 0..6 {
         ids.push(reserve_ok(&c, &format!("u{i}"), "A").await);
     }
-    s.kill9(); // no shutdown snapshot: records 1..=7 are only in the log
+    // A snapshot after the damaged record, itself damaged: recovery must read the log.
+    assert_eq!(c.post("/v1/admin/snapshot", json!({})).await.status, 201);
+    s.kill9();
+    let snapshots = dir.path().join("snapshots");
+    let files = snapshot_files(&snapshots);
+    assert_eq!(files.len(), 1);
+    flip_middle_byte(&files[0]);
     stockd::log::damage_record(&dir.path().join("data").join("log"), 4).unwrap();
 
     let stderr = start_refused(dir.path(), &[]);

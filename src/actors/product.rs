@@ -80,8 +80,8 @@ pub enum ProductMsg {
     /// Stop now (sent after a grace period once deleted, so that messages already on
     /// their way are answered "not found" rather than dropped).
     Retire,
-    /// Hand the product back to the supervisor as plain data and stop; answered `None`
-    /// (and ignored) while holds are in flight or once deleted.
+    /// Hand the product back to the supervisor as plain data (then answer 503 until
+    /// `Retire`); answered `None` (and ignored) while holds are in flight or once deleted.
     Passivate(RpcReplyPort<Option<Product>>),
     /// Test hook: panics inside the actor, to exercise recovery from a failed message.
     #[doc(hidden)]
@@ -196,10 +196,14 @@ impl Actor for ProductActor {
         state: &mut ProductState,
     ) -> Result<(), ActorProcessingErr> {
         if state.passivated {
-            msg.reply_err(Error::Unavailable(format!(
-                "product {} was just passivated; retry",
-                state.product.sku
-            )));
+            if let ProductMsg::Retire = msg {
+                myself.stop(Some("passivated".into()));
+            } else {
+                msg.reply_err(Error::Unavailable(format!(
+                    "product {} was just passivated; retry",
+                    state.product.sku
+                )));
+            }
             return Ok(());
         }
         if state.deleted {
@@ -217,7 +221,11 @@ impl Actor for ProductActor {
                 } else {
                     state.passivated = true;
                     let _ = reply.send(Some(state.product.clone()));
-                    myself.stop(Some("passivated".into()));
+                    // Messages already on their way (a hold from an earlier lookup) are
+                    // answered 503 for a while rather than dropped; then it stops.
+                    myself.send_after(Duration::from_millis(RETIRE_GRACE_MS), || {
+                        ProductMsg::Retire
+                    });
                 }
                 return Ok(());
             }

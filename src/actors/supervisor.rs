@@ -138,6 +138,8 @@ pub enum SupervisorMsg {
         sku: String,
         result: Result<Option<Product>, String>,
     },
+    /// A rebuild failed a while ago: try again with a fresh barrier.
+    RetryRestart(String),
     Stats(RpcReplyPort<Stats>),
     /// Test hook: kills a product actor outright (no handler runs), as a crash would.
     #[doc(hidden)]
@@ -357,8 +359,7 @@ impl Actor for Supervisor {
                 idempotency,
                 reply,
             } => {
-                let now = self.clock.now_ms();
-                let result = self.resolve(&myself, state, skus, idempotency, now).await;
+                let result = self.resolve(&myself, state, skus, idempotency).await;
                 let _ = reply.send(result);
             }
             SupervisorMsg::AbortIdempotency(key) => {
@@ -420,7 +421,12 @@ impl Actor for Supervisor {
                 let _ = reply.send(done);
             }
             SupervisorMsg::ProductRecovered { sku, result } => {
-                self.finish_restart(state, sku, result);
+                self.finish_restart(&myself, state, sku, result);
+            }
+            SupervisorMsg::RetryRestart(sku) => {
+                if matches!(state.routes.get(&sku), Some(Slot::Restarting(_))) && !state.stopping {
+                    self.begin_restart(&myself, state, sku);
+                }
             }
             SupervisorMsg::ProductPanicked { sku, reason } => {
                 state.product_panics += 1;
@@ -486,6 +492,9 @@ impl Actor for Supervisor {
         Ok(())
     }
 }
+
+/// Pause before a failed product rebuild is tried again.
+const RESTART_RETRY_MS: u64 = 1_000;
 
 /// How often (by the supervisor's clock) idle actors are looked for.
 const PASSIVATION_CHECK_MS: i64 = 1_000;
@@ -723,6 +732,7 @@ impl Supervisor {
     /// order; its next request activates it.
     fn finish_restart(
         &self,
+        myself: &ActorRef<SupervisorMsg>,
         state: &mut SupervisorState,
         sku: String,
         result: Result<Option<Product>, String>,
@@ -735,9 +745,14 @@ impl Supervisor {
                 return;
             }
             Err(err) => {
-                // The product stays "restarting": its requests answer 503 rather than
-                // risk serving (or re-creating) it from a state we could not rebuild.
-                tracing::error!(%sku, error = %err, "cannot rebuild the product from the log");
+                // The product stays "restarting" (503) rather than be served from a state we
+                // could not rebuild, and the rebuild is tried again later with a fresh
+                // barrier: every effect waiting in the slot has its record before that
+                // barrier, so the new fold includes them all (the slot is emptied).
+                tracing::error!(%sku, error = %err, "cannot rebuild the product from the log; retrying");
+                myself.send_after(Duration::from_millis(RESTART_RETRY_MS), move || {
+                    SupervisorMsg::RetryRestart(sku)
+                });
                 return;
             }
         };
@@ -771,23 +786,18 @@ impl Supervisor {
         state: &mut SupervisorState,
         skus: Vec<String>,
         idempotency: Option<Idempotency>,
-        now: Millis,
     ) -> Result<Resolved, Error> {
         if let Some((key, fingerprint)) = &idempotency {
             if let Some(entry) = state.idempotency.get(key) {
                 if entry.fingerprint != *fingerprint {
                     return Err(Error::IdempotencyKeyReused);
                 }
-                if now - entry.created_at < self.retention_ms {
-                    let original =
-                        state
-                            .reservations
-                            .get(&entry.reservation_id)
-                            .ok_or_else(|| {
-                                Error::Internal("remembered reservation is missing".into())
-                            })?;
-                    return Ok(Resolved::Replay(original.clone(), self.log.barrier()));
-                }
+                // Remembered (retention forgets a key no earlier than its reservation).
+                let original = state
+                    .reservations
+                    .get(&entry.reservation_id)
+                    .ok_or_else(|| Error::Internal("remembered reservation is missing".into()))?;
+                return Ok(Resolved::Replay(original.clone(), self.log.barrier()));
             }
             match state.in_flight.get(key) {
                 Some(f) if f == fingerprint => return Err(Error::IdempotencyKeyInFlight),
