@@ -344,6 +344,18 @@ fn main() {
         after.throughput_rps(),
         p99_ms(&after),
     );
+    // Which part of the snapshot hurts: the worst latency in each second of the phase
+    // (the snapshot starts 0.5 s in; its answer above gives build_ms and write_ms, the
+    // rest of elapsed_ms is pruning and log truncation).
+    let worst: Vec<String> = during
+        .timeline
+        .iter()
+        .map(|s| format!("{:.1}", s.latency_max_us as f64 / 1000.0))
+        .collect();
+    println!(
+        "  during the snapshot, worst latency per second (ms): {}",
+        worst.join(" ")
+    );
     println!(
         "  RSS: {} MB after start, {} MB at the end, peak {} MB; disk: log {} MB, snapshots {} MB",
         rss_started_kb / 1024,

@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::log::{Log, LogHandle, OpenError};
 use crate::recovery::{self, Recovered, RecoveryError};
 use crate::service::Service;
-use crate::snapshotter::{Snapshotter, SnapshotterArgs};
+use crate::snapshotter::{Priority, Snapshotter, SnapshotterArgs};
 
 /// How long shutdown waits for requests in flight before closing connections anyway.
 const SHUTDOWN_DRAIN_TIMEOUT_MS: u64 = 10_000;
@@ -215,7 +215,7 @@ impl Server {
         if seq <= self.snapshotter.newest_seq() {
             return;
         }
-        match self.snapshotter.take(seq).await {
+        match self.snapshotter.take(seq, Priority::Urgent).await {
             Ok(taken) => tracing::info!(
                 sequence = taken.sequence,
                 size_bytes = taken.size_bytes,

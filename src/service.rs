@@ -19,7 +19,7 @@ use crate::domain::{Line, Price, Product, Reservation};
 use crate::error::{Error, Result};
 use crate::log::{LogHandle, Ticket};
 use crate::record::IdempotencyKey;
-use crate::snapshotter::{Snapshotter, Taken};
+use crate::snapshotter::{Priority, Snapshotter, Taken};
 
 /// Why an actor call produced no answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -336,7 +336,7 @@ impl Service {
         }
         let upto = self.log.barrier().durable().await?;
         self.snapshotter
-            .take(upto)
+            .take(upto, Priority::Background)
             .await
             .map_err(|e| Error::Internal(format!("snapshot failed: {e}")))
     }

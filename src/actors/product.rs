@@ -247,7 +247,9 @@ impl Actor for ProductActor {
             msg,
             ProductMsg::Get(_) | ProductMsg::Hold { .. } | ProductMsg::Crash(_)
         );
-        let before = state.product.clone();
+        // Only what can be restored is copied (the settles and releases of every
+        // reservation would otherwise clone the product's strings for nothing).
+        let before = restorable.then(|| state.product.clone());
         let panic_now = std::mem::take(&mut state.panic_next);
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             if panic_now {
@@ -272,12 +274,12 @@ impl Actor for ProductActor {
                     sku: sku.clone(),
                     reason: reason.clone(),
                 });
-                if !restorable {
+                let Some(before) = before else {
                     // Fail: the supervisor rebuilds this product from the log, which holds
                     // every logged effect, this message's included.
                     tracing::error!(%sku, reason, "product actor panicked on a logged effect; failing it");
                     return Err(format!("panicked on a logged effect: {reason}").into());
-                }
+                };
                 state.product = before;
                 tracing::error!(
                     %sku,
