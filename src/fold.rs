@@ -25,11 +25,19 @@ pub struct IdempotencyEntry {
 }
 
 /// Everything the log describes (and what a snapshot holds).
+///
+/// Reservations and idempotency keys are ordered maps, not hash maps: they grow by the
+/// hundred thousand during a sale, and a hash map grows by rehashing everything into a
+/// table twice the size (a pause of tens of milliseconds inside the supervisor at a few
+/// hundred thousand reservations, plus the zeroing of the new table's pages). A B-tree
+/// grows a node at a time; reservation ids are UUID v7 (time-ordered), so new ones are
+/// appended at its right edge and the recent ones, which confirms and cancels name, stay
+/// close together. Snapshots encode a map the same way whichever kind it is.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     pub products: HashMap<String, Product>,
-    pub reservations: HashMap<Uuid, Reservation>,
-    pub idempotency: HashMap<IdempotencyKey, IdempotencyEntry>,
+    pub reservations: BTreeMap<Uuid, Reservation>,
+    pub idempotency: BTreeMap<IdempotencyKey, IdempotencyEntry>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -58,7 +66,7 @@ fn product<'a>(
 }
 
 fn pending(
-    reservations: &mut HashMap<Uuid, Reservation>,
+    reservations: &mut BTreeMap<Uuid, Reservation>,
     id: Uuid,
 ) -> Result<&mut Reservation, FoldError> {
     let r = reservations
@@ -103,8 +111,8 @@ impl State {
 /// is (a reservation extended for days keeps its key), so a replay never misses its
 /// original and never creates a second hold.
 pub fn forget(
-    reservations: &mut HashMap<Uuid, Reservation>,
-    idempotency: &mut HashMap<IdempotencyKey, IdempotencyEntry>,
+    reservations: &mut BTreeMap<Uuid, Reservation>,
+    idempotency: &mut BTreeMap<IdempotencyKey, IdempotencyEntry>,
     before: Millis,
 ) {
     reservations.retain(|_, r| r.status == Status::Pending || r.expires_at >= before);
@@ -247,8 +255,8 @@ mod tests {
             sku: sku.into(),
             quantity: 1,
         };
-        let mut reservations = HashMap::new();
-        let mut keys = HashMap::new();
+        let mut reservations = BTreeMap::new();
+        let mut keys = BTreeMap::new();
         for (n, expires_at, status) in [
             (1u128, 50, Status::Pending),
             (2, 50, Status::Confirmed),

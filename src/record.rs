@@ -16,7 +16,7 @@ pub const RECORD_FORMAT_VERSION: u8 = 1;
 const HEADER_BYTES: usize = 5;
 
 /// An idempotency key remembered with the reservation it created.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct IdempotencyKey {
     pub customer_id: String,
     pub key: String,

@@ -465,6 +465,53 @@ mod tests {
         s
     }
 
+    /// Snapshots written before reservations and idempotency keys moved from hash maps
+    /// to B-trees still load: bincode encodes a map the same way whichever kind it is.
+    #[test]
+    fn a_body_encoded_from_hash_maps_decodes_into_the_state() {
+        use crate::domain::Reservation;
+        use crate::fold::IdempotencyEntry;
+        use crate::record::IdempotencyKey;
+        use std::collections::HashMap;
+        use uuid::Uuid;
+
+        #[derive(serde::Serialize)]
+        struct Before {
+            products: HashMap<String, Product>,
+            reservations: HashMap<Uuid, Reservation>,
+            idempotency: HashMap<IdempotencyKey, IdempotencyEntry>,
+        }
+        let mut expected = state();
+        for n in 1..=20u128 {
+            let line = crate::domain::Line {
+                sku: format!("SKU-{n}"),
+                quantity: 1,
+            };
+            let r = Reservation::new(Uuid::from_u128(n), "c".into(), vec![line], 1, 2);
+            expected.reservations.insert(r.id, r);
+            expected.idempotency.insert(
+                IdempotencyKey {
+                    customer_id: "c".into(),
+                    key: n.to_string(),
+                },
+                IdempotencyEntry {
+                    reservation_id: Uuid::from_u128(n),
+                    fingerprint: vec![n as u8],
+                    created_at: 1,
+                },
+            );
+        }
+        let before = Before {
+            products: expected.products.clone(),
+            reservations: expected.reservations.clone().into_iter().collect(),
+            idempotency: expected.idempotency.clone().into_iter().collect(),
+        };
+        let body = bincode::serde::encode_to_vec(&before, bincode::config::standard()).unwrap();
+        let (decoded, _): (State, usize) =
+            bincode::serde::decode_from_slice(&body, bincode::config::standard()).unwrap();
+        assert_eq!(decoded, expected);
+    }
+
     #[test]
     fn round_trips_and_lists_newest_first() {
         let dir = tempfile::tempdir().unwrap();

@@ -38,6 +38,14 @@ async fn flash_sale_sells_exactly_the_stock_and_verifies() {
     assert_eq!(report.statuses.get("409"), Some(&250));
     assert_eq!((report.oversold, report.lost_acks), (0, 0));
     assert!(report.ceiling_rps > 0.0 && report.ratio > 0.0);
+    // Bracketed: the ceiling is the mean of the phases before and after the scenario.
+    let after = report
+        .ceiling_after_rps
+        .expect("a ceiling phase after the flash sale");
+    assert!(after > 0.0);
+    let mean = (report.ceiling_before_rps + after) / 2.0;
+    assert!((report.ceiling_rps - mean).abs() < 1e-6);
+    assert!((report.ratio - report.throughput_rps / mean).abs() < 1e-9);
     let json = serde_json::to_value(&report).unwrap();
     for key in [
         "scenario",

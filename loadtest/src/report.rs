@@ -64,8 +64,16 @@ pub struct Report {
     pub duration_s: f64,
     pub requests: u64,
     pub throughput_rps: f64,
+    /// The HTTP ceiling the ratio is taken against: the mean of the ceiling phase before
+    /// the scenario and the one after it (when there is one after), so that a machine
+    /// getting faster or slower during the run does not bias the ratio.
     pub ceiling_rps: f64,
-    /// `throughput_rps / ceiling_rps`, both from this run.
+    /// The ceiling phase before the scenario.
+    pub ceiling_before_rps: f64,
+    /// The ceiling phase after the scenario (flash-sale and checkout; not crash, whose
+    /// server was restarted).
+    pub ceiling_after_rps: Option<f64>,
+    /// `throughput_rps / ceiling_rps`, all from this run.
     pub ratio: f64,
     pub latency_ms: Latency,
     pub ceiling_latency_ms: Latency,
@@ -109,6 +117,8 @@ impl Report {
             requests: stats.requests,
             throughput_rps: throughput,
             ceiling_rps,
+            ceiling_before_rps: ceiling_rps,
+            ceiling_after_rps: None,
             ratio: throughput / ceiling_rps.max(1e-9),
             latency_ms: Latency::of(stats),
             ceiling_latency_ms: Latency::of(ceiling),
@@ -127,6 +137,15 @@ impl Report {
         }
     }
 
+    /// Takes the ceiling measured after the scenario into the ratio: the ceiling becomes
+    /// the mean of the phases before and after.
+    pub fn bracket(&mut self, after: &PhaseStats) {
+        let after_rps = after.throughput_rps();
+        self.ceiling_after_rps = Some(after_rps);
+        self.ceiling_rps = (self.ceiling_before_rps + after_rps) / 2.0;
+        self.ratio = self.throughput_rps / self.ceiling_rps.max(1e-9);
+    }
+
     /// Markdown: a results table and the checks (used for the terminal too).
     pub fn markdown(&self) -> String {
         let l = &self.latency_ms;
@@ -136,12 +155,12 @@ impl Report {
              | phase | requests/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |\n\
              | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n\
              | ceiling (GET /health) | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n\
-             | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n\n\
-             ratio to ceiling: **{:.2}** · requests: {} · statuses: {:?} · unanswered: {}\n\n",
+             | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n{}\n\
+             ratio to ceiling: **{:.2}**{} · requests: {} · statuses: {:?} · unanswered: {}\n\n",
             self.scenario,
             self.connections,
             self.durability.as_deref().unwrap_or("unknown"),
-            self.ceiling_rps,
+            self.ceiling_before_rps,
             c.p50,
             c.p90,
             c.p99,
@@ -154,7 +173,18 @@ impl Report {
             l.p99,
             l.p999,
             l.max,
+            self.ceiling_after_rps
+                .map(|rps| format!("| ceiling after (GET /health) | {rps:.0} | | | | | |\n"))
+                .unwrap_or_default(),
             self.ratio,
+            if self.ceiling_after_rps.is_some() {
+                format!(
+                    " (of {:.0}, the mean ceiling before and after)",
+                    self.ceiling_rps
+                )
+            } else {
+                String::new()
+            },
             self.requests,
             self.statuses,
             self.transport_errors,

@@ -206,9 +206,10 @@ pub struct SupervisorState {
     active: HashSet<String>,
     /// Actor id → SKU, to know which product a supervision event is about.
     skus_by_actor: HashMap<ActorId, String>,
-    reservations: HashMap<Uuid, Reservation>,
+    /// Ordered maps, for the reasons given on `fold::State`.
+    reservations: BTreeMap<Uuid, Reservation>,
     deadlines: BinaryHeap<Reverse<(Millis, Uuid)>>,
-    idempotency: HashMap<IdempotencyKey, IdempotencyEntry>,
+    idempotency: BTreeMap<IdempotencyKey, IdempotencyEntry>,
     /// When ended reservations and old idempotency keys were last forgotten.
     forgotten_at: Millis,
     /// Keys whose first request is still being served.
