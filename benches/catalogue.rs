@@ -101,6 +101,8 @@ fn dir_bytes(path: &Path) -> u64 {
 struct Server {
     child: Child,
     base: String,
+    /// The server's start-up log line about recovery (JSON), once it has been read.
+    recovered: serde_json::Value,
 }
 
 impl Drop for Server {
@@ -113,13 +115,20 @@ impl Drop for Server {
 fn start_server(dir: &Path) -> (Server, Duration) {
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_stockd"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--data-dir",
+        ])
         .arg(dir.join("data"))
         .arg("--snapshot-dir")
         .arg(dir.join("snapshots"))
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn stockd");
     let stdout = child.stdout.take().unwrap();
@@ -139,10 +148,25 @@ fn start_server(dir: &Path) -> (Server, Duration) {
     };
     let took = started.elapsed();
     std::thread::spawn(move || for _ in lines {});
+    // Recovery is logged before `listening on`, so the line is already in the pipe.
+    let mut logs = BufReader::new(child.stderr.take().unwrap()).lines();
+    let recovered = logs
+        .by_ref()
+        .map_while(Result::ok)
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(&line).ok())
+        .find(|v| {
+            v["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("recovered state"))
+        })
+        .map(|v| v["fields"].clone())
+        .unwrap_or_default();
+    std::thread::spawn(move || for _ in logs {});
     (
         Server {
             child,
             base: format!("http://{addr}"),
+            recovered,
         },
         took,
     )
@@ -196,6 +220,12 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo bench -- --list`
     }
+    // RUST_LOG=stockd::recovery=debug shows where replay time goes (the fold waiting for
+    // the log reader, or not).
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let products = env_u64("CATALOGUE_PRODUCTS", 1_000_000).max(1);
     let reservations = env_u64("CATALOGUE_RESERVATIONS", 1_000_000);
     let tail = env_u64("CATALOGUE_TAIL", 100_000);
@@ -286,9 +316,13 @@ fn main() {
     let (server, restart) = start_server(dir);
     let pid = server.child.id();
     let rss_started_kb = proc_status_kb(pid, "VmRSS:");
+    let tail_replayed = server.recovered["records"].as_u64().unwrap_or(0);
+    let tail_replay_ms = server.recovered["replay_ms"].as_u64().unwrap_or(0);
+    let tail_replay_rate = tail_replayed as f64 / (tail_replay_ms.max(1) as f64 / 1000.0);
     println!(
-        "  restart to serving: {:.0} ms; RSS {} MB",
+        "  restart to serving: {:.0} ms (of which the log tail: {tail_replayed} records in {tail_replay_ms} ms = {:.2}M records/s); RSS {} MB",
         ms(restart),
+        tail_replay_rate / 1e6,
         rss_started_kb / 1024
     );
 
@@ -375,6 +409,9 @@ fn main() {
         "offline_snapshot_ms": ms(offline_snapshot),
         "snapshot_bytes": taken.size_bytes,
         "restart_to_serving_ms": ms(restart),
+        "restart_tail_records": tail_replayed,
+        "restart_tail_replay_ms": tail_replay_ms,
+        "restart_tail_replay_records_per_s": tail_replay_rate,
         "rss_after_start_mb": rss_started_kb / 1024,
         "rss_end_mb": rss_end_kb / 1024,
         "rss_peak_mb": rss_peak_kb / 1024,

@@ -199,6 +199,7 @@ fn recover(log: &Log, config: &Config) -> Result<Recovered, StartError> {
         last_seq = recovered.last_seq,
         products = recovered.state.products.len(),
         reservations = recovered.state.reservations.len(),
+        replay_ms = recovered.replay.as_millis() as u64,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "recovered state from the snapshot and the log"
     );

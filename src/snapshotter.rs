@@ -12,11 +12,12 @@
 //! log is truncated through the oldest kept one, so a damaged newest snapshot can always be
 //! replaced by an older one plus the log. With `keep = 1` there is no fallback by choice.
 //!
-//! The same thread rebuilds a failed product actor's state (`fold_to`), since that is the
-//! same work: the newest snapshot at or before a sequence, plus the log up to it.
+//! A thread beside it rebuilds a failed product actor's state (`fold_to`), the same work
+//! (the newest snapshot at or before a sequence, plus the log up to it) but urgent: it
+//! never waits behind a snapshot.
 //!
-//! It reads the log through a `LogReader`; it must be stopped (`stop`) before the log
-//! writer, so that the log is closed when the writer stops.
+//! Both read the log through a `LogReader`; the snapshotter must be stopped (`stop`, then
+//! join) before the log writer, so that the log is closed when the writer stops.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -108,10 +109,12 @@ enum Job {
     Stop,
 }
 
-/// Cheap to clone: a handle on the snapshot thread.
+/// Cheap to clone: a handle on the snapshot thread (and on the rebuild thread beside it:
+/// a product's rebuild never waits behind a snapshot being built).
 #[derive(Clone)]
 pub struct Snapshotter {
     tx: mpsc::Sender<Job>,
+    rebuilds: mpsc::Sender<Job>,
     newest: Arc<AtomicU64>,
 }
 
@@ -138,11 +141,35 @@ impl Snapshotter {
             retry_at: None,
             args,
         };
+        // Rebuilds of failed products get a thread of their own, in the normal class: the
+        // product answers 503 until its rebuild is done, so it must not wait for a
+        // snapshot that requests keep from running (a background snapshot yields the CPU
+        // to every request). Reading the log beside a snapshot being built is safe; if a
+        // truncation pulls records from under a rebuild, it fails and the supervisor
+        // tries again with a fresh barrier.
+        let (rebuilds, rebuild_rx) = mpsc::channel();
+        let rebuild_args = (worker.args.reader.clone(), worker.args.dir.clone());
+        let rebuilder = thread::Builder::new()
+            .name("stockd-rebuild".into())
+            .spawn(move || rebuild(rebuild_args.0, rebuild_args.1, rebuild_rx))
+            .expect("spawning the rebuild thread");
         let join = thread::Builder::new()
             .name("stockd-snapshotter".into())
-            .spawn(move || worker.run(rx))
+            .spawn(move || {
+                worker.run(rx);
+                // Both threads read the log: neither may outlive the snapshotter, which
+                // must be stopped before the log writer so that the log is closed.
+                let _ = rebuilder.join();
+            })
             .expect("spawning the snapshot thread");
-        (Snapshotter { tx, newest }, join)
+        (
+            Snapshotter {
+                tx,
+                rebuilds,
+                newest,
+            },
+            join,
+        )
     }
 
     /// Takes a snapshot of the state after record `upto` (which must be durable), at the
@@ -165,15 +192,16 @@ impl Snapshotter {
     pub fn fold_to(&self, upto: u64) -> oneshot::Receiver<Result<State, String>> {
         let (reply, rx) = oneshot::channel();
         if let Err(mpsc::SendError(Job::FoldTo { reply, .. })) =
-            self.tx.send(Job::FoldTo { upto, reply })
+            self.rebuilds.send(Job::FoldTo { upto, reply })
         {
             let _ = reply.send(Err("the snapshot thread has stopped".into()));
         }
         rx
     }
 
-    /// Stops the thread after the jobs queued before this; join its handle afterwards.
+    /// Stops the threads after the jobs queued before this; join the handle afterwards.
     pub fn stop(&self) {
+        let _ = self.rebuilds.send(Job::Stop);
         let _ = self.tx.send(Job::Stop);
     }
 
@@ -216,7 +244,9 @@ fn run_at<T: Send>(
             .name("stockd-snapshot-job".into())
             .spawn_scoped(scope, move || {
                 lower_priority(priority);
-                job()
+                let result = job();
+                release_freed_memory();
+                result
             })
             .map_err(|e| format!("cannot start a thread for the snapshot: {e}"))?;
         match handle.join() {
@@ -224,6 +254,16 @@ fn run_at<T: Send>(
             Err(panic) => std::panic::resume_unwind(panic),
         }
     })
+}
+
+/// Returns to the OS, from this (low-priority) thread, the memory a job freed: a snapshot
+/// frees a second copy of the whole state (~1 GB at a million products). Left to
+/// mimalloc's delayed purge, that work lands on whichever thread allocates next, a
+/// request thread, and showed as a 48 ms stall in reserves right after a 1M-product
+/// snapshot (docs/PERFORMANCE.md). A no-op where mimalloc is not the allocator in use.
+fn release_freed_memory() {
+    // SAFETY: mimalloc's documented API, callable from any thread at any time.
+    unsafe { libmimalloc_sys::mi_collect(true) };
 }
 
 /// Lowers the calling thread's scheduling class (see `run_at`).
@@ -250,6 +290,24 @@ fn lower_priority(priority: Priority) {
     let _ = priority;
 }
 
+/// The rebuild thread: the state after a sequence, for a failed product's rebuild.
+fn rebuild(reader: LogReader, dir: PathBuf, rx: mpsc::Receiver<Job>) {
+    for job in rx {
+        match job {
+            Job::FoldTo { upto, reply } => {
+                let result = recovery::recover(&reader, &dir, upto)
+                    .map(|r| r.state)
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(result);
+            }
+            Job::Take { reply, .. } => {
+                let _ = reply.send(Err("snapshots go to the snapshot thread".into()));
+            }
+            Job::Stop => return,
+        }
+    }
+}
+
 impl Worker {
     fn run(mut self, rx: mpsc::Receiver<Job>) {
         loop {
@@ -261,11 +319,8 @@ impl Worker {
                 }) => {
                     let _ = reply.send(self.take(upto, priority));
                 }
-                Ok(Job::FoldTo { upto, reply }) => {
-                    let result = recovery::recover(&self.args.reader, &self.args.dir, upto)
-                        .map(|r| r.state)
-                        .map_err(|e| e.to_string());
-                    let _ = reply.send(result);
+                Ok(Job::FoldTo { reply, .. }) => {
+                    let _ = reply.send(Err("rebuilds go to the rebuild thread".into()));
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => self.check_policy(),
                 Ok(Job::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -326,21 +381,30 @@ impl Worker {
     fn take(&mut self, upto: u64, priority: Priority) -> Result<Taken, String> {
         let now = self.args.clock.now_ms();
         let args = &self.args;
-        let taken = run_at(priority, || {
-            take_snapshot(
-                &args.reader,
-                &args.dir,
-                upto,
-                args.policy.keep,
-                now,
-                args.hooks,
-            )
+        let started = Instant::now();
+        let mut taken = run_at(priority, || {
+            build_snapshot(&args.reader, &args.dir, upto, now, args.hooks)
         })?;
         self.newest.fetch_max(taken.sequence, Ordering::SeqCst);
+        if taken.created {
+            // On this thread, in the normal class: dropping log segments takes locks
+            // inside sled that the log writer needs too, and a low-priority thread holding
+            // them would hold up every flush (and every acknowledgement) while preempted.
+            // Paced, so the writer's flushes interleave with sled's work of dropping.
+            taken.log_records_dropped =
+                drop_unneeded(&args.reader, &args.dir, args.policy.keep, TRUNCATE_PAUSE)?;
+            taken.elapsed_ms = started.elapsed().as_millis() as u64;
+        }
         self.last_taken = Instant::now();
         Ok(taken)
     }
 }
+
+/// Pause between two log segments dropped by a running server. Dropping a segment (a
+/// sled tree of 65,536 records) takes ~100 ms of sled's work; dropping thirty in a row
+/// after a 1M-product snapshot made sync reserves wait up to 100 ms for their flush, and
+/// slowed flushes for a while after (docs/PERFORMANCE.md). Truncation is never urgent.
+const TRUNCATE_PAUSE: Duration = Duration::from_millis(100);
 
 /// Builds the snapshot after record `upto` (newest snapshot + log, folded), writes it,
 /// keeps the newest `keep` snapshots and drops the log records none of them needs. If the
@@ -350,6 +414,24 @@ pub fn take_snapshot(
     dir: &Path,
     upto: u64,
     keep: usize,
+    now: Millis,
+    hooks: WriteHooks,
+) -> Result<Taken, String> {
+    let started = Instant::now();
+    let mut taken = build_snapshot(reader, dir, upto, now, hooks)?;
+    if taken.created {
+        taken.log_records_dropped = drop_unneeded(reader, dir, keep, Duration::ZERO)?;
+        taken.elapsed_ms = started.elapsed().as_millis() as u64;
+    }
+    Ok(taken)
+}
+
+/// The first half of `take_snapshot`: builds and writes the snapshot after `upto` (or
+/// finds it already there); prunes nothing and drops no log records.
+fn build_snapshot(
+    reader: &LogReader,
+    dir: &Path,
+    upto: u64,
     now: Millis,
     hooks: WriteHooks,
 ) -> Result<Taken, String> {
@@ -382,14 +464,13 @@ pub fn take_snapshot(
         .map_err(|e| format!("cannot write a snapshot in {}: {e}", dir.display()))?;
     let written = started.elapsed();
     drop(recovered.state);
-    let dropped = drop_unneeded(reader, dir, keep)?;
     Ok(Taken {
         sequence: seq,
         file: snapshot::file_name(seq),
         size_bytes: info.size_bytes,
         created: true,
         records_folded: recovered.records,
-        log_records_dropped: dropped,
+        log_records_dropped: 0,
         elapsed_ms: started.elapsed().as_millis() as u64,
         build_ms: built.as_millis() as u64,
         write_ms: (written - built).as_millis() as u64,
@@ -398,7 +479,12 @@ pub fn take_snapshot(
 
 /// Prunes old snapshots, then the log records before the oldest kept one, once there is
 /// a snapshot to fall back to (or `keep` is 1, the operator's choice of no fallback).
-fn drop_unneeded(reader: &LogReader, dir: &Path, keep: usize) -> Result<u64, String> {
+fn drop_unneeded(
+    reader: &LogReader,
+    dir: &Path,
+    keep: usize,
+    pause: Duration,
+) -> Result<u64, String> {
     let keep = keep.max(1);
     snapshot::prune(dir, keep)
         .map_err(|e| format!("cannot prune snapshots in {}: {e}", dir.display()))?;
@@ -408,7 +494,7 @@ fn drop_unneeded(reader: &LogReader, dir: &Path, keep: usize) -> Result<u64, Str
     }
     let oldest = kept.last().map_or(0, |(seq, _)| *seq);
     reader
-        .truncate_through(oldest)
+        .truncate_through(oldest, pause)
         .map_err(|e| format!("cannot truncate the log: {e}"))
 }
 

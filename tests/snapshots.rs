@@ -667,3 +667,57 @@ async fn ended_reservations_and_old_keys_are_forgotten_in_memory_and_in_the_log(
     assert_eq!(c.get(&format!("/v1/reservations/{long}")).await.status, 200);
     t.stop().await;
 }
+
+/// A failed product's rebuild does not wait for a snapshot being built: the product serves
+/// again while the snapshot is still on its way (here held up before its rename).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_does_not_wait_behind_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = std::sync::Arc::new(ManualClock::new(START_MS));
+    let t = TestServer::start_tweaked(dir, clock, Durability::Sync, |config: &mut Config| {
+        config.snapshot_hooks.pause_before_rename = Some(Duration::from_secs(4));
+    })
+    .await;
+    let c = t.client.clone();
+    c.create_product("A", 5).await;
+    assert_eq!(c.reserve("u", "A", 2).await.status, 201);
+    let before = c.product("A").await;
+
+    let snapshot = {
+        let c = c.clone();
+        tokio::spawn(async move { c.post("/v1/admin/snapshot", json!({})).await })
+    };
+    // The snapshot has started (its file is being written) before the product fails.
+    let snapshots = t.dir.path().join("snapshots");
+    let writing = eventually(Duration::from_secs(3), || {
+        let snapshots = snapshots.clone();
+        async move {
+            std::fs::read_dir(&snapshots)
+                .map(|entries| entries.count() > 0)
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    assert!(writing, "the snapshot's temporary file appears");
+
+    t.service().inject_product_kill("A");
+    let service = t.service().clone();
+    let restarted = eventually(Duration::from_secs(3), || {
+        let service = service.clone();
+        async move { service.stats().await.unwrap().product_restarts == 1 }
+    })
+    .await;
+    assert!(restarted, "the product was rebuilt");
+    assert_eq!(
+        c.product("A").await,
+        before,
+        "from the last acknowledged state"
+    );
+    assert!(
+        !snapshot.is_finished(),
+        "the rebuild finished while the snapshot was still being written"
+    );
+    let taken = snapshot.await.unwrap();
+    assert_eq!(taken.status, 201, "{:?}", taken.body);
+    t.stop().await;
+}
