@@ -661,10 +661,15 @@ impl Supervisor {
             on_hand,
             at,
         });
-        // A new product is likely to be used soon: it starts with an actor.
-        self.spawn_product(myself, state, product.clone())
-            .await
-            .map_err(|e| Error::Internal(format!("spawning the product actor: {e}")))?;
+        // A new product is likely to be used soon: it starts with an actor. Its record is
+        // queued already, so it exists whatever happens: if no actor can be spawned now, it
+        // starts passive (its next request tries again), as memory must agree with the log.
+        if let Err(err) = self.spawn_product(myself, state, product.clone()).await {
+            tracing::warn!(sku = %product.sku, error = %err, "cannot spawn a product actor; the product starts passive");
+            state
+                .routes
+                .insert(product.sku.clone(), Slot::Passive(product.clone()));
+        }
         Ok((product, ticket))
     }
 
