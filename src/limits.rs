@@ -35,6 +35,10 @@ pub const PAGE_LIMIT_DEFAULT: usize = 100;
 /// Requests being processed at once; beyond this the server answers 503 at once
 /// (admission control: ractor mailboxes are unbounded, so the bound lives here).
 pub const REQUESTS_IN_FLIGHT_MAX: usize = 8192;
+/// With `--durability async`, the log writer starts a flush at most this often (records
+/// arriving meanwhile join the batch): the window in which acknowledged changes are not
+/// yet on disk is this plus one flush.
+pub const ASYNC_FLUSH_INTERVAL_MS: u64 = 5;
 /// Most records the log writer applies and flushes as one group commit.
 pub const LOG_BATCH_RECORDS_MAX: usize = 4096;
 /// How often the supervisor looks for due expiry deadlines.

@@ -185,6 +185,7 @@ pub struct Log {
     meta: sled::Tree,
     dir: String,
     segment_records: u64,
+    flush_interval: Duration,
 }
 
 impl Log {
@@ -205,12 +206,22 @@ impl Log {
             meta,
             dir: dir.display().to_string(),
             segment_records: SEGMENT_RECORDS_DEFAULT,
+            flush_interval: Duration::ZERO,
         })
     }
 
     /// Records per segment from now on (tests use small segments to see truncation).
     pub fn with_segment_records(mut self, records: u64) -> Log {
         self.segment_records = records.max(1);
+        self
+    }
+
+    /// The writer starts a flush at most this often (zero: as soon as the previous one
+    /// ended). For `async` durability, where nobody waits for the flush: records that
+    /// arrive meanwhile join the batch, so each flush (whose cost inside sled is mostly
+    /// per flush, not per record) carries more of them.
+    pub fn with_flush_interval(mut self, interval: Duration) -> Log {
+        self.flush_interval = interval;
         self
     }
 
@@ -302,6 +313,7 @@ impl Log {
             db: self.db,
             current,
             segment_records: self.segment_records,
+            flush_interval: self.flush_interval,
             next_seq,
             failed: None,
             fail_writes: fail_writes.clone(),
@@ -514,6 +526,7 @@ struct Writer {
     /// The segment being appended to, with its first sequence number.
     current: Option<(u64, sled::Tree)>,
     segment_records: u64,
+    flush_interval: Duration,
     next_seq: u64,
     /// Set on the first failed write; the log never writes again.
     failed: Option<LogError>,
@@ -529,6 +542,7 @@ impl Writer {
         let mut records: Vec<(Record, Option<Waiter>)> = Vec::with_capacity(LOG_BATCH_RECORDS_MAX);
         // Each barrier with the number of this batch's records queued before it.
         let mut barriers: Vec<(Waiter, u64)> = Vec::new();
+        let mut last_flush = std::time::Instant::now();
         loop {
             let mut shutdown = None;
             // Block for the first command, then take whatever else is already queued, up to
@@ -537,6 +551,11 @@ impl Writer {
                 Ok(cmd) => self.take(cmd, &mut records, &mut barriers, &mut shutdown),
                 Err(_) => return self.finish(None),
             }
+            let since = last_flush.elapsed();
+            if shutdown.is_none() && since < self.flush_interval {
+                thread::sleep(self.flush_interval - since);
+            }
+            last_flush = std::time::Instant::now();
             while shutdown.is_none() && records.len() < LOG_BATCH_RECORDS_MAX {
                 match rx.try_recv() {
                     Ok(cmd) => self.take(cmd, &mut records, &mut barriers, &mut shutdown),

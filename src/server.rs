@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::actors::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
-use crate::config::Config;
+use crate::config::{Config, Durability};
 use crate::log::{Log, LogHandle, OpenError};
 use crate::recovery::{self, Recovered, RecoveryError};
 use crate::service::Service;
@@ -70,8 +70,13 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     let started = Instant::now();
     create_dir(&config.data_dir)?;
     create_dir(&config.snapshot_dir)?;
-    let log =
-        Log::open(&config.data_dir.join("log"))?.with_segment_records(config.log_segment_records);
+    let flush_interval = match config.durability {
+        Durability::Sync => Duration::ZERO,
+        Durability::Async => Duration::from_millis(crate::limits::ASYNC_FLUSH_INTERVAL_MS),
+    };
+    let log = Log::open(&config.data_dir.join("log"))?
+        .with_segment_records(config.log_segment_records)
+        .with_flush_interval(flush_interval);
     let recovered = recover(&log, &config)?;
     let next_seq = log.last_seq()?.max(recovered.last_seq) + 1;
     let reader = log.reader();

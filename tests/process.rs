@@ -276,6 +276,27 @@ async fn sigterm_drains_flushes_and_exits_zero() {
     );
 }
 
+/// `async` answers before the flush; the writer flushes within a few milliseconds (it
+/// starts a flush at most every ASYNC_FLUSH_INTERVAL_MS, so batches grow). Well past that
+/// window, a `kill -9` loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_changes_reach_the_disk_within_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ChildServer::spawn(dir.path(), &["--durability", "async"]);
+    let c = server.client.clone();
+    c.create_product("A", 50).await;
+    for i in 0..20 {
+        assert_eq!(c.reserve(&format!("u{i}"), "A", 1).await.status, 201);
+    }
+    tokio::time::sleep(Duration::from_millis(
+        100 * stockd::limits::ASYNC_FLUSH_INTERVAL_MS,
+    ))
+    .await;
+    server.kill9();
+    let server = ChildServer::spawn(dir.path(), &[]);
+    assert_eq!(server.client.product("A").await["reserved"], 20);
+}
+
 #[test]
 fn help_describes_every_flag() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_stockd"))
