@@ -71,7 +71,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     create_dir(&config.data_dir)?;
     create_dir(&config.snapshot_dir)?;
     let flush_interval = match config.durability {
-        Durability::Sync => Duration::ZERO,
+        Durability::Sync => Duration::from_micros(crate::limits::SYNC_FLUSH_INTERVAL_US),
         Durability::Async => Duration::from_millis(crate::limits::ASYNC_FLUSH_INTERVAL_MS),
     };
     let log = Log::open(&config.data_dir.join("log"))?
