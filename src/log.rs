@@ -443,7 +443,7 @@ impl LogReader {
     /// dropped and never lowered. Not flushed here: the writer's next flush makes it durable
     /// (only the writer flushes); if a crash loses it, the records are simply still there.
     /// Returns the number of records dropped.
-    pub fn truncate_through(&self, seq: u64, pause: Duration) -> Result<u64, OpenError> {
+    pub fn truncate_through(&self, seq: u64) -> Result<u64, OpenError> {
         if seq <= self.truncated_through()? {
             return Ok(0);
         }
@@ -456,9 +456,6 @@ impl LogReader {
             let ((first, name, _), (next_first, _, _)) = (&pair[0], &pair[1]);
             if *next_first > seq.saturating_add(1) {
                 break;
-            }
-            if dropped > 0 && !pause.is_zero() {
-                std::thread::sleep(pause);
             }
             self.db.drop_tree(name).map_err(|e| self.sled_err(e))?;
             dropped += next_first - first;

@@ -113,6 +113,10 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     };
     // Reservations whose deadline passed while we were down: expired (and logged) first.
     service.expire_due_now().await.map_err(StartError::Expiry)?;
+    // Recovery's transient memory (the decoded snapshot's tables, the log batches, the
+    // state's conversion into the supervisor's routes) goes back to the OS now, before
+    // serving, rather than by the allocator's delayed purge on a request thread.
+    crate::snapshotter::release_freed_memory();
 
     let listener = TcpListener::bind(config.listen)
         .await

@@ -256,12 +256,13 @@ fn run_at<T: Send>(
     })
 }
 
-/// Returns to the OS, from this (low-priority) thread, the memory a job freed: a snapshot
-/// frees a second copy of the whole state (~1 GB at a million products). Left to
-/// mimalloc's delayed purge, that work lands on whichever thread allocates next, a
-/// request thread, and showed as a 48 ms stall in reserves right after a 1M-product
-/// snapshot (docs/PERFORMANCE.md). A no-op where mimalloc is not the allocator in use.
-fn release_freed_memory() {
+/// Returns freed memory to the OS now, from the calling thread: a snapshot job (which
+/// frees a second copy of the whole state, ~1 GB at a million products) and start-up
+/// after recovery. Left to mimalloc's delayed purge, that work lands on whichever thread
+/// allocates next, a request thread, and showed as a 48 ms stall in reserves right
+/// after a 1M-product snapshot (docs/PERFORMANCE.md). A no-op where mimalloc is not the
+/// allocator in use.
+pub(crate) fn release_freed_memory() {
     // SAFETY: mimalloc's documented API, callable from any thread at any time.
     unsafe { libmimalloc_sys::mi_collect(true) };
 }
@@ -390,21 +391,13 @@ impl Worker {
             // On this thread, in the normal class: dropping log segments takes locks
             // inside sled that the log writer needs too, and a low-priority thread holding
             // them would hold up every flush (and every acknowledgement) while preempted.
-            // Paced, so the writer's flushes interleave with sled's work of dropping.
-            taken.log_records_dropped =
-                drop_unneeded(&args.reader, &args.dir, args.policy.keep, TRUNCATE_PAUSE)?;
+            taken.log_records_dropped = drop_unneeded(&args.reader, &args.dir, args.policy.keep)?;
             taken.elapsed_ms = started.elapsed().as_millis() as u64;
         }
         self.last_taken = Instant::now();
         Ok(taken)
     }
 }
-
-/// Pause between two log segments dropped by a running server. Dropping a segment (a
-/// sled tree of 65,536 records) takes ~100 ms of sled's work; dropping thirty in a row
-/// after a 1M-product snapshot made sync reserves wait up to 100 ms for their flush, and
-/// slowed flushes for a while after (docs/PERFORMANCE.md). Truncation is never urgent.
-const TRUNCATE_PAUSE: Duration = Duration::from_millis(100);
 
 /// Builds the snapshot after record `upto` (newest snapshot + log, folded), writes it,
 /// keeps the newest `keep` snapshots and drops the log records none of them needs. If the
@@ -420,7 +413,7 @@ pub fn take_snapshot(
     let started = Instant::now();
     let mut taken = build_snapshot(reader, dir, upto, now, hooks)?;
     if taken.created {
-        taken.log_records_dropped = drop_unneeded(reader, dir, keep, Duration::ZERO)?;
+        taken.log_records_dropped = drop_unneeded(reader, dir, keep)?;
         taken.elapsed_ms = started.elapsed().as_millis() as u64;
     }
     Ok(taken)
@@ -479,12 +472,7 @@ fn build_snapshot(
 
 /// Prunes old snapshots, then the log records before the oldest kept one, once there is
 /// a snapshot to fall back to (or `keep` is 1, the operator's choice of no fallback).
-fn drop_unneeded(
-    reader: &LogReader,
-    dir: &Path,
-    keep: usize,
-    pause: Duration,
-) -> Result<u64, String> {
+fn drop_unneeded(reader: &LogReader, dir: &Path, keep: usize) -> Result<u64, String> {
     let keep = keep.max(1);
     snapshot::prune(dir, keep)
         .map_err(|e| format!("cannot prune snapshots in {}: {e}", dir.display()))?;
@@ -494,7 +482,7 @@ fn drop_unneeded(
     }
     let oldest = kept.last().map_or(0, |(seq, _)| *seq);
     reader
-        .truncate_through(oldest, pause)
+        .truncate_through(oldest)
         .map_err(|e| format!("cannot truncate the log: {e}"))
 }
 
