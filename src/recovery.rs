@@ -143,11 +143,13 @@ pub fn fold_records(
         scope.spawn(move || {
             let mut batch = Vec::with_capacity(REPLAY_BATCH_RECORDS);
             for item in reader.records_after(after) {
-                let stop = match &item {
-                    Ok((seq, _)) => *seq > upto,
-                    Err(_) => true,
+                // A record past `upto` ends the read, damaged or not: it is not asked for.
+                let past = match &item {
+                    Ok((seq, _)) | Err(OpenError::Damaged { seq, .. }) => *seq > upto,
+                    Err(_) => false,
                 };
-                if !stop || item.is_err() {
+                let stop = past || item.is_err();
+                if !past {
                     batch.push(item);
                 }
                 if stop || batch.len() == REPLAY_BATCH_RECORDS {
