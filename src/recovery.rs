@@ -27,6 +27,11 @@ pub enum RecoveryError {
     Gap { expected: u64, found: u64 },
     #[error("cannot list snapshots in {dir}: {source}")]
     ListSnapshots { dir: String, source: std::io::Error },
+    /// Recovery up to a given record found the log ending before it: records it needs
+    /// were not there (dropped from under it by a truncation running meanwhile, or never
+    /// written). A state short of the record asked for is never returned.
+    #[error("the log ends at record {last_seq}, before record {upto} that was asked for")]
+    Short { upto: u64, last_seq: u64 },
     #[error(
         "the log starts after record {truncated_through}, but no snapshot at or after it \
          verifies ({})",
@@ -109,6 +114,13 @@ pub fn recover(
     let after = snapshot.as_ref().map_or(0, |s| s.seq);
     let started = std::time::Instant::now();
     let (state, records, last_seq) = fold_records(reader, state, after, upto)?;
+    // Asked for the state after a given record (a rebuild, a snapshot), the fold must get
+    // exactly there. A truncation can drop the segments after the base snapshot while it
+    // is read (the snapshot thread truncates while the rebuild thread reads): the fold
+    // would then stop early, at the base, without an error of its own.
+    if upto != u64::MAX && last_seq != upto {
+        return Err(RecoveryError::Short { upto, last_seq });
+    }
     Ok(Recovered {
         state,
         snapshot,

@@ -145,8 +145,9 @@ impl Snapshotter {
         // product answers 503 until its rebuild is done, so it must not wait for a
         // snapshot that requests keep from running (a background snapshot yields the CPU
         // to every request). Reading the log beside a snapshot being built is safe; if a
-        // truncation pulls records from under a rebuild, it fails and the supervisor
-        // tries again with a fresh barrier.
+        // truncation pulls records from under a rebuild, recovery reports the log short
+        // of the barrier (`RecoveryError::Short`) and the supervisor tries again with a
+        // fresh barrier.
         let (rebuilds, rebuild_rx) = mpsc::channel();
         let rebuild_args = (worker.args.reader.clone(), worker.args.dir.clone());
         let rebuilder = thread::Builder::new()
@@ -156,10 +157,11 @@ impl Snapshotter {
         let join = thread::Builder::new()
             .name("stockd-snapshotter".into())
             .spawn(move || {
-                worker.run(rx);
                 // Both threads read the log: neither may outlive the snapshotter, which
-                // must be stopped before the log writer so that the log is closed.
-                let _ = rebuilder.join();
+                // must be stopped before the log writer so that the log is closed. A guard,
+                // so that this holds even if the snapshot thread panics.
+                let _rebuilder = JoinOnDrop(Some(rebuilder));
+                worker.run(rx);
             })
             .expect("spawning the snapshot thread");
         (
@@ -289,6 +291,17 @@ fn lower_priority(priority: Priority) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = priority;
+}
+
+/// Joins a thread when dropped (also while unwinding).
+struct JoinOnDrop(Option<thread::JoinHandle<()>>);
+
+impl Drop for JoinOnDrop {
+    fn drop(&mut self) {
+        if let Some(handle) = self.0.take() {
+            let _ = handle.join();
+        }
+    }
 }
 
 /// The rebuild thread: the state after a sequence, for a failed product's rebuild.

@@ -434,3 +434,36 @@ fn replay_of_segments_longer_than_the_read_ahead() {
     assert_eq!(folded, n);
     assert_eq!(state.products["A"].on_hand, n - 1);
 }
+
+/// Recovery up to a record the log does not reach is an error, never the state short of
+/// it (what a rebuild would get if a truncation dropped the records it was reading).
+#[test]
+fn recovery_up_to_a_record_past_the_log_end_is_an_error() {
+    let records: Vec<Record> = (0..10)
+        .map(|i| Record::ProductCreated {
+            sku: format!("SKU-{i}"),
+            name: "n".into(),
+            price: None,
+            on_hand: i,
+            at: 1,
+        })
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let reader = write_log(&tmp.path().join("log"), &records);
+    let snapshots = tmp.path().join("snapshots");
+    let at_ten = stockd::recovery::recover(&reader, &snapshots, 10).unwrap();
+    assert_eq!((at_ten.records, at_ten.last_seq), (10, 10));
+    let at_four = stockd::recovery::recover(&reader, &snapshots, 4).unwrap();
+    assert_eq!(at_four.last_seq, 4);
+    let err = stockd::recovery::recover(&reader, &snapshots, 12).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            stockd::recovery::RecoveryError::Short {
+                upto: 12,
+                last_seq: 10
+            }
+        ),
+        "{err}"
+    );
+}
