@@ -217,9 +217,9 @@ impl Log {
     }
 
     /// The writer starts a flush at most this often (zero: as soon as the previous one
-    /// ended). For `async` durability, where nobody waits for the flush: records that
-    /// arrive meanwhile join the batch, so each flush (whose cost inside sled is mostly
-    /// per flush, not per record) carries more of them.
+    /// ended): records that arrive meanwhile join the batch, so each flush (whose cost
+    /// inside sled is mostly per flush, not per record) carries more of them. The server
+    /// sets `SYNC_FLUSH_INTERVAL_US` or `ASYNC_FLUSH_INTERVAL_MS` by durability.
     pub fn with_flush_interval(mut self, interval: Duration) -> Log {
         self.flush_interval = interval;
         self

@@ -91,8 +91,8 @@ pub enum Priority {
     /// (twice the record threshold behind), so a load that keeps every core busy cannot
     /// starve snapshots for ever and let the log grow without bound.
     Overdue,
-    /// The normal class: someone waits for it (a product rebuilt after a failure answers
-    /// 503 meanwhile; the final snapshot at shutdown; no requests compete).
+    /// The normal class, on the snapshot thread itself: someone waits for it and no
+    /// requests compete (the final snapshot at shutdown).
     Urgent,
 }
 
@@ -102,11 +102,13 @@ enum Job {
         priority: Priority,
         reply: oneshot::Sender<Result<Taken, String>>,
     },
-    FoldTo {
-        upto: u64,
-        reply: oneshot::Sender<Result<State, String>>,
-    },
     Stop,
+}
+
+/// A request to the rebuild thread: the state after record `upto`.
+struct Rebuild {
+    upto: u64,
+    reply: oneshot::Sender<Result<State, String>>,
 }
 
 /// Cheap to clone: a handle on the snapshot thread (and on the rebuild thread beside it:
@@ -114,7 +116,8 @@ enum Job {
 #[derive(Clone)]
 pub struct Snapshotter {
     tx: mpsc::Sender<Job>,
-    rebuilds: mpsc::Sender<Job>,
+    /// `None` stops the rebuild thread.
+    rebuilds: mpsc::Sender<Option<Rebuild>>,
     newest: Arc<AtomicU64>,
 }
 
@@ -193,8 +196,8 @@ impl Snapshotter {
     /// at or before it plus the log.
     pub fn fold_to(&self, upto: u64) -> oneshot::Receiver<Result<State, String>> {
         let (reply, rx) = oneshot::channel();
-        if let Err(mpsc::SendError(Job::FoldTo { reply, .. })) =
-            self.rebuilds.send(Job::FoldTo { upto, reply })
+        if let Err(mpsc::SendError(Some(Rebuild { reply, .. }))) =
+            self.rebuilds.send(Some(Rebuild { upto, reply }))
         {
             let _ = reply.send(Err("the snapshot thread has stopped".into()));
         }
@@ -203,7 +206,7 @@ impl Snapshotter {
 
     /// Stops the threads after the jobs queued before this; join the handle afterwards.
     pub fn stop(&self) {
-        let _ = self.rebuilds.send(Job::Stop);
+        let _ = self.rebuilds.send(None);
         let _ = self.tx.send(Job::Stop);
     }
 
@@ -278,11 +281,11 @@ fn lower_priority(priority: Priority) {
         let done = unsafe {
             match priority {
                 Priority::Background => libc::sched_setscheduler(0, libc::SCHED_IDLE, &param),
-                Priority::Overdue | Priority::Urgent => {
+                Priority::Overdue => {
                     let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-                    let nice = if priority == Priority::Overdue { 10 } else { 0 };
-                    libc::setpriority(libc::PRIO_PROCESS, tid, nice)
+                    libc::setpriority(libc::PRIO_PROCESS, tid, 10)
                 }
+                Priority::Urgent => 0, // the normal class: nothing to change
             }
         };
         if done != 0 {
@@ -305,20 +308,12 @@ impl Drop for JoinOnDrop {
 }
 
 /// The rebuild thread: the state after a sequence, for a failed product's rebuild.
-fn rebuild(reader: LogReader, dir: PathBuf, rx: mpsc::Receiver<Job>) {
-    for job in rx {
-        match job {
-            Job::FoldTo { upto, reply } => {
-                let result = recovery::recover(&reader, &dir, upto)
-                    .map(|r| r.state)
-                    .map_err(|e| e.to_string());
-                let _ = reply.send(result);
-            }
-            Job::Take { reply, .. } => {
-                let _ = reply.send(Err("snapshots go to the snapshot thread".into()));
-            }
-            Job::Stop => return,
-        }
+fn rebuild(reader: LogReader, dir: PathBuf, rx: mpsc::Receiver<Option<Rebuild>>) {
+    while let Ok(Some(Rebuild { upto, reply })) = rx.recv() {
+        let result = recovery::recover(&reader, &dir, upto)
+            .map(|r| r.state)
+            .map_err(|e| e.to_string());
+        let _ = reply.send(result);
     }
 }
 
@@ -332,9 +327,6 @@ impl Worker {
                     reply,
                 }) => {
                     let _ = reply.send(self.take(upto, priority));
-                }
-                Ok(Job::FoldTo { reply, .. }) => {
-                    let _ = reply.send(Err("rebuilds go to the rebuild thread".into()));
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => self.check_policy(),
                 Ok(Job::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -396,17 +388,14 @@ impl Worker {
         let now = self.args.clock.now_ms();
         let args = &self.args;
         let started = Instant::now();
-        let mut taken = run_at(priority, || {
+        let built = run_at(priority, || {
             build_snapshot(&args.reader, &args.dir, upto, now, args.hooks)
         })?;
-        self.newest.fetch_max(taken.sequence, Ordering::SeqCst);
-        if taken.created {
-            // On this thread, in the normal class: dropping log segments takes locks
-            // inside sled that the log writer needs too, and a low-priority thread holding
-            // them would hold up every flush (and every acknowledgement) while preempted.
-            taken.log_records_dropped = drop_unneeded(&args.reader, &args.dir, args.policy.keep)?;
-            taken.elapsed_ms = started.elapsed().as_millis() as u64;
-        }
+        self.newest.fetch_max(built.sequence, Ordering::SeqCst);
+        // On this thread, in the normal class: dropping log segments takes locks inside
+        // sled that the log writer needs too, and a low-priority thread holding them would
+        // hold up every flush (and every acknowledgement) while preempted.
+        let taken = drop_unneeded_after(built, &args.reader, &args.dir, args.policy.keep, started)?;
         self.last_taken = Instant::now();
         Ok(taken)
     }
@@ -424,7 +413,19 @@ pub fn take_snapshot(
     hooks: WriteHooks,
 ) -> Result<Taken, String> {
     let started = Instant::now();
-    let mut taken = build_snapshot(reader, dir, upto, now, hooks)?;
+    let built = build_snapshot(reader, dir, upto, now, hooks)?;
+    drop_unneeded_after(built, reader, dir, keep, started)
+}
+
+/// The second half of `take_snapshot`: once a snapshot was written, prunes the old ones
+/// and drops the log records none of the kept ones needs.
+fn drop_unneeded_after(
+    mut taken: Taken,
+    reader: &LogReader,
+    dir: &Path,
+    keep: usize,
+    started: Instant,
+) -> Result<Taken, String> {
     if taken.created {
         taken.log_records_dropped = drop_unneeded(reader, dir, keep)?;
         taken.elapsed_ms = started.elapsed().as_millis() as u64;

@@ -363,12 +363,9 @@ proptest! {
     }
 }
 
-/// Across segments, a damaged record is reported as that record (not as a gap, not
-/// skipped), everything before it replays in log order, and a replay that stops before
-/// it (a rebuild up to an earlier sequence) does not trip on it.
-#[test]
-fn a_damaged_record_in_a_later_segment_is_named() {
-    let records: Vec<Record> = (0..30)
+/// `n` products created, SKU-0 .. SKU-{n-1}, one record each.
+fn products_created(n: u64) -> Vec<Record> {
+    (0..n)
         .map(|i| Record::ProductCreated {
             sku: format!("SKU-{i}"),
             name: "n".into(),
@@ -376,7 +373,15 @@ fn a_damaged_record_in_a_later_segment_is_named() {
             on_hand: i,
             at: 1,
         })
-        .collect();
+        .collect()
+}
+
+/// Across segments, a damaged record is reported as that record (not as a gap, not
+/// skipped), everything before it replays in log order, and a replay that stops before
+/// it (a rebuild up to an earlier sequence) does not trip on it.
+#[test]
+fn a_damaged_record_in_a_later_segment_is_named() {
+    let records = products_created(30);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("log");
     drop(write_log(&dir, &records));
@@ -439,15 +444,7 @@ fn replay_of_segments_longer_than_the_read_ahead() {
 /// it (what a rebuild would get if a truncation dropped the records it was reading).
 #[test]
 fn recovery_up_to_a_record_past_the_log_end_is_an_error() {
-    let records: Vec<Record> = (0..10)
-        .map(|i| Record::ProductCreated {
-            sku: format!("SKU-{i}"),
-            name: "n".into(),
-            price: None,
-            on_hand: i,
-            at: 1,
-        })
-        .collect();
+    let records = products_created(10);
     let tmp = tempfile::tempdir().unwrap();
     let reader = write_log(&tmp.path().join("log"), &records);
     let snapshots = tmp.path().join("snapshots");

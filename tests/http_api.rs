@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{eventually, TestServer};
+use common::{eventually, restarts_reach, TestServer};
 use reqwest::Method;
 use serde_json::json;
 
@@ -863,12 +863,7 @@ async fn a_killed_product_actor_is_restarted_from_the_log() {
     let r = c.reserve("u", "A", 2).await;
     let before = c.product("A").await;
     t.service().inject_product_kill("A");
-    let service = t.service().clone();
-    let restarted = eventually(Duration::from_secs(5), || {
-        let service = service.clone();
-        async move { service.stats().await.unwrap().product_restarts == 1 }
-    })
-    .await;
+    let restarted = restarts_reach(t.service(), 1, Duration::from_secs(5)).await;
     assert!(restarted, "the supervisor restarted the actor");
     assert_eq!(
         c.product("A").await,
@@ -1058,12 +1053,7 @@ async fn a_panic_on_a_logged_stock_effect_rebuilds_the_product_from_the_log() {
         .post(&format!("/v1/reservations/{r1}/cancel"), json!({}))
         .await;
     assert_eq!(a.status, 200);
-    let service = t.service().clone();
-    let rebuilt = eventually(Duration::from_secs(5), || {
-        let service = service.clone();
-        async move { service.stats().await.unwrap().product_restarts == 1 }
-    })
-    .await;
+    let rebuilt = restarts_reach(t.service(), 1, Duration::from_secs(5)).await;
     assert!(rebuilt, "the product was rebuilt from the log");
     let p = c.product("A").await;
     assert_eq!(

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{eventually, ChildServer, Client, TestServer, START_MS};
+use common::{eventually, restarts_reach, ChildServer, Client, TestServer, START_MS};
 use serde_json::{json, Value};
 use stockd::clock::ManualClock;
 use stockd::{Config, Durability};
@@ -701,12 +701,7 @@ async fn a_rebuild_does_not_wait_behind_a_snapshot() {
     assert!(writing, "the snapshot's temporary file appears");
 
     t.service().inject_product_kill("A");
-    let service = t.service().clone();
-    let restarted = eventually(Duration::from_secs(3), || {
-        let service = service.clone();
-        async move { service.stats().await.unwrap().product_restarts == 1 }
-    })
-    .await;
+    let restarted = restarts_reach(t.service(), 1, Duration::from_secs(3)).await;
     assert!(restarted, "the product was rebuilt");
     assert_eq!(
         c.product("A").await,

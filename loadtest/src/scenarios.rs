@@ -113,39 +113,40 @@ pub async fn run(opts: Options) -> Result<Report, String> {
             crate::crash::crash(&client, server, &opts, &ceiling).await?
         }
     };
+    // A ratio against a ceiling the server did not serve means nothing.
     if opts.scenario != Scenario::Ceiling {
-        let served = ceiling.status(200);
-        report.checks.push(crate::report::Check::new(
-            "the ceiling phase was served",
-            served > 0 && served == ceiling.requests,
-            format!(
-                "{served} of {} answered 200, {} unanswered",
-                ceiling.requests, ceiling.transport_errors
-            ),
-        ));
-        report.verified = report.verified && report.checks.iter().all(|c| c.ok);
+        report
+            .checks
+            .push(served("the ceiling phase was served", &ceiling));
     }
     if matches!(opts.scenario, Scenario::FlashSale | Scenario::Checkout) {
         // The ceiling again, after: the ratio is taken against the mean of both, so a
         // machine whose speed drifts during the run (this one swings ±20 %) biases it less.
         let after = self::ceiling(&client, &base, ceiling_limits).await;
         report.bracket(&after);
-        // A ratio against a ceiling the server did not serve means nothing.
-        let served = after.status(200);
-        report.checks.push(crate::report::Check::new(
+        report.checks.push(served(
             "the ceiling phase after the scenario was served",
-            served > 0 && served == after.requests,
-            format!(
-                "{served} of {} answered 200, {} unanswered",
-                after.requests, after.transport_errors
-            ),
+            &after,
         ));
-        report.verified = report.verified && report.checks.iter().all(|c| c.ok);
     }
+    report.verified = report.verified && report.checks.iter().all(|c| c.ok);
     report.durability = durability;
     report.connections = opts.limits.connections;
     drop(server);
     Ok(report)
+}
+
+/// Every request of a ceiling phase answered 200.
+fn served(name: &str, phase: &PhaseStats) -> Check {
+    let ok = phase.status(200);
+    Check::new(
+        name,
+        ok > 0 && ok == phase.requests,
+        format!(
+            "{ok} of {} answered 200, {} unanswered",
+            phase.requests, phase.transport_errors
+        ),
+    )
 }
 
 async fn ceiling(client: &reqwest::Client, base: &str, limits: Limits) -> PhaseStats {

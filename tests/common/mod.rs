@@ -241,6 +241,19 @@ where
     }
 }
 
+/// Waits (up to `limit`) until the supervisor has restarted `times` product actors.
+pub async fn restarts_reach(
+    service: &stockd::service::Service,
+    times: u64,
+    limit: Duration,
+) -> bool {
+    eventually(limit, || {
+        let service = service.clone();
+        async move { service.stats().await.unwrap().product_restarts == times }
+    })
+    .await
+}
+
 /// The real `stockd` binary as a child process; killed (SIGKILL) when dropped.
 pub struct ChildServer {
     child: Option<Child>,
