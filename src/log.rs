@@ -1,32 +1,49 @@
 //! The write-ahead log: one writer thread over sled, with group commit.
 //!
 //! Keys are big-endian `u64` sequence numbers, so sled's key order is log order; values
-//! are records encoded by `crate::record`. The records live in *segments*: sled trees
-//! named `wal-<first sequence>`, each a contiguous run of up to 65,536 records. Appends go
-//! to the newest; the front of the log is truncated (once snapshots cover it) by dropping
-//! whole segments, one tree drop instead of a removal per record. A `meta` tree holds the
-//! truncation mark. Everyone else talks to the writer through a
-//! `LogHandle`: `append` queues a record and returns a `Ticket` that resolves once the
-//! record is flushed. The writer takes everything that arrived while the previous flush
-//! ran, applies it as one sled batch, calls `flush()` once, then answers every ticket of
-//! the batch. Throughput comes from the batch, never from skipping the flush.
+//! are records encoded by `crate::record`. The records live in *segments*, each a sled
+//! database of its own in a directory `segment-<first sequence>` of the log directory,
+//! holding a contiguous run of up to 65,536 records. Appends go to the newest segment;
+//! the front of the log is truncated (once snapshots cover it) by deleting whole segment
+//! directories. Deleting a directory costs sled nothing: with one database and a tree per
+//! segment, sled's `drop_tree` freed every page through its own log and then rewrote live
+//! pages on the writer's path, which slowed every flush (so every sync reserve) for
+//! seconds after a large truncation. A file `truncated_through` holds the truncation
+//! mark; a file `LOCK` (an exclusive `flock`) keeps a second process (or a second `Log` in
+//! this one) off the directory.
+//!
+//! Only the newest segment stays open (the writer's); an older one is opened while it is
+//! read (recovery, snapshots, rebuilds) and closed when its last reader is done, so memory
+//! does not grow with the number of segments.
+//!
+//! Everyone else talks to the writer through a `LogHandle`: `append` queues a record and
+//! returns a `Ticket` that resolves once the record is flushed. The writer takes everything
+//! that arrived while the previous flush ran, applies it as one sled batch, calls `flush()`
+//! once, then answers every ticket of the batch. Throughput comes from the batch, never
+//! from skipping the flush.
 //!
 //! The queue is FIFO, so the order in which records are queued is the order in which they
 //! are numbered and stored. Callers rely on this for the log order rule (DESIGN.md,
 //! invariant 3): a record that frees stock is queued before the freed units are handed out.
+//! Across segments the same holds: a segment is flushed before the next one is written.
 //!
 //! `flush()` is sled's durability point and is called only from this thread (`flush_async`
 //! can deadlock under concurrent callers, sled #1308). A failed write is fatal for the log:
 //! the writer answers every waiting and every later ticket with `LogError::Unavailable` and
 //! never writes again, so nothing is acknowledged that is not durable. Restarting the
 //! process recovers from what reached the disk.
+//!
+//! A log directory written by an earlier stockd (one sled database directly in it, a tree
+//! per segment) is moved to this layout when it is opened (`migrate_single_database`).
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -49,6 +66,12 @@ pub enum OpenError {
     Damaged { seq: u64, source: DecodeError },
     #[error("log key {0:?} is not a sequence number")]
     BadKey(Vec<u8>),
+    #[error("cannot use the log directory {path}: {source}")]
+    Io { path: String, source: io::Error },
+    #[error("the log in {path} is in use by another process or log (its lock is held)")]
+    Locked { path: String },
+    #[error("the log's truncation mark {path} is damaged")]
+    BadMark { path: String },
 }
 
 /// Resolves when the record it stands for is durable (or the log has failed).
@@ -133,78 +156,458 @@ impl LogHandle {
     }
 }
 
-/// Key of the log's one metadata entry: the highest sequence number that may have been
-/// removed from the front of the log because a kept snapshot covers it (big-endian `u64`).
-const TRUNCATED_THROUGH_KEY: &[u8] = b"truncated_through";
-/// Records per log segment (one sled tree each) before the writer starts the next one.
+/// Records per log segment (one sled database each) before the writer starts the next one.
 pub const SEGMENT_RECORDS_DEFAULT: u64 = 65_536;
-const SEGMENT_PREFIX: &str = "wal-";
-/// The single tree of logs written before segments existed; read as the first segment.
-const LEGACY_TREE: &str = "wal";
+/// A segment's directory in the log directory: this prefix and its first sequence number.
+const SEGMENT_PREFIX: &str = "segment-";
+/// A segment being deleted is renamed to this prefix first, so that a crash in the middle
+/// of the deletion leaves a directory the next open removes, never half a segment.
+const TRASH_PREFIX: &str = "trash-";
+/// The truncation mark: the highest sequence number that may have been removed from the
+/// front of the log because a kept snapshot covers it (big-endian `u64`, then its CRC32).
+const MARK_FILE: &str = "truncated_through";
+const LOCK_FILE: &str = "LOCK";
+/// sled's page cache per open segment. A segment of 65,536 records is ~10–20 MB on disk;
+/// only the newest segment stays open, older ones only while they are read.
+const SEGMENT_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 /// Records removed per sled batch when the end of the log is cut (`truncate_from`).
 const TRUNCATE_BATCH_RECORDS: usize = 10_000;
+/// How long opening a segment retries while sled's lock on it is still held by the
+/// instance being closed (its last handle can outlive the close by a moment).
+const SEGMENT_LOCK_RETRY: Duration = Duration::from_secs(2);
 
-fn segment_name(first_seq: u64) -> String {
+fn segment_dir_name(first_seq: u64) -> String {
     format!("{SEGMENT_PREFIX}{first_seq:020}")
 }
 
-/// The log's segments, oldest first: (first sequence number, tree name, tree). A segment
-/// is a sled tree holding a contiguous run of records; dropping a whole segment is how
-/// the front of the log is truncated (one tree drop instead of a removal per record).
-fn segments(db: &sled::Db, dir: &str) -> Result<Vec<(u64, Vec<u8>, sled::Tree)>, OpenError> {
-    let err = |source| OpenError::Sled {
-        path: dir.to_string(),
+fn io_err(path: &Path) -> impl Fn(io::Error) -> OpenError + '_ {
+    move |source| OpenError::Io {
+        path: path.display().to_string(),
         source,
-    };
-    let mut found = Vec::new();
-    for name in db.tree_names() {
-        let text = String::from_utf8_lossy(&name).into_owned();
-        let first = if let Some(digits) = text.strip_prefix(SEGMENT_PREFIX) {
-            digits.parse::<u64>().ok()
-        } else if text == LEGACY_TREE {
-            let tree = db.open_tree(&name).map_err(err)?;
-            match tree.first().map_err(err)? {
-                Some((key, _)) => Some(seq_of(&key)?),
-                None => None,
+    }
+}
+
+fn sled_err(path: &Path) -> impl Fn(sled::Error) -> OpenError + '_ {
+    move |source| OpenError::Sled {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Makes the directory's entries (created, renamed, removed files) durable.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
+fn open_sled(path: &Path) -> Result<sled::Db, OpenError> {
+    let started = Instant::now();
+    loop {
+        let result = sled::Config::new()
+            .path(path)
+            .cache_capacity(SEGMENT_CACHE_BYTES)
+            .flush_every_ms(None)
+            .open();
+        match result {
+            // sled holds an exclusive lock on its file; an instance just closed by another
+            // thread can hold it a moment longer. (Other processes are kept out by `LOCK`.)
+            Err(sled::Error::Io(err))
+                if err.to_string().contains("lock") && started.elapsed() < SEGMENT_LOCK_RETRY =>
+            {
+                thread::sleep(Duration::from_millis(5));
             }
-        } else {
-            None
-        };
-        if let Some(first) = first {
-            let tree = db.open_tree(&name).map_err(err)?;
-            found.push((first, name.to_vec(), tree));
+            other => return other.map_err(sled_err(path)),
         }
     }
-    found.sort_by_key(|(first, _, _)| *first);
-    Ok(found)
+}
+
+/// One segment of the log: a directory holding a sled database, opened while someone
+/// uses it.
+struct Slot {
+    first: u64,
+    path: PathBuf,
+    state: Mutex<SlotState>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    /// The open database, while `users` > 0.
+    db: Option<sled::Db>,
+    users: usize,
+    /// Truncated: never opened again; deleted once its last user is done.
+    removed: bool,
+}
+
+impl Slot {
+    fn state(&self) -> MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A segment held open; the database is closed (and, if the segment was truncated
+/// meanwhile, deleted) when the last of these is dropped.
+struct SegmentRef {
+    slot: Arc<Slot>,
+    db: Option<sled::Db>,
+}
+
+impl SegmentRef {
+    fn db(&self) -> &sled::Db {
+        self.db
+            .as_ref()
+            .expect("a segment is open until its reference is dropped")
+    }
+
+    fn first(&self) -> u64 {
+        self.slot.first
+    }
+}
+
+impl Drop for SegmentRef {
+    fn drop(&mut self) {
+        drop(self.db.take());
+        let mut state = self.slot.state();
+        state.users -= 1;
+        if state.users > 0 {
+            return;
+        }
+        // Closed (sled flushes what is dirty) under the lock, so nobody reopens the
+        // directory while this instance still holds it.
+        drop(state.db.take());
+        if state.removed {
+            if let Err(err) = delete_segment_dir(&self.slot.path) {
+                tracing::warn!(path = %self.slot.path.display(), error = %err, "cannot delete a truncated log segment");
+            }
+        }
+    }
+}
+
+fn delete_segment_dir(path: &Path) -> io::Result<()> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok(());
+    };
+    let trash = parent.join(format!("{TRASH_PREFIX}{}", name.to_string_lossy()));
+    fs::rename(path, &trash)?;
+    sync_dir(parent)?;
+    fs::remove_dir_all(&trash)
+}
+
+/// The segments of one log directory, and the directory's lock and truncation mark.
+struct Segments {
+    dir: PathBuf,
+    slots: Mutex<BTreeMap<u64, Arc<Slot>>>,
+    mark: Mutex<u64>,
+    /// Holds the `flock` on `LOCK` for as long as anything uses the log.
+    _lock: fs::File,
+}
+
+impl Segments {
+    fn open(dir: &Path) -> Result<Segments, OpenError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let lock = lock_dir(dir)?;
+        let mut slots = BTreeMap::new();
+        for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+            let entry = entry.map_err(io_err(dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(TRASH_PREFIX) {
+                fs::remove_dir_all(entry.path()).map_err(io_err(&entry.path()))?;
+                continue;
+            }
+            let Some(first) = name
+                .strip_prefix(SEGMENT_PREFIX)
+                .and_then(|digits| digits.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            slots.insert(first, Arc::new(new_slot(dir, first)));
+        }
+        let mark = read_mark(dir)?;
+        Ok(Segments {
+            dir: dir.to_path_buf(),
+            slots: Mutex::new(slots),
+            mark: Mutex::new(mark),
+            _lock: lock,
+        })
+    }
+
+    /// The segments, oldest first.
+    fn list(&self) -> Vec<Arc<Slot>> {
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Opens a segment (or shares the instance already open); `None` if it was truncated.
+    fn open_slot(&self, slot: &Arc<Slot>) -> Result<Option<SegmentRef>, OpenError> {
+        open_segment(slot)
+    }
+
+    /// Creates the segment whose first record is `first` (or opens it if it exists).
+    fn create(&self, first: u64) -> Result<SegmentRef, OpenError> {
+        let slot = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            slots
+                .entry(first)
+                .or_insert_with(|| Arc::new(new_slot(&self.dir, first)))
+                .clone()
+        };
+        let segment = self.open_slot(&slot)?.ok_or_else(|| OpenError::Io {
+            path: slot.path.display().to_string(),
+            source: io::Error::other("the segment was truncated while it was created"),
+        })?;
+        sync_dir(&self.dir).map_err(io_err(&self.dir))?;
+        Ok(segment)
+    }
+
+    /// Takes a segment out of the log: deleted now, or by its last user.
+    fn remove(&self, first: u64) -> Result<(), OpenError> {
+        let slot = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&first);
+        let Some(slot) = slot else { return Ok(()) };
+        let mut state = slot.state();
+        state.removed = true;
+        if state.users == 0 {
+            delete_segment_dir(&slot.path).map_err(io_err(&slot.path))?;
+        }
+        Ok(())
+    }
+
+    fn mark(&self) -> u64 {
+        *self.mark.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Raises the truncation mark (never lowers it), durably, before anything it covers
+    /// is deleted.
+    fn raise_mark(&self, seq: u64) -> Result<u64, OpenError> {
+        let mut mark = self.mark.lock().unwrap_or_else(|e| e.into_inner());
+        if seq > *mark {
+            write_mark(&self.dir, seq).map_err(io_err(&self.dir))?;
+            *mark = seq;
+        }
+        Ok(*mark)
+    }
+
+    /// Flushes every segment that is open.
+    fn flush(&self) -> Result<(), OpenError> {
+        for slot in self.list() {
+            let db = slot.state().db.clone();
+            if let Some(db) = db {
+                db.flush().map_err(sled_err(&slot.path))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Opens a segment (or shares the instance already open); `None` if it was truncated.
+fn open_segment(slot: &Arc<Slot>) -> Result<Option<SegmentRef>, OpenError> {
+    let mut state = slot.state();
+    if state.removed {
+        return Ok(None);
+    }
+    if state.db.is_none() {
+        state.db = Some(open_sled(&slot.path)?);
+    }
+    state.users += 1;
+    Ok(Some(SegmentRef {
+        slot: slot.clone(),
+        db: state.db.clone(),
+    }))
+}
+
+fn new_slot(dir: &Path, first: u64) -> Slot {
+    Slot {
+        first,
+        path: dir.join(segment_dir_name(first)),
+        state: Mutex::new(SlotState::default()),
+    }
+}
+
+#[cfg(unix)]
+fn lock_dir(dir: &Path) -> Result<fs::File, OpenError> {
+    use std::os::unix::io::AsRawFd;
+    let path = dir.join(LOCK_FILE);
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    // SAFETY: flock on a descriptor this function owns; no memory is involved.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if locked != 0 {
+        let err = io::Error::last_os_error();
+        return Err(if err.kind() == io::ErrorKind::WouldBlock {
+            OpenError::Locked {
+                path: dir.display().to_string(),
+            }
+        } else {
+            OpenError::Io {
+                path: path.display().to_string(),
+                source: err,
+            }
+        });
+    }
+    Ok(file)
+}
+
+#[cfg(not(unix))]
+fn lock_dir(dir: &Path) -> Result<fs::File, OpenError> {
+    let path = dir.join(LOCK_FILE);
+    fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))
+}
+
+fn read_mark(dir: &Path) -> Result<u64, OpenError> {
+    let path = dir.join(MARK_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(err) => return Err(io_err(&path)(err)),
+    };
+    let bad = || OpenError::BadMark {
+        path: path.display().to_string(),
+    };
+    let (seq, crc) = bytes.split_at_checked(8).ok_or_else(bad)?;
+    let crc: [u8; 4] = crc.try_into().map_err(|_| bad())?;
+    if crc32fast::hash(seq) != u32::from_le_bytes(crc) {
+        return Err(bad());
+    }
+    Ok(u64::from_be_bytes(seq.try_into().map_err(|_| bad())?))
+}
+
+/// Written to a temporary file, synced, renamed into place, directory synced.
+fn write_mark(dir: &Path, seq: u64) -> io::Result<()> {
+    let tmp = dir.join(format!("{MARK_FILE}.tmp"));
+    let mut bytes = seq.to_be_bytes().to_vec();
+    bytes.extend(crc32fast::hash(&seq.to_be_bytes()).to_le_bytes());
+    let mut file = fs::File::create(&tmp)?;
+    file.write_all(&bytes)?;
+    file.sync_all()?;
+    fs::rename(&tmp, dir.join(MARK_FILE))?;
+    sync_dir(dir)
+}
+
+/// Moves a log written by an earlier stockd (one sled database directly in `dir`, a tree
+/// `wal` or `wal-<first>` per segment, the mark in a tree `meta`) to a database per
+/// segment. Crash-safe: the old database is removed only after every record and the mark
+/// are durable in the new layout, and its `db` file goes first; until then, the next open
+/// starts the move again from scratch.
+fn migrate_single_database(
+    segments: &Segments,
+    segment_records: u64,
+) -> Result<Option<u64>, OpenError> {
+    let dir = &segments.dir;
+    let (db_file, conf_file) = (dir.join("db"), dir.join("conf"));
+    if !db_file.is_file() {
+        if conf_file.is_file() {
+            remove_single_database_leftovers(dir); // a move that ended after its `db` went
+        }
+        return Ok(None);
+    }
+    tracing::info!(dir = %dir.display(), "moving the log to one database per segment");
+    for slot in segments.list() {
+        segments.remove(slot.first)?; // left by an interrupted move
+    }
+    let old = sled::Config::new()
+        .path(dir)
+        .flush_every_ms(None)
+        .open()
+        .map_err(sled_err(dir))?;
+    let meta = old.open_tree("meta").map_err(sled_err(dir))?;
+    let mark = match meta.get(b"truncated_through").map_err(sled_err(dir))? {
+        Some(bytes) => seq_of(&bytes)?,
+        None => 0,
+    };
+    let mut trees = Vec::new();
+    for name in old.tree_names() {
+        let text = String::from_utf8_lossy(&name).into_owned();
+        if text == "wal" || text.starts_with("wal-") {
+            let tree = old.open_tree(&name).map_err(sled_err(dir))?;
+            if let Some((key, _)) = tree.first().map_err(sled_err(dir))? {
+                trees.push((seq_of(&key)?, tree));
+            }
+        }
+    }
+    trees.sort_by_key(|(first, _)| *first);
+    let mut moved = 0u64;
+    let mut current: Option<SegmentRef> = None;
+    let mut batch = sled::Batch::default();
+    let mut in_batch = 0;
+    for (_, tree) in &trees {
+        for item in tree.iter() {
+            let (key, value) = item.map_err(sled_err(dir))?;
+            let seq = seq_of(&key)?;
+            let full = current
+                .as_ref()
+                .is_none_or(|s| seq >= s.first() + segment_records);
+            if full || in_batch == TRUNCATE_BATCH_RECORDS {
+                if let Some(segment) = &current {
+                    let batch = std::mem::take(&mut batch);
+                    segment.db().apply_batch(batch).map_err(sled_err(dir))?;
+                    segment.db().flush().map_err(sled_err(dir))?;
+                    in_batch = 0;
+                }
+            }
+            if full {
+                current = Some(segments.create(seq)?);
+            }
+            batch.insert(key, value);
+            in_batch += 1;
+            moved += 1;
+        }
+    }
+    if let Some(segment) = &current {
+        segment.db().apply_batch(batch).map_err(sled_err(dir))?;
+        segment.db().flush().map_err(sled_err(dir))?;
+    }
+    drop(current);
+    segments.raise_mark(mark)?;
+    drop((meta, trees, old));
+    sync_dir(dir).map_err(io_err(dir))?;
+    fs::remove_file(&db_file).map_err(io_err(&db_file))?;
+    sync_dir(dir).map_err(io_err(dir))?;
+    remove_single_database_leftovers(dir);
+    tracing::info!(records = moved, "log moved to one database per segment");
+    Ok(Some(moved))
+}
+
+/// What is left of a single-database log once its `db` file is gone (best effort: none of
+/// it is read again).
+fn remove_single_database_leftovers(dir: &Path) {
+    let _ = fs::remove_file(dir.join("conf"));
+    let _ = fs::remove_dir_all(dir.join("blobs"));
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with("snap.") {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
 }
 
 /// The opened log, before its writer starts: recovery reads it, then `start_writer`.
 pub struct Log {
-    db: sled::Db,
-    meta: sled::Tree,
-    dir: String,
+    segments: Arc<Segments>,
     segment_records: u64,
     flush_interval: Duration,
 }
 
 impl Log {
     pub fn open(dir: &Path) -> Result<Log, OpenError> {
-        let err = |source| OpenError::Sled {
-            path: dir.display().to_string(),
-            source,
-        };
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(64 * 1024 * 1024)
-            .flush_every_ms(None)
-            .open()
-            .map_err(err)?;
-        let meta = db.open_tree("meta").map_err(err)?;
+        let segments = Segments::open(dir)?;
+        migrate_single_database(&segments, SEGMENT_RECORDS_DEFAULT)?;
         Ok(Log {
-            db,
-            meta,
-            dir: dir.display().to_string(),
+            segments: Arc::new(segments),
             segment_records: SEGMENT_RECORDS_DEFAULT,
             flush_interval: Duration::ZERO,
         })
@@ -228,49 +631,54 @@ impl Log {
     /// Sequence number of the newest record, or of the last one truncated away (0 for a
     /// log that never held a record).
     pub fn last_seq(&self) -> Result<u64, OpenError> {
-        let reader = self.reader();
         let mut last = 0;
-        for (_, _, tree) in segments(&self.db, &self.dir)?.iter().rev() {
-            if let Some((key, _)) = tree.last().map_err(|e| reader.sled_err(e))? {
+        for slot in self.segments.list().iter().rev() {
+            let Some(segment) = self.segments.open_slot(slot)? else {
+                continue;
+            };
+            if let Some((key, _)) = segment.db().last().map_err(sled_err(&slot.path))? {
                 last = seq_of(&key)?;
                 break;
             }
         }
-        Ok(last.max(reader.truncated_through()?))
+        Ok(last.max(self.segments.mark()))
     }
 
     /// A view of the log for reading (recovery, snapshots). Every clone must be dropped
     /// before the writer stops, so that the log is closed when it does.
     pub fn reader(&self) -> LogReader {
         LogReader {
-            db: self.db.clone(),
-            meta: self.meta.clone(),
-            dir: self.dir.clone(),
+            segments: self.segments.clone(),
         }
     }
 
     /// Removes record `seq` and every later one, and flushes: the operator's explicit
     /// choice when a damaged record stops start-up (`--truncate-damaged-log`). Returns the
     /// number of records removed. Works from the newest record backwards, so whatever part
-    /// of it a crash lets reach the disk leaves a log without a hole (sled persists a prefix
-    /// of its operations).
+    /// of it a crash lets reach the disk leaves a log without a hole (a segment directory
+    /// goes at once, by a rename; sled persists a prefix of its operations).
     pub fn truncate_from(&self, seq: u64) -> Result<u64, OpenError> {
-        let reader = self.reader();
         let mut removed = 0;
-        for (first, name, tree) in segments(&self.db, &self.dir)?.into_iter().rev() {
-            if first >= seq {
-                removed += tree.len() as u64;
-                self.db.drop_tree(&name).map_err(|e| reader.sled_err(e))?;
+        for slot in self.segments.list().into_iter().rev() {
+            let Some(segment) = self.segments.open_slot(&slot)? else {
+                continue;
+            };
+            let err = sled_err(&slot.path);
+            if slot.first >= seq {
+                removed += segment.db().len() as u64;
+                drop(segment);
+                self.segments.remove(slot.first)?;
                 continue;
             }
             loop {
-                let keys: Vec<_> = tree
+                let keys: Vec<_> = segment
+                    .db()
                     .range(seq.to_be_bytes()..)
                     .keys()
                     .rev()
                     .take(TRUNCATE_BATCH_RECORDS)
                     .collect::<Result<_, _>>()
-                    .map_err(|e| reader.sled_err(e))?;
+                    .map_err(&err)?;
                 if keys.is_empty() {
                     break;
                 }
@@ -278,9 +686,10 @@ impl Log {
                 for key in &keys {
                     batch.remove(key.clone());
                 }
-                tree.apply_batch(batch).map_err(|e| reader.sled_err(e))?;
+                segment.db().apply_batch(batch).map_err(&err)?;
                 removed += keys.len() as u64;
             }
+            segment.db().flush().map_err(&err)?;
             break;
         }
         self.flush()?;
@@ -289,10 +698,7 @@ impl Log {
 
     /// Flushes everything written so far (only while no writer runs).
     pub fn flush(&self) -> Result<(), OpenError> {
-        self.db
-            .flush()
-            .map(drop)
-            .map_err(|e| self.reader().sled_err(e))
+        self.segments.flush()
     }
 
     /// Starts the writer thread; the log is then written only through the handle. The
@@ -303,15 +709,17 @@ impl Log {
         let failed = Arc::new(AtomicBool::new(false));
         let durable = Arc::new(AtomicU64::new(next_seq - 1));
         // Appends continue the newest segment, unless it is full (or there is none).
-        let current = segments(&self.db, &self.dir)
-            .ok()
-            .and_then(|segs| segs.into_iter().last())
-            .map(|(first, _, tree)| (first, tree));
+        let current = self
+            .segments
+            .list()
+            .last()
+            .and_then(|slot| self.segments.open_slot(slot).ok().flatten());
         let writer = Writer {
             failed_flag: failed.clone(),
             durable: durable.clone(),
-            db: self.db,
+            segments: self.segments,
             current,
+            closing: Vec::new(),
             segment_records: self.segment_records,
             flush_interval: self.flush_interval,
             next_seq,
@@ -334,13 +742,11 @@ impl Log {
     }
 }
 
-/// Reads the log while the writer runs (sled trees are safe to read concurrently), and
-/// drops its front once snapshots cover it.
+/// Reads the log while the writer runs (sled is safe to read concurrently), and drops its
+/// front once snapshots cover it.
 #[derive(Clone)]
 pub struct LogReader {
-    db: sled::Db,
-    meta: sled::Tree,
-    dir: String,
+    segments: Arc<Segments>,
 }
 
 /// What `stockd log dump` reports.
@@ -351,7 +757,7 @@ pub struct LogSummary {
     pub records: u64,
     /// Encoded record bytes (what sled stores as values; its own overhead is not counted).
     pub record_bytes: u64,
-    /// Segments (sled trees) the records are in.
+    /// Segments (a sled database each) the records are in.
     pub segments: usize,
     /// Records up to here may have been dropped (snapshots cover them).
     pub truncated_through: u64,
@@ -369,6 +775,7 @@ impl std::fmt::Display for LogSummary {
         };
         writeln!(f, "records:           {} ({range})", self.records)?;
         writeln!(f, "record bytes:      {}", self.record_bytes)?;
+        writeln!(f, "segments:          {}", self.segments)?;
         writeln!(
             f,
             "truncated through: {} (covered by snapshots)",
@@ -385,38 +792,23 @@ impl std::fmt::Display for LogSummary {
 }
 
 impl LogReader {
-    fn sled_err(&self, source: sled::Error) -> OpenError {
-        OpenError::Sled {
-            path: self.dir.clone(),
-            source,
-        }
-    }
-
-    /// Every record after `after`, in log order, verified.
+    /// Every record after `after`, in log order, verified. A segment truncated while this
+    /// runs is skipped (the caller sees a shorter log, never a wrong record).
     pub fn records_after(
         &self,
         after: u64,
     ) -> impl Iterator<Item = Result<(u64, Record), OpenError>> + '_ {
         let from = after.saturating_add(1);
-        let (segs, listed) = match segments(&self.db, &self.dir) {
-            Ok(segs) => (segs, None),
-            Err(err) => (Vec::new(), Some(Err(err))),
-        };
+        let slots = self.segments.list();
         // Skip the segments that end before `from`: a segment ends where the next begins.
-        let starts: Vec<u64> = segs.iter().map(|(first, _, _)| *first).collect();
-        let skip = starts.windows(2).take_while(|w| w[1] <= from).count();
-        let trees = segs.into_iter().skip(skip).map(|(_, _, tree)| tree);
-        listed.into_iter().chain(
-            trees
-                .flat_map(move |tree| tree.range(from.to_be_bytes()..))
-                .map(|item| {
-                    let (key, value) = item.map_err(|e| self.sled_err(e))?;
-                    let seq = seq_of(&key)?;
-                    let record = record::decode(&value)
-                        .map_err(|source| OpenError::Damaged { seq, source })?;
-                    Ok((seq, record))
-                }),
-        )
+        let skip = slots.windows(2).take_while(|w| w[1].first <= from).count();
+        Records {
+            slots: slots.into_iter().skip(skip).collect(),
+            from,
+            current: None,
+            opening: None,
+            failed: false,
+        }
     }
 
     /// Every record in log order, verified.
@@ -427,52 +819,43 @@ impl LogReader {
     /// The highest sequence number that may have been dropped from the front of the log
     /// (0: none).
     pub fn truncated_through(&self) -> Result<u64, OpenError> {
-        match self
-            .meta
-            .get(TRUNCATED_THROUGH_KEY)
-            .map_err(|e| self.sled_err(e))?
-        {
-            Some(bytes) => seq_of(&bytes),
-            None => Ok(0),
-        }
+        Ok(self.segments.mark())
     }
 
     /// Drops the records up to and including `seq` (a kept snapshot covers them), a whole
-    /// segment at a time: segments that end at or before `seq` are dropped, the one that
-    /// straddles it stays until a later truncation. The mark is written before anything is
-    /// dropped and never lowered. Not flushed here: the writer's next flush makes it durable
-    /// (only the writer flushes); if a crash loses it, the records are simply still there.
-    /// Returns the number of records dropped.
+    /// segment at a time: segments that end at or before `seq` are deleted, the one that
+    /// straddles it stays until a later truncation. The mark is written (durably) before
+    /// anything is deleted and never lowered. A segment someone is reading is deleted when
+    /// its reader is done. Returns the number of records dropped.
     pub fn truncate_through(&self, seq: u64) -> Result<u64, OpenError> {
-        if seq <= self.truncated_through()? {
-            return Ok(0);
-        }
-        self.meta
-            .insert(TRUNCATED_THROUGH_KEY, &seq.to_be_bytes())
-            .map_err(|e| self.sled_err(e))?;
-        let segs = segments(&self.db, &self.dir)?;
+        let mark = self.segments.raise_mark(seq)?;
+        let slots = self.segments.list();
         let mut dropped = 0;
-        for pair in segs.windows(2) {
-            let ((first, name, _), (next_first, _, _)) = (&pair[0], &pair[1]);
-            if *next_first > seq.saturating_add(1) {
+        for pair in slots.windows(2) {
+            let (slot, next) = (&pair[0], &pair[1]);
+            if next.first > mark.saturating_add(1) {
                 break;
             }
-            self.db.drop_tree(name).map_err(|e| self.sled_err(e))?;
-            dropped += next_first - first;
+            self.segments.remove(slot.first)?;
+            dropped += next.first - slot.first;
         }
         Ok(dropped)
     }
 
     /// Sequence range, counts and sizes, decoding every record (for `stockd log dump`).
     pub fn summary(&self) -> Result<LogSummary, OpenError> {
+        let slots = self.segments.list();
         let mut summary = LogSummary {
             truncated_through: self.truncated_through()?,
-            segments: segments(&self.db, &self.dir)?.len(),
+            segments: slots.len(),
             ..LogSummary::default()
         };
-        for (_, _, tree) in segments(&self.db, &self.dir)? {
-            for item in tree.iter() {
-                let (key, value) = item.map_err(|e| self.sled_err(e))?;
+        for slot in slots {
+            let Some(segment) = self.segments.open_slot(&slot)? else {
+                continue;
+            };
+            for item in segment.db().iter() {
+                let (key, value) = item.map_err(sled_err(&slot.path))?;
                 let seq = seq_of(&key)?;
                 let record = match record::decode(&value) {
                     Ok(record) => record,
@@ -492,6 +875,93 @@ impl LogReader {
     }
 }
 
+type Opening = thread::JoinHandle<Result<Option<SegmentRef>, OpenError>>;
+
+/// The records of a run of segments. Opening a segment (sled reads its own log) and
+/// closing it take ~10 and ~6 ms: the next segment is opened on a helper thread while
+/// this one is read, and a finished one is closed on another, off the reader's path.
+struct Records {
+    slots: std::collections::VecDeque<Arc<Slot>>,
+    from: u64,
+    /// The segment being read. (The iterator comes before the reference, so it is dropped
+    /// first: the database closes when both are gone.)
+    current: Option<Box<(sled::Iter, SegmentRef)>>,
+    opening: Option<Opening>,
+    failed: bool,
+}
+
+impl Records {
+    fn open_next(&mut self) -> Option<Result<Option<SegmentRef>, OpenError>> {
+        let opened = match self.opening.take() {
+            Some(opening) => opening.join().unwrap_or_else(|_| {
+                Err(OpenError::Io {
+                    path: String::new(),
+                    source: io::Error::other("opening a log segment panicked"),
+                })
+            }),
+            None => open_segment(&self.slots.pop_front()?),
+        };
+        if let Some(next) = self.slots.pop_front() {
+            let spawned = thread::Builder::new()
+                .name("stockd-log-open".into())
+                .spawn(move || open_segment(&next));
+            // If no thread can be spawned, the next segment is opened when it is reached.
+            self.opening = spawned.ok();
+        }
+        Some(opened)
+    }
+}
+
+impl Iterator for Records {
+    type Item = Result<(u64, Record), OpenError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if self.failed {
+                return None;
+            }
+            if let Some(reading) = &mut self.current {
+                let (iter, segment) = &mut **reading;
+                if let Some(item) = iter.next() {
+                    let item = item.map_err(sled_err(&segment.slot.path));
+                    return Some(item.and_then(|(key, value)| {
+                        let seq = seq_of(&key)?;
+                        let record = record::decode(&value)
+                            .map_err(|source| OpenError::Damaged { seq, source })?;
+                        Ok((seq, record))
+                    }));
+                }
+                let done = self.current.take();
+                let _ = thread::Builder::new()
+                    .name("stockd-log-close".into())
+                    .spawn(move || drop(done)); // dropped here if it cannot be spawned
+            }
+            match self.open_next()? {
+                // Truncated while it was opened ahead: skipped, as if not yet opened.
+                Ok(Some(segment)) if segment.slot.state().removed => {}
+                Ok(Some(segment)) => {
+                    let iter = segment.db().range(self.from.to_be_bytes()..);
+                    self.current = Some(Box::new((iter, segment)));
+                }
+                Ok(None) => {} // truncated meanwhile: skipped
+                Err(err) => {
+                    self.failed = true;
+                    return Some(Err(err));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Records {
+    fn drop(&mut self) {
+        // An opening ahead holds a reference once it finishes: wait, then drop it.
+        if let Some(opening) = self.opening.take() {
+            let _ = opening.join();
+        }
+    }
+}
+
 fn seq_of(key: &[u8]) -> Result<u64, OpenError> {
     let bytes: [u8; 8] = key
         .try_into()
@@ -504,24 +974,31 @@ fn seq_of(key: &[u8]) -> Result<u64, OpenError> {
 #[doc(hidden)]
 pub fn damage_record(dir: &Path, seq: u64) -> Result<(), OpenError> {
     let log = Log::open(dir)?;
-    let reader = log.reader();
     let key = seq.to_be_bytes();
-    for (_, _, tree) in segments(&log.db, &log.dir)? {
-        if let Some(value) = tree.get(key).map_err(|e| reader.sled_err(e))? {
+    for slot in log.segments.list() {
+        let Some(segment) = log.segments.open_slot(&slot)? else {
+            continue;
+        };
+        let err = sled_err(&slot.path);
+        if let Some(value) = segment.db().get(key).map_err(&err)? {
             let mut value = value.to_vec();
             if let Some(last) = value.last_mut() {
                 *last ^= 0x5a;
             }
-            tree.insert(key, value).map_err(|e| reader.sled_err(e))?;
+            segment.db().insert(key, value).map_err(&err)?;
+            segment.db().flush().map_err(&err)?;
         }
     }
-    log.flush()
+    Ok(())
 }
 
 struct Writer {
-    db: sled::Db,
-    /// The segment being appended to, with its first sequence number.
-    current: Option<(u64, sled::Tree)>,
+    segments: Arc<Segments>,
+    /// The segment being appended to.
+    current: Option<SegmentRef>,
+    /// Threads closing full segments (sled flushes and frees on close: kept off this
+    /// thread's path); joined before the writer ends, so the log is closed when it does.
+    closing: Vec<thread::JoinHandle<()>>,
     segment_records: u64,
     flush_interval: Duration,
     next_seq: u64,
@@ -539,7 +1016,7 @@ impl Writer {
         let mut records: Vec<(Record, Option<Waiter>)> = Vec::with_capacity(LOG_BATCH_RECORDS_MAX);
         // Each barrier with the number of this batch's records queued before it.
         let mut barriers: Vec<(Waiter, u64)> = Vec::new();
-        let mut last_flush = std::time::Instant::now();
+        let mut last_flush = Instant::now();
         loop {
             let mut shutdown = None;
             // Block for the first command, then take whatever else is already queued, up to
@@ -552,7 +1029,7 @@ impl Writer {
             if shutdown.is_none() && since < self.flush_interval {
                 thread::sleep(self.flush_interval - since);
             }
-            last_flush = std::time::Instant::now();
+            last_flush = Instant::now();
             while shutdown.is_none() && records.len() < LOG_BATCH_RECORDS_MAX {
                 match rx.try_recv() {
                     Ok(cmd) => self.take(cmd, &mut records, &mut barriers, &mut shutdown),
@@ -572,6 +1049,7 @@ impl Writer {
             for (waiter, before) in barriers.drain(..) {
                 let _ = waiter.send(outcome.clone().map(|_| first_seq - 1 + before));
             }
+            self.closing.retain(|closer| !closer.is_finished());
             if shutdown.is_some() {
                 return self.finish(shutdown);
             }
@@ -591,6 +1069,7 @@ impl Writer {
             Command::Shutdown(waiter) => *shutdown = Some(waiter),
         }
     }
+
     /// Writes and flushes one batch; returns the sequence number of its last record.
     fn write_batch(&mut self, records: &[(Record, Option<Waiter>)]) -> Result<u64, LogError> {
         if let Some(err) = &self.failed {
@@ -616,46 +1095,294 @@ impl Writer {
             return Err(LogError::Unavailable("injected write failure".into()));
         }
         let io = |e: sled::Error| LogError::Unavailable(e.to_string());
-        // Each segment gets one sled batch of the records that fit in it; a full segment is
-        // followed by a new one. The flush below makes all of them durable together.
+        // Each segment gets one sled batch of the records that fit in it, and is flushed
+        // before the next segment is written: the disk always holds a prefix of the log.
         let mut seq = self.next_seq;
         let mut rest = records;
         while !rest.is_empty() {
             let room = match &self.current {
-                Some((first, _)) => (first + self.segment_records).saturating_sub(seq),
+                Some(segment) => (segment.first() + self.segment_records).saturating_sub(seq),
                 None => 0,
             };
             if room == 0 {
-                let tree = self.db.open_tree(segment_name(seq)).map_err(io)?;
-                self.current = Some((seq, tree));
+                let next = self
+                    .segments
+                    .create(seq)
+                    .map_err(|e| LogError::Unavailable(e.to_string()))?;
+                if let Some(full) = self.current.replace(next) {
+                    self.close_in_background(full);
+                }
                 continue;
             }
             let (now, later) = rest.split_at(rest.len().min(room as usize));
-            let (_, tree) = self.current.as_ref().expect("a segment is open");
+            let segment = self.current.as_ref().expect("a segment is open");
             let mut batch = sled::Batch::default();
             for (record, _) in now {
                 batch.insert(&seq.to_be_bytes(), record::encode(record));
                 seq += 1;
             }
-            tree.apply_batch(batch).map_err(io)?;
+            segment.db().apply_batch(batch).map_err(io)?;
+            segment.db().flush().map_err(io)?;
             rest = later;
         }
-        self.db.flush().map_err(io)?;
+        debug_assert!(seq == self.next_seq + records.len() as u64);
         self.next_seq = seq;
         Ok(seq - 1)
     }
 
-    fn finish(self, shutdown: Option<Waiter>) {
+    /// A full segment is closed on a thread of its own (it is already flushed).
+    fn close_in_background(&mut self, full: SegmentRef) {
+        // If the thread cannot be spawned, the closure (and the segment) is dropped here.
+        let spawned = thread::Builder::new()
+            .name("stockd-log-close".into())
+            .spawn(move || drop(full));
+        match spawned {
+            Ok(closer) => self.closing.push(closer),
+            Err(err) => tracing::warn!(error = %err, "closed a full log segment inline"),
+        }
+    }
+
+    fn finish(mut self, shutdown: Option<Waiter>) {
         let result = match &self.failed {
             Some(err) => Err(err.clone()),
-            None => self
-                .db
-                .flush()
-                .map(|_| self.next_seq - 1)
-                .map_err(|e| LogError::Unavailable(e.to_string())),
+            None => match &self.current {
+                Some(segment) => segment
+                    .db()
+                    .flush()
+                    .map(|_| self.next_seq - 1)
+                    .map_err(|e| LogError::Unavailable(e.to_string())),
+                None => Ok(self.next_seq - 1),
+            },
         };
+        // Closed before the answer: when shutdown returns, the log is closed.
+        drop(self.current.take());
+        for closer in self.closing.drain(..) {
+            let _ = closer.join();
+        }
+        drop(self.segments);
         if let Some(waiter) = shutdown {
             let _ = waiter.send(result);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn created(i: u64) -> Record {
+        Record::ProductCreated {
+            sku: format!("SKU-{i}"),
+            name: "n".into(),
+            price: None,
+            on_hand: i,
+            at: 1,
+        }
+    }
+
+    /// Writes records `1..=n` through the real writer, in segments of `per_segment`.
+    fn write(dir: &Path, n: u64, per_segment: u64) {
+        let log = Log::open(dir).unwrap().with_segment_records(per_segment);
+        let next = log.last_seq().unwrap() + 1;
+        let (handle, join) = log.start_writer(next);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let tickets: Vec<_> = (next..next + n)
+                .map(|i| handle.append(created(i)))
+                .collect();
+            for ticket in tickets {
+                ticket.durable().await.unwrap();
+            }
+            handle.shutdown().await.unwrap();
+        });
+        join.join().unwrap();
+    }
+
+    fn segment_dirs(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with(SEGMENT_PREFIX))
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn seqs(reader: &LogReader) -> Vec<u64> {
+        reader.records().map(|r| r.unwrap().0).collect()
+    }
+
+    #[test]
+    fn truncation_deletes_whole_segment_directories() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        write(&dir, 50, 10);
+        assert_eq!(segment_dirs(&dir).len(), 5);
+        let log = Log::open(&dir).unwrap();
+        let reader = log.reader();
+        // Segments 1-10 and 11-20 end at or before 25; 21-30 straddles it and stays.
+        assert_eq!(reader.truncate_through(25).unwrap(), 20);
+        assert_eq!(
+            segment_dirs(&dir),
+            vec![
+                segment_dir_name(21),
+                segment_dir_name(31),
+                segment_dir_name(41)
+            ]
+        );
+        assert_eq!(seqs(&reader), (21..=50).collect::<Vec<_>>());
+        assert_eq!(reader.truncated_through().unwrap(), 25);
+        // The mark is durable and never lowered.
+        assert_eq!(reader.truncate_through(5).unwrap(), 0);
+        drop((reader, log));
+        let log = Log::open(&dir).unwrap();
+        assert_eq!(log.reader().truncated_through().unwrap(), 25);
+        assert_eq!(log.last_seq().unwrap(), 50);
+    }
+
+    #[test]
+    fn a_segment_truncated_while_it_is_read_goes_when_its_reader_is_done() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        write(&dir, 30, 10);
+        let log = Log::open(&dir).unwrap();
+        let reader = log.reader();
+        let mut records = reader.records();
+        assert_eq!(records.next().unwrap().unwrap().0, 1);
+        reader.truncate_through(20).unwrap();
+        // The first segment is still being read: it stays, and reads on to its end.
+        assert!(segment_dirs(&dir).contains(&segment_dir_name(1)));
+        let rest: Vec<u64> = records.map(|r| r.unwrap().0).collect();
+        // The second segment was truncated before the reader reached it: skipped.
+        assert_eq!(rest, (2..=10).chain(21..=30).collect::<Vec<_>>());
+        // Segments are closed on a helper thread once read; the truncated one then goes.
+        let started = Instant::now();
+        while segment_dirs(&dir).len() > 1 && started.elapsed() < Duration::from_secs(10) {
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(segment_dirs(&dir), vec![segment_dir_name(21)]);
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_log_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        let log = Log::open(&dir).unwrap();
+        let err = Log::open(&dir).err().expect("the directory is locked");
+        assert!(matches!(err, OpenError::Locked { .. }), "{err}");
+        drop(log);
+        Log::open(&dir).unwrap();
+    }
+
+    #[test]
+    fn appends_continue_the_newest_segment_across_restarts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        write(&dir, 7, 10);
+        write(&dir, 7, 10);
+        assert_eq!(
+            segment_dirs(&dir),
+            vec![segment_dir_name(1), segment_dir_name(11)]
+        );
+        let log = Log::open(&dir).unwrap();
+        assert_eq!(seqs(&log.reader()), (1..=14).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_damaged_mark_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        write(&dir, 30, 10);
+        Log::open(&dir)
+            .unwrap()
+            .reader()
+            .truncate_through(12)
+            .unwrap();
+        let mut bytes = fs::read(dir.join(MARK_FILE)).unwrap();
+        bytes[3] ^= 1;
+        fs::write(dir.join(MARK_FILE), bytes).unwrap();
+        let err = Log::open(&dir).err().expect("a damaged mark");
+        assert!(matches!(err, OpenError::BadMark { .. }), "{err}");
+    }
+
+    #[test]
+    fn cutting_the_end_removes_later_segments_and_part_of_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        write(&dir, 30, 10);
+        let log = Log::open(&dir).unwrap();
+        assert_eq!(log.truncate_from(15).unwrap(), 16);
+        assert_eq!(seqs(&log.reader()), (1..=14).collect::<Vec<_>>());
+        drop(log);
+        assert_eq!(segment_dirs(&dir).len(), 2);
+        write(&dir, 10, 10);
+        let log = Log::open(&dir).unwrap();
+        assert_eq!(seqs(&log.reader()), (1..=24).collect::<Vec<_>>());
+    }
+
+    /// Writes the layout of earlier versions: one sled database in `dir`, a tree per
+    /// segment, the mark in `meta`.
+    fn write_single_database(dir: &Path, n: u64, per_tree: u64, mark: u64) {
+        let db = sled::Config::new().path(dir).open().unwrap();
+        let mut first = 1;
+        while first <= n {
+            let name = if first == 1 {
+                "wal".to_string()
+            } else {
+                format!("wal-{first:020}")
+            };
+            let tree = db.open_tree(name).unwrap();
+            for seq in first..(first + per_tree).min(n + 1) {
+                tree.insert(seq.to_be_bytes(), record::encode(&created(seq)))
+                    .unwrap();
+            }
+            first += per_tree;
+        }
+        if mark > 0 {
+            let meta = db.open_tree("meta").unwrap();
+            meta.insert(b"truncated_through", &mark.to_be_bytes())
+                .unwrap();
+        }
+        db.flush().unwrap();
+    }
+
+    #[test]
+    fn a_single_database_log_is_moved_to_a_database_per_segment() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        write_single_database(&dir, 100_000, 40_000, 3);
+        let log = Log::open(&dir).unwrap();
+        assert!(!dir.join("db").exists() && !dir.join("conf").exists());
+        assert_eq!(segment_dirs(&dir).len(), 2); // 65,536 records per segment
+        let reader = log.reader();
+        assert_eq!(reader.truncated_through().unwrap(), 3);
+        let read: Vec<(u64, Record)> = reader.records().map(|r| r.unwrap()).collect();
+        assert_eq!(read.len(), 100_000);
+        assert!(read.iter().all(|(seq, record)| *record == created(*seq)));
+        drop((reader, log));
+        write(&dir, 5, SEGMENT_RECORDS_DEFAULT);
+        assert_eq!(Log::open(&dir).unwrap().last_seq().unwrap(), 100_005);
+    }
+
+    #[test]
+    fn an_interrupted_move_starts_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        write_single_database(&dir, 30, 16, 0);
+        // What a crash in the middle of a move (by a build with other segment sizes) can
+        // leave: a partial new segment beside the old database.
+        {
+            let partial = open_sled(&dir.join(segment_dir_name(17))).unwrap();
+            partial
+                .insert(17u64.to_be_bytes(), record::encode(&created(17)))
+                .unwrap();
+            partial.flush().unwrap();
+        }
+        let log = Log::open(&dir).unwrap();
+        assert_eq!(seqs(&log.reader()), (1..=30).collect::<Vec<_>>());
+        assert!(!dir.join("db").exists());
+        assert_eq!(segment_dirs(&dir), vec![segment_dir_name(1)]);
     }
 }

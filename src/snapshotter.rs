@@ -392,9 +392,10 @@ impl Worker {
             build_snapshot(&args.reader, &args.dir, upto, now, args.hooks)
         })?;
         self.newest.fetch_max(built.sequence, Ordering::SeqCst);
-        // On this thread, in the normal class: dropping log segments takes locks inside
-        // sled that the log writer needs too, and a low-priority thread holding them would
-        // hold up every flush (and every acknowledgement) while preempted.
+        // On this thread, in the normal class: removing log segments takes the segment
+        // list's lock, which the log writer needs when it starts a segment; a low-priority
+        // thread holding it would hold up the writer (and every acknowledgement) while
+        // preempted. (Deleting the directories is cheap: no work inside sled.)
         let taken = drop_unneeded_after(built, &args.reader, &args.dir, args.policy.keep, started)?;
         self.last_taken = Instant::now();
         Ok(taken)
