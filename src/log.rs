@@ -811,6 +811,26 @@ impl LogReader {
         }
     }
 
+    /// Opens, on a helper thread, the first segments holding records after `after`, and
+    /// keeps them open until the returned guard is dropped. Recovery calls it before it
+    /// decodes the snapshot, so that opening the log (sled reads each segment's own log
+    /// when it opens it) overlaps decoding instead of following it.
+    pub fn open_ahead(&self, after: u64, segments: usize) -> OpenAhead {
+        let from = after.saturating_add(1);
+        let slots = self.segments.list();
+        let skip = slots.windows(2).take_while(|w| w[1].first <= from).count();
+        let wanted: Vec<Arc<Slot>> = slots.into_iter().skip(skip).take(segments).collect();
+        let opening = thread::Builder::new()
+            .name("stockd-log-open".into())
+            .spawn(move || {
+                wanted
+                    .iter()
+                    .filter_map(|slot| open_segment(slot).ok().flatten())
+                    .collect()
+            });
+        OpenAhead(opening.ok())
+    }
+
     /// Every record in log order, verified.
     pub fn records(&self) -> impl Iterator<Item = Result<(u64, Record), OpenError>> + '_ {
         self.records_after(0)
@@ -876,6 +896,20 @@ impl LogReader {
 }
 
 type Opening = thread::JoinHandle<Result<Option<SegmentRef>, OpenError>>;
+
+/// Segments held open by `LogReader::open_ahead` (a failure to open one is left for the
+/// read itself to report). Dropping it lets them close, on a helper thread.
+pub struct OpenAhead(Option<thread::JoinHandle<Vec<SegmentRef>>>);
+
+impl Drop for OpenAhead {
+    fn drop(&mut self) {
+        if let Some(Ok(open)) = self.0.take().map(|opening| opening.join()) {
+            let _ = thread::Builder::new()
+                .name("stockd-log-close".into())
+                .spawn(move || drop(open));
+        }
+    }
+}
 
 /// The records of a run of segments. Opening a segment (sled reads its own log) and
 /// closing it take ~10 and ~6 ms: the next segment is opened on a helper thread while

@@ -81,6 +81,11 @@ pub fn recover(
             dir: snapshot_dir.display().to_string(),
             source,
         })?;
+    // The log after the newest usable snapshot is opened while that snapshot is decoded.
+    let _open_ahead = candidates
+        .iter()
+        .find(|(seq, _)| *seq <= upto && *seq >= truncated_through)
+        .map(|(seq, _)| reader.open_ahead(*seq, 2));
     let mut skipped = Vec::new();
     let mut base = None;
     for (seq, path) in candidates {
