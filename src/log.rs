@@ -167,9 +167,10 @@ const TRASH_PREFIX: &str = "trash-";
 /// front of the log because a kept snapshot covers it (big-endian `u64`, then its CRC32).
 const MARK_FILE: &str = "truncated_through";
 const LOCK_FILE: &str = "LOCK";
-/// sled's page cache per open segment. A segment of 65,536 records is ~10–20 MB on disk;
-/// only the newest segment stays open, older ones only while they are read.
-const SEGMENT_CACHE_BYTES: u64 = 16 * 1024 * 1024;
+/// sled's page cache per open segment: more than a segment of 65,536 records holds (~10–20
+/// MB), so that sled never evicts while one is written or read. Only the newest segment
+/// stays open, older ones only while they are read, so this bounds little in practice.
+const SEGMENT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// Records removed per sled batch when the end of the log is cut (`truncate_from`).
 const TRUNCATE_BATCH_RECORDS: usize = 10_000;
 /// How long opening a segment retries while sled's lock on it is still held by the
@@ -708,18 +709,32 @@ impl Log {
         let fail_writes = Arc::new(AtomicBool::new(false));
         let failed = Arc::new(AtomicBool::new(false));
         let durable = Arc::new(AtomicU64::new(next_seq - 1));
-        // Appends continue the newest segment, unless it is full (or there is none).
-        let current = self
-            .segments
-            .list()
-            .last()
-            .and_then(|slot| self.segments.open_slot(slot).ok().flatten());
+        // Appends continue the newest segment, unless it is full (or there is none). A
+        // newest segment that starts after `next_seq` was created ahead of need and never
+        // written (a crash, or a cut by `truncate_from`): removed, so that no record is
+        // ever stored under a later segment's name.
+        let mut current = None;
+        while let Some(slot) = self.segments.list().pop() {
+            let Ok(Some(segment)) = self.segments.open_slot(&slot) else {
+                break;
+            };
+            if slot.first > next_seq && segment.db().is_empty() {
+                drop(segment);
+                if self.segments.remove(slot.first).is_err() {
+                    break;
+                }
+                continue;
+            }
+            current = Some(segment);
+            break;
+        }
         let writer = Writer {
             failed_flag: failed.clone(),
             durable: durable.clone(),
             segments: self.segments,
             current,
             closing: Vec::new(),
+            preparing: None,
             segment_records: self.segment_records,
             flush_interval: self.flush_interval,
             next_seq,
@@ -1033,6 +1048,8 @@ struct Writer {
     /// Threads closing full segments (sled flushes and frees on close: kept off this
     /// thread's path); joined before the writer ends, so the log is closed when it does.
     closing: Vec<thread::JoinHandle<()>>,
+    /// The next segment, being created ahead of need: (its first sequence, the creation).
+    preparing: Option<(u64, thread::JoinHandle<Result<SegmentRef, OpenError>>)>,
     segment_records: u64,
     flush_interval: Duration,
     next_seq: u64,
@@ -1140,8 +1157,7 @@ impl Writer {
             };
             if room == 0 {
                 let next = self
-                    .segments
-                    .create(seq)
+                    .next_segment(seq)
                     .map_err(|e| LogError::Unavailable(e.to_string()))?;
                 if let Some(full) = self.current.replace(next) {
                     self.close_in_background(full);
@@ -1161,7 +1177,44 @@ impl Writer {
         }
         debug_assert!(seq == self.next_seq + records.len() as u64);
         self.next_seq = seq;
+        self.prepare_next_segment();
         Ok(seq - 1)
+    }
+
+    /// Once the current segment is half full, its successor is created on a helper thread
+    /// (sled creates its files, the directory is synced: a few milliseconds that would
+    /// otherwise stall every waiting acknowledgement when the segment fills up).
+    fn prepare_next_segment(&mut self) {
+        let Some(current) = &self.current else { return };
+        let first = current.first() + self.segment_records;
+        if self.preparing.is_some() || (self.next_seq - current.first()) * 2 < self.segment_records
+        {
+            return;
+        }
+        let segments = self.segments.clone();
+        let spawned = thread::Builder::new()
+            .name("stockd-log-prepare".into())
+            .spawn(move || segments.create(first));
+        // Without a thread, the segment is created when it is needed.
+        self.preparing = spawned.ok().map(|handle| (first, handle));
+    }
+
+    /// The segment that starts at `first`: the prepared one, or created now.
+    fn next_segment(&mut self, first: u64) -> Result<SegmentRef, OpenError> {
+        if let Some((prepared, handle)) = self.preparing.take() {
+            let created = handle.join().unwrap_or_else(|_| {
+                Err(OpenError::Io {
+                    path: self.segments.dir.display().to_string(),
+                    source: io::Error::other("preparing a log segment panicked"),
+                })
+            });
+            if prepared == first {
+                return created;
+            }
+            // Not the one needed (cannot happen while segments are full-sized): unused.
+            drop(created);
+        }
+        self.segments.create(first)
     }
 
     /// A full segment is closed on a thread of its own (it is already flushed).
@@ -1188,6 +1241,16 @@ impl Writer {
                 None => Ok(self.next_seq - 1),
             },
         };
+        // A prepared segment that never got a record is removed again.
+        if let Some((first, handle)) = self.preparing.take() {
+            if let Ok(Ok(prepared)) = handle.join() {
+                let empty = prepared.db().is_empty();
+                drop(prepared);
+                if empty {
+                    let _ = self.segments.remove(first);
+                }
+            }
+        }
         // Closed before the answer: when shutdown returns, the log is closed.
         drop(self.current.take());
         for closer in self.closing.drain(..) {
@@ -1322,6 +1385,38 @@ mod tests {
         );
         let log = Log::open(&dir).unwrap();
         assert_eq!(seqs(&log.reader()), (1..=14).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_segment_created_ahead_is_never_written_under_its_name_too_early() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        // 15 records: the second segment is half full, so the third is created ahead;
+        // a clean shutdown removes it again.
+        write(&dir, 15, 10);
+        assert_eq!(
+            segment_dirs(&dir),
+            vec![segment_dir_name(1), segment_dir_name(11)]
+        );
+        // After a crash it would still be there, empty: appends go on in the second.
+        drop(open_sled(&dir.join(segment_dir_name(21))).unwrap());
+        write(&dir, 3, 10);
+        assert_eq!(
+            segment_dirs(&dir),
+            vec![segment_dir_name(1), segment_dir_name(11)]
+        );
+        let log = Log::open(&dir).unwrap();
+        assert_eq!(seqs(&log.reader()), (1..=18).collect::<Vec<_>>());
+        drop(log);
+        // Across many segments, every one holds exactly its own records.
+        write(&dir, 100, 10);
+        let log = Log::open(&dir).unwrap();
+        assert_eq!(seqs(&log.reader()), (1..=118).collect::<Vec<_>>());
+        for slot in log.segments.list() {
+            let segment = log.segments.open_slot(&slot).unwrap().unwrap();
+            let (first, _) = segment.db().first().unwrap().unwrap();
+            assert_eq!(seq_of(&first).unwrap(), slot.first);
+        }
     }
 
     #[test]
