@@ -21,6 +21,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -68,6 +69,21 @@ fn append_all(dir: &Path, first_seq: u64, records: impl Iterator<Item = Record>)
     });
     join.join().unwrap();
     written
+}
+
+/// The child processes of `pid` (Linux: /proc/PID/task/TID/children).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let text = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            children.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    children
 }
 
 fn proc_status_kb(pid: u32, field: &str) -> u64 {
@@ -316,6 +332,7 @@ fn main() {
     let (server, restart) = start_server(dir);
     let pid = server.child.id();
     let rss_started_kb = proc_status_kb(pid, "VmRSS:");
+    let rss_peak_at_start_kb = proc_status_kb(pid, "VmHWM:");
     let tail_replayed = server.recovered["records"].as_u64().unwrap_or(0);
     let tail_replay_ms = server.recovered["replay_ms"].as_u64().unwrap_or(0);
     let tail_replay_rate = tail_replayed as f64 / (tail_replay_ms.max(1) as f64 / 1000.0);
@@ -336,6 +353,21 @@ fn main() {
         rate: (rate > 0).then_some(rate as f64),
     };
     let base = server.base.clone();
+    // The snapshot worker (a child process of the server) and its peak resident memory.
+    let sampling = Arc::new(AtomicBool::new(true));
+    let worker_peak = {
+        let sampling = sampling.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while sampling.load(Ordering::Relaxed) {
+                for child in children_of(pid) {
+                    peak = peak.max(proc_status_kb(child, "VmHWM:"));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            peak
+        })
+    };
     let (baseline, during, after, snapshot_ms, snapshot_status) = runtime.block_on(async {
         // Warm-up (connections, first activations of the hot products), not measured.
         let warm = Limits {
@@ -366,6 +398,8 @@ fn main() {
         let after = reserve_phase(&base, products, hot, limits).await;
         (baseline, during, after, ms(took), status)
     });
+    sampling.store(false, Ordering::Relaxed);
+    let worker_peak_kb = worker_peak.join().unwrap_or(0);
     let rss_end_kb = proc_status_kb(pid, "VmRSS:");
     let rss_peak_kb = proc_status_kb(pid, "VmHWM:");
     let p99_ratio = p99_ms(&during) / p99_ms(&baseline);
@@ -391,10 +425,12 @@ fn main() {
         worst.join(" ")
     );
     println!(
-        "  RSS: {} MB after start, {} MB at the end, peak {} MB; disk: log {} MB, snapshots {} MB",
+        "  RSS: {} MB after start (peak {} MB during start-up), {} MB at the end, peak {} MB; snapshot worker peak {} MB; disk: log {} MB, snapshots {} MB",
         rss_started_kb / 1024,
+        rss_peak_at_start_kb / 1024,
         rss_end_kb / 1024,
         rss_peak_kb / 1024,
+        worker_peak_kb / 1024,
         dir_bytes(&dir.join("data")) / (1 << 20),
         dir_bytes(&snapshots) / (1 << 20)
     );
@@ -415,6 +451,8 @@ fn main() {
         "rss_after_start_mb": rss_started_kb / 1024,
         "rss_end_mb": rss_end_kb / 1024,
         "rss_peak_mb": rss_peak_kb / 1024,
+        "rss_peak_at_start_mb": rss_peak_at_start_kb / 1024,
+        "snapshot_worker_peak_mb": worker_peak_kb / 1024,
         "baseline_rps": baseline.throughput_rps(),
         "baseline_p99_ms": p99_ms(&baseline),
         "during_snapshot_rps": during.throughput_rps(),

@@ -37,6 +37,11 @@ pub struct Config {
     /// Start even if a log record is damaged, by removing it and every later record (the
     /// operator's explicit choice; the default refuses to start and names the record).
     pub truncate_damaged_log: bool,
+    /// The `stockd` binary that builds snapshots in a child process, so that the second
+    /// copy of the state a snapshot needs never lives in the server
+    /// (`crate::snapshot_worker`). `None` builds them in this process: a library user (or a
+    /// test) has no `stockd` binary to start. The binary sets its own path.
+    pub snapshot_worker: Option<PathBuf>,
     /// Test hooks for snapshot writing.
     #[doc(hidden)]
     pub snapshot_hooks: WriteHooks,
@@ -58,6 +63,7 @@ impl Default for Config {
             passivate_after: Some(Duration::from_secs(PASSIVATE_AFTER_SECONDS_DEFAULT)),
             retention: Duration::from_millis(crate::limits::IDEMPOTENCY_RETENTION_MS as u64),
             truncate_damaged_log: false,
+            snapshot_worker: None,
             snapshot_hooks: WriteHooks::default(),
             log_segment_records: crate::log::SEGMENT_RECORDS_DEFAULT,
         }

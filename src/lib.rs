@@ -32,6 +32,7 @@ pub mod recovery;
 pub mod server;
 pub mod service;
 pub mod snapshot;
+pub mod snapshot_worker;
 pub mod snapshotter;
 
 pub use config::{Config, Durability};

@@ -812,7 +812,21 @@ impl LogReader {
     pub fn records_after(
         &self,
         after: u64,
-    ) -> impl Iterator<Item = Result<(u64, Record), OpenError>> + '_ {
+    ) -> impl Iterator<Item = Result<(u64, Record), OpenError>> + Send + 'static {
+        self.raw_records_after(after).map(|item| {
+            let (seq, bytes) = item?;
+            let record =
+                record::decode(&bytes).map_err(|source| OpenError::Damaged { seq, source })?;
+            Ok((seq, record))
+        })
+    }
+
+    /// Every record after `after`, in log order, as stored (encoded, not verified: the
+    /// snapshot worker verifies what it is sent).
+    pub fn raw_records_after(
+        &self,
+        after: u64,
+    ) -> impl Iterator<Item = Result<(u64, sled::IVec), OpenError>> + Send + 'static {
         let from = after.saturating_add(1);
         let slots = self.segments.list();
         // Skip the segments that end before `from`: a segment ends where the next begins.
@@ -847,7 +861,7 @@ impl LogReader {
     }
 
     /// Every record in log order, verified.
-    pub fn records(&self) -> impl Iterator<Item = Result<(u64, Record), OpenError>> + '_ {
+    pub fn records(&self) -> impl Iterator<Item = Result<(u64, Record), OpenError>> + Send {
         self.records_after(0)
     }
 
@@ -962,7 +976,7 @@ impl Records {
 }
 
 impl Iterator for Records {
-    type Item = Result<(u64, Record), OpenError>;
+    type Item = Result<(u64, sled::IVec), OpenError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
@@ -973,12 +987,7 @@ impl Iterator for Records {
                 let (iter, segment) = &mut **reading;
                 if let Some(item) = iter.next() {
                     let item = item.map_err(sled_err(&segment.slot.path));
-                    return Some(item.and_then(|(key, value)| {
-                        let seq = seq_of(&key)?;
-                        let record = record::decode(&value)
-                            .map_err(|source| OpenError::Damaged { seq, source })?;
-                        Ok((seq, record))
-                    }));
+                    return Some(item.and_then(|(key, value)| Ok((seq_of(&key)?, value))));
                 }
                 let done = self.current.take();
                 let _ = thread::Builder::new()

@@ -41,6 +41,30 @@ enum Command {
         #[command(subcommand)]
         action: LogAction,
     },
+    /// Internal: builds one snapshot for a running server, which starts it and feeds it
+    /// the log over stdin (see `stockd::snapshot_worker`).
+    #[command(name = "snapshot-worker", hide = true)]
+    SnapshotWorker(WorkerArgs),
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    #[arg(long)]
+    snapshot_dir: PathBuf,
+    #[arg(long)]
+    upto: u64,
+    #[arg(long)]
+    truncated_through: u64,
+    #[arg(long)]
+    now: i64,
+    #[arg(long)]
+    pause_before_rename_ms: Option<u64>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Args)]
@@ -142,6 +166,10 @@ struct ServeArgs {
     /// refusing to start. Acknowledged changes in the removed records are lost.
     #[arg(long)]
     truncate_damaged_log: bool,
+    /// on: snapshots are built in a child process (this binary again), so the server
+    /// never holds the second copy of the state a snapshot needs; off: in the server.
+    #[arg(long, env = "STOCKD_SNAPSHOT_WORKER", value_enum, default_value = "on")]
+    snapshot_worker: OnOff,
     /// Test hook: pause this long while writing each snapshot file (to test crashes).
     #[arg(long, hide = true, env = "STOCKD_TEST_SNAPSHOT_PAUSE_MS")]
     test_snapshot_pause_ms: Option<u64>,
@@ -207,6 +235,16 @@ async fn serve(args: ServeArgs) -> ExitCode {
             .then(|| Duration::from_secs(args.passivate_after)),
         truncate_damaged_log: args.truncate_damaged_log,
         retention: Duration::from_secs(args.retention_seconds),
+        snapshot_worker: match args.snapshot_worker {
+            OnOff::On => match std::env::current_exe() {
+                Ok(path) => Some(path),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot find this binary; snapshots are built in the server");
+                    None
+                }
+            },
+            OnOff::Off => None,
+        },
         snapshot_hooks: WriteHooks {
             pause_before_rename: args.test_snapshot_pause_ms.map(Duration::from_millis),
         },
@@ -359,6 +397,24 @@ fn dump_log(data_dir: &std::path::Path, records: bool, json: bool) -> ExitCode {
     }
 }
 
+/// `stockd snapshot-worker`: one snapshot for the server that started this process.
+fn snapshot_worker(args: WorkerArgs) -> ExitCode {
+    let job = stockd::snapshot_worker::Job {
+        snapshot_dir: args.snapshot_dir,
+        upto: args.upto,
+        truncated_through: args.truncated_through,
+        now: args.now,
+        pause_before_rename: args.pause_before_rename_ms.map(Duration::from_millis),
+    };
+    match stockd::snapshot_worker::run(&job, std::io::stdin(), std::io::stdout().lock()) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("{err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let args = match cli.command {
@@ -377,6 +433,7 @@ fn main() -> ExitCode {
                     json,
                 },
         }) => return dump_log(&data_dir, records, json),
+        Some(Command::SnapshotWorker(args)) => return snapshot_worker(args),
         None => cli.serve,
     };
     let runtime = match tokio::runtime::Runtime::new() {

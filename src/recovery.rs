@@ -76,19 +76,53 @@ pub fn recover(
     upto: u64,
 ) -> Result<Recovered, RecoveryError> {
     let truncated_through = reader.truncated_through()?;
-    let candidates =
-        snapshot::list(snapshot_dir).map_err(|source| RecoveryError::ListSnapshots {
-            dir: snapshot_dir.display().to_string(),
-            source,
-        })?;
     // The log after the newest usable snapshot is opened while that snapshot is decoded.
-    let _open_ahead = candidates
-        .iter()
-        .find(|(seq, _)| *seq <= upto && *seq >= truncated_through)
-        .map(|(seq, _)| reader.open_ahead(*seq, 2));
+    let _open_ahead = newest_candidate(snapshot_dir, upto, truncated_through)?
+        .map(|seq| reader.open_ahead(seq, 2));
+    let base = base_snapshot(snapshot_dir, upto, truncated_through)?;
+    let after = base.snapshot.as_ref().map_or(0, |s| s.seq);
+    let started = std::time::Instant::now();
+    let folded = fold_records(reader, base.state, after, upto)?;
+    finish(base.snapshot, base.skipped, folded, upto, started.elapsed())
+}
+
+/// The state a fold starts from: the newest snapshot at or before `upto` that verifies
+/// and that the log continues (none older than the truncation mark), or the empty state
+/// if the log was never truncated.
+pub struct Base {
+    pub snapshot: Option<SnapshotInfo>,
+    pub state: State,
+    /// Newer snapshots that failed verification, with the reason.
+    pub skipped: Vec<String>,
+}
+
+/// The sequence of the snapshot `base_snapshot` will try first, if any.
+fn newest_candidate(
+    snapshot_dir: &Path,
+    upto: u64,
+    truncated_through: u64,
+) -> Result<Option<u64>, RecoveryError> {
+    Ok(list_snapshots(snapshot_dir)?
+        .into_iter()
+        .map(|(seq, _)| seq)
+        .find(|seq| *seq <= upto && *seq >= truncated_through))
+}
+
+fn list_snapshots(snapshot_dir: &Path) -> Result<Vec<(u64, std::path::PathBuf)>, RecoveryError> {
+    snapshot::list(snapshot_dir).map_err(|source| RecoveryError::ListSnapshots {
+        dir: snapshot_dir.display().to_string(),
+        source,
+    })
+}
+
+/// Loads the base of a recovery up to `upto` (see `Base`).
+pub fn base_snapshot(
+    snapshot_dir: &Path,
+    upto: u64,
+    truncated_through: u64,
+) -> Result<Base, RecoveryError> {
     let mut skipped = Vec::new();
-    let mut base = None;
-    for (seq, path) in candidates {
+    for (seq, path) in list_snapshots(snapshot_dir)? {
         if seq > upto {
             continue;
         }
@@ -96,9 +130,12 @@ pub fn recover(
             break; // the records between it and the log's start are gone
         }
         match snapshot::read(&path) {
-            Ok(found) => {
-                base = Some(found);
-                break;
+            Ok((info, state)) => {
+                return Ok(Base {
+                    snapshot: Some(info),
+                    state,
+                    skipped,
+                })
             }
             Err(err) => {
                 tracing::warn!(error = %err, "skipping a snapshot that does not verify");
@@ -106,19 +143,27 @@ pub fn recover(
             }
         }
     }
-    let (snapshot, state) = match base {
-        Some((info, state)) => (Some(info), state),
-        None if truncated_through > 0 => {
-            return Err(RecoveryError::NoUsableSnapshot {
-                truncated_through,
-                skipped,
-            })
-        }
-        None => (None, State::default()),
-    };
-    let after = snapshot.as_ref().map_or(0, |s| s.seq);
-    let started = std::time::Instant::now();
-    let (state, records, last_seq) = fold_records(reader, state, after, upto)?;
+    if truncated_through > 0 {
+        return Err(RecoveryError::NoUsableSnapshot {
+            truncated_through,
+            skipped,
+        });
+    }
+    Ok(Base {
+        snapshot: None,
+        state: State::default(),
+        skipped,
+    })
+}
+
+/// Checks that a fold up to `upto` got there, and describes what it recovered.
+pub fn finish(
+    snapshot: Option<SnapshotInfo>,
+    skipped: Vec<String>,
+    (state, records, last_seq): (State, u64, u64),
+    upto: u64,
+    replay: std::time::Duration,
+) -> Result<Recovered, RecoveryError> {
     // Asked for the state after a given record (a rebuild, a snapshot), the fold must get
     // exactly there. A truncation can drop the segments after the base snapshot while it
     // is read (the snapshot thread truncates while the rebuild thread reads): the fold
@@ -132,7 +177,7 @@ pub fn recover(
         skipped,
         records,
         last_seq,
-        replay: started.elapsed(),
+        replay,
     })
 }
 
@@ -149,6 +194,17 @@ const REPLAY_BATCHES_AHEAD: usize = 8;
 /// record, so replay runs at about twice the speed of one thread doing both.
 pub fn fold_records(
     reader: &LogReader,
+    state: State,
+    after: u64,
+    upto: u64,
+) -> Result<(State, u64, u64), RecoveryError> {
+    fold_stream(reader.records_after(after), state, after, upto)
+}
+
+/// `fold_records` over any source of records in log order (the log, or the records a
+/// server sends its snapshot worker). Records up to `after` must not be in it.
+pub fn fold_stream(
+    source: impl Iterator<Item = Result<(u64, crate::record::Record), OpenError>> + Send,
     mut state: State,
     after: u64,
     upto: u64,
@@ -159,7 +215,7 @@ pub fn fold_records(
         let (tx, rx) = std::sync::mpsc::sync_channel(REPLAY_BATCHES_AHEAD);
         scope.spawn(move || {
             let mut batch = Vec::with_capacity(REPLAY_BATCH_RECORDS);
-            for item in reader.records_after(after) {
+            for item in source {
                 // A record past `upto` ends the read, damaged or not: it is not asked for.
                 let past = match &item {
                     Ok((seq, _)) | Err(OpenError::Damaged { seq, .. }) => *seq > upto,

@@ -89,6 +89,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         clock: config.clock.clone(),
         hooks: config.snapshot_hooks,
         newest: recovered.snapshot.as_ref().map_or(0, |s| s.seq),
+        worker: config.snapshot_worker.clone(),
     });
     let supervisor = Supervisor {
         log: log_handle.clone(),

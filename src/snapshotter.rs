@@ -33,6 +33,7 @@ use crate::fold::State;
 use crate::log::{LogHandle, LogReader};
 use crate::recovery;
 use crate::snapshot::{self, WriteHooks};
+use crate::snapshot_worker;
 
 /// When snapshots are taken and how many are kept.
 #[derive(Clone, Debug)]
@@ -79,6 +80,9 @@ pub struct Taken {
     /// then writing and syncing the new file.
     pub build_ms: u64,
     pub write_ms: u64,
+    /// True when the state was built in a child process (the snapshot worker), false
+    /// when in the server itself (no worker configured, or it could not be started).
+    pub worker: bool,
 }
 
 /// How much CPU a job may take from requests.
@@ -131,6 +135,9 @@ pub struct SnapshotterArgs {
     pub hooks: WriteHooks,
     /// Sequence of the newest snapshot at start-up (0: none).
     pub newest: u64,
+    /// The `stockd` binary to build snapshots in a child process with
+    /// (`crate::snapshot_worker`); `None`: in this process.
+    pub worker: Option<PathBuf>,
 }
 
 impl Snapshotter {
@@ -389,7 +396,14 @@ impl Worker {
         let args = &self.args;
         let started = Instant::now();
         let built = run_at(priority, || {
-            build_snapshot(&args.reader, &args.dir, upto, now, args.hooks)
+            build_snapshot(
+                &args.reader,
+                &args.dir,
+                upto,
+                now,
+                args.hooks,
+                args.worker.as_deref(),
+            )
         })?;
         self.newest.fetch_max(built.sequence, Ordering::SeqCst);
         // On this thread, in the normal class: removing log segments takes the segment
@@ -414,7 +428,7 @@ pub fn take_snapshot(
     hooks: WriteHooks,
 ) -> Result<Taken, String> {
     let started = Instant::now();
-    let built = build_snapshot(reader, dir, upto, now, hooks)?;
+    let built = build_snapshot(reader, dir, upto, now, hooks, None)?;
     drop_unneeded_after(built, reader, dir, keep, started)
 }
 
@@ -435,13 +449,16 @@ fn drop_unneeded_after(
 }
 
 /// The first half of `take_snapshot`: builds and writes the snapshot after `upto` (or
-/// finds it already there); prunes nothing and drops no log records.
+/// finds it already there); prunes nothing and drops no log records. With a `worker`
+/// binary, the state is built in a child process (`crate::snapshot_worker`); if that
+/// cannot even be started, here.
 fn build_snapshot(
     reader: &LogReader,
     dir: &Path,
     upto: u64,
     now: Millis,
     hooks: WriteHooks,
+    worker: Option<&Path>,
 ) -> Result<Taken, String> {
     let started = Instant::now();
     // The newest snapshot that verifies, if it is already at (or past: a job queued behind
@@ -462,7 +479,40 @@ fn build_snapshot(
                 elapsed_ms: started.elapsed().as_millis() as u64,
                 build_ms: 0,
                 write_ms: 0,
+                worker: false,
             });
+        }
+    }
+    if let Some(program) = worker {
+        let job = snapshot_worker::Job {
+            snapshot_dir: dir.to_path_buf(),
+            upto,
+            truncated_through: reader.truncated_through().map_err(|e| e.to_string())?,
+            now,
+            pause_before_rename: hooks.pause_before_rename,
+        };
+        match snapshot_worker::build(program, reader, &job) {
+            Ok(built) => {
+                for skipped in &built.skipped {
+                    tracing::warn!(reason = %skipped, "skipped a snapshot that does not verify");
+                }
+                return Ok(Taken {
+                    sequence: built.sequence,
+                    file: snapshot::file_name(built.sequence),
+                    size_bytes: built.size_bytes,
+                    created: true,
+                    records_folded: built.records_folded,
+                    log_records_dropped: 0,
+                    elapsed_ms: started.elapsed().as_millis() as u64,
+                    build_ms: built.build_ms,
+                    write_ms: built.write_ms,
+                    worker: true,
+                });
+            }
+            Err(err @ snapshot_worker::WorkerError::Spawn { .. }) => {
+                tracing::warn!(error = %err, "building the snapshot in the server instead");
+            }
+            Err(err) => return Err(err.to_string()),
         }
     }
     let recovered = recovery::recover(reader, dir, upto).map_err(|e| e.to_string())?;
@@ -482,6 +532,7 @@ fn build_snapshot(
         elapsed_ms: started.elapsed().as_millis() as u64,
         build_ms: built.as_millis() as u64,
         write_ms: (written - built).as_millis() as u64,
+        worker: false,
     })
 }
 

@@ -716,3 +716,44 @@ async fn a_rebuild_does_not_wait_behind_a_snapshot() {
     assert_eq!(taken.status, 201, "{:?}", taken.body);
     t.stop().await;
 }
+
+/// The binary builds snapshots in a worker process (its default): the server sends it the
+/// log after the newest snapshot, and a restart from what it wrote has the same state. With
+/// `--snapshot-worker off` the server builds them itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_are_built_in_a_worker_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = ChildServer::spawn(dir.path(), &[]);
+    let c = s.client.clone();
+    c.create_product("A", 10).await;
+    c.create_product("B", 5).await;
+    reserve_ok(&c, "u1", "A").await;
+    let first = c.post("/v1/admin/snapshot", json!({})).await;
+    assert_eq!(first.status, 201, "{:?}", first.body);
+    assert_eq!(first.body["worker"], true, "{:?}", first.body);
+    assert_eq!(first.body["records_folded"], 3);
+    reserve_ok(&c, "u2", "B").await;
+    reserve_ok(&c, "u3", "A").await;
+    let second = c.post("/v1/admin/snapshot", json!({})).await;
+    assert_eq!(second.status, 201, "{:?}", second.body);
+    assert_eq!(second.body["worker"], true);
+    assert_eq!(
+        (
+            second.body["sequence"].clone(),
+            second.body["records_folded"].clone()
+        ),
+        (json!(5), json!(2)),
+        "the second is the first plus the two records after it"
+    );
+    let (a, b) = (c.product("A").await, c.product("B").await);
+    s.kill9();
+    // The log after the second snapshot is empty: the state is the worker's alone.
+    let s = ChildServer::spawn(dir.path(), &["--snapshot-worker", "off"]);
+    let c = s.client.clone();
+    assert_eq!(figures(&c.product("A").await), figures(&a));
+    assert_eq!(figures(&c.product("B").await), figures(&b));
+    reserve_ok(&c, "u4", "A").await;
+    let third = c.post("/v1/admin/snapshot", json!({})).await;
+    assert_eq!(third.status, 201, "{:?}", third.body);
+    assert_eq!(third.body["worker"], false);
+}
