@@ -7,7 +7,8 @@
 //! (10), `CATALOGUE_CONNECTIONS` (64), `CATALOGUE_HOT` (1,000: the SKUs the load reserves,
 //! spread over the catalogue: a flash sale touches few products, the rest stay idle),
 //! `CATALOGUE_RATE` (5,000 reserves/s, open loop: latency from when each request was due;
-//! 0 for a closed loop that saturates the machine), `CATALOGUE_JSON` (write the figures).
+//! 0 for a closed loop that saturates the machine), `CATALOGUE_JSON` (write the figures),
+//! `CATALOGUE_KEEP=1` (keep the data directory).
 //!
 //! Steps: (1) write the log of N products and M pending reservations with the real log
 //! writer (the records the server writes; generating them over HTTP would take minutes
@@ -250,7 +251,17 @@ fn main() {
     let hot = env_u64("CATALOGUE_HOT", 1_000).clamp(1, products);
     let rate = env_u64("CATALOGUE_RATE", 5_000);
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
+    // CATALOGUE_KEEP=1 keeps the data directory (its path is printed) for a closer look.
+    let keep = env_u64("CATALOGUE_KEEP", 0) == 1;
+    let dir = if keep {
+        tmp.keep()
+    } else {
+        tmp.path().to_path_buf()
+    };
+    let dir = dir.as_path();
+    if keep {
+        println!("  data kept in {}", dir.display());
+    }
     let log_dir = dir.join("data").join("log");
     let snapshots = dir.join("snapshots");
     let now = chrono::Utc::now().timestamp_millis();
