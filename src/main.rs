@@ -236,7 +236,13 @@ async fn serve(args: ServeArgs) -> ExitCode {
         truncate_damaged_log: args.truncate_damaged_log,
         retention: Duration::from_secs(args.retention_seconds),
         snapshot_worker: match args.snapshot_worker {
-            OnOff::On => match std::env::current_exe() {
+            // /proc/self/exe runs the very binary this server runs, even after an upgrade
+            // replaced the file (a worker of another version could disagree on formats).
+            OnOff::On => match std::path::Path::new("/proc/self/exe")
+                .exists()
+                .then(|| PathBuf::from("/proc/self/exe"))
+                .map_or_else(std::env::current_exe, Ok)
+            {
                 Ok(path) => Some(path),
                 Err(err) => {
                     tracing::warn!(error = %err, "cannot find this binary; snapshots are built in the server");

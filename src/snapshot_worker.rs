@@ -56,21 +56,19 @@ pub struct Job {
 }
 
 impl Job {
-    /// The child's command-line arguments after the subcommand.
-    fn args(&self) -> Vec<String> {
+    /// The child's command-line arguments after the subcommand (`--name=value`, so that
+    /// a negative number is never taken for a flag; the directory as an `OsString`).
+    fn args(&self) -> Vec<std::ffi::OsString> {
+        let mut dir = std::ffi::OsString::from("--snapshot-dir=");
+        dir.push(&self.snapshot_dir);
         let mut args = vec![
-            "--snapshot-dir".to_string(),
-            self.snapshot_dir.display().to_string(),
-            "--upto".to_string(),
-            self.upto.to_string(),
-            "--truncated-through".to_string(),
-            self.truncated_through.to_string(),
-            "--now".to_string(),
-            self.now.to_string(),
+            dir,
+            format!("--upto={}", self.upto).into(),
+            format!("--truncated-through={}", self.truncated_through).into(),
+            format!("--now={}", self.now).into(),
         ];
         if let Some(pause) = self.pause_before_rename {
-            args.push("--pause-before-rename-ms".to_string());
-            args.push(pause.as_millis().to_string());
+            args.push(format!("--pause-before-rename-ms={}", pause.as_millis()).into());
         }
         args
     }
@@ -235,13 +233,18 @@ pub fn build(program: &Path, reader: &LogReader, job: &Job) -> Result<Built, Wor
     #[cfg(target_os = "linux")]
     {
         use std::os::unix::process::CommandExt;
-        // SAFETY: only an async-signal-safe system call between fork and exec.
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: only async-signal-safe system calls between fork and exec.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 // The child dies with the thread that started it (the snapshot job, which
                 // waits for it): no worker outlives a killed server.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(io::Error::last_os_error());
+                }
+                // The server may have died before that took effect.
+                if libc::getppid() != parent {
+                    return Err(io::Error::other("the server is gone"));
                 }
                 Ok(())
             });
