@@ -195,6 +195,18 @@ fn sled_err(path: &Path) -> impl Fn(sled::Error) -> OpenError + '_ {
     }
 }
 
+/// Lowers the calling thread to nice 10 (Linux schedules threads; see `Service`).
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain system calls about the calling thread, with valid parameters.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        if libc::setpriority(libc::PRIO_PROCESS, tid, 10) != 0 {
+            tracing::debug!("cannot lower the log segment thread's priority");
+        }
+    }
+}
+
 /// Makes the directory's entries (created, renamed, removed files) durable.
 fn sync_dir(dir: &Path) -> io::Result<()> {
     fs::File::open(dir)?.sync_all()
@@ -353,7 +365,10 @@ type ServiceJob = Box<dyn FnOnce() + Send>;
 /// off the reader's and the writer's paths, on this one thread. It is started by whoever
 /// opens the log (start-up, in the normal scheduling class), not by a snapshot job: a
 /// thread started from a `SCHED_IDLE` job would be idle-class too, and so would the
-/// threads sled's shared pool starts from it, which the writer's flushes also use.
+/// threads sled's shared pool starts from it, which the writer's flushes also use. It
+/// runs at nice 10: none of its work is urgent (the writer asks for its next segment
+/// long before it needs it), and bursts of opening should yield to requests, but it must
+/// never starve the way an idle-class thread can.
 #[derive(Clone)]
 struct Service(mpsc::Sender<ServiceJob>);
 
@@ -363,6 +378,7 @@ impl Service {
         let started = thread::Builder::new()
             .name("stockd-log-segments".into())
             .spawn(move || {
+                lower_priority();
                 for job in rx {
                     job();
                 }
