@@ -244,7 +244,8 @@ pub fn build(program: &Path, reader: &LogReader, job: &Job) -> Result<Built, Wor
                 }
                 // The server may have died before that took effect.
                 if libc::getppid() != parent {
-                    return Err(io::Error::other("the server is gone"));
+                    // (No allocation between fork and exec: a plain OS error.)
+                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
                 }
                 Ok(())
             });
