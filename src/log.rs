@@ -450,9 +450,14 @@ impl Segments {
             .collect()
     }
 
-    /// Opens a segment (or shares the instance already open); `None` if it was truncated.
-    fn open_slot(&self, slot: &Arc<Slot>) -> Result<Option<SegmentRef>, OpenError> {
-        open_segment(slot)
+    /// The segments that may hold records after `after`, oldest first (a segment ends
+    /// where the next begins, so those that end at or before `after` are left out).
+    fn after(&self, after: u64) -> Vec<Arc<Slot>> {
+        let from = after.saturating_add(1);
+        let mut slots = self.list();
+        let skip = slots.windows(2).take_while(|w| w[1].first <= from).count();
+        slots.drain(..skip);
+        slots
     }
 
     /// Creates the segment whose first record is `first` (or opens it if it exists).
@@ -464,7 +469,7 @@ impl Segments {
                 .or_insert_with(|| Arc::new(new_slot(&self.dir, first, &self.guard)))
                 .clone()
         };
-        let segment = self.open_slot(&slot)?.ok_or_else(|| OpenError::Io {
+        let segment = open_segment(&slot)?.ok_or_else(|| OpenError::Io {
             path: slot.path.display().to_string(),
             source: io::Error::other("the segment was truncated while it was created"),
         })?;
@@ -621,17 +626,14 @@ fn write_mark(dir: &Path, seq: u64) -> io::Result<()> {
 /// segment. Crash-safe: the old database is removed only after every record and the mark
 /// are durable in the new layout, and its `db` file goes first; until then, the next open
 /// starts the move again from scratch.
-fn migrate_single_database(
-    segments: &Segments,
-    segment_records: u64,
-) -> Result<Option<u64>, OpenError> {
+fn migrate_single_database(segments: &Segments, segment_records: u64) -> Result<(), OpenError> {
     let dir = &segments.dir;
     let (db_file, conf_file) = (dir.join("db"), dir.join("conf"));
     if !db_file.is_file() {
         if conf_file.is_file() {
             remove_single_database_leftovers(dir); // a move that ended after its `db` went
         }
-        return Ok(None);
+        return Ok(());
     }
     tracing::info!(dir = %dir.display(), "moving the log to one database per segment");
     for slot in segments.list() {
@@ -697,7 +699,7 @@ fn migrate_single_database(
     sync_dir(dir).map_err(io_err(dir))?;
     remove_single_database_leftovers(dir);
     tracing::info!(records = moved, "log moved to one database per segment");
-    Ok(Some(moved))
+    Ok(())
 }
 
 /// What is left of a single-database log once its `db` file is gone (best effort: none of
@@ -752,7 +754,7 @@ impl Log {
     pub fn last_seq(&self) -> Result<u64, OpenError> {
         let mut last = 0;
         for slot in self.segments.list().iter().rev() {
-            let Some(segment) = self.segments.open_slot(slot)? else {
+            let Some(segment) = open_segment(slot)? else {
                 continue;
             };
             if let Some((key, _)) = segment.db().last().map_err(sled_err(&slot.path))? {
@@ -779,7 +781,7 @@ impl Log {
     pub fn truncate_from(&self, seq: u64) -> Result<u64, OpenError> {
         let mut removed = 0;
         for slot in self.segments.list().into_iter().rev() {
-            let Some(segment) = self.segments.open_slot(&slot)? else {
+            let Some(segment) = open_segment(&slot)? else {
                 continue;
             };
             let err = sled_err(&slot.path);
@@ -833,7 +835,7 @@ impl Log {
         // ever stored under a later segment's name.
         let mut current = None;
         while let Some(slot) = self.segments.list().pop() {
-            let Ok(Some(segment)) = self.segments.open_slot(&slot) else {
+            let Ok(Some(segment)) = open_segment(&slot) else {
                 break;
             };
             if slot.first > next_seq && segment.db().is_empty() {
@@ -925,16 +927,16 @@ impl std::fmt::Display for LogSummary {
 
 impl LogReader {
     /// Every record after `after`, in log order, verified. A segment truncated while this
-    /// runs is skipped (the caller sees a shorter log, never a wrong record).
+    /// runs is read on if it was already opened; otherwise the stream skips it if nothing
+    /// was read yet, else ends there (the caller sees a shorter log, never a hole or a
+    /// wrong record).
     pub fn records_after(
         &self,
         after: u64,
     ) -> impl Iterator<Item = Result<(u64, Record), OpenError>> + Send + 'static {
         self.raw_records_after(after).map(|item| {
             let (seq, bytes) = item?;
-            let record =
-                record::decode(&bytes).map_err(|source| OpenError::Damaged { seq, source })?;
-            Ok((seq, record))
+            Ok((seq, decode_at(seq, &bytes)?))
         })
     }
 
@@ -944,14 +946,10 @@ impl LogReader {
         &self,
         after: u64,
     ) -> impl Iterator<Item = Result<(u64, sled::IVec), OpenError>> + Send + 'static {
-        let from = after.saturating_add(1);
-        let slots = self.segments.list();
-        // Skip the segments that end before `from`: a segment ends where the next begins.
-        let skip = slots.windows(2).take_while(|w| w[1].first <= from).count();
         Records {
             service: self.segments.service.clone(),
-            slots: slots.into_iter().skip(skip).collect(),
-            from,
+            slots: self.segments.after(after).into(),
+            from: after.saturating_add(1),
             current: None,
             opening: None,
             failed: false,
@@ -964,13 +962,11 @@ impl LogReader {
     /// decodes the snapshot, so that opening the log (sled reads each segment's own log
     /// when it opens it) overlaps decoding instead of following it.
     pub fn open_ahead(&self, after: u64, segments: usize) -> OpenAhead {
-        let from = after.saturating_add(1);
-        let slots = self.segments.list();
-        let skip = slots.windows(2).take_while(|w| w[1].first <= from).count();
         let service = &self.segments.service;
-        let opening = slots
+        let opening = self
+            .segments
+            .after(after)
             .into_iter()
-            .skip(skip)
             .take(segments)
             .map(|slot| service.open(slot))
             .collect();
@@ -1020,7 +1016,7 @@ impl LogReader {
             ..LogSummary::default()
         };
         for slot in slots {
-            let Some(segment) = self.segments.open_slot(&slot)? else {
+            let Some(segment) = open_segment(&slot)? else {
                 continue;
             };
             for item in segment.db().iter() {
@@ -1159,6 +1155,11 @@ impl Drop for Records {
     }
 }
 
+/// Decodes and verifies the stored bytes of record `seq` (a failure names the record).
+pub fn decode_at(seq: u64, bytes: &[u8]) -> Result<Record, OpenError> {
+    record::decode(bytes).map_err(|source| OpenError::Damaged { seq, source })
+}
+
 fn seq_of(key: &[u8]) -> Result<u64, OpenError> {
     let bytes: [u8; 8] = key
         .try_into()
@@ -1173,7 +1174,7 @@ pub fn damage_record(dir: &Path, seq: u64) -> Result<(), OpenError> {
     let log = Log::open(dir)?;
     let key = seq.to_be_bytes();
     for slot in log.segments.list() {
-        let Some(segment) = log.segments.open_slot(&slot)? else {
+        let Some(segment) = open_segment(&slot)? else {
             continue;
         };
         let err = sled_err(&slot.path);
@@ -1326,7 +1327,7 @@ impl Writer {
         Ok(seq - 1)
     }
 
-    /// Once the current segment is half full, its successor is created on a helper thread
+    /// Once the current segment is half full, its successor is created on the segment thread
     /// (sled creates its files, the directory is synced: a few milliseconds that would
     /// otherwise stall every waiting acknowledgement when the segment fills up).
     fn prepare_next_segment(&mut self) {
@@ -1445,6 +1446,15 @@ mod tests {
         names
     }
 
+    /// Polls `done` for up to 10 s (work finishing on the segment thread); the caller
+    /// asserts the outcome.
+    fn wait_until(done: impl Fn() -> bool) {
+        let started = Instant::now();
+        while !done() && started.elapsed() < Duration::from_secs(10) {
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     fn seqs(reader: &LogReader) -> Vec<u64> {
         reader.records().map(|r| r.unwrap().0).collect()
     }
@@ -1498,11 +1508,8 @@ mod tests {
         assert!(rest == all || rest == ended, "{rest:?}");
         drop(reader);
         // Segments are closed on the segment thread once read; then the trash goes.
-        let started = Instant::now();
         let entries = || fs::read_dir(&dir).unwrap().count();
-        while entries() > 3 && started.elapsed() < Duration::from_secs(10) {
-            thread::sleep(Duration::from_millis(10));
-        }
+        wait_until(|| entries() <= 3);
         // LOCK, truncated_through, segment-21.
         assert_eq!(
             entries(),
@@ -1534,7 +1541,6 @@ mod tests {
         let rest: Vec<u64> = records.map(|r| r.unwrap().0).collect();
         assert_eq!(rest, (2..=8).collect::<Vec<_>>());
         drop(reader);
-        let started = Instant::now();
         let trash = || {
             fs::read_dir(&dir)
                 .unwrap()
@@ -1544,13 +1550,11 @@ mod tests {
                 })
                 .count()
         };
-        while trash() > 0 && started.elapsed() < Duration::from_secs(10) {
-            thread::sleep(Duration::from_millis(10));
-        }
+        wait_until(|| trash() == 0);
         assert_eq!(trash(), 0, "the old segment's files are deleted");
         assert_eq!(segment_dirs(&dir), vec![segment_dir_name(1)]);
         let slot = log.segments.list()[0].clone();
-        let segment = log.segments.open_slot(&slot).unwrap().unwrap();
+        let segment = open_segment(&slot).unwrap().unwrap();
         assert_eq!(segment.db().len(), 1, "the new segment is intact");
     }
 
@@ -1605,7 +1609,7 @@ mod tests {
         let log = Log::open(&dir).unwrap();
         assert_eq!(seqs(&log.reader()), (1..=118).collect::<Vec<_>>());
         for slot in log.segments.list() {
-            let segment = log.segments.open_slot(&slot).unwrap().unwrap();
+            let segment = open_segment(&slot).unwrap().unwrap();
             let (first, _) = segment.db().first().unwrap().unwrap();
             assert_eq!(seq_of(&first).unwrap(), slot.first);
         }

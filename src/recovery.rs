@@ -282,15 +282,8 @@ pub fn fold_stream(
 /// Folds every record of the log into a fresh state, ignoring snapshots (tests, tools).
 pub fn fold_log(reader: &LogReader) -> Result<Recovered, RecoveryError> {
     let started = std::time::Instant::now();
-    let (state, records, last_seq) = fold_records(reader, State::default(), 0, u64::MAX)?;
-    Ok(Recovered {
-        state,
-        snapshot: None,
-        skipped: Vec::new(),
-        records,
-        last_seq,
-        replay: started.elapsed(),
-    })
+    let folded = fold_records(reader, State::default(), 0, u64::MAX)?;
+    finish(None, Vec::new(), folded, u64::MAX, started.elapsed())
 }
 
 /// Invariant 1 for the products the record touched (checking all would be quadratic).

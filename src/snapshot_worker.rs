@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::Millis;
 use crate::log::{LogReader, OpenError};
-use crate::record::{self, Record};
+use crate::record::Record;
 use crate::recovery;
 use crate::snapshot::{self, WriteHooks};
 
@@ -126,6 +126,17 @@ pub fn run(job: &Job, input: impl Read + Send, mut output: impl Write) -> Result
         started.elapsed(),
     )
     .map_err(|e| e.to_string())?;
+    let done = write(job, recovered, started)?;
+    let line = serde_json::to_string(&done).map_err(|e| e.to_string())?;
+    writeln!(output, "{line}")
+        .and_then(|()| output.flush())
+        .map_err(|e| format!("cannot answer the server: {e}"))?;
+    Ok(done)
+}
+
+/// Writes the recovered state as the snapshot `job` asks for, and describes it; `started`
+/// is when building began. The worker and a server building in-process both end here.
+pub fn write(job: &Job, recovered: recovery::Recovered, started: Instant) -> Result<Built, String> {
     let built = started.elapsed();
     let hooks = WriteHooks {
         pause_before_rename: job.pause_before_rename,
@@ -143,19 +154,14 @@ pub fn run(job: &Job, input: impl Read + Send, mut output: impl Write) -> Result
             job.snapshot_dir.display()
         )
     })?;
-    let done = Built {
+    Ok(Built {
         sequence: recovered.last_seq,
         size_bytes: info.size_bytes,
         records_folded: recovered.records,
         skipped: recovered.skipped,
         build_ms: built.as_millis() as u64,
         write_ms: (started.elapsed() - built).as_millis() as u64,
-    };
-    let line = serde_json::to_string(&done).map_err(|e| e.to_string())?;
-    writeln!(output, "{line}")
-        .and_then(|()| output.flush())
-        .map_err(|e| format!("cannot answer the server: {e}"))?;
-    Ok(done)
+    })
 }
 
 /// The records the server sends, decoded and verified.
@@ -194,9 +200,9 @@ impl<R: Read> Iterator for Frames<R> {
         }
         let item = match self.read_frame() {
             Ok(None) => return None,
-            Ok(Some((seq, bytes))) => record::decode(&bytes)
-                .map(|record| (seq, record))
-                .map_err(|source| OpenError::Damaged { seq, source }),
+            Ok(Some((seq, bytes))) => {
+                crate::log::decode_at(seq, &bytes).map(|record| (seq, record))
+            }
             Err(source) => Err(OpenError::Io {
                 path: "the server's pipe".to_string(),
                 source,
@@ -345,6 +351,7 @@ fn exchange(
 mod tests {
     use super::*;
     use crate::fold::{self, State};
+    use crate::record;
 
     fn records() -> Vec<Record> {
         let mut records = Vec::new();

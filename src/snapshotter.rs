@@ -268,9 +268,9 @@ fn run_at<T: Send>(
     })
 }
 
-/// Returns freed memory to the OS now, from the calling thread: a snapshot job (which
-/// frees a second copy of the whole state, ~1 GB at a million products) and start-up
-/// after recovery. Left to mimalloc's delayed purge, that work lands on whichever thread
+/// Returns freed memory to the OS now, from the calling thread: a snapshot job (which,
+/// building in the server rather than in a worker, frees a second copy of the whole
+/// state, ~1 GB at a million products) and start-up after recovery. Left to mimalloc's delayed purge, that work lands on whichever thread
 /// allocates next, a request thread, and showed as a 48 ms stall in reserves right
 /// after a 1M-product snapshot (docs/PERFORMANCE.md). A no-op where mimalloc is not the
 /// allocator in use.
@@ -483,31 +483,20 @@ fn build_snapshot(
             });
         }
     }
+    let job = snapshot_worker::Job {
+        snapshot_dir: dir.to_path_buf(),
+        upto,
+        truncated_through: reader.truncated_through().map_err(|e| e.to_string())?,
+        now,
+        pause_before_rename: hooks.pause_before_rename,
+    };
     if let Some(program) = worker {
-        let job = snapshot_worker::Job {
-            snapshot_dir: dir.to_path_buf(),
-            upto,
-            truncated_through: reader.truncated_through().map_err(|e| e.to_string())?,
-            now,
-            pause_before_rename: hooks.pause_before_rename,
-        };
         match snapshot_worker::build(program, reader, &job) {
             Ok(built) => {
                 for skipped in &built.skipped {
                     tracing::warn!(reason = %skipped, "skipped a snapshot that does not verify");
                 }
-                return Ok(Taken {
-                    sequence: built.sequence,
-                    file: snapshot::file_name(built.sequence),
-                    size_bytes: built.size_bytes,
-                    created: true,
-                    records_folded: built.records_folded,
-                    log_records_dropped: 0,
-                    elapsed_ms: started.elapsed().as_millis() as u64,
-                    build_ms: built.build_ms,
-                    write_ms: built.write_ms,
-                    worker: true,
-                });
+                return Ok(created(built, started, true));
             }
             Err(err @ snapshot_worker::WorkerError::Spawn { .. }) => {
                 tracing::warn!(error = %err, "building the snapshot in the server instead");
@@ -516,24 +505,24 @@ fn build_snapshot(
         }
     }
     let recovered = recovery::recover(reader, dir, upto).map_err(|e| e.to_string())?;
-    let built = started.elapsed();
-    let seq = recovered.last_seq;
-    let info = snapshot::write(dir, seq, &recovered.state, now, hooks)
-        .map_err(|e| format!("cannot write a snapshot in {}: {e}", dir.display()))?;
-    let written = started.elapsed();
-    drop(recovered.state);
-    Ok(Taken {
-        sequence: seq,
-        file: snapshot::file_name(seq),
-        size_bytes: info.size_bytes,
+    let built = snapshot_worker::write(&job, recovered, started)?;
+    Ok(created(built, started, false))
+}
+
+/// What `build_snapshot` answers for a snapshot it wrote (in a worker or here).
+fn created(built: snapshot_worker::Built, started: Instant, worker: bool) -> Taken {
+    Taken {
+        sequence: built.sequence,
+        file: snapshot::file_name(built.sequence),
+        size_bytes: built.size_bytes,
         created: true,
-        records_folded: recovered.records,
+        records_folded: built.records_folded,
         log_records_dropped: 0,
         elapsed_ms: started.elapsed().as_millis() as u64,
-        build_ms: built.as_millis() as u64,
-        write_ms: (written - built).as_millis() as u64,
-        worker: false,
-    })
+        build_ms: built.build_ms,
+        write_ms: built.write_ms,
+        worker,
+    }
 }
 
 /// Prunes old snapshots, then the log records before the oldest kept one, once there is
