@@ -237,6 +237,8 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo bench -- --list`
     }
+    // As the server does, so the in-process replay figure is the server's.
+    stockd::memory::apply_transparent_huge_pages_setting().expect("THP setting");
     // RUST_LOG=stockd::recovery=debug shows where replay time goes (the fold waiting for
     // the log reader, or not).
     tracing_subscriber::fmt()

@@ -14,7 +14,8 @@
 //!   supervises the product actors.
 //! - `service`: the operations offered to HTTP, as async functions over the actors.
 //! - `http`: warp, routing, validation, problem+json.
-//! - `server`: start-up and graceful shutdown; `config`, `clock`, `limits`, `error`.
+//! - `server`: start-up and graceful shutdown; `config`, `clock`, `limits`, `error`,
+//!   `memory`.
 //!
 //! The invariants these modules keep are listed in `docs/ARCHITECTURE.md`.
 
@@ -27,6 +28,7 @@ pub mod fold;
 pub mod http;
 pub mod limits;
 pub mod log;
+pub mod memory;
 pub mod record;
 pub mod recovery;
 pub mod server;

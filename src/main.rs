@@ -422,6 +422,11 @@ fn snapshot_worker(args: WorkerArgs) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // Before any large allocation: see `stockd::memory`.
+    if let Err(err) = stockd::memory::apply_transparent_huge_pages_setting() {
+        eprintln!("stockd: {err}");
+        return ExitCode::from(2);
+    }
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(args)) => args,

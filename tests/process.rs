@@ -320,3 +320,33 @@ fn help_describes_every_flag() {
         .unwrap();
     assert!(!bad.status.success());
 }
+
+/// The server turns transparent huge pages off for itself (see `stockd::memory`), and
+/// refuses a setting it does not know rather than guessing.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn transparent_huge_pages_are_off_unless_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::spawn(dir.path(), &[]);
+    let pid = server.pid().expect("running");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status.contains("THP_enabled:\t0"),
+        "the server's /proc status:\n{status}"
+    );
+    assert_eq!(server.client.get("/health").await.status, 200);
+
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_stockd"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("other"))
+        .env("STOCKD_TRANSPARENT_HUGE_PAGES", "maybe")
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("STOCKD_TRANSPARENT_HUGE_PAGES must be on or off"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("other").exists(), "nothing was created");
+}

@@ -301,6 +301,12 @@ impl ChildServer {
         }
     }
 
+    /// The child's process id, while it runs.
+    #[allow(dead_code)] // not every test binary that shares this module uses it
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL: no shutdown code runs.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
