@@ -3,6 +3,8 @@
 //! naming the field, e.g. `items[2].quantity`. Parsing goes through `serde_json::Value`
 //! so that every message can name its field precisely; typos never pass silently.
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 use warp::http::HeaderMap;
 
@@ -19,6 +21,14 @@ pub fn json_body(headers: &HeaderMap, body: &[u8]) -> Result<Option<Value>> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
+    json_content_type(headers)?;
+    serde_json::from_slice(body)
+        .map(Some)
+        .map_err(|e| Problem::bad_request(format!("the body is not valid JSON: {e}")))
+}
+
+/// A body, when there is one, must be declared as JSON (or sent without a Content-Type).
+fn json_content_type(headers: &HeaderMap) -> Result<()> {
     if let Some(ct) = headers.get(warp::http::header::CONTENT_TYPE) {
         let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
         let essence = ct.split(';').next().unwrap_or("").trim();
@@ -28,9 +38,7 @@ pub fn json_body(headers: &HeaderMap, body: &[u8]) -> Result<Option<Value>> {
             )));
         }
     }
-    serde_json::from_slice(body)
-        .map(Some)
-        .map_err(|e| Problem::bad_request(format!("the body is not valid JSON: {e}")))
+    Ok(())
 }
 
 pub fn required(body: Option<Value>) -> Result<Value> {
@@ -108,20 +116,35 @@ fn string<'v>(value: &'v Value, field: &str, max_chars: usize) -> Result<&'v str
     let s = value
         .as_str()
         .ok_or_else(|| Problem::invalid(field, format!("{field} must be a string")))?;
-    let chars = s.chars().count();
-    if chars == 0 || chars > max_chars {
-        return Err(Problem::invalid(
+    match text_fault(s, max_chars) {
+        None => Ok(s),
+        Some(TextFault::Length) => Err(Problem::invalid(
             field,
             format!("{field} must be 1 to {max_chars} characters"),
-        ));
-    }
-    if s.chars().any(char::is_control) {
-        return Err(Problem::invalid(
+        )),
+        Some(TextFault::Control) => Err(Problem::invalid(
             field,
             format!("{field} must not contain control characters"),
-        ));
+        )),
     }
-    Ok(s)
+}
+
+enum TextFault {
+    Length,
+    Control,
+}
+
+/// What is wrong with a free-text field, if anything: its length in characters, or a
+/// control character in it.
+fn text_fault(s: &str, max_chars: usize) -> Option<TextFault> {
+    let chars = s.chars().count();
+    if chars == 0 || chars > max_chars {
+        Some(TextFault::Length)
+    } else if s.chars().any(char::is_control) {
+        Some(TextFault::Control)
+    } else {
+        None
+    }
 }
 
 /// Whether `s` is a well-formed SKU: 1..=64 of `A-Z a-z 0-9 . _ -`.
@@ -227,6 +250,64 @@ pub fn adjust(body: &Value) -> Result<Change> {
         .map(|v| string(v, "reason", REASON_CHARS_MAX).map(str::to_string))
         .transpose()?;
     Ok(Change::Adjust { delta, reason })
+}
+
+/// `POST /v1/reservations`, the hottest request: a typed parse that borrows from the body,
+/// with the checks of `reserve`. Anything it does not accept, for whatever reason, goes
+/// through `reserve` on a `serde_json::Value`, which finds the exact error and names its
+/// field; so both paths accept the same bodies, with the same result (a test holds them
+/// to it). Parsing into a `Value` first was ~3.7 % of a reserve's CPU (perf).
+pub fn reserve_body(headers: &HeaderMap, body: &[u8]) -> Result<ReserveRequest> {
+    if let Some(request) = reserve_fast(headers, body) {
+        return Ok(request);
+    }
+    reserve(&required(json_body(headers, body)?)?)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReserveBody<'a> {
+    #[serde(borrow)]
+    customer_id: Cow<'a, str>,
+    #[serde(borrow)]
+    items: Vec<LineBody<'a>>,
+    #[serde(default)]
+    ttl_seconds: Option<u64>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LineBody<'a> {
+    #[serde(borrow)]
+    sku: Cow<'a, str>,
+    quantity: u64,
+}
+
+fn reserve_fast(headers: &HeaderMap, body: &[u8]) -> Option<ReserveRequest> {
+    json_content_type(headers).ok()?;
+    let parsed: ReserveBody = serde_json::from_slice(body).ok()?;
+    let valid = text_fault(&parsed.customer_id, CUSTOMER_ID_CHARS_MAX).is_none()
+        && (1..=RESERVATION_LINES_MAX).contains(&parsed.items.len())
+        && parsed.items.iter().enumerate().all(|(i, line)| {
+            is_sku(&line.sku)
+                && (1..=QUANTITY_MAX).contains(&line.quantity)
+                && parsed.items[..i].iter().all(|l| l.sku != line.sku)
+        })
+        && parsed
+            .ttl_seconds
+            .is_none_or(|t| (TTL_SECONDS_MIN..=TTL_SECONDS_MAX).contains(&t));
+    valid.then(|| ReserveRequest {
+        customer_id: parsed.customer_id.into_owned(),
+        items: parsed
+            .items
+            .into_iter()
+            .map(|line| Line {
+                sku: line.sku.into_owned(),
+                quantity: line.quantity,
+            })
+            .collect(),
+        ttl_seconds: parsed.ttl_seconds,
+    })
 }
 
 pub fn reserve(body: &Value) -> Result<ReserveRequest> {
@@ -360,4 +441,174 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>> {
         )));
     }
     Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn pick<'a>(&mut self, choices: &[&'a str]) -> &'a str {
+            choices[(self.next() % choices.len() as u64) as usize]
+        }
+        /// One of `good` nine times in ten, otherwise one of `bad`.
+        fn mostly<'a>(&mut self, good: &[&'a str], bad: &[&'a str]) -> &'a str {
+            if self.next() % 10 == 0 {
+                self.pick(bad)
+            } else {
+                self.pick(good)
+            }
+        }
+    }
+
+    fn json_headers() -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            warp::http::header::CONTENT_TYPE,
+            "application/json".parse().unwrap(),
+        );
+        headers
+    }
+
+    /// Reservation bodies, mostly valid, with one thing or another wrong in many.
+    fn body(rng: &mut Rng) -> String {
+        let long_id = format!("\"{}\"", "c".repeat(CUSTOMER_ID_CHARS_MAX + 1));
+        let long_sku = format!("\"{}\"", "S".repeat(SKU_LEN_MAX + 1));
+        let max_q = QUANTITY_MAX.to_string();
+        let over_q = (QUANTITY_MAX + 1).to_string();
+        let max_ttl = TTL_SECONDS_MAX.to_string();
+        let over_ttl = (TTL_SECONDS_MAX + 1).to_string();
+        let mut fields = Vec::new();
+        if rng.next() % 16 != 0 {
+            let id = rng.mostly(
+                &["\"c1\"", "\"c\\u00e9\""],
+                &["\"\"", "\"a\\u0001\"", "7", "null", &long_id],
+            );
+            fields.push(format!("\"customer_id\":{id}"));
+        }
+        if rng.next() % 16 != 0 {
+            let n = match rng.next() % 30 {
+                0 => 0,
+                1 => RESERVATION_LINES_MAX + 1,
+                _ => 1 + (rng.next() % 3) as usize,
+            };
+            let mut lines = Vec::new();
+            for i in 0..n {
+                let sku = format!("\"SKU-{i}\"");
+                let sku = rng.mostly(
+                    &[&sku, &sku, "\"A\\u002dB\""],
+                    &["\"SKU-0\"", "\"bad sku\"", "\"\"", &long_sku, "1"],
+                );
+                let quantity = rng.mostly(
+                    &["1", "2", &max_q],
+                    &["0", "-1", "1.5", "\"1\"", "null", &over_q],
+                );
+                let extra = if rng.next() % 20 == 0 {
+                    ",\"note\":1"
+                } else {
+                    ""
+                };
+                let dup = if rng.next() % 25 == 0 {
+                    ",\"quantity\":1"
+                } else {
+                    ""
+                };
+                lines.push(format!(
+                    "{{\"sku\":{sku},\"quantity\":{quantity}{extra}{dup}}}"
+                ));
+            }
+            let items = if rng.next() % 30 == 0 {
+                "{}".to_string()
+            } else {
+                format!("[{}]", lines.join(","))
+            };
+            fields.push(format!("\"items\":{items}"));
+        }
+        if rng.next() % 2 == 0 {
+            let ttl = rng.mostly(
+                &["30", "null", "1", &max_ttl],
+                &["0", &over_ttl, "30.0", "-5"],
+            );
+            fields.push(format!("\"ttl_seconds\":{ttl}"));
+        }
+        if rng.next() % 20 == 0 {
+            fields.push("\"coupon\":\"X\"".to_string());
+        }
+        if rng.next() % 20 == 0 {
+            fields.push("\"customer_id\":\"c2\"".to_string());
+        }
+        let body = format!("{{{}}}", fields.join(","));
+        match rng.next() % 40 {
+            0 => format!("  {body}\n"),
+            1 => format!("{body},"),
+            2 => "[]".to_string(),
+            _ => body,
+        }
+    }
+
+    fn slow(headers: &HeaderMap, body: &[u8]) -> Result<ReserveRequest> {
+        reserve(&required(json_body(headers, body)?)?)
+    }
+
+    #[test]
+    fn the_fast_path_accepts_only_what_the_exact_one_accepts_with_the_same_result() {
+        let headers = json_headers();
+        let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+        let (mut fast_hits, mut refused) = (0, 0);
+        for _ in 0..20_000 {
+            let body = body(&mut rng);
+            let exact = slow(&headers, body.as_bytes());
+            match reserve_fast(&headers, body.as_bytes()) {
+                Some(request) => {
+                    fast_hits += 1;
+                    assert_eq!(exact.as_ref().ok(), Some(&request), "{body}");
+                }
+                None => {
+                    if exact.is_err() {
+                        refused += 1;
+                    }
+                }
+            }
+            // What the server runs gives exactly the exact path's answer.
+            match (reserve_body(&headers, body.as_bytes()), exact) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "{body}"),
+                (Err(a), Err(b)) => {
+                    assert_eq!((a.status, a.code, &a.detail), (b.status, b.code, &b.detail));
+                    assert_eq!(a.extra, b.extra, "{body}");
+                }
+                (a, b) => panic!("{body}: {:?} against {:?}", a.is_ok(), b.is_ok()),
+            }
+        }
+        // The generator exercises both sides.
+        assert!(fast_hits > 2_000, "{fast_hits} bodies took the fast path");
+        assert!(refused > 2_000, "{refused} bodies were refused");
+    }
+
+    #[test]
+    fn plain_bodies_take_the_fast_path() {
+        let headers = json_headers();
+        for body in [
+            r#"{"customer_id":"c1","items":[{"sku":"A","quantity":1}]}"#,
+            r#"{"items":[{"quantity":2,"sku":"A"},{"sku":"B","quantity":1}],"customer_id":"c1","ttl_seconds":30}"#,
+            r#"{"customer_id":"caf\u00e9","items":[{"sku":"A","quantity":1}],"ttl_seconds":null}"#,
+        ] {
+            assert!(reserve_fast(&headers, body.as_bytes()).is_some(), "{body}");
+        }
+        let mut text = HeaderMap::new();
+        text.insert(
+            warp::http::header::CONTENT_TYPE,
+            "text/plain".parse().unwrap(),
+        );
+        let body = br#"{"customer_id":"c1","items":[{"sku":"A","quantity":1}]}"#;
+        assert!(reserve_fast(&text, body).is_none());
+        assert_eq!(reserve_body(&text, body).unwrap_err().status, 400);
+    }
 }

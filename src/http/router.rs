@@ -207,7 +207,7 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request) -> Result<Reply> {
         }
         Reserve => {
             let key = input::idempotency_key(&req.headers)?;
-            let request = input::reserve(&input::required(body()?)?)?;
+            let request = input::reserve_body(&req.headers, &req.body)?;
             let (r, replayed) = svc.reserve(request, key).await?;
             let view = if replayed {
                 ReservationView::original(&r)
