@@ -200,7 +200,40 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     fs::File::open(dir)?.sync_all()
 }
 
+/// Removes the page-table snapshots sled left half written in `dir`.
+///
+/// sled 0.34.7 writes such a snapshot every time it opens a database whose log grew since
+/// the last one (so the first time a segment is read after it was written): to
+/// `snap.<lsn>.generating`, synced, then renamed to `snap.<lsn>`. Its own reader lists
+/// the `.generating` files as snapshots too and takes the newest name, so a process killed
+/// between the two steps left a file that made every later open fail with "Read corrupted
+/// data" (seen: `kill -9` of a server replaying its log at start-up). A `.generating` file
+/// is never a finished snapshot, and nobody else writes this directory while we open it
+/// (the log's `LOCK`, and one open per segment in this process); without it sled falls
+/// back to its previous snapshot, or to reading its log from the start.
+fn remove_unfinished_sled_snapshots(dir: &Path) -> Result<(), OpenError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(io_err(dir)(err)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!(
+                file = %entry.path().display(),
+                "removing a storage snapshot left unfinished by a crash"
+            );
+            fs::remove_file(entry.path()).map_err(io_err(dir))?;
+        }
+    }
+    Ok(())
+}
+
 fn open_sled(path: &Path) -> Result<sled::Db, OpenError> {
+    remove_unfinished_sled_snapshots(path)?;
     let started = Instant::now();
     loop {
         let result = sled::Config::new()
@@ -639,6 +672,7 @@ fn migrate_single_database(segments: &Segments, segment_records: u64) -> Result<
     for slot in segments.list() {
         segments.remove(slot.first)?; // left by an interrupted move
     }
+    remove_unfinished_sled_snapshots(dir)?;
     let old = sled::Config::new()
         .path(dir)
         .flush_every_ms(None)
@@ -1567,6 +1601,55 @@ mod tests {
         assert!(matches!(err, OpenError::Locked { .. }), "{err}");
         drop(log);
         Log::open(&dir).unwrap();
+    }
+
+    /// sled writes a page-table snapshot when a database is opened (here: read the first
+    /// time after writing), to `snap.<lsn>.generating` and then renamed; `kill -9` between
+    /// the two left a file that made every later open of that segment fail.
+    #[test]
+    fn a_storage_snapshot_left_half_written_by_a_crash_does_not_stop_the_log_opening() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        write(&dir, 25, 10);
+        let segments = segment_dirs(&dir);
+        assert_eq!(segments.len(), 3);
+        // The segment at the front has never been reopened: a crash during its first
+        // snapshot leaves only the unfinished file.
+        fs::write(
+            dir.join(&segments[0])
+                .join("snap.FFFFFFFFFFFFFFFF.generating"),
+            vec![7u8; 4096],
+        )
+        .unwrap();
+        // The second has been read once (sled wrote `snap.<lsn>`); a crash during the next
+        // snapshot leaves half of one beside it, under a name that sorts after it.
+        {
+            let log = Log::open(&dir).unwrap();
+            assert_eq!(seqs(&log.reader()), (1..=25).collect::<Vec<_>>());
+        }
+        let second = dir.join(&segments[1]);
+        let finished = fs::read_dir(&second)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .find(|name| name.starts_with("snap.") && !name.ends_with(".generating"))
+            .expect("sled wrote a snapshot when the segment was first read");
+        let bytes = fs::read(second.join(&finished)).unwrap();
+        fs::write(
+            second.join(format!("{finished}.generating")),
+            &bytes[..bytes.len() / 2],
+        )
+        .unwrap();
+
+        let log = Log::open(&dir).unwrap();
+        assert_eq!(seqs(&log.reader()), (1..=25).collect::<Vec<_>>());
+        for segment in &segments {
+            let left: Vec<_> = fs::read_dir(dir.join(segment))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|name| name.ends_with(".generating"))
+                .collect();
+            assert!(left.is_empty(), "{segment}: {left:?}");
+        }
     }
 
     #[test]
