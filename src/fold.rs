@@ -24,6 +24,12 @@ pub struct IdempotencyEntry {
     pub created_at: Millis,
 }
 
+/// Products by SKU. Hashed with foldhash (seeded per process), not SipHash: SipHash and
+/// the rehashing of a growing table were ~31 % of the fold's CPU when replaying a
+/// million-product log (perf, docs/PERFORMANCE.md). SKUs come from the operator's
+/// product API, not from buyers, and the seed still differs per process.
+pub type Products = HashMap<String, Product, foldhash::fast::RandomState>;
+
 /// Everything the log describes (and what a snapshot holds).
 ///
 /// Reservations and idempotency keys are ordered maps, not hash maps: they grow by the
@@ -35,7 +41,7 @@ pub struct IdempotencyEntry {
 /// close together. Snapshots encode a map the same way whichever kind it is.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
-    pub products: HashMap<String, Product>,
+    pub products: Products,
     pub reservations: BTreeMap<Uuid, Reservation>,
     pub idempotency: BTreeMap<IdempotencyKey, IdempotencyEntry>,
 }
@@ -56,10 +62,7 @@ pub enum FoldError {
     DeleteReserved(String),
 }
 
-fn product<'a>(
-    products: &'a mut HashMap<String, Product>,
-    sku: &str,
-) -> Result<&'a mut Product, FoldError> {
+fn product<'a>(products: &'a mut Products, sku: &str) -> Result<&'a mut Product, FoldError> {
     products
         .get_mut(sku)
         .ok_or_else(|| FoldError::UnknownProduct(sku.to_string()))

@@ -544,7 +544,7 @@ mod tests {
             );
         }
         let before = Before {
-            products: expected.products.clone(),
+            products: expected.products.clone().into_iter().collect(),
             reservations: expected.reservations.clone().into_iter().collect(),
             idempotency: expected.idempotency.clone().into_iter().collect(),
         };

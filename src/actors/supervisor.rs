@@ -502,7 +502,7 @@ const PASSIVATION_CHECK_MS: i64 = 1_000;
 
 /// The routing table, every product passive. Sorted first: a B-tree is built in one
 /// pass from sorted input.
-fn sorted_routes(products: HashMap<String, Product>) -> BTreeMap<String, Slot> {
+fn sorted_routes(products: crate::fold::Products) -> BTreeMap<String, Slot> {
     let mut sorted: Vec<(String, Product)> = products.into_iter().collect();
     sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     sorted
