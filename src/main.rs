@@ -59,6 +59,9 @@ struct WorkerArgs {
     now: i64,
     #[arg(long)]
     pause_before_rename_ms: Option<u64>,
+    /// The server process that started this worker (it dies with it).
+    #[arg(long)]
+    parent_pid: Option<u32>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -405,6 +408,12 @@ fn dump_log(data_dir: &std::path::Path, records: bool, json: bool) -> ExitCode {
 
 /// `stockd snapshot-worker`: one snapshot for the server that started this process.
 fn snapshot_worker(args: WorkerArgs) -> ExitCode {
+    if let Some(parent) = args.parent_pid {
+        if let Err(err) = stockd::snapshot_worker::die_with_parent(parent) {
+            eprintln!("snapshot worker: {err}");
+            return ExitCode::FAILURE;
+        }
+    }
     let job = stockd::snapshot_worker::Job {
         snapshot_dir: args.snapshot_dir,
         upto: args.upto,

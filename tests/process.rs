@@ -350,3 +350,25 @@ async fn transparent_huge_pages_are_off_unless_asked_for() {
     );
     assert!(!dir.path().join("other").exists(), "nothing was created");
 }
+
+/// A snapshot worker whose server is already gone stops before it reads anything.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_snapshot_worker_without_its_server_stops_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stockd"))
+        .arg("snapshot-worker")
+        .arg(format!("--snapshot-dir={}", dir.path().display()))
+        .args(["--upto=1", "--truncated-through=0", "--now=0"])
+        // Not its parent: this test process is.
+        .arg(format!("--parent-pid={}", u32::MAX))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the server that started it is gone"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}

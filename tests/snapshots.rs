@@ -391,11 +391,26 @@ async fn kill_9_while_a_snapshot_is_written_loses_nothing() {
     for i in 0..3 {
         acked.push((reserve_ok(&c, &format!("c{i}"), "A").await, "pending"));
     }
+    let workers = children_of(s.pid().expect("running"));
+    assert_eq!(workers.len(), 1, "one snapshot worker: {workers:?}");
     s.kill9();
     assert!(
         second.await.unwrap().is_err(),
         "the killed snapshot was never answered"
     );
+    // The worker dies with the server (it would otherwise finish and rename its file).
+    let worker_gone = eventually(Duration::from_secs(10), || async {
+        workers.iter().all(|pid| !is_alive(*pid))
+    })
+    .await;
+    assert!(worker_gone, "the snapshot worker outlived the server");
+    // Killed, not finished: its file was never renamed into place.
+    let finished: Vec<_> = std::fs::read_dir(&snapshots)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("snapshot-"))
+        .collect();
+    assert_eq!(finished.len(), 1, "only the first snapshot: {finished:?}");
 
     let s = ChildServer::spawn(dir.path(), &[]);
     assert_statuses(&s.client, &acked).await;
@@ -756,4 +771,31 @@ async fn snapshots_are_built_in_a_worker_process() {
     let third = c.post("/v1/admin/snapshot", json!({})).await;
     assert_eq!(third.status, 201, "{:?}", third.body);
     assert_eq!(third.body["worker"], false);
+}
+
+/// The child processes of `pid` (Linux: /proc/PID/task/TID/children).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let text = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        children.extend(
+            text.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+    }
+    children
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie waiting to be reaped).
+fn is_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
 }
