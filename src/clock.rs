@@ -112,9 +112,52 @@ mod tests {
         }
     }
 
+    /// The implementation before it was written by hand, for every year chrono can hold.
+    fn reference(ms: Millis) -> String {
+        use chrono::{Datelike, Timelike};
+        let t = chrono::DateTime::from_timestamp_millis(ms).unwrap();
+        format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+            t.year(),
+            t.month(),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            ms.rem_euclid(1000)
+        )
+    }
+
+    #[test]
+    fn agrees_with_the_previous_implementation_for_every_year() {
+        // Years 0 and 9999/10000 at their edges, years before 0, far future.
+        let year_0 = -62_167_219_200_000;
+        let year_10000 = 253_402_300_800_000;
+        for ms in [
+            year_0,
+            year_0 - 1,
+            year_0 + 1,
+            year_10000,
+            year_10000 - 1,
+            -100_000_000_000_000,
+            1_000_000_000_000_000,
+        ] {
+            assert_eq!(rfc3339(ms), reference(ms), "{ms}");
+        }
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Years about -20000 to 40000.
+            let ms = (x % 1_900_000_000_000_000) as i64 - 700_000_000_000_000;
+            assert_eq!(rfc3339(ms), reference(ms), "{ms}");
+        }
+    }
+
     #[test]
     fn agrees_with_chrono_over_a_spread_of_instants() {
-        // Years 1 to 9999, where RFC 3339 and the digit-by-digit path apply.
+        // Years about 5 to 9987, where RFC 3339 and the digit-by-digit path apply.
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
         for _ in 0..20_000 {
             x ^= x << 13;

@@ -262,7 +262,8 @@ pub fn build(program: &Path, reader: &LogReader, job: &Job) -> Result<Built, Wor
     // of the whole server (a million products: ~1 GB mapped in 4 KiB pages) while every
     // other thread's page faults wait; reserves stalled for 30-40 ms at the start of each
     // snapshot. Without it the child is started with posix_spawn (vfork), and ties its
-    // life to this thread itself (`die_with_parent`).
+    // life to this thread itself (`die_with_parent`). Keep it that way: a `pre_exec`,
+    // uid, gid, groups or process group set on this command would make std fork again.
     command.arg(format!("--parent-pid={}", std::process::id()));
     let child = command.spawn().map_err(|source| WorkerError::Spawn {
         program: program.display().to_string(),

@@ -205,6 +205,9 @@ async fn malformed_and_invalid_bodies_change_nothing() {
             json!({"customer_id": "x".repeat(129), "items": [{"sku": "A", "quantity": 1}]}),
             "customer_id",
         ),
+        // The fields as arrays, in order: not objects, whatever a struct parser accepts.
+        (json!(["u", [{"sku": "A", "quantity": 1}]]), "body"),
+        (json!({"customer_id": "u", "items": [["A", 1]]}), "items[0]"),
     ];
     for (body, field) in reserve_cases {
         let a = c.post("/v1/reservations", body.clone()).await;

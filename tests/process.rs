@@ -336,6 +336,26 @@ async fn transparent_huge_pages_are_off_unless_asked_for() {
     );
     assert_eq!(server.client.get("/health").await.status, 200);
 
+    // `on` keeps whatever this process has (the kernel's setting).
+    let own = thp_line(&std::fs::read_to_string("/proc/self/status").unwrap());
+    let mut kept = std::process::Command::new(env!("CARGO_BIN_EXE_stockd"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("kept"))
+        .arg("--snapshot-dir")
+        .arg(dir.path().join("kept-snapshots"))
+        .env("STOCKD_TRANSPARENT_HUGE_PAGES", "on")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(kept.stdout.take().unwrap()));
+    let listening = lines.any(|l| l.is_ok_and(|l| l.starts_with("listening on")));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", kept.id()));
+    let _ = kept.kill();
+    let _ = kept.wait();
+    assert!(listening, "the server with THP kept started");
+    assert_eq!(thp_line(&status.unwrap()), own);
+
     let bad = std::process::Command::new(env!("CARGO_BIN_EXE_stockd"))
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.path().join("other"))
@@ -371,4 +391,13 @@ fn a_snapshot_worker_without_its_server_stops_at_once() {
         "{stderr}"
     );
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[cfg(target_os = "linux")]
+fn thp_line(status: &str) -> String {
+    status
+        .lines()
+        .find(|l| l.starts_with("THP_enabled:"))
+        .unwrap_or_default()
+        .to_string()
 }

@@ -398,7 +398,8 @@ async fn kill_9_while_a_snapshot_is_written_loses_nothing() {
         second.await.unwrap().is_err(),
         "the killed snapshot was never answered"
     );
-    // The worker dies with the server (it would otherwise finish and rename its file).
+    // The worker dies with the server. (A worker that survived would also end, after its
+    // pause; what tells the two apart is the file check below.)
     let worker_gone = eventually(Duration::from_secs(10), || async {
         workers.iter().all(|pid| !is_alive(*pid))
     })

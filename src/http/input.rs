@@ -264,13 +264,37 @@ pub fn reserve_body(headers: &HeaderMap, body: &[u8]) -> Result<ReserveRequest> 
     reserve(&required(json_body(headers, body)?)?)
 }
 
+/// Only a JSON object deserializes into `T`: serde's derived structs also accept an
+/// array of their fields in order (`["c1", [...]]`), which the API does not.
+struct ObjectOnly<T>(T);
+
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for ObjectOnly<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visitor<T>(std::marker::PhantomData<T>);
+        impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for Visitor<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> std::result::Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(Visitor(std::marker::PhantomData))
+            .map(ObjectOnly)
+    }
+}
+
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ReserveBody<'a> {
     #[serde(borrow)]
     customer_id: Cow<'a, str>,
     #[serde(borrow)]
-    items: Vec<LineBody<'a>>,
+    items: Vec<ObjectOnly<LineBody<'a>>>,
     #[serde(default)]
     ttl_seconds: Option<u64>,
 }
@@ -285,14 +309,18 @@ struct LineBody<'a> {
 
 fn reserve_fast(headers: &HeaderMap, body: &[u8]) -> Option<ReserveRequest> {
     json_content_type(headers).ok()?;
-    let parsed: ReserveBody = serde_json::from_slice(body).ok()?;
+    let ObjectOnly(parsed): ObjectOnly<ReserveBody> = serde_json::from_slice(body).ok()?;
     let valid = text_fault(&parsed.customer_id, CUSTOMER_ID_CHARS_MAX).is_none()
         && (1..=RESERVATION_LINES_MAX).contains(&parsed.items.len())
-        && parsed.items.iter().enumerate().all(|(i, line)| {
-            is_sku(&line.sku)
-                && (1..=QUANTITY_MAX).contains(&line.quantity)
-                && parsed.items[..i].iter().all(|l| l.sku != line.sku)
-        })
+        && parsed
+            .items
+            .iter()
+            .enumerate()
+            .all(|(i, ObjectOnly(line))| {
+                is_sku(&line.sku)
+                    && (1..=QUANTITY_MAX).contains(&line.quantity)
+                    && parsed.items[..i].iter().all(|l| l.0.sku != line.sku)
+            })
         && parsed
             .ttl_seconds
             .is_none_or(|t| (TTL_SECONDS_MIN..=TTL_SECONDS_MAX).contains(&t));
@@ -301,7 +329,7 @@ fn reserve_fast(headers: &HeaderMap, body: &[u8]) -> Option<ReserveRequest> {
         items: parsed
             .items
             .into_iter()
-            .map(|line| Line {
+            .map(|ObjectOnly(line)| Line {
                 sku: line.sku.into_owned(),
                 quantity: line.quantity,
             })
@@ -521,6 +549,11 @@ mod tests {
                 } else {
                     ""
                 };
+                if rng.next() % 30 == 0 {
+                    // A line as an array of its fields, which serde's structs would take.
+                    lines.push(format!("[{sku},{quantity}]"));
+                    continue;
+                }
                 lines.push(format!(
                     "{{\"sku\":{sku},\"quantity\":{quantity}{extra}{dup}}}"
                 ));
@@ -550,6 +583,9 @@ mod tests {
             0 => format!("  {body}\n"),
             1 => format!("{body},"),
             2 => "[]".to_string(),
+            // The body as an array of its fields in order.
+            3 => r#"["c1",[{"sku":"A","quantity":1}]]"#.to_string(),
+            4 => r#"["c1",[{"sku":"A","quantity":1}],30]"#.to_string(),
             _ => body,
         }
     }
@@ -601,6 +637,17 @@ mod tests {
             r#"{"customer_id":"caf\u00e9","items":[{"sku":"A","quantity":1}],"ttl_seconds":null}"#,
         ] {
             assert!(reserve_fast(&headers, body.as_bytes()).is_some(), "{body}");
+        }
+        for body in [
+            r#"["c1",[{"sku":"A","quantity":1}]]"#,
+            r#"{"customer_id":"c1","items":[["A",1]]}"#,
+        ] {
+            assert!(reserve_fast(&headers, body.as_bytes()).is_none(), "{body}");
+            assert_eq!(
+                reserve_body(&headers, body.as_bytes()).unwrap_err().status,
+                422,
+                "{body}"
+            );
         }
         let mut text = HeaderMap::new();
         text.insert(
