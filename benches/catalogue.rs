@@ -27,6 +27,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "../tests/common/procfs.rs"]
+mod procfs;
+use procfs::children_of;
+
 use loadtest::driver::{run_phase, timed, Limits, PhaseStats};
 use stockd::domain::Line;
 use stockd::log::Log;
@@ -50,7 +54,7 @@ fn sku(i: u64) -> String {
 /// Appends records through the real writer in chunks, waiting for each chunk's last one.
 fn append_all(dir: &Path, first_seq: u64, records: impl Iterator<Item = Record>) -> u64 {
     let log = Log::open(dir).expect("open log");
-    let (handle, join) = log.start_writer(first_seq);
+    let (handle, join) = log.start_writer(first_seq).expect("start the writer");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
@@ -71,21 +75,6 @@ fn append_all(dir: &Path, first_seq: u64, records: impl Iterator<Item = Record>)
     });
     join.join().unwrap();
     written
-}
-
-/// The child processes of `pid` (Linux: /proc/PID/task/TID/children).
-fn children_of(pid: u32) -> Vec<u32> {
-    let mut children = Vec::new();
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for task in tasks.flatten() {
-            let text = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            children.extend(
-                text.split_whitespace()
-                    .filter_map(|p| p.parse::<u32>().ok()),
-            );
-        }
-    }
-    children
 }
 
 fn proc_status_kb(pid: u32, field: &str) -> u64 {

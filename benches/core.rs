@@ -118,7 +118,7 @@ fn group_commit(c: &mut Criterion) {
                 || {
                     let dir = tempfile::tempdir().unwrap();
                     let log = Log::open(&dir.path().join("log")).unwrap();
-                    let (handle, join) = log.start_writer(1);
+                    let (handle, join) = log.start_writer(1).unwrap();
                     (dir, handle, join)
                 },
                 |(dir, handle, join)| {

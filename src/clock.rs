@@ -118,12 +118,7 @@ mod tests {
     /// 20,000 instants spread over `span` milliseconds from `from` (a fixed xorshift).
     fn instants(from: Millis, span: u64) -> impl Iterator<Item = Millis> {
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        (0..20_000).map(move |_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            from + (x % span) as i64
-        })
+        (0..20_000).map(move |_| from + (crate::testing::xorshift(&mut x) % span) as i64)
     }
 
     /// The implementation before it was written by hand, for every year chrono can hold.

@@ -37,5 +37,8 @@ pub mod snapshot;
 pub mod snapshot_worker;
 pub mod snapshotter;
 
+#[cfg(test)]
+mod testing;
+
 pub use config::{Config, Durability};
 pub use server::{start, Server, StartError};

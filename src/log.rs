@@ -49,6 +49,7 @@ use tokio::sync::oneshot;
 
 use crate::limits::LOG_BATCH_RECORDS_MAX;
 use crate::record::{self, DecodeError, Record};
+use crate::snapshot::sync_dir;
 
 /// Why the log cannot acknowledge a record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -193,11 +194,6 @@ fn sled_err(path: &Path) -> impl Fn(sled::Error) -> OpenError + '_ {
         path: path.display().to_string(),
         source,
     }
-}
-
-/// Makes the directory's entries (created, renamed, removed files) durable.
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    fs::File::open(dir)?.sync_all()
 }
 
 /// Removes the page-table snapshots sled left half written in `dir`.
@@ -454,11 +450,22 @@ impl Segments {
                     _ => continue,
                 }
             }
-            let Some(first) = name
-                .strip_prefix(SEGMENT_PREFIX)
-                .and_then(|digits| digits.parse::<u64>().ok())
-            else {
+            let Some(digits) = name.strip_prefix(SEGMENT_PREFIX) else {
                 continue;
+            };
+            // Only the exact name a segment is given: reopening it under another spelling
+            // would make a new, empty database and hide the records.
+            let first = digits
+                .parse::<u64>()
+                .ok()
+                .filter(|first| segment_dir_name(*first) == name);
+            let Some(first) = first else {
+                return Err(OpenError::Io {
+                    path: entry.path().display().to_string(),
+                    source: io::Error::other(
+                        "not a log segment name (segment-<first sequence, 20 digits>); move it away",
+                    ),
+                });
             };
             slots.insert(first, Arc::new(new_slot(dir, first, &guard)));
         }
@@ -858,7 +865,10 @@ impl Log {
 
     /// Starts the writer thread; the log is then written only through the handle. The
     /// first record written gets `next_seq`.
-    pub fn start_writer(self, next_seq: u64) -> (LogHandle, thread::JoinHandle<()>) {
+    pub fn start_writer(
+        self,
+        next_seq: u64,
+    ) -> Result<(LogHandle, thread::JoinHandle<()>), OpenError> {
         let (tx, rx) = mpsc::channel();
         let fail_writes = Arc::new(AtomicBool::new(false));
         let failed = Arc::new(AtomicBool::new(false));
@@ -866,17 +876,16 @@ impl Log {
         // Appends continue the newest segment, unless it is full (or there is none). A
         // newest segment that starts after `next_seq` was created ahead of need and never
         // written (a crash, or a cut by `truncate_from`): removed, so that no record is
-        // ever stored under a later segment's name.
+        // ever stored under a later segment's name. Failing that is an error: segments must
+        // follow one another, or truncation and readers would misjudge where one ends.
         let mut current = None;
         while let Some(slot) = self.segments.list().pop() {
-            let Ok(Some(segment)) = open_segment(&slot) else {
+            let Some(segment) = open_segment(&slot)? else {
                 break;
             };
             if slot.first > next_seq && segment.db().is_empty() {
                 drop(segment);
-                if self.segments.remove(slot.first).is_err() {
-                    break;
-                }
+                self.segments.remove(slot.first)?;
                 continue;
             }
             current = Some(segment);
@@ -898,7 +907,7 @@ impl Log {
             .name("stockd-log-writer".into())
             .spawn(move || writer.run(rx))
             .expect("spawning the log writer thread");
-        (
+        Ok((
             LogHandle {
                 tx,
                 fail_writes,
@@ -906,7 +915,7 @@ impl Log {
                 durable,
             },
             join,
-        )
+        ))
     }
 }
 
@@ -1389,8 +1398,13 @@ impl Writer {
                 Ok(Err(err)) => {
                     tracing::warn!(error = %err, "preparing the next log segment failed; trying again")
                 }
-                // Not the one needed (cannot happen while segments are full-sized): unused.
-                _ => {}
+                // Not the one needed (cannot happen while segments are full-sized): removed,
+                // so that no empty segment is left ahead of the records.
+                Ok(Ok(unused)) => {
+                    drop(unused);
+                    self.segments.remove(prepared)?;
+                }
+                Err(_) => {}
             }
         }
         self.segments.create(first)
@@ -1419,7 +1433,10 @@ impl Writer {
                 let empty = prepared.db().is_empty();
                 drop(prepared);
                 if empty {
-                    let _ = self.segments.remove(first);
+                    // Left behind, it is removed by the next `start_writer` (or stops it).
+                    if let Err(err) = self.segments.remove(first) {
+                        tracing::warn!(error = %err, "cannot remove the unused log segment");
+                    }
                 }
             }
         }
@@ -1454,7 +1471,7 @@ mod tests {
     fn write(dir: &Path, n: u64, per_segment: u64) {
         let log = Log::open(dir).unwrap().with_segment_records(per_segment);
         let next = log.last_seq().unwrap() + 1;
-        let (handle, join) = log.start_writer(next);
+        let (handle, join) = log.start_writer(next).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
@@ -1590,6 +1607,17 @@ mod tests {
         let slot = log.segments.list()[0].clone();
         let segment = open_segment(&slot).unwrap().unwrap();
         assert_eq!(segment.db().len(), 1, "the new segment is intact");
+    }
+
+    #[test]
+    fn a_segment_directory_under_another_spelling_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        write(&dir, 5, 10);
+        fs::rename(dir.join(segment_dir_name(1)), dir.join("segment-1")).unwrap();
+        let err = Log::open(&dir).err().expect("refused");
+        assert!(err.to_string().contains("segment-1"), "{err}");
+        assert!(err.to_string().contains("not a log segment name"), "{err}");
     }
 
     #[test]

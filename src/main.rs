@@ -22,7 +22,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Holds every product's stock in memory, serializes changes per product in an actor, and
 /// acknowledges a change only once its write-ahead log record is flushed.
 #[derive(Parser)]
-#[command(version, args_conflicts_with_subcommands = true)]
+#[command(
+    version,
+    args_conflicts_with_subcommands = true,
+    after_help = "Environment: STOCKD_TRANSPARENT_HUGE_PAGES=on|off (default off) keeps or turns \
+                  off the kernel's transparent huge pages for stockd; read before the arguments, \
+                  any other value exits with code 2."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,

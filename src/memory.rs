@@ -12,7 +12,15 @@
 ///
 /// Returns whether the setting took; a kernel without the call leaves THP as it was.
 pub fn disable_transparent_huge_pages() -> bool {
-    disable_transparent_huge_pages_inner()
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: prctl with PR_SET_THP_DISABLE reads only its integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0 }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        false
+    }
 }
 
 /// What `main` calls: turns THP off unless `STOCKD_TRANSPARENT_HUGE_PAGES=on` asks to keep
@@ -33,34 +41,15 @@ pub fn apply_transparent_huge_pages_setting() -> Result<(), String> {
 /// The environment variable that keeps transparent huge pages on.
 pub const THP_ENV: &str = "STOCKD_TRANSPARENT_HUGE_PAGES";
 
-fn disable_transparent_huge_pages_inner() -> bool {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: prctl with PR_SET_THP_DISABLE reads only its integer arguments.
-        unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0 }
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        false
-    }
-}
-
-/// Whether transparent huge pages are off for this process (`PR_GET_THP_DISABLE`).
-pub fn transparent_huge_pages_disabled() -> bool {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: PR_GET_THP_DISABLE takes no pointers.
-        unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) == 1 }
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        false
-    }
-}
-
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
+
+    /// Whether transparent huge pages are off for this process (`PR_GET_THP_DISABLE`).
+    fn transparent_huge_pages_disabled() -> bool {
+        // SAFETY: PR_GET_THP_DISABLE takes no pointers.
+        unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) == 1 }
+    }
 
     #[test]
     fn the_setting_is_inherited_by_a_started_process() {

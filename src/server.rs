@@ -80,7 +80,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     let recovered = recover(&log, &config)?;
     let next_seq = log.last_seq()?.max(recovered.last_seq) + 1;
     let reader = log.reader();
-    let (log_handle, writer) = log.start_writer(next_seq);
+    let (log_handle, writer) = log.start_writer(next_seq)?;
     let (snapshotter, snapshot_thread) = Snapshotter::start(SnapshotterArgs {
         reader,
         log: log_handle.clone(),

@@ -234,7 +234,8 @@ fn write_temp(
     Ok(HEADER_BYTES as u64 + body_len)
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
+/// Makes the directory's entries (created, renamed, removed files) durable.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     #[cfg(unix)]
     File::open(dir)?.sync_all()?;
     #[cfg(not(unix))]
@@ -275,8 +276,20 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
-/// Reads and verifies a snapshot file: magic, version, length, checksum, then decodes.
-pub fn read(path: &Path) -> Result<(SnapshotInfo, State), SnapshotError> {
+/// A snapshot file whose header, name and checksum verified, positioned after its header.
+struct Verified {
+    file: File,
+    header: [u8; HEADER_BYTES],
+    info: SnapshotInfo,
+    name: String,
+    body_len: u64,
+    stored: u32,
+}
+
+/// Opens a snapshot file and verifies magic, version, length, name and checksum, reading
+/// the body once without decoding it (so a damaged length prefix can never make a decoder
+/// allocate wildly).
+fn open_verified(path: &Path) -> Result<Verified, SnapshotError> {
     let name = path.display().to_string();
     let io_err = |source| SnapshotError::Io {
         path: name.clone(),
@@ -296,18 +309,64 @@ pub fn read(path: &Path) -> Result<(SnapshotInfo, State), SnapshotError> {
     let info = verify_header(&name, &header, len)?;
     let body_len = len - HEADER_BYTES as u64;
     let stored = u32::from_le_bytes(header[9..13].try_into().expect("4 bytes"));
-    // Two passes, so that the body never sits in memory beside the state decoded from it
-    // (160 MB at a million products, on top of the state, at the peak of start-up): the
-    // first checks the checksum (a damaged length prefix can then never make the decoder
-    // allocate wildly), the second decodes while it checksums again (the file is
-    // immutable once renamed into place; a change between the passes is still caught).
     let mut hashing = Hashing::new(io::BufReader::with_capacity(1 << 20, &mut file));
     io::copy(&mut hashing, &mut io::sink()).map_err(io_err)?;
     if hashing.read != body_len || hashing.finish(&header) != stored {
         return Err(SnapshotError::Checksum { path: name });
     }
+    if let Some(named) = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(seq_of_name)
+    {
+        if named != info.seq {
+            return Err(SnapshotError::Misnamed {
+                path: name,
+                inside: info.seq,
+                named,
+            });
+        }
+    }
+    let info = SnapshotInfo {
+        path: path.to_path_buf(),
+        ..info
+    };
+    Ok(Verified {
+        file,
+        header,
+        info,
+        name,
+        body_len,
+        stored,
+    })
+}
+
+/// Verifies a snapshot file (header, name, checksum) without decoding its state: what a
+/// server asks of its newest snapshot when a snapshot is asked for again with nothing new
+/// (decoding would hold a second copy of the state in the server).
+pub fn verify(path: &Path) -> Result<SnapshotInfo, SnapshotError> {
+    open_verified(path).map(|verified| verified.info)
+}
+
+/// Reads and verifies a snapshot file: magic, version, length, checksum, then decodes.
+pub fn read(path: &Path) -> Result<(SnapshotInfo, State), SnapshotError> {
+    // Two passes, so that the body never sits in memory beside the state decoded from it
+    // (160 MB at a million products, on top of the state, at the peak of start-up): the
+    // first checks the checksum, the second decodes while it checksums again (the file is
+    // immutable once renamed into place; a change between the passes is still caught).
+    let Verified {
+        mut file,
+        header,
+        info,
+        name,
+        body_len,
+        stored,
+    } = open_verified(path)?;
     file.seek(SeekFrom::Start(HEADER_BYTES as u64))
-        .map_err(io_err)?;
+        .map_err(|source| SnapshotError::Io {
+            path: name.clone(),
+            source,
+        })?;
     let mut hashing = Hashing::new(io::BufReader::with_capacity(1 << 20, &mut file));
     let state: State =
         bincode::serde::decode_from_std_read(&mut hashing, bincode::config::standard()).map_err(
@@ -325,26 +384,7 @@ pub fn read(path: &Path) -> Result<(SnapshotInfo, State), SnapshotError> {
     if hashing.finish(&header) != stored {
         return Err(SnapshotError::Checksum { path: name });
     }
-    if let Some(named) = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(seq_of_name)
-    {
-        if named != info.seq {
-            return Err(SnapshotError::Misnamed {
-                path: name,
-                inside: info.seq,
-                named,
-            });
-        }
-    }
-    Ok((
-        SnapshotInfo {
-            path: path.to_path_buf(),
-            ..info
-        },
-        state,
-    ))
+    Ok((info, state))
 }
 
 fn verify_header(name: &str, header: &[u8], len: u64) -> Result<SnapshotInfo, SnapshotError> {
@@ -572,6 +612,7 @@ mod tests {
     fn detects_damage_anywhere() {
         let dir = tempfile::tempdir().unwrap();
         let info = write(dir.path(), 3, &state(), 1, WriteHooks::default()).unwrap();
+        assert_eq!(verify(&info.path).unwrap().seq, 3);
         let good = fs::read(&info.path).unwrap();
         for at in [
             0,
@@ -588,6 +629,10 @@ mod tests {
             bad[at] ^= 0x10;
             fs::write(&info.path, &bad).unwrap();
             assert!(read(&info.path).is_err(), "flip at byte {at} not detected");
+            assert!(
+                verify(&info.path).is_err(),
+                "flip at byte {at} not verified"
+            );
         }
         fs::write(&info.path, &good[..good.len() - 3]).unwrap();
         assert!(matches!(

@@ -270,10 +270,10 @@ fn run_at<T: Send>(
 
 /// Returns freed memory to the OS now, from the calling thread: a snapshot job (which,
 /// building in the server rather than in a worker, frees a second copy of the whole
-/// state, ~1 GB at a million products) and start-up after recovery. Left to mimalloc's delayed purge, that work lands on whichever thread
-/// allocates next, a request thread, and showed as a 48 ms stall in reserves right
-/// after a 1M-product snapshot (docs/PERFORMANCE.md). A no-op where mimalloc is not the
-/// allocator in use.
+/// state, ~1 GB at a million products) and start-up after recovery. Left to mimalloc's
+/// delayed purge, that work lands on whichever thread allocates next, a request thread,
+/// and showed as a 48 ms stall in reserves right after a 1M-product snapshot
+/// (docs/PERFORMANCE.md). A no-op where mimalloc is not the allocator in use.
 pub(crate) fn release_freed_memory() {
     // SAFETY: mimalloc's documented API, callable from any thread at any time.
     unsafe { libmimalloc_sys::mi_collect(true) };
@@ -468,7 +468,7 @@ fn build_snapshot(
         if seq < upto {
             break;
         }
-        if let Ok((info, _)) = snapshot::read(&path) {
+        if let Ok(info) = snapshot::verify(&path) {
             return Ok(Taken {
                 sequence: seq,
                 file: snapshot::file_name(seq),

@@ -287,7 +287,7 @@ fn write_log_in_segments(
         .unwrap()
         .with_segment_records(segment_records);
     let reader = log.reader();
-    let (handle, join) = log.start_writer(1);
+    let (handle, join) = log.start_writer(1).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();

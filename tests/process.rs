@@ -338,23 +338,14 @@ async fn transparent_huge_pages_are_off_unless_asked_for() {
 
     // `on` keeps whatever this process has (the kernel's setting).
     let own = thp_line(&std::fs::read_to_string("/proc/self/status").unwrap());
-    let mut kept = std::process::Command::new(env!("CARGO_BIN_EXE_stockd"))
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path().join("kept"))
-        .arg("--snapshot-dir")
-        .arg(dir.path().join("kept-snapshots"))
-        .env("STOCKD_TRANSPARENT_HUGE_PAGES", "on")
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(kept.stdout.take().unwrap()));
-    let listening = lines.any(|l| l.is_ok_and(|l| l.starts_with("listening on")));
-    let status = std::fs::read_to_string(format!("/proc/{}/status", kept.id()));
-    let _ = kept.kill();
-    let _ = kept.wait();
-    assert!(listening, "the server with THP kept started");
-    assert_eq!(thp_line(&status.unwrap()), own);
+    let kept = ChildServer::spawn_with_env(
+        &dir.path().join("kept"),
+        &[],
+        &[("STOCKD_TRANSPARENT_HUGE_PAGES", "on")],
+    );
+    let pid = kept.pid().expect("running");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert_eq!(thp_line(&status), own);
 
     let bad = std::process::Command::new(env!("CARGO_BIN_EXE_stockd"))
         .args(["--listen", "127.0.0.1:0", "--data-dir"])

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::procfs::{children_of, is_alive};
 use common::{eventually, restarts_reach, ChildServer, Client, TestServer, START_MS};
 use serde_json::{json, Value};
 use stockd::clock::ManualClock;
@@ -406,11 +407,7 @@ async fn kill_9_while_a_snapshot_is_written_loses_nothing() {
     .await;
     assert!(worker_gone, "the snapshot worker outlived the server");
     // Killed, not finished: its file was never renamed into place.
-    let finished: Vec<_> = std::fs::read_dir(&snapshots)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|name| name.starts_with("snapshot-"))
-        .collect();
+    let finished = snapshot_files(&snapshots);
     assert_eq!(finished.len(), 1, "only the first snapshot: {finished:?}");
 
     let s = ChildServer::spawn(dir.path(), &[]);
@@ -772,31 +769,4 @@ async fn snapshots_are_built_in_a_worker_process() {
     let third = c.post("/v1/admin/snapshot", json!({})).await;
     assert_eq!(third.status, 201, "{:?}", third.body);
     assert_eq!(third.body["worker"], false);
-}
-
-/// The child processes of `pid` (Linux: /proc/PID/task/TID/children).
-fn children_of(pid: u32) -> Vec<u32> {
-    let mut children = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-    {
-        let text = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        children.extend(
-            text.split_whitespace()
-                .filter_map(|p| p.parse::<u32>().ok()),
-        );
-    }
-    children
-}
-
-/// Whether `pid` is a live process (not gone, not a zombie waiting to be reaped).
-fn is_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name in parentheses.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
-        Err(_) => false,
-    }
 }

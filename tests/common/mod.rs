@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod procfs;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -263,6 +265,11 @@ pub struct ChildServer {
 
 impl ChildServer {
     pub fn spawn(dir: &Path, extra: &[&str]) -> ChildServer {
+        ChildServer::spawn_with_env(dir, extra, &[])
+    }
+
+    /// `spawn`, with these environment variables set for the child.
+    pub fn spawn_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> ChildServer {
         let data_dir = dir.join("data");
         let mut child = Command::new(env!("CARGO_BIN_EXE_stockd"))
             .arg("serve")
@@ -273,6 +280,7 @@ impl ChildServer {
             .arg(dir.join("snapshots"))
             .args(extra)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -302,7 +310,6 @@ impl ChildServer {
     }
 
     /// The child's process id, while it runs.
-    #[allow(dead_code)] // not every test binary that shares this module uses it
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
