@@ -82,6 +82,8 @@ impl std::fmt::Debug for Config {
             .field("passivate_after", &self.passivate_after)
             .field("retention", &self.retention)
             .field("truncate_damaged_log", &self.truncate_damaged_log)
+            .field("snapshot_worker", &self.snapshot_worker)
+            .field("log_segment_records", &self.log_segment_records)
             .finish()
     }
 }

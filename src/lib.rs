@@ -9,6 +9,8 @@
 //! - `snapshot`: snapshot files (the state after log record S): write, verify, read, prune.
 //! - `recovery`: the newest verifying snapshot plus the log after it, folded.
 //! - `snapshotter`: the background thread that takes snapshots and truncates the log.
+//! - `snapshot_worker`: the child process (`stockd snapshot-worker`) that builds a snapshot
+//!   for a running server, and the server's side of that exchange.
 //! - `actors::product`: one actor per product, the only place its stock changes.
 //! - `actors::supervisor`: routes by SKU, owns reservations and expiry deadlines, and
 //!   supervises the product actors.

@@ -18,8 +18,9 @@
 //!
 //! Everyone else talks to the writer through a `LogHandle`: `append` queues a record and
 //! returns a `Ticket` that resolves once the record is flushed. The writer takes everything
-//! that arrived while the previous flush ran, applies it as one sled batch, calls `flush()`
-//! once, then answers every ticket of the batch. Throughput comes from the batch, never
+//! that arrived while the previous flush ran, applies it as one sled batch per segment it
+//! touches, flushes each of those segments in order, then answers every ticket of the
+//! batch. Throughput comes from the batch, never
 //! from skipping the flush.
 //!
 //! The queue is FIFO, so the order in which records are queued is the order in which they
@@ -241,7 +242,8 @@ fn open_sled(path: &Path) -> Result<sled::Db, OpenError> {
             // sled holds an exclusive lock on its file; an instance just closed by another
             // thread can hold it a moment longer. (Other processes are kept out by `LOCK`.)
             Err(sled::Error::Io(err))
-                if err.to_string().contains("lock") && started.elapsed() < SEGMENT_LOCK_RETRY =>
+                if err.to_string().contains("could not acquire lock")
+                    && started.elapsed() < SEGMENT_LOCK_RETRY =>
             {
                 thread::sleep(Duration::from_millis(5));
             }
@@ -1120,25 +1122,17 @@ struct Records {
 
 impl Records {
     fn open_next(&mut self) -> Option<Result<Option<SegmentRef>, OpenError>> {
-        let opened = match self.opening.take() {
-            Some(opening) => opening.recv().unwrap_or_else(|_| {
-                Err(OpenError::Io {
-                    path: String::new(),
-                    source: io::Error::other("the log's segment thread stopped"),
-                })
-            }),
+        let opening = match self.opening.take() {
+            Some(opening) => opening,
             // Through the segment thread as well: a reader may be an idle-class job.
-            None => self
-                .service
-                .open(self.slots.pop_front()?)
-                .recv()
-                .unwrap_or_else(|_| {
-                    Err(OpenError::Io {
-                        path: String::new(),
-                        source: io::Error::other("the log's segment thread stopped"),
-                    })
-                }),
+            None => self.service.open(self.slots.pop_front()?),
         };
+        let opened = opening.recv().unwrap_or_else(|_| {
+            Err(OpenError::Io {
+                path: String::new(),
+                source: io::Error::other("the log's segment thread stopped"),
+            })
+        });
         if let Some(next) = self.slots.pop_front() {
             self.opening = Some(self.service.open(next));
         }
@@ -1349,7 +1343,8 @@ impl Writer {
                     .next_segment(seq)
                     .map_err(|e| LogError::Unavailable(e.to_string()))?;
                 if let Some(full) = self.current.replace(next) {
-                    self.close_in_background(full);
+                    // Closed on the segment thread (it is already flushed).
+                    self.segments.service.close(full);
                 }
                 continue;
             }
@@ -1408,11 +1403,6 @@ impl Writer {
             }
         }
         self.segments.create(first)
-    }
-
-    /// A full segment is closed on the segment thread (it is already flushed).
-    fn close_in_background(&mut self, full: SegmentRef) {
-        self.segments.service.close(full);
     }
 
     fn finish(mut self, shutdown: Option<Waiter>) {

@@ -1,10 +1,12 @@
 //! The snapshotter: one background thread that builds snapshots and drops the log records
 //! no kept snapshot needs.
 //!
-//! A snapshot is built without pausing traffic and without a cut across actors: the thread
-//! loads the newest snapshot, folds the log records after it up to a sequence S that is
-//! already durable (the one fold of DESIGN.md), and writes the result as "the state after
-//! record S". The actors never stop; the writer keeps appending records after S meanwhile.
+//! A snapshot is built without pausing traffic and without a cut across actors: the newest
+//! snapshot is loaded, the log records after it up to a sequence S that is already durable
+//! are folded onto it (the one fold of DESIGN.md), and the result is written as "the state
+//! after record S". A running server does that in its snapshot worker process, fed the log
+//! by this thread (`crate::snapshot_worker`); offline, or without a worker, this thread
+//! does it itself. The actors never stop; the writer keeps appending records after S.
 //!
 //! When: every `every_records` durable records, every `every` period if anything changed,
 //! on demand (`POST /v1/admin/snapshot`, `Service::snapshot`), and at clean shutdown. The
@@ -292,7 +294,8 @@ fn lower_priority(priority: Priority) {
                     let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
                     libc::setpriority(libc::PRIO_PROCESS, tid, 10)
                 }
-                Priority::Urgent => 0, // the normal class: nothing to change
+                // Never asked: `run_at` runs urgent jobs on the calling thread as they are.
+                Priority::Urgent => 0,
             }
         };
         if done != 0 {
