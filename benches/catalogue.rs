@@ -20,16 +20,16 @@
 //! the same while `POST /v1/admin/snapshot` runs (p99 during a snapshot, its duration);
 //! (7) peak RSS (VmHWM). The server is killed at the end; the data is a temp directory.
 
+mod support;
+use support::procfs::children_of;
+use support::{dir_bytes, env_u64};
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-#[path = "../tests/common/procfs.rs"]
-mod procfs;
-use procfs::children_of;
 
 use loadtest::driver::{run_phase, timed, Limits, PhaseStats};
 use stockd::domain::Line;
@@ -39,13 +39,6 @@ use stockd::record::Record;
 /// The server's allocator, for the offline snapshot taken in-process.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn sku(i: u64) -> String {
     format!("SKU-{i:08}")
@@ -85,24 +78,6 @@ fn proc_status_kb(pid: u32, field: &str) -> u64 {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-}
-
-fn dir_bytes(path: &Path) -> u64 {
-    let mut total = 0;
-    if let Ok(entries) = std::fs::read_dir(path) {
-        for entry in entries.flatten() {
-            let meta = match entry.metadata() {
-                Ok(m) => m,
-                Err(_) => continue,
-            };
-            total += if meta.is_dir() {
-                dir_bytes(&entry.path())
-            } else {
-                meta.len()
-            };
-        }
-    }
-    total
 }
 
 struct Server {

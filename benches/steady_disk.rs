@@ -8,35 +8,14 @@
 //! (the sled log) and of the snapshot directory every 5 seconds. Sizes via environment:
 //! `STEADY_SNAPSHOT_EVERY` (20,000 records), `STEADY_RETENTION` (20 s).
 
+mod support;
+use support::{dir_bytes, env_u64};
+
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn dir_bytes(path: &Path) -> u64 {
-    let mut total = 0;
-    if let Ok(entries) = std::fs::read_dir(path) {
-        for entry in entries.flatten() {
-            if let Ok(meta) = entry.metadata() {
-                total += if meta.is_dir() {
-                    dir_bytes(&entry.path())
-                } else {
-                    meta.len()
-                };
-            }
-        }
-    }
-    total
-}
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {

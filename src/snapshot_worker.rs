@@ -247,6 +247,16 @@ pub fn die_with_parent(parent: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Writes one frame of the stream a worker reads: `[seq u64 BE][len u32 BE][bytes]`.
+fn write_frame(out: &mut impl Write, seq: u64, bytes: &[u8]) -> Result<(), String> {
+    let len =
+        u32::try_from(bytes.len()).map_err(|_| format!("log record {seq} is too large to send"))?;
+    out.write_all(&seq.to_be_bytes())
+        .and_then(|()| out.write_all(&len.to_be_bytes()))
+        .and_then(|()| out.write_all(bytes))
+        .map_err(|e| format!("sending log record {seq}: {e}"))
+}
+
 /// The server's side: builds the snapshot after `job.upto` in a child running `program`,
 /// feeding it the log from `reader`.
 pub fn build(program: &Path, reader: &LogReader, job: &Job) -> Result<Built, WorkerError> {
@@ -332,13 +342,7 @@ fn exchange(
         if seq > job.upto {
             break;
         }
-        let len = u32::try_from(bytes.len())
-            .map_err(|_| format!("log record {seq} is too large to send"))?;
-        input
-            .write_all(&seq.to_be_bytes())
-            .and_then(|()| input.write_all(&len.to_be_bytes()))
-            .and_then(|()| input.write_all(&bytes))
-            .map_err(|e| format!("sending log record {seq}: {e}"))?;
+        write_frame(&mut input, seq, &bytes)?;
     }
     input
         .flush()
@@ -390,9 +394,7 @@ mod tests {
             if Some(seq) == damaged {
                 *bytes.last_mut().unwrap() ^= 0x5a;
             }
-            out.extend(seq.to_be_bytes());
-            out.extend((bytes.len() as u32).to_be_bytes());
-            out.extend(bytes);
+            write_frame(&mut out, seq, &bytes).unwrap();
         }
         out
     }

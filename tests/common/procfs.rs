@@ -1,5 +1,5 @@
 //! What `/proc` says about processes (Linux): shared by the tests and the catalogue bench
-//! (`benches/catalogue.rs` includes this file by path).
+//! (`benches/support/mod.rs` includes this file by path).
 
 #![allow(dead_code)]
 
