@@ -6,7 +6,7 @@
 #
 #   loadtest/run.sh SCENARIO [--duration SECONDS] [--connections N] [--json FILE]
 #                            [--markdown FILE] [--durability sync|async] [--stock S]
-#                            [--requests N]
+#                            [--requests N] [--rounds R]
 #
 # SCENARIO: ceiling | flash-sale | checkout | crash   (loadtest --help lists every flag)
 set -euo pipefail

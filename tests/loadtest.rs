@@ -30,6 +30,7 @@ async fn flash_sale_sells_exactly_the_stock_and_verifies() {
         stock: 150,
         catalogue: 1,
         abandon_ttl_seconds: 1,
+        rounds: 3,
     };
     let report = loadtest::run(opts).await.expect("run");
     assert!(report.verified, "{}", report.markdown());
@@ -38,14 +39,23 @@ async fn flash_sale_sells_exactly_the_stock_and_verifies() {
     assert_eq!(report.statuses.get("409"), Some(&250));
     assert_eq!((report.oversold, report.lost_acks), (0, 0));
     assert!(report.ceiling_rps > 0.0 && report.ratio > 0.0);
-    // Bracketed: the ceiling is the mean of the phases before and after the scenario.
-    let after = report
-        .ceiling_after_rps
-        .expect("a ceiling phase after the flash sale");
-    assert!(after > 0.0);
-    let mean = (report.ceiling_before_rps + after) / 2.0;
+    // Interleaved: C S C S C S C, the ceiling is the mean of the four ceiling phases, and
+    // each round is set against the two either side of it.
+    assert_eq!(report.ceilings_rps.len(), 4, "{}", report.markdown());
+    assert!(report.ceilings_rps.iter().all(|&rps| rps > 0.0));
+    let mean = report.ceilings_rps.iter().sum::<f64>() / 4.0;
     assert!((report.ceiling_rps - mean).abs() < 1e-6);
     assert!((report.ratio - report.throughput_rps / mean).abs() < 1e-9);
+    assert_eq!(report.ceiling_before_rps, report.ceilings_rps[0]);
+    assert_eq!(report.ceiling_after_rps, Some(report.ceilings_rps[3]));
+    assert_eq!(report.rounds.len(), 3);
+    for (i, round) in report.rounds.iter().enumerate() {
+        let either_side = (report.ceilings_rps[i] + report.ceilings_rps[i + 1]) / 2.0;
+        assert!((round.ceiling_rps - either_side).abs() < 1e-6);
+        assert!(round.throughput_rps > 0.0);
+        assert!((round.ratio - round.throughput_rps / either_side).abs() < 1e-9);
+    }
+    assert!(report.markdown().contains("the mean of 4 ceiling phases"));
     let json = serde_json::to_value(&report).unwrap();
     for key in [
         "scenario",
@@ -136,6 +146,7 @@ async fn verification_catches_an_overselling_server() {
         stock: 20,
         catalogue: 1,
         abandon_ttl_seconds: 1,
+        rounds: 3,
     };
     let report = loadtest::run(opts).await.expect("run");
     assert!(!report.verified, "{}", report.markdown());
@@ -153,6 +164,7 @@ async fn refuses_non_loopback_targets() {
         stock: 1,
         catalogue: 1,
         abandon_ttl_seconds: 1,
+        rounds: 1,
     };
     assert!(loadtest::run(opts).await.is_err());
 }
@@ -173,6 +185,7 @@ async fn checkout_mix_conserves_every_unit() {
         stock: 100,
         catalogue: 10,
         abandon_ttl_seconds: 1,
+        rounds: 3,
     };
     let report = loadtest::run(opts).await.expect("run");
     assert!(report.verified, "{}", report.markdown());
@@ -202,6 +215,7 @@ async fn crash_mid_load_loses_no_acknowledged_change() {
         stock: 50,
         catalogue: 10,
         abandon_ttl_seconds: 1,
+        rounds: 1,
     };
     let report = loadtest::run(opts).await.expect("run");
     assert!(report.verified, "{}", report.markdown());
@@ -230,6 +244,7 @@ async fn open_loop_sends_at_the_given_rate_and_verifies() {
         stock: 150,
         catalogue: 1,
         abandon_ttl_seconds: 1,
+        rounds: 1,
     };
     let report = loadtest::run(opts).await.expect("run");
     assert!(report.verified, "{}", report.markdown());
@@ -299,6 +314,7 @@ async fn checkout_verification_catches_a_careless_server() {
         stock: 3,
         catalogue: 2,
         abandon_ttl_seconds: 1,
+        rounds: 3,
     };
     let report = loadtest::run(opts).await.expect("run");
     assert!(!report.verified, "{}", report.markdown());

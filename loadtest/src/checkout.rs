@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::driver::{run_phase, timed, PhaseStats, Sample};
+use crate::driver::{timed, PhaseStats, Sample};
 use crate::report::{Check, Report};
-use crate::scenarios::{create_product, get_json, Options};
+use crate::scenarios::{create_product, get_json, interleaved, Options};
 
 /// What the clients were told, per SKU (index into the catalogue).
 #[derive(Default, Clone)]
@@ -457,14 +457,13 @@ pub async fn checkout(
     client: &reqwest::Client,
     base: &str,
     opts: &Options,
-    ceiling: &PhaseStats,
+    rounds: usize,
+    first_ceiling: PhaseStats,
 ) -> Result<Report, String> {
     let shared = setup(client, base, opts, false).await?;
     let load = shared.clone();
-    let stats = run_phase(opts.limits, move |worker, n| {
-        shopper(load.clone(), worker, n)
-    })
-    .await;
+    let send = move |worker, n| shopper(load.clone(), worker, n);
+    let run = interleaved(client, base, opts, rounds, first_ceiling, send).await;
 
     // Abandoned holds expire within a second of their deadline.
     let settle_by = Instant::now() + Duration::from_secs(opts.abandon_ttl_seconds + 10);
@@ -487,10 +486,10 @@ pub async fn checkout(
 
     let told = shared.told();
     let audit = told.audit(&shared.skus, &products, opts.stock);
-    let mut report = Report::new("checkout", &stats, ceiling);
+    let mut report = run.report("checkout");
     report.oversold = audit.oversold(&told);
     report.lost_acks = audit.missing;
-    report.checks = audit.checks(&told);
+    report.checks.extend(audit.checks(&told));
     report.checks.push(Check::new(
         "reserved = acknowledged holds still pending (none once abandoned holds expired)",
         audit.over_reserved.is_empty(),

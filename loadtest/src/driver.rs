@@ -41,6 +41,8 @@ pub struct PhaseStats {
     /// Latency of answered requests, in microseconds.
     pub latency_us: Histogram<u64>,
     pub elapsed: Duration,
+    /// Whole seconds of `timeline` (a phase's last, partial second is not one).
+    pub whole_seconds: usize,
 }
 
 impl PhaseStats {
@@ -52,6 +54,7 @@ impl PhaseStats {
             by_status: BTreeMap::new(),
             latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
             elapsed: Duration::ZERO,
+            whole_seconds: 0,
         }
     }
 
@@ -90,6 +93,19 @@ impl PhaseStats {
             *self.by_status.entry(*status).or_default() += count;
         }
         self.latency_us.add(&other.latency_us).expect("same bounds");
+    }
+
+    /// Adds a phase that ran after this one: its seconds follow this phase's on the
+    /// timeline (this phase's last, partial second is dropped so the seconds stay whole),
+    /// and the elapsed times add up.
+    pub fn append(&mut self, later: &PhaseStats) {
+        let at = self.whole_seconds;
+        self.timeline.resize(at, Second::default());
+        let mut shifted = later.clone();
+        shifted.timeline.splice(0..0, vec![Second::default(); at]);
+        self.merge(&shifted);
+        self.elapsed += later.elapsed;
+        self.whole_seconds += later.whole_seconds;
     }
 
     pub fn throughput_rps(&self) -> f64 {
@@ -146,6 +162,7 @@ where
         None => closed_loop(limits, Arc::new(send), answered).await,
     };
     stats.elapsed = started.elapsed();
+    stats.whole_seconds = stats.elapsed.as_secs() as usize;
     progress.abort();
     if std::io::stderr().is_terminal() {
         eprint!("\r{:78}\r", "");
@@ -270,5 +287,50 @@ async fn progress(duration: Duration, answered: Arc<AtomicU64>) {
             duration.as_secs_f64(),
             done as f64 / elapsed.max(1e-9)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A phase that answered `per_second[i]` requests in its second `i`.
+    fn phase(per_second: &[u64], elapsed_ms: u64) -> PhaseStats {
+        let mut stats = PhaseStats::new();
+        for (second, &n) in per_second.iter().enumerate() {
+            stats.timeline.push(Second {
+                requests: n,
+                latency_sum_us: n * 1000,
+                latency_max_us: 1000,
+            });
+            stats.requests += n;
+            *stats.by_status.entry(200).or_default() += n;
+            stats
+                .latency_us
+                .record_n(1000 * (second as u64 + 1), n)
+                .unwrap();
+        }
+        stats.elapsed = Duration::from_millis(elapsed_ms);
+        stats.whole_seconds = stats.elapsed.as_secs() as usize;
+        stats
+    }
+
+    #[test]
+    fn appended_phases_follow_each_other_on_the_timeline() {
+        // 2.5 s, then 1.5 s: the first phase's partial third second is not a second of
+        // the timeline; the second phase starts right after its two whole seconds.
+        let mut first = phase(&[10, 20, 5], 2_500);
+        let second = phase(&[30, 7], 1_500);
+        first.append(&second);
+        let per_second: Vec<u64> = first.timeline.iter().map(|s| s.requests).collect();
+        assert_eq!(per_second, vec![10, 20, 30, 7]);
+        assert_eq!(first.whole_seconds, 3);
+        assert_eq!(first.elapsed, Duration::from_millis(4_000));
+        assert_eq!(
+            first.requests, 72,
+            "every answer counts, partial seconds too"
+        );
+        assert_eq!(first.status(200), 72);
+        assert_eq!(first.latency_us.len(), 72);
     }
 }

@@ -29,12 +29,19 @@ struct Cli {
     /// Concurrent keep-alive connections (closed loop).
     #[arg(long, default_value_t = 256)]
     connections: usize,
-    /// Seconds each phase runs.
+    /// Seconds of the scenario's load (flash-sale and checkout: of all its rounds together).
+    /// Each ceiling phase runs as long as one round.
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
-    /// Stop each phase after this many iterations (whichever comes first).
+    /// Stop the scenario's load after this many iterations (whichever comes first; split
+    /// across rounds like the duration).
     #[arg(long)]
     requests: Option<u64>,
+    /// Flash-sale and checkout: split the load into this many rounds, with a ceiling phase
+    /// before each and after the last, and take the ratio against the mean of them all.
+    /// Alternating short phases keeps a machine whose speed drifts from biasing the ratio.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Open loop: send at this fixed rate (iterations per second) and measure latency from
     /// when each request was due. Without it: closed loop.
     #[arg(long)]
@@ -80,6 +87,10 @@ fn main() -> ExitCode {
         eprintln!("loadtest: --connections must be ≥ 1 and --duration in (0, 3600]");
         return ExitCode::from(2);
     }
+    if !(1..=100).contains(&cli.rounds) {
+        eprintln!("loadtest: --rounds must be in [1, 100]");
+        return ExitCode::from(2);
+    }
     let opts = Options {
         scenario: cli.scenario,
         target,
@@ -93,6 +104,7 @@ fn main() -> ExitCode {
         stock: cli.stock,
         catalogue: cli.catalogue.max(1),
         abandon_ttl_seconds: cli.abandon_ttl.clamp(1, 86_400),
+        rounds: cli.rounds,
     };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let report = match runtime.block_on(loadtest::run(opts)) {

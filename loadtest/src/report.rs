@@ -38,6 +38,15 @@ pub struct SecondView {
     pub max_ms: f64,
 }
 
+/// One round of the scenario's load.
+#[derive(Debug, Clone, Serialize)]
+pub struct Round {
+    pub throughput_rps: f64,
+    /// The mean of the ceiling phases just before and just after this round.
+    pub ceiling_rps: f64,
+    pub ratio: f64,
+}
+
 /// One verification and its outcome.
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
@@ -64,17 +73,21 @@ pub struct Report {
     pub duration_s: f64,
     pub requests: u64,
     pub throughput_rps: f64,
-    /// The HTTP ceiling the ratio is taken against: the mean of the ceiling phase before
-    /// the scenario and the one after it (when there is one after), so that a machine
+    /// The HTTP ceiling the ratio is taken against: the mean of every ceiling phase of the
+    /// run (flash-sale and checkout alternate them with their rounds), so that a machine
     /// getting faster or slower during the run does not bias the ratio.
     pub ceiling_rps: f64,
     /// The ceiling phase before the scenario.
     pub ceiling_before_rps: f64,
-    /// The ceiling phase after the scenario (flash-sale and checkout; not crash, whose
-    /// server was restarted).
+    /// The ceiling phase after the scenario's last round (flash-sale and checkout; not
+    /// crash, whose server was restarted).
     pub ceiling_after_rps: Option<f64>,
+    /// Every ceiling phase, in order.
+    pub ceilings_rps: Vec<f64>,
     /// `throughput_rps / ceiling_rps`, all from this run.
     pub ratio: f64,
+    /// Flash-sale and checkout: each round, against the ceiling phases either side of it.
+    pub rounds: Vec<Round>,
     pub latency_ms: Latency,
     pub ceiling_latency_ms: Latency,
     pub statuses: BTreeMap<String, u64>,
@@ -90,7 +103,7 @@ pub struct Report {
 }
 
 fn timeline(stats: &PhaseStats) -> Vec<SecondView> {
-    let full_seconds = stats.elapsed.as_secs() as usize;
+    let full_seconds = stats.whole_seconds;
     stats
         .timeline
         .iter()
@@ -119,7 +132,9 @@ impl Report {
             ceiling_rps,
             ceiling_before_rps: ceiling_rps,
             ceiling_after_rps: None,
+            ceilings_rps: vec![ceiling_rps],
             ratio: throughput / ceiling_rps.max(1e-9),
+            rounds: Vec::new(),
             latency_ms: Latency::of(stats),
             ceiling_latency_ms: Latency::of(ceiling),
             statuses: stats
@@ -137,49 +152,73 @@ impl Report {
         }
     }
 
-    /// Takes the ceiling measured after the scenario into the ratio: the ceiling becomes
-    /// the mean of the phases before and after.
-    pub fn bracket(&mut self, after: &PhaseStats) {
-        let after_rps = after.throughput_rps();
-        self.ceiling_after_rps = Some(after_rps);
-        self.ceiling_rps = (self.ceiling_before_rps + after_rps) / 2.0;
-        self.ratio = self.throughput_rps / self.ceiling_rps.max(1e-9);
+    /// Sets the ceiling phases of an interleaved run (`ceilings`: one more than `rounds`,
+    /// in order): the ratio is taken against their mean, and each round against the two
+    /// either side of it.
+    pub fn set_ceilings(&mut self, ceilings: &[f64], rounds: &[f64]) {
+        debug_assert_eq!(ceilings.len(), rounds.len() + 1);
+        let mean = ceilings.iter().sum::<f64>() / ceilings.len().max(1) as f64;
+        self.ceiling_rps = mean;
+        self.ceiling_before_rps = ceilings.first().copied().unwrap_or(0.0);
+        self.ceiling_after_rps = ceilings.last().copied();
+        self.ceilings_rps = ceilings.to_vec();
+        self.ratio = self.throughput_rps / mean.max(1e-9);
+        self.rounds = rounds
+            .iter()
+            .zip(ceilings.windows(2))
+            .map(|(&rps, pair)| {
+                let ceiling = (pair[0] + pair[1]) / 2.0;
+                Round {
+                    throughput_rps: rps,
+                    ceiling_rps: ceiling,
+                    ratio: rps / ceiling.max(1e-9),
+                }
+            })
+            .collect();
     }
 
     /// Markdown: a results table and the checks (used for the terminal too).
     pub fn markdown(&self) -> String {
         let l = &self.latency_ms;
         let c = &self.ceiling_latency_ms;
+        let phases = self.ceilings_rps.len();
         let mut out = format!(
             "### {} ({} connections, durability {})\n\n\
              | phase | requests/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |\n\
              | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n\
-             | ceiling (GET /health) | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n\
-             | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n{}\n\
+             | ceiling (GET /health{}) | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n\
+             | {}{} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n\n\
              ratio to ceiling: **{:.2}**{} · requests: {} · statuses: {:?} · unanswered: {}\n\n",
             self.scenario,
             self.connections,
             self.durability.as_deref().unwrap_or("unknown"),
-            self.ceiling_before_rps,
+            if phases > 1 {
+                format!(", {phases} phases")
+            } else {
+                String::new()
+            },
+            self.ceiling_rps,
             c.p50,
             c.p90,
             c.p99,
             c.p999,
             c.max,
             self.scenario,
+            if self.rounds.len() > 1 {
+                format!(", {} rounds", self.rounds.len())
+            } else {
+                String::new()
+            },
             self.throughput_rps,
             l.p50,
             l.p90,
             l.p99,
             l.p999,
             l.max,
-            self.ceiling_after_rps
-                .map(|rps| format!("| ceiling after (GET /health) | {rps:.0} | | | | | |\n"))
-                .unwrap_or_default(),
             self.ratio,
-            if self.ceiling_after_rps.is_some() {
+            if phases > 1 {
                 format!(
-                    " (of {:.0}, the mean ceiling before and after)",
+                    " (of {:.0}, the mean of {phases} ceiling phases)",
                     self.ceiling_rps
                 )
             } else {
@@ -189,6 +228,28 @@ impl Report {
             self.statuses,
             self.transport_errors,
         );
+        if phases > 1 {
+            let list = |v: Vec<String>| v.join(" · ");
+            out.push_str(&format!(
+                "ceiling phases, req/s: {}\n\n",
+                list(
+                    self.ceilings_rps
+                        .iter()
+                        .map(|r| format!("{r:.0}"))
+                        .collect()
+                )
+            ));
+        }
+        if !self.rounds.is_empty() {
+            out.push_str(&format!(
+                "rounds, req/s (ratio to the ceiling phases either side): {}\n\n",
+                self.rounds
+                    .iter()
+                    .map(|r| format!("{:.0} ({:.2})", r.throughput_rps, r.ratio))
+                    .collect::<Vec<_>>()
+                    .join(" · ")
+            ));
+        }
         for check in &self.checks {
             let mark = if check.ok { "ok  " } else { "FAIL" };
             out.push_str(&format!("- {mark} {}: {}\n", check.name, check.detail));

@@ -1,7 +1,12 @@
 //! The scenarios. Each runs the `ceiling` phase first (GET /health, same client, same
-//! connections, same limits), then its own phase, then verifies against the server;
-//! flash-sale and checkout run the ceiling phase again at the end, and take their ratio
-//! against the mean of the two.
+//! connections, same limits), then its own load, then verifies against the server.
+//!
+//! Flash-sale and checkout split their load into rounds (`Options::rounds`) and run a
+//! ceiling phase of the same length before each round and after the last: C S C S ... S C.
+//! Their ratio is taken against the mean of all those ceiling phases. This machine's speed
+//! drifts by tens of percent within a minute; alternating short phases makes the ceiling
+//! and the scenario sample the same moments, so the drift cancels out of the ratio instead
+//! of landing in it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,7 +14,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::driver::{run_phase, timed, Limits, PhaseStats};
+use crate::driver::{run_phase, timed, Limits, PhaseStats, Sample};
 use crate::report::{Check, Report};
 use crate::server::ServerProcess;
 
@@ -57,6 +62,9 @@ pub struct Options {
     pub catalogue: usize,
     /// TTL of the reservations shoppers abandon (checkout).
     pub abandon_ttl_seconds: u64,
+    /// Flash-sale and checkout: the scenario's duration (and request budget) is split into
+    /// this many phases, alternating with ceiling phases of the same length.
+    pub rounds: usize,
 }
 
 fn check_loopback(url: &str) -> Result<(), String> {
@@ -96,39 +104,31 @@ pub async fn run(opts: Options) -> Result<Report, String> {
         .build()
         .map_err(|e| e.to_string())?;
 
-    // The ceiling is always closed loop: the most this client and server can do.
-    let ceiling_limits = Limits {
-        rate: None,
-        ..opts.limits
+    // Flash-sale and checkout alternate ceiling and scenario phases (C S C ... S C), so
+    // that the ceiling samples the same moments of a drifting machine as the scenario.
+    let rounds = match opts.scenario {
+        Scenario::FlashSale | Scenario::Checkout => opts.rounds.max(1),
+        Scenario::Ceiling | Scenario::Crash => 1,
     };
-    let ceiling = ceiling(&client, &base, ceiling_limits).await;
+    let first = ceiling(&client, &base, ceiling_limits(&opts.limits, rounds, 0)).await;
     let mut report = match opts.scenario {
-        Scenario::Ceiling => Report::new("ceiling", &ceiling, &ceiling),
-        Scenario::FlashSale => flash_sale(&client, &base, &opts, &ceiling).await?,
-        Scenario::Checkout => crate::checkout::checkout(&client, &base, &opts, &ceiling).await?,
+        Scenario::Ceiling => Report::new("ceiling", &first, &first),
+        Scenario::FlashSale => flash_sale(&client, &base, &opts, rounds, first).await?,
+        Scenario::Checkout => {
+            crate::checkout::checkout(&client, &base, &opts, rounds, first).await?
+        }
         Scenario::Crash => {
             let server = server
                 .as_mut()
                 .ok_or("the crash scenario starts its own server: give --stockd")?;
-            crate::crash::crash(&client, server, &opts, &ceiling).await?
+            let mut report = crate::crash::crash(&client, server, &opts, &first).await?;
+            // A ratio against a ceiling the server did not serve means nothing.
+            report
+                .checks
+                .push(served("the ceiling phase was served", &[first]));
+            report
         }
     };
-    // A ratio against a ceiling the server did not serve means nothing.
-    if opts.scenario != Scenario::Ceiling {
-        report
-            .checks
-            .push(served("the ceiling phase was served", &ceiling));
-    }
-    if matches!(opts.scenario, Scenario::FlashSale | Scenario::Checkout) {
-        // The ceiling again, after: the ratio is taken against the mean of both, so a
-        // machine whose speed drifts during the run (this one swings ±20 %) biases it less.
-        let after = self::ceiling(&client, &base, ceiling_limits).await;
-        report.bracket(&after);
-        report.checks.push(served(
-            "the ceiling phase after the scenario was served",
-            &after,
-        ));
-    }
     report.verified = report.verified && report.checks.iter().all(|c| c.ok);
     report.durability = durability;
     report.connections = opts.limits.connections;
@@ -136,16 +136,112 @@ pub async fn run(opts: Options) -> Result<Report, String> {
     Ok(report)
 }
 
-/// Every request of a ceiling phase answered 200.
-fn served(name: &str, phase: &PhaseStats) -> Check {
-    let ok = phase.status(200);
+/// The limits of round `round` of `rounds`: an even share of the duration and of the
+/// request budget (the first rounds take the remainder).
+pub(crate) fn round_limits(limits: &Limits, rounds: usize, round: usize) -> Limits {
+    let rounds = rounds.max(1);
+    let requests_max = limits.requests_max.map(|max| {
+        let (share, rest) = (max / rounds as u64, max % rounds as u64);
+        share + u64::from((round as u64) < rest)
+    });
+    Limits {
+        duration: limits.duration / rounds as u32,
+        requests_max,
+        ..*limits
+    }
+}
+
+/// A ceiling phase beside round `round`: the same connections and length, always closed
+/// loop (the most this client and server can do).
+fn ceiling_limits(limits: &Limits, rounds: usize, round: usize) -> Limits {
+    Limits {
+        rate: None,
+        stop_on_error: false,
+        ..round_limits(limits, rounds, round)
+    }
+}
+
+/// A scenario's load run in rounds between ceiling phases.
+pub(crate) struct Interleaved {
+    /// The scenario's phases, one after the other.
+    pub stats: PhaseStats,
+    /// Each round's throughput.
+    pub rounds_rps: Vec<f64>,
+    /// The ceiling phases: before the first round, between rounds, after the last.
+    pub ceilings: Vec<PhaseStats>,
+}
+
+impl Interleaved {
+    /// The report's figures: the ceiling is the mean of every ceiling phase, and each round
+    /// is also set against the two ceiling phases either side of it.
+    pub fn report(&self, scenario: &str) -> Report {
+        let mut ceilings = self.ceilings.iter();
+        let mut all = ceilings.next().expect("a ceiling phase").clone();
+        ceilings.for_each(|c| all.append(c));
+        let mut report = Report::new(scenario, &self.stats, &all);
+        let rps: Vec<f64> = self.ceilings.iter().map(|c| c.throughput_rps()).collect();
+        report.set_ceilings(&rps, &self.rounds_rps);
+        report
+            .checks
+            .push(served("every ceiling phase was served", &self.ceilings));
+        report
+    }
+}
+
+/// Runs `send` in `rounds` phases after the ceiling phase `first`, with a ceiling phase
+/// after each. `send` gets iteration numbers unique across rounds.
+pub(crate) async fn interleaved<F, Fut>(
+    client: &reqwest::Client,
+    base: &str,
+    opts: &Options,
+    rounds: usize,
+    first: PhaseStats,
+    send: F,
+) -> Interleaved
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Vec<Sample>> + Send + 'static,
+{
+    let rounds = rounds.max(1);
+    let mut ceilings = vec![first];
+    let mut rounds_rps = Vec::with_capacity(rounds);
+    let mut stats: Option<PhaseStats> = None;
+    for round in 0..rounds {
+        if round > 0 {
+            let limits = ceiling_limits(&opts.limits, rounds, round);
+            ceilings.push(ceiling(client, base, limits).await);
+        }
+        let offset = (round as u64) << 40;
+        let send = send.clone();
+        let phase = run_phase(
+            round_limits(&opts.limits, rounds, round),
+            move |worker, n| send(worker, n + offset),
+        )
+        .await;
+        rounds_rps.push(phase.throughput_rps());
+        match &mut stats {
+            Some(stats) => stats.append(&phase),
+            None => stats = Some(phase),
+        }
+    }
+    let limits = ceiling_limits(&opts.limits, rounds, rounds - 1);
+    ceilings.push(ceiling(client, base, limits).await);
+    Interleaved {
+        stats: stats.expect("at least one round"),
+        rounds_rps,
+        ceilings,
+    }
+}
+
+/// Every request of every ceiling phase answered 200.
+fn served(name: &str, phases: &[PhaseStats]) -> Check {
+    let ok: u64 = phases.iter().map(|p| p.status(200)).sum();
+    let requests: u64 = phases.iter().map(|p| p.requests).sum();
+    let unanswered: u64 = phases.iter().map(|p| p.transport_errors).sum();
     Check::new(
         name,
-        ok > 0 && ok == phase.requests,
-        format!(
-            "{ok} of {} answered 200, {} unanswered",
-            phase.requests, phase.transport_errors
-        ),
+        phases.iter().all(|p| p.status(200) > 0) && ok == requests,
+        format!("{ok} of {requests} answered 200, {unanswered} unanswered"),
     )
 }
 
@@ -215,7 +311,8 @@ async fn flash_sale(
     client: &reqwest::Client,
     base: &str,
     opts: &Options,
-    ceiling: &PhaseStats,
+    rounds: usize,
+    first_ceiling: PhaseStats,
 ) -> Result<Report, String> {
     let sku = format!("FLASH-{}", std::process::id());
     create_product(client, base, &sku, opts.stock).await?;
@@ -231,7 +328,7 @@ async fn flash_sale(
             .collect(),
     );
     let load_client = client.clone();
-    let stats = run_phase(opts.limits, move |worker, _| {
+    let send = move |worker: usize, _| {
         let (client, url, bodies) = (load_client.clone(), url.clone(), bodies.clone());
         async move {
             vec![
@@ -250,8 +347,9 @@ async fn flash_sale(
                 .await,
             ]
         }
-    })
-    .await;
+    };
+    let run = interleaved(client, base, opts, rounds, first_ceiling, send).await;
+    let stats = &run.stats;
 
     let product = get_json(client, &format!("{base}/v1/products/{sku}")).await?;
     let on_hand = product["on_hand"].as_u64().unwrap_or(0);
@@ -260,10 +358,10 @@ async fn flash_sale(
     let refused = stats.status(409);
     let answered = acked + refused;
     let expected = opts.stock.min(answered);
-    let mut report = Report::new("flash-sale", &stats, ceiling);
+    let mut report = run.report("flash-sale");
     report.oversold = acked.saturating_sub(opts.stock) + reserved.saturating_sub(on_hand);
     report.lost_acks = acked.saturating_sub(reserved);
-    report.checks = vec![
+    report.checks.extend([
         Check::new(
             "no unit oversold (acknowledged ≤ stock, reserved ≤ on_hand)",
             report.oversold == 0,
@@ -295,7 +393,7 @@ async fn flash_sale(
             answered + stats.transport_errors == stats.requests,
             format!("statuses {:?}", stats.by_status),
         ),
-    ];
+    ]);
     report.verified = report.checks.iter().all(|c| c.ok);
     Ok(report)
 }
