@@ -12,7 +12,7 @@ use ractor::{ActorRef, Message, RpcReplyPort};
 use uuid::Uuid;
 
 use crate::actors::product::{Change, ProductMsg};
-use crate::actors::supervisor::{Listed, Resolved, Stats, SupervisorMsg};
+use crate::actors::supervisor::{Listed, Reserved, Stats, SupervisorMsg};
 use crate::clock::SharedClock;
 use crate::config::Durability;
 use crate::domain::{Line, Price, Product, Reservation};
@@ -200,6 +200,9 @@ impl Service {
     }
 
     /// Holds every line or none. Returns the reservation and whether it is a replay.
+    ///
+    /// One call: the supervisor and the product actors hold the lines and register the
+    /// reservation between them (see `actors::supervisor`).
     pub async fn reserve(
         &self,
         request: ReserveRequest,
@@ -212,27 +215,6 @@ impl Service {
             };
             (key, request.fingerprint())
         });
-        let skus = request.items.iter().map(|l| l.sku.clone()).collect();
-        let resolved = ask(&self.supervisor, |reply| SupervisorMsg::Resolve {
-            skus,
-            idempotency: idempotency.clone(),
-            reply,
-        })
-        .await??;
-        let actors = match resolved {
-            Resolved::Replay(original, ticket) => {
-                self.settle(ticket).await?;
-                return Ok((original, true));
-            }
-            Resolved::Proceed(actors) => actors,
-        };
-        if let Err(err) = self.hold_all(&request.items, &actors).await {
-            if let Some((key, _)) = idempotency {
-                let _ = self.supervisor.cast(SupervisorMsg::AbortIdempotency(key));
-            }
-            return Err(err);
-        }
-        let held_by = actors.iter().map(|a| a.get_id()).collect();
         let now = self.clock.now_ms();
         let ttl = request.ttl_seconds.unwrap_or(self.default_ttl_seconds);
         let reservation = Reservation::new(
@@ -242,42 +224,18 @@ impl Service {
             now,
             now + (ttl as i64) * 1000,
         );
-        let view = reservation.clone();
-        let registered = ask(&self.supervisor, |reply| SupervisorMsg::Register {
+        let reserved = ask(&self.supervisor, |reply| SupervisorMsg::Reserve {
             reservation,
             idempotency,
-            held_by,
             reply,
         })
-        .await
-        .map_err(Error::from)
-        .and_then(|r| r);
-        let ticket = match registered {
-            Ok(ticket) => ticket,
-            Err(err) => {
-                unhold(&view.items, &actors);
-                return Err(err);
-            }
+        .await??;
+        let (reservation, ticket, replay) = match reserved {
+            Reserved::Created(reservation, ticket) => (reservation, ticket, false),
+            Reserved::Replay(reservation, ticket) => (reservation, ticket, true),
         };
         self.settle(ticket).await?;
-        Ok((view, false))
-    }
-
-    /// Holds each line in turn; on the first failure releases what it held.
-    async fn hold_all(&self, items: &[Line], actors: &[ActorRef<ProductMsg>]) -> Result<()> {
-        debug_assert_eq!(items.len(), actors.len());
-        for (i, (line, actor)) in items.iter().zip(actors).enumerate() {
-            let quantity = line.quantity;
-            let outcome = match ask(actor, |reply| ProductMsg::Hold { quantity, reply }).await {
-                Ok(result) => result,
-                Err(err) => Err(err.into()),
-            };
-            if let Err(err) = outcome {
-                unhold(&items[..i], actors);
-                return Err(err);
-            }
-        }
-        Ok(())
+        Ok((reservation, replay))
     }
 
     pub async fn get_reservation(&self, id: Uuid) -> Result<Reservation> {
@@ -399,14 +357,5 @@ impl Service {
     #[doc(hidden)]
     pub fn inject_log_failure(&self) {
         self.log.inject_write_failure();
-    }
-}
-
-/// Rolls back holds that never reached the log (lines paired with the actors holding them).
-fn unhold(items: &[Line], actors: &[ActorRef<ProductMsg>]) {
-    for (line, actor) in items.iter().zip(actors) {
-        let quantity = line.quantity;
-        // An actor that is gone took its holds with it.
-        let _ = actor.cast(ProductMsg::Unhold { quantity });
     }
 }

@@ -890,6 +890,56 @@ async fn a_killed_product_actor_is_restarted_from_the_log() {
 }
 
 #[tokio::test]
+async fn a_product_killed_with_a_reservation_in_its_mailbox_rolls_back_the_other_holds() {
+    let t = TestServer::start().await;
+    let c = t.client.clone();
+    c.create_product("A", 5).await;
+    c.create_product("B", 5).await;
+    // B stops reading its mailbox: the reservation waits there, with A's line held.
+    t.service().stall_product("B", Duration::from_millis(3000));
+    let body = json!({"customer_id": "u", "items": [
+        {"sku": "A", "quantity": 2}, {"sku": "B", "quantity": 1}]});
+    let first = {
+        let (c, body) = (c.clone(), body.clone());
+        tokio::spawn(async move {
+            c.post_with("/v1/reservations", body, &[("idempotency-key", "k")])
+                .await
+        })
+    };
+    // Holds are not shown in `available`; a refused request for more than A has says
+    // what A could still hold.
+    let a_held = eventually(Duration::from_secs(5), || {
+        let c = c.clone();
+        async move {
+            let probe = c.reserve("probe", "A", 6).await;
+            probe.status == 409 && probe.body["available"] == 3
+        }
+    })
+    .await;
+    assert!(a_held, "A holds its line while B stalls");
+    // Killed: B's mailbox goes with it, and the reservation in it.
+    t.service().inject_product_kill("B");
+    first.await.unwrap().assert_problem(500, "internal_error");
+    let a_free = eventually(Duration::from_secs(5), || {
+        let c = c.clone();
+        async move { c.reserve("probe", "A", 6).await.body["available"] == 5 }
+    })
+    .await;
+    assert!(a_free, "A's hold was rolled back");
+    assert_eq!(c.product("A").await["reserved"], 0);
+    assert!(restarts_reach(t.service(), 1, Duration::from_secs(5)).await);
+    // The key was forgotten with it: the retry is a new reservation, not "in flight".
+    let retry = c
+        .post_with("/v1/reservations", body, &[("idempotency-key", "k")])
+        .await;
+    assert_eq!(retry.status, 201, "{:?}", retry.body);
+    assert_eq!(retry.header("idempotent-replayed"), None);
+    assert_eq!(c.product("A").await["reserved"], 2);
+    assert_eq!(c.product("B").await["reserved"], 1);
+    t.stop().await;
+}
+
+#[tokio::test]
 async fn an_unwritable_log_refuses_changes_with_503() {
     let t = TestServer::start().await;
     let c = &t.client;

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::actors::supervisor::SupervisorMsg;
+use crate::actors::supervisor::{Assembly, SupervisorMsg};
 use crate::clock::{Millis, SharedClock};
 use crate::domain::{Price, Product, StockError};
 use crate::error::Error;
@@ -44,11 +44,9 @@ pub enum Change {
 
 pub enum ProductMsg {
     Get(RpcReplyPort<Result<Product, Error>>),
-    /// Hold units for a reservation being assembled (not logged yet).
-    Hold {
-        quantity: u64,
-        reply: RpcReplyPort<Result<(), Error>>,
-    },
+    /// Hold the next line of a reservation being assembled (not logged yet), then hand
+    /// the assembly back to the supervisor with the outcome.
+    HoldFor(Box<Assembly>),
     /// Roll back a hold whose reservation was never registered.
     Unhold {
         quantity: u64,
@@ -132,7 +130,7 @@ impl ProductMsg {
     pub fn reply_err(self, err: Error) {
         match self {
             ProductMsg::Get(reply) => drop(reply.send(Err(err))),
-            ProductMsg::Hold { reply, .. } => drop(reply.send(Err(err))),
+            ProductMsg::HoldFor(assembly) => assembly.abandon(err),
             ProductMsg::Change { reply, .. } => drop(reply.send(Err(err))),
             ProductMsg::Delete { reply, .. } => drop(reply.send(Err(err))),
             ProductMsg::Passivate(reply) => drop(reply.send(None)),
@@ -245,7 +243,7 @@ impl Actor for ProductActor {
         // record; undoing it would make memory and the log disagree.
         let restorable = matches!(
             msg,
-            ProductMsg::Get(_) | ProductMsg::Hold { .. } | ProductMsg::Crash(_)
+            ProductMsg::Get(_) | ProductMsg::HoldFor(_) | ProductMsg::Crash(_)
         );
         // Only what can be restored is copied (the settles and releases of every
         // reservation would otherwise clone the product's strings for nothing).
@@ -305,11 +303,19 @@ impl ProductActor {
             Err(msg) => msg,
         };
         match msg {
-            ProductMsg::Hold { quantity, reply } => {
-                let result = p
+            ProductMsg::HoldFor(mut assembly) => {
+                let quantity = assembly.next_quantity();
+                let outcome = p
                     .hold(quantity)
                     .map_err(|e| stock_error(p, quantity, "quantity", e));
-                let _ = reply.send(result);
+                if outcome.is_ok() {
+                    assembly.held_next();
+                }
+                // If the supervisor is gone, the assembly is dropped with the message and
+                // rolls its holds back, this one included.
+                let _ = self
+                    .supervisor
+                    .cast(SupervisorMsg::Held { assembly, outcome });
             }
             ProductMsg::Unhold { quantity } => p.unhold(quantity),
             // Handled by `apply_without_actor` above.

@@ -9,10 +9,15 @@
 //! hash-map update and a channel send; the expensive parts of a request (HTTP, JSON, the
 //! flush wait) happen outside it.
 //!
-//! Creating a reservation is coordinated by the request's own task (`crate::service`):
-//! `Resolve` (idempotency check + SKU → actor), `Hold` on each product actor, then
-//! `Register` here, which logs the reservation and settles the holds. A failed hold rolls
-//! back the earlier ones with `Unhold`; those holds never reached the log.
+//! Creating a reservation is one call from the request (`Reserve`) and a relay between this
+//! actor and the product actors: the idempotency check and SKU → actor here, then the
+//! request's lines are held one product at a time (`HoldFor`: the product holds and sends
+//! the reservation back with `Held`), then it is registered here, which logs it and settles
+//! the holds. The reservation being assembled travels inside those messages (`Assembly`),
+//! so no task has to wait in between, and a client that hangs up cannot strand a hold. A
+//! failed hold rolls back the earlier ones with `Unhold`; those holds never reached the
+//! log. An assembly dropped unfinished (an actor failed with it in its mailbox) does the
+//! same from its `Drop`.
 //!
 //! Expiry deadlines sit in one min-heap; a 100 ms interval message (`Tick`) pops the due
 //! ones. Extending a reservation pushes a new entry; a popped entry whose reservation is no
@@ -62,12 +67,111 @@ use crate::snapshotter::Snapshotter;
 /// An `Idempotency-Key` with the fingerprint of the request that carries it.
 pub type Idempotency = (IdempotencyKey, Vec<u8>);
 
-/// The answer to `Resolve`.
-pub enum Resolved {
+/// The answer to `Reserve`; either way, answer the request once `Ticket` resolves.
+pub enum Reserved {
+    /// Held, registered and queued to the log.
+    Created(Reservation, Ticket),
+    /// The idempotency key already created this reservation.
+    Replay(Reservation, Ticket),
+}
+
+/// What `resolve` decided.
+enum Resolved {
     /// Go ahead: hold on these actors (in the order of the request's lines).
     Proceed(Vec<ActorRef<ProductMsg>>),
-    /// The key already created this reservation: answer it again once `Ticket` resolves.
     Replay(Reservation, Ticket),
+}
+
+/// A reservation being assembled: its lines are held one product at a time, then it is
+/// registered. It travels inside `ProductMsg::HoldFor` and `SupervisorMsg::Held`.
+///
+/// Dropped unfinished (a product actor failed or stopped with it in its mailbox, or the
+/// supervisor is gone), it releases the holds it took, forgets its idempotency key and
+/// answers the request with an internal error, so no hold outlives its reservation.
+pub struct Assembly {
+    /// `Some` until the assembly is finished (registered or abandoned).
+    parts: Option<Parts>,
+}
+
+struct Parts {
+    reservation: Reservation,
+    idempotency: Option<Idempotency>,
+    /// The actor of each line.
+    actors: Vec<ActorRef<ProductMsg>>,
+    /// How many lines are held (always the first ones).
+    held: usize,
+    reply: RpcReplyPort<Result<Reserved, Error>>,
+    supervisor: ActorRef<SupervisorMsg>,
+}
+
+impl Assembly {
+    fn parts(&self) -> &Parts {
+        self.parts
+            .as_ref()
+            .expect("an assembly is finished only by value")
+    }
+
+    fn finish(mut self: Box<Self>) -> Parts {
+        self.parts.take().expect("an assembly is finished once")
+    }
+
+    /// The units of the next line to hold.
+    pub fn next_quantity(&self) -> u64 {
+        let parts = self.parts();
+        parts.reservation.items[parts.held].quantity
+    }
+
+    /// The product of the next line has held its units.
+    pub fn held_next(&mut self) {
+        let parts = self.parts.as_mut().expect("an assembly in progress");
+        parts.held += 1;
+        debug_assert!(parts.held <= parts.actors.len());
+    }
+
+    /// Ends the assembly with `err`, away from the supervisor (from a product actor).
+    pub fn abandon(self: Box<Self>, err: Error) {
+        let parts = self.finish();
+        if let Some((key, _)) = &parts.idempotency {
+            let _ = parts
+                .supervisor
+                .cast(SupervisorMsg::AbortIdempotency(key.clone()));
+        }
+        parts.answer_err(err);
+    }
+}
+
+impl Drop for Assembly {
+    fn drop(&mut self) {
+        if let Some(parts) = self.parts.take() {
+            if let Some((key, _)) = &parts.idempotency {
+                let _ = parts
+                    .supervisor
+                    .cast(SupervisorMsg::AbortIdempotency(key.clone()));
+            }
+            parts.answer_err(Error::Internal(
+                "the request failed inside the server".into(),
+            ));
+        }
+    }
+}
+
+impl Parts {
+    /// Rolls back the holds taken (they never reached the log) and answers `err`.
+    fn answer_err(self, err: Error) {
+        for (line, actor) in self
+            .reservation
+            .items
+            .iter()
+            .zip(&self.actors)
+            .take(self.held)
+        {
+            // An actor that is gone took its holds with it.
+            let _ = actor.cast(ProductMsg::Unhold {
+                quantity: line.quantity,
+            });
+        }
+        let _ = self.reply.send(Err(err));
+    }
 }
 
 pub enum SupervisorMsg {
@@ -94,21 +198,20 @@ pub enum SupervisorMsg {
         if_match: Option<u64>,
         reply: RpcReplyPort<Result<Ticket, Error>>,
     },
-    Resolve {
-        skus: Vec<String>,
-        idempotency: Option<Idempotency>,
-        reply: RpcReplyPort<Result<Resolved, Error>>,
-    },
-    /// The holds of a reservation failed: forget its in-flight idempotency key.
-    AbortIdempotency(IdempotencyKey),
-    /// Log and keep a reservation whose lines are held by the actors `held_by` (refused if
-    /// any of them has been replaced since: its holds died with it).
-    Register {
+    /// Create this reservation: hold its lines, then log and keep it.
+    Reserve {
         reservation: Reservation,
         idempotency: Option<Idempotency>,
-        held_by: Vec<ActorId>,
-        reply: RpcReplyPort<Result<Ticket, Error>>,
+        reply: RpcReplyPort<Result<Reserved, Error>>,
     },
+    /// A product actor tried to hold the next line of `assembly` (on success the line is
+    /// already counted as held).
+    Held {
+        assembly: Box<Assembly>,
+        outcome: Result<(), Error>,
+    },
+    /// The holds of a reservation failed away from here: forget its in-flight key.
+    AbortIdempotency(IdempotencyKey),
     GetReservation {
         id: Uuid,
         reply: RpcReplyPort<Result<Reservation, Error>>,
@@ -355,24 +458,39 @@ impl Actor for Supervisor {
                 let result = self.delete_product(&myself, state, &sku, if_match).await;
                 let _ = reply.send(result);
             }
-            SupervisorMsg::Resolve {
-                skus,
-                idempotency,
-                reply,
-            } => {
-                let result = self.resolve(&myself, state, skus, idempotency).await;
-                let _ = reply.send(result);
-            }
-            SupervisorMsg::AbortIdempotency(key) => {
-                state.in_flight.remove(&key);
-            }
-            SupervisorMsg::Register {
+            SupervisorMsg::Reserve {
                 reservation,
                 idempotency,
-                held_by,
                 reply,
             } => {
-                let _ = reply.send(self.register(state, reservation, idempotency, held_by));
+                let resolved = self
+                    .resolve(&myself, state, &reservation, idempotency.as_ref())
+                    .await;
+                match resolved {
+                    Err(err) => drop(reply.send(Err(err))),
+                    Ok(Resolved::Replay(original, ticket)) => {
+                        drop(reply.send(Ok(Reserved::Replay(original, ticket))))
+                    }
+                    Ok(Resolved::Proceed(actors)) => {
+                        let parts = Parts {
+                            reservation,
+                            idempotency,
+                            actors,
+                            held: 0,
+                            reply,
+                            supervisor: myself.clone(),
+                        };
+                        let assembly = Box::new(Assembly { parts: Some(parts) });
+                        self.hold_next(state, assembly);
+                    }
+                }
+            }
+            SupervisorMsg::Held { assembly, outcome } => match outcome {
+                Ok(()) => self.hold_next(state, assembly),
+                Err(err) => self.fail(state, assembly.finish(), err),
+            },
+            SupervisorMsg::AbortIdempotency(key) => {
+                state.in_flight.remove(&key);
             }
             SupervisorMsg::GetReservation { id, reply } => {
                 let now = self.clock.now_ms();
@@ -790,10 +908,10 @@ impl Supervisor {
         &self,
         myself: &ActorRef<SupervisorMsg>,
         state: &mut SupervisorState,
-        skus: Vec<String>,
-        idempotency: Option<Idempotency>,
+        reservation: &Reservation,
+        idempotency: Option<&Idempotency>,
     ) -> Result<Resolved, Error> {
-        if let Some((key, fingerprint)) = &idempotency {
+        if let Some((key, fingerprint)) = idempotency {
             if let Some(entry) = state.idempotency.get(key) {
                 if entry.fingerprint != *fingerprint {
                     return Err(Error::IdempotencyKeyReused);
@@ -811,47 +929,85 @@ impl Supervisor {
                 None => {}
             }
         }
-        let mut actors = Vec::with_capacity(skus.len());
-        for sku in skus {
-            match state.routes.get(&sku) {
-                None => return Err(Error::ProductNotFound { sku }),
-                Some(Slot::Restarting(_)) => return Err(restarting(&sku)),
+        let mut actors = Vec::with_capacity(reservation.items.len());
+        for line in &reservation.items {
+            let sku = line.sku.as_str();
+            match state.routes.get(sku) {
+                None => {
+                    return Err(Error::ProductNotFound {
+                        sku: sku.to_string(),
+                    })
+                }
+                Some(Slot::Restarting(_)) => return Err(restarting(sku)),
                 Some(_) => {}
             }
-            match self.activate(myself, state, &sku).await {
+            match self.activate(myself, state, sku).await {
                 Some(actor) => actors.push(actor),
-                None => return Err(restarting(&sku)),
+                None => return Err(restarting(sku)),
             }
         }
         if let Some((key, fingerprint)) = idempotency {
-            state.in_flight.insert(key, fingerprint);
+            state.in_flight.insert(key.clone(), fingerprint.clone());
         }
         Ok(Resolved::Proceed(actors))
     }
 
-    fn register(
-        &self,
-        state: &mut SupervisorState,
-        reservation: Reservation,
-        idempotency: Option<Idempotency>,
-        held_by: Vec<ActorId>,
-    ) -> Result<Ticket, Error> {
+    /// Sends the assembly to the product of its next line, or registers it once every line
+    /// is held.
+    fn hold_next(&self, state: &mut SupervisorState, assembly: Box<Assembly>) {
+        let parts = assembly.parts();
+        let Some(actor) = parts.actors.get(parts.held).cloned() else {
+            return self.register(state, assembly.finish());
+        };
+        match actor.send_message(ProductMsg::HoldFor(assembly)) {
+            Ok(()) => {}
+            // It has just failed: its supervision event will rebuild it.
+            Err(ractor::MessagingErr::SendErr(ProductMsg::HoldFor(assembly))) => {
+                let parts = assembly.finish();
+                let err = restarting(&parts.reservation.items[parts.held].sku);
+                self.fail(state, parts, err);
+            }
+            // Not given back: dropped, the assembly rolls itself back.
+            Err(_) => {}
+        }
+    }
+
+    /// Ends an assembly that cannot go on: its holds are rolled back, its key forgotten.
+    fn fail(&self, state: &mut SupervisorState, parts: Parts, err: Error) {
+        if let Some((key, _)) = &parts.idempotency {
+            state.in_flight.remove(key);
+        }
+        parts.answer_err(err);
+    }
+
+    /// Logs and keeps a reservation whose lines are all held (refused if an actor holding
+    /// one has been replaced since: its holds died with it).
+    fn register(&self, state: &mut SupervisorState, parts: Parts) {
+        let reservation = &parts.reservation;
         debug_assert_eq!(reservation.status, Status::Pending);
-        debug_assert_eq!(reservation.items.len(), held_by.len());
+        debug_assert_eq!(reservation.items.len(), parts.held);
         // Holds live in the actor that took them; an actor never passivates with holds in
         // flight, so a different (or no) actor here means the holder failed.
-        let replaced = reservation.items.iter().zip(&held_by).find(|(line, id)| {
-            !matches!(
-                state.routes.get(&line.sku),
-                Some(Slot::Active { actor, .. }) if actor.get_id() == **id
-            )
-        });
+        let replaced = reservation
+            .items
+            .iter()
+            .zip(&parts.actors)
+            .find(|(line, held_by)| {
+                !matches!(
+                    state.routes.get(&line.sku),
+                    Some(Slot::Active { actor, .. }) if actor.get_id() == held_by.get_id()
+                )
+            });
         if let Some((line, _)) = replaced {
-            if let Some((key, _)) = &idempotency {
-                state.in_flight.remove(key);
-            }
-            return Err(restarting(&line.sku));
+            let err = restarting(&line.sku);
+            return self.fail(state, parts, err);
         }
+        let Parts {
+            reservation,
+            idempotency,
+            reply,
+            ..
+        } = parts;
         let id = reservation.id;
         let at = reservation.created_at;
         if let Some((key, fingerprint)) = &idempotency {
@@ -880,8 +1036,8 @@ impl Supervisor {
         }
         state.deadlines.push(Reverse((reservation.expires_at, id)));
         state.pending += 1;
+        let _ = reply.send(Ok(Reserved::Created(reservation.clone(), ticket)));
         state.reservations.insert(id, reservation);
-        Ok(ticket)
     }
 
     /// Sends a stock effect (whose record is already queued) to a product that holds
