@@ -1028,8 +1028,8 @@ impl LogReader {
 
     /// The highest sequence number that may have been dropped from the front of the log
     /// (0: none).
-    pub fn truncated_through(&self) -> Result<u64, OpenError> {
-        Ok(self.segments.mark())
+    pub fn truncated_through(&self) -> u64 {
+        self.segments.mark()
     }
 
     /// Drops the records up to and including `seq` (a kept snapshot covers them), a whole
@@ -1056,7 +1056,7 @@ impl LogReader {
     pub fn summary(&self) -> Result<LogSummary, OpenError> {
         let slots = self.segments.list();
         let mut summary = LogSummary {
-            truncated_through: self.truncated_through()?,
+            truncated_through: self.truncated_through(),
             segments: slots.len(),
             ..LogSummary::default()
         };
@@ -1519,12 +1519,12 @@ mod tests {
             ]
         );
         assert_eq!(seqs(&reader), (21..=50).collect::<Vec<_>>());
-        assert_eq!(reader.truncated_through().unwrap(), 25);
+        assert_eq!(reader.truncated_through(), 25);
         // The mark is durable and never lowered.
         assert_eq!(reader.truncate_through(5).unwrap(), 0);
         drop((reader, log));
         let log = Log::open(&dir).unwrap();
-        assert_eq!(log.reader().truncated_through().unwrap(), 25);
+        assert_eq!(log.reader().truncated_through(), 25);
         assert_eq!(log.last_seq().unwrap(), 50);
     }
 
@@ -1783,7 +1783,7 @@ mod tests {
         assert!(!dir.join("db").exists() && !dir.join("conf").exists());
         assert_eq!(segment_dirs(&dir).len(), 2); // 65,536 records per segment
         let reader = log.reader();
-        assert_eq!(reader.truncated_through().unwrap(), 3);
+        assert_eq!(reader.truncated_through(), 3);
         let read: Vec<(u64, Record)> = reader.records().map(|r| r.unwrap()).collect();
         assert_eq!(read.len(), 100_000);
         assert!(read.iter().all(|(seq, record)| *record == created(*seq)));

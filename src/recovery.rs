@@ -75,11 +75,15 @@ pub fn recover(
     snapshot_dir: &Path,
     upto: u64,
 ) -> Result<Recovered, RecoveryError> {
-    let truncated_through = reader.truncated_through()?;
+    let truncated_through = reader.truncated_through();
+    let snapshots = list_snapshots(snapshot_dir)?;
     // The log after the newest usable snapshot is opened while that snapshot is decoded.
-    let _open_ahead = newest_candidate(snapshot_dir, upto, truncated_through)?
+    let _open_ahead = snapshots
+        .iter()
+        .map(|(seq, _)| *seq)
+        .find(|seq| *seq <= upto && *seq >= truncated_through)
         .map(|seq| reader.open_ahead(seq, 2));
-    let base = base_snapshot(snapshot_dir, upto, truncated_through)?;
+    let base = base_from(snapshots, upto, truncated_through)?;
     let after = base.snapshot.as_ref().map_or(0, |s| s.seq);
     let started = std::time::Instant::now();
     let folded = fold_records(reader, base.state, after, upto)?;
@@ -96,18 +100,6 @@ pub struct Base {
     pub skipped: Vec<String>,
 }
 
-/// The sequence of the snapshot `base_snapshot` will try first, if any.
-fn newest_candidate(
-    snapshot_dir: &Path,
-    upto: u64,
-    truncated_through: u64,
-) -> Result<Option<u64>, RecoveryError> {
-    Ok(list_snapshots(snapshot_dir)?
-        .into_iter()
-        .map(|(seq, _)| seq)
-        .find(|seq| *seq <= upto && *seq >= truncated_through))
-}
-
 fn list_snapshots(snapshot_dir: &Path) -> Result<Vec<(u64, std::path::PathBuf)>, RecoveryError> {
     snapshot::list(snapshot_dir).map_err(|source| RecoveryError::ListSnapshots {
         dir: snapshot_dir.display().to_string(),
@@ -121,8 +113,17 @@ pub fn base_snapshot(
     upto: u64,
     truncated_through: u64,
 ) -> Result<Base, RecoveryError> {
+    base_from(list_snapshots(snapshot_dir)?, upto, truncated_through)
+}
+
+/// `base_snapshot` over the snapshots listed (newest first).
+fn base_from(
+    snapshots: Vec<(u64, std::path::PathBuf)>,
+    upto: u64,
+    truncated_through: u64,
+) -> Result<Base, RecoveryError> {
     let mut skipped = Vec::new();
-    for (seq, path) in list_snapshots(snapshot_dir)? {
+    for (seq, path) in snapshots {
         if seq > upto {
             continue;
         }

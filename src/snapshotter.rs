@@ -489,7 +489,7 @@ fn build_snapshot(
     let job = snapshot_worker::Job {
         snapshot_dir: dir.to_path_buf(),
         upto,
-        truncated_through: reader.truncated_through().map_err(|e| e.to_string())?,
+        truncated_through: reader.truncated_through(),
         now,
         pause_before_rename: hooks.pause_before_rename,
     };

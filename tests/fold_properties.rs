@@ -345,7 +345,7 @@ proptest! {
             .map_err(TestCaseError::fail)?;
         prop_assert_eq!(again.created, second > first);
         let truncated = if second > first { first } else { 0 };
-        prop_assert_eq!(reader.truncated_through().unwrap(), truncated);
+        prop_assert_eq!(reader.truncated_through(), truncated);
         let left = reader.records().count() as u64;
         prop_assert!(left <= n - truncated + 4, "whole segments before the mark are dropped");
         prop_assert!(left >= n - truncated);
