@@ -107,7 +107,6 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     let service = Service {
         supervisor: supervisor.clone(),
         log: log_handle.clone(),
-        clock: config.clock.clone(),
         durability: config.durability,
         default_ttl_seconds: config.default_ttl_seconds,
         snapshotter: snapshotter.clone(),

@@ -12,8 +12,7 @@ use ractor::{ActorRef, Message, RpcReplyPort};
 use uuid::Uuid;
 
 use crate::actors::product::{Change, ProductMsg};
-use crate::actors::supervisor::{Listed, Reserved, Stats, SupervisorMsg};
-use crate::clock::SharedClock;
+use crate::actors::supervisor::{Listed, NewReservation, Reserved, Stats, SupervisorMsg};
 use crate::config::Durability;
 use crate::domain::{Line, Price, Product, Reservation};
 use crate::error::{Error, Result};
@@ -85,7 +84,6 @@ impl ReserveRequest {
 pub struct Service {
     pub(crate) supervisor: ActorRef<SupervisorMsg>,
     pub(crate) log: LogHandle,
-    pub(crate) clock: SharedClock,
     pub(crate) durability: Durability,
     pub(crate) default_ttl_seconds: u64,
     pub(crate) snapshotter: Snapshotter,
@@ -215,17 +213,15 @@ impl Service {
             };
             (key, request.fingerprint())
         });
-        let now = self.clock.now_ms();
         let ttl = request.ttl_seconds.unwrap_or(self.default_ttl_seconds);
-        let reservation = Reservation::new(
-            Uuid::now_v7(),
-            request.customer_id,
-            request.items,
-            now,
-            now + (ttl as i64) * 1000,
-        );
+        let request = NewReservation {
+            id: Uuid::now_v7(),
+            customer_id: request.customer_id,
+            items: request.items,
+            ttl_ms: (ttl as i64) * 1000,
+        };
         let reserved = ask(&self.supervisor, |reply| SupervisorMsg::Reserve {
-            reservation,
+            request,
             idempotency,
             reply,
         })

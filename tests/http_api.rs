@@ -895,8 +895,9 @@ async fn a_product_killed_with_a_reservation_in_its_mailbox_rolls_back_the_other
     let c = t.client.clone();
     c.create_product("A", 5).await;
     c.create_product("B", 5).await;
-    // B stops reading its mailbox: the reservation waits there, with A's line held.
-    t.service().stall_product("B", Duration::from_millis(3000));
+    // B stops reading its mailbox: the reservation waits there, with A's line held. (The
+    // kill below ends the stall; it is long so that a slow machine cannot outlast it.)
+    t.service().stall_product("B", Duration::from_secs(60));
     let body = json!({"customer_id": "u", "items": [
         {"sku": "A", "quantity": 2}, {"sku": "B", "quantity": 1}]});
     let first = {
@@ -934,6 +935,73 @@ async fn a_product_killed_with_a_reservation_in_its_mailbox_rolls_back_the_other
         .await;
     assert_eq!(retry.status, 201, "{:?}", retry.body);
     assert_eq!(retry.header("idempotent-replayed"), None);
+    assert_eq!(c.product("A").await["reserved"], 2);
+    assert_eq!(c.product("B").await["reserved"], 1);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_reservation_is_stamped_when_its_holds_are_done_not_when_asked() {
+    let t = TestServer::start().await;
+    let c = t.client.clone();
+    c.create_product("A", 5).await;
+    c.create_product("B", 5).await;
+    // B answers 2 s later; meanwhile the clock moves past the requested TTL.
+    t.service().stall_product("B", Duration::from_millis(2000));
+    let body = json!({"customer_id": "u", "ttl_seconds": 60, "items": [
+        {"sku": "A", "quantity": 1}, {"sku": "B", "quantity": 1}]});
+    let asked = {
+        let c = c.clone();
+        tokio::spawn(async move { c.post("/v1/reservations", body).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    t.clock.advance_ms(120_000);
+    let r = asked.await.unwrap();
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    // Stamped after the clock moved: the whole TTL ahead, and still pending.
+    assert_eq!(
+        r.body["created_at"], "2026-11-22T10:02:00.000Z",
+        "{:?}",
+        r.body
+    );
+    assert_eq!(r.body["expires_at"], "2026-11-22T10:03:00.000Z");
+    assert_eq!(r.body["status"], "pending");
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_panic_holding_a_later_line_releases_the_earlier_ones_and_the_key() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.create_product("A", 5).await;
+    c.create_product("B", 5).await;
+    t.service().arm_product_panic("B");
+    let body = json!({"customer_id": "u", "items": [
+        {"sku": "A", "quantity": 2}, {"sku": "B", "quantity": 1}]});
+    c.post_with(
+        "/v1/reservations",
+        body.clone(),
+        &[("idempotency-key", "k")],
+    )
+    .await
+    .assert_problem(500, "internal_error");
+    // A's hold is released (a request for more than A has says what it could hold).
+    let a_free = eventually(Duration::from_secs(5), || {
+        let c = c.clone();
+        async move { c.reserve("probe", "A", 6).await.body["available"] == 5 }
+    })
+    .await;
+    assert!(a_free, "A's hold was rolled back");
+    let b = c.reserve("probe", "B", 6).await;
+    assert_eq!(
+        b.body["available"], 5,
+        "B's state was restored: {:?}",
+        b.body
+    );
+    let retry = c
+        .post_with("/v1/reservations", body, &[("idempotency-key", "k")])
+        .await;
+    assert_eq!(retry.status, 201, "the key was forgotten: {:?}", retry.body);
     assert_eq!(c.product("A").await["reserved"], 2);
     assert_eq!(c.product("B").await["reserved"], 1);
     t.stop().await;

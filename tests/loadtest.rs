@@ -134,6 +134,29 @@ async fn lying_server() -> (String, tokio::sync::oneshot::Sender<()>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_budget_smaller_than_the_rounds_runs_fewer_rounds() {
+    let opts = Options {
+        scenario: Scenario::FlashSale,
+        target: Target::Spawn {
+            stockd: env!("CARGO_BIN_EXE_stockd").into(),
+            durability: "sync".into(),
+        },
+        limits: Limits {
+            requests_max: Some(2),
+            ..limits()
+        },
+        stock: 5,
+        catalogue: 1,
+        abandon_ttl_seconds: 1,
+        rounds: 3,
+    };
+    let report = loadtest::run(opts).await.expect("run");
+    assert!(report.verified, "{}", report.markdown());
+    assert_eq!(report.requests, 2);
+    assert_eq!((report.rounds.len(), report.ceilings_rps.len()), (2, 3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verification_catches_an_overselling_server() {
     let (url, stop) = lying_server().await;
     let opts = Options {

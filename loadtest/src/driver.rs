@@ -58,8 +58,10 @@ impl PhaseStats {
         }
     }
 
-    fn record(&mut self, sample: &Sample, phase_started: Instant) {
-        let second = phase_started.elapsed().as_secs() as usize;
+    /// Files `sample` under its second: `offset` (the load's time before this phase) plus the
+    /// time since the phase started.
+    fn record(&mut self, sample: &Sample, phase_started: Instant, offset: Duration) {
+        let second = (offset + phase_started.elapsed()).as_secs() as usize;
         if self.timeline.len() <= second {
             self.timeline.resize(second + 1, Second::default());
         }
@@ -95,17 +97,14 @@ impl PhaseStats {
         self.latency_us.add(&other.latency_us).expect("same bounds");
     }
 
-    /// Adds a phase that ran after this one: its seconds follow this phase's on the
-    /// timeline (this phase's last, partial second is dropped so the seconds stay whole),
-    /// and the elapsed times add up.
+    /// Adds a phase of the same load that ran after this one, recorded with
+    /// `run_phase_at(.., offset = self.elapsed, ..)`: its seconds continue this phase's (a
+    /// partial last second of this phase is completed by the next), and the elapsed times
+    /// add up.
     pub fn append(&mut self, later: &PhaseStats) {
-        let at = self.whole_seconds;
-        self.timeline.resize(at, Second::default());
-        let mut shifted = later.clone();
-        shifted.timeline.splice(0..0, vec![Second::default(); at]);
-        self.merge(&shifted);
+        self.merge(later);
         self.elapsed += later.elapsed;
-        self.whole_seconds += later.whole_seconds;
+        self.whole_seconds = self.elapsed.as_secs() as usize;
     }
 
     pub fn throughput_rps(&self) -> f64 {
@@ -154,15 +153,25 @@ where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Vec<Sample>> + Send + 'static,
 {
+    run_phase_at(limits, Duration::ZERO, send).await
+}
+
+/// `run_phase` for a phase that continues a load which already ran for `offset` (a later
+/// round): its answers are filed on the timeline from `offset` on (see `append`).
+pub async fn run_phase_at<F, Fut>(limits: Limits, offset: Duration, send: F) -> PhaseStats
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Vec<Sample>> + Send + 'static,
+{
     let answered = Arc::new(AtomicU64::new(0));
     let progress = tokio::spawn(progress(limits.duration, answered.clone()));
     let started = Instant::now();
     let mut stats = match limits.rate {
-        Some(rate) => open_loop(limits, rate, Arc::new(send), answered).await,
-        None => closed_loop(limits, Arc::new(send), answered).await,
+        Some(rate) => open_loop(limits, rate, offset, Arc::new(send), answered).await,
+        None => closed_loop(limits, offset, Arc::new(send), answered).await,
     };
     stats.elapsed = started.elapsed();
-    stats.whole_seconds = stats.elapsed.as_secs() as usize;
+    stats.whole_seconds = (offset + stats.elapsed).as_secs() as usize;
     progress.abort();
     if std::io::stderr().is_terminal() {
         eprint!("\r{:78}\r", "");
@@ -170,7 +179,12 @@ where
     stats
 }
 
-async fn closed_loop<F, Fut>(limits: Limits, send: Arc<F>, answered: Arc<AtomicU64>) -> PhaseStats
+async fn closed_loop<F, Fut>(
+    limits: Limits,
+    offset: Duration,
+    send: Arc<F>,
+    answered: Arc<AtomicU64>,
+) -> PhaseStats
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Vec<Sample>> + Send + 'static,
@@ -191,7 +205,9 @@ where
                 }
                 let samples = send(worker, n).await;
                 answered.fetch_add(samples.len() as u64, Ordering::Relaxed);
-                samples.iter().for_each(|s| stats.record(s, started));
+                samples
+                    .iter()
+                    .for_each(|s| stats.record(s, started, offset));
                 n += 1;
                 if limits.stop_on_error && samples.iter().any(|s| s.status.is_none()) {
                     break;
@@ -210,6 +226,7 @@ where
 async fn open_loop<F, Fut>(
     limits: Limits,
     rate: f64,
+    offset: Duration,
     send: Arc<F>,
     answered: Arc<AtomicU64>,
 ) -> PhaseStats
@@ -227,7 +244,9 @@ where
     let collector = tokio::spawn(async move {
         let mut stats = PhaseStats::new();
         while let Some(samples) = rx.recv().await {
-            samples.iter().for_each(|s| stats.record(s, started));
+            samples
+                .iter()
+                .for_each(|s| stats.record(s, started, offset));
         }
         stats
     });
@@ -294,8 +313,9 @@ async fn progress(duration: Duration, answered: Arc<AtomicU64>) {
 mod tests {
     use super::*;
 
-    /// A phase that answered `per_second[i]` requests in its second `i`.
-    fn phase(per_second: &[u64], elapsed_ms: u64) -> PhaseStats {
+    /// A phase of `elapsed_ms` that started `offset_ms` into the load and answered
+    /// `per_second[i]` requests in the load's second `i` (as `record` files them).
+    fn phase(per_second: &[u64], offset_ms: u64, elapsed_ms: u64) -> PhaseStats {
         let mut stats = PhaseStats::new();
         for (second, &n) in per_second.iter().enumerate() {
             stats.timeline.push(Second {
@@ -305,32 +325,64 @@ mod tests {
             });
             stats.requests += n;
             *stats.by_status.entry(200).or_default() += n;
-            stats
-                .latency_us
-                .record_n(1000 * (second as u64 + 1), n)
-                .unwrap();
+            if n > 0 {
+                stats
+                    .latency_us
+                    .record_n(1000 * (second as u64 + 1), n)
+                    .unwrap();
+            }
         }
         stats.elapsed = Duration::from_millis(elapsed_ms);
-        stats.whole_seconds = stats.elapsed.as_secs() as usize;
+        stats.whole_seconds = ((offset_ms + elapsed_ms) / 1000) as usize;
         stats
     }
 
     #[test]
     fn appended_phases_follow_each_other_on_the_timeline() {
-        // 2.5 s, then 1.5 s: the first phase's partial third second is not a second of
-        // the timeline; the second phase starts right after its two whole seconds.
-        let mut first = phase(&[10, 20, 5], 2_500);
-        let second = phase(&[30, 7], 1_500);
+        // 2.5 s, then 1.5 s filed from 2.5 s on: the second phase completes the first one's
+        // partial third second, and every answer is on the timeline exactly once.
+        let mut first = phase(&[10, 20, 5], 0, 2_500);
+        let second = phase(&[0, 0, 30, 7], 2_500, 1_500);
         first.append(&second);
         let per_second: Vec<u64> = first.timeline.iter().map(|s| s.requests).collect();
-        assert_eq!(per_second, vec![10, 20, 30, 7]);
-        assert_eq!(first.whole_seconds, 3);
+        assert_eq!(per_second, vec![10, 20, 35, 7]);
+        assert_eq!(first.whole_seconds, 4);
         assert_eq!(first.elapsed, Duration::from_millis(4_000));
-        assert_eq!(
-            first.requests, 72,
-            "every answer counts, partial seconds too"
-        );
+        assert_eq!(first.requests, 72);
         assert_eq!(first.status(200), 72);
         assert_eq!(first.latency_us.len(), 72);
+    }
+
+    #[test]
+    fn rounds_shorter_than_a_second_keep_every_answer_on_the_timeline() {
+        let mut load = phase(&[4], 0, 300);
+        load.append(&phase(&[6], 300, 300));
+        load.append(&phase(&[3, 2], 600, 600));
+        let per_second: Vec<u64> = load.timeline.iter().map(|s| s.requests).collect();
+        assert_eq!(per_second, vec![13, 2]);
+        assert_eq!(load.whole_seconds, 1);
+        assert_eq!(load.requests, 15);
+    }
+
+    #[tokio::test]
+    async fn a_phase_files_its_answers_from_its_offset() {
+        let limits = Limits {
+            connections: 2,
+            duration: Duration::from_secs(5),
+            requests_max: Some(10),
+            stop_on_error: false,
+            rate: None,
+        };
+        let send = |_, _| async {
+            vec![Sample {
+                status: Some(200),
+                latency_us: 10,
+            }]
+        };
+        let stats = run_phase_at(limits, Duration::from_millis(3_200), send).await;
+        assert_eq!(stats.requests, 10);
+        assert_eq!(stats.timeline.len(), 4, "filed in the load's fourth second");
+        assert_eq!(stats.timeline[3].requests, 10);
+        assert_eq!(stats.whole_seconds, 3);
     }
 }

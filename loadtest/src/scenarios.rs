@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::driver::{run_phase, timed, Limits, PhaseStats, Sample};
+use crate::driver::{run_phase, run_phase_at, timed, Limits, PhaseStats, Sample};
 use crate::report::{Check, Report};
 use crate::server::ServerProcess;
 
@@ -106,8 +106,12 @@ pub async fn run(opts: Options) -> Result<Report, String> {
 
     // Flash-sale and checkout alternate ceiling and scenario phases (C S C ... S C), so
     // that the ceiling samples the same moments of a drifting machine as the scenario.
+    // Every round (and ceiling phase) gets at least one request of a `--requests` budget.
     let rounds = match opts.scenario {
-        Scenario::FlashSale | Scenario::Checkout => opts.rounds.max(1),
+        Scenario::FlashSale | Scenario::Checkout => opts.rounds.clamp(
+            1,
+            opts.limits.requests_max.unwrap_or(u64::MAX).max(1) as usize,
+        ),
         Scenario::Ceiling | Scenario::Crash => 1,
     };
     let first = ceiling(&client, &base, ceiling_limits(&opts.limits, rounds, 0)).await;
@@ -177,6 +181,7 @@ impl Interleaved {
     pub fn report(&self, scenario: &str) -> Report {
         let mut ceilings = self.ceilings.iter();
         let mut all = ceilings.next().expect("a ceiling phase").clone();
+        // Only their counts and latencies are used (not their timelines).
         ceilings.for_each(|c| all.append(c));
         let mut report = Report::new(scenario, &self.stats, &all);
         let rps: Vec<f64> = self.ceilings.iter().map(|c| c.throughput_rps()).collect();
@@ -211,11 +216,12 @@ where
             let limits = ceiling_limits(&opts.limits, rounds, round);
             ceilings.push(ceiling(client, base, limits).await);
         }
-        let offset = (round as u64) << 40;
+        let first_n = (round as u64) << 40;
         let send = send.clone();
-        let phase = run_phase(
+        let phase = run_phase_at(
             round_limits(&opts.limits, rounds, round),
-            move |worker, n| send(worker, n + offset),
+            stats.as_ref().map_or(Duration::ZERO, |s| s.elapsed),
+            move |worker, n| send(worker, n + first_n),
         )
         .await;
         rounds_rps.push(phase.throughput_rps());

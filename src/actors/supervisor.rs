@@ -56,7 +56,7 @@ use uuid::Uuid;
 
 use crate::actors::product::{apply_without_actor, is_stock_effect, ProductActor, ProductMsg};
 use crate::clock::{Millis, SharedClock};
-use crate::domain::{Price, Product, Reservation, Status};
+use crate::domain::{Line, Price, Product, Reservation, Status};
 use crate::error::Error;
 use crate::fold::{IdempotencyEntry, State};
 use crate::limits::{EXPIRY_TICK_MS, FORGET_EVERY_MS, PASSIVATIONS_PER_TICK_MAX};
@@ -82,6 +82,17 @@ enum Resolved {
     Replay(Reservation, Ticket),
 }
 
+/// A reservation asked for: its timestamps are set when it is registered, once every line
+/// is held, so the time its holds took neither shortens its TTL nor lets it be registered
+/// already expired.
+pub struct NewReservation {
+    /// UUIDv7, made by the request's task (off this actor).
+    pub id: Uuid,
+    pub customer_id: String,
+    pub items: Vec<Line>,
+    pub ttl_ms: i64,
+}
+
 /// A reservation being assembled: its lines are held one product at a time, then it is
 /// registered. It travels inside `ProductMsg::HoldFor` and `SupervisorMsg::Held`.
 ///
@@ -94,7 +105,7 @@ pub struct Assembly {
 }
 
 struct Parts {
-    reservation: Reservation,
+    request: NewReservation,
     idempotency: Option<Idempotency>,
     /// The actor of each line.
     actors: Vec<ActorRef<ProductMsg>>,
@@ -118,14 +129,17 @@ impl Assembly {
     /// The units of the next line to hold.
     pub fn next_quantity(&self) -> u64 {
         let parts = self.parts();
-        parts.reservation.items[parts.held].quantity
+        parts.request.items[parts.held].quantity
     }
 
     /// The product of the next line has held its units.
     pub fn held_next(&mut self) {
         let parts = self.parts.as_mut().expect("an assembly in progress");
+        debug_assert!(parts.held < parts.actors.len());
+        // Last: nothing may panic between counting the hold and sending it on (a panic
+        // would restore the product's state without the hold, and the Drop would release
+        // a hold that is not there).
         parts.held += 1;
-        debug_assert!(parts.held <= parts.actors.len());
     }
 
     /// Ends the assembly with `err`, away from the supervisor (from a product actor).
@@ -158,13 +172,7 @@ impl Drop for Assembly {
 impl Parts {
     /// Rolls back the holds taken (they never reached the log) and answers `err`.
     fn answer_err(self, err: Error) {
-        for (line, actor) in self
-            .reservation
-            .items
-            .iter()
-            .zip(&self.actors)
-            .take(self.held)
-        {
+        for (line, actor) in self.request.items.iter().zip(&self.actors).take(self.held) {
             // An actor that is gone took its holds with it.
             let _ = actor.cast(ProductMsg::Unhold {
                 quantity: line.quantity,
@@ -200,7 +208,7 @@ pub enum SupervisorMsg {
     },
     /// Create this reservation: hold its lines, then log and keep it.
     Reserve {
-        reservation: Reservation,
+        request: NewReservation,
         idempotency: Option<Idempotency>,
         reply: RpcReplyPort<Result<Reserved, Error>>,
     },
@@ -459,12 +467,12 @@ impl Actor for Supervisor {
                 let _ = reply.send(result);
             }
             SupervisorMsg::Reserve {
-                reservation,
+                request,
                 idempotency,
                 reply,
             } => {
                 let resolved = self
-                    .resolve(&myself, state, &reservation, idempotency.as_ref())
+                    .resolve(&myself, state, &request.items, idempotency.as_ref())
                     .await;
                 match resolved {
                     Err(err) => drop(reply.send(Err(err))),
@@ -473,7 +481,7 @@ impl Actor for Supervisor {
                     }
                     Ok(Resolved::Proceed(actors)) => {
                         let parts = Parts {
-                            reservation,
+                            request,
                             idempotency,
                             actors,
                             held: 0,
@@ -908,7 +916,7 @@ impl Supervisor {
         &self,
         myself: &ActorRef<SupervisorMsg>,
         state: &mut SupervisorState,
-        reservation: &Reservation,
+        items: &[Line],
         idempotency: Option<&Idempotency>,
     ) -> Result<Resolved, Error> {
         if let Some((key, fingerprint)) = idempotency {
@@ -929,8 +937,8 @@ impl Supervisor {
                 None => {}
             }
         }
-        let mut actors = Vec::with_capacity(reservation.items.len());
-        for line in &reservation.items {
+        let mut actors = Vec::with_capacity(items.len());
+        for line in items {
             let sku = line.sku.as_str();
             match state.routes.get(sku) {
                 None => {
@@ -961,10 +969,15 @@ impl Supervisor {
         };
         match actor.send_message(ProductMsg::HoldFor(assembly)) {
             Ok(()) => {}
-            // It has just failed: its supervision event will rebuild it.
+            // It has stopped since it was resolved: failed (its supervision event will
+            // rebuild it), or passivated or deleted in the meantime.
             Err(ractor::MessagingErr::SendErr(ProductMsg::HoldFor(assembly))) => {
                 let parts = assembly.finish();
-                let err = restarting(&parts.reservation.items[parts.held].sku);
+                let sku = &parts.request.items[parts.held].sku;
+                let err = match state.routes.get(sku) {
+                    None => Error::ProductNotFound { sku: sku.clone() },
+                    Some(_) => restarting(sku),
+                };
                 self.fail(state, parts, err);
             }
             // Not given back: dropped, the assembly rolls itself back.
@@ -983,12 +996,11 @@ impl Supervisor {
     /// Logs and keeps a reservation whose lines are all held (refused if an actor holding
     /// one has been replaced since: its holds died with it).
     fn register(&self, state: &mut SupervisorState, parts: Parts) {
-        let reservation = &parts.reservation;
-        debug_assert_eq!(reservation.status, Status::Pending);
-        debug_assert_eq!(reservation.items.len(), parts.held);
+        debug_assert_eq!(parts.request.items.len(), parts.held);
         // Holds live in the actor that took them; an actor never passivates with holds in
         // flight, so a different (or no) actor here means the holder failed.
-        let replaced = reservation
+        let replaced = parts
+            .request
             .items
             .iter()
             .zip(&parts.actors)
@@ -1003,11 +1015,19 @@ impl Supervisor {
             return self.fail(state, parts, err);
         }
         let Parts {
-            reservation,
+            request,
             idempotency,
             reply,
             ..
         } = parts;
+        let now = self.clock.now_ms();
+        let reservation = Reservation::new(
+            request.id,
+            request.customer_id,
+            request.items,
+            now,
+            now + request.ttl_ms,
+        );
         let id = reservation.id;
         let at = reservation.created_at;
         if let Some((key, fingerprint)) = &idempotency {
