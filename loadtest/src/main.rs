@@ -34,7 +34,7 @@ struct Cli {
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
     /// Stop the scenario's load after this many iterations (whichever comes first; split
-    /// across rounds like the duration).
+    /// across rounds like the duration, and each ceiling phase gets one round's share).
     #[arg(long)]
     requests: Option<u64>,
     /// Flash-sale and checkout: split the load into this many rounds, with a ceiling phase

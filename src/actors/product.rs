@@ -8,8 +8,8 @@
 //! messages; their records are queued by the supervisor, which owns reservations.
 //!
 //! A panic while handling a message must not lose the product: the message is handled
-//! under `catch_unwind`, the caller gets an internal error (its reply port is dropped) and
-//! the supervisor is told. If the message had no logged effect (a read, a hold), the state
+//! under `catch_unwind`, the caller gets an internal error (its reply port is dropped; a
+//! reservation being assembled answers 500 from its `Drop`) and the supervisor is told. If the message had no logged effect (a read, a hold), the state
 //! is put back as it was before it and the actor goes on. Otherwise the actor fails, and
 //! the supervisor rebuilds it from the log, which holds every logged effect.
 
@@ -238,8 +238,8 @@ impl Actor for ProductActor {
             _ => {}
         }
         // Only a message whose effect is not in the log may be undone by restoring the
-        // state: a read, or a hold (the caller sees the failure and rolls the reservation
-        // back). Anything else may already be logged, or be the stock effect of a logged
+        // state: a read, or a hold (the reservation being assembled is dropped with the
+        // message, and its `Drop` releases its other holds). Anything else may already be logged, or be the stock effect of a logged
         // record; undoing it would make memory and the log disagree.
         let restorable = matches!(
             msg,

@@ -976,7 +976,10 @@ impl Supervisor {
                 let sku = &parts.request.items[parts.held].sku;
                 let err = match state.routes.get(sku) {
                     None => Error::ProductNotFound { sku: sku.clone() },
-                    Some(_) => restarting(sku),
+                    Some(Slot::Restarting(_)) => restarting(sku),
+                    Some(_) => Error::Unavailable(format!(
+                        "product {sku} was passivated while the reservation was assembled; retry"
+                    )),
                 };
                 self.fail(state, parts, err);
             }
