@@ -6,8 +6,9 @@
 //! - Open loop (`rate`): requests are *due* at a fixed arrival rate whatever the server
 //!   does, and latency is measured from the moment a request was due, not from when it
 //!   could be sent, so a stalled server cannot hide its stall (no coordinated omission).
-//!   At most `connections × OPEN_LOOP_IN_FLIGHT_PER_CONNECTION` requests are in flight; a
-//!   request due while that bound is reached waits, and its wait counts as latency.
+//!   At most `connections` requests are in flight (HTTP/1.1 carries one request at a time
+//!   per connection, so more would open connections beyond `connections`); a request due
+//!   while that bound is reached waits, and its wait counts as latency.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -17,9 +18,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-
-/// Open loop: requests in flight per connection before due requests start to wait.
-const OPEN_LOOP_IN_FLIGHT_PER_CONNECTION: usize = 4;
 
 /// Answers completed in one second of a phase.
 #[derive(Debug, Clone, Copy, Default)]
@@ -236,9 +234,7 @@ where
 {
     let started = Instant::now();
     let stop_at = started + limits.duration;
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(
-        limits.connections.max(1) * OPEN_LOOP_IN_FLIGHT_PER_CONNECTION,
-    ));
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(limits.connections.max(1)));
     let failed = Arc::new(AtomicBool::new(false));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<Sample>>();
     let collector = tokio::spawn(async move {
