@@ -5,7 +5,8 @@
 //! (`crate::http::input`): this layer enforces business rules, not syntax.
 //!
 //! Callers run mutations on a task of their own (`tokio::spawn`), so a client that hangs
-//! up mid-request cannot strand the holds of a reservation half assembled.
+//! up mid-request cannot abandon a change between its steps (a reservation being
+//! assembled needs no task: it travels between the actors, see `actors::supervisor`).
 
 use ractor::rpc::CallResult;
 use ractor::{ActorRef, Message, RpcReplyPort};

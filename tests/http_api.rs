@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{eventually, restarts_reach, TestServer};
+use common::{eventually, restarts_reach, Client, TestServer};
 use reqwest::Method;
 use serde_json::json;
 
@@ -889,6 +889,20 @@ async fn a_killed_product_actor_is_restarted_from_the_log() {
     t.stop().await;
 }
 
+/// Waits (5 s at most) until `sku` could hold `units` more. Holds of reservations still
+/// being assembled are not shown in `available`, but a request for more units than any
+/// product here has is refused with what could still be held.
+async fn holdable_becomes(c: &Client, sku: &str, units: u64) -> bool {
+    eventually(Duration::from_secs(5), || {
+        let (c, sku) = (c.clone(), sku.to_string());
+        async move {
+            let probe = c.reserve("probe", &sku, 1_000_000).await;
+            probe.status == 409 && probe.body["available"] == units
+        }
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_product_killed_with_a_reservation_in_its_mailbox_rolls_back_the_other_holds() {
     let t = TestServer::start().await;
@@ -907,26 +921,17 @@ async fn a_product_killed_with_a_reservation_in_its_mailbox_rolls_back_the_other
                 .await
         })
     };
-    // Holds are not shown in `available`; a refused request for more than A has says
-    // what A could still hold.
-    let a_held = eventually(Duration::from_secs(5), || {
-        let c = c.clone();
-        async move {
-            let probe = c.reserve("probe", "A", 6).await;
-            probe.status == 409 && probe.body["available"] == 3
-        }
-    })
-    .await;
-    assert!(a_held, "A holds its line while B stalls");
+    assert!(
+        holdable_becomes(&c, "A", 3).await,
+        "A holds its line while B stalls"
+    );
     // Killed: B's mailbox goes with it, and the reservation in it.
     t.service().inject_product_kill("B");
     first.await.unwrap().assert_problem(500, "internal_error");
-    let a_free = eventually(Duration::from_secs(5), || {
-        let c = c.clone();
-        async move { c.reserve("probe", "A", 6).await.body["available"] == 5 }
-    })
-    .await;
-    assert!(a_free, "A's hold was rolled back");
+    assert!(
+        holdable_becomes(&c, "A", 5).await,
+        "A's hold was rolled back"
+    );
     assert_eq!(c.product("A").await["reserved"], 0);
     assert!(restarts_reach(t.service(), 1, Duration::from_secs(5)).await);
     // The key was forgotten with it: the retry is a new reservation, not "in flight".
@@ -986,12 +991,10 @@ async fn a_panic_holding_a_later_line_releases_the_earlier_ones_and_the_key() {
     .await
     .assert_problem(500, "internal_error");
     // A's hold is released (a request for more than A has says what it could hold).
-    let a_free = eventually(Duration::from_secs(5), || {
-        let c = c.clone();
-        async move { c.reserve("probe", "A", 6).await.body["available"] == 5 }
-    })
-    .await;
-    assert!(a_free, "A's hold was rolled back");
+    assert!(
+        holdable_becomes(c, "A", 5).await,
+        "A's hold was rolled back"
+    );
     let b = c.reserve("probe", "B", 6).await;
     assert_eq!(
         b.body["available"], 5,

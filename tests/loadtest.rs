@@ -18,20 +18,30 @@ fn limits() -> Limits {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flash_sale_sells_exactly_the_stock_and_verifies() {
-    let opts = Options {
-        scenario: Scenario::FlashSale,
-        target: Target::Spawn {
-            stockd: env!("CARGO_BIN_EXE_stockd").into(),
-            durability: "sync".into(),
-        },
+/// The real binary, sync durability.
+fn stockd() -> Target {
+    Target::Spawn {
+        stockd: env!("CARGO_BIN_EXE_stockd").into(),
+        durability: "sync".into(),
+    }
+}
+
+/// A run of `scenario` under the test limits: one SKU of 150 units, three rounds.
+fn options(scenario: Scenario, target: Target) -> Options {
+    Options {
+        scenario,
+        target,
         limits: limits(),
         stock: 150,
         catalogue: 1,
         abandon_ttl_seconds: 1,
         rounds: 3,
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flash_sale_sells_exactly_the_stock_and_verifies() {
+    let opts = options(Scenario::FlashSale, stockd());
     let report = loadtest::run(opts).await.expect("run");
     assert!(report.verified, "{}", report.markdown());
     assert_eq!(report.requests, 400);
@@ -136,19 +146,12 @@ async fn lying_server() -> (String, tokio::sync::oneshot::Sender<()>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_budget_smaller_than_the_rounds_runs_fewer_rounds() {
     let opts = Options {
-        scenario: Scenario::FlashSale,
-        target: Target::Spawn {
-            stockd: env!("CARGO_BIN_EXE_stockd").into(),
-            durability: "sync".into(),
-        },
         limits: Limits {
             requests_max: Some(2),
             ..limits()
         },
         stock: 5,
-        catalogue: 1,
-        abandon_ttl_seconds: 1,
-        rounds: 3,
+        ..options(Scenario::FlashSale, stockd())
     };
     let report = loadtest::run(opts).await.expect("run");
     assert!(report.verified, "{}", report.markdown());
@@ -160,16 +163,12 @@ async fn a_request_budget_smaller_than_the_rounds_runs_fewer_rounds() {
 async fn verification_catches_an_overselling_server() {
     let (url, stop) = lying_server().await;
     let opts = Options {
-        scenario: Scenario::FlashSale,
-        target: Target::Url(url),
         limits: Limits {
             requests_max: Some(100),
             ..limits()
         },
         stock: 20,
-        catalogue: 1,
-        abandon_ttl_seconds: 1,
-        rounds: 3,
+        ..options(Scenario::FlashSale, Target::Url(url))
     };
     let report = loadtest::run(opts).await.expect("run");
     assert!(!report.verified, "{}", report.markdown());
@@ -181,13 +180,12 @@ async fn verification_catches_an_overselling_server() {
 #[tokio::test]
 async fn refuses_non_loopback_targets() {
     let opts = Options {
-        scenario: Scenario::Ceiling,
-        target: Target::Url("http://10.1.2.3:8080".into()),
-        limits: limits(),
         stock: 1,
-        catalogue: 1,
-        abandon_ttl_seconds: 1,
         rounds: 1,
+        ..options(
+            Scenario::Ceiling,
+            Target::Url("http://10.1.2.3:8080".into()),
+        )
     };
     assert!(loadtest::run(opts).await.is_err());
 }
@@ -195,11 +193,6 @@ async fn refuses_non_loopback_targets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkout_mix_conserves_every_unit() {
     let opts = Options {
-        scenario: Scenario::Checkout,
-        target: Target::Spawn {
-            stockd: env!("CARGO_BIN_EXE_stockd").into(),
-            durability: "sync".into(),
-        },
         limits: Limits {
             requests_max: Some(600),
             ..limits()
@@ -207,8 +200,7 @@ async fn checkout_mix_conserves_every_unit() {
         // Small stock on a skewed catalogue: the popular SKUs run out, so 409s happen.
         stock: 100,
         catalogue: 10,
-        abandon_ttl_seconds: 1,
-        rounds: 3,
+        ..options(Scenario::Checkout, stockd())
     };
     let report = loadtest::run(opts).await.expect("run");
     assert!(report.verified, "{}", report.markdown());
@@ -225,11 +217,6 @@ async fn checkout_mix_conserves_every_unit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_mid_load_loses_no_acknowledged_change() {
     let opts = Options {
-        scenario: Scenario::Crash,
-        target: Target::Spawn {
-            stockd: env!("CARGO_BIN_EXE_stockd").into(),
-            durability: "sync".into(),
-        },
         limits: Limits {
             duration: Duration::from_secs(3),
             requests_max: None,
@@ -237,8 +224,8 @@ async fn crash_mid_load_loses_no_acknowledged_change() {
         },
         stock: 50,
         catalogue: 10,
-        abandon_ttl_seconds: 1,
         rounds: 1,
+        ..options(Scenario::Crash, stockd())
     };
     let report = loadtest::run(opts).await.expect("run");
     assert!(report.verified, "{}", report.markdown());
@@ -253,21 +240,14 @@ async fn crash_mid_load_loses_no_acknowledged_change() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_loop_sends_at_the_given_rate_and_verifies() {
     let opts = Options {
-        scenario: Scenario::FlashSale,
-        target: Target::Spawn {
-            stockd: env!("CARGO_BIN_EXE_stockd").into(),
-            durability: "sync".into(),
-        },
         limits: Limits {
             duration: Duration::from_secs(2),
             requests_max: None,
             rate: Some(100.0),
             ..limits()
         },
-        stock: 150,
-        catalogue: 1,
-        abandon_ttl_seconds: 1,
         rounds: 1,
+        ..options(Scenario::FlashSale, stockd())
     };
     let report = loadtest::run(opts).await.expect("run");
     assert!(report.verified, "{}", report.markdown());
@@ -328,16 +308,13 @@ async fn careless_server(stock: u64) -> (String, tokio::sync::oneshot::Sender<()
 async fn checkout_verification_catches_a_careless_server() {
     let (url, stop) = careless_server(3).await;
     let opts = Options {
-        scenario: Scenario::Checkout,
-        target: Target::Url(url),
         limits: Limits {
             requests_max: Some(300),
             ..limits()
         },
         stock: 3,
         catalogue: 2,
-        abandon_ttl_seconds: 1,
-        rounds: 3,
+        ..options(Scenario::Checkout, Target::Url(url))
     };
     let report = loadtest::run(opts).await.expect("run");
     assert!(!report.verified, "{}", report.markdown());

@@ -5,17 +5,10 @@
 
 mod common;
 
-use common::TestServer;
+use common::{xorshift, TestServer};
 use serde_json::json;
 use stockd::fold::{apply, State};
 use stockd::log::Log;
-
-fn xorshift(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_prefix_of_a_contended_log_folds_to_a_valid_state() {

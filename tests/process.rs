@@ -8,15 +8,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{eventually, ChildServer, Client};
+use common::{eventually, xorshift, ChildServer, Client};
 use serde_json::json;
-
-fn xorshift(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_buyers_get_exactly_the_stock() {
@@ -330,8 +323,9 @@ async fn transparent_huge_pages_are_off_unless_asked_for() {
     let server = ChildServer::spawn(dir.path(), &[]);
     let pid = server.pid().expect("running");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    assert!(
-        status.contains("THP_enabled:\t0"),
+    assert_eq!(
+        thp_line(&status),
+        "THP_enabled:\t0",
         "the server's /proc status:\n{status}"
     );
     assert_eq!(server.client.get("/health").await.status, 200);

@@ -26,7 +26,8 @@ struct Cli {
     /// Durability of the started server (with --stockd).
     #[arg(long, default_value = "sync", value_parser = ["sync", "async"])]
     durability: String,
-    /// Concurrent keep-alive connections (closed loop).
+    /// Concurrent keep-alive connections: the closed loop's workers, and the open loop's
+    /// bound on requests in flight.
     #[arg(long, default_value_t = 256)]
     connections: usize,
     /// Seconds of the scenario's load (flash-sale and checkout: of all its rounds together).

@@ -144,25 +144,14 @@ impl Assembly {
 
     /// Ends the assembly with `err`, away from the supervisor (from a product actor).
     pub fn abandon(self: Box<Self>, err: Error) {
-        let parts = self.finish();
-        if let Some((key, _)) = &parts.idempotency {
-            let _ = parts
-                .supervisor
-                .cast(SupervisorMsg::AbortIdempotency(key.clone()));
-        }
-        parts.answer_err(err);
+        self.finish().abandon(err);
     }
 }
 
 impl Drop for Assembly {
     fn drop(&mut self) {
         if let Some(parts) = self.parts.take() {
-            if let Some((key, _)) = &parts.idempotency {
-                let _ = parts
-                    .supervisor
-                    .cast(SupervisorMsg::AbortIdempotency(key.clone()));
-            }
-            parts.answer_err(Error::Internal(
+            parts.abandon(Error::Internal(
                 "the request failed inside the server".into(),
             ));
         }
@@ -170,6 +159,17 @@ impl Drop for Assembly {
 }
 
 impl Parts {
+    /// Ends the assembly away from the supervisor: the supervisor is asked to forget the
+    /// in-flight key (before the answer, so a retry cannot overtake it); see `answer_err`.
+    fn abandon(self, err: Error) {
+        if let Some((key, _)) = &self.idempotency {
+            let _ = self
+                .supervisor
+                .cast(SupervisorMsg::AbortIdempotency(key.clone()));
+        }
+        self.answer_err(err);
+    }
+
     /// Rolls back the holds taken (they never reached the log) and answers `err`.
     fn answer_err(self, err: Error) {
         for (line, actor) in self.request.items.iter().zip(&self.actors).take(self.held) {
@@ -637,6 +637,18 @@ fn sorted_routes(products: crate::fold::Products) -> BTreeMap<String, Slot> {
         .collect()
 }
 
+/// Why a request for `sku` cannot be delivered now, if it cannot: no such product (404), or
+/// it is being restarted (503).
+fn unroutable(state: &SupervisorState, sku: &str) -> Option<Error> {
+    match state.routes.get(sku) {
+        None => Some(Error::ProductNotFound {
+            sku: sku.to_string(),
+        }),
+        Some(Slot::Restarting(_)) => Some(restarting(sku)),
+        Some(_) => None,
+    }
+}
+
 fn restarting(sku: &str) -> Error {
     Error::Unavailable(format!("product {sku} is being restarted; retry"))
 }
@@ -806,13 +818,8 @@ impl Supervisor {
         sku: &str,
         if_match: Option<u64>,
     ) -> Result<Ticket, Error> {
-        let not_found = || Error::ProductNotFound {
-            sku: sku.to_string(),
-        };
-        match state.routes.get(sku) {
-            None => return Err(not_found()),
-            Some(Slot::Restarting(_)) => return Err(restarting(sku)),
-            Some(_) => {}
+        if let Some(err) = unroutable(state, sku) {
+            return Err(err);
         }
         let actor = self
             .activate(myself, state, sku)
@@ -940,14 +947,8 @@ impl Supervisor {
         let mut actors = Vec::with_capacity(items.len());
         for line in items {
             let sku = line.sku.as_str();
-            match state.routes.get(sku) {
-                None => {
-                    return Err(Error::ProductNotFound {
-                        sku: sku.to_string(),
-                    })
-                }
-                Some(Slot::Restarting(_)) => return Err(restarting(sku)),
-                Some(_) => {}
+            if let Some(err) = unroutable(state, sku) {
+                return Err(err);
             }
             match self.activate(myself, state, sku).await {
                 Some(actor) => actors.push(actor),
@@ -974,13 +975,11 @@ impl Supervisor {
             Err(ractor::MessagingErr::SendErr(ProductMsg::HoldFor(assembly))) => {
                 let parts = assembly.finish();
                 let sku = &parts.request.items[parts.held].sku;
-                let err = match state.routes.get(sku) {
-                    None => Error::ProductNotFound { sku: sku.clone() },
-                    Some(Slot::Restarting(_)) => restarting(sku),
-                    Some(_) => Error::Unavailable(format!(
+                let err = unroutable(state, sku).unwrap_or_else(|| {
+                    Error::Unavailable(format!(
                         "product {sku} was passivated while the reservation was assembled; retry"
-                    )),
-                };
+                    ))
+                });
                 self.fail(state, parts, err);
             }
             // Not given back: dropped, the assembly rolls itself back.
