@@ -68,6 +68,13 @@ fn create_dir(path: &std::path::Path) -> Result<(), StartError> {
 /// Recovers from `config.data_dir` and starts serving on `config.listen`.
 pub async fn start(config: Config) -> Result<Server, StartError> {
     let started = Instant::now();
+    if config.retention < Duration::from_secs(24 * 3600) {
+        tracing::warn!(
+            retention_seconds = config.retention.as_secs(),
+            "retention is under the API's 24 hours: idempotency keys and ended reservations \
+             are forgotten sooner than clients may expect"
+        );
+    }
     create_dir(&config.data_dir)?;
     create_dir(&config.snapshot_dir)?;
     let flush_interval = match config.durability {

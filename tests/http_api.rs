@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{eventually, restarts_reach, Client, TestServer};
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{json, Value};
 
 #[tokio::test]
 async fn health_and_unknown_routes() {
@@ -25,12 +25,59 @@ async fn health_and_unknown_routes() {
         .await
         .unwrap();
     a.assert_problem(405, "method_not_allowed");
-    assert_eq!(a.header("allow"), Some("GET, POST"));
+    assert_eq!(a.header("allow"), Some("GET, HEAD, POST"));
     let a = c
         .send(Method::GET, "/v1/reservations", None, &[])
         .await
         .unwrap();
     a.assert_problem(405, "method_not_allowed");
+    assert_eq!(a.header("allow"), Some("POST"));
+    let a = c.send(Method::POST, "/health", None, &[]).await.unwrap();
+    a.assert_problem(405, "method_not_allowed");
+    assert_eq!(a.header("allow"), Some("GET, HEAD"));
+    // HEAD answers as GET would, without the body.
+    let a = c.send(Method::HEAD, "/health", None, &[]).await.unwrap();
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body, Value::Null);
+    assert_eq!(a.header("content-type"), Some("application/json"));
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn skus_in_urls_are_reachable_however_a_client_spells_them() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    // `.` and `..` would be collapsed by URL clients as dot segments: refused up front.
+    for sku in [".", ".."] {
+        let a = c
+            .post(
+                "/v1/products",
+                json!({"sku": sku, "name": "dots", "on_hand": 1}),
+            )
+            .await;
+        a.assert_problem(422, "validation_failed");
+        assert_eq!(a.body["field"], "sku");
+    }
+    c.create_product("...", 1).await;
+    c.create_product("A-B.c_d", 4).await;
+    // A percent-encoded unreserved character is the character itself (RFC 3986 6.2.2.2).
+    let a = c.get("/v1/products/A%2DB%2ec%5Fd").await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.body["sku"], "A-B.c_d");
+    assert_eq!(c.get("/v1/products/%2E%2E%2E").await.body["sku"], "...");
+    let a = c.get("/v1/products?after=A%2DB.c_d&limit=%31").await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.body["items"], json!([]));
+    // Anything else stays encoded, and so is no SKU.
+    c.get("/v1/products/A%20B")
+        .await
+        .assert_problem(404, "product_not_found");
+    let a = c
+        .send(Method::HEAD, "/v1/products/A-B.c_d", None, &[])
+        .await
+        .unwrap();
+    assert_eq!((a.status.as_u16(), a.body.clone()), (200, Value::Null));
+    assert_eq!(a.header("etag"), Some("\"1\""));
     t.stop().await;
 }
 
@@ -355,6 +402,44 @@ async fn patch_replenish_adjust_and_if_match() {
     c.post("/v1/products/BIG/adjust", json!({"delta": 1}))
         .await
         .assert_problem(422, "validation_failed");
+    // ... nor does what has been sold: units sold count toward the limit.
+    const MAX: u64 = 9007199254740991;
+    c.create_product("SOLD", MAX).await;
+    let r = c.reserve("cust", "SOLD", 2).await;
+    let id = r.body["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        c.post(&format!("/v1/reservations/{id}/confirm"), json!({}))
+            .await
+            .status,
+        200
+    );
+    let view = c.product("SOLD").await;
+    assert_eq!(
+        (&view["on_hand"], &view["sold"]),
+        (&json!(MAX - 2), &json!(2))
+    );
+    let a = c
+        .post("/v1/products/SOLD/replenish", json!({"quantity": 1}))
+        .await;
+    a.assert_problem(422, "validation_failed");
+    assert_eq!(a.body["field"], "quantity");
+    let a = c
+        .post("/v1/products/SOLD/adjust", json!({"delta": 1}))
+        .await;
+    a.assert_problem(422, "validation_failed");
+    assert_eq!(a.body["field"], "delta");
+    assert_eq!(
+        c.product("SOLD").await,
+        view,
+        "a refused change changes nothing"
+    );
+    c.post("/v1/products/SOLD/adjust", json!({"delta": -1}))
+        .await;
+    let a = c
+        .post("/v1/products/SOLD/replenish", json!({"quantity": 1}))
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.body["on_hand"], json!(MAX - 2));
 
     // If-Match.
     let version = c.product("A").await["version"].as_u64().unwrap();
@@ -393,6 +478,35 @@ async fn patch_replenish_adjust_and_if_match() {
     .await
     .unwrap()
     .assert_problem(400, "bad_request");
+    // A list matches if any strong tag in it does; a weak tag never matches (RFC 9110).
+    let version = version + 1;
+    let patch = |tags: String| {
+        let c = c.clone();
+        async move {
+            c.send(
+                Method::PATCH,
+                "/v1/products/A",
+                Some("{\"name\":\"listed\"}"),
+                &[("if-match", &tags)],
+            )
+            .await
+            .unwrap()
+        }
+    };
+    for tags in [
+        format!("W/\"{version}\""),
+        format!("\"{}\", W/\"{version}\"", version - 1),
+        format!("\"{}\", \"{}\"", version - 2, version - 1),
+    ] {
+        let a = patch(tags.clone()).await;
+        a.assert_problem(412, "version_mismatch");
+        assert_eq!(a.body["current_version"], version, "{tags}");
+    }
+    assert_eq!(c.product("A").await["version"], version, "nothing changed");
+    let a = patch(format!("\"{}\", \"{version}\"", version - 1)).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.body["name"], "listed");
+    assert_eq!(a.body["version"], version + 1);
     t.stop().await;
 }
 

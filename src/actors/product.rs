@@ -417,7 +417,11 @@ fn stock_error(p: &Product, requested: u64, field: &str, err: StockError) -> Err
         },
         StockError::Overflow => Error::StockOverflow {
             field: field.into(),
-            detail: format!("the change would take on_hand of {} above 2^53-1", p.sku),
+            detail: format!(
+                "the change would take on_hand of {} above 2^53-1 less its {} sold units \
+                 (sold counts toward the limit, so that it stays exact in every JSON client)",
+                p.sku, p.sold
+            ),
         },
     }
 }

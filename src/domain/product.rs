@@ -153,16 +153,26 @@ impl Product {
         self.touch(at);
     }
 
+    /// Whether `on_hand` may become `on_hand`: it, and `sold` after every unit on the shelf
+    /// is sold, stay within `STOCK_MAX`. A confirmation moves units from `on_hand` to
+    /// `sold` and cannot be refused, so `on_hand + sold` is the figure to bound here.
+    fn within_limit(&self, on_hand: i128) -> bool {
+        on_hand + i128::from(self.sold) <= i128::from(STOCK_MAX)
+    }
+
     /// Checks a replenishment without applying it.
     pub fn check_replenish(&self, quantity: u64) -> Result<(), StockError> {
-        match self.on_hand.checked_add(quantity) {
-            Some(total) if total <= STOCK_MAX => Ok(()),
-            _ => Err(StockError::Overflow),
+        if self.within_limit(i128::from(self.on_hand) + i128::from(quantity)) {
+            Ok(())
+        } else {
+            Err(StockError::Overflow)
         }
     }
 
     pub fn replenish(&mut self, quantity: u64, at: Millis) {
-        debug_assert!(self.check_replenish(quantity).is_ok());
+        // Only the shelf's own bound: a log written before `sold` counted toward the limit
+        // may hold a replenishment that `check_replenish` would now refuse.
+        debug_assert!(self.on_hand.saturating_add(quantity) <= STOCK_MAX);
         self.on_hand = self.on_hand.saturating_add(quantity).min(STOCK_MAX);
         self.touch(at);
     }
@@ -176,14 +186,17 @@ impl Product {
                 available: self.holdable(),
             });
         }
-        if result > i128::from(STOCK_MAX) {
+        if delta > 0 && !self.within_limit(result) {
             return Err(StockError::Overflow);
         }
         Ok(())
     }
 
     pub fn adjust(&mut self, delta: i64, at: Millis) {
-        debug_assert!(self.check_adjust(delta).is_ok());
+        debug_assert!(
+            i128::from(self.on_hand) + i128::from(delta) <= i128::from(STOCK_MAX),
+            "adjust past the limit: {self:?} by {delta}"
+        );
         let result = (i128::from(self.on_hand) + i128::from(delta)).clamp(
             i128::from(self.reserved + self.holding),
             i128::from(STOCK_MAX),
@@ -264,5 +277,25 @@ mod tests {
         assert_eq!(p.check_replenish(2), Err(StockError::Overflow));
         assert_eq!(p.check_adjust(2), Err(StockError::Overflow));
         assert!(p.check_replenish(1).is_ok());
+    }
+
+    #[test]
+    fn sold_counts_toward_the_maximum_so_it_stays_exact() {
+        // Every unit on the shelf can still be sold, and a confirmation cannot be refused:
+        // so a replenishment is bounded by what has been sold already.
+        let mut p = product(10);
+        p.hold(4).unwrap();
+        p.settle_hold(4, 1);
+        p.commit(4, 1);
+        assert_eq!((p.on_hand, p.sold), (6, 4));
+        let room = STOCK_MAX - 10;
+        assert_eq!(p.check_replenish(room + 1), Err(StockError::Overflow));
+        assert_eq!(p.check_adjust(room as i64 + 1), Err(StockError::Overflow));
+        assert!(p.check_replenish(room).is_ok());
+        assert!(p.check_adjust(room as i64).is_ok());
+        // Taking stock away is never refused for the limit's sake.
+        assert!(p.check_adjust(-6).is_ok());
+        p.replenish(room, 2);
+        assert_eq!(p.on_hand + p.sold, STOCK_MAX);
     }
 }

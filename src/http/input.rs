@@ -124,35 +124,68 @@ fn string<'v>(value: &'v Value, field: &str, max_chars: usize) -> Result<&'v str
             field,
             format!("{field} must be 1 to {max_chars} characters"),
         )),
-        Some(TextFault::Control) => Err(Problem::invalid(
+        Some(TextFault::Unprintable) => Err(Problem::invalid(
             field,
-            format!("{field} must not contain control characters"),
+            format!(
+                "{field} must be printable: no control, invisible formatting, \
+                 private-use or noncharacter code points"
+            ),
         )),
     }
 }
 
 enum TextFault {
     Length,
-    Control,
+    Unprintable,
 }
 
 /// What is wrong with a free-text field, if anything: its length in characters, or a
-/// control character in it.
+/// character that is not printable in it.
 fn text_fault(s: &str, max_chars: usize) -> Option<TextFault> {
     let chars = s.chars().count();
     if chars == 0 || chars > max_chars {
         Some(TextFault::Length)
-    } else if s.chars().any(char::is_control) {
-        Some(TextFault::Control)
+    } else if !s.chars().all(is_printable) {
+        Some(TextFault::Unprintable)
     } else {
         None
     }
 }
 
-/// Whether `s` is a well-formed SKU: 1..=64 of `A-Z a-z 0-9 . _ -`.
+/// Whether `c` may appear in a text field: not a control character (Unicode Cc), not an
+/// invisible format character that changes how the text around it reads (bidirectional
+/// overrides and marks, zero-width space, word joiner, byte-order mark, soft hyphen...),
+/// not a line or paragraph separator, not private-use, not a noncharacter. The zero-width
+/// joiner and non-joiner stay allowed (scripts and emoji need them), as do the tag
+/// characters of subdivision flags.
+fn is_printable(c: char) -> bool {
+    let invisible = matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'
+            | '\u{200E}'
+            | '\u{200F}'
+            | '\u{2028}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{E0001}'
+    );
+    let private_use = matches!(c, '\u{E000}'..='\u{F8FF}' | '\u{F0000}'..);
+    let noncharacter = matches!(c, '\u{FDD0}'..='\u{FDEF}') || (c as u32) & 0xFFFE == 0xFFFE;
+    !(c.is_control() || invisible || private_use || noncharacter)
+}
+
+/// Whether `s` is a well-formed SKU: 1..=64 of `A-Z a-z 0-9 . _ -`, and not `.` or `..`,
+/// which URL clients collapse as dot segments (RFC 3986 5.2.4) and so could never reach.
 pub fn is_sku(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= SKU_LEN_MAX
+        && s != "."
+        && s != ".."
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
@@ -409,11 +442,45 @@ pub fn extend(body: &Value) -> Result<u64> {
 }
 
 /// `GET /v1/products?limit=N&after=SKU`.
+/// Decodes the percent-encoded octets of `s` that stand for unreserved characters
+/// (`A-Z a-z 0-9 - . _ ~`), which RFC 3986 6.2.2.2 makes equivalent to the characters
+/// themselves: `/v1/products/A%2DB` is `/v1/products/A-B`. Anything else stays encoded, and
+/// so stays out of a SKU.
+pub fn decode_unreserved(s: &str) -> Cow<'_, str> {
+    if !s.contains('%') {
+        return Cow::Borrowed(s);
+    }
+    let bytes = s.as_bytes();
+    let mut out = String::with_capacity(s.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let decoded = (bytes[i] == b'%')
+            .then(|| s.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+            .filter(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
+        match decoded {
+            Some(b) => {
+                out.push(char::from(b));
+                i += 3;
+            }
+            None => {
+                let c = s[i..].chars().next().expect("i is on a char boundary");
+                out.push(c);
+                i += c.len_utf8();
+            }
+        }
+    }
+    Cow::Owned(out)
+}
+
 pub fn page(query: &str) -> Result<(usize, Option<String>)> {
     let mut limit = PAGE_LIMIT_DEFAULT;
     let mut after = None;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let (key, value) = (decode_unreserved(key), decode_unreserved(value));
+        let (key, value) = (key.as_ref(), value.as_ref());
         match key {
             "limit" => {
                 limit = value
@@ -444,8 +511,19 @@ pub fn page(query: &str) -> Result<(usize, Option<String>)> {
     Ok((limit, after))
 }
 
-/// `If-Match: "<version>"`; `*` matches any version.
-pub fn if_match(headers: &HeaderMap) -> Result<Option<u64>> {
+/// An `If-Match` precondition other than `*`: the versions it names.
+#[derive(Debug, PartialEq)]
+pub struct IfMatch {
+    /// The strong tags' versions: the change goes ahead only at one of these. Weak tags
+    /// (`W/"7"`) never match, since `If-Match` compares strongly (RFC 9110 13.1.1).
+    pub strong: Vec<u64>,
+    /// The first version named, weak or strong, for the error's detail.
+    pub first: u64,
+}
+
+/// `If-Match: "<version>"`, or a list of them (`"6", "7"`); `*` (or no header) matches any
+/// version.
+pub fn if_match(headers: &HeaderMap) -> Result<Option<IfMatch>> {
     let Some(value) = headers.get(warp::http::header::IF_MATCH) else {
         return Ok(None);
     };
@@ -453,12 +531,29 @@ pub fn if_match(headers: &HeaderMap) -> Result<Option<u64>> {
     if value == "*" {
         return Ok(None);
     }
-    value
-        .strip_prefix('"')
-        .and_then(|v| v.strip_suffix('"'))
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(Some)
-        .ok_or_else(|| Problem::bad_request("If-Match must be a version in quotes, like \"7\""))
+    let malformed = || {
+        Problem::bad_request("If-Match must be * or versions in quotes, like \"7\" or \"6\", \"7\"")
+    };
+    let mut strong = Vec::new();
+    let mut first = None;
+    for tag in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        let (weak, quoted) = match tag.strip_prefix("W/") {
+            Some(rest) => (true, rest),
+            None => (false, tag),
+        };
+        let version = quoted
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(malformed)?;
+        first.get_or_insert(version);
+        if !weak {
+            strong.push(version);
+        }
+    }
+    let first = first.ok_or_else(malformed)?;
+    Ok(Some(IfMatch { strong, first }))
 }
 
 /// `Idempotency-Key`: 1..=255 printable ASCII characters.
@@ -522,8 +617,16 @@ mod tests {
         let mut fields = Vec::new();
         if rng.next() % 16 != 0 {
             let id = rng.mostly(
-                &["\"c1\"", "\"c\\u00e9\""],
-                &["\"\"", "\"a\\u0001\"", "7", "null", &long_id],
+                &["\"c1\"", "\"c\\u00e9\"", "\"a\\u200db\""],
+                &[
+                    "\"\"",
+                    "\"a\\u0001\"",
+                    "\"a\\u202e\"",
+                    "\"\\ufeffa\"",
+                    "7",
+                    "null",
+                    &long_id,
+                ],
             );
             fields.push(format!("\"customer_id\":{id}"));
         }
@@ -627,6 +730,81 @@ mod tests {
         // The generator exercises both sides.
         assert!(fast_hits > 2_000, "{fast_hits} bodies took the fast path");
         assert!(refused > 2_000, "{refused} bodies were refused");
+    }
+
+    #[test]
+    fn if_match_takes_one_version_a_list_or_any() {
+        let parse = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(warp::http::header::IF_MATCH, v.parse().unwrap());
+            if_match(&h)
+        };
+        assert_eq!(if_match(&HeaderMap::new()).unwrap(), None);
+        assert_eq!(parse(" * ").unwrap(), None);
+        let m = |strong: &[u64], first| {
+            Some(IfMatch {
+                strong: strong.to_vec(),
+                first,
+            })
+        };
+        assert_eq!(parse("\"7\"").unwrap(), m(&[7], 7));
+        assert_eq!(parse("\"6\", \"7\"").unwrap(), m(&[6, 7], 6));
+        assert_eq!(parse("W/\"7\"").unwrap(), m(&[], 7));
+        assert_eq!(parse("W/\"5\",\"9\",").unwrap(), m(&[9], 5));
+        for bad in [
+            "7", "\"x\"", "\"-1\"", "\"+1\"", "\"\"", ",", "*, \"7\"", "w/\"7\"", "\"7",
+        ] {
+            assert_eq!(parse(bad).unwrap_err().status, 400, "{bad}");
+        }
+    }
+
+    #[test]
+    fn unreserved_characters_are_decoded_and_nothing_else() {
+        assert_eq!(decode_unreserved("/v1/products/A-B"), "/v1/products/A-B");
+        assert_eq!(
+            decode_unreserved("/v1/products/A%2DB%2e%5f%7E%41"),
+            "/v1/products/A-B._~A"
+        );
+        assert_eq!(decode_unreserved("A%20B%2F%25%2"), "A%20B%2F%25%2");
+        assert_eq!(decode_unreserved("%%41%zz%"), "%A%zz%");
+        assert_eq!(decode_unreserved("caf\u{e9}%41"), "caf\u{e9}A");
+        assert!(!is_sku(".") && !is_sku("..") && is_sku("...") && is_sku(".a"));
+    }
+
+    #[test]
+    fn text_fields_take_only_printable_characters() {
+        for ok in [
+            "c1",
+            "café",
+            "Größe 42 – \"blue\"",
+            "a\u{200D}b",
+            "日本",
+            "🏴\u{E0067}",
+        ] {
+            assert!(text_fault(ok, 128).is_none(), "{ok:?}");
+        }
+        for bad in [
+            "a\u{7}",
+            "line\nbreak",
+            "tab\t",
+            "\u{202E}txt.exe",
+            "zero\u{200B}width",
+            "\u{FEFF}bom",
+            "soft\u{AD}hyphen",
+            "sep\u{2028}",
+            "private\u{E000}",
+            "plane16\u{10FFFD}",
+            "non\u{FDD0}",
+            "non\u{FFFF}",
+            "non\u{1FFFE}",
+        ] {
+            assert!(
+                matches!(text_fault(bad, 128), Some(TextFault::Unprintable)),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(text_fault("", 128), Some(TextFault::Length)));
+        assert!(matches!(text_fault("ab", 1), Some(TextFault::Length)));
     }
 
     #[test]

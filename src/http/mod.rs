@@ -67,7 +67,7 @@ pub fn routes(
                 let app = app.clone();
                 async move {
                     let started = std::time::Instant::now();
-                    let path = path.as_str().to_string();
+                    let path = input::decode_unreserved(path.as_str()).into_owned();
                     let response = match read_body(&headers, body).await {
                         Ok(body) => {
                             let request = Request {

@@ -48,20 +48,23 @@ fn route(method: &Method, path: &str) -> Route {
         None => Route::MethodNotAllowed(allowed),
     };
     let s = |x: &str| x.to_string();
+    // HEAD is GET without the body (hyper leaves the body out), for health checkers and
+    // caches that probe with it.
+    let read = m == Method::GET || m == Method::HEAD;
     match segments.as_slice() {
-        ["health"] => pick("GET", (m == Method::GET).then_some(Health)),
+        ["health"] => pick("GET, HEAD", read.then_some(Health)),
         ["v1", "products"] => pick(
-            "GET, POST",
+            "GET, HEAD, POST",
             match *m {
-                Method::GET => Some(ListProducts),
+                Method::GET | Method::HEAD => Some(ListProducts),
                 Method::POST => Some(CreateProduct),
                 _ => None,
             },
         ),
         ["v1", "products", sku] if !sku.is_empty() => pick(
-            "GET, PATCH, DELETE",
+            "GET, HEAD, PATCH, DELETE",
             match *m {
-                Method::GET => Some(GetProduct(s(sku))),
+                Method::GET | Method::HEAD => Some(GetProduct(s(sku))),
                 Method::PATCH => Some(PatchProduct(s(sku))),
                 Method::DELETE => Some(DeleteProduct(s(sku))),
                 _ => None,
@@ -76,7 +79,7 @@ fn route(method: &Method, path: &str) -> Route {
         ["v1", "reservations"] => pick("POST", (m == Method::POST).then_some(Reserve)),
         ["v1", "admin", "snapshot"] => pick("POST", (m == Method::POST).then_some(Snapshot)),
         ["v1", "reservations", id] if !id.is_empty() => {
-            pick("GET", (m == Method::GET).then(|| GetReservation(s(id))))
+            pick("GET, HEAD", read.then(|| GetReservation(s(id))))
         }
         ["v1", "reservations", id, action] if !id.is_empty() => {
             let endpoint = match *action {
@@ -199,7 +202,7 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request) -> Result<Reply> {
         Adjust(sku) => change(svc, req, sku, input::adjust).await,
         DeleteProduct(sku) => {
             let sku = known_sku(sku)?;
-            let if_match = input::if_match(&req.headers)?;
+            let if_match = expected_version(svc, &sku, &req.headers).await?;
             svc.delete_product(&sku, if_match).await?;
             let mut reply = Response::new(Vec::new().into());
             *reply.status_mut() = StatusCode::NO_CONTENT;
@@ -271,13 +274,41 @@ async fn change(
     parse: fn(&Value) -> Result<crate::actors::product::Change>,
 ) -> Result<Reply> {
     let sku = known_sku(sku)?;
-    let if_match = input::if_match(&req.headers)?;
+    let if_match = expected_version(svc, &sku, &req.headers).await?;
     let change = parse(&input::required(input::json_body(
         &req.headers,
         &req.body,
     )?)?)?;
     let p = svc.change_product(&sku, change, if_match).await?;
     Ok(product(StatusCode::OK, &p))
+}
+
+/// The version a change to `sku` must find, from `If-Match`; `None` for any version. A
+/// single strong tag is passed on as is: the product's actor checks it in the same step as
+/// the change. A list, or only weak tags, is first resolved against the current version
+/// (the actor then checks the one that matched, so a change in between still answers 412).
+async fn expected_version(
+    svc: &crate::service::Service,
+    sku: &str,
+    headers: &warp::http::HeaderMap,
+) -> Result<Option<u64>> {
+    let Some(tags) = input::if_match(headers)? else {
+        return Ok(None);
+    };
+    if let [version] = tags.strong[..] {
+        return Ok(Some(version));
+    }
+    let current = svc.get_product(sku).await?.version;
+    if tags.strong.contains(&current) {
+        Ok(Some(current))
+    } else {
+        Err(crate::error::Error::VersionMismatch {
+            sku: sku.to_string(),
+            expected: tags.first,
+            current,
+        }
+        .into())
+    }
 }
 
 /// A SKU from the path: one that cannot exist is simply not found.
