@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{eventually, restarts_reach, Client, TestServer};
+use common::{eventually, holdable_becomes, restarts_reach, TestServer};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -1003,20 +1003,6 @@ async fn a_killed_product_actor_is_restarted_from_the_log() {
     t.stop().await;
 }
 
-/// Waits (5 s at most) until `sku` could hold `units` more. Holds of reservations still
-/// being assembled are not shown in `available`, but a request for more units than any
-/// product here has is refused with what could still be held.
-async fn holdable_becomes(c: &Client, sku: &str, units: u64) -> bool {
-    eventually(Duration::from_secs(5), || {
-        let (c, sku) = (c.clone(), sku.to_string());
-        async move {
-            let probe = c.reserve("probe", &sku, 1_000_000).await;
-            probe.status == 409 && probe.body["available"] == units
-        }
-    })
-    .await
-}
-
 #[tokio::test]
 async fn a_product_killed_with_a_reservation_in_its_mailbox_rolls_back_the_other_holds() {
     let t = TestServer::start().await;
@@ -1238,9 +1224,12 @@ async fn a_key_whose_first_request_is_still_in_flight_answers_409() {
     let t = TestServer::start().await;
     let c = t.client.clone();
     c.create_product("A", 5).await;
-    // The product stops reading its mailbox: the first request waits inside its hold.
-    t.service().stall_product("A", Duration::from_millis(2000));
-    let body = json!({"customer_id": "u", "items": [{"sku": "A", "quantity": 1}]});
+    c.create_product("B", 5).await;
+    // B stops reading its mailbox: the first request holds A, then waits for B. That A's
+    // hold shows is the proof, without a timed guess, that the first request is in flight.
+    t.service().stall_product("B", Duration::from_millis(3000));
+    let body = json!({"customer_id": "u", "items": [
+        {"sku": "A", "quantity": 2}, {"sku": "B", "quantity": 1}]});
     let first = {
         let (c, body) = (c.clone(), body.clone());
         tokio::spawn(async move {
@@ -1248,7 +1237,10 @@ async fn a_key_whose_first_request_is_still_in_flight_answers_409() {
                 .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        holdable_becomes(&c, "A", 3).await,
+        "the first request holds A, waiting for B"
+    );
     let second = c
         .post_with(
             "/v1/reservations",
@@ -1256,6 +1248,10 @@ async fn a_key_whose_first_request_is_still_in_flight_answers_409() {
             &[("idempotency-key", "k")],
         )
         .await;
+    assert!(
+        !first.is_finished(),
+        "the first request was still in flight"
+    );
     second.assert_problem(409, "idempotency_key_in_flight");
     assert_eq!(second.header("retry-after"), Some("1"));
     let first = first.await.unwrap();
@@ -1267,7 +1263,8 @@ async fn a_key_whose_first_request_is_still_in_flight_answers_409() {
         (third.status.as_u16(), third.header("idempotent-replayed")),
         (201, Some("true"))
     );
-    assert_eq!(c.product("A").await["reserved"], 1);
+    assert_eq!(c.product("A").await["reserved"], 2);
+    assert_eq!(c.product("B").await["reserved"], 1);
     t.stop().await;
 }
 

@@ -252,6 +252,20 @@ where
     }
 }
 
+/// Waits (5 s at most) until `sku` could hold `units` more. Holds of reservations still
+/// being assembled are not shown in `available`, but a request for more units than any
+/// product here has is refused with what could still be held.
+pub async fn holdable_becomes(c: &Client, sku: &str, units: u64) -> bool {
+    eventually(Duration::from_secs(5), || {
+        let (c, sku) = (c.clone(), sku.to_string());
+        async move {
+            let probe = c.reserve("probe", &sku, 1_000_000).await;
+            probe.status == 409 && probe.body["available"] == units
+        }
+    })
+    .await
+}
+
 /// Waits (up to `limit`) until the supervisor has restarted `times` product actors.
 pub async fn restarts_reach(
     service: &stockd::service::Service,
@@ -280,8 +294,8 @@ impl ChildServer {
     /// `spawn`, with these environment variables set for the child.
     pub fn spawn_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> ChildServer {
         let data_dir = dir.join("data");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_stockd"))
-            .arg("serve")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stockd"));
+        cmd.arg("serve")
             .args(["--listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(&data_dir)
@@ -289,7 +303,14 @@ impl ChildServer {
             .arg(dir.join("snapshots"))
             .args(extra)
             .env("RUST_LOG", "warn")
-            .envs(env.iter().copied())
+            .envs(env.iter().copied());
+        ChildServer::start(cmd, data_dir)
+    }
+
+    /// Starts `cmd` (a `stockd` that serves, set up however the test likes; its log is in
+    /// `data_dir`) and waits for its `listening on ADDR` line.
+    pub fn start(mut cmd: Command, data_dir: PathBuf) -> ChildServer {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -305,7 +326,8 @@ impl ChildServer {
                 }
                 _ => {
                     let _ = child.kill();
-                    panic!("stockd exited before listening");
+                    let status = child.wait();
+                    panic!("stockd exited before listening: {status:?}");
                 }
             }
         };
