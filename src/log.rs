@@ -106,6 +106,30 @@ pub struct LogHandle {
     failed: Arc<AtomicBool>,
     /// Sequence number of the last flushed record.
     durable: Arc<AtomicU64>,
+    counters: Arc<WriterCounters>,
+}
+
+/// What the writer has done since it started, kept by the writer for `stats`.
+#[derive(Default)]
+struct WriterCounters {
+    batches: AtomicU64,
+    records: AtomicU64,
+    write_ns: AtomicU64,
+}
+
+/// The log's figures for operators (`GET /metrics`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// Sequence number of the last flushed record.
+    pub durable_seq: u64,
+    /// Batches written and flushed since start (each one sled batch and one flush).
+    pub batches: u64,
+    /// Records written since start.
+    pub records: u64,
+    /// Time spent writing and flushing those batches, in nanoseconds.
+    pub write_ns: u64,
+    /// False once a write has failed.
+    pub healthy: bool,
 }
 
 impl LogHandle {
@@ -144,6 +168,17 @@ impl LogHandle {
             return Ok(0);
         }
         Ticket(rx).durable().await
+    }
+
+    /// The log's figures since start.
+    pub fn stats(&self) -> LogStats {
+        LogStats {
+            durable_seq: self.durable_seq(),
+            batches: self.counters.batches.load(Ordering::Relaxed),
+            records: self.counters.records.load(Ordering::Relaxed),
+            write_ns: self.counters.write_ns.load(Ordering::Relaxed),
+            healthy: self.is_healthy(),
+        }
     }
 
     /// False once a write has failed: the server then refuses every mutation with 503.
@@ -875,6 +910,7 @@ impl Log {
         let fail_writes = Arc::new(AtomicBool::new(false));
         let failed = Arc::new(AtomicBool::new(false));
         let durable = Arc::new(AtomicU64::new(next_seq - 1));
+        let counters = Arc::new(WriterCounters::default());
         // Appends continue the newest segment, unless it is full (or there is none). A
         // newest segment that starts after `next_seq` was created ahead of need and never
         // written (a crash, or a cut by `truncate_from`): removed, so that no record is
@@ -896,6 +932,7 @@ impl Log {
         let writer = Writer {
             failed_flag: failed.clone(),
             durable: durable.clone(),
+            counters: counters.clone(),
             segments: self.segments,
             current,
             preparing: None,
@@ -915,6 +952,7 @@ impl Log {
                 fail_writes,
                 failed,
                 durable,
+                counters,
             },
             join,
         ))
@@ -1242,6 +1280,7 @@ struct Writer {
     failed_flag: Arc<AtomicBool>,
     fail_writes: Arc<AtomicBool>,
     durable: Arc<AtomicU64>,
+    counters: Arc<WriterCounters>,
 }
 
 type Waiter = oneshot::Sender<Result<u64, LogError>>;
@@ -1272,9 +1311,17 @@ impl Writer {
                 }
             }
             let first_seq = self.next_seq;
+            let started = Instant::now();
             let outcome = self.write_batch(&records);
             if let Ok(last) = outcome {
                 self.durable.store(last, Ordering::SeqCst);
+                if !records.is_empty() {
+                    let c = &self.counters;
+                    c.batches.fetch_add(1, Ordering::Relaxed);
+                    c.records.fetch_add(records.len() as u64, Ordering::Relaxed);
+                    let ns = started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+                    c.write_ns.fetch_add(ns, Ordering::Relaxed);
+                }
             }
             for (i, (_, waiter)) in records.drain(..).enumerate() {
                 if let Some(waiter) = waiter {

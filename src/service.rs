@@ -310,6 +310,16 @@ impl Service {
         self.log.is_healthy()
     }
 
+    /// The write-ahead log's figures since start.
+    pub fn log_stats(&self) -> crate::log::LogStats {
+        self.log.stats()
+    }
+
+    /// The log sequence number the newest snapshot covers (0: none yet).
+    pub fn newest_snapshot_seq(&self) -> u64 {
+        self.snapshotter.newest_seq()
+    }
+
     /// Test hook: makes the product actor of `sku` panic while handling a message.
     #[doc(hidden)]
     pub async fn inject_product_panic(&self, sku: &str) -> Result<()> {

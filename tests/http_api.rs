@@ -1110,6 +1110,82 @@ async fn a_panic_holding_a_later_line_releases_the_earlier_ones_and_the_key() {
     t.stop().await;
 }
 
+/// `GET /metrics`, parsed: series (name and labels, as written) → value. Asserts the text
+/// format on the way: a HELP and a TYPE line for every metric, before its samples.
+async fn metrics(c: &common::Client) -> std::collections::HashMap<String, f64> {
+    let res = reqwest::get(format!("{}/metrics", c.base)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let text = res.text().await.unwrap();
+    let mut typed = std::collections::HashSet::new();
+    let mut series = std::collections::HashMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(kind == "counter" || kind == "gauge", "{line}");
+            typed.insert(name.to_string());
+        } else if !line.starts_with("# HELP ") {
+            let (key, value) = line.rsplit_once(' ').unwrap();
+            let name = key.split('{').next().unwrap();
+            assert!(typed.contains(name), "{line}: no TYPE before it");
+            series.insert(key.to_string(), value.parse::<f64>().unwrap());
+        }
+    }
+    series
+}
+
+#[tokio::test]
+async fn metrics_count_what_the_server_did() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.create_product("A", 5).await;
+    c.create_product("B", 5).await;
+    let r1 = c.reserve("u", "A", 2).await;
+    let r2 = c.reserve("u", "B", 1).await;
+    c.reserve("u", "A", 9)
+        .await
+        .assert_problem(409, "insufficient_stock");
+    let id = |r: &common::Answer| r.body["id"].as_str().unwrap().to_string();
+    let confirm = format!("/v1/reservations/{}/confirm", id(&r1));
+    assert_eq!(c.post(&confirm, json!({})).await.status, 200);
+    assert_eq!(c.post(&confirm, json!({})).await.status, 200, "a repeat");
+    let cancel = format!("/v1/reservations/{}/cancel", id(&r2));
+    assert_eq!(c.post(&cancel, json!({})).await.status, 200);
+    c.reserve("u", "B", 1).await;
+    c.get("/nope").await.assert_problem(404, "not_found");
+
+    let m = metrics(c).await;
+    let at = |key: &str| *m.get(key).unwrap_or_else(|| panic!("no {key} in {m:?}"));
+    assert_eq!(at("stockd_http_responses_total{code=\"201\"}"), 5.0);
+    assert_eq!(at("stockd_http_responses_total{code=\"200\"}"), 3.0);
+    assert_eq!(at("stockd_http_responses_total{code=\"409\"}"), 1.0);
+    assert_eq!(at("stockd_http_responses_total{code=\"404\"}"), 1.0);
+    assert_eq!(at("stockd_reservations_total{event=\"created\"}"), 3.0);
+    assert_eq!(at("stockd_reservations_total{event=\"confirmed\"}"), 1.0);
+    assert_eq!(at("stockd_reservations_total{event=\"cancelled\"}"), 1.0);
+    assert_eq!(at("stockd_reservations_total{event=\"expired\"}"), 0.0);
+    assert_eq!(at("stockd_reservations_pending"), 1.0);
+    assert_eq!(at("stockd_products"), 2.0);
+    assert_eq!(at("stockd_log_healthy"), 1.0);
+    // Two products, three reservations, a confirm and a cancel: seven records, all
+    // durable (sync mode answered each after its flush).
+    assert_eq!(at("stockd_log_records_total"), 7.0);
+    assert_eq!(at("stockd_log_durable_sequence"), 7.0);
+    assert!((1.0..=7.0).contains(&at("stockd_log_batches_total")));
+    assert!(at("stockd_log_write_seconds_total") > 0.0);
+    assert_eq!(at("stockd_snapshot_sequence"), 0.0);
+    assert!(at("stockd_start_time_seconds") > 1.7e9);
+    // Only this scrape is in flight while it is served.
+    assert_eq!(at("stockd_http_requests_in_flight"), 1.0);
+    // The scrape itself is counted once it is answered.
+    let again = metrics(c).await;
+    assert_eq!(again["stockd_http_responses_total{code=\"200\"}"], 4.0);
+    t.stop().await;
+}
+
 #[tokio::test]
 async fn an_unwritable_log_refuses_changes_with_503() {
     let t = TestServer::start().await;
@@ -1123,6 +1199,9 @@ async fn an_unwritable_log_refuses_changes_with_503() {
         .await
         .assert_problem(503, "unavailable");
     c.get("/health").await.assert_problem(503, "unavailable");
+    // Metrics are still served: they are how an operator sees the failure.
+    let m = metrics(c).await;
+    assert_eq!(m["stockd_log_healthy"], 0.0);
     let a = c.get("/v1/products/A").await;
     a.assert_problem(503, "unavailable");
     assert_eq!(

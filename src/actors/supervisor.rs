@@ -292,6 +292,18 @@ pub struct Stats {
     pub active_products: usize,
     pub activations: u64,
     pub passivations: u64,
+    /// Reservations that moved, since the server started.
+    pub events: ReservationEvents,
+}
+
+/// How many reservations were created, and ended each way, since the server started
+/// (start-up expiries included).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReservationEvents {
+    pub created: u64,
+    pub confirmed: u64,
+    pub cancelled: u64,
+    pub expired: u64,
 }
 
 pub struct Supervisor {
@@ -330,6 +342,7 @@ pub struct SupervisorState {
     product_restarts: u64,
     activations: u64,
     passivations: u64,
+    events: ReservationEvents,
     /// When idle actors were last looked for.
     passivation_checked_at: Millis,
     ticker: Option<JoinHandle<()>>,
@@ -364,6 +377,7 @@ impl Actor for Supervisor {
             product_restarts: 0,
             activations: 0,
             passivations: 0,
+            events: ReservationEvents::default(),
             passivation_checked_at: self.clock.now_ms(),
             ticker: None,
             stopping: false,
@@ -581,6 +595,7 @@ impl Actor for Supervisor {
                     active_products: state.active.len(),
                     activations: state.activations,
                     passivations: state.passivations,
+                    events: state.events,
                 });
             }
         }
@@ -1058,6 +1073,7 @@ impl Supervisor {
         }
         state.deadlines.push(Reverse((reservation.expires_at, id)));
         state.pending += 1;
+        state.events.created += 1;
         let _ = reply.send(Ok(Reserved::Created(reservation.clone(), ticket)));
         state.reservations.insert(id, reservation);
     }
@@ -1123,9 +1139,11 @@ impl Supervisor {
         debug_assert_eq!(r.status, Status::Pending);
         let record = if expired {
             r.expire();
+            state.events.expired += 1;
             Record::ReservationExpired { id, at }
         } else {
             r.cancel();
+            state.events.cancelled += 1;
             Record::ReservationCancelled { id, at }
         };
         let items = r.items.clone();
@@ -1177,6 +1195,7 @@ impl Supervisor {
         r.confirm(order_id.clone(), now);
         let view = r.clone();
         state.pending -= 1;
+        state.events.confirmed += 1;
         let ticket = self.log.append(Record::ReservationConfirmed {
             id,
             order_id,

@@ -6,6 +6,7 @@
 //! avoids backtracking through a chain of filters on every request.
 
 pub mod input;
+pub mod metrics;
 pub mod problem;
 pub mod router;
 pub mod views;
@@ -28,6 +29,10 @@ pub struct App {
     pub service: Service,
     /// Admission control: requests beyond `REQUESTS_IN_FLIGHT_MAX` get 503 at once.
     pub in_flight: Arc<Semaphore>,
+    /// Every response sent, by status, for `GET /metrics`.
+    pub responses: Arc<metrics::Responses>,
+    /// When the server started serving, in seconds since the Unix epoch.
+    pub started_unix: f64,
 }
 
 impl App {
@@ -35,7 +40,16 @@ impl App {
         App {
             service,
             in_flight: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),
+            responses: Arc::default(),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
         }
+    }
+
+    /// Requests being served now.
+    pub fn requests_in_flight(&self) -> usize {
+        REQUESTS_IN_FLIGHT_MAX.saturating_sub(self.in_flight.available_permits())
     }
 }
 
@@ -81,6 +95,7 @@ pub fn routes(
                         }
                         Err(problem) => problem.into_response(),
                     };
+                    app.responses.count(response.status().as_u16());
                     response
                 }
             },

@@ -18,6 +18,7 @@ type Result<T> = std::result::Result<T, Problem>;
 
 enum Endpoint {
     Health,
+    Metrics,
     CreateProduct,
     ListProducts,
     GetProduct(String),
@@ -53,6 +54,7 @@ fn route(method: &Method, path: &str) -> Route {
     let read = m == Method::GET || m == Method::HEAD;
     match segments.as_slice() {
         ["health"] => pick("GET, HEAD", read.then_some(Health)),
+        ["metrics"] => pick("GET, HEAD", read.then_some(Metrics)),
         ["v1", "products"] => pick(
             "GET, HEAD, POST",
             match *m {
@@ -158,6 +160,10 @@ async fn run(app: &App, endpoint: Endpoint, request: Request) -> Reply {
 async fn serve(app: &App, endpoint: Endpoint, req: &Request) -> Result<Reply> {
     use Endpoint::*;
     let svc = &app.service;
+    if let Metrics = endpoint {
+        // Served when the log has failed too: that is when operators need it most.
+        return metrics(app).await;
+    }
     if !svc.log_healthy() {
         // Memory may hold changes that were refused (503) and will not survive a restart:
         // answer nothing from it, reads included, until the operator restarts the server.
@@ -171,6 +177,7 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request) -> Result<Reply> {
     let body = || input::json_body(&req.headers, &req.body);
     match endpoint {
         Health => Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
+        Metrics => metrics(app).await,
         CreateProduct => {
             let input = input::create_product(&input::required(body()?)?)?;
             let p = svc
@@ -309,6 +316,25 @@ async fn expected_version(
         }
         .into())
     }
+}
+
+async fn metrics(app: &App) -> Result<Reply> {
+    let svc = &app.service;
+    let text = crate::http::metrics::render(&crate::http::metrics::Figures {
+        responses: &app.responses,
+        in_flight: app.requests_in_flight(),
+        supervisor: svc.stats().await?,
+        log: svc.log_stats(),
+        newest_snapshot_seq: svc.newest_snapshot_seq(),
+        start_time_unix: app.started_unix,
+    });
+    let mut reply = Response::new(text.into());
+    set(
+        &mut reply,
+        header::CONTENT_TYPE,
+        "text/plain; version=0.0.4; charset=utf-8",
+    );
+    Ok(reply)
 }
 
 /// A SKU from the path: one that cannot exist is simply not found.

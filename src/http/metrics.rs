@@ -1,0 +1,246 @@
+//! `GET /metrics`: the server's figures in the Prometheus text format (version 0.0.4), for
+//! whatever scrapes it. Counters count since the server started; gauges are read when
+//! scraped. The responses it counts are tallied by status code in one array of atomics,
+//! a relaxed increment per response: no lock, nothing shared beyond a cache line.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::actors::supervisor::Stats;
+use crate::log::LogStats;
+
+/// Responses sent, by status code (100..=599; anything else is not counted).
+pub struct Responses {
+    by_status: Box<[AtomicU64]>,
+}
+
+const STATUS_MIN: u16 = 100;
+const STATUS_MAX: u16 = 599;
+
+impl Default for Responses {
+    fn default() -> Responses {
+        Responses {
+            by_status: (STATUS_MIN..=STATUS_MAX)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        }
+    }
+}
+
+impl Responses {
+    pub fn count(&self, status: u16) {
+        if let Some(slot) = status
+            .checked_sub(STATUS_MIN)
+            .and_then(|i| self.by_status.get(usize::from(i)))
+        {
+            slot.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// (status, count) for every status sent at least once, in order.
+    fn sent(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
+        self.by_status
+            .iter()
+            .zip(STATUS_MIN..)
+            .map(|(n, status)| (status, n.load(Ordering::Relaxed)))
+            .filter(|&(_, n)| n > 0)
+    }
+}
+
+/// Everything one scrape shows.
+pub struct Figures<'a> {
+    pub responses: &'a Responses,
+    pub in_flight: usize,
+    pub supervisor: Stats,
+    pub log: LogStats,
+    pub newest_snapshot_seq: u64,
+    pub start_time_unix: f64,
+}
+
+/// The Prometheus text exposition of `f`.
+pub fn render(f: &Figures) -> String {
+    let mut out = String::with_capacity(4096);
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let s = &f.supervisor;
+    let codes: Vec<(String, f64)> = f
+        .responses
+        .sent()
+        .map(|(status, n)| (format!("{{code=\"{status}\"}}"), n as f64))
+        .collect();
+    let codes: Vec<(&str, f64)> = codes.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+    metric(
+        "stockd_http_responses_total",
+        "counter",
+        "HTTP responses sent, by status code.",
+        &codes,
+    );
+    metric(
+        "stockd_http_requests_in_flight",
+        "gauge",
+        "Requests being served now (admission control refuses beyond its limit).",
+        &[("", f.in_flight as f64)],
+    );
+    metric(
+        "stockd_products",
+        "gauge",
+        "Products in the catalogue.",
+        &[("", s.products as f64)],
+    );
+    metric(
+        "stockd_products_resident",
+        "gauge",
+        "Products with a running actor (the others are passive until touched).",
+        &[("", s.active_products as f64)],
+    );
+    metric(
+        "stockd_reservations_pending",
+        "gauge",
+        "Pending reservations (holding stock).",
+        &[("", s.pending as f64)],
+    );
+    metric(
+        "stockd_reservations_remembered",
+        "gauge",
+        "Reservations in memory: pending, and ended ones within retention.",
+        &[("", s.reservations as f64)],
+    );
+    let e = s.events;
+    metric(
+        "stockd_reservations_total",
+        "counter",
+        "Reservations created, and ended each way (start-up expiries included).",
+        &[
+            ("{event=\"created\"}", e.created as f64),
+            ("{event=\"confirmed\"}", e.confirmed as f64),
+            ("{event=\"cancelled\"}", e.cancelled as f64),
+            ("{event=\"expired\"}", e.expired as f64),
+        ],
+    );
+    metric(
+        "stockd_product_failures_total",
+        "counter",
+        "Product actors that failed (a bug caught by the supervisor).",
+        &[("", s.product_panics as f64)],
+    );
+    metric(
+        "stockd_product_restarts_total",
+        "counter",
+        "Product actors rebuilt from the snapshot and the log after a failure.",
+        &[("", s.product_restarts as f64)],
+    );
+    metric(
+        "stockd_product_activations_total",
+        "counter",
+        "Passive products given an actor again.",
+        &[("", s.activations as f64)],
+    );
+    metric(
+        "stockd_product_passivations_total",
+        "counter",
+        "Idle product actors stopped (their state kept in the supervisor).",
+        &[("", s.passivations as f64)],
+    );
+    metric(
+        "stockd_log_healthy",
+        "gauge",
+        "1 while the write-ahead log can be written; 0 once a write failed.",
+        &[("", if f.log.healthy { 1.0 } else { 0.0 })],
+    );
+    metric(
+        "stockd_log_durable_sequence",
+        "gauge",
+        "Sequence number of the last record flushed to the write-ahead log.",
+        &[("", f.log.durable_seq as f64)],
+    );
+    metric(
+        "stockd_log_records_total",
+        "counter",
+        "Records written to the write-ahead log since start.",
+        &[("", f.log.records as f64)],
+    );
+    metric(
+        "stockd_log_batches_total",
+        "counter",
+        "Group commits since start: one sled batch and one flush each.",
+        &[("", f.log.batches as f64)],
+    );
+    metric(
+        "stockd_log_write_seconds_total",
+        "counter",
+        "Time spent writing and flushing group commits.",
+        &[("", f.log.write_ns as f64 / 1e9)],
+    );
+    metric(
+        "stockd_snapshot_sequence",
+        "gauge",
+        "Log sequence number the newest snapshot covers (0: none).",
+        &[("", f.newest_snapshot_seq as f64)],
+    );
+    metric(
+        "stockd_start_time_seconds",
+        "gauge",
+        "When the server started serving, in seconds since the Unix epoch.",
+        &[("", f.start_time_unix)],
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responses_are_counted_by_status_and_odd_statuses_ignored() {
+        let r = Responses::default();
+        for status in [201, 201, 409, 599, 100, 99, 600, 0, u16::MAX] {
+            r.count(status);
+        }
+        assert_eq!(
+            r.sent().collect::<Vec<_>>(),
+            vec![(100, 1), (201, 2), (409, 1), (599, 1)]
+        );
+    }
+
+    #[test]
+    fn every_sample_line_follows_the_text_format() {
+        let r = Responses::default();
+        r.count(200);
+        let text = render(&Figures {
+            responses: &r,
+            in_flight: 3,
+            supervisor: Stats::default(),
+            log: LogStats {
+                write_ns: 1_500_000_000,
+                healthy: true,
+                ..LogStats::default()
+            },
+            newest_snapshot_seq: 7,
+            start_time_unix: 1.5e9,
+        });
+        let mut helped = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                helped.insert(rest.split(' ').next().unwrap().to_string());
+                continue;
+            }
+            if line.starts_with("# TYPE ") {
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').expect(line);
+            let name = series.split('{').next().unwrap();
+            assert!(helped.contains(name), "{line}: no HELP before it");
+            assert!(name.starts_with("stockd_"), "{line}");
+            value.parse::<f64>().expect(line);
+        }
+        assert!(text.contains("stockd_http_responses_total{code=\"200\"} 1\n"));
+        assert!(text.contains("stockd_log_write_seconds_total 1.5\n"));
+        assert!(text.contains("stockd_snapshot_sequence 7\n"));
+        assert!(text.contains("stockd_log_healthy 1\n"));
+    }
+}
