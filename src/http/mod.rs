@@ -23,8 +23,7 @@ use crate::limits::{REQUESTS_IN_FLIGHT_MAX, REQUEST_BODY_BYTES_MAX};
 use crate::service::Service;
 use problem::Problem;
 
-/// Everything a handler needs, shared by all requests.
-#[derive(Clone)]
+/// Everything a handler needs, shared by all requests (behind one `Arc`; see `routes`).
 pub struct App {
     pub service: Service,
     /// Admission control: requests beyond `REQUESTS_IN_FLIGHT_MAX` get 503 at once.
@@ -70,6 +69,10 @@ pub fn routes(
        + Send
        + Sync
        + 'static {
+    // One `Arc` for every request to share: cloning `App` itself would touch a dozen
+    // reference counts (actor ref, log and snapshotter channels...) twice per request, on
+    // cache lines both cores write.
+    let app = Arc::new(app);
     let query = warp::query::raw().or(warp::any().map(String::new)).unify();
     warp::method()
         .and(warp::path::full())
@@ -78,7 +81,7 @@ pub fn routes(
         .and(warp::body::stream())
         .then(
             move |method, path: warp::path::FullPath, query, headers, body| {
-                let app = app.clone();
+                let app = Arc::clone(&app);
                 async move {
                     let started = std::time::Instant::now();
                     let path = input::decode_unreserved(path.as_str()).into_owned();

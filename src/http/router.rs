@@ -1,5 +1,6 @@
 //! Routing and the endpoint handlers: parse, call the service, render.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -97,7 +98,7 @@ fn route(method: &Method, path: &str) -> Route {
 }
 
 /// Serves one request; never panics on input (a panic inside a handler task is a 500).
-pub async fn handle(app: &App, request: Request, started: Instant) -> Reply {
+pub async fn handle(app: &Arc<App>, request: Request, started: Instant) -> Reply {
     let method = request.method.clone();
     let path = request.path.clone();
     let response = match route(&request.method, &request.path) {
@@ -128,13 +129,13 @@ pub async fn handle(app: &App, request: Request, started: Instant) -> Reply {
 }
 
 /// Runs the endpoint on its own task, under admission control.
-async fn run(app: &App, endpoint: Endpoint, request: Request) -> Reply {
+async fn run(app: &Arc<App>, endpoint: Endpoint, request: Request) -> Reply {
     let Ok(permit) = app.in_flight.clone().try_acquire_owned() else {
         return Problem::new(503, "unavailable", "too many requests in flight; retry")
             .header(header::RETRY_AFTER, "1")
             .into_response();
     };
-    let app = app.clone();
+    let app = Arc::clone(app);
     // A task of its own: a client hanging up cannot cancel a change half made.
     let task = tokio::spawn(async move {
         let _permit = permit;
