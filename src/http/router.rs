@@ -364,20 +364,23 @@ fn product(status: StatusCode, p: &Product) -> Reply {
 }
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Reply {
-    let bytes = match serde_json::to_vec(value) {
-        Ok(bytes) => bytes,
-        Err(err) => {
-            return Problem::new(
-                500,
-                "internal_error",
-                format!("rendering the answer: {err}"),
-            )
-            .into_response()
-        }
-    };
+    // Sized for a reservation or a product view, so that rendering one does not grow the
+    // buffer step by step from empty.
+    let mut bytes = Vec::with_capacity(512);
+    if let Err(err) = serde_json::to_writer(&mut bytes, value) {
+        return Problem::new(
+            500,
+            "internal_error",
+            format!("rendering the answer: {err}"),
+        )
+        .into_response();
+    }
     let mut reply = Response::new(bytes.into());
     *reply.status_mut() = status;
-    set(&mut reply, header::CONTENT_TYPE, "application/json");
+    reply.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     reply
 }
 
