@@ -202,31 +202,64 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGTERM and SIGINT (Ctrl-C), caught from the moment this is made: made before the
+/// server announces its address, so that a supervisor that stops it right after that line
+/// gets a graceful shutdown, never the signal's default (an abrupt exit).
+struct ShutdownSignals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {},
-                    _ = term.recv() => {},
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignals {
+    fn install() -> ShutdownSignals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let catch = |kind: SignalKind, name: &str| match signal(kind) {
+                Ok(stream) => Some(stream),
+                Err(err) => {
+                    tracing::warn!(error = %err, signal = name, "cannot catch the signal");
+                    None
                 }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
+            };
+            ShutdownSignals {
+                term: catch(SignalKind::terminate(), "SIGTERM"),
+                int: catch(SignalKind::interrupt(), "SIGINT"),
             }
         }
+        #[cfg(not(unix))]
+        ShutdownSignals {}
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+
+    /// Waits for the first of them.
+    async fn wait(self) {
+        #[cfg(unix)]
+        {
+            async fn recv(stream: Option<tokio::signal::unix::Signal>) {
+                match stream {
+                    Some(mut stream) => {
+                        stream.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                _ = recv(self.term) => {},
+                _ = recv(self.int) => {},
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {
     init_tracing(args.log_format);
+    let signals = ShutdownSignals::install();
     let config = Config {
         listen: args.listen,
         data_dir: args.data_dir,
@@ -279,7 +312,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         let _ = writeln!(out, "listening on {}", server.local_addr());
         let _ = out.flush();
     }
-    wait_for_signal().await;
+    signals.wait().await;
     tracing::info!("shutting down");
     match server.shutdown().await {
         Ok(()) => ExitCode::SUCCESS,

@@ -269,6 +269,59 @@ async fn sigterm_drains_flushes_and_exits_zero() {
     );
 }
 
+/// A SIGTERM that arrives while the server is still starting is caught, not left to the
+/// signal's default (an abrupt exit): the server finishes starting, then shuts down
+/// gracefully and exits 0. Start-up creates the data directory after the handlers are
+/// installed and well before it serves, so the signal is sent as soon as that appears.
+#[test]
+fn sigterm_during_start_up_is_a_graceful_shutdown() {
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut child = Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_stockd"))
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--snapshot-dir")
+            .arg(dir.path().join("snapshots"))
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn stockd"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !data.exists() {
+        assert!(Instant::now() < deadline, "start-up never began");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let pid = child.0.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no exit 30 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(
+        status.success(),
+        "a graceful exit, not the signal's: {status:?}"
+    );
+}
+
 /// `async` answers before the flush; the writer flushes within a few milliseconds (it
 /// starts a flush at most every ASYNC_FLUSH_INTERVAL_MS, so batches grow). Well past that
 /// window, a `kill -9` loses nothing.
