@@ -34,12 +34,8 @@ pub enum Error {
     IdempotencyKeyReused,
     #[error("a request with this Idempotency-Key is still in flight")]
     IdempotencyKeyInFlight,
-    #[error("product {sku} is at version {current}, not {expected}")]
-    VersionMismatch {
-        sku: String,
-        expected: u64,
-        current: u64,
-    },
+    #[error("product {sku} is at version {current}, which If-Match does not name")]
+    VersionMismatch { sku: String, current: u64 },
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error: {0}")]

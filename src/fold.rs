@@ -56,7 +56,7 @@ pub enum FoldError {
     UnknownReservation(Uuid),
     #[error("record moves reservation {0}, which is not pending")]
     NotPending(Uuid),
-    #[error("record would break invariant 1 (0 <= reserved <= on_hand) for product {0}")]
+    #[error("record would break invariant 1 (0 <= reserved <= on_hand <= 2^53-1) for product {0}")]
     Invariant(String),
     #[error("record deletes product {0} while it holds reserved units")]
     DeleteReserved(String),
@@ -157,14 +157,16 @@ pub fn apply_owned(state: &mut State, record: Record) -> Result<(), FoldError> {
         } => state.product(&sku)?.patch(name, price, at),
         Record::Replenished { sku, quantity, at } => {
             let p = state.product(&sku)?;
-            p.check_replenish(quantity)
-                .map_err(|_| FoldError::Invariant(sku.clone()))?;
+            if !p.can_apply_replenish(quantity) {
+                return Err(FoldError::Invariant(sku));
+            }
             p.replenish(quantity, at);
         }
         Record::Adjusted { sku, delta, at, .. } => {
             let p = state.product(&sku)?;
-            p.check_adjust(delta)
-                .map_err(|_| FoldError::Invariant(sku.clone()))?;
+            if !p.can_apply_adjust(delta) {
+                return Err(FoldError::Invariant(sku));
+            }
             p.adjust(delta, at);
         }
         Record::ProductDeleted { sku, .. } => {
@@ -251,6 +253,72 @@ pub fn apply_owned(state: &mut State, record: Record) -> Result<(), FoldError> {
 mod tests {
     use super::*;
     use crate::domain::Line;
+
+    #[test]
+    fn a_replenishment_logged_before_sold_counted_toward_the_limit_still_folds() {
+        // Written by a build that bounded only on_hand: a full shelf, two units sold, and
+        // the shelf filled up again. Requests are now refused that last step (on_hand +
+        // sold would pass 2^53-1), but the log records it as a fact and must replay.
+        const MAX: u64 = crate::limits::STOCK_MAX;
+        let id = Uuid::from_u128(1);
+        let mut state = State::default();
+        for record in [
+            Record::ProductCreated {
+                sku: "A".into(),
+                name: "a".into(),
+                price: None,
+                on_hand: MAX,
+                at: 1,
+            },
+            Record::ReservationCreated {
+                id,
+                customer_id: "c".into(),
+                items: vec![Line {
+                    sku: "A".into(),
+                    quantity: 2,
+                }],
+                created_at: 2,
+                expires_at: 1000,
+                idempotency: None,
+            },
+            Record::ReservationConfirmed {
+                id,
+                order_id: None,
+                at: 3,
+            },
+            Record::Replenished {
+                sku: "A".into(),
+                quantity: 2,
+                at: 4,
+            },
+            Record::Adjusted {
+                sku: "A".into(),
+                delta: -1,
+                reason: None,
+                at: 5,
+            },
+            Record::Adjusted {
+                sku: "A".into(),
+                delta: 1,
+                reason: None,
+                at: 6,
+            },
+        ] {
+            apply(&mut state, &record).unwrap();
+        }
+        let p = &state.products["A"];
+        assert_eq!((p.on_hand, p.sold, p.reserved), (MAX, 2, 0));
+        // Past the shelf's own bound a record is still refused.
+        let past = Record::Replenished {
+            sku: "A".into(),
+            quantity: 1,
+            at: 7,
+        };
+        assert!(matches!(
+            apply(&mut state, &past),
+            Err(FoldError::Invariant(_))
+        ));
+    }
 
     #[test]
     fn forget_keeps_pending_and_recent_and_drops_ended_and_old() {

@@ -12,7 +12,7 @@ use ractor::rpc::CallResult;
 use ractor::{ActorRef, Message, RpcReplyPort};
 use uuid::Uuid;
 
-use crate::actors::product::{Change, ProductMsg};
+use crate::actors::product::{Change, IfMatch, ProductMsg};
 use crate::actors::supervisor::{Listed, NewReservation, Reserved, Stats, SupervisorMsg};
 use crate::config::Durability;
 use crate::domain::{Line, Price, Product, Reservation};
@@ -175,7 +175,7 @@ impl Service {
         &self,
         sku: &str,
         change: Change,
-        if_match: Option<u64>,
+        if_match: Option<IfMatch>,
     ) -> Result<Product> {
         let (product, ticket) = self
             .route(sku, |reply| ProductMsg::Change {
@@ -188,7 +188,7 @@ impl Service {
         Ok(product)
     }
 
-    pub async fn delete_product(&self, sku: &str, if_match: Option<u64>) -> Result<()> {
+    pub async fn delete_product(&self, sku: &str, if_match: Option<IfMatch>) -> Result<()> {
         let ticket = ask(&self.supervisor, |reply| SupervisorMsg::DeleteProduct {
             sku: sku.to_string(),
             if_match,
@@ -348,6 +348,16 @@ impl Service {
         let _ = self.supervisor.cast(SupervisorMsg::Route {
             sku: sku.to_string(),
             msg: ProductMsg::Stall(pause),
+        });
+    }
+
+    /// Test hook: the product actor of `sku` reads no message until `release` is notified
+    /// (`notify_one`; at most a minute).
+    #[doc(hidden)]
+    pub fn stall_product_until(&self, sku: &str, release: std::sync::Arc<tokio::sync::Notify>) {
+        let _ = self.supervisor.cast(SupervisorMsg::Route {
+            sku: sku.to_string(),
+            msg: ProductMsg::StallUntil(release),
         });
     }
 

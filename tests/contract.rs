@@ -1186,17 +1186,29 @@ fn top_level_help_lists_the_commands_and_the_flags() {
     cmd.arg("--help");
     let (status, help, stderr) = run_to_exit(cmd);
     assert!(status.success(), "{status:?}: {stderr}");
-    for word in [
-        "serve",
-        "snapshot",
-        "log",
+    // Each command on a line of its own in the Commands section (a flag such as
+    // `--snapshot-dir` must not pass for the `snapshot` command).
+    let commands: Vec<&str> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    for command in ["serve", "snapshot", "log"] {
+        assert!(
+            commands.contains(&command),
+            "{command} missing from the commands {commands:?}:\n{help}"
+        );
+    }
+    for flag in [
         "--listen",
         "--data-dir",
         "--snapshot-dir",
         "--default-ttl",
         "--durability",
     ] {
-        assert!(help.contains(word), "{word} missing from:\n{help}");
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
     assert_eq!(
         std::fs::read_dir(dir.path()).unwrap().count(),
@@ -1269,7 +1281,16 @@ fn an_invalid_environment_value_is_refused() {
             .env(var, value);
         let (status, _, stderr) = run_to_exit(cmd);
         assert_eq!(status.code(), Some(2), "{var}={value}: {stderr}");
-        assert!(stderr.contains(value), "{var}={value}: {stderr}");
+        // clap names the value and the flag the variable stands for.
+        let flag = match var {
+            "STOCKD_DURABILITY" => "--durability",
+            "STOCKD_DEFAULT_TTL" => "--default-ttl",
+            _ => "--listen",
+        };
+        assert!(
+            stderr.contains(&format!("invalid value '{value}'")) && stderr.contains(flag),
+            "{var}={value}: {stderr}"
+        );
     }
     assert!(!dir.path().join("d").exists(), "nothing started");
 }

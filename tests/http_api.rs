@@ -503,9 +503,26 @@ async fn patch_replenish_adjust_and_if_match() {
         assert_eq!(a.body["current_version"], version, "{tags}");
     }
     assert_eq!(c.product("A").await["version"], version, "nothing changed");
-    let a = patch(format!("\"{}\", \"{version}\"", version - 1)).await;
+    // A tag that is no version of ours is well-formed and simply does not match.
+    let a = patch(format!("\"abc\", \"{version}\"")).await;
     assert_eq!(a.status, 200, "{:?}", a.body);
     assert_eq!(a.body["name"], "listed");
+    assert_eq!(a.body["version"], version + 1);
+    // Tags may come on several header lines, which form one list.
+    let version = version + 1;
+    let a = c
+        .send(
+            Method::POST,
+            "/v1/products/A/replenish",
+            Some("{\"quantity\":1}"),
+            &[
+                ("if-match", &format!("\"{}\"", version - 1)),
+                ("if-match", &format!("\"{version}\"")),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200, "{:?}", a.body);
     assert_eq!(a.body["version"], version + 1);
     t.stop().await;
 }
@@ -1163,10 +1180,19 @@ async fn metrics_count_what_the_server_did() {
     assert_eq!(at("stockd_http_responses_total{code=\"200\"}"), 3.0);
     assert_eq!(at("stockd_http_responses_total{code=\"409\"}"), 1.0);
     assert_eq!(at("stockd_http_responses_total{code=\"404\"}"), 1.0);
-    assert_eq!(at("stockd_reservations_total{event=\"created\"}"), 3.0);
-    assert_eq!(at("stockd_reservations_total{event=\"confirmed\"}"), 1.0);
-    assert_eq!(at("stockd_reservations_total{event=\"cancelled\"}"), 1.0);
-    assert_eq!(at("stockd_reservations_total{event=\"expired\"}"), 0.0);
+    assert_eq!(at("stockd_reservations_created_total"), 3.0);
+    assert_eq!(
+        at("stockd_reservations_ended_total{outcome=\"confirmed\"}"),
+        1.0
+    );
+    assert_eq!(
+        at("stockd_reservations_ended_total{outcome=\"cancelled\"}"),
+        1.0
+    );
+    assert_eq!(
+        at("stockd_reservations_ended_total{outcome=\"expired\"}"),
+        0.0
+    );
     assert_eq!(at("stockd_reservations_pending"), 1.0);
     assert_eq!(at("stockd_products"), 2.0);
     assert_eq!(at("stockd_log_healthy"), 1.0);
@@ -1178,8 +1204,8 @@ async fn metrics_count_what_the_server_did() {
     assert!(at("stockd_log_write_seconds_total") > 0.0);
     assert_eq!(at("stockd_snapshot_sequence"), 0.0);
     assert!(at("stockd_start_time_seconds") > 1.7e9);
-    // Only this scrape is in flight while it is served.
-    assert_eq!(at("stockd_http_requests_in_flight"), 1.0);
+    // Nothing else is in flight, and the scrape is not admitted against the limit.
+    assert_eq!(at("stockd_http_requests_in_flight"), 0.0);
     // The scrape itself is counted once it is answered.
     let again = metrics(c).await;
     assert_eq!(again["stockd_http_responses_total{code=\"200\"}"], 4.0);
@@ -1304,9 +1330,11 @@ async fn a_key_whose_first_request_is_still_in_flight_answers_409() {
     let c = t.client.clone();
     c.create_product("A", 5).await;
     c.create_product("B", 5).await;
-    // B stops reading its mailbox: the first request holds A, then waits for B. That A's
-    // hold shows is the proof, without a timed guess, that the first request is in flight.
-    t.service().stall_product("B", Duration::from_millis(3000));
+    // B stops reading its mailbox until released: the first request holds A, then waits
+    // for B. That A's hold shows is the proof, without a timed guess, that the first
+    // request is in flight; it stays so until the release.
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    t.service().stall_product_until("B", release.clone());
     let body = json!({"customer_id": "u", "items": [
         {"sku": "A", "quantity": 2}, {"sku": "B", "quantity": 1}]});
     let first = {
@@ -1333,6 +1361,7 @@ async fn a_key_whose_first_request_is_still_in_flight_answers_409() {
     );
     second.assert_problem(409, "idempotency_key_in_flight");
     assert_eq!(second.header("retry-after"), Some("1"));
+    release.notify_one();
     let first = first.await.unwrap();
     assert_eq!(first.status, 201);
     let third = c

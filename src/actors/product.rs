@@ -68,11 +68,11 @@ pub enum ProductMsg {
     },
     Change {
         change: Change,
-        if_match: Option<u64>,
+        if_match: Option<IfMatch>,
         reply: RpcReplyPort<Result<(Product, Ticket), Error>>,
     },
     Delete {
-        if_match: Option<u64>,
+        if_match: Option<IfMatch>,
         reply: RpcReplyPort<Result<Ticket, Error>>,
     },
     /// Stop now (sent after a grace period once deleted, so that messages already on
@@ -91,6 +91,10 @@ pub enum ProductMsg {
     /// tests can hold a request in flight deterministically.
     #[doc(hidden)]
     Stall(Duration),
+    /// Test hook: the actor stops reading its mailbox until this is notified (at most a
+    /// minute, so a failing test cannot hang it forever).
+    #[doc(hidden)]
+    StallUntil(std::sync::Arc<tokio::sync::Notify>),
 }
 
 /// Messages that carry a stock effect decided elsewhere (their records are already
@@ -137,6 +141,7 @@ impl ProductMsg {
             ProductMsg::Crash(_)
             | ProductMsg::ArmPanic
             | ProductMsg::Stall(_)
+            | ProductMsg::StallUntil(_)
             | ProductMsg::Retire
             | ProductMsg::Unhold { .. } => {}
             // Settles, releases and commits are only sent for products that hold reserved
@@ -235,6 +240,10 @@ impl Actor for ProductActor {
                 tokio::time::sleep(pause).await;
                 return Ok(());
             }
+            ProductMsg::StallUntil(release) => {
+                let _ = tokio::time::timeout(Duration::from_secs(60), release.notified()).await;
+                return Ok(());
+            }
             _ => {}
         }
         // Only a message whose effect is not in the log may be undone by restoring the
@@ -328,11 +337,12 @@ impl ProductActor {
                 if_match,
                 reply,
             } => {
-                let result = check_version(p, if_match).and_then(|()| self.change(p, change));
+                let result =
+                    check_version(p, if_match.as_ref()).and_then(|()| self.change(p, change));
                 let _ = reply.send(result);
             }
             ProductMsg::Delete { if_match, reply } => {
-                let result = check_version(p, if_match).and_then(|()| self.delete(p));
+                let result = check_version(p, if_match.as_ref()).and_then(|()| self.delete(p));
                 let deleted = result.is_ok();
                 let _ = reply.send(result);
                 if deleted {
@@ -343,6 +353,7 @@ impl ProductActor {
             ProductMsg::Retire
             | ProductMsg::ArmPanic
             | ProductMsg::Stall(_)
+            | ProductMsg::StallUntil(_)
             | ProductMsg::Passivate(_) => {}
             ProductMsg::Crash(_reply) => panic!("injected panic in product actor {}", p.sku),
         }
@@ -397,11 +408,19 @@ impl ProductActor {
     }
 }
 
-fn check_version(p: &Product, if_match: Option<u64>) -> Result<(), Error> {
+/// An `If-Match` precondition other than `*`: the versions a change may find the product
+/// at. Weak tags (`W/"7"`) and tags that are no version of ours (`"abc"`) never match, since
+/// `If-Match` compares strongly (RFC 9110 13.1.1): they are simply not in the list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IfMatch {
+    pub versions: Vec<u64>,
+}
+
+/// Checked in the same step as the change, so no change can slip in between.
+fn check_version(p: &Product, if_match: Option<&IfMatch>) -> Result<(), Error> {
     match if_match {
-        Some(expected) if expected != p.version => Err(Error::VersionMismatch {
+        Some(m) if !m.versions.contains(&p.version) => Err(Error::VersionMismatch {
             sku: p.sku.clone(),
-            expected,
             current: p.version,
         }),
         _ => Ok(()),

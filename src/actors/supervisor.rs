@@ -54,7 +54,9 @@ use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use uuid::Uuid;
 
-use crate::actors::product::{apply_without_actor, is_stock_effect, ProductActor, ProductMsg};
+use crate::actors::product::{
+    apply_without_actor, is_stock_effect, IfMatch, ProductActor, ProductMsg,
+};
 use crate::clock::{Millis, SharedClock};
 use crate::domain::{Line, Price, Product, Reservation, Status};
 use crate::error::Error;
@@ -203,7 +205,7 @@ pub enum SupervisorMsg {
     },
     DeleteProduct {
         sku: String,
-        if_match: Option<u64>,
+        if_match: Option<IfMatch>,
         reply: RpcReplyPort<Result<Ticket, Error>>,
     },
     /// Create this reservation: hold its lines, then log and keep it.
@@ -831,7 +833,7 @@ impl Supervisor {
         myself: &ActorRef<SupervisorMsg>,
         state: &mut SupervisorState,
         sku: &str,
-        if_match: Option<u64>,
+        if_match: Option<IfMatch>,
     ) -> Result<Ticket, Error> {
         if let Some(err) = unroutable(state, sku) {
             return Err(err);

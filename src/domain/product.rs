@@ -169,10 +169,18 @@ impl Product {
         }
     }
 
+    /// Whether a logged replenishment can be applied as a fact: the shelf stays within
+    /// `STOCK_MAX`. Requests are held to the stricter `check_replenish`, but a log written
+    /// before `sold` counted toward the limit may hold replenishments that meet only this,
+    /// and the fold must still replay them.
+    pub fn can_apply_replenish(&self, quantity: u64) -> bool {
+        self.on_hand
+            .checked_add(quantity)
+            .is_some_and(|total| total <= STOCK_MAX)
+    }
+
     pub fn replenish(&mut self, quantity: u64, at: Millis) {
-        // Only the shelf's own bound: a log written before `sold` counted toward the limit
-        // may hold a replenishment that `check_replenish` would now refuse.
-        debug_assert!(self.on_hand.saturating_add(quantity) <= STOCK_MAX);
+        debug_assert!(self.can_apply_replenish(quantity));
         self.on_hand = self.on_hand.saturating_add(quantity).min(STOCK_MAX);
         self.touch(at);
     }
@@ -192,11 +200,16 @@ impl Product {
         Ok(())
     }
 
+    /// Whether a logged adjustment can be applied as a fact: every reserved unit kept, the
+    /// shelf within `STOCK_MAX` (as `can_apply_replenish`, without the `sold` bound that
+    /// `check_adjust` holds requests to).
+    pub fn can_apply_adjust(&self, delta: i64) -> bool {
+        let result = i128::from(self.on_hand) + i128::from(delta);
+        result >= i128::from(self.reserved + self.holding) && result <= i128::from(STOCK_MAX)
+    }
+
     pub fn adjust(&mut self, delta: i64, at: Millis) {
-        debug_assert!(
-            i128::from(self.on_hand) + i128::from(delta) <= i128::from(STOCK_MAX),
-            "adjust past the limit: {self:?} by {delta}"
-        );
+        debug_assert!(self.can_apply_adjust(delta), "adjust {delta} on {self:?}");
         let result = (i128::from(self.on_hand) + i128::from(delta)).clamp(
             i128::from(self.reserved + self.holding),
             i128::from(STOCK_MAX),
@@ -297,5 +310,11 @@ mod tests {
         assert!(p.check_adjust(-6).is_ok());
         p.replenish(room, 2);
         assert_eq!(p.on_hand + p.sold, STOCK_MAX);
+        // A log written before the `sold` bound can still be replayed: as facts, only the
+        // shelf's own bound applies.
+        assert_eq!(p.check_replenish(1), Err(StockError::Overflow));
+        assert!(p.can_apply_replenish(4) && !p.can_apply_replenish(5));
+        assert!(p.can_apply_adjust(4) && !p.can_apply_adjust(5));
+        assert!(!p.can_apply_adjust(-(p.on_hand as i64) - 1));
     }
 }

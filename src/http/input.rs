@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use serde_json::{Map, Value};
 use warp::http::HeaderMap;
 
-use crate::actors::product::Change;
+use crate::actors::product::{Change, IfMatch};
 use crate::domain::{Line, Price};
 use crate::http::problem::Problem;
 use crate::limits::*;
@@ -152,24 +152,21 @@ fn text_fault(s: &str, max_chars: usize) -> Option<TextFault> {
     }
 }
 
-/// Whether `c` may appear in a text field: not a control character (Unicode Cc), not an
-/// invisible format character that changes how the text around it reads (bidirectional
-/// overrides and marks, zero-width space, word joiner, byte-order mark, soft hyphen...),
-/// not a line or paragraph separator, not private-use, not a noncharacter. The zero-width
-/// joiner and non-joiner stay allowed (scripts and emoji need them), as do the tag
-/// characters of subdivision flags.
+/// Whether `c` may appear in a text field: not a control character (Unicode Cc); not a
+/// bidirectional embedding or override (U+202A–202E, which can make text read other than
+/// it is stored: "Trojan Source"); not a line or paragraph separator; not the byte-order
+/// mark, a word joiner or invisible operator (U+2060–2064), a deprecated format character
+/// (U+206A–206F), an interlinear annotation mark or the language tag; not private-use; not
+/// a noncharacter. Format characters that real text needs stay allowed: the directional
+/// marks and isolates (Hebrew and Arabic names), the soft hyphen, the zero-width space
+/// (Thai, Khmer), the zero-width joiner and non-joiner (scripts and emoji), the Mongolian
+/// vowel separator, and the tag characters of subdivision flags.
 fn is_printable(c: char) -> bool {
     let invisible = matches!(
         c,
-        '\u{00AD}'
-            | '\u{061C}'
-            | '\u{180E}'
-            | '\u{200B}'
-            | '\u{200E}'
-            | '\u{200F}'
-            | '\u{2028}'..='\u{202E}'
+        '\u{2028}'..='\u{202E}'
             | '\u{2060}'..='\u{2064}'
-            | '\u{2066}'..='\u{206F}'
+            | '\u{206A}'..='\u{206F}'
             | '\u{FEFF}'
             | '\u{FFF9}'..='\u{FFFB}'
             | '\u{E0001}'
@@ -441,7 +438,6 @@ pub fn extend(body: &Value) -> Result<u64> {
     ttl(obj.req("ttl_seconds")?)
 }
 
-/// `GET /v1/products?limit=N&after=SKU`.
 /// Decodes the percent-encoded octets of `s` that stand for unreserved characters
 /// (`A-Z a-z 0-9 - . _ ~`), which RFC 3986 6.2.2.2 makes equivalent to the characters
 /// themselves: `/v1/products/A%2DB` is `/v1/products/A-B`. Anything else stays encoded, and
@@ -457,6 +453,7 @@ pub fn decode_unreserved(s: &str) -> Cow<'_, str> {
         let decoded = (bytes[i] == b'%')
             .then(|| s.get(i + 1..i + 3))
             .flatten()
+            .filter(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
             .and_then(|hex| u8::from_str_radix(hex, 16).ok())
             .filter(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
         match decoded {
@@ -474,6 +471,7 @@ pub fn decode_unreserved(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// `GET /v1/products?limit=N&after=SKU`.
 pub fn page(query: &str) -> Result<(usize, Option<String>)> {
     let mut limit = PAGE_LIMIT_DEFAULT;
     let mut after = None;
@@ -511,49 +509,56 @@ pub fn page(query: &str) -> Result<(usize, Option<String>)> {
     Ok((limit, after))
 }
 
-/// An `If-Match` precondition other than `*`: the versions it names.
-#[derive(Debug, PartialEq)]
-pub struct IfMatch {
-    /// The strong tags' versions: the change goes ahead only at one of these. Weak tags
-    /// (`W/"7"`) never match, since `If-Match` compares strongly (RFC 9110 13.1.1).
-    pub strong: Vec<u64>,
-    /// The first version named, weak or strong, for the error's detail.
-    pub first: u64,
-}
-
-/// `If-Match: "<version>"`, or a list of them (`"6", "7"`); `*` (or no header) matches any
-/// version.
+/// `If-Match`: `*` (or no header) matches any version; otherwise a list of entity tags, on
+/// one header line or several (`"6", "7"`), that matches if the product's version is one of
+/// its strong tags. A weak tag (`W/"7"`) or a tag that is no version of ours (`"abc"`) is
+/// well-formed and never matches (RFC 9110 13.1.1): 412, not 400. Only what is no entity
+/// tag at all (`7` unquoted, `*` inside a list) is 400.
 pub fn if_match(headers: &HeaderMap) -> Result<Option<IfMatch>> {
-    let Some(value) = headers.get(warp::http::header::IF_MATCH) else {
-        return Ok(None);
-    };
-    let value = value.to_str().unwrap_or("").trim();
-    if value == "*" {
+    let mut lines = headers
+        .get_all(warp::http::header::IF_MATCH)
+        .iter()
+        .peekable();
+    if lines.peek().is_none() {
         return Ok(None);
     }
     let malformed = || {
-        Problem::bad_request("If-Match must be * or versions in quotes, like \"7\" or \"6\", \"7\"")
+        Problem::bad_request(
+            "If-Match must be * or entity tags in quotes, like \"7\" or \"6\", \"7\"",
+        )
     };
-    let mut strong = Vec::new();
-    let mut first = None;
-    for tag in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+    let text: Vec<&str> = lines
+        .map(|v| v.to_str().map(str::trim))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| malformed())?;
+    if text == ["*"] {
+        return Ok(None);
+    }
+    let mut versions = Vec::new();
+    let mut tags = 0;
+    for tag in text.iter().flat_map(|t| t.split(',')).map(str::trim) {
+        if tag.is_empty() {
+            continue; // RFC 9110 5.6.1: empty list elements are ignored
+        }
         let (weak, quoted) = match tag.strip_prefix("W/") {
             Some(rest) => (true, rest),
             None => (false, tag),
         };
-        let version = quoted
+        let opaque = quoted
             .strip_prefix('"')
             .and_then(|v| v.strip_suffix('"'))
-            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|v| v.bytes().all(|b| b == 0x21 || (0x23..=0x7e).contains(&b)))
             .ok_or_else(malformed)?;
-        first.get_or_insert(version);
-        if !weak {
-            strong.push(version);
+        tags += 1;
+        let ours = !opaque.is_empty() && opaque.bytes().all(|b| b.is_ascii_digit());
+        if let (false, true, Ok(version)) = (weak, ours, opaque.parse::<u64>()) {
+            versions.push(version);
         }
     }
-    let first = first.ok_or_else(malformed)?;
-    Ok(Some(IfMatch { strong, first }))
+    if tags == 0 {
+        return Err(malformed());
+    }
+    Ok(Some(IfMatch { versions }))
 }
 
 /// `Idempotency-Key`: 1..=255 printable ASCII characters.
@@ -734,28 +739,48 @@ mod tests {
 
     #[test]
     fn if_match_takes_one_version_a_list_or_any() {
-        let parse = |v: &str| {
+        let parse = |lines: &[&str]| {
             let mut h = HeaderMap::new();
-            h.insert(warp::http::header::IF_MATCH, v.parse().unwrap());
+            for line in lines {
+                h.append(warp::http::header::IF_MATCH, line.parse().unwrap());
+            }
             if_match(&h)
         };
         assert_eq!(if_match(&HeaderMap::new()).unwrap(), None);
-        assert_eq!(parse(" * ").unwrap(), None);
-        let m = |strong: &[u64], first| {
+        assert_eq!(parse(&[" * "]).unwrap(), None);
+        let m = |v: &[u64]| {
             Some(IfMatch {
-                strong: strong.to_vec(),
-                first,
+                versions: v.to_vec(),
             })
         };
-        assert_eq!(parse("\"7\"").unwrap(), m(&[7], 7));
-        assert_eq!(parse("\"6\", \"7\"").unwrap(), m(&[6, 7], 6));
-        assert_eq!(parse("W/\"7\"").unwrap(), m(&[], 7));
-        assert_eq!(parse("W/\"5\",\"9\",").unwrap(), m(&[9], 5));
-        for bad in [
-            "7", "\"x\"", "\"-1\"", "\"+1\"", "\"\"", ",", "*, \"7\"", "w/\"7\"", "\"7",
+        assert_eq!(parse(&["\"7\""]).unwrap(), m(&[7]));
+        assert_eq!(parse(&["\"6\", \"7\""]).unwrap(), m(&[6, 7]));
+        assert_eq!(parse(&["\"6\"", "\"7\""]).unwrap(), m(&[6, 7]), "two lines");
+        assert_eq!(parse(&["W/\"7\""]).unwrap(), m(&[]), "weak: never matches");
+        assert_eq!(parse(&["W/\"5\",\"9\","]).unwrap(), m(&[9]));
+        for foreign in [
+            "\"x\"",
+            "\"-1\"",
+            "\"+1\"",
+            "\"\"",
+            "\"99999999999999999999\"",
         ] {
-            assert_eq!(parse(bad).unwrap_err().status, 400, "{bad}");
+            assert_eq!(
+                parse(&[foreign]).unwrap(),
+                m(&[]),
+                "{foreign}: no version of ours"
+            );
         }
+        for bad in [
+            "7", ",", "*, \"7\"", "w/\"7\"", "\"7", "\"a b\"", "\"a\"b\"",
+        ] {
+            assert_eq!(parse(&[bad]).unwrap_err().status, 400, "{bad}");
+        }
+        assert_eq!(
+            parse(&["*", "\"7\""]).unwrap_err().status,
+            400,
+            "* in a list"
+        );
     }
 
     #[test]
@@ -767,6 +792,11 @@ mod tests {
         );
         assert_eq!(decode_unreserved("A%20B%2F%25%2"), "A%20B%2F%25%2");
         assert_eq!(decode_unreserved("%%41%zz%"), "%A%zz%");
+        assert_eq!(
+            decode_unreserved("%+5%-A"),
+            "%+5%-A",
+            "signs are no hex digits"
+        );
         assert_eq!(decode_unreserved("caf\u{e9}%41"), "caf\u{e9}A");
         assert!(!is_sku(".") && !is_sku("..") && is_sku("...") && is_sku(".a"));
     }
@@ -780,6 +810,10 @@ mod tests {
             "a\u{200D}b",
             "日本",
             "🏴\u{E0067}",
+            "soft\u{AD}hyphen",
+            "\u{5E9}\u{5DC}\u{200F} 42",
+            "a \u{2067}\u{5E9}\u{2069} b",
+            "\u{E44}\u{E17}\u{E22}\u{200B}\u{E21}",
         ] {
             assert!(text_fault(ok, 128).is_none(), "{ok:?}");
         }
@@ -788,10 +822,11 @@ mod tests {
             "line\nbreak",
             "tab\t",
             "\u{202E}txt.exe",
-            "zero\u{200B}width",
             "\u{FEFF}bom",
-            "soft\u{AD}hyphen",
+            "word\u{2060}joiner",
             "sep\u{2028}",
+            "para\u{2029}",
+            "\u{202A}embedded",
             "private\u{E000}",
             "plane16\u{10FFFD}",
             "non\u{FDD0}",

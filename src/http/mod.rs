@@ -29,7 +29,7 @@ pub struct App {
     /// Admission control: requests beyond `REQUESTS_IN_FLIGHT_MAX` get 503 at once.
     pub in_flight: Arc<Semaphore>,
     /// Every response sent, by status, for `GET /metrics`.
-    pub responses: Arc<metrics::Responses>,
+    pub responses: metrics::Responses,
     /// When the server started serving, in seconds since the Unix epoch.
     pub started_unix: f64,
 }
@@ -39,7 +39,7 @@ impl App {
         App {
             service,
             in_flight: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),
-            responses: Arc::default(),
+            responses: metrics::Responses::default(),
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),

@@ -130,10 +130,17 @@ pub async fn handle(app: &Arc<App>, request: Request, started: Instant) -> Reply
 
 /// Runs the endpoint on its own task, under admission control.
 async fn run(app: &Arc<App>, endpoint: Endpoint, request: Request) -> Reply {
-    let Ok(permit) = app.in_flight.clone().try_acquire_owned() else {
-        return Problem::new(503, "unavailable", "too many requests in flight; retry")
-            .header(header::RETRY_AFTER, "1")
-            .into_response();
+    // `/metrics` is not admitted against the limit: an overload is when it is needed.
+    let permit = match endpoint {
+        Endpoint::Metrics => None,
+        _ => match app.in_flight.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                return Problem::new(503, "unavailable", "too many requests in flight; retry")
+                    .header(header::RETRY_AFTER, "1")
+                    .into_response()
+            }
+        },
     };
     let app = Arc::clone(app);
     // A task of its own: a client hanging up cannot cancel a change half made.
@@ -161,11 +168,8 @@ async fn run(app: &Arc<App>, endpoint: Endpoint, request: Request) -> Reply {
 async fn serve(app: &App, endpoint: Endpoint, req: &Request) -> Result<Reply> {
     use Endpoint::*;
     let svc = &app.service;
-    if let Metrics = endpoint {
-        // Served when the log has failed too: that is when operators need it most.
-        return metrics(app).await;
-    }
-    if !svc.log_healthy() {
+    // Metrics are served when the log has failed too: that is when operators need them.
+    if !matches!(endpoint, Metrics) && !svc.log_healthy() {
         // Memory may hold changes that were refused (503) and will not survive a restart:
         // answer nothing from it, reads included, until the operator restarts the server.
         return Err(Problem::new(
@@ -210,7 +214,7 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request) -> Result<Reply> {
         Adjust(sku) => change(svc, req, sku, input::adjust).await,
         DeleteProduct(sku) => {
             let sku = known_sku(sku)?;
-            let if_match = expected_version(svc, &sku, &req.headers).await?;
+            let if_match = input::if_match(&req.headers)?;
             svc.delete_product(&sku, if_match).await?;
             let mut reply = Response::new(Vec::new().into());
             *reply.status_mut() = StatusCode::NO_CONTENT;
@@ -282,41 +286,13 @@ async fn change(
     parse: fn(&Value) -> Result<crate::actors::product::Change>,
 ) -> Result<Reply> {
     let sku = known_sku(sku)?;
-    let if_match = expected_version(svc, &sku, &req.headers).await?;
+    let if_match = input::if_match(&req.headers)?;
     let change = parse(&input::required(input::json_body(
         &req.headers,
         &req.body,
     )?)?)?;
     let p = svc.change_product(&sku, change, if_match).await?;
     Ok(product(StatusCode::OK, &p))
-}
-
-/// The version a change to `sku` must find, from `If-Match`; `None` for any version. A
-/// single strong tag is passed on as is: the product's actor checks it in the same step as
-/// the change. A list, or only weak tags, is first resolved against the current version
-/// (the actor then checks the one that matched, so a change in between still answers 412).
-async fn expected_version(
-    svc: &crate::service::Service,
-    sku: &str,
-    headers: &warp::http::HeaderMap,
-) -> Result<Option<u64>> {
-    let Some(tags) = input::if_match(headers)? else {
-        return Ok(None);
-    };
-    if let [version] = tags.strong[..] {
-        return Ok(Some(version));
-    }
-    let current = svc.get_product(sku).await?.version;
-    if tags.strong.contains(&current) {
-        Ok(Some(current))
-    } else {
-        Err(crate::error::Error::VersionMismatch {
-            sku: sku.to_string(),
-            expected: tags.first,
-            current,
-        }
-        .into())
-    }
 }
 
 async fn metrics(app: &App) -> Result<Reply> {
@@ -330,10 +306,9 @@ async fn metrics(app: &App) -> Result<Reply> {
         start_time_unix: app.started_unix,
     });
     let mut reply = Response::new(text.into());
-    set(
-        &mut reply,
+    reply.headers_mut().insert(
         header::CONTENT_TYPE,
-        "text/plain; version=0.0.4; charset=utf-8",
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     Ok(reply)
 }
