@@ -66,6 +66,17 @@ async fn flash_sale_sells_exactly_the_stock_and_verifies() {
         assert!((round.ratio - round.throughput_rps / either_side).abs() < 1e-9);
     }
     assert!(report.markdown().contains("the mean of 4 ceiling phases"));
+    // The server's group commits during the rounds, from its /metrics: each of the 150
+    // reservations is one record (the 409s write none).
+    let commits = report.group_commit.expect("stockd serves /metrics");
+    assert_eq!(commits.records, 150, "{commits:?}");
+    assert!(
+        commits.batches >= 1 && commits.batches <= 150,
+        "{commits:?}"
+    );
+    assert!((commits.records_per_batch - 150.0 / commits.batches as f64).abs() < 1e-9);
+    assert!(commits.commit_ms_mean > 0.0, "{commits:?}");
+    assert!(report.markdown().contains("group commits"));
     let json = serde_json::to_value(&report).unwrap();
     for key in [
         "scenario",
@@ -174,6 +185,7 @@ async fn verification_catches_an_overselling_server() {
     assert!(!report.verified, "{}", report.markdown());
     assert_eq!(report.oversold, 80);
     assert_eq!(report.lost_acks, 80);
+    assert_eq!(report.group_commit, None, "a server without /metrics");
     let _ = stop.send(());
 }
 

@@ -47,6 +47,57 @@ pub struct Round {
     pub ratio: f64,
 }
 
+/// The server's group commits while the scenario ran, from its `GET /metrics` before the
+/// first round and after the last (absent if the server has no such endpoint).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct GroupCommit {
+    /// Group commits (records written and flushed together).
+    pub batches: u64,
+    pub records: u64,
+    pub records_per_batch: f64,
+    /// Mean time one commit took to write and flush.
+    pub commit_ms_mean: f64,
+}
+
+impl GroupCommit {
+    /// The figures between two scrapes of the log's counters.
+    pub fn between(before: &LogCounters, after: &LogCounters) -> GroupCommit {
+        let batches = after.batches.saturating_sub(before.batches);
+        let records = after.records.saturating_sub(before.records);
+        let seconds = (after.write_seconds - before.write_seconds).max(0.0);
+        GroupCommit {
+            batches,
+            records,
+            records_per_batch: records as f64 / batches.max(1) as f64,
+            commit_ms_mean: seconds * 1000.0 / batches.max(1) as f64,
+        }
+    }
+}
+
+/// The log's counters in one scrape of `GET /metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LogCounters {
+    pub batches: u64,
+    pub records: u64,
+    pub write_seconds: f64,
+}
+
+impl LogCounters {
+    /// Reads them from the Prometheus text; `None` if any is missing.
+    pub fn parse(text: &str) -> Option<LogCounters> {
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        };
+        Some(LogCounters {
+            batches: value("stockd_log_batches_total")? as u64,
+            records: value("stockd_log_records_total")? as u64,
+            write_seconds: value("stockd_log_write_seconds_total")?,
+        })
+    }
+}
+
 /// One verification and its outcome.
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
@@ -100,6 +151,8 @@ pub struct Report {
     pub checks: Vec<Check>,
     /// Per second of the main phase (the last, partial second is left out).
     pub timeline: Vec<SecondView>,
+    /// Flash-sale and checkout: the server's group commits during the rounds.
+    pub group_commit: Option<GroupCommit>,
 }
 
 fn timeline(stats: &PhaseStats) -> Vec<SecondView> {
@@ -149,6 +202,7 @@ impl Report {
             verified: stats.transport_errors == 0,
             checks: Vec::new(),
             timeline: timeline(stats),
+            group_commit: None,
         }
     }
 
@@ -250,6 +304,14 @@ impl Report {
                     .join(" · ")
             ));
         }
+        if let Some(g) = &self.group_commit {
+            out.push_str(&format!(
+                "group commits (the server's /metrics, over the rounds and the ceiling phases \
+                 between them): {} of {:.1} records each on average, {:.2} ms each to write \
+                 and flush\n\n",
+                g.batches, g.records_per_batch, g.commit_ms_mean
+            ));
+        }
         for check in &self.checks {
             let mark = if check.ok { "ok  " } else { "FAIL" };
             out.push_str(&format!("- {mark} {}: {}\n", check.name, check.detail));
@@ -264,5 +326,32 @@ impl Report {
             self.oversold, self.lost_acks, self.verified
         ));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_commits_come_from_two_scrapes_of_metrics() {
+        let scrape = |batches: u64, records: u64, seconds: f64| {
+            format!(
+                "# HELP stockd_log_batches_total x\n# TYPE stockd_log_batches_total counter\n\
+                 stockd_log_batches_total {batches}\n\
+                 stockd_log_records_total {records}\n\
+                 stockd_log_records_total_other 999\n\
+                 stockd_log_write_seconds_total {seconds}\n"
+            )
+        };
+        let before = LogCounters::parse(&scrape(10, 100, 0.5)).unwrap();
+        let after = LogCounters::parse(&scrape(30, 1100, 0.6)).unwrap();
+        assert_eq!(before.records, 100, "an exact name, not a prefix");
+        let g = GroupCommit::between(&before, &after);
+        assert_eq!((g.batches, g.records), (20, 1000));
+        assert!((g.records_per_batch - 50.0).abs() < 1e-9);
+        assert!((g.commit_ms_mean - 5.0).abs() < 1e-6, "{g:?}");
+        assert_eq!(LogCounters::parse("stockd_log_batches_total 1\n"), None);
+        assert_eq!(LogCounters::parse("<html>not found</html>"), None);
     }
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::driver::{run_phase, run_phase_at, timed, Limits, PhaseStats, Sample};
-use crate::report::{Check, Report};
+use crate::report::{Check, GroupCommit, LogCounters, Report};
 use crate::server::ServerProcess;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -173,6 +173,8 @@ pub(crate) struct Interleaved {
     pub rounds_rps: Vec<f64>,
     /// The ceiling phases: before the first round, between rounds, after the last.
     pub ceilings: Vec<PhaseStats>,
+    /// The server's group commits from the first round to the last.
+    pub group_commit: Option<GroupCommit>,
 }
 
 impl Interleaved {
@@ -186,6 +188,7 @@ impl Interleaved {
         let mut report = Report::new(scenario, &self.stats, &all);
         let rps: Vec<f64> = self.ceilings.iter().map(|c| c.throughput_rps()).collect();
         report.set_ceilings(&rps, &self.rounds_rps);
+        report.group_commit = self.group_commit;
         report
             .checks
             .push(served("every ceiling phase was served", &self.ceilings));
@@ -208,6 +211,7 @@ where
     Fut: std::future::Future<Output = Vec<Sample>> + Send + 'static,
 {
     let rounds = rounds.max(1);
+    let log_before = log_counters(client, base).await;
     let mut ceilings = vec![first];
     let mut rounds_rps = Vec::with_capacity(rounds);
     let mut stats: Option<PhaseStats> = None;
@@ -230,13 +234,27 @@ where
             None => stats = Some(phase),
         }
     }
+    let log_after = log_counters(client, base).await;
     let limits = ceiling_limits(&opts.limits, rounds, rounds - 1);
     ceilings.push(ceiling(client, base, limits).await);
     Interleaved {
         stats: stats.expect("at least one round"),
         rounds_rps,
         ceilings,
+        group_commit: log_before
+            .zip(log_after)
+            .map(|(before, after)| GroupCommit::between(&before, &after)),
     }
+}
+
+/// The server's log counters from `GET /metrics`; `None` if it has none (another server,
+/// or a stockd before the endpoint): the report then leaves the figures out.
+async fn log_counters(client: &reqwest::Client, base: &str) -> Option<LogCounters> {
+    let res = client.get(format!("{base}/metrics")).send().await.ok()?;
+    if !res.status().is_success() {
+        return None;
+    }
+    LogCounters::parse(&res.text().await.ok()?)
 }
 
 /// Every request of every ceiling phase answered 200.
