@@ -35,6 +35,11 @@ pub const PAGE_LIMIT_DEFAULT: usize = 100;
 /// Requests being processed at once; beyond this the server answers 503 at once
 /// (admission control: ractor mailboxes are unbounded, so the bound lives here).
 pub const REQUESTS_IN_FLIGHT_MAX: usize = 8192;
+
+/// `GET /metrics` requests served at once; more get 503. Apart from `REQUESTS_IN_FLIGHT_MAX`
+/// so that an overload never hides the figures that show it.
+pub const SCRAPES_IN_FLIGHT_MAX: usize = 4;
+
 /// With `--durability sync`, the log writer starts a flush at most this often: under load
 /// a batch waits for up to this long for more records to join it (the commit delay of
 /// PostgreSQL's group commit). Fewer, larger flushes leave more CPU for requests: +10-16 %

@@ -202,64 +202,67 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-/// SIGTERM and SIGINT (Ctrl-C), caught from the moment this is made: made before the
-/// server announces its address, so that a supervisor that stops it right after that line
-/// gets a graceful shutdown, never the signal's default (an abrupt exit).
-struct ShutdownSignals {
+/// SIGTERM and SIGINT (Ctrl-C), caught from the start of `serve`, so that no signal ever
+/// takes its default action (an abrupt exit) on a server that may have acknowledged
+/// changes: the first starts a graceful shutdown, once start-up is done (start-up cannot be
+/// cut short safely once it has begun to serve; a signal during it takes effect when it
+/// ends, without announcing an address); a second one, while that shutdown runs, ends the
+/// process at once with status 1 (the operator's explicit choice).
+///
+/// Returns the receiver of the first signal.
+fn watch_signals() -> tokio::sync::oneshot::Receiver<()> {
+    let (first, received) = tokio::sync::oneshot::channel();
     #[cfg(unix)]
-    term: Option<tokio::signal::unix::Signal>,
-    #[cfg(unix)]
-    int: Option<tokio::signal::unix::Signal>,
-}
-
-impl ShutdownSignals {
-    fn install() -> ShutdownSignals {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            let catch = |kind: SignalKind, name: &str| match signal(kind) {
-                Ok(stream) => Some(stream),
-                Err(err) => {
-                    tracing::warn!(error = %err, signal = name, "cannot catch the signal");
-                    None
-                }
-            };
-            ShutdownSignals {
-                term: catch(SignalKind::terminate(), "SIGTERM"),
-                int: catch(SignalKind::interrupt(), "SIGINT"),
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        // Made here, not in the task: a stream catches its signal from when it is made.
+        let catch = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(stream) => Some(stream),
+            Err(err) => {
+                tracing::warn!(error = %err, signal = name, "cannot catch the signal");
+                None
             }
-        }
-        #[cfg(not(unix))]
-        ShutdownSignals {}
-    }
-
-    /// Waits for the first of them.
-    async fn wait(self) {
-        #[cfg(unix)]
-        {
-            async fn recv(stream: Option<tokio::signal::unix::Signal>) {
+        };
+        let mut term = catch(SignalKind::terminate(), "SIGTERM");
+        let mut int = catch(SignalKind::interrupt(), "SIGINT");
+        tokio::spawn(async move {
+            async fn recv(stream: &mut Option<tokio::signal::unix::Signal>) {
                 match stream {
-                    Some(mut stream) => {
+                    Some(stream) => {
                         stream.recv().await;
                     }
                     None => std::future::pending().await,
                 }
             }
-            tokio::select! {
-                _ = recv(self.term) => {},
-                _ = recv(self.int) => {},
+            let mut first = Some(first);
+            loop {
+                tokio::select! {
+                    _ = recv(&mut term) => {},
+                    _ = recv(&mut int) => {},
+                }
+                match first.take() {
+                    Some(first) => drop(first.send(())),
+                    None => {
+                        tracing::error!("a second signal during shutdown: exiting now");
+                        eprintln!("stockd: a second signal during shutdown: exiting now");
+                        std::process::exit(1);
+                    }
+                }
             }
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+        });
     }
+    #[cfg(not(unix))]
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            let _ = first.send(());
+        }
+    });
+    received
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {
     init_tracing(args.log_format);
-    let signals = ShutdownSignals::install();
+    let mut stop = watch_signals();
     let config = Config {
         listen: args.listen,
         data_dir: args.data_dir,
@@ -306,13 +309,17 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    {
-        use std::io::Write;
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "listening on {}", server.local_addr());
-        let _ = out.flush();
+    if stop.try_recv().is_ok() {
+        tracing::info!("a signal arrived during start-up");
+    } else {
+        {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "listening on {}", server.local_addr());
+            let _ = out.flush();
+        }
+        let _ = (&mut stop).await;
     }
-    signals.wait().await;
     tracing::info!("shutting down");
     match server.shutdown().await {
         Ok(()) => ExitCode::SUCCESS,

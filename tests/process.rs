@@ -270,9 +270,11 @@ async fn sigterm_drains_flushes_and_exits_zero() {
 }
 
 /// A SIGTERM that arrives while the server is still starting is caught, not left to the
-/// signal's default (an abrupt exit): the server finishes starting, then shuts down
-/// gracefully and exits 0. Start-up creates the data directory after the handlers are
-/// installed and well before it serves, so the signal is sent as soon as that appears.
+/// signal's default (an abrupt exit): the server finishes starting (without announcing an
+/// address), then shuts down gracefully and exits 0. Start-up creates the data directory
+/// after the handlers are installed and well before it serves, so the signal is sent as
+/// soon as that appears. (With the handlers installed after the announcement, as before,
+/// this failed in three runs of three.)
 #[test]
 fn sigterm_during_start_up_is_a_graceful_shutdown() {
     struct Killed(std::process::Child);
@@ -320,6 +322,53 @@ fn sigterm_during_start_up_is_a_graceful_shutdown() {
         status.success(),
         "a graceful exit, not the signal's: {status:?}"
     );
+}
+
+/// A second SIGTERM while the graceful shutdown runs ends the process at once (status 1):
+/// here the shutdown's final snapshot is held before its rename for a minute. Everything
+/// acknowledged is still there after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_during_shutdown_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let snapshots = dir.path().join("snapshots");
+    let mut server = ChildServer::spawn(dir.path(), &["--test-snapshot-pause-ms", "60000"]);
+    let c = server.client.clone();
+    c.create_product("A", 5).await;
+    assert_eq!(c.reserve("u", "A", 2).await.status, 201);
+    let pid = server.pid().expect("running").to_string();
+    let term = || {
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+    };
+    assert!(term().success());
+    // The shutdown has reached its final snapshot, which now waits before its rename.
+    let held = eventually(Duration::from_secs(20), || {
+        let snapshots = snapshots.clone();
+        async move {
+            std::fs::read_dir(&snapshots).is_ok_and(|mut entries| {
+                entries.any(|e| {
+                    e.is_ok_and(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .starts_with(".tmp-snapshot-")
+                    })
+                })
+            })
+        }
+    })
+    .await;
+    assert!(held, "the final snapshot is being written");
+    // `terminate` sends the second SIGTERM and waits 20 s at most (then SIGKILL).
+    let status = server.terminate().expect("exited");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "ended by the second signal: {status:?}"
+    );
+    let server = ChildServer::spawn(dir.path(), &[]);
+    assert_eq!(server.client.product("A").await["reserved"], 2);
 }
 
 /// `async` answers before the flush; the writer flushes within a few milliseconds (it

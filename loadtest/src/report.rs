@@ -60,17 +60,25 @@ pub struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// The figures between two scrapes of the log's counters.
-    pub fn between(before: &LogCounters, after: &LogCounters) -> GroupCommit {
-        let batches = after.batches.saturating_sub(before.batches);
-        let records = after.records.saturating_sub(before.records);
-        let seconds = (after.write_seconds - before.write_seconds).max(0.0);
-        GroupCommit {
+    /// The figures between two scrapes of the log's counters; `None` if they are not of
+    /// the same server run (it restarted, or a counter went back).
+    pub fn between(before: &LogCounters, after: &LogCounters) -> Option<GroupCommit> {
+        if after.start_time != before.start_time
+            || after.batches < before.batches
+            || after.records < before.records
+            || after.write_seconds < before.write_seconds
+        {
+            return None;
+        }
+        let batches = after.batches - before.batches;
+        let records = after.records - before.records;
+        let seconds = after.write_seconds - before.write_seconds;
+        Some(GroupCommit {
             batches,
             records,
             records_per_batch: records as f64 / batches.max(1) as f64,
             commit_ms_mean: seconds * 1000.0 / batches.max(1) as f64,
-        }
+        })
     }
 }
 
@@ -80,6 +88,8 @@ pub struct LogCounters {
     pub batches: u64,
     pub records: u64,
     pub write_seconds: f64,
+    /// When that server started: a restart between two scrapes resets the counters.
+    pub start_time: f64,
 }
 
 impl LogCounters {
@@ -94,6 +104,7 @@ impl LogCounters {
             batches: value("stockd_log_batches_total")? as u64,
             records: value("stockd_log_records_total")? as u64,
             write_seconds: value("stockd_log_write_seconds_total")?,
+            start_time: value("stockd_start_time_seconds")?,
         })
     }
 }
@@ -335,19 +346,25 @@ mod tests {
 
     #[test]
     fn group_commits_come_from_two_scrapes_of_metrics() {
-        let scrape = |batches: u64, records: u64, seconds: f64| {
+        let scrape = |batches: u64, records: u64, seconds: f64, started: u64| {
             format!(
                 "# HELP stockd_log_batches_total x\n# TYPE stockd_log_batches_total counter\n\
                  stockd_log_batches_total {batches}\n\
                  stockd_log_records_total {records}\n\
                  stockd_log_records_total_other 999\n\
-                 stockd_log_write_seconds_total {seconds}\n"
+                 stockd_log_write_seconds_total {seconds}\n\
+                 stockd_start_time_seconds {started}\n"
             )
         };
-        let before = LogCounters::parse(&scrape(10, 100, 0.5)).unwrap();
-        let after = LogCounters::parse(&scrape(30, 1100, 0.6)).unwrap();
+        let before = LogCounters::parse(&scrape(10, 100, 0.5, 7)).unwrap();
+        let after = LogCounters::parse(&scrape(30, 1100, 0.6, 7)).unwrap();
         assert_eq!(before.records, 100, "an exact name, not a prefix");
-        let g = GroupCommit::between(&before, &after);
+        // Another run of the server in between: no figures rather than wrong ones.
+        let restarted = LogCounters::parse(&scrape(40, 2000, 0.9, 8)).unwrap();
+        assert_eq!(GroupCommit::between(&before, &restarted), None);
+        let reset = LogCounters::parse(&scrape(5, 50, 0.1, 7)).unwrap();
+        assert_eq!(GroupCommit::between(&before, &reset), None);
+        let g = GroupCommit::between(&before, &after).unwrap();
         assert_eq!((g.batches, g.records), (20, 1000));
         assert!((g.records_per_batch - 50.0).abs() < 1e-9);
         assert!((g.commit_ms_mean - 5.0).abs() < 1e-6, "{g:?}");

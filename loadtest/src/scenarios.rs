@@ -243,7 +243,7 @@ where
         ceilings,
         group_commit: log_before
             .zip(log_after)
-            .map(|(before, after)| GroupCommit::between(&before, &after)),
+            .and_then(|(before, after)| GroupCommit::between(&before, &after)),
     }
 }
 

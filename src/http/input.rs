@@ -153,20 +153,21 @@ fn text_fault(s: &str, max_chars: usize) -> Option<TextFault> {
 }
 
 /// Whether `c` may appear in a text field: not a control character (Unicode Cc); not a
-/// bidirectional embedding or override (U+202A–202E, which can make text read other than
-/// it is stored: "Trojan Source"); not a line or paragraph separator; not the byte-order
-/// mark, a word joiner or invisible operator (U+2060–2064), a deprecated format character
+/// bidirectional embedding, override or isolate (U+202A–202E, U+2066–2069: an unclosed one
+/// makes everything shown after the field read other than it is stored, "Trojan Source",
+/// CVE-2021-42574); not a line or paragraph separator; not the byte-order mark, a word
+/// joiner or invisible operator (U+2060–2064), a deprecated format character
 /// (U+206A–206F), an interlinear annotation mark or the language tag; not private-use; not
 /// a noncharacter. Format characters that real text needs stay allowed: the directional
-/// marks and isolates (Hebrew and Arabic names), the soft hyphen, the zero-width space
-/// (Thai, Khmer), the zero-width joiner and non-joiner (scripts and emoji), the Mongolian
-/// vowel separator, and the tag characters of subdivision flags.
+/// marks (LRM, RLM, ALM), the soft hyphen, the zero-width space (Thai, Khmer), the
+/// zero-width joiner and non-joiner (scripts and emoji), the Mongolian vowel separator,
+/// and the tag characters of subdivision flags.
 fn is_printable(c: char) -> bool {
     let invisible = matches!(
         c,
         '\u{2028}'..='\u{202E}'
             | '\u{2060}'..='\u{2064}'
-            | '\u{206A}'..='\u{206F}'
+            | '\u{2066}'..='\u{206F}'
             | '\u{FEFF}'
             | '\u{FFF9}'..='\u{FFFB}'
             | '\u{E0001}'
@@ -511,48 +512,71 @@ pub fn page(query: &str) -> Result<(usize, Option<String>)> {
 
 /// `If-Match`: `*` (or no header) matches any version; otherwise a list of entity tags, on
 /// one header line or several (`"6", "7"`), that matches if the product's version is one of
-/// its strong tags. A weak tag (`W/"7"`) or a tag that is no version of ours (`"abc"`) is
-/// well-formed and never matches (RFC 9110 13.1.1): 412, not 400. Only what is no entity
-/// tag at all (`7` unquoted, `*` inside a list) is 400.
+/// its strong tags, compared as the ETag we send (`"7"`; `"07"` is another tag). A weak tag
+/// (`W/"7"`) or a tag that is no version of ours (`"abc"`, `"a,b"`) is well-formed and never
+/// matches (RFC 9110 13.1.1): 412, not 400. What is no list of entity tags (`7` unquoted,
+/// `*` inside a list, an empty value) is 400.
 pub fn if_match(headers: &HeaderMap) -> Result<Option<IfMatch>> {
-    let mut lines = headers
+    let lines: Vec<&[u8]> = headers
         .get_all(warp::http::header::IF_MATCH)
         .iter()
-        .peekable();
-    if lines.peek().is_none() {
+        .map(|v| v.as_bytes())
+        .collect();
+    if lines.is_empty() {
         return Ok(None);
+    }
+    if let [line] = lines[..] {
+        if line.trim_ascii() == b"*" {
+            return Ok(None);
+        }
     }
     let malformed = || {
         Problem::bad_request(
             "If-Match must be * or entity tags in quotes, like \"7\" or \"6\", \"7\"",
         )
     };
-    let text: Vec<&str> = lines
-        .map(|v| v.to_str().map(str::trim))
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|_| malformed())?;
-    if text == ["*"] {
-        return Ok(None);
-    }
     let mut versions = Vec::new();
     let mut tags = 0;
-    for tag in text.iter().flat_map(|t| t.split(',')).map(str::trim) {
-        if tag.is_empty() {
-            continue; // RFC 9110 5.6.1: empty list elements are ignored
-        }
-        let (weak, quoted) = match tag.strip_prefix("W/") {
-            Some(rest) => (true, rest),
-            None => (false, tag),
-        };
-        let opaque = quoted
-            .strip_prefix('"')
-            .and_then(|v| v.strip_suffix('"'))
-            .filter(|v| v.bytes().all(|b| b == 0x21 || (0x23..=0x7e).contains(&b)))
-            .ok_or_else(malformed)?;
-        tags += 1;
-        let ours = !opaque.is_empty() && opaque.bytes().all(|b| b.is_ascii_digit());
-        if let (false, true, Ok(version)) = (weak, ours, opaque.parse::<u64>()) {
-            versions.push(version);
+    for line in lines {
+        let mut rest = line;
+        loop {
+            // Elements are separated by commas; empty ones are ignored (RFC 9110 5.6.1).
+            rest = rest.trim_ascii_start();
+            while let Some(after) = rest.strip_prefix(b",") {
+                rest = after.trim_ascii_start();
+            }
+            if rest.is_empty() {
+                break;
+            }
+            let (weak, tag) = match rest.strip_prefix(b"W/") {
+                Some(after) => (true, after),
+                None => (false, rest),
+            };
+            // opaque-tag = DQUOTE *etagc DQUOTE; etagc = %x21 / %x23-7E / obs-text
+            let body = tag.strip_prefix(b"\"").ok_or_else(malformed)?;
+            let end = body.iter().position(|&b| b == b'"').ok_or_else(malformed)?;
+            let opaque = &body[..end];
+            if !opaque
+                .iter()
+                .all(|&b| b == 0x21 || (b >= 0x23 && b != 0x7f))
+            {
+                return Err(malformed());
+            }
+            rest = body[end + 1..].trim_ascii_start();
+            if !(rest.is_empty() || rest.starts_with(b",")) {
+                return Err(malformed());
+            }
+            tags += 1;
+            // Our ETags are versions in decimal, without leading zeros.
+            let canonical = !opaque.is_empty()
+                && opaque.iter().all(u8::is_ascii_digit)
+                && (opaque == b"0" || opaque[0] != b'0');
+            let version = std::str::from_utf8(opaque)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok());
+            if let (false, true, Some(version)) = (weak, canonical, version) {
+                versions.push(version);
+            }
         }
     }
     if tags == 0 {
@@ -763,6 +787,7 @@ mod tests {
             "\"-1\"",
             "\"+1\"",
             "\"\"",
+            "\"07\"",
             "\"99999999999999999999\"",
         ] {
             assert_eq!(
@@ -771,11 +796,32 @@ mod tests {
                 "{foreign}: no version of ours"
             );
         }
+        assert_eq!(parse(&["\"0\""]).unwrap(), m(&[0]));
+        assert_eq!(
+            parse(&["\"a,b\", \"7\""]).unwrap(),
+            m(&[7]),
+            "a comma inside a tag"
+        );
         for bad in [
-            "7", ",", "*, \"7\"", "w/\"7\"", "\"7", "\"a b\"", "\"a\"b\"",
+            "7",
+            ",",
+            "",
+            "*, \"7\"",
+            "w/\"7\"",
+            "\"7",
+            "\"a b\"",
+            "\"a\"b\"",
+            "\"7\" \"8\"",
         ] {
-            assert_eq!(parse(&[bad]).unwrap_err().status, 400, "{bad}");
+            assert_eq!(parse(&[bad]).unwrap_err().status, 400, "{bad:?}");
         }
+        // obs-text (bytes 0x80-0xFF) is allowed inside a tag.
+        let mut h = HeaderMap::new();
+        h.insert(
+            warp::http::header::IF_MATCH,
+            warp::http::HeaderValue::from_bytes(b"\"caf\xe9\", \"7\"").unwrap(),
+        );
+        assert_eq!(if_match(&h).unwrap(), m(&[7]));
         assert_eq!(
             parse(&["*", "\"7\""]).unwrap_err().status,
             400,
@@ -812,7 +858,6 @@ mod tests {
             "🏴\u{E0067}",
             "soft\u{AD}hyphen",
             "\u{5E9}\u{5DC}\u{200F} 42",
-            "a \u{2067}\u{5E9}\u{2069} b",
             "\u{E44}\u{E17}\u{E22}\u{200B}\u{E21}",
         ] {
             assert!(text_fault(ok, 128).is_none(), "{ok:?}");
@@ -827,6 +872,7 @@ mod tests {
             "sep\u{2028}",
             "para\u{2029}",
             "\u{202A}embedded",
+            "a \u{2067}\u{5E9}\u{2069} b",
             "private\u{E000}",
             "plane16\u{10FFFD}",
             "non\u{FDD0}",

@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 use warp::http::{HeaderMap, Method};
 use warp::Filter;
 
-use crate::limits::{REQUESTS_IN_FLIGHT_MAX, REQUEST_BODY_BYTES_MAX};
+use crate::limits::{REQUESTS_IN_FLIGHT_MAX, REQUEST_BODY_BYTES_MAX, SCRAPES_IN_FLIGHT_MAX};
 use crate::service::Service;
 use problem::Problem;
 
@@ -28,6 +28,9 @@ pub struct App {
     pub service: Service,
     /// Admission control: requests beyond `REQUESTS_IN_FLIGHT_MAX` get 503 at once.
     pub in_flight: Arc<Semaphore>,
+    /// `GET /metrics` in flight: limited on its own (`SCRAPES_IN_FLIGHT_MAX`), never by
+    /// `in_flight`.
+    pub scrapes: Arc<Semaphore>,
     /// Every response sent, by status, for `GET /metrics`.
     pub responses: metrics::Responses,
     /// When the server started serving, in seconds since the Unix epoch.
@@ -39,6 +42,7 @@ impl App {
         App {
             service,
             in_flight: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),
+            scrapes: Arc::new(Semaphore::new(SCRAPES_IN_FLIGHT_MAX)),
             responses: metrics::Responses::default(),
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

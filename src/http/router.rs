@@ -130,17 +130,16 @@ pub async fn handle(app: &Arc<App>, request: Request, started: Instant) -> Reply
 
 /// Runs the endpoint on its own task, under admission control.
 async fn run(app: &Arc<App>, endpoint: Endpoint, request: Request) -> Reply {
-    // `/metrics` is not admitted against the limit: an overload is when it is needed.
-    let permit = match endpoint {
-        Endpoint::Metrics => None,
-        _ => match app.in_flight.clone().try_acquire_owned() {
-            Ok(permit) => Some(permit),
-            Err(_) => {
-                return Problem::new(503, "unavailable", "too many requests in flight; retry")
-                    .header(header::RETRY_AFTER, "1")
-                    .into_response()
-            }
-        },
+    // `/metrics` has a small limit of its own: an overload of requests is when it is
+    // needed, and a flood of scrapes must not load the supervisor in turn.
+    let gate = match endpoint {
+        Endpoint::Metrics => &app.scrapes,
+        _ => &app.in_flight,
+    };
+    let Ok(permit) = gate.clone().try_acquire_owned() else {
+        return Problem::new(503, "unavailable", "too many requests in flight; retry")
+            .header(header::RETRY_AFTER, "1")
+            .into_response();
     };
     let app = Arc::clone(app);
     // A task of its own: a client hanging up cannot cancel a change half made.
