@@ -122,7 +122,7 @@ struct WriterCounters {
 pub struct LogStats {
     /// Sequence number of the last flushed record.
     pub durable_seq: u64,
-    /// Batches written and flushed since start (each one sled batch and one flush).
+    /// Group commits since start: records written and flushed together.
     pub batches: u64,
     /// Records written since start.
     pub records: u64,

@@ -342,22 +342,13 @@ impl Service {
         });
     }
 
-    /// Test hook: the product actor of `sku` reads no message for `pause`.
-    #[doc(hidden)]
-    pub fn stall_product(&self, sku: &str, pause: std::time::Duration) {
-        let _ = self.supervisor.cast(SupervisorMsg::Route {
-            sku: sku.to_string(),
-            msg: ProductMsg::Stall(pause),
-        });
-    }
-
     /// Test hook: the product actor of `sku` reads no message until `release` is notified
     /// (`notify_one`; at most a minute).
     #[doc(hidden)]
-    pub fn stall_product_until(&self, sku: &str, release: std::sync::Arc<tokio::sync::Notify>) {
+    pub fn stall_product(&self, sku: &str, release: std::sync::Arc<tokio::sync::Notify>) {
         let _ = self.supervisor.cast(SupervisorMsg::Route {
             sku: sku.to_string(),
-            msg: ProductMsg::StallUntil(release),
+            msg: ProductMsg::Stall(release),
         });
     }
 

@@ -15,7 +15,7 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Answer, ChildServer, Client, TestServer, START_MS};
+use common::{Answer, ChildServer, Client, TestServer, SERVE_FLAGS, START_MS};
 use futures_util::{FutureExt, StreamExt};
 use reqwest::header::{HeaderName, HeaderValue};
 use reqwest::Method;
@@ -824,18 +824,24 @@ async fn an_idempotency_key_must_be_1_to_255_printable_ascii() {
         let body = br#"{"customer_id":"u","items":[{"sku":"A","quantity":1}]}"#;
         let long = vec![b'k'; 256];
         let bad: [&[u8]; 5] = [b"a\tb", b"caf\xc3\xa9", b"k\xff", b"", &long];
+        let reserve_with_key = |key: &[u8]| {
+            let (base, key) = (c.base.clone(), key.to_vec());
+            async move {
+                raw(
+                    &base,
+                    Method::POST,
+                    "/v1/reservations",
+                    Some(body),
+                    &[
+                        ("content-type", &b"application/json"[..]),
+                        ("idempotency-key", &key),
+                    ],
+                )
+                .await
+            }
+        };
         for key in bad {
-            let a = raw(
-                &c.base,
-                Method::POST,
-                "/v1/reservations",
-                Some(body),
-                &[
-                    ("content-type", &b"application/json"[..]),
-                    ("idempotency-key", key),
-                ],
-            )
-            .await;
+            let a = reserve_with_key(key).await;
             a.assert_problem(400, "bad_request");
             assert!(
                 a.body["detail"]
@@ -850,17 +856,7 @@ async fn an_idempotency_key_must_be_1_to_255_printable_ascii() {
         let longest = vec![b'k'; 255];
         let good: [&[u8]; 2] = [&longest, b"a b ~!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}"];
         for key in good {
-            let a = raw(
-                &c.base,
-                Method::POST,
-                "/v1/reservations",
-                Some(body),
-                &[
-                    ("content-type", &b"application/json"[..]),
-                    ("idempotency-key", key),
-                ],
-            )
-            .await;
+            let a = reserve_with_key(key).await;
             assert_eq!(a.status, 201, "{:?}", a.body);
         }
         assert_eq!(c.product("A").await["reserved"], 2);
@@ -1201,13 +1197,7 @@ fn top_level_help_lists_the_commands_and_the_flags() {
             "{command} missing from the commands {commands:?}:\n{help}"
         );
     }
-    for flag in [
-        "--listen",
-        "--data-dir",
-        "--snapshot-dir",
-        "--default-ttl",
-        "--durability",
-    ] {
+    for flag in SERVE_FLAGS {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
     assert_eq!(

@@ -1026,9 +1026,10 @@ async fn a_product_killed_with_a_reservation_in_its_mailbox_rolls_back_the_other
     let c = t.client.clone();
     c.create_product("A", 5).await;
     c.create_product("B", 5).await;
-    // B stops reading its mailbox: the reservation waits there, with A's line held. (The
-    // kill below ends the stall; it is long so that a slow machine cannot outlast it.)
-    t.service().stall_product("B", Duration::from_secs(60));
+    // B stops reading its mailbox: the reservation waits there, with A's line held. (Never
+    // released: the kill below ends the stall.)
+    t.service()
+        .stall_product("B", std::sync::Arc::new(tokio::sync::Notify::new()));
     let body = json!({"customer_id": "u", "items": [
         {"sku": "A", "quantity": 2}, {"sku": "B", "quantity": 1}]});
     let first = {
@@ -1068,16 +1069,19 @@ async fn a_reservation_is_stamped_when_its_holds_are_done_not_when_asked() {
     let c = t.client.clone();
     c.create_product("A", 5).await;
     c.create_product("B", 5).await;
-    // B answers 2 s later; meanwhile the clock moves past the requested TTL.
-    t.service().stall_product("B", Duration::from_millis(2000));
+    // B answers only when released; meanwhile the clock moves past the requested TTL.
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    t.service().stall_product("B", release.clone());
     let body = json!({"customer_id": "u", "ttl_seconds": 60, "items": [
         {"sku": "A", "quantity": 1}, {"sku": "B", "quantity": 1}]});
     let asked = {
         let c = c.clone();
         tokio::spawn(async move { c.post("/v1/reservations", body).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A's hold shows: the reservation was asked for, and waits for B.
+    assert!(holdable_becomes(&c, "A", 4).await, "A holds its line");
     t.clock.advance_ms(120_000);
+    release.notify_one();
     let r = asked.await.unwrap();
     assert_eq!(r.status, 201, "{:?}", r.body);
     // Stamped after the clock moved: the whole TTL ahead, and still pending.
@@ -1334,7 +1338,7 @@ async fn a_key_whose_first_request_is_still_in_flight_answers_409() {
     // for B. That A's hold shows is the proof, without a timed guess, that the first
     // request is in flight; it stays so until the release.
     let release = std::sync::Arc::new(tokio::sync::Notify::new());
-    t.service().stall_product_until("B", release.clone());
+    t.service().stall_product("B", release.clone());
     let body = json!({"customer_id": "u", "items": [
         {"sku": "A", "quantity": 2}, {"sku": "B", "quantity": 1}]});
     let first = {

@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{eventually, xorshift, ChildServer, Client};
+use common::{
+    eventually, serve_command, snapshot_being_written, xorshift, ChildServer, Client, SERVE_FLAGS,
+};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -287,14 +289,7 @@ fn sigterm_during_start_up_is_a_graceful_shutdown() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let mut child = Killed(
-        std::process::Command::new(env!("CARGO_BIN_EXE_stockd"))
-            .arg("serve")
-            .args(["--listen", "127.0.0.1:0"])
-            .arg("--data-dir")
-            .arg(&data)
-            .arg("--snapshot-dir")
-            .arg(dir.path().join("snapshots"))
-            .env("RUST_LOG", "warn")
+        serve_command(dir.path(), &[])
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("spawn stockd"),
@@ -344,22 +339,10 @@ async fn a_second_signal_during_shutdown_exits_at_once() {
     };
     assert!(term().success());
     // The shutdown has reached its final snapshot, which now waits before its rename.
-    let held = eventually(Duration::from_secs(20), || {
-        let snapshots = snapshots.clone();
-        async move {
-            std::fs::read_dir(&snapshots).is_ok_and(|mut entries| {
-                entries.any(|e| {
-                    e.is_ok_and(|e| {
-                        e.file_name()
-                            .to_string_lossy()
-                            .starts_with(".tmp-snapshot-")
-                    })
-                })
-            })
-        }
-    })
-    .await;
-    assert!(held, "the final snapshot is being written");
+    assert!(
+        snapshot_being_written(&snapshots, Duration::from_secs(20)).await,
+        "the final snapshot is being written"
+    );
     // `terminate` sends the second SIGTERM and waits 20 s at most (then SIGKILL).
     let status = server.terminate().expect("exited");
     assert_eq!(
@@ -399,14 +382,7 @@ fn help_describes_every_flag() {
         .output()
         .unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in [
-        "--listen",
-        "--data-dir",
-        "--snapshot-dir",
-        "--default-ttl",
-        "--durability",
-        "STOCKD_LISTEN",
-    ] {
+    for flag in SERVE_FLAGS.into_iter().chain(["STOCKD_LISTEN"]) {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
     let bad = std::process::Command::new(env!("CARGO_BIN_EXE_stockd"))

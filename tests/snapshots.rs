@@ -10,7 +10,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::procfs::{children_of, is_alive};
-use common::{eventually, restarts_reach, ChildServer, Client, TestServer, START_MS};
+use common::{
+    eventually, restarts_reach, snapshot_being_written, ChildServer, Client, TestServer, START_MS,
+};
 use serde_json::{json, Value};
 use stockd::clock::ManualClock;
 use stockd::{Config, Durability};
@@ -377,17 +379,10 @@ async fn kill_9_while_a_snapshot_is_written_loses_nothing() {
             .send(reqwest::Method::POST, "/v1/admin/snapshot", Some("{}"), &[])
             .await
     });
-    let writing = eventually(Duration::from_secs(10), || {
-        let snapshots = snapshots.clone();
-        async move {
-            std::fs::read_dir(&snapshots).unwrap().any(|e| {
-                let name = e.unwrap().file_name();
-                name.to_string_lossy().starts_with(".tmp-snapshot-")
-            })
-        }
-    })
-    .await;
-    assert!(writing, "the snapshot file is being written");
+    assert!(
+        snapshot_being_written(&snapshots, Duration::from_secs(10)).await,
+        "the snapshot file is being written"
+    );
     // Traffic is served while the snapshot is being built: nothing pauses.
     for i in 0..3 {
         acked.push((reserve_ok(&c, &format!("c{i}"), "A").await, "pending"));

@@ -87,14 +87,11 @@ pub enum ProductMsg {
     /// Test hook: the next message panics while being handled.
     #[doc(hidden)]
     ArmPanic,
-    /// Test hook: the actor stops reading its mailbox for this long (a slow product), so
-    /// tests can hold a request in flight deterministically.
+    /// Test hook: the actor stops reading its mailbox (a slow product) until this is
+    /// notified, so tests can hold a request in flight deterministically; at most a
+    /// minute, so a failing test cannot hang it forever.
     #[doc(hidden)]
-    Stall(Duration),
-    /// Test hook: the actor stops reading its mailbox until this is notified (at most a
-    /// minute, so a failing test cannot hang it forever).
-    #[doc(hidden)]
-    StallUntil(std::sync::Arc<tokio::sync::Notify>),
+    Stall(std::sync::Arc<tokio::sync::Notify>),
 }
 
 /// Messages that carry a stock effect decided elsewhere (their records are already
@@ -141,7 +138,6 @@ impl ProductMsg {
             ProductMsg::Crash(_)
             | ProductMsg::ArmPanic
             | ProductMsg::Stall(_)
-            | ProductMsg::StallUntil(_)
             | ProductMsg::Retire
             | ProductMsg::Unhold { .. } => {}
             // Settles, releases and commits are only sent for products that hold reserved
@@ -236,11 +232,7 @@ impl Actor for ProductActor {
                 state.panic_next = true;
                 return Ok(());
             }
-            ProductMsg::Stall(pause) => {
-                tokio::time::sleep(pause).await;
-                return Ok(());
-            }
-            ProductMsg::StallUntil(release) => {
+            ProductMsg::Stall(release) => {
                 let _ = tokio::time::timeout(Duration::from_secs(60), release.notified()).await;
                 return Ok(());
             }
@@ -353,7 +345,6 @@ impl ProductActor {
             ProductMsg::Retire
             | ProductMsg::ArmPanic
             | ProductMsg::Stall(_)
-            | ProductMsg::StallUntil(_)
             | ProductMsg::Passivate(_) => {}
             ProductMsg::Crash(_reply) => panic!("injected panic in product actor {}", p.sku),
         }

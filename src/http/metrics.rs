@@ -63,139 +63,139 @@ pub struct Figures<'a> {
 /// The Prometheus text exposition of `f`.
 pub fn render(f: &Figures) -> String {
     let mut out = String::with_capacity(4096);
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
         for (labels, value) in samples {
             let _ = writeln!(out, "{name}{labels} {value}");
         }
     };
-    let s = &f.supervisor;
+    let labelled = |label: &str, values: &[(&str, u64)]| -> Vec<(String, f64)> {
+        values
+            .iter()
+            .map(|(v, n)| (format!("{{{label}=\"{v}\"}}"), *n as f64))
+            .collect()
+    };
     let codes: Vec<(String, f64)> = f
         .responses
         .sent()
         .map(|(status, n)| (format!("{{code=\"{status}\"}}"), n as f64))
         .collect();
-    let codes: Vec<(&str, f64)> = codes.iter().map(|(l, n)| (l.as_str(), *n)).collect();
-    metric(
+    family(
         "stockd_http_responses_total",
         "counter",
         "HTTP responses sent, by status code.",
         &codes,
     );
-    metric(
-        "stockd_http_requests_in_flight",
-        "gauge",
-        "Requests being served now (admission control refuses beyond its limit).",
-        &[("", f.in_flight as f64)],
-    );
-    metric(
-        "stockd_products",
-        "gauge",
-        "Products in the catalogue.",
-        &[("", s.products as f64)],
-    );
-    metric(
-        "stockd_products_resident",
-        "gauge",
-        "Products with a running actor (the others are passive until touched).",
-        &[("", s.active_products as f64)],
-    );
-    metric(
-        "stockd_reservations_pending",
-        "gauge",
-        "Pending reservations (holding stock).",
-        &[("", s.pending as f64)],
-    );
-    metric(
-        "stockd_reservations_remembered",
-        "gauge",
-        "Reservations in memory: pending, and ended ones within retention.",
-        &[("", s.reservations as f64)],
-    );
-    let e = s.events;
-    metric(
-        "stockd_reservations_created_total",
-        "counter",
-        "Reservations created (idempotent replays not counted).",
-        &[("", e.created as f64)],
-    );
-    metric(
+    let e = f.supervisor.events;
+    family(
         "stockd_reservations_ended_total",
         "counter",
         "Pending reservations that ended, by outcome (start-up expiries included).",
-        &[
-            ("{outcome=\"confirmed\"}", e.confirmed as f64),
-            ("{outcome=\"cancelled\"}", e.cancelled as f64),
-            ("{outcome=\"expired\"}", e.expired as f64),
-        ],
+        &labelled(
+            "outcome",
+            &[
+                ("confirmed", e.confirmed),
+                ("cancelled", e.cancelled),
+                ("expired", e.expired),
+            ],
+        ),
     );
-    metric(
-        "stockd_product_failures_total",
-        "counter",
-        "Panics in product actors (a bug) caught by the supervisor, restored in place or rebuilt.",
-        &[("", s.product_panics as f64)],
-    );
-    metric(
-        "stockd_product_restarts_total",
-        "counter",
-        "Product actors rebuilt from the snapshot and the log (after a panic or a kill).",
-        &[("", s.product_restarts as f64)],
-    );
-    metric(
-        "stockd_product_activations_total",
-        "counter",
-        "Passive products given an actor again.",
-        &[("", s.activations as f64)],
-    );
-    metric(
-        "stockd_product_passivations_total",
-        "counter",
-        "Idle product actors stopped (their state kept in the supervisor).",
-        &[("", s.passivations as f64)],
-    );
-    metric(
-        "stockd_log_healthy",
-        "gauge",
-        "1 while the write-ahead log can be written; 0 once a write failed.",
-        &[("", if f.log.healthy { 1.0 } else { 0.0 })],
-    );
-    metric(
-        "stockd_log_durable_sequence",
-        "gauge",
-        "Sequence number of the last record flushed to the write-ahead log.",
-        &[("", f.log.durable_seq as f64)],
-    );
-    metric(
-        "stockd_log_records_total",
-        "counter",
-        "Records written to the write-ahead log since start.",
-        &[("", f.log.records as f64)],
-    );
-    metric(
-        "stockd_log_batches_total",
-        "counter",
-        "Group commits since start: records written and flushed together, their waiters answered at once.",
-        &[("", f.log.batches as f64)],
-    );
-    metric(
-        "stockd_log_write_seconds_total",
-        "counter",
-        "Time spent writing and flushing group commits.",
-        &[("", f.log.write_ns as f64 / 1e9)],
-    );
-    metric(
-        "stockd_snapshot_sequence",
-        "gauge",
-        "Log sequence number the newest snapshot covers (0: none).",
-        &[("", f.newest_snapshot_seq as f64)],
-    );
-    metric(
-        "stockd_start_time_seconds",
-        "gauge",
-        "When the server started serving, in seconds since the Unix epoch.",
-        &[("", f.start_time_unix)],
-    );
+    let (s, log) = (&f.supervisor, &f.log);
+    let gauge = |name, help, value| (name, "gauge", help, value);
+    let counter = |name, help, value| (name, "counter", help, value);
+    let single: [(&str, &str, &str, f64); 17] = [
+        gauge(
+            "stockd_http_requests_in_flight",
+            "Requests being served now (admission control refuses beyond its limit).",
+            f.in_flight as f64,
+        ),
+        gauge(
+            "stockd_products",
+            "Products in the catalogue.",
+            s.products as f64,
+        ),
+        gauge(
+            "stockd_products_resident",
+            "Products with a running actor (the others are passive until touched).",
+            s.active_products as f64,
+        ),
+        gauge(
+            "stockd_reservations_pending",
+            "Pending reservations (holding stock).",
+            s.pending as f64,
+        ),
+        gauge(
+            "stockd_reservations_remembered",
+            "Reservations in memory: pending, and ended ones within retention.",
+            s.reservations as f64,
+        ),
+        counter(
+            "stockd_reservations_created_total",
+            "Reservations created (idempotent replays not counted).",
+            e.created as f64,
+        ),
+        counter(
+            "stockd_product_failures_total",
+            "Panics in product actors (a bug) caught by the supervisor, restored in place \
+             or rebuilt.",
+            s.product_panics as f64,
+        ),
+        counter(
+            "stockd_product_restarts_total",
+            "Product actors rebuilt from the snapshot and the log (after a panic or a kill).",
+            s.product_restarts as f64,
+        ),
+        counter(
+            "stockd_product_activations_total",
+            "Passive products given an actor again.",
+            s.activations as f64,
+        ),
+        counter(
+            "stockd_product_passivations_total",
+            "Idle product actors stopped (their state kept in the supervisor).",
+            s.passivations as f64,
+        ),
+        gauge(
+            "stockd_log_healthy",
+            "1 while the write-ahead log can be written; 0 once a write failed.",
+            if log.healthy { 1.0 } else { 0.0 },
+        ),
+        gauge(
+            "stockd_log_durable_sequence",
+            "Sequence number of the last record flushed to the write-ahead log.",
+            log.durable_seq as f64,
+        ),
+        counter(
+            "stockd_log_records_total",
+            "Records written to the write-ahead log since start.",
+            log.records as f64,
+        ),
+        counter(
+            "stockd_log_batches_total",
+            "Group commits since start: records written and flushed together, their \
+             waiters answered at once.",
+            log.batches as f64,
+        ),
+        counter(
+            "stockd_log_write_seconds_total",
+            "Time spent writing and flushing group commits.",
+            log.write_ns as f64 / 1e9,
+        ),
+        gauge(
+            "stockd_snapshot_sequence",
+            "Log sequence number the newest snapshot covers (0: none).",
+            f.newest_snapshot_seq as f64,
+        ),
+        gauge(
+            "stockd_start_time_seconds",
+            "When the server started serving, in seconds since the Unix epoch.",
+            f.start_time_unix,
+        ),
+    ];
+    for (name, kind, help, value) in single {
+        family(name, kind, help, &[(String::new(), value)]);
+    }
     out
 }
 

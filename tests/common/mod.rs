@@ -266,6 +266,35 @@ pub async fn holdable_becomes(c: &Client, sku: &str, units: u64) -> bool {
     .await
 }
 
+/// Waits (`limit` at most) until a snapshot file is being written in `dir` (its temporary
+/// file exists): how tests catch a snapshot held before its rename.
+pub async fn snapshot_being_written(dir: &Path, limit: Duration) -> bool {
+    eventually(limit, || {
+        let dir = dir.to_path_buf();
+        async move {
+            std::fs::read_dir(&dir).is_ok_and(|mut entries| {
+                entries.any(|e| {
+                    e.is_ok_and(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .starts_with(".tmp-snapshot-")
+                    })
+                })
+            })
+        }
+    })
+    .await
+}
+
+/// The flags `stockd serve --help` (and so bare `stockd --help`) must describe.
+pub const SERVE_FLAGS: [&str; 5] = [
+    "--listen",
+    "--data-dir",
+    "--snapshot-dir",
+    "--default-ttl",
+    "--durability",
+];
+
 /// Waits (up to `limit`) until the supervisor has restarted `times` product actors.
 pub async fn restarts_reach(
     service: &stockd::service::Service,
@@ -286,6 +315,21 @@ pub struct ChildServer {
     pub data_dir: PathBuf,
 }
 
+/// `stockd serve` on 127.0.0.1:0 with its log in `dir/data` and its snapshots in
+/// `dir/snapshots`, plus `extra` flags; not started.
+pub fn serve_command(dir: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stockd"));
+    cmd.arg("serve")
+        .args(["--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--snapshot-dir")
+        .arg(dir.join("snapshots"))
+        .args(extra)
+        .env("RUST_LOG", "warn");
+    cmd
+}
+
 impl ChildServer {
     pub fn spawn(dir: &Path, extra: &[&str]) -> ChildServer {
         ChildServer::spawn_with_env(dir, extra, &[])
@@ -293,18 +337,9 @@ impl ChildServer {
 
     /// `spawn`, with these environment variables set for the child.
     pub fn spawn_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> ChildServer {
-        let data_dir = dir.join("data");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stockd"));
-        cmd.arg("serve")
-            .args(["--listen", "127.0.0.1:0"])
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .arg("--snapshot-dir")
-            .arg(dir.join("snapshots"))
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .envs(env.iter().copied());
-        ChildServer::start(cmd, data_dir)
+        let mut cmd = serve_command(dir, extra);
+        cmd.envs(env.iter().copied());
+        ChildServer::start(cmd, dir.join("data"))
     }
 
     /// Starts `cmd` (a `stockd` that serves, set up however the test likes; its log is in
