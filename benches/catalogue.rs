@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 
 use loadtest::driver::{run_phase, timed, Limits, PhaseStats};
 use stockd::domain::Line;
-use stockd::log::Log;
-use stockd::record::Record;
+use stockd::storage::log::Log;
+use stockd::storage::record::Record;
 
 /// The server's allocator, for the offline snapshot taken in-process.
 #[global_allocator]
@@ -205,7 +205,7 @@ fn main() {
     }
     // As the server does, for the offline snapshot taken in-process.
     stockd::memory::apply_transparent_huge_pages_setting().expect("THP setting");
-    // RUST_LOG=stockd::recovery=debug shows where replay time goes (the fold waiting for
+    // RUST_LOG=stockd::storage::recovery=debug shows where replay time goes (the fold waiting for
     // the log reader, or not).
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -294,7 +294,7 @@ fn main() {
 
     // (3) A snapshot of that state, offline.
     let t = Instant::now();
-    let taken = stockd::snapshotter::take_offline(&log_dir, &snapshots, 3, now).expect("snapshot");
+    let taken = stockd::storage::snapshotter::take_offline(&log_dir, &snapshots, 3, now).expect("snapshot");
     let offline_snapshot = t.elapsed();
     println!(
         "  offline snapshot: {} bytes in {:.0} ms",

@@ -8,9 +8,9 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use stockd::clock::SystemClock;
 use stockd::domain::Line;
-use stockd::fold::{apply, State};
-use stockd::log::Log;
-use stockd::record::Record;
+use stockd::storage::fold::{apply, State};
+use stockd::storage::log::Log;
+use stockd::storage::record::Record;
 use uuid::Uuid;
 
 /// A realistic record mix: products, then reservations that are confirmed or cancelled.

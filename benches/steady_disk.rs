@@ -114,7 +114,7 @@ fn main() {
             tokio::time::sleep(Duration::from_secs(5)).await;
             let (log, snap) = (dir_bytes(&data), dir_bytes(&snapshots));
             peak = (peak.0.max(log), peak.1.max(snap));
-            let files = stockd::snapshot::list(&snapshots).map_or(0, |l| l.len());
+            let files = stockd::storage::snapshot::list(&snapshots).map_or(0, |l| l.len());
             println!(
                 "| {} | {} | {:.1} | {:.1} | {files} |",
                 started.elapsed().as_secs(),

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use crate::clock::{SharedClock, SystemClock};
 use crate::limits::{PASSIVATE_AFTER_SECONDS_DEFAULT, TTL_SECONDS_DEFAULT};
-use crate::snapshot::WriteHooks;
-use crate::snapshotter::SnapshotPolicy;
+use crate::storage::snapshot::WriteHooks;
+use crate::storage::snapshotter::SnapshotPolicy;
 
 /// When a mutation is acknowledged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -39,7 +39,7 @@ pub struct Config {
     pub truncate_damaged_log: bool,
     /// The `stockd` binary that builds snapshots in a child process, so that the second
     /// copy of the state a snapshot needs never lives in the server
-    /// (`crate::snapshot_worker`). `None` builds them in this process: a library user (or a
+    /// (`crate::storage::snapshot_worker`). `None` builds them in this process: a library user (or a
     /// test) has no `stockd` binary to start. The binary sets its own path.
     pub snapshot_worker: Option<PathBuf>,
     /// Test hooks for snapshot writing.
@@ -65,7 +65,7 @@ impl Default for Config {
             truncate_damaged_log: false,
             snapshot_worker: None,
             snapshot_hooks: WriteHooks::default(),
-            log_segment_records: crate::log::SEGMENT_RECORDS_DEFAULT,
+            log_segment_records: crate::storage::log::SEGMENT_RECORDS_DEFAULT,
         }
     }
 }

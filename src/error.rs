@@ -3,7 +3,7 @@
 
 use uuid::Uuid;
 
-use crate::log::LogError;
+use crate::storage::log::LogError;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {

@@ -26,18 +26,12 @@ pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod error;
-pub mod fold;
 pub mod http;
 pub mod limits;
-pub mod log;
 pub mod memory;
-pub mod record;
-pub mod recovery;
 pub mod server;
+pub mod storage;
 pub mod service;
-pub mod snapshot;
-pub mod snapshot_worker;
-pub mod snapshotter;
 
 #[cfg(test)]
 mod testing;

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use stockd::snapshot::WriteHooks;
-use stockd::snapshotter::{take_offline, SnapshotPolicy};
+use stockd::storage::snapshot::WriteHooks;
+use stockd::storage::snapshotter::{take_offline, SnapshotPolicy};
 use stockd::{Config, Durability};
 
 /// mimalloc rather than the system allocator: a request, a log record and a replayed
@@ -48,7 +48,7 @@ enum Command {
         action: LogAction,
     },
     /// Internal: builds one snapshot for a running server, which starts it and feeds it
-    /// the log over stdin (see `stockd::snapshot_worker`).
+    /// the log over stdin (see `stockd::storage::snapshot_worker`).
     #[command(name = "snapshot-worker", hide = true)]
     SnapshotWorker(WorkerArgs),
 }
@@ -387,7 +387,7 @@ fn offline_snapshot(args: OfflineSnapshotArgs) -> ExitCode {
 }
 
 fn inspect_snapshot(file: &std::path::Path, json: bool) -> ExitCode {
-    match stockd::snapshot::inspect(file) {
+    match stockd::storage::snapshot::inspect(file) {
         Ok(report) => {
             print(json, &report, || report.to_string());
             ExitCode::SUCCESS
@@ -412,7 +412,7 @@ fn dump_log(data_dir: &std::path::Path, records: bool, json: bool) -> ExitCode {
         eprintln!("stockd: no log in {}", log_dir.display());
         return ExitCode::FAILURE;
     }
-    let log = match stockd::log::Log::open(&log_dir) {
+    let log = match stockd::storage::log::Log::open(&log_dir) {
         Ok(log) => log,
         Err(err) => {
             eprintln!("stockd: {}", explain(err.to_string()));
@@ -455,19 +455,19 @@ fn dump_log(data_dir: &std::path::Path, records: bool, json: bool) -> ExitCode {
 /// `stockd snapshot-worker`: one snapshot for the server that started this process.
 fn snapshot_worker(args: WorkerArgs) -> ExitCode {
     if let Some(parent) = args.parent_pid {
-        if let Err(err) = stockd::snapshot_worker::die_with_parent(parent) {
+        if let Err(err) = stockd::storage::snapshot_worker::die_with_parent(parent) {
             eprintln!("snapshot worker: {err}");
             return ExitCode::FAILURE;
         }
     }
-    let job = stockd::snapshot_worker::Job {
+    let job = stockd::storage::snapshot_worker::Job {
         snapshot_dir: args.snapshot_dir,
         upto: args.upto,
         truncated_through: args.truncated_through,
         now: args.now,
         pause_before_rename: args.pause_before_rename_ms.map(Duration::from_millis),
     };
-    match stockd::snapshot_worker::run(&job, std::io::stdin(), std::io::stdout().lock()) {
+    match stockd::storage::snapshot_worker::run(&job, std::io::stdin(), std::io::stdout().lock()) {
         Ok(_) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("{err}");

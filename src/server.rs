@@ -14,10 +14,10 @@ use tokio::task::JoinHandle;
 
 use crate::actors::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
 use crate::config::{Config, Durability};
-use crate::log::{Log, LogHandle, OpenError};
-use crate::recovery::{self, Recovered, RecoveryError};
+use crate::storage::log::{Log, LogHandle, OpenError};
+use crate::storage::recovery::{self, Recovered, RecoveryError};
 use crate::service::Service;
-use crate::snapshotter::{Priority, Snapshotter, SnapshotterArgs};
+use crate::storage::snapshotter::{Priority, Snapshotter, SnapshotterArgs};
 
 /// How long shutdown waits for requests in flight before closing connections anyway.
 const SHUTDOWN_DRAIN_TIMEOUT_MS: u64 = 10_000;
@@ -123,7 +123,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     // Recovery's transient memory (the decoded snapshot's tables, the log batches, the
     // state's conversion into the supervisor's routes) goes back to the OS now, before
     // serving, rather than by the allocator's delayed purge on a request thread.
-    crate::snapshotter::release_freed_memory();
+    crate::storage::snapshotter::release_freed_memory();
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -167,7 +167,7 @@ fn set_aside_snapshots_from(dir: &std::path::Path, seq: u64) -> Result<(), Start
         path: dir.display().to_string(),
         source,
     };
-    for (at, path) in crate::snapshot::list(dir).map_err(io)? {
+    for (at, path) in crate::storage::snapshot::list(dir).map_err(io)? {
         if at >= seq {
             let name = path
                 .file_name()
@@ -185,7 +185,7 @@ fn set_aside_snapshots_from(dir: &std::path::Path, seq: u64) -> Result<(), Start
 /// log record stops start-up, unless the operator asked to truncate the log there.
 fn recover(log: &Log, config: &Config) -> Result<Recovered, StartError> {
     let started = Instant::now();
-    crate::snapshot::remove_temp_files(&config.snapshot_dir).map_err(|source| StartError::Dir {
+    crate::storage::snapshot::remove_temp_files(&config.snapshot_dir).map_err(|source| StartError::Dir {
         path: config.snapshot_dir.display().to_string(),
         source,
     })?;
@@ -254,7 +254,7 @@ impl Server {
     }
 
     /// Graceful shutdown: drain HTTP, stop the actors, flush the log.
-    pub async fn shutdown(mut self) -> Result<(), crate::log::LogError> {
+    pub async fn shutdown(mut self) -> Result<(), crate::storage::log::LogError> {
         if let Some(stop) = self.stop_http.take() {
             let _ = stop.send(());
         }

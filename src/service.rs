@@ -17,9 +17,9 @@ use crate::actors::supervisor::{Listed, NewReservation, Reserved, Stats, Supervi
 use crate::config::Durability;
 use crate::domain::{Line, Price, Product, Reservation};
 use crate::error::{Error, Result};
-use crate::log::{LogHandle, Ticket};
-use crate::record::IdempotencyKey;
-use crate::snapshotter::{Priority, Snapshotter, Taken};
+use crate::storage::log::{LogHandle, Ticket};
+use crate::storage::record::IdempotencyKey;
+use crate::storage::snapshotter::{Priority, Snapshotter, Taken};
 
 /// Why an actor call produced no answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -311,7 +311,7 @@ impl Service {
     }
 
     /// The write-ahead log's figures since start.
-    pub fn log_stats(&self) -> crate::log::LogStats {
+    pub fn log_stats(&self) -> crate::storage::log::LogStats {
         self.log.stats()
     }
 

@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use stockd::domain::{Line, Status};
-use stockd::fold::{apply, State};
+use stockd::storage::fold::{apply, State};
 use stockd::limits::STOCK_MAX;
-use stockd::record::{decode, encode, Record};
+use stockd::storage::record::{decode, encode, Record};
 use uuid::Uuid;
 
 const SKUS: [&str; 3] = ["A", "B", "C"];
@@ -273,7 +273,7 @@ fn a_hold_beyond_stock_is_a_fold_error_not_an_oversell() {
 }
 
 /// Writes `records` to a fresh log in `dir` through the real writer; returns a reader.
-fn write_log(dir: &std::path::Path, records: &[Record]) -> stockd::log::LogReader {
+fn write_log(dir: &std::path::Path, records: &[Record]) -> stockd::storage::log::LogReader {
     // Small segments, so that truncation really drops some.
     write_log_in_segments(dir, records, 4)
 }
@@ -282,8 +282,8 @@ fn write_log_in_segments(
     dir: &std::path::Path,
     records: &[Record],
     segment_records: u64,
-) -> stockd::log::LogReader {
-    let log = stockd::log::Log::open(dir)
+) -> stockd::storage::log::LogReader {
+    let log = stockd::storage::log::Log::open(dir)
         .unwrap()
         .with_segment_records(segment_records);
     let reader = log.reader();
@@ -329,11 +329,11 @@ proptest! {
         let n = records.len() as u64;
         let (a, b) = (cuts.0.min(cuts.1), cuts.0.max(cuts.1));
         let (first, second) = ((a * n as f64) as u64, (b * n as f64) as u64);
-        let hooks = stockd::snapshot::WriteHooks::default();
-        let taken = stockd::snapshotter::take_snapshot(&reader, &snapshots, first, 2, 0, hooks)
+        let hooks = stockd::storage::snapshot::WriteHooks::default();
+        let taken = stockd::storage::snapshotter::take_snapshot(&reader, &snapshots, first, 2, 0, hooks)
             .map_err(TestCaseError::fail)?;
         prop_assert_eq!(taken.sequence, first);
-        let r = stockd::recovery::recover(&reader, &snapshots, u64::MAX)
+        let r = stockd::storage::recovery::recover(&reader, &snapshots, u64::MAX)
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(r.snapshot.map(|s| s.seq), Some(first));
         prop_assert_eq!(r.records, n - first);
@@ -341,7 +341,7 @@ proptest! {
 
         // A second snapshot: the log is truncated through the first (the fallback). At the
         // same sequence, nothing is written and nothing truncated.
-        let again = stockd::snapshotter::take_snapshot(&reader, &snapshots, second, 2, 0, hooks)
+        let again = stockd::storage::snapshotter::take_snapshot(&reader, &snapshots, second, 2, 0, hooks)
             .map_err(TestCaseError::fail)?;
         prop_assert_eq!(again.created, second > first);
         let truncated = if second > first { first } else { 0 };
@@ -349,7 +349,7 @@ proptest! {
         let left = reader.records().count() as u64;
         prop_assert!(left <= n - truncated + 4, "whole segments before the mark are dropped");
         prop_assert!(left >= n - truncated);
-        let r = stockd::recovery::recover(&reader, &snapshots, u64::MAX)
+        let r = stockd::storage::recovery::recover(&reader, &snapshots, u64::MAX)
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert!(r.state == full, "snapshots at {}, {} + tail", first, second);
         // And the state at the first cut is still reachable (what a product rebuild uses).
@@ -357,7 +357,7 @@ proptest! {
         for record in &records[..first as usize] {
             apply(&mut at_first, record).unwrap();
         }
-        let r = stockd::recovery::recover(&reader, &snapshots, first)
+        let r = stockd::storage::recovery::recover(&reader, &snapshots, first)
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert!(r.state == at_first);
     }
@@ -386,8 +386,8 @@ fn a_damaged_record_in_a_later_segment_is_named() {
     let dir = tmp.path().join("log");
     drop(write_log(&dir, &records));
 
-    let log = stockd::log::Log::open(&dir).unwrap();
-    let full = stockd::recovery::fold_log(&log.reader()).unwrap();
+    let log = stockd::storage::log::Log::open(&dir).unwrap();
+    let full = stockd::storage::recovery::fold_log(&log.reader()).unwrap();
     assert_eq!((full.records, full.last_seq), (30, 30));
     let in_order: Vec<u64> = log.reader().records().map(|r| r.unwrap().0).collect();
     assert_eq!(in_order, (1..=30).collect::<Vec<_>>());
@@ -398,12 +398,12 @@ fn a_damaged_record_in_a_later_segment_is_named() {
     assert!(full.state == expected);
     drop(log);
 
-    stockd::log::damage_record(&dir, 22).unwrap();
-    let log = stockd::log::Log::open(&dir).unwrap();
-    let err = stockd::recovery::fold_log(&log.reader()).unwrap_err();
+    stockd::storage::log::damage_record(&dir, 22).unwrap();
+    let log = stockd::storage::log::Log::open(&dir).unwrap();
+    let err = stockd::storage::recovery::fold_log(&log.reader()).unwrap_err();
     assert_eq!(err.damaged_seq(), Some(22), "{err}");
     // Up to the record before it, recovery still works (what a rebuild would ask for).
-    let upto = stockd::recovery::fold_records(&log.reader(), State::default(), 0, 21).unwrap();
+    let upto = stockd::storage::recovery::fold_records(&log.reader(), State::default(), 0, 21).unwrap();
     assert_eq!((upto.1, upto.2), (21, 21));
 }
 
@@ -430,7 +430,7 @@ fn replay_of_segments_longer_than_the_read_ahead() {
     let reader = write_log_in_segments(&tmp.path().join("log"), &records, 20_000);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let _ = tx.send(stockd::recovery::fold_log(&reader).map(|r| (r.records, r.state)));
+        let _ = tx.send(stockd::storage::recovery::fold_log(&reader).map(|r| (r.records, r.state)));
     });
     let (folded, state) = rx
         .recv_timeout(std::time::Duration::from_secs(60))
@@ -448,15 +448,15 @@ fn recovery_up_to_a_record_past_the_log_end_is_an_error() {
     let tmp = tempfile::tempdir().unwrap();
     let reader = write_log(&tmp.path().join("log"), &records);
     let snapshots = tmp.path().join("snapshots");
-    let at_ten = stockd::recovery::recover(&reader, &snapshots, 10).unwrap();
+    let at_ten = stockd::storage::recovery::recover(&reader, &snapshots, 10).unwrap();
     assert_eq!((at_ten.records, at_ten.last_seq), (10, 10));
-    let at_four = stockd::recovery::recover(&reader, &snapshots, 4).unwrap();
+    let at_four = stockd::storage::recovery::recover(&reader, &snapshots, 4).unwrap();
     assert_eq!(at_four.last_seq, 4);
-    let err = stockd::recovery::recover(&reader, &snapshots, 12).unwrap_err();
+    let err = stockd::storage::recovery::recover(&reader, &snapshots, 12).unwrap_err();
     assert!(
         matches!(
             err,
-            stockd::recovery::RecoveryError::Short {
+            stockd::storage::recovery::RecoveryError::Short {
                 upto: 12,
                 last_seq: 10
             }

@@ -7,8 +7,8 @@ mod common;
 
 use common::{xorshift, TestServer};
 use serde_json::json;
-use stockd::fold::{apply, State};
-use stockd::log::Log;
+use stockd::storage::fold::{apply, State};
+use stockd::storage::log::Log;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_prefix_of_a_contended_log_folds_to_a_valid_state() {

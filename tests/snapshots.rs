@@ -18,7 +18,7 @@ use stockd::clock::ManualClock;
 use stockd::{Config, Durability};
 
 fn snapshot_files(dir: &Path) -> Vec<PathBuf> {
-    stockd::snapshot::list(dir)
+    stockd::storage::snapshot::list(dir)
         .unwrap()
         .into_iter()
         .map(|(_, p)| p)
@@ -57,7 +57,7 @@ async fn admin_snapshot_answers_sequence_file_and_size_and_restart_uses_it() {
         a.body["size_bytes"].as_u64(),
         Some(std::fs::metadata(&path).unwrap().len())
     );
-    let inspected = stockd::snapshot::inspect(&path).unwrap();
+    let inspected = stockd::storage::snapshot::inspect(&path).unwrap();
     assert_eq!(
         (
             inspected.sequence,
@@ -123,7 +123,7 @@ async fn log_and_snapshots_stay_bounded_under_a_steady_workload() {
         let caught_up = eventually(Duration::from_secs(10), || {
             let snapshots = snapshots.clone();
             async move {
-                stockd::snapshot::list(&snapshots)
+                stockd::storage::snapshot::list(&snapshots)
                     .unwrap()
                     .first()
                     .is_some_and(|(seq, _)| written - seq < 40)
@@ -146,7 +146,7 @@ async fn log_and_snapshots_stay_bounded_under_a_steady_workload() {
     let mut t = t;
     t.server.take().unwrap().shutdown().await.unwrap();
 
-    let log = stockd::log::Log::open(&dir_path.join("data").join("log")).unwrap();
+    let log = stockd::storage::log::Log::open(&dir_path.join("data").join("log")).unwrap();
     let summary = log.reader().summary().unwrap();
     assert_eq!(summary.last_seq, Some(written));
     // Whole segments (16 records here) are dropped: at most one straddles the mark.
@@ -479,7 +479,7 @@ async fn a_corrupted_newest_snapshot_falls_back_to_the_previous_one() {
     // With the fallback damaged too, the log alone cannot rebuild the state: refuse.
     let files = snapshot_files(&snapshots);
     for file in &files {
-        if stockd::snapshot::read(file).is_ok() {
+        if stockd::storage::snapshot::read(file).is_ok() {
             flip_middle_byte(file);
         }
     }
@@ -507,7 +507,7 @@ async fn a_damaged_log_record_stops_start_up_unless_truncation_is_asked_for() {
     let files = snapshot_files(&snapshots);
     assert_eq!(files.len(), 1);
     flip_middle_byte(&files[0]);
-    stockd::log::damage_record(&dir.path().join("data").join("log"), 4).unwrap();
+    stockd::storage::log::damage_record(&dir.path().join("data").join("log"), 4).unwrap();
 
     let stderr = start_refused(dir.path(), &[]);
     assert!(stderr.contains("log record 4 is damaged"), "{stderr}");

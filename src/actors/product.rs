@@ -23,8 +23,8 @@ use crate::clock::{Millis, SharedClock};
 use crate::domain::{Price, Product, StockError};
 use crate::error::Error;
 use crate::limits::RETIRE_GRACE_MS;
-use crate::log::{LogHandle, Ticket};
-use crate::record::Record;
+use crate::storage::log::{LogHandle, Ticket};
+use crate::storage::record::Record;
 
 /// A change to a product that the product actor decides and logs itself.
 #[derive(Debug)]

@@ -60,11 +60,11 @@ use crate::actors::product::{
 use crate::clock::{Millis, SharedClock};
 use crate::domain::{Line, Price, Product, Reservation, Status};
 use crate::error::Error;
-use crate::fold::{IdempotencyEntry, State};
+use crate::storage::fold::{IdempotencyEntry, State};
 use crate::limits::{EXPIRY_TICK_MS, FORGET_EVERY_MS, PASSIVATIONS_PER_TICK_MAX};
-use crate::log::{LogHandle, Ticket};
-use crate::record::{IdempotencyKey, Record};
-use crate::snapshotter::Snapshotter;
+use crate::storage::log::{LogHandle, Ticket};
+use crate::storage::record::{IdempotencyKey, Record};
+use crate::storage::snapshotter::Snapshotter;
 
 /// An `Idempotency-Key` with the fingerprint of the request that carries it.
 pub type Idempotency = (IdempotencyKey, Vec<u8>);
@@ -645,7 +645,7 @@ const PASSIVATION_CHECK_MS: i64 = 1_000;
 
 /// The routing table, every product passive. Sorted first: a B-tree is built in one
 /// pass from sorted input.
-fn sorted_routes(products: crate::fold::Products) -> BTreeMap<String, Slot> {
+fn sorted_routes(products: crate::storage::fold::Products) -> BTreeMap<String, Slot> {
     let mut sorted: Vec<(String, Product)> = products.into_iter().collect();
     sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     sorted
@@ -739,7 +739,7 @@ impl Supervisor {
         let before = now - self.retention_ms;
         drop(self.log.append(Record::Forgotten { before, at: now }));
         let (reservations, keys) = (state.reservations.len(), state.idempotency.len());
-        crate::fold::forget(&mut state.reservations, &mut state.idempotency, before);
+        crate::storage::fold::forget(&mut state.reservations, &mut state.idempotency, before);
         tracing::info!(
             reservations = reservations - state.reservations.len(),
             idempotency_keys = keys - state.idempotency.len(),

@@ -1,7 +1,7 @@
 //! The business rules of stock and reservations, as plain data and pure functions.
 //!
 //! Nothing here knows about actors, the log or HTTP. Product actors, the supervisor and the
-//! fold (`crate::fold::apply`) all change state through these methods, so a rule lives in
+//! fold (`crate::storage::fold::apply`) all change state through these methods, so a rule lives in
 //! exactly one place.
 
 pub mod product;

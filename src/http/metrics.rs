@@ -10,7 +10,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::actors::supervisor::Stats;
-use crate::log::LogStats;
+use crate::storage::log::LogStats;
 
 /// Responses sent, by status code (100..=599; anything else is not counted).
 pub struct Responses {

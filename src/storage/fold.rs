@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::clock::Millis;
 use crate::domain::{Product, Reservation, Status};
-use crate::record::{IdempotencyKey, Record};
+use crate::storage::record::{IdempotencyKey, Record};
 
 /// A remembered idempotency key: what it created, for which request, and when.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,5 +1,5 @@
 //! Recovery: the newest snapshot that verifies, then the log records after it, folded with
-//! the one fold (`crate::fold::apply`). Start-up, the snapshotter (building the next
+//! the one fold (`crate::storage::fold::apply`). Start-up, the snapshotter (building the next
 //! snapshot, rebuilding a failed product) and the offline tools all recover this way.
 //!
 //! Records are applied as facts; invariant 1 is asserted after every record. A damaged
@@ -13,9 +13,9 @@
 
 use std::path::Path;
 
-use crate::fold::{self, FoldError, State};
-use crate::log::{LogReader, OpenError};
-use crate::snapshot::{self, SnapshotInfo};
+use crate::storage::fold::{self, FoldError, State};
+use crate::storage::log::{LogReader, OpenError};
+use crate::storage::snapshot::{self, SnapshotInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecoveryError {
@@ -205,7 +205,7 @@ pub fn fold_records(
 /// `fold_records` over any source of records in log order (the log, or the records a
 /// server sends its snapshot worker). Records up to `after` must not be in it.
 pub fn fold_stream(
-    source: impl Iterator<Item = Result<(u64, crate::record::Record), OpenError>> + Send,
+    source: impl Iterator<Item = Result<(u64, crate::storage::record::Record), OpenError>> + Send,
     mut state: State,
     after: u64,
     upto: u64,
@@ -289,8 +289,8 @@ pub fn fold_log(reader: &LogReader) -> Result<Recovered, RecoveryError> {
 
 /// Invariant 1 for the products the record touched (checking all would be quadratic).
 #[cfg(debug_assertions)]
-fn record_products_hold_invariant(state: &State, record: &crate::record::Record) -> bool {
-    use crate::record::Record::*;
+fn record_products_hold_invariant(state: &State, record: &crate::storage::record::Record) -> bool {
+    use crate::storage::record::Record::*;
     let check = |sku: &str| state.products.get(sku).is_none_or(|p| p.invariant_holds());
     match record {
         ProductCreated { sku, .. }

@@ -16,7 +16,7 @@
 //! is complete and verifiable, or is not there. A reader checks the checksum before it
 //! decodes, so a damaged length prefix can never make it allocate wildly.
 //!
-//! Which snapshot recovery uses, and when snapshots are taken, is `crate::snapshotter`'s
+//! Which snapshot recovery uses, and when snapshots are taken, is `crate::storage::snapshotter`'s
 //! business; this module only writes, reads, lists and prunes files.
 
 use std::fs::{self, File, OpenOptions};
@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::clock::Millis;
-use crate::fold::State;
+use crate::storage::fold::State;
 
 /// The format version written into every snapshot.
 pub const SNAPSHOT_FORMAT_VERSION: u8 = 1;
@@ -552,8 +552,8 @@ mod tests {
     #[test]
     fn a_body_encoded_from_hash_maps_decodes_into_the_state() {
         use crate::domain::Reservation;
-        use crate::fold::IdempotencyEntry;
-        use crate::record::IdempotencyKey;
+        use crate::storage::fold::IdempotencyEntry;
+        use crate::storage::record::IdempotencyKey;
         use std::collections::HashMap;
         use uuid::Uuid;
 

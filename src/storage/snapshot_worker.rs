@@ -33,10 +33,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Millis;
-use crate::log::{LogReader, OpenError};
-use crate::record::Record;
-use crate::recovery;
-use crate::snapshot::{self, WriteHooks};
+use crate::storage::log::{LogReader, OpenError};
+use crate::storage::record::Record;
+use crate::storage::recovery;
+use crate::storage::snapshot::{self, WriteHooks};
 
 /// A frame longer than this is a broken stream, not a record (a record comes from a request
 /// body of at most 64 KiB).
@@ -201,7 +201,7 @@ impl<R: Read> Iterator for Frames<R> {
         let item = match self.read_frame() {
             Ok(None) => return None,
             Ok(Some((seq, bytes))) => {
-                crate::log::decode_at(seq, &bytes).map(|record| (seq, record))
+                crate::storage::log::decode_at(seq, &bytes).map(|record| (seq, record))
             }
             Err(source) => Err(OpenError::Io {
                 path: "the server's pipe".to_string(),
@@ -362,8 +362,8 @@ fn exchange(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fold::{self, State};
-    use crate::record;
+    use crate::storage::fold::{self, State};
+    use crate::storage::record;
 
     fn records() -> Vec<Record> {
         let mut records = Vec::new();
@@ -481,7 +481,7 @@ mod tests {
     #[test]
     fn a_worker_that_cannot_start_is_told_apart_from_one_that_fails() {
         let tmp = tempfile::tempdir().unwrap();
-        let log = crate::log::Log::open(&tmp.path().join("log")).unwrap();
+        let log = crate::storage::log::Log::open(&tmp.path().join("log")).unwrap();
         let reader = log.reader();
         let err = build(
             Path::new("/nonexistent/stockd"),

@@ -5,7 +5,7 @@
 //! snapshot is loaded, the log records after it up to a sequence S that is already durable
 //! are folded onto it (the one fold of DESIGN.md), and the result is written as "the state
 //! after record S". A running server does that in its snapshot worker process, fed the log
-//! by this thread (`crate::snapshot_worker`); offline, or without a worker, this thread
+//! by this thread (`crate::storage::snapshot_worker`); offline, or without a worker, this thread
 //! does it itself. The actors never stop; the writer keeps appending records after S.
 //!
 //! When: every `every_records` durable records, every `every` period if anything changed,
@@ -31,11 +31,11 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::clock::{Millis, SharedClock};
-use crate::fold::State;
-use crate::log::{LogHandle, LogReader};
-use crate::recovery;
-use crate::snapshot::{self, WriteHooks};
-use crate::snapshot_worker;
+use crate::storage::fold::State;
+use crate::storage::log::{LogHandle, LogReader};
+use crate::storage::recovery;
+use crate::storage::snapshot::{self, WriteHooks};
+use crate::storage::snapshot_worker;
 
 /// When snapshots are taken and how many are kept.
 #[derive(Clone, Debug)]
@@ -138,7 +138,7 @@ pub struct SnapshotterArgs {
     /// Sequence of the newest snapshot at start-up (0: none).
     pub newest: u64,
     /// The `stockd` binary to build snapshots in a child process with
-    /// (`crate::snapshot_worker`); `None`: in this process.
+    /// (`crate::storage::snapshot_worker`); `None`: in this process.
     pub worker: Option<PathBuf>,
 }
 
@@ -453,7 +453,7 @@ fn drop_unneeded_after(
 
 /// The first half of `take_snapshot`: builds and writes the snapshot after `upto` (or
 /// finds it already there); prunes nothing and drops no log records. With a `worker`
-/// binary, the state is built in a child process (`crate::snapshot_worker`); if that
+/// binary, the state is built in a child process (`crate::storage::snapshot_worker`); if that
 /// cannot even be started, here.
 fn build_snapshot(
     reader: &LogReader,
@@ -552,7 +552,7 @@ pub fn take_offline(
     keep: usize,
     now: Millis,
 ) -> Result<Taken, String> {
-    let log = crate::log::Log::open(log_dir).map_err(|e| e.to_string())?;
+    let log = crate::storage::log::Log::open(log_dir).map_err(|e| e.to_string())?;
     let upto = log.last_seq().map_err(|e| e.to_string())?;
     let taken = take_snapshot(
         &log.reader(),

@@ -1,0 +1,85 @@
+//! The log directory's own files: the `LOCK` that keeps a second process off it, and the
+//! truncation mark `truncated_through`.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::Path;
+
+
+use crate::storage::snapshot::sync_dir;
+
+use super::*;
+
+/// The truncation mark: the highest sequence number that may have been removed from the
+/// front of the log because a kept snapshot covers it (big-endian `u64`, then its CRC32).
+pub(super) const MARK_FILE: &str = "truncated_through";
+pub(super) const LOCK_FILE: &str = "LOCK";
+
+#[cfg(unix)]
+pub(super) fn lock_dir(dir: &Path) -> Result<fs::File, OpenError> {
+    use std::os::unix::io::AsRawFd;
+    let path = dir.join(LOCK_FILE);
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    // SAFETY: flock on a descriptor this function owns; no memory is involved.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if locked != 0 {
+        let err = io::Error::last_os_error();
+        return Err(if err.kind() == io::ErrorKind::WouldBlock {
+            OpenError::Locked {
+                path: dir.display().to_string(),
+            }
+        } else {
+            OpenError::Io {
+                path: path.display().to_string(),
+                source: err,
+            }
+        });
+    }
+    Ok(file)
+}
+
+#[cfg(not(unix))]
+pub(super) fn lock_dir(dir: &Path) -> Result<fs::File, OpenError> {
+    let path = dir.join(LOCK_FILE);
+    fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))
+}
+
+pub(super) fn read_mark(dir: &Path) -> Result<u64, OpenError> {
+    let path = dir.join(MARK_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(err) => return Err(io_err(&path)(err)),
+    };
+    let bad = || OpenError::BadMark {
+        path: path.display().to_string(),
+    };
+    let (seq, crc) = bytes.split_at_checked(8).ok_or_else(bad)?;
+    let crc: [u8; 4] = crc.try_into().map_err(|_| bad())?;
+    if crc32fast::hash(seq) != u32::from_le_bytes(crc) {
+        return Err(bad());
+    }
+    Ok(u64::from_be_bytes(seq.try_into().map_err(|_| bad())?))
+}
+
+/// Written to a temporary file, synced, renamed into place, directory synced.
+pub(super) fn write_mark(dir: &Path, seq: u64) -> io::Result<()> {
+    let tmp = dir.join(format!("{MARK_FILE}.tmp"));
+    let mut bytes = seq.to_be_bytes().to_vec();
+    bytes.extend(crc32fast::hash(&seq.to_be_bytes()).to_le_bytes());
+    let mut file = fs::File::create(&tmp)?;
+    file.write_all(&bytes)?;
+    file.sync_all()?;
+    fs::rename(&tmp, dir.join(MARK_FILE))?;
+    sync_dir(dir)
+}

@@ -1,0 +1,250 @@
+//! The write-ahead log: one writer thread over sled, with group commit.
+//!
+//! Keys are big-endian `u64` sequence numbers, so sled's key order is log order; values
+//! are records encoded by `crate::storage::record`. The records live in *segments*, each a sled
+//! database of its own in a directory `segment-<first sequence>` of the log directory,
+//! holding a contiguous run of up to 65,536 records. Appends go to the newest segment;
+//! the front of the log is truncated (once snapshots cover it) by deleting whole segment
+//! directories. Deleting a directory costs sled nothing: with one database and a tree per
+//! segment, sled's `drop_tree` freed every page through its own log and then rewrote live
+//! pages on the writer's path, which slowed every flush (so every sync reserve) for
+//! seconds after a large truncation. A file `truncated_through` holds the truncation
+//! mark; a file `LOCK` (an exclusive `flock`) keeps a second process (or a second `Log` in
+//! this one) off the directory.
+//!
+//! Only the newest segment stays open (the writer's); an older one is opened while it is
+//! read (recovery, snapshots, rebuilds) and closed when its last reader is done, so memory
+//! does not grow with the number of segments.
+//!
+//! Everyone else talks to the writer through a `LogHandle`: `append` queues a record and
+//! returns a `Ticket` that resolves once the record is flushed. The writer takes everything
+//! that arrived while the previous flush ran, applies it as one sled batch per segment it
+//! touches, flushes each of those segments in order, then answers every ticket of the
+//! batch. Throughput comes from the batch, never
+//! from skipping the flush.
+//!
+//! The queue is FIFO, so the order in which records are queued is the order in which they
+//! are numbered and stored. Callers rely on this for the log order rule (DESIGN.md,
+//! invariant 3): a record that frees stock is queued before the freed units are handed out.
+//! Across segments the same holds: a segment is flushed before the next one is written.
+//!
+//! `flush()` is sled's durability point and is called only from this thread (`flush_async`
+//! can deadlock under concurrent callers, sled #1308). A failed write is fatal for the log:
+//! the writer answers every waiting and every later ticket with `LogError::Unavailable` and
+//! never writes again, so nothing is acknowledged that is not durable. Restarting the
+//! process recovers from what reached the disk.
+//!
+//! A log directory written by an earlier stockd (one sled database directly in it, a tree
+//!
+//! The files: `writer` (the handle, tickets and the writer's group commit: the hot path),
+//! `segments` (segment lifetimes and the segment thread), `reader` (reading and the
+//! truncation of the front), `dir` (the directory lock and the truncation mark),
+//! `migrate` (the older single-database layout).
+
+mod dir;
+mod migrate;
+mod reader;
+mod segments;
+#[cfg(test)]
+mod tests;
+mod writer;
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::storage::record::{self, DecodeError, Record};
+
+use dir::*;
+use migrate::*;
+use segments::*;
+
+pub use reader::{LogReader, LogSummary, OpenAhead};
+pub use segments::SEGMENT_RECORDS_DEFAULT;
+pub use writer::{LogHandle, LogStats, Ticket};
+
+/// Why the log cannot acknowledge a record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LogError {
+    #[error("the write-ahead log cannot be written: {0}")]
+    Unavailable(String),
+}
+
+/// Why the log could not be opened or read at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot open the log in {path}: {source}")]
+    Sled { path: String, source: sled::Error },
+    #[error("log record {seq} is damaged ({source}); refusing to start")]
+    Damaged { seq: u64, source: DecodeError },
+    #[error("log key {0:?} is not a sequence number")]
+    BadKey(Vec<u8>),
+    #[error("cannot use the log directory {path}: {source}")]
+    Io { path: String, source: io::Error },
+    #[error("the log in {path} is in use by another process or log (its lock is held)")]
+    Locked { path: String },
+    #[error("the log's truncation mark {path} is damaged")]
+    BadMark { path: String },
+}
+
+/// Resolves when the record it stands for is durable (or the log has failed).
+
+/// Records removed per sled batch when the end of the log is cut (`truncate_from`).
+pub(super) const TRUNCATE_BATCH_RECORDS: usize = 10_000;
+
+pub(super) fn io_err(path: &Path) -> impl Fn(io::Error) -> OpenError + '_ {
+    move |source| OpenError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+pub(super) fn sled_err(path: &Path) -> impl Fn(sled::Error) -> OpenError + '_ {
+    move |source| OpenError::Sled {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The opened log, before its writer starts: recovery reads it, then `start_writer`.
+pub struct Log {
+    segments: Arc<Segments>,
+    pub(super) segment_records: u64,
+    pub(super) flush_interval: Duration,
+}
+
+impl Log {
+    pub fn open(dir: &Path) -> Result<Log, OpenError> {
+        let segments = Segments::open(dir)?;
+        migrate_single_database(&segments, SEGMENT_RECORDS_DEFAULT)?;
+        Ok(Log {
+            segments: Arc::new(segments),
+            segment_records: SEGMENT_RECORDS_DEFAULT,
+            flush_interval: Duration::ZERO,
+        })
+    }
+
+    /// Records per segment from now on (tests use small segments to see truncation).
+    pub fn with_segment_records(mut self, records: u64) -> Log {
+        self.segment_records = records.max(1);
+        self
+    }
+
+    /// The writer starts a flush at most this often (zero: as soon as the previous one
+    /// ended): records that arrive meanwhile join the batch, so each flush (whose cost
+    /// inside sled is mostly per flush, not per record) carries more of them. The server
+    /// sets `SYNC_FLUSH_INTERVAL_US` or `ASYNC_FLUSH_INTERVAL_MS` by durability.
+    pub fn with_flush_interval(mut self, interval: Duration) -> Log {
+        self.flush_interval = interval;
+        self
+    }
+
+    /// Sequence number of the newest record, or of the last one truncated away (0 for a
+    /// log that never held a record).
+    pub fn last_seq(&self) -> Result<u64, OpenError> {
+        let mut last = 0;
+        for slot in self.segments.list().iter().rev() {
+            let Some(segment) = open_segment(slot)? else {
+                continue;
+            };
+            if let Some((key, _)) = segment.db().last().map_err(sled_err(&slot.path))? {
+                last = seq_of(&key)?;
+                break;
+            }
+        }
+        Ok(last.max(self.segments.mark()))
+    }
+
+    /// A view of the log for reading (recovery, snapshots). Every clone must be dropped
+    /// before the writer stops, so that the log is closed when it does.
+    pub fn reader(&self) -> LogReader {
+        LogReader {
+            segments: self.segments.clone(),
+        }
+    }
+
+    /// Removes record `seq` and every later one, and flushes: the operator's explicit
+    /// choice when a damaged record stops start-up (`--truncate-damaged-log`). Returns the
+    /// number of records removed. Works from the newest record backwards, so whatever part
+    /// of it a crash lets reach the disk leaves a log without a hole (a segment directory
+    /// goes at once, by a rename; sled persists a prefix of its operations).
+    pub fn truncate_from(&self, seq: u64) -> Result<u64, OpenError> {
+        let mut removed = 0;
+        for slot in self.segments.list().into_iter().rev() {
+            let Some(segment) = open_segment(&slot)? else {
+                continue;
+            };
+            let err = sled_err(&slot.path);
+            if slot.first >= seq {
+                removed += segment.db().len() as u64;
+                drop(segment);
+                self.segments.remove(slot.first)?;
+                continue;
+            }
+            loop {
+                let keys: Vec<_> = segment
+                    .db()
+                    .range(seq.to_be_bytes()..)
+                    .keys()
+                    .rev()
+                    .take(TRUNCATE_BATCH_RECORDS)
+                    .collect::<Result<_, _>>()
+                    .map_err(&err)?;
+                if keys.is_empty() {
+                    break;
+                }
+                let mut batch = sled::Batch::default();
+                for key in &keys {
+                    batch.remove(key.clone());
+                }
+                segment.db().apply_batch(batch).map_err(&err)?;
+                removed += keys.len() as u64;
+            }
+            segment.db().flush().map_err(&err)?;
+            break;
+        }
+        self.flush()?;
+        Ok(removed)
+    }
+
+    /// Flushes everything written so far (only while no writer runs).
+    pub fn flush(&self) -> Result<(), OpenError> {
+        self.segments.flush()
+    }
+}
+
+/// Decodes and verifies the stored bytes of record `seq` (a failure names the record).
+pub fn decode_at(seq: u64, bytes: &[u8]) -> Result<Record, OpenError> {
+    record::decode(bytes).map_err(|source| OpenError::Damaged { seq, source })
+}
+
+pub(super) fn seq_of(key: &[u8]) -> Result<u64, OpenError> {
+    let bytes: [u8; 8] = key
+        .try_into()
+        .map_err(|_| OpenError::BadKey(key.to_vec()))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+/// Test hook: overwrites the stored bytes of record `seq` with a damaged copy, as a bad
+/// disk would. Only for a log no server has open.
+#[doc(hidden)]
+pub fn damage_record(dir: &Path, seq: u64) -> Result<(), OpenError> {
+    let log = Log::open(dir)?;
+    let key = seq.to_be_bytes();
+    for slot in log.segments.list() {
+        let Some(segment) = open_segment(&slot)? else {
+            continue;
+        };
+        let err = sled_err(&slot.path);
+        if let Some(value) = segment.db().get(key).map_err(&err)? {
+            let mut value = value.to_vec();
+            if let Some(last) = value.last_mut() {
+                *last ^= 0x5a;
+            }
+            segment.db().insert(key, value).map_err(&err)?;
+            segment.db().flush().map_err(&err)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,282 @@
+//! Reading the log: records in order from any point (recovery, snapshots, rebuilds,
+//! `stockd log dump`), with the next segment opened ahead on the segment thread, and the
+//! truncation of its front once snapshots cover it.
+
+use std::io;
+use std::sync::{mpsc, Arc};
+
+
+use crate::storage::record::{self, Record};
+
+use super::*;
+
+/// Reads the log while the writer runs (sled is safe to read concurrently), and drops its
+/// front once snapshots cover it.
+#[derive(Clone)]
+pub struct LogReader {
+    pub(super) segments: Arc<Segments>,
+}
+
+/// What `stockd log dump` reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LogSummary {
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    pub records: u64,
+    /// Encoded record bytes (what sled stores as values; its own overhead is not counted).
+    pub record_bytes: u64,
+    /// Segments (a sled database each) the records are in.
+    pub segments: usize,
+    /// Records up to here may have been dropped (snapshots cover them).
+    pub truncated_through: u64,
+    /// Records per kind, e.g. `ReservationCreated`.
+    pub kinds: std::collections::BTreeMap<String, u64>,
+    /// The first damaged record, if any (the summary stops counting there).
+    pub damaged_at: Option<u64>,
+}
+
+impl std::fmt::Display for LogSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let range = match (self.first_seq, self.last_seq) {
+            (Some(first), Some(last)) => format!("{first}..={last}"),
+            _ => "empty".to_string(),
+        };
+        writeln!(f, "records:           {} ({range})", self.records)?;
+        writeln!(f, "record bytes:      {}", self.record_bytes)?;
+        writeln!(f, "segments:          {}", self.segments)?;
+        writeln!(
+            f,
+            "truncated through: {} (covered by snapshots)",
+            self.truncated_through
+        )?;
+        for (kind, count) in &self.kinds {
+            writeln!(f, "  {kind:<22} {count}")?;
+        }
+        if let Some(seq) = self.damaged_at {
+            writeln!(f, "DAMAGED record at:  {seq} (counting stopped there)")?;
+        }
+        Ok(())
+    }
+}
+
+impl LogReader {
+    /// Every record after `after`, in log order, verified. A segment truncated while this
+    /// runs is read on if it was already opened; otherwise the stream skips it if nothing
+    /// was read yet, else ends there (the caller sees a shorter log, never a hole or a
+    /// wrong record).
+    pub fn records_after(
+        &self,
+        after: u64,
+    ) -> impl Iterator<Item = Result<(u64, Record), OpenError>> + Send + 'static {
+        self.raw_records_after(after).map(|item| {
+            let (seq, bytes) = item?;
+            Ok((seq, decode_at(seq, &bytes)?))
+        })
+    }
+
+    /// Every record after `after`, in log order, as stored (encoded, not verified: the
+    /// snapshot worker verifies what it is sent).
+    pub fn raw_records_after(
+        &self,
+        after: u64,
+    ) -> impl Iterator<Item = Result<(u64, sled::IVec), OpenError>> + Send + 'static {
+        Records {
+            service: self.segments.service.clone(),
+            slots: self.segments.after(after).into(),
+            from: after.saturating_add(1),
+            current: None,
+            opening: None,
+            failed: false,
+            yielded: false,
+        }
+    }
+
+    /// Opens, on the segment thread, the first segments holding records after `after`, and
+    /// keeps them open until the returned guard is dropped. Recovery calls it before it
+    /// decodes the snapshot, so that opening the log (sled reads each segment's own log
+    /// when it opens it) overlaps decoding instead of following it.
+    pub fn open_ahead(&self, after: u64, segments: usize) -> OpenAhead {
+        let service = &self.segments.service;
+        let opening = self
+            .segments
+            .after(after)
+            .into_iter()
+            .take(segments)
+            .map(|slot| service.open(slot))
+            .collect();
+        OpenAhead {
+            service: service.clone(),
+            opening,
+        }
+    }
+
+    /// Every record in log order, verified.
+    pub fn records(&self) -> impl Iterator<Item = Result<(u64, Record), OpenError>> + Send {
+        self.records_after(0)
+    }
+
+    /// The highest sequence number that may have been dropped from the front of the log
+    /// (0: none).
+    pub fn truncated_through(&self) -> u64 {
+        self.segments.mark()
+    }
+
+    /// Drops the records up to and including `seq` (a kept snapshot covers them), a whole
+    /// segment at a time: segments that end at or before `seq` are deleted, the one that
+    /// straddles it stays until a later truncation. The mark is written (durably) before
+    /// anything is deleted and never lowered. A segment someone is reading is deleted when
+    /// its reader is done. Returns the number of records dropped.
+    pub fn truncate_through(&self, seq: u64) -> Result<u64, OpenError> {
+        let mark = self.segments.raise_mark(seq)?;
+        let slots = self.segments.list();
+        let mut dropped = 0;
+        for pair in slots.windows(2) {
+            let (slot, next) = (&pair[0], &pair[1]);
+            if next.first > mark.saturating_add(1) {
+                break;
+            }
+            self.segments.remove(slot.first)?;
+            dropped += next.first - slot.first;
+        }
+        Ok(dropped)
+    }
+
+    /// Sequence range, counts and sizes, decoding every record (for `stockd log dump`).
+    pub fn summary(&self) -> Result<LogSummary, OpenError> {
+        let slots = self.segments.list();
+        let mut summary = LogSummary {
+            truncated_through: self.truncated_through(),
+            segments: slots.len(),
+            ..LogSummary::default()
+        };
+        for slot in slots {
+            let Some(segment) = open_segment(&slot)? else {
+                continue;
+            };
+            for item in segment.db().iter() {
+                let (key, value) = item.map_err(sled_err(&slot.path))?;
+                let seq = seq_of(&key)?;
+                let record = match record::decode(&value) {
+                    Ok(record) => record,
+                    Err(_) => {
+                        summary.damaged_at = Some(seq);
+                        return Ok(summary);
+                    }
+                };
+                summary.first_seq.get_or_insert(seq);
+                summary.last_seq = Some(seq);
+                summary.records += 1;
+                summary.record_bytes += value.len() as u64;
+                *summary.kinds.entry(record.kind().to_string()).or_insert(0) += 1;
+            }
+        }
+        Ok(summary)
+    }
+}
+
+type Opening = mpsc::Receiver<Result<Option<SegmentRef>, OpenError>>;
+
+/// Segments held open by `LogReader::open_ahead` (a failure to open one is left for the
+/// read itself to report). Dropping it lets them close, on the segment thread.
+pub struct OpenAhead {
+    service: Service,
+    opening: Vec<Opening>,
+}
+
+impl Drop for OpenAhead {
+    fn drop(&mut self) {
+        for opening in self.opening.drain(..) {
+            if let Ok(Ok(Some(segment))) = opening.recv() {
+                self.service.close(segment);
+            }
+        }
+    }
+}
+
+/// The records of a run of segments. Opening a segment (sled reads its own log) and
+/// closing it take ~10 and ~6 ms: the next segment is opened on the segment thread while
+/// this one is read, and a finished one is closed there too, off the reader's path.
+struct Records {
+    service: Service,
+    slots: std::collections::VecDeque<Arc<Slot>>,
+    from: u64,
+    /// The segment being read. (The iterator comes before the reference, so it is dropped
+    /// first: the database closes when both are gone.)
+    current: Option<Box<(sled::Iter, SegmentRef)>>,
+    opening: Option<Opening>,
+    failed: bool,
+    /// A record was read: a segment missing after this ends the stream.
+    yielded: bool,
+}
+
+impl Records {
+    fn open_next(&mut self) -> Option<Result<Option<SegmentRef>, OpenError>> {
+        let opening = match self.opening.take() {
+            Some(opening) => opening,
+            // Through the segment thread as well: a reader may be an idle-class job.
+            None => self.service.open(self.slots.pop_front()?),
+        };
+        let opened = opening.recv().unwrap_or_else(|_| {
+            Err(OpenError::Io {
+                path: String::new(),
+                source: io::Error::other("the log's segment thread stopped"),
+            })
+        });
+        if let Some(next) = self.slots.pop_front() {
+            self.opening = Some(self.service.open(next));
+        }
+        Some(opened)
+    }
+}
+
+impl Iterator for Records {
+    type Item = Result<(u64, sled::IVec), OpenError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if self.failed {
+                return None;
+            }
+            if let Some(reading) = &mut self.current {
+                let (iter, segment) = &mut **reading;
+                if let Some(item) = iter.next() {
+                    self.yielded = true;
+                    let item = item.map_err(sled_err(&segment.slot.path));
+                    return Some(item.and_then(|(key, value)| Ok((seq_of(&key)?, value))));
+                }
+                let done = self.current.take();
+                self.service.run(Box::new(move || drop(done)));
+            }
+            match self.open_next()? {
+                // (A segment truncated after it was opened is read all the same: its
+                // records are still right, and the reader wants them.)
+                Ok(Some(segment)) => {
+                    let iter = segment.db().range(self.from.to_be_bytes()..);
+                    self.current = Some(Box::new((iter, segment)));
+                }
+                // Truncated before it was opened: skipped if nothing was read yet (the
+                // reader starts later), else the end of what can be read without a hole.
+                Ok(None) if self.yielded => {
+                    self.failed = true;
+                    return None;
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    self.failed = true;
+                    return Some(Err(err));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Records {
+    fn drop(&mut self) {
+        let current = self.current.take();
+        self.service.run(Box::new(move || drop(current)));
+        // An opening ahead holds a reference once it is done: closed after it.
+        if let Some(Ok(Ok(Some(segment)))) = self.opening.take().map(|o| o.recv()) {
+            self.service.close(segment);
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! The hot path: the handle every actor appends through, the tickets that resolve once a
+//! record is flushed, and the writer thread's group commit.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use crate::limits::LOG_BATCH_RECORDS_MAX;
+use crate::storage::record::{self, Record};
+
+use super::*;
+
+#[must_use = "a change is acknowledged only once its ticket resolves"]
+pub struct Ticket(oneshot::Receiver<Result<u64, LogError>>);
+
+impl Ticket {
+    /// Waits until the record is flushed; returns its sequence number.
+    pub async fn durable(self) -> Result<u64, LogError> {
+        match self.0.await {
+            Ok(result) => result,
+            Err(_) => Err(LogError::Unavailable("the log writer stopped".into())),
+        }
+    }
+}
+
+pub(super) enum Command {
+    Append(Record, Option<oneshot::Sender<Result<u64, LogError>>>),
+    /// Resolves once every command queued before it has been flushed.
+    Barrier(oneshot::Sender<Result<u64, LogError>>),
+    Shutdown(oneshot::Sender<Result<u64, LogError>>),
+}
+
+/// Cheap to clone; every actor that logs holds one.
+#[derive(Clone)]
+pub struct LogHandle {
+    tx: mpsc::Sender<Command>,
+    fail_writes: Arc<AtomicBool>,
+    /// Set by the writer when a write fails; the log then refuses everything.
+    failed: Arc<AtomicBool>,
+    /// Sequence number of the last flushed record.
+    durable: Arc<AtomicU64>,
+    counters: Arc<WriterCounters>,
+}
+
+/// What the writer has done since it started, kept by the writer for `stats`.
+#[derive(Default)]
+pub(super) struct WriterCounters {
+    batches: AtomicU64,
+    records: AtomicU64,
+    write_ns: AtomicU64,
+}
+
+/// The log's figures for operators (`GET /metrics`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// Sequence number of the last flushed record.
+    pub durable_seq: u64,
+    /// Group commits since start: records written and flushed together.
+    pub batches: u64,
+    /// Records written since start.
+    pub records: u64,
+    /// Time spent writing and flushing those batches, in nanoseconds.
+    pub write_ns: u64,
+    /// False once a write has failed.
+    pub healthy: bool,
+}
+
+impl LogHandle {
+    /// Queues `record`; the returned ticket resolves when it is durable.
+    pub fn append(&self, record: Record) -> Ticket {
+        let (tx, rx) = oneshot::channel();
+        if let Err(mpsc::SendError(Command::Append(_, Some(tx)))) =
+            self.tx.send(Command::Append(record, Some(tx)))
+        {
+            let _ = tx.send(Err(LogError::Unavailable("the log writer stopped".into())));
+        }
+        Ticket(rx)
+    }
+
+    /// A ticket that resolves once everything queued so far is durable, with the sequence
+    /// number of the last record queued before it. Used when an answer repeats an earlier
+    /// change (an idempotent replay, a repeated confirm) whose own record may still be in
+    /// flight, and to know exactly which records a read of the log must include.
+    pub fn barrier(&self) -> Ticket {
+        let (tx, rx) = oneshot::channel();
+        if let Err(mpsc::SendError(Command::Barrier(tx))) = self.tx.send(Command::Barrier(tx)) {
+            let _ = tx.send(Err(LogError::Unavailable("the log writer stopped".into())));
+        }
+        Ticket(rx)
+    }
+
+    /// Sequence number of the last record known to be flushed (0 if none).
+    pub fn durable_seq(&self) -> u64 {
+        self.durable.load(Ordering::SeqCst)
+    }
+
+    /// Flushes everything queued and stops the writer. Later appends fail.
+    pub async fn shutdown(&self) -> Result<u64, LogError> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Shutdown(tx)).is_err() {
+            return Ok(0);
+        }
+        Ticket(rx).durable().await
+    }
+
+    /// The log's figures since start.
+    pub fn stats(&self) -> LogStats {
+        LogStats {
+            durable_seq: self.durable_seq(),
+            batches: self.counters.batches.load(Ordering::Relaxed),
+            records: self.counters.records.load(Ordering::Relaxed),
+            write_ns: self.counters.write_ns.load(Ordering::Relaxed),
+            healthy: self.is_healthy(),
+        }
+    }
+
+    /// False once a write has failed: the server then refuses every mutation with 503.
+    pub fn is_healthy(&self) -> bool {
+        !self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Failure injection for tests: every later write fails as if the disk refused it.
+    #[doc(hidden)]
+    pub fn inject_write_failure(&self) {
+        self.fail_writes.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Log {
+    /// Starts the writer thread; the log is then written only through the handle. The
+    /// first record written gets `next_seq`.
+    pub fn start_writer(
+        self,
+        next_seq: u64,
+    ) -> Result<(LogHandle, thread::JoinHandle<()>), OpenError> {
+        let (tx, rx) = mpsc::channel();
+        let fail_writes = Arc::new(AtomicBool::new(false));
+        let failed = Arc::new(AtomicBool::new(false));
+        let durable = Arc::new(AtomicU64::new(next_seq - 1));
+        let counters = Arc::new(WriterCounters::default());
+        // Appends continue the newest segment, unless it is full (or there is none). A
+        // newest segment that starts after `next_seq` was created ahead of need and never
+        // written (a crash, or a cut by `truncate_from`): removed, so that no record is
+        // ever stored under a later segment's name. Failing that is an error: segments must
+        // follow one another, or truncation and readers would misjudge where one ends.
+        let mut current = None;
+        while let Some(slot) = self.segments.list().pop() {
+            let Some(segment) = open_segment(&slot)? else {
+                break;
+            };
+            if slot.first > next_seq && segment.db().is_empty() {
+                drop(segment);
+                self.segments.remove(slot.first)?;
+                continue;
+            }
+            current = Some(segment);
+            break;
+        }
+        let writer = Writer {
+            failed_flag: failed.clone(),
+            durable: durable.clone(),
+            counters: counters.clone(),
+            segments: self.segments,
+            current,
+            preparing: None,
+            segment_records: self.segment_records,
+            flush_interval: self.flush_interval,
+            next_seq,
+            failed: None,
+            fail_writes: fail_writes.clone(),
+        };
+        let join = thread::Builder::new()
+            .name("stockd-log-writer".into())
+            .spawn(move || writer.run(rx))
+            .expect("spawning the log writer thread");
+        Ok((
+            LogHandle {
+                tx,
+                fail_writes,
+                failed,
+                durable,
+                counters,
+            },
+            join,
+        ))
+    }
+}
+
+pub(super) struct Writer {
+    pub(super) segments: Arc<Segments>,
+    /// The segment being appended to.
+    pub(super) current: Option<SegmentRef>,
+    /// The next segment, being created ahead of need on the segment thread: (its first
+    /// sequence, the answer).
+    pub(super) preparing: Option<(u64, mpsc::Receiver<Result<SegmentRef, OpenError>>)>,
+    pub(super) segment_records: u64,
+    pub(super) flush_interval: Duration,
+    pub(super) next_seq: u64,
+    /// Set on the first failed write; the log never writes again.
+    pub(super) failed: Option<LogError>,
+    pub(super) failed_flag: Arc<AtomicBool>,
+    pub(super) fail_writes: Arc<AtomicBool>,
+    pub(super) durable: Arc<AtomicU64>,
+    pub(super) counters: Arc<WriterCounters>,
+}
+
+pub(super) type Waiter = oneshot::Sender<Result<u64, LogError>>;
+
+impl Writer {
+    pub(super) fn run(mut self, rx: mpsc::Receiver<Command>) {
+        let mut records: Vec<(Record, Option<Waiter>)> = Vec::with_capacity(LOG_BATCH_RECORDS_MAX);
+        // Each barrier with the number of this batch's records queued before it.
+        let mut barriers: Vec<(Waiter, u64)> = Vec::new();
+        let mut last_flush = Instant::now();
+        loop {
+            let mut shutdown = None;
+            // Block for the first command, then take whatever else is already queued, up to
+            // a shutdown (which must see exactly the records before it).
+            match rx.recv() {
+                Ok(cmd) => self.take(cmd, &mut records, &mut barriers, &mut shutdown),
+                Err(_) => return self.finish(None),
+            }
+            let since = last_flush.elapsed();
+            if shutdown.is_none() && since < self.flush_interval {
+                thread::sleep(self.flush_interval - since);
+            }
+            last_flush = Instant::now();
+            while shutdown.is_none() && records.len() < LOG_BATCH_RECORDS_MAX {
+                match rx.try_recv() {
+                    Ok(cmd) => self.take(cmd, &mut records, &mut barriers, &mut shutdown),
+                    Err(_) => break,
+                }
+            }
+            let first_seq = self.next_seq;
+            let started = Instant::now();
+            let outcome = self.write_batch(&records);
+            if let Ok(last) = outcome {
+                self.durable.store(last, Ordering::SeqCst);
+                if !records.is_empty() {
+                    let c = &self.counters;
+                    c.batches.fetch_add(1, Ordering::Relaxed);
+                    c.records.fetch_add(records.len() as u64, Ordering::Relaxed);
+                    let ns = started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+                    c.write_ns.fetch_add(ns, Ordering::Relaxed);
+                }
+            }
+            for (i, (_, waiter)) in records.drain(..).enumerate() {
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(outcome.clone().map(|_| first_seq + i as u64));
+                }
+            }
+            for (waiter, before) in barriers.drain(..) {
+                let _ = waiter.send(outcome.clone().map(|_| first_seq - 1 + before));
+            }
+            if shutdown.is_some() {
+                return self.finish(shutdown);
+            }
+        }
+    }
+
+    pub(super) fn take(
+        &self,
+        cmd: Command,
+        records: &mut Vec<(Record, Option<Waiter>)>,
+        barriers: &mut Vec<(Waiter, u64)>,
+        shutdown: &mut Option<Waiter>,
+    ) {
+        match cmd {
+            Command::Append(record, waiter) => records.push((record, waiter)),
+            Command::Barrier(waiter) => barriers.push((waiter, records.len() as u64)),
+            Command::Shutdown(waiter) => *shutdown = Some(waiter),
+        }
+    }
+
+    /// Writes and flushes one batch; returns the sequence number of its last record.
+    pub(super) fn write_batch(&mut self, records: &[(Record, Option<Waiter>)]) -> Result<u64, LogError> {
+        if let Some(err) = &self.failed {
+            return Err(err.clone());
+        }
+        if records.is_empty() {
+            return Ok(self.next_seq - 1);
+        }
+        let result = self.try_write(records);
+        match result {
+            Ok(last) => Ok(last),
+            Err(err) => {
+                tracing::error!(error = %err, "write-ahead log failed; refusing all further writes");
+                self.failed = Some(err.clone());
+                self.failed_flag.store(true, Ordering::SeqCst);
+                Err(err)
+            }
+        }
+    }
+
+    pub(super) fn try_write(&mut self, records: &[(Record, Option<Waiter>)]) -> Result<u64, LogError> {
+        if self.fail_writes.load(Ordering::SeqCst) {
+            return Err(LogError::Unavailable("injected write failure".into()));
+        }
+        let io = |e: sled::Error| LogError::Unavailable(e.to_string());
+        // Each segment gets one sled batch of the records that fit in it, and is flushed
+        // before the next segment is written: the disk always holds a prefix of the log.
+        let mut seq = self.next_seq;
+        let mut rest = records;
+        while !rest.is_empty() {
+            let room = match &self.current {
+                Some(segment) => (segment.first() + self.segment_records).saturating_sub(seq),
+                None => 0,
+            };
+            if room == 0 {
+                let next = self
+                    .next_segment(seq)
+                    .map_err(|e| LogError::Unavailable(e.to_string()))?;
+                if let Some(full) = self.current.replace(next) {
+                    // Closed on the segment thread (it is already flushed).
+                    self.segments.service.close(full);
+                }
+                continue;
+            }
+            let (now, later) = rest.split_at(rest.len().min(room as usize));
+            let segment = self.current.as_ref().expect("a segment is open");
+            let mut batch = sled::Batch::default();
+            for (record, _) in now {
+                batch.insert(&seq.to_be_bytes(), record::encode(record));
+                seq += 1;
+            }
+            segment.db().apply_batch(batch).map_err(io)?;
+            segment.db().flush().map_err(io)?;
+            rest = later;
+        }
+        debug_assert!(seq == self.next_seq + records.len() as u64);
+        self.next_seq = seq;
+        self.prepare_next_segment();
+        Ok(seq - 1)
+    }
+
+    /// Once the current segment is half full, its successor is created on the segment thread
+    /// (sled creates its files, the directory is synced: a few milliseconds that would
+    /// otherwise stall every waiting acknowledgement when the segment fills up).
+    pub(super) fn prepare_next_segment(&mut self) {
+        let Some(current) = &self.current else { return };
+        let first = current.first() + self.segment_records;
+        if self.preparing.is_some() || (self.next_seq - current.first()) * 2 < self.segment_records
+        {
+            return;
+        }
+        let segments = self.segments.clone();
+        let (tx, rx) = mpsc::channel();
+        self.segments.service.run(Box::new(move || {
+            let created = segments.create(first);
+            drop(segments); // before the answer: the writer's shutdown may follow it
+            let _ = tx.send(created);
+        }));
+        self.preparing = Some((first, rx));
+    }
+
+    /// The segment that starts at `first`: the prepared one, or created now.
+    pub(super) fn next_segment(&mut self, first: u64) -> Result<SegmentRef, OpenError> {
+        if let Some((prepared, answer)) = self.preparing.take() {
+            match answer.recv() {
+                Ok(Ok(segment)) if prepared == first => return Ok(segment),
+                Ok(Err(err)) => {
+                    tracing::warn!(error = %err, "preparing the next log segment failed; trying again")
+                }
+                // Not the one needed (cannot happen while segments are full-sized): removed,
+                // so that no empty segment is left ahead of the records.
+                Ok(Ok(unused)) => {
+                    drop(unused);
+                    self.segments.remove(prepared)?;
+                }
+                Err(_) => {}
+            }
+        }
+        self.segments.create(first)
+    }
+
+    pub(super) fn finish(mut self, shutdown: Option<Waiter>) {
+        let result = match &self.failed {
+            Some(err) => Err(err.clone()),
+            None => match &self.current {
+                Some(segment) => segment
+                    .db()
+                    .flush()
+                    .map(|_| self.next_seq - 1)
+                    .map_err(|e| LogError::Unavailable(e.to_string())),
+                None => Ok(self.next_seq - 1),
+            },
+        };
+        // A prepared segment that never got a record is removed again.
+        if let Some((first, answer)) = self.preparing.take() {
+            if let Ok(Ok(prepared)) = answer.recv() {
+                let empty = prepared.db().is_empty();
+                drop(prepared);
+                if empty {
+                    // Left behind, it is removed by the next `start_writer` (or stops it).
+                    if let Err(err) = self.segments.remove(first) {
+                        tracing::warn!(error = %err, "cannot remove the unused log segment");
+                    }
+                }
+            }
+        }
+        // Closed before the answer: when shutdown returns, the log is closed (segments
+        // being closed on the segment thread included; readers are stopped before).
+        drop(self.current.take());
+        if !self.segments.guard.wait_closed(Duration::from_secs(30)) {
+            tracing::warn!("log segments still open 30 s after the writer stopped");
+        }
+        drop(self.segments);
+        if let Some(waiter) = shutdown {
+            let _ = waiter.send(result);
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! Everything that reaches the disk, and the one fold that turns it back into state.
+//!
+//! - `record`: the log record type and its versioned, checksummed bincode codec.
+//! - `fold`: `apply(state, record)`, the only place records become state (invariant 4 in
+//!   docs/ARCHITECTURE.md).
+//! - `log`: the write-ahead log over sled: one writer thread with group commit, segments,
+//!   reading, the directory lock and truncation.
+//! - `snapshot`: snapshot files (the state after log record S): write, verify, read, prune.
+//! - `recovery`: the newest verifying snapshot plus the log after it, folded.
+//! - `snapshotter`: the background thread that takes snapshots and truncates the log.
+//! - `snapshot_worker`: the child process (`stockd snapshot-worker`) that builds a snapshot
+//!   for a running server, and the server's side of that exchange.
+//!
+//! Nothing here knows about actors, the service or HTTP.
+
+pub mod fold;
+pub mod log;
+pub mod record;
+pub mod recovery;
+pub mod snapshot;
+pub mod snapshot_worker;
+pub mod snapshotter;
