@@ -54,6 +54,10 @@ pub const ASYNC_FLUSH_INTERVAL_MS: u64 = 5;
 pub const LOG_BATCH_RECORDS_MAX: usize = 4096;
 /// How often the supervisor looks for due expiry deadlines.
 pub const EXPIRY_TICK_MS: u64 = 100;
+/// Most reservations the supervisor expires in one message (each is a log append and a
+/// message per line, a few microseconds): more due ones, as after a long outage, are
+/// expired by the next messages it sends itself, so requests are served in between.
+pub const EXPIRIES_PER_MESSAGE_MAX: usize = 1024;
 /// How long a deleted product's actor keeps answering "not found" before it stops.
 pub const RETIRE_GRACE_MS: u64 = 5_000;
 /// Automatic snapshot after this many durable log records since the newest one.

@@ -8,53 +8,19 @@
 //! up mid-request cannot abandon a change between its steps (a reservation being
 //! assembled needs no task: it travels between the actors, see `actors::supervisor`).
 
-use ractor::rpc::CallResult;
-use ractor::{ActorRef, Message, RpcReplyPort};
+use ractor::{ActorRef, RpcReplyPort};
 use uuid::Uuid;
 
+use crate::actors::assembly::{NewReservation, Reserved};
 use crate::actors::product::{Change, IfMatch, ProductMsg};
-use crate::actors::supervisor::{Listed, NewReservation, Reserved, Stats, SupervisorMsg};
+use crate::actors::supervisor::{Listed, Stats, SupervisorMsg};
+use crate::actors::{ask, AskError};
 use crate::config::Durability;
 use crate::domain::{Line, Price, Product, Reservation};
 use crate::error::{Error, Result};
 use crate::storage::log::{LogHandle, Ticket};
 use crate::storage::record::IdempotencyKey;
 use crate::storage::snapshotter::{Priority, Snapshotter, Taken};
-
-/// Why an actor call produced no answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AskError {
-    /// The actor is not running (stopped, or failed and being restarted).
-    Gone,
-    /// The actor dropped the reply port: it failed while handling the message.
-    Dropped,
-}
-
-impl From<AskError> for Error {
-    fn from(err: AskError) -> Self {
-        match err {
-            AskError::Gone => Error::Unavailable("the product is being restarted; retry".into()),
-            AskError::Dropped => Error::Internal("the request failed inside the server".into()),
-        }
-    }
-}
-
-/// Calls an actor and waits for its answer.
-///
-/// There is deliberately no deadline: a call that timed out could still be carried out
-/// afterwards (a hold nobody rolls back, an idempotency key left "in flight"). Our actors
-/// never wait on anything slow, so an answer always comes; load is bounded before it gets
-/// here, by admission control in the HTTP layer.
-pub async fn ask<M: Message, T: Send + 'static>(
-    actor: &ActorRef<M>,
-    build: impl FnOnce(RpcReplyPort<T>) -> M,
-) -> std::result::Result<T, AskError> {
-    match actor.call(build, None).await {
-        Ok(CallResult::Success(value)) => Ok(value),
-        Ok(CallResult::Timeout) | Ok(CallResult::SenderError) => Err(AskError::Dropped),
-        Err(_) => Err(AskError::Gone),
-    }
-}
 
 /// A validated reservation request.
 #[derive(Clone, Debug, PartialEq, Eq)]

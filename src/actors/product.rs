@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::actors::supervisor::{Assembly, SupervisorMsg};
+use crate::actors::assembly::Assembly;
+use crate::actors::supervisor::SupervisorMsg;
 use crate::clock::{Millis, SharedClock};
 use crate::domain::{Price, Product, StockError};
 use crate::error::Error;

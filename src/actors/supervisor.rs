@@ -1,27 +1,22 @@
 //! The supervisor: routes by SKU, owns every reservation, and fires expiry deadlines.
 //!
-//! Where reservations live: all of them, in this one actor. A reservation's status changes
-//! only here, one message at a time, so a confirm racing an expiry (or a cancel) is decided
-//! by mailbox order and exactly one of them wins. The stock side of a transition is then
-//! sent to the product actors: the record is queued to the log first, then `Release` /
-//! `Commit` is sent, so a record that frees units is in the log before any product actor
-//! can hand those units out again (invariant 3). The supervisor's work per message is a
-//! hash-map update and a channel send; the expensive parts of a request (HTTP, JSON, the
-//! flush wait) happen outside it.
+//! Where reservations live: all of them, in this one actor's `Reservations` (plain data:
+//! see `reservations`). A reservation's status changes only here, one message at a time,
+//! so a confirm racing an expiry (or a cancel) is decided by mailbox order and exactly one
+//! of them wins. The book returns each change as a `Transition`; this actor queues its
+//! record to the log first, then sends `Release` / `Commit` / `SettleHold` to the product
+//! actors (`carry_out`), so a record that frees units is in the log before any product
+//! actor can hand those units out again (invariant 3 in docs/ARCHITECTURE.md). The
+//! supervisor's work per message is a map update and a channel send; the expensive parts
+//! of a request (HTTP, JSON, the flush wait) happen outside it.
 //!
-//! Creating a reservation is one call from the request (`Reserve`) and a relay between this
-//! actor and the product actors: the idempotency check and SKU → actor here, then the
-//! request's lines are held one product at a time (`HoldFor`: the product holds and sends
-//! the reservation back with `Held`), then it is registered here, which logs it and settles
-//! the holds. The reservation being assembled travels inside those messages (`Assembly`),
-//! so no task has to wait in between, and a client that hangs up cannot strand a hold. A
-//! failed hold rolls back the earlier ones with `Unhold`; those holds never reached the
-//! log. An assembly dropped unfinished (an actor failed with it in its mailbox) does the
-//! same from its `Drop`.
+//! Creating a reservation is a relay between this actor and the product actors: see
+//! `assembly`.
 //!
-//! Expiry deadlines sit in one min-heap; a 100 ms interval message (`Tick`) pops the due
-//! ones. Extending a reservation pushes a new entry; a popped entry whose reservation is no
-//! longer pending, or whose deadline moved, is skipped.
+//! A 100 ms interval message (`Tick`) expires the due reservations, at most
+//! `EXPIRIES_PER_MESSAGE_MAX` per message: if more are due (a restart after a long
+//! outage), the supervisor sends itself another `Tick`, so other messages are served in
+//! between.
 //!
 //! Supervision: product actors are linked children. A product actor catches its own panics
 //! (see `product`); if one still fails, this actor logs it and rebuilds the product from
@@ -45,8 +40,7 @@
 //! it has holds in flight (units held for a reservation not registered yet), so a hold is
 //! always registered, or rolled back, on the actor that took it.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
 use std::time::Duration;
 
@@ -54,134 +48,27 @@ use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use uuid::Uuid;
 
+use crate::actors::assembly::{Assembly, NewReservation, Parts, Reserved};
 use crate::actors::product::{
     apply_without_actor, is_stock_effect, IfMatch, ProductActor, ProductMsg,
 };
+use crate::actors::reservations::{
+    Ack, Idempotency, KeyCheck, ReservationEvents, Reservations, StockEffect, Transition,
+};
 use crate::clock::{Millis, SharedClock};
-use crate::domain::{Line, Price, Product, Reservation, Status};
+use crate::domain::{Line, Price, Product, Reservation};
 use crate::error::Error;
-use crate::storage::fold::{IdempotencyEntry, State};
-use crate::limits::{EXPIRY_TICK_MS, FORGET_EVERY_MS, PASSIVATIONS_PER_TICK_MAX};
+use crate::limits::{EXPIRIES_PER_MESSAGE_MAX, EXPIRY_TICK_MS, PASSIVATIONS_PER_TICK_MAX};
+use crate::storage::fold::State;
 use crate::storage::log::{LogHandle, Ticket};
 use crate::storage::record::{IdempotencyKey, Record};
 use crate::storage::snapshotter::Snapshotter;
-
-/// An `Idempotency-Key` with the fingerprint of the request that carries it.
-pub type Idempotency = (IdempotencyKey, Vec<u8>);
-
-/// The answer to `Reserve`; either way, answer the request once `Ticket` resolves.
-pub enum Reserved {
-    /// Held, registered and queued to the log.
-    Created(Reservation, Ticket),
-    /// The idempotency key already created this reservation.
-    Replay(Reservation, Ticket),
-}
 
 /// What `resolve` decided.
 enum Resolved {
     /// Go ahead: hold on these actors (in the order of the request's lines).
     Proceed(Vec<ActorRef<ProductMsg>>),
     Replay(Reservation, Ticket),
-}
-
-/// A reservation asked for: its timestamps are set when it is registered, once every line
-/// is held, so the time its holds took neither shortens its TTL nor lets it be registered
-/// already expired.
-pub struct NewReservation {
-    /// UUIDv7, made by the request's task (off this actor).
-    pub id: Uuid,
-    pub customer_id: String,
-    pub items: Vec<Line>,
-    pub ttl_ms: i64,
-}
-
-/// A reservation being assembled: its lines are held one product at a time, then it is
-/// registered. It travels inside `ProductMsg::HoldFor` and `SupervisorMsg::Held`.
-///
-/// Dropped unfinished (a product actor failed or stopped with it in its mailbox, or the
-/// supervisor is gone), it releases the holds it took, forgets its idempotency key and
-/// answers the request with an internal error, so no hold outlives its reservation.
-pub struct Assembly {
-    /// `Some` until the assembly is finished (registered or abandoned).
-    parts: Option<Parts>,
-}
-
-struct Parts {
-    request: NewReservation,
-    idempotency: Option<Idempotency>,
-    /// The actor of each line.
-    actors: Vec<ActorRef<ProductMsg>>,
-    /// How many lines are held (always the first ones).
-    held: usize,
-    reply: RpcReplyPort<Result<Reserved, Error>>,
-    supervisor: ActorRef<SupervisorMsg>,
-}
-
-impl Assembly {
-    fn parts(&self) -> &Parts {
-        self.parts
-            .as_ref()
-            .expect("an assembly is finished only by value")
-    }
-
-    fn finish(mut self: Box<Self>) -> Parts {
-        self.parts.take().expect("an assembly is finished once")
-    }
-
-    /// The units of the next line to hold.
-    pub fn next_quantity(&self) -> u64 {
-        let parts = self.parts();
-        parts.request.items[parts.held].quantity
-    }
-
-    /// The product of the next line has held its units.
-    pub fn held_next(&mut self) {
-        let parts = self.parts.as_mut().expect("an assembly in progress");
-        debug_assert!(parts.held < parts.actors.len());
-        // Last: nothing may panic between counting the hold and sending it on (a panic
-        // would restore the product's state without the hold, and the Drop would release
-        // a hold that is not there).
-        parts.held += 1;
-    }
-
-    /// Ends the assembly with `err`, away from the supervisor (from a product actor).
-    pub fn abandon(self: Box<Self>, err: Error) {
-        self.finish().abandon(err);
-    }
-}
-
-impl Drop for Assembly {
-    fn drop(&mut self) {
-        if let Some(parts) = self.parts.take() {
-            parts.abandon(Error::Internal(
-                "the request failed inside the server".into(),
-            ));
-        }
-    }
-}
-
-impl Parts {
-    /// Ends the assembly away from the supervisor: the supervisor is asked to forget the
-    /// in-flight key (before the answer, so a retry cannot overtake it); see `answer_err`.
-    fn abandon(self, err: Error) {
-        if let Some((key, _)) = &self.idempotency {
-            let _ = self
-                .supervisor
-                .cast(SupervisorMsg::AbortIdempotency(key.clone()));
-        }
-        self.answer_err(err);
-    }
-
-    /// Rolls back the holds taken (they never reached the log) and answers `err`.
-    fn answer_err(self, err: Error) {
-        for (line, actor) in self.request.items.iter().zip(&self.actors).take(self.held) {
-            // An actor that is gone took its holds with it.
-            let _ = actor.cast(ProductMsg::Unhold {
-                quantity: line.quantity,
-            });
-        }
-        let _ = self.reply.send(Err(err));
-    }
 }
 
 pub enum SupervisorMsg {
@@ -298,16 +185,6 @@ pub struct Stats {
     pub events: ReservationEvents,
 }
 
-/// How many reservations were created, and ended each way, since the server started
-/// (start-up expiries included).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ReservationEvents {
-    pub created: u64,
-    pub confirmed: u64,
-    pub cancelled: u64,
-    pub expired: u64,
-}
-
 pub struct Supervisor {
     pub log: LogHandle,
     pub clock: SharedClock,
@@ -331,20 +208,12 @@ pub struct SupervisorState {
     active: HashSet<String>,
     /// Actor id → SKU, to know which product a supervision event is about.
     skus_by_actor: HashMap<ActorId, String>,
-    /// Ordered maps, for the reasons given on `fold::State`.
-    reservations: BTreeMap<Uuid, Reservation>,
-    deadlines: BinaryHeap<Reverse<(Millis, Uuid)>>,
-    idempotency: BTreeMap<IdempotencyKey, IdempotencyEntry>,
-    /// When ended reservations and old idempotency keys were last forgotten.
-    forgotten_at: Millis,
-    /// Keys whose first request is still being served.
-    in_flight: HashMap<IdempotencyKey, Vec<u8>>,
-    pending: usize,
+    /// Every reservation, its deadline and its idempotency key.
+    book: Reservations,
     product_panics: u64,
     product_restarts: u64,
     activations: u64,
     passivations: u64,
-    events: ReservationEvents,
     /// When idle actors were last looked for.
     passivation_checked_at: Millis,
     ticker: Option<JoinHandle<()>>,
@@ -366,34 +235,22 @@ impl Actor for Supervisor {
             reservations,
             idempotency,
         } = args.state;
-        let mut state = SupervisorState {
+        let now = self.clock.now_ms();
+        let _ = myself;
+        Ok(SupervisorState {
             // Every product starts passive: no actor is spawned per product at start-up.
             routes: sorted_routes(products),
             active: HashSet::new(),
             skus_by_actor: HashMap::new(),
-            deadlines: BinaryHeap::new(),
-            forgotten_at: self.clock.now_ms(),
-            in_flight: HashMap::new(),
-            pending: 0,
+            book: Reservations::new(reservations, idempotency, self.retention_ms, now),
             product_panics: 0,
             product_restarts: 0,
             activations: 0,
             passivations: 0,
-            events: ReservationEvents::default(),
-            passivation_checked_at: self.clock.now_ms(),
+            passivation_checked_at: now,
             ticker: None,
             stopping: false,
-            reservations,
-            idempotency,
-        };
-        for r in state.reservations.values() {
-            if r.status == Status::Pending {
-                state.deadlines.push(Reverse((r.expires_at, r.id)));
-                state.pending += 1;
-            }
-        }
-        let _ = myself;
-        Ok(state)
+        })
     }
 
     async fn post_start(
@@ -504,8 +361,7 @@ impl Actor for Supervisor {
                             reply,
                             supervisor: myself.clone(),
                         };
-                        let assembly = Box::new(Assembly { parts: Some(parts) });
-                        self.hold_next(state, assembly);
+                        self.hold_next(state, Assembly::new(parts));
                     }
                 }
             }
@@ -513,17 +369,13 @@ impl Actor for Supervisor {
                 Ok(()) => self.hold_next(state, assembly),
                 Err(err) => self.fail(state, assembly.finish(), err),
             },
-            SupervisorMsg::AbortIdempotency(key) => {
-                state.in_flight.remove(&key);
-            }
+            SupervisorMsg::AbortIdempotency(key) => state.book.abort(&key),
             SupervisorMsg::GetReservation { id, reply } => {
-                let now = self.clock.now_ms();
-                self.expire_if_due(state, id, now);
-                let result = state
-                    .reservations
-                    .get(&id)
-                    .cloned()
-                    .ok_or_else(|| not_found(id));
+                let mut out = Vec::new();
+                let result = state.book.get(id, self.clock.now_ms(), &mut out);
+                // Nobody waits on an expiry found here: a crash before it is flushed is
+                // repaired by the start-up expiry, since the deadline has passed either way.
+                drop(self.carry_out(state, out));
                 let _ = reply.send(result);
             }
             SupervisorMsg::Confirm {
@@ -531,23 +383,42 @@ impl Actor for Supervisor {
                 order_id,
                 reply,
             } => {
+                let mut out = Vec::new();
                 let now = self.clock.now_ms();
-                let _ = reply.send(self.confirm(state, id, order_id, now));
+                let result = state.book.confirm(id, order_id, now, &mut out);
+                let _ = reply.send(self.answer(state, result, out));
             }
             SupervisorMsg::Cancel { id, reply } => {
-                let now = self.clock.now_ms();
-                let _ = reply.send(self.cancel(state, id, now));
+                let mut out = Vec::new();
+                let result = state.book.cancel(id, self.clock.now_ms(), &mut out);
+                let _ = reply.send(self.answer(state, result, out));
             }
             SupervisorMsg::Extend { id, ttl_ms, reply } => {
-                let now = self.clock.now_ms();
-                let _ = reply.send(self.extend(state, id, ttl_ms, now));
+                let mut out = Vec::new();
+                let result = state.book.extend(id, ttl_ms, self.clock.now_ms(), &mut out);
+                let _ = reply.send(self.answer(state, result, out));
             }
             SupervisorMsg::Tick(reply) => {
                 let now = self.clock.now_ms();
-                self.expire_due(state, now);
-                // Hourly, or ten times per retention period if that is shorter.
-                if now - state.forgotten_at >= FORGET_EVERY_MS.min(self.retention_ms / 10) {
-                    self.forget_old(state, now);
+                let mut out = Vec::new();
+                let more = state
+                    .book
+                    .expire_due(now, EXPIRIES_PER_MESSAGE_MAX, &mut out);
+                // Nobody waits on these records (see `GetReservation`).
+                drop(self.carry_out(state, out));
+                if more {
+                    // The rest after whatever else is waiting in the mailbox; a start-up
+                    // caller is answered once every due reservation is expired.
+                    let _ = myself.cast(SupervisorMsg::Tick(reply));
+                    return Ok(());
+                }
+                if let Some(forgotten) = state.book.forget_if_due(now) {
+                    drop(self.log.append(forgotten.record));
+                    tracing::info!(
+                        reservations = forgotten.reservations,
+                        idempotency_keys = forgotten.idempotency_keys,
+                        "forgot ended reservations and idempotency keys past retention"
+                    );
                 }
                 if now - state.passivation_checked_at >= PASSIVATION_CHECK_MS {
                     state.passivation_checked_at = now;
@@ -590,14 +461,14 @@ impl Actor for Supervisor {
             SupervisorMsg::Stats(reply) => {
                 let _ = reply.send(Stats {
                     products: state.routes.len(),
-                    reservations: state.reservations.len(),
-                    pending: state.pending,
+                    reservations: state.book.len(),
+                    pending: state.book.pending(),
                     product_panics: state.product_panics,
                     product_restarts: state.product_restarts,
                     active_products: state.active.len(),
                     activations: state.activations,
                     passivations: state.passivations,
-                    events: state.events,
+                    events: state.book.events(),
                 });
             }
         }
@@ -670,10 +541,6 @@ fn restarting(sku: &str) -> Error {
     Error::Unavailable(format!("product {sku} is being restarted; retry"))
 }
 
-fn not_found(id: Uuid) -> Error {
-    Error::ReservationNotFound { id: id.to_string() }
-}
-
 impl Supervisor {
     async fn spawn_product(
         &self,
@@ -731,22 +598,6 @@ impl Supervisor {
         }
     }
 
-    /// Retention: logs `Forgotten` and forgets the same reservations and keys the fold
-    /// will (`fold::forget`), so memory, snapshots and recovery agree. Nobody waits on the
-    /// record: if a crash loses it, the next one forgets the same and more.
-    fn forget_old(&self, state: &mut SupervisorState, now: Millis) {
-        state.forgotten_at = now;
-        let before = now - self.retention_ms;
-        drop(self.log.append(Record::Forgotten { before, at: now }));
-        let (reservations, keys) = (state.reservations.len(), state.idempotency.len());
-        crate::storage::fold::forget(&mut state.reservations, &mut state.idempotency, before);
-        tracing::info!(
-            reservations = reservations - state.reservations.len(),
-            idempotency_keys = keys - state.idempotency.len(),
-            "forgot ended reservations and idempotency keys past retention"
-        );
-    }
-
     /// Passivates up to `max` actors idle since `now - passivate_after`; returns how many.
     async fn passivate_idle(&self, state: &mut SupervisorState, now: Millis, max: usize) -> usize {
         let Some(after) = self.passivate_after else {
@@ -768,7 +619,7 @@ impl Supervisor {
         for (sku, actor) in idle {
             // Waited for here, so that nothing reaches the product in between. Product
             // actors answer at once (they never wait on anything).
-            let answer = crate::service::ask(&actor, ProductMsg::Passivate).await;
+            let answer = crate::actors::ask(&actor, ProductMsg::Passivate).await;
             match answer {
                 Ok(Some(product)) => {
                     debug_assert!(product.invariant_holds());
@@ -843,10 +694,10 @@ impl Supervisor {
             .await
             .ok_or_else(|| restarting(sku))?;
         // Awaiting a product actor here is safe and short: product actors never wait.
-        let asked = crate::service::ask(&actor, |reply| ProductMsg::Delete { if_match, reply });
+        let asked = crate::actors::ask(&actor, |reply| ProductMsg::Delete { if_match, reply });
         let ticket = match asked.await {
             Ok(result) => result?,
-            Err(crate::service::AskError::Gone) => return Err(restarting(sku)),
+            Err(crate::actors::AskError::Gone) => return Err(restarting(sku)),
             Err(err) => return Err(err.into()),
         };
         state.routes.remove(sku);
@@ -943,23 +794,8 @@ impl Supervisor {
         items: &[Line],
         idempotency: Option<&Idempotency>,
     ) -> Result<Resolved, Error> {
-        if let Some((key, fingerprint)) = idempotency {
-            if let Some(entry) = state.idempotency.get(key) {
-                if entry.fingerprint != *fingerprint {
-                    return Err(Error::IdempotencyKeyReused);
-                }
-                // Remembered (retention forgets a key no earlier than its reservation).
-                let original = state
-                    .reservations
-                    .get(&entry.reservation_id)
-                    .ok_or_else(|| Error::Internal("remembered reservation is missing".into()))?;
-                return Ok(Resolved::Replay(original.clone(), self.log.barrier()));
-            }
-            match state.in_flight.get(key) {
-                Some(f) if f == fingerprint => return Err(Error::IdempotencyKeyInFlight),
-                Some(_) => return Err(Error::IdempotencyKeyReused),
-                None => {}
-            }
+        if let KeyCheck::Replay(original) = state.book.check_key(idempotency)? {
+            return Ok(Resolved::Replay(original, self.log.barrier()));
         }
         let mut actors = Vec::with_capacity(items.len());
         for line in items {
@@ -972,9 +808,7 @@ impl Supervisor {
                 None => return Err(restarting(sku)),
             }
         }
-        if let Some((key, fingerprint)) = idempotency {
-            state.in_flight.insert(key.clone(), fingerprint.clone());
-        }
+        state.book.begin(idempotency);
         Ok(Resolved::Proceed(actors))
     }
 
@@ -1007,7 +841,7 @@ impl Supervisor {
     /// Ends an assembly that cannot go on: its holds are rolled back, its key forgotten.
     fn fail(&self, state: &mut SupervisorState, parts: Parts, err: Error) {
         if let Some((key, _)) = &parts.idempotency {
-            state.in_flight.remove(key);
+            state.book.abort(key);
         }
         parts.answer_err(err);
     }
@@ -1039,45 +873,71 @@ impl Supervisor {
             reply,
             ..
         } = parts;
-        let now = self.clock.now_ms();
-        let reservation = Reservation::new(
+        let (reservation, created) = state.book.register(
             request.id,
             request.customer_id,
             request.items,
-            now,
-            now + request.ttl_ms,
-        );
-        let id = reservation.id;
-        let at = reservation.created_at;
-        if let Some((key, fingerprint)) = &idempotency {
-            state.in_flight.remove(key);
-            state.idempotency.insert(
-                key.clone(),
-                IdempotencyEntry {
-                    reservation_id: id,
-                    fingerprint: fingerprint.clone(),
-                    created_at: at,
-                },
-            );
-        }
-        // A take: queued after the holds it records (invariant 3 allows it).
-        let ticket = self.log.append(Record::ReservationCreated {
-            id,
-            customer_id: reservation.customer_id.clone(),
-            items: reservation.items.clone(),
-            created_at: at,
-            expires_at: reservation.expires_at,
+            request.ttl_ms,
             idempotency,
-        });
-        for line in &reservation.items {
-            let quantity = line.quantity;
-            self.send_stock(state, &line.sku, ProductMsg::SettleHold { quantity, at });
+            self.clock.now_ms(),
+        );
+        let ticket = self.carry_out_one(state, created);
+        let _ = reply.send(Ok(Reserved::Created(reservation, ticket)));
+    }
+
+    /// Carries out the book's transitions in order: each record is queued to the log, then
+    /// its stock effect is sent to its products, so a record that frees units is in the
+    /// log before any product can hand them out again (invariant 3). Returns the ticket of
+    /// the last record.
+    fn carry_out(&self, state: &mut SupervisorState, out: Vec<Transition>) -> Option<Ticket> {
+        let mut last = None;
+        for transition in out {
+            last = Some(self.carry_out_one(state, transition));
         }
-        state.deadlines.push(Reverse((reservation.expires_at, id)));
-        state.pending += 1;
-        state.events.created += 1;
-        let _ = reply.send(Ok(Reserved::Created(reservation.clone(), ticket)));
-        state.reservations.insert(id, reservation);
+        last
+    }
+
+    fn carry_out_one(&self, state: &mut SupervisorState, transition: Transition) -> Ticket {
+        let Transition {
+            record,
+            stock,
+            lines,
+            at,
+        } = transition;
+        let ticket = self.log.append(record);
+        if let Some(effect) = stock {
+            for line in lines {
+                let quantity = line.quantity;
+                let msg = match effect {
+                    StockEffect::Settle => ProductMsg::SettleHold { quantity, at },
+                    StockEffect::Release => ProductMsg::Release { quantity, at },
+                    StockEffect::Commit => ProductMsg::Commit { quantity, at },
+                };
+                self.send_stock(state, &line.sku, msg);
+            }
+        }
+        ticket
+    }
+
+    /// Carries out `out` and pairs an answer about a reservation with the ticket to wait
+    /// for: its own record's, or a barrier if nothing changed.
+    fn answer(
+        &self,
+        state: &mut SupervisorState,
+        result: Result<(Reservation, Ack), Error>,
+        out: Vec<Transition>,
+    ) -> Result<(Reservation, Ticket), Error> {
+        let last = self.carry_out(state, out);
+        let (reservation, ack) = result?;
+        let ticket = match (ack, last) {
+            (Ack::Record, Some(ticket)) => ticket,
+            (Ack::Record, None) => {
+                debug_assert!(false, "a change without its record");
+                self.log.barrier()
+            }
+            (Ack::Barrier, _) => self.log.barrier(),
+        };
+        Ok((reservation, ticket))
     }
 
     /// Sends a stock effect (whose record is already queued) to a product that holds
@@ -1126,138 +986,5 @@ impl Supervisor {
             // It has just failed: its supervision event will rebuild it.
             msg.reply_err(restarting(sku));
         }
-    }
-
-    /// Ends a pending reservation without a sale. The record is queued before the units are
-    /// released (invariant 3).
-    fn end_pending(
-        &self,
-        state: &mut SupervisorState,
-        id: Uuid,
-        expired: bool,
-        at: Millis,
-    ) -> Option<Ticket> {
-        let r = state.reservations.get_mut(&id)?;
-        debug_assert_eq!(r.status, Status::Pending);
-        let record = if expired {
-            r.expire();
-            state.events.expired += 1;
-            Record::ReservationExpired { id, at }
-        } else {
-            r.cancel();
-            state.events.cancelled += 1;
-            Record::ReservationCancelled { id, at }
-        };
-        let items = r.items.clone();
-        state.pending -= 1;
-        let ticket = self.log.append(record);
-        for line in items {
-            let quantity = line.quantity;
-            self.send_stock(state, &line.sku, ProductMsg::Release { quantity, at });
-        }
-        Some(ticket)
-    }
-
-    fn expire_if_due(&self, state: &mut SupervisorState, id: Uuid, now: Millis) {
-        if state.reservations.get(&id).is_some_and(|r| r.is_due(now)) {
-            // Nobody waits on this record: a crash before it is flushed is repaired by the
-            // start-up expiry, since the deadline has passed either way.
-            drop(self.end_pending(state, id, true, now));
-        }
-    }
-
-    fn expire_due(&self, state: &mut SupervisorState, now: Millis) {
-        while let Some(Reverse((deadline, id))) = state.deadlines.peek().copied() {
-            if deadline > now {
-                break;
-            }
-            state.deadlines.pop();
-            self.expire_if_due(state, id, now);
-        }
-    }
-
-    fn confirm(
-        &self,
-        state: &mut SupervisorState,
-        id: Uuid,
-        order_id: Option<String>,
-        now: Millis,
-    ) -> Result<(Reservation, Ticket), Error> {
-        self.expire_if_due(state, id, now);
-        let r = state
-            .reservations
-            .get_mut(&id)
-            .ok_or_else(|| not_found(id))?;
-        match r.status {
-            Status::Confirmed => return Ok((r.clone(), self.log.barrier())),
-            Status::Cancelled => return Err(Error::ReservationCancelled { id }),
-            Status::Expired => return Err(Error::ReservationExpired { id }),
-            Status::Pending => {}
-        }
-        r.confirm(order_id.clone(), now);
-        let view = r.clone();
-        state.pending -= 1;
-        state.events.confirmed += 1;
-        let ticket = self.log.append(Record::ReservationConfirmed {
-            id,
-            order_id,
-            at: now,
-        });
-        for line in &view.items {
-            let quantity = line.quantity;
-            self.send_stock(state, &line.sku, ProductMsg::Commit { quantity, at: now });
-        }
-        Ok((view, ticket))
-    }
-
-    fn cancel(
-        &self,
-        state: &mut SupervisorState,
-        id: Uuid,
-        now: Millis,
-    ) -> Result<(Reservation, Ticket), Error> {
-        self.expire_if_due(state, id, now);
-        let r = state.reservations.get(&id).ok_or_else(|| not_found(id))?;
-        match r.status {
-            Status::Cancelled => Ok((r.clone(), self.log.barrier())),
-            Status::Confirmed => Err(Error::ReservationConfirmed { id }),
-            Status::Expired => Err(Error::ReservationExpired { id }),
-            Status::Pending => {
-                let ticket = self
-                    .end_pending(state, id, false, now)
-                    .ok_or_else(|| not_found(id))?;
-                Ok((state.reservations[&id].clone(), ticket))
-            }
-        }
-    }
-
-    fn extend(
-        &self,
-        state: &mut SupervisorState,
-        id: Uuid,
-        ttl_ms: i64,
-        now: Millis,
-    ) -> Result<(Reservation, Ticket), Error> {
-        self.expire_if_due(state, id, now);
-        let r = state
-            .reservations
-            .get_mut(&id)
-            .ok_or_else(|| not_found(id))?;
-        match r.status {
-            Status::Confirmed => return Err(Error::ReservationConfirmed { id }),
-            Status::Cancelled => return Err(Error::ReservationCancelled { id }),
-            Status::Expired => return Err(Error::ReservationExpired { id }),
-            Status::Pending => {}
-        }
-        let expires_at = now + ttl_ms;
-        r.extend(expires_at);
-        let view = r.clone();
-        state.deadlines.push(Reverse((expires_at, id)));
-        let ticket = self.log.append(Record::ReservationExtended {
-            id,
-            expires_at,
-            at: now,
-        });
-        Ok((view, ticket))
     }
 }
