@@ -7,19 +7,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::{SharedClock, SystemClock};
-use crate::limits::{PASSIVATE_AFTER_SECONDS_DEFAULT, TTL_SECONDS_DEFAULT};
+use crate::limits::{
+    PASSIVATE_AFTER_SECONDS_DEFAULT, RETENTION_SECONDS_DEFAULT, TTL_SECONDS_DEFAULT,
+};
 use crate::storage::snapshot::WriteHooks;
 use crate::storage::snapshotter::SnapshotPolicy;
+pub use crate::storage::Durability;
 
-/// When a mutation is acknowledged.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Durability {
-    /// A 2xx means the change's log record is flushed (the default).
-    Sync,
-    /// A 2xx is sent once the record is queued; it is flushed within one group commit
-    /// (milliseconds) afterwards. A crash in that window loses acknowledged changes.
-    Async,
-}
+/// The address `stockd` serves on without `--listen`.
+pub const LISTEN_DEFAULT: &str = "127.0.0.1:8080";
+/// The data directory without `--data-dir` (the log lives in `DIR/log`).
+pub const DATA_DIR_DEFAULT: &str = "./data";
+/// The snapshot directory without `--snapshot-dir`.
+pub const SNAPSHOT_DIR_DEFAULT: &str = "./snapshots";
 
 #[derive(Clone)]
 pub struct Config {
@@ -53,15 +53,15 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            data_dir: PathBuf::from("./data"),
-            snapshot_dir: PathBuf::from("./snapshots"),
+            listen: LISTEN_DEFAULT.parse().expect("the default address parses"),
+            data_dir: PathBuf::from(DATA_DIR_DEFAULT),
+            snapshot_dir: PathBuf::from(SNAPSHOT_DIR_DEFAULT),
             default_ttl_seconds: TTL_SECONDS_DEFAULT,
             durability: Durability::Sync,
             clock: Arc::new(SystemClock),
             snapshots: SnapshotPolicy::default(),
             passivate_after: Some(Duration::from_secs(PASSIVATE_AFTER_SECONDS_DEFAULT)),
-            retention: Duration::from_millis(crate::limits::IDEMPOTENCY_RETENTION_MS as u64),
+            retention: Duration::from_secs(RETENTION_SECONDS_DEFAULT),
             truncate_damaged_log: false,
             snapshot_worker: None,
             snapshot_hooks: WriteHooks::default(),

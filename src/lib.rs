@@ -22,6 +22,7 @@
 //! The invariants these modules keep are listed in `docs/ARCHITECTURE.md`.
 
 pub mod actors;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod domain;

@@ -24,7 +24,9 @@ pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 255;
 /// Default retention (`--retention-seconds`): how long an idempotency key is remembered
 /// after the reservation it created, and an ended reservation after its deadline (then
 /// `GET` answers 404).
-pub const IDEMPOTENCY_RETENTION_MS: i64 = 24 * 60 * 60 * 1000;
+pub const RETENTION_SECONDS_DEFAULT: u64 = 24 * 60 * 60;
+/// Largest `--retention-seconds`: a year.
+pub const RETENTION_SECONDS_MAX: u64 = 365 * 24 * 60 * 60;
 /// How often the supervisor forgets what is past retention (`Record::Forgotten`).
 pub const FORGET_EVERY_MS: i64 = 60 * 60 * 1000;
 /// Request bodies larger than this are refused with 413.
@@ -66,6 +68,8 @@ pub const SNAPSHOT_EVERY_RECORDS_DEFAULT: u64 = 500_000;
 pub const SNAPSHOT_EVERY_SECONDS_DEFAULT: u64 = 600;
 /// Snapshots kept on disk; the log keeps the records after the oldest of them.
 pub const SNAPSHOTS_KEPT_DEFAULT: usize = 3;
+/// Largest `--snapshots-keep`.
+pub const SNAPSHOTS_KEPT_MAX: u64 = 1000;
 /// A product actor with no message for this long is passivated (its state kept as plain
 /// data in the supervisor) and activated again by its next message.
 pub const PASSIVATE_AFTER_SECONDS_DEFAULT: u64 = 60;

@@ -15,12 +15,12 @@ use crate::actors::assembly::{NewReservation, Reserved};
 use crate::actors::product::{Change, IfMatch, ProductMsg};
 use crate::actors::supervisor::{Listed, Stats, SupervisorMsg};
 use crate::actors::{ask, AskError};
-use crate::config::Durability;
 use crate::domain::{Line, Price, Product, Reservation};
 use crate::error::{Error, Result};
 use crate::storage::log::{LogHandle, Ticket};
 use crate::storage::record::IdempotencyKey;
 use crate::storage::snapshotter::{Priority, Snapshotter, Taken};
+use crate::storage::Durability;
 
 /// A validated reservation request.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use stockd::domain::{Line, Status};
-use stockd::storage::fold::{apply, State};
 use stockd::limits::STOCK_MAX;
+use stockd::storage::fold::{apply, State};
 use stockd::storage::record::{decode, encode, Record};
 use uuid::Uuid;
 
@@ -331,7 +331,7 @@ proptest! {
         let (first, second) = ((a * n as f64) as u64, (b * n as f64) as u64);
         let hooks = stockd::storage::snapshot::WriteHooks::default();
         let taken = stockd::storage::snapshotter::take_snapshot(&reader, &snapshots, first, 2, 0, hooks)
-            .map_err(TestCaseError::fail)?;
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(taken.sequence, first);
         let r = stockd::storage::recovery::recover(&reader, &snapshots, u64::MAX)
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
@@ -342,7 +342,7 @@ proptest! {
         // A second snapshot: the log is truncated through the first (the fallback). At the
         // same sequence, nothing is written and nothing truncated.
         let again = stockd::storage::snapshotter::take_snapshot(&reader, &snapshots, second, 2, 0, hooks)
-            .map_err(TestCaseError::fail)?;
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(again.created, second > first);
         let truncated = if second > first { first } else { 0 };
         prop_assert_eq!(reader.truncated_through(), truncated);
@@ -403,7 +403,8 @@ fn a_damaged_record_in_a_later_segment_is_named() {
     let err = stockd::storage::recovery::fold_log(&log.reader()).unwrap_err();
     assert_eq!(err.damaged_seq(), Some(22), "{err}");
     // Up to the record before it, recovery still works (what a rebuild would ask for).
-    let upto = stockd::storage::recovery::fold_records(&log.reader(), State::default(), 0, 21).unwrap();
+    let upto =
+        stockd::storage::recovery::fold_records(&log.reader(), State::default(), 0, 21).unwrap();
     assert_eq!((upto.1, upto.2), (21, 21));
 }
 

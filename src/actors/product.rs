@@ -3,9 +3,10 @@
 //! The mailbox orders every change to the product, so no lock guards stock. Changes that
 //! the actor decides on its own (patch, replenish, adjust, delete) are queued to the log
 //! inside the same `handle` call that applies them, before the next message is looked at:
-//! a replenish is therefore in the log before any of its units can be held (invariant 3).
-//! Changes decided elsewhere (a reservation's hold, settle, commit, release) arrive as
-//! messages; their records are queued by the supervisor, which owns reservations.
+//! a replenish is therefore in the log before any of its units can be held (invariant 3 in
+//! docs/ARCHITECTURE.md). Changes decided elsewhere (a reservation's hold, settle,
+//! commit, release) arrive as messages; their records are queued by the supervisor, which
+//! owns reservations.
 //!
 //! A panic while handling a message must not lose the product: the message is handled
 //! under `catch_unwind`, the caller gets an internal error (its reply port is dropped; a

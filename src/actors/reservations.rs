@@ -10,8 +10,8 @@
 //! out again (invariant 3 in docs/ARCHITECTURE.md).
 //!
 //! Every operation on one reservation first expires it if its deadline has passed
-//! (invariant 5: the deadline is authoritative), and that expiry's transition comes
-//! first in the list the caller gets back.
+//! (invariant 5 in docs/ARCHITECTURE.md: the deadline is authoritative), and that
+//! expiry's transition comes first in the list the caller gets back.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};

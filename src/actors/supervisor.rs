@@ -62,7 +62,7 @@ use crate::limits::{EXPIRIES_PER_MESSAGE_MAX, EXPIRY_TICK_MS, PASSIVATIONS_PER_T
 use crate::storage::fold::State;
 use crate::storage::log::{LogHandle, Ticket};
 use crate::storage::record::{IdempotencyKey, Record};
-use crate::storage::snapshotter::Snapshotter;
+use crate::storage::snapshotter::{Snapshotter, TakeError};
 
 /// What `resolve` decided.
 enum Resolved {
@@ -136,7 +136,7 @@ pub enum SupervisorMsg {
     /// A failed product's state was rebuilt from the log (or could not be).
     ProductRecovered {
         sku: String,
-        result: Result<Option<Product>, String>,
+        result: Result<Option<Product>, TakeError>,
     },
     /// A rebuild failed a while ago: try again with a fresh barrier.
     RetryRestart(String),
@@ -727,9 +727,9 @@ impl Supervisor {
                 Ok(seq) => match snapshotter.fold_to(seq).await {
                     Ok(Ok(durable)) => Ok(durable.products.get(&sku).cloned()),
                     Ok(Err(err)) => Err(err),
-                    Err(_) => Err("the snapshot thread stopped".to_string()),
+                    Err(_) => Err(TakeError::Stopped),
                 },
-                Err(err) => Err(err.to_string()),
+                Err(err) => Err(err.into()),
             };
             let _ = myself.cast(SupervisorMsg::ProductRecovered { sku, result });
         });
@@ -742,7 +742,7 @@ impl Supervisor {
         myself: &ActorRef<SupervisorMsg>,
         state: &mut SupervisorState,
         sku: String,
-        result: Result<Option<Product>, String>,
+        result: Result<Option<Product>, TakeError>,
     ) {
         let mut product = match result {
             Ok(Some(product)) => product,

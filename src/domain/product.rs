@@ -1,6 +1,6 @@
 //! A product's catalogue data and stock figures, and every change that can be made to them.
 //!
-//! Invariant 1 of DESIGN.md (`0 <= reserved <= on_hand <= STOCK_MAX`) is checked by
+//! Invariant 1 of docs/ARCHITECTURE.md (`0 <= reserved <= on_hand <= STOCK_MAX`) is checked by
 //! `debug_assert!` after every change; the checks that refuse a change (insufficient stock,
 //! overflow) are done before anything is modified, so a refused change leaves no trace.
 

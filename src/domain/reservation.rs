@@ -72,8 +72,8 @@ impl Reservation {
         }
     }
 
-    /// Pending, and its deadline has passed: expired for every purpose (DESIGN.md,
-    /// invariant 5), even if the expiry has not been processed yet.
+    /// Pending, and its deadline has passed: expired for every purpose (invariant 5
+    /// in docs/ARCHITECTURE.md), even if the expiry has not been processed yet.
     pub fn is_due(&self, now: Millis) -> bool {
         self.status == Status::Pending && now >= self.expires_at
     }

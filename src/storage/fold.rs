@@ -3,7 +3,7 @@
 //! changes through the same `domain` methods.
 //!
 //! Recovery applies records as facts: business checks were made before the record was
-//! written. But invariant 1 is asserted after every record, and a record that contradicts
+//! written. But invariant 1 (docs/ARCHITECTURE.md) is asserted after every record, and a record that contradicts
 //! the state (an unknown SKU, a hold beyond what is available) is an error naming the
 //! problem, never a silent repair.
 

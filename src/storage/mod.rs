@@ -20,3 +20,13 @@ pub mod recovery;
 pub mod snapshot;
 pub mod snapshot_worker;
 pub mod snapshotter;
+
+/// When a mutation is acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Durability {
+    /// A 2xx means the change's log record is flushed (the default).
+    Sync,
+    /// A 2xx is sent once the record is queued; it is flushed within one group commit
+    /// (milliseconds) afterwards. A crash in that window loses acknowledged changes.
+    Async,
+}

@@ -2,7 +2,7 @@
 //! the one fold (`crate::storage::fold::apply`). Start-up, the snapshotter (building the next
 //! snapshot, rebuilding a failed product) and the offline tools all recover this way.
 //!
-//! Records are applied as facts; invariant 1 is asserted after every record. A damaged
+//! Records are applied as facts; invariant 1 (docs/ARCHITECTURE.md) is asserted after every record. A damaged
 //! record or one that contradicts the state stops recovery with an error naming its
 //! sequence number: serving from a log we cannot trust could oversell. A snapshot that
 //! fails verification is skipped (with the reason, for a warning) and the one before it is

@@ -98,45 +98,59 @@ pub enum WorkerError {
     /// server builds the snapshot itself instead.
     #[error("cannot start the snapshot worker {program}: {source}")]
     Spawn { program: String, source: io::Error },
+    /// What the child reported (its error crosses the process boundary as text).
     #[error("the snapshot worker failed: {0}")]
     Failed(String),
+    #[error(transparent)]
+    Recovery(#[from] recovery::RecoveryError),
+    #[error("cannot answer the server: {0}")]
+    Answer(io::Error),
+    #[error("cannot write a snapshot in {dir}: {source}")]
+    Write { dir: String, source: io::Error },
 }
 
 /// The child's side: runs one job, reading records from `input`, answering on `output`.
-pub fn run(job: &Job, input: impl Read + Send, mut output: impl Write) -> Result<Built, String> {
+pub fn run(
+    job: &Job,
+    input: impl Read + Send,
+    mut output: impl Write,
+) -> Result<Built, WorkerError> {
     let started = Instant::now();
-    let base = recovery::base_snapshot(&job.snapshot_dir, job.upto, job.truncated_through)
-        .map_err(|e| e.to_string())?;
+    let base = recovery::base_snapshot(&job.snapshot_dir, job.upto, job.truncated_through)?;
     let after = base.snapshot.as_ref().map_or(0, |s| s.seq);
-    let line = serde_json::to_string(&BaseLine { base: after }).map_err(|e| e.to_string())?;
-    writeln!(output, "{line}")
-        .and_then(|()| output.flush())
-        .map_err(|e| format!("cannot answer the server: {e}"))?;
+    answer(&mut output, &BaseLine { base: after })?;
     let frames = Frames {
         input: BufReader::with_capacity(1 << 20, input),
         failed: false,
     };
-    let folded =
-        recovery::fold_stream(frames, base.state, after, job.upto).map_err(|e| e.to_string())?;
+    let folded = recovery::fold_stream(frames, base.state, after, job.upto)?;
     let recovered = recovery::finish(
         base.snapshot,
         base.skipped,
         folded,
         job.upto,
         started.elapsed(),
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     let done = write(job, recovered, started)?;
-    let line = serde_json::to_string(&done).map_err(|e| e.to_string())?;
+    answer(&mut output, &done)?;
+    Ok(done)
+}
+
+/// One line of JSON to the server.
+fn answer(output: &mut impl Write, line: &impl Serialize) -> Result<(), WorkerError> {
+    let line = serde_json::to_string(line).map_err(|e| WorkerError::Answer(e.into()))?;
     writeln!(output, "{line}")
         .and_then(|()| output.flush())
-        .map_err(|e| format!("cannot answer the server: {e}"))?;
-    Ok(done)
+        .map_err(WorkerError::Answer)
 }
 
 /// Writes the recovered state as the snapshot `job` asks for, and describes it; `started`
 /// is when building began. The worker and a server building in-process both end here.
-pub fn write(job: &Job, recovered: recovery::Recovered, started: Instant) -> Result<Built, String> {
+pub fn write(
+    job: &Job,
+    recovered: recovery::Recovered,
+    started: Instant,
+) -> Result<Built, WorkerError> {
     let built = started.elapsed();
     let hooks = WriteHooks {
         pause_before_rename: job.pause_before_rename,
@@ -148,11 +162,9 @@ pub fn write(job: &Job, recovered: recovery::Recovered, started: Instant) -> Res
         job.now,
         hooks,
     )
-    .map_err(|e| {
-        format!(
-            "cannot write a snapshot in {}: {e}",
-            job.snapshot_dir.display()
-        )
+    .map_err(|source| WorkerError::Write {
+        dir: job.snapshot_dir.display().to_string(),
+        source,
     })?;
     Ok(Built {
         sequence: recovered.last_seq,
@@ -459,22 +471,22 @@ mod tests {
             Vec::new(),
         )
         .unwrap_err();
-        assert!(err.contains("log record 3 is damaged"), "{err}");
+        assert!(err.to_string().contains("log record 3 is damaged"), "{err}");
         let mut gap = frames(&records, 0, 2, None);
         gap.extend(frames(&records, 3, 10, None));
         let err = run(&job(tmp.path(), 10), &gap[..], Vec::new()).unwrap_err();
-        assert!(err.contains("log record 3 is missing"), "{err}");
+        assert!(err.to_string().contains("log record 3 is missing"), "{err}");
         let err = run(
             &job(tmp.path(), 10),
             &frames(&records, 0, 8, None)[..],
             Vec::new(),
         )
         .unwrap_err();
-        assert!(err.contains("ends at record 8"), "{err}");
+        assert!(err.to_string().contains("ends at record 8"), "{err}");
         let mut cut = frames(&records, 0, 10, None);
         cut.truncate(cut.len() - 3);
         let err = run(&job(tmp.path(), 10), &cut[..], Vec::new()).unwrap_err();
-        assert!(err.contains("pipe"), "{err}");
+        assert!(err.to_string().contains("pipe"), "{err}");
         assert!(snapshot::list(tmp.path()).unwrap().is_empty());
     }
 

@@ -3,7 +3,7 @@
 //!
 //! A snapshot is built without pausing traffic and without a cut across actors: the newest
 //! snapshot is loaded, the log records after it up to a sequence S that is already durable
-//! are folded onto it (the one fold of DESIGN.md), and the result is written as "the state
+//! are folded onto it (the one fold: invariant 4 in docs/ARCHITECTURE.md), and the result is written as "the state
 //! after record S". A running server does that in its snapshot worker process, fed the log
 //! by this thread (`crate::storage::snapshot_worker`); offline, or without a worker, this thread
 //! does it itself. The actors never stop; the writer keeps appending records after S.
@@ -21,6 +21,7 @@
 //! Both read the log through a `LogReader`; the snapshotter must be stopped (`stop`, then
 //! join) before the log writer, so that the log is closed when the writer stops.
 
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -32,7 +33,7 @@ use tokio::sync::oneshot;
 
 use crate::clock::{Millis, SharedClock};
 use crate::storage::fold::State;
-use crate::storage::log::{LogHandle, LogReader};
+use crate::storage::log::{LogError, LogHandle, LogReader, OpenError};
 use crate::storage::recovery;
 use crate::storage::snapshot::{self, WriteHooks};
 use crate::storage::snapshot_worker;
@@ -102,11 +103,46 @@ pub enum Priority {
     Urgent,
 }
 
+/// Why a snapshot (or the fold for a product's rebuild) could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeError {
+    #[error("the snapshot thread has stopped")]
+    Stopped,
+    #[error("cannot start a thread for the snapshot: {0}")]
+    Thread(io::Error),
+    #[error("cannot {action} in {dir}: {source}")]
+    Dir {
+        action: &'static str,
+        dir: String,
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Log(#[from] OpenError),
+    /// The barrier a rebuild waits for failed: the log cannot be written.
+    #[error(transparent)]
+    LogFailed(#[from] LogError),
+    #[error(transparent)]
+    Recovery(#[from] recovery::RecoveryError),
+    #[error(transparent)]
+    Worker(#[from] snapshot_worker::WorkerError),
+}
+
+impl TakeError {
+    fn dir(action: &'static str, dir: &Path) -> impl FnOnce(io::Error) -> TakeError {
+        let dir = dir.display().to_string();
+        move |source| TakeError::Dir {
+            action,
+            dir,
+            source,
+        }
+    }
+}
+
 enum Job {
     Take {
         upto: u64,
         priority: Priority,
-        reply: oneshot::Sender<Result<Taken, String>>,
+        reply: oneshot::Sender<Result<Taken, TakeError>>,
     },
     Stop,
 }
@@ -114,7 +150,7 @@ enum Job {
 /// A request to the rebuild thread: the state after record `upto`.
 struct Rebuild {
     upto: u64,
-    reply: oneshot::Sender<Result<State, String>>,
+    reply: oneshot::Sender<Result<State, TakeError>>,
 }
 
 /// Cheap to clone: a handle on the snapshot thread (and on the rebuild thread beside it:
@@ -188,7 +224,7 @@ impl Snapshotter {
 
     /// Takes a snapshot of the state after record `upto` (which must be durable), at the
     /// given priority.
-    pub async fn take(&self, upto: u64, priority: Priority) -> Result<Taken, String> {
+    pub async fn take(&self, upto: u64, priority: Priority) -> Result<Taken, TakeError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Job::Take {
@@ -196,19 +232,18 @@ impl Snapshotter {
                 priority,
                 reply,
             })
-            .map_err(|_| "the snapshot thread has stopped".to_string())?;
-        rx.await
-            .map_err(|_| "the snapshot thread has stopped".to_string())?
+            .map_err(|_| TakeError::Stopped)?;
+        rx.await.map_err(|_| TakeError::Stopped)?
     }
 
     /// The state after record `upto` (which must be durable), from the newest snapshot
     /// at or before it plus the log.
-    pub fn fold_to(&self, upto: u64) -> oneshot::Receiver<Result<State, String>> {
+    pub fn fold_to(&self, upto: u64) -> oneshot::Receiver<Result<State, TakeError>> {
         let (reply, rx) = oneshot::channel();
         if let Err(mpsc::SendError(Some(Rebuild { reply, .. }))) =
             self.rebuilds.send(Some(Rebuild { upto, reply }))
         {
-            let _ = reply.send(Err("the snapshot thread has stopped".into()));
+            let _ = reply.send(Err(TakeError::Stopped));
         }
         rx
     }
@@ -248,8 +283,8 @@ const POLICY_CHECK_MS: u64 = 500;
 /// time no request wants, and a waking request thread preempts it at once.
 fn run_at<T: Send>(
     priority: Priority,
-    job: impl FnOnce() -> Result<T, String> + Send,
-) -> Result<T, String> {
+    job: impl FnOnce() -> Result<T, TakeError> + Send,
+) -> Result<T, TakeError> {
     if priority == Priority::Urgent {
         return job();
     }
@@ -262,7 +297,7 @@ fn run_at<T: Send>(
                 release_freed_memory();
                 result
             })
-            .map_err(|e| format!("cannot start a thread for the snapshot: {e}"))?;
+            .map_err(TakeError::Thread)?;
         match handle.join() {
             Ok(result) => result,
             Err(panic) => std::panic::resume_unwind(panic),
@@ -322,7 +357,7 @@ fn rebuild(reader: LogReader, dir: PathBuf, rx: mpsc::Receiver<Option<Rebuild>>)
     while let Ok(Some(Rebuild { upto, reply })) = rx.recv() {
         let result = recovery::recover(&reader, &dir, upto)
             .map(|r| r.state)
-            .map_err(|e| e.to_string());
+            .map_err(TakeError::from);
         let _ = reply.send(result);
     }
 }
@@ -394,7 +429,7 @@ impl Worker {
         }
     }
 
-    fn take(&mut self, upto: u64, priority: Priority) -> Result<Taken, String> {
+    fn take(&mut self, upto: u64, priority: Priority) -> Result<Taken, TakeError> {
         let now = self.args.clock.now_ms();
         let args = &self.args;
         let started = Instant::now();
@@ -429,7 +464,7 @@ pub fn take_snapshot(
     keep: usize,
     now: Millis,
     hooks: WriteHooks,
-) -> Result<Taken, String> {
+) -> Result<Taken, TakeError> {
     let started = Instant::now();
     let built = build_snapshot(reader, dir, upto, now, hooks, None)?;
     drop_unneeded_after(built, reader, dir, keep, started)
@@ -443,7 +478,7 @@ fn drop_unneeded_after(
     dir: &Path,
     keep: usize,
     started: Instant,
-) -> Result<Taken, String> {
+) -> Result<Taken, TakeError> {
     if taken.created {
         taken.log_records_dropped = drop_unneeded(reader, dir, keep)?;
         taken.elapsed_ms = started.elapsed().as_millis() as u64;
@@ -462,11 +497,11 @@ fn build_snapshot(
     now: Millis,
     hooks: WriteHooks,
     worker: Option<&Path>,
-) -> Result<Taken, String> {
+) -> Result<Taken, TakeError> {
     let started = Instant::now();
     // The newest snapshot that verifies, if it is already at (or past: a job queued behind
     // a later one) `upto`, is the answer: nothing older is ever written over it.
-    let listed = snapshot::list(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+    let listed = snapshot::list(dir).map_err(TakeError::dir("list the snapshots", dir))?;
     for (seq, path) in listed {
         if seq < upto {
             break;
@@ -504,10 +539,10 @@ fn build_snapshot(
             Err(err @ snapshot_worker::WorkerError::Spawn { .. }) => {
                 tracing::warn!(error = %err, "building the snapshot in the server instead");
             }
-            Err(err) => return Err(err.to_string()),
+            Err(err) => return Err(err.into()),
         }
     }
-    let recovered = recovery::recover(reader, dir, upto).map_err(|e| e.to_string())?;
+    let recovered = recovery::recover(reader, dir, upto)?;
     let built = snapshot_worker::write(&job, recovered, started)?;
     Ok(created(built, started, false))
 }
@@ -530,18 +565,15 @@ fn created(built: snapshot_worker::Built, started: Instant, worker: bool) -> Tak
 
 /// Prunes old snapshots, then the log records before the oldest kept one, once there is
 /// a snapshot to fall back to (or `keep` is 1, the operator's choice of no fallback).
-fn drop_unneeded(reader: &LogReader, dir: &Path, keep: usize) -> Result<u64, String> {
+fn drop_unneeded(reader: &LogReader, dir: &Path, keep: usize) -> Result<u64, TakeError> {
     let keep = keep.max(1);
-    snapshot::prune(dir, keep)
-        .map_err(|e| format!("cannot prune snapshots in {}: {e}", dir.display()))?;
-    let kept = snapshot::list(dir).map_err(|e| format!("cannot list snapshots: {e}"))?;
+    snapshot::prune(dir, keep).map_err(TakeError::dir("prune the snapshots", dir))?;
+    let kept = snapshot::list(dir).map_err(TakeError::dir("list the snapshots", dir))?;
     if kept.len() < keep.min(2) {
         return Ok(0); // the whole log is the fallback of the only snapshot
     }
     let oldest = kept.last().map_or(0, |(seq, _)| *seq);
-    reader
-        .truncate_through(oldest)
-        .map_err(|e| format!("cannot truncate the log: {e}"))
+    reader.truncate_through(oldest).map_err(TakeError::from)
 }
 
 /// `stockd snapshot`: takes a snapshot of a stopped server's data directory (the log in
@@ -551,9 +583,9 @@ pub fn take_offline(
     snapshot_dir: &Path,
     keep: usize,
     now: Millis,
-) -> Result<Taken, String> {
-    let log = crate::storage::log::Log::open(log_dir).map_err(|e| e.to_string())?;
-    let upto = log.last_seq().map_err(|e| e.to_string())?;
+) -> Result<Taken, TakeError> {
+    let log = crate::storage::log::Log::open(log_dir)?;
+    let upto = log.last_seq()?;
     let taken = take_snapshot(
         &log.reader(),
         snapshot_dir,
@@ -562,7 +594,7 @@ pub fn take_offline(
         now,
         WriteHooks::default(),
     )?;
-    log.flush().map_err(|e| e.to_string())?;
+    log.flush()?;
     Ok(taken)
 }
 
@@ -586,15 +618,18 @@ mod tests {
     #[test]
     fn jobs_run_at_their_priority_and_leave_the_snapshot_thread_alone() {
         let before = class_and_nice();
-        let background = run_at(Priority::Background, || Ok::<_, String>(class_and_nice()));
+        let background = run_at(
+            Priority::Background,
+            || Ok::<_, TakeError>(class_and_nice()),
+        );
         assert_eq!(background.unwrap().0, libc::SCHED_IDLE);
-        let overdue = run_at(Priority::Overdue, || Ok::<_, String>(class_and_nice()));
+        let overdue = run_at(Priority::Overdue, || Ok::<_, TakeError>(class_and_nice()));
         let overdue = overdue.unwrap();
         assert_eq!(overdue.0, libc::SCHED_OTHER);
         if before.1 <= 10 {
             assert_eq!(overdue.1, 10);
         }
-        let urgent = run_at(Priority::Urgent, || Ok::<_, String>(class_and_nice()));
+        let urgent = run_at(Priority::Urgent, || Ok::<_, TakeError>(class_and_nice()));
         assert_eq!(urgent.unwrap(), before);
         // The calling thread (the snapshot thread) keeps its class for the next job.
         assert_eq!(class_and_nice(), before);
@@ -602,9 +637,7 @@ mod tests {
 
     #[test]
     fn a_job_error_comes_back() {
-        let failed = run_at(Priority::Background, || {
-            Err::<(), _>("disk full".to_string())
-        });
-        assert_eq!(failed, Err("disk full".to_string()));
+        let failed = run_at(Priority::Background, || Err::<(), _>(TakeError::Stopped));
+        assert!(matches!(failed, Err(TakeError::Stopped)));
     }
 }

@@ -1,0 +1,234 @@
+//! The `stockd` command line: `serve` (the default), the operator's offline commands
+//! (`snapshot`, `snapshot inspect`, `log dump`) and the internal `snapshot-worker`.
+//! `src/main.rs` only sets the allocator and calls `main` here.
+//!
+//! Every default comes from `crate::config` or `crate::limits`, the same constants
+//! `Config::default()` uses, so the binary and the library cannot disagree.
+
+mod offline;
+mod serve;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{self, Durability};
+use crate::limits::{
+    PASSIVATE_AFTER_SECONDS_DEFAULT, RETENTION_SECONDS_DEFAULT, RETENTION_SECONDS_MAX,
+    SNAPSHOTS_KEPT_DEFAULT, SNAPSHOTS_KEPT_MAX, SNAPSHOT_EVERY_RECORDS_DEFAULT,
+    SNAPSHOT_EVERY_SECONDS_DEFAULT, TTL_SECONDS_DEFAULT, TTL_SECONDS_MAX, TTL_SECONDS_MIN,
+};
+
+/// stockd: an inventory reservation server for flash-sale traffic.
+///
+/// Holds every product's stock in memory, serializes changes per product in an actor, and
+/// acknowledges a change only once its write-ahead log record is flushed.
+#[derive(Parser)]
+#[command(
+    version,
+    args_conflicts_with_subcommands = true,
+    after_help = "Environment: STOCKD_TRANSPARENT_HUGE_PAGES=on|off (default off) keeps or turns \
+                  off the kernel's transparent huge pages for stockd; read before the arguments, \
+                  any other value exits with code 2."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the server (the default when no command is given).
+    Serve(ServeArgs),
+    /// Take a snapshot of a stopped server's data (or `inspect` a snapshot file).
+    Snapshot(SnapshotCommand),
+    /// Inspect the write-ahead log of a stopped server.
+    Log {
+        #[command(subcommand)]
+        action: LogAction,
+    },
+    /// Internal: builds one snapshot for a running server, which starts it and feeds it
+    /// the log over stdin (see `stockd::storage::snapshot_worker`).
+    #[command(name = "snapshot-worker", hide = true)]
+    SnapshotWorker(WorkerArgs),
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    #[arg(long)]
+    snapshot_dir: PathBuf,
+    #[arg(long)]
+    upto: u64,
+    #[arg(long)]
+    truncated_through: u64,
+    #[arg(long)]
+    now: i64,
+    #[arg(long)]
+    pause_before_rename_ms: Option<u64>,
+    /// The server process that started this worker (it dies with it).
+    #[arg(long)]
+    parent_pid: Option<u32>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct SnapshotCommand {
+    #[command(subcommand)]
+    action: Option<SnapshotAction>,
+    #[command(flatten)]
+    take: OfflineSnapshotArgs,
+}
+
+#[derive(Subcommand)]
+enum SnapshotAction {
+    /// Verify a snapshot file and describe it: sequence, time, counts, size.
+    Inspect {
+        file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct OfflineSnapshotArgs {
+    /// Directory of the write-ahead log.
+    #[arg(long, env = "STOCKD_DATA_DIR", default_value = config::DATA_DIR_DEFAULT)]
+    data_dir: PathBuf,
+    /// Directory of snapshots.
+    #[arg(long, env = "STOCKD_SNAPSHOT_DIR", default_value = config::SNAPSHOT_DIR_DEFAULT)]
+    snapshot_dir: PathBuf,
+    /// Snapshots kept; the log keeps the records after the oldest of them.
+    #[arg(long, env = "STOCKD_SNAPSHOTS_KEEP", default_value_t = SNAPSHOTS_KEPT_DEFAULT as u64,
+          value_parser = clap::value_parser!(u64).range(1..=SNAPSHOTS_KEPT_MAX))]
+    snapshots_keep: u64,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum LogAction {
+    /// Sequence range, record counts per kind and sizes of the log.
+    Dump {
+        /// Directory of the write-ahead log.
+        #[arg(long, env = "STOCKD_DATA_DIR", default_value = config::DATA_DIR_DEFAULT)]
+        data_dir: PathBuf,
+        /// Also print every record, one JSON object per line.
+        #[arg(long)]
+        records: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Clone)]
+struct ServeArgs {
+    /// Address to listen on; port 0 picks a free port (printed as `listening on ADDR`).
+    #[arg(long, env = "STOCKD_LISTEN", default_value = config::LISTEN_DEFAULT)]
+    listen: SocketAddr,
+    /// Directory of the write-ahead log.
+    #[arg(long, env = "STOCKD_DATA_DIR", default_value = config::DATA_DIR_DEFAULT)]
+    data_dir: PathBuf,
+    /// Directory of snapshots.
+    #[arg(long, env = "STOCKD_SNAPSHOT_DIR", default_value = config::SNAPSHOT_DIR_DEFAULT)]
+    snapshot_dir: PathBuf,
+    /// Reservation time-to-live when a request gives none, in seconds (1..=86400).
+    #[arg(long, env = "STOCKD_DEFAULT_TTL", default_value_t = TTL_SECONDS_DEFAULT,
+          value_parser = clap::value_parser!(u64).range(TTL_SECONDS_MIN..=TTL_SECONDS_MAX))]
+    default_ttl: u64,
+    /// sync: a 2xx means the change is flushed to disk. async: answered before the flush
+    /// (a crash can lose the last few milliseconds of acknowledged changes).
+    #[arg(long, env = "STOCKD_DURABILITY", value_enum, default_value = "sync")]
+    durability: Durability,
+    /// Log format on stderr.
+    #[arg(long, env = "STOCKD_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Take a snapshot once this many log records were written since the newest one
+    /// (0: never by count).
+    #[arg(long, env = "STOCKD_SNAPSHOT_EVERY_RECORDS", default_value_t = SNAPSHOT_EVERY_RECORDS_DEFAULT)]
+    snapshot_every_records: u64,
+    /// Take a snapshot this often, in seconds, if anything changed (0: never by time).
+    #[arg(long, env = "STOCKD_SNAPSHOT_EVERY_SECONDS", default_value_t = SNAPSHOT_EVERY_SECONDS_DEFAULT)]
+    snapshot_every_seconds: u64,
+    /// Snapshots kept; the log keeps the records after the oldest of them.
+    #[arg(long, env = "STOCKD_SNAPSHOTS_KEEP", default_value_t = SNAPSHOTS_KEPT_DEFAULT as u64,
+          value_parser = clap::value_parser!(u64).range(1..=SNAPSHOTS_KEPT_MAX))]
+    snapshots_keep: u64,
+    /// A product actor idle this many seconds is passivated (its state kept as plain
+    /// data) until its next request (0: never).
+    #[arg(long, env = "STOCKD_PASSIVATE_AFTER", default_value_t = PASSIVATE_AFTER_SECONDS_DEFAULT)]
+    passivate_after: u64,
+    /// How long ended reservations (after their deadline) and idempotency keys (after
+    /// their reservation was created) are remembered, in seconds; then they are forgotten.
+    #[arg(long, env = "STOCKD_RETENTION_SECONDS", default_value_t = RETENTION_SECONDS_DEFAULT,
+          value_parser = clap::value_parser!(u64).range(1..=RETENTION_SECONDS_MAX))]
+    retention_seconds: u64,
+    /// If a log record is damaged, remove it and every later record and start, instead of
+    /// refusing to start. Acknowledged changes in the removed records are lost.
+    #[arg(long)]
+    truncate_damaged_log: bool,
+    /// on: snapshots are built in a child process (this binary again), so the server
+    /// never holds the second copy of the state a snapshot needs; off: in the server.
+    #[arg(long, env = "STOCKD_SNAPSHOT_WORKER", value_enum, default_value = "on")]
+    snapshot_worker: OnOff,
+    /// Test hook: pause this long while writing each snapshot file (to test crashes).
+    #[arg(long, hide = true, env = "STOCKD_TEST_SNAPSHOT_PAUSE_MS")]
+    test_snapshot_pause_ms: Option<u64>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The `stockd` binary's entry point.
+pub fn main() -> ExitCode {
+    // Before any large allocation: see `crate::memory`.
+    if let Err(err) = crate::memory::apply_transparent_huge_pages_setting() {
+        eprintln!("stockd: {err}");
+        return ExitCode::from(2);
+    }
+    let cli = Cli::parse();
+    let args = match cli.command {
+        Some(Command::Serve(args)) => args,
+        Some(Command::Snapshot(cmd)) => {
+            return match cmd.action {
+                Some(SnapshotAction::Inspect { file, json }) => {
+                    offline::inspect_snapshot(&file, json)
+                }
+                None => offline::offline_snapshot(cmd.take),
+            }
+        }
+        Some(Command::Log {
+            action:
+                LogAction::Dump {
+                    data_dir,
+                    records,
+                    json,
+                },
+        }) => return offline::dump_log(&data_dir, records, json),
+        Some(Command::SnapshotWorker(args)) => return offline::snapshot_worker(args),
+        None => cli.serve,
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("stockd: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(serve::serve(args))
+}

@@ -1,0 +1,181 @@
+//! `stockd serve`: logging, signals, start-up and graceful shutdown.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use super::{LogFormat, OnOff, ServeArgs};
+use crate::storage::snapshot::WriteHooks;
+use crate::storage::snapshotter::SnapshotPolicy;
+use crate::Config;
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// SIGTERM and SIGINT (Ctrl-C), caught from the start of `serve`, so that no signal ever
+/// takes its default action (an abrupt exit) on a server that may have acknowledged
+/// changes: the first starts a graceful shutdown, once start-up is done (start-up cannot be
+/// cut short safely once it has begun to serve; a signal during it takes effect when it
+/// ends, without announcing an address); a second one, while that shutdown runs, ends the
+/// process at once with status 1 (the operator's explicit choice).
+///
+/// Returns the receiver of the first signal.
+fn watch_signals() -> tokio::sync::oneshot::Receiver<()> {
+    let (first, received) = tokio::sync::oneshot::channel();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        // Made here, not in the task: a stream catches its signal from when it is made.
+        let catch = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(stream) => Some(stream),
+            Err(err) => {
+                tracing::warn!(error = %err, signal = name, "cannot catch the signal");
+                None
+            }
+        };
+        let mut term = catch(SignalKind::terminate(), "SIGTERM");
+        let mut int = catch(SignalKind::interrupt(), "SIGINT");
+        tokio::spawn(async move {
+            async fn recv(stream: &mut Option<tokio::signal::unix::Signal>) {
+                match stream {
+                    Some(stream) => {
+                        stream.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            let mut first = Some(first);
+            loop {
+                tokio::select! {
+                    _ = recv(&mut term) => {},
+                    _ = recv(&mut int) => {},
+                }
+                match first.take() {
+                    Some(first) => drop(first.send(())),
+                    None => {
+                        tracing::error!("a second signal during shutdown: exiting now");
+                        eprintln!("stockd: a second signal during shutdown: exiting now");
+                        std::process::exit(1);
+                    }
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            let _ = first.send(());
+        }
+    });
+    received
+}
+
+pub(super) async fn serve(args: ServeArgs) -> ExitCode {
+    init_tracing(args.log_format);
+    let mut stop = watch_signals();
+    let worker = match args.snapshot_worker {
+        OnOff::On => this_binary(),
+        OnOff::Off => None,
+    };
+    let config = config(args, worker);
+    let server = match crate::start(config).await {
+        Ok(server) => server,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot start");
+            eprintln!("stockd: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if stop.try_recv().is_ok() {
+        tracing::info!("a signal arrived during start-up");
+    } else {
+        {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "listening on {}", server.local_addr());
+            let _ = out.flush();
+        }
+        let _ = (&mut stop).await;
+    }
+    tracing::info!("shutting down");
+    match server.shutdown().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("stockd: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The server's configuration from its flags (and `STOCKD_*` variables).
+fn config(args: ServeArgs, snapshot_worker: Option<PathBuf>) -> Config {
+    Config {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        snapshot_dir: args.snapshot_dir,
+        default_ttl_seconds: args.default_ttl,
+        durability: args.durability,
+        snapshots: SnapshotPolicy {
+            every_records: args.snapshot_every_records,
+            every: (args.snapshot_every_seconds > 0)
+                .then(|| Duration::from_secs(args.snapshot_every_seconds)),
+            keep: args.snapshots_keep as usize,
+            on_shutdown: true,
+        },
+        passivate_after: (args.passivate_after > 0)
+            .then(|| Duration::from_secs(args.passivate_after)),
+        truncate_damaged_log: args.truncate_damaged_log,
+        retention: Duration::from_secs(args.retention_seconds),
+        snapshot_worker,
+        snapshot_hooks: WriteHooks {
+            pause_before_rename: args.test_snapshot_pause_ms.map(Duration::from_millis),
+        },
+        ..Config::default()
+    }
+}
+
+/// This binary, to start as the snapshot worker. /proc/self/exe runs the very binary this
+/// server runs, even after an upgrade replaced the file (a worker of another version could
+/// disagree on formats).
+fn this_binary() -> Option<PathBuf> {
+    let path = std::path::Path::new("/proc/self/exe")
+        .exists()
+        .then(|| PathBuf::from("/proc/self/exe"))
+        .map_or_else(std::env::current_exe, Ok);
+    match path {
+        Ok(path) => Some(path),
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot find this binary; snapshots are built in the server");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::super::Cli;
+    use super::*;
+
+    /// The binary without flags is `Config::default()`: its defaults come from the same
+    /// constants, so changing one cannot leave the other behind.
+    #[test]
+    fn the_flags_default_to_the_library_defaults() {
+        let cli = Cli::try_parse_from(["stockd"]).unwrap();
+        let from_flags = config(cli.serve, None);
+        assert_eq!(
+            format!("{from_flags:?}"),
+            format!("{:?}", Config::default())
+        );
+    }
+}
