@@ -19,9 +19,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::api::{create_product, get_json};
 use crate::driver::{timed, PhaseStats, Sample};
+use crate::options::Options;
 use crate::report::{Check, Report};
-use crate::scenarios::{create_product, get_json, interleaved, Options};
+use crate::rounds::interleaved;
 
 /// What the clients were told, per SKU (index into the catalogue).
 #[derive(Default, Clone)]
