@@ -7,7 +7,8 @@
 //! same client and connections in the same invocation (this machine is noisy: only ratios
 //! from one run mean anything).
 //!
-//! - `server`: starts `stockd` on a free loopback port with a fresh data directory.
+//! - `server`: a `stockd` child process on a free loopback port, stopped on drop (also the
+//!   harness of stockd's integration tests and benches).
 //! - `driver`: the closed-loop client (fixed connections, keep-alive) and its histogram.
 //! - `options`: what a run is asked to do; `api`: the requests that set up and verify.
 //! - `rounds`: ceiling phases, and a scenario's load in rounds between them.

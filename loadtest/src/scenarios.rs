@@ -33,7 +33,7 @@ fn check_loopback(url: &str) -> Result<(), String> {
 pub async fn run(opts: Options) -> Result<Report, String> {
     let (mut server, base) = match &opts.target {
         Target::Spawn { stockd, durability } => {
-            let server = ServerProcess::start(stockd, durability)?;
+            let server = ServerProcess::fresh(stockd, durability)?;
             let base = server.base_url.clone();
             (Some(server), base)
         }

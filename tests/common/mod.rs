@@ -5,12 +5,13 @@
 
 pub mod procfs;
 
-use std::io::{BufRead, BufReader};
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use loadtest::server::{Launch, ServerProcess};
 use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
@@ -308,26 +309,23 @@ pub async fn restarts_reach(
     .await
 }
 
-/// The real `stockd` binary as a child process; killed (SIGKILL) when dropped.
+/// The real `stockd` binary as a child process (`loadtest`'s harness), with a client;
+/// killed (SIGKILL) when dropped. `pid`, `kill9` and `terminate` are the process's.
 pub struct ChildServer {
-    child: Option<Child>,
+    process: ServerProcess,
     pub client: Client,
     pub data_dir: PathBuf,
 }
 
 /// `stockd serve` on 127.0.0.1:0 with its log in `dir/data` and its snapshots in
-/// `dir/snapshots`, plus `extra` flags; not started.
+/// `dir/snapshots`, plus `extra` flags.
+pub fn serve(dir: &Path, extra: &[&str]) -> Launch {
+    Launch::serve(env!("CARGO_BIN_EXE_stockd"), dir).args(extra)
+}
+
+/// `serve`'s command, not started.
 pub fn serve_command(dir: &Path, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stockd"));
-    cmd.arg("serve")
-        .args(["--listen", "127.0.0.1:0"])
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .arg("--snapshot-dir")
-        .arg(dir.join("snapshots"))
-        .args(extra)
-        .env("RUST_LOG", "warn");
-    cmd
+    serve(dir, extra).into_command()
 }
 
 impl ChildServer {
@@ -337,78 +335,38 @@ impl ChildServer {
 
     /// `spawn`, with these environment variables set for the child.
     pub fn spawn_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> ChildServer {
-        let mut cmd = serve_command(dir, extra);
-        cmd.envs(env.iter().copied());
-        ChildServer::start(cmd, dir.join("data"))
+        ChildServer::launch(
+            serve(dir, extra).envs(env.iter().copied()),
+            dir.join("data"),
+        )
     }
 
     /// Starts `cmd` (a `stockd` that serves, set up however the test likes; its log is in
     /// `data_dir`) and waits for its `listening on ADDR` line.
-    pub fn start(mut cmd: Command, data_dir: PathBuf) -> ChildServer {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn stockd");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = loop {
-            match lines.next() {
-                Some(Ok(line)) => {
-                    if let Some(addr) = line.strip_prefix("listening on ") {
-                        break addr.trim().to_string();
-                    }
-                }
-                _ => {
-                    let _ = child.kill();
-                    let status = child.wait();
-                    panic!("stockd exited before listening: {status:?}");
-                }
-            }
-        };
-        // Keep draining stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+    pub fn start(cmd: Command, data_dir: PathBuf) -> ChildServer {
+        ChildServer::launch(Launch::command(cmd), data_dir)
+    }
+
+    fn launch(launch: Launch, data_dir: PathBuf) -> ChildServer {
+        let process = launch.start().unwrap_or_else(|e| panic!("{e}"));
         ChildServer {
-            child: Some(child),
-            client: Client::new(format!("http://{addr}")),
+            client: Client::new(process.base_url.clone()),
+            process,
             data_dir,
-        }
-    }
-
-    /// The child's process id, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// SIGKILL: no shutdown code runs.
-    pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// SIGTERM, then waits for the exit status.
-    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        let mut child = self.child.take()?;
-        let pid = child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                return child.wait().ok();
-            }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
 
-impl Drop for ChildServer {
-    fn drop(&mut self) {
-        self.kill9();
+impl Deref for ChildServer {
+    type Target = ServerProcess;
+
+    fn deref(&self) -> &ServerProcess {
+        &self.process
+    }
+}
+
+impl DerefMut for ChildServer {
+    fn deref_mut(&mut self) -> &mut ServerProcess {
+        &mut self.process
     }
 }
