@@ -129,13 +129,11 @@ async fn reserve_phase(base: &str, products: u64, hot: u64, limits: Limits) -> P
     run_phase(limits, move |worker, n| {
         let (client, url) = (client.clone(), url.clone());
         async move {
-            let mut x = (worker as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (n + 1);
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let seed = (worker as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (n + 1);
+            let x = fastrand::Rng::with_seed(seed).u64(..hot);
             let body = format!(
                 r#"{{"customer_id":"load-{worker}","items":[{{"sku":"{}","quantity":1}}],"ttl_seconds":600}}"#,
-                sku((x % hot) * (products / hot))
+                sku(x * (products / hot))
             );
             let sample = timed(async {
                 let res = client
@@ -268,16 +266,11 @@ fn main() {
     );
 
     // (4) A log tail after the snapshot.
-    let mut x = 88172645463325252u64;
-    let tail_records = (0..tail).map(move |_| {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        Record::Replenished {
-            sku: sku(x % products),
-            quantity: 1,
-            at: now,
-        }
+    let mut rng = fastrand::Rng::with_seed(88172645463325252);
+    let tail_records = (0..tail).map(move |_| Record::Replenished {
+        sku: sku(rng.u64(..products)),
+        quantity: 1,
+        at: now,
     });
     append_all(&log_dir, written + 1, tail_records);
 

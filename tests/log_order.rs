@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{xorshift, TestServer};
+use common::TestServer;
 use serde_json::json;
 use stockd::fold::{apply, State};
 use stockd::log::Log;
@@ -21,10 +21,9 @@ async fn every_prefix_of_a_contended_log_folds_to_a_valid_state() {
     for seed in 1..=16u64 {
         let c = c.clone();
         workers.push(tokio::spawn(async move {
-            let mut rng = seed * 0x9E37_79B9;
+            let mut rng = fastrand::Rng::with_seed(seed);
             for _ in 0..60 {
-                let pick = xorshift(&mut rng);
-                let items = match pick % 3 {
+                let items = match rng.u8(..3) {
                     0 => json!([{"sku": "A", "quantity": 1}]),
                     1 => json!([{"sku": "B", "quantity": 2}]),
                     _ => json!([{"sku": "A", "quantity": 1}, {"sku": "B", "quantity": 1}]),
@@ -35,7 +34,7 @@ async fn every_prefix_of_a_contended_log_folds_to_a_valid_state() {
                         json!({"customer_id": "c", "items": items}),
                     )
                     .await;
-                match xorshift(&mut rng) % 8 {
+                match rng.u8(..8) {
                     0 => drop(
                         c.post("/v1/products/A/replenish", json!({"quantity": 1}))
                             .await,
@@ -46,7 +45,7 @@ async fn every_prefix_of_a_contended_log_folds_to_a_valid_state() {
                 }
                 if a.status == 201 {
                     let id = a.body["id"].as_str().unwrap();
-                    let action = if xorshift(&mut rng) % 4 == 0 {
+                    let action = if rng.u8(..4) == 0 {
                         "confirm"
                     } else {
                         "cancel"

@@ -18,15 +18,6 @@ use serde_json::Value;
 use stockd::clock::ManualClock;
 use stockd::{Config, Durability, Server};
 
-/// A xorshift step: a fixed, repeatable stream of pseudo-random numbers (the state must not
-/// be 0). The unit tests' copy is `stockd`'s `testing::xorshift`, which is not exported.
-pub fn xorshift(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
-}
-
 /// A JSON answer: status, headers, body (`Value::Null` when empty).
 #[derive(Debug)]
 pub struct Answer {
