@@ -152,8 +152,9 @@ pub struct TestServer {
     pub client: Client,
     pub clock: Arc<ManualClock>,
     pub dir: tempfile::TempDir,
-    /// Changes to the default configuration, kept across restarts.
-    pub tweak: fn(&mut Config),
+    /// The configuration it was started with (durability, tweaks, clock): `restart` starts
+    /// it again with the same one.
+    pub config: Config,
 }
 
 pub const START_MS: i64 = 1_795_341_600_000; // 2026-11-22T10:00:00Z
@@ -177,7 +178,7 @@ impl TestServer {
         TestServer::start_tweaked(dir, clock, durability, |_| {}).await
     }
 
-    /// A server whose configuration `tweak` adjusts (also after `restart`).
+    /// A server whose configuration `tweak` adjusts (kept by `restart`).
     pub async fn start_tweaked(
         dir: tempfile::TempDir,
         clock: Arc<ManualClock>,
@@ -193,14 +194,23 @@ impl TestServer {
             ..Config::default()
         };
         tweak(&mut config);
-        let server = stockd::start(config).await.expect("server starts");
+        TestServer::start_configured(dir, clock, config).await
+    }
+
+    /// A server started with `config` (whose clock is `clock`, data in `dir`).
+    async fn start_configured(
+        dir: tempfile::TempDir,
+        clock: Arc<ManualClock>,
+        config: Config,
+    ) -> TestServer {
+        let server = stockd::start(config.clone()).await.expect("server starts");
         let client = Client::new(format!("http://{}", server.local_addr()));
         TestServer {
             server: Some(server),
             client,
             clock,
             dir,
-            tweak,
+            config,
         }
     }
 
@@ -208,7 +218,8 @@ impl TestServer {
         self.server.as_ref().expect("running").service()
     }
 
-    /// Graceful stop, then a fresh start on the same data directory and clock.
+    /// Graceful stop, then a fresh start on the same data directory and clock, with the
+    /// configuration it was started with (so the same durability).
     pub async fn restart(mut self) -> TestServer {
         self.server
             .take()
@@ -216,7 +227,7 @@ impl TestServer {
             .shutdown()
             .await
             .expect("clean shutdown");
-        TestServer::start_tweaked(self.dir, self.clock, Durability::Sync, self.tweak).await
+        TestServer::start_configured(self.dir, self.clock, self.config).await
     }
 
     pub async fn stop(mut self) {
