@@ -1,5 +1,5 @@
-//! The million-SKU benchmark of issue 3: restart time from a snapshot plus a log tail, log
-//! replay rate, resident memory, and a snapshot written while reserves are served.
+//! The million-SKU benchmark of bounded recovery: restart time from a snapshot plus a log
+//! tail, log replay rate, resident memory, and a snapshot written while reserves are served.
 //!
 //! `cargo bench --bench catalogue` (release build). Sizes via environment variables:
 //! `CATALOGUE_PRODUCTS` (default 1,000,000), `CATALOGUE_RESERVATIONS` (1,000,000),

@@ -1,4 +1,4 @@
-//! Disk use under a steady workload (issue 3): with snapshots, log truncation and
+//! Disk use under a steady workload: with snapshots, log truncation and
 //! retention, the bytes of the log and of the snapshots level off instead of growing.
 //!
 //! `cargo bench --bench steady_disk`. Starts the real binary with small thresholds

@@ -1,4 +1,4 @@
-//! The HTTP contract of ../shared/API.md, endpoint by endpoint, against an in-process
+//! The HTTP contract of docs/API.md, endpoint by endpoint, against an in-process
 //! server on 127.0.0.1:0.
 
 mod common;

@@ -1,8 +1,8 @@
 //! Invariant 3 in docs/ARCHITECTURE.md (the log order rule), tested on the real concurrent
 //! code: under contended traffic that frees and takes the same units (cancel, expire,
 //! replenish, adjust vs. reserve), the log the server wrote must fold, record by record,
-//! without ever breaking invariant 1 (never oversell: 0 <= reserved <= on_hand), and its
-//! full fold must equal what the live actors show.
+//! without ever breaking invariant 1 there (never oversell: 0 <= reserved <= on_hand), and
+//! its full fold must equal what the live actors show.
 //!
 //! Expiry is real: some reservations are abandoned with a 1 s TTL while the server's
 //! (manual) clock moves on and due deadlines are swept during the traffic; the test checks

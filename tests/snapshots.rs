@@ -1,7 +1,8 @@
-//! Snapshots, bounded recovery and passivation (issue 3): the on-demand endpoint, the
-//! automatic policy keeping the log bounded, a passive product behaving like a resident
-//! one, and, against the real binary, kill -9 during a snapshot, a corrupted newest
-//! snapshot, a damaged log record, and the operator commands.
+//! Snapshots, bounded recovery and passivation (docs/ARCHITECTURE.md, "Snapshots and the
+//! log's length"): the on-demand endpoint, the automatic policy keeping the log bounded, a
+//! passive product behaving like a resident one, and, against the real binary, kill -9
+//! during a snapshot, a corrupted newest snapshot, a damaged log record, and the operator
+//! commands.
 
 mod common;
 
