@@ -1297,10 +1297,8 @@ async fn a_restart_keeps_async_durability() {
         .await,
         "the record's write failed after its answer"
     );
-    let mut t = t;
-    let server = t.server.take().unwrap();
     assert!(
-        server.shutdown().await.is_err(),
+        t.shutdown().await.is_err(),
         "shutdown reports the failed log"
     );
 }

@@ -230,9 +230,15 @@ impl TestServer {
         TestServer::start_configured(self.dir, self.clock, self.config).await
     }
 
-    pub async fn stop(mut self) {
-        if let Some(server) = self.server.take() {
-            server.shutdown().await.expect("clean shutdown");
+    pub async fn stop(self) {
+        self.shutdown().await.expect("clean shutdown");
+    }
+
+    /// Graceful stop; answers what the shutdown reports (an error once the log failed).
+    pub async fn shutdown(mut self) -> Result<(), stockd::log::LogError> {
+        match self.server.take() {
+            Some(server) => server.shutdown().await,
+            None => Ok(()),
         }
     }
 }
