@@ -1,5 +1,5 @@
-//! The million-SKU benchmark of issue 3: restart time from a snapshot plus a log tail, log
-//! replay rate, resident memory, and a snapshot written while reserves are served.
+//! The million-SKU benchmark of bounded recovery: restart time from a snapshot plus a log
+//! tail, log replay rate, resident memory, and a snapshot written while reserves are served.
 //!
 //! `cargo bench --bench catalogue` (release build). Sizes via environment variables:
 //! `CATALOGUE_PRODUCTS` (default 1,000,000), `CATALOGUE_RESERVATIONS` (1,000,000),
@@ -24,14 +24,13 @@ mod support;
 use support::procfs::children_of;
 use support::{dir_bytes, env_u64};
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use loadtest::driver::{run_phase, timed, Limits, PhaseStats};
+use loadtest::server::{Launch, ServerProcess};
 use stockd::domain::Line;
 use stockd::storage::log::Log;
 use stockd::storage::record::Record;
@@ -81,74 +80,40 @@ fn proc_status_kb(pid: u32, field: &str) -> u64 {
 }
 
 struct Server {
-    child: Child,
+    process: ServerProcess,
     base: String,
     /// The server's start-up log line about recovery (JSON), once it has been read.
     recovered: serde_json::Value,
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
+/// Starts the real binary on `dir` (JSON logs on stderr, kept); answers the time from
+/// exec to `listening on`.
 fn start_server(dir: &Path, extra: &[&str]) -> (Server, Duration) {
-    let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stockd"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--data-dir",
-        ])
-        .arg(dir.join("data"))
-        .arg("--snapshot-dir")
-        .arg(dir.join("snapshots"))
+    let mut process = Launch::serve(env!("CARGO_BIN_EXE_stockd"), dir)
+        .args(["--log-format", "json"])
         .args(extra)
         .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn stockd");
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        match lines.next() {
-            Some(Ok(line)) => {
-                if let Some(addr) = line.strip_prefix("listening on ") {
-                    break addr.trim().to_string();
-                }
-            }
-            _ => {
-                let _ = child.kill();
-                panic!("stockd exited before listening");
-            }
-        }
-    };
-    let took = started.elapsed();
-    std::thread::spawn(move || for _ in lines {});
-    // Recovery is logged before `listening on`, so the line is already in the pipe.
-    let mut logs = BufReader::new(child.stderr.take().unwrap()).lines();
-    let recovered = logs
-        .by_ref()
-        .map_while(Result::ok)
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(&line).ok())
-        .find(|v| {
-            v["fields"]["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("recovered state"))
+        .capture_stderr()
+        // A replay of millions of records: no test's limit.
+        .timeout(Duration::from_secs(3600))
+        .start()
+        .expect("stockd starts");
+    // Recovery is logged before `listening on`, so the line is already on its way.
+    let recovered = process
+        .find_in_stderr(Duration::from_secs(60), |line| {
+            let v = serde_json::from_str::<serde_json::Value>(line).ok()?;
+            let message = v["fields"]["message"].as_str()?;
+            message
+                .starts_with("recovered state")
+                .then(|| v["fields"].clone())
         })
-        .map(|v| v["fields"].clone())
         .unwrap_or_default();
-    std::thread::spawn(move || for _ in logs {});
+    let took = process.startup_time();
+    let base = process.base_url.clone();
     (
         Server {
-            child,
-            base: format!("http://{addr}"),
+            process,
+            base,
             recovered,
         },
         took,
@@ -164,13 +129,11 @@ async fn reserve_phase(base: &str, products: u64, hot: u64, limits: Limits) -> P
     run_phase(limits, move |worker, n| {
         let (client, url) = (client.clone(), url.clone());
         async move {
-            let mut x = (worker as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (n + 1);
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let seed = (worker as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (n + 1);
+            let x = fastrand::Rng::with_seed(seed).u64(..hot);
             let body = format!(
                 r#"{{"customer_id":"load-{worker}","items":[{{"sku":"{}","quantity":1}}],"ttl_seconds":600}}"#,
-                sku((x % hot) * (products / hot))
+                sku(x * (products / hot))
             );
             let sample = timed(async {
                 let res = client
@@ -304,22 +267,17 @@ fn main() {
     );
 
     // (4) A log tail after the snapshot.
-    let mut x = 88172645463325252u64;
-    let tail_records = (0..tail).map(move |_| {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        Record::Replenished {
-            sku: sku(x % products),
-            quantity: 1,
-            at: now,
-        }
+    let mut rng = fastrand::Rng::with_seed(88172645463325252);
+    let tail_records = (0..tail).map(move |_| Record::Replenished {
+        sku: sku(rng.u64(..products)),
+        quantity: 1,
+        at: now,
     });
     append_all(&log_dir, written + 1, tail_records);
 
     // (5) Restart to serving.
     let (server, restart) = start_server(dir, &[]);
-    let pid = server.child.id();
+    let pid = server.process.pid().expect("running");
     let rss_started_kb = proc_status_kb(pid, "VmRSS:");
     let rss_peak_at_start_kb = proc_status_kb(pid, "VmHWM:");
     let tail_replayed = server.recovered["records"].as_u64().unwrap_or(0);

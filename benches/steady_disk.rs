@@ -1,4 +1,4 @@
-//! Disk use under a steady workload (issue 3): with snapshots, log truncation and
+//! Disk use under a steady workload: with snapshots, log truncation and
 //! retention, the bytes of the log and of the snapshots level off instead of growing.
 //!
 //! `cargo bench --bench steady_disk`. Starts the real binary with small thresholds
@@ -11,11 +11,11 @@
 mod support;
 use support::{dir_bytes, env_u64};
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use loadtest::server::Launch;
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -27,32 +27,13 @@ fn main() {
     let retention = env_u64("STEADY_RETENTION", 20);
     let tmp = tempfile::tempdir().unwrap();
     let (data, snapshots) = (tmp.path().join("data"), tmp.path().join("snapshots"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stockd"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
-        .arg("--snapshot-dir")
-        .arg(&snapshots)
+    let server = Launch::serve(env!("CARGO_BIN_EXE_stockd"), tmp.path())
         .args(["--snapshot-every-records", &every.to_string()])
         .args(["--snapshot-every-seconds", "0"])
         .args(["--retention-seconds", &retention.to_string()])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn stockd");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = loop {
-        match lines.next() {
-            Some(Ok(line)) => {
-                if let Some(addr) = line.strip_prefix("listening on ") {
-                    break addr.trim().to_string();
-                }
-            }
-            _ => panic!("stockd exited before listening"),
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    let base = format!("http://{addr}");
+        .start()
+        .expect("stockd starts");
+    let base = server.base_url.clone();
     println!(
         "steady disk: {seconds} s, {connections} connections, snapshot every {every} records, retention {retention} s"
     );
@@ -133,6 +114,5 @@ fn main() {
             records.load(Ordering::Relaxed)
         );
     });
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
 }

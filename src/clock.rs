@@ -115,10 +115,10 @@ mod tests {
             .to_string()
     }
 
-    /// 20,000 instants spread over `span` milliseconds from `from` (a fixed xorshift).
+    /// 20,000 instants spread over `span` milliseconds from `from` (a fixed seed).
     fn instants(from: Millis, span: u64) -> impl Iterator<Item = Millis> {
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        (0..20_000).map(move |_| from + (crate::testing::xorshift(&mut x) % span) as i64)
+        let mut rng = crate::testing::rng(0x9E37_79B9_7F4A_7C15);
+        (0..20_000).map(move |_| from + rng.u64(..span) as i64)
     }
 
     /// The implementation before it was written by hand, for every year chrono can hold.

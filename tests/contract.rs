@@ -1,9 +1,9 @@
-//! Rules of the contract (../shared/API.md) and of docs/API.md that the implementation
-//! follows but no other test exercised: default TTL, paging limits, If-Match details,
-//! reservation action bodies, the upper limits of every field over HTTP, body errors on the
-//! reservation endpoint, Idempotency-Key edge cases, response details, and the command
-//! line. Every in-process server runs on 127.0.0.1:0 and is stopped even when its test
-//! fails (`with_server`); every child process is killed on drop.
+//! Rules of the contract (docs/API.md) that the implementation follows but no other test
+//! exercised: default TTL, paging limits, If-Match details, reservation action bodies, the
+//! upper limits of every field over HTTP, body errors on the reservation endpoint,
+//! Idempotency-Key edge cases, response details, and the command line. Every in-process
+//! server runs on 127.0.0.1:0 and is stopped even when its test fails (`with_server`);
+//! every child process is killed on drop.
 
 mod common;
 
@@ -172,7 +172,7 @@ async fn create_many(c: &Client, n: usize, on_hand: u64) {
 // 1. Default TTL
 // ---------------------------------------------------------------------------------------
 
-/// API.md: "`ttl_seconds`: 1..=86400; default set by the server's configuration (300)."
+/// docs/API.md: "`ttl_seconds`: 1..=86400; default set by the server's configuration (300)."
 #[tokio::test]
 async fn a_reservation_without_ttl_seconds_lives_300_seconds() {
     with_server(defaults, |t| async move {
@@ -217,7 +217,7 @@ async fn a_configured_default_ttl_replaces_300() {
 // 2. Listing products
 // ---------------------------------------------------------------------------------------
 
-/// API.md: "`limit` 1..=1000, default 100", "ordered by SKU", `next_after` continues.
+/// docs/API.md: "`limit` 1..=1000, default 100", "ordered by SKU", `next_after` continues.
 #[tokio::test]
 async fn listing_pages_by_100_by_default_and_takes_up_to_1000() {
     with_server(defaults, |t| async move {
@@ -283,8 +283,8 @@ async fn listing_refuses_a_bad_limit_or_after_naming_the_parameter() {
 // 3. If-Match
 // ---------------------------------------------------------------------------------------
 
-/// API.md: `PATCH` honours `If-Match: "<version>"`: 412 `version_mismatch`; docs/API.md:
-/// "412 `version_mismatch` answers carry `current_version`".
+/// docs/API.md: `PATCH` honours `If-Match: "<version>"`: 412 `version_mismatch`, and "412
+/// `version_mismatch` answers carry `current_version`".
 #[tokio::test]
 async fn patch_with_a_stale_if_match_is_412_with_the_current_version() {
     with_server(defaults, |t| async move {
@@ -387,7 +387,7 @@ async fn if_match_star_matches_any_version() {
     .await;
 }
 
-/// API.md: `adjust` honours `If-Match: "<version>"`.
+/// docs/API.md: `adjust` honours `If-Match: "<version>"`.
 #[tokio::test]
 async fn adjust_honours_if_match() {
     with_server(defaults, |t| async move {
@@ -434,7 +434,7 @@ async fn adjust_honours_if_match() {
 // 4. Reservation actions
 // ---------------------------------------------------------------------------------------
 
-/// API.md: confirm `{"order_id"?}` "(body optional)".
+/// docs/API.md: confirm `{"order_id"?}` "(body optional)".
 #[tokio::test]
 async fn confirm_without_any_body_or_content_type_confirms() {
     with_server(defaults, |t| async move {
@@ -466,8 +466,8 @@ async fn confirm_without_any_body_or_content_type_confirms() {
     .await;
 }
 
-/// API.md: 404 `reservation_not_found` "for any id that names no reservation, including
-/// one that is not even a UUID"; docs/API.md extends it to the actions.
+/// docs/API.md: 404 `reservation_not_found` "for any id that names no reservation, including
+/// one that is not even a UUID", and for the actions on such an id.
 #[tokio::test]
 async fn actions_on_an_id_that_is_not_a_uuid_are_404() {
     with_server(defaults, |t| async move {
@@ -535,8 +535,8 @@ async fn cancel_with_a_body_other_than_an_empty_object_is_422() {
 // 5. Field validation over HTTP
 // ---------------------------------------------------------------------------------------
 
-/// API.md: "`order_id` 1..=128"; docs/API.md: "`reason` is 1..=500 characters"; wrong
-/// type or out of range is 422 naming the field.
+/// docs/API.md: "`order_id` 1..=128", "`reason` is 1..=500 characters"; wrong type or out of
+/// range is 422 naming the field.
 #[tokio::test]
 async fn order_id_and_reason_are_checked_naming_the_field() {
     with_server(defaults, |t| async move {
@@ -587,7 +587,7 @@ async fn order_id_and_reason_are_checked_naming_the_field() {
     .await;
 }
 
-/// API.md: "`name` is 1..=200 characters" (characters, not bytes).
+/// docs/API.md: "`name` is 1..=200 characters" (characters, not bytes).
 #[tokio::test]
 async fn a_product_name_is_1_to_200_characters() {
     with_server(defaults, |t| async move {
@@ -627,7 +627,7 @@ async fn a_product_name_is_1_to_200_characters() {
     .await;
 }
 
-/// API.md: "`items`: 1..=100 lines".
+/// docs/API.md: "`items`: 1..=100 lines".
 #[tokio::test]
 async fn a_reservation_takes_100_lines_and_refuses_101() {
     with_server(defaults, |t| async move {
@@ -670,7 +670,7 @@ async fn a_reservation_takes_100_lines_and_refuses_101() {
     .await;
 }
 
-/// API.md: "A requested quantity is 1..=1_000_000_000."
+/// docs/API.md: "A requested quantity is 1..=1_000_000_000."
 #[tokio::test]
 async fn a_line_takes_up_to_1_000_000_000_units() {
     with_server(defaults, |t| async move {
@@ -692,7 +692,7 @@ async fn a_line_takes_up_to_1_000_000_000_units() {
     .await;
 }
 
-/// API.md: "`ttl_seconds`: 1..=86400"; extend takes the same `ttl_seconds`.
+/// docs/API.md: "`ttl_seconds`: 1..=86400"; extend takes the same `ttl_seconds`.
 #[tokio::test]
 async fn ttl_seconds_goes_up_to_86400() {
     with_server(defaults, |t| async move {
@@ -719,7 +719,7 @@ async fn ttl_seconds_goes_up_to_86400() {
     .await;
 }
 
-/// API.md: "`customer_id` is 1..=128 printable characters".
+/// docs/API.md: "`customer_id` is 1..=128 printable characters".
 #[tokio::test]
 async fn customer_id_goes_up_to_128_characters() {
     with_server(defaults, |t| async move {
@@ -742,8 +742,8 @@ async fn customer_id_goes_up_to_128_characters() {
 // 6. Body errors on the reservation endpoint
 // ---------------------------------------------------------------------------------------
 
-/// API.md: syntactically invalid JSON → 400 `bad_request`; docs/API.md: "A body sent with
-/// a `Content-Type` other than `application/json` (or `*/*+json`) is 400; a body without
+/// docs/API.md: syntactically invalid JSON → 400 `bad_request`, and "A body sent with a
+/// `Content-Type` other than `application/json` (or `*/*+json`) is 400; a body without
 /// `Content-Type` is read as JSON."
 #[tokio::test]
 async fn reservation_bodies_malformed_or_not_json_are_400() {
@@ -814,7 +814,7 @@ async fn reservation_bodies_malformed_or_not_json_are_400() {
 // `idempotency_key_in_flight`, `Retry-After: 1`): tests/http_api.rs,
 // `a_key_whose_first_request_is_still_in_flight_answers_409`.
 
-/// API.md: `Idempotency-Key` is "1..=255 printable ASCII"; a malformed header is 400
+/// docs/API.md: `Idempotency-Key` is "1..=255 printable ASCII"; a malformed header is 400
 /// `bad_request` ("malformed JSON or headers").
 #[tokio::test]
 async fn an_idempotency_key_must_be_1_to_255_printable_ascii() {
@@ -868,7 +868,7 @@ async fn an_idempotency_key_must_be_1_to_255_printable_ascii() {
 // 8. Response details
 // ---------------------------------------------------------------------------------------
 
-/// API.md: "JSON in and out".
+/// docs/API.md: "JSON in and out".
 #[tokio::test]
 async fn successful_answers_are_application_json() {
     with_server(defaults, |t| async move {
@@ -921,7 +921,7 @@ async fn successful_answers_are_application_json() {
     .await;
 }
 
-/// API.md's reservation view: `"order_id": null` while pending; the confirm's `order_id`
+/// docs/API.md's reservation view: `"order_id": null` while pending; the confirm's `order_id`
 /// afterwards. docs/API.md: an `order_id` sent with a repeated confirm is ignored.
 #[tokio::test]
 async fn order_id_is_null_until_confirmed_with_one() {
@@ -979,7 +979,7 @@ async fn order_id_is_null_until_confirmed_with_one() {
     .await;
 }
 
-/// API.md's product view has `updated_at`, a timestamp in the contract's format, which
+/// docs/API.md's product view has `updated_at`, a timestamp in the contract's format, which
 /// follows the product's changes.
 #[tokio::test]
 async fn updated_at_is_a_timestamp_that_follows_every_change() {
@@ -1020,7 +1020,7 @@ async fn updated_at_is_a_timestamp_that_follows_every_change() {
     .await;
 }
 
-/// API.md: 405 `method_not_allowed`; the `Allow` header lists the route's methods, on
+/// docs/API.md: 405 `method_not_allowed`; the `Allow` header lists the route's methods, on
 /// every route (not only /v1/products), and none of them is refused with 405.
 #[tokio::test]
 async fn every_route_answers_405_with_its_allow_header() {
@@ -1112,7 +1112,7 @@ fn run_to_exit(mut cmd: Command) -> (ExitStatus, String, String) {
     (status, out.join().unwrap(), err.join().unwrap())
 }
 
-/// API.md: "`stockd` (same as `stockd serve`) starts the server with embedded defaults:
+/// docs/API.md: "`stockd` (same as `stockd serve`) starts the server with embedded defaults:
 /// ... write-ahead log in `./data`, snapshots in `./snapshots`." The address comes from
 /// `STOCKD_LISTEN` (the default port 8080 may be taken on a test machine).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1174,7 +1174,7 @@ async fn bare_stockd_takes_the_serve_flags() {
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
 
-/// API.md: "`stockd --help` describes every command and flag."
+/// docs/API.md: "`stockd --help` describes every command and flag."
 #[test]
 fn top_level_help_lists_the_commands_and_the_flags() {
     let dir = tempfile::tempdir().unwrap();
@@ -1207,7 +1207,7 @@ fn top_level_help_lists_the_commands_and_the_flags() {
     );
 }
 
-/// API.md: "each flag also has an environment variable (`STOCKD_LISTEN`,
+/// docs/API.md: "each flag also has an environment variable (`STOCKD_LISTEN`,
 /// `STOCKD_DATA_DIR`, ...)": data and snapshot directories, default TTL, durability.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn environment_variables_configure_the_server() {

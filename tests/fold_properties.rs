@@ -2,9 +2,10 @@
 //!
 //! Random operation sequences are decided by the reference model (plain arithmetic, no
 //! shared code), cross-checked against the domain methods the actors use, turned into log
-//! records and folded. After every step: invariant 1 holds and the fold agrees with the
-//! model. At the end, every prefix of the produced log folds to a valid state, and every
-//! record survives the codec.
+//! records and folded. After every step: invariant 1 in docs/ARCHITECTURE.md holds (never
+//! oversell: 0 <= reserved <= on_hand) and the fold agrees with the model. At the end,
+//! every prefix of the produced log folds to a valid state, and every record survives the
+//! codec.
 
 use std::collections::BTreeMap;
 

@@ -1,4 +1,4 @@
-//! The HTTP contract of ../shared/API.md, endpoint by endpoint, against an in-process
+//! The HTTP contract of docs/API.md, endpoint by endpoint, against an in-process
 //! server on 127.0.0.1:0.
 
 mod common;
@@ -1259,6 +1259,8 @@ async fn an_unwritable_log_refuses_changes_with_503() {
     t.stop().await;
 }
 
+/// With async durability changes are acknowledged and still reach the log: after a
+/// graceful restart (which keeps the durability) every acknowledged change is there, twice.
 #[tokio::test]
 async fn async_durability_answers_and_still_logs() {
     let t = TestServer::start_with(stockd::Durability::Async).await;
@@ -1266,8 +1268,39 @@ async fn async_durability_answers_and_still_logs() {
     c.create_product("A", 5).await;
     assert_eq!(c.reserve("u", "A", 2).await.status, 201);
     let t = t.restart().await;
+    assert_eq!(t.config.durability, stockd::Durability::Async);
     assert_eq!(t.client.product("A").await["reserved"], 2);
+    assert_eq!(t.client.reserve("u", "A", 1).await.status, 201);
+    let t = t.restart().await;
+    assert_eq!(t.client.product("A").await["reserved"], 3);
     t.stop().await;
+}
+
+/// A restarted async server still answers before the record is written: with its log made
+/// unwritable, the next reserve is acknowledged (a sync server answers 503, see
+/// `an_unwritable_log_refuses_changes_with_503`), and only the write failing afterwards
+/// makes the server refuse changes.
+#[tokio::test]
+async fn a_restart_keeps_async_durability() {
+    let t = TestServer::start_with(stockd::Durability::Async).await;
+    t.client.create_product("A", 5).await;
+    let t = t.restart().await;
+    let c = t.client.clone();
+    t.service().inject_log_failure();
+    let a = c.reserve("u", "A", 1).await;
+    assert_eq!(a.status, 201, "acknowledged once queued: {:?}", a.body);
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let c = c.clone();
+            async move { c.reserve("u", "A", 1).await.status == 503 }
+        })
+        .await,
+        "the record's write failed after its answer"
+    );
+    assert!(
+        t.shutdown().await.is_err(),
+        "shutdown reports the failed log"
+    );
 }
 
 #[tokio::test]

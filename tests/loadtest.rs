@@ -4,8 +4,7 @@
 use std::time::Duration;
 
 use loadtest::driver::Limits;
-use loadtest::scenarios::Target;
-use loadtest::{Options, Scenario};
+use loadtest::{Options, Scenario, Target};
 use warp::Filter;
 
 fn limits() -> Limits {

@@ -8,9 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{
-    eventually, serve_command, snapshot_being_written, xorshift, ChildServer, Client, SERVE_FLAGS,
-};
+use common::{eventually, serve_command, snapshot_being_written, ChildServer, Client, SERVE_FLAGS};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,10 +56,10 @@ struct Acked {
 }
 
 async fn buyer(c: Client, seed: u64, stop_at: Instant, acked: Arc<Mutex<HashMap<String, Acked>>>) {
-    let mut rng = seed | 1;
+    let mut rng = fastrand::Rng::with_seed(seed);
     while Instant::now() < stop_at {
-        let sku = ["A", "B", "C"][(xorshift(&mut rng) % 3) as usize];
-        let quantity = 1 + xorshift(&mut rng) % 2;
+        let sku = ["A", "B", "C"][rng.usize(..3)];
+        let quantity = rng.u64(1..=2);
         let body = json!({"customer_id": format!("c{seed}"), "items": [{"sku": sku, "quantity": quantity}], "ttl_seconds": 3600});
         let Ok(a) = c
             .send(
@@ -87,7 +85,7 @@ async fn buyer(c: Client, seed: u64, stop_at: Instant, acked: Arc<Mutex<HashMap<
                 unsure: false,
             },
         );
-        let (action, status) = match xorshift(&mut rng) % 3 {
+        let (action, status) = match rng.u8(..3) {
             0 => ("confirm", "confirmed"),
             1 => ("cancel", "cancelled"),
             _ => continue,

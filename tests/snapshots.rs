@@ -1,7 +1,8 @@
-//! Snapshots, bounded recovery and passivation (issue 3): the on-demand endpoint, the
-//! automatic policy keeping the log bounded, a passive product behaving like a resident
-//! one, and, against the real binary, kill -9 during a snapshot, a corrupted newest
-//! snapshot, a damaged log record, and the operator commands.
+//! Snapshots, bounded recovery and passivation (docs/ARCHITECTURE.md, "Snapshots and the
+//! log's length"): the on-demand endpoint, the automatic policy keeping the log bounded, a
+//! passive product behaving like a resident one, and, against the real binary, kill -9
+//! during a snapshot, a corrupted newest snapshot, a damaged log record, and the operator
+//! commands.
 
 mod common;
 
@@ -764,4 +765,46 @@ async fn snapshots_are_built_in_a_worker_process() {
     let third = c.post("/v1/admin/snapshot", json!({})).await;
     assert_eq!(third.status, 201, "{:?}", third.body);
     assert_eq!(third.body["worker"], false);
+}
+
+/// A restart after a long outage finds more overdue reservations than the supervisor
+/// expires in one message (`EXPIRIES_PER_MESSAGE_MAX`): start-up still expires every one
+/// of them, exactly once, before it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_expires_more_overdue_reservations_than_one_message_takes() {
+    let holds = stockd::limits::EXPIRIES_PER_MESSAGE_MAX * 2 + 100;
+    let t = TestServer::start().await;
+    assert_eq!(
+        t.client.create_product("BULK", holds as u64).await.status,
+        201
+    );
+    let mut made = 0;
+    for chunk in (0..holds).collect::<Vec<_>>().chunks(32) {
+        let answers = futures_util::future::join_all(chunk.iter().map(|i| {
+            t.client.post(
+                "/v1/reservations",
+                json!({"customer_id": format!("c{i}"), "items": [{"sku": "BULK", "quantity": 1}], "ttl_seconds": 60}),
+            )
+        }))
+        .await;
+        made += answers.iter().filter(|a| a.status == 201).count();
+    }
+    assert_eq!(made, holds);
+    let mut t = t;
+    t.server.take().unwrap().shutdown().await.unwrap();
+    // Down for longer than every hold's TTL.
+    t.clock.advance_ms(120_000);
+    let server = stockd::start(t.config.clone())
+        .await
+        .expect("server starts");
+    t.client = common::Client::new(format!("http://{}", server.local_addr()));
+    t.server = Some(server);
+    let p = t.client.product("BULK").await;
+    assert_eq!(
+        (p["reserved"].as_u64(), p["available"].as_u64()),
+        (Some(0), Some(holds as u64))
+    );
+    let stats = t.service().stats().await.unwrap();
+    assert_eq!((stats.pending, stats.events.expired), (0, holds as u64));
+    t.stop().await;
 }

@@ -19,9 +19,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::api::{create_product, get_json};
 use crate::driver::{timed, PhaseStats, Sample};
+use crate::options::Options;
 use crate::report::{Check, Report};
-use crate::scenarios::{create_product, get_json, interleaved, Options};
+use crate::rounds::interleaved;
 
 /// What the clients were told, per SKU (index into the catalogue).
 #[derive(Default, Clone)]
@@ -110,33 +112,22 @@ fn zipf_cdf(n: usize, s: f64) -> Vec<f64> {
         .collect()
 }
 
-struct Rng(u64);
+/// A shopper's choices: the same worker and iteration always choose the same.
+struct Rng(fastrand::Rng);
 
 impl Rng {
     fn new(worker: usize, n: u64) -> Rng {
-        let mut r = Rng((worker as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            ^ n.wrapping_mul(0xD1B5_4A32_D192_ED03));
-        r.next();
-        r
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
+        let seed = (worker as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ n.wrapping_mul(0xD1B5_4A32_D192_ED03);
+        Rng(fastrand::Rng::with_seed(seed))
     }
 
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.u64(..n)
     }
 
     fn zipf(&mut self, cdf: &[f64]) -> usize {
-        let u = self.unit();
+        let u = self.0.f64();
         cdf.partition_point(|&p| p < u).min(cdf.len() - 1)
     }
 }

@@ -12,10 +12,11 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::api::get_json;
 use crate::checkout::{allowed_answers, setup, shopper, Acked};
 use crate::driver::{run_phase, Limits, PhaseStats};
+use crate::options::Options;
 use crate::report::{Check, Report};
-use crate::scenarios::{get_json, Options};
 use crate::server::ServerProcess;
 
 /// Reservation look-ups in flight at once during verification.

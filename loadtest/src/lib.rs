@@ -7,19 +7,27 @@
 //! same client and connections in the same invocation (this machine is noisy: only ratios
 //! from one run mean anything).
 //!
-//! - `server`: starts `stockd` on a free loopback port with a fresh data directory.
+//! - `server`: a `stockd` child process on a free loopback port, stopped on drop (also the
+//!   harness of stockd's integration tests and benches).
 //! - `driver`: the closed-loop client (fixed connections, keep-alive) and its histogram.
-//! - `scenarios`: `ceiling`, `flash-sale`; `checkout`: the shopper mix; `crash`: the mix
-//!   with a SIGKILL and a restart.
+//! - `options`: what a run is asked to do; `api`: the requests that set up and verify.
+//! - `rounds`: ceiling phases, and a scenario's load in rounds between them.
+//! - `scenarios`: `ceiling`, `flash-sale`, and `run`, which runs any scenario; `checkout`:
+//!   the shopper mix; `crash`: the mix with a SIGKILL and a restart. Dependencies go one
+//!   way: `scenarios` → `crash` → `checkout` → `rounds`, `api`, `options`.
 //! - `report`: the terminal table, Markdown and JSON; `chart`: the SVG chart.
 
+pub mod api;
 pub mod chart;
 pub mod checkout;
 pub mod crash;
 pub mod driver;
+pub mod options;
 pub mod report;
+pub mod rounds;
 pub mod scenarios;
 pub mod server;
 
+pub use options::{Options, Scenario, Target};
 pub use report::Report;
-pub use scenarios::{run, Options, Scenario};
+pub use scenarios::run;

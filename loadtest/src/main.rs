@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use loadtest::driver::Limits;
-use loadtest::scenarios::Target;
-use loadtest::{Options, Scenario};
+use loadtest::{Options, Scenario, Target};
 
 /// The bundled flash-sale load test: speed and correctness, in one run.
 #[derive(Parser)]

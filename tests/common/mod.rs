@@ -5,26 +5,18 @@
 
 pub mod procfs;
 
-use std::io::{BufRead, BufReader};
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use loadtest::server::{Launch, ServerProcess};
 use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use stockd::clock::ManualClock;
 use stockd::{Config, Durability, Server};
-
-/// A xorshift step: a fixed, repeatable stream of pseudo-random numbers (the state must not
-/// be 0). The unit tests' copy is `stockd`'s `testing::xorshift`, which is not exported.
-pub fn xorshift(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
-}
 
 /// A JSON answer: status, headers, body (`Value::Null` when empty).
 #[derive(Debug)]
@@ -160,8 +152,9 @@ pub struct TestServer {
     pub client: Client,
     pub clock: Arc<ManualClock>,
     pub dir: tempfile::TempDir,
-    /// Changes to the default configuration, kept across restarts.
-    pub tweak: fn(&mut Config),
+    /// The configuration it was started with (durability, tweaks, clock): `restart` starts
+    /// it again with the same one.
+    pub config: Config,
 }
 
 pub const START_MS: i64 = 1_795_341_600_000; // 2026-11-22T10:00:00Z
@@ -185,7 +178,7 @@ impl TestServer {
         TestServer::start_tweaked(dir, clock, durability, |_| {}).await
     }
 
-    /// A server whose configuration `tweak` adjusts (also after `restart`).
+    /// A server whose configuration `tweak` adjusts (kept by `restart`).
     pub async fn start_tweaked(
         dir: tempfile::TempDir,
         clock: Arc<ManualClock>,
@@ -201,14 +194,23 @@ impl TestServer {
             ..Config::default()
         };
         tweak(&mut config);
-        let server = stockd::start(config).await.expect("server starts");
+        TestServer::start_configured(dir, clock, config).await
+    }
+
+    /// A server started with `config` (whose clock is `clock`, data in `dir`).
+    async fn start_configured(
+        dir: tempfile::TempDir,
+        clock: Arc<ManualClock>,
+        config: Config,
+    ) -> TestServer {
+        let server = stockd::start(config.clone()).await.expect("server starts");
         let client = Client::new(format!("http://{}", server.local_addr()));
         TestServer {
             server: Some(server),
             client,
             clock,
             dir,
-            tweak,
+            config,
         }
     }
 
@@ -216,7 +218,8 @@ impl TestServer {
         self.server.as_ref().expect("running").service()
     }
 
-    /// Graceful stop, then a fresh start on the same data directory and clock.
+    /// Graceful stop, then a fresh start on the same data directory and clock, with the
+    /// configuration it was started with (so the same durability).
     pub async fn restart(mut self) -> TestServer {
         self.server
             .take()
@@ -224,12 +227,18 @@ impl TestServer {
             .shutdown()
             .await
             .expect("clean shutdown");
-        TestServer::start_tweaked(self.dir, self.clock, Durability::Sync, self.tweak).await
+        TestServer::start_configured(self.dir, self.clock, self.config).await
     }
 
-    pub async fn stop(mut self) {
-        if let Some(server) = self.server.take() {
-            server.shutdown().await.expect("clean shutdown");
+    pub async fn stop(self) {
+        self.shutdown().await.expect("clean shutdown");
+    }
+
+    /// Graceful stop; answers what the shutdown reports (an error once the log failed).
+    pub async fn shutdown(mut self) -> Result<(), stockd::storage::log::LogError> {
+        match self.server.take() {
+            Some(server) => server.shutdown().await,
+            None => Ok(()),
         }
     }
 }
@@ -308,26 +317,23 @@ pub async fn restarts_reach(
     .await
 }
 
-/// The real `stockd` binary as a child process; killed (SIGKILL) when dropped.
+/// The real `stockd` binary as a child process (`loadtest`'s harness), with a client;
+/// killed (SIGKILL) when dropped. `pid`, `kill9` and `terminate` are the process's.
 pub struct ChildServer {
-    child: Option<Child>,
+    process: ServerProcess,
     pub client: Client,
     pub data_dir: PathBuf,
 }
 
 /// `stockd serve` on 127.0.0.1:0 with its log in `dir/data` and its snapshots in
-/// `dir/snapshots`, plus `extra` flags; not started.
+/// `dir/snapshots`, plus `extra` flags.
+pub fn serve(dir: &Path, extra: &[&str]) -> Launch {
+    Launch::serve(env!("CARGO_BIN_EXE_stockd"), dir).args(extra)
+}
+
+/// `serve`'s command, not started.
 pub fn serve_command(dir: &Path, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stockd"));
-    cmd.arg("serve")
-        .args(["--listen", "127.0.0.1:0"])
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .arg("--snapshot-dir")
-        .arg(dir.join("snapshots"))
-        .args(extra)
-        .env("RUST_LOG", "warn");
-    cmd
+    serve(dir, extra).into_command()
 }
 
 impl ChildServer {
@@ -337,78 +343,38 @@ impl ChildServer {
 
     /// `spawn`, with these environment variables set for the child.
     pub fn spawn_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> ChildServer {
-        let mut cmd = serve_command(dir, extra);
-        cmd.envs(env.iter().copied());
-        ChildServer::start(cmd, dir.join("data"))
+        ChildServer::launch(
+            serve(dir, extra).envs(env.iter().copied()),
+            dir.join("data"),
+        )
     }
 
     /// Starts `cmd` (a `stockd` that serves, set up however the test likes; its log is in
     /// `data_dir`) and waits for its `listening on ADDR` line.
-    pub fn start(mut cmd: Command, data_dir: PathBuf) -> ChildServer {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn stockd");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = loop {
-            match lines.next() {
-                Some(Ok(line)) => {
-                    if let Some(addr) = line.strip_prefix("listening on ") {
-                        break addr.trim().to_string();
-                    }
-                }
-                _ => {
-                    let _ = child.kill();
-                    let status = child.wait();
-                    panic!("stockd exited before listening: {status:?}");
-                }
-            }
-        };
-        // Keep draining stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+    pub fn start(cmd: Command, data_dir: PathBuf) -> ChildServer {
+        ChildServer::launch(Launch::command(cmd), data_dir)
+    }
+
+    fn launch(launch: Launch, data_dir: PathBuf) -> ChildServer {
+        let process = launch.start().unwrap_or_else(|e| panic!("{e}"));
         ChildServer {
-            child: Some(child),
-            client: Client::new(format!("http://{addr}")),
+            client: Client::new(process.base_url.clone()),
+            process,
             data_dir,
-        }
-    }
-
-    /// The child's process id, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// SIGKILL: no shutdown code runs.
-    pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// SIGTERM, then waits for the exit status.
-    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        let mut child = self.child.take()?;
-        let pid = child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                return child.wait().ok();
-            }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
 
-impl Drop for ChildServer {
-    fn drop(&mut self) {
-        self.kill9();
+impl Deref for ChildServer {
+    type Target = ServerProcess;
+
+    fn deref(&self) -> &ServerProcess {
+        &self.process
+    }
+}
+
+impl DerefMut for ChildServer {
+    fn deref_mut(&mut self) -> &mut ServerProcess {
+        &mut self.process
     }
 }

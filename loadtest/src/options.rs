@@ -1,0 +1,55 @@
+//! What a run is asked to do: the scenario, the server to load, the load's limits and
+//! the scenario's sizes.
+
+use std::path::PathBuf;
+
+use crate::driver::Limits;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// GET /health only: the HTTP ceiling of this machine for this client.
+    Ceiling,
+    /// One hot SKU with stock S; every request reserves one unit.
+    FlashSale,
+    /// A shopper mix over a Zipf-skewed catalogue: reads, reserve then confirm / cancel /
+    /// abandon, replenishments; verified by per-SKU conservation.
+    Checkout,
+    /// The checkout mix while the server is killed with SIGKILL and restarted.
+    Crash,
+}
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Ceiling => "ceiling",
+            Scenario::FlashSale => "flash-sale",
+            Scenario::Checkout => "checkout",
+            Scenario::Crash => "crash",
+        }
+    }
+}
+
+/// Which server to load.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Start this `stockd` binary on a free loopback port with a fresh data directory.
+    Spawn { stockd: PathBuf, durability: String },
+    /// A server already running (loopback only: see `check_loopback`).
+    Url(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub scenario: Scenario,
+    pub target: Target,
+    pub limits: Limits,
+    /// Units of the hot SKU (flash-sale), or of each SKU (checkout).
+    pub stock: u64,
+    /// SKUs in the catalogue (checkout).
+    pub catalogue: usize,
+    /// TTL of the reservations shoppers abandon (checkout).
+    pub abandon_ttl_seconds: u64,
+    /// Flash-sale and checkout: the scenario's duration (and request budget) is split into
+    /// this many phases, alternating with ceiling phases of the same length.
+    pub rounds: usize,
+}
