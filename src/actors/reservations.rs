@@ -263,10 +263,9 @@ impl Reservations {
             .get_mut(&id)
             .ok_or_else(|| not_found(id))?;
         match r.status {
-            Status::Confirmed => return Ok((r.clone(), Ack::Barrier)),
-            Status::Cancelled => return Err(Error::ReservationCancelled { id }),
-            Status::Expired => return Err(Error::ReservationExpired { id }),
             Status::Pending => {}
+            Status::Confirmed => return Ok((r.clone(), Ack::Barrier)),
+            _ => return Err(ended(r)),
         }
         r.confirm(order_id.clone(), now);
         let view = r.clone();
@@ -296,13 +295,12 @@ impl Reservations {
         self.expire_if_due(id, now, out);
         let r = self.reservations.get(&id).ok_or_else(|| not_found(id))?;
         match r.status {
-            Status::Cancelled => Ok((r.clone(), Ack::Barrier)),
-            Status::Confirmed => Err(Error::ReservationConfirmed { id }),
-            Status::Expired => Err(Error::ReservationExpired { id }),
             Status::Pending => {
                 out.push(self.end_pending(id, false, now));
                 Ok((self.reservations[&id].clone(), Ack::Record))
             }
+            Status::Cancelled => Ok((r.clone(), Ack::Barrier)),
+            _ => Err(ended(r)),
         }
     }
 
@@ -319,11 +317,8 @@ impl Reservations {
             .reservations
             .get_mut(&id)
             .ok_or_else(|| not_found(id))?;
-        match r.status {
-            Status::Confirmed => return Err(Error::ReservationConfirmed { id }),
-            Status::Cancelled => return Err(Error::ReservationCancelled { id }),
-            Status::Expired => return Err(Error::ReservationExpired { id }),
-            Status::Pending => {}
+        if r.status != Status::Pending {
+            return Err(ended(r));
         }
         let expires_at = now + ttl_ms;
         r.extend(expires_at);
@@ -414,6 +409,17 @@ impl Reservations {
             lines: r.items.clone(),
             at,
         }
+    }
+}
+
+/// Why a reservation that has ended cannot change.
+fn ended(r: &Reservation) -> Error {
+    let id = r.id;
+    match r.status {
+        Status::Confirmed => Error::ReservationConfirmed { id },
+        Status::Cancelled => Error::ReservationCancelled { id },
+        Status::Expired => Error::ReservationExpired { id },
+        Status::Pending => Error::Internal(format!("reservation {id} has not ended")),
     }
 }
 
