@@ -276,7 +276,10 @@ impl Writer {
     }
 
     /// Writes and flushes one batch; returns the sequence number of its last record.
-    pub(super) fn write_batch(&mut self, records: &[(Record, Option<Waiter>)]) -> Result<u64, LogError> {
+    pub(super) fn write_batch(
+        &mut self,
+        records: &[(Record, Option<Waiter>)],
+    ) -> Result<u64, LogError> {
         if let Some(err) = &self.failed {
             return Err(err.clone());
         }
@@ -295,7 +298,10 @@ impl Writer {
         }
     }
 
-    pub(super) fn try_write(&mut self, records: &[(Record, Option<Waiter>)]) -> Result<u64, LogError> {
+    pub(super) fn try_write(
+        &mut self,
+        records: &[(Record, Option<Waiter>)],
+    ) -> Result<u64, LogError> {
         if self.fail_writes.load(Ordering::SeqCst) {
             return Err(LogError::Unavailable("injected write failure".into()));
         }
