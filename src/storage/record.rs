@@ -3,6 +3,9 @@
 //! Layout of a stored record: `[format version: u8][crc32 of payload: u32 LE][payload]`,
 //! where the payload is bincode 2 (standard config) of `Record`. The version byte lets a
 //! future format live beside this one; the checksum catches a damaged record on read.
+//! The log stores these bytes unchanged, one record a key or framed in batches
+//! (`storage::log`, whose batch values start with a byte of 0x80 or more: record format
+//! versions stay below 0x80).
 //! `bincode` 3.0.0 on crates.io is a tombstone, so 2.0.1 is pinned and used only here.
 
 use serde::{Deserialize, Serialize};
@@ -11,7 +14,8 @@ use uuid::Uuid;
 use crate::clock::Millis;
 use crate::domain::{Line, Price};
 
-/// The format version written into every record.
+/// The format version written into every record (below 0x80: the log tells a batch of
+/// records from a single one by that bit).
 pub const RECORD_FORMAT_VERSION: u8 = 1;
 const HEADER_BYTES: usize = 5;
 
@@ -119,6 +123,9 @@ pub enum DecodeError {
     Checksum,
     #[error("undecodable payload: {0}")]
     Payload(String),
+    /// The log's batch framing around the record is damaged (`storage::log`).
+    #[error("damaged batch framing: {0}")]
+    Framing(String),
 }
 
 fn config() -> bincode::config::Configuration {
@@ -127,13 +134,21 @@ fn config() -> bincode::config::Configuration {
 
 /// Encodes a record with its version byte and checksum.
 pub fn encode(record: &Record) -> Vec<u8> {
-    let mut out = vec![RECORD_FORMAT_VERSION, 0, 0, 0, 0];
-    // Encoding plain data into a Vec cannot fail: no I/O, no size limit.
-    bincode::serde::encode_into_std_write(record, &mut out, config())
-        .expect("encoding a record into memory cannot fail");
-    let crc = crc32fast::hash(&out[HEADER_BYTES..]);
-    out[1..HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
+    let mut out = Vec::new();
+    encode_into(record, &mut out);
     out
+}
+
+/// Appends the encoding of `record` (as `encode` makes it) to `out`: the log's writer
+/// encodes a whole batch into one buffer this way.
+pub fn encode_into(record: &Record, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[RECORD_FORMAT_VERSION, 0, 0, 0, 0]);
+    // Encoding plain data into a Vec cannot fail: no I/O, no size limit.
+    bincode::serde::encode_into_std_write(record, &mut *out, config())
+        .expect("encoding a record into memory cannot fail");
+    let crc = crc32fast::hash(&out[start + HEADER_BYTES..]);
+    out[start + 1..start + HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// Decodes and verifies a record written by `encode`.
@@ -185,6 +200,18 @@ mod tests {
     fn round_trips() {
         let r = sample();
         assert_eq!(decode(&encode(&r)), Ok(r));
+    }
+
+    #[test]
+    fn encoding_into_a_buffer_appends_what_encode_makes() {
+        let record = sample();
+        let mut out = vec![7u8; 3];
+        encode_into(&record, &mut out);
+        let first = encode(&record);
+        encode_into(&record, &mut out);
+        assert_eq!(&out[..3], &[7, 7, 7]);
+        assert_eq!(&out[3..3 + first.len()], &first[..]);
+        assert_eq!(&out[3 + first.len()..], &first[..]);
     }
 
     #[test]

@@ -350,7 +350,13 @@ fn exchange(
         .map_err(|e| format!("its base is not understood: {e}"))?;
     let mut input = BufWriter::with_capacity(1 << 20, stdin);
     for item in reader.raw_records_after(base.base) {
-        let (seq, bytes) = item.map_err(|e| e.to_string())?;
+        let (seq, bytes) = match item {
+            Ok(record) => record,
+            // Damaged batch framing past `upto` is not this job's to report (the records
+            // themselves are verified by the worker).
+            Err(OpenError::Damaged { seq, .. }) if seq > job.upto => break,
+            Err(err) => return Err(err.to_string()),
+        };
         if seq > job.upto {
             break;
         }

@@ -62,7 +62,7 @@ pub(super) fn migrate_single_database(
             let full = current
                 .as_ref()
                 .is_none_or(|s| seq >= s.first() + segment_records);
-            if full || in_batch == TRUNCATE_BATCH_RECORDS {
+            if full || in_batch == TRUNCATE_BATCH_KEYS {
                 if let Some(segment) = &current {
                     let batch = std::mem::take(&mut batch);
                     segment.db().apply_batch(batch).map_err(sled_err(dir))?;

@@ -1,16 +1,42 @@
 //! The write-ahead log: one writer thread over sled, with group commit.
 //!
-//! Keys are big-endian `u64` sequence numbers, so sled's key order is log order; values
-//! are records encoded by `crate::storage::record`. The records live in *segments*, each a sled
-//! database of its own in a directory `segment-<first sequence>` of the log directory,
-//! holding a contiguous run of up to 65,536 records. Appends go to the newest segment;
-//! the front of the log is truncated (once snapshots cover it) by deleting whole segment
-//! directories. Deleting a directory costs sled nothing: with one database and a tree per
-//! segment, sled's `drop_tree` freed every page through its own log and then rewrote live
-//! pages on the writer's path, which slowed every flush (so every sync reserve) for
-//! seconds after a large truncation. A file `truncated_through` holds the truncation
-//! mark; a file `LOCK` (an exclusive `flock`) keeps a second process (or a second `Log` in
-//! this one) off the directory.
+//! The records live in *segments*, each a sled database of its own in a directory
+//! `segment-<first sequence>` of the log directory, holding a contiguous run of up to
+//! 65,536 records. Keys are big-endian `u64` sequence numbers, so sled's key order is log
+//! order. Each group commit is stored as **one key per segment it touches** (more if it
+//! is large, see below): the key is the sequence number of its first record there, the
+//! value a *batch* of its records, each framed with its own sequence number and stored
+//! exactly as `crate::storage::record` encodes it (format version, checksum, payload):
+//!
+//! ```text
+//! key:   first sequence (u64 BE)
+//! value: [0x81][count: u32 LE] then count × [seq: u64 BE][len: u32 LE][record: len bytes]
+//! ```
+//!
+//! Why batches: sled's cost is mostly per key (tree descent, a delta per key, node
+//! consolidations and splits by number of keys), and a sync reserve waits for a commit
+//! of many records; one key per commit took ~19 % of the server's CPU per sync reserve
+//! off. Why each record keeps its own framing: a damaged record is still found by its own
+//! checksum and named by its own sequence number (`OpenError::Damaged`), and
+//! `truncate_from` it keeps the records before it, in its batch too (rewritten to that
+//! prefix); damage to the framing itself is named by the first record it makes unreadable.
+//! A batch value stops growing at 4 KiB (`batch::BATCH_VALUE_BYTES_TARGET`): sled 0.34.7
+//! writes larger items (a leaf node holds up to 17 values) to blob files it never fsyncs.
+//!
+//! Earlier builds stored one key per record, the value the encoded record alone. Both
+//! are read, mixed too (an upgraded server appends batch keys after per-record ones in the
+//! same segment): a record's first byte is its format version, below 0x80, a batch's is
+//! 0x81 (`batch`). Readers hand out each record's bytes as a slice of the batch value
+//! (`IVec::subslice`, no copy); reading from inside a batch starts at the key before the
+//! first record asked for (a reverse range lookup) and skips the records before it.
+//!
+//! Appends go to the newest segment; the front of the log is truncated (once snapshots
+//! cover it) by deleting whole segment directories. Deleting a directory costs sled
+//! nothing: with one database and a tree per segment, sled's `drop_tree` freed every page
+//! through its own log and then rewrote live pages on the writer's path, which slowed
+//! every flush (so every sync reserve) for seconds after a large truncation. A file
+//! `truncated_through` holds the truncation mark; a file `LOCK` (an exclusive `flock`)
+//! keeps a second process (or a second `Log` in this one) off the directory.
 //!
 //! Only the newest segment stays open (the writer's); an older one is opened while it is
 //! read (recovery, snapshots, rebuilds) and closed when its last reader is done, so memory
@@ -18,14 +44,14 @@
 //!
 //! Everyone else talks to the writer through a `LogHandle`: `append` queues a record and
 //! returns a `Ticket` that resolves once the record is flushed. The writer takes everything
-//! that arrived while the previous flush ran, applies it as one sled batch per segment it
-//! touches, flushes each of those segments in order, then answers every ticket of the
-//! batch. Throughput comes from the batch, never
-//! from skipping the flush.
+//! that arrived while the previous flush ran, encodes it straight into one batch value per
+//! segment it touches (in one buffer it keeps), inserts and flushes each of those segments
+//! in order, then answers every ticket of the batch. Throughput comes from the batch,
+//! never from skipping the flush.
 //!
 //! The queue is FIFO, so the order in which records are queued is the order in which they
-//! are numbered and stored. Callers rely on this for the log order rule (DESIGN.md,
-//! invariant 3): a record that frees stock is queued before the freed units are handed out.
+//! are numbered and stored. Callers rely on this for the log order rule (invariant 3
+//! in docs/ARCHITECTURE.md): a record that frees stock is queued before the freed units are handed out.
 //! Across segments the same holds: a segment is flushed before the next one is written.
 //!
 //! `flush()` is sled's durability point and is called only from this thread (`flush_async`
@@ -35,12 +61,16 @@
 //! process recovers from what reached the disk.
 //!
 //! A log directory written by an earlier stockd (one sled database directly in it, a tree
+//! per segment) is moved to a database per segment when it is opened (`migrate`; its
+//! records keep a key each).
 //!
 //! The files: `writer` (the handle, tickets and the writer's group commit: the hot path),
-//! `segments` (segment lifetimes and the segment thread), `reader` (reading and the
-//! truncation of the front), `dir` (the directory lock and the truncation mark),
-//! `migrate` (the older single-database layout).
+//! `batch` (the value under a key: one record or a batch), `segments` (segment lifetimes
+//! and the segment thread), `reader` (reading and the truncation of the front), `dir`
+//! (the directory lock and the truncation mark), `migrate` (the older single-database
+//! layout).
 
+mod batch;
 mod dir;
 mod migrate;
 mod reader;
@@ -88,8 +118,9 @@ pub enum OpenError {
     BadMark { path: String },
 }
 
-/// Records removed per sled batch when the end of the log is cut (`truncate_from`).
-pub(super) const TRUNCATE_BATCH_RECORDS: usize = 10_000;
+/// Keys removed per sled batch when the end of the log is cut (`truncate_from`), and
+/// records moved per sled batch by the migration of a single-database log.
+pub(super) const TRUNCATE_BATCH_KEYS: usize = 10_000;
 
 pub(super) fn io_err(path: &Path) -> impl Fn(io::Error) -> OpenError + '_ {
     move |source| OpenError::Io {
@@ -146,8 +177,8 @@ impl Log {
             let Some(segment) = open_segment(slot)? else {
                 continue;
             };
-            if let Some((key, _)) = segment.db().last().map_err(sled_err(&slot.path))? {
-                last = seq_of(&key)?;
+            if let Some((key, value)) = segment.db().last().map_err(sled_err(&slot.path))? {
+                last = batch::last_seq_in(seq_of(&key)?, &value);
                 break;
             }
         }
@@ -166,7 +197,9 @@ impl Log {
     /// choice when a damaged record stops start-up (`--truncate-damaged-log`). Returns the
     /// number of records removed. Works from the newest record backwards, so whatever part
     /// of it a crash lets reach the disk leaves a log without a hole (a segment directory
-    /// goes at once, by a rename; sled persists a prefix of its operations).
+    /// goes at once, by a rename; sled persists a prefix of its operations). A batch that
+    /// holds `seq` and earlier records is rewritten last, in one insert, to its records
+    /// before `seq`: until then it is whole, so the log still has no hole.
     pub fn truncate_from(&self, seq: u64) -> Result<u64, OpenError> {
         let mut removed = 0;
         for slot in self.segments.list().into_iter().rev() {
@@ -175,29 +208,47 @@ impl Log {
             };
             let err = sled_err(&slot.path);
             if slot.first >= seq {
-                removed += segment.db().len() as u64;
+                for value in segment.db().iter().values() {
+                    removed += batch::records_in(&value.map_err(&err)?);
+                }
                 drop(segment);
                 self.segments.remove(slot.first)?;
                 continue;
             }
+            // Keys (records, or batches starting) at or after `seq`, newest first.
             loop {
-                let keys: Vec<_> = segment
+                let entries: Vec<_> = segment
                     .db()
                     .range(seq.to_be_bytes()..)
-                    .keys()
                     .rev()
-                    .take(TRUNCATE_BATCH_RECORDS)
+                    .take(TRUNCATE_BATCH_KEYS)
+                    .map(|item| item.map(|(key, value)| (key, batch::records_in(&value))))
                     .collect::<Result<_, _>>()
                     .map_err(&err)?;
-                if keys.is_empty() {
+                if entries.is_empty() {
                     break;
                 }
-                let mut batch = sled::Batch::default();
-                for key in &keys {
-                    batch.remove(key.clone());
+                let mut removal = sled::Batch::default();
+                for (key, records) in entries {
+                    removal.remove(key);
+                    removed += records;
                 }
-                segment.db().apply_batch(batch).map_err(&err)?;
-                removed += keys.len() as u64;
+                segment.db().apply_batch(removal).map_err(&err)?;
+            }
+            // The key before `seq`: a batch may run on past it.
+            let before = segment.db().range(..seq.to_be_bytes()).next_back();
+            if let Some((key, value)) = before.transpose().map_err(&err)? {
+                match batch::cut(seq_of(&key)?, &value, seq) {
+                    batch::Cut::Keep => {}
+                    batch::Cut::Remove(dropped) => {
+                        segment.db().remove(key).map_err(&err)?;
+                        removed += dropped;
+                    }
+                    batch::Cut::Rewrite(kept, dropped) => {
+                        segment.db().insert(key, kept).map_err(&err)?;
+                        removed += dropped;
+                    }
+                }
             }
             segment.db().flush().map_err(&err)?;
             break;
@@ -225,23 +276,23 @@ pub(super) fn seq_of(key: &[u8]) -> Result<u64, OpenError> {
 }
 
 /// Test hook: overwrites the stored bytes of record `seq` with a damaged copy, as a bad
-/// disk would. Only for a log no server has open.
+/// disk would (inside its batch, if it is in one: that record's checksum fails, and it is
+/// named exactly). Only for a log no server has open.
 #[doc(hidden)]
 pub fn damage_record(dir: &Path, seq: u64) -> Result<(), OpenError> {
     let log = Log::open(dir)?;
-    let key = seq.to_be_bytes();
     for slot in log.segments.list() {
         let Some(segment) = open_segment(&slot)? else {
             continue;
         };
         let err = sled_err(&slot.path);
-        if let Some(value) = segment.db().get(key).map_err(&err)? {
-            let mut value = value.to_vec();
-            if let Some(last) = value.last_mut() {
-                *last ^= 0x5a;
+        // The key holding `seq`: its own, or the batch's that starts at or before it.
+        let holder = segment.db().range(..=seq.to_be_bytes()).next_back();
+        if let Some((key, value)) = holder.transpose().map_err(&err)? {
+            if let Some(damaged) = batch::damaged_copy(seq_of(&key)?, &value, seq) {
+                segment.db().insert(key, damaged).map_err(&err)?;
+                segment.db().flush().map_err(&err)?;
             }
-            segment.db().insert(key, value).map_err(&err)?;
-            segment.db().flush().map_err(&err)?;
         }
     }
     Ok(())

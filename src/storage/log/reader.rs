@@ -5,8 +5,9 @@
 use std::io;
 use std::sync::{mpsc, Arc};
 
-use crate::storage::record::{self, Record};
+use crate::storage::record::Record;
 
+use super::batch::Unpacked;
 use super::*;
 
 /// Reads the log while the writer runs (sled is safe to read concurrently), and drops its
@@ -22,7 +23,8 @@ pub struct LogSummary {
     pub first_seq: Option<u64>,
     pub last_seq: Option<u64>,
     pub records: u64,
-    /// Encoded record bytes (what sled stores as values; its own overhead is not counted).
+    /// Encoded record bytes (each record's version, checksum and payload: the same in
+    /// either layout; batch framing and sled's own overhead are not counted).
     pub record_bytes: u64,
     /// Segments (a sled database each) the records are in.
     pub segments: usize,
@@ -74,7 +76,9 @@ impl LogReader {
     }
 
     /// Every record after `after`, in log order, as stored (encoded, not verified: the
-    /// snapshot worker verifies what it is sent).
+    /// snapshot worker verifies what it is sent). A record in a batch is a slice of the
+    /// batch's value (no copy). Damaged batch framing ends the stream with
+    /// `OpenError::Damaged`, naming the first record it makes unreadable.
     pub fn raw_records_after(
         &self,
         after: u64,
@@ -84,6 +88,7 @@ impl LogReader {
             slots: self.segments.after(after).into(),
             from: after.saturating_add(1),
             current: None,
+            unpacking: None,
             opening: None,
             failed: false,
             yielded: false,
@@ -142,32 +147,26 @@ impl LogReader {
 
     /// Sequence range, counts and sizes, decoding every record (for `stockd log dump`).
     pub fn summary(&self) -> Result<LogSummary, OpenError> {
-        let slots = self.segments.list();
         let mut summary = LogSummary {
             truncated_through: self.truncated_through(),
-            segments: slots.len(),
+            segments: self.segments.list().len(),
             ..LogSummary::default()
         };
-        for slot in slots {
-            let Some(segment) = open_segment(&slot)? else {
-                continue;
+        for item in self.raw_records_after(0) {
+            let decoded = item.and_then(|(seq, bytes)| Ok((seq, decode_at(seq, &bytes)?, bytes)));
+            let (seq, record, bytes) = match decoded {
+                Ok(decoded) => decoded,
+                Err(OpenError::Damaged { seq, .. }) => {
+                    summary.damaged_at = Some(seq);
+                    return Ok(summary);
+                }
+                Err(err) => return Err(err),
             };
-            for item in segment.db().iter() {
-                let (key, value) = item.map_err(sled_err(&slot.path))?;
-                let seq = seq_of(&key)?;
-                let record = match record::decode(&value) {
-                    Ok(record) => record,
-                    Err(_) => {
-                        summary.damaged_at = Some(seq);
-                        return Ok(summary);
-                    }
-                };
-                summary.first_seq.get_or_insert(seq);
-                summary.last_seq = Some(seq);
-                summary.records += 1;
-                summary.record_bytes += value.len() as u64;
-                *summary.kinds.entry(record.kind().to_string()).or_insert(0) += 1;
-            }
+            summary.first_seq.get_or_insert(seq);
+            summary.last_seq = Some(seq);
+            summary.records += 1;
+            summary.record_bytes += bytes.len() as u64;
+            *summary.kinds.entry(record.kind().to_string()).or_insert(0) += 1;
         }
         Ok(summary)
     }
@@ -202,6 +201,8 @@ struct Records {
     /// The segment being read. (The iterator comes before the reference, so it is dropped
     /// first: the database closes when both are gone.)
     current: Option<Box<(sled::Iter, SegmentRef)>>,
+    /// The records of the key being read (one, or a batch).
+    unpacking: Option<Unpacked>,
     opening: Option<Opening>,
     failed: bool,
     /// A record was read: a segment missing after this ends the stream.
@@ -236,12 +237,31 @@ impl Iterator for Records {
             if self.failed {
                 return None;
             }
+            if let Some(unpacking) = &mut self.unpacking {
+                match unpacking.next() {
+                    Some(item) => {
+                        // Damaged framing: nothing after it can be read without a hole.
+                        self.failed = item.is_err();
+                        self.yielded = true;
+                        return Some(item);
+                    }
+                    None => self.unpacking = None,
+                }
+            }
             if let Some(reading) = &mut self.current {
                 let (iter, segment) = &mut **reading;
                 if let Some(item) = iter.next() {
-                    self.yielded = true;
                     let item = item.map_err(sled_err(&segment.slot.path));
-                    return Some(item.and_then(|(key, value)| Ok((seq_of(&key)?, value))));
+                    match item.and_then(|(key, value)| Ok((seq_of(&key)?, value))) {
+                        Ok((key, value)) => {
+                            self.unpacking = Some(Unpacked::new(key, value, self.from));
+                            continue;
+                        }
+                        Err(err) => {
+                            self.yielded = true;
+                            return Some(Err(err));
+                        }
+                    }
                 }
                 let done = self.current.take();
                 self.service.run(Box::new(move || drop(done)));
@@ -249,10 +269,16 @@ impl Iterator for Records {
             match self.open_next()? {
                 // (A segment truncated after it was opened is read all the same: its
                 // records are still right, and the reader wants them.)
-                Ok(Some(segment)) => {
-                    let iter = segment.db().range(self.from.to_be_bytes()..);
-                    self.current = Some(Box::new((iter, segment)));
-                }
+                Ok(Some(segment)) => match batch_start(&segment, self.from) {
+                    Ok(start) => {
+                        let iter = segment.db().range(start.to_be_bytes()..);
+                        self.current = Some(Box::new((iter, segment)));
+                    }
+                    Err(err) => {
+                        self.failed = true;
+                        return Some(Err(err));
+                    }
+                },
                 // Truncated before it was opened: skipped if nothing was read yet (the
                 // reader starts later), else the end of what can be read without a hole.
                 Ok(None) if self.yielded => {
@@ -266,6 +292,17 @@ impl Iterator for Records {
                 }
             }
         }
+    }
+}
+
+/// Where to start reading `segment` for records from `from` on: the key of the batch
+/// that holds `from` (a reverse range lookup: the last key at or before it), whose earlier
+/// records the reader skips; `from` itself if the segment has no key at or before it.
+fn batch_start(segment: &SegmentRef, from: u64) -> Result<u64, OpenError> {
+    let holder = segment.db().range(..=from.to_be_bytes()).keys().next_back();
+    match holder.transpose().map_err(sled_err(&segment.slot.path))? {
+        Some(key) => seq_of(&key),
+        None => Ok(from),
     }
 }
 

@@ -370,3 +370,365 @@ fn an_interrupted_move_starts_again() {
     assert!(!dir.join("db").exists());
     assert_eq!(segment_dirs(&dir), vec![segment_dir_name(1)]);
 }
+
+// --- The batch layout: a key per group commit (and per segment it crosses). ---
+
+/// Writes records `next..next + size` for each size in `sizes`, each size as one group
+/// commit: the writer waits `FLUSH` between flushes, so everything queued meanwhile is
+/// one batch.
+fn write_batches(dir: &Path, sizes: &[u64], per_segment: u64) {
+    const FLUSH: Duration = Duration::from_millis(100);
+    let log = Log::open(dir)
+        .unwrap()
+        .with_segment_records(per_segment)
+        .with_flush_interval(FLUSH);
+    let mut next = log.last_seq().unwrap() + 1;
+    let (handle, join) = log.start_writer(next).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        for size in sizes {
+            let tickets: Vec<_> = (next..next + size)
+                .map(|i| handle.append(created(i)))
+                .collect();
+            for (i, ticket) in tickets.into_iter().enumerate() {
+                assert_eq!(ticket.durable().await.unwrap(), next + i as u64);
+            }
+            next += size;
+        }
+        handle.shutdown().await.unwrap();
+    });
+    join.join().unwrap();
+}
+
+/// The layout of earlier builds, kept for these tests: one key per record, its value the
+/// record as `record::encode` makes it, in segments of `per_segment` records.
+fn write_per_record(dir: &Path, seqs: std::ops::RangeInclusive<u64>, per_segment: u64) {
+    let log = Log::open(dir).unwrap();
+    for seq in seqs {
+        let first = (seq - 1) / per_segment * per_segment + 1;
+        let segment = log.segments.create(first).unwrap();
+        segment
+            .db()
+            .insert(seq.to_be_bytes(), record::encode(&created(seq)))
+            .unwrap();
+        segment.db().flush().unwrap();
+    }
+}
+
+/// Every key of every segment: (segment's first sequence, [(key, records under it)]).
+fn keys(dir: &Path) -> Vec<(u64, Vec<(u64, u64)>)> {
+    let log = Log::open(dir).unwrap();
+    log.segments
+        .list()
+        .iter()
+        .map(|slot| {
+            let segment = open_segment(slot).unwrap().unwrap();
+            let keys = segment
+                .db()
+                .iter()
+                .map(|item| {
+                    let (key, value) = item.unwrap();
+                    (seq_of(&key).unwrap(), batch::records_in(&value))
+                })
+                .collect();
+            (slot.first, keys)
+        })
+        .collect()
+}
+
+/// Reads everything, checks every record is the one written under its number.
+fn check_all(dir: &Path, last: u64) {
+    let log = Log::open(dir).unwrap();
+    let read: Vec<(u64, Record)> = log.reader().records().map(|r| r.unwrap()).collect();
+    assert_eq!(
+        read.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+        (1..=last).collect::<Vec<_>>()
+    );
+    assert!(read.iter().all(|(seq, record)| *record == created(*seq)));
+    assert_eq!(log.last_seq().unwrap(), last);
+    let summary = log.reader().summary().unwrap();
+    let range = (last > 0).then_some(());
+    assert_eq!(
+        (summary.first_seq, summary.last_seq, summary.records),
+        (range.map(|_| 1), range.map(|_| last), last)
+    );
+    let bytes: usize = (1..=last)
+        .map(|seq| record::encode(&created(seq)).len())
+        .sum();
+    assert_eq!(
+        summary.record_bytes, bytes as u64,
+        "record bytes, not framing"
+    );
+    assert_eq!(
+        summary.kinds.get("ProductCreated").copied().unwrap_or(0),
+        last
+    );
+    assert_eq!(summary.damaged_at, None);
+}
+
+#[test]
+fn a_group_commit_is_one_key_per_segment_it_crosses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    // 1-3 | 4-10 and 11-15 (the second crosses into the second segment) | 16-20, 21-30
+    // and 31-34 (the third ends the second segment, fills a third and starts a fourth).
+    write_batches(&dir, &[3, 12, 19], 10);
+    assert_eq!(
+        keys(&dir),
+        vec![
+            (1, vec![(1, 3), (4, 7)]),
+            (11, vec![(11, 5), (16, 5)]),
+            (21, vec![(21, 10)]),
+            (31, vec![(31, 4)]),
+        ]
+    );
+    check_all(&dir, 34);
+    // Every segment starts with its own first record.
+    assert_eq!(
+        segment_dirs(&dir),
+        [1, 11, 21, 31].map(segment_dir_name).to_vec()
+    );
+}
+
+#[test]
+fn reading_from_inside_a_batch_starts_at_the_record_asked_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    write_batches(&dir, &[6, 9], 100); // keys 1 (1-6) and 7 (7-15)
+    let log = Log::open(&dir).unwrap();
+    let reader = log.reader();
+    for after in 0..=15 {
+        let read: Vec<u64> = reader.records_after(after).map(|r| r.unwrap().0).collect();
+        assert_eq!(read, (after + 1..=15).collect::<Vec<_>>(), "after {after}");
+        let raw: Vec<(u64, sled::IVec)> = reader
+            .raw_records_after(after)
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(raw.len() as u64, 15 - after);
+        for (seq, bytes) in raw {
+            assert_eq!(
+                &bytes[..],
+                &record::encode(&created(seq))[..],
+                "record {seq}"
+            );
+        }
+    }
+    // And across segments: the batch holding `after + 1` is in the second one.
+    drop((reader, log));
+    write_batches(&dir, &[3], 10);
+    let log = Log::open(&dir).unwrap();
+    let read: Vec<u64> = log
+        .reader()
+        .records_after(16)
+        .map(|r| r.unwrap().0)
+        .collect();
+    assert_eq!(read, vec![17, 18]);
+}
+
+#[test]
+fn a_log_written_a_key_per_record_reads_on_and_takes_batches_after_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    // An earlier build wrote 1-14: segment 1 full, segment 11 up to 14.
+    write_per_record(&dir, 1..=14, 10);
+    check_all(&dir, 14);
+    // This build appends to the same segment, then into the next ones.
+    write_batches(&dir, &[4, 9], 10);
+    assert_eq!(
+        keys(&dir),
+        vec![
+            (1, (1..=10).map(|seq| (seq, 1)).collect()),
+            (
+                11,
+                vec![(11, 1), (12, 1), (13, 1), (14, 1), (15, 4), (19, 2)]
+            ),
+            (21, vec![(21, 7)]),
+        ]
+    );
+    check_all(&dir, 27);
+    // Reading from any point, across the change of layout.
+    let log = Log::open(&dir).unwrap();
+    for after in [0, 9, 13, 14, 15, 17, 19, 26, 27] {
+        let read: Vec<u64> = log
+            .reader()
+            .records_after(after)
+            .map(|r| r.unwrap().0)
+            .collect();
+        assert_eq!(read, (after + 1..=27).collect::<Vec<_>>(), "after {after}");
+    }
+    drop(log);
+    // Replay folds the lot; damage is named in either layout.
+    write_batches(&dir, &[2], 10);
+    check_all(&dir, 29);
+    damage_record(&dir, 12).unwrap();
+    let log = Log::open(&dir).unwrap();
+    let err = log.reader().records().find_map(Result::err).unwrap();
+    assert!(matches!(err, OpenError::Damaged { seq: 12, .. }), "{err}");
+    assert_eq!(log.reader().summary().unwrap().damaged_at, Some(12));
+    assert_eq!(log.truncate_from(12).unwrap(), 18);
+    drop(log);
+    check_all(&dir, 11);
+}
+
+#[test]
+fn a_damaged_record_inside_a_batch_is_named_and_the_cut_keeps_the_batch_before_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    write_batches(&dir, &[5, 10, 5], 100); // keys 1 (1-5), 6 (6-15), 16 (16-20)
+    damage_record(&dir, 9).unwrap();
+    let log = Log::open(&dir).unwrap();
+    let reader = log.reader();
+    let read: Vec<_> = reader.records().collect();
+    let first_err = read.iter().position(Result::is_err);
+    assert_eq!(first_err, Some(8), "1-8, then the damage");
+    let err = read[8].as_ref().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            OpenError::Damaged {
+                seq: 9,
+                source: record::DecodeError::Checksum
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(reader.summary().unwrap().damaged_at, Some(9));
+    // Records before it, in the same batch, read on without it.
+    let upto: Vec<u64> = reader
+        .records()
+        .map_while(Result::ok)
+        .map(|(seq, _)| seq)
+        .collect();
+    assert_eq!(upto, (1..=8).collect::<Vec<_>>());
+    // Cut there: 9-15 of the batch and the batch after it go; 6-8 stay, in one key.
+    assert_eq!(log.truncate_from(9).unwrap(), 12);
+    drop((reader, log));
+    assert_eq!(keys(&dir), vec![(1, vec![(1, 5), (6, 3)])]);
+    check_all(&dir, 8);
+    // The log goes on from there.
+    write_batches(&dir, &[4], 100);
+    assert_eq!(keys(&dir), vec![(1, vec![(1, 5), (6, 3), (9, 4)])]);
+    check_all(&dir, 12);
+    // Cutting at a batch's first record removes its key; past the end, nothing.
+    let log = Log::open(&dir).unwrap();
+    assert_eq!(log.truncate_from(13).unwrap(), 0);
+    assert_eq!(log.truncate_from(6).unwrap(), 7);
+    drop(log);
+    assert_eq!(keys(&dir), vec![(1, vec![(1, 5)])]);
+    check_all(&dir, 5);
+}
+
+/// Overwrites the value under `key` in whichever segment holds it, through `change`.
+fn rewrite_value(dir: &Path, key: u64, change: impl FnOnce(&mut Vec<u8>)) {
+    let log = Log::open(dir).unwrap();
+    for slot in log.segments.list() {
+        let segment = open_segment(&slot).unwrap().unwrap();
+        if let Some(value) = segment.db().get(key.to_be_bytes()).unwrap() {
+            let mut value = value.to_vec();
+            change(&mut value);
+            segment.db().insert(key.to_be_bytes(), value).unwrap();
+            segment.db().flush().unwrap();
+            return;
+        }
+    }
+    panic!("no key {key}");
+}
+
+fn first_damage(dir: &Path) -> u64 {
+    let log = Log::open(dir).unwrap();
+    match log.reader().records().find_map(Result::err) {
+        Some(OpenError::Damaged { seq, .. }) => seq,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Damage to the framing around the records (their numbers, lengths, the count) is
+/// named by the first record it makes unreadable, and a cut there leaves a log that
+/// reads through to the record before it.
+#[test]
+fn damaged_batch_framing_is_named_by_the_first_record_it_hides() {
+    let len = record::encode(&created(1)).len(); // the same length for 1-9
+    let frame = 12 + len;
+    type Change = Box<dyn Fn(&mut Vec<u8>)>;
+    // (what is changed, how, the record named)
+    let cases: Vec<(&str, Change, u64)> = vec![
+        (
+            "third frame's number",
+            Box::new(move |v| v[5 + 2 * frame + 7] ^= 1),
+            3,
+        ),
+        (
+            "second frame's length, longer",
+            Box::new(move |v| v[5 + frame + 8] ^= 0x40),
+            2,
+        ),
+        (
+            "second frame's length, shorter",
+            Box::new(move |v| v[5 + frame + 8] ^= 1),
+            2,
+        ),
+        ("count, larger", Box::new(|v| v[1] = 5), 5),
+        ("count, smaller", Box::new(|v| v[1] = 2), 3),
+        ("format byte", Box::new(|v| v[0] = 0x01), 1),
+        (
+            "value cut short",
+            Box::new(move |v| v.truncate(5 + 3 * frame + 4)),
+            4,
+        ),
+    ];
+    for (what, change, named) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("log");
+        write_batches(&dir, &[4, 3], 100); // keys 1 (1-4), 5 (5-7)
+        rewrite_value(&dir, 1, change);
+        assert_eq!(first_damage(&dir), named, "{what}");
+        let log = Log::open(&dir).unwrap();
+        log.truncate_from(named).unwrap();
+        drop(log);
+        check_all(&dir, named - 1);
+        write_batches(&dir, &[2], 100);
+        check_all(&dir, named + 1);
+    }
+}
+
+/// sled 0.34.7 writes an item over ~128 KiB (a value, or a whole leaf node of up to 17
+/// of them) to a file under `blobs/` that it never fsyncs: batch values stay small, so a
+/// large group commit takes several keys, and no blob is ever written.
+#[test]
+fn a_large_group_commit_takes_several_small_keys_and_no_sled_blob() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    // What the bound is for: sled puts a large value in a blob file.
+    let probe = open_sled(&tmp.path().join("probe")).unwrap();
+    probe.insert(b"k", vec![0u8; 200_000]).unwrap();
+    probe.flush().unwrap();
+    drop(probe);
+    let blobs = |dir: &Path| -> usize {
+        fs::read_dir(dir.join("blobs")).map_or(0, |entries| entries.count())
+    };
+    assert_eq!(blobs(&tmp.path().join("probe")), 1);
+
+    write_batches(&dir, &[4000, 4000], SEGMENT_RECORDS_DEFAULT);
+    let keys = &keys(&dir)[0].1;
+    assert!(keys.len() > 2 * 10, "{} keys", keys.len());
+    // A value reaches the target with its last record, never by more.
+    let largest_frame = 12 + record::encode(&created(8000)).len();
+    {
+        let log = Log::open(&dir).unwrap();
+        let slot = log.segments.list()[0].clone();
+        let segment = open_segment(&slot).unwrap().unwrap();
+        for value in segment.db().iter().values() {
+            let len = value.unwrap().len();
+            assert!(
+                len < batch::BATCH_VALUE_BYTES_TARGET + largest_frame,
+                "{len}"
+            );
+        }
+    }
+    check_all(&dir, 8000);
+    for segment in segment_dirs(&dir) {
+        assert_eq!(blobs(&dir.join(&segment)), 0, "{segment}");
+    }
+}

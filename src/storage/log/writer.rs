@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::limits::LOG_BATCH_RECORDS_MAX;
-use crate::storage::record::{self, Record};
+use crate::storage::record::Record;
+
+use super::batch::BatchBuilder;
 
 use super::*;
 
@@ -172,6 +174,7 @@ impl Log {
             next_seq,
             failed: None,
             fail_writes: fail_writes.clone(),
+            builder: BatchBuilder::default(),
         };
         let join = thread::Builder::new()
             .name("stockd-log-writer".into())
@@ -206,6 +209,8 @@ pub(super) struct Writer {
     pub(super) fail_writes: Arc<AtomicBool>,
     pub(super) durable: Arc<AtomicU64>,
     pub(super) counters: Arc<WriterCounters>,
+    /// Encodes each batch value (its buffer is kept from one batch to the next).
+    pub(super) builder: BatchBuilder,
 }
 
 pub(super) type Waiter = oneshot::Sender<Result<u64, LogError>>;
@@ -307,8 +312,8 @@ impl Writer {
             return Err(LogError::Unavailable("injected write failure".into()));
         }
         let io = |e: sled::Error| LogError::Unavailable(e.to_string());
-        // Each segment gets one sled batch of the records that fit in it, and is flushed
-        // before the next segment is written: the disk always holds a prefix of the log.
+        // Each segment gets the records that fit in it, and is flushed before the next
+        // segment is written: the disk always holds a prefix of the log.
         let mut seq = self.next_seq;
         let mut rest = records;
         while !rest.is_empty() {
@@ -326,14 +331,18 @@ impl Writer {
                 }
                 continue;
             }
-            let (now, later) = rest.split_at(rest.len().min(room as usize));
+            let (mut now, later) = rest.split_at(rest.len().min(room as usize));
             let segment = self.current.as_ref().expect("a segment is open");
-            let mut batch = sled::Batch::default();
-            for (record, _) in now {
-                batch.insert(&seq.to_be_bytes(), record::encode(record));
-                seq += 1;
+            // The records for this segment go into as few keys as fit (one key per batch
+            // value, each encoded straight into the builder's reused buffer; see
+            // `batch`). Plain inserts, no sled batch: nothing is acknowledged before the
+            // flush, and a crash keeps a prefix of sled's operations, so never a hole.
+            while !now.is_empty() {
+                let (value, count) = self.builder.fill(seq, now);
+                segment.db().insert(seq.to_be_bytes(), value).map_err(io)?;
+                seq += count as u64;
+                now = &now[count..];
             }
-            segment.db().apply_batch(batch).map_err(io)?;
             segment.db().flush().map_err(io)?;
             rest = later;
         }
