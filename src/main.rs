@@ -182,6 +182,9 @@ struct ServeArgs {
     /// Test hook: pause this long while writing each snapshot file (to test crashes).
     #[arg(long, hide = true, env = "STOCKD_TEST_SNAPSHOT_PAUSE_MS")]
     test_snapshot_pause_ms: Option<u64>,
+    /// Test hook: log writes fail from the record with this sequence on (a failed log).
+    #[arg(long, hide = true, env = "STOCKD_TEST_LOG_FAIL_FROM_SEQ")]
+    test_log_fail_from_seq: Option<u64>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -299,6 +302,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         snapshot_hooks: WriteHooks {
             pause_before_rename: args.test_snapshot_pause_ms.map(Duration::from_millis),
         },
+        log_fail_from_seq: args.test_log_fail_from_seq,
         ..Config::default()
     };
     let server = match stockd::start(config).await {
