@@ -30,8 +30,8 @@ pub mod http;
 pub mod limits;
 pub mod memory;
 pub mod server;
-pub mod storage;
 pub mod service;
+pub mod storage;
 
 #[cfg(test)]
 mod testing;

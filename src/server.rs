@@ -14,9 +14,9 @@ use tokio::task::JoinHandle;
 
 use crate::actors::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
 use crate::config::{Config, Durability};
+use crate::service::Service;
 use crate::storage::log::{Log, LogHandle, OpenError};
 use crate::storage::recovery::{self, Recovered, RecoveryError};
-use crate::service::Service;
 use crate::storage::snapshotter::{Priority, Snapshotter, SnapshotterArgs};
 
 /// How long shutdown waits for requests in flight before closing connections anyway.
@@ -188,9 +188,11 @@ fn set_aside_snapshots_from(dir: &std::path::Path, seq: u64) -> Result<(), Start
 /// log record stops start-up, unless the operator asked to truncate the log there.
 fn recover(log: &Log, config: &Config) -> Result<Recovered, StartError> {
     let started = Instant::now();
-    crate::storage::snapshot::remove_temp_files(&config.snapshot_dir).map_err(|source| StartError::Dir {
-        path: config.snapshot_dir.display().to_string(),
-        source,
+    crate::storage::snapshot::remove_temp_files(&config.snapshot_dir).map_err(|source| {
+        StartError::Dir {
+            path: config.snapshot_dir.display().to_string(),
+            source,
+        }
     })?;
     let recovered = match recovery::recover(&log.reader(), &config.snapshot_dir, u64::MAX) {
         Err(err) if config.truncate_damaged_log && err.damaged_seq().is_some() => {

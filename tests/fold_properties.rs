@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use stockd::domain::{Line, Status};
-use stockd::storage::fold::{apply, State};
 use stockd::limits::STOCK_MAX;
+use stockd::storage::fold::{apply, State};
 use stockd::storage::record::{decode, encode, Record};
 use uuid::Uuid;
 
@@ -403,7 +403,8 @@ fn a_damaged_record_in_a_later_segment_is_named() {
     let err = stockd::storage::recovery::fold_log(&log.reader()).unwrap_err();
     assert_eq!(err.damaged_seq(), Some(22), "{err}");
     // Up to the record before it, recovery still works (what a rebuild would ask for).
-    let upto = stockd::storage::recovery::fold_records(&log.reader(), State::default(), 0, 21).unwrap();
+    let upto =
+        stockd::storage::recovery::fold_records(&log.reader(), State::default(), 0, 21).unwrap();
     assert_eq!((upto.1, upto.2), (21, 21));
 }
 

@@ -60,8 +60,8 @@ use crate::actors::product::{
 use crate::clock::{Millis, SharedClock};
 use crate::domain::{Line, Price, Product, Reservation, Status};
 use crate::error::Error;
-use crate::storage::fold::{IdempotencyEntry, State};
 use crate::limits::{EXPIRY_TICK_MS, FORGET_EVERY_MS, PASSIVATIONS_PER_TICK_MAX};
+use crate::storage::fold::{IdempotencyEntry, State};
 use crate::storage::log::{LogHandle, Ticket};
 use crate::storage::record::{IdempotencyKey, Record};
 use crate::storage::snapshotter::Snapshotter;

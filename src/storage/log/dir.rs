@@ -5,7 +5,6 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::Path;
 
-
 use crate::storage::snapshot::sync_dir;
 
 use super::*;

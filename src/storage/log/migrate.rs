@@ -4,7 +4,6 @@
 use std::fs;
 use std::path::Path;
 
-
 use crate::storage::snapshot::sync_dir;
 
 use super::*;
@@ -14,7 +13,10 @@ use super::*;
 /// segment. Crash-safe: the old database is removed only after every record and the mark
 /// are durable in the new layout, and its `db` file goes first; until then, the next open
 /// starts the move again from scratch.
-pub(super) fn migrate_single_database(segments: &Segments, segment_records: u64) -> Result<(), OpenError> {
+pub(super) fn migrate_single_database(
+    segments: &Segments,
+    segment_records: u64,
+) -> Result<(), OpenError> {
     let dir = &segments.dir;
     let (db_file, conf_file) = (dir.join("db"), dir.join("conf"));
     if !db_file.is_file() {

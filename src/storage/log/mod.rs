@@ -88,8 +88,6 @@ pub enum OpenError {
     BadMark { path: String },
 }
 
-/// Resolves when the record it stands for is durable (or the log has failed).
-
 /// Records removed per sled batch when the end of the log is cut (`truncate_from`).
 pub(super) const TRUNCATE_BATCH_RECORDS: usize = 10_000;
 

@@ -5,7 +5,6 @@
 use std::io;
 use std::sync::{mpsc, Arc};
 
-
 use crate::storage::record::{self, Record};
 
 use super::*;

@@ -11,7 +11,6 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-
 use crate::storage::snapshot::sync_dir;
 
 use super::*;
@@ -256,7 +255,10 @@ impl Service {
     }
 
     /// Opens `slot` on the service thread; the answer comes on the returned channel.
-    pub(super) fn open(&self, slot: Arc<Slot>) -> mpsc::Receiver<Result<Option<SegmentRef>, OpenError>> {
+    pub(super) fn open(
+        &self,
+        slot: Arc<Slot>,
+    ) -> mpsc::Receiver<Result<Option<SegmentRef>, OpenError>> {
         let (tx, rx) = mpsc::channel();
         self.run(Box::new(move || {
             let _ = tx.send(open_segment(&slot));

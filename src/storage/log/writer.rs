@@ -13,6 +13,7 @@ use crate::storage::record::{self, Record};
 
 use super::*;
 
+/// Resolves when the record it stands for is durable (or the log has failed).
 #[must_use = "a change is acknowledged only once its ticket resolves"]
 pub struct Ticket(oneshot::Receiver<Result<u64, LogError>>);
 
@@ -284,7 +285,10 @@ impl Writer {
     }
 
     /// Writes and flushes one batch; returns the sequence number of its last record.
-    pub(super) fn write_batch(&mut self, records: &[(Record, Option<Waiter>)]) -> Result<u64, LogError> {
+    pub(super) fn write_batch(
+        &mut self,
+        records: &[(Record, Option<Waiter>)],
+    ) -> Result<u64, LogError> {
         if let Some(err) = &self.failed {
             return Err(err.clone());
         }
@@ -303,7 +307,10 @@ impl Writer {
         }
     }
 
-    pub(super) fn try_write(&mut self, records: &[(Record, Option<Waiter>)]) -> Result<u64, LogError> {
+    pub(super) fn try_write(
+        &mut self,
+        records: &[(Record, Option<Waiter>)],
+    ) -> Result<u64, LogError> {
         let last = self.next_seq + records.len() as u64 - 1;
         if last >= self.fail_from.load(Ordering::SeqCst) {
             return Err(LogError::Unavailable("injected write failure".into()));
