@@ -1,5 +1,6 @@
 //! The `stockd` binary: parses the command line, starts the server, waits for a signal.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -193,16 +194,11 @@ enum LogFormat {
     Json,
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+fn init_tracing(format: LogFormat) -> stockd::logging::Guard {
+    stockd::logging::init(match format {
+        LogFormat::Text => stockd::logging::Format::Text,
+        LogFormat::Json => stockd::logging::Format::Json,
+    })
 }
 
 /// SIGTERM and SIGINT (Ctrl-C), caught from the start of `serve`, so that no signal ever
@@ -247,7 +243,10 @@ fn watch_signals() -> tokio::sync::oneshot::Receiver<()> {
                     Some(first) => drop(first.send(())),
                     None => {
                         tracing::error!("a second signal during shutdown: exiting now");
-                        eprintln!("stockd: a second signal during shutdown: exiting now");
+                        let _ = writeln!(
+                            std::io::stderr(),
+                            "stockd: a second signal during shutdown: exiting now"
+                        );
                         std::process::exit(1);
                     }
                 }
@@ -264,7 +263,7 @@ fn watch_signals() -> tokio::sync::oneshot::Receiver<()> {
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {
-    init_tracing(args.log_format);
+    let _logging = init_tracing(args.log_format);
     let mut stop = watch_signals();
     let config = Config {
         listen: args.listen,
@@ -309,7 +308,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         Ok(server) => server,
         Err(err) => {
             tracing::error!(error = %err, "cannot start");
-            eprintln!("stockd: {err}");
+            let _ = writeln!(std::io::stderr(), "stockd: {err}");
             return ExitCode::FAILURE;
         }
     };
@@ -328,7 +327,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     match server.shutdown().await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("stockd: {err}");
+            let _ = writeln!(std::io::stderr(), "stockd: {err}");
             ExitCode::FAILURE
         }
     }
@@ -460,7 +459,7 @@ fn dump_log(data_dir: &std::path::Path, records: bool, json: bool) -> ExitCode {
 fn snapshot_worker(args: WorkerArgs) -> ExitCode {
     if let Some(parent) = args.parent_pid {
         if let Err(err) = stockd::storage::snapshot_worker::die_with_parent(parent) {
-            eprintln!("snapshot worker: {err}");
+            let _ = writeln!(std::io::stderr(), "snapshot worker: {err}");
             return ExitCode::FAILURE;
         }
     }
@@ -474,7 +473,7 @@ fn snapshot_worker(args: WorkerArgs) -> ExitCode {
     match stockd::storage::snapshot_worker::run(&job, std::io::stdin(), std::io::stdout().lock()) {
         Ok(_) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("{err}");
+            let _ = writeln!(std::io::stderr(), "{err}");
             ExitCode::FAILURE
         }
     }
@@ -483,7 +482,7 @@ fn snapshot_worker(args: WorkerArgs) -> ExitCode {
 fn main() -> ExitCode {
     // Before any large allocation: see `stockd::memory`.
     if let Err(err) = stockd::memory::apply_transparent_huge_pages_setting() {
-        eprintln!("stockd: {err}");
+        let _ = writeln!(std::io::stderr(), "stockd: {err}");
         return ExitCode::from(2);
     }
     let cli = Cli::parse();
@@ -509,7 +508,7 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(err) => {
-            eprintln!("stockd: cannot start the runtime: {err}");
+            let _ = writeln!(std::io::stderr(), "stockd: cannot start the runtime: {err}");
             return ExitCode::FAILURE;
         }
     };

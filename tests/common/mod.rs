@@ -344,10 +344,31 @@ impl ChildServer {
 
     /// Starts `cmd` (a `stockd` that serves, set up however the test likes; its log is in
     /// `data_dir`) and waits for its `listening on ADDR` line.
-    pub fn start(mut cmd: Command, data_dir: PathBuf) -> ChildServer {
+    pub fn start(cmd: Command, data_dir: PathBuf) -> ChildServer {
+        ChildServer::start_with_stderr(cmd, data_dir, Stdio::inherit())
+    }
+
+    /// `start`, with the child's stderr sent to `stderr` (a file, `/dev/full`, a pipe).
+    pub fn start_with_stderr(cmd: Command, data_dir: PathBuf, stderr: Stdio) -> ChildServer {
+        let (server, lines) = ChildServer::start_reading(cmd, data_dir, stderr);
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        server
+    }
+
+    /// Starts `cmd` with `stderr` as `start` does; returns the server and the rest of its
+    /// stdout, which the caller drains or closes (dropping it: a supervisor that died).
+    pub fn start_reading(
+        mut cmd: Command,
+        data_dir: PathBuf,
+        stderr: Stdio,
+    ) -> (
+        ChildServer,
+        std::io::Lines<BufReader<std::process::ChildStdout>>,
+    ) {
         let mut child = cmd
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn stockd");
         let stdout = child.stdout.take().expect("stdout");
@@ -366,13 +387,17 @@ impl ChildServer {
                 }
             }
         };
-        // Keep draining stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        ChildServer {
+        let server = ChildServer {
             child: Some(child),
             client: Client::new(format!("http://{addr}")),
             data_dir,
-        }
+        };
+        (server, lines)
+    }
+
+    /// The child's stderr, when it was started with `Stdio::piped()` (taken once).
+    pub fn take_stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.child.as_mut().and_then(|c| c.stderr.take())
     }
 
     /// The child's process id, while it runs.
