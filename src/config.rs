@@ -48,6 +48,10 @@ pub struct Config {
     /// Records per log segment (tests use small ones to see truncation).
     #[doc(hidden)]
     pub log_segment_records: u64,
+    /// Test hook: log writes fail from the record with this sequence on, as if the disk
+    /// refused them (`LogHandle::inject_write_failure_from`).
+    #[doc(hidden)]
+    pub log_fail_from_seq: Option<u64>,
 }
 
 impl Default for Config {
@@ -66,6 +70,7 @@ impl Default for Config {
             snapshot_worker: None,
             snapshot_hooks: WriteHooks::default(),
             log_segment_records: crate::storage::log::SEGMENT_RECORDS_DEFAULT,
+            log_fail_from_seq: None,
         }
     }
 }

@@ -18,6 +18,8 @@
 //! - `http`: warp, routing, validation, problem+json.
 //! - `server`: start-up and graceful shutdown; `config`, `clock`, `limits`, `error`,
 //!   `memory`.
+//! - `logging`: the `tracing` subscriber, writing to stderr off the request path, so that
+//!   a stderr that fails or blocks never fails or stalls a request.
 //!
 //! The invariants these modules keep are listed in `docs/ARCHITECTURE.md`.
 
@@ -29,6 +31,7 @@ pub mod domain;
 pub mod error;
 pub mod http;
 pub mod limits;
+pub mod logging;
 pub mod memory;
 pub mod server;
 pub mod service;

@@ -88,6 +88,9 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     let next_seq = log.last_seq()?.max(recovered.last_seq) + 1;
     let reader = log.reader();
     let (log_handle, writer) = log.start_writer(next_seq)?;
+    if let Some(seq) = config.log_fail_from_seq {
+        log_handle.inject_write_failure_from(seq);
+    }
     let (snapshotter, snapshot_thread) = Snapshotter::start(SnapshotterArgs {
         reader,
         log: log_handle.clone(),

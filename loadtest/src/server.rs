@@ -25,6 +25,12 @@ pub const TERMINATE_WAIT: Duration = Duration::from_secs(20);
 pub struct Launch {
     command: Command,
     capture_stderr: bool,
+    /// Where the first start sends stderr instead (a file, `/dev/full`); a restart
+    /// inherits this process's.
+    stderr_to: Option<Stdio>,
+    /// Close the read ends of stdout and stderr once the server listens, as a supervisor
+    /// that died would.
+    close_output: bool,
     timeout: Duration,
 }
 
@@ -50,6 +56,8 @@ impl Launch {
         Launch {
             command,
             capture_stderr: false,
+            stderr_to: None,
+            close_output: false,
             timeout: START_TIMEOUT_DEFAULT,
         }
     }
@@ -96,6 +104,19 @@ impl Launch {
     /// through to this process's stderr.
     pub fn capture_stderr(mut self) -> Launch {
         self.capture_stderr = true;
+        self
+    }
+
+    /// Sends the server's stderr to `stderr` (a file, `/dev/full`) at its first start.
+    pub fn stderr_to(mut self, stderr: Stdio) -> Launch {
+        self.stderr_to = Some(stderr);
+        self
+    }
+
+    /// Once the server listens, closes the read ends of its stdout and stderr, as a
+    /// supervisor that died would: its later writes there fail (EPIPE).
+    pub fn close_output_once_listening(mut self) -> Launch {
+        self.close_output = true;
         self
     }
 
@@ -212,11 +233,12 @@ impl ServerProcess {
     fn spawn(&mut self) -> Result<Duration, String> {
         let launch = &mut self.launch;
         let started = Instant::now();
-        let stderr = if launch.capture_stderr {
-            Stdio::piped()
-        } else {
-            Stdio::inherit()
+        let stderr = match launch.stderr_to.take() {
+            Some(to) => to,
+            None if launch.capture_stderr || launch.close_output => Stdio::piped(),
+            None => Stdio::inherit(),
         };
+        let close_output = launch.close_output;
         let mut child = launch
             .command
             .stdout(Stdio::piped())
@@ -233,10 +255,19 @@ impl ServerProcess {
                     if let Some(tx) = tx.take() {
                         let _ = tx.send(addr.trim().to_string());
                     }
+                    if close_output {
+                        return; // drops the read end
+                    }
                 }
             }
         });
-        self.stderr = child.stderr.take().map(|stderr| {
+        let stderr = child.stderr.take();
+        let (stderr, closing) = if close_output {
+            (None, stderr)
+        } else {
+            (stderr, None)
+        };
+        self.stderr = stderr.map(|stderr| {
             let (tx, rx) = mpsc::channel();
             // Reads stderr to its end; the lines go to `find_in_stderr` while it wants them.
             std::thread::spawn(move || {
@@ -261,6 +292,7 @@ impl ServerProcess {
                 return failed(child, why);
             }
         };
+        drop(closing);
         self.started_in = started.elapsed();
         self.child = Some(child);
         self.base_url = format!("http://{addr}");

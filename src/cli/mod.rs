@@ -8,6 +8,7 @@
 mod offline;
 mod serve;
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -186,6 +187,9 @@ struct ServeArgs {
     /// Test hook: pause this long while writing each snapshot file (to test crashes).
     #[arg(long, hide = true, env = "STOCKD_TEST_SNAPSHOT_PAUSE_MS")]
     test_snapshot_pause_ms: Option<u64>,
+    /// Test hook: log writes fail from the record with this sequence on (a failed log).
+    #[arg(long, hide = true, env = "STOCKD_TEST_LOG_FAIL_FROM_SEQ")]
+    test_log_fail_from_seq: Option<u64>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -198,7 +202,7 @@ enum LogFormat {
 pub fn main() -> ExitCode {
     // Before any large allocation: see `crate::memory`.
     if let Err(err) = crate::memory::apply_transparent_huge_pages_setting() {
-        eprintln!("stockd: {err}");
+        let _ = writeln!(std::io::stderr(), "stockd: {err}");
         return ExitCode::from(2);
     }
     let cli = Cli::parse();
@@ -226,7 +230,7 @@ pub fn main() -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(err) => {
-            eprintln!("stockd: cannot start the runtime: {err}");
+            let _ = writeln!(std::io::stderr(), "stockd: cannot start the runtime: {err}");
             return ExitCode::FAILURE;
         }
     };

@@ -1,5 +1,6 @@
 //! The operator's offline commands (the server stopped) and the snapshot worker's entry.
 
+use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -138,7 +139,7 @@ pub(super) fn dump_log(data_dir: &std::path::Path, records: bool, json: bool) ->
 pub(super) fn snapshot_worker(args: WorkerArgs) -> ExitCode {
     if let Some(parent) = args.parent_pid {
         if let Err(err) = crate::storage::snapshot_worker::die_with_parent(parent) {
-            eprintln!("snapshot worker: {err}");
+            let _ = writeln!(std::io::stderr(), "snapshot worker: {err}");
             return ExitCode::FAILURE;
         }
     }
@@ -152,7 +153,7 @@ pub(super) fn snapshot_worker(args: WorkerArgs) -> ExitCode {
     match crate::storage::snapshot_worker::run(&job, std::io::stdin(), std::io::stdout().lock()) {
         Ok(_) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("{err}");
+            let _ = writeln!(std::io::stderr(), "{err}");
             ExitCode::FAILURE
         }
     }

@@ -1,5 +1,6 @@
 //! `stockd serve`: logging, signals, start-up and graceful shutdown.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -9,16 +10,11 @@ use crate::storage::snapshot::WriteHooks;
 use crate::storage::snapshotter::SnapshotPolicy;
 use crate::Config;
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+fn init_tracing(format: LogFormat) -> crate::logging::Guard {
+    crate::logging::init(match format {
+        LogFormat::Text => crate::logging::Format::Text,
+        LogFormat::Json => crate::logging::Format::Json,
+    })
 }
 
 /// SIGTERM and SIGINT (Ctrl-C), caught from the start of `serve`, so that no signal ever
@@ -63,7 +59,10 @@ fn watch_signals() -> tokio::sync::oneshot::Receiver<()> {
                     Some(first) => drop(first.send(())),
                     None => {
                         tracing::error!("a second signal during shutdown: exiting now");
-                        eprintln!("stockd: a second signal during shutdown: exiting now");
+                        let _ = writeln!(
+                            std::io::stderr(),
+                            "stockd: a second signal during shutdown: exiting now"
+                        );
                         std::process::exit(1);
                     }
                 }
@@ -80,7 +79,7 @@ fn watch_signals() -> tokio::sync::oneshot::Receiver<()> {
 }
 
 pub(super) async fn serve(args: ServeArgs) -> ExitCode {
-    init_tracing(args.log_format);
+    let _logging = init_tracing(args.log_format);
     let mut stop = watch_signals();
     let worker = match args.snapshot_worker {
         OnOff::On => this_binary(),
@@ -91,7 +90,7 @@ pub(super) async fn serve(args: ServeArgs) -> ExitCode {
         Ok(server) => server,
         Err(err) => {
             tracing::error!(error = %err, "cannot start");
-            eprintln!("stockd: {err}");
+            let _ = writeln!(std::io::stderr(), "stockd: {err}");
             return ExitCode::FAILURE;
         }
     };
@@ -110,7 +109,7 @@ pub(super) async fn serve(args: ServeArgs) -> ExitCode {
     match server.shutdown().await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("stockd: {err}");
+            let _ = writeln!(std::io::stderr(), "stockd: {err}");
             ExitCode::FAILURE
         }
     }
@@ -139,6 +138,7 @@ fn config(args: ServeArgs, snapshot_worker: Option<PathBuf>) -> Config {
         snapshot_hooks: WriteHooks {
             pause_before_rename: args.test_snapshot_pause_ms.map(Duration::from_millis),
         },
+        log_fail_from_seq: args.test_log_fail_from_seq,
         ..Config::default()
     }
 }

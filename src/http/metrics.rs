@@ -58,6 +58,8 @@ pub struct Figures<'a> {
     pub log: LogStats,
     pub newest_snapshot_seq: u64,
     pub start_time_unix: f64,
+    /// Diagnostic log lines not written to stderr (`crate::logging::lines_lost`).
+    pub stderr_lines_lost: u64,
 }
 
 /// The Prometheus text exposition of `f`.
@@ -104,7 +106,7 @@ pub fn render(f: &Figures) -> String {
     let (s, log) = (&f.supervisor, &f.log);
     let gauge = |name, help, value| (name, "gauge", help, value);
     let counter = |name, help, value| (name, "counter", help, value);
-    let single: [(&str, &str, &str, f64); 17] = [
+    let single: [(&str, &str, &str, f64); 18] = [
         gauge(
             "stockd_http_requests_in_flight",
             "Requests being served now (admission control refuses beyond its limit).",
@@ -192,6 +194,12 @@ pub fn render(f: &Figures) -> String {
             "When the server started serving, in seconds since the Unix epoch.",
             f.start_time_unix,
         ),
+        counter(
+            "stockd_stderr_lines_lost_total",
+            "Diagnostic log lines not written to stderr: it failed (a full disk, a closed \
+             pipe), or it was so slow that the queue of lines was full.",
+            f.stderr_lines_lost as f64,
+        ),
     ];
     for (name, kind, help, value) in single {
         family(name, kind, help, &[(String::new(), value)]);
@@ -230,6 +238,7 @@ mod tests {
             },
             newest_snapshot_seq: 7,
             start_time_unix: 1.5e9,
+            stderr_lines_lost: 4,
         });
         let mut helped = std::collections::HashSet::new();
         for line in text.lines() {
@@ -250,5 +259,6 @@ mod tests {
         assert!(text.contains("stockd_log_write_seconds_total 1.5\n"));
         assert!(text.contains("stockd_snapshot_sequence 7\n"));
         assert!(text.contains("stockd_log_healthy 1\n"));
+        assert!(text.contains("stockd_stderr_lines_lost_total 4\n"));
     }
 }

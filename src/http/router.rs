@@ -303,6 +303,7 @@ async fn metrics(app: &App) -> Result<Reply> {
         log: svc.log_stats(),
         newest_snapshot_seq: svc.newest_snapshot_seq(),
         start_time_unix: app.started_unix,
+        stderr_lines_lost: crate::logging::lines_lost(),
     });
     let mut reply = Response::new(text.into());
     reply.headers_mut().insert(

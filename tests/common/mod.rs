@@ -7,7 +7,7 @@ pub mod procfs;
 
 use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -353,6 +353,17 @@ impl ChildServer {
     /// `data_dir`) and waits for its `listening on ADDR` line.
     pub fn start(cmd: Command, data_dir: PathBuf) -> ChildServer {
         ChildServer::launch(Launch::command(cmd), data_dir)
+    }
+
+    /// `start`, with the child's stderr sent to `stderr` (a file, `/dev/full`).
+    pub fn start_with_stderr(cmd: Command, data_dir: PathBuf, stderr: Stdio) -> ChildServer {
+        ChildServer::launch(Launch::command(cmd).stderr_to(stderr), data_dir)
+    }
+
+    /// `start`, and once it listens the read ends of its stdout and stderr are closed (a
+    /// supervisor that died).
+    pub fn start_orphaned(cmd: Command, data_dir: PathBuf) -> ChildServer {
+        ChildServer::launch(Launch::command(cmd).close_output_once_listening(), data_dir)
     }
 
     fn launch(launch: Launch, data_dir: PathBuf) -> ChildServer {

@@ -40,7 +40,8 @@ pub(super) enum Command {
 #[derive(Clone)]
 pub struct LogHandle {
     tx: mpsc::Sender<Command>,
-    fail_writes: Arc<AtomicBool>,
+    /// Test hook: a batch holding a record at or past this sequence fails (`u64::MAX`: none).
+    fail_from: Arc<AtomicU64>,
     /// Set by the writer when a write fails; the log then refuses everything.
     failed: Arc<AtomicBool>,
     /// Sequence number of the last flushed record.
@@ -128,7 +129,14 @@ impl LogHandle {
     /// Failure injection for tests: every later write fails as if the disk refused it.
     #[doc(hidden)]
     pub fn inject_write_failure(&self) {
-        self.fail_writes.store(true, Ordering::SeqCst);
+        self.fail_from.store(0, Ordering::SeqCst);
+    }
+
+    /// Failure injection for tests: the first batch that holds a record with sequence
+    /// `seq` or later fails as if the disk refused it (and so every write after it).
+    #[doc(hidden)]
+    pub fn inject_write_failure_from(&self, seq: u64) {
+        self.fail_from.store(seq, Ordering::SeqCst);
     }
 }
 
@@ -140,7 +148,7 @@ impl Log {
         next_seq: u64,
     ) -> Result<(LogHandle, thread::JoinHandle<()>), OpenError> {
         let (tx, rx) = mpsc::channel();
-        let fail_writes = Arc::new(AtomicBool::new(false));
+        let fail_from = Arc::new(AtomicU64::new(u64::MAX));
         let failed = Arc::new(AtomicBool::new(false));
         let durable = Arc::new(AtomicU64::new(next_seq - 1));
         let counters = Arc::new(WriterCounters::default());
@@ -173,7 +181,7 @@ impl Log {
             flush_interval: self.flush_interval,
             next_seq,
             failed: None,
-            fail_writes: fail_writes.clone(),
+            fail_from: fail_from.clone(),
             builder: BatchBuilder::default(),
         };
         let join = thread::Builder::new()
@@ -183,7 +191,7 @@ impl Log {
         Ok((
             LogHandle {
                 tx,
-                fail_writes,
+                fail_from,
                 failed,
                 durable,
                 counters,
@@ -206,7 +214,7 @@ pub(super) struct Writer {
     /// Set on the first failed write; the log never writes again.
     pub(super) failed: Option<LogError>,
     pub(super) failed_flag: Arc<AtomicBool>,
-    pub(super) fail_writes: Arc<AtomicBool>,
+    pub(super) fail_from: Arc<AtomicU64>,
     pub(super) durable: Arc<AtomicU64>,
     pub(super) counters: Arc<WriterCounters>,
     /// Encodes each batch value (its buffer is kept from one batch to the next).
@@ -308,7 +316,8 @@ impl Writer {
         &mut self,
         records: &[(Record, Option<Waiter>)],
     ) -> Result<u64, LogError> {
-        if self.fail_writes.load(Ordering::SeqCst) {
+        let last = self.next_seq + records.len() as u64 - 1;
+        if last >= self.fail_from.load(Ordering::SeqCst) {
             return Err(LogError::Unavailable("injected write failure".into()));
         }
         let io = |e: sled::Error| LogError::Unavailable(e.to_string());
