@@ -167,10 +167,15 @@ async fn run(app: &Arc<App>, endpoint: Endpoint, request: Request) -> Reply {
 async fn serve(app: &App, endpoint: Endpoint, req: &Request) -> Result<Reply> {
     use Endpoint::*;
     let svc = &app.service;
-    // Metrics are served when the log has failed too: that is when operators need them.
-    if !matches!(endpoint, Metrics) && !svc.log_healthy() {
-        // Memory may hold changes that were refused (503) and will not survive a restart:
-        // answer nothing from it, reads included, until the operator restarts the server.
+    // Once the log has failed, changes (and `/health`, for load balancers) are refused
+    // until the operator restarts the server; reads and metrics are answered from memory,
+    // which may hold changes that were refused (503) and will not survive a restart
+    // (docs/API.md says which).
+    let read = matches!(
+        endpoint,
+        Metrics | GetProduct(_) | ListProducts | GetReservation(_)
+    );
+    if !read && !svc.log_healthy() {
         return Err(Problem::new(
             503,
             "unavailable",
