@@ -15,8 +15,9 @@
 //!
 //! Why batches: sled's cost is mostly per key (tree descent, a delta per key, node
 //! consolidations and splits by number of keys), and a sync reserve waits for a commit
-//! of many records; one key per commit took ~19 % of the server's CPU per sync reserve
-//! off. Why each record keeps its own framing: a damaged record is still found by its own
+//! of many records anyway: a key per commit rather than per record cut the CPU of the
+//! writer and sled's threads per sync reserve by about half (docs/PERFORMANCE.md,
+//! "One sled key per group-commit batch"). Why each record keeps its own framing: a damaged record is still found by its own
 //! checksum and named by its own sequence number (`OpenError::Damaged`), and
 //! `truncate_from` it keeps the records before it, in its batch too (rewritten to that
 //! prefix); damage to the framing itself is named by the first record it makes unreadable.
