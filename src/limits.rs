@@ -44,8 +44,8 @@ pub const SCRAPES_IN_FLIGHT_MAX: usize = 4;
 
 /// With `--durability sync`, the log writer starts a flush at most this often: under load
 /// a batch waits for up to this long for more records to join it (the commit delay of
-/// PostgreSQL's group commit). Fewer, larger flushes leave more CPU for requests: +10-16 %
-/// flash-sale throughput at 256 connections (docs/PERFORMANCE.md). A request arriving
+/// PostgreSQL's group commit). Fewer, larger flushes leave more CPU for requests
+/// (docs/PERFORMANCE.md#decision-commit-delay). A request arriving
 /// after a quiet millisecond is flushed at once.
 pub const SYNC_FLUSH_INTERVAL_US: u64 = 1_000;
 /// With `--durability async`, the log writer starts a flush at most this often (records

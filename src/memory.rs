@@ -6,7 +6,7 @@
 /// every flush. With the kernel's THP set to `always`, mimalloc serves it from new memory
 /// in a 2 MiB-aligned region and the first write faults in a whole huge page, which the
 /// kernel zeroes: ~2 MiB of `clear_page` per flush, 2.5–4.3 % of a sync flash sale's CPU
-/// (perf, docs/PERFORMANCE.md). With 4 KiB pages only the bytes a batch touches are
+/// (perf, docs/PERFORMANCE.md#decision-thp-off). With 4 KiB pages only the bytes a batch touches are
 /// faulted in. The flag (`PR_SET_THP_DISABLE`) is checked at fault time, so it covers
 /// memory mapped before the call too, and it is inherited by the snapshot worker.
 ///

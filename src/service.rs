@@ -6,7 +6,7 @@
 //!
 //! Callers run mutations on a task of their own (`tokio::spawn`), so a client that hangs
 //! up mid-request cannot abandon a change between its steps (a reservation being
-//! assembled needs no task: it travels between the actors, see `actors::supervisor`).
+//! assembled needs no task: it travels between the actors, see `actors::assembly`).
 
 use ractor::{ActorRef, RpcReplyPort};
 use uuid::Uuid;
@@ -167,7 +167,7 @@ impl Service {
     /// Holds every line or none. Returns the reservation and whether it is a replay.
     ///
     /// One call: the supervisor and the product actors hold the lines and register the
-    /// reservation between them (see `actors::supervisor`).
+    /// reservation between them (see `actors::assembly`).
     pub async fn reserve(
         &self,
         request: ReserveRequest,

@@ -33,7 +33,7 @@ pub enum Reserved {
 /// is held, so the time its holds took neither shortens its TTL nor lets it be registered
 /// already expired.
 pub struct NewReservation {
-    /// UUIDv7, made by the request's task (off this actor).
+    /// UUIDv7, made by the request's task (off the supervisor).
     pub id: Uuid,
     pub customer_id: String,
     pub items: Vec<Line>,

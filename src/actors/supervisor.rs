@@ -15,8 +15,8 @@
 //!
 //! A 100 ms interval message (`Tick`) expires the due reservations, at most
 //! `EXPIRIES_PER_MESSAGE_MAX` per message: if more are due (a restart after a long
-//! outage), the supervisor sends itself another `Tick`, so other messages are served in
-//! between.
+//! outage), the supervisor sends itself `ExpireMore` for the next batch, so other messages
+//! are served in between; ticks leave expiry to that one chain until it ends.
 //!
 //! Supervision: product actors are linked children. A product actor catches its own panics
 //! (see `product`); if one still fails, this actor logs it and rebuilds the product from
@@ -129,6 +129,9 @@ pub enum SupervisorMsg {
     },
     /// Expire what is due. With a reply: answered with a barrier once done (start-up).
     Tick(Option<RpcReplyPort<Ticket>>),
+    /// More reservations were due than one message expires: the next batch (sent by the
+    /// supervisor to itself, so that other messages are served in between).
+    ExpireMore,
     ProductPanicked {
         sku: String,
         reason: String,
@@ -217,6 +220,11 @@ pub struct SupervisorState {
     /// When idle actors were last looked for.
     passivation_checked_at: Millis,
     ticker: Option<JoinHandle<()>>,
+    /// An `ExpireMore` is in the mailbox: ticks leave expiry to it, so a backlog is worked
+    /// through by one chain of messages, never several.
+    expiring_more: bool,
+    /// Who waits for the end of that chain (start-up), answered with a barrier then.
+    expiry_waiters: Vec<RpcReplyPort<Ticket>>,
     stopping: bool,
 }
 
@@ -249,6 +257,8 @@ impl Actor for Supervisor {
             passivations: 0,
             passivation_checked_at: now,
             ticker: None,
+            expiring_more: false,
+            expiry_waiters: Vec::new(),
             stopping: false,
         })
     }
@@ -398,19 +408,16 @@ impl Actor for Supervisor {
                 let result = state.book.extend(id, ttl_ms, self.clock.now_ms(), &mut out);
                 let _ = reply.send(self.answer(state, result, out));
             }
+            SupervisorMsg::ExpireMore => {
+                state.expiring_more = false;
+                self.expire_batch(&myself, state);
+            }
             SupervisorMsg::Tick(reply) => {
                 let now = self.clock.now_ms();
-                let mut out = Vec::new();
-                let more = state
-                    .book
-                    .expire_due(now, EXPIRIES_PER_MESSAGE_MAX, &mut out);
-                // Nobody waits on these records (see `GetReservation`).
-                drop(self.carry_out(state, out));
-                if more {
-                    // The rest after whatever else is waiting in the mailbox; a start-up
-                    // caller is answered once every due reservation is expired.
-                    let _ = myself.cast(SupervisorMsg::Tick(reply));
-                    return Ok(());
+                state.expiry_waiters.extend(reply);
+                // While a chain of `ExpireMore` runs, it expires everything due.
+                if !state.expiring_more {
+                    self.expire_batch(&myself, state);
                 }
                 if let Some(forgotten) = state.book.forget_if_due(now) {
                     drop(self.log.append(forgotten.record));
@@ -424,9 +431,6 @@ impl Actor for Supervisor {
                     state.passivation_checked_at = now;
                     self.passivate_idle(state, now, PASSIVATIONS_PER_TICK_MAX)
                         .await;
-                }
-                if let Some(reply) = reply {
-                    let _ = reply.send(self.log.barrier());
                 }
             }
             SupervisorMsg::PassivateIdle(reply) => {
@@ -883,6 +887,27 @@ impl Supervisor {
         );
         let ticket = self.carry_out_one(state, created);
         let _ = reply.send(Ok(Reserved::Created(reservation, ticket)));
+    }
+
+    /// Expires up to `EXPIRIES_PER_MESSAGE_MAX` due reservations. If more are due, sends
+    /// `ExpireMore` to continue after whatever else waits in the mailbox (a restart after
+    /// a long outage); otherwise answers whoever waits (start-up) with a barrier behind the
+    /// expiries' records.
+    fn expire_batch(&self, myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState) {
+        let mut out = Vec::new();
+        let more = state
+            .book
+            .expire_due(self.clock.now_ms(), EXPIRIES_PER_MESSAGE_MAX, &mut out);
+        // Nobody waits on these records (see `GetReservation`).
+        drop(self.carry_out(state, out));
+        if more {
+            state.expiring_more = true;
+            let _ = myself.cast(SupervisorMsg::ExpireMore);
+        } else {
+            for waiter in state.expiry_waiters.drain(..) {
+                let _ = waiter.send(self.log.barrier());
+            }
+        }
     }
 
     /// Carries out the book's transitions in order: each record is queued to the log, then

@@ -1,10 +1,10 @@
 //! `GET /metrics`: the server's figures in the Prometheus text format (version 0.0.4), for
 //! whatever scrapes it. Counters count since the server started; gauges are read when
 //! scraped. Responses are tallied by status code in one array of atomics, a relaxed
-//! increment per response: no lock (both cores do touch the same counter's cache line;
-//! measured, it costs nothing visible: docs/PERFORMANCE.md). A response is counted when
-//! stockd hands it to hyper: not if the client hung up first, nor errors hyper answers
-//! itself (a malformed request line, oversized headers).
+//! increment per response: no lock (both cores do touch the same counter's cache line,
+//! one atomic add per response). A response is counted when stockd hands it to hyper:
+//! not if the client hung up first, nor errors hyper answers itself (a malformed request
+//! line, oversized headers).
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};

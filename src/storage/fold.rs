@@ -26,7 +26,7 @@ pub struct IdempotencyEntry {
 
 /// Products by SKU. Hashed with foldhash (seeded per process), not SipHash: SipHash and
 /// the rehashing of a growing table were ~31 % of the fold's CPU when replaying a
-/// million-product log (perf, docs/PERFORMANCE.md). SKUs come from the operator's
+/// million-product log (perf, docs/performance-history.md#restart-replay-memory-and-snapshots-with-a-million-skus). SKUs come from the operator's
 /// product API, not from buyers, and the seed still differs per process.
 pub type Products = HashMap<String, Product, foldhash::fast::RandomState>;
 

@@ -107,6 +107,9 @@ pub enum WorkerError {
     Answer(io::Error),
     #[error("cannot write a snapshot in {dir}: {source}")]
     Write { dir: String, source: io::Error },
+    /// The server could not read the log records to send (its side, not the child's).
+    #[error(transparent)]
+    Log(#[from] OpenError),
 }
 
 /// The child's side: runs one job, reading records from `input`, answering on `output`.
@@ -327,7 +330,22 @@ pub fn build(program: &Path, reader: &LogReader, job: &Job) -> Result<Built, Wor
     match exchanged {
         Ok(built) if status.success() => Ok(built),
         Ok(_) => Err(failed(format!("it ended with {status}"))),
-        Err(err) => Err(failed(format!("{err}; it ended with {status}"))),
+        Err(Exchange::Log(err)) => Err(WorkerError::Log(err)),
+        Err(Exchange::Protocol(err)) => Err(failed(format!("{err}; it ended with {status}"))),
+    }
+}
+
+/// Why an exchange with the child ended early.
+enum Exchange {
+    /// Reading the log on this side failed.
+    Log(OpenError),
+    /// The child broke the protocol (or its pipes did): reported with what it said.
+    Protocol(String),
+}
+
+impl From<String> for Exchange {
+    fn from(err: String) -> Self {
+        Exchange::Protocol(err)
     }
 }
 
@@ -337,7 +355,7 @@ fn exchange(
     job: &Job,
     stdin: std::process::ChildStdin,
     stdout: std::process::ChildStdout,
-) -> Result<Built, String> {
+) -> Result<Built, Exchange> {
     let mut lines = BufReader::new(stdout).lines();
     let mut next_line = |what: &str| -> Result<String, String> {
         match lines.next() {
@@ -355,7 +373,7 @@ fn exchange(
             // Damaged batch framing past `upto` is not this job's to report (the records
             // themselves are verified by the worker).
             Err(OpenError::Damaged { seq, .. }) if seq > job.upto => break,
-            Err(err) => return Err(err.to_string()),
+            Err(err) => return Err(Exchange::Log(err)),
         };
         if seq > job.upto {
             break;
@@ -369,10 +387,10 @@ fn exchange(
     let built: Built = serde_json::from_str(&next_line("result")?)
         .map_err(|e| format!("its result is not understood: {e}"))?;
     if built.sequence != job.upto {
-        return Err(format!(
+        return Err(Exchange::Protocol(format!(
             "it built the state after record {}, not {}",
             built.sequence, job.upto
-        ));
+        )));
     }
     Ok(built)
 }

@@ -310,7 +310,7 @@ fn run_at<T: Send>(
 /// state, ~1 GB at a million products) and start-up after recovery. Left to mimalloc's
 /// delayed purge, that work lands on whichever thread allocates next, a request thread,
 /// and showed as a 48 ms stall in reserves right after a 1M-product snapshot
-/// (docs/PERFORMANCE.md). A no-op where mimalloc is not the allocator in use.
+/// (docs/performance-history.md, "Reserve latency during a snapshot"). A no-op where mimalloc is not the allocator in use.
 pub(crate) fn release_freed_memory() {
     // SAFETY: mimalloc's documented API, callable from any thread at any time.
     unsafe { libmimalloc_sys::mi_collect(true) };

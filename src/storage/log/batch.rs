@@ -38,8 +38,10 @@ const FRAME_HEADER_BYTES: usize = 12;
 /// quarter of its 512 KiB segment (a value, or a whole leaf node, up to 17 values, when it
 /// consolidates or splits one) to a file of its own under `blobs/`, which it never
 /// fsyncs: a flush would then not make the batch durable, and every such item costs a file.
-/// 17 × 4 KiB stays far below 128 KiB, and ~30 records a key already saves almost all of
-/// the per-key work the batch layout is for.
+/// A value is at most 4 KiB, or one record alone if that record is larger (records are
+/// bounded by the request limits: the largest, a reservation of 100 lines, is ~10 KiB), so
+/// a leaf of 4 KiB values stays far below 128 KiB, as one of per-record values did; and
+/// ~30 records a key already saves almost all of the per-key work the batch layout is for.
 pub(super) const BATCH_VALUE_BYTES_TARGET: usize = 4096;
 
 /// Builds batch values in one reused buffer: records are encoded straight into it.
@@ -68,10 +70,12 @@ impl BatchBuilder {
             record::encode_into(record, &mut self.buf);
             let len = (self.buf.len() - start - FRAME_HEADER_BYTES) as u32;
             self.buf[start + 8..start + FRAME_HEADER_BYTES].copy_from_slice(&len.to_le_bytes());
-            count += 1;
-            if self.buf.len() >= BATCH_VALUE_BYTES_TARGET {
+            if count > 0 && self.buf.len() > BATCH_VALUE_BYTES_TARGET {
+                // It starts the next value instead (encoded again there).
+                self.buf.truncate(start);
                 break;
             }
+            count += 1;
         }
         debug_assert!(count > 0, "a batch holds at least one record");
         self.buf[1..HEADER_BYTES].copy_from_slice(&(count as u32).to_le_bytes());
@@ -105,11 +109,6 @@ pub(super) fn records_in(value: &[u8]) -> u64 {
     } else {
         1
     }
-}
-
-/// Sequence number of the last record stored under key `first`.
-pub(super) fn last_seq_in(first: u64, value: &[u8]) -> u64 {
-    first + records_in(value).max(1) - 1
 }
 
 /// One frame of a batch value, located and checked (its record is not verified).

@@ -16,9 +16,9 @@
 //! Why batches: sled's cost is mostly per key (tree descent, a delta per key, node
 //! consolidations and splits by number of keys), and a sync reserve waits for a commit
 //! of many records anyway: a key per commit rather than per record cut the CPU of the
-//! writer and sled's threads per sync reserve by about half (docs/PERFORMANCE.md,
-//! "One sled key per group-commit batch"). Why each record keeps its own framing: a damaged record is still found by its own
-//! checksum and named by its own sequence number (`OpenError::Damaged`), and
+//! writer and sled's threads per sync reserve by about half
+//! (docs/PERFORMANCE.md#decision-batch-layout). Why each record keeps its own framing: a
+//! damaged record is still found by its own checksum and named by its own sequence number (`OpenError::Damaged`), and
 //! `truncate_from` it keeps the records before it, in its batch too (rewritten to that
 //! prefix); damage to the framing itself is named by the first record it makes unreadable.
 //! A batch value stops growing at 4 KiB (`batch::BATCH_VALUE_BYTES_TARGET`): sled 0.34.7
@@ -179,7 +179,13 @@ impl Log {
                 continue;
             };
             if let Some((key, value)) = segment.db().last().map_err(sled_err(&slot.path))? {
-                last = batch::last_seq_in(seq_of(&key)?, &value);
+                // The frames are walked, not the header's count trusted (it has no
+                // checksum of its own): the writer continues after this record, so a
+                // wrong figure would leave a hole or number two records alike.
+                let first = seq_of(&key)?;
+                for item in batch::Unpacked::new(first, value, first) {
+                    last = item?.0;
+                }
                 break;
             }
         }

@@ -344,14 +344,17 @@ impl Writer {
             let segment = self.current.as_ref().expect("a segment is open");
             // The records for this segment go into as few keys as fit (one key per batch
             // value, each encoded straight into the builder's reused buffer; see
-            // `batch`). Plain inserts, no sled batch: nothing is acknowledged before the
-            // flush, and a crash keeps a prefix of sled's operations, so never a hole.
+            // `batch`), applied as one sled batch, atomically: a crash keeps all of this
+            // segment's part of the commit or none of it, never a hole (a commit of 36–42
+            // records is one key, sometimes two, so the batch costs next to nothing).
+            let mut keys = sled::Batch::default();
             while !now.is_empty() {
                 let (value, count) = self.builder.fill(seq, now);
-                segment.db().insert(seq.to_be_bytes(), value).map_err(io)?;
+                keys.insert(&seq.to_be_bytes(), value);
                 seq += count as u64;
                 now = &now[count..];
             }
+            segment.db().apply_batch(keys).map_err(io)?;
             segment.db().flush().map_err(io)?;
             rest = later;
         }
