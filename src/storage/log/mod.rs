@@ -145,8 +145,19 @@ pub struct Log {
 
 impl Log {
     pub fn open(dir: &Path) -> Result<Log, OpenError> {
+        Log::open_moving(dir, SEGMENT_RECORDS_DEFAULT, TRUNCATE_BATCH_KEYS)
+    }
+
+    /// `open`, moving a single-database log (`migrate`) into segments of
+    /// `segment_records` records, `batch_keys` records per sled batch (tests use small
+    /// ones to see several of each in a small log).
+    pub(super) fn open_moving(
+        dir: &Path,
+        segment_records: u64,
+        batch_keys: usize,
+    ) -> Result<Log, OpenError> {
         let segments = Segments::open(dir)?;
-        migrate_single_database(&segments, SEGMENT_RECORDS_DEFAULT)?;
+        migrate_single_database(&segments, segment_records, batch_keys)?;
         Ok(Log {
             segments: Arc::new(segments),
             segment_records: SEGMENT_RECORDS_DEFAULT,
