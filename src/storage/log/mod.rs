@@ -106,13 +106,13 @@ pub enum LogError {
 pub enum OpenError {
     #[error("cannot open the log in {path}: {source}")]
     Sled { path: String, source: sled::Error },
-    #[error("log record {seq} is damaged ({source}); refusing to start")]
+    #[error("log record {seq} is damaged ({source})")]
     Damaged { seq: u64, source: DecodeError },
     #[error("log key {0:?} is not a sequence number")]
     BadKey(Vec<u8>),
     #[error("cannot use the log directory {path}: {source}")]
     Io { path: String, source: io::Error },
-    #[error("the log in {path} is in use by another process or log (its lock is held)")]
+    #[error("the log in {path} is locked by another stockd process")]
     Locked { path: String },
     #[error("the log's truncation mark {path} is damaged")]
     BadMark { path: String },
