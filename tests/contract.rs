@@ -1287,14 +1287,25 @@ fn an_invalid_environment_value_is_refused() {
 
 // ---- start-up errors: one line on stderr, exit status 1 -------------------------------
 
+/// `stockd serve --listen LISTEN --data-dir DATA --snapshot-dir SNAPSHOTS`, run in `cwd`.
+fn serve_on(cwd: &Path, listen: &str, data: &Path, snapshots: &Path) -> Command {
+    let mut cmd = stockd(cwd);
+    cmd.args(["serve", "--listen", listen, "--data-dir"])
+        .arg(data)
+        .arg("--snapshot-dir")
+        .arg(snapshots);
+    cmd
+}
+
 /// `stockd serve` on `dir` (log in `dir/data`, snapshots in `dir/snapshots`) plus `extra`.
 fn serve_in(dir: &Path, extra: &[&str]) -> Command {
-    let mut cmd = stockd(dir);
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.join("data"))
-        .arg("--snapshot-dir")
-        .arg(dir.join("snapshots"))
-        .args(extra);
+    let mut cmd = serve_on(
+        dir,
+        "127.0.0.1:0",
+        &dir.join("data"),
+        &dir.join("snapshots"),
+    );
+    cmd.args(extra);
     cmd
 }
 
@@ -1332,11 +1343,8 @@ fn an_address_in_use_is_refused_before_recovery() {
     let dir = tempfile::tempdir().unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
-    let mut cmd = stockd(dir.path());
-    cmd.args(["serve", "--listen", &addr.to_string(), "--data-dir"])
-        .arg(dir.path().join("data"))
-        .arg("--snapshot-dir")
-        .arg(dir.path().join("snapshots"));
+    let (data, snapshots) = (dir.path().join("data"), dir.path().join("snapshots"));
+    let cmd = serve_on(dir.path(), &addr.to_string(), &data, &snapshots);
     assert_refused(
         cmd,
         &format!("stockd: cannot listen on {addr}: Address already in use (os error 98)"),
@@ -1361,11 +1369,12 @@ fn a_snapshot_directory_that_cannot_be_written_is_refused_at_start_up() {
     } else {
         read_only
     };
-    let mut cmd = stockd(dir.path());
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .arg("--snapshot-dir")
-        .arg(&snapshots);
+    let cmd = serve_on(
+        dir.path(),
+        "127.0.0.1:0",
+        &dir.path().join("data"),
+        &snapshots,
+    );
     assert_refused(
         cmd,
         &format!(
@@ -1381,11 +1390,7 @@ fn a_file_given_as_the_data_directory_is_refused_as_not_a_directory() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("a-file");
     std::fs::write(&file, b"not a directory").unwrap();
-    let mut cmd = stockd(dir.path());
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&file)
-        .arg("--snapshot-dir")
-        .arg(dir.path().join("snapshots"));
+    let cmd = serve_on(dir.path(), "127.0.0.1:0", &file, &dir.path().join("s"));
     assert_refused(
         cmd,
         &format!(
@@ -1393,11 +1398,7 @@ fn a_file_given_as_the_data_directory_is_refused_as_not_a_directory() {
             file.display()
         ),
     );
-    let mut cmd = stockd(dir.path());
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .arg("--snapshot-dir")
-        .arg(&file);
+    let cmd = serve_on(dir.path(), "127.0.0.1:0", &dir.path().join("d"), &file);
     assert_refused(
         cmd,
         &format!(
