@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Quick measurement with wrk (Debian package `wrk`) until the bundled load test lands:
-# starts a release stockd on a free loopback port with a fresh data dir, measures the
-# HTTP ceiling (GET /health) and POST /v1/reservations on one hot SKU in the same run,
-# prints both and their ratio, stops the server.
+# Quick measurement with wrk (Debian package `wrk`), a cross-check of the bundled load
+# test's client (loadtest/run.sh): builds and starts a release stockd on a free loopback
+# port with a fresh data dir, measures the HTTP ceiling (GET /health) and
+# POST /v1/reservations on one hot SKU in the same run, prints both and their ratio, stops
+# the server.
 # Usage: loadtest/quick-wrk.sh [DURATION_SECONDS] [CONNECTIONS] [sync|async]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,10 +11,17 @@ duration=${1:-10}
 conns=${2:-256}
 durability=${3:-sync}
 command -v wrk >/dev/null || { echo "wrk is not installed (apt-get install wrk)" >&2; exit 2; }
-cargo build --release --quiet
+# Where cargo puts the binary: target/ unless CARGO_TARGET_DIR (or a cargo config) says
+# otherwise.
+target_dir=$(cargo metadata --format-version 1 --no-deps |
+  sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+[ -n "$target_dir" ] || target_dir=${CARGO_TARGET_DIR:-target}
+echo "quick-wrk.sh: building stockd in release mode into $target_dir" \
+  "(the first build takes a few minutes)" >&2
+cargo build --release -p stockd
 work=$(mktemp -d)
 out="$work/stdout"
-./target/release/stockd --listen 127.0.0.1:0 --data-dir "$work/data" \
+"$target_dir/release/stockd" --listen 127.0.0.1:0 --data-dir "$work/data" \
   --snapshot-dir "$work/snapshots" --durability "$durability" >"$out" 2>"$work/stderr" &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$work"' EXIT

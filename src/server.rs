@@ -8,13 +8,14 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorRef};
-use tokio::net::TcpListener;
+use tokio::net::TcpSocket;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::actors::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
 use crate::config::{Config, Durability};
 use crate::service::Service;
+use crate::storage::log::OpenError as LogOpenError;
 use crate::storage::log::{Log, LogHandle, OpenError};
 use crate::storage::recovery::{self, Recovered, RecoveryError};
 use crate::storage::snapshotter::{Priority, Snapshotter, SnapshotterArgs};
@@ -29,10 +30,29 @@ pub enum StartError {
         path: String,
         source: std::io::Error,
     },
+    /// `--data-dir` or `--snapshot-dir` names something that exists and is not a directory.
+    #[error("cannot use {path} as the {what}: it exists and is not a directory")]
+    NotADirectory { what: &'static str, path: String },
+    /// The snapshot directory cannot be written: found at start-up rather than by the
+    /// first snapshot.
+    #[error("cannot write to the snapshot directory {path}: {source}")]
+    SnapshotDirNotWritable {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The log's lock is held: almost always another server on the same data directory.
+    #[error("{0}: is another server running on this data directory?")]
+    Locked(OpenError),
     #[error(transparent)]
-    Open(#[from] OpenError),
+    Open(OpenError),
+    /// A damaged log record, without `--truncate-damaged-log`.
+    #[error(
+        "{0}; refusing to start (--truncate-damaged-log would start after removing it and \
+         every later record, losing the changes they hold)"
+    )]
+    Damaged(RecoveryError),
     #[error(transparent)]
-    Recovery(#[from] RecoveryError),
+    Recovery(RecoveryError),
     #[error("cannot start the actors: {0}")]
     Actors(String),
     #[error("cannot expire overdue reservations at start-up: {0}")]
@@ -42,6 +62,25 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+}
+
+impl From<OpenError> for StartError {
+    fn from(err: OpenError) -> StartError {
+        match err {
+            LogOpenError::Locked { .. } => StartError::Locked(err),
+            err => StartError::Open(err),
+        }
+    }
+}
+
+impl From<RecoveryError> for StartError {
+    fn from(err: RecoveryError) -> StartError {
+        match err {
+            RecoveryError::Open(err @ LogOpenError::Locked { .. }) => StartError::Locked(err),
+            err if err.damaged_seq().is_some() => StartError::Damaged(err),
+            err => StartError::Recovery(err),
+        }
+    }
 }
 
 /// A running server.
@@ -58,12 +97,64 @@ pub struct Server {
     writer: std::thread::JoinHandle<()>,
 }
 
-fn create_dir(path: &std::path::Path) -> Result<(), StartError> {
+/// Creates the directory `path` (the `what`) if it is missing; refuses a path that is
+/// something else than a directory.
+fn create_dir(path: &std::path::Path, what: &'static str) -> Result<(), StartError> {
+    if path.exists() && !path.is_dir() {
+        return Err(StartError::NotADirectory {
+            what,
+            path: path.display().to_string(),
+        });
+    }
     std::fs::create_dir_all(path).map_err(|source| StartError::Dir {
         path: path.display().to_string(),
         source,
     })
 }
+
+/// Creates and removes a file in the snapshot directory, so that one the server cannot
+/// write stops start-up instead of failing the first snapshot, maybe hours later.
+fn check_writable(dir: &std::path::Path) -> Result<(), StartError> {
+    let probe = dir.join(format!(".write-check-{}", std::process::id()));
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&probe);
+    match created {
+        Ok(file) => {
+            drop(file);
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(source) => Err(StartError::SnapshotDirNotWritable {
+            path: dir.display().to_string(),
+            source,
+        }),
+    }
+}
+
+/// The address to serve on, bound (but not yet listening) before anything else: an
+/// address in use stops start-up at once, before recovery runs, while connections are
+/// still refused until the server listens, once recovery is done.
+fn bind(addr: SocketAddr) -> Result<TcpSocket, StartError> {
+    let err = |source| StartError::Listen { addr, source };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    // As `TcpListener::bind` does: a restart need not wait for the old connections'
+    // TIME_WAIT. Linux still refuses an address another socket listens on.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    Ok(socket)
+}
+
+/// Connections waiting to be accepted, at most (what `TcpListener::bind` uses).
+const LISTEN_BACKLOG: u32 = 1024;
 
 /// Recovers from `config.data_dir` and starts serving on `config.listen`.
 pub async fn start(config: Config) -> Result<Server, StartError> {
@@ -75,8 +166,10 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
              are forgotten sooner than clients may expect"
         );
     }
-    create_dir(&config.data_dir)?;
-    create_dir(&config.snapshot_dir)?;
+    let socket = bind(config.listen)?;
+    create_dir(&config.data_dir, "data directory")?;
+    create_dir(&config.snapshot_dir, "snapshot directory")?;
+    check_writable(&config.snapshot_dir)?;
     let flush_interval = match config.durability {
         Durability::Sync => Duration::from_micros(crate::limits::SYNC_FLUSH_INTERVAL_US),
         Durability::Async => Duration::from_millis(crate::limits::ASYNC_FLUSH_INTERVAL_MS),
@@ -128,8 +221,8 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     // serving, rather than by the allocator's delayed purge on a request thread.
     crate::storage::snapshotter::release_freed_memory();
 
-    let listener = TcpListener::bind(config.listen)
-        .await
+    let listener = socket
+        .listen(LISTEN_BACKLOG)
         .map_err(|source| StartError::Listen {
             addr: config.listen,
             source,
@@ -148,7 +241,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
             })
             .run(),
     );
-    tracing::info!(%addr, durability = ?config.durability, elapsed_ms = started.elapsed().as_millis() as u64, "serving");
+    tracing::info!(%addr, durability = %config.durability.as_str(), elapsed_ms = started.elapsed().as_millis() as u64, "serving");
     Ok(Server {
         addr,
         service,
@@ -211,9 +304,13 @@ fn recover(log: &Log, config: &Config) -> Result<Recovered, StartError> {
         }
         result => result?,
     };
-    for skipped in &recovered.skipped {
-        tracing::warn!(reason = %skipped, "skipped a snapshot that does not verify");
-    }
+    // Each snapshot skipped was logged by recovery, once.
+    let what = match (&recovered.snapshot, recovered.records) {
+        (None, 0) => "no snapshot and an empty log: starting empty",
+        (None, _) => "no snapshot: recovered the state by replaying the log",
+        (Some(_), 0) => "recovered the state from the snapshot (no log records after it)",
+        (Some(_), _) => "recovered the state from the snapshot and the log records after it",
+    };
     tracing::info!(
         snapshot = recovered.snapshot.as_ref().map(|s| s.seq),
         records = recovered.records,
@@ -222,7 +319,7 @@ fn recover(log: &Log, config: &Config) -> Result<Recovered, StartError> {
         reservations = recovered.state.reservations.len(),
         replay_ms = recovered.replay.as_millis() as u64,
         elapsed_ms = started.elapsed().as_millis() as u64,
-        "recovered state from the snapshot and the log"
+        "{what}"
     );
     Ok(recovered)
 }

@@ -1284,3 +1284,158 @@ fn an_invalid_environment_value_is_refused() {
     }
     assert!(!dir.path().join("d").exists(), "nothing started");
 }
+
+// ---- start-up errors: one line on stderr, exit status 1 -------------------------------
+
+/// `stockd serve --listen LISTEN --data-dir DATA --snapshot-dir SNAPSHOTS`, run in `cwd`.
+fn serve_on(cwd: &Path, listen: &str, data: &Path, snapshots: &Path) -> Command {
+    let mut cmd = stockd(cwd);
+    cmd.args(["serve", "--listen", listen, "--data-dir"])
+        .arg(data)
+        .arg("--snapshot-dir")
+        .arg(snapshots);
+    cmd
+}
+
+/// `stockd serve` on `dir` (log in `dir/data`, snapshots in `dir/snapshots`) plus `extra`.
+fn serve_in(dir: &Path, extra: &[&str]) -> Command {
+    let mut cmd = serve_on(
+        dir,
+        "127.0.0.1:0",
+        &dir.join("data"),
+        &dir.join("snapshots"),
+    );
+    cmd.args(extra);
+    cmd
+}
+
+/// Runs `cmd`, which must refuse to start with exit status 1 and print `expected` on
+/// stderr, once, and nothing else.
+fn assert_refused(cmd: Command, expected: &str) {
+    let (status, stdout, stderr) = run_to_exit(cmd);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(!stdout.contains("listening on"), "{stdout}");
+    assert_eq!(stderr, format!("{expected}\n"), "exactly one line");
+}
+
+/// docs/API.md (start-up errors): a second server on a data directory in use is refused,
+/// naming the likely cause.
+#[test]
+fn a_second_server_on_the_same_data_directory_is_refused_with_a_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = ChildServer::spawn(dir.path(), &[]);
+    let log = dir.path().join("data").join("log");
+    assert_refused(
+        serve_in(dir.path(), &[]),
+        &format!(
+            "stockd: the log in {} is locked by another stockd process: is another server \
+             running on this data directory?",
+            log.display()
+        ),
+    );
+}
+
+/// docs/API.md (start-up errors): an address in use is refused before anything else runs
+/// (no recovery, no directory created).
+#[cfg(target_os = "linux")]
+#[test]
+fn an_address_in_use_is_refused_before_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let (data, snapshots) = (dir.path().join("data"), dir.path().join("snapshots"));
+    let cmd = serve_on(dir.path(), &addr.to_string(), &data, &snapshots);
+    assert_refused(
+        cmd,
+        &format!("stockd: cannot listen on {addr}: Address already in use (os error 98)"),
+    );
+    assert!(!dir.path().join("data").exists(), "checked before recovery");
+    assert!(!dir.path().join("snapshots").exists());
+}
+
+/// docs/API.md (start-up errors): a snapshot directory the server cannot write stops
+/// start-up, rather than the first snapshot failing (500) hours later.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_snapshot_directory_that_cannot_be_written_is_refused_at_start_up() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let read_only = dir.path().join("read-only");
+    std::fs::create_dir(&read_only).unwrap();
+    std::fs::set_permissions(&read_only, std::fs::Permissions::from_mode(0o555)).unwrap();
+    // root writes whatever the mode says: then a directory even root cannot write in.
+    let snapshots = if std::fs::File::create(read_only.join("probe")).is_ok() {
+        std::path::PathBuf::from("/sys")
+    } else {
+        read_only
+    };
+    let cmd = serve_on(
+        dir.path(),
+        "127.0.0.1:0",
+        &dir.path().join("data"),
+        &snapshots,
+    );
+    assert_refused(
+        cmd,
+        &format!(
+            "stockd: cannot write to the snapshot directory {}: Permission denied (os error 13)",
+            snapshots.display()
+        ),
+    );
+}
+
+/// docs/API.md (start-up errors): a file given as a directory is named as such.
+#[test]
+fn a_file_given_as_the_data_directory_is_refused_as_not_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let cmd = serve_on(dir.path(), "127.0.0.1:0", &file, &dir.path().join("s"));
+    assert_refused(
+        cmd,
+        &format!(
+            "stockd: cannot use {} as the data directory: it exists and is not a directory",
+            file.display()
+        ),
+    );
+    let cmd = serve_on(dir.path(), "127.0.0.1:0", &dir.path().join("d"), &file);
+    assert_refused(
+        cmd,
+        &format!(
+            "stockd: cannot use {} as the snapshot directory: it exists and is not a directory",
+            file.display()
+        ),
+    );
+}
+
+/// docs/API.md: a refused value from an environment variable names the variable (clap
+/// names the flag it stands for; the tip says where the value came from).
+#[test]
+fn a_refused_environment_value_names_its_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = serve_in(dir.path(), &[]);
+    cmd.env("STOCKD_DURABILITY", "foo");
+    let (status, _, stderr) = run_to_exit(cmd);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        stderr
+            .matches("error: invalid value 'foo' for '--durability <DURABILITY>'")
+            .count(),
+        1,
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr
+            .matches("tip: the value comes from the environment variable STOCKD_DURABILITY\n")
+            .count(),
+        1,
+        "{stderr}"
+    );
+    // On the command line, the flag is where the value came from: no tip.
+    let cmd = serve_in(dir.path(), &["--durability", "foo"]);
+    let (status, _, stderr) = run_to_exit(cmd);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("invalid value 'foo'"), "{stderr}");
+    assert!(!stderr.contains("environment variable"), "{stderr}");
+    assert!(!dir.path().join("data").exists(), "nothing started");
+}

@@ -343,3 +343,33 @@ async fn checkout_verification_catches_a_careless_server() {
     assert!(!conservation.ok, "{}", report.markdown());
     let _ = stop.send(());
 }
+
+/// `loadtest/run.sh` without a scenario prints its usage (every flag it documents, no
+/// line of the script itself) and exits 2, before building anything.
+#[test]
+fn run_sh_without_arguments_prints_its_usage() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/loadtest/run.sh");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let usage = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "SCENARIO",
+        "--duration",
+        "--connections",
+        "--rounds",
+        "--durability",
+        "--requests",
+        "--rate R",
+        "--target URL",
+        "--json FILE",
+        "--markdown FILE",
+        "--svg FILE",
+    ] {
+        assert!(usage.contains(flag), "{flag} missing from:\n{usage}");
+    }
+    assert!(!usage.contains("set -euo"), "{usage}");
+    assert!(!usage.contains("#"), "{usage}");
+}

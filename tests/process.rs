@@ -324,7 +324,12 @@ fn sigterm_during_start_up_is_a_graceful_shutdown() {
 async fn a_second_signal_during_shutdown_exits_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let snapshots = dir.path().join("snapshots");
-    let mut server = ChildServer::spawn(dir.path(), &["--test-snapshot-pause-ms", "60000"]);
+    let logged = dir.path().join("stderr.txt");
+    let mut server = ChildServer::start_with_stderr(
+        serve_command(dir.path(), &["--test-snapshot-pause-ms", "60000"]),
+        dir.path().join("data"),
+        std::process::Stdio::from(std::fs::File::create(&logged).unwrap()),
+    );
     let c = server.client.clone();
     c.create_product("A", 5).await;
     assert_eq!(c.reserve("u", "A", 2).await.status, 201);
@@ -348,6 +353,15 @@ async fn a_second_signal_during_shutdown_exits_at_once() {
         Some(1),
         "ended by the second signal: {status:?}"
     );
+    // Said once (it was also logged, the same words twice).
+    let said = std::fs::read_to_string(&logged).unwrap();
+    assert_eq!(
+        said.matches("a second signal during shutdown: exiting now")
+            .count(),
+        1,
+        "{said}"
+    );
+    assert!(said.contains("stockd: a second signal during shutdown: exiting now\n"));
     let server = ChildServer::spawn(dir.path(), &[]);
     assert_eq!(server.client.product("A").await["reserved"], 2);
 }
@@ -461,4 +475,45 @@ fn thp_line(status: &str) -> String {
         .find(|l| l.starts_with("THP_enabled:"))
         .unwrap_or_default()
         .to_string()
+}
+
+/// The start-up log says what happened: a first start on an empty directory did not recover
+/// from a snapshot; a restart after a clean shutdown did, and replayed no record; the
+/// durability is spelled as on the command line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_logs_say_what_recovery_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = |name: &str| {
+        let logged = dir.path().join(name);
+        let mut cmd = serve_command(dir.path(), &[]);
+        cmd.env("RUST_LOG", "info");
+        let server = ChildServer::start_with_stderr(
+            cmd,
+            dir.path().join("data"),
+            std::process::Stdio::from(std::fs::File::create(&logged).unwrap()),
+        );
+        (server, logged)
+    };
+    async fn logged_once(file: &std::path::Path, text: &str) -> String {
+        let read = || std::fs::read_to_string(file).unwrap_or_default();
+        eventually(Duration::from_secs(5), || async { read().contains(text) }).await;
+        let logged = read();
+        assert_eq!(logged.matches(text).count(), 1, "{text:?} in:\n{logged}");
+        logged
+    }
+
+    let (mut server, logged) = start("first.txt");
+    let first = logged_once(&logged, "no snapshot and an empty log: starting empty").await;
+    let first = first + &logged_once(&logged, "durability=sync").await;
+    assert!(!first.contains("from the snapshot"), "{first}");
+    assert!(!first.contains("Sync"), "{first}");
+    server.client.create_product("A", 5).await;
+    assert!(server.terminate().is_some_and(|s| s.success()));
+
+    let (_server, logged) = start("second.txt");
+    logged_once(
+        &logged,
+        "recovered the state from the snapshot (no log records after it)",
+    )
+    .await;
 }

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::procfs::{children_of, is_alive};
 use common::{
-    eventually, restarts_reach, snapshot_being_written, ChildServer, Client, TestServer, START_MS,
+    eventually, restarts_reach, serve_command, snapshot_being_written, ChildServer, Client,
+    TestServer, START_MS,
 };
 use serde_json::{json, Value};
 use stockd::clock::ManualClock;
@@ -464,8 +465,25 @@ async fn a_corrupted_newest_snapshot_falls_back_to_the_previous_one() {
     let files = snapshot_files(&snapshots);
     assert_eq!(files.len(), 2);
     flip_middle_byte(&files[0]);
-    let s = ChildServer::spawn(dir.path(), &[]);
+    let logged = dir.path().join("stderr.txt");
+    let s = ChildServer::start_with_stderr(
+        serve_command(dir.path(), &[]),
+        dir.path().join("data"),
+        Stdio::from(std::fs::File::create(&logged).unwrap()),
+    );
     assert_statuses(&s.client, &acked).await;
+    // Said once, naming the file and why.
+    let warning = format!(
+        "skipping a snapshot that does not verify error={} fails its checksum",
+        files[0].display()
+    );
+    let read = || std::fs::read_to_string(&logged).unwrap_or_default();
+    eventually(Duration::from_secs(5), || async {
+        read().contains(&warning)
+    })
+    .await;
+    assert_eq!(read().matches("does not verify").count(), 1, "{}", read());
+    assert!(read().contains(&warning), "{}", read());
     let a = s.client.product("A").await;
     assert_eq!(
         (
@@ -512,8 +530,39 @@ async fn a_damaged_log_record_stops_start_up_unless_truncation_is_asked_for() {
 
     let stderr = start_refused(dir.path(), &[]);
     assert!(stderr.contains("log record 4 is damaged"), "{stderr}");
+    assert_eq!(
+        stderr.matches("log record 4 is damaged").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("; refusing to start (--truncate-damaged-log would start"),
+        "{stderr}"
+    );
 
-    let s = ChildServer::spawn(dir.path(), &["--truncate-damaged-log"]);
+    // Its warning says what happened, not that it refuses to start (it starts).
+    let logged = dir.path().join("stderr.txt");
+    let s = ChildServer::start_with_stderr(
+        serve_command(dir.path(), &["--truncate-damaged-log"]),
+        dir.path().join("data"),
+        Stdio::from(std::fs::File::create(&logged).unwrap()),
+    );
+    let said =
+        |text: &str| std::fs::read_to_string(&logged).is_ok_and(|logged| logged.contains(text));
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            said("log truncated at a damaged record, as asked (--truncate-damaged-log)")
+        })
+        .await,
+        "{:?}",
+        std::fs::read_to_string(&logged)
+    );
+    assert!(said("log record 4 is damaged"));
+    assert!(
+        !said("refusing to start"),
+        "{:?}",
+        std::fs::read_to_string(&logged)
+    );
     assert_eq!(
         s.client.product("A").await["reserved"],
         2,

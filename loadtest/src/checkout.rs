@@ -484,9 +484,19 @@ pub async fn checkout(
     report.checks.push(Check::new(
         "reserved = acknowledged holds still pending (none once abandoned holds expired)",
         audit.over_reserved.is_empty(),
-        audit.over_reserved.join("; "),
+        if audit.over_reserved.is_empty() {
+            format!(
+                "{} SKUs, none reserving more than its pending acknowledged holds",
+                shared.skus.len()
+            )
+        } else {
+            audit.over_reserved.join("; ")
+        },
     ));
-    report.checks.push(allowed_answers(told.unexpected()));
+    let answered = run.stats.requests - run.stats.transport_errors;
+    report
+        .checks
+        .push(allowed_answers(told.unexpected(), answered));
     report.verified = report.checks.iter().all(|c| c.ok);
     Ok(report)
 }
@@ -582,12 +592,22 @@ fn oversold_check(told: &Told, unaccounted: u64) -> Check {
     )
 }
 
-/// The check that every answer was one the contract allows for its request.
-pub(crate) fn allowed_answers(unexpected: &[String]) -> Check {
-    let examples: Vec<&str> = unexpected.iter().take(3).map(String::as_str).collect();
+/// The check that every answer (of `answered`) was one the contract allows for its
+/// request.
+pub(crate) fn allowed_answers(unexpected: &[String], answered: u64) -> Check {
+    let detail = if unexpected.is_empty() {
+        format!("{answered} answers, none outside the contract")
+    } else {
+        let examples: Vec<&str> = unexpected.iter().take(3).map(String::as_str).collect();
+        format!(
+            "{} of {answered}, e.g. {}",
+            unexpected.len(),
+            examples.join("; ")
+        )
+    };
     Check::new(
         "every answer is one the contract allows",
         unexpected.is_empty(),
-        examples.join("; "),
+        detail,
     )
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::api::get_json;
 use crate::checkout::{allowed_answers, setup, shopper, Acked};
-use crate::driver::{run_phase, Limits, PhaseStats};
+use crate::driver::{run_labelled_phase, Limits, PhaseStats};
 use crate::options::Options;
 use crate::report::{Check, Report};
 use crate::server::ServerProcess;
@@ -34,9 +34,12 @@ pub async fn crash(
         ..opts.limits
     };
     let load = shared.clone();
-    let running = tokio::spawn(run_phase(limits, move |worker, n| {
-        shopper(load.clone(), worker, n)
-    }));
+    let started = std::time::Instant::now();
+    let running = tokio::spawn(run_labelled_phase(
+        "crash: load to the kill",
+        limits,
+        move |worker, n| shopper(load.clone(), worker, n),
+    ));
     // Somewhere between 30 % and 70 % of the run.
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -45,6 +48,7 @@ pub async fn crash(
     let at = 0.3 + 0.4 * f64::from(nanos % 1000) / 1000.0;
     tokio::time::sleep(limits.duration.mul_f64(at)).await;
     server.kill9();
+    let killed_at = started.elapsed();
     let stats = running.await.map_err(|e| format!("load task: {e}"))?;
     let recovery = server.restart()?;
     let base = server.base_url.clone();
@@ -66,13 +70,16 @@ pub async fn crash(
     report.oversold = audit.oversold(&told);
     report.lost_acks = mismatches.len() as u64 + audit.missing;
     report.recovery_ms = Some(recovery.as_secs_f64() * 1000.0);
+    report.killed_at_s = Some(killed_at.as_secs_f64());
     report.checks = vec![
         Check::new(
             "the server was killed while the load ran",
             !acked.is_empty() && stats.transport_errors > 0,
             format!(
-                "killed at {:.0} % of the run after {} acknowledged reservations; {} requests then unanswered",
+                "killed at {:.0} % of the run ({:.1} s) after {} acknowledged reservations; \
+                 {} requests then unanswered, and the load stopped there",
                 at * 100.0,
+                killed_at.as_secs_f64(),
                 acked.len(),
                 stats.transport_errors
             ),
@@ -81,14 +88,25 @@ pub async fn crash(
             "every acknowledged reservation survived with its acknowledged status",
             mismatches.is_empty(),
             if mismatches.is_empty() {
-                format!("{} reservations checked, {confirmed_on_server} confirmed", acked.len())
+                format!(
+                    "{} reservations checked, {confirmed_on_server} confirmed",
+                    acked.len()
+                )
             } else {
-                mismatches.iter().take(3).cloned().collect::<Vec<_>>().join("; ")
+                mismatches
+                    .iter()
+                    .take(3)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("; ")
             },
         ),
     ];
     report.checks.extend(audit.checks(&told));
-    report.checks.push(allowed_answers(told.unexpected()));
+    let answered = stats.requests - stats.transport_errors;
+    report
+        .checks
+        .push(allowed_answers(told.unexpected(), answered));
     report.verified = report.checks.iter().all(|c| c.ok);
     Ok(report)
 }

@@ -44,7 +44,7 @@ pub struct PhaseStats {
 }
 
 impl PhaseStats {
-    fn new() -> PhaseStats {
+    pub(crate) fn new() -> PhaseStats {
         PhaseStats {
             timeline: Vec::new(),
             requests: 0,
@@ -151,18 +151,36 @@ where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Vec<Sample>> + Send + 'static,
 {
-    run_phase_at(limits, Duration::ZERO, send).await
+    run_phase_at("load", limits, Duration::ZERO, send).await
 }
 
-/// `run_phase` for a phase that continues a load which already ran for `offset` (a later
-/// round): its answers are filed on the timeline from `offset` on (see `append`).
-pub async fn run_phase_at<F, Fut>(limits: Limits, offset: Duration, send: F) -> PhaseStats
+/// `run_phase`, its progress line labelled `label` (which phase this is: "ceiling 2/4").
+pub async fn run_labelled_phase<F, Fut>(label: &str, limits: Limits, send: F) -> PhaseStats
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Vec<Sample>> + Send + 'static,
+{
+    run_phase_at(label, limits, Duration::ZERO, send).await
+}
+
+/// `run_labelled_phase` for a phase that continues a load which already ran for `offset`
+/// (a later round): its answers are filed on the timeline from `offset` on (see `append`).
+pub async fn run_phase_at<F, Fut>(
+    label: &str,
+    limits: Limits,
+    offset: Duration,
+    send: F,
+) -> PhaseStats
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Vec<Sample>> + Send + 'static,
 {
     let answered = Arc::new(AtomicU64::new(0));
-    let progress = tokio::spawn(progress(limits.duration, answered.clone()));
+    let progress = tokio::spawn(progress(
+        label.to_string(),
+        limits.duration,
+        answered.clone(),
+    ));
     let started = Instant::now();
     let mut stats = match limits.rate {
         Some(rate) => open_loop(limits, rate, offset, Arc::new(send), answered).await,
@@ -172,7 +190,7 @@ where
     stats.whole_seconds = (offset + stats.elapsed).as_secs() as usize;
     progress.abort();
     if std::io::stderr().is_terminal() {
-        eprint!("\r{:78}\r", "");
+        eprint!("\r{:79}\r", "");
     }
     stats
 }
@@ -281,8 +299,9 @@ where
     collector.await.expect("collector")
 }
 
-/// A one-line progress display on stderr, once a second, when stderr is a terminal.
-async fn progress(duration: Duration, answered: Arc<AtomicU64>) {
+/// A one-line progress display on stderr, once a second, when stderr is a terminal,
+/// starting with the phase's label.
+async fn progress(label: String, duration: Duration, answered: Arc<AtomicU64>) {
     if !std::io::stderr().is_terminal() {
         return;
     }
@@ -293,10 +312,10 @@ async fn progress(duration: Duration, answered: Arc<AtomicU64>) {
         ticker.tick().await;
         let elapsed = started.elapsed().as_secs_f64();
         let done = answered.load(Ordering::Relaxed);
-        let width = 30usize;
+        let width = 20usize;
         let filled = ((elapsed / duration.as_secs_f64()) * width as f64).min(width as f64) as usize;
         eprint!(
-            "\r[{}{}] {elapsed:4.0}/{:.0} s  {done} requests  {:.0} req/s ",
+            "\r{label:<20} [{}{}] {elapsed:4.0}/{:.0} s  {done} requests  {:.0} req/s ",
             "#".repeat(filled),
             " ".repeat(width - filled),
             duration.as_secs_f64(),
@@ -375,7 +394,7 @@ mod tests {
                 latency_us: 10,
             }]
         };
-        let stats = run_phase_at(limits, Duration::from_millis(3_200), send).await;
+        let stats = run_phase_at("test", limits, Duration::from_millis(3_200), send).await;
         assert_eq!(stats.requests, 10);
         assert_eq!(stats.timeline.len(), 4, "filed in the load's fourth second");
         assert_eq!(stats.timeline[3].requests, 10);

@@ -164,6 +164,13 @@ pub struct Report {
     pub timeline: Vec<SecondView>,
     /// Flash-sale and checkout: the server's group commits during the rounds.
     pub group_commit: Option<GroupCommit>,
+    /// Where a ceiling phase ran, in seconds of the scenario's load (`timeline`'s time,
+    /// which leaves the ceiling phases out): before the first round, between rounds, after
+    /// the last.
+    pub ceilings_at_s: Vec<f64>,
+    /// Crash scenario: when the server was killed, in seconds of the load. The load
+    /// stops there (each connection at its first unanswered request).
+    pub killed_at_s: Option<f64>,
 }
 
 fn timeline(stats: &PhaseStats) -> Vec<SecondView> {
@@ -214,6 +221,8 @@ impl Report {
             checks: Vec::new(),
             timeline: timeline(stats),
             group_commit: None,
+            ceilings_at_s: Vec::new(),
+            killed_at_s: None,
         }
     }
 
@@ -330,6 +339,12 @@ impl Report {
         if let Some(ms) = self.recovery_ms {
             out.push_str(&format!(
                 "\nrecovery after kill -9: {ms:.0} ms to serving\n"
+            ));
+        }
+        if let Some(at) = self.killed_at_s {
+            out.push_str(&format!(
+                "\nthe load stopped at the kill, {at:.1} s in: its figures are of the load \
+                 before it (the restarted server is only verified, not loaded)\n"
             ));
         }
         out.push_str(&format!(

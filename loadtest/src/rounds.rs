@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::driver::{run_phase, run_phase_at, timed, Limits, PhaseStats, Sample};
+use crate::driver::{run_labelled_phase, run_phase_at, timed, Limits, PhaseStats, Sample};
 use crate::options::Options;
 use crate::report::{Check, GroupCommit, LogCounters, Report};
 
@@ -47,6 +47,9 @@ pub(crate) struct Interleaved {
     pub rounds_rps: Vec<f64>,
     /// The ceiling phases: before the first round, between rounds, after the last.
     pub ceilings: Vec<PhaseStats>,
+    /// Where each round ended on the scenario's timeline (the time of its load so far):
+    /// a ceiling phase ran there, which the timeline leaves out.
+    pub round_ends: Vec<Duration>,
     /// The server's group commits from the first round to the last.
     pub group_commit: Option<GroupCommit>,
 }
@@ -63,6 +66,9 @@ impl Interleaved {
         let rps: Vec<f64> = self.ceilings.iter().map(|c| c.throughput_rps()).collect();
         report.set_ceilings(&rps, &self.rounds_rps);
         report.group_commit = self.group_commit;
+        report.ceilings_at_s = std::iter::once(0.0)
+            .chain(self.round_ends.iter().map(Duration::as_secs_f64))
+            .collect();
         report
             .checks
             .push(served("every ceiling phase was served", &self.ceilings));
@@ -85,18 +91,22 @@ where
     Fut: std::future::Future<Output = Vec<Sample>> + Send + 'static,
 {
     let rounds = rounds.max(1);
+    let scenario = opts.scenario.name();
+    let ceiling_label = |phase: usize| format!("ceiling {phase}/{}", rounds + 1);
     let log_before = log_counters(client, base).await;
     let mut ceilings = vec![first];
     let mut rounds_rps = Vec::with_capacity(rounds);
+    let mut round_ends = Vec::with_capacity(rounds);
     let mut stats: Option<PhaseStats> = None;
     for round in 0..rounds {
         if round > 0 {
             let limits = ceiling_limits(&opts.limits, rounds, round);
-            ceilings.push(ceiling(client, base, limits).await);
+            ceilings.push(ceiling(client, base, &ceiling_label(round + 1), limits).await);
         }
         let first_n = (round as u64) << 40;
         let send = send.clone();
         let phase = run_phase_at(
+            &format!("{scenario} {}/{rounds}", round + 1),
             round_limits(&opts.limits, rounds, round),
             stats.as_ref().map_or(Duration::ZERO, |s| s.elapsed),
             move |worker, n| send(worker, n + first_n),
@@ -107,14 +117,16 @@ where
             Some(stats) => stats.append(&phase),
             None => stats = Some(phase),
         }
+        round_ends.extend(stats.as_ref().map(|s| s.elapsed));
     }
     let log_after = log_counters(client, base).await;
     let limits = ceiling_limits(&opts.limits, rounds, rounds - 1);
-    ceilings.push(ceiling(client, base, limits).await);
+    ceilings.push(ceiling(client, base, &ceiling_label(rounds + 1), limits).await);
     Interleaved {
         stats: stats.expect("at least one round"),
         rounds_rps,
         ceilings,
+        round_ends,
         group_commit: log_before
             .zip(log_after)
             .and_then(|(before, after)| GroupCommit::between(&before, &after)),
@@ -143,10 +155,16 @@ pub(crate) fn served(name: &str, phases: &[PhaseStats]) -> Check {
     )
 }
 
-pub(crate) async fn ceiling(client: &reqwest::Client, base: &str, limits: Limits) -> PhaseStats {
+/// A ceiling phase (GET /health), its progress line labelled `label`.
+pub(crate) async fn ceiling(
+    client: &reqwest::Client,
+    base: &str,
+    label: &str,
+    limits: Limits,
+) -> PhaseStats {
     let url = Arc::new(format!("{base}/health"));
     let client = client.clone();
-    run_phase(limits, move |_, _| {
+    run_labelled_phase(label, limits, move |_, _| {
         let (client, url) = (client.clone(), url.clone());
         async move {
             vec![

@@ -62,7 +62,12 @@ pub async fn run(opts: Options) -> Result<Report, String> {
         ),
         Scenario::Ceiling | Scenario::Crash => 1,
     };
-    let first = ceiling(&client, &base, ceiling_limits(&opts.limits, rounds, 0)).await;
+    let label = match opts.scenario {
+        Scenario::FlashSale | Scenario::Checkout => format!("ceiling 1/{}", rounds + 1),
+        Scenario::Ceiling | Scenario::Crash => "ceiling".to_string(),
+    };
+    let limits = ceiling_limits(&opts.limits, rounds, 0);
+    let first = ceiling(&client, &base, &label, limits).await;
     let mut report = match opts.scenario {
         Scenario::Ceiling => Report::new("ceiling", &first, &first),
         Scenario::FlashSale => flash_sale(&client, &base, &opts, rounds, first).await?,

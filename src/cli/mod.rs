@@ -13,7 +13,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use crate::config::{self, Durability};
 use crate::limits::{
@@ -198,6 +199,39 @@ enum LogFormat {
     Json,
 }
 
+/// The environment variable a refused value came from: the variable of the flag the error
+/// names, when it is set and the flag is not on the command line.
+fn value_from_environment(err: &clap::Error) -> Option<String> {
+    if !matches!(
+        err.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        return None;
+    }
+    let Some(ContextValue::String(arg)) = err.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    // "--durability <DURABILITY>"
+    let long = arg.strip_prefix("--")?.split([' ', '=']).next()?;
+    let on_command_line = std::env::args_os().skip(1).any(|a| {
+        let a = a.to_string_lossy();
+        a.strip_prefix("--")
+            .is_some_and(|a| a == long || a.starts_with(&format!("{long}=")))
+    });
+    if on_command_line {
+        return None;
+    }
+    fn env_of(cmd: &clap::Command, long: &str) -> Option<String> {
+        cmd.get_arguments()
+            .find(|a| a.get_long() == Some(long))
+            .and_then(|a| a.get_env())
+            .map(|var| var.to_string_lossy().into_owned())
+            .or_else(|| cmd.get_subcommands().find_map(|sub| env_of(sub, long)))
+    }
+    let var = env_of(&Cli::command(), long)?;
+    std::env::var_os(&var).is_some().then_some(var)
+}
+
 /// The `stockd` binary's entry point.
 pub fn main() -> ExitCode {
     // Before any large allocation: see `crate::memory`.
@@ -205,7 +239,21 @@ pub fn main() -> ExitCode {
         let _ = writeln!(std::io::stderr(), "stockd: {err}");
         return ExitCode::from(2);
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(mut err) => {
+            if let Some(var) = value_from_environment(&err) {
+                // clap names the flag a refused value was for, even when the value came
+                // from the flag's environment variable: say which one it was.
+                let tip = format!("the value comes from the environment variable {var}");
+                err.insert(
+                    ContextKind::Suggested,
+                    ContextValue::StyledStrs(vec![tip.into()]),
+                );
+            }
+            err.exit()
+        }
+    };
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
         Some(Command::Snapshot(cmd)) => {

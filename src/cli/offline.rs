@@ -24,7 +24,7 @@ fn print(json: bool, value: &impl serde::Serialize, text: impl FnOnce() -> Strin
 fn explain(err: &dyn std::error::Error, log: Option<&OpenError>) -> String {
     match log {
         Some(OpenError::Locked { .. }) => {
-            format!("{err} (is a server running on this data directory? stop it first)")
+            format!("{err}: is a server running on this data directory? Stop it first")
         }
         _ => err.to_string(),
     }

@@ -58,7 +58,8 @@ fn watch_signals() -> tokio::sync::oneshot::Receiver<()> {
                 match first.take() {
                     Some(first) => drop(first.send(())),
                     None => {
-                        tracing::error!("a second signal during shutdown: exiting now");
+                        // Written directly, not logged: the exit comes before the log
+                        // queue would be written (and once is enough).
                         let _ = writeln!(
                             std::io::stderr(),
                             "stockd: a second signal during shutdown: exiting now"
@@ -89,7 +90,8 @@ pub(super) async fn serve(args: ServeArgs) -> ExitCode {
     let server = match crate::start(config).await {
         Ok(server) => server,
         Err(err) => {
-            tracing::error!(error = %err, "cannot start");
+            // One line, written directly (not a log line too: the same error twice reads
+            // as two failures).
             let _ = writeln!(std::io::stderr(), "stockd: {err}");
             return ExitCode::FAILURE;
         }

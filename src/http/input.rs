@@ -617,7 +617,7 @@ mod tests {
         }
         /// One of `good` nine times in ten, otherwise one of `bad`.
         fn mostly<'a>(&mut self, good: &[&'a str], bad: &[&'a str]) -> &'a str {
-            if self.next() % 10 == 0 {
+            if self.next().is_multiple_of(10) {
                 self.pick(bad)
             } else {
                 self.pick(good)
@@ -644,7 +644,7 @@ mod tests {
         let max_ttl = TTL_SECONDS_MAX.to_string();
         let over_ttl = (TTL_SECONDS_MAX + 1).to_string();
         let mut fields = Vec::new();
-        if rng.next() % 16 != 0 {
+        if !rng.next().is_multiple_of(16) {
             let id = rng.mostly(
                 &["\"c1\"", "\"c\\u00e9\"", "\"a\\u200db\""],
                 &[
@@ -659,7 +659,7 @@ mod tests {
             );
             fields.push(format!("\"customer_id\":{id}"));
         }
-        if rng.next() % 16 != 0 {
+        if !rng.next().is_multiple_of(16) {
             let n = match rng.next() % 30 {
                 0 => 0,
                 1 => RESERVATION_LINES_MAX + 1,
@@ -676,17 +676,17 @@ mod tests {
                     &["1", "2", &max_q],
                     &["0", "-1", "1.5", "\"1\"", "null", &over_q],
                 );
-                let extra = if rng.next() % 20 == 0 {
+                let extra = if rng.next().is_multiple_of(20) {
                     ",\"note\":1"
                 } else {
                     ""
                 };
-                let dup = if rng.next() % 25 == 0 {
+                let dup = if rng.next().is_multiple_of(25) {
                     ",\"quantity\":1"
                 } else {
                     ""
                 };
-                if rng.next() % 30 == 0 {
+                if rng.next().is_multiple_of(30) {
                     // A line as an array of its fields, which serde's structs would take.
                     lines.push(format!("[{sku},{quantity}]"));
                     continue;
@@ -695,24 +695,24 @@ mod tests {
                     "{{\"sku\":{sku},\"quantity\":{quantity}{extra}{dup}}}"
                 ));
             }
-            let items = if rng.next() % 30 == 0 {
+            let items = if rng.next().is_multiple_of(30) {
                 "{}".to_string()
             } else {
                 format!("[{}]", lines.join(","))
             };
             fields.push(format!("\"items\":{items}"));
         }
-        if rng.next() % 2 == 0 {
+        if rng.next().is_multiple_of(2) {
             let ttl = rng.mostly(
                 &["30", "null", "1", &max_ttl],
                 &["0", &over_ttl, "30.0", "-5"],
             );
             fields.push(format!("\"ttl_seconds\":{ttl}"));
         }
-        if rng.next() % 20 == 0 {
+        if rng.next().is_multiple_of(20) {
             fields.push("\"coupon\":\"X\"".to_string());
         }
-        if rng.next() % 20 == 0 {
+        if rng.next().is_multiple_of(20) {
             fields.push("\"customer_id\":\"c2\"".to_string());
         }
         let body = format!("{{{}}}", fields.join(","));

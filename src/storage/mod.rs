@@ -30,3 +30,13 @@ pub enum Durability {
     /// (milliseconds) afterwards. A crash in that window loses acknowledged changes.
     Async,
 }
+
+impl Durability {
+    /// Its spelling on the command line (`sync`, `async`), also the one logs use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::Sync => "sync",
+            Durability::Async => "async",
+        }
+    }
+}

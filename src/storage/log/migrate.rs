@@ -12,10 +12,12 @@ use super::*;
 /// `wal` or `wal-<first>` per segment, the mark in a tree `meta`) to a database per
 /// segment. Crash-safe: the old database is removed only after every record and the mark
 /// are durable in the new layout, and its `db` file goes first; until then, the next open
-/// starts the move again from scratch.
+/// starts the move again from scratch. Segments of `segment_records` records, moved
+/// `batch_keys` records per sled batch.
 pub(super) fn migrate_single_database(
     segments: &Segments,
     segment_records: u64,
+    batch_keys: usize,
 ) -> Result<(), OpenError> {
     let dir = &segments.dir;
     let (db_file, conf_file) = (dir.join("db"), dir.join("conf"));
@@ -62,7 +64,7 @@ pub(super) fn migrate_single_database(
             let full = current
                 .as_ref()
                 .is_none_or(|s| seq >= s.first() + segment_records);
-            if full || in_batch == TRUNCATE_BATCH_KEYS {
+            if full || in_batch == batch_keys {
                 if let Some(segment) = &current {
                     let batch = std::mem::take(&mut batch);
                     segment.db().apply_batch(batch).map_err(sled_err(dir))?;

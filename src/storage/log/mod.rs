@@ -107,13 +107,13 @@ pub enum LogError {
 pub enum OpenError {
     #[error("cannot open the log in {path}: {source}")]
     Sled { path: String, source: sled::Error },
-    #[error("log record {seq} is damaged ({source}); refusing to start")]
+    #[error("log record {seq} is damaged ({source})")]
     Damaged { seq: u64, source: DecodeError },
     #[error("log key {0:?} is not a sequence number")]
     BadKey(Vec<u8>),
     #[error("cannot use the log directory {path}: {source}")]
     Io { path: String, source: io::Error },
-    #[error("the log in {path} is in use by another process or log (its lock is held)")]
+    #[error("the log in {path} is locked by another stockd process")]
     Locked { path: String },
     #[error("the log's truncation mark {path} is damaged")]
     BadMark { path: String },
@@ -146,8 +146,19 @@ pub struct Log {
 
 impl Log {
     pub fn open(dir: &Path) -> Result<Log, OpenError> {
+        Log::open_moving(dir, SEGMENT_RECORDS_DEFAULT, TRUNCATE_BATCH_KEYS)
+    }
+
+    /// `open`, moving a single-database log (`migrate`) into segments of
+    /// `segment_records` records, `batch_keys` records per sled batch (tests use small
+    /// ones to see several of each in a small log).
+    pub(super) fn open_moving(
+        dir: &Path,
+        segment_records: u64,
+        batch_keys: usize,
+    ) -> Result<Log, OpenError> {
         let segments = Segments::open(dir)?;
-        migrate_single_database(&segments, SEGMENT_RECORDS_DEFAULT)?;
+        migrate_single_database(&segments, segment_records, batch_keys)?;
         Ok(Log {
             segments: Arc::new(segments),
             segment_records: SEGMENT_RECORDS_DEFAULT,
