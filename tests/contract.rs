@@ -8,12 +8,11 @@
 mod common;
 
 use std::future::Future;
-use std::io::Read;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Answer, ChildServer, Client, TestServer, SERVE_FLAGS, START_MS};
 use futures_util::{FutureExt, StreamExt};
@@ -1079,37 +1078,10 @@ fn stockd(cwd: &Path) -> Command {
 
 /// Runs `cmd` to its end (killed after 20 s, should it start serving instead): exit
 /// status, stdout, stderr.
-fn run_to_exit(mut cmd: Command) -> (ExitStatus, String, String) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn stockd");
-    let mut stdout = child.stdout.take().expect("stdout");
-    let mut stderr = child.stderr.take().expect("stderr");
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let status = child.wait().expect("wait");
-            panic!("stockd did not exit by itself ({status:?})");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    (status, out.join().unwrap(), err.join().unwrap())
+fn run_to_exit(cmd: Command) -> (ExitStatus, String, String) {
+    let exited = loadtest::server::run_to_exit(cmd, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("stockd: {e}"));
+    (exited.status, exited.stdout, exited.stderr)
 }
 
 /// docs/API.md: "`stockd` (same as `stockd serve`) starts the server with embedded defaults:

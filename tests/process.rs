@@ -431,14 +431,14 @@ async fn transparent_huge_pages_are_off_unless_asked_for() {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert_eq!(thp_line(&status), own);
 
-    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_stockd"))
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_stockd"));
+    cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.path().join("other"))
-        .env("STOCKD_TRANSPARENT_HUGE_PAGES", "maybe")
-        .output()
-        .unwrap();
+        .env("STOCKD_TRANSPARENT_HUGE_PAGES", "maybe");
+    // Bounded: were the check to regress, this would serve instead of exiting.
+    let bad = loadtest::server::run_to_exit(cmd, Duration::from_secs(20)).unwrap();
     assert_eq!(bad.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&bad.stderr);
+    let stderr = &bad.stderr;
     assert!(
         stderr.contains("STOCKD_TRANSPARENT_HUGE_PAGES must be on or off"),
         "{stderr}"

@@ -8,7 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::procfs::{children_of, is_alive};
 use common::{
@@ -301,29 +301,17 @@ fn stockd() -> Command {
 /// Runs `stockd serve` expecting it to refuse to start; returns its stderr. A server that
 /// starts after all is killed after 20 s, and the test fails.
 fn start_refused(dir: &Path, extra: &[&str]) -> String {
-    let mut child = stockd()
-        .arg("serve")
+    let mut cmd = stockd();
+    cmd.arg("serve")
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.join("data"))
         .arg("--snapshot-dir")
         .arg(dir.join("snapshots"))
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("stockd started although it should have refused");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let output = child.wait_with_output().unwrap();
-    assert!(!output.status.success());
-    String::from_utf8_lossy(&output.stderr).into_owned()
+        .args(extra);
+    let exited = loadtest::server::run_to_exit(cmd, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("stockd should have refused to start: {e}"));
+    assert!(!exited.status.success());
+    exited.stderr
 }
 
 fn run(args: &[&str]) -> Output {

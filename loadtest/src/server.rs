@@ -305,3 +305,51 @@ impl Drop for ServerProcess {
         self.kill9();
     }
 }
+
+/// What a command that was run to its end did.
+pub struct Exited {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `command` (a `stockd` expected to exit by itself: a refused start, `--help`, an
+/// offline command) to its end, collecting its stdout and stderr. One that is still running
+/// after `limit` (it started serving instead) is killed, and that is an error.
+pub fn run_to_exit(mut command: Command, limit: Duration) -> Result<Exited, String> {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {:?}: {e}", command.get_program()))?;
+    let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_string(&mut text);
+            }
+            text
+        })
+    };
+    let stdout = read(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = read(child.stderr.take().map(|p| Box::new(p) as _));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let status = child.wait();
+            return Err(format!(
+                "it did not exit by itself within {limit:?} ({status:?})"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(Exited {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
+}
