@@ -174,6 +174,11 @@ async fn a_passive_product_behaves_exactly_like_a_resident_one() {
     // "P" is passivated before every step; "R" stays resident (it is touched first).
     c.create_product("P", 10).await;
     c.create_product("R", 10).await;
+    // Both start passive; a reserve refused for want of stock activates R (it needs the
+    // actor to hold) without changing its figures.
+    assert_eq!(t.service().stats().await.unwrap().active_products, 0);
+    assert_eq!(c.reserve("u", "R", 11).await.status, 409);
+    assert_eq!(t.service().stats().await.unwrap().active_products, 1);
     let passivate_p = || async {
         // P idle for 62 s, R for at most 31 s: the periodic check may passivate P before
         // the explicit call below does, but never R.
@@ -286,6 +291,56 @@ async fn a_passive_product_behaves_exactly_like_a_resident_one() {
         (p["on_hand"].clone(), p["sold"].clone()),
         (json!(12), json!(3))
     );
+    t.stop().await;
+}
+
+/// A created product is plain data, like a recovered one: reads do not wake it; its first
+/// stock change or reservation spawns its actor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_created_product_has_no_actor_until_its_first_change_or_reservation() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    for sku in ["A", "B", "C", "D"] {
+        c.create_product(sku, 10).await;
+    }
+    let stats = || async { t.service().stats().await.unwrap() };
+    let s = stats().await;
+    assert_eq!(
+        (s.products, s.active_products, s.activations),
+        (4, 0, 0),
+        "{s:?}"
+    );
+    // Reads, one by one and listed, are answered from the plain data.
+    assert_eq!(c.product("A").await["available"], 10);
+    let page = c.get("/v1/products").await;
+    assert_eq!(page.body["items"].as_array().unwrap().len(), 4);
+    assert_eq!(stats().await.active_products, 0);
+    // A reservation activates its product.
+    assert_eq!(c.reserve("u", "A", 2).await.status, 201);
+    let s = stats().await;
+    assert_eq!((s.active_products, s.activations), (1, 1), "{s:?}");
+    // So do stock changes.
+    let replenish = c
+        .post("/v1/products/B/replenish", json!({"quantity": 5}))
+        .await;
+    assert_eq!(replenish.status, 200, "{:?}", replenish.body);
+    let adjust = c.post("/v1/products/C/adjust", json!({"delta": -3})).await;
+    assert_eq!(adjust.status, 200, "{:?}", adjust.body);
+    let s = stats().await;
+    assert_eq!((s.active_products, s.activations), (3, 3), "{s:?}");
+    assert_eq!(
+        (
+            c.product("A").await["available"].clone(),
+            c.product("B").await["on_hand"].clone(),
+            c.product("C").await["on_hand"].clone(),
+            c.product("D").await["on_hand"].clone(),
+        ),
+        (json!(8), json!(15), json!(7), json!(10))
+    );
+    // D was never touched: still no actor, and it is in the log like the others.
+    let t = t.restart().await;
+    assert_eq!(t.client.product("D").await["on_hand"], 10);
+    assert_eq!(t.client.product("B").await["on_hand"], 15);
     t.stop().await;
 }
 

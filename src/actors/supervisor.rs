@@ -27,12 +27,12 @@
 //! owns it. `Passive`: nobody touched it for `passivate_after`; its actor was stopped and
 //! the product is kept here as plain data (a few hundred bytes instead of an actor's
 //! ~7.8 KB). `Restarting`: its actor failed and is being rebuilt. Start-up makes every
-//! product passive (no actor is spawned per product). A message that needs an actor (a
-//! hold, a change, a delete) activates a passive product: the actor is spawned from the
-//! plain data and the message delivered. Reads and stock effects decided here (settle,
-//! release, commit: an expiry, a cancel or a confirm) are applied to the passive data
-//! directly with the same domain methods, so expiry timers fire on time for passive
-//! products without waking them. This mailbox serializes a passive product's changes, as
+//! product passive (no actor is spawned per product), and a created product starts
+//! passive too. A message that needs an actor (a hold, a change, a delete) activates a
+//! passive product: the actor is spawned from the plain data and the message delivered.
+//! Reads and stock effects decided here (settle, release, commit: an expiry, a cancel or
+//! a confirm) are applied to the passive data directly with the same domain methods, so
+//! expiry timers fire on time for passive products without waking them. This mailbox serializes a passive product's changes, as
 //! the actor's mailbox does for an active one; a product is never both.
 //!
 //! Passivation asks the idle actor for its state and waits for the answer inside one
@@ -291,9 +291,7 @@ impl Actor for Supervisor {
                 on_hand,
                 reply,
             } => {
-                let result = self
-                    .create_product(&myself, state, sku, name, price, on_hand)
-                    .await;
+                let result = self.create_product(state, sku, name, price, on_hand);
                 let _ = reply.send(result);
             }
             SupervisorMsg::Route { sku, msg } => {
@@ -643,9 +641,8 @@ impl Supervisor {
         done
     }
 
-    async fn create_product(
+    fn create_product(
         &self,
-        myself: &ActorRef<SupervisorMsg>,
         state: &mut SupervisorState,
         sku: String,
         name: String,
@@ -659,7 +656,8 @@ impl Supervisor {
         }
         let at = self.clock.now_ms();
         let product = Product::new(sku.clone(), name.clone(), price.clone(), on_hand, at);
-        // Queued before the product can be reached, so before any of its units are held.
+        // Queued before the product can be reached (it is in the routing table only below),
+        // so before any of its units are held.
         let ticket = self.log.append(Record::ProductCreated {
             sku,
             name,
@@ -667,15 +665,13 @@ impl Supervisor {
             on_hand,
             at,
         });
-        // A new product is likely to be used soon: it starts with an actor. Its record is
-        // queued already, so it exists whatever happens: if no actor can be spawned now, it
-        // starts passive (its next request tries again), as memory must agree with the log.
-        if let Err(err) = self.spawn_product(myself, state, product.clone()).await {
-            tracing::warn!(sku = %product.sku, error = %err, "cannot spawn a product actor; the product starts passive");
-            state
-                .routes
-                .insert(product.sku.clone(), Slot::Passive(product.clone()));
-        }
+        // It starts passive, as a recovered product does: plain data (a few hundred bytes)
+        // until its first change or reservation activates it. Spawning an actor per create
+        // made a catalogue import cost an actor's ~10 KB per product until passivation
+        // caught up (docs/PERFORMANCE.md, "Catalogue import over HTTP").
+        state
+            .routes
+            .insert(product.sku.clone(), Slot::Passive(product.clone()));
         Ok((product, ticket))
     }
 
