@@ -344,6 +344,69 @@ async fn a_created_product_has_no_actor_until_its_first_change_or_reservation() 
     t.stop().await;
 }
 
+/// Activates `n` products ("IDLE-i", created passive) by a replenish each.
+async fn activate_many(t: &TestServer, n: usize) {
+    let service = t.service();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(64) {
+        futures_util::future::join_all(chunk.iter().map(|i| async move {
+            let sku = format!("IDLE-{i:05}");
+            service
+                .create_product(sku.clone(), sku.clone(), None, 1)
+                .await
+                .unwrap();
+            let change = stockd::actors::product::Change::Replenish { quantity: 1 };
+            service.change_product(&sku, change, None).await.unwrap();
+        }))
+        .await;
+    }
+    let stats = service.stats().await.unwrap();
+    assert_eq!(stats.active_products, n, "{stats:?}");
+}
+
+/// More idle actors than one message passivates (`PASSIVATIONS_PER_MESSAGE_MAX`): one
+/// `PassivateIdle` call answers once every one of them is passive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_call_passivates_a_backlog_larger_than_a_batch() {
+    let n = stockd::limits::PASSIVATIONS_PER_MESSAGE_MAX * 7 + 104; // 1,000
+    let t = TestServer::start().await;
+    activate_many(&t, n).await;
+    t.clock.advance_ms(61_000);
+    let done = t.service().passivate_idle().await.unwrap();
+    let stats = t.service().stats().await.unwrap();
+    // The periodic check may have passivated some of them first; none is left either way.
+    assert!(done <= n);
+    assert_eq!(
+        (stats.active_products, stats.passivations),
+        (0, n as u64),
+        "{stats:?}"
+    );
+    // Passive products still serve, and activate again.
+    assert_eq!(t.client.product("IDLE-00999").await["on_hand"], 2);
+    assert_eq!(t.client.reserve("u", "IDLE-00999", 2).await.status, 201);
+    assert_eq!(t.service().stats().await.unwrap().active_products, 1);
+    t.stop().await;
+}
+
+/// The periodic check drains a backlog larger than one batch on its own: after one step of
+/// the clock, its continuation messages passivate them all (without the clock moving on to
+/// more checks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_periodic_check_passivates_a_backlog_larger_than_a_batch() {
+    let n = stockd::limits::PASSIVATIONS_PER_MESSAGE_MAX * 7 + 104; // 1,000
+    let t = TestServer::start().await;
+    activate_many(&t, n).await;
+    t.clock.advance_ms(61_000);
+    let service = t.service();
+    let drained = eventually(Duration::from_secs(30), || async {
+        service.stats().await.unwrap().active_products == 0
+    })
+    .await;
+    let stats = service.stats().await.unwrap();
+    assert!(drained, "{stats:?}");
+    assert_eq!(stats.passivations, n as u64);
+    t.stop().await;
+}
+
 // ---- the real binary ----------------------------------------------------------------
 
 fn stockd() -> Command {
