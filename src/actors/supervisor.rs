@@ -70,7 +70,9 @@ use crate::limits::{
 use crate::storage::fold::State;
 use crate::storage::log::{LogHandle, Ticket};
 use crate::storage::record::{IdempotencyKey, Record};
-use crate::storage::snapshotter::{release_freed_memory, Snapshotter, TakeError};
+use crate::storage::snapshotter::{
+    ask_threads_to_release_freed_memory, release_freed_memory, Snapshotter, TakeError,
+};
 
 /// What `resolve` decided.
 enum Resolved {
@@ -474,8 +476,11 @@ impl Actor for Supervisor {
             SupervisorMsg::PassivateMore(sweep) => self.sweep(&myself, state, sweep).await,
             SupervisorMsg::ReleaseFreedMemory => {
                 state.release_due = false;
-                // mimalloc keeps the pages the stopped actors freed; this returns them. Off
-                // this mailbox: it walks the allocator's heaps (milliseconds).
+                // mimalloc keeps the pages the stopped actors freed, in the heaps of the
+                // threads that ran them: each worker thread returns its own once idle
+                // (the runtime's park hook), and a blocking thread returns what is shared
+                // (abandoned segments, arenas), off this mailbox.
+                ask_threads_to_release_freed_memory();
                 tokio::task::spawn_blocking(release_freed_memory);
             }
             SupervisorMsg::ProductRecovered { sku, result } => {
