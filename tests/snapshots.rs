@@ -344,8 +344,12 @@ async fn a_created_product_has_no_actor_until_its_first_change_or_reservation() 
     t.stop().await;
 }
 
-/// Activates `n` products ("IDLE-i", created passive) by a replenish each.
-async fn activate_many(t: &TestServer, n: usize) {
+/// A server with more idle actors than one message passivates
+/// (`PASSIVATIONS_PER_MESSAGE_MAX`): 1,000 products ("IDLE-i", created passive) activated
+/// by a replenish each, then the clock moved past `passivate_after`. Answers how many.
+async fn idle_backlog() -> (TestServer, usize) {
+    let n = stockd::limits::PASSIVATIONS_PER_MESSAGE_MAX * 7 + 104; // 1,000
+    let t = TestServer::start().await;
     let service = t.service();
     for chunk in (0..n).collect::<Vec<_>>().chunks(64) {
         futures_util::future::join_all(chunk.iter().map(|i| async move {
@@ -361,16 +365,15 @@ async fn activate_many(t: &TestServer, n: usize) {
     }
     let stats = service.stats().await.unwrap();
     assert_eq!(stats.active_products, n, "{stats:?}");
+    t.clock.advance_ms(61_000);
+    (t, n)
 }
 
 /// More idle actors than one message passivates (`PASSIVATIONS_PER_MESSAGE_MAX`): one
 /// `PassivateIdle` call answers once every one of them is passive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_call_passivates_a_backlog_larger_than_a_batch() {
-    let n = stockd::limits::PASSIVATIONS_PER_MESSAGE_MAX * 7 + 104; // 1,000
-    let t = TestServer::start().await;
-    activate_many(&t, n).await;
-    t.clock.advance_ms(61_000);
+    let (t, n) = idle_backlog().await;
     let done = t.service().passivate_idle().await.unwrap();
     let stats = t.service().stats().await.unwrap();
     // The periodic check may have passivated some of them first; none is left either way.
@@ -392,10 +395,7 @@ async fn one_call_passivates_a_backlog_larger_than_a_batch() {
 /// more checks).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_periodic_check_passivates_a_backlog_larger_than_a_batch() {
-    let n = stockd::limits::PASSIVATIONS_PER_MESSAGE_MAX * 7 + 104; // 1,000
-    let t = TestServer::start().await;
-    activate_many(&t, n).await;
-    t.clock.advance_ms(61_000);
+    let (t, n) = idle_backlog().await;
     let service = t.service();
     let drained = eventually(Duration::from_secs(30), || async {
         service.stats().await.unwrap().active_products == 0
