@@ -73,6 +73,11 @@ pub const SNAPSHOTS_KEPT_MAX: u64 = 1000;
 /// A product actor with no message for this long is passivated (its state kept as plain
 /// data in the supervisor) and activated again by its next message.
 pub const PASSIVATE_AFTER_SECONDS_DEFAULT: u64 = 60;
-/// Most actors passivated per periodic check (each is one actor round trip inside the
-/// supervisor's mailbox, so this bounds the pause it adds: ~128 × 20 µs).
-pub const PASSIVATIONS_PER_TICK_MAX: usize = 128;
+/// Most actors the supervisor passivates in one message (each is one actor round trip
+/// inside its mailbox, so this bounds the pause it adds: ~128 × 20 µs); more idle ones are
+/// passivated by the next messages it sends itself, so a backlog of any size drains at
+/// once while requests are served in between.
+pub const PASSIVATIONS_PER_MESSAGE_MAX: usize = 128;
+/// A passivation sweep of at least this many actors returns the memory they freed to the
+/// OS (`mi_collect`) once they have stopped; smaller ones leave it to the allocator.
+pub const PASSIVATION_SWEEP_RELEASE_MIN: usize = 1_024;

@@ -175,6 +175,11 @@ async fn a_passive_product_behaves_exactly_like_a_resident_one() {
     // "P" is passivated before every step; "R" stays resident (it is touched first).
     c.create_product("P", 10).await;
     c.create_product("R", 10).await;
+    // Both start passive; a reserve refused for want of stock activates R (it needs the
+    // actor to hold) without changing its figures.
+    assert_eq!(t.service().stats().await.unwrap().active_products, 0);
+    assert_eq!(c.reserve("u", "R", 11).await.status, 409);
+    assert_eq!(t.service().stats().await.unwrap().active_products, 1);
     let passivate_p = || async {
         // P idle for 62 s, R for at most 31 s: the periodic check may passivate P before
         // the explicit call below does, but never R.
@@ -287,6 +292,119 @@ async fn a_passive_product_behaves_exactly_like_a_resident_one() {
         (p["on_hand"].clone(), p["sold"].clone()),
         (json!(12), json!(3))
     );
+    t.stop().await;
+}
+
+/// A created product is plain data, like a recovered one: reads do not wake it; its first
+/// stock change or reservation spawns its actor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_created_product_has_no_actor_until_its_first_change_or_reservation() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    for sku in ["A", "B", "C", "D"] {
+        c.create_product(sku, 10).await;
+    }
+    let stats = || async { t.service().stats().await.unwrap() };
+    let s = stats().await;
+    assert_eq!(
+        (s.products, s.active_products, s.activations),
+        (4, 0, 0),
+        "{s:?}"
+    );
+    // Reads, one by one and listed, are answered from the plain data.
+    assert_eq!(c.product("A").await["available"], 10);
+    let page = c.get("/v1/products").await;
+    assert_eq!(page.body["items"].as_array().unwrap().len(), 4);
+    assert_eq!(stats().await.active_products, 0);
+    // A reservation activates its product.
+    assert_eq!(c.reserve("u", "A", 2).await.status, 201);
+    let s = stats().await;
+    assert_eq!((s.active_products, s.activations), (1, 1), "{s:?}");
+    // So do stock changes.
+    let replenish = c
+        .post("/v1/products/B/replenish", json!({"quantity": 5}))
+        .await;
+    assert_eq!(replenish.status, 200, "{:?}", replenish.body);
+    let adjust = c.post("/v1/products/C/adjust", json!({"delta": -3})).await;
+    assert_eq!(adjust.status, 200, "{:?}", adjust.body);
+    let s = stats().await;
+    assert_eq!((s.active_products, s.activations), (3, 3), "{s:?}");
+    assert_eq!(
+        (
+            c.product("A").await["available"].clone(),
+            c.product("B").await["on_hand"].clone(),
+            c.product("C").await["on_hand"].clone(),
+            c.product("D").await["on_hand"].clone(),
+        ),
+        (json!(8), json!(15), json!(7), json!(10))
+    );
+    // D was never touched: still no actor, and it is in the log like the others.
+    let t = t.restart().await;
+    assert_eq!(t.client.product("D").await["on_hand"], 10);
+    assert_eq!(t.client.product("B").await["on_hand"], 15);
+    t.stop().await;
+}
+
+/// A server with more idle actors than one message passivates
+/// (`PASSIVATIONS_PER_MESSAGE_MAX`): 1,000 products ("IDLE-i", created passive) activated
+/// by a replenish each, then the clock moved past `passivate_after`. Answers how many.
+async fn idle_backlog() -> (TestServer, usize) {
+    let n = stockd::limits::PASSIVATIONS_PER_MESSAGE_MAX * 7 + 104; // 1,000
+    let t = TestServer::start().await;
+    let service = t.service();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(64) {
+        futures_util::future::join_all(chunk.iter().map(|i| async move {
+            let sku = format!("IDLE-{i:05}");
+            service
+                .create_product(sku.clone(), sku.clone(), None, 1)
+                .await
+                .unwrap();
+            let change = stockd::actors::product::Change::Replenish { quantity: 1 };
+            service.change_product(&sku, change, None).await.unwrap();
+        }))
+        .await;
+    }
+    let stats = service.stats().await.unwrap();
+    assert_eq!(stats.active_products, n, "{stats:?}");
+    t.clock.advance_ms(61_000);
+    (t, n)
+}
+
+/// More idle actors than one message passivates (`PASSIVATIONS_PER_MESSAGE_MAX`): one
+/// `PassivateIdle` call answers once every one of them is passive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_call_passivates_a_backlog_larger_than_a_batch() {
+    let (t, n) = idle_backlog().await;
+    let done = t.service().passivate_idle().await.unwrap();
+    let stats = t.service().stats().await.unwrap();
+    // The periodic check may have passivated some of them first; none is left either way.
+    assert!(done <= n);
+    assert_eq!(
+        (stats.active_products, stats.passivations),
+        (0, n as u64),
+        "{stats:?}"
+    );
+    // Passive products still serve, and activate again.
+    assert_eq!(t.client.product("IDLE-00999").await["on_hand"], 2);
+    assert_eq!(t.client.reserve("u", "IDLE-00999", 2).await.status, 201);
+    assert_eq!(t.service().stats().await.unwrap().active_products, 1);
+    t.stop().await;
+}
+
+/// The periodic check drains a backlog larger than one batch on its own: after one step of
+/// the clock, its continuation messages passivate them all (without the clock moving on to
+/// more checks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_periodic_check_passivates_a_backlog_larger_than_a_batch() {
+    let (t, n) = idle_backlog().await;
+    let service = t.service();
+    let drained = eventually(Duration::from_secs(30), || async {
+        service.stats().await.unwrap().active_products == 0
+    })
+    .await;
+    let stats = service.stats().await.unwrap();
+    assert!(drained, "{stats:?}");
+    assert_eq!(stats.passivations, n as u64);
     t.stop().await;
 }
 

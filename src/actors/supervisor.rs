@@ -27,20 +27,25 @@
 //! owns it. `Passive`: nobody touched it for `passivate_after`; its actor was stopped and
 //! the product is kept here as plain data (a few hundred bytes instead of an actor's
 //! ~7.8 KB). `Restarting`: its actor failed and is being rebuilt. Start-up makes every
-//! product passive (no actor is spawned per product). A message that needs an actor (a
-//! hold, a change, a delete) activates a passive product: the actor is spawned from the
-//! plain data and the message delivered. Reads and stock effects decided here (settle,
-//! release, commit: an expiry, a cancel or a confirm) are applied to the passive data
-//! directly with the same domain methods, so expiry timers fire on time for passive
-//! products without waking them. This mailbox serializes a passive product's changes, as
+//! product passive (no actor is spawned per product), and a created product starts
+//! passive too. A message that needs an actor (a hold, a change, a delete) activates a
+//! passive product: the actor is spawned from the plain data and the message delivered.
+//! Reads and stock effects decided here (settle, release, commit: an expiry, a cancel or
+//! a confirm) are applied to the passive data directly with the same domain methods, so
+//! expiry timers fire on time for passive products without waking them. This mailbox serializes a passive product's changes, as
 //! the actor's mailbox does for an active one; a product is never both.
 //!
 //! Passivation asks the idle actor for its state and waits for the answer inside one
-//! handler call, so no message can reach the product in between. The actor refuses while
+//! handler call, so no message can reach the product in between. A periodic check (once a
+//! second) finds the idle actors in one scan and passivates them
+//! `PASSIVATIONS_PER_MESSAGE_MAX` per message, sending itself the rest (`PassivateMore`)
+//! as `Tick` does for expiries, so a backlog drains at once and other messages are served
+//! in between; after a large sweep, the memory the stopped actors freed is returned to the
+//! OS. The actor refuses while
 //! it has holds in flight (units held for a reservation not registered yet), so a hold is
 //! always registered, or rolled back, on the actor that took it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
 use std::time::Duration;
 
@@ -58,11 +63,16 @@ use crate::actors::reservations::{
 use crate::clock::{Millis, SharedClock};
 use crate::domain::{Line, Price, Product, Reservation};
 use crate::error::Error;
-use crate::limits::{EXPIRIES_PER_MESSAGE_MAX, EXPIRY_TICK_MS, PASSIVATIONS_PER_TICK_MAX};
+use crate::limits::{
+    EXPIRIES_PER_MESSAGE_MAX, EXPIRY_TICK_MS, PASSIVATIONS_PER_MESSAGE_MAX,
+    PASSIVATION_SWEEP_RELEASE_MIN, RETIRE_GRACE_MS,
+};
 use crate::storage::fold::State;
 use crate::storage::log::{LogHandle, Ticket};
 use crate::storage::record::{IdempotencyKey, Record};
-use crate::storage::snapshotter::{Snapshotter, TakeError};
+use crate::storage::snapshotter::{
+    ask_threads_to_release_freed_memory, release_freed_memory, Snapshotter, TakeError,
+};
 
 /// What `resolve` decided.
 enum Resolved {
@@ -150,8 +160,21 @@ pub enum SupervisorMsg {
     /// Shutdown is starting: product actors that stop from now on are not restarted.
     PrepareShutdown(RpcReplyPort<()>),
     /// Passivates every actor idle for `passivate_after` now, rather than at the next
-    /// periodic check; answers how many were passivated (tests, operators).
+    /// periodic check; answers how many were passivated (tests, operators), once all of
+    /// them are (over as many `PassivateMore` messages as that takes).
     PassivateIdle(RpcReplyPort<usize>),
+    /// The rest of a passivation sweep: the next batch of idle candidates, then another
+    /// `PassivateMore` while candidates remain (as `Tick` does for expiries).
+    PassivateMore(Sweep),
+    /// A large sweep's actors have stopped: return the memory they freed to the OS.
+    ReleaseFreedMemory,
+}
+
+/// A passivation sweep under way: how many it has passivated so far, and who waits for
+/// the total (`PassivateIdle`).
+pub struct Sweep {
+    done: usize,
+    reply: Option<RpcReplyPort<usize>>,
 }
 
 /// A product in a page of `ListProducts`: ask its actor, or here it is.
@@ -219,6 +242,14 @@ pub struct SupervisorState {
     passivations: u64,
     /// When idle actors were last looked for.
     passivation_checked_at: Millis,
+    /// SKUs found idle by the last scan of `active`, not yet passivated: a sweep takes
+    /// them `PASSIVATIONS_PER_MESSAGE_MAX` at a time, so a backlog is drained in
+    /// linear time (one scan, then one look per candidate), not a scan per batch.
+    idle_candidates: VecDeque<String>,
+    /// A sweep's `PassivateMore` is on its way: a periodic check does not start another.
+    sweeping: bool,
+    /// A `ReleaseFreedMemory` is on its way.
+    release_due: bool,
     ticker: Option<JoinHandle<()>>,
     /// An `ExpireMore` is in the mailbox: ticks leave expiry to it, so a backlog is worked
     /// through by one chain of messages, never several.
@@ -256,6 +287,9 @@ impl Actor for Supervisor {
             activations: 0,
             passivations: 0,
             passivation_checked_at: now,
+            idle_candidates: VecDeque::new(),
+            sweeping: false,
+            release_due: false,
             ticker: None,
             expiring_more: false,
             expiry_waiters: Vec::new(),
@@ -301,9 +335,7 @@ impl Actor for Supervisor {
                 on_hand,
                 reply,
             } => {
-                let result = self
-                    .create_product(&myself, state, sku, name, price, on_hand)
-                    .await;
+                let result = self.create_product(state, sku, name, price, on_hand);
                 let _ = reply.send(result);
             }
             SupervisorMsg::Route { sku, msg } => {
@@ -427,16 +459,33 @@ impl Actor for Supervisor {
                         "forgot ended reservations and idempotency keys past retention"
                     );
                 }
-                if now - state.passivation_checked_at >= PASSIVATION_CHECK_MS {
+                if now - state.passivation_checked_at >= PASSIVATION_CHECK_MS && !state.sweeping {
                     state.passivation_checked_at = now;
-                    self.passivate_idle(state, now, PASSIVATIONS_PER_TICK_MAX)
-                        .await;
+                    self.find_idle(state, now);
+                    let sweep = Sweep {
+                        done: 0,
+                        reply: None,
+                    };
+                    self.sweep(&myself, state, sweep).await;
                 }
             }
             SupervisorMsg::PassivateIdle(reply) => {
-                let now = self.clock.now_ms();
-                let done = self.passivate_idle(state, now, usize::MAX).await;
-                let _ = reply.send(done);
+                self.find_idle(state, self.clock.now_ms());
+                let sweep = Sweep {
+                    done: 0,
+                    reply: Some(reply),
+                };
+                self.sweep(&myself, state, sweep).await;
+            }
+            SupervisorMsg::PassivateMore(sweep) => self.sweep(&myself, state, sweep).await,
+            SupervisorMsg::ReleaseFreedMemory => {
+                state.release_due = false;
+                // mimalloc keeps the pages the stopped actors freed, in the heaps of the
+                // threads that ran them: each worker thread returns its own once idle
+                // (the runtime's park hook), and a blocking thread returns what is shared
+                // (abandoned segments, arenas), off this mailbox.
+                ask_threads_to_release_freed_memory();
+                tokio::task::spawn_blocking(release_freed_memory);
             }
             SupervisorMsg::ProductRecovered { sku, result } => {
                 self.finish_restart(&myself, state, sku, result);
@@ -517,6 +566,9 @@ const RESTART_RETRY_MS: u64 = 1_000;
 
 /// How often (by the supervisor's clock) idle actors are looked for.
 const PASSIVATION_CHECK_MS: i64 = 1_000;
+
+/// Margin after a passivated actor's retirement before the memory it freed is returned.
+const RELEASE_AFTER_RETIRE_MS: u64 = 1_000;
 
 /// The routing table, every product passive. Sorted first: a B-tree is built in one
 /// pass from sorted input.
@@ -602,25 +654,77 @@ impl Supervisor {
         }
     }
 
-    /// Passivates up to `max` actors idle since `now - passivate_after`; returns how many.
-    async fn passivate_idle(&self, state: &mut SupervisorState, now: Millis, max: usize) -> usize {
+    /// The SKUs of the actors idle for `passivate_after` by `now`, queued for passivation
+    /// (replacing the candidates of an earlier scan: this one has them all).
+    fn find_idle(&self, state: &mut SupervisorState, now: Millis) {
+        state.idle_candidates.clear();
         let Some(after) = self.passivate_after else {
+            return;
+        };
+        let idle_ms = after.as_millis() as i64;
+        let routes = &state.routes;
+        let idle = state.active.iter().filter(|sku| {
+            matches!(routes.get(*sku), Some(Slot::Active { used_at, .. }) if now - *used_at >= idle_ms)
+        });
+        state.idle_candidates.extend(idle.cloned());
+    }
+
+    /// Passivates the next `PASSIVATIONS_PER_MESSAGE_MAX` candidates, then sends itself the
+    /// rest of the sweep if candidates remain, so other messages are served in between; at
+    /// the end answers whoever asked for the sweep, and after a large one returns the
+    /// freed memory to the OS once the passivated actors have stopped.
+    async fn sweep(
+        &self,
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+        mut sweep: Sweep,
+    ) {
+        sweep.done += self
+            .passivate_batch(state, PASSIVATIONS_PER_MESSAGE_MAX)
+            .await;
+        if !state.idle_candidates.is_empty() {
+            state.sweeping = true;
+            if let Err(err) = myself.cast(SupervisorMsg::PassivateMore(sweep)) {
+                // Stopping: the rest of the sweep no longer matters.
+                tracing::debug!(error = %err, "passivation sweep not continued");
+                state.sweeping = false;
+            }
+            return;
+        }
+        state.sweeping = false;
+        if sweep.done >= PASSIVATION_SWEEP_RELEASE_MIN && !state.release_due {
+            // A passivated actor stops `RETIRE_GRACE_MS` after it answered; its memory is
+            // freed then.
+            state.release_due = true;
+            myself.send_after(
+                Duration::from_millis(RETIRE_GRACE_MS + RELEASE_AFTER_RETIRE_MS),
+                || SupervisorMsg::ReleaseFreedMemory,
+            );
+        }
+        if let Some(reply) = sweep.reply {
+            let _ = reply.send(sweep.done);
+        }
+    }
+
+    /// Passivates up to `max` of the idle candidates that are still active and idle;
+    /// returns how many.
+    async fn passivate_batch(&self, state: &mut SupervisorState, max: usize) -> usize {
+        let Some(after) = self.passivate_after else {
+            state.idle_candidates.clear();
             return 0;
         };
         let idle_ms = after.as_millis() as i64;
-        let idle: Vec<(String, ActorRef<ProductMsg>)> = state
-            .active
-            .iter()
-            .filter_map(|sku| match state.routes.get(sku) {
-                Some(Slot::Active { actor, used_at }) if now - *used_at >= idle_ms => {
-                    Some((sku.clone(), actor.clone()))
-                }
-                _ => None,
-            })
-            .take(max)
-            .collect();
+        let now = self.clock.now_ms();
         let mut done = 0;
-        for (sku, actor) in idle {
+        for _ in 0..max {
+            let Some(sku) = state.idle_candidates.pop_front() else {
+                break;
+            };
+            // Used (or passivated, deleted, failed) since the scan: not a candidate now.
+            let actor = match state.routes.get(&sku) {
+                Some(Slot::Active { actor, used_at }) if now - *used_at >= idle_ms => actor.clone(),
+                _ => continue,
+            };
             // Waited for here, so that nothing reaches the product in between. Product
             // actors answer at once (they never wait on anything).
             let answer = crate::actors::ask(&actor, ProductMsg::Passivate).await;
@@ -647,9 +751,8 @@ impl Supervisor {
         done
     }
 
-    async fn create_product(
+    fn create_product(
         &self,
-        myself: &ActorRef<SupervisorMsg>,
         state: &mut SupervisorState,
         sku: String,
         name: String,
@@ -663,7 +766,8 @@ impl Supervisor {
         }
         let at = self.clock.now_ms();
         let product = Product::new(sku.clone(), name.clone(), price.clone(), on_hand, at);
-        // Queued before the product can be reached, so before any of its units are held.
+        // Queued before the product can be reached (it is in the routing table only below),
+        // so before any of its units are held.
         let ticket = self.log.append(Record::ProductCreated {
             sku,
             name,
@@ -671,15 +775,13 @@ impl Supervisor {
             on_hand,
             at,
         });
-        // A new product is likely to be used soon: it starts with an actor. Its record is
-        // queued already, so it exists whatever happens: if no actor can be spawned now, it
-        // starts passive (its next request tries again), as memory must agree with the log.
-        if let Err(err) = self.spawn_product(myself, state, product.clone()).await {
-            tracing::warn!(sku = %product.sku, error = %err, "cannot spawn a product actor; the product starts passive");
-            state
-                .routes
-                .insert(product.sku.clone(), Slot::Passive(product.clone()));
-        }
+        // It starts passive, as a recovered product does: plain data (a few hundred bytes)
+        // until its first change or reservation activates it. Spawning an actor per create
+        // made a catalogue import cost an actor's ~10 KB per product until passivation
+        // caught up (docs/PERFORMANCE.md, "Catalogue import over HTTP").
+        state
+            .routes
+            .insert(product.sku.clone(), Slot::Passive(product.clone()));
         Ok((product, ticket))
     }
 

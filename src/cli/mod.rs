@@ -275,7 +275,13 @@ pub fn main() -> ExitCode {
         Some(Command::SnapshotWorker(args)) => return offline::snapshot_worker(args),
         None => cli.serve,
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    // A worker that parks returns its freed memory when asked to (after a large
+    // passivation sweep): mimalloc collects a thread's heap only on that thread.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_park(crate::storage::snapshotter::release_freed_memory_if_asked)
+        .build();
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(err) => {
             let _ = writeln!(std::io::stderr(), "stockd: cannot start the runtime: {err}");
