@@ -346,32 +346,7 @@ impl Actor for Supervisor {
                 limit,
                 reply,
             } => {
-                let start = match &after {
-                    Some(after) => Bound::Excluded(after.clone()),
-                    None => Bound::Unbounded,
-                };
-                // Products being rebuilt are left out of the page, like one mid-delete.
-                let mut page: Vec<(&String, Listed)> = state
-                    .routes
-                    .range((start, Bound::Unbounded))
-                    .filter_map(|(sku, slot)| match slot {
-                        Slot::Active { actor, .. } => {
-                            Some((sku, Listed::Actor(sku.clone(), actor.clone())))
-                        }
-                        Slot::Passive(p) => Some((sku, Listed::Product(p.clone()))),
-                        Slot::Restarting(_) => None,
-                    })
-                    .take(limit + 1)
-                    .collect();
-                let more = page.len() > limit;
-                page.truncate(limit);
-                let next_after = if more {
-                    page.last().map(|(sku, _)| (*sku).clone())
-                } else {
-                    None
-                };
-                let products = page.into_iter().map(|(_, l)| l).collect();
-                let _ = reply.send((products, next_after));
+                let _ = reply.send(list_products(state, after, limit));
             }
             SupervisorMsg::DeleteProduct {
                 sku,
@@ -386,26 +361,8 @@ impl Actor for Supervisor {
                 idempotency,
                 reply,
             } => {
-                let resolved = self
-                    .resolve(&myself, state, &request.items, idempotency.as_ref())
+                self.reserve(&myself, state, request, idempotency, reply)
                     .await;
-                match resolved {
-                    Err(err) => drop(reply.send(Err(err))),
-                    Ok(Resolved::Replay(original, ticket)) => {
-                        drop(reply.send(Ok(Reserved::Replay(original, ticket))))
-                    }
-                    Ok(Resolved::Proceed(actors)) => {
-                        let parts = Parts {
-                            request,
-                            idempotency,
-                            actors,
-                            held: 0,
-                            reply,
-                            supervisor: myself.clone(),
-                        };
-                        self.hold_next(state, Assembly::new(parts));
-                    }
-                }
             }
             SupervisorMsg::Held { assembly, outcome } => match outcome {
                 Ok(()) => self.hold_next(state, assembly),
@@ -444,31 +401,7 @@ impl Actor for Supervisor {
                 state.expiring_more = false;
                 self.expire_batch(&myself, state);
             }
-            SupervisorMsg::Tick(reply) => {
-                let now = self.clock.now_ms();
-                state.expiry_waiters.extend(reply);
-                // While a chain of `ExpireMore` runs, it expires everything due.
-                if !state.expiring_more {
-                    self.expire_batch(&myself, state);
-                }
-                if let Some(forgotten) = state.book.forget_if_due(now) {
-                    drop(self.log.append(forgotten.record));
-                    tracing::info!(
-                        reservations = forgotten.reservations,
-                        idempotency_keys = forgotten.idempotency_keys,
-                        "forgot ended reservations and idempotency keys past retention"
-                    );
-                }
-                if now - state.passivation_checked_at >= PASSIVATION_CHECK_MS && !state.sweeping {
-                    state.passivation_checked_at = now;
-                    self.find_idle(state, now);
-                    let sweep = Sweep {
-                        done: 0,
-                        reply: None,
-                    };
-                    self.sweep(&myself, state, sweep).await;
-                }
-            }
+            SupervisorMsg::Tick(reply) => self.tick(&myself, state, reply).await,
             SupervisorMsg::PassivateIdle(reply) => {
                 self.find_idle(state, self.clock.now_ms());
                 let sweep = Sweep {
@@ -511,19 +444,7 @@ impl Actor for Supervisor {
                 }
                 let _ = reply.send(());
             }
-            SupervisorMsg::Stats(reply) => {
-                let _ = reply.send(Stats {
-                    products: state.routes.len(),
-                    reservations: state.book.len(),
-                    pending: state.book.pending(),
-                    product_panics: state.product_panics,
-                    product_restarts: state.product_restarts,
-                    active_products: state.active.len(),
-                    activations: state.activations,
-                    passivations: state.passivations,
-                    events: state.book.events(),
-                });
-            }
+            SupervisorMsg::Stats(reply) => drop(reply.send(stats(state))),
         }
         Ok(())
     }
@@ -581,6 +502,51 @@ fn sorted_routes(products: crate::storage::fold::Products) -> BTreeMap<String, S
         .collect()
 }
 
+/// One page of products after `after`, and the SKU to continue after (if more).
+fn list_products(
+    state: &SupervisorState,
+    after: Option<String>,
+    limit: usize,
+) -> (Vec<Listed>, Option<String>) {
+    let start = match after {
+        Some(after) => Bound::Excluded(after),
+        None => Bound::Unbounded,
+    };
+    // Products being rebuilt are left out of the page, like one mid-delete.
+    let mut page: Vec<(&String, Listed)> = state
+        .routes
+        .range((start, Bound::Unbounded))
+        .filter_map(|(sku, slot)| match slot {
+            Slot::Active { actor, .. } => Some((sku, Listed::Actor(sku.clone(), actor.clone()))),
+            Slot::Passive(p) => Some((sku, Listed::Product(p.clone()))),
+            Slot::Restarting(_) => None,
+        })
+        .take(limit + 1)
+        .collect();
+    let more = page.len() > limit;
+    page.truncate(limit);
+    let next_after = if more {
+        page.last().map(|(sku, _)| (*sku).clone())
+    } else {
+        None
+    };
+    (page.into_iter().map(|(_, l)| l).collect(), next_after)
+}
+
+fn stats(state: &SupervisorState) -> Stats {
+    Stats {
+        products: state.routes.len(),
+        reservations: state.book.len(),
+        pending: state.book.pending(),
+        product_panics: state.product_panics,
+        product_restarts: state.product_restarts,
+        active_products: state.active.len(),
+        activations: state.activations,
+        passivations: state.passivations,
+        events: state.book.events(),
+    }
+}
+
 /// Why a request for `sku` cannot be delivered now, if it cannot: no such product (404), or
 /// it is being restarted (503).
 fn unroutable(state: &SupervisorState, sku: &str) -> Option<Error> {
@@ -598,6 +564,71 @@ fn restarting(sku: &str) -> Error {
 }
 
 impl Supervisor {
+    /// `Reserve`: the idempotency check and SKU → actor here, then the relay of the
+    /// assembly through the products of its lines (see `assembly`).
+    async fn reserve(
+        &self,
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+        request: NewReservation,
+        idempotency: Option<Idempotency>,
+        reply: RpcReplyPort<Result<Reserved, Error>>,
+    ) {
+        let resolved = self
+            .resolve(myself, state, &request.items, idempotency.as_ref())
+            .await;
+        match resolved {
+            Err(err) => drop(reply.send(Err(err))),
+            Ok(Resolved::Replay(original, ticket)) => {
+                drop(reply.send(Ok(Reserved::Replay(original, ticket))))
+            }
+            Ok(Resolved::Proceed(actors)) => {
+                let parts = Parts {
+                    request,
+                    idempotency,
+                    actors,
+                    held: 0,
+                    reply,
+                    supervisor: myself.clone(),
+                };
+                self.hold_next(state, Assembly::new(parts));
+            }
+        }
+    }
+
+    /// The periodic work: expiries (one chain at a time), retention, and the search for
+    /// idle actors to passivate.
+    async fn tick(
+        &self,
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+        reply: Option<RpcReplyPort<Ticket>>,
+    ) {
+        let now = self.clock.now_ms();
+        state.expiry_waiters.extend(reply);
+        // While a chain of `ExpireMore` runs, it expires everything due.
+        if !state.expiring_more {
+            self.expire_batch(myself, state);
+        }
+        if let Some(forgotten) = state.book.forget_if_due(now) {
+            drop(self.log.append(forgotten.record));
+            tracing::info!(
+                reservations = forgotten.reservations,
+                idempotency_keys = forgotten.idempotency_keys,
+                "forgot ended reservations and idempotency keys past retention"
+            );
+        }
+        if now - state.passivation_checked_at >= PASSIVATION_CHECK_MS && !state.sweeping {
+            state.passivation_checked_at = now;
+            self.find_idle(state, now);
+            let sweep = Sweep {
+                done: 0,
+                reply: None,
+            };
+            self.sweep(myself, state, sweep).await;
+        }
+    }
+
     async fn spawn_product(
         &self,
         myself: &ActorRef<SupervisorMsg>,
