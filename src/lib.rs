@@ -4,7 +4,7 @@
 //! or those below; docs/ARCHITECTURE.md "The parts" says what each file owns):
 //!
 //! - base: `clock`, `limits` (every limit and default), `logging` (lines to stderr that
-//!   can never stop the server).
+//!   can never stop the server), `memory` (huge pages, returning freed memory).
 //! - `domain`: products and reservations as plain data with their rules (pure functions).
 //! - `storage`: the record codec, the one fold, the write-ahead log, snapshots, recovery,
 //!   the snapshotter and the snapshot worker.
@@ -12,7 +12,7 @@
 //!   reservation book it keeps (plain data), and the reservation being assembled.
 //! - `service`: the operations offered to HTTP, as async functions over the actors.
 //! - `http`: warp, routing, validation, problem+json, metrics.
-//! - `server`, `config`, `memory`: start-up and graceful shutdown.
+//! - `server`, `config`: start-up and graceful shutdown.
 //! - `cli`: the `stockd` command line.
 //!
 //! The invariants these modules keep are numbered in `docs/ARCHITECTURE.md`.

@@ -1,4 +1,7 @@
-//! Process-wide memory settings, applied once at the start of `main`.
+//! Process-wide memory: settings applied once at the start of `main` (transparent huge
+//! pages), and returning freed memory to the OS (mimalloc keeps it otherwise).
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Turns off transparent huge pages for this process and the processes it starts.
 ///
@@ -6,8 +9,8 @@
 /// every flush. With the kernel's THP set to `always`, mimalloc serves it from new memory
 /// in a 2 MiB-aligned region and the first write faults in a whole huge page, which the
 /// kernel zeroes: ~2 MiB of `clear_page` per flush, 2.5–4.3 % of a sync flash sale's CPU
-/// (perf, docs/PERFORMANCE.md#decision-thp-off). With 4 KiB pages only the bytes a batch touches are
-/// faulted in. The flag (`PR_SET_THP_DISABLE`) is checked at fault time, so it covers
+/// (perf, docs/PERFORMANCE.md#decision-thp-off). With 4 KiB pages only the bytes a batch
+/// touches are faulted in. The flag (`PR_SET_THP_DISABLE`) is checked at fault time, so it covers
 /// memory mapped before the call too, and it is inherited by the snapshot worker.
 ///
 /// Returns whether the setting took; a kernel without the call leaves THP as it was.
@@ -63,4 +66,48 @@ mod tests {
         let text = String::from_utf8_lossy(&out.stdout);
         assert_eq!(text.trim(), "THP_enabled:\t0", "the child's status");
     }
+}
+
+/// Returns freed memory to the OS now, from the calling thread: a snapshot job (which,
+/// building in the server rather than in a worker, frees a second copy of the whole
+/// state, ~1 GB at a million products) and start-up after recovery. Left to mimalloc's
+/// delayed purge, that work lands on whichever thread allocates next, a request thread,
+/// and showed as a 48 ms stall in reserves right after a 1M-product snapshot
+/// (docs/performance-history.md, "Reserve latency during a snapshot"). A no-op where
+/// mimalloc is not the allocator in use.
+pub fn release_freed_memory() {
+    // SAFETY: mimalloc's documented API, callable from any thread at any time.
+    unsafe { libmimalloc_sys::mi_collect(true) };
+}
+
+/// Bumped to ask every runtime worker thread to return its freed memory
+/// (`release_freed_memory_if_asked`).
+static RELEASE_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// The `RELEASE_EPOCH` this thread last released memory for.
+    static RELEASED_FOR: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Asks every runtime worker thread to return its freed memory the next time it is idle.
+/// `mi_collect` only collects the calling thread's heap: memory freed by (or to) another
+/// thread stays in that thread's heap until that thread collects it, and a worker that
+/// never again allocates that size of block never does. After a large passivation sweep
+/// the stopped actors' pages were all free, yet RSS did not fall (docs/PERFORMANCE.md,
+/// "Catalogue import over HTTP").
+pub fn ask_threads_to_release_freed_memory() {
+    RELEASE_EPOCH.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Returns this thread's freed memory to the OS if that was asked since it last did; a
+/// load and a comparison otherwise. The server's runtime calls it when a worker thread
+/// parks (it has nothing to do), so the collection never delays a request.
+pub fn release_freed_memory_if_asked() {
+    let asked = RELEASE_EPOCH.load(Ordering::Relaxed);
+    RELEASED_FOR.with(|released| {
+        if released.get() != asked {
+            released.set(asked);
+            release_freed_memory();
+        }
+    });
 }

@@ -219,7 +219,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     // Recovery's transient memory (the decoded snapshot's tables, the log batches, the
     // state's conversion into the supervisor's routes) goes back to the OS now, before
     // serving, rather than by the allocator's delayed purge on a request thread.
-    crate::storage::snapshotter::release_freed_memory();
+    crate::memory::release_freed_memory();
 
     let listener = socket
         .listen(LISTEN_BACKLOG)

@@ -67,12 +67,11 @@ use crate::limits::{
     EXPIRIES_PER_MESSAGE_MAX, EXPIRY_TICK_MS, PASSIVATIONS_PER_MESSAGE_MAX,
     PASSIVATION_SWEEP_RELEASE_MIN, RETIRE_GRACE_MS,
 };
+use crate::memory::{ask_threads_to_release_freed_memory, release_freed_memory};
 use crate::storage::fold::State;
 use crate::storage::log::{LogHandle, Ticket};
 use crate::storage::record::{IdempotencyKey, Record};
-use crate::storage::snapshotter::{
-    ask_threads_to_release_freed_memory, release_freed_memory, Snapshotter, TakeError,
-};
+use crate::storage::snapshotter::{Snapshotter, TakeError};
 
 /// What `resolve` decided.
 enum Resolved {

@@ -279,7 +279,7 @@ pub fn main() -> ExitCode {
     // passivation sweep): mimalloc collects a thread's heap only on that thread.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .on_thread_park(crate::storage::snapshotter::release_freed_memory_if_asked)
+        .on_thread_park(crate::memory::release_freed_memory_if_asked)
         .build();
     let runtime = match runtime {
         Ok(rt) => rt,
