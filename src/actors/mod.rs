@@ -6,6 +6,7 @@
 pub mod assembly;
 pub mod product;
 pub mod reservations;
+pub mod routes;
 pub mod supervisor;
 
 use ractor::rpc::CallResult;

@@ -45,8 +45,7 @@
 //! it has holds in flight (units held for a reservation not registered yet), so a hold is
 //! always registered, or rolled back, on the actor that took it.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::ops::Bound;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use ractor::concurrency::JoinHandle;
@@ -60,6 +59,7 @@ use crate::actors::product::{
 use crate::actors::reservations::{
     Ack, Idempotency, KeyCheck, ReservationEvents, Reservations, StockEffect, Transition,
 };
+use crate::actors::routes::Routes;
 use crate::clock::{Millis, SharedClock};
 use crate::domain::{Line, Price, Product, Reservation};
 use crate::error::Error;
@@ -228,7 +228,7 @@ pub struct SupervisorArgs {
 }
 
 pub struct SupervisorState {
-    routes: BTreeMap<String, Slot>,
+    routes: Routes<Slot>,
     /// SKUs whose slot is `Active`, for the passivation check.
     active: HashSet<String>,
     /// Actor id → SKU, to know which product a supervision event is about.
@@ -492,13 +492,10 @@ const RELEASE_AFTER_RETIRE_MS: u64 = 1_000;
 
 /// The routing table, every product passive. Sorted first: a B-tree is built in one
 /// pass from sorted input.
-fn sorted_routes(products: crate::storage::fold::Products) -> BTreeMap<String, Slot> {
+fn sorted_routes(products: crate::storage::fold::Products) -> Routes<Slot> {
     let mut sorted: Vec<(String, Product)> = products.into_iter().collect();
     sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    sorted
-        .into_iter()
-        .map(|(sku, p)| (sku, Slot::Passive(p)))
-        .collect()
+    Routes::from_sorted(sorted.into_iter().map(|(sku, p)| (sku, Slot::Passive(p))))
 }
 
 /// One page of products after `after`, and the SKU to continue after (if more).
@@ -507,14 +504,10 @@ fn list_products(
     after: Option<String>,
     limit: usize,
 ) -> (Vec<Listed>, Option<String>) {
-    let start = match after {
-        Some(after) => Bound::Excluded(after),
-        None => Bound::Unbounded,
-    };
     // Products being rebuilt are left out of the page, like one mid-delete.
     let mut page: Vec<(&String, Listed)> = state
         .routes
-        .range((start, Bound::Unbounded))
+        .after(after)
         .filter_map(|(sku, slot)| match slot {
             Slot::Active { actor, .. } => Some((sku, Listed::Actor(sku.clone(), actor.clone()))),
             Slot::Passive(p) => Some((sku, Listed::Product(p.clone()))),
@@ -694,7 +687,7 @@ impl Supervisor {
         let idle_ms = after.as_millis() as i64;
         let routes = &state.routes;
         let idle = state.active.iter().filter(|sku| {
-            matches!(routes.get(*sku), Some(Slot::Active { used_at, .. }) if now - *used_at >= idle_ms)
+            matches!(routes.get(sku), Some(Slot::Active { used_at, .. }) if now - *used_at >= idle_ms)
         });
         state.idle_candidates.extend(idle.cloned());
     }
