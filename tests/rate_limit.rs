@@ -24,10 +24,14 @@ fn rate(per_second: u32, burst: u32) -> Option<CustomerRate> {
     ))
 }
 
-async fn start(tweak: fn(&mut Config)) -> TestServer {
+/// An in-process server with its configuration tweaked, and product `A` (100 units) on
+/// sale.
+async fn start_selling(tweak: fn(&mut Config)) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     let clock = std::sync::Arc::new(ManualClock::new(START_MS));
-    TestServer::start_tweaked(dir, clock, Durability::Sync, tweak).await
+    let t = TestServer::start_tweaked(dir, clock, Durability::Sync, tweak).await;
+    t.client.create_product("A", 100).await;
+    t
 }
 
 /// `n` immediate one-unit attempts by `customer`: the answers, and how long they took.
@@ -96,9 +100,8 @@ async fn metric(c: &Client, name: &str) -> f64 {
 /// `Retry-After`; another customer keeps its own limit; refusals are counted.
 #[tokio::test]
 async fn a_customer_gets_its_burst_then_429_and_others_are_unaffected() {
-    let t = start(|c| c.customer_rate = rate(1, 3)).await;
+    let t = start_selling(|c| c.customer_rate = rate(1, 3)).await;
     let c = &t.client;
-    c.create_product("A", 100).await;
     let (answers, elapsed) = attempts(c, "alice", "A", 10).await;
     let alice = assert_burst_then_refused(&answers, elapsed, 3);
     let (answers, elapsed) = attempts(c, "bob", "A", 4).await;
@@ -124,9 +127,8 @@ async fn a_customer_gets_its_burst_then_429_and_others_are_unaffected() {
 /// as an attempt.
 #[tokio::test]
 async fn a_refused_attempt_leaves_no_trace_and_replays_count() {
-    let t = start(|c| c.customer_rate = rate(1, 1)).await;
+    let t = start_selling(|c| c.customer_rate = rate(1, 1)).await;
     let c = &t.client;
-    c.create_product("A", 100).await;
     assert_eq!(c.reserve("alice", "A", 1).await.status, 201);
     let body = json!({"customer_id": "alice", "items": [{"sku": "A", "quantity": 2}]});
     let key = [("idempotency-key", "k-1")];
@@ -161,9 +163,8 @@ async fn a_refused_attempt_leaves_no_trace_and_replays_count() {
 /// An attempt whose body is refused (422) is not counted: the customer is not known yet.
 #[tokio::test]
 async fn invalid_attempts_are_not_counted() {
-    let t = start(|c| c.customer_rate = rate(1, 1)).await;
+    let t = start_selling(|c| c.customer_rate = rate(1, 1)).await;
     let c = &t.client;
-    c.create_product("A", 10).await;
     for _ in 0..3 {
         let bad = json!({"customer_id": "alice", "items": []});
         c.post("/v1/reservations", bad)
@@ -191,12 +192,11 @@ async fn without_the_flag_there_is_no_limit() {
 /// share one bucket; those it tracks keep theirs.
 #[tokio::test]
 async fn past_the_key_cap_new_customers_share_one_bucket() {
-    let t = start(|c| {
+    let t = start_selling(|c| {
         c.customer_rate = rate(1, 1).map(|r| CustomerRate { keys_max: 1, ..r });
     })
     .await;
     let c = &t.client;
-    c.create_product("A", 100).await;
     let started = Instant::now();
     assert_eq!(c.reserve("alice", "A", 1).await.status, 201, "tracked");
     assert_eq!(
