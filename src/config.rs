@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::{SharedClock, SystemClock};
+pub use crate::http::rate::CustomerRate;
 use crate::limits::{
     PASSIVATE_AFTER_SECONDS_DEFAULT, RETENTION_SECONDS_DEFAULT, TTL_SECONDS_DEFAULT,
 };
@@ -37,6 +38,9 @@ pub struct Config {
     /// Start even if a log record is damaged, by removing it and every later record (the
     /// operator's explicit choice; the default refuses to start and names the record).
     pub truncate_damaged_log: bool,
+    /// Reservation attempts per customer (`--customer-rate`, `--customer-burst`); `None`:
+    /// no limit.
+    pub customer_rate: Option<CustomerRate>,
     /// The `stockd` binary that builds snapshots in a child process, so that the second
     /// copy of the state a snapshot needs never lives in the server
     /// (`crate::storage::snapshot_worker`). `None` builds them in this process: a library user (or a
@@ -67,6 +71,7 @@ impl Default for Config {
             passivate_after: Some(Duration::from_secs(PASSIVATE_AFTER_SECONDS_DEFAULT)),
             retention: Duration::from_secs(RETENTION_SECONDS_DEFAULT),
             truncate_damaged_log: false,
+            customer_rate: None,
             snapshot_worker: None,
             snapshot_hooks: WriteHooks::default(),
             log_segment_records: crate::storage::log::SEGMENT_RECORDS_DEFAULT,
@@ -87,6 +92,7 @@ impl std::fmt::Debug for Config {
             .field("passivate_after", &self.passivate_after)
             .field("retention", &self.retention)
             .field("truncate_damaged_log", &self.truncate_damaged_log)
+            .field("customer_rate", &self.customer_rate)
             .field("snapshot_worker", &self.snapshot_worker)
             .field("log_segment_records", &self.log_segment_records)
             .finish()

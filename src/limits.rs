@@ -81,3 +81,13 @@ pub const PASSIVATIONS_PER_MESSAGE_MAX: usize = 128;
 /// A passivation sweep of at least this many actors returns the memory they freed to the
 /// OS (`mi_collect`) once they have stopped; smaller ones leave it to the allocator.
 pub const PASSIVATION_SWEEP_RELEASE_MIN: usize = 1_024;
+
+/// `--customer-burst` without a value: this many seconds' worth of `--customer-rate`.
+pub const CUSTOMER_BURST_PER_RATE_DEFAULT: u32 = 2;
+/// Most customers the rate limit tracks with a bucket of their own (estimated: about
+/// 600 bytes each with an id of 128 four-byte characters, the map's slack included, so
+/// about 60 MB at most); beyond it, customers not tracked share one bucket until the sweep
+/// makes room (`crate::http::rate`).
+pub const CUSTOMER_RATE_KEYS_MAX: usize = 100_000;
+/// How often the rate limit forgets customers whose bucket is full again.
+pub const CUSTOMER_RATE_SWEEP_MS: u64 = 1_000;

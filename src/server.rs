@@ -232,7 +232,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         source,
     })?;
     let (stop_http, stopped) = oneshot::channel::<()>();
-    let routes = crate::http::routes(crate::http::App::new(service.clone()));
+    let routes = crate::http::routes(crate::http::App::new(service.clone(), config.customer_rate));
     let http = tokio::spawn(
         warp::serve(routes)
             .incoming(listener)

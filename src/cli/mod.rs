@@ -177,6 +177,16 @@ struct ServeArgs {
     #[arg(long, env = "STOCKD_RETENTION_SECONDS", default_value_t = RETENTION_SECONDS_DEFAULT,
           value_parser = clap::value_parser!(u64).range(1..=RETENTION_SECONDS_MAX))]
     retention_seconds: u64,
+    /// Reservation attempts per second per customer_id; beyond it (and its burst)
+    /// POST /v1/reservations answers 429 rate_limited. Unset: no limit.
+    #[arg(long, env = "STOCKD_CUSTOMER_RATE",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    customer_rate: Option<u32>,
+    /// Attempts a customer may make at once before --customer-rate applies
+    /// [default: twice --customer-rate].
+    #[arg(long, env = "STOCKD_CUSTOMER_BURST", requires = "customer_rate",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    customer_burst: Option<u32>,
     /// If a log record is damaged, remove it and every later record and start, instead of
     /// refusing to start. Acknowledged changes in the removed records are lost.
     #[arg(long)]

@@ -1,11 +1,13 @@
 //! `stockd serve`: logging, signals, start-up and graceful shutdown.
 
 use std::io::Write as _;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use super::{LogFormat, OnOff, ServeArgs};
+use crate::config::CustomerRate;
 use crate::storage::snapshot::WriteHooks;
 use crate::storage::snapshotter::SnapshotPolicy;
 use crate::Config;
@@ -135,6 +137,7 @@ fn config(args: ServeArgs, snapshot_worker: Option<PathBuf>) -> Config {
         passivate_after: (args.passivate_after > 0)
             .then(|| Duration::from_secs(args.passivate_after)),
         truncate_damaged_log: args.truncate_damaged_log,
+        customer_rate: customer_rate(args.customer_rate, args.customer_burst),
         retention: Duration::from_secs(args.retention_seconds),
         snapshot_worker,
         snapshot_hooks: WriteHooks {
@@ -143,6 +146,13 @@ fn config(args: ServeArgs, snapshot_worker: Option<PathBuf>) -> Config {
         log_fail_from_seq: args.test_log_fail_from_seq,
         ..Config::default()
     }
+}
+
+/// The rate limit of `--customer-rate` and `--customer-burst` (clap refuses 0 for both,
+/// and a burst without a rate).
+fn customer_rate(rate: Option<u32>, burst: Option<u32>) -> Option<CustomerRate> {
+    let rate = NonZeroU32::new(rate?)?;
+    Some(CustomerRate::new(rate, burst.and_then(NonZeroU32::new)))
 }
 
 /// This binary, to start as the snapshot worker. /proc/self/exe runs the very binary this

@@ -60,6 +60,8 @@ pub struct Figures<'a> {
     pub start_time_unix: f64,
     /// Diagnostic log lines not written to stderr (`crate::logging::lines_lost`).
     pub stderr_lines_lost: u64,
+    /// Reservation attempts refused by the per-customer rate limit.
+    pub rate_limited: u64,
 }
 
 /// The Prometheus text exposition of `f`.
@@ -106,7 +108,7 @@ pub fn render(f: &Figures) -> String {
     let (s, log) = (&f.supervisor, &f.log);
     let gauge = |name, help, value| (name, "gauge", help, value);
     let counter = |name, help, value| (name, "counter", help, value);
-    let single: [(&str, &str, &str, f64); 18] = [
+    let single: [(&str, &str, &str, f64); 19] = [
         gauge(
             "stockd_http_requests_in_flight",
             "Requests being served now (admission control refuses beyond its limit).",
@@ -195,6 +197,11 @@ pub fn render(f: &Figures) -> String {
             f.start_time_unix,
         ),
         counter(
+            "stockd_rate_limited_total",
+            "Reservation attempts refused (429) by the per-customer rate limit.",
+            f.rate_limited as f64,
+        ),
+        counter(
             "stockd_stderr_lines_lost_total",
             "Diagnostic log lines not written to stderr: it failed (a full disk, a closed \
              pipe), or it was so slow that the queue of lines was full.",
@@ -239,6 +246,7 @@ mod tests {
             newest_snapshot_seq: 7,
             start_time_unix: 1.5e9,
             stderr_lines_lost: 4,
+            rate_limited: 5,
         });
         let mut helped = std::collections::HashSet::new();
         for line in text.lines() {
@@ -260,5 +268,6 @@ mod tests {
         assert!(text.contains("stockd_snapshot_sequence 7\n"));
         assert!(text.contains("stockd_log_healthy 1\n"));
         assert!(text.contains("stockd_stderr_lines_lost_total 4\n"));
+        assert!(text.contains("stockd_rate_limited_total 5\n"));
     }
 }

@@ -8,6 +8,7 @@
 pub mod input;
 pub mod metrics;
 pub mod problem;
+pub mod rate;
 pub mod router;
 pub mod views;
 
@@ -35,10 +36,19 @@ pub struct App {
     pub responses: metrics::Responses,
     /// When the server started serving, in seconds since the Unix epoch.
     pub started_unix: f64,
+    /// The per-customer limit on reservation attempts (`None`: no limit).
+    pub customer_rate: Option<Arc<rate::CustomerLimiter>>,
 }
 
 impl App {
-    pub fn new(service: Service) -> App {
+    /// Must be called inside a Tokio runtime: a rate limit's sweeper is spawned here (it
+    /// ends once the `App` is dropped).
+    pub fn new(service: Service, customer_rate: Option<rate::CustomerRate>) -> App {
+        let customer_rate = customer_rate.map(|rate| {
+            let limiter = Arc::new(rate::CustomerLimiter::new(rate));
+            rate::CustomerLimiter::spawn_sweeper(&limiter);
+            limiter
+        });
         App {
             service,
             in_flight: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),
@@ -47,6 +57,7 @@ impl App {
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
+            customer_rate,
         }
     }
 

@@ -68,6 +68,7 @@ impl Problem {
             "not_found" => "Not found",
             "method_not_allowed" => "Method not allowed",
             "unavailable" => "Service unavailable",
+            "rate_limited" => "Too many requests",
             _ => "Internal server error",
         }
     }

@@ -227,6 +227,11 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request) -> Result<Reply> {
         Reserve => {
             let key = input::idempotency_key(&req.headers)?;
             let request = input::reserve_body(&req.headers, &req.body)?;
+            // An attempt (an idempotent replay included) counts once its body is valid;
+            // one refused here changes nothing.
+            if let Some(limiter) = &app.customer_rate {
+                limiter.check(&request.customer_id).map_err(rate_limited)?;
+            }
             let (r, replayed) = svc.reserve(request, key).await?;
             let view = if replayed {
                 ReservationView::original(&r)
@@ -282,6 +287,18 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request) -> Result<Reply> {
     }
 }
 
+/// 429 for an attempt over its customer's limit, saying when to retry.
+fn rate_limited(wait: std::time::Duration) -> Problem {
+    let seconds = crate::http::rate::retry_after_seconds(wait);
+    Problem::new(
+        429,
+        "rate_limited",
+        format!("too many reservation attempts for this customer; retry in {seconds} s"),
+    )
+    .with("retry_after_seconds", seconds)
+    .header(header::RETRY_AFTER, seconds.to_string())
+}
+
 /// PATCH, replenish and adjust: a product change with `If-Match`.
 async fn change(
     svc: &crate::service::Service,
@@ -309,6 +326,7 @@ async fn metrics(app: &App) -> Result<Reply> {
         newest_snapshot_seq: svc.newest_snapshot_seq(),
         start_time_unix: app.started_unix,
         stderr_lines_lost: crate::logging::lines_lost(),
+        rate_limited: app.customer_rate.as_ref().map_or(0, |l| l.refused()),
     });
     let mut reply = Response::new(text.into());
     reply.headers_mut().insert(
