@@ -20,6 +20,7 @@ type Result<T> = std::result::Result<T, Problem>;
 enum Endpoint {
     Health,
     Metrics,
+    OpenApi,
     CreateProduct,
     ListProducts,
     GetProduct(String),
@@ -34,6 +35,50 @@ enum Endpoint {
     Extend(String),
     Snapshot,
 }
+
+/// Every path the router answers, spelled as the OpenAPI document (`src/http/openapi.json`)
+/// spells it, with the methods it takes: the `Allow` header of its 405. `route` takes its
+/// `Allow` values from here (`allow`, checked at compile time), and the router's tests hold
+/// the document to this table and to `route`, both ways.
+const ROUTES: &[(&str, &str)] = &[
+    ("/health", "GET, HEAD"),
+    ("/metrics", "GET, HEAD"),
+    ("/openapi.json", "GET, HEAD"),
+    ("/v1/products", "GET, HEAD, POST"),
+    ("/v1/products/{sku}", "GET, HEAD, PATCH, DELETE"),
+    ("/v1/products/{sku}/replenish", "POST"),
+    ("/v1/products/{sku}/adjust", "POST"),
+    ("/v1/reservations", "POST"),
+    ("/v1/reservations/{id}", "GET, HEAD"),
+    ("/v1/reservations/{id}/confirm", "POST"),
+    ("/v1/reservations/{id}/cancel", "POST"),
+    ("/v1/reservations/{id}/extend", "POST"),
+    ("/v1/admin/snapshot", "POST"),
+];
+
+/// The `Allow` value of a path template in `ROUTES`; used in `const` blocks, so that a
+/// route missing from the table does not compile.
+const fn allow(template: &str) -> &'static str {
+    let mut i = 0;
+    while i < ROUTES.len() {
+        let (path, methods) = ROUTES[i];
+        if path.len() == template.len() {
+            let (a, b) = (path.as_bytes(), template.as_bytes());
+            let mut j = 0;
+            while j < a.len() && a[j] == b[j] {
+                j += 1;
+            }
+            if j == a.len() {
+                return methods;
+            }
+        }
+        i += 1;
+    }
+    panic!("a route that is not in ROUTES")
+}
+
+/// The OpenAPI 3.1 description of this API, served at `GET /openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
 
 enum Route {
     Found(Endpoint),
@@ -54,10 +99,11 @@ fn route(method: &Method, path: &str) -> Route {
     // caches that probe with it.
     let read = m == Method::GET || m == Method::HEAD;
     match segments.as_slice() {
-        ["health"] => pick("GET, HEAD", read.then_some(Health)),
-        ["metrics"] => pick("GET, HEAD", read.then_some(Metrics)),
+        ["health"] => pick(const { allow("/health") }, read.then_some(Health)),
+        ["metrics"] => pick(const { allow("/metrics") }, read.then_some(Metrics)),
+        ["openapi.json"] => pick(const { allow("/openapi.json") }, read.then_some(OpenApi)),
         ["v1", "products"] => pick(
-            "GET, HEAD, POST",
+            const { allow("/v1/products") },
             match *m {
                 Method::GET | Method::HEAD => Some(ListProducts),
                 Method::POST => Some(CreateProduct),
@@ -65,7 +111,7 @@ fn route(method: &Method, path: &str) -> Route {
             },
         ),
         ["v1", "products", sku] if !sku.is_empty() => pick(
-            "GET, HEAD, PATCH, DELETE",
+            const { allow("/v1/products/{sku}") },
             match *m {
                 Method::GET | Method::HEAD => Some(GetProduct(s(sku))),
                 Method::PATCH => Some(PatchProduct(s(sku))),
@@ -73,25 +119,43 @@ fn route(method: &Method, path: &str) -> Route {
                 _ => None,
             },
         ),
-        ["v1", "products", sku, "replenish"] if !sku.is_empty() => {
-            pick("POST", (m == Method::POST).then(|| Replenish(s(sku))))
-        }
-        ["v1", "products", sku, "adjust"] if !sku.is_empty() => {
-            pick("POST", (m == Method::POST).then(|| Adjust(s(sku))))
-        }
-        ["v1", "reservations"] => pick("POST", (m == Method::POST).then_some(Reserve)),
-        ["v1", "admin", "snapshot"] => pick("POST", (m == Method::POST).then_some(Snapshot)),
-        ["v1", "reservations", id] if !id.is_empty() => {
-            pick("GET, HEAD", read.then(|| GetReservation(s(id))))
-        }
+        ["v1", "products", sku, "replenish"] if !sku.is_empty() => pick(
+            const { allow("/v1/products/{sku}/replenish") },
+            (m == Method::POST).then(|| Replenish(s(sku))),
+        ),
+        ["v1", "products", sku, "adjust"] if !sku.is_empty() => pick(
+            const { allow("/v1/products/{sku}/adjust") },
+            (m == Method::POST).then(|| Adjust(s(sku))),
+        ),
+        ["v1", "reservations"] => pick(
+            const { allow("/v1/reservations") },
+            (m == Method::POST).then_some(Reserve),
+        ),
+        ["v1", "admin", "snapshot"] => pick(
+            const { allow("/v1/admin/snapshot") },
+            (m == Method::POST).then_some(Snapshot),
+        ),
+        ["v1", "reservations", id] if !id.is_empty() => pick(
+            const { allow("/v1/reservations/{id}") },
+            read.then(|| GetReservation(s(id))),
+        ),
         ["v1", "reservations", id, action] if !id.is_empty() => {
-            let endpoint = match *action {
-                "confirm" => Confirm(s(id)),
-                "cancel" => Cancel(s(id)),
-                "extend" => Extend(s(id)),
+            let (endpoint, allowed) = match *action {
+                "confirm" => (
+                    Confirm(s(id)),
+                    const { allow("/v1/reservations/{id}/confirm") },
+                ),
+                "cancel" => (
+                    Cancel(s(id)),
+                    const { allow("/v1/reservations/{id}/cancel") },
+                ),
+                "extend" => (
+                    Extend(s(id)),
+                    const { allow("/v1/reservations/{id}/extend") },
+                ),
                 _ => return Route::NotFound,
             };
-            pick("POST", (m == Method::POST).then_some(endpoint))
+            pick(allowed, (m == Method::POST).then_some(endpoint))
         }
         _ => Route::NotFound,
     }
@@ -170,10 +234,10 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request) -> Result<Reply> {
     // Once the log has failed, changes (and `/health`, for load balancers) are refused
     // until the operator restarts the server; reads and metrics are answered from memory,
     // which may hold changes that were refused (503) and will not survive a restart
-    // (docs/API.md says which).
+    // (docs/API.md says which). The OpenAPI document is a read too: it needs no log.
     let read = matches!(
         endpoint,
-        Metrics | GetProduct(_) | ListProducts | GetReservation(_)
+        Metrics | OpenApi | GetProduct(_) | ListProducts | GetReservation(_)
     );
     if !read && !svc.log_healthy() {
         return Err(Problem::new(
@@ -187,6 +251,14 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request) -> Result<Reply> {
     match endpoint {
         Health => Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
         Metrics => metrics(app).await,
+        OpenApi => {
+            let mut reply = Response::new(OPENAPI.into());
+            reply.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            Ok(reply)
+        }
         CreateProduct => {
             let input = input::create_product(&input::required(body()?)?)?;
             let p = svc
@@ -385,5 +457,269 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Reply {
 fn set<K: header::IntoHeaderName>(reply: &mut Reply, name: K, value: &str) {
     if let Ok(value) = HeaderValue::from_str(value) {
         reply.headers_mut().insert(name, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The OpenAPI document (`src/http/openapi.json`) against the router, both ways.
+
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+
+    /// Where each endpoint lives, as the document spells it: an exhaustive match, so that
+    /// a new endpoint does not compile until it is placed (and then the tests below want
+    /// it in `ROUTES` and in the document).
+    fn template(endpoint: &Endpoint) -> &'static str {
+        use Endpoint::*;
+        match endpoint {
+            Health => "/health",
+            Metrics => "/metrics",
+            OpenApi => "/openapi.json",
+            CreateProduct | ListProducts => "/v1/products",
+            GetProduct(_) | PatchProduct(_) | DeleteProduct(_) => "/v1/products/{sku}",
+            Replenish(_) => "/v1/products/{sku}/replenish",
+            Adjust(_) => "/v1/products/{sku}/adjust",
+            Reserve => "/v1/reservations",
+            GetReservation(_) => "/v1/reservations/{id}",
+            Confirm(_) => "/v1/reservations/{id}/confirm",
+            Cancel(_) => "/v1/reservations/{id}/cancel",
+            Extend(_) => "/v1/reservations/{id}/extend",
+            Snapshot => "/v1/admin/snapshot",
+        }
+    }
+
+    const SKU: &str = "LAPTOP-001";
+    const ID: &str = "0193a4b2-7c1e-7d3a-9f10-2b3c4d5e6f70";
+
+    fn document() -> Value {
+        serde_json::from_str(OPENAPI).expect("src/http/openapi.json is JSON")
+    }
+
+    /// A concrete path for a template, with example path parameters.
+    fn concrete(template: &str) -> String {
+        template.replace("{sku}", SKU).replace("{id}", ID)
+    }
+
+    const METHODS: [&str; 8] = [
+        "get", "head", "post", "put", "patch", "delete", "options", "trace",
+    ];
+
+    /// The document's operations: path template → methods, upper case.
+    fn documented() -> BTreeMap<String, BTreeSet<String>> {
+        let doc = document();
+        let paths = doc["paths"].as_object().expect("paths");
+        paths
+            .iter()
+            .map(|(path, item)| {
+                let item = item.as_object().expect("a path item");
+                let methods = METHODS
+                    .iter()
+                    .filter(|m| item.contains_key(**m))
+                    .map(|m| m.to_ascii_uppercase())
+                    .collect();
+                (path.clone(), methods)
+            })
+            .collect()
+    }
+
+    fn routed() -> BTreeMap<String, BTreeSet<String>> {
+        ROUTES
+            .iter()
+            .map(|(path, allow)| {
+                let methods = allow.split(", ").map(str::to_string).collect();
+                (path.to_string(), methods)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_documented_operation_is_routed_to_its_endpoint() {
+        let documented = documented();
+        assert!(documented.len() >= ROUTES.len());
+        for (path, methods) in &documented {
+            assert!(!methods.is_empty(), "{path} has no operation");
+            for method in methods {
+                let m = Method::from_bytes(method.as_bytes()).unwrap();
+                match route(&m, &concrete(path)) {
+                    Route::Found(endpoint) => assert_eq!(
+                        template(&endpoint),
+                        path,
+                        "{method} {path} is routed elsewhere"
+                    ),
+                    _ => panic!("{method} {path} is documented but not routed"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_route_is_documented_and_nothing_else() {
+        assert_eq!(
+            documented(),
+            routed(),
+            "the document's paths and methods differ from the router's ROUTES"
+        );
+    }
+
+    #[test]
+    fn routes_answer_their_methods_and_405_the_others_with_allow() {
+        for (path, allow) in ROUTES {
+            let allowed: Vec<&str> = allow.split(", ").collect();
+            for method in METHODS {
+                let upper = method.to_ascii_uppercase();
+                let m = Method::from_bytes(upper.as_bytes()).unwrap();
+                match route(&m, &concrete(path)) {
+                    Route::Found(endpoint) => {
+                        assert!(allowed.contains(&upper.as_str()), "{upper} {path}");
+                        assert_eq!(template(&endpoint), *path, "{upper} {path}");
+                    }
+                    Route::MethodNotAllowed(a) => {
+                        assert!(!allowed.contains(&upper.as_str()), "{upper} {path}");
+                        assert_eq!(a, *allow, "{upper} {path}");
+                    }
+                    Route::NotFound => panic!("{upper} {path}: no route"),
+                }
+            }
+        }
+    }
+
+    /// Every `(status, code)` the source can answer: `Problem::new(STATUS, "code"`, and
+    /// the helpers `bad_request` and `invalid`.
+    fn produced_codes() -> BTreeSet<(u64, String)> {
+        fn walk(dir: &std::path::Path, out: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    out.push(std::fs::read_to_string(&path).unwrap());
+                }
+            }
+        }
+        let mut sources = Vec::new();
+        walk(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut sources,
+        );
+        let mut codes = BTreeSet::new();
+        for source in &sources {
+            let squeezed: String = source.split_whitespace().collect::<Vec<_>>().join("");
+            for call in squeezed.split("Problem::new(").skip(1) {
+                let Some((status, rest)) = call.split_once(',') else {
+                    continue;
+                };
+                let Ok(status) = status.parse::<u64>() else {
+                    continue; // the definition, `Problem::new(status: u16, ...`
+                };
+                let code = rest
+                    .strip_prefix('"')
+                    .and_then(|r| r.split_once('"'))
+                    .map(|(code, _)| code.to_string())
+                    .unwrap_or_else(|| panic!("Problem::new({status}, {rest:.40}"));
+                codes.insert((status, code));
+            }
+        }
+        codes.insert((400, "bad_request".into()));
+        codes.insert((422, "validation_failed".into()));
+        assert!(codes.len() >= 17, "{codes:?}");
+        codes
+    }
+
+    #[test]
+    fn every_problem_code_is_documented_with_its_status() {
+        let doc = document();
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        let documented: BTreeSet<(u64, String)> = schemas
+            .values()
+            .filter_map(|s| {
+                let p = &s["properties"];
+                Some((
+                    p["status"]["const"].as_u64()?,
+                    p["code"]["const"].as_str()?.to_string(),
+                ))
+            })
+            .collect();
+        let produced = produced_codes();
+        let missing: Vec<_> = produced.difference(&documented).collect();
+        assert!(
+            missing.is_empty(),
+            "codes the code answers but the document lacks: {missing:?}"
+        );
+        let extra: Vec<_> = documented.difference(&produced).collect();
+        assert!(
+            extra.is_empty(),
+            "codes documented that the code never answers: {extra:?}"
+        );
+        // The `code` enum of the base Problem lists the same codes.
+        let listed: BTreeSet<String> = schemas["Problem"]["properties"]["code"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap().to_string())
+            .collect();
+        let codes: BTreeSet<String> = produced.into_iter().map(|(_, c)| c).collect();
+        assert_eq!(listed, codes);
+    }
+
+    /// Every `$ref` resolves, and every component is used or is one of the answers no
+    /// operation lists (unknown path, unknown method).
+    #[test]
+    fn every_reference_resolves() {
+        fn refs(v: &Value, out: &mut Vec<String>) {
+            match v {
+                Value::Object(map) => {
+                    if let Some(Value::String(r)) = map.get("$ref") {
+                        out.push(r.clone());
+                    }
+                    map.values().for_each(|v| refs(v, out));
+                }
+                Value::Array(items) => items.iter().for_each(|v| refs(v, out)),
+                _ => {}
+            }
+        }
+        let doc = document();
+        let mut found = Vec::new();
+        refs(&doc, &mut found);
+        assert!(!found.is_empty());
+        for r in &found {
+            let pointer = r
+                .strip_prefix('#')
+                .unwrap_or_else(|| panic!("{r} is not local"));
+            assert!(doc.pointer(pointer).is_some(), "{r} resolves to nothing");
+        }
+    }
+
+    /// The examples in the document parse as what they illustrate: each schema's
+    /// `examples` validate against that schema (checked here for the objects whose shape
+    /// the views and inputs fix: required members present, no member unknown).
+    #[test]
+    fn examples_have_the_members_of_their_schema() {
+        let doc = document();
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        let mut checked = 0;
+        for (name, schema) in schemas {
+            let Some(examples) = schema["examples"].as_array() else {
+                continue;
+            };
+            let Some(props) = schema["properties"].as_object() else {
+                continue;
+            };
+            for example in examples {
+                let Some(example) = example.as_object() else {
+                    continue;
+                };
+                for key in example.keys() {
+                    assert!(props.contains_key(key), "{name}: example member {key}");
+                }
+                for key in schema["required"].as_array().into_iter().flatten() {
+                    let key = key.as_str().unwrap();
+                    assert!(example.contains_key(key), "{name}: example lacks {key}");
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked >= 10, "{checked}");
     }
 }
