@@ -21,7 +21,7 @@
 //! (7) peak RSS (VmHWM). The server is killed at the end; the data is a temp directory.
 
 mod support;
-use support::procfs::children_of;
+use support::procfs::{children_of, status_kb};
 use support::{dir_bytes, env_u64};
 
 use std::path::Path;
@@ -69,16 +69,6 @@ fn append_all(dir: &Path, first_seq: u64, records: impl Iterator<Item = Record>)
     written
 }
 
-fn proc_status_kb(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 struct Server {
     process: ServerProcess,
     base: String,
@@ -98,16 +88,17 @@ fn start_server(dir: &Path, extra: &[&str]) -> (Server, Duration) {
         .timeout(Duration::from_secs(3600))
         .start()
         .expect("stockd starts");
-    // Recovery is logged before `listening on`, so the line is already on its way.
+    // Recovery is logged before `listening on`, so the line is already on its way. It is
+    // the one with `replay_ms` (its message says which way the state was recovered).
     let recovered = process
         .find_in_stderr(Duration::from_secs(60), |line| {
             let v = serde_json::from_str::<serde_json::Value>(line).ok()?;
-            let message = v["fields"]["message"].as_str()?;
-            message
-                .starts_with("recovered state")
+            v["fields"]
+                .get("replay_ms")
+                .is_some()
                 .then(|| v["fields"].clone())
         })
-        .unwrap_or_default();
+        .expect("the server logs its recovery");
     let took = process.startup_time();
     let base = process.base_url.clone();
     (
@@ -278,8 +269,8 @@ fn main() {
     // (5) Restart to serving.
     let (server, restart) = start_server(dir, &[]);
     let pid = server.process.pid().expect("running");
-    let rss_started_kb = proc_status_kb(pid, "VmRSS:");
-    let rss_peak_at_start_kb = proc_status_kb(pid, "VmHWM:");
+    let rss_started_kb = status_kb(pid, "VmRSS:");
+    let rss_peak_at_start_kb = status_kb(pid, "VmHWM:");
     let tail_replayed = server.recovered["records"].as_u64().unwrap_or(0);
     let tail_replay_ms = server.recovered["replay_ms"].as_u64().unwrap_or(0);
     let tail_replay_rate = tail_replayed as f64 / (tail_replay_ms.max(1) as f64 / 1000.0);
@@ -308,7 +299,7 @@ fn main() {
             let mut peak = 0;
             while sampling.load(Ordering::Relaxed) {
                 for child in children_of(pid) {
-                    peak = peak.max(proc_status_kb(child, "VmHWM:"));
+                    peak = peak.max(status_kb(child, "VmHWM:"));
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -347,8 +338,8 @@ fn main() {
     });
     sampling.store(false, Ordering::Relaxed);
     let worker_peak_kb = worker_peak.join().unwrap_or(0);
-    let rss_end_kb = proc_status_kb(pid, "VmRSS:");
-    let rss_peak_kb = proc_status_kb(pid, "VmHWM:");
+    let rss_end_kb = status_kb(pid, "VmRSS:");
+    let rss_peak_kb = status_kb(pid, "VmHWM:");
     let p99_ratio = p99_ms(&during) / p99_ms(&baseline);
     println!(
         "  reserves: baseline {:.0} req/s p99 {:.2} ms; during the snapshot {:.0} req/s p99 {:.2} ms ({p99_ratio:.2}x); after it {:.0} req/s p99 {:.2} ms; snapshot {snapshot_ms:.0} ms (HTTP {snapshot_status})",

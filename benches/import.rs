@@ -35,13 +35,7 @@ const RETIRED_AND_RELEASED: Duration =
     Duration::from_millis(stockd::limits::RETIRE_GRACE_MS + 2_000);
 
 fn vm_rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    support::procfs::status_kb(pid, "VmRSS:")
 }
 
 fn mib(kb: u64) -> f64 {

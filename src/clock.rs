@@ -117,7 +117,7 @@ mod tests {
 
     /// 20,000 instants spread over `span` milliseconds from `from` (a fixed seed).
     fn instants(from: Millis, span: u64) -> impl Iterator<Item = Millis> {
-        let mut rng = crate::testing::rng(0x9E37_79B9_7F4A_7C15);
+        let mut rng = fastrand::Rng::with_seed(0x9E37_79B9_7F4A_7C15);
         (0..20_000).map(move |_| from + rng.u64(..span) as i64)
     }
 

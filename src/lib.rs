@@ -31,8 +31,5 @@ pub mod server;
 pub mod service;
 pub mod storage;
 
-#[cfg(test)]
-mod testing;
-
 pub use config::{Config, Durability};
 pub use server::{start, Server, StartError};

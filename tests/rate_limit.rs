@@ -86,16 +86,6 @@ async fn until_created(
     }
 }
 
-async fn metric(c: &Client, name: &str) -> f64 {
-    let text = c.get("/metrics").await.body;
-    let text = text.as_str().expect("text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("{name} not in {text}"))
-        .parse()
-        .unwrap()
-}
-
 /// docs/API.md: beyond its burst, a customer's attempts answer 429 `rate_limited` with
 /// `Retry-After`; another customer keeps its own limit; refusals are counted.
 #[tokio::test]
@@ -112,11 +102,11 @@ async fn a_customer_gets_its_burst_then_429_and_others_are_unaffected() {
         "refused attempts held nothing"
     );
     assert_eq!(
-        metric(c, "stockd_rate_limited_total").await,
+        c.metric("stockd_rate_limited_total").await,
         (14 - alice - bob) as f64
     );
     assert_eq!(
-        metric(c, "stockd_reservations_created_total").await,
+        c.metric("stockd_reservations_created_total").await,
         (alice + bob) as f64
     );
     t.stop().await;
@@ -184,7 +174,7 @@ async fn without_the_flag_there_is_no_limit() {
     for _ in 0..20 {
         assert_eq!(c.reserve("alice", "A", 1).await.status, 201);
     }
-    assert_eq!(metric(c, "stockd_rate_limited_total").await, 0.0);
+    assert_eq!(c.metric("stockd_rate_limited_total").await, 0.0);
     t.stop().await;
 }
 

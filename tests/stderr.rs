@@ -9,7 +9,7 @@ use std::fs::File;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::{serve_command, ChildServer, Client};
+use common::{serve_command, ChildServer};
 use serde_json::json;
 
 /// stderr on `/dev/full`: every write to it fails with ENOSPC, as on a disk filled by logs.
@@ -20,18 +20,6 @@ fn full_device() -> Stdio {
             .open("/dev/full")
             .expect("/dev/full"),
     )
-}
-
-/// The `/metrics` sample `name` (without labels).
-async fn metric(c: &Client, name: &str) -> f64 {
-    let a = c.get("/metrics").await;
-    assert_eq!(a.status, 200, "{:?}", a.body);
-    let text = a.body.as_str().expect("metrics text").to_string();
-    text.lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
-        .parse()
-        .unwrap()
 }
 
 /// `stockd serve` in `dir` logging at debug: one line per request.
@@ -86,8 +74,8 @@ async fn every_request_is_answered(mut server: ChildServer) {
         (Some(2), Some(3))
     );
     // Every request above logged at debug: those lines were lost, and counted.
-    assert!(metric(c, "stockd_stderr_lines_lost_total").await >= 180.0);
-    assert_eq!(metric(c, "stockd_log_healthy").await, 1.0);
+    assert!(c.metric("stockd_stderr_lines_lost_total").await >= 180.0);
+    assert_eq!(c.metric("stockd_log_healthy").await, 1.0);
     let status = server.terminate().expect("exited");
     assert!(status.success(), "a clean shutdown: {status:?}");
 }
@@ -155,8 +143,8 @@ async fn a_failed_log_with_a_full_stderr_still_answers_and_keeps_what_was_acknow
         (200, Some("pending"))
     );
     assert_eq!(c.get("/v1/products").await.status, 200);
-    assert_eq!(metric(&c, "stockd_log_healthy").await, 0.0);
-    assert!(metric(&c, "stockd_stderr_lines_lost_total").await >= 52.0);
+    assert_eq!(c.metric("stockd_log_healthy").await, 0.0);
+    assert!(c.metric("stockd_stderr_lines_lost_total").await >= 52.0);
     let status = server.terminate().expect("exited");
     assert_eq!(status.code(), Some(1), "shutdown reports the failed log");
 

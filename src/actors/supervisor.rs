@@ -401,6 +401,13 @@ impl Actor for Supervisor {
                 self.expire_batch(&myself, state);
             }
             SupervisorMsg::Tick(reply) => self.tick(&myself, state, reply).await,
+            SupervisorMsg::PassivateIdle(reply) if state.sweeping => {
+                // One sweep at a time (two would share one queue of candidates and each
+                // count only its own): asked again once the running one has ended.
+                myself.send_after(Duration::from_millis(SWEEP_WAIT_MS), move || {
+                    SupervisorMsg::PassivateIdle(reply)
+                });
+            }
             SupervisorMsg::PassivateIdle(reply) => {
                 self.find_idle(state, self.clock.now_ms());
                 let sweep = Sweep {
@@ -489,6 +496,9 @@ const PASSIVATION_CHECK_MS: i64 = 1_000;
 
 /// Margin after a passivated actor's retirement before the memory it freed is returned.
 const RELEASE_AFTER_RETIRE_MS: u64 = 1_000;
+
+/// How long an operator's `PassivateIdle` waits for a running sweep before asking again.
+const SWEEP_WAIT_MS: u64 = 10;
 
 /// The routing table, every product passive. Sorted first: a B-tree is built in one
 /// pass from sorted input.

@@ -156,7 +156,7 @@ struct ServeArgs {
     durability: Durability,
     /// Log format on stderr.
     #[arg(long, env = "STOCKD_LOG_FORMAT", value_enum, default_value = "text")]
-    log_format: LogFormat,
+    log_format: crate::logging::Format,
     /// Take a snapshot once this many log records were written since the newest one
     /// (0: never by count).
     #[arg(long, env = "STOCKD_SNAPSHOT_EVERY_RECORDS", default_value_t = SNAPSHOT_EVERY_RECORDS_DEFAULT)]
@@ -201,12 +201,6 @@ struct ServeArgs {
     /// Test hook: log writes fail from the record with this sequence on (a failed log).
     #[arg(long, hide = true, env = "STOCKD_TEST_LOG_FAIL_FROM_SEQ")]
     test_log_fail_from_seq: Option<u64>,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 /// The environment variable a refused value came from: the variable of the flag the error

@@ -6,18 +6,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use super::{LogFormat, OnOff, ServeArgs};
+use super::{OnOff, ServeArgs};
 use crate::config::CustomerRate;
 use crate::storage::snapshot::WriteHooks;
 use crate::storage::snapshotter::SnapshotPolicy;
 use crate::Config;
-
-fn init_tracing(format: LogFormat) -> crate::logging::Guard {
-    crate::logging::init(match format {
-        LogFormat::Text => crate::logging::Format::Text,
-        LogFormat::Json => crate::logging::Format::Json,
-    })
-}
 
 /// SIGTERM and SIGINT (Ctrl-C), caught from the start of `serve`, so that no signal ever
 /// takes its default action (an abrupt exit) on a server that may have acknowledged
@@ -82,7 +75,7 @@ fn watch_signals() -> tokio::sync::oneshot::Receiver<()> {
 }
 
 pub(super) async fn serve(args: ServeArgs) -> ExitCode {
-    let _logging = init_tracing(args.log_format);
+    let _logging = crate::logging::init(args.log_format);
     let mut stop = watch_signals();
     let worker = match args.snapshot_worker {
         OnOff::On => this_binary(),

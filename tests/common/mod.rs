@@ -139,6 +139,18 @@ impl Client {
         .await
     }
 
+    /// One figure of `GET /metrics` (the series `name`, without labels).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let a = self.get("/metrics").await;
+        assert_eq!(a.status, 200, "{:?}", a.body);
+        let text = a.body.as_str().expect("metrics text");
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .parse()
+            .unwrap()
+    }
+
     pub async fn product(&self, sku: &str) -> Value {
         let a = self.get(&format!("/v1/products/{sku}")).await;
         assert_eq!(a.status, 200, "{:?}", a.body);

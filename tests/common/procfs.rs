@@ -1,4 +1,4 @@
-//! What `/proc` says about processes (Linux): shared by the tests and the catalogue bench
+//! What `/proc` says about processes (Linux): shared by the tests and the benches
 //! (`benches/support/mod.rs` includes this file by path).
 
 #![allow(dead_code)]
@@ -27,4 +27,16 @@ pub fn is_alive(pid: u32) -> bool {
             .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
         Err(_) => false,
     }
+}
+
+/// A figure in kB from `/proc/PID/status`, e.g. `status_kb(pid, "VmRSS:")` (0 if the
+/// process is gone).
+pub fn status_kb(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }

@@ -38,10 +38,12 @@ const FRAME_HEADER_BYTES: usize = 12;
 /// quarter of its 512 KiB segment (a value, or a whole leaf node, up to 17 values, when it
 /// consolidates or splits one) to a file of its own under `blobs/`, which it never
 /// fsyncs: a flush would then not make the batch durable, and every such item costs a file.
-/// A value is at most 4 KiB, or one record alone if that record is larger (records are
-/// bounded by the request limits: the largest, a reservation of 100 lines, is ~10 KiB), so
-/// a leaf of 4 KiB values stays far below 128 KiB, as one of per-record values did; and
-/// ~30 records a key already saves almost all of the per-key work the batch layout is for.
+/// A value is at most 4 KiB, or one record alone if that record is larger, and ~30 records
+/// a key already saves almost all of the per-key work the batch layout is for. Not covered,
+/// as it was not by one key per record: records are bounded only by the request limits (a
+/// reservation of 100 lines with an idempotency key, whose fingerprint repeats its lines,
+/// is ~16 KiB), and sled splits a leaf above 16 items, so 8 or 9 such records in a row can
+/// make a leaf that sled writes to an unsynced blob (docs/ARCHITECTURE.md, "Known gaps").
 pub(super) const BATCH_VALUE_BYTES_TARGET: usize = 4096;
 
 /// Builds batch values in one reused buffer: records are encoded straight into it.
