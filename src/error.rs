@@ -36,6 +36,8 @@ pub enum Error {
     IdempotencyKeyInFlight,
     #[error("product {sku} is at version {current}, which If-Match does not name")]
     VersionMismatch { sku: String, current: u64 },
+    #[error("API key {id} does not exist")]
+    KeyNotFound { id: String },
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error: {0}")]

@@ -187,6 +187,13 @@ struct ServeArgs {
     #[arg(long, env = "STOCKD_CUSTOMER_BURST", requires = "customer_rate",
           value_parser = clap::value_parser!(u32).range(1..))]
     customer_burst: Option<u32>,
+    /// Read the first admin key from PATH (one trailing newline is trimmed): a bearer
+    /// secret of 16 to 256 visible ASCII characters with every scope, never stored (its
+    /// id is the nil UUID, its name "bootstrap"). Without this flag the environment
+    /// variable STOCKD_ADMIN_KEY holds it. With no admin key and no key in the log, the
+    /// server runs without authentication, and only on a loopback address.
+    #[arg(long, env = "STOCKD_ADMIN_KEY_FILE", value_name = "PATH")]
+    admin_key_file: Option<PathBuf>,
     /// If a log record is damaged, remove it and every later record and start, instead of
     /// refusing to start. Acknowledged changes in the removed records are lost.
     #[arg(long)]

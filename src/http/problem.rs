@@ -69,6 +69,9 @@ impl Problem {
             "method_not_allowed" => "Method not allowed",
             "unavailable" => "Service unavailable",
             "rate_limited" => "Too many requests",
+            "unauthorized" => "Unauthorized",
+            "forbidden" => "Forbidden",
+            "key_not_found" => "API key not found",
             _ => "Internal server error",
         }
     }
@@ -141,6 +144,7 @@ impl From<Error> for Problem {
                     .with("sku", sku)
                     .with("current_version", current)
             }
+            Error::KeyNotFound { id } => Problem::new(404, "key_not_found", detail).with("id", id),
             Error::Unavailable(_) => {
                 Problem::new(503, "unavailable", detail).header(header::RETRY_AFTER, "1")
             }
