@@ -69,6 +69,8 @@ impl Model {
                 }
                 self.stock.insert(sku, (*on_hand, 0, 0));
                 Some(Record::ProductCreated {
+                    by: None,
+                    rules: Default::default(),
                     sku: sku.into(),
                     name: "n".into(),
                     price: None,
@@ -81,6 +83,7 @@ impl Model {
                 let s = self.stock.get_mut(sku)?;
                 s.0 += quantity;
                 Some(Record::Replenished {
+                    by: None,
                     sku: sku.into(),
                     quantity: *quantity,
                     at,
@@ -95,6 +98,7 @@ impl Model {
                 }
                 s.0 = result as u64;
                 Some(Record::Adjusted {
+                    by: None,
                     sku: sku.into(),
                     delta: *delta,
                     reason: None,
@@ -109,6 +113,7 @@ impl Model {
                 }
                 self.stock.remove(sku);
                 Some(Record::ProductDeleted {
+                    by: None,
                     sku: sku.into(),
                     at,
                 })
@@ -130,6 +135,8 @@ impl Model {
                 let id = Uuid::now_v7();
                 self.reservations.push((id, lines.clone(), true));
                 Some(Record::ReservationCreated {
+                    by: None,
+                    counted: Default::default(),
                     id,
                     customer_id: "c".into(),
                     items: lines
@@ -152,6 +159,7 @@ impl Model {
                 let id = *id;
                 if let Op::Extend { .. } = op {
                     return Some(Record::ReservationExtended {
+                        by: None,
                         id,
                         expires_at: at + 5000,
                         at,
@@ -168,11 +176,12 @@ impl Model {
                 }
                 Some(match op {
                     Op::Confirm { .. } => Record::ReservationConfirmed {
+                        by: None,
                         id,
                         order_id: None,
                         at,
                     },
-                    Op::Cancel { .. } => Record::ReservationCancelled { id, at },
+                    Op::Cancel { .. } => Record::ReservationCancelled { by: None, id, at },
                     _ => Record::ReservationExpired { id, at },
                 })
             }
@@ -250,6 +259,8 @@ fn a_hold_beyond_stock_is_a_fold_error_not_an_oversell() {
     apply(
         &mut state,
         &Record::ProductCreated {
+            by: None,
+            rules: Default::default(),
             sku: "A".into(),
             name: "a".into(),
             price: None,
@@ -259,6 +270,8 @@ fn a_hold_beyond_stock_is_a_fold_error_not_an_oversell() {
     )
     .unwrap();
     let take = |n: u64| Record::ReservationCreated {
+        by: None,
+        counted: Default::default(),
         id: Uuid::now_v7(),
         customer_id: "c".into(),
         items: vec![Line {
@@ -368,6 +381,8 @@ proptest! {
 fn products_created(n: u64) -> Vec<Record> {
     (0..n)
         .map(|i| Record::ProductCreated {
+            by: None,
+            rules: Default::default(),
             sku: format!("SKU-{i}"),
             name: "n".into(),
             price: None,
@@ -417,6 +432,8 @@ fn a_damaged_record_in_a_later_segment_is_named() {
 fn replay_of_segments_longer_than_the_read_ahead() {
     let n = 62_000u64;
     let mut records = vec![Record::ProductCreated {
+        by: None,
+        rules: Default::default(),
         sku: "A".into(),
         name: "n".into(),
         price: None,
@@ -424,6 +441,7 @@ fn replay_of_segments_longer_than_the_read_ahead() {
         at: 1,
     }];
     records.extend((1..n).map(|_| Record::Replenished {
+        by: None,
         sku: "A".into(),
         quantity: 1,
         at: 1,

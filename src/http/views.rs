@@ -15,6 +15,9 @@ pub struct ProductView<'a> {
     available: u64,
     sold: u64,
     version: u64,
+    max_per_customer: Option<u64>,
+    sale_starts_at: Option<String>,
+    sale_ends_at: Option<String>,
     created_at: String,
     updated_at: String,
 }
@@ -30,6 +33,9 @@ impl<'a> From<&'a Product> for ProductView<'a> {
             available: p.available(),
             sold: p.sold,
             version: p.version,
+            max_per_customer: p.rules.max_per_customer,
+            sale_starts_at: p.rules.starts_at.map(rfc3339),
+            sale_ends_at: p.rules.ends_at.map(rfc3339),
             created_at: rfc3339(p.created_at),
             updated_at: rfc3339(p.updated_at),
         }
