@@ -528,7 +528,7 @@ fn list_products(
         .after(after)
         .filter_map(|(sku, slot)| match slot {
             Slot::Active { actor, .. } => Some((sku, Listed::Actor(sku.clone(), actor.clone()))),
-            Slot::Passive(p) => Some((sku, Listed::Product(p.clone()))),
+            Slot::Passive(p) => Some((sku, Listed::Product(p.clone_without_buyers()))),
             Slot::Restarting(_) => None,
         })
         .take(limit + 1)
@@ -681,7 +681,13 @@ impl Supervisor {
                 return Some(actor.clone());
             }
             Slot::Restarting(_) => return None,
-            Slot::Passive(p) => p.clone(),
+            // The per-buyer counts move to the actor (they can be large); the rest is
+            // copied, so the slot keeps a product if the spawn fails.
+            Slot::Passive(p) => {
+                let mut product = p.clone_without_buyers();
+                product.buyers = std::mem::take(&mut p.buyers);
+                product
+            }
         };
         match self.spawn_product(myself, state, product).await {
             Ok(actor) => {
@@ -689,8 +695,10 @@ impl Supervisor {
                 Some(actor)
             }
             Err(err) => {
-                // The slot is still `Passive`: nothing is lost, the request gets a 503.
-                tracing::error!(%sku, error = %err, "cannot activate the product actor");
+                // The request gets a 503. The slot's product lost its counts to the
+                // failed spawn: it is rebuilt from the log, which has them.
+                tracing::error!(%sku, error = %err, "cannot activate the product actor; rebuilding it");
+                self.begin_restart(myself, state, sku.to_string());
                 None
             }
         }
