@@ -199,6 +199,8 @@ fn main() {
     // (1) The log.
     let t = Instant::now();
     let creates = (0..products).map(|i| Record::ProductCreated {
+        by: None,
+        rules: Default::default(),
         sku: sku(i),
         name: format!("Product {i}"),
         price: None,
@@ -206,6 +208,8 @@ fn main() {
         at: now,
     });
     let holds = (0..reservations).map(|i| Record::ReservationCreated {
+        by: None,
+        counted: Default::default(),
         id: uuid::Uuid::now_v7(),
         customer_id: format!("customer-{i}"),
         items: vec![Line {
@@ -260,6 +264,7 @@ fn main() {
     // (4) A log tail after the snapshot.
     let mut rng = fastrand::Rng::with_seed(88172645463325252);
     let tail_records = (0..tail).map(move |_| Record::Replenished {
+        by: None,
         sku: sku(rng.u64(..products)),
         quantity: 1,
         at: now,

@@ -18,6 +18,8 @@ fn records(n: usize) -> Vec<Record> {
     let mut out = Vec::with_capacity(n);
     for i in 0..100 {
         out.push(Record::ProductCreated {
+            by: None,
+            rules: Default::default(),
             sku: format!("SKU-{i}"),
             name: "Thing".into(),
             price: None,
@@ -28,6 +30,8 @@ fn records(n: usize) -> Vec<Record> {
     while out.len() < n {
         let id = Uuid::now_v7();
         out.push(Record::ReservationCreated {
+            by: None,
+            counted: Default::default(),
             id,
             customer_id: "c".into(),
             items: vec![Line {
@@ -40,12 +44,17 @@ fn records(n: usize) -> Vec<Record> {
         });
         if out.len() % 3 == 0 {
             out.push(Record::ReservationConfirmed {
+                by: None,
                 id,
                 order_id: None,
                 at: 2,
             });
         } else {
-            out.push(Record::ReservationCancelled { id, at: 2 });
+            out.push(Record::ReservationCancelled {
+                by: None,
+                id,
+                at: 2,
+            });
         }
     }
     out
@@ -81,7 +90,15 @@ fn actor_round_trip(c: &mut Criterion) {
         let server = stockd::start(config).await.unwrap();
         server
             .service()
-            .create_product("HOT".into(), "Hot".into(), None, 1_000_000_000_000)
+            .create_product(
+                stockd::service::NewProduct::new(
+                    "HOT".into(),
+                    "Hot".into(),
+                    None,
+                    1_000_000_000_000,
+                ),
+                None,
+            )
             .await
             .unwrap();
         server
@@ -107,6 +124,7 @@ fn group_commit(c: &mut Criterion) {
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(10));
     let record = Record::Replenished {
+        by: None,
         sku: "SKU-1".into(),
         quantity: 1,
         at: 0,
@@ -181,7 +199,15 @@ fn auth_check(c: &mut Criterion) {
         let server = stockd::start(config).await.unwrap();
         server
             .service()
-            .create_product("HOT".into(), "Hot".into(), None, 1_000_000_000_000)
+            .create_product(
+                stockd::service::NewProduct::new(
+                    "HOT".into(),
+                    "Hot".into(),
+                    None,
+                    1_000_000_000_000,
+                ),
+                None,
+            )
             .await
             .unwrap();
         server
@@ -198,7 +224,7 @@ fn auth_check(c: &mut Criterion) {
     let mut group = c.benchmark_group("auth");
     group.bench_function("reserve through the service (async)", |b| {
         b.to_async(&rt)
-            .iter(|| async { service.reserve(request.clone(), None).await.unwrap() })
+            .iter(|| async { service.reserve(request.clone(), None, None).await.unwrap() })
     });
     group.bench_function("key check of a request (100 keys)", |b| {
         b.iter(|| stockd::http::auth::authorize(&keyring, &headers, Some(Scope::Reserve)).unwrap())

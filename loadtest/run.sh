@@ -11,7 +11,7 @@
 #                            [--rate R] [--target URL] [--json FILE] [--markdown FILE]
 #                            [--svg FILE]
 #
-# SCENARIO: ceiling | flash-sale | checkout | crash   (loadtest --help lists every flag)
+# SCENARIO: ceiling | flash-sale | limits | checkout | crash   (loadtest --help lists every flag)
 # --target URL loads a server already running on loopback instead of starting one.
 # Relative FILE paths are taken from the directory the script is run in.
 set -euo pipefail

@@ -38,6 +38,29 @@ pub enum Error {
     VersionMismatch { sku: String, current: u64 },
     #[error("API key {id} does not exist")]
     KeyNotFound { id: String },
+    /// A hold that would take a customer past the product's purchase limit.
+    #[error("customer may hold at most {limit} of {sku}; holds {held}, asked for {requested}")]
+    CustomerLimitExceeded {
+        sku: String,
+        limit: u64,
+        held: u64,
+        requested: u64,
+    },
+    /// A hold before the product's sale window opens (`wait_ms` until it does).
+    #[error("the sale of {sku} has not started")]
+    SaleNotStarted {
+        sku: String,
+        starts_at: crate::clock::Millis,
+        wait_ms: i64,
+    },
+    #[error("the sale of {sku} has ended")]
+    SaleEnded {
+        sku: String,
+        ended_at: crate::clock::Millis,
+    },
+    /// Sale rules that would not be valid once a change is applied.
+    #[error("{detail}")]
+    InvalidRules { field: String, detail: String },
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error: {0}")]

@@ -26,55 +26,10 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::clock::{Millis, SharedClock};
+pub use crate::domain::key::{ApiKey, KeyId, Scope};
 use crate::error::{Error, Result};
 use crate::storage::log::LogHandle;
-pub use provisional::{ApiKey, KeyId, Scope};
-
-/// PROVISIONAL until the key records land: the shapes of `crate::domain::key`.
-mod provisional {
-    use crate::clock::Millis;
-    pub type KeyId = uuid::Uuid;
-    #[derive(
-        Clone,
-        Copy,
-        Debug,
-        PartialEq,
-        Eq,
-        PartialOrd,
-        Ord,
-        Hash,
-        serde::Serialize,
-        serde::Deserialize,
-    )]
-    #[serde(rename_all = "lowercase")]
-    pub enum Scope {
-        Read,
-        Reserve,
-        Stock,
-        Admin,
-    }
-    #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-    pub struct ApiKey {
-        pub id: KeyId,
-        pub name: String,
-        pub scopes: Vec<Scope>,
-        pub secret_hash: [u8; 32],
-        pub created_at: Millis,
-    }
-    #[allow(dead_code)]
-    pub enum Record {
-        KeyCreated {
-            key: ApiKey,
-            by: Option<KeyId>,
-        },
-        KeyRevoked {
-            id: KeyId,
-            at: Millis,
-            by: Option<KeyId>,
-        },
-    }
-}
-use provisional::Record;
+use crate::storage::record::Record;
 
 /// The bootstrap key's id (the nil UUID): what `by` names for its changes.
 pub const BOOTSTRAP_KEY_ID: KeyId = uuid::Uuid::nil();
@@ -86,24 +41,6 @@ pub const ADMIN_KEY_CHARS_MIN: usize = 16;
 pub const ADMIN_KEY_CHARS_MAX: usize = 256;
 /// What every secret stockd makes starts with (so that secret scanners can find them).
 pub const SECRET_PREFIX: &str = "stk_";
-
-/// Every scope, in the order the API lists them.
-pub const SCOPES: [Scope; 4] = [Scope::Read, Scope::Reserve, Scope::Stock, Scope::Admin];
-
-/// A scope's name in the API, the log dump and the command line.
-pub fn scope_name(scope: Scope) -> &'static str {
-    match scope {
-        Scope::Read => "read",
-        Scope::Reserve => "reserve",
-        Scope::Stock => "stock",
-        Scope::Admin => "admin",
-    }
-}
-
-/// The scope called `name`, if any (names are lower case).
-pub fn parse_scope(name: &str) -> Option<Scope> {
-    SCOPES.into_iter().find(|s| scope_name(*s) == name)
-}
 
 /// A set of scopes, one bit each: what a request's check reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -357,9 +294,7 @@ impl Keyring {
                 "the write-ahead log cannot be written; keys cannot change".into(),
             ));
         }
-        // PROVISIONAL: appended to the log once it has key records.
-        drop(record);
-        self.log.barrier().durable().await?;
+        self.log.append(record).durable().await?;
         Ok(())
     }
 }
@@ -370,10 +305,10 @@ mod tests {
 
     #[test]
     fn admin_implies_every_scope_and_others_only_themselves() {
-        for need in SCOPES {
+        for need in Scope::ALL {
             assert!(Scopes::of(&[Scope::Admin]).allow(need));
             assert!(Scopes::ALL.allow(need));
-            for has in SCOPES {
+            for has in Scope::ALL {
                 let allowed = Scopes::of(&[has]).allow(need);
                 assert_eq!(
                     allowed,
@@ -387,16 +322,32 @@ mod tests {
     }
 
     #[test]
-    fn scope_names_round_trip_and_match_serde() {
-        for scope in SCOPES {
-            assert_eq!(parse_scope(scope_name(scope)), Some(scope));
+    fn scope_names_match_serde() {
+        for scope in Scope::ALL {
             assert_eq!(
                 serde_json::to_value(scope).unwrap(),
-                serde_json::Value::from(scope_name(scope))
+                serde_json::Value::from(scope.as_str())
             );
         }
-        assert_eq!(parse_scope("Admin"), None);
-        assert_eq!(parse_scope("write"), None);
+    }
+
+    /// The bit set agrees with `ApiKey::grants` for every key of one or two scopes.
+    #[test]
+    fn scope_sets_agree_with_the_keys_own_rule() {
+        for a in Scope::ALL {
+            for b in Scope::ALL {
+                let key = ApiKey {
+                    id: uuid::Uuid::nil(),
+                    name: "k".into(),
+                    scopes: vec![a, b],
+                    secret_hash: [0; 32],
+                    created_at: 0,
+                };
+                for need in Scope::ALL {
+                    assert_eq!(Scopes::of(&key.scopes).allow(need), key.grants(need));
+                }
+            }
+        }
     }
 
     #[test]

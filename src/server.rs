@@ -193,10 +193,11 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     let log = Log::open(&config.data_dir.join("log"))?
         .with_segment_records(config.log_segment_records)
         .with_flush_interval(flush_interval);
-    let recovered = recover(&log, &config)?;
-    // PROVISIONAL: the recovered state's keys once the log holds them.
-    let keys: Vec<crate::keyring::ApiKey> = Vec::new();
-    if unprotected && keys.is_empty() {
+    let mut recovered = recover(&log, &config)?;
+    // The keys go to the keyring; the supervisor's state has no use for them (snapshots
+    // are folded from the log).
+    let keys = std::mem::take(&mut recovered.state.keys).into_values();
+    if unprotected && keys.len() == 0 {
         return Err(StartError::Unprotected {
             addr: config.listen,
         });

@@ -15,7 +15,8 @@ use crate::actors::assembly::{NewReservation, Reserved};
 use crate::actors::product::{Change, IfMatch, ProductMsg};
 use crate::actors::supervisor::{Listed, Stats, SupervisorMsg};
 use crate::actors::{ask, AskError};
-use crate::domain::{Line, Price, Product, Reservation};
+pub use crate::domain::NewProduct;
+use crate::domain::{KeyId, Line, Product, Reservation};
 use crate::error::{Error, Result};
 use crate::storage::log::{LogHandle, Ticket};
 use crate::storage::record::IdempotencyKey;
@@ -78,18 +79,12 @@ impl Service {
         .await?
     }
 
-    pub async fn create_product(
-        &self,
-        sku: String,
-        name: String,
-        price: Option<Price>,
-        on_hand: u64,
-    ) -> Result<Product> {
+    /// Creates a product; `by` is the API key making the change (so for every change
+    /// below).
+    pub async fn create_product(&self, new: NewProduct, by: Option<KeyId>) -> Result<Product> {
         let (product, ticket) = ask(&self.supervisor, |reply| SupervisorMsg::CreateProduct {
-            sku,
-            name,
-            price,
-            on_hand,
+            new,
+            by,
             reply,
         })
         .await??;
@@ -142,11 +137,13 @@ impl Service {
         sku: &str,
         change: Change,
         if_match: Option<IfMatch>,
+        by: Option<KeyId>,
     ) -> Result<Product> {
         let (product, ticket) = self
             .route(sku, |reply| ProductMsg::Change {
-                change,
+                change: Box::new(change),
                 if_match,
+                by,
                 reply,
             })
             .await?;
@@ -154,10 +151,16 @@ impl Service {
         Ok(product)
     }
 
-    pub async fn delete_product(&self, sku: &str, if_match: Option<IfMatch>) -> Result<()> {
+    pub async fn delete_product(
+        &self,
+        sku: &str,
+        if_match: Option<IfMatch>,
+        by: Option<KeyId>,
+    ) -> Result<()> {
         let ticket = ask(&self.supervisor, |reply| SupervisorMsg::DeleteProduct {
             sku: sku.to_string(),
             if_match,
+            by,
             reply,
         })
         .await??;
@@ -172,6 +175,7 @@ impl Service {
         &self,
         request: ReserveRequest,
         idempotency_key: Option<String>,
+        by: Option<KeyId>,
     ) -> Result<(Reservation, bool)> {
         let idempotency = idempotency_key.map(|key| {
             let key = IdempotencyKey {
@@ -186,6 +190,7 @@ impl Service {
             customer_id: request.customer_id,
             items: request.items,
             ttl_ms: (ttl as i64) * 1000,
+            by,
         };
         let reserved = ask(&self.supervisor, |reply| SupervisorMsg::Reserve {
             request,
@@ -209,10 +214,16 @@ impl Service {
         .await?
     }
 
-    pub async fn confirm(&self, id: Uuid, order_id: Option<String>) -> Result<Reservation> {
+    pub async fn confirm(
+        &self,
+        id: Uuid,
+        order_id: Option<String>,
+        by: Option<KeyId>,
+    ) -> Result<Reservation> {
         let (r, ticket) = ask(&self.supervisor, |reply| SupervisorMsg::Confirm {
             id,
             order_id,
+            by,
             reply,
         })
         .await??;
@@ -220,9 +231,10 @@ impl Service {
         Ok(r)
     }
 
-    pub async fn cancel(&self, id: Uuid) -> Result<Reservation> {
+    pub async fn cancel(&self, id: Uuid, by: Option<KeyId>) -> Result<Reservation> {
         let (r, ticket) = ask(&self.supervisor, |reply| SupervisorMsg::Cancel {
             id,
+            by,
             reply,
         })
         .await??;
@@ -230,11 +242,17 @@ impl Service {
         Ok(r)
     }
 
-    pub async fn extend(&self, id: Uuid, ttl_seconds: u64) -> Result<Reservation> {
+    pub async fn extend(
+        &self,
+        id: Uuid,
+        ttl_seconds: u64,
+        by: Option<KeyId>,
+    ) -> Result<Reservation> {
         let ttl_ms = (ttl_seconds as i64) * 1000;
         let (r, ticket) = ask(&self.supervisor, |reply| SupervisorMsg::Extend {
             id,
             ttl_ms,
+            by,
             reply,
         })
         .await??;

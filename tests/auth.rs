@@ -446,3 +446,265 @@ async fn the_binary_takes_its_admin_key_from_the_environment_or_a_file() {
         out.stderr
     );
 }
+
+/// Keys are in the log and in snapshots: a restart (from the log, then from a snapshot)
+/// honours the keys created and refuses the ones revoked.
+#[tokio::test]
+async fn keys_survive_restarts_and_revocations_too() {
+    let t = start_with_admin_key().await;
+    let (kept_id, kept) = create_key(&t.client, "kept", &["read"]).await;
+    let (gone_id, gone) = create_key(&t.client, "gone", &["read"]).await;
+    let a = call(
+        &t.client,
+        Some(ADMIN),
+        Method::DELETE,
+        &format!("/v1/admin/keys/{gone_id}"),
+        None,
+    )
+    .await;
+    assert_eq!(a.status, 204);
+    let t = t.restart().await;
+    let c = &t.client;
+    assert_eq!(
+        call(c, Some(&kept), Method::GET, "/v1/products", None)
+            .await
+            .status,
+        200
+    );
+    assert_unauthorized(&call(c, Some(&gone), Method::GET, "/v1/products", None).await);
+    let list = call(c, Some(ADMIN), Method::GET, "/v1/admin/keys", None).await;
+    assert_eq!(list.body["items"].as_array().unwrap().len(), 1);
+    assert_eq!(list.body["items"][0]["id"], kept_id);
+
+    // From a snapshot: the log before it is gone, the keys are not.
+    let a = call(c, Some(ADMIN), Method::POST, "/v1/admin/snapshot", None).await;
+    assert!(a.status == 201 || a.status == 200, "{:?}", a.body);
+    let t = t.restart().await;
+    let c = &t.client;
+    assert_eq!(
+        call(c, Some(&kept), Method::GET, "/v1/products", None)
+            .await
+            .status,
+        200
+    );
+    assert_unauthorized(&call(c, Some(&gone), Method::GET, "/v1/products", None).await);
+    t.stop().await;
+}
+
+/// Every logged change names the key that made it: the bootstrap key's nil id, a stored
+/// key's id; `None` while the server runs open.
+#[tokio::test]
+async fn every_change_records_the_key_that_made_it() {
+    // No snapshot at shutdown: it would take the records out of the log.
+    fn keep_the_log(config: &mut Config) {
+        with_admin_key(config);
+        config.snapshots.on_shutdown = false;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(START_MS));
+    let mut t = TestServer::start_tweaked(dir, clock, Durability::Sync, keep_the_log).await;
+    let (id, secret) = create_key(&t.client, "stock", &["stock"]).await;
+    let a = call(
+        &t.client,
+        Some(&secret),
+        Method::POST,
+        "/v1/products",
+        Some(json!({"sku": "A", "name": "a", "on_hand": 1})),
+    )
+    .await;
+    assert_eq!(a.status, 201, "{:?}", a.body);
+    // Stopped, its directory kept (`t` holds it).
+    t.server.take().unwrap().shutdown().await.unwrap();
+    let log = stockd::storage::log::Log::open(&t.config.data_dir.join("log")).unwrap();
+    let mut seen = Vec::new();
+    for item in log.reader().records() {
+        let (_, record) = item.unwrap();
+        let record = serde_json::to_value(&record).unwrap();
+        let (kind, fields) = record.as_object().unwrap().iter().next().unwrap();
+        seen.push((kind.clone(), fields["by"].clone()));
+    }
+    assert_eq!(
+        seen,
+        [
+            (
+                "KeyCreated".to_string(),
+                json!("00000000-0000-0000-0000-000000000000")
+            ),
+            ("ProductCreated".to_string(), json!(id)),
+        ]
+    );
+
+    fn open_keeping_the_log(config: &mut Config) {
+        config.snapshots.on_shutdown = false;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(START_MS));
+    let mut t = TestServer::start_tweaked(dir, clock, Durability::Sync, open_keeping_the_log).await;
+    t.client.create_product("B", 1).await;
+    t.server.take().unwrap().shutdown().await.unwrap();
+    let log = stockd::storage::log::Log::open(&t.config.data_dir.join("log")).unwrap();
+    let (_, record) = log.reader().records().next().unwrap().unwrap();
+    let record = serde_json::to_value(&record).unwrap();
+    assert_eq!(record["ProductCreated"]["by"], Value::Null, "open: no key");
+}
+
+/// Runs `stockd keys ARGS` on `dir`'s data; answers (status, stdout, stderr).
+fn keys_command(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stockd"))
+        .arg("keys")
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--snapshot-dir")
+        .arg(dir.join("snapshots"))
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `stockd keys create/list/revoke` on a stopped server's data; the server then honours
+/// them (authentication on, with no admin key configured, since keys exist).
+#[tokio::test]
+async fn offline_keys_are_honoured_by_the_next_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let (status, out, err) = keys_command(
+        dir.path(),
+        &[
+            "create", "--name", "checkout", "--scope", "reserve", "--scope", "read",
+        ],
+    );
+    assert_eq!(status, 0, "{err}");
+    let secret = out
+        .lines()
+        .find_map(|l| l.strip_prefix("secret: "))
+        .unwrap_or_else(|| panic!("no secret in {out}"))
+        .to_string();
+    assert!(secret.starts_with("stk_"), "{out}");
+    let (status, out, err) = keys_command(
+        dir.path(),
+        &["create", "--name", "ops", "--scope", "admin", "--json"],
+    );
+    assert_eq!(status, 0, "{err}");
+    let ops: Value = serde_json::from_str(&out).unwrap();
+    let ops_secret = ops["secret"].as_str().unwrap().to_string();
+    let ops_id = ops["id"].as_str().unwrap().to_string();
+
+    // Validated as the API validates it, before anything is written.
+    let (status, _, err) = keys_command(dir.path(), &["create", "--name", "x", "--scope", "write"]);
+    assert_eq!(status, 1);
+    assert!(
+        err.contains("scopes[0] must be one of read, reserve, stock, admin"),
+        "{err}"
+    );
+
+    let (status, out, err) = keys_command(dir.path(), &["list", "--json"]);
+    assert_eq!(status, 0, "{err}");
+    let list: Value = serde_json::from_str(&out).unwrap();
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["checkout", "ops"]);
+    assert!(
+        !out.contains(&secret[4..]) && !out.contains("secret"),
+        "{out}"
+    );
+    let (status, out, _) = keys_command(dir.path(), &["list"]);
+    assert_eq!(status, 0);
+    assert!(
+        out.contains("reserve,read") && out.contains("checkout"),
+        "{out}"
+    );
+
+    // The server: no admin key configured, the keys in the log turn authentication on.
+    let mut server = ChildServer::spawn(dir.path(), &[]);
+    let c = server.client.clone();
+    assert_unauthorized(&c.get("/v1/products").await);
+    let a = call(
+        &c,
+        Some(&ops_secret),
+        Method::POST,
+        "/v1/products",
+        Some(json!({"sku": "A", "name": "a", "on_hand": 5})),
+    )
+    .await;
+    assert_eq!(a.status, 201, "{:?}", a.body);
+    let a = call(
+        &c,
+        Some(&secret),
+        Method::POST,
+        "/v1/reservations",
+        Some(json!({"customer_id": "c", "items": [{"sku": "A", "quantity": 1}]})),
+    )
+    .await;
+    assert_eq!(a.status, 201, "{:?}", a.body);
+    call(&c, Some(&secret), Method::DELETE, "/v1/products/A", None)
+        .await
+        .assert_problem(403, "forbidden");
+
+    // While the server runs, the offline commands are refused, naming the likely cause.
+    let (status, _, err) = keys_command(dir.path(), &["list"]);
+    assert_eq!(status, 1);
+    assert!(
+        err.contains("is a server running on this data directory"),
+        "{err}"
+    );
+
+    // Revoked with the server stopped: refused by the next start.
+    assert!(server.terminate().is_some_and(|s| s.success()));
+    let checkout_id = list["items"][0]["id"].as_str().unwrap().to_string();
+    let (status, out, err) = keys_command(dir.path(), &["revoke", &checkout_id]);
+    assert_eq!(status, 0, "{err}");
+    assert!(out.contains(&checkout_id), "{out}");
+    let (status, _, err) = keys_command(dir.path(), &["revoke", &checkout_id]);
+    assert_eq!(status, 1, "revoked already");
+    assert!(err.contains("no stored API key"), "{err}");
+    drop(server);
+    let server = ChildServer::spawn(dir.path(), &[]);
+    let c = server.client.clone();
+    assert_unauthorized(&call(&c, Some(&secret), Method::GET, "/v1/products/A", None).await);
+    let list = call(&c, Some(&ops_secret), Method::GET, "/v1/admin/keys", None).await;
+    assert_eq!(list.body["items"][0]["id"], ops_id);
+    assert_eq!(list.body["items"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn help_describes_the_keys_commands_and_the_admin_key() {
+    let help = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_stockd"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let serve = help(&["serve", "--help"]);
+    for needed in [
+        "--admin-key-file",
+        "STOCKD_ADMIN_KEY_FILE",
+        "STOCKD_ADMIN_KEY",
+    ] {
+        assert!(serve.contains(needed), "{needed} missing from:\n{serve}");
+    }
+    assert!(help(&["--help"]).contains("keys"));
+    let keys = help(&["keys", "--help"]);
+    for needed in ["create", "list", "revoke"] {
+        assert!(keys.contains(needed), "{needed} missing from:\n{keys}");
+    }
+    let create = help(&["keys", "create", "--help"]);
+    for needed in [
+        "--name",
+        "--scope",
+        "--data-dir",
+        "--snapshot-dir",
+        "read, reserve, stock",
+    ] {
+        assert!(create.contains(needed), "{needed} missing from:\n{create}");
+    }
+}

@@ -3,14 +3,15 @@
 //! Random operation sequences are decided by the reference model (plain arithmetic, no
 //! shared code), cross-checked against the domain methods the actors use, turned into log
 //! records and folded. After every step: invariant 1 in docs/ARCHITECTURE.md holds (never
-//! oversell: 0 <= reserved <= on_hand) and the fold agrees with the model. At the end,
-//! every prefix of the produced log folds to a valid state, and every record survives the
-//! codec.
+//! oversell: 0 <= reserved <= on_hand) and the fold agrees with the model, per-buyer
+//! purchase-limit counts included. At the end, every prefix of the produced log folds to a
+//! valid state in which no counted hold took its customer past the limit in force, and
+//! every record survives the codec.
 
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use stockd::domain::{Line, Status};
+use stockd::domain::{Line, LineSet, RulesPatch, Status};
 use stockd::limits::STOCK_MAX;
 use stockd::storage::fold::{apply, State};
 use stockd::storage::record::{decode, encode, Record};
@@ -20,15 +21,44 @@ const SKUS: [&str; 3] = ["A", "B", "C"];
 
 #[derive(Clone, Debug)]
 enum Op {
-    Create { sku: usize, on_hand: u64 },
-    Replenish { sku: usize, quantity: u64 },
-    Adjust { sku: usize, delta: i64 },
-    Delete { sku: usize },
-    Reserve { lines: Vec<(usize, u64)> },
-    Confirm { res: usize },
-    Cancel { res: usize },
-    Expire { res: usize },
-    Extend { res: usize },
+    Create {
+        sku: usize,
+        on_hand: u64,
+    },
+    Replenish {
+        sku: usize,
+        quantity: u64,
+    },
+    Adjust {
+        sku: usize,
+        delta: i64,
+    },
+    Delete {
+        sku: usize,
+    },
+    Reserve {
+        customer: usize,
+        lines: Vec<(usize, u64)>,
+    },
+    /// Sets (or removes) a product's purchase limit and sale window; the window is
+    /// `start .. start + length` in steps from the first (`at` = 1000 + step).
+    SetRules {
+        sku: usize,
+        limit: Option<u64>,
+        window: Option<(i64, i64)>,
+    },
+    Confirm {
+        res: usize,
+    },
+    Cancel {
+        res: usize,
+    },
+    Expire {
+        res: usize,
+    },
+    Extend {
+        res: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -37,8 +67,16 @@ fn op() -> impl Strategy<Value = Op> {
         (0..3usize, 1..4u64).prop_map(|(sku, quantity)| Op::Replenish { sku, quantity }),
         (0..3usize, -4..4i64).prop_map(|(sku, delta)| Op::Adjust { sku, delta }),
         (0..3usize).prop_map(|sku| Op::Delete { sku }),
-        prop::collection::vec((0..3usize, 1..4u64), 1..3).prop_map(|lines| Op::Reserve { lines }),
-        prop::collection::vec((0..3usize, 1..4u64), 1..3).prop_map(|lines| Op::Reserve { lines }),
+        (0..3usize, prop::collection::vec((0..3usize, 1..4u64), 1..3))
+            .prop_map(|(customer, lines)| Op::Reserve { customer, lines }),
+        (0..3usize, prop::collection::vec((0..3usize, 1..4u64), 1..3))
+            .prop_map(|(customer, lines)| Op::Reserve { customer, lines }),
+        (
+            0..3usize,
+            prop::option::of(1..5u64),
+            prop::option::weighted(0.3, (0..80i64, 1..40i64))
+        )
+            .prop_map(|(sku, limit, window)| Op::SetRules { sku, limit, window }),
         (0..8usize).prop_map(|res| Op::Confirm { res }),
         (0..8usize).prop_map(|res| Op::Cancel { res }),
         (0..8usize).prop_map(|res| Op::Expire { res }),
@@ -46,15 +84,28 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// A model reservation: id, lines, still pending.
-type ModelReservation = (Uuid, Vec<(&'static str, u64)>, bool);
+const CUSTOMERS: [&str; 3] = ["c0", "c1", "c2"];
+
+/// A model reservation: id, customer, lines (with whether each was counted toward a
+/// limit), still pending.
+type ModelReservation = (Uuid, &'static str, Vec<(&'static str, u64, bool)>, bool);
+
+/// A product's sale rules in the model: limit, window (start, end).
+#[derive(Clone, Copy, Default)]
+struct ModelRules {
+    limit: Option<u64>,
+    window: Option<(i64, i64)>,
+}
 
 /// The reference model: counters and statuses, nothing else.
 #[derive(Default)]
 struct Model {
     /// sku → (on_hand, reserved, sold)
     stock: BTreeMap<&'static str, (u64, u64, u64)>,
-    /// (id, lines, pending)
+    rules: BTreeMap<&'static str, ModelRules>,
+    /// (sku, customer) → units counted toward the limit (pending and confirmed holds made
+    /// while the product had a limit).
+    counted: BTreeMap<(&'static str, &'static str), u64>,
     reservations: Vec<ModelReservation>,
 }
 
@@ -69,6 +120,8 @@ impl Model {
                 }
                 self.stock.insert(sku, (*on_hand, 0, 0));
                 Some(Record::ProductCreated {
+                    by: None,
+                    rules: Default::default(),
                     sku: sku.into(),
                     name: "n".into(),
                     price: None,
@@ -81,6 +134,7 @@ impl Model {
                 let s = self.stock.get_mut(sku)?;
                 s.0 += quantity;
                 Some(Record::Replenished {
+                    by: None,
                     sku: sku.into(),
                     quantity: *quantity,
                     at,
@@ -95,6 +149,7 @@ impl Model {
                 }
                 s.0 = result as u64;
                 Some(Record::Adjusted {
+                    by: None,
                     sku: sku.into(),
                     delta: *delta,
                     reason: None,
@@ -108,30 +163,54 @@ impl Model {
                     return None;
                 }
                 self.stock.remove(sku);
+                self.rules.remove(sku);
+                self.counted.retain(|(s, _), _| *s != sku);
                 Some(Record::ProductDeleted {
+                    by: None,
                     sku: sku.into(),
                     at,
                 })
             }
-            Op::Reserve { lines } => {
+            Op::Reserve { customer, lines } => {
+                let customer = CUSTOMERS[*customer];
                 let mut seen = Vec::new();
+                let mut decided = Vec::new();
                 for (sku, quantity) in lines {
                     let sku = SKUS[*sku];
                     let s = self.stock.get(sku)?;
+                    let rules = self.rules.get(sku).copied().unwrap_or_default();
                     if seen.contains(&sku) || s.0 - s.1 < *quantity {
                         return None;
                     }
+                    if rules
+                        .window
+                        .is_some_and(|(start, end)| at < start || at >= end)
+                    {
+                        return None;
+                    }
+                    let held = self.counted.get(&(sku, customer)).copied().unwrap_or(0);
+                    if rules.limit.is_some_and(|limit| held + quantity > limit) {
+                        return None;
+                    }
                     seen.push(sku);
+                    decided.push((sku, *quantity, rules.limit.is_some()));
                 }
-                let lines: Vec<_> = lines.iter().map(|(s, q)| (SKUS[*s], *q)).collect();
-                for (sku, q) in &lines {
+                let mut counted = LineSet::EMPTY;
+                for (i, (sku, q, is_counted)) in decided.iter().enumerate() {
                     self.stock.get_mut(sku).unwrap().1 += q;
+                    if *is_counted {
+                        *self.counted.entry((sku, customer)).or_insert(0) += q;
+                        counted.insert(i);
+                    }
                 }
+                let lines: Vec<_> = decided.iter().map(|(s, q, _)| (*s, *q)).collect();
                 let id = Uuid::now_v7();
-                self.reservations.push((id, lines.clone(), true));
+                self.reservations.push((id, customer, decided, true));
                 Some(Record::ReservationCreated {
+                    by: None,
+                    counted,
                     id,
-                    customer_id: "c".into(),
+                    customer_id: customer.into(),
                     items: lines
                         .iter()
                         .map(|(s, q)| Line {
@@ -144,35 +223,67 @@ impl Model {
                     idempotency: None,
                 })
             }
+            Op::SetRules { sku, limit, window } => {
+                let sku = SKUS[*sku];
+                self.stock.get(sku)?;
+                let window = window.map(|(start, length)| (1_000 + start, 1_000 + start + length));
+                self.rules.insert(
+                    sku,
+                    ModelRules {
+                        limit: *limit,
+                        window,
+                    },
+                );
+                Some(Record::ProductPatched {
+                    by: None,
+                    sku: sku.into(),
+                    name: None,
+                    price: None,
+                    rules: RulesPatch {
+                        max_per_customer: Some(*limit),
+                        starts_at: Some(window.map(|w| w.0)),
+                        ends_at: Some(window.map(|w| w.1)),
+                    },
+                    at,
+                })
+            }
             Op::Confirm { res } | Op::Cancel { res } | Op::Expire { res } | Op::Extend { res } => {
-                let (id, lines, pending) = self.reservations.get_mut(*res)?;
+                let (id, customer, lines, pending) = self.reservations.get_mut(*res)?;
                 if !*pending {
                     return None;
                 }
                 let id = *id;
                 if let Op::Extend { .. } = op {
                     return Some(Record::ReservationExtended {
+                        by: None,
                         id,
                         expires_at: at + 5000,
                         at,
                     });
                 }
                 *pending = false;
-                for (sku, q) in lines.iter() {
+                for (sku, q, is_counted) in lines.iter() {
                     let s = self.stock.get_mut(sku).unwrap();
                     s.1 -= q;
                     if let Op::Confirm { .. } = op {
                         s.0 -= q;
                         s.2 += q;
+                    } else if *is_counted {
+                        let count = self.counted.get_mut(&(*sku, *customer)).unwrap();
+                        *count -= q;
+                        if *count == 0 {
+                            self.counted.remove(&(*sku, *customer));
+                        }
                     }
                 }
                 Some(match op {
                     Op::Confirm { .. } => Record::ReservationConfirmed {
+                        by: None,
                         id,
                         order_id: None,
                         at,
                     },
-                    Op::Cancel { .. } => Record::ReservationCancelled { id, at },
+                    Op::Cancel { .. } => Record::ReservationCancelled { by: None, id, at },
                     _ => Record::ReservationExpired { id, at },
                 })
             }
@@ -181,7 +292,7 @@ impl Model {
 }
 
 /// The domain methods (what the actors call) must agree with the model's decision.
-fn domain_agrees(state: &State, op: &Op, accepted: bool) -> bool {
+fn domain_agrees(state: &State, op: &Op, accepted: bool, at: i64) -> bool {
     match op {
         Op::Adjust { sku, delta } if *delta != 0 => match state.products.get(SKUS[*sku]) {
             Some(p) => p.check_adjust(*delta).is_ok() == accepted,
@@ -191,10 +302,15 @@ fn domain_agrees(state: &State, op: &Op, accepted: bool) -> bool {
             Some(p) => p.check_replenish(*quantity).is_ok() == accepted,
             None => !accepted,
         },
-        Op::Reserve { lines } if lines.len() == 1 => match state.products.get(SKUS[lines[0].0]) {
-            Some(p) => p.clone().hold(lines[0].1).is_ok() == accepted,
-            None => !accepted,
-        },
+        Op::Reserve { customer, lines } if lines.len() == 1 => {
+            match state.products.get(SKUS[lines[0].0]) {
+                Some(p) => {
+                    let held = p.clone().hold_for(CUSTOMERS[*customer], lines[0].1, at);
+                    held.is_ok() == accepted
+                }
+                None => !accepted,
+            }
+        }
         _ => true,
     }
 }
@@ -210,7 +326,7 @@ proptest! {
         for (i, op) in ops.iter().enumerate() {
             let at = 1_000 + i as i64;
             let record = model.step(op, at);
-            prop_assert!(domain_agrees(&state, op, record.is_some()), "domain disagrees on {op:?}");
+            prop_assert!(domain_agrees(&state, op, record.is_some(), at), "domain disagrees on {op:?}");
             if let Some(record) = record {
                 apply(&mut state, &record).map_err(|e| TestCaseError::fail(format!("{op:?}: {e}")))?;
                 log.push(record);
@@ -222,6 +338,18 @@ proptest! {
                 prop_assert!(p.on_hand <= STOCK_MAX);
             }
             prop_assert_eq!(state.products.len(), model.stock.len());
+            let mut counts = BTreeMap::new();
+            for (sku, p) in &state.products {
+                for (customer, n) in p.buyers.iter() {
+                    counts.insert((sku.clone(), customer.to_string()), n);
+                }
+            }
+            let expected: BTreeMap<_, _> = model
+                .counted
+                .iter()
+                .map(|((s, c), n)| ((s.to_string(), c.to_string()), *n))
+                .collect();
+            prop_assert_eq!(counts, expected, "per-buyer counts after {:?}", op);
             let holds = state.pending_holds();
             for (sku, p) in &state.products {
                 prop_assert_eq!(p.reserved, holds.get(sku).copied().unwrap_or(0));
@@ -234,9 +362,20 @@ proptest! {
             prop_assert_eq!(decoded.as_ref(), Ok(record));
             apply(&mut prefix, record).map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert!(prefix.invariant_holds());
+            if let Record::ReservationCreated { customer_id, items, counted, created_at, .. } = record {
+                for (i, line) in items.iter().enumerate() {
+                    let p = &prefix.products[&line.sku];
+                    if let Some(limit) = p.rules.max_per_customer {
+                        prop_assert!(counted.contains(i));
+                        prop_assert!(p.buyers.held(customer_id) <= limit, "over the limit at the hold");
+                    }
+                    let (start, end) = (p.rules.starts_at, p.rules.ends_at);
+                    prop_assert!(start.is_none_or(|s| *created_at >= s) && end.is_none_or(|e| *created_at < e));
+                }
+            }
         }
         prop_assert!(prefix == state, "prefix fold of the whole log equals the live fold");
-        let pending = model.reservations.iter().filter(|r| r.2).count();
+        let pending = model.reservations.iter().filter(|r| r.3).count();
         prop_assert_eq!(
             state.reservations.values().filter(|r| r.status == Status::Pending).count(),
             pending
@@ -250,6 +389,8 @@ fn a_hold_beyond_stock_is_a_fold_error_not_an_oversell() {
     apply(
         &mut state,
         &Record::ProductCreated {
+            by: None,
+            rules: Default::default(),
             sku: "A".into(),
             name: "a".into(),
             price: None,
@@ -259,6 +400,8 @@ fn a_hold_beyond_stock_is_a_fold_error_not_an_oversell() {
     )
     .unwrap();
     let take = |n: u64| Record::ReservationCreated {
+        by: None,
+        counted: Default::default(),
         id: Uuid::now_v7(),
         customer_id: "c".into(),
         items: vec![Line {
@@ -368,6 +511,8 @@ proptest! {
 fn products_created(n: u64) -> Vec<Record> {
     (0..n)
         .map(|i| Record::ProductCreated {
+            by: None,
+            rules: Default::default(),
             sku: format!("SKU-{i}"),
             name: "n".into(),
             price: None,
@@ -417,6 +562,8 @@ fn a_damaged_record_in_a_later_segment_is_named() {
 fn replay_of_segments_longer_than_the_read_ahead() {
     let n = 62_000u64;
     let mut records = vec![Record::ProductCreated {
+        by: None,
+        rules: Default::default(),
         sku: "A".into(),
         name: "n".into(),
         price: None,
@@ -424,6 +571,7 @@ fn replay_of_segments_longer_than_the_read_ahead() {
         at: 1,
     }];
     records.extend((1..n).map(|_| Record::Replenished {
+        by: None,
         sku: "A".into(),
         quantity: 1,
         at: 1,

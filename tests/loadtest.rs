@@ -35,7 +35,31 @@ fn options(scenario: Scenario, target: Target) -> Options {
         catalogue: 1,
         abandon_ttl_seconds: 1,
         rounds: 3,
+        max_per_customer: 2,
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_keeps_every_buyer_within_the_limit_and_verifies() {
+    let mut opts = options(Scenario::Limits, stockd());
+    opts.stock = 1_000;
+    let report = loadtest::run(opts).await.expect("run");
+    assert!(report.verified, "{}", report.markdown());
+    assert_eq!(report.requests, 400);
+    // About half the attempts come from the 16 greedy buyers, who get at most 2 each and
+    // are refused after (the stock, 1,000, refuses no one: every 409 is the limit's); the
+    // others ask once and all get their unit.
+    let greedy_max = loadtest::limits::GREEDY_BUYERS as u64 * 2;
+    let created = report.statuses.get("201").copied().unwrap_or(0);
+    let refused = report.statuses.get("409").copied().unwrap_or(0);
+    assert_eq!(created + refused, 400, "{:?}", report.statuses);
+    assert!(
+        refused >= 100 && created > greedy_max,
+        "{:?}",
+        report.statuses
+    );
+    assert_eq!((report.oversold, report.lost_acks), (0, 0));
+    assert!(report.markdown().contains("no buyer above the limit"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,6 +17,7 @@ use common::{
 };
 use serde_json::{json, Value};
 use stockd::clock::ManualClock;
+use stockd::service::NewProduct;
 use stockd::{Config, Durability};
 
 fn snapshot_files(dir: &Path) -> Vec<PathBuf> {
@@ -356,11 +357,14 @@ async fn idle_backlog() -> (TestServer, usize) {
         futures_util::future::join_all(chunk.iter().map(|i| async move {
             let sku = format!("IDLE-{i:05}");
             service
-                .create_product(sku.clone(), sku.clone(), None, 1)
+                .create_product(NewProduct::new(sku.clone(), sku.clone(), None, 1), None)
                 .await
                 .unwrap();
             let change = stockd::actors::product::Change::Replenish { quantity: 1 };
-            service.change_product(&sku, change, None).await.unwrap();
+            service
+                .change_product(&sku, change, None, None)
+                .await
+                .unwrap();
         }))
         .await;
     }

@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-async fn post_json(
+pub(crate) async fn post_json(
     client: &reqwest::Client,
     url: &str,
     body: &Value,

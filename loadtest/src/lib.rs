@@ -22,6 +22,7 @@ pub mod chart;
 pub mod checkout;
 pub mod crash;
 pub mod driver;
+pub mod limits;
 pub mod options;
 pub mod report;
 pub mod rounds;

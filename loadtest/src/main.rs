@@ -49,6 +49,9 @@ struct Cli {
     /// Units of the hot SKU (flash-sale) or of each SKU (checkout).
     #[arg(long, default_value_t = 1_000_000)]
     stock: u64,
+    /// The hot SKU's purchase limit per buyer (limits).
+    #[arg(long, default_value_t = 2)]
+    max_per_customer: u64,
     /// SKUs in the catalogue (checkout).
     #[arg(long, default_value_t = 100)]
     catalogue: usize,
@@ -87,6 +90,10 @@ fn main() -> ExitCode {
         eprintln!("loadtest: --connections must be ≥ 1 and --duration in (0, 3600]");
         return ExitCode::from(2);
     }
+    if cli.max_per_customer == 0 {
+        eprintln!("loadtest: --max-per-customer must be ≥ 1");
+        return ExitCode::from(2);
+    }
     if !(1..=100).contains(&cli.rounds) {
         eprintln!("loadtest: --rounds must be in [1, 100]");
         return ExitCode::from(2);
@@ -105,6 +112,7 @@ fn main() -> ExitCode {
         catalogue: cli.catalogue.max(1),
         abandon_ttl_seconds: cli.abandon_ttl.clamp(1, 86_400),
         rounds: cli.rounds,
+        max_per_customer: cli.max_per_customer,
     };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let report = match runtime.block_on(loadtest::run(opts)) {

@@ -11,6 +11,9 @@ pub enum Scenario {
     Ceiling,
     /// One hot SKU with stock S; every request reserves one unit.
     FlashSale,
+    /// The flash sale with a purchase limit on the hot SKU: half the requests from a few
+    /// greedy buyers, half from buyers who ask once; verified: nobody above the limit.
+    Limits,
     /// A shopper mix over a Zipf-skewed catalogue: reads, reserve then confirm / cancel /
     /// abandon, replenishments; verified by per-SKU conservation.
     Checkout,
@@ -23,6 +26,7 @@ impl Scenario {
         match self {
             Scenario::Ceiling => "ceiling",
             Scenario::FlashSale => "flash-sale",
+            Scenario::Limits => "limits",
             Scenario::Checkout => "checkout",
             Scenario::Crash => "crash",
         }
@@ -52,4 +56,6 @@ pub struct Options {
     /// Flash-sale and checkout: the scenario's duration (and request budget) is split into
     /// this many phases, alternating with ceiling phases of the same length.
     pub rounds: usize,
+    /// The hot SKU's `max_per_customer` (limits).
+    pub max_per_customer: u64,
 }

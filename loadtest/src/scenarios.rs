@@ -56,14 +56,16 @@ pub async fn run(opts: Options) -> Result<Report, String> {
     // that the ceiling samples the same moments of a drifting machine as the scenario.
     // Every round (and ceiling phase) gets at least one request of a `--requests` budget.
     let rounds = match opts.scenario {
-        Scenario::FlashSale | Scenario::Checkout => opts.rounds.clamp(
+        Scenario::FlashSale | Scenario::Checkout | Scenario::Limits => opts.rounds.clamp(
             1,
             opts.limits.requests_max.unwrap_or(u64::MAX).max(1) as usize,
         ),
         Scenario::Ceiling | Scenario::Crash => 1,
     };
     let label = match opts.scenario {
-        Scenario::FlashSale | Scenario::Checkout => format!("ceiling 1/{}", rounds + 1),
+        Scenario::FlashSale | Scenario::Checkout | Scenario::Limits => {
+            format!("ceiling 1/{}", rounds + 1)
+        }
         Scenario::Ceiling | Scenario::Crash => "ceiling".to_string(),
     };
     let limits = ceiling_limits(&opts.limits, rounds, 0);
@@ -71,6 +73,7 @@ pub async fn run(opts: Options) -> Result<Report, String> {
     let mut report = match opts.scenario {
         Scenario::Ceiling => Report::new("ceiling", &first, &first),
         Scenario::FlashSale => flash_sale(&client, &base, &opts, rounds, first).await?,
+        Scenario::Limits => crate::limits::limits(&client, &base, &opts, rounds, first).await?,
         Scenario::Checkout => {
             crate::checkout::checkout(&client, &base, &opts, rounds, first).await?
         }

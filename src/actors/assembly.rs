@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::actors::product::ProductMsg;
 use crate::actors::reservations::Idempotency;
 use crate::actors::supervisor::SupervisorMsg;
-use crate::domain::{Line, Reservation};
+use crate::domain::{KeyId, Line, LineSet, Reservation};
 use crate::error::Error;
 use crate::storage::log::Ticket;
 
@@ -38,6 +38,8 @@ pub struct NewReservation {
     pub customer_id: String,
     pub items: Vec<Line>,
     pub ttl_ms: i64,
+    /// The API key making the request.
+    pub by: Option<KeyId>,
 }
 
 /// A reservation being assembled: its lines are held one product at a time, then it is
@@ -58,6 +60,8 @@ pub(crate) struct Parts {
     pub(crate) actors: Vec<ActorRef<ProductMsg>>,
     /// How many lines are held (always the first ones).
     pub(crate) held: usize,
+    /// The held lines that were counted toward a purchase limit.
+    pub(crate) counted: LineSet,
     pub(crate) reply: RpcReplyPort<Result<Reserved, Error>>,
     pub(crate) supervisor: ActorRef<SupervisorMsg>,
 }
@@ -83,10 +87,19 @@ impl Assembly {
         parts.request.items[parts.held].quantity
     }
 
-    /// The product of the next line has held its units.
-    pub fn held_next(&mut self) {
+    /// The customer the reservation is for.
+    pub fn customer_id(&self) -> &str {
+        &self.parts().request.customer_id
+    }
+
+    /// The product of the next line has held its units (`counted`: toward its purchase
+    /// limit).
+    pub fn held_next(&mut self, counted: bool) {
         let parts = self.parts.as_mut().expect("an assembly in progress");
         debug_assert!(parts.held < parts.actors.len());
+        if counted {
+            parts.counted.insert(parts.held);
+        }
         // Last: nothing may panic between counting the hold and sending it on (a panic
         // would restore the product's state without the hold, and the Drop would release
         // a hold that is not there).
@@ -123,10 +136,15 @@ impl Parts {
 
     /// Rolls back the holds taken (they never reached the log) and answers `err`.
     pub(crate) fn answer_err(self, err: Error) {
-        for (line, actor) in self.request.items.iter().zip(&self.actors).take(self.held) {
+        let lines = self.request.items.iter().zip(&self.actors).take(self.held);
+        for (i, (line, actor)) in lines.enumerate() {
             // An actor that is gone took its holds with it.
             let _ = actor.cast(ProductMsg::Unhold {
                 quantity: line.quantity,
+                uncount: self
+                    .counted
+                    .contains(i)
+                    .then(|| self.request.customer_id.clone()),
             });
         }
         let _ = self.reply.send(Err(err));

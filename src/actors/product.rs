@@ -22,7 +22,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use crate::actors::assembly::Assembly;
 use crate::actors::supervisor::SupervisorMsg;
 use crate::clock::{Millis, SharedClock};
-use crate::domain::{Price, Product, StockError};
+use crate::domain::{HoldError, KeyId, Price, Product, RulesPatch, StockError};
 use crate::error::Error;
 use crate::limits::RETIRE_GRACE_MS;
 use crate::storage::log::{LogHandle, Ticket};
@@ -34,6 +34,7 @@ pub enum Change {
     Patch {
         name: Option<String>,
         price: Option<Option<Price>>,
+        rules: RulesPatch,
     },
     Replenish {
         quantity: u64,
@@ -49,9 +50,11 @@ pub enum ProductMsg {
     /// Hold the next line of a reservation being assembled (not logged yet), then hand
     /// the assembly back to the supervisor with the outcome.
     HoldFor(Box<Assembly>),
-    /// Roll back a hold whose reservation was never registered.
+    /// Roll back a hold whose reservation was never registered (`uncount`: the customer
+    /// whose purchase-limit count took it).
     Unhold {
         quantity: u64,
+        uncount: Option<String>,
     },
     /// The reservation holding these units is registered and logged.
     SettleHold {
@@ -59,9 +62,12 @@ pub enum ProductMsg {
         at: Millis,
     },
     /// A pending reservation was cancelled or expired (its record is already queued).
+    /// `uncount`: the customer whose purchase-limit count gets the units back (the hold
+    /// was counted).
     Release {
         quantity: u64,
         at: Millis,
+        uncount: Option<String>,
     },
     /// A pending reservation was confirmed (its record is already queued).
     Commit {
@@ -69,12 +75,15 @@ pub enum ProductMsg {
         at: Millis,
     },
     Change {
-        change: Change,
+        /// Boxed: changes are rare, and the message stays small for the holds.
+        change: Box<Change>,
         if_match: Option<IfMatch>,
+        by: Option<KeyId>,
         reply: RpcReplyPort<Result<(Product, Ticket), Error>>,
     },
     Delete {
         if_match: Option<IfMatch>,
+        by: Option<KeyId>,
         reply: RpcReplyPort<Result<Ticket, Error>>,
     },
     /// Stop now (sent after a grace period once deleted, so that messages already on
@@ -110,9 +119,18 @@ pub fn is_stock_effect(msg: &ProductMsg) -> bool {
 /// other message back. The actor handles the same messages with this same function.
 pub fn apply_without_actor(p: &mut Product, msg: ProductMsg) -> Result<(), ProductMsg> {
     match msg {
-        ProductMsg::Get(reply) => drop(reply.send(Ok(p.clone()))),
+        ProductMsg::Get(reply) => drop(reply.send(Ok(p.clone_without_buyers()))),
         ProductMsg::SettleHold { quantity, at } => p.settle_hold(quantity, at),
-        ProductMsg::Release { quantity, at } => p.release(quantity, at),
+        ProductMsg::Release {
+            quantity,
+            at,
+            uncount,
+        } => {
+            p.release(quantity, at);
+            if let Some(customer) = uncount {
+                p.uncount(&customer, quantity);
+            }
+        }
         ProductMsg::Commit { quantity, at } => p.commit(quantity, at),
         other => return Err(other),
     }
@@ -221,7 +239,10 @@ impl Actor for ProductActor {
                     let _ = reply.send(None);
                 } else {
                     state.passivated = true;
-                    let _ = reply.send(Some(state.product.clone()));
+                    // Handed over whole: the per-buyer counts move, they are not copied.
+                    let mut handed = state.product.clone_without_buyers();
+                    handed.buyers = std::mem::take(&mut state.product.buyers);
+                    let _ = reply.send(Some(handed));
                     // Messages already on their way (a hold from an earlier lookup) are
                     // answered 503 for a while rather than dropped; then it stops.
                     myself.send_after(Duration::from_millis(RETIRE_GRACE_MS), || {
@@ -249,8 +270,10 @@ impl Actor for ProductActor {
             ProductMsg::Get(_) | ProductMsg::HoldFor(_) | ProductMsg::Crash(_)
         );
         // Only what can be restored is copied (the settles and releases of every
-        // reservation would otherwise clone the product's strings for nothing).
-        let before = restorable.then(|| state.product.clone());
+        // reservation would otherwise clone the product's strings for nothing), and
+        // without the per-buyer counts, which can be large: a hold adds to them as its
+        // very last step, after everything that can fail, so they never need restoring.
+        let before = restorable.then(|| state.product.clone_without_buyers());
         let panic_now = std::mem::take(&mut state.panic_next);
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             if panic_now {
@@ -281,7 +304,8 @@ impl Actor for ProductActor {
                     tracing::error!(%sku, reason, "product actor panicked on a logged effect; failing it");
                     return Err(format!("panicked on a logged effect: {reason}").into());
                 };
-                state.product = before;
+                let buyers = std::mem::take(&mut state.product.buyers);
+                state.product = Product { buyers, ..before };
                 tracing::error!(
                     %sku,
                     reason,
@@ -308,19 +332,26 @@ impl ProductActor {
         match msg {
             ProductMsg::HoldFor(mut assembly) => {
                 let quantity = assembly.next_quantity();
-                let outcome = p
-                    .hold(quantity)
-                    .map_err(|e| stock_error(p, quantity, "quantity", e));
-                if outcome.is_ok() {
-                    assembly.held_next();
-                }
+                let now = self.clock.now_ms();
+                let outcome = match p.hold_for(assembly.customer_id(), quantity, now) {
+                    Ok(counted) => {
+                        assembly.held_next(counted);
+                        Ok(())
+                    }
+                    Err(err) => Err(hold_error(p, quantity, err)),
+                };
                 // If the supervisor is gone, the assembly is dropped with the message and
                 // rolls its holds back, this one included.
                 let _ = self
                     .supervisor
                     .cast(SupervisorMsg::Held { assembly, outcome });
             }
-            ProductMsg::Unhold { quantity } => p.unhold(quantity),
+            ProductMsg::Unhold { quantity, uncount } => {
+                p.unhold(quantity);
+                if let Some(customer) = uncount {
+                    p.uncount(&customer, quantity);
+                }
+            }
             // Handled by `apply_without_actor` above.
             ProductMsg::Get(_)
             | ProductMsg::SettleHold { .. }
@@ -329,14 +360,19 @@ impl ProductActor {
             ProductMsg::Change {
                 change,
                 if_match,
+                by,
                 reply,
             } => {
                 let result =
-                    check_version(p, if_match.as_ref()).and_then(|()| self.change(p, change));
+                    check_version(p, if_match.as_ref()).and_then(|()| self.change(p, *change, by));
                 let _ = reply.send(result);
             }
-            ProductMsg::Delete { if_match, reply } => {
-                let result = check_version(p, if_match.as_ref()).and_then(|()| self.delete(p));
+            ProductMsg::Delete {
+                if_match,
+                by,
+                reply,
+            } => {
+                let result = check_version(p, if_match.as_ref()).and_then(|()| self.delete(p, by));
                 let deleted = result.is_ok();
                 let _ = reply.send(result);
                 if deleted {
@@ -353,24 +389,45 @@ impl ProductActor {
         Processed::Continue
     }
 
-    fn change(&self, p: &mut Product, change: Change) -> Result<(Product, Ticket), Error> {
+    fn change(
+        &self,
+        p: &mut Product,
+        change: Change,
+        by: Option<KeyId>,
+    ) -> Result<(Product, Ticket), Error> {
         let at = self.clock.now_ms();
         let sku = p.sku.clone();
         let record = match change {
-            Change::Patch { name, price } => {
-                p.patch(name.clone(), price.clone(), at);
+            Change::Patch { name, price, rules } => {
+                // Checked against the product's rules as they are now, in the same step
+                // as the change (a window's end must stay after its start).
+                p.rules
+                    .patched(rules)
+                    .check()
+                    .map_err(|err| Error::InvalidRules {
+                        field: err.field().into(),
+                        detail: err.to_string(),
+                    })?;
+                p.patch(name.clone(), price.clone(), rules, at);
                 Record::ProductPatched {
                     sku,
                     name,
                     price,
+                    rules,
                     at,
+                    by,
                 }
             }
             Change::Replenish { quantity } => {
                 p.check_replenish(quantity)
                     .map_err(|e| stock_error(p, quantity, "quantity", e))?;
                 p.replenish(quantity, at);
-                Record::Replenished { sku, quantity, at }
+                Record::Replenished {
+                    sku,
+                    quantity,
+                    at,
+                    by,
+                }
             }
             Change::Adjust { delta, reason } => {
                 p.check_adjust(delta)
@@ -381,22 +438,24 @@ impl ProductActor {
                     delta,
                     reason,
                     at,
+                    by,
                 }
             }
         };
         // Queued before this handler returns, so before the next message can hand out
         // any unit this change freed (invariant 3).
         let ticket = self.log.append(record);
-        Ok((p.clone(), ticket))
+        Ok((p.clone_without_buyers(), ticket))
     }
 
-    fn delete(&self, p: &Product) -> Result<Ticket, Error> {
+    fn delete(&self, p: &Product, by: Option<KeyId>) -> Result<Ticket, Error> {
         if p.reserved > 0 || p.holding > 0 {
             return Err(Error::ProductHasReservations { sku: p.sku.clone() });
         }
         Ok(self.log.append(Record::ProductDeleted {
             sku: p.sku.clone(),
             at: self.clock.now_ms(),
+            by,
         }))
     }
 }
@@ -434,6 +493,32 @@ fn stock_error(p: &Product, requested: u64, field: &str, err: StockError) -> Err
                  (sold counts toward the limit, so that it stays exact in every JSON client)",
                 p.sku, p.sold
             ),
+        },
+    }
+}
+
+/// The answer to a refused hold.
+fn hold_error(p: &Product, requested: u64, err: HoldError) -> Error {
+    match err {
+        HoldError::Stock(err) => stock_error(p, requested, "quantity", err),
+        HoldError::NotStarted { starts_at, now } => Error::SaleNotStarted {
+            sku: p.sku.clone(),
+            starts_at,
+            wait_ms: starts_at - now,
+        },
+        HoldError::Ended { ended_at } => Error::SaleEnded {
+            sku: p.sku.clone(),
+            ended_at,
+        },
+        HoldError::CustomerLimit {
+            limit,
+            held,
+            requested,
+        } => Error::CustomerLimitExceeded {
+            sku: p.sku.clone(),
+            limit,
+            held,
+            requested,
         },
     }
 }

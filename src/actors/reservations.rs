@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use uuid::Uuid;
 
 use crate::clock::Millis;
-use crate::domain::{Line, Reservation, Status};
+use crate::domain::{KeyId, Line, LineSet, Reservation, Status};
 use crate::error::Error;
 use crate::limits::FORGET_EVERY_MS;
 use crate::storage::fold::{self, IdempotencyEntry};
@@ -47,6 +47,9 @@ pub struct Transition {
     pub stock: Option<StockEffect>,
     pub lines: Vec<Line>,
     pub at: Millis,
+    /// For a release: the customer whose purchase-limit counts get back the units of
+    /// these lines (the ones counted when held).
+    pub uncount: Option<(String, LineSet)>,
 }
 
 /// How to acknowledge an answer about a reservation.
@@ -191,17 +194,22 @@ impl Reservations {
     /// Keeps a reservation whose lines are all held: it is pending from `now` for `ttl_ms`
     /// (stamped here, once held, so the time its holds took neither shortens its TTL nor
     /// lets it be registered already expired). The transition settles the holds.
+    /// `counted`: the lines whose holds were counted toward a purchase limit.
+    #[allow(clippy::too_many_arguments)]
     pub fn register(
         &mut self,
         id: Uuid,
         customer_id: String,
         items: Vec<Line>,
+        counted: LineSet,
         ttl_ms: i64,
         idempotency: Option<Idempotency>,
         now: Millis,
+        by: Option<KeyId>,
     ) -> (Reservation, Transition) {
         debug_assert!(!self.reservations.contains_key(&id), "a UUIDv7 is new");
-        let reservation = Reservation::new(id, customer_id, items, now, now + ttl_ms);
+        let mut reservation = Reservation::new(id, customer_id, items, now, now + ttl_ms);
+        reservation.counted = counted;
         if let Some((key, fingerprint)) = &idempotency {
             self.in_flight.remove(key);
             self.idempotency.insert(
@@ -219,13 +227,16 @@ impl Reservations {
                 id,
                 customer_id: reservation.customer_id.clone(),
                 items: reservation.items.clone(),
+                counted,
                 created_at: now,
                 expires_at: reservation.expires_at,
                 idempotency,
+                by,
             },
             stock: Some(StockEffect::Settle),
             lines: reservation.items.clone(),
             at: now,
+            uncount: None,
         };
         self.deadlines.push(Reverse((reservation.expires_at, id)));
         self.pending += 1;
@@ -255,6 +266,7 @@ impl Reservations {
         id: Uuid,
         order_id: Option<String>,
         now: Millis,
+        by: Option<KeyId>,
         out: &mut Vec<Transition>,
     ) -> Result<(Reservation, Ack), Error> {
         self.expire_if_due(id, now, out);
@@ -276,10 +288,12 @@ impl Reservations {
                 id,
                 order_id,
                 at: now,
+                by,
             },
             stock: Some(StockEffect::Commit),
             lines: view.items.clone(),
             at: now,
+            uncount: None,
         });
         Ok((view, Ack::Record))
     }
@@ -290,13 +304,14 @@ impl Reservations {
         &mut self,
         id: Uuid,
         now: Millis,
+        by: Option<KeyId>,
         out: &mut Vec<Transition>,
     ) -> Result<(Reservation, Ack), Error> {
         self.expire_if_due(id, now, out);
         let r = self.reservations.get(&id).ok_or_else(|| not_found(id))?;
         match r.status {
             Status::Pending => {
-                out.push(self.end_pending(id, false, now));
+                out.push(self.end_pending(id, Some(by), now));
                 Ok((self.reservations[&id].clone(), Ack::Record))
             }
             Status::Cancelled => Ok((r.clone(), Ack::Barrier)),
@@ -310,6 +325,7 @@ impl Reservations {
         id: Uuid,
         ttl_ms: i64,
         now: Millis,
+        by: Option<KeyId>,
         out: &mut Vec<Transition>,
     ) -> Result<(Reservation, Ack), Error> {
         self.expire_if_due(id, now, out);
@@ -329,10 +345,12 @@ impl Reservations {
                 id,
                 expires_at,
                 at: now,
+                by,
             },
             stock: None,
             lines: Vec::new(),
             at: now,
+            uncount: None,
         });
         Ok((view, Ack::Record))
     }
@@ -382,25 +400,34 @@ impl Reservations {
         if !self.reservations.get(&id).is_some_and(|r| r.is_due(now)) {
             return false;
         }
-        out.push(self.end_pending(id, true, now));
+        out.push(self.end_pending(id, None, now));
         true
     }
 
-    /// Ends a pending reservation without a sale.
-    fn end_pending(&mut self, id: Uuid, expired: bool, at: Millis) -> Transition {
+    /// Ends a pending reservation without a sale: cancelled by `cancelled_by` (the key, if
+    /// any), or expired when that is `None`.
+    fn end_pending(
+        &mut self,
+        id: Uuid,
+        cancelled_by: Option<Option<KeyId>>,
+        at: Millis,
+    ) -> Transition {
         let r = self
             .reservations
             .get_mut(&id)
             .expect("ending a reservation that is kept");
         debug_assert_eq!(r.status, Status::Pending);
-        let record = if expired {
-            r.expire();
-            self.events.expired += 1;
-            Record::ReservationExpired { id, at }
-        } else {
-            r.cancel();
-            self.events.cancelled += 1;
-            Record::ReservationCancelled { id, at }
+        let record = match cancelled_by {
+            None => {
+                r.expire();
+                self.events.expired += 1;
+                Record::ReservationExpired { id, at }
+            }
+            Some(by) => {
+                r.cancel();
+                self.events.cancelled += 1;
+                Record::ReservationCancelled { id, at, by }
+            }
         };
         self.pending -= 1;
         Transition {
@@ -408,6 +435,7 @@ impl Reservations {
             stock: Some(StockEffect::Release),
             lines: r.items.clone(),
             at,
+            uncount: (!r.counted.is_empty()).then(|| (r.customer_id.clone(), r.counted)),
         }
     }
 }
@@ -464,7 +492,16 @@ mod tests {
     /// Registers a reservation at `now` with `TTL`; returns its id.
     fn reserve(book: &mut Reservations, now: Millis, idempotency: Option<Idempotency>) -> Uuid {
         let id = Uuid::now_v7();
-        let (r, created) = book.register(id, "c".into(), lines(), TTL, idempotency, now);
+        let (r, created) = book.register(
+            id,
+            "c".into(),
+            lines(),
+            LineSet::EMPTY,
+            TTL,
+            idempotency,
+            now,
+            None,
+        );
         assert_eq!(r.status, Status::Pending);
         assert_eq!(created.stock, Some(StockEffect::Settle));
         assert_eq!(created.lines, lines());
@@ -504,7 +541,9 @@ mod tests {
         let mut book = book();
         let id = reserve(&mut book, 0, None);
         let mut out = Vec::new();
-        let (r, ack) = book.confirm(id, Some("o-1".into()), 5, &mut out).unwrap();
+        let (r, ack) = book
+            .confirm(id, Some("o-1".into()), 5, None, &mut out)
+            .unwrap();
         assert_eq!((r.status, ack), (Status::Confirmed, Ack::Record));
         assert_eq!(r.order_id.as_deref(), Some("o-1"));
         assert_eq!(
@@ -512,16 +551,18 @@ mod tests {
             [("ReservationConfirmed", Some(StockEffect::Commit))]
         );
         out.clear();
-        let (r, ack) = book.confirm(id, Some("o-2".into()), 6, &mut out).unwrap();
+        let (r, ack) = book
+            .confirm(id, Some("o-2".into()), 6, None, &mut out)
+            .unwrap();
         assert_eq!((r.order_id.as_deref(), ack), (Some("o-1"), Ack::Barrier));
         assert!(out.is_empty(), "a repeated confirm changes nothing");
         // Past the deadline, a confirmed reservation stays confirmed.
         assert_eq!(
-            book.cancel(id, TTL * 2, &mut out),
+            book.cancel(id, TTL * 2, None, &mut out),
             Err(Error::ReservationConfirmed { id })
         );
         assert_eq!(
-            book.extend(id, TTL, TTL * 2, &mut out),
+            book.extend(id, TTL, TTL * 2, None, &mut out),
             Err(Error::ReservationConfirmed { id })
         );
         assert!(out.is_empty());
@@ -538,7 +579,7 @@ mod tests {
         let mut out = Vec::new();
         // The deadline has passed but its tick has not run yet: the confirm expires it.
         assert_eq!(
-            book.confirm(id, None, TTL, &mut out),
+            book.confirm(id, None, TTL, None, &mut out),
             Err(Error::ReservationExpired { id })
         );
         assert_eq!(
@@ -549,12 +590,12 @@ mod tests {
         // them again.
         out.clear();
         assert_eq!(
-            book.confirm(id, None, TTL + 1, &mut out),
+            book.confirm(id, None, TTL + 1, None, &mut out),
             Err(Error::ReservationExpired { id })
         );
         assert!(!book.expire_due(TTL + 2, usize::MAX, &mut out));
         assert_eq!(
-            book.cancel(id, TTL + 3, &mut out),
+            book.cancel(id, TTL + 3, None, &mut out),
             Err(Error::ReservationExpired { id })
         );
         assert!(out.is_empty());
@@ -566,17 +607,17 @@ mod tests {
         let mut book = book();
         let id = reserve(&mut book, 0, None);
         let mut out = Vec::new();
-        let (r, ack) = book.cancel(id, 1, &mut out).unwrap();
+        let (r, ack) = book.cancel(id, 1, None, &mut out).unwrap();
         assert_eq!((r.status, ack), (Status::Cancelled, Ack::Record));
         assert_eq!(
             kinds(&out),
             [("ReservationCancelled", Some(StockEffect::Release))]
         );
         out.clear();
-        let (_, ack) = book.cancel(id, 2, &mut out).unwrap();
+        let (_, ack) = book.cancel(id, 2, None, &mut out).unwrap();
         assert_eq!(ack, Ack::Barrier);
         assert_eq!(
-            book.confirm(id, None, 3, &mut out),
+            book.confirm(id, None, 3, None, &mut out),
             Err(Error::ReservationCancelled { id })
         );
         assert!(!book.expire_due(TTL * 2, usize::MAX, &mut out));
@@ -589,7 +630,7 @@ mod tests {
         let mut book = book();
         let id = reserve(&mut book, 0, None);
         let mut out = Vec::new();
-        let (r, ack) = book.extend(id, 3 * TTL, TTL - 1, &mut out).unwrap();
+        let (r, ack) = book.extend(id, 3 * TTL, TTL - 1, None, &mut out).unwrap();
         assert_eq!((r.expires_at, r.original_expires_at), (4 * TTL - 1, TTL));
         assert_eq!(ack, Ack::Record);
         assert_eq!(kinds(&out), [("ReservationExtended", None)]);
@@ -606,7 +647,7 @@ mod tests {
         out.clear();
         let late = reserve(&mut book, 0, None);
         assert_eq!(
-            book.extend(late, TTL, TTL, &mut out),
+            book.extend(late, TTL, TTL, None, &mut out),
             Err(Error::ReservationExpired { id: late })
         );
         assert_eq!(
@@ -679,7 +720,7 @@ mod tests {
         );
         // A replay after the reservation ended still answers the original.
         let mut out = Vec::new();
-        book.cancel(id, 1, &mut out).unwrap();
+        book.cancel(id, 1, None, &mut out).unwrap();
         assert!(matches!(book.check_key(Some(&first)), Ok(KeyCheck::Replay(r)) if r.id == id));
     }
 
@@ -703,10 +744,10 @@ mod tests {
         let k = key("k", b"body");
         let ended = reserve(&mut book, 0, Some(k.clone()));
         let mut out = Vec::new();
-        book.cancel(ended, 1, &mut out).unwrap();
+        book.cancel(ended, 1, None, &mut out).unwrap();
         // A reservation extended far past the retention period stays, key and all.
         let long = reserve(&mut book, 0, Some(key("long", b"body")));
-        book.extend(long, 1_000 * TTL, 1, &mut out).unwrap();
+        book.extend(long, 1_000 * TTL, 1, None, &mut out).unwrap();
         // Not before a tenth of the retention period (it is shorter than an hour).
         assert_eq!(book.forget_if_due(retention / 10 - 1), None);
         assert_eq!(book.len(), 2);

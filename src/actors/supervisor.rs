@@ -61,7 +61,7 @@ use crate::actors::reservations::{
 };
 use crate::actors::routes::Routes;
 use crate::clock::{Millis, SharedClock};
-use crate::domain::{Line, Price, Product, Reservation};
+use crate::domain::{KeyId, Line, LineSet, NewProduct, Product, Reservation};
 use crate::error::Error;
 use crate::limits::{
     EXPIRIES_PER_MESSAGE_MAX, EXPIRY_TICK_MS, PASSIVATIONS_PER_MESSAGE_MAX,
@@ -82,10 +82,8 @@ enum Resolved {
 
 pub enum SupervisorMsg {
     CreateProduct {
-        sku: String,
-        name: String,
-        price: Option<Price>,
-        on_hand: u64,
+        new: NewProduct,
+        by: Option<KeyId>,
         reply: RpcReplyPort<Result<(Product, Ticket), Error>>,
     },
     /// Forward a message to a product's actor (or answer "not found" for it).
@@ -102,6 +100,7 @@ pub enum SupervisorMsg {
     DeleteProduct {
         sku: String,
         if_match: Option<IfMatch>,
+        by: Option<KeyId>,
         reply: RpcReplyPort<Result<Ticket, Error>>,
     },
     /// Create this reservation: hold its lines, then log and keep it.
@@ -125,15 +124,18 @@ pub enum SupervisorMsg {
     Confirm {
         id: Uuid,
         order_id: Option<String>,
+        by: Option<KeyId>,
         reply: RpcReplyPort<Result<(Reservation, Ticket), Error>>,
     },
     Cancel {
         id: Uuid,
+        by: Option<KeyId>,
         reply: RpcReplyPort<Result<(Reservation, Ticket), Error>>,
     },
     Extend {
         id: Uuid,
         ttl_ms: i64,
+        by: Option<KeyId>,
         reply: RpcReplyPort<Result<(Reservation, Ticket), Error>>,
     },
     /// Expire what is due. With a reply: answered with a barrier once done (start-up).
@@ -268,10 +270,12 @@ impl Actor for Supervisor {
         myself: ActorRef<SupervisorMsg>,
         args: SupervisorArgs,
     ) -> Result<SupervisorState, ActorProcessingErr> {
+        // API keys are the HTTP layer's business (the server hands them over there).
         let State {
             products,
             reservations,
             idempotency,
+            keys: _,
         } = args.state;
         let now = self.clock.now_ms();
         let _ = myself;
@@ -327,14 +331,8 @@ impl Actor for Supervisor {
         state: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            SupervisorMsg::CreateProduct {
-                sku,
-                name,
-                price,
-                on_hand,
-                reply,
-            } => {
-                let result = self.create_product(state, sku, name, price, on_hand);
+            SupervisorMsg::CreateProduct { new, by, reply } => {
+                let result = self.create_product(state, new, by);
                 let _ = reply.send(result);
             }
             SupervisorMsg::Route { sku, msg } => {
@@ -350,9 +348,12 @@ impl Actor for Supervisor {
             SupervisorMsg::DeleteProduct {
                 sku,
                 if_match,
+                by,
                 reply,
             } => {
-                let result = self.delete_product(&myself, state, &sku, if_match).await;
+                let result = self
+                    .delete_product(&myself, state, &sku, if_match, by)
+                    .await;
                 let _ = reply.send(result);
             }
             SupervisorMsg::Reserve {
@@ -379,21 +380,28 @@ impl Actor for Supervisor {
             SupervisorMsg::Confirm {
                 id,
                 order_id,
+                by,
                 reply,
             } => {
                 let mut out = Vec::new();
                 let now = self.clock.now_ms();
-                let result = state.book.confirm(id, order_id, now, &mut out);
+                let result = state.book.confirm(id, order_id, now, by, &mut out);
                 let _ = reply.send(self.answer(state, result, out));
             }
-            SupervisorMsg::Cancel { id, reply } => {
+            SupervisorMsg::Cancel { id, by, reply } => {
                 let mut out = Vec::new();
-                let result = state.book.cancel(id, self.clock.now_ms(), &mut out);
+                let result = state.book.cancel(id, self.clock.now_ms(), by, &mut out);
                 let _ = reply.send(self.answer(state, result, out));
             }
-            SupervisorMsg::Extend { id, ttl_ms, reply } => {
+            SupervisorMsg::Extend {
+                id,
+                ttl_ms,
+                by,
+                reply,
+            } => {
                 let mut out = Vec::new();
-                let result = state.book.extend(id, ttl_ms, self.clock.now_ms(), &mut out);
+                let now = self.clock.now_ms();
+                let result = state.book.extend(id, ttl_ms, now, by, &mut out);
                 let _ = reply.send(self.answer(state, result, out));
             }
             SupervisorMsg::ExpireMore => {
@@ -520,7 +528,7 @@ fn list_products(
         .after(after)
         .filter_map(|(sku, slot)| match slot {
             Slot::Active { actor, .. } => Some((sku, Listed::Actor(sku.clone(), actor.clone()))),
-            Slot::Passive(p) => Some((sku, Listed::Product(p.clone()))),
+            Slot::Passive(p) => Some((sku, Listed::Product(p.clone_without_buyers()))),
             Slot::Restarting(_) => None,
         })
         .take(limit + 1)
@@ -590,6 +598,7 @@ impl Supervisor {
                     idempotency,
                     actors,
                     held: 0,
+                    counted: LineSet::EMPTY,
                     reply,
                     supervisor: myself.clone(),
                 };
@@ -672,7 +681,13 @@ impl Supervisor {
                 return Some(actor.clone());
             }
             Slot::Restarting(_) => return None,
-            Slot::Passive(p) => p.clone(),
+            // The per-buyer counts move to the actor (they can be large); the rest is
+            // copied, so the slot keeps a product if the spawn fails.
+            Slot::Passive(p) => {
+                let mut product = p.clone_without_buyers();
+                product.buyers = std::mem::take(&mut p.buyers);
+                product
+            }
         };
         match self.spawn_product(myself, state, product).await {
             Ok(actor) => {
@@ -680,8 +695,10 @@ impl Supervisor {
                 Some(actor)
             }
             Err(err) => {
-                // The slot is still `Passive`: nothing is lost, the request gets a 503.
-                tracing::error!(%sku, error = %err, "cannot activate the product actor");
+                // The request gets a 503. The slot's product lost its counts to the
+                // failed spawn: it is rebuilt from the log, which has them.
+                tracing::error!(%sku, error = %err, "cannot activate the product actor; rebuilding it");
+                self.begin_restart(myself, state, sku.to_string());
                 None
             }
         }
@@ -787,18 +804,25 @@ impl Supervisor {
     fn create_product(
         &self,
         state: &mut SupervisorState,
-        sku: String,
-        name: String,
-        price: Option<Price>,
-        on_hand: u64,
+        new: NewProduct,
+        by: Option<KeyId>,
     ) -> Result<(Product, Ticket), Error> {
+        let NewProduct {
+            sku,
+            name,
+            price,
+            on_hand,
+            rules,
+        } = new;
+        debug_assert!(rules.check().is_ok(), "checked with the request");
         match state.routes.get(&sku) {
             Some(Slot::Restarting(_)) => return Err(restarting(&sku)),
             Some(_) => return Err(Error::SkuExists { sku }),
             None => {}
         }
         let at = self.clock.now_ms();
-        let product = Product::new(sku.clone(), name.clone(), price.clone(), on_hand, at);
+        let mut product = Product::new(sku.clone(), name.clone(), price.clone(), on_hand, at);
+        product.rules = rules;
         // Queued before the product can be reached (it is in the routing table only below),
         // so before any of its units are held.
         let ticket = self.log.append(Record::ProductCreated {
@@ -806,7 +830,9 @@ impl Supervisor {
             name,
             price,
             on_hand,
+            rules,
             at,
+            by,
         });
         // It starts passive, as a recovered product does: plain data (a few hundred bytes)
         // until its first change or reservation activates it. Spawning an actor per create
@@ -824,6 +850,7 @@ impl Supervisor {
         state: &mut SupervisorState,
         sku: &str,
         if_match: Option<IfMatch>,
+        by: Option<KeyId>,
     ) -> Result<Ticket, Error> {
         if let Some(err) = unroutable(state, sku) {
             return Err(err);
@@ -833,7 +860,11 @@ impl Supervisor {
             .await
             .ok_or_else(|| restarting(sku))?;
         // Awaiting a product actor here is safe and short: product actors never wait.
-        let asked = crate::actors::ask(&actor, |reply| ProductMsg::Delete { if_match, reply });
+        let asked = crate::actors::ask(&actor, |reply| ProductMsg::Delete {
+            if_match,
+            by,
+            reply,
+        });
         let ticket = match asked.await {
             Ok(result) => result?,
             Err(crate::actors::AskError::Gone) => return Err(restarting(sku)),
@@ -1010,15 +1041,18 @@ impl Supervisor {
             request,
             idempotency,
             reply,
+            counted,
             ..
         } = parts;
         let (reservation, created) = state.book.register(
             request.id,
             request.customer_id,
             request.items,
+            counted,
             request.ttl_ms,
             idempotency,
             self.clock.now_ms(),
+            request.by,
         );
         let ticket = self.carry_out_one(state, created);
         let _ = reply.send(Ok(Reserved::Created(reservation, ticket)));
@@ -1063,14 +1097,22 @@ impl Supervisor {
             stock,
             lines,
             at,
+            uncount,
         } = transition;
         let ticket = self.log.append(record);
         if let Some(effect) = stock {
-            for line in lines {
+            for (i, line) in lines.into_iter().enumerate() {
                 let quantity = line.quantity;
                 let msg = match effect {
                     StockEffect::Settle => ProductMsg::SettleHold { quantity, at },
-                    StockEffect::Release => ProductMsg::Release { quantity, at },
+                    StockEffect::Release => ProductMsg::Release {
+                        quantity,
+                        at,
+                        uncount: uncount
+                            .as_ref()
+                            .filter(|(_, counted)| counted.contains(i))
+                            .map(|(customer, _)| customer.clone()),
+                    },
                     StockEffect::Commit => ProductMsg::Commit { quantity, at },
                 };
                 self.send_stock(state, &line.sku, msg);

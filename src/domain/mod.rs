@@ -4,8 +4,12 @@
 //! fold (`crate::storage::fold::apply`) all change state through these methods, so a rule lives in
 //! exactly one place.
 
+pub mod key;
 pub mod product;
 pub mod reservation;
+pub mod sale;
 
-pub use product::{Price, Product, StockError};
+pub use key::{ApiKey, KeyId, Scope};
+pub use product::{HoldError, NewProduct, Price, Product, StockError};
 pub use reservation::{Line, Reservation, Status};
+pub use sale::{Buyers, LineSet, RulesError, RulesPatch, SaleRules};

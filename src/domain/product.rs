@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Millis;
+use crate::domain::sale::{Buyers, SaleRules};
 use crate::limits::STOCK_MAX;
 
 /// A price in the currency's minor unit (cents for USD).
@@ -37,6 +38,52 @@ pub struct Product {
     pub version: u64,
     pub created_at: Millis,
     pub updated_at: Millis,
+    /// Purchase limit and sale window (`crate::domain::sale`).
+    pub rules: SaleRules,
+    /// Units counted toward the purchase limit, per buyer. Left out of the product's
+    /// hot-path copies (`clone_without_buyers`).
+    pub buyers: Buyers,
+}
+
+/// A product to create (validated by the caller).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewProduct {
+    pub sku: String,
+    pub name: String,
+    pub price: Option<Price>,
+    pub on_hand: u64,
+    /// Checked (`SaleRules::check`) by the caller.
+    pub rules: SaleRules,
+}
+
+impl NewProduct {
+    /// A product without sale rules.
+    pub fn new(sku: String, name: String, price: Option<Price>, on_hand: u64) -> NewProduct {
+        NewProduct {
+            sku,
+            name,
+            price,
+            on_hand,
+            rules: SaleRules::default(),
+        }
+    }
+}
+
+/// Why a hold was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HoldError {
+    #[error(transparent)]
+    Stock(#[from] StockError),
+    #[error("the sale starts at {starts_at}")]
+    NotStarted { starts_at: Millis, now: Millis },
+    #[error("the sale ended at {ended_at}")]
+    Ended { ended_at: Millis },
+    #[error("the customer holds {held} of at most {limit}, and asked for {requested} more")]
+    CustomerLimit {
+        limit: u64,
+        held: u64,
+        requested: u64,
+    },
 }
 
 /// Why a stock change was refused.
@@ -67,9 +114,75 @@ impl Product {
             version: 1,
             created_at: at,
             updated_at: at,
+            rules: SaleRules::default(),
+            buyers: Buyers::default(),
         };
         debug_assert!(product.invariant_holds());
         product
+    }
+
+    /// A copy without the per-buyer counts, which can be large (a million buyers): what
+    /// reads, replies and the actor's undo copy take. Everything else is copied.
+    pub fn clone_without_buyers(&self) -> Product {
+        Product {
+            sku: self.sku.clone(),
+            name: self.name.clone(),
+            price: self.price.clone(),
+            on_hand: self.on_hand,
+            reserved: self.reserved,
+            holding: self.holding,
+            sold: self.sold,
+            version: self.version,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            rules: self.rules,
+            buyers: Buyers::default(),
+        }
+    }
+
+    /// Checks a hold of `quantity` units for `customer` at `now` against the sale window,
+    /// the purchase limit and the stock, in that order, and takes it (see `hold`). Returns
+    /// whether the hold is counted toward the limit (the product has one); a counted hold
+    /// is added to the customer's count last, after everything that can fail.
+    pub fn hold_for(
+        &mut self,
+        customer: &str,
+        quantity: u64,
+        now: Millis,
+    ) -> Result<bool, HoldError> {
+        if let Some(starts_at) = self.rules.starts_at {
+            if now < starts_at {
+                return Err(HoldError::NotStarted { starts_at, now });
+            }
+        }
+        if let Some(ended_at) = self.rules.ends_at {
+            if now >= ended_at {
+                return Err(HoldError::Ended { ended_at });
+            }
+        }
+        let limit = self.rules.max_per_customer;
+        if let Some(limit) = limit {
+            let held = self.buyers.held(customer);
+            if held.saturating_add(quantity) > limit {
+                return Err(HoldError::CustomerLimit {
+                    limit,
+                    held,
+                    requested: quantity,
+                });
+            }
+        }
+        self.hold(quantity)?;
+        if limit.is_some() {
+            self.buyers.add(customer, quantity);
+            debug_assert!(limit.is_some_and(|limit| self.buyers.held(customer) <= limit));
+        }
+        Ok(limit.is_some())
+    }
+
+    /// Gives back `quantity` counted units of `customer` (a counted hold that was rolled
+    /// back, cancelled or expired).
+    pub fn uncount(&mut self, customer: &str, quantity: u64) {
+        self.buyers.remove(customer, quantity);
     }
 
     /// Units not held by registered reservations (`on_hand − reserved`, as shown to clients).
@@ -218,14 +331,23 @@ impl Product {
         self.touch(at);
     }
 
-    /// Changes catalogue data. `price: Some(None)` clears the price.
-    pub fn patch(&mut self, name: Option<String>, price: Option<Option<Price>>, at: Millis) {
+    /// Changes catalogue data and sale rules. `price: Some(None)` clears the price. The
+    /// rules are checked by the caller (`SaleRules::check` on the patched rules); counts
+    /// are never changed by a change of rules.
+    pub fn patch(
+        &mut self,
+        name: Option<String>,
+        price: Option<Option<Price>>,
+        rules: crate::domain::sale::RulesPatch,
+        at: Millis,
+    ) {
         if let Some(name) = name {
             self.name = name;
         }
         if let Some(price) = price {
             self.price = price;
         }
+        self.rules = self.rules.patched(rules);
         self.touch(at);
     }
 }
@@ -316,5 +438,73 @@ mod tests {
         assert!(p.can_apply_replenish(4) && !p.can_apply_replenish(5));
         assert!(p.can_apply_adjust(4) && !p.can_apply_adjust(5));
         assert!(!p.can_apply_adjust(-(p.on_hand as i64) - 1));
+    }
+
+    #[test]
+    fn a_limit_caps_what_one_customer_holds_and_a_refusal_changes_nothing() {
+        let mut p = product(10);
+        p.rules.max_per_customer = Some(2);
+        assert_eq!(p.hold_for("a", 1, 0), Ok(true));
+        let before = p.clone();
+        assert_eq!(
+            p.hold_for("a", 2, 0),
+            Err(HoldError::CustomerLimit {
+                limit: 2,
+                held: 1,
+                requested: 2
+            })
+        );
+        assert_eq!(p, before, "a refused hold leaves no trace");
+        assert_eq!(p.hold_for("a", 1, 0), Ok(true));
+        assert_eq!(p.hold_for("b", 2, 0), Ok(true));
+        assert_eq!(
+            (p.holding, p.buyers.held("a"), p.buyers.held("b")),
+            (4, 2, 2)
+        );
+        // A cancel gives the units back; the customer may hold again.
+        p.unhold(1);
+        p.uncount("a", 1);
+        assert_eq!(p.hold_for("a", 1, 0), Ok(true));
+        // Without a limit nothing is counted.
+        p.rules.max_per_customer = None;
+        assert_eq!(p.hold_for("a", 5, 0), Ok(false));
+        assert_eq!(p.buyers.held("a"), 2);
+    }
+
+    #[test]
+    fn the_window_opens_at_its_start_and_closes_at_its_end() {
+        let mut p = product(10);
+        p.rules.starts_at = Some(100);
+        p.rules.ends_at = Some(200);
+        assert_eq!(
+            p.hold_for("a", 1, 99),
+            Err(HoldError::NotStarted {
+                starts_at: 100,
+                now: 99
+            })
+        );
+        assert_eq!(p.hold_for("a", 1, 100), Ok(false));
+        assert_eq!(p.hold_for("a", 1, 199), Ok(false));
+        assert_eq!(
+            p.hold_for("a", 1, 200),
+            Err(HoldError::Ended { ended_at: 200 })
+        );
+        assert_eq!(p.holding, 2);
+    }
+
+    #[test]
+    fn copies_without_buyers_keep_everything_else() {
+        let mut p = product(10);
+        p.rules.max_per_customer = Some(3);
+        p.hold_for("a", 3, 0).unwrap();
+        let copy = p.clone_without_buyers();
+        assert!(copy.buyers.is_empty());
+        assert_eq!(
+            Product {
+                buyers: p.buyers.clone(),
+                ..copy
+            },
+            p
+        );
     }
 }

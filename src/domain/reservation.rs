@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::clock::Millis;
+use crate::domain::sale::LineSet;
 
 /// One line of a reservation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +48,9 @@ pub struct Reservation {
     pub original_expires_at: Millis,
     pub confirmed_at: Option<Millis>,
     pub order_id: Option<String>,
+    /// The lines whose units were counted toward their product's purchase limit when
+    /// held: a cancel or expiry gives back exactly those.
+    pub counted: LineSet,
 }
 
 impl Reservation {
@@ -69,6 +73,7 @@ impl Reservation {
             original_expires_at: expires_at,
             confirmed_at: None,
             order_id: None,
+            counted: LineSet::EMPTY,
         }
     }
 

@@ -7,7 +7,7 @@
 use warp::http::{header, HeaderMap};
 
 use crate::http::problem::Problem;
-use crate::keyring::{scope_name, Caller, Keyring, Scope, Scopes, Unauthenticated};
+use crate::keyring::{Caller, Keyring, Scope, Scopes, Unauthenticated};
 
 /// The realm of every challenge.
 const CHALLENGE: &str = "Bearer realm=\"stockd\"";
@@ -42,7 +42,7 @@ pub fn authorize(
     if caller.scopes.allow(need) {
         Ok(caller)
     } else {
-        let scope = scope_name(need);
+        let scope = need.as_str();
         Err(Problem::new(
             403,
             "forbidden",

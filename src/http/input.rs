@@ -11,11 +11,12 @@ use serde_json::{Map, Value};
 use warp::http::HeaderMap;
 
 use crate::actors::product::{Change, IfMatch};
-use crate::domain::{Line, Price};
+use crate::clock::Millis;
+use crate::domain::{Line, Price, RulesError, RulesPatch, SaleRules};
 use crate::http::problem::Problem;
-use crate::keyring::{parse_scope, scope_name, Scope, SCOPES};
+use crate::keyring::Scope;
 use crate::limits::*;
-use crate::service::ReserveRequest;
+use crate::service::{NewProduct, ReserveRequest};
 
 type Result<T> = std::result::Result<T, Problem>;
 
@@ -227,17 +228,78 @@ fn price(value: &Value, field: &str) -> Result<Price> {
     })
 }
 
-/// `POST /v1/products`.
-pub struct CreateProduct {
-    pub sku: String,
-    pub name: String,
-    pub price: Option<Price>,
-    pub on_hand: u64,
+/// An instant in RFC 3339 (`2026-12-06T18:00:00Z`, any offset), as milliseconds since the
+/// epoch; years 1970 to 9999.
+fn instant(value: &Value, field: &str) -> Result<Millis> {
+    let bad = || {
+        Problem::invalid(
+            field,
+            format!("{field} must be an RFC 3339 date-time such as 2026-12-06T18:00:00Z"),
+        )
+    };
+    let text = value.as_str().ok_or_else(bad)?;
+    let at = chrono::DateTime::parse_from_rfc3339(text).map_err(|_| bad())?;
+    let ms = at.timestamp_millis();
+    if !(0..=INSTANT_MAX_MS).contains(&ms) {
+        return Err(Problem::invalid(
+            field,
+            format!("{field} must be between 1970 and 9999"),
+        ));
+    }
+    Ok(ms)
 }
 
-pub fn create_product(body: &Value) -> Result<CreateProduct> {
-    let obj = Obj::new(body, "", &["sku", "name", "price", "on_hand"])?;
-    Ok(CreateProduct {
+/// 9999-12-31T23:59:59.999Z.
+const INSTANT_MAX_MS: Millis = 253_402_300_799_999;
+
+/// A field that may be set, or cleared with `null`: `None` when absent.
+fn settable<T>(
+    obj: &Obj,
+    name: &str,
+    parse: impl FnOnce(&Value, &str) -> Result<T>,
+) -> Result<Option<Option<T>>> {
+    match obj.map.get(name) {
+        None => Ok(None),
+        Some(Value::Null) => Ok(Some(None)),
+        Some(v) => parse(v, &obj.field(name)).map(|t| Some(Some(t))),
+    }
+}
+
+fn purchase_limit(value: &Value, field: &str) -> Result<u64> {
+    unsigned(value, field, 1, STOCK_MAX)
+}
+
+/// The sale-rule fields of a product body, as a change to the rules.
+fn rules_patch(obj: &Obj) -> Result<RulesPatch> {
+    Ok(RulesPatch {
+        max_per_customer: settable(obj, "max_per_customer", purchase_limit)?,
+        starts_at: settable(obj, "sale_starts_at", instant)?,
+        ends_at: settable(obj, "sale_ends_at", instant)?,
+    })
+}
+
+/// The problem for sale rules that do not hold together (`SaleRules::check`).
+fn rules_problem(err: &RulesError) -> Problem {
+    Problem::invalid(err.field(), err.to_string())
+}
+
+pub fn create_product(body: &Value) -> Result<NewProduct> {
+    let obj = Obj::new(
+        body,
+        "",
+        &[
+            "sku",
+            "name",
+            "price",
+            "on_hand",
+            "max_per_customer",
+            "sale_starts_at",
+            "sale_ends_at",
+        ],
+    )?;
+    let rules = SaleRules::default().patched(rules_patch(&obj)?);
+    rules.check().map_err(|err| rules_problem(&err))?;
+    Ok(NewProduct {
         sku: sku(obj.req("sku")?, "sku")?,
         name: string(obj.req("name")?, "name", NAME_CHARS_MAX)?.to_string(),
         price: obj.opt("price").map(|v| price(v, "price")).transpose()?,
@@ -245,25 +307,37 @@ pub fn create_product(body: &Value) -> Result<CreateProduct> {
             Some(v) => unsigned(v, "on_hand", 0, STOCK_MAX)?,
             None => 0,
         },
+        rules,
     })
 }
 
-/// `PATCH /v1/products/{sku}`: `price: null` clears the price.
+/// `PATCH /v1/products/{sku}`: `null` clears the price or a sale rule. Whether the rules
+/// hold together once patched is checked against the product, in its actor.
 pub fn patch_product(body: &Value) -> Result<Change> {
-    let obj = Obj::new(body, "", &["name", "price"])?;
+    let obj = Obj::new(
+        body,
+        "",
+        &[
+            "name",
+            "price",
+            "max_per_customer",
+            "sale_starts_at",
+            "sale_ends_at",
+        ],
+    )?;
     let name = obj
         .opt("name")
         .map(|v| string(v, "name", NAME_CHARS_MAX).map(str::to_string))
         .transpose()?;
-    let price = match obj.map.get("price") {
-        None => None,
-        Some(Value::Null) => Some(None),
-        Some(v) => Some(Some(price(v, "price")?)),
-    };
-    if name.is_none() && price.is_none() {
-        return Err(Problem::invalid("body", "give name and/or price to change"));
+    let price = settable(&obj, "price", price)?;
+    let rules = rules_patch(&obj)?;
+    if name.is_none() && price.is_none() && rules.is_empty() {
+        return Err(Problem::invalid(
+            "body",
+            "give name, price, max_per_customer, sale_starts_at and/or sale_ends_at to change",
+        ));
     }
-    Ok(Change::Patch { name, price })
+    Ok(Change::Patch { name, price, rules })
 }
 
 pub fn replenish(body: &Value) -> Result<Change> {
@@ -307,17 +381,17 @@ pub fn create_key(body: &Value) -> Result<CreateKey> {
             "scopes must name at least one scope",
         ));
     }
-    let allowed = SCOPES.map(scope_name).join(", ");
+    let allowed = Scope::ALL.map(Scope::as_str).join(", ");
     let mut scopes = Vec::with_capacity(names.len());
     for (i, name) in names.iter().enumerate() {
         let field = format!("scopes[{i}]");
-        let scope = name.as_str().and_then(parse_scope).ok_or_else(|| {
+        let scope = name.as_str().and_then(Scope::parse).ok_or_else(|| {
             Problem::invalid(field.clone(), format!("{field} must be one of {allowed}"))
         })?;
         if scopes.contains(&scope) {
             return Err(Problem::invalid(
                 field.clone(),
-                format!("{field}: {} appears more than once", scope_name(scope)),
+                format!("{field}: {} appears more than once", scope.as_str()),
             ));
         }
         scopes.push(scope);

@@ -4,6 +4,7 @@
 use serde_json::{Map, Value};
 use warp::http::{header, HeaderValue, Response, StatusCode};
 
+use crate::clock::rfc3339;
 use crate::error::Error;
 
 /// A problem+json answer.
@@ -145,6 +146,32 @@ impl From<Error> for Problem {
                     .with("current_version", current)
             }
             Error::KeyNotFound { id } => Problem::new(404, "key_not_found", detail).with("id", id),
+            Error::CustomerLimitExceeded {
+                sku,
+                limit,
+                held,
+                requested,
+            } => Problem::new(409, "customer_limit_exceeded", detail)
+                .with("sku", sku)
+                .with("limit", limit)
+                .with("held", held)
+                .with("requested", requested),
+            Error::SaleNotStarted {
+                sku,
+                starts_at,
+                wait_ms,
+            } => {
+                // Whole seconds, rounded up: a client that waits that long finds it open.
+                let seconds = (wait_ms.max(1) as u64).div_ceil(1000);
+                Problem::new(409, "sale_not_started", detail)
+                    .with("sku", sku)
+                    .with("starts_at", rfc3339(starts_at))
+                    .header(header::RETRY_AFTER, seconds.to_string())
+            }
+            Error::SaleEnded { sku, ended_at } => Problem::new(409, "sale_ended", detail)
+                .with("sku", sku)
+                .with("ended_at", rfc3339(ended_at)),
+            Error::InvalidRules { field, .. } => Problem::invalid(field, detail),
             Error::Unavailable(_) => {
                 Problem::new(503, "unavailable", detail).header(header::RETRY_AFTER, "1")
             }

@@ -8,7 +8,7 @@ use serde_json::Value;
 use uuid::Uuid;
 use warp::http::{header, HeaderValue, Method, Response, StatusCode};
 
-use crate::domain::{Product, Reservation};
+use crate::domain::{KeyId, Product, Reservation};
 use crate::http::input;
 use crate::http::problem::Problem;
 use crate::http::views::{KeyView, PageView, ProductView, ReservationView};
@@ -288,6 +288,9 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
         .header(header::RETRY_AFTER, "1"));
     }
     let body = || input::json_body(&req.headers, &req.body);
+    // The API key making the request, recorded with every change it makes (`None`: the
+    // server runs open).
+    let by: Option<KeyId> = caller.id;
     match endpoint {
         Health => Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
         Metrics => metrics(app).await,
@@ -300,10 +303,8 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
             Ok(reply)
         }
         CreateProduct => {
-            let input = input::create_product(&input::required(body()?)?)?;
-            let p = svc
-                .create_product(input.sku, input.name, input.price, input.on_hand)
-                .await?;
+            let new = input::create_product(&input::required(body()?)?)?;
+            let p = svc.create_product(new, by).await?;
             let mut reply = product(StatusCode::CREATED, &p);
             set(
                 &mut reply,
@@ -325,13 +326,13 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
             let sku = known_sku(sku)?;
             Ok(product(StatusCode::OK, &svc.get_product(&sku).await?))
         }
-        PatchProduct(sku) => change(svc, req, sku, input::patch_product).await,
-        Replenish(sku) => change(svc, req, sku, input::replenish).await,
-        Adjust(sku) => change(svc, req, sku, input::adjust).await,
+        PatchProduct(sku) => change(svc, req, sku, input::patch_product, by).await,
+        Replenish(sku) => change(svc, req, sku, input::replenish, by).await,
+        Adjust(sku) => change(svc, req, sku, input::adjust, by).await,
         DeleteProduct(sku) => {
             let sku = known_sku(sku)?;
             let if_match = input::if_match(&req.headers)?;
-            svc.delete_product(&sku, if_match).await?;
+            svc.delete_product(&sku, if_match, by).await?;
             let mut reply = Response::new(Vec::new().into());
             *reply.status_mut() = StatusCode::NO_CONTENT;
             Ok(reply)
@@ -344,7 +345,7 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
             if let Some(limiter) = &app.customer_rate {
                 limiter.check(&request.customer_id).map_err(rate_limited)?;
             }
-            let (r, replayed) = svc.reserve(request, key).await?;
+            let (r, replayed) = svc.reserve(request, key, by).await?;
             let view = if replayed {
                 ReservationView::original(&r)
             } else {
@@ -406,7 +407,7 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
         Confirm(id) => {
             let id = reservation_id(&id)?;
             let order_id = input::confirm(body()?.as_ref())?;
-            reservation(&svc.confirm(id, order_id).await?)
+            reservation(&svc.confirm(id, order_id, by).await?)
         }
         Cancel(id) => {
             let id = reservation_id(&id)?;
@@ -416,12 +417,12 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
                     return Err(Problem::invalid("body", "cancel takes no body"));
                 }
             }
-            reservation(&svc.cancel(id).await?)
+            reservation(&svc.cancel(id, by).await?)
         }
         Extend(id) => {
             let id = reservation_id(&id)?;
             let ttl = input::extend(&input::required(body()?)?)?;
-            reservation(&svc.extend(id, ttl).await?)
+            reservation(&svc.extend(id, ttl, by).await?)
         }
     }
 }
@@ -444,6 +445,7 @@ async fn change(
     req: &Request,
     sku: String,
     parse: fn(&Value) -> Result<crate::actors::product::Change>,
+    by: Option<KeyId>,
 ) -> Result<Reply> {
     let sku = known_sku(sku)?;
     let if_match = input::if_match(&req.headers)?;
@@ -451,7 +453,7 @@ async fn change(
         &req.headers,
         &req.body,
     )?)?)?;
-    let p = svc.change_product(&sku, change, if_match).await?;
+    let p = svc.change_product(&sku, change, if_match, by).await?;
     Ok(product(StatusCode::OK, &p))
 }
 
@@ -706,7 +708,7 @@ mod tests {
                 let expected = match scope(&endpoint) {
                     None => serde_json::json!([]),
                     Some(scope) => {
-                        serde_json::json!([{ "bearer": [crate::keyring::scope_name(scope)] }])
+                        serde_json::json!([{ "bearer": [scope.as_str()] }])
                     }
                 };
                 assert_eq!(op["security"], expected, "{method} {path}");

@@ -4,7 +4,7 @@ use serde::Serialize;
 
 use crate::clock::rfc3339;
 use crate::domain::{Price, Product, Reservation};
-use crate::keyring::{scope_name, ApiKey};
+use crate::keyring::ApiKey;
 
 #[derive(Serialize)]
 pub struct ProductView<'a> {
@@ -16,6 +16,9 @@ pub struct ProductView<'a> {
     available: u64,
     sold: u64,
     version: u64,
+    max_per_customer: Option<u64>,
+    sale_starts_at: Option<String>,
+    sale_ends_at: Option<String>,
     created_at: String,
     updated_at: String,
 }
@@ -31,6 +34,9 @@ impl<'a> From<&'a Product> for ProductView<'a> {
             available: p.available(),
             sold: p.sold,
             version: p.version,
+            max_per_customer: p.rules.max_per_customer,
+            sale_starts_at: p.rules.starts_at.map(rfc3339),
+            sale_ends_at: p.rules.ends_at.map(rfc3339),
             created_at: rfc3339(p.created_at),
             updated_at: rfc3339(p.updated_at),
         }
@@ -54,7 +60,7 @@ impl<'a> KeyView<'a> {
         KeyView {
             id: key.id.to_string(),
             name: &key.name,
-            scopes: key.scopes.iter().map(|s| scope_name(*s)).collect(),
+            scopes: key.scopes.iter().map(|s| s.as_str()).collect(),
             secret: None,
             created_at: rfc3339(key.created_at),
         }

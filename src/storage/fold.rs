@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::clock::Millis;
-use crate::domain::{Product, Reservation, Status};
+use crate::domain::{ApiKey, KeyId, Product, Reservation, Status};
 use crate::storage::record::{IdempotencyKey, Record};
 
 /// A remembered idempotency key: what it created, for which request, and when.
@@ -44,6 +44,8 @@ pub struct State {
     pub products: Products,
     pub reservations: BTreeMap<Uuid, Reservation>,
     pub idempotency: BTreeMap<IdempotencyKey, IdempotencyEntry>,
+    /// API keys that are not revoked.
+    pub keys: BTreeMap<KeyId, ApiKey>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -60,6 +62,12 @@ pub enum FoldError {
     Invariant(String),
     #[error("record deletes product {0} while it holds reserved units")]
     DeleteReserved(String),
+    #[error("record sets sale rules on product {0} that are not valid")]
+    Rules(String),
+    #[error("record creates API key {0}, which exists")]
+    DuplicateKey(KeyId),
+    #[error("record revokes API key {0}, which does not exist")]
+    UnknownKey(KeyId),
 }
 
 fn product<'a>(products: &'a mut Products, sku: &str) -> Result<&'a mut Product, FoldError> {
@@ -138,24 +146,40 @@ pub fn apply_owned(state: &mut State, record: Record) -> Result<(), FoldError> {
             name,
             price,
             on_hand,
+            rules,
             at,
+            ..
         } => {
             if state.products.contains_key(&sku) {
                 return Err(FoldError::DuplicateProduct(sku));
             }
-            let p = Product::new(sku.clone(), name, price, on_hand, at);
+            let mut p = Product::new(sku.clone(), name, price, on_hand, at);
             if !p.invariant_holds() {
                 return Err(FoldError::Invariant(sku));
             }
+            if rules.check().is_err() {
+                return Err(FoldError::Rules(sku));
+            }
+            p.rules = rules;
             state.products.insert(sku, p);
         }
         Record::ProductPatched {
             sku,
             name,
             price,
+            rules,
             at,
-        } => state.product(&sku)?.patch(name, price, at),
-        Record::Replenished { sku, quantity, at } => {
+            ..
+        } => {
+            let p = state.product(&sku)?;
+            if p.rules.patched(rules).check().is_err() {
+                return Err(FoldError::Rules(sku));
+            }
+            p.patch(name, price, rules, at);
+        }
+        Record::Replenished {
+            sku, quantity, at, ..
+        } => {
             let p = state.product(&sku)?;
             if !p.can_apply_replenish(quantity) {
                 return Err(FoldError::Invariant(sku));
@@ -179,17 +203,26 @@ pub fn apply_owned(state: &mut State, record: Record) -> Result<(), FoldError> {
             id,
             customer_id,
             items,
+            counted,
             created_at,
             expires_at,
             idempotency,
+            ..
         } => {
-            for line in &items {
+            for (i, line) in items.iter().enumerate() {
                 let p = state.product(&line.sku)?;
                 p.hold(line.quantity)
                     .map_err(|_| FoldError::Invariant(line.sku.clone()))?;
                 p.settle_hold(line.quantity, created_at);
+                if counted.contains(i) {
+                    p.buyers.add(&customer_id, line.quantity);
+                    // The hold was checked against the limit in force when it was made;
+                    // a limit lowered since may be below the count, never one that was
+                    // in force at the hold (held in the product's actor).
+                }
             }
-            let r = Reservation::new(id, customer_id, items, created_at, expires_at);
+            let mut r = Reservation::new(id, customer_id, items, created_at, expires_at);
+            r.counted = counted;
             state.reservations.insert(id, r);
             if let Some((key, fingerprint)) = idempotency {
                 state.idempotency.insert(
@@ -202,7 +235,9 @@ pub fn apply_owned(state: &mut State, record: Record) -> Result<(), FoldError> {
                 );
             }
         }
-        Record::ReservationConfirmed { id, order_id, at } => {
+        Record::ReservationConfirmed {
+            id, order_id, at, ..
+        } => {
             let State {
                 products,
                 reservations,
@@ -218,7 +253,7 @@ pub fn apply_owned(state: &mut State, record: Record) -> Result<(), FoldError> {
                 p.commit(line.quantity, at);
             }
         }
-        Record::ReservationCancelled { id, at } | Record::ReservationExpired { id, at } => {
+        Record::ReservationCancelled { id, at, .. } | Record::ReservationExpired { id, at } => {
             let cancelled = matches!(record, Record::ReservationCancelled { .. });
             let State {
                 products,
@@ -231,12 +266,15 @@ pub fn apply_owned(state: &mut State, record: Record) -> Result<(), FoldError> {
             } else {
                 r.expire();
             }
-            for line in &r.items {
+            for (i, line) in r.items.iter().enumerate() {
                 let p = product(products, &line.sku)?;
                 if p.reserved < line.quantity {
                     return Err(FoldError::Invariant(line.sku.clone()));
                 }
                 p.release(line.quantity, at);
+                if r.counted.contains(i) {
+                    p.uncount(&r.customer_id, line.quantity);
+                }
             }
         }
         Record::ReservationExtended { id, expires_at, .. } => {
@@ -244,6 +282,17 @@ pub fn apply_owned(state: &mut State, record: Record) -> Result<(), FoldError> {
         }
         Record::Forgotten { before, .. } => {
             forget(&mut state.reservations, &mut state.idempotency, before);
+        }
+        Record::KeyCreated { key, .. } => {
+            if state.keys.contains_key(&key.id) {
+                return Err(FoldError::DuplicateKey(key.id));
+            }
+            state.keys.insert(key.id, key);
+        }
+        Record::KeyRevoked { id, .. } => {
+            if state.keys.remove(&id).is_none() {
+                return Err(FoldError::UnknownKey(id));
+            }
         }
     }
     Ok(())
@@ -264,6 +313,8 @@ mod tests {
         let mut state = State::default();
         for record in [
             Record::ProductCreated {
+                by: None,
+                rules: Default::default(),
                 sku: "A".into(),
                 name: "a".into(),
                 price: None,
@@ -271,6 +322,8 @@ mod tests {
                 at: 1,
             },
             Record::ReservationCreated {
+                by: None,
+                counted: Default::default(),
                 id,
                 customer_id: "c".into(),
                 items: vec![Line {
@@ -282,22 +335,26 @@ mod tests {
                 idempotency: None,
             },
             Record::ReservationConfirmed {
+                by: None,
                 id,
                 order_id: None,
                 at: 3,
             },
             Record::Replenished {
+                by: None,
                 sku: "A".into(),
                 quantity: 2,
                 at: 4,
             },
             Record::Adjusted {
+                by: None,
                 sku: "A".into(),
                 delta: -1,
                 reason: None,
                 at: 5,
             },
             Record::Adjusted {
+                by: None,
                 sku: "A".into(),
                 delta: 1,
                 reason: None,
@@ -310,6 +367,7 @@ mod tests {
         assert_eq!((p.on_hand, p.sold, p.reserved), (MAX, 2, 0));
         // Past the shelf's own bound a record is still refused.
         let past = Record::Replenished {
+            by: None,
             sku: "A".into(),
             quantity: 1,
             at: 7,

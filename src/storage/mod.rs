@@ -14,6 +14,7 @@
 //! Nothing here knows about actors, the service or HTTP.
 
 pub mod fold;
+pub mod legacy;
 pub mod log;
 pub mod record;
 pub mod recovery;

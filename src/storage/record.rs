@@ -1,8 +1,10 @@
 //! Log records, and the one codec that turns them into bytes and back.
 //!
 //! Layout of a stored record: `[format version: u8][crc32 of payload: u32 LE][payload]`,
-//! where the payload is bincode 2 (standard config) of `Record`. The version byte lets a
-//! future format live beside this one; the checksum catches a damaged record on read.
+//! where the payload is bincode 2 (standard config) of `Record`. The version byte lets
+//! formats live side by side: records of version 1 (written before sale rules and API
+//! keys) are still read, through `storage::legacy`, and become today's records with no
+//! rules, no counted lines and no key. The checksum catches a damaged record on read.
 //! The log stores these bytes unchanged, one record a key or framed in batches
 //! (`storage::log`, whose batch values start with a byte of 0x80 or more: record format
 //! versions stay below 0x80).
@@ -12,11 +14,12 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::clock::Millis;
-use crate::domain::{Line, Price};
+use crate::domain::{ApiKey, KeyId, Line, LineSet, Price, RulesPatch, SaleRules};
+use crate::storage::legacy;
 
 /// The format version written into every record (below 0x80: the log tells a batch of
-/// records from a single one by that bit).
-pub const RECORD_FORMAT_VERSION: u8 = 1;
+/// records from a single one by that bit). Version 1 is still read (`storage::legacy`).
+pub const RECORD_FORMAT_VERSION: u8 = 2;
 const HEADER_BYTES: usize = 5;
 
 /// An idempotency key remembered with the reservation it created.
@@ -27,6 +30,14 @@ pub struct IdempotencyKey {
 }
 
 /// One acknowledged change. Every 2xx mutation produces exactly one record.
+///
+/// `by` names the API key that made a change (`None`: the server ran open, or the record
+/// was written before keys existed). Changes the server makes itself (expiries,
+/// retention) have no `by`.
+///
+/// The encoding is positional: never reorder, remove or change a variant or field of a
+/// format that has been written. A new shape is a new format version, with the old one
+/// kept readable in `storage::legacy`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Record {
     ProductCreated {
@@ -34,47 +45,59 @@ pub enum Record {
         name: String,
         price: Option<Price>,
         on_hand: u64,
+        rules: SaleRules,
         at: Millis,
+        by: Option<KeyId>,
     },
     ProductPatched {
         sku: String,
         name: Option<String>,
         /// `Some(None)` clears the price.
         price: Option<Option<Price>>,
+        rules: RulesPatch,
         at: Millis,
+        by: Option<KeyId>,
     },
     Replenished {
         sku: String,
         quantity: u64,
         at: Millis,
+        by: Option<KeyId>,
     },
     Adjusted {
         sku: String,
         delta: i64,
         reason: Option<String>,
         at: Millis,
+        by: Option<KeyId>,
     },
     ProductDeleted {
         sku: String,
         at: Millis,
+        by: Option<KeyId>,
     },
     ReservationCreated {
         id: Uuid,
         customer_id: String,
         items: Vec<Line>,
+        /// The lines counted toward their product's purchase limit.
+        counted: LineSet,
         created_at: Millis,
         expires_at: Millis,
         /// The key and the request fingerprint, when the request carried `Idempotency-Key`.
         idempotency: Option<(IdempotencyKey, Vec<u8>)>,
+        by: Option<KeyId>,
     },
     ReservationConfirmed {
         id: Uuid,
         order_id: Option<String>,
         at: Millis,
+        by: Option<KeyId>,
     },
     ReservationCancelled {
         id: Uuid,
         at: Millis,
+        by: Option<KeyId>,
     },
     ReservationExpired {
         id: Uuid,
@@ -84,6 +107,7 @@ pub enum Record {
         id: Uuid,
         expires_at: Millis,
         at: Millis,
+        by: Option<KeyId>,
     },
     /// Retention: forget ended reservations whose deadline was before `before`, and
     /// idempotency keys created before it (`fold::forget`). Logged by the supervisor from
@@ -91,6 +115,17 @@ pub enum Record {
     Forgotten {
         before: Millis,
         at: Millis,
+    },
+    /// An API key was created (only the hash of its secret is kept).
+    KeyCreated {
+        key: ApiKey,
+        by: Option<KeyId>,
+    },
+    /// An API key was revoked.
+    KeyRevoked {
+        id: KeyId,
+        at: Millis,
+        by: Option<KeyId>,
     },
 }
 
@@ -109,6 +144,8 @@ impl Record {
             Record::ReservationExpired { .. } => "ReservationExpired",
             Record::ReservationExtended { .. } => "ReservationExtended",
             Record::Forgotten { .. } => "Forgotten",
+            Record::KeyCreated { .. } => "KeyCreated",
+            Record::KeyRevoked { .. } => "KeyRevoked",
         }
     }
 }
@@ -156,20 +193,39 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
     if bytes.len() < HEADER_BYTES {
         return Err(DecodeError::Truncated(bytes.len()));
     }
-    if bytes[0] != RECORD_FORMAT_VERSION {
-        return Err(DecodeError::UnknownVersion(bytes[0]));
+    let version = bytes[0];
+    if version != RECORD_FORMAT_VERSION && version != legacy::RECORD_V1 {
+        return Err(DecodeError::UnknownVersion(version));
     }
     let stored = u32::from_le_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
     let payload = &bytes[HEADER_BYTES..];
     if crc32fast::hash(payload) != stored {
         return Err(DecodeError::Checksum);
     }
+    if version == legacy::RECORD_V1 {
+        return decode_payload::<legacy::RecordV1>(payload).map(Record::from);
+    }
+    decode_payload(payload)
+}
+
+fn decode_payload<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, DecodeError> {
     let (record, used) = bincode::serde::decode_from_slice(payload, config())
         .map_err(|e| DecodeError::Payload(e.to_string()))?;
     if used != payload.len() {
         return Err(DecodeError::Payload("trailing bytes".into()));
     }
     Ok(record)
+}
+
+/// Encodes a record in format version 1, as builds before version 2 wrote it: for tests
+/// that prove old logs still read.
+#[cfg(test)]
+pub(crate) fn encode_v1(record: &legacy::RecordV1) -> Vec<u8> {
+    let mut out = vec![legacy::RECORD_V1, 0, 0, 0, 0];
+    bincode::serde::encode_into_std_write(record, &mut out, config()).expect("in memory");
+    let crc = crc32fast::hash(&out[HEADER_BYTES..]);
+    out[1..HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
+    out
 }
 
 #[cfg(test)]
@@ -184,8 +240,10 @@ mod tests {
                 sku: "A".into(),
                 quantity: 2,
             }],
+            counted: LineSet::EMPTY,
             created_at: 1,
             expires_at: 2,
+            by: None,
             idempotency: Some((
                 IdempotencyKey {
                     customer_id: "user-1".into(),
@@ -212,6 +270,45 @@ mod tests {
         assert_eq!(&out[..3], &[7, 7, 7]);
         assert_eq!(&out[3..3 + first.len()], &first[..]);
         assert_eq!(&out[3 + first.len()..], &first[..]);
+    }
+
+    /// A record written by a build before format version 2 decodes into today's record,
+    /// with no sale rules, no counted lines and no key.
+    #[test]
+    fn version_1_records_still_read() {
+        let old = legacy::RecordV1::ProductCreated {
+            sku: "A".into(),
+            name: "a".into(),
+            price: None,
+            on_hand: 3,
+            at: 9,
+        };
+        assert_eq!(
+            decode(&encode_v1(&old)),
+            Ok(Record::ProductCreated {
+                sku: "A".into(),
+                name: "a".into(),
+                price: None,
+                on_hand: 3,
+                rules: SaleRules::default(),
+                at: 9,
+                by: None,
+            })
+        );
+        let id = Uuid::from_u128(5);
+        let old = legacy::RecordV1::ReservationCancelled { id, at: 4 };
+        assert_eq!(
+            decode(&encode_v1(&old)),
+            Ok(Record::ReservationCancelled {
+                id,
+                at: 4,
+                by: None
+            })
+        );
+        let mut damaged = encode_v1(&old);
+        let last = damaged.len() - 1;
+        damaged[last] ^= 1;
+        assert_eq!(decode(&damaged), Err(DecodeError::Checksum));
     }
 
     #[test]

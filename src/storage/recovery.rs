@@ -299,7 +299,7 @@ fn record_products_hold_invariant(state: &State, record: &crate::storage::record
         | Adjusted { sku, .. }
         | ProductDeleted { sku, .. } => check(sku),
         ReservationCreated { items, .. } => items.iter().all(|l| check(&l.sku)),
-        Forgotten { .. } => true,
+        Forgotten { .. } | KeyCreated { .. } | KeyRevoked { .. } => true,
         ReservationConfirmed { id, .. }
         | ReservationCancelled { id, .. }
         | ReservationExpired { id, .. }

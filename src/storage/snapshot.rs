@@ -9,6 +9,9 @@
 //! body_len u64 | body: bincode 2 (standard config) of `fold::State`
 //! ```
 //!
+//! Format version 2 added sale rules, per-buyer counts and API keys to the state; files of
+//! version 1 are still read (`storage::legacy::StateV1`), with none of them.
+//!
 //! The checksum covers the body and then the three header fields after it, so a flipped
 //! byte anywhere but the magic is caught (a damaged magic or version is refused too). The
 //! body is streamed to a temporary file through the checksum, the header patched in,
@@ -26,9 +29,10 @@ use std::time::Duration;
 
 use crate::clock::Millis;
 use crate::storage::fold::State;
+use crate::storage::legacy;
 
 /// The format version written into every snapshot.
-pub const SNAPSHOT_FORMAT_VERSION: u8 = 1;
+pub const SNAPSHOT_FORMAT_VERSION: u8 = 2;
 const MAGIC: &[u8; 8] = b"STOCKDSN";
 const HEADER_BYTES: usize = 8 + 1 + 4 + 8 + 8 + 8;
 const PREFIX: &str = "snapshot-";
@@ -43,6 +47,8 @@ pub struct SnapshotInfo {
     pub path: PathBuf,
     pub size_bytes: u64,
     pub created_at: Millis,
+    /// The file's format version (older versions are still read).
+    pub format_version: u8,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -171,7 +177,8 @@ pub fn write(
     fs::create_dir_all(dir)?;
     let final_path = dir.join(file_name(seq));
     let temp_path = dir.join(format!("{TEMP_PREFIX}{seq:020}-{}", std::process::id()));
-    let result = write_temp(&temp_path, seq, state, created_at, hooks);
+    let version = SNAPSHOT_FORMAT_VERSION;
+    let result = write_temp(&temp_path, seq, state, version, created_at, hooks);
     let size_bytes = match result {
         Ok(size) => size,
         Err(err) => {
@@ -186,13 +193,17 @@ pub fn write(
         path: final_path,
         size_bytes,
         created_at,
+        format_version: SNAPSHOT_FORMAT_VERSION,
     })
 }
 
+/// Writes a snapshot file of `state` in format `version` (the current one, but for tests
+/// that write what an older build did).
 fn write_temp(
     path: &Path,
     seq: u64,
-    state: &State,
+    state: &impl serde::Serialize,
+    version: u8,
     created_at: Millis,
     hooks: WriteHooks,
 ) -> io::Result<u64> {
@@ -224,7 +235,7 @@ fn write_temp(
     hasher.update(&fields);
     let mut header = Vec::with_capacity(HEADER_BYTES);
     header.extend_from_slice(MAGIC);
-    header.push(SNAPSHOT_FORMAT_VERSION);
+    header.push(version);
     header.extend_from_slice(&hasher.finalize().to_le_bytes());
     header.extend_from_slice(&fields);
     debug_assert_eq!(header.len(), HEADER_BYTES);
@@ -368,13 +379,18 @@ pub fn read(path: &Path) -> Result<(SnapshotInfo, State), SnapshotError> {
             source,
         })?;
     let mut hashing = Hashing::new(io::BufReader::with_capacity(1 << 20, &mut file));
-    let state: State =
-        bincode::serde::decode_from_std_read(&mut hashing, bincode::config::standard()).map_err(
-            |e| SnapshotError::Decode {
-                path: name.clone(),
-                detail: e.to_string(),
-            },
-        )?;
+    let decode_err = |e: bincode::error::DecodeError| SnapshotError::Decode {
+        path: name.clone(),
+        detail: e.to_string(),
+    };
+    let config = bincode::config::standard();
+    let state: State = if info.format_version == legacy::SNAPSHOT_V1 {
+        let old: legacy::StateV1 =
+            bincode::serde::decode_from_std_read(&mut hashing, config).map_err(decode_err)?;
+        old.into()
+    } else {
+        bincode::serde::decode_from_std_read(&mut hashing, config).map_err(decode_err)?
+    };
     if hashing.read != body_len {
         return Err(SnapshotError::Decode {
             path: name,
@@ -391,7 +407,8 @@ fn verify_header(name: &str, header: &[u8], len: u64) -> Result<SnapshotInfo, Sn
     if &header[..8] != MAGIC {
         return Err(SnapshotError::Magic { path: name.into() });
     }
-    if header[8] != SNAPSHOT_FORMAT_VERSION {
+    let format_version = header[8];
+    if format_version != SNAPSHOT_FORMAT_VERSION && format_version != legacy::SNAPSHOT_V1 {
         return Err(SnapshotError::Version {
             path: name.into(),
             version: header[8],
@@ -414,6 +431,7 @@ fn verify_header(name: &str, header: &[u8], len: u64) -> Result<SnapshotInfo, Sn
         path: PathBuf::from(name),
         size_bytes: len,
         created_at,
+        format_version,
     })
 }
 
@@ -455,7 +473,7 @@ pub fn inspect(path: &Path) -> Result<Inspection, SnapshotError> {
     Ok(Inspection {
         file: path.display().to_string(),
         valid: true,
-        format_version: SNAPSHOT_FORMAT_VERSION,
+        format_version: info.format_version,
         sequence: info.seq,
         created_at: crate::clock::rfc3339(info.created_at),
         size_bytes: info.size_bytes,
@@ -548,19 +566,21 @@ mod tests {
     }
 
     /// Snapshots written before reservations and idempotency keys moved from hash maps
-    /// to B-trees still load: bincode encodes a map the same way whichever kind it is.
+    /// to B-trees (format version 1) still load: bincode encodes a map the same way
+    /// whichever kind it is.
     #[test]
     fn a_body_encoded_from_hash_maps_decodes_into_the_state() {
         use crate::domain::Reservation;
         use crate::storage::fold::IdempotencyEntry;
+        use crate::storage::legacy::{ProductV1, ReservationV1, StateV1};
         use crate::storage::record::IdempotencyKey;
         use std::collections::HashMap;
         use uuid::Uuid;
 
         #[derive(serde::Serialize)]
         struct Before {
-            products: HashMap<String, Product>,
-            reservations: HashMap<Uuid, Reservation>,
+            products: HashMap<String, ProductV1>,
+            reservations: HashMap<Uuid, ReservationV1>,
             idempotency: HashMap<IdempotencyKey, IdempotencyEntry>,
         }
         let mut expected = state();
@@ -584,14 +604,93 @@ mod tests {
             );
         }
         let before = Before {
-            products: expected.products.clone().into_iter().collect(),
-            reservations: expected.reservations.clone().into_iter().collect(),
+            products: expected
+                .products
+                .iter()
+                .map(|(sku, p)| (sku.clone(), product_v1(p)))
+                .collect(),
+            reservations: expected
+                .reservations
+                .iter()
+                .map(|(id, r)| (*id, reservation_v1(r)))
+                .collect(),
             idempotency: expected.idempotency.clone().into_iter().collect(),
         };
         let body = bincode::serde::encode_to_vec(&before, bincode::config::standard()).unwrap();
-        let (decoded, _): (State, usize) =
+        let (decoded, _): (StateV1, usize) =
             bincode::serde::decode_from_slice(&body, bincode::config::standard()).unwrap();
-        assert_eq!(decoded, expected);
+        assert_eq!(State::from(decoded), expected);
+    }
+
+    fn product_v1(p: &Product) -> crate::storage::legacy::ProductV1 {
+        crate::storage::legacy::ProductV1 {
+            sku: p.sku.clone(),
+            name: p.name.clone(),
+            price: p.price.clone(),
+            on_hand: p.on_hand,
+            reserved: p.reserved,
+            holding: p.holding,
+            sold: p.sold,
+            version: p.version,
+            created_at: p.created_at,
+            updated_at: p.updated_at,
+        }
+    }
+
+    fn reservation_v1(r: &crate::domain::Reservation) -> crate::storage::legacy::ReservationV1 {
+        crate::storage::legacy::ReservationV1 {
+            id: r.id,
+            customer_id: r.customer_id.clone(),
+            items: r.items.clone(),
+            status: r.status,
+            created_at: r.created_at,
+            expires_at: r.expires_at,
+            original_expires_at: r.original_expires_at,
+            confirmed_at: r.confirmed_at,
+            order_id: r.order_id.clone(),
+        }
+    }
+
+    /// A snapshot file of format version 1 (before sale rules and keys) is read, with no
+    /// rules, counts or keys; one of today's carries them all.
+    #[test]
+    fn a_version_1_file_reads_and_version_2_keeps_rules_counts_and_keys() {
+        use crate::storage::legacy::StateV1;
+        let dir = tempfile::tempdir().unwrap();
+        let old = StateV1 {
+            products: state()
+                .products
+                .values()
+                .map(|p| (p.sku.clone(), product_v1(p)))
+                .collect(),
+            ..StateV1::default()
+        };
+        let path = dir.path().join(file_name(4));
+        write_temp(&path, 4, &old, 1, 9, WriteHooks::default()).unwrap();
+        let (info, read_back) = read(&path).unwrap();
+        assert_eq!((info.seq, info.format_version), (4, 1));
+        assert_eq!(read_back, state());
+        assert_eq!(inspect(&path).unwrap().format_version, 1);
+
+        let mut new = state();
+        let p = new.products.get_mut("SKU-3").unwrap();
+        p.rules.max_per_customer = Some(2);
+        p.rules.starts_at = Some(100);
+        p.hold_for("buyer", 2, 100).unwrap();
+        p.settle_hold(2, 100);
+        let key = crate::domain::ApiKey {
+            id: uuid::Uuid::from_u128(7),
+            name: "ops".into(),
+            scopes: vec![crate::domain::Scope::Stock],
+            secret_hash: [3; 32],
+            created_at: 5,
+        };
+        new.keys.insert(key.id, key);
+        let info = write(dir.path(), 5, &new, 10, WriteHooks::default()).unwrap();
+        let (info, read_back) = read(&info.path).unwrap();
+        assert_eq!(info.format_version, SNAPSHOT_FORMAT_VERSION);
+        assert_eq!(read_back, new);
+        assert_eq!(read_back.products["SKU-3"].buyers.held("buyer"), 2);
     }
 
     #[test]

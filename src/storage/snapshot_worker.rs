@@ -405,6 +405,8 @@ mod tests {
         let mut records = Vec::new();
         for i in 0..5u64 {
             records.push(Record::ProductCreated {
+                by: None,
+                rules: Default::default(),
                 sku: format!("SKU-{i}"),
                 name: "n".into(),
                 price: None,
@@ -414,6 +416,7 @@ mod tests {
         }
         for i in 0..5u64 {
             records.push(Record::Replenished {
+                by: None,
                 sku: format!("SKU-{i}"),
                 quantity: 10,
                 at: 2,

@@ -8,6 +8,8 @@ use super::*;
 
 fn created(i: u64) -> Record {
     Record::ProductCreated {
+        by: None,
+        rules: Default::default(),
         sku: format!("SKU-{i}"),
         name: "n".into(),
         price: None,
