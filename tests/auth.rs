@@ -708,3 +708,79 @@ fn help_describes_the_keys_commands_and_the_admin_key() {
         assert!(create.contains(needed), "{needed} missing from:\n{create}");
     }
 }
+
+/// Once the log has failed, a key change is refused with 503 (nothing acknowledged); the
+/// list is a read, answered from memory, as is its HEAD.
+#[tokio::test]
+async fn key_changes_need_the_log_and_the_list_does_not() {
+    let t = start_with_admin_key().await;
+    let c = &t.client;
+    let (id, _) = create_key(c, "before", &["read"]).await;
+    t.service().inject_log_failure();
+    // The failure shows at the next write.
+    let a = call(
+        c,
+        Some(ADMIN),
+        Method::POST,
+        "/v1/admin/keys",
+        Some(json!({"name": "after", "scopes": ["read"]})),
+    )
+    .await;
+    a.assert_problem(503, "unavailable");
+    let a = call(
+        c,
+        Some(ADMIN),
+        Method::DELETE,
+        &format!("/v1/admin/keys/{id}"),
+        None,
+    )
+    .await;
+    a.assert_problem(503, "unavailable");
+    let list = call(c, Some(ADMIN), Method::GET, "/v1/admin/keys", None).await;
+    assert_eq!(list.status, 200);
+    let names: Vec<&str> = list.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["before"], "the refused change is not applied");
+    let head = call(c, Some(ADMIN), Method::HEAD, "/v1/admin/keys", None).await;
+    assert_eq!(
+        (head.status.as_u16(), head.body.clone()),
+        (200, Value::Null)
+    );
+    // Refusals come before the log's health: 401 and 403 still say what is wrong.
+    assert_unauthorized(&call(c, None, Method::POST, "/v1/admin/keys", Some(json!({}))).await);
+    assert!(
+        t.shutdown().await.is_err(),
+        "shutdown reports the failed log"
+    );
+}
+
+/// Keys in the log and no admin key configured: authentication is on, so a server may
+/// serve on any address.
+#[tokio::test]
+async fn keys_in_the_log_let_a_server_without_an_admin_key_serve_off_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let (status, out, err) =
+        keys_command(dir.path(), &["create", "--name", "r", "--scope", "read"]);
+    assert_eq!(status, 0, "{err}");
+    let secret = out
+        .lines()
+        .find_map(|l| l.strip_prefix("secret: "))
+        .unwrap()
+        .to_string();
+    let config = Config {
+        listen: "0.0.0.0:0".parse().unwrap(),
+        data_dir: dir.path().join("data"),
+        snapshot_dir: dir.path().join("snapshots"),
+        ..Config::default()
+    };
+    let server = stockd::start(config).await.expect("starts: keys exist");
+    let c = Client::new(format!("http://127.0.0.1:{}", server.local_addr().port()));
+    assert_unauthorized(&c.get("/v1/products").await);
+    let a = call(&c, Some(&secret), Method::GET, "/v1/products", None).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    server.shutdown().await.unwrap();
+}
