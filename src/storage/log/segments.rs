@@ -160,6 +160,11 @@ impl SegmentRef {
     pub(super) fn first(&self) -> u64 {
         self.slot.first
     }
+
+    /// The segment's directory.
+    pub(super) fn path(&self) -> &std::path::Path {
+        &self.slot.path
+    }
 }
 
 impl Drop for SegmentRef {
