@@ -814,7 +814,12 @@ impl Supervisor {
             on_hand,
             rules,
         } = new;
-        debug_assert!(rules.check().is_ok(), "checked with the request");
+        // HTTP checks them with the request; checked again here, since rules the fold would
+        // refuse must never reach the log (recovery would stop on them).
+        rules.check().map_err(|err| Error::InvalidRules {
+            field: err.field().into(),
+            detail: err.to_string(),
+        })?;
         match state.routes.get(&sku) {
             Some(Slot::Restarting(_)) => return Err(restarting(&sku)),
             Some(_) => return Err(Error::SkuExists { sku }),

@@ -52,7 +52,7 @@ pub struct NewProduct {
     pub name: String,
     pub price: Option<Price>,
     pub on_hand: u64,
-    /// Checked (`SaleRules::check`) by the caller.
+    /// Checked (`SaleRules::check`) before anything is logged.
     pub rules: SaleRules,
 }
 

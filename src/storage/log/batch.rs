@@ -37,13 +37,13 @@ const FRAME_HEADER_BYTES: usize = 12;
 /// for the rest of the group commit. Why a bound: sled 0.34.7 writes any log item over a
 /// quarter of its 512 KiB segment (a value, or a whole leaf node, up to 17 values, when it
 /// consolidates or splits one) to a file of its own under `blobs/`, which it never
-/// fsyncs: a flush would then not make the batch durable, and every such item costs a file.
-/// A value is at most 4 KiB, or one record alone if that record is larger, and ~30 records
-/// a key already saves almost all of the per-key work the batch layout is for. Not covered,
-/// as it was not by one key per record: records are bounded only by the request limits (a
-/// reservation of 100 lines with an idempotency key, whose fingerprint repeats its lines,
-/// is ~16 KiB), and sled splits a leaf above 16 items, so 8 or 9 such records in a row can
-/// make a leaf that sled writes to an unsynced blob (docs/ARCHITECTURE.md, "Known gaps").
+/// fsyncs: the writer then has to fsync each such file itself (`writer::sync_blobs`), and
+/// every such item costs a file. A value is at most 4 KiB, or one record alone if that
+/// record is larger, and ~30 records a key already saves almost all of the per-key work the
+/// batch layout is for. Records are bounded only by the request limits (a reservation of
+/// 100 lines with an idempotency key, whose fingerprint repeats its lines, is ~16 KiB), and
+/// sled splits a leaf above 16 items, so 8 or 9 such records in a row can still make a leaf
+/// that sled writes to a blob: `sync_blobs` is what makes that flush durable.
 pub(super) const BATCH_VALUE_BYTES_TARGET: usize = 4096;
 
 /// Builds batch values in one reused buffer: records are encoded straight into it.

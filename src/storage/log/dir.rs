@@ -14,8 +14,24 @@ use super::*;
 pub(super) const MARK_FILE: &str = "truncated_through";
 pub(super) const LOCK_FILE: &str = "LOCK";
 
+/// The held `LOCK` file. Dropping it unlocks explicitly before closing: a `flock` belongs
+/// to the open file description, which a child process forked by any thread of this
+/// process shares until it execs (the descriptor is close-on-exec, but the fork comes
+/// first). Closing our descriptor alone would leave the lock held through that window, and
+/// a server restarted in-process at that moment would find its own directory locked.
+pub(super) struct DirLock(#[allow(dead_code)] fs::File);
+
 #[cfg(unix)]
-pub(super) fn lock_dir(dir: &Path) -> Result<fs::File, OpenError> {
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: flock on a descriptor this value owns; no memory is involved.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+#[cfg(unix)]
+pub(super) fn lock_dir(dir: &Path) -> Result<DirLock, OpenError> {
     use std::os::unix::io::AsRawFd;
     let path = dir.join(LOCK_FILE);
     let file = fs::OpenOptions::new()
@@ -39,17 +55,18 @@ pub(super) fn lock_dir(dir: &Path) -> Result<fs::File, OpenError> {
             }
         });
     }
-    Ok(file)
+    Ok(DirLock(file))
 }
 
 #[cfg(not(unix))]
-pub(super) fn lock_dir(dir: &Path) -> Result<fs::File, OpenError> {
+pub(super) fn lock_dir(dir: &Path) -> Result<DirLock, OpenError> {
     let path = dir.join(LOCK_FILE);
     fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&path)
+        .map(DirLock)
         .map_err(io_err(&path))
 }
 

@@ -160,6 +160,11 @@ impl SegmentRef {
     pub(super) fn first(&self) -> u64 {
         self.slot.first
     }
+
+    /// The segment's directory.
+    pub(super) fn path(&self) -> &std::path::Path {
+        &self.slot.path
+    }
 }
 
 impl Drop for SegmentRef {
@@ -216,7 +221,7 @@ pub(super) struct Segments {
     pub(super) service: Service,
     /// Holds the `flock` on `LOCK` for as long as anything uses the log (the writer's
     /// shutdown waits for every segment to be closed before it lets go of it).
-    pub(super) _lock: fs::File,
+    pub(super) _lock: DirLock,
 }
 
 pub(super) type ServiceJob = Box<dyn FnOnce() + Send>;

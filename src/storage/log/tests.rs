@@ -740,3 +740,43 @@ fn a_large_group_commit_takes_several_small_keys_and_no_sled_blob() {
         assert_eq!(blobs(&dir.join(&segment)), 0, "{segment}");
     }
 }
+
+/// A record large enough for sled to put in a blob file (which sled never fsyncs) is
+/// acknowledged only once the writer has fsynced that file and the blob directory; it reads
+/// back whole, and records of ordinary size never make one.
+#[test]
+fn a_record_sled_puts_in_a_blob_file_is_synced_before_it_is_acknowledged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let log = Log::open(&dir).unwrap();
+    let (handle, join) = log.start_writer(1).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let huge = Record::Adjusted {
+        sku: "A".into(),
+        delta: 1,
+        reason: Some("x".repeat(300_000)),
+        at: 1,
+        by: None,
+    };
+    let stats = runtime.block_on(async {
+        handle.append(created(1)).durable().await.unwrap();
+        assert_eq!(
+            handle.stats().blob_files_synced,
+            0,
+            "a small record: no blob"
+        );
+        handle.append(huge.clone()).durable().await.unwrap();
+        let stats = handle.stats();
+        handle.shutdown().await.unwrap();
+        stats
+    });
+    join.join().unwrap();
+    assert!(stats.blob_files_synced >= 1, "{stats:?}");
+    let segment = dir.join(&segment_dirs(&dir)[0]);
+    assert!(fs::read_dir(segment.join("blobs")).unwrap().count() >= 1);
+    let log = Log::open(&dir).unwrap();
+    let records: Vec<Record> = log.reader().records().map(|r| r.unwrap().1).collect();
+    assert_eq!(records, vec![created(1), huge]);
+}
