@@ -157,5 +157,81 @@ fn group_commit(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, fold, actor_round_trip, group_commit);
+/// The API key check of a request (`http::auth::authorize`: read the header, SHA-256 the
+/// secret, look it up among 100 stored keys, compare in constant time, check the scope),
+/// against a whole reservation made through the service (async durability, so the disk's
+/// flush does not enter it; no HTTP either, so the ratio overstates the check's share of a
+/// reserve served over HTTP).
+fn auth_check(c: &mut Criterion) {
+    use stockd::keyring::{secret_hash, AdminKey, ApiKey, Keyring, Scope};
+    use warp::http::{header, HeaderMap, HeaderValue};
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(&dir.path().join("keys-log")).unwrap();
+    let (handle, _writer) = log.start_writer(1).unwrap();
+    let secret = |i: usize| format!("stk_{i:064x}");
+    let keys = (0..100).map(|i| ApiKey {
+        id: Uuid::now_v7(),
+        name: format!("key {i}"),
+        scopes: vec![Scope::Reserve, Scope::Read],
+        secret_hash: secret_hash(secret(i).as_bytes()),
+        created_at: 0,
+    });
+    let admin = AdminKey::new("bootstrap-key-of-the-benchmark").unwrap();
+    let keyring = Keyring::new(keys, Some(&admin), handle, Arc::new(SystemClock));
+    let mut headers = HeaderMap::new();
+    let value = format!("Bearer {}", secret(57));
+    headers.insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_str(&value).unwrap(),
+    );
+
+    let server = rt.block_on(async {
+        let config = stockd::Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().join("data"),
+            snapshot_dir: dir.path().join("snapshots"),
+            durability: stockd::Durability::Async,
+            clock: Arc::new(SystemClock),
+            ..stockd::Config::default()
+        };
+        let server = stockd::start(config).await.unwrap();
+        server
+            .service()
+            .create_product(
+                stockd::service::NewProduct::new(
+                    "HOT".into(),
+                    "Hot".into(),
+                    None,
+                    1_000_000_000_000,
+                ),
+                None,
+            )
+            .await
+            .unwrap();
+        server
+    });
+    let service = server.service().clone();
+    let request = stockd::service::ReserveRequest {
+        customer_id: "c".into(),
+        items: vec![Line {
+            sku: "HOT".into(),
+            quantity: 1,
+        }],
+        ttl_seconds: Some(3600),
+    };
+    let mut group = c.benchmark_group("auth");
+    group.bench_function("reserve through the service (async)", |b| {
+        b.to_async(&rt)
+            .iter(|| async { service.reserve(request.clone(), None, None).await.unwrap() })
+    });
+    group.bench_function("key check of a request (100 keys)", |b| {
+        b.iter(|| stockd::http::auth::authorize(&keyring, &headers, Some(Scope::Reserve)).unwrap())
+    });
+    group.finish();
+    rt.block_on(server.shutdown()).unwrap();
+}
+
+criterion_group!(benches, fold, actor_round_trip, group_commit, auth_check);
 criterion_main!(benches);

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::clock::{SharedClock, SystemClock};
 pub use crate::http::rate::CustomerRate;
+pub use crate::keyring::AdminKey;
 use crate::limits::{
     PASSIVATE_AFTER_SECONDS_DEFAULT, RETENTION_SECONDS_DEFAULT, TTL_SECONDS_DEFAULT,
 };
@@ -41,6 +42,11 @@ pub struct Config {
     /// Reservation attempts per customer (`--customer-rate`, `--customer-burst`); `None`:
     /// no limit.
     pub customer_rate: Option<CustomerRate>,
+    /// The bootstrap admin key (`--admin-key-file`, `STOCKD_ADMIN_KEY`): a valid `admin`
+    /// bearer secret, never stored. `None`: authentication is on only if the log holds
+    /// keys, and a server without keys may serve only on a loopback address
+    /// (`crate::keyring`).
+    pub admin_key: Option<AdminKey>,
     /// The `stockd` binary that builds snapshots in a child process, so that the second
     /// copy of the state a snapshot needs never lives in the server
     /// (`crate::storage::snapshot_worker`). `None` builds them in this process: a library user (or a
@@ -72,6 +78,7 @@ impl Default for Config {
             retention: Duration::from_secs(RETENTION_SECONDS_DEFAULT),
             truncate_damaged_log: false,
             customer_rate: None,
+            admin_key: None,
             snapshot_worker: None,
             snapshot_hooks: WriteHooks::default(),
             log_segment_records: crate::storage::log::SEGMENT_RECORDS_DEFAULT,
@@ -93,6 +100,7 @@ impl std::fmt::Debug for Config {
             .field("retention", &self.retention)
             .field("truncate_damaged_log", &self.truncate_damaged_log)
             .field("customer_rate", &self.customer_rate)
+            .field("admin_key", &self.admin_key)
             .field("snapshot_worker", &self.snapshot_worker)
             .field("log_segment_records", &self.log_segment_records)
             .finish()

@@ -36,6 +36,8 @@ pub enum Error {
     IdempotencyKeyInFlight,
     #[error("product {sku} is at version {current}, which If-Match does not name")]
     VersionMismatch { sku: String, current: u64 },
+    #[error("API key {id} does not exist")]
+    KeyNotFound { id: String },
     /// A hold that would take a customer past the product's purchase limit.
     #[error("customer may hold at most {limit} of {sku}; holds {held}, asked for {requested}")]
     CustomerLimitExceeded {

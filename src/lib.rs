@@ -10,7 +10,9 @@
 //!   the snapshotter and the snapshot worker.
 //! - `actors` (and `error`): one actor per product, the supervisor that routes by SKU, the
 //!   reservation book it keeps (plain data), and the reservation being assembled.
-//! - `service`: the operations offered to HTTP, as async functions over the actors.
+//! - `service`: the operations offered to HTTP, as async functions over the actors;
+//!   `keyring`: the API keys every request is checked against, created and revoked
+//!   through the log.
 //! - `http`: warp, routing, validation, problem+json, metrics.
 //! - `server`, `config`: start-up and graceful shutdown.
 //! - `cli`: the `stockd` command line.
@@ -24,6 +26,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod keyring;
 pub mod limits;
 pub mod logging;
 pub mod memory;

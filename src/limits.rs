@@ -13,6 +13,8 @@ pub const CUSTOMER_ID_CHARS_MAX: usize = 128;
 pub const ORDER_ID_CHARS_MAX: usize = 128;
 /// Adjustment reason length bound, in characters.
 pub const REASON_CHARS_MAX: usize = 500;
+/// API key name length bound, in characters.
+pub const KEY_NAME_CHARS_MAX: usize = 100;
 /// Lines in one reservation.
 pub const RESERVATION_LINES_MAX: usize = 100;
 /// Reservation time-to-live bounds.

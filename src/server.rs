@@ -57,6 +57,13 @@ pub enum StartError {
     Actors(String),
     #[error("cannot expire overdue reservations at start-up: {0}")]
     Expiry(crate::error::Error),
+    /// No admin key and no key in the log, on an address other than loopback.
+    #[error(
+        "refusing to serve on {addr} without authentication: configure an admin key with \
+         --admin-key-file PATH or the environment variable STOCKD_ADMIN_KEY (only a loopback \
+         address may run without one)"
+    )]
+    Unprotected { addr: SocketAddr },
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -166,6 +173,15 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
              are forgotten sooner than clients may expect"
         );
     }
+    // A server that would run open on a public address is refused before anything is
+    // bound or created, when it is sure to be (no admin key and no log that could hold
+    // keys); once recovered, with no key in the log either.
+    let unprotected = config.admin_key.is_none() && !config.listen.ip().is_loopback();
+    if unprotected && !config.data_dir.join("log").exists() {
+        return Err(StartError::Unprotected {
+            addr: config.listen,
+        });
+    }
     let socket = bind(config.listen)?;
     create_dir(&config.data_dir, "data directory")?;
     create_dir(&config.snapshot_dir, "snapshot directory")?;
@@ -177,7 +193,15 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     let log = Log::open(&config.data_dir.join("log"))?
         .with_segment_records(config.log_segment_records)
         .with_flush_interval(flush_interval);
-    let recovered = recover(&log, &config)?;
+    let mut recovered = recover(&log, &config)?;
+    // The keys go to the keyring; the supervisor's state has no use for them (snapshots
+    // are folded from the log).
+    let keys = std::mem::take(&mut recovered.state.keys).into_values();
+    if unprotected && keys.len() == 0 {
+        return Err(StartError::Unprotected {
+            addr: config.listen,
+        });
+    }
     let next_seq = log.last_seq()?.max(recovered.last_seq) + 1;
     let reader = log.reader();
     let (log_handle, writer) = log.start_writer(next_seq)?;
@@ -232,7 +256,18 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         source,
     })?;
     let (stop_http, stopped) = oneshot::channel::<()>();
-    let routes = crate::http::routes(crate::http::App::new(service.clone(), config.customer_rate));
+    let keyring = std::sync::Arc::new(crate::keyring::Keyring::new(
+        keys,
+        config.admin_key.as_ref(),
+        log_handle.clone(),
+        config.clock.clone(),
+    ));
+    announce_authentication(&keyring, addr);
+    let routes = crate::http::routes(crate::http::App::new(
+        service.clone(),
+        keyring,
+        config.customer_rate,
+    ));
     let http = tokio::spawn(
         warp::serve(routes)
             .incoming(listener)
@@ -254,6 +289,34 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         http,
         writer,
     })
+}
+
+/// Says at start-up how requests are authenticated.
+fn announce_authentication(keyring: &crate::keyring::Keyring, addr: SocketAddr) {
+    let stored = keyring.list();
+    let admins = stored
+        .iter()
+        .filter(|k| k.scopes.contains(&crate::keyring::Scope::Admin))
+        .count();
+    if !keyring.enforced() {
+        tracing::warn!(
+            %addr,
+            "no API key: serving WITHOUT authentication (allowed on a loopback address only); \
+             configure an admin key with --admin-key-file PATH or STOCKD_ADMIN_KEY"
+        );
+    } else if !keyring.has_bootstrap() && admins == 0 {
+        tracing::warn!(
+            keys = stored.len(),
+            "no admin key: no key can be created or revoked over HTTP (use `stockd keys` with \
+             the server stopped, or configure an admin key)"
+        );
+    } else {
+        tracing::info!(
+            keys = stored.len(),
+            bootstrap = keyring.has_bootstrap(),
+            "API keys required"
+        );
+    }
 }
 
 /// Renames every snapshot at or after `seq` to `discarded-<name>` (kept for the

@@ -181,3 +181,62 @@ async fn get_openapi_json_serves_the_document_even_after_the_log_failed() {
         "shutdown reports the failed log"
     );
 }
+
+/// The answers about keys and their refusals fit the document too.
+#[tokio::test]
+async fn key_answers_fit_the_documented_schemas() {
+    let doc = document();
+    let check = |name: &str, value: &Value| {
+        let validator = component_validator(&doc, &format!("/components/schemas/{name}"));
+        let errors = messages(&validator, value);
+        assert!(errors.is_empty(), "{name}: {value}: {errors:#?}");
+    };
+    let t = TestServer::start().await;
+    let c = &t.client;
+    let a = c
+        .post(
+            "/v1/admin/keys",
+            json!({"name": "ops", "scopes": ["admin"]}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{:?}", a.body);
+    check("CreatedApiKey", &a.body);
+    let admin = format!("Bearer {}", a.body["secret"].as_str().unwrap());
+    let auth = [("authorization", admin.as_str())];
+    let a = c
+        .send(
+            Method::POST,
+            "/v1/admin/keys",
+            Some(r#"{"name":"reader","scopes":["read"]}"#),
+            &auth,
+        )
+        .await
+        .unwrap();
+    let reader = format!("Bearer {}", a.body["secret"].as_str().unwrap());
+    let a = c
+        .send(Method::GET, "/v1/admin/keys", None, &auth)
+        .await
+        .unwrap();
+    check("KeyList", &a.body);
+    let a = c.get("/v1/products").await;
+    a.assert_problem(401, "unauthorized");
+    check("Problem.unauthorized", &a.body);
+    let a = c
+        .send(
+            Method::GET,
+            "/v1/admin/keys",
+            None,
+            &[("authorization", &reader)],
+        )
+        .await
+        .unwrap();
+    a.assert_problem(403, "forbidden");
+    check("Problem.forbidden", &a.body);
+    let a = c
+        .send(Method::DELETE, "/v1/admin/keys/nope", None, &auth)
+        .await
+        .unwrap();
+    a.assert_problem(404, "key_not_found");
+    check("Problem.key_not_found", &a.body);
+    t.stop().await;
+}

@@ -21,6 +21,10 @@ pub const START_TIMEOUT_DEFAULT: Duration = Duration::from_secs(120);
 /// How long `ServerProcess::terminate` waits for the exit after SIGTERM (then SIGKILL).
 pub const TERMINATE_WAIT: Duration = Duration::from_secs(20);
 
+/// The variables that configure `stockd serve`'s admin key, which a server started here
+/// gets only when its command sets them.
+pub const ADMIN_KEY_VARIABLES: [&str; 2] = ["STOCKD_ADMIN_KEY", "STOCKD_ADMIN_KEY_FILE"];
+
 /// What to start, and how to wait for it.
 pub struct Launch {
     command: Command,
@@ -52,7 +56,15 @@ impl Launch {
     /// Any command that ends up serving and printing `listening on ADDR` on its stdout (for
     /// instance a bare `stockd` configured by its environment). Its stdout and stderr are
     /// set by `start`.
-    pub fn command(command: Command) -> Launch {
+    pub fn command(mut command: Command) -> Launch {
+        // An admin key in the environment of whoever runs the tests or the load test would
+        // turn authentication on in every server started here: only one set on the command
+        // itself is passed on.
+        for var in ADMIN_KEY_VARIABLES {
+            if !command.get_envs().any(|(key, _)| key == var) {
+                command.env_remove(var);
+            }
+        }
         Launch {
             command,
             capture_stderr: false,

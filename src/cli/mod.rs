@@ -1,10 +1,11 @@
 //! The `stockd` command line: `serve` (the default), the operator's offline commands
-//! (`snapshot`, `snapshot inspect`, `log dump`) and the internal `snapshot-worker`.
+//! (`snapshot`, `snapshot inspect`, `log dump`, `keys`) and the internal `snapshot-worker`.
 //! `src/main.rs` only sets the allocator and calls `main` here.
 //!
 //! Every default comes from `crate::config` or `crate::limits`, the same constants
 //! `Config::default()` uses, so the binary and the library cannot disagree.
 
+mod keys;
 mod offline;
 mod serve;
 
@@ -52,6 +53,11 @@ enum Command {
     Log {
         #[command(subcommand)]
         action: LogAction,
+    },
+    /// Manage the API keys of a stopped server's data: create, list, revoke.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
     },
     /// Internal: builds one snapshot for a running server, which starts it and feeds it
     /// the log over stdin (see `stockd::storage::snapshot_worker`).
@@ -114,6 +120,54 @@ struct OfflineSnapshotArgs {
     #[arg(long, env = "STOCKD_SNAPSHOTS_KEEP", default_value_t = SNAPSHOTS_KEPT_DEFAULT as u64,
           value_parser = clap::value_parser!(u64).range(1..=SNAPSHOTS_KEPT_MAX))]
     snapshots_keep: u64,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Create a key and print its id and secret; the secret is shown this once (only its
+    /// SHA-256 is kept).
+    Create {
+        /// The key's name: 1 to 100 printable characters.
+        #[arg(long)]
+        name: String,
+        /// A scope of the key: read, reserve, stock or admin (admin implies the others).
+        /// Repeat the flag, or separate scopes with commas.
+        #[arg(
+            long = "scope",
+            value_name = "SCOPE",
+            required = true,
+            value_delimiter = ','
+        )]
+        scopes: Vec<String>,
+        #[command(flatten)]
+        args: KeysArgs,
+    },
+    /// List the keys: id, creation time, scopes, name (never a secret).
+    List {
+        #[command(flatten)]
+        args: KeysArgs,
+    },
+    /// Revoke a key: the server refuses it from its next start.
+    Revoke {
+        /// The key's id, as `stockd keys list` shows it.
+        id: String,
+        #[command(flatten)]
+        args: KeysArgs,
+    },
+}
+
+/// Where `stockd keys` finds the keys: the log and the snapshots of a stopped server.
+#[derive(Args)]
+struct KeysArgs {
+    /// Directory of the write-ahead log.
+    #[arg(long, env = "STOCKD_DATA_DIR", default_value = config::DATA_DIR_DEFAULT)]
+    data_dir: PathBuf,
+    /// Directory of snapshots.
+    #[arg(long, env = "STOCKD_SNAPSHOT_DIR", default_value = config::SNAPSHOT_DIR_DEFAULT)]
+    snapshot_dir: PathBuf,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -187,6 +241,13 @@ struct ServeArgs {
     #[arg(long, env = "STOCKD_CUSTOMER_BURST", requires = "customer_rate",
           value_parser = clap::value_parser!(u32).range(1..))]
     customer_burst: Option<u32>,
+    /// Read the first admin key from PATH (one trailing newline is trimmed): a bearer
+    /// secret of 16 to 256 visible ASCII characters with every scope, never stored (its
+    /// id is the nil UUID, its name "bootstrap"). Without this flag the environment
+    /// variable STOCKD_ADMIN_KEY holds it. With no admin key and no key in the log, the
+    /// server runs without authentication, and only on a loopback address.
+    #[arg(long, env = "STOCKD_ADMIN_KEY_FILE", value_name = "PATH")]
+    admin_key_file: Option<PathBuf>,
     /// If a log record is damaged, remove it and every later record and start, instead of
     /// refusing to start. Acknowledged changes in the removed records are lost.
     #[arg(long)]
@@ -276,6 +337,16 @@ pub fn main() -> ExitCode {
                     json,
                 },
         }) => return offline::dump_log(&data_dir, records, json),
+        Some(Command::Keys { action }) => {
+            let (action, args) = match action {
+                KeysAction::Create { name, scopes, args } => {
+                    (keys::Action::Create { name, scopes }, args)
+                }
+                KeysAction::List { args } => (keys::Action::List, args),
+                KeysAction::Revoke { id, args } => (keys::Action::Revoke { id }, args),
+            };
+            return keys::keys(action, args);
+        }
         Some(Command::SnapshotWorker(args)) => return offline::snapshot_worker(args),
         None => cli.serve,
     };

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use super::{OnOff, ServeArgs};
-use crate::config::CustomerRate;
+use crate::config::{AdminKey, CustomerRate};
 use crate::storage::snapshot::WriteHooks;
 use crate::storage::snapshotter::SnapshotPolicy;
 use crate::Config;
@@ -81,7 +81,17 @@ pub(super) async fn serve(args: ServeArgs) -> ExitCode {
         OnOff::On => this_binary(),
         OnOff::Off => None,
     };
-    let config = config(args, worker);
+    let admin_key = match admin_key(args.admin_key_file.as_deref()) {
+        Ok(key) => key,
+        Err(err) => {
+            let _ = writeln!(std::io::stderr(), "stockd: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = Config {
+        admin_key,
+        ..config(args, worker)
+    };
     let server = match crate::start(config).await {
         Ok(server) => server,
         Err(err) => {
@@ -139,6 +149,43 @@ fn config(args: ServeArgs, snapshot_worker: Option<PathBuf>) -> Config {
         log_fail_from_seq: args.test_log_fail_from_seq,
         ..Config::default()
     }
+}
+
+/// The environment variable holding the bootstrap admin key (without `--admin-key-file`).
+pub const ADMIN_KEY_VARIABLE: &str = "STOCKD_ADMIN_KEY";
+
+/// The bootstrap admin key: from `--admin-key-file` (which wins), else from
+/// `STOCKD_ADMIN_KEY`; one trailing newline trimmed; refused if empty, short or not a
+/// bearer token (`AdminKey::new`), naming where it came from.
+fn admin_key(file: Option<&std::path::Path>) -> Result<Option<AdminKey>, String> {
+    let (value, source) = match file {
+        Some(path) => {
+            let value = std::fs::read_to_string(path).map_err(|e| {
+                format!(
+                    "cannot read the admin key file {} (--admin-key-file): {e}",
+                    path.display()
+                )
+            })?;
+            (value, format!("in {} (--admin-key-file)", path.display()))
+        }
+        None => match std::env::var(ADMIN_KEY_VARIABLE) {
+            Ok(value) => (
+                value,
+                format!("in the environment variable {ADMIN_KEY_VARIABLE}"),
+            ),
+            Err(std::env::VarError::NotPresent) => return Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                return Err(format!(
+                    "the admin key in the environment variable {ADMIN_KEY_VARIABLE} is not UTF-8"
+                ))
+            }
+        },
+    };
+    let value = value.strip_suffix('\n').unwrap_or(&value);
+    let value = value.strip_suffix('\r').unwrap_or(value);
+    AdminKey::new(value)
+        .map(Some)
+        .map_err(|err| format!("{err} ({source})"))
 }
 
 /// The rate limit of `--customer-rate` and `--customer-burst` (clap refuses 0 for both,

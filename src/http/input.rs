@@ -14,6 +14,7 @@ use crate::actors::product::{Change, IfMatch};
 use crate::clock::Millis;
 use crate::domain::{Line, Price, RulesError, RulesPatch, SaleRules};
 use crate::http::problem::Problem;
+use crate::keyring::Scope;
 use crate::limits::*;
 use crate::service::{NewProduct, ReserveRequest};
 
@@ -359,6 +360,45 @@ pub fn adjust(body: &Value) -> Result<Change> {
     Ok(Change::Adjust { delta, reason })
 }
 
+/// `POST /v1/admin/keys`.
+pub struct CreateKey {
+    pub name: String,
+    pub scopes: Vec<Scope>,
+}
+
+/// `POST /v1/admin/keys`: `name` 1..=100 printable characters, `scopes` 1 to 4 distinct
+/// scope names.
+pub fn create_key(body: &Value) -> Result<CreateKey> {
+    let obj = Obj::new(body, "", &["name", "scopes"])?;
+    let name = string(obj.req("name")?, "name", KEY_NAME_CHARS_MAX)?.to_string();
+    let names = obj
+        .req("scopes")?
+        .as_array()
+        .ok_or_else(|| Problem::invalid("scopes", "scopes must be an array"))?;
+    if names.is_empty() {
+        return Err(Problem::invalid(
+            "scopes",
+            "scopes must name at least one scope",
+        ));
+    }
+    let allowed = Scope::ALL.map(Scope::as_str).join(", ");
+    let mut scopes = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        let field = format!("scopes[{i}]");
+        let scope = name.as_str().and_then(Scope::parse).ok_or_else(|| {
+            Problem::invalid(field.clone(), format!("{field} must be one of {allowed}"))
+        })?;
+        if scopes.contains(&scope) {
+            return Err(Problem::invalid(
+                field.clone(),
+                format!("{field}: {} appears more than once", scope.as_str()),
+            ));
+        }
+        scopes.push(scope);
+    }
+    Ok(CreateKey { name, scopes })
+}
+
 /// `POST /v1/reservations`, the hottest request: a typed parse that borrows from the body,
 /// with the checks of `reserve`. Anything it does not accept, for whatever reason, goes
 /// through `reserve` on a `serde_json::Value`, which finds the exact error and names its
@@ -679,6 +719,59 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_bodies_are_validated_naming_the_field() {
+        let ok =
+            create_key(&serde_json::json!({"name": "checkout", "scopes": ["reserve", "read"]}))
+                .unwrap();
+        assert_eq!(ok.name, "checkout");
+        assert_eq!(ok.scopes, vec![Scope::Reserve, Scope::Read]);
+        let refused = [
+            (serde_json::json!({"name": "a"}), "scopes"),
+            (serde_json::json!({"scopes": ["read"]}), "name"),
+            (serde_json::json!({"name": "", "scopes": ["read"]}), "name"),
+            (
+                serde_json::json!({"name": "x".repeat(101), "scopes": ["read"]}),
+                "name",
+            ),
+            (
+                serde_json::json!({"name": "a\u{202E}b", "scopes": ["read"]}),
+                "name",
+            ),
+            (serde_json::json!({"name": "a", "scopes": []}), "scopes"),
+            (serde_json::json!({"name": "a", "scopes": "read"}), "scopes"),
+            (
+                serde_json::json!({"name": "a", "scopes": ["read", "write"]}),
+                "scopes[1]",
+            ),
+            (
+                serde_json::json!({"name": "a", "scopes": ["Admin"]}),
+                "scopes[0]",
+            ),
+            (serde_json::json!({"name": "a", "scopes": [1]}), "scopes[0]"),
+            (
+                serde_json::json!({"name": "a", "scopes": ["read", "read"]}),
+                "scopes[1]",
+            ),
+            (
+                serde_json::json!({"name": "a", "scopes": ["read"], "secret": "x"}),
+                "secret",
+            ),
+            (serde_json::json!([]), "body"),
+        ];
+        for (body, field) in refused {
+            let Err(problem) = create_key(&body) else {
+                panic!("{body} was accepted");
+            };
+            assert_eq!(
+                (problem.status, problem.code),
+                (422, "validation_failed"),
+                "{body}"
+            );
+            assert_eq!(problem.extra["field"], field, "{body}");
+        }
+    }
 
     struct Rng(fastrand::Rng);
 

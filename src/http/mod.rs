@@ -5,6 +5,7 @@
 //! cannot tell them apart reliably), gives every error the same problem+json shape, and
 //! avoids backtracking through a chain of filters on every request.
 
+pub mod auth;
 pub mod input;
 pub mod metrics;
 pub mod problem;
@@ -20,6 +21,7 @@ use tokio::sync::Semaphore;
 use warp::http::{HeaderMap, Method};
 use warp::Filter;
 
+use crate::keyring::Keyring;
 use crate::limits::{REQUESTS_IN_FLIGHT_MAX, REQUEST_BODY_BYTES_MAX, SCRAPES_IN_FLIGHT_MAX};
 use crate::service::Service;
 use problem::Problem;
@@ -38,12 +40,18 @@ pub struct App {
     pub started_unix: f64,
     /// The per-customer limit on reservation attempts (`None`: no limit).
     pub customer_rate: Option<Arc<rate::CustomerLimiter>>,
+    /// The API keys requests are checked against (`crate::keyring`).
+    pub keys: Arc<Keyring>,
 }
 
 impl App {
     /// Must be called inside a Tokio runtime: a rate limit's sweeper is spawned here (it
     /// ends once the `App` is dropped).
-    pub fn new(service: Service, customer_rate: Option<rate::CustomerRate>) -> App {
+    pub fn new(
+        service: Service,
+        keys: Arc<Keyring>,
+        customer_rate: Option<rate::CustomerRate>,
+    ) -> App {
         let customer_rate = customer_rate.map(|rate| {
             let limiter = Arc::new(rate::CustomerLimiter::new(rate));
             rate::CustomerLimiter::spawn_sweeper(&limiter);
@@ -58,6 +66,7 @@ impl App {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
             customer_rate,
+            keys,
         }
     }
 

@@ -70,6 +70,9 @@ impl Problem {
             "method_not_allowed" => "Method not allowed",
             "unavailable" => "Service unavailable",
             "rate_limited" => "Too many requests",
+            "unauthorized" => "Unauthorized",
+            "forbidden" => "Forbidden",
+            "key_not_found" => "API key not found",
             _ => "Internal server error",
         }
     }
@@ -142,6 +145,7 @@ impl From<Error> for Problem {
                     .with("sku", sku)
                     .with("current_version", current)
             }
+            Error::KeyNotFound { id } => Problem::new(404, "key_not_found", detail).with("id", id),
             Error::CustomerLimitExceeded {
                 sku,
                 limit,

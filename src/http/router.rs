@@ -11,8 +11,9 @@ use warp::http::{header, HeaderValue, Method, Response, StatusCode};
 use crate::domain::{KeyId, Product, Reservation};
 use crate::http::input;
 use crate::http::problem::Problem;
-use crate::http::views::{PageView, ProductView, ReservationView};
+use crate::http::views::{KeyView, PageView, ProductView, ReservationView};
 use crate::http::{App, Request};
+use crate::keyring::{Caller, Scope};
 
 type Reply = warp::reply::Response;
 type Result<T> = std::result::Result<T, Problem>;
@@ -34,6 +35,9 @@ enum Endpoint {
     Cancel(String),
     Extend(String),
     Snapshot,
+    CreateKey,
+    ListKeys,
+    RevokeKey(String),
 }
 
 /// Every path the router answers, spelled as the OpenAPI document (`src/http/openapi.json`)
@@ -54,6 +58,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("/v1/reservations/{id}/cancel", "POST"),
     ("/v1/reservations/{id}/extend", "POST"),
     ("/v1/admin/snapshot", "POST"),
+    ("/v1/admin/keys", "GET, HEAD, POST"),
+    ("/v1/admin/keys/{id}", "DELETE"),
 ];
 
 /// The `Allow` value of a path template in `ROUTES`; used in `const` blocks, so that a
@@ -135,6 +141,18 @@ fn route(method: &Method, path: &str) -> Route {
             const { allow("/v1/admin/snapshot") },
             (m == Method::POST).then_some(Snapshot),
         ),
+        ["v1", "admin", "keys"] => pick(
+            const { allow("/v1/admin/keys") },
+            match *m {
+                Method::GET | Method::HEAD => Some(ListKeys),
+                Method::POST => Some(CreateKey),
+                _ => None,
+            },
+        ),
+        ["v1", "admin", "keys", id] if !id.is_empty() => pick(
+            const { allow("/v1/admin/keys/{id}") },
+            (m == Method::DELETE).then(|| RevokeKey(s(id))),
+        ),
         ["v1", "reservations", id] if !id.is_empty() => pick(
             const { allow("/v1/reservations/{id}") },
             read.then(|| GetReservation(s(id))),
@@ -161,6 +179,21 @@ fn route(method: &Method, path: &str) -> Route {
     }
 }
 
+/// The scope an endpoint needs (`None`: none, even with authentication on). An exhaustive
+/// match: a new endpoint does not compile until it is given one.
+fn scope(endpoint: &Endpoint) -> Option<Scope> {
+    use Endpoint::*;
+    match endpoint {
+        Health => None,
+        Metrics | OpenApi | ListProducts | GetProduct(_) | GetReservation(_) => Some(Scope::Read),
+        Reserve | Confirm(_) | Cancel(_) | Extend(_) => Some(Scope::Reserve),
+        CreateProduct | PatchProduct(_) | DeleteProduct(_) | Replenish(_) | Adjust(_) => {
+            Some(Scope::Stock)
+        }
+        Snapshot | CreateKey | ListKeys | RevokeKey(_) => Some(Scope::Admin),
+    }
+}
+
 /// Serves one request; never panics on input (a panic inside a handler task is a 500).
 pub async fn handle(app: &Arc<App>, request: Request, started: Instant) -> Reply {
     let method = request.method.clone();
@@ -176,7 +209,14 @@ pub async fn handle(app: &Arc<App>, request: Request, started: Instant) -> Reply
         )
         .header(header::ALLOW, allow)
         .into_response(),
-        Route::Found(endpoint) => run(app, endpoint, request).await,
+        // Routing comes first: a 404 or 405 tells nothing the published contract does
+        // not, and so needs no key.
+        Route::Found(endpoint) => {
+            match crate::http::auth::authorize(&app.keys, &request.headers, scope(&endpoint)) {
+                Ok(caller) => run(app, endpoint, request, caller).await,
+                Err(problem) => problem.into_response(),
+            }
+        }
     };
     let status = response.status().as_u16();
     if status >= 500 {
@@ -193,7 +233,7 @@ pub async fn handle(app: &Arc<App>, request: Request, started: Instant) -> Reply
 }
 
 /// Runs the endpoint on its own task, under admission control.
-async fn run(app: &Arc<App>, endpoint: Endpoint, request: Request) -> Reply {
+async fn run(app: &Arc<App>, endpoint: Endpoint, request: Request, caller: Caller) -> Reply {
     // `/metrics` has a small limit of its own: an overload of requests is when it is
     // needed, and a flood of scrapes must not load the supervisor in turn.
     let gate = match endpoint {
@@ -209,7 +249,7 @@ async fn run(app: &Arc<App>, endpoint: Endpoint, request: Request) -> Reply {
     // A task of its own: a client hanging up cannot cancel a change half made.
     let task = tokio::spawn(async move {
         let _permit = permit;
-        match serve(&app, endpoint, &request).await {
+        match serve(&app, endpoint, &request, caller).await {
             Ok(reply) => reply,
             Err(problem) => problem.into_response(),
         }
@@ -228,7 +268,7 @@ async fn run(app: &Arc<App>, endpoint: Endpoint, request: Request) -> Reply {
     }
 }
 
-async fn serve(app: &App, endpoint: Endpoint, req: &Request) -> Result<Reply> {
+async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> Result<Reply> {
     use Endpoint::*;
     let svc = &app.service;
     // Once the log has failed, changes (and `/health`, for load balancers) are refused
@@ -237,7 +277,7 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request) -> Result<Reply> {
     // (docs/API.md says which). The OpenAPI document is a read too: it needs no log.
     let read = matches!(
         endpoint,
-        Metrics | OpenApi | GetProduct(_) | ListProducts | GetReservation(_)
+        Metrics | OpenApi | GetProduct(_) | ListProducts | GetReservation(_) | ListKeys
     );
     if !read && !svc.log_healthy() {
         return Err(Problem::new(
@@ -250,7 +290,7 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request) -> Result<Reply> {
     let body = || input::json_body(&req.headers, &req.body);
     // The API key making the request, recorded with every change it makes (`None`: the
     // server runs open).
-    let by: Option<KeyId> = None;
+    let by: Option<KeyId> = caller.id;
     match endpoint {
         Health => Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
         Metrics => metrics(app).await,
@@ -336,6 +376,33 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request) -> Result<Reply> {
                 StatusCode::OK
             };
             Ok(json(status, &taken))
+        }
+        CreateKey => {
+            let input = input::create_key(&input::required(body()?)?)?;
+            if !app.keys.enforced() && !input.scopes.contains(&Scope::Admin) {
+                // The first key turns authentication on: without admin among its scopes,
+                // nobody could manage keys any more.
+                return Err(Problem::invalid(
+                    "scopes",
+                    "the server runs without authentication, and its first key turns it on: \
+                     give that key the admin scope",
+                ));
+            }
+            let (key, secret) = app.keys.create(input.name, input.scopes, caller.id).await?;
+            Ok(json(StatusCode::CREATED, &KeyView::created(&key, &secret)))
+        }
+        ListKeys => {
+            let keys = app.keys.list();
+            let items: Vec<KeyView> = keys.iter().map(KeyView::listed).collect();
+            Ok(json(StatusCode::OK, &serde_json::json!({ "items": items })))
+        }
+        RevokeKey(id) => {
+            let id = Uuid::parse_str(&id)
+                .map_err(|_| crate::error::Error::KeyNotFound { id: id.to_string() })?;
+            app.keys.revoke(id, caller.id).await?;
+            let mut reply = Response::new(Vec::new().into());
+            *reply.status_mut() = StatusCode::NO_CONTENT;
+            Ok(reply)
         }
         Confirm(id) => {
             let id = reservation_id(&id)?;
@@ -489,6 +556,8 @@ mod tests {
             Cancel(_) => "/v1/reservations/{id}/cancel",
             Extend(_) => "/v1/reservations/{id}/extend",
             Snapshot => "/v1/admin/snapshot",
+            CreateKey | ListKeys => "/v1/admin/keys",
+            RevokeKey(_) => "/v1/admin/keys/{id}",
         }
     }
 
@@ -582,6 +651,73 @@ mod tests {
                         assert_eq!(a, *allow, "{upper} {path}");
                     }
                     Route::NotFound => panic!("{upper} {path}: no route"),
+                }
+            }
+        }
+    }
+
+    /// The scope of every route and method, by the rule docs/API.md states: `/health`
+    /// none; `/v1/admin/...` admin; any other GET or HEAD read; changes to reservations
+    /// reserve; changes to products stock.
+    #[test]
+    fn every_route_needs_the_scope_of_its_kind() {
+        let mut checked = 0;
+        for (path, allow) in ROUTES {
+            for method in allow.split(", ") {
+                let m = Method::from_bytes(method.as_bytes()).unwrap();
+                let Route::Found(endpoint) = route(&m, &concrete(path)) else {
+                    panic!("{method} {path}: not routed");
+                };
+                let read = method == "GET" || method == "HEAD";
+                let expected = if *path == "/health" {
+                    None
+                } else if path.starts_with("/v1/admin/") {
+                    Some(Scope::Admin)
+                } else if read {
+                    Some(Scope::Read)
+                } else if path.starts_with("/v1/reservations") {
+                    Some(Scope::Reserve)
+                } else if path.starts_with("/v1/products") {
+                    Some(Scope::Stock)
+                } else {
+                    panic!("{method} {path}: no rule gives it a scope")
+                };
+                assert_eq!(scope(&endpoint), expected, "{method} {path}");
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 26);
+    }
+
+    /// Each documented operation's `security` names the scope the router asks for (as
+    /// the bearer scheme's role), and `/health` none.
+    #[test]
+    fn the_document_names_each_operations_scope() {
+        let doc = document();
+        assert_eq!(
+            doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer",
+            "the bearer scheme is declared"
+        );
+        for (path, methods) in documented() {
+            for method in methods {
+                let m = Method::from_bytes(method.as_bytes()).unwrap();
+                let Route::Found(endpoint) = route(&m, &concrete(&path)) else {
+                    panic!("{method} {path}: not routed");
+                };
+                let op = &doc["paths"][&path][method.to_ascii_lowercase()];
+                let expected = match scope(&endpoint) {
+                    None => serde_json::json!([]),
+                    Some(scope) => {
+                        serde_json::json!([{ "bearer": [scope.as_str()] }])
+                    }
+                };
+                assert_eq!(op["security"], expected, "{method} {path}");
+                let answers = op["responses"].as_object().unwrap();
+                if scope(&endpoint).is_some() {
+                    assert!(
+                        answers.contains_key("401") && answers.contains_key("403"),
+                        "{method} {path} lists 401 and 403"
+                    );
                 }
             }
         }

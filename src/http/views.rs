@@ -4,6 +4,7 @@ use serde::Serialize;
 
 use crate::clock::rfc3339;
 use crate::domain::{Price, Product, Reservation};
+use crate::keyring::ApiKey;
 
 #[derive(Serialize)]
 pub struct ProductView<'a> {
@@ -38,6 +39,37 @@ impl<'a> From<&'a Product> for ProductView<'a> {
             sale_ends_at: p.rules.ends_at.map(rfc3339),
             created_at: rfc3339(p.created_at),
             updated_at: rfc3339(p.updated_at),
+        }
+    }
+}
+
+/// An API key as `GET /v1/admin/keys` lists it; `POST /v1/admin/keys` adds its secret,
+/// which is shown that once. The secret's hash is never shown.
+#[derive(Serialize)]
+pub struct KeyView<'a> {
+    id: String,
+    name: &'a str,
+    scopes: Vec<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret: Option<&'a str>,
+    created_at: String,
+}
+
+impl<'a> KeyView<'a> {
+    pub fn listed(key: &'a ApiKey) -> KeyView<'a> {
+        KeyView {
+            id: key.id.to_string(),
+            name: &key.name,
+            scopes: key.scopes.iter().map(|s| s.as_str()).collect(),
+            secret: None,
+            created_at: rfc3339(key.created_at),
+        }
+    }
+
+    pub fn created(key: &'a ApiKey, secret: &'a str) -> KeyView<'a> {
+        KeyView {
+            secret: Some(secret),
+            ..KeyView::listed(key)
         }
     }
 }
