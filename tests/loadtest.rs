@@ -36,6 +36,7 @@ fn options(scenario: Scenario, target: Target) -> Options {
         abandon_ttl_seconds: 1,
         rounds: 3,
         max_per_customer: 2,
+        api_key: None,
     }
 }
 
@@ -396,4 +397,40 @@ fn run_sh_without_arguments_prints_its_usage() {
     }
     assert!(!usage.contains("set -euo"), "{usage}");
     assert!(!usage.contains("#"), "{usage}");
+}
+
+/// Against a server with API keys, the load test sends its key on every request; without
+/// one its set-up is refused and the run says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_keys_is_loaded_with_the_key_given() {
+    const KEY: &str = "load-test-admin-key-0123";
+    let dir = tempfile::tempdir().unwrap();
+    let server = loadtest::server::Launch::serve(env!("CARGO_BIN_EXE_stockd"), dir.path())
+        .env("STOCKD_ADMIN_KEY", KEY)
+        .start()
+        .expect("a keyed server starts");
+    let target = || Target::Url(server.base_url.clone());
+    let opts = Options {
+        limits: Limits {
+            requests_max: Some(60),
+            ..limits()
+        },
+        stock: 20,
+        api_key: Some(KEY.into()),
+        ..options(Scenario::FlashSale, target())
+    };
+    let report = loadtest::run(opts).await.expect("run");
+    assert!(report.verified, "{}", report.markdown());
+    assert_eq!(report.statuses.get("201"), Some(&20));
+    let opts = Options {
+        limits: Limits {
+            requests_max: Some(10),
+            ..limits()
+        },
+        ..options(Scenario::FlashSale, target())
+    };
+    let Err(err) = loadtest::run(opts).await else {
+        panic!("the run went ahead without a key");
+    };
+    assert!(err.contains("401"), "{err}");
 }

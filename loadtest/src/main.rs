@@ -49,6 +49,10 @@ struct Cli {
     /// Units of the hot SKU (flash-sale) or of each SKU (checkout).
     #[arg(long, default_value_t = 1_000_000)]
     stock: u64,
+    /// Bearer key for a server with API keys (`--target`; its scopes must allow creating
+    /// products and reserving: `admin`, or `stock` + `reserve` + `read`).
+    #[arg(long, env = "STOCKD_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// The hot SKU's purchase limit per buyer (limits).
     #[arg(long, default_value_t = 2)]
     max_per_customer: u64,
@@ -113,6 +117,7 @@ fn main() -> ExitCode {
         abandon_ttl_seconds: cli.abandon_ttl.clamp(1, 86_400),
         rounds: cli.rounds,
         max_per_customer: cli.max_per_customer,
+        api_key: cli.api_key,
     };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let report = match runtime.block_on(loadtest::run(opts)) {

@@ -58,4 +58,7 @@ pub struct Options {
     pub rounds: usize,
     /// The hot SKU's `max_per_customer` (limits).
     pub max_per_customer: u64,
+    /// Sent as `Authorization: Bearer` on every request (a server with API keys); needs
+    /// the `admin` scope, or `stock`, `reserve` and `read` (the scenarios create products).
+    pub api_key: Option<String>,
 }

@@ -46,7 +46,15 @@ pub async fn run(opts: Options) -> Result<Report, String> {
         Target::Spawn { durability, .. } => Some(durability.clone()),
         Target::Url(_) => None,
     };
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = &opts.api_key {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+            .map_err(|_| "--api-key must be printable ASCII".to_string())?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
     let client = reqwest::Client::builder()
+        .default_headers(headers)
         .pool_max_idle_per_host(opts.limits.connections)
         .timeout(Duration::from_secs(30))
         .build()
