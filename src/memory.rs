@@ -94,8 +94,9 @@ static SAVED_PURGE_DELAY: AtomicI64 = AtomicI64::new(NO_DELAY_SAVED);
 
 /// From now on, a page freed to mimalloc's arena goes back to the OS at once rather than
 /// after mimalloc's purge delay (1 s by default; `MIMALLOC_PURGE_DELAY`), until
-/// `restore_purge_delay`: for a few seconds after a large passivation sweep, when the
-/// stopped actors' pages are freed. Not for all the time: with `MIMALLOC_PURGE_DELAY=0` a
+/// `restore_purge_delay`: for half a second after each release that follows a large
+/// passivation sweep (`SupervisorMsg::EndReleaseWindow`), when the stopped actors' pages
+/// are freed. Not for all the time: with `MIMALLOC_PURGE_DELAY=0` a
 /// flash sale measured 0.95× the default's throughput ratio (3 alternated runs each, within
 /// the noise of this machine but on the side of a cost). Nothing is changed if the delay is
 /// already 0 or purging is off (negative).
@@ -106,8 +107,10 @@ pub fn return_freed_pages_at_once() {
         return;
     }
     SAVED_PURGE_DELAY.store(delay as i64, Ordering::Relaxed);
-    // SAFETY: as above. mimalloc reads the option, one machine word, where it decides to
-    // purge; a thread that reads it while it is set sees the old delay or the new one.
+    // SAFETY: as above. The store is not synchronized with mimalloc's readers (the C API
+    // says so): the option is one aligned machine word, read where mimalloc decides
+    // whether to purge, so on the targets built for a thread reading it meanwhile sees the
+    // old delay or the new one, and either is a valid setting.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
 }
 
