@@ -30,7 +30,8 @@ use loadtest::server::Launch;
 /// How often the server's RSS is sampled.
 const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 /// A passivated actor stops this long after it answered (`RETIRE_GRACE_MS`), and its
-/// memory is returned a second after that: waited for before "after the drain".
+/// memory is returned 1–1.5 s after that (two collections): waited for before "after the
+/// drain".
 const RETIRED_AND_RELEASED: Duration =
     Duration::from_millis(stockd::limits::RETIRE_GRACE_MS + 2_000);
 
