@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::actors::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
 use crate::config::{Config, Durability};
+use crate::feed::{Catchup, Feed, Projector};
 use crate::service::Service;
 use crate::storage::log::OpenError as LogOpenError;
 use crate::storage::log::{Log, LogHandle, OpenError};
@@ -57,6 +58,12 @@ pub enum StartError {
     Actors(String),
     #[error("cannot expire overdue reservations at start-up: {0}")]
     Expiry(crate::error::Error),
+    /// The change feed's store cannot be opened or caught up.
+    #[error("cannot open the change feed's store in {path}: {source}")]
+    Feed {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -95,6 +102,8 @@ pub struct Server {
     stop_http: Option<oneshot::Sender<()>>,
     http: JoinHandle<()>,
     writer: std::thread::JoinHandle<()>,
+    /// The change feed and its projector (`None`: `--events off`).
+    feed: Option<(Feed, Projector)>,
 }
 
 /// Creates the directory `path` (the `what`) if it is missing; refuses a path that is
@@ -177,9 +186,20 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     let log = Log::open(&config.data_dir.join("log"))?
         .with_segment_records(config.log_segment_records)
         .with_flush_interval(flush_interval);
-    let recovered = recover(&log, &config)?;
+    let events_dir = config.data_dir.join("events");
+    let feed_err = |source| StartError::Feed {
+        path: events_dir.display().to_string(),
+        source,
+    };
+    let mut store = match config.events {
+        Some(retention) => Some(crate::feed::open(&events_dir, retention).map_err(feed_err)?),
+        None => None,
+    };
+    let recovered = recover(&log, &config, store.as_mut())?;
+    let feed = store.map(Feed::new);
     let next_seq = log.last_seq()?.max(recovered.last_seq) + 1;
     let reader = log.reader();
+    let projector_reader = log.reader();
     let (log_handle, writer) = log.start_writer(next_seq)?;
     if let Some(seq) = config.log_fail_from_seq {
         log_handle.inject_write_failure_from(seq);
@@ -193,6 +213,18 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         hooks: config.snapshot_hooks,
         newest: recovered.snapshot.as_ref().map_or(0, |s| s.seq),
         worker: config.snapshot_worker.clone(),
+        ceiling: feed.as_ref().map(Feed::synced),
+    });
+    // The projector follows the log from where recovery ended, on a copy of its state.
+    let feed = feed.map(|feed| {
+        let projector = Projector::start(
+            feed.clone(),
+            projector_reader,
+            log_handle.clone(),
+            recovered.state.clone(),
+            recovered.last_seq,
+        );
+        (feed, projector)
     });
     let supervisor = Supervisor {
         log: log_handle.clone(),
@@ -213,6 +245,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         durability: config.durability,
         default_ttl_seconds: config.default_ttl_seconds,
         snapshotter: snapshotter.clone(),
+        feed: feed.as_ref().map(|(feed, _)| feed.clone()),
     };
     // Reservations whose deadline passed while we were down: expired (and logged) first.
     service.expire_due_now().await.map_err(StartError::Expiry)?;
@@ -253,6 +286,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         stop_http: Some(stop_http),
         http,
         writer,
+        feed,
     })
 }
 
@@ -278,8 +312,18 @@ fn set_aside_snapshots_from(dir: &std::path::Path, seq: u64) -> Result<(), Start
 }
 
 /// Recovers the state: the newest verifying snapshot plus the log after it. A damaged
-/// log record stops start-up, unless the operator asked to truncate the log there.
-fn recover(log: &Log, config: &Config) -> Result<Recovered, StartError> {
+/// log record stops start-up, unless the operator asked to truncate the log there. With
+/// the change feed's `store`, the events of the records after its end are derived from
+/// recovery's fold as it runs (`feed::Catchup`).
+fn recover(
+    log: &Log,
+    config: &Config,
+    mut store: Option<&mut crate::feed::store::Store>,
+) -> Result<Recovered, StartError> {
+    let feed_err = |source| StartError::Feed {
+        path: config.data_dir.join("events").display().to_string(),
+        source,
+    };
     let started = Instant::now();
     crate::storage::snapshot::remove_temp_files(&config.snapshot_dir).map_err(|source| {
         StartError::Dir {
@@ -287,7 +331,17 @@ fn recover(log: &Log, config: &Config) -> Result<Recovered, StartError> {
             source,
         }
     })?;
-    let recovered = match recovery::recover(&log.reader(), &config.snapshot_dir, u64::MAX) {
+    let mut catchup = store.as_deref_mut().map(Catchup::new);
+    let observer = catchup
+        .as_mut()
+        .map(|c| c as &mut dyn recovery::FoldObserver);
+    let first = recovery::recover_observed(&log.reader(), &config.snapshot_dir, u64::MAX, observer);
+    if let Some(catchup) = catchup {
+        // What the catch-up appended before an error is whole; the rest is done by the
+        // recovery below, if any.
+        catchup.finish_partial().map_err(feed_err)?;
+    }
+    let recovered = match first {
         Err(err) if config.truncate_damaged_log && err.damaged_seq().is_some() => {
             let seq = err.damaged_seq().expect("checked above");
             let removed = log.truncate_from(seq)?;
@@ -300,10 +354,29 @@ fn recover(log: &Log, config: &Config) -> Result<Recovered, StartError> {
                 error = %err,
                 "log truncated at a damaged record, as asked (--truncate-damaged-log)"
             );
-            recovery::recover(&log.reader(), &config.snapshot_dir, u64::MAX)?
+            let mut catchup = store.as_deref_mut().map(Catchup::new);
+            let observer = catchup
+                .as_mut()
+                .map(|c| c as &mut dyn recovery::FoldObserver);
+            let recovered = recovery::recover_observed(
+                &log.reader(),
+                &config.snapshot_dir,
+                u64::MAX,
+                observer,
+            )?;
+            if let Some(catchup) = catchup {
+                catchup.finish_partial().map_err(feed_err)?;
+            }
+            recovered
         }
         result => result?,
     };
+    if let Some(store) = store {
+        let snapshot_seq = recovered.snapshot.as_ref().map_or(0, |s| s.seq);
+        Catchup::new(store)
+            .finish(snapshot_seq, recovered.last_seq)
+            .map_err(feed_err)?;
+    }
     // Each snapshot skipped was logged by recovery, once.
     let what = match (&recovered.snapshot, recovered.records) {
         (None, 0) => "no snapshot and an empty log: starting empty",
@@ -357,6 +430,11 @@ impl Server {
 
     /// Graceful shutdown: drain HTTP, stop the actors, flush the log.
     pub async fn shutdown(mut self) -> Result<(), crate::storage::log::LogError> {
+        // Live readers' streams never end by themselves: they end first, so that the
+        // drain below does not wait for them.
+        if let Some((feed, _)) = &self.feed {
+            feed.close_readers();
+        }
         if let Some(stop) = self.stop_http.take() {
             let _ = stop.send(());
         }
@@ -376,6 +454,10 @@ impl Server {
             .await;
         if self.snapshot_on_shutdown && self.log.is_healthy() {
             self.final_snapshot().await;
+        }
+        // The projector reads the log too: it projects what is durable, syncs and stops.
+        if let Some((_, projector)) = self.feed.take() {
+            let _ = tokio::task::spawn_blocking(move || projector.stop()).await;
         }
         // The snapshot thread reads the log: it stops first, so the log closes with the writer.
         self.snapshotter.stop();
