@@ -305,10 +305,46 @@ impl Store {
     }
 
     /// Appends the events of the records up to `through` (in feed order, each an event's
-    /// JSON line), then the mark, in one write. Rolls to a new segment and applies
-    /// retention when the segment is full.
+    /// JSON line), then the mark. A segment takes whole records while it has room: a large
+    /// batch is split at record boundaries, each part with its mark, so that no segment
+    /// grows much past its target (retention removes whole segments).
     pub fn append(&mut self, events: &[Stored], through: u64) -> io::Result<()> {
         assert!(through >= self.through, "the store only moves forward");
+        let mut start = 0;
+        while start < events.len() {
+            let bytes = self.segments.last().map_or(0, |s| s.bytes);
+            let room = self.segment_bytes_target.saturating_sub(bytes);
+            let (mut end, mut size) = (start, 0);
+            while end < events.len() {
+                let seq = events[end].position.seq;
+                let record_end = end + events[end..].partition_point(|e| e.position.seq == seq);
+                let record_size: u64 = events[end..record_end]
+                    .iter()
+                    .map(|e| e.json.len() as u64 + 1)
+                    .sum();
+                if end > start && size + record_size > room {
+                    break;
+                }
+                size += record_size;
+                end = record_end;
+            }
+            let mark = if end == events.len() {
+                through
+            } else {
+                events[end - 1].position.seq
+            };
+            self.write(&events[start..end], mark)?;
+            start = end;
+        }
+        if events.is_empty() {
+            self.write(&[], through)?;
+        }
+        Ok(())
+    }
+
+    /// Writes events and their mark in one write; rolls to a new segment (and applies
+    /// retention) once the segment is full.
+    fn write(&mut self, events: &[Stored], through: u64) -> io::Result<()> {
         if events.is_empty() && through == self.through {
             return Ok(());
         }
@@ -651,6 +687,24 @@ mod tests {
         );
         let index = store.segments[0].index.as_ref().unwrap();
         assert!(index.len() > 1, "a sparse index, not one entry");
+        // One large batch is split across segments at record boundaries: retention keeps
+        // the newest of it.
+        let batch: Vec<Stored> = (2_001..=2_600u64).map(|s| event(s, 0, 100)).collect();
+        store.append(&batch, 2_600).unwrap();
+        assert!(store
+            .segments
+            .iter()
+            .all(|s| s.bytes <= store.segment_bytes_target + 200));
+        let newest = store
+            .read_after(
+                Position {
+                    seq: 2_590,
+                    index: 0,
+                },
+                100,
+            )
+            .unwrap();
+        assert_eq!(newest.events.len(), 10);
     }
 
     #[test]
