@@ -5,6 +5,7 @@
 //! cannot tell them apart reliably), gives every error the same problem+json shape, and
 //! avoids backtracking through a chain of filters on every request.
 
+pub mod events;
 pub mod input;
 pub mod metrics;
 pub mod problem;

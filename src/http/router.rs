@@ -34,6 +34,7 @@ enum Endpoint {
     Cancel(String),
     Extend(String),
     Snapshot,
+    Events,
 }
 
 /// Every path the router answers, spelled as the OpenAPI document (`src/http/openapi.json`)
@@ -54,6 +55,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("/v1/reservations/{id}/cancel", "POST"),
     ("/v1/reservations/{id}/extend", "POST"),
     ("/v1/admin/snapshot", "POST"),
+    ("/v1/events", "GET, HEAD"),
 ];
 
 /// The `Allow` value of a path template in `ROUTES`; used in `const` blocks, so that a
@@ -135,6 +137,7 @@ fn route(method: &Method, path: &str) -> Route {
             const { allow("/v1/admin/snapshot") },
             (m == Method::POST).then_some(Snapshot),
         ),
+        ["v1", "events"] => pick(const { allow("/v1/events") }, read.then_some(Events)),
         ["v1", "reservations", id] if !id.is_empty() => pick(
             const { allow("/v1/reservations/{id}") },
             read.then(|| GetReservation(s(id))),
@@ -237,7 +240,7 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request) -> Result<Reply> {
     // (docs/API.md says which). The OpenAPI document is a read too: it needs no log.
     let read = matches!(
         endpoint,
-        Metrics | OpenApi | GetProduct(_) | ListProducts | GetReservation(_)
+        Metrics | OpenApi | GetProduct(_) | ListProducts | GetReservation(_) | Events
     );
     if !read && !svc.log_healthy() {
         return Err(Problem::new(
@@ -323,6 +326,7 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request) -> Result<Reply> {
             Ok(reply)
         }
         GetReservation(id) => reservation(&svc.get_reservation(reservation_id(&id)?).await?),
+        Events => crate::http::events::serve(svc.feed(), &req.query, &req.headers),
         Snapshot => {
             if let Some(value) = body()? {
                 if value.as_object().is_none_or(|o| !o.is_empty()) {
@@ -401,6 +405,7 @@ async fn metrics(app: &App) -> Result<Reply> {
         start_time_unix: app.started_unix,
         stderr_lines_lost: crate::logging::lines_lost(),
         rate_limited: app.customer_rate.as_ref().map_or(0, |l| l.refused()),
+        feed: svc.feed().map(crate::feed::Feed::stats),
     });
     let mut reply = Response::new(text.into());
     reply.headers_mut().insert(
@@ -489,6 +494,7 @@ mod tests {
             Cancel(_) => "/v1/reservations/{id}/cancel",
             Extend(_) => "/v1/reservations/{id}/extend",
             Snapshot => "/v1/admin/snapshot",
+            Events => "/v1/events",
         }
     }
 
