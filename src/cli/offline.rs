@@ -37,11 +37,23 @@ pub(super) fn offline_snapshot(args: OfflineSnapshotArgs) -> ExitCode {
         eprintln!("stockd: no log in {}", log_dir.display());
         return ExitCode::FAILURE;
     }
+    // The change feed's store, if there is one, ends where its events end: a snapshot
+    // past it would leave records whose events the next start could not derive.
+    let events_dir = args.data_dir.join("events");
+    let ceiling = || -> std::io::Result<Option<u64>> {
+        if !events_dir.exists() {
+            return Ok(None);
+        }
+        let store =
+            crate::feed::store::Store::open(&events_dir, 0, crate::feed::retention_default())?;
+        Ok(Some(store.through()))
+    };
     match take_offline(
         &log_dir,
         &args.snapshot_dir,
         args.snapshots_keep as usize,
         now,
+        &ceiling,
     ) {
         Ok(taken) => {
             print(args.json, &taken, || {
