@@ -60,6 +60,14 @@ fn figures(e: &Value) -> (u64, u64, u64, u64) {
     (n("on_hand"), n("reserved"), n("available"), n("sold"))
 }
 
+/// Cancels reservation `id`; its answer.
+async fn cancel(c: &Client, id: &str) -> common::Answer {
+    let path = format!("/v1/reservations/{id}/cancel");
+    c.send(reqwest::Method::POST, &path, None, &[])
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn every_change_gives_its_event_in_log_order_with_its_figures() {
     let ts = TestServer::start().await;
@@ -99,16 +107,7 @@ async fn every_change_gives_its_event_in_log_order_with_its_figures() {
     c.create_product("B", 1).await;
     let r = c.reserve("buyer-2", "B", 1).await;
     let cancelled_id = r.body["id"].as_str().unwrap().to_string();
-    let cancel = c
-        .send(
-            reqwest::Method::POST,
-            &format!("/v1/reservations/{cancelled_id}/cancel"),
-            None,
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(cancel.status, 200);
+    assert_eq!(cancel(c, &cancelled_id).await.status, 200);
     // An expiry: the hold's deadline passes on the server's clock.
     let r = c
         .post(
@@ -296,16 +295,7 @@ async fn live_events_arrive_and_a_reconnect_resumes_exactly_after_the_last_id() 
     // Changes while disconnected, then a reconnect from the last id received: the
     // sold-out (same record, index 1) and what follows, each once.
     let id = r.body["id"].as_str().unwrap();
-    let cancel = c
-        .send(
-            reqwest::Method::POST,
-            &format!("/v1/reservations/{id}/cancel"),
-            None,
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(cancel.status, 200);
+    assert_eq!(cancel(c, id).await.status, 200);
     let mut sse = Sse::open(&c.base, "", Some(&created.id)).await;
     let mut kinds = Vec::new();
     let mut ids = Vec::new();
@@ -365,16 +355,7 @@ async fn a_reader_that_stops_reading_is_dropped_and_reservations_go_on() {
                 .await;
             assert_eq!(r.status, 201, "{:?}", r.body);
             let id = r.body["id"].as_str().unwrap();
-            let cancel = c
-                .send(
-                    reqwest::Method::POST,
-                    &format!("/v1/reservations/{id}/cancel"),
-                    None,
-                    &[],
-                )
-                .await
-                .unwrap();
-            assert_eq!(cancel.status, 200);
+            assert_eq!(cancel(c, id).await.status, 200);
         }
         rounds += 1;
     }

@@ -204,7 +204,16 @@ fn run(
             }
         }
         if stopping || last_sync.elapsed() >= Duration::from_millis(PROJECTOR_SYNC_MS) {
-            match feed.store().sync() {
+            // The fsync runs without the store's lock: readers never wait for the disk.
+            let taken = {
+                let mut store = feed.store();
+                store.to_sync().map(|file| (file, store.through()))
+            };
+            let synced = taken.and_then(|(file, through)| match file {
+                Some(file) => file.sync_data().map(|()| through),
+                None => Ok(through),
+            });
+            match synced {
                 Ok(through) => {
                     feed.shared.synced.fetch_max(through, Ordering::SeqCst);
                 }

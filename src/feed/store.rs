@@ -422,11 +422,21 @@ impl Store {
 
     /// Makes everything appended so far durable; returns `through`.
     pub fn sync(&mut self) -> io::Result<u64> {
-        if self.unsynced {
-            self.file.sync_data()?;
-            self.unsynced = false;
+        if let Some(file) = self.to_sync()? {
+            file.sync_data()?;
         }
         Ok(self.through)
+    }
+
+    /// What `sync` would fsync (a handle on the newest segment, if anything is unsynced),
+    /// taken as synced: the caller fsyncs it without holding the store, so that readers
+    /// never wait for the disk. `through` is synced once it has.
+    pub fn to_sync(&mut self) -> io::Result<Option<File>> {
+        if !self.unsynced {
+            return Ok(None);
+        }
+        self.unsynced = false;
+        self.file.try_clone().map(Some)
     }
 
     /// Up to `max` events after `cursor`, in feed order, and then the rest of the last

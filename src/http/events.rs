@@ -17,9 +17,9 @@ use warp::http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use warp::Reply as _;
 
 use crate::feed::{Feed, Filter, Gone, Kind, LiveReader, Position, Stored};
-use crate::http::input::{decode_unreserved, is_sku};
+use crate::http::input::{decode_unreserved, is_sku, page_limit};
 use crate::http::problem::Problem;
-use crate::limits::{PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX};
+use crate::limits::PAGE_LIMIT_DEFAULT;
 
 type Reply = warp::reply::Response;
 type Result<T> = std::result::Result<T, Problem>;
@@ -52,18 +52,7 @@ fn query(raw: &str) -> Result<Query> {
                     Problem::invalid("after", "after must be a log sequence number (an integer)")
                 })?);
             }
-            "limit" => {
-                q.limit = value
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=PAGE_LIMIT_MAX).contains(n))
-                    .ok_or_else(|| {
-                        Problem::invalid(
-                            "limit",
-                            format!("limit must be an integer from 1 to {PAGE_LIMIT_MAX}"),
-                        )
-                    })?;
-            }
+            "limit" => q.limit = page_limit(&value)?,
             "type" => {
                 let kinds = value
                     .split(',')
@@ -112,8 +101,25 @@ fn wants_stream(headers: &HeaderMap) -> bool {
         .any(|v| v.contains("text/event-stream"))
 }
 
+/// Reads the store off the runtime's threads (a read may wait for the disk).
+async fn blocking<T: Send + 'static>(
+    feed: &Feed,
+    read: impl FnOnce(&Feed) -> T + Send + 'static,
+) -> Result<T> {
+    let feed = feed.clone();
+    tokio::task::spawn_blocking(move || read(&feed))
+        .await
+        .map_err(|err| {
+            Problem::new(
+                500,
+                "internal_error",
+                format!("reading the change feed: {err}"),
+            )
+        })
+}
+
 /// Serves `GET /v1/events`.
-pub fn serve(feed: Option<&Feed>, raw_query: &str, headers: &HeaderMap) -> Result<Reply> {
+pub async fn serve(feed: Option<&Feed>, raw_query: &str, headers: &HeaderMap) -> Result<Reply> {
     let feed = feed.ok_or_else(|| {
         Problem::new(
             404,
@@ -133,9 +139,9 @@ pub fn serve(feed: Option<&Feed>, raw_query: &str, headers: &HeaderMap) -> Resul
                 index: u32::MAX,
             },
         };
-        return stream(feed, cursor, q.filter);
+        return stream(feed, cursor, q.filter).await;
     }
-    page(feed, after, q)
+    blocking(feed, move |feed| page(feed, after, q)).await?
 }
 
 fn page(feed: &Feed, after: u64, q: Query) -> Result<Reply> {
@@ -256,7 +262,11 @@ impl Live {
                 continue;
             }
             if !self.caught_up {
-                let found = self.feed.read_after(self.cursor, EVENTS_READ_CHUNK).ok()?;
+                let cursor = self.cursor;
+                let read = blocking(&self.feed, move |feed| {
+                    feed.read_after(cursor, EVENTS_READ_CHUNK)
+                });
+                let found = read.await.ok()?.ok()?;
                 self.caught_up = found.at_end && found.events.is_empty();
                 self.ready.extend(found.events);
                 continue;
@@ -288,7 +298,7 @@ fn event_type(json: &str) -> String {
     serde_json::from_str::<Peek>(json).map_or_else(|_| "message".into(), |p| p.kind.to_string())
 }
 
-fn stream(feed: &Feed, cursor: Position, filter: Filter) -> Result<Reply> {
+async fn stream(feed: &Feed, cursor: Position, filter: Filter) -> Result<Reply> {
     // Subscribed before the store is read: an event appended meanwhile is in one or the
     // other (or both: the cursor skips what was sent).
     let reader = feed.subscribe().map_err(|_| {
@@ -300,7 +310,9 @@ fn stream(feed: &Feed, cursor: Position, filter: Filter) -> Result<Reply> {
         .header(header::RETRY_AFTER, "1")
     })?;
     // Asked for events no longer kept: 410 now, not an empty stream.
-    feed.read_after(cursor, 1).map_err(gone)?;
+    blocking(feed, move |feed| feed.read_after(cursor, 1).map(drop))
+        .await?
+        .map_err(gone)?;
     let live = Live {
         feed: feed.clone(),
         reader,

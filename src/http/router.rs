@@ -326,7 +326,7 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request) -> Result<Reply> {
             Ok(reply)
         }
         GetReservation(id) => reservation(&svc.get_reservation(reservation_id(&id)?).await?),
-        Events => crate::http::events::serve(svc.feed(), &req.query, &req.headers),
+        Events => crate::http::events::serve(svc.feed(), &req.query, &req.headers).await,
         Snapshot => {
             if let Some(value) = body()? {
                 if value.as_object().is_none_or(|o| !o.is_empty()) {
