@@ -591,17 +591,20 @@ fn drop_unneeded(reader: &LogReader, dir: &Path, keep: usize) -> Result<u64, Tak
 
 /// `stockd snapshot`: takes a snapshot of a stopped server's data directory (the log in
 /// `log_dir`), prunes, truncates the log, and flushes. Fails if a server has the log open.
-/// `ceiling`, called once the log is open (and so locked against a server), names a record
-/// the snapshot may not pass (the change feed's store ends there).
+/// `ceiling`, called with the log once it is open (and so locked against a server), names
+/// a record the snapshot may not pass (the change feed's store ends there).
 pub fn take_offline(
     log_dir: &Path,
     snapshot_dir: &Path,
     keep: usize,
     now: Millis,
-    ceiling: &dyn Fn() -> io::Result<Option<u64>>,
+    ceiling: &dyn Fn(&LogReader) -> io::Result<Option<u64>>,
 ) -> Result<Taken, TakeError> {
     let log = crate::storage::log::Log::open(log_dir)?;
-    let ceiling = ceiling().map_err(TakeError::dir("open the change feed's store", log_dir))?;
+    let ceiling = ceiling(&log.reader()).map_err(TakeError::dir(
+        "bring the change feed's store up to date",
+        log_dir,
+    ))?;
     let upto = log.last_seq()?.min(ceiling.unwrap_or(u64::MAX));
     let taken = take_snapshot(
         &log.reader(),
