@@ -331,17 +331,21 @@ fn recover(
             source,
         }
     })?;
-    let mut catchup = store.as_deref_mut().map(Catchup::new);
-    let observer = catchup
-        .as_mut()
-        .map(|c| c as &mut dyn recovery::FoldObserver);
-    let first = recovery::recover_observed(&log.reader(), &config.snapshot_dir, u64::MAX, observer);
-    if let Some(catchup) = catchup {
-        // What the catch-up appended before an error is whole; the rest is done by the
-        // recovery below, if any.
-        catchup.finish_partial().map_err(feed_err)?;
-    }
-    let recovered = match first {
+    // With the feed's store, its catch-up watches the fold (what it appended before an
+    // error is whole: a second recovery continues after it).
+    let recover_catching_up = |store: Option<&mut crate::feed::store::Store>| {
+        let mut catchup = store.map(Catchup::new);
+        let observer = catchup
+            .as_mut()
+            .map(|c| c as &mut dyn recovery::FoldObserver);
+        let result =
+            recovery::recover_observed(&log.reader(), &config.snapshot_dir, u64::MAX, observer);
+        match catchup.map(Catchup::finish_partial) {
+            Some(Err(err)) => Err(feed_err(err)),
+            _ => Ok(result),
+        }
+    };
+    let recovered = match recover_catching_up(store.as_deref_mut())? {
         Err(err) if config.truncate_damaged_log && err.damaged_seq().is_some() => {
             let seq = err.damaged_seq().expect("checked above");
             let removed = log.truncate_from(seq)?;
@@ -354,20 +358,7 @@ fn recover(
                 error = %err,
                 "log truncated at a damaged record, as asked (--truncate-damaged-log)"
             );
-            let mut catchup = store.as_deref_mut().map(Catchup::new);
-            let observer = catchup
-                .as_mut()
-                .map(|c| c as &mut dyn recovery::FoldObserver);
-            let recovered = recovery::recover_observed(
-                &log.reader(),
-                &config.snapshot_dir,
-                u64::MAX,
-                observer,
-            )?;
-            if let Some(catchup) = catchup {
-                catchup.finish_partial().map_err(feed_err)?;
-            }
-            recovered
+            recover_catching_up(store.as_deref_mut())??
         }
         result => result?,
     };
