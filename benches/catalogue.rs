@@ -253,7 +253,8 @@ fn main() {
     // (3) A snapshot of that state, offline.
     let t = Instant::now();
     let taken =
-        stockd::storage::snapshotter::take_offline(&log_dir, &snapshots, 3, now).expect("snapshot");
+        stockd::storage::snapshotter::take_offline(&log_dir, &snapshots, 3, now, &|_| Ok(None))
+            .expect("snapshot");
     let offline_snapshot = t.elapsed();
     println!(
         "  offline snapshot: {} bytes in {:.0} ms",

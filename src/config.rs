@@ -52,6 +52,10 @@ pub struct Config {
     /// (`crate::storage::snapshot_worker`). `None` builds them in this process: a library user (or a
     /// test) has no `stockd` binary to start. The binary sets its own path.
     pub snapshot_worker: Option<PathBuf>,
+    /// The change feed's retention (`--events-retention-seconds`, `--events-max-bytes`);
+    /// `None` turns the feed off (`--events off`): no projector, no store, and
+    /// `GET /v1/events` answers 404 `events_disabled`.
+    pub events: Option<crate::feed::Retention>,
     /// Test hooks for snapshot writing.
     #[doc(hidden)]
     pub snapshot_hooks: WriteHooks,
@@ -80,6 +84,7 @@ impl Default for Config {
             customer_rate: None,
             admin_key: None,
             snapshot_worker: None,
+            events: Some(crate::feed::retention_default()),
             snapshot_hooks: WriteHooks::default(),
             log_segment_records: crate::storage::log::SEGMENT_RECORDS_DEFAULT,
             log_fail_from_seq: None,
@@ -102,6 +107,7 @@ impl std::fmt::Debug for Config {
             .field("customer_rate", &self.customer_rate)
             .field("admin_key", &self.admin_key)
             .field("snapshot_worker", &self.snapshot_worker)
+            .field("events", &self.events)
             .field("log_segment_records", &self.log_segment_records)
             .finish()
     }

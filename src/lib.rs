@@ -8,6 +8,8 @@
 //! - `domain`: products and reservations as plain data with their rules (pure functions).
 //! - `storage`: the record codec, the one fold, the write-ahead log, snapshots, recovery,
 //!   the snapshotter and the snapshot worker.
+//! - `feed`: the change feed (`GET /v1/events`): events derived from the log by a
+//!   projector thread, their store under `<data>/events/`, live readers.
 //! - `actors` (and `error`): one actor per product, the supervisor that routes by SKU, the
 //!   reservation book it keeps (plain data), and the reservation being assembled.
 //! - `service`: the operations offered to HTTP, as async functions over the actors;
@@ -25,6 +27,7 @@ pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod feed;
 pub mod http;
 pub mod keyring;
 pub mod limits;

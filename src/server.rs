@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::actors::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
 use crate::config::{Config, Durability};
+use crate::feed::{Catchup, Feed, Projector};
 use crate::service::Service;
 use crate::storage::log::OpenError as LogOpenError;
 use crate::storage::log::{Log, LogHandle, OpenError};
@@ -64,6 +65,12 @@ pub enum StartError {
          address may run without one)"
     )]
     Unprotected { addr: SocketAddr },
+    /// The change feed's store cannot be opened or caught up.
+    #[error("cannot open the change feed's store in {path}: {source}")]
+    Feed {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -102,6 +109,8 @@ pub struct Server {
     stop_http: Option<oneshot::Sender<()>>,
     http: JoinHandle<()>,
     writer: std::thread::JoinHandle<()>,
+    /// The change feed and its projector (`None`: `--events off`).
+    feed: Option<(Feed, Projector)>,
 }
 
 /// Creates the directory `path` (the `what`) if it is missing; refuses a path that is
@@ -193,17 +202,28 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     let log = Log::open(&config.data_dir.join("log"))?
         .with_segment_records(config.log_segment_records)
         .with_flush_interval(flush_interval);
-    let mut recovered = recover(&log, &config)?;
-    // The keys go to the keyring; the supervisor's state has no use for them (snapshots
-    // are folded from the log).
-    let keys = std::mem::take(&mut recovered.state.keys).into_values();
-    if unprotected && keys.len() == 0 {
+    let events_dir = config.data_dir.join("events");
+    let feed_err = |source| StartError::Feed {
+        path: events_dir.display().to_string(),
+        source,
+    };
+    let mut store = match config.events {
+        Some(retention) => Some(crate::feed::open(&events_dir, retention).map_err(feed_err)?),
+        None => None,
+    };
+    let recovered = recover(&log, &config, store.as_mut())?;
+    let feed = store.map(Feed::new);
+    // The keyring gets a copy of the keys: the state keeps them, since the projector's
+    // copy of it folds later key records (the supervisor ignores them).
+    let keys: Vec<_> = recovered.state.keys.values().cloned().collect();
+    if unprotected && keys.is_empty() {
         return Err(StartError::Unprotected {
             addr: config.listen,
         });
     }
     let next_seq = log.last_seq()?.max(recovered.last_seq) + 1;
     let reader = log.reader();
+    let projector_reader = log.reader();
     let (log_handle, writer) = log.start_writer(next_seq)?;
     if let Some(seq) = config.log_fail_from_seq {
         log_handle.inject_write_failure_from(seq);
@@ -217,6 +237,18 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         hooks: config.snapshot_hooks,
         newest: recovered.snapshot.as_ref().map_or(0, |s| s.seq),
         worker: config.snapshot_worker.clone(),
+        ceiling: feed.as_ref().map(Feed::synced),
+    });
+    // The projector follows the log from where recovery ended, on a copy of its state.
+    let feed = feed.map(|feed| {
+        let projector = Projector::start(
+            feed.clone(),
+            projector_reader,
+            log_handle.clone(),
+            recovered.state.clone(),
+            recovered.last_seq,
+        );
+        (feed, projector)
     });
     let supervisor = Supervisor {
         log: log_handle.clone(),
@@ -237,6 +269,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         durability: config.durability,
         default_ttl_seconds: config.default_ttl_seconds,
         snapshotter: snapshotter.clone(),
+        feed: feed.as_ref().map(|(feed, _)| feed.clone()),
     };
     // Reservations whose deadline passed while we were down: expired (and logged) first.
     service.expire_due_now().await.map_err(StartError::Expiry)?;
@@ -288,6 +321,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         stop_http: Some(stop_http),
         http,
         writer,
+        feed,
     })
 }
 
@@ -341,8 +375,18 @@ fn set_aside_snapshots_from(dir: &std::path::Path, seq: u64) -> Result<(), Start
 }
 
 /// Recovers the state: the newest verifying snapshot plus the log after it. A damaged
-/// log record stops start-up, unless the operator asked to truncate the log there.
-fn recover(log: &Log, config: &Config) -> Result<Recovered, StartError> {
+/// log record stops start-up, unless the operator asked to truncate the log there. With
+/// the change feed's `store`, the events of the records after its end are derived from
+/// recovery's fold as it runs (`feed::Catchup`).
+fn recover(
+    log: &Log,
+    config: &Config,
+    mut store: Option<&mut crate::feed::store::Store>,
+) -> Result<Recovered, StartError> {
+    let feed_err = |source| StartError::Feed {
+        path: config.data_dir.join("events").display().to_string(),
+        source,
+    };
     let started = Instant::now();
     crate::storage::snapshot::remove_temp_files(&config.snapshot_dir).map_err(|source| {
         StartError::Dir {
@@ -350,7 +394,21 @@ fn recover(log: &Log, config: &Config) -> Result<Recovered, StartError> {
             source,
         }
     })?;
-    let recovered = match recovery::recover(&log.reader(), &config.snapshot_dir, u64::MAX) {
+    // With the feed's store, its catch-up watches the fold (what it appended before an
+    // error is whole: a second recovery continues after it).
+    let recover_catching_up = |store: Option<&mut crate::feed::store::Store>| {
+        let mut catchup = store.map(Catchup::new);
+        let observer = catchup
+            .as_mut()
+            .map(|c| c as &mut dyn recovery::FoldObserver);
+        let result =
+            recovery::recover_observed(&log.reader(), &config.snapshot_dir, u64::MAX, observer);
+        match catchup.map(Catchup::finish_partial) {
+            Some(Err(err)) => Err(feed_err(err)),
+            _ => Ok(result),
+        }
+    };
+    let recovered = match recover_catching_up(store.as_deref_mut())? {
         Err(err) if config.truncate_damaged_log && err.damaged_seq().is_some() => {
             let seq = err.damaged_seq().expect("checked above");
             let removed = log.truncate_from(seq)?;
@@ -363,10 +421,16 @@ fn recover(log: &Log, config: &Config) -> Result<Recovered, StartError> {
                 error = %err,
                 "log truncated at a damaged record, as asked (--truncate-damaged-log)"
             );
-            recovery::recover(&log.reader(), &config.snapshot_dir, u64::MAX)?
+            recover_catching_up(store.as_deref_mut())??
         }
         result => result?,
     };
+    if let Some(store) = store {
+        let snapshot_seq = recovered.snapshot.as_ref().map_or(0, |s| s.seq);
+        Catchup::new(store)
+            .finish(snapshot_seq, recovered.last_seq)
+            .map_err(feed_err)?;
+    }
     // Each snapshot skipped was logged by recovery, once.
     let what = match (&recovered.snapshot, recovered.records) {
         (None, 0) => "no snapshot and an empty log: starting empty",
@@ -420,6 +484,11 @@ impl Server {
 
     /// Graceful shutdown: drain HTTP, stop the actors, flush the log.
     pub async fn shutdown(mut self) -> Result<(), crate::storage::log::LogError> {
+        // Live readers' streams never end by themselves: they end first, so that the
+        // drain below does not wait for them.
+        if let Some((feed, _)) = &self.feed {
+            feed.close_readers();
+        }
         if let Some(stop) = self.stop_http.take() {
             let _ = stop.send(());
         }
@@ -439,6 +508,10 @@ impl Server {
             .await;
         if self.snapshot_on_shutdown && self.log.is_healthy() {
             self.final_snapshot().await;
+        }
+        // The projector reads the log too: it projects what is durable, syncs and stops.
+        if let Some((_, projector)) = self.feed.take() {
+            let _ = tokio::task::spawn_blocking(move || projector.stop()).await;
         }
         // The snapshot thread reads the log: it stops first, so the log closes with the writer.
         self.snapshotter.stop();

@@ -55,6 +55,8 @@ pub struct Service {
     pub(crate) durability: Durability,
     pub(crate) default_ttl_seconds: u64,
     pub(crate) snapshotter: Snapshotter,
+    /// The change feed (`None`: `--events off`).
+    pub(crate) feed: Option<crate::feed::Feed>,
 }
 
 impl Service {
@@ -287,6 +289,11 @@ impl Service {
 
     pub async fn stats(&self) -> Result<Stats> {
         Ok(ask(&self.supervisor, SupervisorMsg::Stats).await?)
+    }
+
+    /// The change feed, unless it is off.
+    pub fn feed(&self) -> Option<&crate::feed::Feed> {
+        self.feed.as_ref()
     }
 
     /// Whether the log still accepts writes.

@@ -256,6 +256,21 @@ struct ServeArgs {
     /// never holds the second copy of the state a snapshot needs; off: in the server.
     #[arg(long, env = "STOCKD_SNAPSHOT_WORKER", value_enum, default_value = "on")]
     snapshot_worker: OnOff,
+    /// on: the change feed (GET /v1/events) follows the log and keeps its events in
+    /// DIR/events; off: no feed (GET /v1/events answers 404), and no copy of the product
+    /// table for it.
+    #[arg(long, env = "STOCKD_EVENTS", value_enum, default_value = "on")]
+    events: OnOff,
+    /// How long the change feed keeps events, in seconds (whole segments go once older).
+    #[arg(long, env = "STOCKD_EVENTS_RETENTION_SECONDS",
+          default_value_t = crate::feed::EVENTS_RETENTION_SECONDS_DEFAULT,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    events_retention_seconds: u64,
+    /// The most bytes the change feed's store keeps (oldest segments go first).
+    #[arg(long, env = "STOCKD_EVENTS_MAX_BYTES",
+          default_value_t = crate::feed::EVENTS_MAX_BYTES_DEFAULT,
+          value_parser = clap::value_parser!(u64).range(1024..))]
+    events_max_bytes: u64,
     /// Test hook: pause this long while writing each snapshot file (to test crashes).
     #[arg(long, hide = true, env = "STOCKD_TEST_SNAPSHOT_PAUSE_MS")]
     test_snapshot_pause_ms: Option<u64>,

@@ -37,11 +37,35 @@ pub(super) fn offline_snapshot(args: OfflineSnapshotArgs) -> ExitCode {
         eprintln!("stockd: no log in {}", log_dir.display());
         return ExitCode::FAILURE;
     }
+    // A snapshot past the change feed's store would leave records whose events the next
+    // start could not derive: the store is first brought up to the log's end, as start-up
+    // does (recovery's fold, with the feed's catch-up), and the snapshot never passes it.
+    let events_dir = args.data_dir.join("events");
+    let snapshot_dir = args.snapshot_dir.clone();
+    let ceiling = |reader: &crate::storage::log::LogReader| -> std::io::Result<Option<u64>> {
+        if !events_dir.exists() {
+            return Ok(None);
+        }
+        let retention = crate::feed::retention_default();
+        let mut store = crate::feed::store::Store::open(&events_dir, 0, retention)?;
+        let mut catchup = crate::feed::Catchup::new(&mut store);
+        let recovered = crate::storage::recovery::recover_observed(
+            reader,
+            &snapshot_dir,
+            u64::MAX,
+            Some(&mut catchup),
+        )
+        .map_err(std::io::Error::other)?;
+        let snapshot_seq = recovered.snapshot.as_ref().map_or(0, |s| s.seq);
+        catchup.finish(snapshot_seq, recovered.last_seq)?;
+        Ok(Some(store.through()))
+    };
     match take_offline(
         &log_dir,
         &args.snapshot_dir,
         args.snapshots_keep as usize,
         now,
+        &ceiling,
     ) {
         Ok(taken) => {
             print(args.json, &taken, || {

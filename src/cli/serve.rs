@@ -147,6 +147,10 @@ fn config(args: ServeArgs, snapshot_worker: Option<PathBuf>) -> Config {
             pause_before_rename: args.test_snapshot_pause_ms.map(Duration::from_millis),
         },
         log_fail_from_seq: args.test_log_fail_from_seq,
+        events: (args.events == OnOff::On).then_some(crate::feed::Retention {
+            age: Duration::from_secs(args.events_retention_seconds),
+            max_bytes: args.events_max_bytes,
+        }),
         ..Config::default()
     }
 }

@@ -586,6 +586,20 @@ pub fn decode_unreserved(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// A page's `limit` (1..=`PAGE_LIMIT_MAX`), from its query value.
+pub fn page_limit(value: &str) -> Result<usize> {
+    value
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (1..=PAGE_LIMIT_MAX).contains(n))
+        .ok_or_else(|| {
+            Problem::invalid(
+                "limit",
+                format!("limit must be an integer from 1 to {PAGE_LIMIT_MAX}"),
+            )
+        })
+}
+
 /// `GET /v1/products?limit=N&after=SKU`.
 pub fn page(query: &str) -> Result<(usize, Option<String>)> {
     let mut limit = PAGE_LIMIT_DEFAULT;
@@ -595,18 +609,7 @@ pub fn page(query: &str) -> Result<(usize, Option<String>)> {
         let (key, value) = (decode_unreserved(key), decode_unreserved(value));
         let (key, value) = (key.as_ref(), value.as_ref());
         match key {
-            "limit" => {
-                limit = value
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=PAGE_LIMIT_MAX).contains(n))
-                    .ok_or_else(|| {
-                        Problem::invalid(
-                            "limit",
-                            format!("limit must be an integer from 1 to {PAGE_LIMIT_MAX}"),
-                        )
-                    })?;
-            }
+            "limit" => limit = page_limit(value)?,
             "after" => {
                 if !is_sku(value) {
                     return Err(Problem::invalid("after", "after must be a SKU"));

@@ -62,6 +62,8 @@ pub struct Figures<'a> {
     pub stderr_lines_lost: u64,
     /// Reservation attempts refused by the per-customer rate limit.
     pub rate_limited: u64,
+    /// The change feed's figures (`None`: `--events off`).
+    pub feed: Option<crate::feed::FeedStats>,
 }
 
 /// The Prometheus text exposition of `f`.
@@ -211,6 +213,61 @@ pub fn render(f: &Figures) -> String {
     for (name, kind, help, value) in single {
         family(name, kind, help, &[(String::new(), value)]);
     }
+    if let Some(feed) = &f.feed {
+        let feed_figures = [
+            (
+                "stockd_events_store_bytes",
+                "gauge",
+                "Bytes in the change feed's store (<data>/events).",
+                feed.bytes as f64,
+            ),
+            (
+                "stockd_events_oldest_seq",
+                "gauge",
+                "The oldest log record whose events the feed still keeps.",
+                feed.oldest_seq as f64,
+            ),
+            (
+                "stockd_events_newest_seq",
+                "gauge",
+                "Log sequence number of the newest event (0: none yet).",
+                feed.newest_seq as f64,
+            ),
+            (
+                "stockd_events_through_seq",
+                "gauge",
+                "The feed holds the events of every log record up to this one.",
+                feed.through as f64,
+            ),
+            (
+                "stockd_events_written_total",
+                "counter",
+                "Events appended to the feed's store since start.",
+                feed.events_written as f64,
+            ),
+            (
+                "stockd_events_sse_clients",
+                "gauge",
+                "Live (Server-Sent Events) readers connected.",
+                feed.readers_connected as f64,
+            ),
+            (
+                "stockd_events_sse_dropped_total",
+                "counter",
+                "Live readers dropped for falling too far behind (they resume with Last-Event-ID).",
+                feed.readers_dropped as f64,
+            ),
+            (
+                "stockd_events_failed",
+                "gauge",
+                "1 once the feed's projector stopped on an error (a restart derives the rest).",
+                if feed.failed { 1.0 } else { 0.0 },
+            ),
+        ];
+        for (name, kind, help, value) in feed_figures {
+            family(name, kind, help, &[(String::new(), value)]);
+        }
+    }
     out
 }
 
@@ -247,6 +304,7 @@ mod tests {
             start_time_unix: 1.5e9,
             stderr_lines_lost: 4,
             rate_limited: 5,
+            feed: None,
         });
         let mut helped = std::collections::HashSet::new();
         for line in text.lines() {

@@ -38,6 +38,7 @@ enum Endpoint {
     CreateKey,
     ListKeys,
     RevokeKey(String),
+    Events,
 }
 
 /// Every path the router answers, spelled as the OpenAPI document (`src/http/openapi.json`)
@@ -60,6 +61,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("/v1/admin/snapshot", "POST"),
     ("/v1/admin/keys", "GET, HEAD, POST"),
     ("/v1/admin/keys/{id}", "DELETE"),
+    ("/v1/events", "GET, HEAD"),
 ];
 
 /// The `Allow` value of a path template in `ROUTES`; used in `const` blocks, so that a
@@ -153,6 +155,7 @@ fn route(method: &Method, path: &str) -> Route {
             const { allow("/v1/admin/keys/{id}") },
             (m == Method::DELETE).then(|| RevokeKey(s(id))),
         ),
+        ["v1", "events"] => pick(const { allow("/v1/events") }, read.then_some(Events)),
         ["v1", "reservations", id] if !id.is_empty() => pick(
             const { allow("/v1/reservations/{id}") },
             read.then(|| GetReservation(s(id))),
@@ -185,7 +188,9 @@ fn scope(endpoint: &Endpoint) -> Option<Scope> {
     use Endpoint::*;
     match endpoint {
         Health => None,
-        Metrics | OpenApi | ListProducts | GetProduct(_) | GetReservation(_) => Some(Scope::Read),
+        Metrics | OpenApi | ListProducts | GetProduct(_) | GetReservation(_) | Events => {
+            Some(Scope::Read)
+        }
         Reserve | Confirm(_) | Cancel(_) | Extend(_) => Some(Scope::Reserve),
         CreateProduct | PatchProduct(_) | DeleteProduct(_) | Replenish(_) | Adjust(_) => {
             Some(Scope::Stock)
@@ -277,7 +282,7 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
     // (docs/API.md says which). The OpenAPI document is a read too: it needs no log.
     let read = matches!(
         endpoint,
-        Metrics | OpenApi | GetProduct(_) | ListProducts | GetReservation(_) | ListKeys
+        Metrics | OpenApi | GetProduct(_) | ListProducts | GetReservation(_) | ListKeys | Events
     );
     if !read && !svc.log_healthy() {
         return Err(Problem::new(
@@ -363,6 +368,7 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
             Ok(reply)
         }
         GetReservation(id) => reservation(&svc.get_reservation(reservation_id(&id)?).await?),
+        Events => crate::http::events::serve(svc.feed(), &req.query, &req.headers).await,
         Snapshot => {
             if let Some(value) = body()? {
                 if value.as_object().is_none_or(|o| !o.is_empty()) {
@@ -468,6 +474,7 @@ async fn metrics(app: &App) -> Result<Reply> {
         start_time_unix: app.started_unix,
         stderr_lines_lost: crate::logging::lines_lost(),
         rate_limited: app.customer_rate.as_ref().map_or(0, |l| l.refused()),
+        feed: svc.feed().map(crate::feed::Feed::stats),
     });
     let mut reply = Response::new(text.into());
     reply.headers_mut().insert(
@@ -558,6 +565,7 @@ mod tests {
             Snapshot => "/v1/admin/snapshot",
             CreateKey | ListKeys => "/v1/admin/keys",
             RevokeKey(_) => "/v1/admin/keys/{id}",
+            Events => "/v1/events",
         }
     }
 
@@ -686,7 +694,7 @@ mod tests {
                 checked += 1;
             }
         }
-        assert_eq!(checked, 26);
+        assert_eq!(checked, 28);
     }
 
     /// Each documented operation's `security` names the scope the router asks for (as

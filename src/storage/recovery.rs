@@ -15,6 +15,7 @@ use std::path::Path;
 
 use crate::storage::fold::{self, FoldError, State};
 use crate::storage::log::{LogReader, OpenError};
+use crate::storage::record::Record;
 use crate::storage::snapshot::{self, SnapshotInfo};
 
 #[derive(Debug, thiserror::Error)]
@@ -69,11 +70,33 @@ pub struct Recovered {
     pub replay: std::time::Duration,
 }
 
+/// Watches recovery's fold, record by record: the change feed derives the events of the
+/// records its store lacks this way, from the one fold as it runs (never a second
+/// interpretation of the records: invariant 4).
+pub trait FoldObserver: Send {
+    /// Whether record `seq` is to be watched (`before` and `after` are called for it).
+    fn wants(&self, seq: u64) -> bool;
+    /// Called with the state record `seq` is about to be applied to.
+    fn before(&mut self, seq: u64, record: &Record, state: &State);
+    /// Called with the state after record `seq` was applied.
+    fn after(&mut self, seq: u64, record: &Record, state: &State);
+}
+
 /// Recovers the state after record `upto` (`u64::MAX`: everything in the log).
 pub fn recover(
     reader: &LogReader,
     snapshot_dir: &Path,
     upto: u64,
+) -> Result<Recovered, RecoveryError> {
+    recover_observed(reader, snapshot_dir, upto, None)
+}
+
+/// `recover`, with `observer` watching the records folded after the snapshot.
+pub fn recover_observed(
+    reader: &LogReader,
+    snapshot_dir: &Path,
+    upto: u64,
+    observer: Option<&mut dyn FoldObserver>,
 ) -> Result<Recovered, RecoveryError> {
     let truncated_through = reader.truncated_through();
     let snapshots = list_snapshots(snapshot_dir)?;
@@ -86,7 +109,13 @@ pub fn recover(
     let base = base_from(snapshots, upto, truncated_through)?;
     let after = base.snapshot.as_ref().map_or(0, |s| s.seq);
     let started = std::time::Instant::now();
-    let folded = fold_records(reader, base.state, after, upto)?;
+    let folded = fold_observed(
+        reader.records_after(after),
+        base.state,
+        after,
+        upto,
+        observer,
+    )?;
     finish(base.snapshot, base.skipped, folded, upto, started.elapsed())
 }
 
@@ -205,10 +234,21 @@ pub fn fold_records(
 /// `fold_records` over any source of records in log order (the log, or the records a
 /// server sends its snapshot worker). Records up to `after` must not be in it.
 pub fn fold_stream(
-    source: impl Iterator<Item = Result<(u64, crate::storage::record::Record), OpenError>> + Send,
+    source: impl Iterator<Item = Result<(u64, Record), OpenError>> + Send,
+    state: State,
+    after: u64,
+    upto: u64,
+) -> Result<(State, u64, u64), RecoveryError> {
+    fold_observed(source, state, after, upto, None)
+}
+
+/// `fold_stream`, with `observer` watching each record it wants.
+fn fold_observed(
+    source: impl Iterator<Item = Result<(u64, Record), OpenError>> + Send,
     mut state: State,
     after: u64,
     upto: u64,
+    mut observer: Option<&mut dyn FoldObserver>,
 ) -> Result<(State, u64, u64), RecoveryError> {
     let mut records = 0;
     let mut last_seq = after;
@@ -256,8 +296,18 @@ pub fn fold_stream(
                 // check it again on every product the record touched.
                 #[cfg(debug_assertions)]
                 let touched = record.clone();
+                let watched = match observer.as_deref_mut() {
+                    Some(o) if o.wants(seq) => {
+                        o.before(seq, &record, &state);
+                        Some(record.clone())
+                    }
+                    _ => None,
+                };
                 fold::apply_owned(&mut state, record)
                     .map_err(|source| RecoveryError::Fold { seq, source })?;
+                if let (Some(o), Some(record)) = (observer.as_deref_mut(), watched) {
+                    o.after(seq, &record, &state);
+                }
                 #[cfg(debug_assertions)]
                 assert!(
                     record_products_hold_invariant(&state, &touched),
@@ -289,7 +339,7 @@ pub fn fold_log(reader: &LogReader) -> Result<Recovered, RecoveryError> {
 
 /// Invariant 1 for the products the record touched (checking all would be quadratic).
 #[cfg(debug_assertions)]
-fn record_products_hold_invariant(state: &State, record: &crate::storage::record::Record) -> bool {
+fn record_products_hold_invariant(state: &State, record: &Record) -> bool {
     use crate::storage::record::Record::*;
     let check = |sku: &str| state.products.get(sku).is_none_or(|p| p.invariant_holds());
     match record {

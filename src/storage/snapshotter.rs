@@ -176,7 +176,15 @@ pub struct SnapshotterArgs {
     /// The `stockd` binary to build snapshots in a child process with
     /// (`crate::storage::snapshot_worker`); `None`: in this process.
     pub worker: Option<PathBuf>,
+    /// No snapshot is taken past this record (`None`: no ceiling): the change feed's store
+    /// is synced through it (`crate::feed::Feed::synced`). A snapshot past the feed's store
+    /// would leave records whose events no restart could derive again.
+    pub ceiling: Option<Arc<AtomicU64>>,
 }
+
+/// How long a snapshot waits for the ceiling to reach the sequence asked for, before it
+/// is taken at the ceiling instead (the projector syncs every `PROJECTOR_SYNC_MS`).
+const CEILING_WAIT_MS: u64 = 2_000;
 
 impl Snapshotter {
     /// Starts the thread; `stop` it, then join the handle.
@@ -418,7 +426,23 @@ impl Worker {
         }
     }
 
+    /// `upto`, or less if the ceiling stays below it for `CEILING_WAIT_MS`.
+    fn below_ceiling(&self, upto: u64) -> u64 {
+        let Some(ceiling) = &self.args.ceiling else {
+            return upto;
+        };
+        let deadline = Instant::now() + Duration::from_millis(CEILING_WAIT_MS);
+        loop {
+            let at = ceiling.load(Ordering::SeqCst);
+            if at >= upto || Instant::now() >= deadline {
+                return upto.min(at);
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn take(&mut self, upto: u64, priority: Priority) -> Result<Taken, TakeError> {
+        let upto = self.below_ceiling(upto);
         let now = self.args.clock.now_ms();
         let args = &self.args;
         let started = Instant::now();
@@ -567,14 +591,21 @@ fn drop_unneeded(reader: &LogReader, dir: &Path, keep: usize) -> Result<u64, Tak
 
 /// `stockd snapshot`: takes a snapshot of a stopped server's data directory (the log in
 /// `log_dir`), prunes, truncates the log, and flushes. Fails if a server has the log open.
+/// `ceiling`, called with the log once it is open (and so locked against a server), names
+/// a record the snapshot may not pass (the change feed's store ends there).
 pub fn take_offline(
     log_dir: &Path,
     snapshot_dir: &Path,
     keep: usize,
     now: Millis,
+    ceiling: &dyn Fn(&LogReader) -> io::Result<Option<u64>>,
 ) -> Result<Taken, TakeError> {
     let log = crate::storage::log::Log::open(log_dir)?;
-    let upto = log.last_seq()?;
+    let ceiling = ceiling(&log.reader()).map_err(TakeError::dir(
+        "bring the change feed's store up to date",
+        log_dir,
+    ))?;
+    let upto = log.last_seq()?.min(ceiling.unwrap_or(u64::MAX));
     let taken = take_snapshot(
         &log.reader(),
         snapshot_dir,
