@@ -14,6 +14,7 @@ use crate::driver::{timed, PhaseStats};
 use crate::options::Options;
 use crate::report::{Check, Report};
 use crate::rounds::interleaved;
+use crate::scenarios::post_json_body;
 
 /// How many greedy buyers share half of the requests.
 pub const GREEDY_BUYERS: usize = 16;
@@ -66,15 +67,7 @@ pub(crate) async fn limits(
             let body = serde_json::to_vec(&body).expect("json");
             vec![
                 timed(async {
-                    let res = client
-                        .post(url.as_str())
-                        .header("content-type", "application/json")
-                        .body(body)
-                        .send()
-                        .await
-                        .ok()?;
-                    let status = res.status().as_u16();
-                    res.bytes().await.ok()?;
+                    let status = post_json_body(&client, &url, body).await?;
                     if let (201, Some(g)) = (status, greedy) {
                         acked[g].fetch_add(1, Ordering::Relaxed);
                     }

@@ -104,6 +104,24 @@ pub async fn run(opts: Options) -> Result<Report, String> {
     Ok(report)
 }
 
+/// POSTs a JSON body and reads the whole answer: its status, or `None` if none came.
+pub(crate) async fn post_json_body(
+    client: &reqwest::Client,
+    url: &str,
+    body: Vec<u8>,
+) -> Option<u16> {
+    let res = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .ok()?;
+    let status = res.status().as_u16();
+    res.bytes().await.ok()?;
+    Some(status)
+}
+
 async fn flash_sale(
     client: &reqwest::Client,
     base: &str,
@@ -127,23 +145,7 @@ async fn flash_sale(
     let load_client = client.clone();
     let send = move |worker: usize, _| {
         let (client, url, bodies) = (load_client.clone(), url.clone(), bodies.clone());
-        async move {
-            vec![
-                timed(async {
-                    let res = client
-                        .post(url.as_str())
-                        .header("content-type", "application/json")
-                        .body(bodies[worker].clone())
-                        .send()
-                        .await
-                        .ok()?;
-                    let status = res.status().as_u16();
-                    res.bytes().await.ok()?;
-                    Some(status)
-                })
-                .await,
-            ]
-        }
+        async move { vec![timed(post_json_body(&client, &url, bodies[worker].clone())).await] }
     };
     let run = interleaved(client, base, opts, rounds, first_ceiling, send).await;
     let stats = &run.stats;
