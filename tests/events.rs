@@ -567,3 +567,56 @@ async fn kill_9_and_restart_lose_and_repeat_no_event() {
     assert!(!tail.is_empty());
     assert_eq!(seen[seen.len() - tail.len()..], tail[..]);
 }
+
+/// A key revoked after a restart: the projector's copy of the recovered state still holds
+/// the keys, so it folds the revocation and the feed goes on.
+#[tokio::test]
+async fn the_feed_goes_on_past_a_key_revoked_after_a_restart() {
+    let t = TestServer::start().await;
+    // The first key turns authentication on: the second is made with it.
+    let mut keys: Vec<(String, String)> = Vec::new();
+    for name in ["ops", "spare"] {
+        let bearer = keys.first().map(|(_, secret)| format!("Bearer {secret}"));
+        let auth: Vec<(&str, &str)> = bearer
+            .iter()
+            .map(|b| ("authorization", b.as_str()))
+            .collect();
+        let body = json!({"name": name, "scopes": ["admin"]});
+        let a = t.client.post_with("/v1/admin/keys", body, &auth).await;
+        assert_eq!(a.status, 201, "{:?}", a.body);
+        keys.push((
+            a.body["id"].as_str().unwrap().to_string(),
+            a.body["secret"].as_str().unwrap().to_string(),
+        ));
+    }
+    let t = t.restart().await;
+    let bearer = format!("Bearer {}", keys[0].1);
+    let auth = [("authorization", bearer.as_str())];
+    let a = t
+        .client
+        .send(
+            reqwest::Method::DELETE,
+            &format!("/v1/admin/keys/{}", keys[1].0),
+            None,
+            &auth,
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, 204, "{:?}", a.body);
+    let body = json!({"sku": "AFTER", "name": "After the revocation", "on_hand": 1});
+    let a = t.client.post_with("/v1/products", body, &auth).await;
+    assert_eq!(a.status, 201, "{:?}", a.body);
+    let arrived = eventually(Duration::from_secs(10), || async {
+        let a = t
+            .client
+            .send(reqwest::Method::GET, "/v1/events?sku=AFTER", None, &auth)
+            .await
+            .unwrap();
+        a.body["events"]
+            .as_array()
+            .is_some_and(|events| events.iter().any(|e| e["type"] == "product.created"))
+    })
+    .await;
+    assert!(arrived, "the projector stopped at the revocation");
+    t.stop().await;
+}
