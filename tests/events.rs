@@ -12,7 +12,19 @@ use std::time::{Duration, Instant};
 use common::{eventually, ChildServer, Client, TestServer, START_MS};
 use serde_json::{json, Value};
 use stockd::clock::ManualClock;
-use stockd::Durability;
+use stockd::{Config, Durability};
+
+/// The feed is off by default: these servers turn it on.
+fn with_feed(config: &mut Config) {
+    config.events = Some(stockd::feed::retention_default());
+}
+
+/// An in-process server with the feed on.
+async fn start_with_feed() -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(START_MS));
+    TestServer::start_tweaked(dir, clock, Durability::Sync, with_feed).await
+}
 
 /// Every event after `after` (all pages), with the `next_after` of the last page.
 async fn all_events(c: &Client, after: u64, filter: &str) -> (Vec<Value>, u64) {
@@ -70,7 +82,7 @@ async fn cancel(c: &Client, id: &str) -> common::Answer {
 
 #[tokio::test]
 async fn every_change_gives_its_event_in_log_order_with_its_figures() {
-    let ts = TestServer::start().await;
+    let ts = start_with_feed().await;
     let c = &ts.client;
     c.create_product("A", 2).await;
     assert_eq!(
@@ -275,7 +287,7 @@ impl Sse {
 
 #[tokio::test]
 async fn live_events_arrive_and_a_reconnect_resumes_exactly_after_the_last_id() {
-    let ts = TestServer::start().await;
+    let ts = start_with_feed().await;
     let c = &ts.client;
     c.create_product("A", 1).await;
     let mut sse = Sse::open(&c.base, "", None).await;
@@ -327,7 +339,7 @@ async fn live_events_arrive_and_a_reconnect_resumes_exactly_after_the_last_id() 
 
 #[tokio::test]
 async fn a_reader_that_stops_reading_is_dropped_and_reservations_go_on() {
-    let ts = TestServer::start().await;
+    let ts = start_with_feed().await;
     let c = &ts.client;
     // Reservations of 100 lines: large events, so that the reader's socket fills early.
     let skus: Vec<String> = (0..100).map(|i| format!("S-{i:03}")).collect();
@@ -435,7 +447,7 @@ async fn a_data_directory_from_before_the_feed_starts_it_after_its_snapshot() {
         server.unwrap().shutdown().await.unwrap(); // with its snapshot at shutdown
         (dir, clock)
     };
-    let ts = TestServer::start_in(dir, clock, Durability::Sync).await;
+    let ts = TestServer::start_tweaked(dir, clock, Durability::Sync, with_feed).await;
     let c = &ts.client;
     let (events, next_after) = all_events(c, 2, "").await;
     assert!(events.is_empty(), "{events:?}");
@@ -481,7 +493,10 @@ fn expected_ids(data_dir: &std::path::Path, snapshot_dir: &std::path::Path) -> (
 async fn kill_9_and_restart_lose_and_repeat_no_event() {
     let dir = tempfile::tempdir().unwrap();
     // Snapshots while the reader follows: none may pass the feed's store.
-    let mut server = ChildServer::spawn(dir.path(), &["--snapshot-every-records", "300"]);
+    let mut server = ChildServer::spawn(
+        dir.path(),
+        &["--snapshot-every-records", "300", "--events", "on"],
+    );
     let c = server.client.clone();
     for sku in ["A", "B", "C"] {
         c.create_product(sku, 1_000_000).await;
@@ -533,7 +548,7 @@ async fn kill_9_and_restart_lose_and_repeat_no_event() {
     let before_kill = follower.await.unwrap();
     assert!(before_kill.len() > 10, "{}", before_kill.len());
 
-    let server = ChildServer::spawn(dir.path(), &[]);
+    let server = ChildServer::spawn(dir.path(), &["--events", "on"]);
     let c = server.client.clone();
     c.create_product("MARKER", 1).await;
     let mut sse = Sse::open(&c.base, "", before_kill.last().map(String::as_str)).await;
@@ -572,7 +587,7 @@ async fn kill_9_and_restart_lose_and_repeat_no_event() {
 /// the keys, so it folds the revocation and the feed goes on.
 #[tokio::test]
 async fn the_feed_goes_on_past_a_key_revoked_after_a_restart() {
-    let t = TestServer::start().await;
+    let t = start_with_feed().await;
     // The first key turns authentication on: the second is made with it.
     let mut keys: Vec<(String, String)> = Vec::new();
     for name in ["ops", "spare"] {
