@@ -50,7 +50,7 @@ impl Problem {
         Problem::new(422, "validation_failed", detail).with("field", field)
     }
 
-    fn title(&self) -> &'static str {
+    pub(crate) fn title(&self) -> &'static str {
         match self.code {
             "bad_request" => "Malformed request",
             "validation_failed" => "The request is not valid",
@@ -73,6 +73,13 @@ impl Problem {
             "unauthorized" => "Unauthorized",
             "forbidden" => "Forbidden",
             "key_not_found" => "API key not found",
+            "customer_limit_exceeded" => "Purchase limit reached",
+            "sale_not_started" => "Sale not started",
+            "sale_ended" => "Sale ended",
+            "events_gone" => "Events no longer kept",
+            "events_disabled" => "Change feed off",
+            // "internal_error", and any code without a title of its own (a test holds
+            // every code the server answers to a title of its own).
             _ => "Internal server error",
         }
     }

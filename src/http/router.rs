@@ -773,6 +773,19 @@ mod tests {
         codes
     }
 
+    /// A code without a title of its own would be answered "Internal server error".
+    #[test]
+    fn every_problem_code_has_a_title_of_its_own() {
+        for (status, code) in produced_codes() {
+            let title =
+                Problem::new(status as u16, Box::leak(code.clone().into_boxed_str()), "").title();
+            assert!(
+                code == "internal_error" || title != "Internal server error",
+                "{code} has no title"
+            );
+        }
+    }
+
     #[test]
     fn every_problem_code_is_documented_with_its_status() {
         let doc = document();
