@@ -883,7 +883,7 @@ impl Supervisor {
         }
         let at = self.clock.now_ms();
         let mut product = Product::new(sku.clone(), name.clone(), price.clone(), on_hand, at);
-        product.rules = rules;
+        product.rules.set(rules);
         // Queued before the product can be reached (it is in the routing table only below),
         // so before any of its units are held.
         let ticket = self.log.append(Record::ProductCreated {

@@ -12,4 +12,4 @@ pub mod sale;
 pub use key::{ApiKey, KeyId, Scope};
 pub use product::{HoldError, NewProduct, Price, Product, StockError};
 pub use reservation::{Line, Reservation, Status};
-pub use sale::{Buyers, LineSet, RulesError, RulesPatch, SaleRules};
+pub use sale::{Buyers, LineSet, Rules, RulesError, RulesPatch, SaleRules};

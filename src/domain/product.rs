@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Millis;
-use crate::domain::sale::{Buyers, SaleRules};
+use crate::domain::sale::{Buyers, Rules, SaleRules};
 use crate::limits::STOCK_MAX;
 
 /// A price in the currency's minor unit (cents for USD).
@@ -39,7 +39,7 @@ pub struct Product {
     pub created_at: Millis,
     pub updated_at: Millis,
     /// Purchase limit and sale window (`crate::domain::sale`).
-    pub rules: SaleRules,
+    pub rules: Rules,
     /// Units counted toward the purchase limit, per buyer. Left out of the product's
     /// hot-path copies (`clone_without_buyers`).
     pub buyers: Buyers,
@@ -114,7 +114,7 @@ impl Product {
             version: 1,
             created_at: at,
             updated_at: at,
-            rules: SaleRules::default(),
+            rules: Rules::default(),
             buyers: Buyers::default(),
         };
         debug_assert!(product.invariant_holds());
@@ -135,7 +135,7 @@ impl Product {
             version: self.version,
             created_at: self.created_at,
             updated_at: self.updated_at,
-            rules: self.rules,
+            rules: self.rules.clone(),
             buyers: Buyers::default(),
         }
     }
@@ -347,7 +347,8 @@ impl Product {
         if let Some(price) = price {
             self.price = price;
         }
-        self.rules = self.rules.patched(rules);
+        let patched = self.rules.patched(rules);
+        self.rules.set(patched);
         self.touch(at);
     }
 }

@@ -160,7 +160,7 @@ pub fn apply_owned(state: &mut State, record: Record) -> Result<(), FoldError> {
             if rules.check().is_err() {
                 return Err(FoldError::Rules(sku));
             }
-            p.rules = rules;
+            p.rules.set(rules);
             state.products.insert(sku, p);
         }
         Record::ProductPatched {

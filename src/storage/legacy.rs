@@ -226,7 +226,7 @@ impl From<StateV1> for State {
                     version: p.version,
                     created_at: p.created_at,
                     updated_at: p.updated_at,
-                    rules: SaleRules::default(),
+                    rules: Default::default(),
                     buyers: Buyers::default(),
                 };
                 (sku, product)
