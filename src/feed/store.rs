@@ -489,7 +489,7 @@ impl Store {
         let segment = &self.segments[i];
         let index = segment.index.as_ref().expect("built above");
         let at = index.partition_point(|&(through, _)| through < cursor.seq);
-        let offset = index[at.saturating_sub(1)].1;
+        let offset = index.get(at.saturating_sub(1)).map_or(0, |entry| entry.1);
         let mut file = File::open(&segment.path)?;
         file.seek(SeekFrom::Start(offset))?;
         let mut reader = BufReader::new(file.take(segment.bytes - offset));
