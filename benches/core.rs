@@ -79,30 +79,7 @@ fn fold(c: &mut Criterion) {
 fn actor_round_trip(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let server = rt.block_on(async {
-        let config = stockd::Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            data_dir: dir.path().join("data"),
-            snapshot_dir: dir.path().join("snapshots"),
-            clock: Arc::new(SystemClock),
-            ..stockd::Config::default()
-        };
-        let server = stockd::start(config).await.unwrap();
-        server
-            .service()
-            .create_product(
-                stockd::service::NewProduct::new(
-                    "HOT".into(),
-                    "Hot".into(),
-                    None,
-                    1_000_000_000_000,
-                ),
-                None,
-            )
-            .await
-            .unwrap();
-        server
-    });
+    let server = rt.block_on(hot_server(dir.path(), stockd::Durability::Sync));
     let service = server.service().clone();
     let mut group = c.benchmark_group("actors");
     // Baseline in the same run: a round trip to the supervisor alone.
@@ -187,31 +164,7 @@ fn auth_check(c: &mut Criterion) {
         HeaderValue::from_str(&value).unwrap(),
     );
 
-    let server = rt.block_on(async {
-        let config = stockd::Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            data_dir: dir.path().join("data"),
-            snapshot_dir: dir.path().join("snapshots"),
-            durability: stockd::Durability::Async,
-            clock: Arc::new(SystemClock),
-            ..stockd::Config::default()
-        };
-        let server = stockd::start(config).await.unwrap();
-        server
-            .service()
-            .create_product(
-                stockd::service::NewProduct::new(
-                    "HOT".into(),
-                    "Hot".into(),
-                    None,
-                    1_000_000_000_000,
-                ),
-                None,
-            )
-            .await
-            .unwrap();
-        server
-    });
+    let server = rt.block_on(hot_server(dir.path(), stockd::Durability::Async));
     let service = server.service().clone();
     let request = stockd::service::ReserveRequest {
         customer_id: "c".into(),
@@ -231,6 +184,23 @@ fn auth_check(c: &mut Criterion) {
     });
     group.finish();
     rt.block_on(server.shutdown()).unwrap();
+}
+
+/// A server in `dir` (its own clock, on `127.0.0.1:0`) with one product, `HOT`, of a
+/// million million units.
+async fn hot_server(dir: &std::path::Path, durability: stockd::Durability) -> stockd::Server {
+    let config = stockd::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.join("data"),
+        snapshot_dir: dir.join("snapshots"),
+        durability,
+        clock: Arc::new(SystemClock),
+        ..stockd::Config::default()
+    };
+    let server = stockd::start(config).await.unwrap();
+    let hot = stockd::service::NewProduct::new("HOT".into(), "Hot".into(), None, 1_000_000_000_000);
+    server.service().create_product(hot, None).await.unwrap();
+    server
 }
 
 criterion_group!(benches, fold, actor_round_trip, group_commit, auth_check);

@@ -110,16 +110,19 @@ fn examples_fit_their_schemas() {
     assert!(!product.is_valid(&wrong));
 }
 
+/// Asserts that `value` fits the document's schema `name`, naming every mismatch.
+fn assert_fits(doc: &Value, name: &str, value: &Value) {
+    let validator = component_validator(doc, &format!("/components/schemas/{name}"));
+    let errors = messages(&validator, value);
+    assert!(errors.is_empty(), "{name}: {value}: {errors:#?}");
+}
+
 /// What the server answers fits the document: a product, a page, a reservation and a
 /// problem, checked against their schemas.
 #[tokio::test]
 async fn answers_fit_the_documented_schemas() {
     let doc = document();
-    let check = |name: &str, value: &Value| {
-        let validator = component_validator(&doc, &format!("/components/schemas/{name}"));
-        let errors = messages(&validator, value);
-        assert!(errors.is_empty(), "{name}: {value}: {errors:#?}");
-    };
+    let check = |name: &str, value: &Value| assert_fits(&doc, name, value);
     let t = TestServer::start().await;
     let c = &t.client;
     let a = c.create_product("A", 5).await;
@@ -186,11 +189,7 @@ async fn get_openapi_json_serves_the_document_even_after_the_log_failed() {
 #[tokio::test]
 async fn key_answers_fit_the_documented_schemas() {
     let doc = document();
-    let check = |name: &str, value: &Value| {
-        let validator = component_validator(&doc, &format!("/components/schemas/{name}"));
-        let errors = messages(&validator, value);
-        assert!(errors.is_empty(), "{name}: {value}: {errors:#?}");
-    };
+    let check = |name: &str, value: &Value| assert_fits(&doc, name, value);
     let t = TestServer::start().await;
     let c = &t.client;
     let a = c

@@ -9,12 +9,12 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use crate::api::{get_json, post_json};
+use crate::api::post_json;
 use crate::driver::{timed, PhaseStats};
 use crate::options::Options;
 use crate::report::{Check, Report};
 use crate::rounds::interleaved;
-use crate::scenarios::post_json_body;
+use crate::scenarios::{check_hot_sku, post_json_body};
 
 /// How many greedy buyers share half of the requests.
 pub const GREEDY_BUYERS: usize = 16;
@@ -80,10 +80,6 @@ pub(crate) async fn limits(
     let run_stats = interleaved(client, base, opts, rounds, first_ceiling, send).await;
     let stats = &run_stats.stats;
 
-    let product = get_json(client, &format!("{base}/v1/products/{sku}")).await?;
-    let on_hand = product["on_hand"].as_u64().unwrap_or(0);
-    let reserved = product["reserved"].as_u64().unwrap_or(u64::MAX);
-    let acked = stats.status(201);
     // Ask the server each greedy buyer's count: a request for more than the limit is
     // always refused by the limit, with the count (and holds nothing).
     let mut over_limit = Vec::new();
@@ -106,8 +102,7 @@ pub(crate) async fn limits(
     }
     let greedy_total: u64 = greedy_acked.iter().map(|a| a.load(Ordering::Relaxed)).sum();
     let mut report = run_stats.report("limits");
-    report.oversold = acked.saturating_sub(opts.stock) + reserved.saturating_sub(on_hand);
-    report.lost_acks = acked.saturating_sub(reserved);
+    check_hot_sku(client, base, &sku, opts.stock, stats, &mut report).await?;
     report.checks.extend([
         Check::new(
             "no buyer above the limit (server and client counts)",
@@ -128,24 +123,6 @@ pub(crate) async fn limits(
             } else {
                 disagree.join("; ")
             },
-        ),
-        Check::new(
-            "no unit oversold (acknowledged ≤ stock, reserved ≤ on_hand)",
-            report.oversold == 0,
-            format!(
-                "acknowledged {acked}, stock {}, reserved {reserved}, on_hand {on_hand}",
-                opts.stock
-            ),
-        ),
-        Check::new(
-            "every acknowledged hold is held by the server",
-            report.lost_acks == 0 && (stats.transport_errors > 0 || reserved == acked),
-            format!("acknowledged {acked}, server reserved {reserved}"),
-        ),
-        Check::new(
-            "every answer is 201 or 409",
-            stats.status(201) + stats.status(409) + stats.transport_errors == stats.requests,
-            format!("statuses {:?}", stats.by_status),
         ),
     ]);
     report.verified = report.checks.iter().all(|c| c.ok);
