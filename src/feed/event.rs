@@ -299,7 +299,7 @@ pub struct Before {
 
 /// The SKUs a record touches, in order, each once (`state`: before or after the record,
 /// for the lines of the reservation it names).
-fn touched(record: &Record, state: &State) -> Vec<String> {
+pub(crate) fn touched(record: &Record, state: &State) -> Vec<String> {
     let mut skus: Vec<String> = Vec::new();
     let mut add = |sku: &str| {
         if !skus.iter().any(|s| s == sku) {
