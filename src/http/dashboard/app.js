@@ -166,7 +166,7 @@
     const first = raws[0];
     const now = raws[raws.length - 1];
     let commit = null;
-    let since = 'last 10 s';
+    let since = 'mean of the last 10 s';
     if (first && now.batches > first.batches) {
       commit = ((now.write - first.write) / (now.batches - first.batches)) * 1000;
     } else if (now.batches > 0) {
@@ -180,7 +180,7 @@
     if (now.batches > 0) parts.push((now.records / now.batches).toFixed(1) + ' records per commit');
     parts.push((m.get('stockd_products') || 0) + ' products');
     const readers = m.get('stockd_events_sse_clients');
-    if (readers !== undefined) parts.push(readers + ' live feed readers');
+    if (readers !== undefined) parts.push('live feed readers: ' + readers);
     $('log-detail').textContent = parts.join(' · ');
     renderChart();
   }
@@ -218,7 +218,8 @@
     const x = (i) => left + ((w - left - right) * i) / (HISTORY - 1);
     for (const v of [0, ymax / 2, ymax]) {
       svg.append(svgEl('line', { class: 'grid', x1: left, x2: w - right, y1: y(v), y2: y(v) }));
-      svg.append(svgEl('text', { class: 'axis', x: left - 6, y: y(v) + 4, 'text-anchor': 'end' }, fmtRate(v)));
+      const label = ymax >= 2 ? String(v) : v.toFixed(1);
+      svg.append(svgEl('text', { class: 'axis', x: left - 6, y: y(v) + 4, 'text-anchor': 'end' }, label));
     }
     svg.append(svgEl('text', { class: 'axis', x: left, y: h - 4 }, '−5 min'));
     svg.append(svgEl('text', { class: 'axis', x: w - right, y: h - 4, 'text-anchor': 'end' }, 'now'));
