@@ -101,6 +101,7 @@ enum Route {
 }
 
 fn route(method: &Method, path: &str) -> Route {
+    use crate::http::dashboard::{PAGE, SCRIPT, STYLE};
     use Endpoint::*;
     let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
     let m = method;
@@ -112,7 +113,6 @@ fn route(method: &Method, path: &str) -> Route {
     // HEAD is GET without the body (hyper leaves the body out), for health checkers and
     // caches that probe with it.
     let read = m == Method::GET || m == Method::HEAD;
-    use crate::http::dashboard::{PAGE, SCRIPT, STYLE};
     match segments.as_slice() {
         [""] => pick(const { allow("/") }, read.then_some(Index)),
         ["dashboard"] => pick(
@@ -698,8 +698,8 @@ mod tests {
     }
 
     /// The scope of every route and method, by the rule docs/API.md states: `/health`,
-    /// `/` and the dashboard's files none; `/v1/admin/...` admin; any other GET or HEAD read; changes to reservations
-    /// reserve; changes to products stock.
+    /// `/` and the dashboard's files none; `/v1/admin/...` admin; any other GET or HEAD
+    /// read; changes to reservations reserve; changes to products stock.
     #[test]
     fn every_route_needs_the_scope_of_its_kind() {
         let mut checked = 0;
