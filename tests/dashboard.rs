@@ -481,6 +481,46 @@ async fn the_page_says_when_the_feed_is_off_and_still_shows_the_metrics() {
     });
 }
 
+/// The page's stream parser, fed chunks cut where a network may cut them: a CRLF split in
+/// two, bare CRs, a comment, a field without a colon, an id kept for later events, and a
+/// `retry`. The server itself only sends LFs, so this is where the other endings are read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_parses_server_sent_events_by_the_rules() {
+    with_browser!(|b| {
+        let t = server(with_feed).await;
+        b.client()
+            .goto(&format!("{}/dashboard", t.client.base))
+            .await
+            .unwrap();
+        let out = js(
+            &b,
+            "const out = []; \
+             const push = window.stockd.sseParser( \
+                 (id, type, data) => out.push([id, type, data]), \
+                 (ms) => out.push(['retry', ms]), null); \
+             for (const chunk of ['id: 1\\r', '\\nevent: a\\r\\ndata: x\\r\\ndata:  y\\r\\n\\r', \
+                                  '\\n', ': heartbeat\\n\\n', 'data:z\\rid:2\\r\\r', \
+                                  'retry: 5000\\n', 'data\\n\\n', 'id: 3\\nda', 'ta: w\\n', '\\n', \
+                                  'data: p\\r', '\\ndata: q\\n\\n', \
+                                  'event: b\\n\\n', 'data: no end yet']) push(chunk); \
+             return out;",
+        )
+        .await;
+        assert_eq!(
+            out,
+            json!([
+                ["1", "a", "x\n y"],
+                ["2", "", "z"],
+                ["retry", 5000],
+                ["2", "", ""],
+                ["3", "", "w"],
+                ["3", "", "p\nq"],
+            ])
+        );
+        t.stop().await;
+    });
+}
+
 const ADMIN: &str = "bootstrap-secret-for-dashboard-01";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -332,14 +332,50 @@
     }
   }
 
-  // A Server-Sent Events parser (the WHATWG rules: lines end in CRLF, LF or CR; a blank
-  // line dispatches; `:` starts a comment; one space after the colon is dropped).
-  async function readStream(body, controller, gen) {
-    const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  // A Server-Sent Events parser, by the WHATWG rules: lines end in CRLF, LF or CR (a CRLF
+  // may be cut between two chunks); a blank line dispatches the event (if it has data);
+  // `:` starts a comment; one space after the field's colon is dropped; the last `id`
+  // stays for the events after it. Returns a function that takes the stream's text chunk
+  // by chunk and calls onEvent(id, type, data) and onRetry(ms).
+  function sseParser(onEvent, onRetry, initialId) {
     let buf = '';
     let data = [];
     let type = '';
-    let id = lastEventId;
+    let id = initialId;
+    return (text) => {
+      buf += text;
+      let start = 0;
+      for (;;) {
+        let i = start;
+        while (i < buf.length && buf[i] !== '\n' && buf[i] !== '\r') i++;
+        if (i >= buf.length) break;
+        if (buf[i] === '\r' && i + 1 >= buf.length) break; // CR, maybe of a CRLF cut in two
+        const line = buf.slice(start, i);
+        start = i + (buf[i] === '\r' && buf[i + 1] === '\n' ? 2 : 1);
+        if (line === '') {
+          if (data.length) onEvent(id, type, data.join('\n'));
+          data = [];
+          type = '';
+          continue;
+        }
+        if (line[0] === ':') continue; // a comment: the heartbeat
+        const c = line.indexOf(':');
+        const field = c < 0 ? line : line.slice(0, c);
+        let val = c < 0 ? '' : line.slice(c + 1);
+        if (val[0] === ' ') val = val.slice(1);
+        if (field === 'data') data.push(val);
+        else if (field === 'event') type = val;
+        else if (field === 'id' && !val.includes('\0')) id = val;
+        else if (field === 'retry' && /^[0-9]+$/.test(val)) onRetry(Number(val));
+      }
+      buf = buf.slice(start);
+    };
+  }
+
+  // Reads one stream until it ends, drops or goes silent for STALL_MS.
+  async function readStream(body, controller, gen) {
+    const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+    const parse = sseParser(dispatch, (ms) => { retryMs = ms; }, lastEventId);
     let dog = setTimeout(() => controller.abort(), STALL_MS);
     try {
       for (;;) {
@@ -347,32 +383,7 @@
         if (done || gen !== feedGen) return;
         clearTimeout(dog);
         dog = setTimeout(() => controller.abort(), STALL_MS);
-        buf += value;
-        let start = 0;
-        for (;;) {
-          let i = start;
-          while (i < buf.length && buf[i] !== '\n' && buf[i] !== '\r') i++;
-          if (i >= buf.length) break;
-          if (buf[i] === '\r' && i + 1 >= buf.length) break; // CR, maybe of a CRLF cut in two
-          const line = buf.slice(start, i);
-          start = i + (buf[i] === '\r' && buf[i + 1] === '\n' ? 2 : 1);
-          if (line === '') {
-            if (data.length) dispatch(id, type, data.join('\n'));
-            data = [];
-            type = '';
-            continue;
-          }
-          if (line[0] === ':') continue; // a comment: the heartbeat
-          const c = line.indexOf(':');
-          const field = c < 0 ? line : line.slice(0, c);
-          let val = c < 0 ? '' : line.slice(c + 1);
-          if (val[0] === ' ') val = val.slice(1);
-          if (field === 'data') data.push(val);
-          else if (field === 'event') type = val;
-          else if (field === 'id' && !val.includes('\0')) id = val;
-          else if (field === 'retry' && /^[0-9]+$/.test(val)) retryMs = Number(val);
-        }
-        buf = buf.slice(start);
+        parse(value);
       }
     } finally {
       clearTimeout(dog);
@@ -529,6 +540,9 @@
     renderChart();
     start();
   }
+
+  // The parser, for a test to feed streams cut in awkward places (tests/dashboard.rs).
+  window.stockd = Object.freeze({ sseParser });
 
   init();
 })();
