@@ -6,6 +6,7 @@
 //! avoids backtracking through a chain of filters on every request.
 
 pub mod auth;
+pub mod dashboard;
 pub mod events;
 pub mod input;
 pub mod metrics;

@@ -19,6 +19,8 @@ type Reply = warp::reply::Response;
 type Result<T> = std::result::Result<T, Problem>;
 
 enum Endpoint {
+    Index,
+    Dashboard(&'static crate::http::dashboard::Asset),
     Health,
     Metrics,
     OpenApi,
@@ -46,6 +48,10 @@ enum Endpoint {
 /// `Allow` values from here (`allow`, checked at compile time), and the router's tests hold
 /// the document to this table and to `route`, both ways.
 const ROUTES: &[(&str, &str)] = &[
+    ("/", "GET, HEAD"),
+    ("/dashboard", "GET, HEAD"),
+    ("/dashboard/app.js", "GET, HEAD"),
+    ("/dashboard/app.css", "GET, HEAD"),
     ("/health", "GET, HEAD"),
     ("/metrics", "GET, HEAD"),
     ("/openapi.json", "GET, HEAD"),
@@ -95,6 +101,7 @@ enum Route {
 }
 
 fn route(method: &Method, path: &str) -> Route {
+    use crate::http::dashboard::{PAGE, SCRIPT, STYLE};
     use Endpoint::*;
     let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
     let m = method;
@@ -107,6 +114,19 @@ fn route(method: &Method, path: &str) -> Route {
     // caches that probe with it.
     let read = m == Method::GET || m == Method::HEAD;
     match segments.as_slice() {
+        [""] => pick(const { allow("/") }, read.then_some(Index)),
+        ["dashboard"] => pick(
+            const { allow("/dashboard") },
+            read.then_some(Dashboard(&PAGE)),
+        ),
+        ["dashboard", "app.js"] => pick(
+            const { allow("/dashboard/app.js") },
+            read.then_some(Dashboard(&SCRIPT)),
+        ),
+        ["dashboard", "app.css"] => pick(
+            const { allow("/dashboard/app.css") },
+            read.then_some(Dashboard(&STYLE)),
+        ),
         ["health"] => pick(const { allow("/health") }, read.then_some(Health)),
         ["metrics"] => pick(const { allow("/metrics") }, read.then_some(Metrics)),
         ["openapi.json"] => pick(const { allow("/openapi.json") }, read.then_some(OpenApi)),
@@ -183,11 +203,12 @@ fn route(method: &Method, path: &str) -> Route {
 }
 
 /// The scope an endpoint needs (`None`: none, even with authentication on). An exhaustive
-/// match: a new endpoint does not compile until it is given one.
+/// match: a new endpoint does not compile until it is given one. The index and the
+/// dashboard's files hold no data: the page asks for a key before it reads any.
 fn scope(endpoint: &Endpoint) -> Option<Scope> {
     use Endpoint::*;
     match endpoint {
-        Health => None,
+        Health | Index | Dashboard(_) => None,
         Metrics | OpenApi | ListProducts | GetProduct(_) | GetReservation(_) | Events => {
             Some(Scope::Read)
         }
@@ -282,7 +303,15 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
     // (docs/API.md says which). The OpenAPI document is a read too: it needs no log.
     let read = matches!(
         endpoint,
-        Metrics | OpenApi | GetProduct(_) | ListProducts | GetReservation(_) | ListKeys | Events
+        Index
+            | Dashboard(_)
+            | Metrics
+            | OpenApi
+            | GetProduct(_)
+            | ListProducts
+            | GetReservation(_)
+            | ListKeys
+            | Events
     );
     if !read && !svc.log_healthy() {
         return Err(Problem::new(
@@ -298,6 +327,8 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
     let by: Option<KeyId> = caller.id;
     match endpoint {
         Health => Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
+        Index => Ok(crate::http::dashboard::index(&req.headers)),
+        Dashboard(asset) => Ok(crate::http::dashboard::asset(asset, &req.headers)),
         Metrics => metrics(app).await,
         OpenApi => {
             let mut reply = Response::new(OPENAPI.into());
@@ -550,6 +581,8 @@ mod tests {
     fn template(endpoint: &Endpoint) -> &'static str {
         use Endpoint::*;
         match endpoint {
+            Index => "/",
+            Dashboard(asset) => asset.path,
             Health => "/health",
             Metrics => "/metrics",
             OpenApi => "/openapi.json",
@@ -664,9 +697,9 @@ mod tests {
         }
     }
 
-    /// The scope of every route and method, by the rule docs/API.md states: `/health`
-    /// none; `/v1/admin/...` admin; any other GET or HEAD read; changes to reservations
-    /// reserve; changes to products stock.
+    /// The scope of every route and method, by the rule docs/API.md states: `/health`,
+    /// `/` and the dashboard's files none; `/v1/admin/...` admin; any other GET or HEAD
+    /// read; changes to reservations reserve; changes to products stock.
     #[test]
     fn every_route_needs_the_scope_of_its_kind() {
         let mut checked = 0;
@@ -677,24 +710,25 @@ mod tests {
                     panic!("{method} {path}: not routed");
                 };
                 let read = method == "GET" || method == "HEAD";
-                let expected = if *path == "/health" {
-                    None
-                } else if path.starts_with("/v1/admin/") {
-                    Some(Scope::Admin)
-                } else if read {
-                    Some(Scope::Read)
-                } else if path.starts_with("/v1/reservations") {
-                    Some(Scope::Reserve)
-                } else if path.starts_with("/v1/products") {
-                    Some(Scope::Stock)
-                } else {
-                    panic!("{method} {path}: no rule gives it a scope")
-                };
+                let expected =
+                    if *path == "/health" || *path == "/" || path.starts_with("/dashboard") {
+                        None
+                    } else if path.starts_with("/v1/admin/") {
+                        Some(Scope::Admin)
+                    } else if read {
+                        Some(Scope::Read)
+                    } else if path.starts_with("/v1/reservations") {
+                        Some(Scope::Reserve)
+                    } else if path.starts_with("/v1/products") {
+                        Some(Scope::Stock)
+                    } else {
+                        panic!("{method} {path}: no rule gives it a scope")
+                    };
                 assert_eq!(scope(&endpoint), expected, "{method} {path}");
                 checked += 1;
             }
         }
-        assert_eq!(checked, 28);
+        assert_eq!(checked, 36);
     }
 
     /// Each documented operation's `security` names the scope the router asks for (as
