@@ -257,8 +257,9 @@ struct ServeArgs {
     #[arg(long, env = "STOCKD_SNAPSHOT_WORKER", value_enum, default_value = "on")]
     snapshot_worker: OnOff,
     /// on: the change feed (GET /v1/events) follows the log and keeps its events in
-    /// DIR/events, at the cost of a second copy of the products in memory and ~6 % of the
-    /// server's CPU under load; off: no feed (GET /v1/events answers 404).
+    /// DIR/events, at the cost of a compact second copy of the products and pending holds
+    /// in memory (~140-250 bytes each) and a few per cent of the server's CPU under load;
+    /// off: no feed (GET /v1/events answers 404).
     #[arg(long, env = "STOCKD_EVENTS", value_enum, default_value = "off")]
     events: OnOff,
     /// How long the change feed keeps events, in seconds (whole segments go once older).
