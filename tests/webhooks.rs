@@ -760,3 +760,88 @@ async fn kill_9_neither_skips_nor_resends_an_acknowledged_event() {
     assert_eq!(view["position"], events.last().unwrap().0.as_str());
     drop(server);
 }
+
+/// A feed that keeps 4 KiB of events (segments of 1 KiB): retention passes a stalled
+/// endpoint after a few dozen events.
+fn tiny_feed(config: &mut Config) {
+    fast(config);
+    config.events = Some(stockd::feed::Retention {
+        age: Duration::from_secs(86_400),
+        max_bytes: 4096,
+    });
+}
+
+#[tokio::test]
+async fn an_endpoint_behind_the_feeds_retention_is_disabled_not_looping_and_enable_skips_the_gap() {
+    let s = start(tiny_feed).await;
+    let c = &s.client;
+    let receiver = Receiver::start().await;
+    receiver.script(|r| r.otherwise = Some(Action::Answer(500)));
+    let hook = register(c, json!({"url": receiver.url()})).await;
+    let path = format!("/v1/webhooks/{}", hook["id"].as_str().unwrap());
+    c.create_product("FIRST", 1).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            !receiver.all().is_empty()
+        })
+        .await
+    );
+    let first = receiver.all()[0].id.clone();
+    // While the endpoint fails on its first event, the feed moves on and drops the rest of
+    // what the endpoint has not seen.
+    for i in 0..60 {
+        c.create_product(&format!("P{i:02}"), 1).await;
+    }
+    let first_seq: f64 = first.parse().unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            c.metric("stockd_events_oldest_seq").await > first_seq + 1.0
+        })
+        .await,
+        "retention removed the events after the endpoint's"
+    );
+    // The endpoint answers again: its event is acknowledged, the next read finds the
+    // events gone, and it is disabled rather than asking again and again.
+    receiver.script(|r| r.otherwise = None);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            c.get(&path).await.body["state"] == "disabled"
+        })
+        .await,
+        "{:?}",
+        c.get(&path).await.body
+    );
+    let view = c.get(&path).await.body;
+    assert_eq!(view["disabled_reason"], "events_gone", "{view}");
+    assert_eq!(view["position"], first.as_str());
+    assert_eq!(receiver.acknowledged_ids(), std::slice::from_ref(&first));
+    let attempts = receiver.all().len();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.all().len(), attempts, "no loop while disabled");
+    // Enabled: it goes on at the oldest event kept, and says what it skipped.
+    let a = c
+        .send(Method::POST, &format!("{path}/enable"), None, &[])
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert!(
+        a.body["last_error"].as_str().unwrap().contains("skipped"),
+        "{:?}",
+        a.body
+    );
+    let oldest = c.metric("stockd_events_oldest_seq").await as u64;
+    c.create_product("LAST", 1).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            receiver
+                .acknowledged()
+                .last()
+                .is_some_and(|d| d.body.contains("\"LAST\""))
+        })
+        .await
+    );
+    let resumed = receiver.acknowledged_ids();
+    let seq = |id: &str| id.split('.').next().unwrap().parse::<u64>().unwrap();
+    assert!(seq(&resumed[1]) >= oldest, "{resumed:?} from {oldest}");
+    s.stop().await;
+}

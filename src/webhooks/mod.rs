@@ -774,7 +774,12 @@ async fn deliver(inner: Arc<Inner>, endpoint: Arc<Endpoint>) {
 
 /// Delivers one event, retrying as the schedule says. `Some(true)`: acknowledged;
 /// `None`: the endpoint was disabled, deleted, or the server is shutting down.
-async fn deliver_one(inner: &Inner, endpoint: &Endpoint, id: &str, body: &str) -> Option<bool> {
+async fn deliver_one(
+    inner: &Arc<Inner>,
+    endpoint: &Endpoint,
+    id: &str,
+    body: &str,
+) -> Option<bool> {
     let mut closing = inner.closing.subscribe();
     loop {
         if endpoint.deleted.load(Ordering::SeqCst) || *closing.borrow() {
@@ -846,7 +851,7 @@ async fn deliver_one(inner: &Inner, endpoint: &Endpoint, id: &str, body: &str) -
 
 /// Saves a change of the endpoint's registration (durably; a failure to save is logged,
 /// and the change still holds in memory).
-async fn persist(inner: &Inner, endpoint: &Endpoint, change: impl FnOnce(&mut Registration)) {
+async fn persist(inner: &Arc<Inner>, endpoint: &Endpoint, change: impl FnOnce(&mut Registration)) {
     let _one = inner.registering.lock().await;
     if endpoint.deleted.load(Ordering::SeqCst) {
         return;
@@ -867,20 +872,22 @@ async fn persist(inner: &Inner, endpoint: &Endpoint, change: impl FnOnce(&mut Re
         all.contains(&updated),
         "an endpoint not deleted is registered"
     );
-    let saved = {
-        let store = lock(&inner.store);
-        store.save_registrations(&all)
-    };
-    if let Err(err) = saved {
-        tracing::error!(error = %err, "cannot save the webhooks");
+    // The fsyncs run on a blocking thread, never on a runtime worker serving requests.
+    let saving = inner.clone();
+    let saved =
+        tokio::task::spawn_blocking(move || lock(&saving.store).save_registrations(&all)).await;
+    match saved {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::error!(error = %err, "cannot save the webhooks"),
+        Err(err) => tracing::error!(error = %err, "cannot save the webhooks"),
     }
 }
 
-async fn set_failing(inner: &Inner, endpoint: &Endpoint, since: Option<i64>) {
+async fn set_failing(inner: &Arc<Inner>, endpoint: &Endpoint, since: Option<i64>) {
     persist(inner, endpoint, |r| r.failing_since = since).await;
 }
 
-async fn disable(inner: &Inner, endpoint: &Endpoint, reason: &str, detail: String) {
+async fn disable(inner: &Arc<Inner>, endpoint: &Endpoint, reason: &str, detail: String) {
     tracing::warn!(endpoint = %lock(&endpoint.registration).id, reason, %detail, "webhook endpoint disabled");
     let disabled = Disabled {
         at: now_ms(),
