@@ -285,6 +285,16 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     // state's conversion into the supervisor's routes) goes back to the OS now, before
     // serving, rather than by the allocator's delayed purge on a request thread.
     crate::memory::release_freed_memory();
+    let listener = socket
+        .listen(LISTEN_BACKLOG)
+        .map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: config.listen,
+        source,
+    })?;
     // Webhooks deliver the feed's events: none without it.
     let webhooks = match &feed {
         Some((feed, _)) => {
@@ -302,17 +312,6 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         }
         None => None,
     };
-
-    let listener = socket
-        .listen(LISTEN_BACKLOG)
-        .map_err(|source| StartError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Listen {
-        addr: config.listen,
-        source,
-    })?;
     let (stop_http, stopped) = oneshot::channel::<()>();
     let keyring = std::sync::Arc::new(crate::keyring::Keyring::new(
         keys,

@@ -415,7 +415,7 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
             let view = hooks
                 .register(new)
                 .await
-                .map_err(crate::http::webhooks::problem)?;
+                .map_err(crate::http::webhooks::problem(""))?;
             let mut reply = json(StatusCode::CREATED, &view);
             set(
                 &mut reply,
@@ -435,7 +435,7 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
             let hooks = crate::http::webhooks::enabled(app)?;
             let view = hooks
                 .show(crate::http::webhooks::id(&id)?)
-                .map_err(crate::http::webhooks::problem)?;
+                .map_err(crate::http::webhooks::problem(&id))?;
             Ok(json(StatusCode::OK, &view))
         }
         DeleteWebhook(id) => {
@@ -443,23 +443,23 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
             hooks
                 .delete(crate::http::webhooks::id(&id)?)
                 .await
-                .map_err(crate::http::webhooks::problem)?;
+                .map_err(crate::http::webhooks::problem(&id))?;
             let mut reply = Response::new(Vec::new().into());
             *reply.status_mut() = StatusCode::NO_CONTENT;
             Ok(reply)
         }
         EnableWebhook(id) => {
             let hooks = crate::http::webhooks::enabled(app)?;
-            let id = crate::http::webhooks::id(&id)?;
+            let uuid = crate::http::webhooks::id(&id)?;
             if let Some(value) = body()? {
                 if value.as_object().is_none_or(|o| !o.is_empty()) {
                     return Err(Problem::invalid("body", "enable takes no body"));
                 }
             }
             let view = hooks
-                .enable(id)
+                .enable(uuid)
                 .await
-                .map_err(crate::http::webhooks::problem)?;
+                .map_err(crate::http::webhooks::problem(&id))?;
             Ok(json(StatusCode::OK, &view))
         }
         Snapshot => {

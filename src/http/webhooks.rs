@@ -34,14 +34,10 @@ fn not_found(id: &str) -> Problem {
     .with("id", id)
 }
 
-/// The problem answering a webhook operation's error.
-pub fn problem(err: WebhookError) -> Problem {
-    match err {
-        WebhookError::NotFound => Problem::new(
-            404,
-            "webhook_not_found",
-            "no webhook endpoint has this id (any more)",
-        ),
+/// The problem answering an error of a webhook operation on endpoint `id` (`""`: none).
+pub fn problem(id: &str) -> impl Fn(WebhookError) -> Problem + '_ {
+    move |err| match err {
+        WebhookError::NotFound => not_found(id),
         WebhookError::TooMany => Problem::new(
             409,
             "too_many_webhooks",
