@@ -845,3 +845,44 @@ async fn an_endpoint_behind_the_feeds_retention_is_disabled_not_looping_and_enab
     assert!(seq(&resumed[1]) >= oldest, "{resumed:?} from {oldest}");
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_stalled_endpoint_holds_up_neither_another_endpoint_nor_reservations() {
+    let s = start(fast).await;
+    let c = &s.client;
+    let stalled = Receiver::start().await;
+    stalled.script(|r| r.otherwise = Some(Action::Stall(Duration::from_secs(60))));
+    let healthy = Receiver::start().await;
+    let hook = register(c, json!({"url": stalled.url()})).await;
+    register(c, json!({"url": healthy.url()})).await;
+    let after = hook["started_after_seq"].as_u64().unwrap();
+    c.create_product("A", 100).await;
+    for i in 0..20 {
+        let a = c.reserve(&format!("buyer-{i}"), "A", 1).await;
+        assert_eq!(a.status, 201, "{:?}", a.body);
+    }
+    let expected = events_after(c, after).await;
+    assert_eq!(expected.len(), 21);
+    let got = healthy.wait_acknowledged(expected.len()).await;
+    let ids: Vec<&str> = got.iter().map(|d| d.id.as_str()).collect();
+    let expected_ids: Vec<&str> = expected.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, expected_ids);
+    // The stalled endpoint is still on its first event, timing out (400 ms) and retrying.
+    let path = format!("/v1/webhooks/{}", hook["id"].as_str().unwrap());
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            c.get(&path).await.body["state"] == "failing"
+        })
+        .await
+    );
+    assert!(stalled.acknowledged().is_empty());
+    assert!(stalled.all().iter().all(|d| d.id == expected[0].0));
+    let view = c.get(&path).await.body;
+    assert!(
+        view["last_error"].as_str().unwrap().contains("timeout"),
+        "{view}"
+    );
+    assert_eq!(view["position"], Value::Null);
+    assert!(view["lag_records"].as_u64().unwrap() >= 20, "{view}");
+    s.stop().await;
+}
