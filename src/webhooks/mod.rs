@@ -808,6 +808,15 @@ async fn deliver_one(
             }
             Attempt::Failed(error) => {
                 inner.failures.fetch_add(1, Ordering::Relaxed);
+                // What the view shows first, then the state that is saved.
+                let attempts = {
+                    let mut live = lock(&endpoint.live);
+                    live.last_attempt_at = Some(started);
+                    live.last_error = Some(error.clone());
+                    live.attempts = live.attempts.saturating_add(1);
+                    live.failures += 1;
+                    live.attempts
+                };
                 let since = lock(&endpoint.registration).failing_since;
                 let since = match since {
                     Some(since) => since,
@@ -817,14 +826,6 @@ async fn deliver_one(
                     }
                 };
                 let failing_for = Duration::from_millis((finished - since).max(0) as u64);
-                let attempts = {
-                    let mut live = lock(&endpoint.live);
-                    live.last_attempt_at = Some(started);
-                    live.last_error = Some(error.clone());
-                    live.attempts = live.attempts.saturating_add(1);
-                    live.failures += 1;
-                    live.attempts
-                };
                 tracing::debug!(endpoint = %lock(&endpoint.registration).id, event = id, %error, "webhook delivery failed");
                 if failing_for >= inner.schedule.give_up {
                     let detail = format!(
