@@ -14,6 +14,7 @@ pub mod problem;
 pub mod rate;
 pub mod router;
 pub mod views;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -44,6 +45,8 @@ pub struct App {
     pub customer_rate: Option<Arc<rate::CustomerLimiter>>,
     /// The API keys requests are checked against (`crate::keyring`).
     pub keys: Arc<Keyring>,
+    /// Webhook endpoints and their deliveries (`None`: the change feed is off).
+    pub webhooks: Option<crate::webhooks::Webhooks>,
 }
 
 impl App {
@@ -53,6 +56,7 @@ impl App {
         service: Service,
         keys: Arc<Keyring>,
         customer_rate: Option<rate::CustomerRate>,
+        webhooks: Option<crate::webhooks::Webhooks>,
     ) -> App {
         let customer_rate = customer_rate.map(|rate| {
             let limiter = Arc::new(rate::CustomerLimiter::new(rate));
@@ -69,6 +73,7 @@ impl App {
                 .map_or(0.0, |d| d.as_secs_f64()),
             customer_rate,
             keys,
+            webhooks,
         }
     }
 

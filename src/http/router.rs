@@ -41,6 +41,11 @@ enum Endpoint {
     ListKeys,
     RevokeKey(String),
     Events,
+    CreateWebhook,
+    ListWebhooks,
+    GetWebhook(String),
+    DeleteWebhook(String),
+    EnableWebhook(String),
 }
 
 /// Every path the router answers, spelled as the OpenAPI document (`src/http/openapi.json`)
@@ -68,6 +73,9 @@ const ROUTES: &[(&str, &str)] = &[
     ("/v1/admin/keys", "GET, HEAD, POST"),
     ("/v1/admin/keys/{id}", "DELETE"),
     ("/v1/events", "GET, HEAD"),
+    ("/v1/webhooks", "GET, HEAD, POST"),
+    ("/v1/webhooks/{id}", "GET, HEAD, DELETE"),
+    ("/v1/webhooks/{id}/enable", "POST"),
 ];
 
 /// The `Allow` value of a path template in `ROUTES`; used in `const` blocks, so that a
@@ -176,6 +184,26 @@ fn route(method: &Method, path: &str) -> Route {
             (m == Method::DELETE).then(|| RevokeKey(s(id))),
         ),
         ["v1", "events"] => pick(const { allow("/v1/events") }, read.then_some(Events)),
+        ["v1", "webhooks"] => pick(
+            const { allow("/v1/webhooks") },
+            match *m {
+                Method::GET | Method::HEAD => Some(ListWebhooks),
+                Method::POST => Some(CreateWebhook),
+                _ => None,
+            },
+        ),
+        ["v1", "webhooks", id] if !id.is_empty() => pick(
+            const { allow("/v1/webhooks/{id}") },
+            match *m {
+                Method::GET | Method::HEAD => Some(GetWebhook(s(id))),
+                Method::DELETE => Some(DeleteWebhook(s(id))),
+                _ => None,
+            },
+        ),
+        ["v1", "webhooks", id, "enable"] if !id.is_empty() => pick(
+            const { allow("/v1/webhooks/{id}/enable") },
+            (m == Method::POST).then(|| EnableWebhook(s(id))),
+        ),
         ["v1", "reservations", id] if !id.is_empty() => pick(
             const { allow("/v1/reservations/{id}") },
             read.then(|| GetReservation(s(id))),
@@ -217,6 +245,10 @@ fn scope(endpoint: &Endpoint) -> Option<Scope> {
             Some(Scope::Stock)
         }
         Snapshot | CreateKey | ListKeys | RevokeKey(_) => Some(Scope::Admin),
+        // Webhooks hold signing secrets and make the server call out: admin, reads too.
+        CreateWebhook | ListWebhooks | GetWebhook(_) | DeleteWebhook(_) | EnableWebhook(_) => {
+            Some(Scope::Admin)
+        }
     }
 }
 
@@ -312,6 +344,8 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
             | GetReservation(_)
             | ListKeys
             | Events
+            | ListWebhooks
+            | GetWebhook(_)
     );
     if !read && !svc.log_healthy() {
         return Err(Problem::new(
@@ -400,6 +434,59 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
         }
         GetReservation(id) => reservation(&svc.get_reservation(reservation_id(&id)?).await?),
         Events => crate::http::events::serve(svc.feed(), &req.query, &req.headers).await,
+        CreateWebhook => {
+            let hooks = crate::http::webhooks::enabled(app)?;
+            let new = input::create_webhook(&input::required(body()?)?)?;
+            let view = hooks
+                .register(new)
+                .await
+                .map_err(crate::http::webhooks::problem(""))?;
+            let mut reply = json(StatusCode::CREATED, &view);
+            set(
+                &mut reply,
+                header::LOCATION,
+                &format!("/v1/webhooks/{}", view.id),
+            );
+            Ok(reply)
+        }
+        ListWebhooks => {
+            let hooks = crate::http::webhooks::enabled(app)?;
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "items": hooks.list() }),
+            ))
+        }
+        GetWebhook(id) => {
+            let hooks = crate::http::webhooks::enabled(app)?;
+            let view = hooks
+                .show(crate::http::webhooks::id(&id)?)
+                .map_err(crate::http::webhooks::problem(&id))?;
+            Ok(json(StatusCode::OK, &view))
+        }
+        DeleteWebhook(id) => {
+            let hooks = crate::http::webhooks::enabled(app)?;
+            hooks
+                .delete(crate::http::webhooks::id(&id)?)
+                .await
+                .map_err(crate::http::webhooks::problem(&id))?;
+            let mut reply = Response::new(Vec::new().into());
+            *reply.status_mut() = StatusCode::NO_CONTENT;
+            Ok(reply)
+        }
+        EnableWebhook(id) => {
+            let hooks = crate::http::webhooks::enabled(app)?;
+            let uuid = crate::http::webhooks::id(&id)?;
+            if let Some(value) = body()? {
+                if value.as_object().is_none_or(|o| !o.is_empty()) {
+                    return Err(Problem::invalid("body", "enable takes no body"));
+                }
+            }
+            let view = hooks
+                .enable(uuid)
+                .await
+                .map_err(crate::http::webhooks::problem(&id))?;
+            Ok(json(StatusCode::OK, &view))
+        }
         Snapshot => {
             if let Some(value) = body()? {
                 if value.as_object().is_none_or(|o| !o.is_empty()) {
@@ -506,6 +593,7 @@ async fn metrics(app: &App) -> Result<Reply> {
         stderr_lines_lost: crate::logging::lines_lost(),
         rate_limited: app.customer_rate.as_ref().map_or(0, |l| l.refused()),
         feed: svc.feed().map(crate::feed::Feed::stats),
+        webhooks: app.webhooks.as_ref().map(crate::webhooks::Webhooks::stats),
     });
     let mut reply = Response::new(text.into());
     reply.headers_mut().insert(
@@ -599,6 +687,9 @@ mod tests {
             CreateKey | ListKeys => "/v1/admin/keys",
             RevokeKey(_) => "/v1/admin/keys/{id}",
             Events => "/v1/events",
+            CreateWebhook | ListWebhooks => "/v1/webhooks",
+            GetWebhook(_) | DeleteWebhook(_) => "/v1/webhooks/{id}",
+            EnableWebhook(_) => "/v1/webhooks/{id}/enable",
         }
     }
 
@@ -698,8 +789,9 @@ mod tests {
     }
 
     /// The scope of every route and method, by the rule docs/API.md states: `/health`,
-    /// `/` and the dashboard's files none; `/v1/admin/...` admin; any other GET or HEAD
-    /// read; changes to reservations reserve; changes to products stock.
+    /// `/` and the dashboard's files none; `/v1/admin/...` and `/v1/webhooks...` admin;
+    /// any other GET or HEAD read; changes to reservations reserve; changes to products
+    /// stock.
     #[test]
     fn every_route_needs_the_scope_of_its_kind() {
         let mut checked = 0;
@@ -713,7 +805,7 @@ mod tests {
                 let expected =
                     if *path == "/health" || *path == "/" || path.starts_with("/dashboard") {
                         None
-                    } else if path.starts_with("/v1/admin/") {
+                    } else if path.starts_with("/v1/admin/") || path.starts_with("/v1/webhooks") {
                         Some(Scope::Admin)
                     } else if read {
                         Some(Scope::Read)
@@ -728,7 +820,7 @@ mod tests {
                 checked += 1;
             }
         }
-        assert_eq!(checked, 36);
+        assert_eq!(checked, 43);
     }
 
     /// Each documented operation's `security` names the scope the router asks for (as
