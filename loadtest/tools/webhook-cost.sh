@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# What one webhook endpoint costs a flash sale: the flash-sale load test against one stockd
-# (--events on), alternately without and with a webhook endpoint attached (a loopback
-# receiver, `webhook-sink`, that answers 204 at once), ROUNDS pairs in one run, so that a
-# machine whose speed drifts biases neither side. The endpoint is registered before each
-# "with" run (it starts at the feed's end, so it gets that run's events) and deleted after
-# it. Prints one line per run and the ratio of the mean throughputs (with / without); each
-# run's own ceiling ratio is in its JSON, kept in the work directory if KEEP=1.
+# What the feed's consumers cost a flash sale: the flash-sale load test against one stockd
+# (--events on), alternately without and with one webhook endpoint (a loopback receiver,
+# `webhook-sink`, that answers 204 at once) and, with FOLLOW=1, one live Server-Sent Events
+# reader as well (`loadtest --follow-events`, whose lag the run reports), ROUNDS pairs in
+# one run, so that a machine whose speed drifts biases neither side. The endpoint is
+# registered before each "with" run (it starts at the feed's end, so it gets that run's
+# events) and deleted after it. Prints one line per run, the ratio of the mean throughputs
+# (with / without) and of the mean ceiling ratios (each run's throughput against its own
+# ceiling phases); the JSON reports stay in the work directory if KEEP=1.
 #
 #   loadtest/tools/webhook-cost.sh [ROUNDS] [DURATION] [CONNECTIONS]
 #
@@ -53,13 +55,18 @@ for round in $(seq 1 "$rounds"); do
         -d "{\"url\":\"$hook_url\"}" | json '["id"]')
     fi
     out="$work/$mode-$round.json"
+    follow=
+    if [ "$mode" = with ] && [ "${FOLLOW:-0}" = 1 ]; then follow=--follow-events; fi
     "$bin/loadtest" flash-sale --target "$base" --rounds 1 --duration "$duration" \
-      --connections "$connections" --json "$out" > /dev/null
+      --connections "$connections" --json "$out" $follow > /dev/null
     extra=
     if [ -n "$id" ]; then
       view=$(curl -sf "$base/v1/webhooks/$id")
       extra="deliveries $(echo "$view" | json '["deliveries"]') lag_records $(echo "$view" | json '["lag_records"]') failures $(echo "$view" | json '["failures"]')"
       curl -sf -X DELETE "$base/v1/webhooks/$id" > /dev/null
+    fi
+    if [ -n "$follow" ]; then
+      extra="$extra; SSE reader: $(json '["feed_lag"]' < "$out")"
     fi
     echo "round $round $mode: $(json '["throughput_rps"]' < "$out" | cut -d. -f1) req/s," \
       "ceiling ratio $(json '["ratio"]' < "$out"), verified $(json '["verified"]' < "$out") $extra"
@@ -75,4 +82,9 @@ pairs = [a / b for a, b in zip(w, o)]
 print("pair ratios (with / without):", " ".join(f"{p:.3f}" for p in pairs))
 print(f"mean throughput without {sum(o)/len(o):.0f} req/s, with {sum(w)/len(w):.0f} req/s, "
       f"ratio {sum(w)/sum(o):.3f}")
+rw = [get("with", r)["ratio"] for r in range(1, rounds + 1)]
+ro = [get("without", r)["ratio"] for r in range(1, rounds + 1)]
+print("ceiling ratios without:", " ".join(f"{x:.3f}" for x in ro),
+      "· with:", " ".join(f"{x:.3f}" for x in rw),
+      f"· mean with / mean without {sum(rw)/sum(ro):.3f}")
 PY
