@@ -526,7 +526,7 @@ pub fn prune(state: &mut State, record: &Record) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::{json, Value};
     use uuid::Uuid;
@@ -535,7 +535,7 @@ mod tests {
         serde_json::to_value(&event.data).unwrap()
     }
 
-    fn created(sku: &str, on_hand: u64) -> Record {
+    pub(crate) fn created(sku: &str, on_hand: u64) -> Record {
         Record::ProductCreated {
             sku: sku.into(),
             name: format!("n-{sku}"),
@@ -547,7 +547,7 @@ mod tests {
         }
     }
 
-    fn reserve(id: u128, lines: &[(&str, u64)]) -> Record {
+    pub(crate) fn reserve(id: u128, lines: &[(&str, u64)]) -> Record {
         Record::ReservationCreated {
             id: Uuid::from_u128(id),
             customer_id: "c-1".into(),

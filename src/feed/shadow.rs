@@ -214,36 +214,7 @@ impl Shadow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::Line;
-    use uuid::Uuid;
-
-    fn created(sku: &str, on_hand: u64) -> Record {
-        Record::ProductCreated {
-            sku: sku.into(),
-            name: format!("n-{sku}"),
-            price: None,
-            on_hand,
-            rules: Default::default(),
-            at: 10,
-            by: None,
-        }
-    }
-
-    fn reserve(id: u128, sku: &str) -> Record {
-        Record::ReservationCreated {
-            id: Uuid::from_u128(id),
-            customer_id: "c".into(),
-            items: vec![Line {
-                sku: sku.into(),
-                quantity: 1,
-            }],
-            counted: Default::default(),
-            created_at: 20,
-            expires_at: 1_000,
-            idempotency: None,
-            by: None,
-        }
-    }
+    use crate::feed::event::tests::{created, reserve};
 
     /// Pending reservations and products as a full fold has them (the shadow drops ended
     /// reservations and idempotency keys by design).
@@ -260,7 +231,7 @@ mod tests {
         // More products than stay warm, each touched again long after it went cold.
         let n = (WARM_MAX * 3) as u128;
         let mut records: Vec<Record> = (0..n).map(|i| created(&format!("S{i}"), 5)).collect();
-        records.extend((0..n).map(|i| reserve(i, &format!("S{i}"))));
+        records.extend((0..n).map(|i| reserve(i, &[(&format!("S{i}"), 1)])));
         // Then, long after they went cold, each hold one thing (or nothing) by i % 10;
         // the products whose hold ended are deleted.
         let id = Uuid::from_u128;
@@ -316,7 +287,7 @@ mod tests {
         let mut again = Shadow::of(&full);
         assert_eq!(again.state.products.len(), 0);
         assert_eq!(again.state.reservations.len(), 0);
-        let record = reserve(n + 1, "S1");
+        let record = reserve(n + 1, &[("S1", 1)]);
         let seq = records.len() as u64 + 1;
         let want = event::project(&mut full, seq, &record).unwrap();
         assert_eq!(again.project(seq, &record).unwrap(), want);
@@ -332,7 +303,7 @@ mod tests {
             Err(FoldError::DuplicateProduct(_))
         ));
         assert!(matches!(
-            shadow.project(3, &reserve(1, "B")),
+            shadow.project(3, &reserve(1, &[("B", 1)])),
             Err(FoldError::UnknownProduct(_))
         ));
     }
