@@ -720,6 +720,43 @@ async fn a_restart_mid_delivery_neither_skips_nor_repeats_an_acknowledged_event(
     s.stop().await;
 }
 
+/// An `https` endpoint is spoken to in TLS (no certificate tooling here for a full
+/// handshake: the listener reads the client's first bytes, a TLS ClientHello, and closes,
+/// which the endpoint's view reports as a failed attempt).
+#[tokio::test]
+async fn an_https_endpoint_gets_a_tls_handshake_and_a_failure_is_reported() {
+    use tokio::io::AsyncReadExt;
+    let s = start(fast).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let first_bytes = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 3];
+        socket.read_exact(&mut buf).await.unwrap();
+        buf // dropped here: the connection closes mid-handshake
+    });
+    let hook = register(
+        &s.client,
+        json!({"url": format!("https://127.0.0.1:{port}/hooks")}),
+    )
+    .await;
+    s.client.create_product("A", 1).await;
+    let hello = tokio::time::timeout(Duration::from_secs(20), first_bytes)
+        .await
+        .expect("the endpoint was called")
+        .unwrap();
+    // A TLS record of type handshake (22), protocol major version 3.
+    assert_eq!(hello[..2], [22, 3], "{hello:?}");
+    let path = format!("/v1/webhooks/{}", hook["id"].as_str().unwrap());
+    let failed = eventually(Duration::from_secs(10), || async {
+        let view = s.client.get(&path).await.body;
+        view["failures"].as_u64().unwrap_or(0) >= 1 && view["last_error"].is_string()
+    })
+    .await;
+    assert!(failed, "{:?}", s.client.get(&path).await.body);
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn a_position_past_the_end_of_a_log_cut_short_goes_back_to_its_end() {
     let s = start(fast).await;
