@@ -101,9 +101,9 @@ fn cool_half<K, V>(
 }
 
 impl Shadow {
-    /// The shadow of `state` (recovery's): every product cold, the pending reservations
-    /// and the keys copied. Ended reservations and idempotency keys are left out: no later
-    /// record's fold or event reads them (`event::prune`).
+    /// The shadow of `state` (recovery's): every product and pending reservation cold
+    /// (encoded), the keys copied. Ended reservations and idempotency keys are left out: no
+    /// later record's fold or event reads them (`event::prune`).
     pub fn of(state: &State) -> Shadow {
         let mut cold = Cold::with_capacity_and_hasher(state.products.len(), Default::default());
         for (sku, product) in &state.products {
@@ -169,7 +169,11 @@ impl Shadow {
                     cold.insert(sku.as_str().into(), bytes);
                 },
             );
-            debug_assert!(self.state.products.len() <= WARM_MAX / 2 + 1);
+            // Products touched by the same record share its sequence: ties at the median
+            // stay, at most one reservation's lines.
+            debug_assert!(
+                self.state.products.len() <= WARM_MAX / 2 + crate::limits::RESERVATION_LINES_MAX
+            );
         }
         if self.state.reservations.len() > WARM_MAX {
             let (reservations, cold) = (&mut self.state.reservations, &mut self.cold_reservations);
@@ -180,6 +184,7 @@ impl Shadow {
                     cold.insert(*id, bytes);
                 },
             );
+            // One reservation per record: no ties.
             debug_assert!(self.state.reservations.len() <= WARM_MAX / 2 + 1);
         }
         Ok(events)
@@ -258,6 +263,20 @@ mod tests {
                 at: 2_001,
             }),
             _ => None,
+        }));
+        // Holds of 100 lines each (the most a reservation has): the products of one record
+        // are touched at the same sequence, which cooling must cope with. Then cancelled,
+        // so that the deletions below find nothing reserved.
+        let wide = |j: u128| {
+            let skus: Vec<String> = (j * 100..(j + 1) * 100).map(|i| format!("S{i}")).collect();
+            let lines: Vec<(&str, u64)> = skus.iter().map(|s| (s.as_str(), 1)).collect();
+            reserve(1_000_000 + j, &lines)
+        };
+        records.extend((0..n / 100).map(wide));
+        records.extend((0..n / 100).map(|j| Record::ReservationCancelled {
+            id: id(1_000_000 + j),
+            at: 33,
+            by: None,
         }));
         records.extend((0..n).filter(|i| matches!(i % 10, 0 | 2 | 3)).map(|i| {
             Record::ProductDeleted {
