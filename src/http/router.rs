@@ -8,6 +8,7 @@ use serde_json::Value;
 use uuid::Uuid;
 use warp::http::{header, HeaderValue, Method, Response, StatusCode};
 
+use crate::cluster::Role;
 use crate::domain::{KeyId, Product, Reservation};
 use crate::http::input;
 use crate::http::problem::Problem;
@@ -39,6 +40,7 @@ enum Endpoint {
     ListKeys,
     RevokeKey(String),
     Events,
+    Cluster,
 }
 
 /// Every path the router answers, spelled as the OpenAPI document (`src/http/openapi.json`)
@@ -62,6 +64,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("/v1/admin/keys", "GET, HEAD, POST"),
     ("/v1/admin/keys/{id}", "DELETE"),
     ("/v1/events", "GET, HEAD"),
+    ("/v1/cluster", "GET, HEAD"),
 ];
 
 /// The `Allow` value of a path template in `ROUTES`; used in `const` blocks, so that a
@@ -156,6 +159,7 @@ fn route(method: &Method, path: &str) -> Route {
             (m == Method::DELETE).then(|| RevokeKey(s(id))),
         ),
         ["v1", "events"] => pick(const { allow("/v1/events") }, read.then_some(Events)),
+        ["v1", "cluster"] => pick(const { allow("/v1/cluster") }, read.then_some(Cluster)),
         ["v1", "reservations", id] if !id.is_empty() => pick(
             const { allow("/v1/reservations/{id}") },
             read.then(|| GetReservation(s(id))),
@@ -188,7 +192,7 @@ fn scope(endpoint: &Endpoint) -> Option<Scope> {
     use Endpoint::*;
     match endpoint {
         Health => None,
-        Metrics | OpenApi | ListProducts | GetProduct(_) | GetReservation(_) | Events => {
+        Metrics | OpenApi | ListProducts | GetProduct(_) | GetReservation(_) | Events | Cluster => {
             Some(Scope::Read)
         }
         Reserve | Confirm(_) | Cancel(_) | Extend(_) => Some(Scope::Reserve),
@@ -273,16 +277,49 @@ async fn run(app: &Arc<App>, endpoint: Endpoint, request: Request, caller: Calle
     }
 }
 
+/// Whether a node in `role` refuses `endpoint`: only a node that serves (a single node, a
+/// ready leader) answers application requests; `/health`, `/metrics`, the OpenAPI document
+/// and `GET /v1/cluster` are answered by every node (docs/REPLICATION.md, "HTTP surface").
+fn refused_in(role: Role, endpoint: &Endpoint) -> Option<Problem> {
+    use Endpoint::*;
+    if role.serves() || matches!(endpoint, Health | Metrics | OpenApi | Cluster) {
+        return None;
+    }
+    Some(
+        Problem::new(
+            503,
+            "unavailable",
+            format!(
+                "this node is a {} and does not serve this request now; retry",
+                role.as_str()
+            ),
+        )
+        .header(header::RETRY_AFTER, "1"),
+    )
+}
+
 async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> Result<Reply> {
     use Endpoint::*;
     let svc = &app.service;
+    // Read once: the role the whole request is answered in.
+    let role = *app.role.borrow();
+    if let Some(problem) = refused_in(role, &endpoint) {
+        return Err(problem);
+    }
     // Once the log has failed, changes (and `/health`, for load balancers) are refused
     // until the operator restarts the server; reads and metrics are answered from memory,
     // which may hold changes that were refused (503) and will not survive a restart
     // (docs/API.md says which). The OpenAPI document is a read too: it needs no log.
     let read = matches!(
         endpoint,
-        Metrics | OpenApi | GetProduct(_) | ListProducts | GetReservation(_) | ListKeys | Events
+        Metrics
+            | OpenApi
+            | GetProduct(_)
+            | ListProducts
+            | GetReservation(_)
+            | ListKeys
+            | Events
+            | Cluster
     );
     if !read && !svc.log_healthy() {
         return Err(Problem::new(
@@ -297,7 +334,18 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
     // server runs open).
     let by: Option<KeyId> = caller.id;
     match endpoint {
-        Health => Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
+        Health => Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({"status": "ok", "role": role.as_str()}),
+        )),
+        Cluster => Ok(json(
+            StatusCode::OK,
+            &crate::cluster::Status::single(
+                app.api_addr.clone(),
+                svc.journal(),
+                svc.newest_snapshot_seq(),
+            ),
+        )),
         Metrics => metrics(app).await,
         OpenApi => {
             let mut reply = Response::new(OPENAPI.into());
@@ -566,7 +614,45 @@ mod tests {
             CreateKey | ListKeys => "/v1/admin/keys",
             RevokeKey(_) => "/v1/admin/keys/{id}",
             Events => "/v1/events",
+            Cluster => "/v1/cluster",
         }
+    }
+
+    /// Every node answers `/health`, `/metrics`, the document and `GET /v1/cluster`; only a
+    /// single node or a ready leader answers the rest, and the others refuse it with 503
+    /// and `Retry-After` (never a 404 or 405: the route exists).
+    #[test]
+    fn only_a_serving_role_answers_application_requests() {
+        let everywhere = ["/health", "/metrics", "/openapi.json", "/v1/cluster"];
+        let roles = [
+            Role::Single,
+            Role::Leader { ready: true },
+            Role::Leader { ready: false },
+            Role::Follower { leader: 2 },
+            Role::Leaderless,
+        ];
+        let mut refused = 0;
+        for (path, allow) in ROUTES {
+            for method in allow.split(", ") {
+                let m = Method::from_bytes(method.as_bytes()).unwrap();
+                let Route::Found(endpoint) = route(&m, &concrete(path)) else {
+                    panic!("{method} {path}: not routed");
+                };
+                for role in roles {
+                    let answer = refused_in(role, &endpoint);
+                    if role.serves() || everywhere.contains(path) {
+                        assert!(answer.is_none(), "{role:?} {method} {path}");
+                    } else {
+                        let problem = answer.expect("refused");
+                        let reply = problem.into_response();
+                        assert_eq!(reply.status(), 503, "{role:?} {method} {path}");
+                        assert_eq!(reply.headers()[header::RETRY_AFTER], "1");
+                        refused += 1;
+                    }
+                }
+            }
+        }
+        assert!(refused > 50, "{refused}");
     }
 
     const SKU: &str = "LAPTOP-001";
@@ -694,7 +780,7 @@ mod tests {
                 checked += 1;
             }
         }
-        assert_eq!(checked, 28);
+        assert_eq!(checked, 30);
     }
 
     /// Each documented operation's `security` names the scope the router asks for (as
