@@ -288,6 +288,7 @@ impl Actor for Supervisor {
             reservations,
             idempotency,
             keys: _,
+            raft: _,
         } = args.state;
         let now = self.clock.now_ms();
         let _ = myself;

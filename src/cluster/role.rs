@@ -2,8 +2,7 @@
 //! application request (only a node that serves them answers one), for `/health` and for
 //! `GET /v1/cluster`. A single node's role is `Single` for its whole life.
 
-/// A node's id in its cluster.
-pub type NodeId = u64;
+pub use crate::storage::entry::NodeId;
 
 /// The id a single node (no `--peers`) reports for itself.
 pub const SINGLE_NODE_ID: NodeId = 1;
