@@ -780,3 +780,146 @@ fn a_record_sled_puts_in_a_blob_file_is_synced_before_it_is_acknowledged() {
     let records: Vec<Record> = log.reader().records().map(|r| r.unwrap().1).collect();
     assert_eq!(records, vec![created(1), huge]);
 }
+
+// --- Batches of Raft entries (a cluster node's log; no build writes them yet). ---
+
+/// Stores `entries` (term, payload) as one batch of Raft entries under `first`, in the
+/// segment that holds `first`, as a cluster node's writer will.
+fn write_entry_batch(dir: &Path, first: u64, entries: &[(u64, Vec<u8>)]) {
+    let log = Log::open(dir).unwrap();
+    let slot = log
+        .segments
+        .list()
+        .into_iter()
+        .rev()
+        .find(|slot| slot.first <= first)
+        .expect("a segment holds it");
+    let segment = open_segment(&slot).unwrap().unwrap();
+    let value = batch::entry_batch(first, entries);
+    segment.db().insert(first.to_be_bytes(), value).unwrap();
+    segment.db().flush().unwrap();
+}
+
+/// The payload of entry `seq` in these tests: a proposal of `created(seq)`, or a blank.
+fn entry_payload(seq: u64) -> Vec<u8> {
+    use crate::storage::entry::{encode_blank, encode_proposal, Epoch};
+    let mut out = Vec::new();
+    if seq.is_multiple_of(4) {
+        encode_blank(&mut out);
+    } else {
+        let record = record::encode(&created(seq));
+        encode_proposal(Epoch { term: 1, k: 0 }, seq, &record, &mut out);
+    }
+    out
+}
+
+/// Every entry stored under `key`, decoded and verified.
+fn stored_entries(dir: &Path, key: u64) -> Vec<crate::storage::entry::Entry> {
+    let log = Log::open(dir).unwrap();
+    let slot = log.segments.list().remove(0);
+    let segment = open_segment(&slot).unwrap().unwrap();
+    let value = segment.db().get(key.to_be_bytes()).unwrap().unwrap();
+    let mut frames = batch::FrameCursor::new(key, &value);
+    std::iter::from_fn(|| frames.next(&value))
+        .map(|frame| {
+            let frame = frame.unwrap();
+            let (term, crc) = frame.entry.expect("an entry");
+            crate::storage::entry::decode_entry(
+                frame.seq,
+                term,
+                &value[frame.start..frame.end],
+                crc,
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+/// A segment of record batches followed by batches of Raft entries: the log's end is
+/// found across them, a cut inside an entry batch keeps its entries before the cut (still
+/// an entry batch, still verifying), and the readers of records refuse the first entry
+/// by its sequence instead of decoding it as a record, so a single server never folds a
+/// cluster node's log.
+#[test]
+fn batches_of_raft_entries_are_walked_cut_and_refused_by_the_record_readers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    write_batches(&dir, &[5], 100); // records 1-5, one key
+    let entries = |seqs: std::ops::RangeInclusive<u64>, term: u64| -> Vec<(u64, Vec<u8>)> {
+        seqs.map(|seq| (term, entry_payload(seq))).collect()
+    };
+    write_entry_batch(&dir, 6, &entries(6..=9, 1));
+    write_entry_batch(&dir, 10, &entries(10..=12, 2));
+    assert_eq!(keys(&dir), vec![(1, vec![(1, 5), (6, 4), (10, 3)])]);
+    let log = Log::open(&dir).unwrap();
+    assert_eq!(log.last_seq().unwrap(), 12);
+    let reader = log.reader();
+    let read: Vec<_> = reader.records().collect();
+    assert_eq!(read.len(), 6, "1-5, then the refusal, then nothing");
+    assert!(read[..5].iter().all(Result::is_ok));
+    assert!(
+        matches!(read[5], Err(OpenError::RaftEntry { seq: 6 })),
+        "{:?}",
+        read[5]
+    );
+    let from_inside: Vec<_> = reader.records_after(7).collect();
+    assert!(matches!(
+        from_inside[..],
+        [Err(OpenError::RaftEntry { seq: 8 })]
+    ));
+    assert!(matches!(
+        reader.summary(),
+        Err(OpenError::RaftEntry { seq: 6 })
+    ));
+    // So a single server's start-up stops there, saying why (and no truncation of
+    // damaged records applies: nothing is damaged).
+    let recovered =
+        crate::storage::recovery::recover(&reader, &tmp.path().join("snapshots"), u64::MAX);
+    let err = recovered.expect_err("recovery refuses a cluster node's log");
+    assert!(
+        matches!(
+            err,
+            crate::storage::recovery::RecoveryError::Open(OpenError::RaftEntry { seq: 6 })
+        ),
+        "{err}"
+    );
+    assert_eq!(err.damaged_seq(), None);
+    assert!(
+        err.to_string().contains("log entry 6 is a Raft entry"),
+        "{err}"
+    );
+    drop((reader, log));
+    let decoded = stored_entries(&dir, 6);
+    assert_eq!(
+        decoded
+            .iter()
+            .map(|e| (e.pos.seq, e.pos.term))
+            .collect::<Vec<_>>(),
+        vec![(6, 1), (7, 1), (8, 1), (9, 1)]
+    );
+    assert_eq!(decoded[2].payload, crate::storage::entry::Payload::Blank);
+
+    // Damaged framing in an entry batch is named by the first entry it hides.
+    let second_frame = 5 + 24 + entry_payload(10).len();
+    rewrite_value(&dir, 10, |value| value[second_frame + 7] ^= 0x01);
+    let log = Log::open(&dir).unwrap();
+    assert!(matches!(
+        log.last_seq(),
+        Err(OpenError::Damaged { seq: 11, .. })
+    ));
+    // Cut there: entry 10 stays, alone in its batch.
+    assert_eq!(log.truncate_from(11).unwrap(), 2);
+    assert_eq!(log.last_seq().unwrap(), 10);
+    // A cut inside the first entry batch keeps 6 and 7, still entries that verify.
+    assert_eq!(log.truncate_from(8).unwrap(), 3);
+    assert_eq!(log.last_seq().unwrap(), 7);
+    drop(log);
+    assert_eq!(keys(&dir), vec![(1, vec![(1, 5), (6, 2)])]);
+    let kept = stored_entries(&dir, 6);
+    assert_eq!(kept, decoded[..2].to_vec());
+    // Cutting at the first entry leaves the records alone, which read as before.
+    let log = Log::open(&dir).unwrap();
+    assert_eq!(log.truncate_from(6).unwrap(), 2);
+    drop(log);
+    check_all(&dir, 5);
+}
