@@ -247,58 +247,95 @@ impl FrameCursor {
     }
 }
 
-/// The records stored under one key, in order, as stored (not verified: `decode_at` does
-/// that), skipping those before `from`. A per-record value is its one record; a batch
-/// yields slices of its value (no copy). A framing error is the last item.
+/// What one key stores, item by item, as stored (not verified: `decode_at` or
+/// `entry::decode_entry` does that).
+pub(super) struct Stored {
+    pub(super) seq: u64,
+    /// An entry's term and its frame's checksum (`None`: a record).
+    pub(super) entry: Option<(u64, u32)>,
+    /// The record's bytes, or the entry's payload: a slice of the value (no copy).
+    pub(super) bytes: IVec,
+}
+
+/// The records (or, for `Unpacked::entries`, the Raft entries) stored under one key, in
+/// order, as stored, skipping those before `from`. A per-record value is its one record;
+/// a batch yields slices of its value (no copy). An item of the other kind ends the walk
+/// with an error naming it (`OpenError::RaftEntry`, `OpenError::NotAnEntry`), as does a
+/// framing error.
 pub(super) struct Unpacked {
     value: IVec,
     from: u64,
     /// `None` for a single record, numbered by its key.
     frames: Option<FrameCursor>,
     key: u64,
+    /// Raft entries are wanted, not records.
+    entries: bool,
     done: bool,
 }
 
 impl Unpacked {
+    /// The records under `key`; an entry is refused.
     pub(super) fn new(key: u64, value: IVec, from: u64) -> Unpacked {
+        Unpacked::of_kind(key, value, from, false)
+    }
+
+    /// The Raft entries under `key`; a record is refused.
+    pub(super) fn entries(key: u64, value: IVec, from: u64) -> Unpacked {
+        Unpacked::of_kind(key, value, from, true)
+    }
+
+    fn of_kind(key: u64, value: IVec, from: u64, entries: bool) -> Unpacked {
         let frames = is_batch(&value).then(|| FrameCursor::new(key, &value));
         Unpacked {
             value,
             from,
             frames,
             key,
+            entries,
             done: false,
         }
     }
 }
 
 impl Iterator for Unpacked {
-    type Item = Result<(u64, IVec), OpenError>;
+    type Item = Result<Stored, OpenError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         let Some(frames) = &mut self.frames else {
             if std::mem::replace(&mut self.done, true) || self.key < self.from {
                 return None;
             }
-            return Some(Ok((self.key, self.value.clone())));
+            if self.entries {
+                return Some(Err(OpenError::NotAnEntry { seq: self.key }));
+            }
+            return Some(Ok(Stored {
+                seq: self.key,
+                entry: None,
+                bytes: self.value.clone(),
+            }));
         };
         loop {
             match frames.next(&self.value)? {
                 // Records before `from` are walked over (their framing says where the
                 // next one starts), never handed out.
                 Ok(frame) if frame.seq < self.from => {}
-                // An entry is not a record: its payload is never handed out as one.
-                Ok(Frame {
-                    seq,
-                    entry: Some(_),
-                    ..
-                }) => {
+                // An entry is not a record (its payload is never handed out as one), nor
+                // a record an entry.
+                Ok(frame) if frame.entry.is_some() != self.entries => {
                     frames.done = true;
-                    return Some(Err(OpenError::RaftEntry { seq }));
+                    let seq = frame.seq;
+                    return Some(Err(match self.entries {
+                        true => OpenError::NotAnEntry { seq },
+                        false => OpenError::RaftEntry { seq },
+                    }));
                 }
                 Ok(frame) => {
                     let bytes = self.value.subslice(frame.start, frame.end - frame.start);
-                    return Some(Ok((frame.seq, bytes)));
+                    return Some(Ok(Stored {
+                        seq: frame.seq,
+                        entry: frame.entry,
+                        bytes,
+                    }));
                 }
                 Err(err) => return Some(Err(err)),
             }

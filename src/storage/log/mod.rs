@@ -123,6 +123,9 @@ pub enum OpenError {
         "log entry {seq} is a Raft entry: this is a cluster node's log, not a single server's"
     )]
     RaftEntry { seq: u64 },
+    /// A record where a Raft entry was read: a single server's log.
+    #[error("log record {seq} is a single server's record, not a Raft entry: this log was not written by a cluster node")]
+    NotAnEntry { seq: u64 },
 }
 
 /// Keys removed per sled batch when the end of the log is cut (`truncate_from`), and
