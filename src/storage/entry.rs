@@ -90,6 +90,16 @@ impl Chain {
     }
 }
 
+/// A cluster node's vote, which the engine needs kept durably (`DIR/log/vote`): the term,
+/// the node voted for in it, and whether the vote is committed (granted by a quorum: its
+/// node leads that term). stockd's own type, like `LogPos`; `src/cluster/` converts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vote {
+    pub term: u64,
+    pub voted_for: Option<NodeId>,
+    pub committed: bool,
+}
+
 /// What a replicated state knows beside the records' effects (`State::raft`; snapshot
 /// format 3). `None` on a single node, whose snapshots stay format 2.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -123,6 +123,8 @@ pub enum OpenError {
         "log entry {seq} is a Raft entry: this is a cluster node's log, not a single server's"
     )]
     RaftEntry { seq: u64 },
+    #[error("the cluster vote file {path} is damaged")]
+    BadVote { path: String },
     /// A record where a Raft entry was read: a single server's log.
     #[error("log record {seq} is a single server's record, not a Raft entry: this log was not written by a cluster node")]
     NotAnEntry { seq: u64 },
@@ -279,6 +281,13 @@ impl Log {
         }
         self.flush()?;
         Ok(removed)
+    }
+
+    /// The vote a cluster node saved last (`DIR/log/vote`; `None`: none ever). A damaged
+    /// file is an error (`OpenError::BadVote`). Saving goes through the writer
+    /// (`LogHandle::save_vote`), in order with the records.
+    pub fn vote(&self) -> Result<Option<crate::storage::entry::Vote>, OpenError> {
+        read_vote(&self.segments.dir)
     }
 
     /// Flushes everything written so far (only while no writer runs).

@@ -987,3 +987,111 @@ fn raft_entries_are_read_back_in_order_and_verified() {
         read[4]
     );
 }
+
+// --- A cluster node's vote. ---
+
+/// A vote is saved after every record queued before it is flushed, and before any record
+/// queued after it is written; it is read back after a restart, the newest one, with no
+/// temporary file left behind.
+#[test]
+fn a_vote_is_saved_in_order_with_the_records_and_read_back() {
+    use crate::storage::entry::Vote;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let log = Log::open(&dir).unwrap();
+    assert_eq!(log.vote().unwrap(), None);
+    let first = Vote {
+        term: 3,
+        voted_for: Some(2),
+        committed: false,
+    };
+    let second = Vote {
+        term: 4,
+        voted_for: Some(1),
+        committed: true,
+    };
+    let (handle, join) = log
+        .with_flush_interval(Duration::from_millis(5))
+        .start_writer(1)
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let before: Vec<_> = (1..=50).map(|i| handle.append(created(i))).collect();
+        let saved = handle.save_vote(first);
+        let after = handle.append(created(51));
+        assert_eq!(saved.durable().await.unwrap(), 50);
+        assert!(
+            handle.durable_seq() >= 50,
+            "the records before it are durable"
+        );
+        assert_eq!(read_vote(&dir).unwrap(), Some(first));
+        for (i, ticket) in before.into_iter().enumerate() {
+            assert_eq!(ticket.durable().await.unwrap(), i as u64 + 1);
+        }
+        assert_eq!(after.durable().await.unwrap(), 51);
+        assert_eq!(handle.save_vote(second).durable().await.unwrap(), 51);
+        handle.shutdown().await.unwrap();
+    });
+    join.join().unwrap();
+    let log = Log::open(&dir).unwrap();
+    assert_eq!(log.vote().unwrap(), Some(second));
+    assert_eq!(log.last_seq().unwrap(), 51);
+    assert!(!dir.join(format!("{VOTE_FILE}.tmp")).exists());
+}
+
+/// A vote file that does not verify (a flipped byte, cut short, empty) is an error, never
+/// "no vote"; and a log that has failed saves no vote.
+#[test]
+fn a_damaged_vote_is_an_error_and_a_failed_log_saves_no_vote() {
+    use crate::storage::entry::Vote;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    drop(Log::open(&dir).unwrap());
+    let vote = Vote {
+        term: 9,
+        voted_for: None,
+        committed: false,
+    };
+    write_vote(&dir, &vote).unwrap();
+    let good = fs::read(dir.join(VOTE_FILE)).unwrap();
+    let mut damaged: Vec<Vec<u8>> = (0..good.len())
+        .map(|at| {
+            let mut bytes = good.clone();
+            bytes[at] ^= 0x04;
+            bytes
+        })
+        .collect();
+    damaged.push(good[..good.len() - 1].to_vec());
+    damaged.push(Vec::new());
+    damaged.push([good.clone(), vec![0]].concat());
+    for bytes in damaged {
+        fs::write(dir.join(VOTE_FILE), &bytes).unwrap();
+        let log = Log::open(&dir).unwrap();
+        assert!(
+            matches!(log.vote(), Err(OpenError::BadVote { .. })),
+            "{bytes:?}"
+        );
+    }
+    fs::write(dir.join(VOTE_FILE), &good).unwrap();
+
+    let log = Log::open(&dir).unwrap();
+    let (handle, join) = log.start_writer(1).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        handle.inject_write_failure();
+        assert!(handle.append(created(1)).durable().await.is_err());
+        let newer = Vote {
+            term: 10,
+            voted_for: Some(3),
+            committed: false,
+        };
+        assert!(handle.save_vote(newer).durable().await.is_err());
+        let _ = handle.shutdown().await;
+    });
+    join.join().unwrap();
+    assert_eq!(Log::open(&dir).unwrap().vote().unwrap(), Some(vote));
+}
