@@ -1,5 +1,5 @@
-//! Micro-benchmarks of the core: the fold, a product actor round trip, and the log writer's
-//! group commit. Run with `cargo bench --bench core`; figures go to docs/PERFORMANCE.md
+//! Micro-benchmarks of the core: the fold, the change feed's projection, a product actor
+//! round trip, and the log writer's group commit. Run with `cargo bench --bench core`; figures go to docs/PERFORMANCE.md
 //! as ratios to a baseline measured in the same run (this machine is noisy).
 
 use std::sync::Arc;
@@ -71,6 +71,29 @@ fn fold(c: &mut Criterion) {
                 apply(&mut state, r).unwrap();
             }
             state
+        })
+    });
+    group.finish();
+}
+
+/// The change feed's projector without its thread and store: each record folded on a
+/// shadow state, its events derived and written as the JSON the store keeps.
+fn feed_projection(c: &mut Criterion) {
+    use stockd::feed::event::{project, prune};
+    let log = records(100_000);
+    let mut group = c.benchmark_group("feed");
+    group.throughput(Throughput::Elements(log.len() as u64));
+    group.bench_function("project 100k records to event JSON", |b| {
+        b.iter(|| {
+            let mut state = State::default();
+            let mut bytes = 0;
+            for (i, r) in log.iter().enumerate() {
+                for event in project(&mut state, i as u64 + 1, r).unwrap() {
+                    bytes += event.to_json().len();
+                }
+                prune(&mut state, r);
+            }
+            bytes
         })
     });
     group.finish();
@@ -203,5 +226,12 @@ async fn hot_server(dir: &std::path::Path, durability: stockd::Durability) -> st
     server
 }
 
-criterion_group!(benches, fold, actor_round_trip, group_commit, auth_check);
+criterion_group!(
+    benches,
+    fold,
+    feed_projection,
+    actor_round_trip,
+    group_commit,
+    auth_check
+);
 criterion_main!(benches);

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use crate::actors::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
 use crate::cluster::{Journal, Role};
 use crate::config::{Config, Durability};
-use crate::feed::{Catchup, Feed, Projector};
+use crate::feed::{Catchup, Feed, Projector, Shadow};
 use crate::service::Service;
 use crate::storage::log::OpenError as LogOpenError;
 use crate::storage::log::{Log, LogHandle, OpenError};
@@ -242,13 +242,13 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         worker: config.snapshot_worker.clone(),
         ceiling: feed.as_ref().map(Feed::synced),
     });
-    // The projector follows the log from where recovery ended, on a copy of its state.
+    // The projector follows the log from where recovery ended, on a shadow of its state.
     let feed = feed.map(|feed| {
         let projector = Projector::start(
             feed.clone(),
             projector_reader,
             log_handle.clone(),
-            recovered.state.clone(),
+            Shadow::of(&recovered.state),
             recovered.last_seq,
         );
         (feed, projector)

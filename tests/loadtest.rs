@@ -37,6 +37,7 @@ fn options(scenario: Scenario, target: Target) -> Options {
         rounds: 3,
         max_per_customer: 2,
         api_key: None,
+        follow_events: false,
     }
 }
 
@@ -192,6 +193,50 @@ async fn a_request_budget_smaller_than_the_rounds_runs_fewer_rounds() {
     assert!(report.verified, "{}", report.markdown());
     assert_eq!(report.requests, 2);
     assert_eq!((report.rounds.len(), report.ceilings_rps.len()), (2, 3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_reader_of_the_feed_follows_the_flash_sale_to_its_end() {
+    let opts = Options {
+        limits: Limits {
+            requests_max: Some(300),
+            ..limits()
+        },
+        stock: 200,
+        follow_events: true,
+        ..options(Scenario::FlashSale, stockd())
+    };
+    let report = loadtest::run(opts).await.expect("run");
+    assert!(report.verified, "{}", report.markdown());
+    let lag = report.feed_lag.as_ref().expect("the lag is reported");
+    // The reader starts before the hot SKU is created: its creation, 200 holds (one
+    // event each) and the sold-out; the 100 refusals change nothing.
+    assert_eq!(lag.events_received, 202, "{}", report.markdown());
+    assert_eq!(lag.reader_through, lag.feed_through);
+    assert!(
+        report.markdown().contains("live reader of the change feed"),
+        "{}",
+        report.markdown()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_of_a_server_without_the_feed_is_an_error_not_a_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = loadtest::server::Launch::serve(env!("CARGO_BIN_EXE_stockd"), dir.path())
+        .args(["--events", "off"])
+        .start()
+        .expect("starts");
+    let opts = Options {
+        limits: Limits {
+            requests_max: Some(20),
+            ..limits()
+        },
+        follow_events: true,
+        ..options(Scenario::FlashSale, Target::Url(server.base_url.clone()))
+    };
+    let err = loadtest::run(opts).await.expect_err("no feed to follow");
+    assert!(err.contains("no change feed"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

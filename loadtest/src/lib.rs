@@ -15,6 +15,7 @@
 //! - `scenarios`: `ceiling`, `flash-sale`, and `run`, which runs any scenario; `checkout`:
 //!   the shopper mix; `crash`: the mix with a SIGKILL and a restart. Dependencies go one
 //!   way: `scenarios` → `crash` → `checkout` → `rounds`, `api`, `options`.
+//! - `follow`: `--follow-events`, a live reader of the change feed and its lag.
 //! - `report`: the terminal table, Markdown and JSON; `chart`: the SVG chart.
 
 pub mod api;
@@ -22,6 +23,7 @@ pub mod chart;
 pub mod checkout;
 pub mod crash;
 pub mod driver;
+pub mod follow;
 pub mod limits;
 pub mod options;
 pub mod report;

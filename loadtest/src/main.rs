@@ -53,6 +53,11 @@ struct Cli {
     /// products and reserving: `admin`, or `stock` + `reserve` + `read`).
     #[arg(long, env = "STOCKD_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// Follow the change feed (GET /v1/events, Server-Sent Events) during the run, as a
+    /// shop's consumer would, and report how many records and milliseconds it fell behind
+    /// the log; verified: it reached the feed's end. A started server gets `--events on`.
+    #[arg(long)]
+    follow_events: bool,
     /// The hot SKU's purchase limit per buyer (limits).
     #[arg(long, default_value_t = 2)]
     max_per_customer: u64,
@@ -118,6 +123,7 @@ fn main() -> ExitCode {
         rounds: cli.rounds,
         max_per_customer: cli.max_per_customer,
         api_key: cli.api_key,
+        follow_events: cli.follow_events,
     };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let report = match runtime.block_on(loadtest::run(opts)) {

@@ -61,4 +61,7 @@ pub struct Options {
     /// Sent as `Authorization: Bearer` on every request (a server with API keys); needs
     /// the `admin` scope, or `stock`, `reserve` and `read` (the scenarios create products).
     pub api_key: Option<String>,
+    /// Follow the change feed live during the run and report how far behind it fell
+    /// (`crate::follow`).
+    pub follow_events: bool,
 }

@@ -171,6 +171,8 @@ pub struct Report {
     /// Crash scenario: when the server was killed, in seconds of the load. The load
     /// stops there (each connection at its first unanswered request).
     pub killed_at_s: Option<f64>,
+    /// `--follow-events`: how far behind the log a live reader of the feed fell.
+    pub feed_lag: Option<crate::follow::FeedLag>,
 }
 
 fn timeline(stats: &PhaseStats) -> Vec<SecondView> {
@@ -223,6 +225,7 @@ impl Report {
             group_commit: None,
             ceilings_at_s: Vec::new(),
             killed_at_s: None,
+            feed_lag: None,
         }
     }
 
@@ -330,6 +333,24 @@ impl Report {
                  between them): {} of {:.1} records each on average, {:.2} ms each to write \
                  and flush\n\n",
                 g.batches, g.records_per_batch, g.commit_ms_mean
+            ));
+        }
+        if let Some(f) = &self.feed_lag {
+            out.push_str(&format!(
+                "live reader of the change feed: {} events, reconnected {} times; records \
+                 behind the log p50 {:.0} / p99 {:.0} / max {:.0} (the projector's own: p99 \
+                 {:.0}); from durable to received p50 {:.0} / p99 {:.0} / max {:.0} ms \
+                 ({} scrapes of /metrics, every 100 ms)\n\n",
+                f.events_received,
+                f.reconnects,
+                f.records_behind.p50,
+                f.records_behind.p99,
+                f.records_behind.max,
+                f.projector_behind.p99,
+                f.delay_ms.p50,
+                f.delay_ms.p99,
+                f.delay_ms.max,
+                f.scrapes,
             ));
         }
         for check in &self.checks {

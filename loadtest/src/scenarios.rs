@@ -10,6 +10,7 @@ use serde_json::json;
 
 use crate::api::{create_product, get_json};
 use crate::driver::{timed, PhaseStats};
+use crate::follow::Follower;
 use crate::options::{Options, Scenario, Target};
 use crate::report::{Check, Report};
 use crate::rounds::{ceiling, ceiling_limits, interleaved, served};
@@ -33,7 +34,13 @@ fn check_loopback(url: &str) -> Result<(), String> {
 pub async fn run(opts: Options) -> Result<Report, String> {
     let (mut server, base) = match &opts.target {
         Target::Spawn { stockd, durability } => {
-            let server = ServerProcess::fresh(stockd, durability)?;
+            // A live reader needs the feed, whatever the server's default.
+            let args: &[&str] = if opts.follow_events {
+                &["--events", "on"]
+            } else {
+                &[]
+            };
+            let server = ServerProcess::fresh_with(stockd, durability, args)?;
             let base = server.base_url.clone();
             (Some(server), base)
         }
@@ -76,6 +83,10 @@ pub async fn run(opts: Options) -> Result<Report, String> {
         }
         Scenario::Ceiling | Scenario::Crash => "ceiling".to_string(),
     };
+    let follower = match opts.follow_events {
+        true => Some(Follower::start(&client, &base).await?),
+        false => None,
+    };
     let limits = ceiling_limits(&opts.limits, rounds, 0);
     let first = ceiling(&client, &base, &label, limits).await;
     let mut report = match opts.scenario {
@@ -97,6 +108,11 @@ pub async fn run(opts: Options) -> Result<Report, String> {
             report
         }
     };
+    if let Some(follower) = follower {
+        let (lag, check) = follower.finish().await;
+        report.feed_lag = Some(lag);
+        report.checks.push(check);
+    }
     report.verified = report.verified && report.checks.iter().all(|c| c.ok);
     report.durability = durability;
     report.connections = opts.limits.connections;

@@ -170,9 +170,19 @@ impl ServerProcess {
     /// `binary serve` with this durability on a fresh data directory (removed after the
     /// server stopped), waiting 30 s at most for it to listen: the load test's server.
     pub fn fresh(binary: &Path, durability: &str) -> Result<ServerProcess, String> {
+        ServerProcess::fresh_with(binary, durability, &[])
+    }
+
+    /// `fresh`, with more arguments to `stockd serve`.
+    pub fn fresh_with(
+        binary: &Path,
+        durability: &str,
+        args: &[&str],
+    ) -> Result<ServerProcess, String> {
         let dir = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
         let mut server = Launch::serve(binary, dir.path())
             .durability(durability)
+            .args(args.iter().copied())
             .timeout(Duration::from_secs(30))
             .start()?;
         server.dir = Some(dir);

@@ -6,6 +6,7 @@
 //! - `projector`: the thread that follows the durable log with a shadow state, derives
 //!   each record's events with the one fold, appends them to the store and hands them to
 //!   live (SSE) readers; and start-up's catch-up from recovery's fold.
+//! - `shadow`: that shadow state, kept small (only recently touched products decoded).
 //!
 //! The feed never slows a reservation: the projector reads records once they are durable,
 //! on a thread of its own; live readers get events through a bounded ring
@@ -14,6 +15,7 @@
 
 pub mod event;
 mod projector;
+pub mod shadow;
 pub mod store;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,6 +27,7 @@ use tokio::sync::{broadcast, watch, Semaphore};
 
 pub use event::{Kind, Position};
 pub use projector::{open, Catchup, Projector};
+pub use shadow::Shadow;
 pub use store::{Gone, Retention, Stored};
 
 /// Events a live reader may fall behind by before it is dropped.

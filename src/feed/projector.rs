@@ -19,7 +19,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::feed::event::{events_of, project, prune, Before};
+use crate::feed::event::{events_of, Before};
+use crate::feed::shadow::Shadow;
 use crate::feed::store::{Store, Stored};
 use crate::feed::{Feed, PROJECTOR_POLL_MS, PROJECTOR_SYNC_MS};
 use crate::storage::fold::State;
@@ -143,25 +144,20 @@ pub struct Projector {
 }
 
 impl Projector {
-    /// Starts following the log after record `after`, whose state is `state`.
+    /// Starts following the log after record `after`, whose state `shadow` stands for.
     pub fn start(
         feed: Feed,
         reader: LogReader,
         log: LogHandle,
-        mut state: State,
+        shadow: Shadow,
         after: u64,
     ) -> Projector {
-        // The shadow keeps only what later records need (see the module's header).
-        state
-            .reservations
-            .retain(|_, r| r.status == crate::domain::Status::Pending);
-        state.idempotency.clear();
         let stop = Arc::new(AtomicBool::new(false));
         let thread = thread::Builder::new()
             .name("stockd-projector".into())
             .spawn({
                 let stop = stop.clone();
-                move || run(feed, reader, log, state, after, stop)
+                move || run(feed, reader, log, shadow, after, stop)
             })
             .expect("spawning the projector thread");
         Projector {
@@ -189,7 +185,7 @@ fn run(
     feed: Feed,
     reader: LogReader,
     log: LogHandle,
-    mut shadow: State,
+    mut shadow: Shadow,
     mut pos: u64,
     stop: Arc<AtomicBool>,
 ) {
@@ -240,7 +236,7 @@ fn fail(feed: &Feed, err: String) {
 fn follow(
     feed: &Feed,
     reader: &LogReader,
-    shadow: &mut State,
+    shadow: &mut Shadow,
     pos: u64,
     durable: u64,
 ) -> Result<u64, String> {
@@ -255,9 +251,9 @@ fn follow(
         if seq != through + 1 {
             return Err(format!("log record {} is missing", through + 1));
         }
-        let events = project(shadow, seq, &record)
+        let events = shadow
+            .project(seq, &record)
             .map_err(|e| format!("log record {seq} cannot be applied: {e}"))?;
-        prune(shadow, &record);
         batch.extend(stored(events));
         through = seq;
         if batch.len() >= APPEND_EVENTS_MAX || through - appended >= APPEND_RECORDS_MAX {
