@@ -84,7 +84,9 @@ impl Default for Config {
             customer_rate: None,
             admin_key: None,
             snapshot_worker: None,
-            events: Some(crate::feed::retention_default()),
+            // Off unless asked for: the feed's shadow copy of the products would take a
+            // million-product catalogue past 1 GB (docs/PERFORMANCE.md).
+            events: None,
             snapshot_hooks: WriteHooks::default(),
             log_segment_records: crate::storage::log::SEGMENT_RECORDS_DEFAULT,
             log_fail_from_seq: None,

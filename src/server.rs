@@ -244,11 +244,19 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     });
     // The projector follows the log from where recovery ended, on a shadow of its state.
     let feed = feed.map(|feed| {
+        let started = std::time::Instant::now();
+        let shadow = Shadow::of(&recovered.state);
+        tracing::info!(
+            products = shadow.products(),
+            pending_reservations = shadow.reservations(),
+            ms = started.elapsed().as_millis() as u64,
+            "the change feed's shadow state is built"
+        );
         let projector = Projector::start(
             feed.clone(),
             projector_reader,
             log_handle.clone(),
-            Shadow::of(&recovered.state),
+            shadow,
             recovered.last_seq,
         );
         (feed, projector)

@@ -2,54 +2,102 @@
 //! kept small.
 //!
 //! The fold runs on a `State` (invariant 4 in docs/ARCHITECTURE.md: no second
-//! interpretation of a record), but that state holds only the *warm* products, the ones
-//! recent records touched, beside the pending reservations and the keys. Every other
-//! product is *cold*: kept as its bincode encoding (~80 bytes for a product with a short
-//! name) in a map of its own. Before a record is applied, the products it touches
-//! (`event::touched`) are decoded into the state; once more than `WARM_MAX` products are
-//! warm, the half touched longest ago are encoded again.
+//! interpretation of a record), but that state holds only the *warm* products and pending
+//! reservations, the ones recent records touched, beside the keys. Every other product
+//! and pending reservation is *cold*: kept as its bincode encoding (~80 bytes for a
+//! product with a short name, ~70 for a one-line hold) in a map of its own. Before a
+//! record is applied, the reservation it names and the products it touches
+//! (`event::touched`) are decoded into the state; once more than `WARM_MAX` products (or
+//! reservations) are warm, the half touched longest ago is encoded again.
 //!
 //! Why: a `State`'s products live inline in a hash table (~170 bytes a bucket) whose size
 //! doubles, so a million products took 370 MB there (2^21 buckets) where the cold map
-//! takes ~150, and the server's own routing table holds them in ~240 bytes each. The
-//! paging is a cache in front of the one fold: a record touching a product the shadow
-//! misses fails the fold (and stops the feed, visibly), it is never applied another way.
+//! takes ~150, and a million pending holds took ~400 MB as `Reservation`s in a B-tree.
+//! The paging is a cache in front of the one fold: a record touching a product or a
+//! reservation the shadow misses fails the fold (and stops the feed, visibly); it is
+//! never applied another way.
 
 use std::collections::HashMap;
 
-use crate::domain::Product;
+use uuid::Uuid;
+
+use crate::domain::{Product, Reservation, Status};
 use crate::feed::event::{self, Event};
 use crate::storage::fold::{FoldError, State};
 use crate::storage::record::Record;
 
-/// Products kept decoded at most (before the coldest half is encoded again).
+/// Products, and pending reservations, kept decoded at most (before the coldest half is
+/// encoded again).
 pub const WARM_MAX: usize = 4096;
 
-type Cold = HashMap<Box<str>, Box<[u8]>, foldhash::fast::RandomState>;
+type Hasher = foldhash::fast::RandomState;
+type Cold = HashMap<Box<str>, Box<[u8]>, Hasher>;
+type ColdReservations = HashMap<Uuid, Box<[u8]>, Hasher>;
 
 pub struct Shadow {
-    /// The warm products, the pending reservations and the keys.
+    /// The warm products and pending reservations, and the keys.
     state: State,
     cold: Cold,
+    cold_reservations: ColdReservations,
     /// When each warm product was last touched (record sequence).
-    touched_at: HashMap<String, u64, foldhash::fast::RandomState>,
+    touched_at: HashMap<String, u64, Hasher>,
+    /// When each warm reservation was last touched.
+    reservation_touched_at: HashMap<Uuid, u64, Hasher>,
 }
 
 fn config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
 
-fn encode(product: &Product) -> Box<[u8]> {
-    bincode::serde::encode_to_vec(product, config())
-        .expect("a product encodes in memory")
+fn encode<T: serde::Serialize>(value: &T) -> Box<[u8]> {
+    bincode::serde::encode_to_vec(value, config())
+        .expect("a product or reservation encodes in memory")
         .into_boxed_slice()
 }
 
-fn decode(bytes: &[u8]) -> Product {
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> T {
     // The bytes were written by `encode` in this process.
     bincode::serde::decode_from_slice(bytes, config())
-        .expect("a cold product decodes as it was encoded")
+        .expect("a cold product or reservation decodes as it was encoded")
         .0
+}
+
+/// The reservation a record names, if any.
+fn named_reservation(record: &Record) -> Option<Uuid> {
+    match record {
+        Record::ReservationCreated { id, .. }
+        | Record::ReservationConfirmed { id, .. }
+        | Record::ReservationCancelled { id, .. }
+        | Record::ReservationExpired { id, .. }
+        | Record::ReservationExtended { id, .. } => Some(*id),
+        _ => None,
+    }
+}
+
+/// Encodes the half of `warm` touched longest ago (`touched_at`) into `cold`.
+fn cool_half<K, V>(
+    touched_at: &mut HashMap<K, u64, Hasher>,
+    mut take: impl FnMut(&K) -> Option<V>,
+    mut put: impl FnMut(&K, Box<[u8]>),
+) where
+    K: std::hash::Hash + Eq,
+    V: serde::Serialize,
+{
+    let mut ages: Vec<u64> = touched_at.values().copied().collect();
+    if ages.is_empty() {
+        return;
+    }
+    let middle = ages.len() / 2;
+    let (_, &mut cutoff, _) = ages.select_nth_unstable(middle);
+    touched_at.retain(|key, at| {
+        if *at >= cutoff {
+            return true;
+        }
+        if let Some(value) = take(key) {
+            put(key, encode(&value));
+        }
+        false
+    });
 }
 
 impl Shadow {
@@ -61,31 +109,41 @@ impl Shadow {
         for (sku, product) in &state.products {
             cold.insert(sku.as_str().into(), encode(product));
         }
-        let reservations = state
+        let cold_reservations = state
             .reservations
             .iter()
-            .filter(|(_, r)| r.status == crate::domain::Status::Pending)
-            .map(|(id, r)| (*id, r.clone()))
+            .filter(|(_, r)| r.status == Status::Pending)
+            .map(|(id, r)| (*id, encode(r)))
             .collect();
         Shadow {
             state: State {
                 products: Default::default(),
-                reservations,
+                reservations: Default::default(),
                 idempotency: Default::default(),
                 keys: state.keys.clone(),
                 // The feed folds records, never Raft entries (storage::entry).
                 raft: None,
             },
             cold,
+            cold_reservations,
             touched_at: Default::default(),
+            reservation_touched_at: Default::default(),
         }
     }
 
     /// Applies record `seq` with the one fold and returns its events.
     pub fn project(&mut self, seq: u64, record: &Record) -> Result<Vec<Event>, FoldError> {
+        let named = named_reservation(record);
+        if let Some(id) = named {
+            if let Some(bytes) = self.cold_reservations.remove(&id) {
+                let reservation: Reservation = decode(&bytes);
+                debug_assert_eq!(reservation.id, id);
+                self.state.reservations.insert(id, reservation);
+            }
+        }
         for sku in event::touched(record, &self.state) {
             if let Some(bytes) = self.cold.remove(sku.as_str()) {
-                let product = decode(&bytes);
+                let product: Product = decode(&bytes);
                 debug_assert_eq!(product.sku, sku);
                 self.state.products.insert(sku.clone(), product);
             }
@@ -96,29 +154,37 @@ impl Shadow {
         if let Record::ProductDeleted { sku, .. } = record {
             self.touched_at.remove(sku.as_str());
         }
+        if let Some(id) = named {
+            // Still pending (created, extended) stays warm for now; ended was pruned.
+            if self.state.reservations.contains_key(&id) {
+                self.reservation_touched_at.insert(id, seq);
+            } else {
+                self.reservation_touched_at.remove(&id);
+            }
+        }
         if self.state.products.len() > WARM_MAX {
-            self.cool();
+            let (products, cold) = (&mut self.state.products, &mut self.cold);
+            cool_half(
+                &mut self.touched_at,
+                |sku: &String| products.remove(sku.as_str()),
+                |sku, bytes| {
+                    cold.insert(sku.as_str().into(), bytes);
+                },
+            );
+            debug_assert!(self.state.products.len() <= WARM_MAX / 2 + 1);
+        }
+        if self.state.reservations.len() > WARM_MAX {
+            let (reservations, cold) = (&mut self.state.reservations, &mut self.cold_reservations);
+            cool_half(
+                &mut self.reservation_touched_at,
+                |id: &Uuid| reservations.remove(id),
+                |id, bytes| {
+                    cold.insert(*id, bytes);
+                },
+            );
+            debug_assert!(self.state.reservations.len() <= WARM_MAX / 2 + 1);
         }
         Ok(events)
-    }
-
-    /// Encodes the half of the warm products touched longest ago.
-    fn cool(&mut self) {
-        let mut ages: Vec<u64> = self.touched_at.values().copied().collect();
-        let middle = ages.len() / 2;
-        let (_, &mut cutoff, _) = ages.select_nth_unstable(middle);
-        let state = &mut self.state;
-        let cold = &mut self.cold;
-        self.touched_at.retain(|sku, at| {
-            if *at >= cutoff {
-                return true;
-            }
-            if let Some(product) = state.products.remove(sku.as_str()) {
-                cold.insert(sku.as_str().into(), encode(&product));
-            }
-            false
-        });
-        debug_assert!(state.products.len() <= WARM_MAX / 2 + 1);
     }
 
     /// Products in the shadow (warm and cold).
@@ -126,13 +192,22 @@ impl Shadow {
         self.state.products.len() + self.cold.len()
     }
 
+    /// Pending reservations in the shadow (warm and cold).
+    pub fn reservations(&self) -> usize {
+        self.state.reservations.len() + self.cold_reservations.len()
+    }
+
     /// The full state the shadow stands for: every product decoded (tests).
     #[cfg(test)]
     pub fn to_state(&self) -> State {
         let mut state = self.state.clone();
         for bytes in self.cold.values() {
-            let product = decode(bytes);
+            let product: Product = decode(bytes);
             state.products.insert(product.sku.clone(), product);
+        }
+        for bytes in self.cold_reservations.values() {
+            let reservation: Reservation = decode(bytes);
+            state.reservations.insert(reservation.id, reservation);
         }
         state
     }
@@ -188,25 +263,40 @@ mod tests {
         let n = (WARM_MAX * 3) as u128;
         let mut records: Vec<Record> = (0..n).map(|i| created(&format!("S{i}"), 5)).collect();
         records.extend((0..n).map(|i| reserve(i, &format!("S{i}"))));
-        records.extend((0..n).step_by(7).map(|i| Record::ReservationCancelled {
-            id: Uuid::from_u128(i),
-            at: 30,
-            by: None,
+        // Then, long after they went cold, each hold one thing (or nothing) by i % 10;
+        // the products whose hold ended are deleted.
+        let id = Uuid::from_u128;
+        records.extend((0..n).filter_map(|i| match i % 10 {
+            0 => Some(Record::ReservationCancelled {
+                id: id(i),
+                at: 30,
+                by: None,
+            }),
+            1 => Some(Record::ReservationExtended {
+                id: id(i),
+                expires_at: 2_000,
+                at: 31,
+                by: None,
+            }),
+            2 => Some(Record::ReservationConfirmed {
+                id: id(i),
+                order_id: Some(format!("o-{i}")),
+                at: 32,
+                by: None,
+            }),
+            3 => Some(Record::ReservationExpired {
+                id: id(i),
+                at: 2_001,
+            }),
+            _ => None,
         }));
-        records.extend((0..n).step_by(5).map(|i| Record::ProductDeleted {
-            sku: format!("S{i}"),
-            at: 40,
-            by: None,
-        }));
-        // Deleting a product with reserved units is refused by the fold: keep the log
-        // valid by deleting only those with none.
-        records.retain(|r| match r {
-            Record::ProductDeleted { sku, .. } => {
-                let i: u128 = sku[1..].parse().unwrap();
-                i.is_multiple_of(7)
+        records.extend((0..n).filter(|i| matches!(i % 10, 0 | 2 | 3)).map(|i| {
+            Record::ProductDeleted {
+                sku: format!("S{i}"),
+                at: 40,
+                by: None,
             }
-            _ => true,
-        });
+        }));
         let mut full = State::default();
         let mut shadow = Shadow::of(&State::default());
         for (i, record) in records.iter().enumerate() {
@@ -215,12 +305,19 @@ mod tests {
             let got = shadow.project(seq, record).unwrap();
             assert_eq!(got, want, "record {seq}");
             assert!(shadow.state.products.len() <= WARM_MAX);
+            assert!(shadow.state.reservations.len() <= WARM_MAX);
         }
+        assert!(shadow.cold_reservations.len() > WARM_MAX, "holds went cold");
         assert_eq!(shadow.to_state(), comparable(full.clone()));
         assert_eq!(shadow.products(), full.products.len());
+        assert_eq!(
+            shadow.reservations(),
+            comparable(full.clone()).reservations.len()
+        );
         // A shadow built from a state (recovery's) starts cold and goes on the same way.
         let mut again = Shadow::of(&full);
         assert_eq!(again.state.products.len(), 0);
+        assert_eq!(again.state.reservations.len(), 0);
         let record = reserve(n + 1, "S1");
         let seq = records.len() as u64 + 1;
         let want = event::project(&mut full, seq, &record).unwrap();
