@@ -721,6 +721,47 @@ async fn a_restart_mid_delivery_neither_skips_nor_repeats_an_acknowledged_event(
 }
 
 #[tokio::test]
+async fn a_position_past_the_end_of_a_log_cut_short_goes_back_to_its_end() {
+    let s = start(fast).await;
+    let receiver = Receiver::start().await;
+    let hook = register(&s.client, json!({"url": receiver.url()})).await;
+    let id: uuid::Uuid = hook["id"].as_str().unwrap().parse().unwrap();
+    s.client.create_product("A", 1).await;
+    receiver.wait_acknowledged(1).await;
+    let (dir, clock) = {
+        let TestServer {
+            server, dir, clock, ..
+        } = s;
+        server.unwrap().shutdown().await.unwrap();
+        (dir, clock)
+    };
+    // As after --truncate-damaged-log: the endpoint was acknowledged events of records
+    // that are no longer in the log (here: a position far past its end).
+    {
+        let opened = stockd::webhooks::store::Store::open(&dir.path().join("data/webhooks"))
+            .expect("the webhooks' store opens");
+        let mut store = opened.store;
+        let past = stockd::feed::Position {
+            seq: 1_000,
+            index: u32::MAX,
+        };
+        store.record(id, past).unwrap();
+        store.to_sync().unwrap().map(|f| f.sync_all().unwrap());
+    }
+    let s = TestServer::start_tweaked(dir, clock, Durability::Sync, fast).await;
+    let view = s.client.get(&format!("/v1/webhooks/{id}")).await;
+    assert_eq!(view.status, 200, "{:?}", view.body);
+    // Back at the log's end (after record 1, nothing of record 2 yet): no id to show.
+    assert_eq!(view.body["position"], Value::Null, "{:?}", view.body);
+    // The next record, numbered 2, is delivered (not skipped as one before 1,000).
+    s.client.create_product("B", 1).await;
+    receiver.wait_acknowledged(2).await;
+    let ids = receiver.acknowledged_ids();
+    assert_eq!(ids, ["1", "2"]);
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn kill_9_neither_skips_nor_resends_an_acknowledged_event() {
     let dir = tempfile::tempdir().unwrap();
     let flags = ["--events", "on", "--webhook-timeout-ms", "30000"];

@@ -312,15 +312,34 @@ impl Webhooks {
                 failures: AtomicU64::new(0),
             }),
         };
+        // The feed ends here after recovery. A position past it means the log was cut
+        // short (`--truncate-damaged-log`) behind records already delivered: the records
+        // written from now on reuse those numbers, and an endpoint left past them would
+        // skip them. It starts again at the feed's end.
+        let through = webhooks.inner.feed.stats().through;
         for registration in opened.registrations {
-            let position = opened
-                .positions
-                .get(&registration.id)
-                .copied()
-                .unwrap_or(Position {
-                    seq: registration.started_after_seq,
+            let mut position =
+                opened
+                    .positions
+                    .get(&registration.id)
+                    .copied()
+                    .unwrap_or(Position {
+                        seq: registration.started_after_seq,
+                        index: u32::MAX,
+                    });
+            if position.seq > through {
+                tracing::warn!(
+                    endpoint = %registration.id,
+                    position = %position.id(),
+                    feed_through = through,
+                    "a webhook endpoint's position is past the end of the log (the log was \
+                     cut short): it goes on after the log's last record"
+                );
+                position = Position {
+                    seq: through,
                     index: u32::MAX,
-                });
+                };
+            }
             webhooks.add(registration, position);
         }
         let flusher = tokio::spawn(flush_positions(webhooks.inner.clone()));
