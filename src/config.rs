@@ -56,6 +56,9 @@ pub struct Config {
     /// `None` turns the feed off (`--events off`): no projector, no store, and
     /// `GET /v1/events` answers 404 `events_disabled`.
     pub events: Option<crate::feed::Retention>,
+    /// When webhook deliveries time out, are retried and given up (`--webhook-*`).
+    /// Webhooks need the change feed: with `events` off nothing is delivered.
+    pub webhooks: crate::webhooks::Schedule,
     /// Test hooks for snapshot writing.
     #[doc(hidden)]
     pub snapshot_hooks: WriteHooks,
@@ -87,6 +90,7 @@ impl Default for Config {
             // Off unless asked for: the feed's shadow copy of the products would take a
             // million-product catalogue past 1 GB (docs/PERFORMANCE.md).
             events: None,
+            webhooks: crate::webhooks::Schedule::default(),
             snapshot_hooks: WriteHooks::default(),
             log_segment_records: crate::storage::log::SEGMENT_RECORDS_DEFAULT,
             log_fail_from_seq: None,
@@ -110,6 +114,7 @@ impl std::fmt::Debug for Config {
             .field("admin_key", &self.admin_key)
             .field("snapshot_worker", &self.snapshot_worker)
             .field("events", &self.events)
+            .field("webhooks", &self.webhooks)
             .field("log_segment_records", &self.log_segment_records)
             .finish()
     }

@@ -17,7 +17,9 @@
 //!   reservation book it keeps (plain data), and the reservation being assembled.
 //! - `service`: the operations offered to HTTP, as async functions over the actors;
 //!   `keyring`: the API keys every request is checked against, created and revoked
-//!   through the log.
+//!   through the log; `webhooks`: the feed's events pushed to registered HTTP endpoints,
+//!   signed, one delivery task per endpoint, their registrations and positions under
+//!   `<data>/webhooks/`.
 //! - `http`: warp, routing, validation, problem+json, metrics.
 //! - `server`, `config`: start-up and graceful shutdown.
 //! - `cli`: the `stockd` command line.
@@ -40,6 +42,7 @@ pub mod memory;
 pub mod server;
 pub mod service;
 pub mod storage;
+pub mod webhooks;
 
 pub use config::{Config, Durability};
 pub use server::{start, Server, StartError};

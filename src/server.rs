@@ -72,6 +72,12 @@ pub enum StartError {
         path: String,
         source: std::io::Error,
     },
+    /// The webhooks' store cannot be opened.
+    #[error("cannot open the webhooks' store in {path}: {source}")]
+    Webhooks {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -114,6 +120,8 @@ pub struct Server {
     feed: Option<(Feed, Projector)>,
     /// Publishes this node's role to HTTP (always `Role::Single` for now).
     role: tokio::sync::watch::Sender<Role>,
+    /// Webhook deliveries (`None` with the feed off).
+    webhooks: Option<crate::webhooks::Webhooks>,
 }
 
 /// Creates the directory `path` (the `what`) if it is missing; refuses a path that is
@@ -291,7 +299,6 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     // state's conversion into the supervisor's routes) goes back to the OS now, before
     // serving, rather than by the allocator's delayed purge on a request thread.
     crate::memory::release_freed_memory();
-
     let listener = socket
         .listen(LISTEN_BACKLOG)
         .map_err(|source| StartError::Listen {
@@ -302,6 +309,23 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         addr: config.listen,
         source,
     })?;
+    // Webhooks deliver the feed's events: none without it.
+    let webhooks = match &feed {
+        Some((feed, _)) => {
+            let dir = config.data_dir.join("webhooks");
+            let started = crate::webhooks::Webhooks::start(
+                &dir,
+                feed.clone(),
+                log_handle.clone(),
+                config.webhooks,
+            );
+            Some(started.map_err(|source| StartError::Webhooks {
+                path: dir.display().to_string(),
+                source,
+            })?)
+        }
+        None => None,
+    };
     let (stop_http, stopped) = oneshot::channel::<()>();
     let keyring = std::sync::Arc::new(crate::keyring::Keyring::new(
         keys,
@@ -318,6 +342,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         config.customer_rate,
         role_rx,
         addr,
+        webhooks.clone(),
     ));
     let http = tokio::spawn(
         warp::serve(routes)
@@ -341,6 +366,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         writer,
         feed,
         role,
+        webhooks,
     })
 }
 
@@ -520,6 +546,11 @@ impl Server {
         if tokio::time::timeout(drain, &mut self.http).await.is_err() {
             tracing::warn!("requests still in flight after the drain timeout; closing");
             self.http.abort();
+        }
+        // Deliveries in flight are abandoned (sent again after the restart); positions
+        // are fsynced.
+        if let Some(webhooks) = self.webhooks.take() {
+            webhooks.shutdown().await;
         }
         let stop_timeout = Some(Duration::from_secs(5));
         let _ = crate::actors::ask(&self.supervisor, SupervisorMsg::PrepareShutdown).await;

@@ -257,8 +257,9 @@ struct ServeArgs {
     #[arg(long, env = "STOCKD_SNAPSHOT_WORKER", value_enum, default_value = "on")]
     snapshot_worker: OnOff,
     /// on: the change feed (GET /v1/events) follows the log and keeps its events in
-    /// DIR/events, at the cost of a second copy of the products in memory and ~6 % of the
-    /// server's CPU under load; off: no feed (GET /v1/events answers 404).
+    /// DIR/events, at the cost of a compact second copy of the products and pending holds
+    /// in memory (~140-250 bytes each) and a few per cent of the server's CPU under load;
+    /// off: no feed (GET /v1/events answers 404).
     #[arg(long, env = "STOCKD_EVENTS", value_enum, default_value = "off")]
     events: OnOff,
     /// How long the change feed keeps events, in seconds (whole segments go once older).
@@ -271,6 +272,28 @@ struct ServeArgs {
           default_value_t = crate::feed::EVENTS_MAX_BYTES_DEFAULT,
           value_parser = clap::value_parser!(u64).range(1024..))]
     events_max_bytes: u64,
+    /// Webhooks: every delivery's deadline (connect, send, answer), in milliseconds.
+    #[arg(long, env = "STOCKD_WEBHOOK_TIMEOUT_MS",
+          default_value_t = crate::webhooks::TIMEOUT_MS_DEFAULT,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    webhook_timeout_ms: u64,
+    /// Webhooks: the wait before the first retry of a failed delivery, in milliseconds;
+    /// it doubles with each failure (times a random 0.5 to 1), up to --webhook-retry-max-ms.
+    #[arg(long, env = "STOCKD_WEBHOOK_RETRY_INITIAL_MS",
+          default_value_t = crate::webhooks::RETRY_INITIAL_MS_DEFAULT,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    webhook_retry_initial_ms: u64,
+    /// Webhooks: the longest wait between two retries, in milliseconds.
+    #[arg(long, env = "STOCKD_WEBHOOK_RETRY_MAX_MS",
+          default_value_t = crate::webhooks::RETRY_MAX_MS_DEFAULT,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    webhook_retry_max_ms: u64,
+    /// Webhooks: an endpoint whose deliveries have failed for this many seconds is
+    /// disabled (until POST /v1/webhooks/{id}/enable).
+    #[arg(long, env = "STOCKD_WEBHOOK_GIVE_UP_SECONDS",
+          default_value_t = crate::webhooks::GIVE_UP_SECONDS_DEFAULT,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    webhook_give_up_seconds: u64,
     /// Test hook: pause this long while writing each snapshot file (to test crashes).
     #[arg(long, hide = true, env = "STOCKD_TEST_SNAPSHOT_PAUSE_MS")]
     test_snapshot_pause_ms: Option<u64>,

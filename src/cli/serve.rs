@@ -151,6 +151,12 @@ fn config(args: ServeArgs, snapshot_worker: Option<PathBuf>) -> Config {
             age: Duration::from_secs(args.events_retention_seconds),
             max_bytes: args.events_max_bytes,
         }),
+        webhooks: crate::webhooks::Schedule {
+            timeout: Duration::from_millis(args.webhook_timeout_ms),
+            retry_initial: Duration::from_millis(args.webhook_retry_initial_ms),
+            retry_max: Duration::from_millis(args.webhook_retry_max_ms),
+            give_up: Duration::from_secs(args.webhook_give_up_seconds),
+        },
         ..Config::default()
     }
 }

@@ -72,6 +72,9 @@ struct Shared {
     readers_dropped: AtomicU64,
     /// True once the server shuts down: live readers end their streams.
     closing: watch::Sender<bool>,
+    /// The store's `through` after each append: webhook deliveries wait on it when they
+    /// have caught up (a wake-up only; they read the events from the store).
+    appended: watch::Sender<u64>,
 }
 
 /// Figures for `/metrics`.
@@ -179,6 +182,7 @@ impl Feed {
         let synced = Arc::new(AtomicU64::new(store.through()));
         let (live, _) = broadcast::channel(LIVE_EVENTS_BUFFERED);
         let (closing, _) = watch::channel(false);
+        let (appended, _) = watch::channel(store.through());
         Feed {
             shared: Arc::new(Shared {
                 store: Mutex::new(store),
@@ -188,6 +192,7 @@ impl Feed {
                 readers: Arc::new(Semaphore::new(LIVE_READERS_MAX)),
                 readers_dropped: AtomicU64::new(0),
                 closing,
+                appended,
             }),
         }
     }
@@ -229,6 +234,11 @@ impl Feed {
             _permit: permit,
             feed: self.clone(),
         })
+    }
+
+    /// Changes each time events were appended (its value: the store's `through`).
+    pub fn appended(&self) -> watch::Receiver<u64> {
+        self.shared.appended.subscribe()
     }
 
     /// Ends every live reader's stream (shutdown).

@@ -276,6 +276,7 @@ fn publish(feed: &Feed, batch: &mut Vec<Stored>, through: u64) -> Result<(), Str
         // No reader connected is not an error.
         let _ = feed.shared.live.send(Arc::new(event));
     }
+    feed.shared.appended.send_replace(through);
     Ok(())
 }
 

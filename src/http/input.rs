@@ -399,6 +399,104 @@ pub fn create_key(body: &Value) -> Result<CreateKey> {
     Ok(CreateKey { name, scopes })
 }
 
+/// `POST /v1/webhooks` `{"url", "types"?, "skus"?}`: an absolute `http` or `https` URL
+/// with a host (no user name or password in it, no fragment), at most
+/// `webhooks::URL_CHARS_MAX` characters; `types` 1 to 12 distinct event types; `skus` 1 to
+/// `webhooks::SKUS_MAX` distinct SKUs. Each fault is a 422 naming its field.
+pub fn create_webhook(body: &Value) -> Result<crate::webhooks::NewEndpoint> {
+    use crate::feed::Kind;
+    use crate::webhooks::{NewEndpoint, SKUS_MAX, URL_CHARS_MAX};
+    let obj = Obj::new(body, "", &["url", "types", "skus"])?;
+    let raw = obj
+        .req("url")?
+        .as_str()
+        .ok_or_else(|| Problem::invalid("url", "url must be a string"))?;
+    let bad_url = |why: &str| Problem::invalid("url", format!("url {why}"));
+    if raw.chars().count() > URL_CHARS_MAX {
+        return Err(bad_url(&format!(
+            "must be at most {URL_CHARS_MAX} characters"
+        )));
+    }
+    let url = reqwest::Url::parse(raw)
+        .map_err(|e| bad_url(&format!("must be an absolute http or https URL ({e})")))?;
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(bad_url(&format!(
+            "must be an http or https URL, not {}:",
+            url.scheme()
+        )));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(bad_url("must name a host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(bad_url(
+            "must not carry a user name or password (the signature authenticates deliveries)",
+        ));
+    }
+    if url.fragment().is_some() {
+        return Err(bad_url("must not have a fragment (#...)"));
+    }
+    let list = |name: &str, max: usize| -> Result<Option<&Vec<Value>>> {
+        let Some(value) = obj.opt(name) else {
+            return Ok(None);
+        };
+        let items = value
+            .as_array()
+            .ok_or_else(|| Problem::invalid(name, format!("{name} must be an array")))?;
+        if items.is_empty() || items.len() > max {
+            return Err(Problem::invalid(
+                name,
+                format!("{name} must hold 1 to {max} values (leave it out for all)"),
+            ));
+        }
+        Ok(Some(items))
+    };
+    let types = match list("types", Kind::ALL.len())? {
+        None => None,
+        Some(items) => {
+            let allowed = Kind::ALL.map(Kind::as_str).join(", ");
+            let mut kinds = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                let field = format!("types[{i}]");
+                let kind = item.as_str().and_then(Kind::parse).ok_or_else(|| {
+                    Problem::invalid(field.clone(), format!("{field} must be one of {allowed}"))
+                })?;
+                if kinds.contains(&kind) {
+                    return Err(Problem::invalid(
+                        field.clone(),
+                        format!("{field}: {} appears more than once", kind.as_str()),
+                    ));
+                }
+                kinds.push(kind);
+            }
+            Some(kinds)
+        }
+    };
+    let skus = match list("skus", SKUS_MAX)? {
+        None => None,
+        Some(items) => {
+            let mut skus: Vec<String> = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                let field = format!("skus[{i}]");
+                let s = sku(item, &field)?;
+                if skus.contains(&s) {
+                    return Err(Problem::invalid(
+                        field.clone(),
+                        format!("{field}: {s} appears more than once"),
+                    ));
+                }
+                skus.push(s);
+            }
+            Some(skus)
+        }
+    };
+    Ok(NewEndpoint {
+        url: url.to_string(),
+        types,
+        skus,
+    })
+}
+
 /// `POST /v1/reservations`, the hottest request: a typed parse that borrows from the body,
 /// with the checks of `reserve`. Anything it does not accept, for whatever reason, goes
 /// through `reserve` on a `serde_json::Value`, which finds the exact error and names its

@@ -64,6 +64,8 @@ pub struct Figures<'a> {
     pub rate_limited: u64,
     /// The change feed's figures (`None`: `--events off`).
     pub feed: Option<crate::feed::FeedStats>,
+    /// Webhook figures (`None`: the change feed is off, so no webhooks).
+    pub webhooks: Option<crate::webhooks::WebhookStats>,
 }
 
 /// The Prometheus text exposition of `f`.
@@ -268,6 +270,56 @@ pub fn render(f: &Figures) -> String {
             family(name, kind, help, &[(String::new(), value)]);
         }
     }
+    if let Some(w) = &f.webhooks {
+        let figures = [
+            (
+                "stockd_webhook_endpoints",
+                "gauge",
+                "Webhook endpoints registered.",
+                w.endpoints as f64,
+            ),
+            (
+                "stockd_webhook_endpoints_failing",
+                "gauge",
+                "Webhook endpoints whose last delivery attempt failed (being retried).",
+                w.failing as f64,
+            ),
+            (
+                "stockd_webhook_endpoints_disabled",
+                "gauge",
+                "Webhook endpoints disabled (gave up after the retry period, or fell behind \
+                 the feed's retention) until enabled again.",
+                w.disabled as f64,
+            ),
+            (
+                "stockd_webhook_deliveries_total",
+                "counter",
+                "Webhook deliveries acknowledged with a 2xx.",
+                w.deliveries as f64,
+            ),
+            (
+                "stockd_webhook_delivery_failures_total",
+                "counter",
+                "Webhook delivery attempts that failed (not 2xx, no connection, timeout).",
+                w.failures as f64,
+            ),
+        ];
+        for (name, kind, help, value) in figures {
+            family(name, kind, help, &[(String::new(), value)]);
+        }
+        let lag: Vec<(String, f64)> = w
+            .lag
+            .iter()
+            .map(|(id, lag)| (format!("{{endpoint=\"{id}\"}}"), *lag as f64))
+            .collect();
+        family(
+            "stockd_webhook_lag_records",
+            "gauge",
+            "Per webhook endpoint: the log record of the feed's newest event minus that of \
+             the endpoint's position.",
+            &lag,
+        );
+    }
     out
 }
 
@@ -305,6 +357,14 @@ mod tests {
             stderr_lines_lost: 4,
             rate_limited: 5,
             feed: None,
+            webhooks: Some(crate::webhooks::WebhookStats {
+                endpoints: 2,
+                disabled: 1,
+                failing: 0,
+                deliveries: 9,
+                failures: 3,
+                lag: vec![("0193a4b2-7c1e-7d3a-9f10-2b3c4d5e6f70".into(), 12)],
+            }),
         });
         let mut helped = std::collections::HashSet::new();
         for line in text.lines() {
@@ -327,5 +387,10 @@ mod tests {
         assert!(text.contains("stockd_log_healthy 1\n"));
         assert!(text.contains("stockd_stderr_lines_lost_total 4\n"));
         assert!(text.contains("stockd_rate_limited_total 5\n"));
+        assert!(text.contains("stockd_webhook_endpoints_disabled 1\n"));
+        assert!(text.contains("stockd_webhook_deliveries_total 9\n"));
+        assert!(text.contains(
+            "stockd_webhook_lag_records{endpoint=\"0193a4b2-7c1e-7d3a-9f10-2b3c4d5e6f70\"} 12\n"
+        ));
     }
 }

@@ -6,6 +6,7 @@
 //! avoids backtracking through a chain of filters on every request.
 
 pub mod auth;
+pub mod dashboard;
 pub mod events;
 pub mod input;
 pub mod metrics;
@@ -13,6 +14,7 @@ pub mod problem;
 pub mod rate;
 pub mod router;
 pub mod views;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -49,6 +51,8 @@ pub struct App {
     pub role: watch::Receiver<Role>,
     /// The address this server's API is bound to, `HOST:PORT` (`GET /v1/cluster`).
     pub api_addr: String,
+    /// Webhook endpoints and their deliveries (`None`: the change feed is off).
+    pub webhooks: Option<crate::webhooks::Webhooks>,
 }
 
 impl App {
@@ -60,6 +64,7 @@ impl App {
         customer_rate: Option<rate::CustomerRate>,
         role: watch::Receiver<Role>,
         api_addr: std::net::SocketAddr,
+        webhooks: Option<crate::webhooks::Webhooks>,
     ) -> App {
         let customer_rate = customer_rate.map(|rate| {
             let limiter = Arc::new(rate::CustomerLimiter::new(rate));
@@ -78,6 +83,7 @@ impl App {
             keys,
             role,
             api_addr: api_addr.to_string(),
+            webhooks,
         }
     }
 

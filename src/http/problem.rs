@@ -78,6 +78,8 @@ impl Problem {
             "sale_ended" => "Sale ended",
             "events_gone" => "Events no longer kept",
             "events_disabled" => "Change feed off",
+            "webhook_not_found" => "Webhook not found",
+            "too_many_webhooks" => "Too many webhooks",
             // "internal_error", and any code without a title of its own (a test holds
             // every code the server answers to a title of its own).
             _ => "Internal server error",

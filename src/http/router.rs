@@ -20,6 +20,8 @@ type Reply = warp::reply::Response;
 type Result<T> = std::result::Result<T, Problem>;
 
 enum Endpoint {
+    Index,
+    Dashboard(&'static crate::http::dashboard::Asset),
     Health,
     Metrics,
     OpenApi,
@@ -41,6 +43,11 @@ enum Endpoint {
     RevokeKey(String),
     Events,
     Cluster,
+    CreateWebhook,
+    ListWebhooks,
+    GetWebhook(String),
+    DeleteWebhook(String),
+    EnableWebhook(String),
 }
 
 /// Every path the router answers, spelled as the OpenAPI document (`src/http/openapi.json`)
@@ -48,6 +55,10 @@ enum Endpoint {
 /// `Allow` values from here (`allow`, checked at compile time), and the router's tests hold
 /// the document to this table and to `route`, both ways.
 const ROUTES: &[(&str, &str)] = &[
+    ("/", "GET, HEAD"),
+    ("/dashboard", "GET, HEAD"),
+    ("/dashboard/app.js", "GET, HEAD"),
+    ("/dashboard/app.css", "GET, HEAD"),
     ("/health", "GET, HEAD"),
     ("/metrics", "GET, HEAD"),
     ("/openapi.json", "GET, HEAD"),
@@ -65,6 +76,9 @@ const ROUTES: &[(&str, &str)] = &[
     ("/v1/admin/keys/{id}", "DELETE"),
     ("/v1/events", "GET, HEAD"),
     ("/v1/cluster", "GET, HEAD"),
+    ("/v1/webhooks", "GET, HEAD, POST"),
+    ("/v1/webhooks/{id}", "GET, HEAD, DELETE"),
+    ("/v1/webhooks/{id}/enable", "POST"),
 ];
 
 /// The `Allow` value of a path template in `ROUTES`; used in `const` blocks, so that a
@@ -98,6 +112,7 @@ enum Route {
 }
 
 fn route(method: &Method, path: &str) -> Route {
+    use crate::http::dashboard::{PAGE, SCRIPT, STYLE};
     use Endpoint::*;
     let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
     let m = method;
@@ -110,6 +125,19 @@ fn route(method: &Method, path: &str) -> Route {
     // caches that probe with it.
     let read = m == Method::GET || m == Method::HEAD;
     match segments.as_slice() {
+        [""] => pick(const { allow("/") }, read.then_some(Index)),
+        ["dashboard"] => pick(
+            const { allow("/dashboard") },
+            read.then_some(Dashboard(&PAGE)),
+        ),
+        ["dashboard", "app.js"] => pick(
+            const { allow("/dashboard/app.js") },
+            read.then_some(Dashboard(&SCRIPT)),
+        ),
+        ["dashboard", "app.css"] => pick(
+            const { allow("/dashboard/app.css") },
+            read.then_some(Dashboard(&STYLE)),
+        ),
         ["health"] => pick(const { allow("/health") }, read.then_some(Health)),
         ["metrics"] => pick(const { allow("/metrics") }, read.then_some(Metrics)),
         ["openapi.json"] => pick(const { allow("/openapi.json") }, read.then_some(OpenApi)),
@@ -160,6 +188,26 @@ fn route(method: &Method, path: &str) -> Route {
         ),
         ["v1", "events"] => pick(const { allow("/v1/events") }, read.then_some(Events)),
         ["v1", "cluster"] => pick(const { allow("/v1/cluster") }, read.then_some(Cluster)),
+        ["v1", "webhooks"] => pick(
+            const { allow("/v1/webhooks") },
+            match *m {
+                Method::GET | Method::HEAD => Some(ListWebhooks),
+                Method::POST => Some(CreateWebhook),
+                _ => None,
+            },
+        ),
+        ["v1", "webhooks", id] if !id.is_empty() => pick(
+            const { allow("/v1/webhooks/{id}") },
+            match *m {
+                Method::GET | Method::HEAD => Some(GetWebhook(s(id))),
+                Method::DELETE => Some(DeleteWebhook(s(id))),
+                _ => None,
+            },
+        ),
+        ["v1", "webhooks", id, "enable"] if !id.is_empty() => pick(
+            const { allow("/v1/webhooks/{id}/enable") },
+            (m == Method::POST).then(|| EnableWebhook(s(id))),
+        ),
         ["v1", "reservations", id] if !id.is_empty() => pick(
             const { allow("/v1/reservations/{id}") },
             read.then(|| GetReservation(s(id))),
@@ -187,11 +235,12 @@ fn route(method: &Method, path: &str) -> Route {
 }
 
 /// The scope an endpoint needs (`None`: none, even with authentication on). An exhaustive
-/// match: a new endpoint does not compile until it is given one.
+/// match: a new endpoint does not compile until it is given one. The index and the
+/// dashboard's files hold no data: the page asks for a key before it reads any.
 fn scope(endpoint: &Endpoint) -> Option<Scope> {
     use Endpoint::*;
     match endpoint {
-        Health => None,
+        Health | Index | Dashboard(_) => None,
         Metrics | OpenApi | ListProducts | GetProduct(_) | GetReservation(_) | Events | Cluster => {
             Some(Scope::Read)
         }
@@ -200,6 +249,10 @@ fn scope(endpoint: &Endpoint) -> Option<Scope> {
             Some(Scope::Stock)
         }
         Snapshot | CreateKey | ListKeys | RevokeKey(_) => Some(Scope::Admin),
+        // Webhooks hold signing secrets and make the server call out: admin, reads too.
+        CreateWebhook | ListWebhooks | GetWebhook(_) | DeleteWebhook(_) | EnableWebhook(_) => {
+            Some(Scope::Admin)
+        }
     }
 }
 
@@ -278,11 +331,17 @@ async fn run(app: &Arc<App>, endpoint: Endpoint, request: Request, caller: Calle
 }
 
 /// Whether a node in `role` refuses `endpoint`: only a node that serves (a single node, a
-/// ready leader) answers application requests; `/health`, `/metrics`, the OpenAPI document
-/// and `GET /v1/cluster` are answered by every node (docs/REPLICATION.md, "HTTP surface").
+/// ready leader) answers application requests; `/health`, `/metrics`, the OpenAPI document,
+/// `GET /v1/cluster` and the dashboard's static page and assets are answered by every node
+/// (docs/REPLICATION.md, "HTTP surface").
 fn refused_in(role: Role, endpoint: &Endpoint) -> Option<Problem> {
     use Endpoint::*;
-    if role.serves() || matches!(endpoint, Health | Metrics | OpenApi | Cluster) {
+    if role.serves()
+        || matches!(
+            endpoint,
+            Health | Index | Dashboard(_) | Metrics | OpenApi | Cluster
+        )
+    {
         return None;
     }
     Some(
@@ -312,7 +371,9 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
     // (docs/API.md says which). The OpenAPI document is a read too: it needs no log.
     let read = matches!(
         endpoint,
-        Metrics
+        Index
+            | Dashboard(_)
+            | Metrics
             | OpenApi
             | GetProduct(_)
             | ListProducts
@@ -320,6 +381,8 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
             | ListKeys
             | Events
             | Cluster
+            | ListWebhooks
+            | GetWebhook(_)
     );
     if !read && !svc.log_healthy() {
         return Err(Problem::new(
@@ -346,6 +409,8 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
                 svc.newest_snapshot_seq(),
             ),
         )),
+        Index => Ok(crate::http::dashboard::index(&req.headers)),
+        Dashboard(asset) => Ok(crate::http::dashboard::asset(asset, &req.headers)),
         Metrics => metrics(app).await,
         OpenApi => {
             let mut reply = Response::new(OPENAPI.into());
@@ -417,6 +482,59 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
         }
         GetReservation(id) => reservation(&svc.get_reservation(reservation_id(&id)?).await?),
         Events => crate::http::events::serve(svc.feed(), &req.query, &req.headers).await,
+        CreateWebhook => {
+            let hooks = crate::http::webhooks::enabled(app)?;
+            let new = input::create_webhook(&input::required(body()?)?)?;
+            let view = hooks
+                .register(new)
+                .await
+                .map_err(crate::http::webhooks::problem(""))?;
+            let mut reply = json(StatusCode::CREATED, &view);
+            set(
+                &mut reply,
+                header::LOCATION,
+                &format!("/v1/webhooks/{}", view.id),
+            );
+            Ok(reply)
+        }
+        ListWebhooks => {
+            let hooks = crate::http::webhooks::enabled(app)?;
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "items": hooks.list() }),
+            ))
+        }
+        GetWebhook(id) => {
+            let hooks = crate::http::webhooks::enabled(app)?;
+            let view = hooks
+                .show(crate::http::webhooks::id(&id)?)
+                .map_err(crate::http::webhooks::problem(&id))?;
+            Ok(json(StatusCode::OK, &view))
+        }
+        DeleteWebhook(id) => {
+            let hooks = crate::http::webhooks::enabled(app)?;
+            hooks
+                .delete(crate::http::webhooks::id(&id)?)
+                .await
+                .map_err(crate::http::webhooks::problem(&id))?;
+            let mut reply = Response::new(Vec::new().into());
+            *reply.status_mut() = StatusCode::NO_CONTENT;
+            Ok(reply)
+        }
+        EnableWebhook(id) => {
+            let hooks = crate::http::webhooks::enabled(app)?;
+            let uuid = crate::http::webhooks::id(&id)?;
+            if let Some(value) = body()? {
+                if value.as_object().is_none_or(|o| !o.is_empty()) {
+                    return Err(Problem::invalid("body", "enable takes no body"));
+                }
+            }
+            let view = hooks
+                .enable(uuid)
+                .await
+                .map_err(crate::http::webhooks::problem(&id))?;
+            Ok(json(StatusCode::OK, &view))
+        }
         Snapshot => {
             if let Some(value) = body()? {
                 if value.as_object().is_none_or(|o| !o.is_empty()) {
@@ -523,6 +641,7 @@ async fn metrics(app: &App) -> Result<Reply> {
         stderr_lines_lost: crate::logging::lines_lost(),
         rate_limited: app.customer_rate.as_ref().map_or(0, |l| l.refused()),
         feed: svc.feed().map(crate::feed::Feed::stats),
+        webhooks: app.webhooks.as_ref().map(crate::webhooks::Webhooks::stats),
     });
     let mut reply = Response::new(text.into());
     reply.headers_mut().insert(
@@ -598,6 +717,8 @@ mod tests {
     fn template(endpoint: &Endpoint) -> &'static str {
         use Endpoint::*;
         match endpoint {
+            Index => "/",
+            Dashboard(asset) => asset.path,
             Health => "/health",
             Metrics => "/metrics",
             OpenApi => "/openapi.json",
@@ -615,15 +736,28 @@ mod tests {
             RevokeKey(_) => "/v1/admin/keys/{id}",
             Events => "/v1/events",
             Cluster => "/v1/cluster",
+            CreateWebhook | ListWebhooks => "/v1/webhooks",
+            GetWebhook(_) | DeleteWebhook(_) => "/v1/webhooks/{id}",
+            EnableWebhook(_) => "/v1/webhooks/{id}/enable",
         }
     }
 
-    /// Every node answers `/health`, `/metrics`, the document and `GET /v1/cluster`; only a
+    /// Every node answers `/health`, `/metrics`, the document, `GET /v1/cluster` and the
+    /// dashboard's static files; only a
     /// single node or a ready leader answers the rest, and the others refuse it with 503
     /// and `Retry-After` (never a 404 or 405: the route exists).
     #[test]
     fn only_a_serving_role_answers_application_requests() {
-        let everywhere = ["/health", "/metrics", "/openapi.json", "/v1/cluster"];
+        let everywhere = [
+            "/health",
+            "/metrics",
+            "/openapi.json",
+            "/v1/cluster",
+            "/",
+            "/dashboard",
+            "/dashboard/app.js",
+            "/dashboard/app.css",
+        ];
         let roles = [
             Role::Single,
             Role::Leader { ready: true },
@@ -750,9 +884,10 @@ mod tests {
         }
     }
 
-    /// The scope of every route and method, by the rule docs/API.md states: `/health`
-    /// none; `/v1/admin/...` admin; any other GET or HEAD read; changes to reservations
-    /// reserve; changes to products stock.
+    /// The scope of every route and method, by the rule docs/API.md states: `/health`,
+    /// `/` and the dashboard's files none; `/v1/admin/...` and `/v1/webhooks...` admin;
+    /// any other GET or HEAD read; changes to reservations reserve; changes to products
+    /// stock.
     #[test]
     fn every_route_needs_the_scope_of_its_kind() {
         let mut checked = 0;
@@ -763,24 +898,25 @@ mod tests {
                     panic!("{method} {path}: not routed");
                 };
                 let read = method == "GET" || method == "HEAD";
-                let expected = if *path == "/health" {
-                    None
-                } else if path.starts_with("/v1/admin/") {
-                    Some(Scope::Admin)
-                } else if read {
-                    Some(Scope::Read)
-                } else if path.starts_with("/v1/reservations") {
-                    Some(Scope::Reserve)
-                } else if path.starts_with("/v1/products") {
-                    Some(Scope::Stock)
-                } else {
-                    panic!("{method} {path}: no rule gives it a scope")
-                };
+                let expected =
+                    if *path == "/health" || *path == "/" || path.starts_with("/dashboard") {
+                        None
+                    } else if path.starts_with("/v1/admin/") || path.starts_with("/v1/webhooks") {
+                        Some(Scope::Admin)
+                    } else if read {
+                        Some(Scope::Read)
+                    } else if path.starts_with("/v1/reservations") {
+                        Some(Scope::Reserve)
+                    } else if path.starts_with("/v1/products") {
+                        Some(Scope::Stock)
+                    } else {
+                        panic!("{method} {path}: no rule gives it a scope")
+                    };
                 assert_eq!(scope(&endpoint), expected, "{method} {path}");
                 checked += 1;
             }
         }
-        assert_eq!(checked, 30);
+        assert_eq!(checked, 45);
     }
 
     /// Each documented operation's `security` names the scope the router asks for (as
