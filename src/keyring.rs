@@ -26,9 +26,9 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::clock::{Millis, SharedClock};
+use crate::cluster::Journal;
 pub use crate::domain::key::{ApiKey, KeyId, Scope};
 use crate::error::{Error, Result};
-use crate::storage::log::LogHandle;
 use crate::storage::record::Record;
 
 /// The bootstrap key's id (the nil UUID): what `by` names for its changes.
@@ -165,7 +165,7 @@ pub struct Keyring {
     enforced: AtomicBool,
     /// Held while a change is logged and applied: one change at a time.
     changes: tokio::sync::Mutex<()>,
-    log: LogHandle,
+    log: Journal,
     clock: SharedClock,
 }
 
@@ -174,7 +174,7 @@ impl Keyring {
     pub fn new(
         keys: impl IntoIterator<Item = ApiKey>,
         bootstrap: Option<&AdminKey>,
-        log: LogHandle,
+        log: impl Into<Journal>,
         clock: SharedClock,
     ) -> Keyring {
         let mut table = Table::default();
@@ -185,7 +185,7 @@ impl Keyring {
             bootstrap: bootstrap.map(|k| secret_hash(k.secret().as_bytes())),
             enforced: AtomicBool::new(enforced),
             changes: tokio::sync::Mutex::new(()),
-            log,
+            log: log.into(),
             clock,
         }
     }

@@ -10,6 +10,9 @@
 //!   the snapshotter and the snapshot worker.
 //! - `feed`: the change feed (`GET /v1/events`): events derived from the log by a
 //!   projector thread, their store under `<data>/events/`, live readers.
+//! - `cluster`: the seams of replication (docs/REPLICATION.md): the `Journal` every change
+//!   is appended through (today the local log), the node's `Role` and `GET /v1/cluster`'s
+//!   status.
 //! - `actors` (and `error`): one actor per product, the supervisor that routes by SKU, the
 //!   reservation book it keeps (plain data), and the reservation being assembled.
 //! - `service`: the operations offered to HTTP, as async functions over the actors;
@@ -26,6 +29,7 @@
 pub mod actors;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod domain;
 pub mod error;

@@ -13,6 +13,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::actors::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
+use crate::cluster::{Journal, Role};
 use crate::config::{Config, Durability};
 use crate::feed::{Catchup, Feed, Projector, Shadow};
 use crate::service::Service;
@@ -117,6 +118,8 @@ pub struct Server {
     writer: std::thread::JoinHandle<()>,
     /// The change feed and its projector (`None`: `--events off`).
     feed: Option<(Feed, Projector)>,
+    /// Publishes this node's role to HTTP (always `Role::Single` for now).
+    role: tokio::sync::watch::Sender<Role>,
     /// Webhook deliveries (`None` with the feed off).
     webhooks: Option<crate::webhooks::Webhooks>,
 }
@@ -266,8 +269,11 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         );
         (feed, projector)
     });
+    // What the supervisor, the actors, the service and the keyring append through: on a
+    // single node, the local log.
+    let journal = Journal::Local(log_handle.clone());
     let supervisor = Supervisor {
-        log: log_handle.clone(),
+        log: journal.clone(),
         clock: config.clock.clone(),
         snapshotter: snapshotter.clone(),
         passivate_after: config.passivate_after,
@@ -281,7 +287,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         .map_err(|e| StartError::Actors(e.to_string()))?;
     let service = Service {
         supervisor: supervisor.clone(),
-        log: log_handle.clone(),
+        log: journal.clone(),
         durability: config.durability,
         default_ttl_seconds: config.default_ttl_seconds,
         snapshotter: snapshotter.clone(),
@@ -324,14 +330,18 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     let keyring = std::sync::Arc::new(crate::keyring::Keyring::new(
         keys,
         config.admin_key.as_ref(),
-        log_handle.clone(),
+        journal,
         config.clock.clone(),
     ));
     announce_authentication(&keyring, addr);
+    // A single node's role never changes; the sender lives as long as the server.
+    let (role, role_rx) = tokio::sync::watch::channel(Role::Single);
     let routes = crate::http::routes(crate::http::App::new(
         service.clone(),
         keyring,
         config.customer_rate,
+        role_rx,
+        addr,
         webhooks.clone(),
     ));
     let http = tokio::spawn(
@@ -355,6 +365,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         http,
         writer,
         feed,
+        role,
         webhooks,
     })
 }
@@ -514,6 +525,11 @@ impl Server {
 
     pub fn service(&self) -> &Service {
         &self.service
+    }
+
+    /// This node's role in its cluster, as HTTP sees it (`Role::Single` without one).
+    pub fn role(&self) -> Role {
+        *self.role.borrow()
     }
 
     /// Graceful shutdown: drain HTTP, stop the actors, flush the log.

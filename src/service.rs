@@ -15,10 +15,11 @@ use crate::actors::assembly::{NewReservation, Reserved};
 use crate::actors::product::{Change, IfMatch, ProductMsg};
 use crate::actors::supervisor::{Listed, Stats, SupervisorMsg};
 use crate::actors::{ask, AskError};
+use crate::cluster::Journal;
 pub use crate::domain::NewProduct;
 use crate::domain::{KeyId, Line, Product, Reservation};
 use crate::error::{Error, Result};
-use crate::storage::log::{LogHandle, Ticket};
+use crate::storage::log::Ticket;
 use crate::storage::record::IdempotencyKey;
 use crate::storage::snapshotter::{Priority, Snapshotter, Taken};
 use crate::storage::Durability;
@@ -51,7 +52,7 @@ impl ReserveRequest {
 #[derive(Clone)]
 pub struct Service {
     pub(crate) supervisor: ActorRef<SupervisorMsg>,
-    pub(crate) log: LogHandle,
+    pub(crate) log: Journal,
     pub(crate) durability: Durability,
     pub(crate) default_ttl_seconds: u64,
     pub(crate) snapshotter: Snapshotter,
@@ -296,6 +297,11 @@ impl Service {
         self.feed.as_ref()
     }
 
+    /// What changes are appended through (the local log, on a single node).
+    pub fn journal(&self) -> &Journal {
+        &self.log
+    }
+
     /// Whether the log still accepts writes.
     pub fn log_healthy(&self) -> bool {
         self.log.is_healthy()
@@ -303,7 +309,7 @@ impl Service {
 
     /// The write-ahead log's figures since start.
     pub fn log_stats(&self) -> crate::storage::log::LogStats {
-        self.log.stats()
+        self.log.log_stats()
     }
 
     /// The log sequence number the newest snapshot covers (0: none yet).

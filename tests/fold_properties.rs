@@ -6,14 +6,16 @@
 //! oversell: 0 <= reserved <= on_hand) and the fold agrees with the model, per-buyer
 //! purchase-limit counts included. At the end, every prefix of the produced log folds to a
 //! valid state in which no counted hold took its customer past the limit in force, and
-//! every record survives the codec.
+//! every record survives the codec. Records proposed by successive leaders, some refused by
+//! the engine, fold entry by entry through the epoch chain to each epoch's accepted prefix.
 
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use stockd::domain::{Line, LineSet, RulesPatch, Status};
 use stockd::limits::STOCK_MAX;
-use stockd::storage::fold::{apply, State};
+use stockd::storage::entry::{Entry, Epoch, LogPos, Membership, NodeAddr, Outcome, Payload};
+use stockd::storage::fold::{apply, apply_entry, State};
 use stockd::storage::record::{decode, encode, Record};
 use uuid::Uuid;
 
@@ -98,7 +100,7 @@ struct ModelRules {
 }
 
 /// The reference model: counters and statuses, nothing else.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Model {
     /// sku → (on_hand, reserved, sold)
     stock: BTreeMap<&'static str, (u64, u64, u64)>,
@@ -380,6 +382,130 @@ proptest! {
             state.reservations.values().filter(|r| r.status == Status::Pending).count(),
             pending
         );
+    }
+}
+
+/// One leader's turn in `the_epoch_chain_folds_each_epochs_accepted_prefix`: whether it
+/// starts a new term (else a fresh start in the same term), and its ops, each with a roll
+/// deciding whether the engine refuses its proposal and one deciding what entry follows.
+type Turn = (bool, Vec<(Op, u8, u8)>);
+
+fn turn() -> impl Strategy<Value = Turn> {
+    (
+        any::<bool>(),
+        prop::collection::vec((op(), 0..100u8, 0..100u8), 0..30),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(192))]
+
+    /// docs/REPLICATION.md, "The epoch chain": each leader decides records on the state
+    /// folded so far (the reference model), numbering its proposals 1, 2, 3… within its
+    /// epoch; the engine refuses some (they never reach the log), and blanks, membership
+    /// changes and stale proposals of earlier terms come between. Folding the log entry by
+    /// entry with `apply_entry` applies exactly each epoch's proposals before its first
+    /// refusal and skips every other, so that after every entry the state never oversells
+    /// and no counted hold is above its limit, after each epoch it equals the plain fold of
+    /// the accepted records, and the clock floor is the newest decision applied.
+    #[test]
+    fn the_epoch_chain_folds_each_epochs_accepted_prefix(
+        turns in prop::collection::vec(turn(), 1..6)
+    ) {
+        let mut accepted = Model::default();
+        let mut reference = State::default();
+        let mut state = State::default();
+        let mut epoch = Epoch { term: 0, k: 0 };
+        let mut seq = 0u64;
+        let mut at = 1_000i64;
+        let mut newest_applied_at = 0i64;
+        // Proposals logged in earlier terms: replayed later as stale entries.
+        let mut logged: Vec<(Epoch, u64, Record)> = Vec::new();
+        for (new_term, steps) in turns {
+            epoch = if new_term || epoch.term == 0 {
+                Epoch { term: epoch.term + 1, k: 0 }
+            } else {
+                Epoch { term: epoch.term, k: epoch.k + 1 }
+            };
+            let mut leader = accepted.clone();
+            // A new leadership's first entry is the engine's blank.
+            let mut entries = vec![(Payload::Blank, Outcome::Applied)];
+            let mut n = 0;
+            let mut refused = false;
+            let earlier_terms = logged.iter().filter(|(e, ..)| e.term < epoch.term).count();
+            for (op, refuse, then) in &steps {
+                at += 1;
+                let Some(record) = leader.step(op, at) else { continue };
+                n += 1;
+                if *refuse < 12 {
+                    // Refused by the engine: never in the log; the chain breaks here.
+                    refused = true;
+                    continue;
+                }
+                let outcome = if refused {
+                    Outcome::Skipped
+                } else {
+                    accepted = leader.clone();
+                    apply(&mut reference, &record).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    newest_applied_at = newest_applied_at.max(record.at());
+                    Outcome::Applied
+                };
+                logged.push((epoch, n, record.clone()));
+                entries.push((Payload::Normal { epoch, n, record }, outcome));
+                match then {
+                    0..=7 => entries.push((Payload::Blank, Outcome::Applied)),
+                    8..=11 => entries.push((Payload::Membership(membership(*then)), Outcome::Applied)),
+                    12..=17 if earlier_terms > 0 => {
+                        let (e, n, record) = logged[*then as usize % earlier_terms].clone();
+                        entries.push((Payload::Normal { epoch: e, n, record }, Outcome::Skipped));
+                    }
+                    _ => {}
+                }
+            }
+            for (payload, expected) in entries {
+                seq += 1;
+                let pos = LogPos { term: epoch.term, seq };
+                let record = match &payload {
+                    Payload::Normal { record, .. } => Some(record.clone()),
+                    _ => None,
+                };
+                let outcome = apply_entry(&mut state, Entry { pos, payload })
+                    .map_err(|e| TestCaseError::fail(format!("entry {seq}: {e}")))?;
+                prop_assert_eq!(outcome, expected, "entry {}", seq);
+                prop_assert!(state.invariant_holds(), "oversold after entry {}", seq);
+                let raft = state.raft.as_ref().expect("raft metadata");
+                prop_assert_eq!(raft.last_applied, Some(pos));
+                if let (Outcome::Applied, Some(Record::ReservationCreated { customer_id, items, .. })) = (outcome, &record) {
+                    for line in items {
+                        let p = &state.products[&line.sku];
+                        if let Some(limit) = p.rules.max_per_customer {
+                            prop_assert!(p.buyers.held(customer_id) <= limit, "over the limit at entry {}", seq);
+                        }
+                    }
+                }
+            }
+            let raft = state.raft.clone().expect("raft metadata");
+            prop_assert_eq!(raft.clock_floor, newest_applied_at);
+            let folded = State { raft: None, ..state.clone() };
+            prop_assert!(folded == reference, "the fold of the log equals the accepted records' after term {}", epoch.term);
+        }
+    }
+}
+
+fn membership(roll: u8) -> Membership {
+    let voters: std::collections::BTreeSet<u64> = (1..=3 + u64::from(roll % 2) * 2).collect();
+    Membership {
+        configs: vec![voters.clone()],
+        nodes: voters
+            .iter()
+            .map(|id| {
+                let addr = NodeAddr {
+                    api: format!("127.0.0.1:{}", 8000 + id),
+                    raft: format!("127.0.0.1:{}", 9000 + id),
+                };
+                (*id, addr)
+            })
+            .collect(),
     }
 }
 

@@ -15,7 +15,7 @@ async fn health_and_unknown_routes() {
     let c = &t.client;
     let a = c.get("/health").await;
     assert_eq!(a.status, 200);
-    assert_eq!(a.body, json!({"status": "ok"}));
+    assert_eq!(a.body, json!({"status": "ok", "role": "single"}));
     c.get("/nope").await.assert_problem(404, "not_found");
     c.get("/v1/products/A/nope")
         .await
@@ -41,6 +41,77 @@ async fn health_and_unknown_routes() {
     assert_eq!(a.body, Value::Null);
     assert_eq!(a.header("content-type"), Some("application/json"));
     t.stop().await;
+}
+
+/// `GET /v1/cluster` on a server without a cluster: node 1, role `single`, itself as the
+/// only member and the leader, and one position for last, durable, committed and applied,
+/// which follows the log; the newest snapshot's sequence; HEAD, 405, and still answered
+/// once the log has failed (a read, like `/metrics`).
+#[tokio::test]
+async fn get_v1_cluster_describes_a_single_node() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    let positions = |body: &Value| {
+        ["last_seq", "durable_seq", "committed_seq", "applied_seq"]
+            .map(|k| body[k].as_u64().unwrap_or_else(|| panic!("{k}: {body}")))
+    };
+    let a = c.get("/v1/cluster").await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.header("content-type"), Some("application/json"));
+    let api = c.base.strip_prefix("http://").unwrap();
+    assert_eq!(
+        a.body,
+        json!({
+            "node_id": 1,
+            "role": "single",
+            "term": 0,
+            "leader": 1,
+            "members": [{"id": 1, "api": api, "raft": null, "voter": true}],
+            "last_seq": 0,
+            "durable_seq": 0,
+            "committed_seq": 0,
+            "applied_seq": 0,
+            "snapshot_seq": 0,
+        })
+    );
+    // Each acknowledged change (sync) moves every position to its record.
+    c.create_product("A", 5).await;
+    c.reserve("u", "A", 2).await;
+    assert_eq!(positions(&c.get("/v1/cluster").await.body), [2; 4]);
+    let snap = c.post("/v1/admin/snapshot", json!({})).await;
+    assert_eq!(snap.status, 201, "{:?}", snap.body);
+    let a = c.get("/v1/cluster").await;
+    assert_eq!(a.body["snapshot_seq"], snap.body["sequence"]);
+    assert_eq!(a.body["snapshot_seq"], 2);
+    let a = c
+        .send(Method::HEAD, "/v1/cluster", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body, Value::Null);
+    let a = c
+        .send(Method::POST, "/v1/cluster", Some("{}"), &[])
+        .await
+        .unwrap();
+    a.assert_problem(405, "method_not_allowed");
+    assert_eq!(a.header("allow"), Some("GET, HEAD"));
+    t.service().inject_log_failure();
+    c.post("/v1/products", json!({"sku": "B", "name": "b"}))
+        .await
+        .assert_problem(503, "unavailable");
+    c.get("/health").await.assert_problem(503, "unavailable");
+    let a = c.get("/v1/cluster").await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.body["role"], "single");
+    assert_eq!(
+        positions(&a.body),
+        [2; 4],
+        "the refused record is not durable"
+    );
+    assert!(
+        t.shutdown().await.is_err(),
+        "shutdown reports the failed log"
+    );
 }
 
 #[tokio::test]

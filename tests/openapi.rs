@@ -139,6 +139,7 @@ async fn answers_fit_the_documented_schemas() {
         .await;
     check("Reservation", &a.body);
     check("Health", &c.get("/health").await.body);
+    check("Cluster", &c.get("/v1/cluster").await.body);
     let a = c.reserve("u", "A", 9).await;
     a.assert_problem(409, "insufficient_stock");
     check("Problem.insufficient_stock", &a.body);

@@ -22,10 +22,11 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use crate::actors::assembly::Assembly;
 use crate::actors::supervisor::SupervisorMsg;
 use crate::clock::{Millis, SharedClock};
+use crate::cluster::Journal;
 use crate::domain::{HoldError, KeyId, Price, Product, RulesPatch, StockError};
 use crate::error::Error;
 use crate::limits::RETIRE_GRACE_MS;
-use crate::storage::log::{LogHandle, Ticket};
+use crate::storage::log::Ticket;
 use crate::storage::record::Record;
 
 /// A change to a product that the product actor decides and logs itself.
@@ -173,7 +174,7 @@ impl ProductMsg {
 }
 
 pub struct ProductActor {
-    pub log: LogHandle,
+    pub log: Journal,
     pub clock: SharedClock,
     pub supervisor: ActorRef<SupervisorMsg>,
 }

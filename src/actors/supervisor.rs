@@ -61,6 +61,7 @@ use crate::actors::reservations::{
 };
 use crate::actors::routes::Routes;
 use crate::clock::{Millis, SharedClock};
+use crate::cluster::Journal;
 use crate::domain::{KeyId, Line, LineSet, NewProduct, Product, Reservation};
 use crate::error::Error;
 use crate::limits::{
@@ -72,7 +73,7 @@ use crate::memory::{
     return_freed_pages_at_once,
 };
 use crate::storage::fold::State;
-use crate::storage::log::{LogHandle, Ticket};
+use crate::storage::log::Ticket;
 use crate::storage::record::{IdempotencyKey, Record};
 use crate::storage::snapshotter::{Snapshotter, TakeError};
 
@@ -219,7 +220,7 @@ pub struct Stats {
 }
 
 pub struct Supervisor {
-    pub log: LogHandle,
+    pub log: Journal,
     pub clock: SharedClock,
     /// Rebuilds failed products (the newest snapshot plus the log).
     pub snapshotter: Snapshotter,
@@ -287,6 +288,7 @@ impl Actor for Supervisor {
             reservations,
             idempotency,
             keys: _,
+            raft: _,
         } = args.state;
         let now = self.clock.now_ms();
         let _ = myself;

@@ -121,6 +121,8 @@ impl Shadow {
                 reservations: Default::default(),
                 idempotency: Default::default(),
                 keys: state.keys.clone(),
+                // The feed folds records, never Raft entries (storage::entry).
+                raft: None,
             },
             cold,
             cold_reservations,

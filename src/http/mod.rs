@@ -20,10 +20,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use warp::http::{HeaderMap, Method};
 use warp::Filter;
 
+use crate::cluster::Role;
 use crate::keyring::Keyring;
 use crate::limits::{REQUESTS_IN_FLIGHT_MAX, REQUEST_BODY_BYTES_MAX, SCRAPES_IN_FLIGHT_MAX};
 use crate::service::Service;
@@ -45,6 +46,11 @@ pub struct App {
     pub customer_rate: Option<Arc<rate::CustomerLimiter>>,
     /// The API keys requests are checked against (`crate::keyring`).
     pub keys: Arc<Keyring>,
+    /// This node's role in its cluster (always `Role::Single` for now): only a node that
+    /// serves answers application requests.
+    pub role: watch::Receiver<Role>,
+    /// The address this server's API is bound to, `HOST:PORT` (`GET /v1/cluster`).
+    pub api_addr: String,
     /// Webhook endpoints and their deliveries (`None`: the change feed is off).
     pub webhooks: Option<crate::webhooks::Webhooks>,
 }
@@ -56,6 +62,8 @@ impl App {
         service: Service,
         keys: Arc<Keyring>,
         customer_rate: Option<rate::CustomerRate>,
+        role: watch::Receiver<Role>,
+        api_addr: std::net::SocketAddr,
         webhooks: Option<crate::webhooks::Webhooks>,
     ) -> App {
         let customer_rate = customer_rate.map(|rate| {
@@ -73,6 +81,8 @@ impl App {
                 .map_or(0.0, |d| d.as_secs_f64()),
             customer_rate,
             keys,
+            role,
+            api_addr: api_addr.to_string(),
             webhooks,
         }
     }

@@ -8,6 +8,7 @@ use serde_json::Value;
 use uuid::Uuid;
 use warp::http::{header, HeaderValue, Method, Response, StatusCode};
 
+use crate::cluster::Role;
 use crate::domain::{KeyId, Product, Reservation};
 use crate::http::input;
 use crate::http::problem::Problem;
@@ -41,6 +42,7 @@ enum Endpoint {
     ListKeys,
     RevokeKey(String),
     Events,
+    Cluster,
     CreateWebhook,
     ListWebhooks,
     GetWebhook(String),
@@ -73,6 +75,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("/v1/admin/keys", "GET, HEAD, POST"),
     ("/v1/admin/keys/{id}", "DELETE"),
     ("/v1/events", "GET, HEAD"),
+    ("/v1/cluster", "GET, HEAD"),
     ("/v1/webhooks", "GET, HEAD, POST"),
     ("/v1/webhooks/{id}", "GET, HEAD, DELETE"),
     ("/v1/webhooks/{id}/enable", "POST"),
@@ -184,6 +187,7 @@ fn route(method: &Method, path: &str) -> Route {
             (m == Method::DELETE).then(|| RevokeKey(s(id))),
         ),
         ["v1", "events"] => pick(const { allow("/v1/events") }, read.then_some(Events)),
+        ["v1", "cluster"] => pick(const { allow("/v1/cluster") }, read.then_some(Cluster)),
         ["v1", "webhooks"] => pick(
             const { allow("/v1/webhooks") },
             match *m {
@@ -237,7 +241,7 @@ fn scope(endpoint: &Endpoint) -> Option<Scope> {
     use Endpoint::*;
     match endpoint {
         Health | Index | Dashboard(_) => None,
-        Metrics | OpenApi | ListProducts | GetProduct(_) | GetReservation(_) | Events => {
+        Metrics | OpenApi | ListProducts | GetProduct(_) | GetReservation(_) | Events | Cluster => {
             Some(Scope::Read)
         }
         Reserve | Confirm(_) | Cancel(_) | Extend(_) => Some(Scope::Reserve),
@@ -326,9 +330,41 @@ async fn run(app: &Arc<App>, endpoint: Endpoint, request: Request, caller: Calle
     }
 }
 
+/// Whether a node in `role` refuses `endpoint`: only a node that serves (a single node, a
+/// ready leader) answers application requests; `/health`, `/metrics`, the OpenAPI document,
+/// `GET /v1/cluster` and the dashboard's static page and assets are answered by every node
+/// (docs/REPLICATION.md, "HTTP surface").
+fn refused_in(role: Role, endpoint: &Endpoint) -> Option<Problem> {
+    use Endpoint::*;
+    if role.serves()
+        || matches!(
+            endpoint,
+            Health | Index | Dashboard(_) | Metrics | OpenApi | Cluster
+        )
+    {
+        return None;
+    }
+    Some(
+        Problem::new(
+            503,
+            "unavailable",
+            format!(
+                "this node is a {} and does not serve this request now; retry",
+                role.as_str()
+            ),
+        )
+        .header(header::RETRY_AFTER, "1"),
+    )
+}
+
 async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> Result<Reply> {
     use Endpoint::*;
     let svc = &app.service;
+    // Read once: the role the whole request is answered in.
+    let role = *app.role.borrow();
+    if let Some(problem) = refused_in(role, &endpoint) {
+        return Err(problem);
+    }
     // Once the log has failed, changes (and `/health`, for load balancers) are refused
     // until the operator restarts the server; reads and metrics are answered from memory,
     // which may hold changes that were refused (503) and will not survive a restart
@@ -344,6 +380,7 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
             | GetReservation(_)
             | ListKeys
             | Events
+            | Cluster
             | ListWebhooks
             | GetWebhook(_)
     );
@@ -360,7 +397,18 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
     // server runs open).
     let by: Option<KeyId> = caller.id;
     match endpoint {
-        Health => Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
+        Health => Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({"status": "ok", "role": role.as_str()}),
+        )),
+        Cluster => Ok(json(
+            StatusCode::OK,
+            &crate::cluster::Status::single(
+                app.api_addr.clone(),
+                svc.journal(),
+                svc.newest_snapshot_seq(),
+            ),
+        )),
         Index => Ok(crate::http::dashboard::index(&req.headers)),
         Dashboard(asset) => Ok(crate::http::dashboard::asset(asset, &req.headers)),
         Metrics => metrics(app).await,
@@ -687,10 +735,58 @@ mod tests {
             CreateKey | ListKeys => "/v1/admin/keys",
             RevokeKey(_) => "/v1/admin/keys/{id}",
             Events => "/v1/events",
+            Cluster => "/v1/cluster",
             CreateWebhook | ListWebhooks => "/v1/webhooks",
             GetWebhook(_) | DeleteWebhook(_) => "/v1/webhooks/{id}",
             EnableWebhook(_) => "/v1/webhooks/{id}/enable",
         }
+    }
+
+    /// Every node answers `/health`, `/metrics`, the document, `GET /v1/cluster` and the
+    /// dashboard's static files; only a
+    /// single node or a ready leader answers the rest, and the others refuse it with 503
+    /// and `Retry-After` (never a 404 or 405: the route exists).
+    #[test]
+    fn only_a_serving_role_answers_application_requests() {
+        let everywhere = [
+            "/health",
+            "/metrics",
+            "/openapi.json",
+            "/v1/cluster",
+            "/",
+            "/dashboard",
+            "/dashboard/app.js",
+            "/dashboard/app.css",
+        ];
+        let roles = [
+            Role::Single,
+            Role::Leader { ready: true },
+            Role::Leader { ready: false },
+            Role::Follower { leader: 2 },
+            Role::Leaderless,
+        ];
+        let mut refused = 0;
+        for (path, allow) in ROUTES {
+            for method in allow.split(", ") {
+                let m = Method::from_bytes(method.as_bytes()).unwrap();
+                let Route::Found(endpoint) = route(&m, &concrete(path)) else {
+                    panic!("{method} {path}: not routed");
+                };
+                for role in roles {
+                    let answer = refused_in(role, &endpoint);
+                    if role.serves() || everywhere.contains(path) {
+                        assert!(answer.is_none(), "{role:?} {method} {path}");
+                    } else {
+                        let problem = answer.expect("refused");
+                        let reply = problem.into_response();
+                        assert_eq!(reply.status(), 503, "{role:?} {method} {path}");
+                        assert_eq!(reply.headers()[header::RETRY_AFTER], "1");
+                        refused += 1;
+                    }
+                }
+            }
+        }
+        assert!(refused > 50, "{refused}");
     }
 
     const SKU: &str = "LAPTOP-001";
@@ -820,7 +916,7 @@ mod tests {
                 checked += 1;
             }
         }
-        assert_eq!(checked, 43);
+        assert_eq!(checked, 45);
     }
 
     /// Each documented operation's `security` names the scope the router asks for (as

@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use crate::clock::Millis;
 use crate::domain::{ApiKey, KeyId, Product, Reservation, Status};
+use crate::storage::entry::{Chain, Entry, LogPos, Outcome, Payload, RaftMeta, StoredMembership};
 use crate::storage::record::{IdempotencyKey, Record};
 
 /// A remembered idempotency key: what it created, for which request, and when.
@@ -46,6 +47,11 @@ pub struct State {
     pub idempotency: BTreeMap<IdempotencyKey, IdempotencyEntry>,
     /// API keys that are not revoked.
     pub keys: BTreeMap<KeyId, ApiKey>,
+    /// What a replicated node's state knows beside the records (`None` on a single node).
+    /// Not part of the state's own encoding: snapshot format 3 writes it after the state,
+    /// and formats 1 and 2 have none (`storage::snapshot`).
+    #[serde(skip)]
+    pub raft: Option<RaftMeta>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -68,6 +74,8 @@ pub enum FoldError {
     DuplicateKey(KeyId),
     #[error("record revokes API key {0}, which does not exist")]
     UnknownKey(KeyId),
+    #[error("Raft entry {entry:?} does not follow the last entry folded, {last:?}")]
+    EntryOrder { last: Option<LogPos>, entry: LogPos },
 }
 
 fn product<'a>(products: &'a mut Products, sku: &str) -> Result<&'a mut Product, FoldError> {
@@ -120,6 +128,13 @@ impl State {
         part(&self.reservations);
         part(&self.idempotency);
         part(&self.keys);
+        // A replicated state's chain and membership (its clock floor is a bound for the
+        // next leader's clock, not something the log describes); none on a single node,
+        // whose digest stays what it was.
+        if let Some(raft) = &self.raft {
+            part(&raft.chain);
+            part(&raft.membership);
+        }
         hasher.finalize().into()
     }
 
@@ -172,6 +187,55 @@ pub fn forget(
     reservations.retain(|_, r| r.status == Status::Pending || r.expires_at >= before);
     idempotency
         .retain(|_, e| e.created_at >= before || reservations.contains_key(&e.reservation_id));
+}
+
+/// Folds one Raft entry: the only place Raft entries meet the fold (invariant 4 in
+/// docs/ARCHITECTURE.md). A proposal is folded with `apply_owned` only if it continues its
+/// epoch's chain, or opens a newer epoch, in an entry of its own epoch's term
+/// (`Chain::admits`); any other is skipped. A membership entry is kept in
+/// `State::raft`; a blank changes nothing. Every entry becomes `last_applied`, and must
+/// follow the last one: the next sequence, in a term no older (the first entry a state
+/// folds is sequence 1). On error the state may be partly changed, as with `apply`.
+pub fn apply_entry(state: &mut State, entry: Entry) -> Result<Outcome, FoldError> {
+    let last = state.raft.as_ref().and_then(|raft| raft.last_applied);
+    let in_order = match last {
+        Some(last) => entry.pos.seq == last.seq + 1 && entry.pos.term >= last.term,
+        None => entry.pos.seq == 1,
+    };
+    if !in_order {
+        return Err(FoldError::EntryOrder {
+            last,
+            entry: entry.pos,
+        });
+    }
+    let raft = state.raft.get_or_insert_with(RaftMeta::default);
+    let outcome = match entry.payload {
+        Payload::Blank => Outcome::Applied,
+        Payload::Membership(membership) => {
+            raft.membership = StoredMembership {
+                pos: Some(entry.pos),
+                membership,
+            };
+            Outcome::Applied
+        }
+        Payload::Normal { epoch, n, record } => {
+            if epoch.term == entry.pos.term && raft.chain.admits(epoch, n) {
+                let at = record.at();
+                apply_owned(state, record)?;
+                let raft = state.raft.as_mut().expect("set above");
+                raft.chain = Chain {
+                    epoch,
+                    next_n: n + 1,
+                };
+                raft.clock_floor = raft.clock_floor.max(at);
+                Outcome::Applied
+            } else {
+                Outcome::Skipped
+            }
+        }
+    };
+    state.raft.as_mut().expect("set above").last_applied = Some(entry.pos);
+    Ok(outcome)
 }
 
 /// Applies one record to the state. On error the state may be partly changed: the caller
@@ -423,6 +487,180 @@ mod tests {
 
     /// Two states holding the same things, built in different orders, have one digest; any
     /// difference changes it.
+    fn created(sku: &str, on_hand: u64, at: Millis) -> Record {
+        Record::ProductCreated {
+            sku: sku.into(),
+            name: "n".into(),
+            price: None,
+            on_hand,
+            rules: Default::default(),
+            at,
+            by: None,
+        }
+    }
+
+    fn replenished(sku: &str, quantity: u64, at: Millis) -> Record {
+        Record::Replenished {
+            sku: sku.into(),
+            quantity,
+            at,
+            by: None,
+        }
+    }
+
+    fn normal(term: u64, k: u32, n: u64, record: Record) -> Payload {
+        Payload::Normal {
+            epoch: crate::storage::entry::Epoch { term, k },
+            n,
+            record,
+        }
+    }
+
+    /// Folds `payloads` as entries 1, 2, 3… of the terms given; returns the outcomes.
+    fn fold_entries(state: &mut State, payloads: Vec<(u64, Payload)>) -> Vec<Outcome> {
+        let first = state
+            .raft
+            .as_ref()
+            .and_then(|r| r.last_applied)
+            .map_or(1, |p| p.seq + 1);
+        payloads
+            .into_iter()
+            .enumerate()
+            .map(|(i, (term, payload))| {
+                let pos = LogPos {
+                    term,
+                    seq: first + i as u64,
+                };
+                apply_entry(state, Entry { pos, payload }).unwrap()
+            })
+            .collect()
+    }
+
+    /// The epoch chain (docs/REPLICATION.md): within an epoch only `n == next_n` folds, so
+    /// a gap (a refused proposal) skips the rest of that epoch; a newer epoch opens with
+    /// `n == 1` only; an older epoch, or a proposal in an entry of another term, is
+    /// skipped; blanks and membership entries always apply; every entry is
+    /// `last_applied`, and the clock floor is the newest decision folded.
+    #[test]
+    fn apply_entry_folds_each_epochs_chain_and_skips_the_rest() {
+        use crate::storage::entry::{Epoch, Membership, NodeAddr};
+        use Outcome::{Applied, Skipped};
+        let mut state = State::default();
+        let outcomes = fold_entries(
+            &mut state,
+            vec![
+                (1, Payload::Blank),
+                (1, normal(1, 0, 1, created("A", 1, 10))),
+                (1, normal(1, 0, 2, replenished("A", 1, 12))),
+                // Proposal 3 was refused: 4 and 5 never fold.
+                (1, normal(1, 0, 4, replenished("A", 100, 30))),
+                (1, normal(1, 0, 5, replenished("A", 100, 31))),
+                // A fresh start in the same term, but not at 1: skipped too.
+                (1, normal(1, 1, 2, replenished("A", 100, 32))),
+                (1, normal(1, 1, 1, replenished("A", 4, 14))),
+                (1, normal(1, 1, 2, replenished("A", 4, 15))),
+                // An older epoch, even with the number it would have needed.
+                (1, normal(1, 0, 3, replenished("A", 100, 40))),
+                // A proposal of term 3 in an entry of term 2.
+                (2, normal(3, 0, 1, replenished("A", 100, 41))),
+                (2, Payload::Blank),
+                (2, normal(2, 0, 1, replenished("A", 1, 13))),
+            ],
+        );
+        assert_eq!(
+            outcomes,
+            [
+                Applied, Applied, Applied, Skipped, Skipped, Skipped, Applied, Applied, Skipped,
+                Skipped, Applied, Applied
+            ]
+        );
+        assert_eq!(state.products["A"].on_hand, 1 + 1 + 4 + 4 + 1);
+        let raft = state.raft.clone().unwrap();
+        assert_eq!(raft.last_applied, Some(LogPos { term: 2, seq: 12 }));
+        assert_eq!(
+            raft.chain,
+            Chain {
+                epoch: Epoch { term: 2, k: 0 },
+                next_n: 2
+            }
+        );
+        assert_eq!(
+            raft.clock_floor, 15,
+            "the newest decision folded, not the skipped ones"
+        );
+        assert_eq!(raft.membership, StoredMembership::default());
+
+        let membership = Membership {
+            configs: vec![[1, 2, 3].into()],
+            nodes: (1..=3)
+                .map(|id| {
+                    let addr = NodeAddr {
+                        api: format!("a{id}:1"),
+                        raft: format!("a{id}:2"),
+                    };
+                    (id, addr)
+                })
+                .collect(),
+        };
+        let before = state.digest();
+        let outcomes = fold_entries(
+            &mut state,
+            vec![(2, Payload::Membership(membership.clone()))],
+        );
+        assert_eq!(outcomes, [Applied]);
+        let raft = state.raft.as_ref().unwrap();
+        assert_eq!(raft.membership.membership, membership);
+        assert_eq!(raft.membership.pos, Some(LogPos { term: 2, seq: 13 }));
+        assert_ne!(state.digest(), before, "the membership is in the digest");
+    }
+
+    /// Entries fold in order: the first is sequence 1, each next one the sequence after
+    /// the last, in a term no older; anything else is an error, and changes nothing.
+    #[test]
+    fn apply_entry_refuses_entries_out_of_order() {
+        let entry = |term, seq| Entry {
+            pos: LogPos { term, seq },
+            payload: Payload::Blank,
+        };
+        let mut state = State::default();
+        assert!(matches!(
+            apply_entry(&mut state, entry(1, 2)),
+            Err(FoldError::EntryOrder { last: None, .. })
+        ));
+        assert_eq!(state, State::default());
+        apply_entry(&mut state, entry(2, 1)).unwrap();
+        let after = state.clone();
+        for (term, seq) in [(2, 1), (2, 3), (1, 2), (2, 0)] {
+            assert!(
+                matches!(
+                    apply_entry(&mut state, entry(term, seq)),
+                    Err(FoldError::EntryOrder { .. })
+                ),
+                "{term}/{seq}"
+            );
+            assert_eq!(state, after);
+        }
+        apply_entry(&mut state, entry(3, 2)).unwrap();
+    }
+
+    /// A state without Raft metadata (a single node's) digests as before; the chain is
+    /// part of a replicated state's digest, the clock floor is not.
+    #[test]
+    fn the_digest_covers_the_chain_not_the_clock_floor() {
+        let mut a = State::default();
+        a.products
+            .insert("A".into(), Product::new("A".into(), "n".into(), None, 3, 1));
+        let single = a.digest();
+        let mut b = a.clone();
+        b.raft = Some(RaftMeta::default());
+        assert_ne!(b.digest(), single);
+        let mut c = b.clone();
+        c.raft.as_mut().unwrap().clock_floor = 99;
+        assert_eq!(c.digest(), b.digest());
+        c.raft.as_mut().unwrap().chain.next_n = 7;
+        assert_ne!(c.digest(), b.digest());
+    }
+
     #[test]
     fn the_digest_depends_on_what_a_state_holds_not_how_it_was_built() {
         let build = |skus: &[&str], buyers: &[&str]| {

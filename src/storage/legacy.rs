@@ -256,6 +256,7 @@ impl From<StateV1> for State {
             reservations,
             idempotency: old.idempotency,
             keys: BTreeMap::new(),
+            raft: None,
         }
     }
 }

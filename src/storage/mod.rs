@@ -13,6 +13,7 @@
 //!
 //! Nothing here knows about actors, the service or HTTP.
 
+pub mod entry;
 pub mod fold;
 pub mod legacy;
 pub mod log;

@@ -130,6 +130,27 @@ pub enum Record {
 }
 
 impl Record {
+    /// When the change was decided (a reservation's `created_at`, a key's `created_at`):
+    /// a new leader's clock never runs behind the newest one folded
+    /// (`storage::entry::RaftMeta::clock_floor`).
+    pub fn at(&self) -> Millis {
+        match self {
+            Record::ProductCreated { at, .. }
+            | Record::ProductPatched { at, .. }
+            | Record::Replenished { at, .. }
+            | Record::Adjusted { at, .. }
+            | Record::ProductDeleted { at, .. }
+            | Record::ReservationConfirmed { at, .. }
+            | Record::ReservationCancelled { at, .. }
+            | Record::ReservationExpired { at, .. }
+            | Record::ReservationExtended { at, .. }
+            | Record::Forgotten { at, .. }
+            | Record::KeyRevoked { at, .. } => *at,
+            Record::ReservationCreated { created_at, .. } => *created_at,
+            Record::KeyCreated { key, .. } => key.created_at,
+        }
+    }
+
     /// The record's kind, as operators see it in `stockd log dump`.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -7,10 +7,19 @@
 //! ```text
 //! magic "STOCKDSN" (8) | format version u8 | crc32 u32 | seq u64 | created_at i64 |
 //! body_len u64 | body: bincode 2 (standard config) of `fold::State`
+//!                       [format 3: then bincode 2 of `entry::RaftMeta`]
 //! ```
 //!
 //! Format version 2 added sale rules, per-buyer counts and API keys to the state; files of
-//! version 1 are still read (`storage::legacy::StateV1`), with none of them.
+//! version 1 are still read (`storage::legacy::StateV1`), with none of them. Format 3 is a
+//! replicated node's (docs/REPLICATION.md): the same body, then the state's Raft metadata
+//! (`State::raft`: the last entry applied, the membership, the epoch chain, the clock
+//! floor). It is written only for a state that has that metadata, so a single node keeps
+//! writing format 2, which every build since format 2 reads.
+//!
+//! Formats are told apart by the version byte alone, so no file of one format can be read
+//! as another: a format-2 file never gains Raft metadata, and a format-3 file never loses
+//! it.
 //!
 //! The checksum covers the body and then the three header fields after it, so a flipped
 //! byte anywhere but the magic is caught (a damaged magic or version is refused too). The
@@ -28,11 +37,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::clock::Millis;
+use crate::storage::entry::RaftMeta;
 use crate::storage::fold::State;
 use crate::storage::legacy;
 
-/// The format version written into every snapshot.
+/// The format version written into every snapshot of a single node's state.
 pub const SNAPSHOT_FORMAT_VERSION: u8 = 2;
+/// The format version of a snapshot of a replicated node's state (`State::raft` is set).
+pub const SNAPSHOT_FORMAT_RAFT: u8 = 3;
 const MAGIC: &[u8; 8] = b"STOCKDSN";
 const HEADER_BYTES: usize = 8 + 1 + 4 + 8 + 8 + 8;
 const PREFIX: &str = "snapshot-";
@@ -177,8 +189,26 @@ pub fn write(
     fs::create_dir_all(dir)?;
     let final_path = dir.join(file_name(seq));
     let temp_path = dir.join(format!("{TEMP_PREFIX}{seq:020}-{}", std::process::id()));
-    let version = SNAPSHOT_FORMAT_VERSION;
-    let result = write_temp(&temp_path, seq, state, version, created_at, hooks);
+    let result = match &state.raft {
+        None => write_temp(
+            &temp_path,
+            seq,
+            state,
+            SNAPSHOT_FORMAT_VERSION,
+            created_at,
+            hooks,
+        ),
+        // bincode encodes a pair as its two members one after the other: the state's
+        // body (without `raft`, which it skips), then the metadata.
+        Some(raft) => write_temp(
+            &temp_path,
+            seq,
+            &(state, raft),
+            SNAPSHOT_FORMAT_RAFT,
+            created_at,
+            hooks,
+        ),
+    };
     let size_bytes = match result {
         Ok(size) => size,
         Err(err) => {
@@ -193,8 +223,16 @@ pub fn write(
         path: final_path,
         size_bytes,
         created_at,
-        format_version: SNAPSHOT_FORMAT_VERSION,
+        format_version: format_of(state),
     })
+}
+
+/// The format a snapshot of `state` is written in.
+fn format_of(state: &State) -> u8 {
+    match state.raft {
+        None => SNAPSHOT_FORMAT_VERSION,
+        Some(_) => SNAPSHOT_FORMAT_RAFT,
+    }
 }
 
 /// Writes a snapshot file of `state` in format `version` (the current one, but for tests
@@ -384,13 +422,25 @@ pub fn read(path: &Path) -> Result<(SnapshotInfo, State), SnapshotError> {
         detail: e.to_string(),
     };
     let config = bincode::config::standard();
-    let state: State = if info.format_version == legacy::SNAPSHOT_V1 {
-        let old: legacy::StateV1 =
-            bincode::serde::decode_from_std_read(&mut hashing, config).map_err(decode_err)?;
-        old.into()
-    } else {
-        bincode::serde::decode_from_std_read(&mut hashing, config).map_err(decode_err)?
+    let state: State = match info.format_version {
+        legacy::SNAPSHOT_V1 => {
+            let old: legacy::StateV1 =
+                bincode::serde::decode_from_std_read(&mut hashing, config).map_err(decode_err)?;
+            old.into()
+        }
+        SNAPSHOT_FORMAT_RAFT => {
+            let (mut state, raft): (State, RaftMeta) =
+                bincode::serde::decode_from_std_read(&mut hashing, config).map_err(decode_err)?;
+            state.raft = Some(raft);
+            state
+        }
+        _ => bincode::serde::decode_from_std_read(&mut hashing, config).map_err(decode_err)?,
     };
+    debug_assert_eq!(
+        state.raft.is_some(),
+        info.format_version == SNAPSHOT_FORMAT_RAFT,
+        "only format 3 carries Raft metadata"
+    );
     if hashing.read != body_len {
         return Err(SnapshotError::Decode {
             path: name,
@@ -408,7 +458,13 @@ fn verify_header(name: &str, header: &[u8], len: u64) -> Result<SnapshotInfo, Sn
         return Err(SnapshotError::Magic { path: name.into() });
     }
     let format_version = header[8];
-    if format_version != SNAPSHOT_FORMAT_VERSION && format_version != legacy::SNAPSHOT_V1 {
+    if ![
+        legacy::SNAPSHOT_V1,
+        SNAPSHOT_FORMAT_VERSION,
+        SNAPSHOT_FORMAT_RAFT,
+    ]
+    .contains(&format_version)
+    {
         return Err(SnapshotError::Version {
             path: name.into(),
             version: header[8],
@@ -691,6 +747,67 @@ mod tests {
         assert_eq!(info.format_version, SNAPSHOT_FORMAT_VERSION);
         assert_eq!(read_back, new);
         assert_eq!(read_back.products["SKU-3"].buyers.held("buyer"), 2);
+    }
+
+    /// A state with Raft metadata is written as format 3 and read back whole, metadata
+    /// included; a state without (a single node's) is still written as format 2, and a
+    /// format-2 file reads with no metadata. Damage to the metadata is caught like damage
+    /// to the state.
+    #[test]
+    fn a_replicated_state_is_format_3_and_a_single_nodes_stays_format_2() {
+        use crate::storage::entry::{Chain, Epoch, LogPos, Membership, NodeAddr, StoredMembership};
+        let dir = tempfile::tempdir().unwrap();
+        let single = write(dir.path(), 5, &state(), 10, WriteHooks::default()).unwrap();
+        assert_eq!(single.format_version, 2);
+        let (info, read_back) = read(&single.path).unwrap();
+        assert_eq!(info.format_version, 2);
+        assert_eq!(read_back, state());
+        assert!(read_back.raft.is_none());
+
+        let mut replicated = state();
+        let pos = LogPos { term: 4, seq: 6 };
+        replicated.raft = Some(RaftMeta {
+            last_applied: Some(pos),
+            membership: StoredMembership {
+                pos: Some(LogPos { term: 1, seq: 1 }),
+                membership: Membership {
+                    configs: vec![[1, 2, 3].into(), [1, 2, 3, 4, 5].into()],
+                    nodes: (1..=5)
+                        .map(|id| {
+                            let addr = NodeAddr {
+                                api: format!("127.0.0.1:{}", 8000 + id),
+                                raft: format!("127.0.0.1:{}", 9000 + id),
+                            };
+                            (id, addr)
+                        })
+                        .collect(),
+                },
+            },
+            chain: Chain {
+                epoch: Epoch { term: 4, k: 2 },
+                next_n: 17,
+            },
+            clock_floor: 1_795_341_600_123,
+        });
+        let info = write(dir.path(), 6, &replicated, 11, WriteHooks::default()).unwrap();
+        assert_eq!(info.format_version, SNAPSHOT_FORMAT_RAFT);
+        assert!(info.size_bytes > single.size_bytes);
+        let (read_info, read_back) = read(&info.path).unwrap();
+        assert_eq!(read_info.format_version, 3);
+        assert_eq!(read_back, replicated);
+        assert_eq!(verify(&info.path).unwrap().format_version, 3);
+        assert_eq!(inspect(&info.path).unwrap().format_version, 3);
+        // The metadata is covered by the checksum.
+        let mut bytes = fs::read(&info.path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        let other = tempfile::tempdir().unwrap();
+        let damaged = other.path().join(file_name(6));
+        fs::write(&damaged, &bytes).unwrap();
+        assert!(matches!(
+            read(&damaged),
+            Err(SnapshotError::Checksum { .. })
+        ));
     }
 
     #[test]

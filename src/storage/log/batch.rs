@@ -20,6 +20,20 @@
 //! below 0x80 (`record::RECORD_FORMAT_VERSION`); a batch starts with `BATCH_FORMAT`, which
 //! has the high bit set. So a log written one key per record, or a mix (a server upgraded
 //! in the middle of a segment appends batch keys after per-record ones), reads as is.
+//!
+//! A cluster node's log will hold batches of Raft entries instead (docs/REPLICATION.md,
+//! "Entries on disk"), under `ENTRY_BATCH_FORMAT`, each frame with the entry's term and a
+//! checksum of its own before the payload:
+//!
+//! ```text
+//! [ENTRY_BATCH_FORMAT: u8 = 0x82][count: u32 LE]
+//! count × [seq: u64 BE][term: u64 LE][len: u32 LE][crc32 of term and payload: u32 LE][payload: len bytes]
+//! ```
+//!
+//! Their framing is walked, cut and damaged exactly as a record batch's is. The readers of
+//! records (recovery, snapshots, the feed, `log dump`) refuse such a frame
+//! (`OpenError::RaftEntry`, naming its sequence) instead of decoding its payload as a
+//! record: only the cluster's own reader folds entries. No build writes them yet.
 
 use sled::IVec;
 
@@ -29,9 +43,13 @@ use super::OpenError;
 
 /// First byte of a batch value (batch format 1; a record's version is below 0x80).
 pub(super) const BATCH_FORMAT: u8 = 0x81;
+/// First byte of a batch of Raft entries (a cluster node's log).
+pub(super) const ENTRY_BATCH_FORMAT: u8 = 0x82;
 const _: () = assert!(RECORD_FORMAT_VERSION < 0x80);
 const HEADER_BYTES: usize = 5;
 const FRAME_HEADER_BYTES: usize = 12;
+/// An entry frame's header: sequence, term, length, checksum.
+const ENTRY_FRAME_HEADER_BYTES: usize = 24;
 
 /// A batch value holds records until it reaches this size; the writer starts another key
 /// for the rest of the group commit. Why a bound: sled 0.34.7 writes any log item over a
@@ -92,9 +110,18 @@ fn damaged(seq: u64, what: String) -> OpenError {
     }
 }
 
-/// Whether `value` is a batch (else it is one record, stored whole under its key).
+/// Whether `value` is a batch, of records or of entries (else it is one record, stored
+/// whole under its key).
 pub(super) fn is_batch(value: &[u8]) -> bool {
-    value.first() == Some(&BATCH_FORMAT)
+    matches!(
+        value.first(),
+        Some(&BATCH_FORMAT) | Some(&ENTRY_BATCH_FORMAT)
+    )
+}
+
+/// Whether `value` is a batch of Raft entries.
+pub(super) fn is_entry_batch(value: &[u8]) -> bool {
+    value.first() == Some(&ENTRY_BATCH_FORMAT)
 }
 
 /// The number of records a batch says it holds (`None`: its header is cut short).
@@ -114,18 +141,22 @@ pub(super) fn records_in(value: &[u8]) -> u64 {
 }
 
 /// One frame of a batch value, located and checked (its record is not verified).
-struct Frame {
-    seq: u64,
-    /// The record's bytes: `value[start..end]`.
-    start: usize,
-    end: usize,
+pub(super) struct Frame {
+    pub(super) seq: u64,
+    /// An entry's term and stored checksum (`None`: a record's frame).
+    pub(super) entry: Option<(u64, u32)>,
+    /// The record's (or the entry's payload's) bytes: `value[start..end]`.
+    pub(super) start: usize,
+    pub(super) end: usize,
 }
 
 /// A walk through the frames of the batch value stored under `first`, checking their
 /// framing. It holds no borrow of the value (the caller passes it to each step), so that
 /// `Unpacked` can own the value it walks.
-struct FrameCursor {
+pub(super) struct FrameCursor {
     first: u64,
+    /// The frames are entries' (`ENTRY_BATCH_FORMAT`).
+    entries: bool,
     count: u64,
     index: u64,
     /// Where the next frame starts (the end of those walked so far).
@@ -134,9 +165,10 @@ struct FrameCursor {
 }
 
 impl FrameCursor {
-    fn new(first: u64, value: &[u8]) -> FrameCursor {
+    pub(super) fn new(first: u64, value: &[u8]) -> FrameCursor {
         FrameCursor {
             first,
+            entries: is_entry_batch(value),
             count: declared_count(value).unwrap_or(0),
             index: 0,
             offset: HEADER_BYTES,
@@ -146,7 +178,7 @@ impl FrameCursor {
 
     /// The next frame; `None` once every frame was read and the value ends there. An
     /// error (named by the first record it makes unreadable) is the last item.
-    fn next(&mut self, value: &[u8]) -> Option<Result<Frame, OpenError>> {
+    pub(super) fn next(&mut self, value: &[u8]) -> Option<Result<Frame, OpenError>> {
         if self.done {
             return None;
         }
@@ -180,73 +212,166 @@ impl FrameCursor {
     }
 
     fn frame(&mut self, value: &[u8], seq: u64) -> Result<Frame, OpenError> {
-        let Some(header) = value.get(self.offset..self.offset + FRAME_HEADER_BYTES) else {
+        let header_bytes = if self.entries {
+            ENTRY_FRAME_HEADER_BYTES
+        } else {
+            FRAME_HEADER_BYTES
+        };
+        let Some(header) = value.get(self.offset..self.offset + header_bytes) else {
             return Err(damaged(seq, "the batch ends before this record".into()));
         };
         let stored = u64::from_be_bytes(header[..8].try_into().expect("8 bytes"));
         if stored != seq {
             return Err(damaged(seq, format!("its frame says record {stored}")));
         }
-        let len = u32::from_le_bytes(header[8..].try_into().expect("4 bytes")) as usize;
-        let start = self.offset + FRAME_HEADER_BYTES;
+        let u32_at = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4"));
+        let (len, entry) = if self.entries {
+            let term = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+            (u32_at(16) as usize, Some((term, u32_at(20))))
+        } else {
+            (u32_at(8) as usize, None)
+        };
+        let start = self.offset + header_bytes;
         let end = start
             .checked_add(len)
             .filter(|end| *end <= value.len())
             .ok_or_else(|| damaged(seq, format!("{len} bytes long, past the batch's end")))?;
         self.offset = end;
         self.index += 1;
-        Ok(Frame { seq, start, end })
+        Ok(Frame {
+            seq,
+            entry,
+            start,
+            end,
+        })
     }
 }
 
-/// The records stored under one key, in order, as stored (not verified: `decode_at` does
-/// that), skipping those before `from`. A per-record value is its one record; a batch
-/// yields slices of its value (no copy). A framing error is the last item.
+/// What one key stores, item by item, as stored (not verified: `decode_at` or
+/// `entry::decode_entry` does that).
+pub(super) struct Stored {
+    pub(super) seq: u64,
+    /// An entry's term and its frame's checksum (`None`: a record).
+    pub(super) entry: Option<(u64, u32)>,
+    /// The record's bytes, or the entry's payload: a slice of the value (no copy).
+    pub(super) bytes: IVec,
+}
+
+/// The records (or, for `Unpacked::entries`, the Raft entries) stored under one key, in
+/// order, as stored, skipping those before `from`. A per-record value is its one record;
+/// a batch yields slices of its value (no copy). An item of the other kind ends the walk
+/// with an error naming it (`OpenError::RaftEntry`, `OpenError::NotAnEntry`), as does a
+/// framing error.
 pub(super) struct Unpacked {
     value: IVec,
     from: u64,
     /// `None` for a single record, numbered by its key.
     frames: Option<FrameCursor>,
     key: u64,
+    /// Raft entries are wanted, not records.
+    entries: bool,
     done: bool,
 }
 
 impl Unpacked {
+    /// The records under `key`; an entry is refused.
     pub(super) fn new(key: u64, value: IVec, from: u64) -> Unpacked {
+        Unpacked::of_kind(key, value, from, false)
+    }
+
+    /// The Raft entries under `key`; a record is refused.
+    pub(super) fn entries(key: u64, value: IVec, from: u64) -> Unpacked {
+        Unpacked::of_kind(key, value, from, true)
+    }
+
+    fn of_kind(key: u64, value: IVec, from: u64, entries: bool) -> Unpacked {
         let frames = is_batch(&value).then(|| FrameCursor::new(key, &value));
         Unpacked {
             value,
             from,
             frames,
             key,
+            entries,
             done: false,
         }
     }
 }
 
 impl Iterator for Unpacked {
-    type Item = Result<(u64, IVec), OpenError>;
+    type Item = Result<Stored, OpenError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         let Some(frames) = &mut self.frames else {
             if std::mem::replace(&mut self.done, true) || self.key < self.from {
                 return None;
             }
-            return Some(Ok((self.key, self.value.clone())));
+            if self.entries {
+                return Some(Err(OpenError::NotAnEntry { seq: self.key }));
+            }
+            return Some(Ok(Stored {
+                seq: self.key,
+                entry: None,
+                bytes: self.value.clone(),
+            }));
         };
         loop {
             match frames.next(&self.value)? {
                 // Records before `from` are walked over (their framing says where the
                 // next one starts), never handed out.
                 Ok(frame) if frame.seq < self.from => {}
+                // An entry is not a record (its payload is never handed out as one), nor
+                // a record an entry.
+                Ok(frame) if frame.entry.is_some() != self.entries => {
+                    frames.done = true;
+                    let seq = frame.seq;
+                    return Some(Err(match self.entries {
+                        true => OpenError::NotAnEntry { seq },
+                        false => OpenError::RaftEntry { seq },
+                    }));
+                }
                 Ok(frame) => {
                     let bytes = self.value.subslice(frame.start, frame.end - frame.start);
-                    return Some(Ok((frame.seq, bytes)));
+                    return Some(Ok(Stored {
+                        seq: frame.seq,
+                        entry: frame.entry,
+                        bytes,
+                    }));
                 }
                 Err(err) => return Some(Err(err)),
             }
         }
     }
+}
+
+/// The sequence number of the last record or entry stored under `first` (a batch's
+/// frames are walked, of either kind: the header's count has no checksum of its own).
+pub(super) fn last_in(first: u64, value: &[u8]) -> Result<u64, OpenError> {
+    if !is_batch(value) {
+        return Ok(first);
+    }
+    let mut frames = FrameCursor::new(first, value);
+    let mut last = first;
+    while let Some(frame) = frames.next(value) {
+        last = frame?.seq;
+    }
+    Ok(last)
+}
+
+/// Test hook: a batch value of Raft entries numbered from `first`, each `(term,
+/// payload)` framed as a cluster node's writer will store it.
+#[cfg(test)]
+pub(super) fn entry_batch(first: u64, entries: &[(u64, Vec<u8>)]) -> Vec<u8> {
+    let mut value = vec![ENTRY_BATCH_FORMAT];
+    value.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for (i, (term, payload)) in entries.iter().enumerate() {
+        value.extend_from_slice(&(first + i as u64).to_be_bytes());
+        value.extend_from_slice(&term.to_le_bytes());
+        value.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        let crc = crate::storage::entry::frame_crc(*term, payload);
+        value.extend_from_slice(&crc.to_le_bytes());
+        value.extend_from_slice(payload);
+    }
+    value
 }
 
 /// What cutting the log at `seq` does to the key before it (see `cut`).
@@ -286,7 +411,7 @@ pub(super) fn cut(first: u64, value: &[u8], seq: u64) -> Cut {
         return Cut::Remove(dropped);
     }
     let mut kept_value = Vec::with_capacity(end);
-    kept_value.push(BATCH_FORMAT);
+    kept_value.push(value[0]); // a batch of records, or of entries, as it was
     kept_value.extend_from_slice(&(kept as u32).to_le_bytes());
     kept_value.extend_from_slice(&value[HEADER_BYTES..end]);
     Cut::Rewrite(kept_value, dropped)

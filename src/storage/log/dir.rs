@@ -1,10 +1,11 @@
-//! The log directory's own files: the `LOCK` that keeps a second process off it, and the
-//! truncation mark `truncated_through`.
+//! The log directory's own files: the `LOCK` that keeps a second process off it, the
+//! truncation mark `truncated_through`, and a cluster node's `vote`.
 
 use std::fs;
 use std::io::{self, Write};
 use std::path::Path;
 
+use crate::storage::entry::Vote;
 use crate::storage::snapshot::sync_dir;
 
 use super::*;
@@ -13,6 +14,8 @@ use super::*;
 /// front of the log because a kept snapshot covers it (big-endian `u64`, then its CRC32).
 pub(super) const MARK_FILE: &str = "truncated_through";
 pub(super) const LOCK_FILE: &str = "LOCK";
+/// A cluster node's vote (`entry::Vote`): its CRC32 (`u32` LE), then bincode 2 of the vote.
+pub(super) const VOTE_FILE: &str = "vote";
 
 /// The held `LOCK` file. Dropping it unlocks explicitly before closing: a `flock` belongs
 /// to the open file description, which a child process forked by any thread of this
@@ -97,5 +100,45 @@ pub(super) fn write_mark(dir: &Path, seq: u64) -> io::Result<()> {
     file.write_all(&bytes)?;
     file.sync_all()?;
     fs::rename(&tmp, dir.join(MARK_FILE))?;
+    sync_dir(dir)
+}
+
+/// The vote saved last (`None`: none ever). A file that does not verify is an error, never
+/// "no vote": a node that forgot its vote could vote twice in one term.
+pub(super) fn read_vote(dir: &Path) -> Result<Option<Vote>, OpenError> {
+    let path = dir.join(VOTE_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(io_err(&path)(err)),
+    };
+    let bad = || OpenError::BadVote {
+        path: path.display().to_string(),
+    };
+    let (crc, body) = bytes.split_at_checked(4).ok_or_else(bad)?;
+    let crc: [u8; 4] = crc.try_into().map_err(|_| bad())?;
+    if crc32fast::hash(body) != u32::from_le_bytes(crc) {
+        return Err(bad());
+    }
+    let (vote, used) =
+        bincode::serde::decode_from_slice(body, bincode::config::standard()).map_err(|_| bad())?;
+    if used != body.len() {
+        return Err(bad());
+    }
+    Ok(Some(vote))
+}
+
+/// Saves `vote` as the mark is saved: a temporary file, synced, renamed into place, the
+/// directory synced. A crash at any point leaves the old vote or the new one, whole.
+pub(super) fn write_vote(dir: &Path, vote: &Vote) -> io::Result<()> {
+    let tmp = dir.join(format!("{VOTE_FILE}.tmp"));
+    let body = bincode::serde::encode_to_vec(vote, bincode::config::standard())
+        .map_err(|e| io::Error::other(format!("encoding the vote: {e}")))?;
+    let mut bytes = crc32fast::hash(&body).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&body);
+    let mut file = fs::File::create(&tmp)?;
+    file.write_all(&bytes)?;
+    file.sync_all()?;
+    fs::rename(&tmp, dir.join(VOTE_FILE))?;
     sync_dir(dir)
 }

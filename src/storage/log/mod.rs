@@ -117,6 +117,17 @@ pub enum OpenError {
     Locked { path: String },
     #[error("the log's truncation mark {path} is damaged")]
     BadMark { path: String },
+    /// A Raft entry where a record was read: the log of a cluster node, which only the
+    /// cluster's own reader folds (docs/REPLICATION.md, "Entries on disk").
+    #[error(
+        "log entry {seq} is a Raft entry: this is a cluster node's log, not a single server's"
+    )]
+    RaftEntry { seq: u64 },
+    #[error("the cluster vote file {path} is damaged")]
+    BadVote { path: String },
+    /// A record where a Raft entry was read: a single server's log.
+    #[error("log record {seq} is a single server's record, not a Raft entry: this log was not written by a cluster node")]
+    NotAnEntry { seq: u64 },
 }
 
 /// Keys removed per sled batch when the end of the log is cut (`truncate_from`), and
@@ -193,10 +204,7 @@ impl Log {
                 // The frames are walked, not the header's count trusted (it has no
                 // checksum of its own): the writer continues after this record, so a
                 // wrong figure would leave a hole or number two records alike.
-                let first = seq_of(&key)?;
-                for item in batch::Unpacked::new(first, value, first) {
-                    last = item?.0;
-                }
+                last = batch::last_in(seq_of(&key)?, &value)?;
                 break;
             }
         }
@@ -273,6 +281,13 @@ impl Log {
         }
         self.flush()?;
         Ok(removed)
+    }
+
+    /// The vote a cluster node saved last (`DIR/log/vote`; `None`: none ever). A damaged
+    /// file is an error (`OpenError::BadVote`). Saving goes through the writer
+    /// (`LogHandle::save_vote`), in order with the records.
+    pub fn vote(&self) -> Result<Option<crate::storage::entry::Vote>, OpenError> {
+        read_vote(&self.segments.dir)
     }
 
     /// Flushes everything written so far (only while no writer runs).

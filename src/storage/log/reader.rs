@@ -7,7 +7,9 @@ use std::sync::{mpsc, Arc};
 
 use crate::storage::record::Record;
 
-use super::batch::Unpacked;
+use crate::storage::entry::{decode_entry, Entry};
+
+use super::batch::{Stored, Unpacked};
 use super::*;
 
 /// Reads the log while the writer runs (sled is safe to read concurrently), and drops its
@@ -83,10 +85,41 @@ impl LogReader {
         &self,
         after: u64,
     ) -> impl Iterator<Item = Result<(u64, sled::IVec), OpenError>> + Send + 'static {
+        self.stored_after(after, false).map(|item| {
+            let stored = item?;
+            debug_assert!(stored.entry.is_none(), "records only");
+            Ok((stored.seq, stored.bytes))
+        })
+    }
+
+    /// Every Raft entry after `after`, in log order, decoded and verified (the frame's
+    /// checksum, then the payload by its kind: docs/REPLICATION.md, "Entries on disk"). A
+    /// damaged entry is `OpenError::Damaged` naming it; a record (a single server's log)
+    /// ends the stream with `OpenError::NotAnEntry`.
+    pub fn entries_after(
+        &self,
+        after: u64,
+    ) -> impl Iterator<Item = Result<Entry, OpenError>> + Send + 'static {
+        self.stored_after(after, true).map(|item| {
+            let stored = item?;
+            let (term, crc) = stored.entry.expect("entries only");
+            decode_entry(stored.seq, term, &stored.bytes, crc).map_err(|source| {
+                OpenError::Damaged {
+                    seq: stored.seq,
+                    source,
+                }
+            })
+        })
+    }
+
+    /// What the log stores after `after`: records, or Raft entries (`entries`); an item
+    /// of the other kind ends the stream with an error naming it.
+    fn stored_after(&self, after: u64, entries: bool) -> Records {
         Records {
             service: self.segments.service.clone(),
             slots: self.segments.after(after).into(),
             from: after.saturating_add(1),
+            entries,
             current: None,
             unpacking: None,
             opening: None,
@@ -198,6 +231,8 @@ struct Records {
     service: Service,
     slots: std::collections::VecDeque<Arc<Slot>>,
     from: u64,
+    /// Raft entries are read, not records.
+    entries: bool,
     /// The segment being read. (The iterator comes before the reference, so it is dropped
     /// first: the database closes when both are gone.)
     current: Option<Box<(sled::Iter, SegmentRef)>>,
@@ -230,7 +265,7 @@ impl Records {
 }
 
 impl Iterator for Records {
-    type Item = Result<(u64, sled::IVec), OpenError>;
+    type Item = Result<Stored, OpenError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
@@ -254,7 +289,10 @@ impl Iterator for Records {
                     let item = item.map_err(sled_err(&segment.slot.path));
                     match item.and_then(|(key, value)| Ok((seq_of(&key)?, value))) {
                         Ok((key, value)) => {
-                            self.unpacking = Some(Unpacked::new(key, value, self.from));
+                            self.unpacking = Some(match self.entries {
+                                true => Unpacked::entries(key, value, self.from),
+                                false => Unpacked::new(key, value, self.from),
+                            });
                             continue;
                         }
                         Err(err) => {

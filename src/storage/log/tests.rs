@@ -780,3 +780,318 @@ fn a_record_sled_puts_in_a_blob_file_is_synced_before_it_is_acknowledged() {
     let records: Vec<Record> = log.reader().records().map(|r| r.unwrap().1).collect();
     assert_eq!(records, vec![created(1), huge]);
 }
+
+// --- Batches of Raft entries (a cluster node's log; no build writes them yet). ---
+
+/// Stores `entries` (term, payload) as one batch of Raft entries under `first`, in the
+/// segment that holds `first`, as a cluster node's writer will.
+fn write_entry_batch(dir: &Path, first: u64, entries: &[(u64, Vec<u8>)]) {
+    let log = Log::open(dir).unwrap();
+    let slot = log
+        .segments
+        .list()
+        .into_iter()
+        .rev()
+        .find(|slot| slot.first <= first)
+        .expect("a segment holds it");
+    let segment = open_segment(&slot).unwrap().unwrap();
+    let value = batch::entry_batch(first, entries);
+    segment.db().insert(first.to_be_bytes(), value).unwrap();
+    segment.db().flush().unwrap();
+}
+
+/// The payload of entry `seq` in these tests: a proposal of `created(seq)`, or a blank.
+fn entry_payload(seq: u64) -> Vec<u8> {
+    use crate::storage::entry::{encode_blank, encode_proposal, Epoch};
+    let mut out = Vec::new();
+    if seq.is_multiple_of(4) {
+        encode_blank(&mut out);
+    } else {
+        let record = record::encode(&created(seq));
+        encode_proposal(Epoch { term: 1, k: 0 }, seq, &record, &mut out);
+    }
+    out
+}
+
+/// Every entry stored under `key`, decoded and verified.
+fn stored_entries(dir: &Path, key: u64) -> Vec<crate::storage::entry::Entry> {
+    let log = Log::open(dir).unwrap();
+    let slot = log.segments.list().remove(0);
+    let segment = open_segment(&slot).unwrap().unwrap();
+    let value = segment.db().get(key.to_be_bytes()).unwrap().unwrap();
+    let mut frames = batch::FrameCursor::new(key, &value);
+    std::iter::from_fn(|| frames.next(&value))
+        .map(|frame| {
+            let frame = frame.unwrap();
+            let (term, crc) = frame.entry.expect("an entry");
+            crate::storage::entry::decode_entry(
+                frame.seq,
+                term,
+                &value[frame.start..frame.end],
+                crc,
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+/// A segment of record batches followed by batches of Raft entries: the log's end is
+/// found across them, a cut inside an entry batch keeps its entries before the cut (still
+/// an entry batch, still verifying), and the readers of records refuse the first entry
+/// by its sequence instead of decoding it as a record, so a single server never folds a
+/// cluster node's log.
+#[test]
+fn batches_of_raft_entries_are_walked_cut_and_refused_by_the_record_readers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    write_batches(&dir, &[5], 100); // records 1-5, one key
+    let entries = |seqs: std::ops::RangeInclusive<u64>, term: u64| -> Vec<(u64, Vec<u8>)> {
+        seqs.map(|seq| (term, entry_payload(seq))).collect()
+    };
+    write_entry_batch(&dir, 6, &entries(6..=9, 1));
+    write_entry_batch(&dir, 10, &entries(10..=12, 2));
+    assert_eq!(keys(&dir), vec![(1, vec![(1, 5), (6, 4), (10, 3)])]);
+    let log = Log::open(&dir).unwrap();
+    assert_eq!(log.last_seq().unwrap(), 12);
+    let reader = log.reader();
+    let read: Vec<_> = reader.records().collect();
+    assert_eq!(read.len(), 6, "1-5, then the refusal, then nothing");
+    assert!(read[..5].iter().all(Result::is_ok));
+    assert!(
+        matches!(read[5], Err(OpenError::RaftEntry { seq: 6 })),
+        "{:?}",
+        read[5]
+    );
+    let from_inside: Vec<_> = reader.records_after(7).collect();
+    assert!(matches!(
+        from_inside[..],
+        [Err(OpenError::RaftEntry { seq: 8 })]
+    ));
+    assert!(matches!(
+        reader.summary(),
+        Err(OpenError::RaftEntry { seq: 6 })
+    ));
+    // So a single server's start-up stops there, saying why (and no truncation of
+    // damaged records applies: nothing is damaged).
+    let recovered =
+        crate::storage::recovery::recover(&reader, &tmp.path().join("snapshots"), u64::MAX);
+    let err = recovered.expect_err("recovery refuses a cluster node's log");
+    assert!(
+        matches!(
+            err,
+            crate::storage::recovery::RecoveryError::Open(OpenError::RaftEntry { seq: 6 })
+        ),
+        "{err}"
+    );
+    assert_eq!(err.damaged_seq(), None);
+    assert!(
+        err.to_string().contains("log entry 6 is a Raft entry"),
+        "{err}"
+    );
+    drop((reader, log));
+    let decoded = stored_entries(&dir, 6);
+    assert_eq!(
+        decoded
+            .iter()
+            .map(|e| (e.pos.seq, e.pos.term))
+            .collect::<Vec<_>>(),
+        vec![(6, 1), (7, 1), (8, 1), (9, 1)]
+    );
+    assert_eq!(decoded[2].payload, crate::storage::entry::Payload::Blank);
+
+    // Damaged framing in an entry batch is named by the first entry it hides.
+    let second_frame = 5 + 24 + entry_payload(10).len();
+    rewrite_value(&dir, 10, |value| value[second_frame + 7] ^= 0x01);
+    let log = Log::open(&dir).unwrap();
+    assert!(matches!(
+        log.last_seq(),
+        Err(OpenError::Damaged { seq: 11, .. })
+    ));
+    // Cut there: entry 10 stays, alone in its batch.
+    assert_eq!(log.truncate_from(11).unwrap(), 2);
+    assert_eq!(log.last_seq().unwrap(), 10);
+    // A cut inside the first entry batch keeps 6 and 7, still entries that verify.
+    assert_eq!(log.truncate_from(8).unwrap(), 3);
+    assert_eq!(log.last_seq().unwrap(), 7);
+    drop(log);
+    assert_eq!(keys(&dir), vec![(1, vec![(1, 5), (6, 2)])]);
+    let kept = stored_entries(&dir, 6);
+    assert_eq!(kept, decoded[..2].to_vec());
+    // Cutting at the first entry leaves the records alone, which read as before.
+    let log = Log::open(&dir).unwrap();
+    assert_eq!(log.truncate_from(6).unwrap(), 2);
+    drop(log);
+    check_all(&dir, 5);
+}
+
+/// Raft entries read back from any point, in order, with their terms and payloads
+/// verified: a damaged entry is named by its sequence, and the records of a single
+/// server's log are refused by the reader of entries.
+#[test]
+fn raft_entries_are_read_back_in_order_and_verified() {
+    use crate::storage::entry::{Epoch, Payload};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    write_batches(&dir, &[5], 100);
+    let entries = |seqs: std::ops::RangeInclusive<u64>, term: u64| -> Vec<(u64, Vec<u8>)> {
+        seqs.map(|seq| (term, entry_payload(seq))).collect()
+    };
+    write_entry_batch(&dir, 6, &entries(6..=9, 1));
+    write_entry_batch(&dir, 10, &entries(10..=12, 2));
+    let log = Log::open(&dir).unwrap();
+    let reader = log.reader();
+    let read: Vec<_> = reader.entries_after(5).map(Result::unwrap).collect();
+    assert_eq!(
+        read.iter()
+            .map(|e| (e.pos.seq, e.pos.term))
+            .collect::<Vec<_>>(),
+        vec![(6, 1), (7, 1), (8, 1), (9, 1), (10, 2), (11, 2), (12, 2)]
+    );
+    for entry in &read {
+        let seq = entry.pos.seq;
+        let expected = if seq.is_multiple_of(4) {
+            Payload::Blank
+        } else {
+            Payload::Normal {
+                epoch: Epoch { term: 1, k: 0 },
+                n: seq,
+                record: created(seq),
+            }
+        };
+        assert_eq!(entry.payload, expected, "entry {seq}");
+    }
+    let from_inside: Vec<u64> = reader
+        .entries_after(8)
+        .map(|e| e.unwrap().pos.seq)
+        .collect();
+    assert_eq!(from_inside, vec![9, 10, 11, 12]);
+    let from_start: Vec<_> = reader.entries_after(0).collect();
+    assert!(
+        matches!(from_start[..], [Err(OpenError::NotAnEntry { seq: 1 })]),
+        "{from_start:?}"
+    );
+    drop((reader, log));
+    damage_record(&dir, 10).unwrap();
+    let log = Log::open(&dir).unwrap();
+    let read: Vec<_> = log.reader().entries_after(5).collect();
+    assert!(read[..4].iter().all(Result::is_ok));
+    assert!(
+        matches!(
+            read[4],
+            Err(OpenError::Damaged {
+                seq: 10,
+                source: record::DecodeError::Checksum
+            })
+        ),
+        "{:?}",
+        read[4]
+    );
+}
+
+// --- A cluster node's vote. ---
+
+/// A vote is saved after every record queued before it is flushed, and before any record
+/// queued after it is written; it is read back after a restart, the newest one, with no
+/// temporary file left behind.
+#[test]
+fn a_vote_is_saved_in_order_with_the_records_and_read_back() {
+    use crate::storage::entry::Vote;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let log = Log::open(&dir).unwrap();
+    assert_eq!(log.vote().unwrap(), None);
+    let first = Vote {
+        term: 3,
+        voted_for: Some(2),
+        committed: false,
+    };
+    let second = Vote {
+        term: 4,
+        voted_for: Some(1),
+        committed: true,
+    };
+    let (handle, join) = log
+        .with_flush_interval(Duration::from_millis(5))
+        .start_writer(1)
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let before: Vec<_> = (1..=50).map(|i| handle.append(created(i))).collect();
+        let saved = handle.save_vote(first);
+        let after = handle.append(created(51));
+        assert_eq!(saved.durable().await.unwrap(), 50);
+        assert!(
+            handle.durable_seq() >= 50,
+            "the records before it are durable"
+        );
+        assert_eq!(read_vote(&dir).unwrap(), Some(first));
+        for (i, ticket) in before.into_iter().enumerate() {
+            assert_eq!(ticket.durable().await.unwrap(), i as u64 + 1);
+        }
+        assert_eq!(after.durable().await.unwrap(), 51);
+        assert_eq!(handle.save_vote(second).durable().await.unwrap(), 51);
+        handle.shutdown().await.unwrap();
+    });
+    join.join().unwrap();
+    let log = Log::open(&dir).unwrap();
+    assert_eq!(log.vote().unwrap(), Some(second));
+    assert_eq!(log.last_seq().unwrap(), 51);
+    assert!(!dir.join(format!("{VOTE_FILE}.tmp")).exists());
+}
+
+/// A vote file that does not verify (a flipped byte, cut short, empty) is an error, never
+/// "no vote"; and a log that has failed saves no vote.
+#[test]
+fn a_damaged_vote_is_an_error_and_a_failed_log_saves_no_vote() {
+    use crate::storage::entry::Vote;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    drop(Log::open(&dir).unwrap());
+    let vote = Vote {
+        term: 9,
+        voted_for: None,
+        committed: false,
+    };
+    write_vote(&dir, &vote).unwrap();
+    let good = fs::read(dir.join(VOTE_FILE)).unwrap();
+    let mut damaged: Vec<Vec<u8>> = (0..good.len())
+        .map(|at| {
+            let mut bytes = good.clone();
+            bytes[at] ^= 0x04;
+            bytes
+        })
+        .collect();
+    damaged.push(good[..good.len() - 1].to_vec());
+    damaged.push(Vec::new());
+    damaged.push([good.clone(), vec![0]].concat());
+    for bytes in damaged {
+        fs::write(dir.join(VOTE_FILE), &bytes).unwrap();
+        let log = Log::open(&dir).unwrap();
+        assert!(
+            matches!(log.vote(), Err(OpenError::BadVote { .. })),
+            "{bytes:?}"
+        );
+    }
+    fs::write(dir.join(VOTE_FILE), &good).unwrap();
+
+    let log = Log::open(&dir).unwrap();
+    let (handle, join) = log.start_writer(1).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        handle.inject_write_failure();
+        assert!(handle.append(created(1)).durable().await.is_err());
+        let newer = Vote {
+            term: 10,
+            voted_for: Some(3),
+            committed: false,
+        };
+        assert!(handle.save_vote(newer).durable().await.is_err());
+        let _ = handle.shutdown().await;
+    });
+    join.join().unwrap();
+    assert_eq!(Log::open(&dir).unwrap().vote().unwrap(), Some(vote));
+}

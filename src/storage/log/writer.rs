@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::limits::LOG_BATCH_RECORDS_MAX;
+use crate::storage::entry::Vote;
 use crate::storage::record::Record;
 
 use super::batch::BatchBuilder;
@@ -38,6 +39,8 @@ pub(super) enum Command {
     Append(Record, Option<oneshot::Sender<Result<u64, LogError>>>),
     /// Resolves once every command queued before it has been flushed.
     Barrier(oneshot::Sender<Result<u64, LogError>>),
+    /// Saves a cluster node's vote once every record queued before it is flushed.
+    SaveVote(Vote, oneshot::Sender<Result<u64, LogError>>),
     Shutdown(oneshot::Sender<Result<u64, LogError>>),
 }
 
@@ -99,6 +102,21 @@ impl LogHandle {
     pub fn barrier(&self) -> Ticket {
         let (tx, rx) = oneshot::channel();
         if let Err(mpsc::SendError(Command::Barrier(tx))) = self.tx.send(Command::Barrier(tx)) {
+            let _ = tx.send(Err(LogError::Unavailable("the log writer stopped".into())));
+        }
+        Ticket(rx)
+    }
+
+    /// Saves a cluster node's `vote` durably (`DIR/log/vote`), after every record queued
+    /// before it is flushed and before any queued after it is written: the engine needs
+    /// vote and log IO in one order. The ticket resolves once the file is synced, with
+    /// the sequence number of the last record queued before it; a failed log saves no
+    /// vote, and a vote that cannot be saved fails the log like a failed write.
+    pub fn save_vote(&self, vote: Vote) -> Ticket {
+        let (tx, rx) = oneshot::channel();
+        if let Err(mpsc::SendError(Command::SaveVote(_, tx))) =
+            self.tx.send(Command::SaveVote(vote, tx))
+        {
             let _ = tx.send(Err(LogError::Unavailable("the log writer stopped".into())));
         }
         Ticket(rx)
@@ -243,20 +261,24 @@ impl Writer {
         let mut last_flush = Instant::now();
         loop {
             let mut shutdown = None;
+            let mut vote = None;
             // Block for the first command, then take whatever else is already queued, up to
-            // a shutdown (which must see exactly the records before it).
+            // a shutdown (which must see exactly the records before it) or a vote (saved
+            // after the records before it, before any after it).
             match rx.recv() {
-                Ok(cmd) => self.take(cmd, &mut records, &mut barriers, &mut shutdown),
+                Ok(cmd) => self.take(cmd, &mut records, &mut barriers, &mut shutdown, &mut vote),
                 Err(_) => return self.finish(None),
             }
             let since = last_flush.elapsed();
-            if shutdown.is_none() && since < self.flush_interval {
+            if shutdown.is_none() && vote.is_none() && since < self.flush_interval {
                 thread::sleep(self.flush_interval - since);
             }
             last_flush = Instant::now();
-            while shutdown.is_none() && records.len() < LOG_BATCH_RECORDS_MAX {
+            while shutdown.is_none() && vote.is_none() && records.len() < LOG_BATCH_RECORDS_MAX {
                 match rx.try_recv() {
-                    Ok(cmd) => self.take(cmd, &mut records, &mut barriers, &mut shutdown),
+                    Ok(cmd) => {
+                        self.take(cmd, &mut records, &mut barriers, &mut shutdown, &mut vote)
+                    }
                     Err(_) => break,
                 }
             }
@@ -281,6 +303,10 @@ impl Writer {
             for (waiter, before) in barriers.drain(..) {
                 let _ = waiter.send(outcome.clone().map(|_| first_seq - 1 + before));
             }
+            if let Some((vote, waiter)) = vote {
+                let saved = outcome.and_then(|last| self.save_vote(&vote).map(|()| last));
+                let _ = waiter.send(saved);
+            }
             if shutdown.is_some() {
                 return self.finish(shutdown);
             }
@@ -293,12 +319,29 @@ impl Writer {
         records: &mut Vec<(Record, Option<Waiter>)>,
         barriers: &mut Vec<(Waiter, u64)>,
         shutdown: &mut Option<Waiter>,
+        vote: &mut Option<(Vote, Waiter)>,
     ) {
         match cmd {
             Command::Append(record, waiter) => records.push((record, waiter)),
             Command::Barrier(waiter) => barriers.push((waiter, records.len() as u64)),
             Command::Shutdown(waiter) => *shutdown = Some(waiter),
+            Command::SaveVote(v, waiter) => *vote = Some((v, waiter)),
         }
+    }
+
+    /// Writes the vote file (after this batch's records are flushed). A failure is a
+    /// failure of the log: nothing is saved or acknowledged after it.
+    pub(super) fn save_vote(&mut self, vote: &Vote) -> Result<(), LogError> {
+        if let Some(err) = &self.failed {
+            return Err(err.clone());
+        }
+        write_vote(&self.segments.dir, vote).map_err(|e| {
+            let err = LogError::Unavailable(format!("saving the vote: {e}"));
+            tracing::error!(error = %err, "write-ahead log failed; refusing all further writes");
+            self.failed = Some(err.clone());
+            self.failed_flag.store(true, Ordering::SeqCst);
+            err
+        })
     }
 
     /// Writes and flushes one batch; returns the sequence number of its last record.

@@ -1,0 +1,82 @@
+//! The seams of replication (docs/REPLICATION.md): what the rest of the server appends
+//! through (`Journal`), the node's role in a cluster (`Role`) and what `GET /v1/cluster`
+//! tells about it (`Status`).
+//!
+//! Today every server is a single node: the journal is the local write-ahead log, the role
+//! is always `Role::Single`. The cluster's engine (openraft) will live in this module and
+//! nowhere else, behind these same types, so that the supervisor, the product actors, the
+//! service, the keyring and HTTP keep calling exactly what they call now.
+//!
+//! Layer: between `storage`/`feed` and `actors`. It imports only from those below it; when
+//! the engine has to tell the supervisor something (gaining or losing the leadership), it
+//! will do so through a channel whose message type is defined here.
+
+pub mod journal;
+pub mod role;
+
+pub use journal::Journal;
+pub use role::{NodeId, Role, SINGLE_NODE_ID};
+
+use serde::Serialize;
+
+/// One member of the cluster as `GET /v1/cluster` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Member {
+    pub id: NodeId,
+    /// The address its public API serves on, `HOST:PORT` as it was bound (or, in a
+    /// cluster, as `--peers` names it).
+    pub api: String,
+    /// The address of its Raft listener (`None`: a single node has none).
+    pub raft: Option<String>,
+    /// A voter (counts toward a majority) rather than a learner. A single node votes.
+    pub voter: bool,
+}
+
+/// What `GET /v1/cluster` answers, for any role. Positions are log sequence numbers, the
+/// numbering every other answer of the API uses (events' `seq`, a snapshot's `sequence`):
+/// 0 means "none".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Status {
+    pub node_id: NodeId,
+    pub role: &'static str,
+    /// The Raft term this node knows (0: no election ever happened, as on a single node).
+    pub term: u64,
+    /// The node that accepts changes now (`None`: none known). A single node is its own.
+    pub leader: Option<NodeId>,
+    pub members: Vec<Member>,
+    /// The last record this node holds in its log, flushed or not.
+    pub last_seq: u64,
+    /// The last record flushed to this node's disk.
+    pub durable_seq: u64,
+    /// The last record this node knows to be committed (on a single node: durable).
+    pub committed_seq: u64,
+    /// The last record folded into the state this node serves from.
+    pub applied_seq: u64,
+    /// The record the newest snapshot covers (0: none yet).
+    pub snapshot_seq: u64,
+}
+
+impl Status {
+    /// The status of a single node (no `--peers`): it leads itself, and everything its log
+    /// has flushed is committed and applied.
+    pub fn single(api: String, journal: &Journal, snapshot_seq: u64) -> Status {
+        let durable = journal.durable_seq();
+        Status {
+            node_id: SINGLE_NODE_ID,
+            role: Role::Single.as_str(),
+            term: 0,
+            leader: Some(SINGLE_NODE_ID),
+            members: vec![Member {
+                id: SINGLE_NODE_ID,
+                api,
+                raft: None,
+                voter: true,
+            }],
+            last_seq: durable,
+            durable_seq: durable,
+            committed_seq: durable,
+            applied_seq: durable,
+            snapshot_seq,
+        }
+    }
+}
