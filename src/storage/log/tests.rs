@@ -397,9 +397,12 @@ fn write_batches(dir: &Path, sizes: &[u64], per_segment: u64) {
         .unwrap();
     runtime.block_on(async {
         for size in sizes {
+            // Held, the writer cannot take part of the batch before the rest is queued.
+            let release = handle.hold();
             let tickets: Vec<_> = (next..next + size)
                 .map(|i| handle.append(created(i)))
                 .collect();
+            drop(release);
             for (i, ticket) in tickets.into_iter().enumerate() {
                 assert_eq!(ticket.durable().await.unwrap(), next + i as u64);
             }

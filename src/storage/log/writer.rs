@@ -42,6 +42,8 @@ pub(super) enum Command {
     /// Saves a cluster node's vote once every record queued before it is flushed.
     SaveVote(Vote, oneshot::Sender<Result<u64, LogError>>),
     Shutdown(oneshot::Sender<Result<u64, LogError>>),
+    /// Test hook: the writer takes nothing more until the sender is dropped (`hold`).
+    Hold(std::sync::mpsc::Receiver<()>),
 }
 
 /// Cheap to clone; every actor that logs holds one.
@@ -151,6 +153,16 @@ impl LogHandle {
     /// False once a write has failed: the server then refuses every mutation with 503.
     pub fn is_healthy(&self) -> bool {
         !self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Test hook: the writer takes no command queued after this one until the returned
+    /// sender is dropped, so that what is appended meanwhile forms one group commit
+    /// whatever the machine's load (up to the batch limit).
+    #[doc(hidden)]
+    pub fn hold(&self) -> std::sync::mpsc::Sender<()> {
+        let (release, held) = std::sync::mpsc::channel();
+        let _ = self.tx.send(Command::Hold(held));
+        release
     }
 
     /// Failure injection for tests: every later write fails as if the disk refused it.
@@ -326,6 +338,8 @@ impl Writer {
             Command::Barrier(waiter) => barriers.push((waiter, records.len() as u64)),
             Command::Shutdown(waiter) => *shutdown = Some(waiter),
             Command::SaveVote(v, waiter) => *vote = Some((v, waiter)),
+            // Blocks this thread until released (a test's sender dropped).
+            Command::Hold(held) => while held.recv().is_ok() {},
         }
     }
 
