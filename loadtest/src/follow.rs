@@ -205,13 +205,18 @@ impl Follower {
     /// Stops the scraper, gives the reader a bounded time to reach the feed's end, and
     /// reports; with a check that it kept up (reached the end, no error).
     pub async fn finish(self) -> (FeedLag, Check) {
-        let feed_through = metrics(&self.client, &self.base)
-            .await
-            .map_or(0, |(_, through)| through);
+        // Without the feed's end there is nothing to have kept up with: an error.
+        let (feed_through, end_error) = match metrics(&self.client, &self.base).await {
+            Ok((_, through)) => (through, None),
+            Err(err) => (u64::MAX, Some(format!("reading the feed's end: {err}"))),
+        };
         let deadline = Instant::now() + CATCH_UP_LIMIT;
         let after = self.after;
         let reached = |seen: &Seen| seen.received.last().map_or(after, |r| r.1);
-        while reached(&self.seen.lock().unwrap()) < feed_through && Instant::now() < deadline {
+        while end_error.is_none()
+            && reached(&self.seen.lock().unwrap()) < feed_through
+            && Instant::now() < deadline
+        {
             sleep(Duration::from_millis(20)).await;
         }
         self.stop.notify_waiters();
@@ -235,6 +240,12 @@ impl Follower {
                 }
             }
         }
+        let error = seen.error.clone().or(end_error);
+        let feed_through = if feed_through == u64::MAX {
+            0
+        } else {
+            feed_through
+        };
         let lag = FeedLag {
             events_received: seqs.len() as u64,
             reconnects: seen.reconnects,
@@ -247,8 +258,8 @@ impl Follower {
         };
         let check = Check::new(
             "the live reader of the change feed kept up",
-            seen.error.is_none() && lag.reader_through >= feed_through,
-            match &seen.error {
+            error.is_none() && lag.reader_through >= feed_through,
+            match &error {
                 Some(err) => err.clone(),
                 None => format!(
                     "{} events received; had every record through {} of the feed's {}; \
