@@ -8,7 +8,8 @@
 //! `IMPORT_ACTIVATE=1` (each client also replenishes every product it created, so every
 //! product gets an actor: the passivation backlog an import made when a create spawned
 //! one, to measure its drain and the memory it returns), `IMPORT_JSON` (write the figures
-//! there).
+//! there), `IMPORT_PROBE=1` (with a server built `--features memory-probe`: its held bytes
+//! and mimalloc's pages printed after the drain, the snapshot and the restart).
 //!
 //! Steps: (1) start the real binary on an empty directory; (2) create the products from
 //! the clients, sampling the server's VmRSS every 0.5 s: import rate, peak RSS, the RSS
@@ -37,6 +38,52 @@ const RETIRED_AND_RELEASED: Duration =
 
 fn vm_rss_kb(pid: u32) -> u64 {
     support::procfs::status_kb(pid, "VmRSS:")
+}
+
+/// The server's resident memory by kind (KiB): anonymous (the heap), file-backed (the
+/// binary, mapped files) and shared memory.
+fn rss_split(pid: u32) -> String {
+    let kb = |field| support::procfs::status_kb(pid, field);
+    format!(
+        "anon {:.0}, file {:.0}, shmem {:.0} MiB",
+        mib(kb("RssAnon:")),
+        mib(kb("RssFile:")),
+        mib(kb("RssShmem:"))
+    )
+}
+
+/// The log segments (sled databases) the server has open: the directories of its open
+/// files named `segment-*`.
+fn open_segments(pid: u32) -> Vec<String> {
+    let mut dirs: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.flatten()
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .filter_map(|target| {
+                    target
+                        .ancestors()
+                        .filter_map(|a| a.file_name()?.to_str())
+                        .find(|name| name.starts_with("segment-"))
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    dirs.sort();
+    dirs.dedup();
+    dirs
+}
+
+/// With `IMPORT_PROBE=1`, asks a `memory-probe` build of the server to print its figures
+/// (SIGUSR1; the default action would kill any other build), and waits a moment for it.
+fn probe(pid: u32, at: &str) {
+    if env_u64("IMPORT_PROBE", 0) == 1 {
+        eprintln!("  probe {at}:");
+        let _ = std::process::Command::new("kill")
+            .args(["-USR1", &pid.to_string()])
+            .status();
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
 
 fn mib(kb: u64) -> f64 {
@@ -217,6 +264,12 @@ fn main() {
         drained_in.as_secs_f64(),
         mib(rss_drained_kb)
     );
+    println!(
+        "  after the drain: {}; log segments open {:?}",
+        rss_split(pid),
+        open_segments(pid)
+    );
+    probe(pid, "after the drain");
 
     // (4) A snapshot, and a restart from it.
     let snapshot = runtime.block_on(async {
@@ -235,10 +288,18 @@ fn main() {
         "  snapshot: {snapshot}; RSS after it {:.0} MiB",
         mib(rss_after_snapshot_kb)
     );
+    println!(
+        "  after the snapshot: {}; log segments open {:?}",
+        rss_split(pid),
+        open_segments(pid)
+    );
+    probe(pid, "after the snapshot");
     let restart = server.restart().expect("restarts");
     let pid = server.pid().expect("running");
     std::thread::sleep(Duration::from_secs(1));
     let rss_restarted_kb = vm_rss_kb(pid);
+    println!("  restarted: {}", rss_split(pid));
+    probe(pid, "restarted");
     let listed = runtime.block_on(metric(&client, &server.base_url, "stockd_products"));
     assert_eq!(listed as u64, products - failed, "every product restored");
     let ratio = rss_drained_kb as f64 / rss_restarted_kb.max(1) as f64;

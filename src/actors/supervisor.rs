@@ -272,6 +272,34 @@ pub struct SupervisorState {
     stopping: bool,
 }
 
+impl SupervisorState {
+    /// Once the actors of a large passivation sweep have stopped, before their memory is
+    /// returned: the routing index rebuilt if SKUs were added meanwhile (its nodes pinned
+    /// the allocator's pages among the actors' blocks, `Routes::compact`), and the tables
+    /// sized for the resident actors shrunk to the actors left. The index only when few
+    /// actors are left (a backlog drained, not a sweep in the middle of an import that
+    /// activates what it creates): nodes rebuilt among live actors' blocks would pin
+    /// pages again, and the next rebuild waits for as many SKUs added again.
+    fn compact_tables(&mut self) {
+        let started = Instant::now();
+        // A `memory-probe` build measures the server without it (the A/B of
+        // docs/PERFORMANCE.md) with `STOCKD_COMPACT_TABLES=off`.
+        #[cfg(feature = "memory-probe")]
+        if std::env::var("STOCKD_COMPACT_TABLES").as_deref() == Ok("off") {
+            return;
+        }
+        let rebuilt = self.active.len() <= PASSIVATION_SWEEP_RELEASE_MIN && self.routes.compact();
+        self.active.shrink_to_fit();
+        self.skus_by_actor.shrink_to_fit();
+        self.idle_candidates.shrink_to_fit();
+        tracing::debug!(
+            rebuilt,
+            took_ms = started.elapsed().as_secs_f64() * 1e3,
+            "compacted the supervisor's tables"
+        );
+    }
+}
+
 impl Actor for Supervisor {
     type Msg = SupervisorMsg;
     type State = SupervisorState;
@@ -459,6 +487,10 @@ impl Actor for Supervisor {
                 // (the runtime's park hook), and a blocking thread returns what is shared
                 // (abandoned pages, arenas), off this mailbox. For a window, pages freed
                 // to mimalloc's arena go back to the OS at once, see `EndReleaseWindow`.
+                if !state.release_due {
+                    // The last release of this drain: the actors have stopped.
+                    state.compact_tables();
+                }
                 return_freed_pages_at_once();
                 state.release_window += 1;
                 let window = state.release_window;

@@ -26,6 +26,17 @@ pub(super) const TRASH_PREFIX: &str = "trash-";
 /// MB), so that sled never evicts while one is written or read. Only the newest segment
 /// stays open, older ones only while they are read, so this bounds little in practice.
 pub(super) const SEGMENT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// `SEGMENT_CACHE_BYTES`, or in a `memory-probe` build `STOCKD_SEGMENT_CACHE_BYTES`.
+fn segment_cache_bytes() -> u64 {
+    #[cfg(feature = "memory-probe")]
+    if let Some(bytes) = std::env::var("STOCKD_SEGMENT_CACHE_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return bytes;
+    }
+    SEGMENT_CACHE_BYTES
+}
 /// How long opening a segment retries while sled's lock on it is still held by the
 /// instance being closed (its last handle can outlive the close by a moment).
 pub(super) const SEGMENT_LOCK_RETRY: Duration = Duration::from_secs(2);
@@ -72,7 +83,7 @@ pub(super) fn open_sled(path: &Path) -> Result<sled::Db, OpenError> {
     loop {
         let result = sled::Config::new()
             .path(path)
-            .cache_capacity(SEGMENT_CACHE_BYTES)
+            .cache_capacity(segment_cache_bytes())
             .flush_every_ms(None)
             .open();
         match result {
