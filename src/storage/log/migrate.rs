@@ -31,12 +31,9 @@ pub(super) fn migrate_single_database(
     for slot in segments.list() {
         segments.remove(slot.first)?; // left by an interrupted move
     }
-    remove_unfinished_sled_snapshots(dir)?;
-    let old = sled::Config::new()
-        .path(dir)
-        .flush_every_ms(None)
-        .open()
-        .map_err(sled_err(dir))?;
+    // As a segment is opened: sled's lock on the old database can outlast its last close
+    // by a moment (or be held by a child process forked meanwhile, until it execs).
+    let old = open_sled(dir)?;
     let meta = old.open_tree("meta").map_err(sled_err(dir))?;
     let mark = match meta.get(b"truncated_through").map_err(sled_err(dir))? {
         Some(bytes) => seq_of(&bytes)?,
