@@ -48,7 +48,10 @@
 //! that arrived while the previous flush ran, encodes it straight into one batch value per
 //! segment it touches (in one buffer it keeps), inserts and flushes each of those segments
 //! in order, then answers every ticket of the batch. Throughput comes from the batch,
-//! never from skipping the flush.
+//! never from skipping the flush. A cluster node's Raft entries go through the same group
+//! commit (`append_entries`, `0x82` batch values; a batch holds records or entries, never
+//! both), and their callback is called at the same point, after the flush and
+//! `sync_blobs`.
 //!
 //! The queue is FIFO, so the order in which records are queued is the order in which they
 //! are numbered and stored. Callers rely on this for the log order rule (invariant 3
@@ -91,9 +94,10 @@ use dir::*;
 use migrate::*;
 use segments::*;
 
+pub use batch::NewEntry;
 pub use reader::{LogReader, LogSummary, OpenAhead};
 pub use segments::SEGMENT_RECORDS_DEFAULT;
-pub use writer::{LogHandle, LogStats, Ticket};
+pub use writer::{Flushed, LogHandle, LogStats, Ticket};
 
 /// Why the log cannot acknowledge a record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -153,6 +157,9 @@ pub struct Log {
     segments: Arc<Segments>,
     pub(super) segment_records: u64,
     pub(super) flush_interval: Duration,
+    /// Test hook: the writer notes its flushes here (`writer::Step`).
+    #[cfg(test)]
+    trace: Option<writer::Trace>,
 }
 
 impl Log {
@@ -174,6 +181,8 @@ impl Log {
             segments: Arc::new(segments),
             segment_records: SEGMENT_RECORDS_DEFAULT,
             flush_interval: Duration::ZERO,
+            #[cfg(test)]
+            trace: None,
         })
     }
 
