@@ -1099,7 +1099,7 @@ fn a_damaged_vote_is_an_error_and_a_failed_log_saves_no_vote() {
     assert_eq!(Log::open(&dir).unwrap().vote().unwrap(), Some(vote));
 }
 
-// --- The writer storing Raft entries (`append_entries`). ---
+// --- The writer storing Raft entries (`append_entries`) and cutting them (`truncate_after`). ---
 
 /// Entry `seq` as these tests append it: `entry_payload(seq)` in `term`.
 fn new_entry(seq: u64, term: u64) -> NewEntry {
@@ -1252,7 +1252,7 @@ fn appended_entries_are_reported_flushed_only_after_the_flush_and_the_blob_sync(
 }
 
 /// An append after an injected write failure is reported `Err`, and so is every later
-/// one (records too); what was reported flushed before is all there after
+/// one (records, cuts and votes too); what was reported flushed before is all there after
 /// a restart. An append that does not continue the log fails it too.
 #[test]
 fn appending_entries_fails_after_an_injected_write_failure() {
@@ -1270,6 +1270,7 @@ fn appending_entries_fails_after_an_injected_write_failure() {
         .unwrap();
     runtime.block_on(async {
         assert!(handle.append(created(13)).durable().await.is_err());
+        assert!(handle.truncate_after(5).durable().await.is_err());
         let _ = handle.shutdown().await;
     });
     join.join().unwrap();
@@ -1375,4 +1376,148 @@ fn records_and_entries_mixed_in_segments_read_back_in_order_across_a_segment_rol
         .map(|e| e.map(|e| (e.pos.seq, e.pos.term)).unwrap())
         .collect();
     assert_eq!(tail, (27..=31).map(|seq| (seq, 4)).collect::<Vec<_>>());
+}
+
+/// `truncate_after` drops an uncommitted tail: inside a batch, inside the current segment,
+/// and back into an earlier segment (the later ones go); entries appended after it are
+/// numbered from the cut and read back after a restart, with no segment left ahead.
+#[test]
+fn truncate_after_drops_the_tail_inside_a_batch_and_appends_continue_from_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let log = Log::open(&dir).unwrap().with_segment_records(10);
+    let (handle, join) = log.start_writer(1).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    for first in (1..=25).step_by(5) {
+        assert_eq!(
+            append_entries_now(&handle, first..=first + 4, 1),
+            Ok(first + 4)
+        );
+    }
+    // Past the end: nothing to drop.
+    assert_eq!(
+        runtime.block_on(handle.truncate_after(40).durable()),
+        Ok(25)
+    );
+    // Inside the batch 21-25 of the current segment.
+    assert_eq!(
+        runtime.block_on(handle.truncate_after(23).durable()),
+        Ok(23)
+    );
+    assert_eq!(handle.durable_seq(), 23);
+    assert_eq!(append_entries_now(&handle, 24..=27, 2), Ok(27));
+    // Back inside the batch 11-15 of an earlier segment: 21-27 go, their segment too.
+    assert_eq!(
+        runtime.block_on(handle.truncate_after(12).durable()),
+        Ok(12)
+    );
+    assert_eq!(append_entries_now(&handle, 13..=22, 3), Ok(22));
+    // A cut queued right behind an append waits for it, and one behind the cut follows.
+    let queued = queue_entries(&handle, 23..=24, 3);
+    let cut = handle.truncate_after(20);
+    let after = queue_entries(&handle, 21..=21, 4);
+    assert_eq!(queued.recv().unwrap(), Ok(24));
+    assert_eq!(runtime.block_on(cut.durable()), Ok(20));
+    assert_eq!(after.recv().unwrap(), Ok(21));
+    runtime.block_on(handle.shutdown()).unwrap();
+    join.join().unwrap();
+    let expected: Vec<(u64, u64)> = (1..=21)
+        .map(|seq| {
+            (
+                seq,
+                if seq <= 12 {
+                    1
+                } else if seq <= 20 {
+                    3
+                } else {
+                    4
+                },
+            )
+        })
+        .collect();
+    assert_eq!(all_entries(&dir), expected);
+    assert_eq!(
+        segment_dirs(&dir).len(),
+        3,
+        "segments 1, 11, 21: {:?}",
+        segment_dirs(&dir)
+    );
+    // And the writer goes on after a restart. A cut before the front of the log (truncated
+    // through 10, which a snapshot covers) is refused without harm.
+    let log = Log::open(&dir).unwrap().with_segment_records(10);
+    let reader = log.reader();
+    assert_eq!(reader.truncate_through(10).unwrap(), 10);
+    let (handle, join) = log.start_writer(22).unwrap();
+    let refused = runtime.block_on(handle.truncate_after(9).durable());
+    assert!(refused.is_err(), "{refused:?}");
+    assert!(handle.is_healthy());
+    assert_eq!(append_entries_now(&handle, 22..=22, 4), Ok(22));
+    drop(reader);
+    runtime.block_on(handle.shutdown()).unwrap();
+    join.join().unwrap();
+    let log = Log::open(&dir).unwrap();
+    let read: Vec<u64> = log
+        .reader()
+        .entries_after(10)
+        .map(|e| e.unwrap().pos.seq)
+        .collect();
+    assert_eq!(read, (11..=22).collect::<Vec<_>>());
+    assert_eq!(log.last_seq().unwrap(), 22);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// A cut of the tail (`truncate_after`'s, which is `truncate_from`'s) interrupted after
+/// any number of its steps leaves a log without a hole: a prefix of the entries, at least
+/// up to the cut, which reopens and reads in order.
+#[test]
+fn a_cut_interrupted_at_any_step_leaves_no_hole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pristine = tmp.path().join("pristine");
+    let log = Log::open(&pristine).unwrap().with_segment_records(10);
+    let (handle, join) = log.start_writer(1).unwrap();
+    for first in (1..=33).step_by(4) {
+        assert_eq!(
+            append_entries_now(&handle, first..=first + 3, 1),
+            Ok(first + 3)
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(handle.shutdown()).unwrap();
+    join.join().unwrap();
+    assert_eq!(all_entries(&pristine).len(), 36);
+    // Cut at 15, inside the batch 13-16 (segment 11-20); segments 21 and 31 go first.
+    let mut lasts = Vec::new();
+    for steps in 0.. {
+        let dir = tmp.path().join(format!("crash-{steps}"));
+        copy_dir(&pristine, &dir);
+        let log = Log::open(&dir).unwrap();
+        log.truncate_from_crashing(15, steps).unwrap();
+        drop(log);
+        let read = all_entries(&dir);
+        let last = read.len() as u64;
+        assert!((14..=36).contains(&last), "after {steps} steps: {last}");
+        lasts.push(last);
+        if last == 14 {
+            break;
+        }
+        assert!(steps < 10, "the cut never ends: {lasts:?}");
+    }
+    // Each step shortened the log (segments 31, 21, then keys 17-20, then the batch).
+    assert_eq!(lasts, vec![36, 30, 20, 16, 14]);
 }

@@ -52,6 +52,9 @@ pub(super) enum Command {
     /// A cluster node's Raft entries, group-committed like records (boxed: the queue's
     /// slots stay the size they were for records).
     AppendEntries(Box<EntryAppend>),
+    /// Drops every record or entry after this sequence, once everything queued before it
+    /// is written.
+    TruncateAfter(u64, oneshot::Sender<Result<u64, LogError>>),
     /// Resolves once every command queued before it has been flushed.
     Barrier(oneshot::Sender<Result<u64, LogError>>),
     /// Saves a cluster node's vote once every record queued before it is flushed.
@@ -157,6 +160,23 @@ impl LogHandle {
         {
             (append.flushed)(Err(LogError::Unavailable("the log writer stopped".into())));
         }
+    }
+
+    /// Drops every record or entry after `last` (a cluster node's uncommitted tail), once
+    /// everything queued before it is written; what is queued after it is numbered from
+    /// `last + 1`. Newest first, a batch holding the cut rewritten last, then flushed (as
+    /// `Log::truncate_from`): a crash at any point leaves a log without a hole. The ticket
+    /// resolves with the log's last sequence number afterwards (`last`, or the log's end
+    /// if that is before it). Refused without harm for a `last` the front of the log was
+    /// already truncated past; a failure while cutting fails the log like a failed write.
+    pub fn truncate_after(&self, last: u64) -> Ticket {
+        let (tx, rx) = oneshot::channel();
+        if let Err(mpsc::SendError(Command::TruncateAfter(_, tx))) =
+            self.tx.send(Command::TruncateAfter(last, tx))
+        {
+            let _ = tx.send(Err(LogError::Unavailable("the log writer stopped".into())));
+        }
+        Ticket(rx)
     }
 
     /// Sequence number of the last record known to be flushed (0 if none).
@@ -306,6 +326,7 @@ pub(super) type Trace = Arc<std::sync::Mutex<Vec<Step>>>;
 /// of the other kind (a record after entries, entries after records), held for the next.
 pub(super) enum Stop {
     Vote(Vote, Waiter),
+    Truncate(u64, Waiter),
     Held(Command),
 }
 
@@ -370,9 +391,9 @@ impl Writer {
             let mut shutdown = None;
             let mut stop = None;
             // Block for the first command, then take whatever else is already queued, up to
-            // a shutdown (which must see exactly the records before it), a vote (saved
-            // after the records before it, before any after it), or a command of the other
-            // kind than the batch's (held for the next batch).
+            // a shutdown (which must see exactly the records before it), a vote or a cut
+            // (run after the records before it, before any after it), or a command of the
+            // other kind than the batch's (held for the next batch).
             let first = match held.take() {
                 Some(cmd) => cmd,
                 None => match rx.recv() {
@@ -446,6 +467,10 @@ impl Writer {
                     let saved = outcome.and_then(|last| self.save_vote(&vote).map(|()| last));
                     let _ = waiter.send(saved);
                 }
+                Some(Stop::Truncate(last, waiter)) => {
+                    let cut = outcome.and_then(|_| self.truncate_after(last));
+                    let _ = waiter.send(cut);
+                }
                 Some(Stop::Held(cmd)) => held = Some(cmd),
                 None => {}
             }
@@ -468,6 +493,7 @@ impl Writer {
             Command::Barrier(waiter) => barriers.push((waiter, records.len() as u64)),
             Command::Shutdown(waiter) => *shutdown = Some(waiter),
             Command::SaveVote(v, waiter) => *stop = Some(Stop::Vote(v, waiter)),
+            Command::TruncateAfter(last, waiter) => *stop = Some(Stop::Truncate(last, waiter)),
             cmd @ Command::AppendEntries(_) => *stop = Some(Stop::Held(cmd)),
             // Blocks this thread until released (a test's sender dropped).
             Command::Hold(held) => while held.recv().is_ok() {},
@@ -499,6 +525,7 @@ impl Writer {
             Command::Barrier(waiter) => barriers.push((waiter, entries.len() as u64)),
             Command::Shutdown(waiter) => *shutdown = Some(waiter),
             Command::SaveVote(v, waiter) => *stop = Some(Stop::Vote(v, waiter)),
+            Command::TruncateAfter(last, waiter) => *stop = Some(Stop::Truncate(last, waiter)),
             cmd @ Command::Append(..) => *stop = Some(Stop::Held(cmd)),
             Command::Hold(held) => while held.recv().is_ok() {},
         }
@@ -533,6 +560,48 @@ impl Writer {
             next = self.next_seq + end;
         }
         self.write_batch(entries)
+    }
+
+    /// Drops everything after `last` (see `LogHandle::truncate_after`); returns the log's
+    /// last sequence afterwards.
+    fn truncate_after(&mut self, last: u64) -> Result<u64, LogError> {
+        if let Some(err) = &self.failed {
+            return Err(err.clone());
+        }
+        let end = self.next_seq - 1;
+        if last >= end {
+            return Ok(end);
+        }
+        let mark = self.segments.mark();
+        if last < mark {
+            return Err(LogError::Unavailable(format!(
+                "cannot cut the log after {last}: its front is truncated through {mark}"
+            )));
+        }
+        // The segment prepared ahead starts after the cut: it goes with the rest, and so
+        // does the current one if it starts after it (the writer's references are
+        // dropped, so that their directories are deleted).
+        if let Some((_, answer)) = self.preparing.take() {
+            drop(answer.recv());
+        }
+        let cut = truncate_segments(&self.segments, last + 1, &mut || true)
+            .map_err(|e| LogError::Unavailable(format!("cutting the log after {last}: {e}")));
+        if self.current.as_ref().is_some_and(|c| c.first() > last) {
+            drop(self.current.take());
+        }
+        self.synced_blobs.clear();
+        if let Err(err) = cut {
+            return Err(self.fail(err));
+        }
+        self.next_seq = last + 1;
+        self.durable.store(last, Ordering::SeqCst);
+        if self.current.is_none() {
+            match open_newest(&self.segments, self.next_seq) {
+                Ok(current) => self.current = current,
+                Err(e) => return Err(self.fail(LogError::Unavailable(e.to_string()))),
+            }
+        }
+        Ok(last)
     }
 
     /// Writes the vote file (after this batch's records are flushed). A failure is a
