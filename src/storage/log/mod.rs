@@ -260,6 +260,13 @@ impl Log {
         read_vote(&self.segments.dir)
     }
 
+    /// A cluster node's committed mark (`LogHandle::save_committed`): its log is
+    /// committed at least through this sequence (0: not known). Only a lower bound: start-up
+    /// recovers through it, and the engine brings the rest.
+    pub fn committed(&self) -> Result<u64, OpenError> {
+        read_committed(&self.segments.dir)
+    }
+
     /// Flushes everything written so far (only while no writer runs).
     pub fn flush(&self) -> Result<(), OpenError> {
         self.segments.flush()

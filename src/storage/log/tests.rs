@@ -1521,3 +1521,76 @@ fn a_cut_interrupted_at_any_step_leaves_no_hole() {
     // Each step shortened the log (segments 31, 21, then keys 17-20, then the batch).
     assert_eq!(lasts, vec![36, 30, 20, 16, 14]);
 }
+
+// --- A cluster node's committed mark. ---
+
+/// The committed mark is written with the batches after `save_committed`, never past the
+/// durable log (nor past a cut), never lowered by a smaller value, and read back after a
+/// restart; a file a crash left damaged reads as 0, which is as safe.
+#[test]
+fn the_committed_mark_is_a_lower_bound_written_with_each_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let log = Log::open(&dir).unwrap();
+    assert_eq!(log.committed().unwrap(), 0);
+    let (handle, join) = log.start_writer(1).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    assert_eq!(append_entries_now(&handle, 1..=10, 1), Ok(10));
+    assert!(
+        !dir.join(COMMITTED_FILE).exists(),
+        "nothing said committed yet"
+    );
+    handle.save_committed(5);
+    assert_eq!(runtime.block_on(handle.barrier().durable()), Ok(10));
+    assert_eq!(read_committed(&dir).unwrap(), 5);
+    // Told more than is durable: the mark stops at the durable log.
+    handle.save_committed(20);
+    assert_eq!(append_entries_now(&handle, 11..=12, 1), Ok(12));
+    assert_eq!(read_committed(&dir).unwrap(), 12);
+    handle.save_committed(3);
+    assert_eq!(append_entries_now(&handle, 13..=16, 1), Ok(16));
+    assert_eq!(
+        read_committed(&dir).unwrap(),
+        16,
+        "up to 20 now, never lowered"
+    );
+    // A cut below it (which the engine never makes) brings it back to the log's end.
+    assert_eq!(
+        runtime.block_on(handle.truncate_after(14).durable()),
+        Ok(14)
+    );
+    assert_eq!(read_committed(&dir).unwrap(), 14);
+    assert_eq!(append_entries_now(&handle, 15..=18, 2), Ok(18));
+    assert_eq!(
+        read_committed(&dir).unwrap(),
+        14,
+        "told 14 at most since the cut"
+    );
+    runtime.block_on(handle.shutdown()).unwrap();
+    join.join().unwrap();
+    assert!(!dir.join(format!("{COMMITTED_FILE}.tmp")).exists());
+    let log = Log::open(&dir).unwrap();
+    assert_eq!(log.committed().unwrap(), 14);
+    // The writer starts from the file: a smaller value is not written over it.
+    let (handle, join) = log.start_writer(19).unwrap();
+    handle.save_committed(2);
+    assert_eq!(append_entries_now(&handle, 19..=19, 2), Ok(19));
+    assert_eq!(read_committed(&dir).unwrap(), 14);
+    runtime.block_on(handle.shutdown()).unwrap();
+    join.join().unwrap();
+    let good = fs::read(dir.join(COMMITTED_FILE)).unwrap();
+    for at in 0..good.len() {
+        let mut bytes = good.clone();
+        bytes[at] ^= 0x08;
+        fs::write(dir.join(COMMITTED_FILE), &bytes).unwrap();
+        assert_eq!(
+            Log::open(&dir).unwrap().committed().unwrap(),
+            0,
+            "byte {at}"
+        );
+    }
+    fs::write(dir.join(COMMITTED_FILE), &good[..5]).unwrap();
+    assert_eq!(Log::open(&dir).unwrap().committed().unwrap(), 0);
+}

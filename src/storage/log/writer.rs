@@ -74,6 +74,8 @@ pub struct LogHandle {
     failed: Arc<AtomicBool>,
     /// Sequence number of the last flushed record.
     durable: Arc<AtomicU64>,
+    /// The highest sequence a cluster node was told is committed (`save_committed`).
+    committed: Arc<AtomicU64>,
     counters: Arc<WriterCounters>,
 }
 
@@ -179,6 +181,15 @@ impl LogHandle {
         Ticket(rx)
     }
 
+    /// Records that a cluster node's log is committed through `seq` (never lowered).
+    /// With each later batch, the writer writes `DIR/log/committed` = min(`seq`, the
+    /// durable sequence) by a temporary file and a rename, without fsync: only a lower
+    /// bound for start-up (`Log::committed`), which a stale value leaves safe and one
+    /// beyond the durable log would not. Returns at once.
+    pub fn save_committed(&self, seq: u64) {
+        self.committed.fetch_max(seq, Ordering::SeqCst);
+    }
+
     /// Sequence number of the last record known to be flushed (0 if none).
     pub fn durable_seq(&self) -> u64 {
         self.durable.load(Ordering::SeqCst)
@@ -245,6 +256,8 @@ impl Log {
         let fail_from = Arc::new(AtomicU64::new(u64::MAX));
         let failed = Arc::new(AtomicBool::new(false));
         let durable = Arc::new(AtomicU64::new(next_seq - 1));
+        let committed_written = self.committed()?;
+        let committed = Arc::new(AtomicU64::new(committed_written));
         let counters = Arc::new(WriterCounters::default());
         // Appends continue the newest segment, unless it is full (or there is none). A
         // newest segment that starts after `next_seq` was created ahead of need and never
@@ -255,6 +268,8 @@ impl Log {
         let writer = Writer {
             failed_flag: failed.clone(),
             durable: durable.clone(),
+            committed: committed.clone(),
+            committed_written,
             counters: counters.clone(),
             segments: self.segments,
             current,
@@ -279,6 +294,7 @@ impl Log {
                 fail_from,
                 failed,
                 durable,
+                committed,
                 counters,
             },
             join,
@@ -365,6 +381,9 @@ pub(super) struct Writer {
     pub(super) failed_flag: Arc<AtomicBool>,
     pub(super) fail_from: Arc<AtomicU64>,
     pub(super) durable: Arc<AtomicU64>,
+    pub(super) committed: Arc<AtomicU64>,
+    /// What `DIR/log/committed` holds (as far as this writer knows).
+    pub(super) committed_written: u64,
     pub(super) counters: Arc<WriterCounters>,
     /// Encodes each batch value (its buffer is kept from one batch to the next).
     pub(super) builder: BatchBuilder,
@@ -440,6 +459,7 @@ impl Writer {
             };
             if let Ok(last) = outcome {
                 self.durable.store(last, Ordering::SeqCst);
+                self.write_committed(last);
                 if written > 0 {
                     let c = &self.counters;
                     c.batches.fetch_add(1, Ordering::Relaxed);
@@ -531,6 +551,20 @@ impl Writer {
         }
     }
 
+    /// Writes the committed mark, min(what `save_committed` was told, `durable`), if that
+    /// is more than the file holds. A failure is only warned about: the file is a lower
+    /// bound, and a stale one is safe.
+    fn write_committed(&mut self, durable: u64) {
+        let committed = self.committed.load(Ordering::SeqCst).min(durable);
+        if committed <= self.committed_written {
+            return;
+        }
+        match write_committed(&self.segments.dir, committed) {
+            Ok(()) => self.committed_written = committed,
+            Err(err) => tracing::warn!(error = %err, "cannot write the log's committed mark"),
+        }
+    }
+
     /// Marks the log failed: nothing is written or acknowledged after `err`.
     fn fail(&mut self, err: LogError) -> LogError {
         tracing::error!(error = %err, "write-ahead log failed; refusing all further writes");
@@ -577,6 +611,17 @@ impl Writer {
             return Err(LogError::Unavailable(format!(
                 "cannot cut the log after {last}: its front is truncated through {mark}"
             )));
+        }
+        // The engine never cuts a committed entry; whatever a caller does, the committed
+        // mark never claims more than the log holds: lowered first, so that a crash
+        // during the cut leaves it lower, never higher.
+        self.committed.fetch_min(last, Ordering::SeqCst);
+        if self.committed_written > last {
+            if let Err(e) = write_committed(&self.segments.dir, last) {
+                let err = format!("lowering the committed mark to {last}: {e}");
+                return Err(self.fail(LogError::Unavailable(err)));
+            }
+            self.committed_written = last;
         }
         // The segment prepared ahead starts after the cut: it goes with the rest, and so
         // does the current one if it starts after it (the writer's references are
