@@ -33,7 +33,8 @@
 //! Their framing is walked, cut and damaged exactly as a record batch's is. The readers of
 //! records (recovery, snapshots, the feed, `log dump`) refuse such a frame
 //! (`OpenError::RaftEntry`, naming its sequence) instead of decoding its payload as a
-//! record: only the cluster's own reader folds entries. No build writes them yet.
+//! record: only the cluster's own reader folds entries. The writer stores them
+//! (`LogHandle::append_entries`, `BatchBuilder::fill_entries`) for a cluster node only.
 
 use sled::IVec;
 
@@ -101,6 +102,51 @@ impl BatchBuilder {
         self.buf[1..HEADER_BYTES].copy_from_slice(&(count as u32).to_le_bytes());
         (&self.buf, count)
     }
+}
+
+impl BatchBuilder {
+    /// `fill` for Raft entries: encodes entries from the front of `entries` (numbered from
+    /// `first`) into one `ENTRY_BATCH_FORMAT` value, each frame with its term and the
+    /// checksum of its term and payload (`entry::frame_crc`), until the value reaches
+    /// `BATCH_VALUE_BYTES_TARGET` (at least one entry). Returns the value and the number
+    /// of entries in it.
+    pub(super) fn fill_entries(&mut self, first: u64, entries: &[NewEntry]) -> (&[u8], usize) {
+        self.buf.clear();
+        self.buf
+            .extend_from_slice(&[ENTRY_BATCH_FORMAT, 0, 0, 0, 0]);
+        let mut count = 0usize;
+        for entry in entries {
+            let payload = &entry.payload[..];
+            let start = self.buf.len();
+            if count > 0
+                && start + ENTRY_FRAME_HEADER_BYTES + payload.len() > BATCH_VALUE_BYTES_TARGET
+            {
+                break; // it starts the next value
+            }
+            self.buf
+                .extend_from_slice(&(first + count as u64).to_be_bytes());
+            self.buf.extend_from_slice(&entry.term.to_le_bytes());
+            self.buf
+                .extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            let crc = crate::storage::entry::frame_crc(entry.term, payload);
+            self.buf.extend_from_slice(&crc.to_le_bytes());
+            self.buf.extend_from_slice(payload);
+            count += 1;
+        }
+        debug_assert!(count > 0, "a batch holds at least one entry");
+        self.buf[1..HEADER_BYTES].copy_from_slice(&(count as u32).to_le_bytes());
+        (&self.buf, count)
+    }
+}
+
+/// A Raft entry for the writer to store (`LogHandle::append_entries`): its term and its
+/// payload, exactly as `entry::encode_proposal`, `encode_blank` or `encode_membership`
+/// made it. Shared (`Bytes`), so that the in-memory tail the engine reads before the flush
+/// and the writer hold the same bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewEntry {
+    pub term: u64,
+    pub payload: bytes::Bytes,
 }
 
 fn damaged(seq: u64, what: String) -> OpenError {

@@ -17,6 +17,11 @@ pub(super) const LOCK_FILE: &str = "LOCK";
 /// A cluster node's vote (`entry::Vote`): its CRC32 (`u32` LE), then bincode 2 of the vote.
 pub(super) const VOTE_FILE: &str = "vote";
 
+/// A cluster node's committed mark: a sequence through which its log is known committed
+/// (big-endian `u64`, then its CRC32, as the truncation mark). Written without fsync: a
+/// lower bound only, and a file a crash left damaged reads as 0.
+pub(super) const COMMITTED_FILE: &str = "committed";
+
 /// The held `LOCK` file. Dropping it unlocks explicitly before closing: a `flock` belongs
 /// to the open file description, which a child process forked by any thread of this
 /// process shares until it execs (the descriptor is close-on-exec, but the fork comes
@@ -101,6 +106,34 @@ pub(super) fn write_mark(dir: &Path, seq: u64) -> io::Result<()> {
     file.sync_all()?;
     fs::rename(&tmp, dir.join(MARK_FILE))?;
     sync_dir(dir)
+}
+
+/// The committed mark (0: none, or a file a crash left damaged, which is as safe: the
+/// mark is only a lower bound).
+pub(super) fn read_committed(dir: &Path) -> Result<u64, OpenError> {
+    let path = dir.join(COMMITTED_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(err) => return Err(io_err(&path)(err)),
+    };
+    let seq = bytes
+        .split_at_checked(8)
+        .filter(|(seq, crc)| crc.len() == 4 && crc32fast::hash(seq).to_le_bytes() == **crc)
+        .map(|(seq, _)| u64::from_be_bytes(seq.try_into().expect("8 bytes")));
+    if seq.is_none() {
+        tracing::warn!(path = %path.display(), "the log's committed mark is damaged; reading it as 0");
+    }
+    Ok(seq.unwrap_or(0))
+}
+
+/// Writes the committed mark: a temporary file, renamed into place, neither synced.
+pub(super) fn write_committed(dir: &Path, seq: u64) -> io::Result<()> {
+    let tmp = dir.join(format!("{COMMITTED_FILE}.tmp"));
+    let mut bytes = seq.to_be_bytes().to_vec();
+    bytes.extend(crc32fast::hash(&seq.to_be_bytes()).to_le_bytes());
+    fs::write(&tmp, &bytes)?;
+    fs::rename(&tmp, dir.join(COMMITTED_FILE))
 }
 
 /// The vote saved last (`None`: none ever). A file that does not verify is an error, never

@@ -48,7 +48,10 @@
 //! that arrived while the previous flush ran, encodes it straight into one batch value per
 //! segment it touches (in one buffer it keeps), inserts and flushes each of those segments
 //! in order, then answers every ticket of the batch. Throughput comes from the batch,
-//! never from skipping the flush.
+//! never from skipping the flush. A cluster node's Raft entries go through the same group
+//! commit (`append_entries`, `0x82` batch values; a batch holds records or entries, never
+//! both), and their callback is called at the same point, after the flush and
+//! `sync_blobs`.
 //!
 //! The queue is FIFO, so the order in which records are queued is the order in which they
 //! are numbered and stored. Callers rely on this for the log order rule (invariant 3
@@ -91,9 +94,10 @@ use dir::*;
 use migrate::*;
 use segments::*;
 
+pub use batch::NewEntry;
 pub use reader::{LogReader, LogSummary, OpenAhead};
 pub use segments::SEGMENT_RECORDS_DEFAULT;
-pub use writer::{LogHandle, LogStats, Ticket};
+pub use writer::{Flushed, LogHandle, LogStats, Ticket};
 
 /// Why the log cannot acknowledge a record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -153,6 +157,9 @@ pub struct Log {
     segments: Arc<Segments>,
     pub(super) segment_records: u64,
     pub(super) flush_interval: Duration,
+    /// Test hook: the writer notes its flushes here (`writer::Step`).
+    #[cfg(test)]
+    trace: Option<writer::Trace>,
 }
 
 impl Log {
@@ -174,6 +181,8 @@ impl Log {
             segments: Arc::new(segments),
             segment_records: SEGMENT_RECORDS_DEFAULT,
             flush_interval: Duration::ZERO,
+            #[cfg(test)]
+            trace: None,
         })
     }
 
@@ -227,60 +236,21 @@ impl Log {
     /// holds `seq` and earlier records is rewritten last, in one insert, to its records
     /// before `seq`: until then it is whole, so the log still has no hole.
     pub fn truncate_from(&self, seq: u64) -> Result<u64, OpenError> {
-        let mut removed = 0;
-        for slot in self.segments.list().into_iter().rev() {
-            let Some(segment) = open_segment(&slot)? else {
-                continue;
-            };
-            let err = sled_err(&slot.path);
-            if slot.first >= seq {
-                for value in segment.db().iter().values() {
-                    removed += batch::records_in(&value.map_err(&err)?);
-                }
-                drop(segment);
-                self.segments.remove(slot.first)?;
-                continue;
-            }
-            // Keys (records, or batches starting) at or after `seq`, newest first.
-            loop {
-                let entries: Vec<_> = segment
-                    .db()
-                    .range(seq.to_be_bytes()..)
-                    .rev()
-                    .take(TRUNCATE_BATCH_KEYS)
-                    .map(|item| item.map(|(key, value)| (key, batch::records_in(&value))))
-                    .collect::<Result<_, _>>()
-                    .map_err(&err)?;
-                if entries.is_empty() {
-                    break;
-                }
-                let mut removal = sled::Batch::default();
-                for (key, records) in entries {
-                    removal.remove(key);
-                    removed += records;
-                }
-                segment.db().apply_batch(removal).map_err(&err)?;
-            }
-            // The key before `seq`: a batch may run on past it.
-            let before = segment.db().range(..seq.to_be_bytes()).next_back();
-            if let Some((key, value)) = before.transpose().map_err(&err)? {
-                match batch::cut(seq_of(&key)?, &value, seq) {
-                    batch::Cut::Keep => {}
-                    batch::Cut::Remove(dropped) => {
-                        segment.db().remove(key).map_err(&err)?;
-                        removed += dropped;
-                    }
-                    batch::Cut::Rewrite(kept, dropped) => {
-                        segment.db().insert(key, kept).map_err(&err)?;
-                        removed += dropped;
-                    }
-                }
-            }
-            segment.db().flush().map_err(&err)?;
-            break;
-        }
-        self.flush()?;
-        Ok(removed)
+        truncate_segments(&self.segments, seq, &mut || true)
+    }
+
+    /// Test hook: `truncate_from` as a crash would leave it after its first `steps`
+    /// changes (each a change sled or the file system persists whole: a segment removed,
+    /// a batch of key removals, the rewrite of the batch holding the cut), with those
+    /// changes flushed.
+    #[cfg(test)]
+    pub(super) fn truncate_from_crashing(&self, seq: u64, steps: usize) -> Result<u64, OpenError> {
+        let mut left = steps;
+        truncate_segments(&self.segments, seq, &mut || {
+            let go = left > 0;
+            left = left.saturating_sub(1);
+            go
+        })
     }
 
     /// The vote a cluster node saved last (`DIR/log/vote`; `None`: none ever). A damaged
@@ -290,10 +260,92 @@ impl Log {
         read_vote(&self.segments.dir)
     }
 
+    /// A cluster node's committed mark (`LogHandle::save_committed`): its log is
+    /// committed at least through this sequence (0: not known). Only a lower bound: start-up
+    /// recovers through it, and the engine brings the rest.
+    pub fn committed(&self) -> Result<u64, OpenError> {
+        read_committed(&self.segments.dir)
+    }
+
     /// Flushes everything written so far (only while no writer runs).
     pub fn flush(&self) -> Result<(), OpenError> {
         self.segments.flush()
     }
+}
+
+/// Removes record (or entry) `seq` and every later one, and flushes; returns how many
+/// were removed (`Log::truncate_from`, and the writer's `truncate_after`). Works from the
+/// newest backwards, so whatever part of it a crash lets reach the disk leaves a log
+/// without a hole: a segment directory goes at once, by a rename; sled persists a prefix
+/// of its operations; a batch that holds `seq` and earlier ones is rewritten last, in one
+/// insert, to its part before `seq`. `step` is asked before each of those changes; once it
+/// answers false nothing more is changed, and what was done is flushed (tests: a crash).
+fn truncate_segments(
+    segments: &Segments,
+    seq: u64,
+    step: &mut dyn FnMut() -> bool,
+) -> Result<u64, OpenError> {
+    let mut removed = 0;
+    'segments: for slot in segments.list().into_iter().rev() {
+        let Some(segment) = open_segment(&slot)? else {
+            continue;
+        };
+        let err = sled_err(&slot.path);
+        if slot.first >= seq {
+            if !step() {
+                break 'segments;
+            }
+            for value in segment.db().iter().values() {
+                removed += batch::records_in(&value.map_err(&err)?);
+            }
+            drop(segment);
+            segments.remove(slot.first)?;
+            continue;
+        }
+        // Keys (records, or batches starting) at or after `seq`, newest first.
+        loop {
+            let entries: Vec<_> = segment
+                .db()
+                .range(seq.to_be_bytes()..)
+                .rev()
+                .take(TRUNCATE_BATCH_KEYS)
+                .map(|item| item.map(|(key, value)| (key, batch::records_in(&value))))
+                .collect::<Result<_, _>>()
+                .map_err(&err)?;
+            if entries.is_empty() {
+                break;
+            }
+            if !step() {
+                break 'segments;
+            }
+            let mut removal = sled::Batch::default();
+            for (key, records) in entries {
+                removal.remove(key);
+                removed += records;
+            }
+            segment.db().apply_batch(removal).map_err(&err)?;
+        }
+        // The key before `seq`: a batch may run on past it.
+        let before = segment.db().range(..seq.to_be_bytes()).next_back();
+        if let Some((key, value)) = before.transpose().map_err(&err)? {
+            match batch::cut(seq_of(&key)?, &value, seq) {
+                batch::Cut::Keep => {}
+                _ if !step() => break 'segments,
+                batch::Cut::Remove(dropped) => {
+                    segment.db().remove(key).map_err(&err)?;
+                    removed += dropped;
+                }
+                batch::Cut::Rewrite(kept, dropped) => {
+                    segment.db().insert(key, kept).map_err(&err)?;
+                    removed += dropped;
+                }
+            }
+        }
+        segment.db().flush().map_err(&err)?;
+        break;
+    }
+    segments.flush()?;
+    Ok(removed)
 }
 
 /// Decodes and verifies the stored bytes of record `seq` (a failure names the record).

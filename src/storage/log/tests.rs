@@ -784,7 +784,7 @@ fn a_record_sled_puts_in_a_blob_file_is_synced_before_it_is_acknowledged() {
     assert_eq!(records, vec![created(1), huge]);
 }
 
-// --- Batches of Raft entries (a cluster node's log; no build writes them yet). ---
+// --- Batches of Raft entries (a cluster node's log). ---
 
 /// Stores `entries` (term, payload) as one batch of Raft entries under `first`, in the
 /// segment that holds `first`, as a cluster node's writer will.
@@ -1097,4 +1097,500 @@ fn a_damaged_vote_is_an_error_and_a_failed_log_saves_no_vote() {
     });
     join.join().unwrap();
     assert_eq!(Log::open(&dir).unwrap().vote().unwrap(), Some(vote));
+}
+
+// --- The writer storing Raft entries (`append_entries`) and cutting them (`truncate_after`). ---
+
+/// Entry `seq` as these tests append it: `entry_payload(seq)` in `term`.
+fn new_entry(seq: u64, term: u64) -> NewEntry {
+    NewEntry {
+        term,
+        payload: entry_payload(seq).into(),
+    }
+}
+
+/// Queues entries `seqs` in `term`; the returned channel gets what the callback is told.
+fn queue_entries(
+    handle: &LogHandle,
+    seqs: std::ops::RangeInclusive<u64>,
+    term: u64,
+) -> std::sync::mpsc::Receiver<Result<u64, LogError>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let first = *seqs.start();
+    let entries = seqs.map(|seq| new_entry(seq, term)).collect();
+    handle.append_entries(
+        first,
+        entries,
+        Box::new(move |result| tx.send(result).unwrap()),
+    );
+    rx
+}
+
+/// Appends entries `seqs` in `term` and waits for the callback.
+fn append_entries_now(
+    handle: &LogHandle,
+    seqs: std::ops::RangeInclusive<u64>,
+    term: u64,
+) -> Result<u64, LogError> {
+    queue_entries(handle, seqs, term)
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the callback is called")
+}
+
+/// Every entry of the log from its start, as (seq, term), checking each payload is the
+/// one `new_entry` made for its sequence.
+fn all_entries(dir: &Path) -> Vec<(u64, u64)> {
+    let log = Log::open(dir).unwrap();
+    let read: Vec<_> = log.reader().entries_after(0).map(Result::unwrap).collect();
+    let last = log.last_seq().unwrap();
+    let seqs: Vec<u64> = read.iter().map(|e| e.pos.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=last).collect::<Vec<_>>(),
+        "no hole, up to the end"
+    );
+    for entry in &read {
+        let seq = entry.pos.seq;
+        let expected = entry_payload(seq);
+        let decoded = crate::storage::entry::decode_entry(seq, entry.pos.term, &expected, 0).err();
+        assert_eq!(decoded, Some(record::DecodeError::Checksum)); // (only the term matters)
+        let crc = crate::storage::entry::frame_crc(entry.pos.term, &expected);
+        let again =
+            crate::storage::entry::decode_entry(seq, entry.pos.term, &expected, crc).unwrap();
+        assert_eq!(entry.payload, again.payload, "entry {seq}");
+    }
+    read.iter().map(|e| (e.pos.seq, e.pos.term)).collect()
+}
+
+/// The writer calls an append's callback only after sled's flush and `sync_blobs` of
+/// every segment its entries went to (the engine's "flushed" must never come early), with
+/// the last entry's sequence; appends queued together share one group commit; and the
+/// entries read back in order, verified, across segment rolls.
+#[test]
+fn appended_entries_are_reported_flushed_only_after_the_flush_and_the_blob_sync() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let trace: writer::Trace = Default::default();
+    let mut log = Log::open(&dir)
+        .unwrap()
+        .with_segment_records(10)
+        .with_flush_interval(Duration::from_millis(20));
+    log.trace = Some(trace.clone());
+    let (handle, join) = log.start_writer(1).unwrap();
+    let mut waiting = Vec::new();
+    let mut first = 1;
+    // Held, the writer cannot take part of the appends before the rest is queued.
+    let release = handle.hold();
+    for size in [3, 1, 8, 12, 2, 30] {
+        let last = first + size - 1;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let seen = trace.clone();
+        handle.append_entries(
+            first,
+            (first..=last).map(|seq| new_entry(seq, 2)).collect(),
+            Box::new(move |result| {
+                if let Ok(last) = &result {
+                    seen.lock().unwrap().push(writer::Step::Acknowledged(*last));
+                }
+                tx.send(result).unwrap();
+            }),
+        );
+        waiting.push((last, rx));
+        first = last + 1;
+    }
+    drop(release);
+    for (last, rx) in waiting {
+        assert_eq!(rx.recv_timeout(Duration::from_secs(30)).unwrap(), Ok(last));
+    }
+    let steps = trace.lock().unwrap().clone();
+    let durable = handle.durable_seq();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(handle.shutdown()).unwrap();
+    join.join().unwrap();
+    let mut flushed = 0;
+    let mut synced = 0;
+    let mut acknowledged = 0;
+    for step in &steps {
+        match *step {
+            writer::Step::Flushed(through) => {
+                assert!(through > flushed, "{steps:?}");
+                flushed = through;
+            }
+            writer::Step::BlobsSynced(through) => {
+                assert_eq!(through, flushed, "synced after that flush: {steps:?}");
+                synced = through;
+            }
+            writer::Step::Acknowledged(through) => {
+                assert!(
+                    through <= synced && synced <= flushed,
+                    "{through} reported before its flush and blob sync: {steps:?}"
+                );
+                acknowledged += 1;
+            }
+        }
+    }
+    assert_eq!(acknowledged, 6);
+    assert_eq!(durable, 56);
+    let stats = handle.stats();
+    assert_eq!(stats.records, 56);
+    assert_eq!(
+        stats.batches, 1,
+        "appends queued together share a commit: {stats:?}"
+    );
+    assert!(segment_dirs(&dir).len() >= 6, "{:?}", segment_dirs(&dir));
+    let read = all_entries(&dir);
+    assert_eq!(read, (1..=56).map(|seq| (seq, 2)).collect::<Vec<_>>());
+    // Stored as batches of entries, one key per segment a commit touches (or more).
+    for (segment, keys) in keys(&dir) {
+        assert_eq!(
+            keys[0].0, segment,
+            "each segment starts with its first entry"
+        );
+    }
+}
+
+/// An append after an injected write failure is reported `Err`, and so is every later
+/// one (records, cuts and votes too); what was reported flushed before is all there after
+/// a restart. An append that does not continue the log fails it too.
+#[test]
+fn appending_entries_fails_after_an_injected_write_failure() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let log = Log::open(&dir).unwrap().with_segment_records(10);
+    let (handle, join) = log.start_writer(1).unwrap();
+    assert_eq!(append_entries_now(&handle, 1..=12, 1), Ok(12));
+    handle.inject_write_failure();
+    assert!(append_entries_now(&handle, 13..=14, 1).is_err());
+    assert!(!handle.is_healthy());
+    assert!(append_entries_now(&handle, 13..=13, 1).is_err());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        assert!(handle.append(created(13)).durable().await.is_err());
+        assert!(handle.truncate_after(5).durable().await.is_err());
+        let _ = handle.shutdown().await;
+    });
+    join.join().unwrap();
+    assert_eq!(
+        all_entries(&dir),
+        (1..=12).map(|seq| (seq, 1)).collect::<Vec<_>>()
+    );
+
+    // Entries numbered other than where the log goes on: refused, and the log fails.
+    let log = Log::open(&dir).unwrap();
+    let (handle, join) = log.start_writer(13).unwrap();
+    let err = append_entries_now(&handle, 15..=16, 1).unwrap_err();
+    assert!(err.to_string().contains("appended at 15"), "{err}");
+    assert!(append_entries_now(&handle, 13..=13, 1).is_err());
+    let _ = runtime.block_on(handle.shutdown());
+    join.join().unwrap();
+    assert_eq!(Log::open(&dir).unwrap().last_seq().unwrap(), 12);
+}
+
+/// Records and entries queued one after another, without waiting, are numbered in queue
+/// order, each kind in batch values of its own, in segments that mix both; each reader
+/// reads its kind in order across the segment rolls and stops at the other kind.
+#[test]
+fn records_and_entries_mixed_in_segments_read_back_in_order_across_a_segment_roll() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let log = Log::open(&dir)
+        .unwrap()
+        .with_segment_records(10)
+        .with_flush_interval(Duration::from_millis(20));
+    let (handle, join) = log.start_writer(1).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let release = handle.hold();
+        let early: Vec<_> = (1..=7).map(|i| handle.append(created(i))).collect();
+        let entries = queue_entries(&handle, 8..=23, 3);
+        let barrier = handle.barrier();
+        let late: Vec<_> = (24..=26).map(|i| handle.append(created(i))).collect();
+        let more = queue_entries(&handle, 27..=31, 4);
+        drop(release);
+        for (i, ticket) in early.into_iter().enumerate() {
+            assert_eq!(ticket.durable().await.unwrap(), i as u64 + 1);
+        }
+        assert_eq!(entries.recv().unwrap(), Ok(23));
+        assert_eq!(barrier.durable().await.unwrap(), 23);
+        for (i, ticket) in late.into_iter().enumerate() {
+            assert_eq!(ticket.durable().await.unwrap(), 24 + i as u64);
+        }
+        assert_eq!(more.recv().unwrap(), Ok(31));
+        handle.shutdown().await.unwrap();
+    });
+    join.join().unwrap();
+    // Which keys hold entries (0x82) and which records (0x81), by segment.
+    let log = Log::open(&dir).unwrap();
+    let kinds: Vec<(u64, Vec<(u64, u8)>)> = log
+        .segments
+        .list()
+        .iter()
+        .map(|slot| {
+            let segment = open_segment(slot).unwrap().unwrap();
+            let keys = segment.db().iter().map(|item| {
+                let (key, value) = item.unwrap();
+                (seq_of(&key).unwrap(), value[0])
+            });
+            (slot.first, keys.collect())
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (1, vec![(1, 0x81), (8, 0x82)]),
+            (11, vec![(11, 0x82)]),
+            (21, vec![(21, 0x82), (24, 0x81), (27, 0x82)]),
+            (31, vec![(31, 0x82)]),
+        ]
+    );
+    assert_eq!(log.last_seq().unwrap(), 31);
+    let reader = log.reader();
+    let records: Vec<_> = reader.records().collect();
+    assert_eq!(records.len(), 8);
+    assert!(matches!(records[7], Err(OpenError::RaftEntry { seq: 8 })));
+    let entries: Vec<_> = reader.entries_after(7).collect();
+    assert_eq!(entries.len(), 17);
+    let seqs: Vec<(u64, u64)> = entries[..16]
+        .iter()
+        .map(|e| e.as_ref().map(|e| (e.pos.seq, e.pos.term)).unwrap())
+        .collect();
+    assert_eq!(seqs, (8..=23).map(|seq| (seq, 3)).collect::<Vec<_>>());
+    assert!(matches!(
+        entries[16],
+        Err(OpenError::NotAnEntry { seq: 24 })
+    ));
+    let records: Vec<u64> = reader
+        .records_after(23)
+        .map_while(Result::ok)
+        .map(|(seq, _)| seq)
+        .collect();
+    assert_eq!(records, vec![24, 25, 26]);
+    let tail: Vec<(u64, u64)> = reader
+        .entries_after(26)
+        .map(|e| e.map(|e| (e.pos.seq, e.pos.term)).unwrap())
+        .collect();
+    assert_eq!(tail, (27..=31).map(|seq| (seq, 4)).collect::<Vec<_>>());
+}
+
+/// `truncate_after` drops an uncommitted tail: inside a batch, inside the current segment,
+/// and back into an earlier segment (the later ones go); entries appended after it are
+/// numbered from the cut and read back after a restart, with no segment left ahead.
+#[test]
+fn truncate_after_drops_the_tail_inside_a_batch_and_appends_continue_from_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let log = Log::open(&dir).unwrap().with_segment_records(10);
+    let (handle, join) = log.start_writer(1).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    for first in (1..=25).step_by(5) {
+        assert_eq!(
+            append_entries_now(&handle, first..=first + 4, 1),
+            Ok(first + 4)
+        );
+    }
+    // Past the end: nothing to drop.
+    assert_eq!(
+        runtime.block_on(handle.truncate_after(40).durable()),
+        Ok(25)
+    );
+    // Inside the batch 21-25 of the current segment.
+    assert_eq!(
+        runtime.block_on(handle.truncate_after(23).durable()),
+        Ok(23)
+    );
+    assert_eq!(handle.durable_seq(), 23);
+    assert_eq!(append_entries_now(&handle, 24..=27, 2), Ok(27));
+    // Back inside the batch 11-15 of an earlier segment: 21-27 go, their segment too.
+    assert_eq!(
+        runtime.block_on(handle.truncate_after(12).durable()),
+        Ok(12)
+    );
+    assert_eq!(append_entries_now(&handle, 13..=22, 3), Ok(22));
+    // A cut queued right behind an append waits for it, and one behind the cut follows.
+    let queued = queue_entries(&handle, 23..=24, 3);
+    let cut = handle.truncate_after(20);
+    let after = queue_entries(&handle, 21..=21, 4);
+    assert_eq!(queued.recv().unwrap(), Ok(24));
+    assert_eq!(runtime.block_on(cut.durable()), Ok(20));
+    assert_eq!(after.recv().unwrap(), Ok(21));
+    runtime.block_on(handle.shutdown()).unwrap();
+    join.join().unwrap();
+    let expected: Vec<(u64, u64)> = (1..=21)
+        .map(|seq| {
+            (
+                seq,
+                if seq <= 12 {
+                    1
+                } else if seq <= 20 {
+                    3
+                } else {
+                    4
+                },
+            )
+        })
+        .collect();
+    assert_eq!(all_entries(&dir), expected);
+    assert_eq!(
+        segment_dirs(&dir).len(),
+        3,
+        "segments 1, 11, 21: {:?}",
+        segment_dirs(&dir)
+    );
+    // And the writer goes on after a restart. A cut before the front of the log (truncated
+    // through 10, which a snapshot covers) is refused without harm.
+    let log = Log::open(&dir).unwrap().with_segment_records(10);
+    let reader = log.reader();
+    assert_eq!(reader.truncate_through(10).unwrap(), 10);
+    let (handle, join) = log.start_writer(22).unwrap();
+    let refused = runtime.block_on(handle.truncate_after(9).durable());
+    assert!(refused.is_err(), "{refused:?}");
+    assert!(handle.is_healthy());
+    assert_eq!(append_entries_now(&handle, 22..=22, 4), Ok(22));
+    drop(reader);
+    runtime.block_on(handle.shutdown()).unwrap();
+    join.join().unwrap();
+    let log = Log::open(&dir).unwrap();
+    let read: Vec<u64> = log
+        .reader()
+        .entries_after(10)
+        .map(|e| e.unwrap().pos.seq)
+        .collect();
+    assert_eq!(read, (11..=22).collect::<Vec<_>>());
+    assert_eq!(log.last_seq().unwrap(), 22);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// A cut of the tail (`truncate_after`'s, which is `truncate_from`'s) interrupted after
+/// any number of its steps leaves a log without a hole: a prefix of the entries, at least
+/// up to the cut, which reopens and reads in order.
+#[test]
+fn a_cut_interrupted_at_any_step_leaves_no_hole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pristine = tmp.path().join("pristine");
+    let log = Log::open(&pristine).unwrap().with_segment_records(10);
+    let (handle, join) = log.start_writer(1).unwrap();
+    for first in (1..=33).step_by(4) {
+        assert_eq!(
+            append_entries_now(&handle, first..=first + 3, 1),
+            Ok(first + 3)
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(handle.shutdown()).unwrap();
+    join.join().unwrap();
+    assert_eq!(all_entries(&pristine).len(), 36);
+    // Cut at 15, inside the batch 13-16 (segment 11-20); segments 21 and 31 go first.
+    let mut lasts = Vec::new();
+    for steps in 0.. {
+        let dir = tmp.path().join(format!("crash-{steps}"));
+        copy_dir(&pristine, &dir);
+        let log = Log::open(&dir).unwrap();
+        log.truncate_from_crashing(15, steps).unwrap();
+        drop(log);
+        let read = all_entries(&dir);
+        let last = read.len() as u64;
+        assert!((14..=36).contains(&last), "after {steps} steps: {last}");
+        lasts.push(last);
+        if last == 14 {
+            break;
+        }
+        assert!(steps < 10, "the cut never ends: {lasts:?}");
+    }
+    // Each step shortened the log (segments 31, 21, then keys 17-20, then the batch).
+    assert_eq!(lasts, vec![36, 30, 20, 16, 14]);
+}
+
+// --- A cluster node's committed mark. ---
+
+/// The committed mark is written with the batches after `save_committed`, never past the
+/// durable log (nor past a cut), never lowered by a smaller value, and read back after a
+/// restart; a file a crash left damaged reads as 0, which is as safe.
+#[test]
+fn the_committed_mark_is_a_lower_bound_written_with_each_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let log = Log::open(&dir).unwrap();
+    assert_eq!(log.committed().unwrap(), 0);
+    let (handle, join) = log.start_writer(1).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    assert_eq!(append_entries_now(&handle, 1..=10, 1), Ok(10));
+    assert!(
+        !dir.join(COMMITTED_FILE).exists(),
+        "nothing said committed yet"
+    );
+    handle.save_committed(5);
+    assert_eq!(runtime.block_on(handle.barrier().durable()), Ok(10));
+    assert_eq!(read_committed(&dir).unwrap(), 5);
+    // Told more than is durable: the mark stops at the durable log.
+    handle.save_committed(20);
+    assert_eq!(append_entries_now(&handle, 11..=12, 1), Ok(12));
+    assert_eq!(read_committed(&dir).unwrap(), 12);
+    handle.save_committed(3);
+    assert_eq!(append_entries_now(&handle, 13..=16, 1), Ok(16));
+    assert_eq!(
+        read_committed(&dir).unwrap(),
+        16,
+        "up to 20 now, never lowered"
+    );
+    // A cut below it (which the engine never makes) brings it back to the log's end.
+    assert_eq!(
+        runtime.block_on(handle.truncate_after(14).durable()),
+        Ok(14)
+    );
+    assert_eq!(read_committed(&dir).unwrap(), 14);
+    assert_eq!(append_entries_now(&handle, 15..=18, 2), Ok(18));
+    assert_eq!(
+        read_committed(&dir).unwrap(),
+        14,
+        "told 14 at most since the cut"
+    );
+    runtime.block_on(handle.shutdown()).unwrap();
+    join.join().unwrap();
+    assert!(!dir.join(format!("{COMMITTED_FILE}.tmp")).exists());
+    let log = Log::open(&dir).unwrap();
+    assert_eq!(log.committed().unwrap(), 14);
+    // The writer starts from the file: a smaller value is not written over it.
+    let (handle, join) = log.start_writer(19).unwrap();
+    handle.save_committed(2);
+    assert_eq!(append_entries_now(&handle, 19..=19, 2), Ok(19));
+    assert_eq!(read_committed(&dir).unwrap(), 14);
+    runtime.block_on(handle.shutdown()).unwrap();
+    join.join().unwrap();
+    let good = fs::read(dir.join(COMMITTED_FILE)).unwrap();
+    for at in 0..good.len() {
+        let mut bytes = good.clone();
+        bytes[at] ^= 0x08;
+        fs::write(dir.join(COMMITTED_FILE), &bytes).unwrap();
+        assert_eq!(
+            Log::open(&dir).unwrap().committed().unwrap(),
+            0,
+            "byte {at}"
+        );
+    }
+    fs::write(dir.join(COMMITTED_FILE), &good[..5]).unwrap();
+    assert_eq!(Log::open(&dir).unwrap().committed().unwrap(), 0);
 }

@@ -17,7 +17,7 @@ use crate::limits::LOG_BATCH_RECORDS_MAX;
 use crate::storage::entry::Vote;
 use crate::storage::record::Record;
 
-use super::batch::BatchBuilder;
+use super::batch::{BatchBuilder, NewEntry};
 
 use super::*;
 
@@ -35,8 +35,26 @@ impl Ticket {
     }
 }
 
+/// Called by the writer once Raft entries are on disk (after the flush and `sync_blobs`),
+/// with the sequence number of the last one, or with the error that failed the log.
+pub type Flushed = Box<dyn FnOnce(Result<u64, LogError>) + Send>;
+
+/// Raft entries to store, numbered from `first` (which must be the log's next sequence
+/// when the writer reaches them).
+pub(super) struct EntryAppend {
+    first: u64,
+    entries: Vec<NewEntry>,
+    flushed: Flushed,
+}
+
 pub(super) enum Command {
     Append(Record, Option<oneshot::Sender<Result<u64, LogError>>>),
+    /// A cluster node's Raft entries, group-committed like records (boxed: the queue's
+    /// slots stay the size they were for records).
+    AppendEntries(Box<EntryAppend>),
+    /// Drops every record or entry after this sequence, once everything queued before it
+    /// is written.
+    TruncateAfter(u64, oneshot::Sender<Result<u64, LogError>>),
     /// Resolves once every command queued before it has been flushed.
     Barrier(oneshot::Sender<Result<u64, LogError>>),
     /// Saves a cluster node's vote once every record queued before it is flushed.
@@ -56,6 +74,8 @@ pub struct LogHandle {
     failed: Arc<AtomicBool>,
     /// Sequence number of the last flushed record.
     durable: Arc<AtomicU64>,
+    /// The highest sequence a cluster node was told is committed (`save_committed`).
+    committed: Arc<AtomicU64>,
     counters: Arc<WriterCounters>,
 }
 
@@ -124,6 +144,52 @@ impl LogHandle {
         Ticket(rx)
     }
 
+    /// Queues a cluster node's Raft `entries`, numbered from `first`: stored as batches of
+    /// entries (`0x82`) in the same group commit as everything else queued, and `flushed`
+    /// is called only once they are on disk (after sled's flush and `sync_blobs`), with
+    /// the last one's sequence number; or with `Err` if the log has failed or fails
+    /// writing them (nothing is written after that). `first` must be the log's next
+    /// sequence number when the writer reaches them: any other fails the log, since the
+    /// caller's idea of the log is then wrong. Returns at once.
+    pub fn append_entries(&self, first: u64, entries: Vec<NewEntry>, flushed: Flushed) {
+        let append = Box::new(EntryAppend {
+            first,
+            entries,
+            flushed,
+        });
+        if let Err(mpsc::SendError(Command::AppendEntries(append))) =
+            self.tx.send(Command::AppendEntries(append))
+        {
+            (append.flushed)(Err(LogError::Unavailable("the log writer stopped".into())));
+        }
+    }
+
+    /// Drops every record or entry after `last` (a cluster node's uncommitted tail), once
+    /// everything queued before it is written; what is queued after it is numbered from
+    /// `last + 1`. Newest first, a batch holding the cut rewritten last, then flushed (as
+    /// `Log::truncate_from`): a crash at any point leaves a log without a hole. The ticket
+    /// resolves with the log's last sequence number afterwards (`last`, or the log's end
+    /// if that is before it). Refused without harm for a `last` the front of the log was
+    /// already truncated past; a failure while cutting fails the log like a failed write.
+    pub fn truncate_after(&self, last: u64) -> Ticket {
+        let (tx, rx) = oneshot::channel();
+        if let Err(mpsc::SendError(Command::TruncateAfter(_, tx))) =
+            self.tx.send(Command::TruncateAfter(last, tx))
+        {
+            let _ = tx.send(Err(LogError::Unavailable("the log writer stopped".into())));
+        }
+        Ticket(rx)
+    }
+
+    /// Records that a cluster node's log is committed through `seq` (never lowered).
+    /// With each later batch, the writer writes `DIR/log/committed` = min(`seq`, the
+    /// durable sequence) by a temporary file and a rename, without fsync: only a lower
+    /// bound for start-up (`Log::committed`), which a stale value leaves safe and one
+    /// beyond the durable log would not. Returns at once.
+    pub fn save_committed(&self, seq: u64) {
+        self.committed.fetch_max(seq, Ordering::SeqCst);
+    }
+
     /// Sequence number of the last record known to be flushed (0 if none).
     pub fn durable_seq(&self) -> u64 {
         self.durable.load(Ordering::SeqCst)
@@ -190,28 +256,20 @@ impl Log {
         let fail_from = Arc::new(AtomicU64::new(u64::MAX));
         let failed = Arc::new(AtomicBool::new(false));
         let durable = Arc::new(AtomicU64::new(next_seq - 1));
+        let committed_written = self.committed()?;
+        let committed = Arc::new(AtomicU64::new(committed_written));
         let counters = Arc::new(WriterCounters::default());
         // Appends continue the newest segment, unless it is full (or there is none). A
         // newest segment that starts after `next_seq` was created ahead of need and never
         // written (a crash, or a cut by `truncate_from`): removed, so that no record is
         // ever stored under a later segment's name. Failing that is an error: segments must
         // follow one another, or truncation and readers would misjudge where one ends.
-        let mut current = None;
-        while let Some(slot) = self.segments.list().pop() {
-            let Some(segment) = open_segment(&slot)? else {
-                break;
-            };
-            if slot.first > next_seq && segment.db().is_empty() {
-                drop(segment);
-                self.segments.remove(slot.first)?;
-                continue;
-            }
-            current = Some(segment);
-            break;
-        }
+        let current = open_newest(&self.segments, next_seq)?;
         let writer = Writer {
             failed_flag: failed.clone(),
             durable: durable.clone(),
+            committed: committed.clone(),
+            committed_written,
             counters: counters.clone(),
             segments: self.segments,
             current,
@@ -223,6 +281,8 @@ impl Log {
             fail_from: fail_from.clone(),
             builder: BatchBuilder::default(),
             synced_blobs: BTreeSet::new(),
+            #[cfg(test)]
+            trace: self.trace,
         };
         let join = thread::Builder::new()
             .name("stockd-log-writer".into())
@@ -234,10 +294,75 @@ impl Log {
                 fail_from,
                 failed,
                 durable,
+                committed,
                 counters,
             },
             join,
         ))
+    }
+}
+
+/// The segment appends continue: the newest, unless it is full (or there is none). A
+/// newest segment that starts after `next_seq` was created ahead of need and never written
+/// (a crash, or a cut by `truncate_from`): removed, so that no record is ever stored under
+/// a later segment's name. Failing that is an error: segments must follow one another, or
+/// truncation and readers would misjudge where one ends.
+fn open_newest(segments: &Segments, next_seq: u64) -> Result<Option<SegmentRef>, OpenError> {
+    while let Some(slot) = segments.list().pop() {
+        let Some(segment) = open_segment(&slot)? else {
+            break;
+        };
+        if slot.first > next_seq && segment.db().is_empty() {
+            drop(segment);
+            segments.remove(slot.first)?;
+            continue;
+        }
+        return Ok(Some(segment));
+    }
+    Ok(None)
+}
+
+/// Test hook: what the writer did, in order, for tests of when it acknowledges.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Step {
+    /// A segment's part of a batch was flushed by sled, through this sequence.
+    Flushed(u64),
+    /// `sync_blobs` returned after that flush, through this sequence.
+    BlobsSynced(u64),
+    /// Something outside the writer heard that the log is durable through this sequence
+    /// (pushed by the tests' own callbacks).
+    Acknowledged(u64),
+}
+
+#[cfg(test)]
+pub(super) type Trace = Arc<std::sync::Mutex<Vec<Step>>>;
+
+/// What ends the collection of a batch: a command run once the batch is written, or one
+/// of the other kind (a record after entries, entries after records), held for the next.
+pub(super) enum Stop {
+    Vote(Vote, Waiter),
+    Truncate(u64, Waiter),
+    Held(Command),
+}
+
+/// What the writer stores: records, or a cluster node's Raft entries, each kind in batch
+/// values of its own.
+pub(super) trait Framed: Sized {
+    /// Encodes items from the front of `items` (numbered from `first`) into one batch
+    /// value; returns it and how many items it holds.
+    fn fill<'b>(builder: &'b mut BatchBuilder, first: u64, items: &[Self]) -> (&'b [u8], usize);
+}
+
+impl Framed for (Record, Option<Waiter>) {
+    fn fill<'b>(builder: &'b mut BatchBuilder, first: u64, items: &[Self]) -> (&'b [u8], usize) {
+        builder.fill(first, items)
+    }
+}
+
+impl Framed for NewEntry {
+    fn fill<'b>(builder: &'b mut BatchBuilder, first: u64, items: &[Self]) -> (&'b [u8], usize) {
+        builder.fill_entries(first, items)
     }
 }
 
@@ -256,11 +381,16 @@ pub(super) struct Writer {
     pub(super) failed_flag: Arc<AtomicBool>,
     pub(super) fail_from: Arc<AtomicU64>,
     pub(super) durable: Arc<AtomicU64>,
+    pub(super) committed: Arc<AtomicU64>,
+    /// What `DIR/log/committed` holds (as far as this writer knows).
+    pub(super) committed_written: u64,
     pub(super) counters: Arc<WriterCounters>,
     /// Encodes each batch value (its buffer is kept from one batch to the next).
     pub(super) builder: BatchBuilder,
     /// The files under the current segment's `blobs/` already fsynced.
     pub(super) synced_blobs: BTreeSet<OsString>,
+    #[cfg(test)]
+    pub(super) trace: Option<Trace>,
 }
 
 pub(super) type Waiter = oneshot::Sender<Result<u64, LogError>>;
@@ -268,41 +398,72 @@ pub(super) type Waiter = oneshot::Sender<Result<u64, LogError>>;
 impl Writer {
     pub(super) fn run(mut self, rx: mpsc::Receiver<Command>) {
         let mut records: Vec<(Record, Option<Waiter>)> = Vec::with_capacity(LOG_BATCH_RECORDS_MAX);
-        // Each barrier with the number of this batch's records queued before it.
+        // A cluster node's entries, and each append's callback with the number of this
+        // batch's entries up to its end. A batch holds records or entries, never both.
+        let mut entries: Vec<NewEntry> = Vec::new();
+        let mut appends: Vec<(Flushed, u64, u64)> = Vec::new();
+        // Each barrier with the number of this batch's records (or entries) queued before it.
         let mut barriers: Vec<(Waiter, u64)> = Vec::new();
+        let mut held = None;
         let mut last_flush = Instant::now();
         loop {
             let mut shutdown = None;
-            let mut vote = None;
+            let mut stop = None;
             // Block for the first command, then take whatever else is already queued, up to
-            // a shutdown (which must see exactly the records before it) or a vote (saved
-            // after the records before it, before any after it).
-            match rx.recv() {
-                Ok(cmd) => self.take(cmd, &mut records, &mut barriers, &mut shutdown, &mut vote),
-                Err(_) => return self.finish(None),
+            // a shutdown (which must see exactly the records before it), a vote or a cut
+            // (run after the records before it, before any after it), or a command of the
+            // other kind than the batch's (held for the next batch).
+            let first = match held.take() {
+                Some(cmd) => cmd,
+                None => match rx.recv() {
+                    Ok(cmd) => cmd,
+                    Err(_) => return self.finish(None),
+                },
+            };
+            let of_entries = matches!(first, Command::AppendEntries(_));
+            if of_entries {
+                let lists = (&mut entries, &mut appends, &mut barriers);
+                Self::take_entries(first, lists, &mut shutdown, &mut stop);
+            } else {
+                self.take(first, &mut records, &mut barriers, &mut shutdown, &mut stop);
             }
             let since = last_flush.elapsed();
-            if shutdown.is_none() && vote.is_none() && since < self.flush_interval {
+            if shutdown.is_none() && stop.is_none() && since < self.flush_interval {
                 thread::sleep(self.flush_interval - since);
             }
             last_flush = Instant::now();
-            while shutdown.is_none() && vote.is_none() && records.len() < LOG_BATCH_RECORDS_MAX {
-                match rx.try_recv() {
-                    Ok(cmd) => {
-                        self.take(cmd, &mut records, &mut barriers, &mut shutdown, &mut vote)
+            if of_entries {
+                while shutdown.is_none() && stop.is_none() && entries.len() < LOG_BATCH_RECORDS_MAX
+                {
+                    let Ok(cmd) = rx.try_recv() else { break };
+                    let lists = (&mut entries, &mut appends, &mut barriers);
+                    Self::take_entries(cmd, lists, &mut shutdown, &mut stop);
+                }
+            } else {
+                while shutdown.is_none() && stop.is_none() && records.len() < LOG_BATCH_RECORDS_MAX
+                {
+                    match rx.try_recv() {
+                        Ok(cmd) => {
+                            self.take(cmd, &mut records, &mut barriers, &mut shutdown, &mut stop)
+                        }
+                        Err(_) => break,
                     }
-                    Err(_) => break,
                 }
             }
             let first_seq = self.next_seq;
             let started = Instant::now();
-            let outcome = self.write_batch(&records);
+            let (outcome, written) = if of_entries {
+                (self.write_entries(&entries, &appends), entries.len())
+            } else {
+                (self.write_batch(&records), records.len())
+            };
             if let Ok(last) = outcome {
                 self.durable.store(last, Ordering::SeqCst);
-                if !records.is_empty() {
+                self.write_committed(last);
+                if written > 0 {
                     let c = &self.counters;
                     c.batches.fetch_add(1, Ordering::Relaxed);
-                    c.records.fetch_add(records.len() as u64, Ordering::Relaxed);
+                    c.records.fetch_add(written as u64, Ordering::Relaxed);
                     let ns = started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
                     c.write_ns.fetch_add(ns, Ordering::Relaxed);
                 }
@@ -312,12 +473,26 @@ impl Writer {
                     let _ = waiter.send(outcome.clone().map(|_| first_seq + i as u64));
                 }
             }
+            // The one place a cluster node's entries are reported on disk: after the
+            // flush and `sync_blobs` of every segment they went to (`write_entries`).
+            entries.clear();
+            for (flushed, _, end) in appends.drain(..) {
+                flushed(outcome.clone().map(|_| first_seq - 1 + end));
+            }
             for (waiter, before) in barriers.drain(..) {
                 let _ = waiter.send(outcome.clone().map(|_| first_seq - 1 + before));
             }
-            if let Some((vote, waiter)) = vote {
-                let saved = outcome.and_then(|last| self.save_vote(&vote).map(|()| last));
-                let _ = waiter.send(saved);
+            match stop {
+                Some(Stop::Vote(vote, waiter)) => {
+                    let saved = outcome.and_then(|last| self.save_vote(&vote).map(|()| last));
+                    let _ = waiter.send(saved);
+                }
+                Some(Stop::Truncate(last, waiter)) => {
+                    let cut = outcome.and_then(|_| self.truncate_after(last));
+                    let _ = waiter.send(cut);
+                }
+                Some(Stop::Held(cmd)) => held = Some(cmd),
+                None => {}
             }
             if shutdown.is_some() {
                 return self.finish(shutdown);
@@ -331,16 +506,147 @@ impl Writer {
         records: &mut Vec<(Record, Option<Waiter>)>,
         barriers: &mut Vec<(Waiter, u64)>,
         shutdown: &mut Option<Waiter>,
-        vote: &mut Option<(Vote, Waiter)>,
+        stop: &mut Option<Stop>,
     ) {
         match cmd {
             Command::Append(record, waiter) => records.push((record, waiter)),
             Command::Barrier(waiter) => barriers.push((waiter, records.len() as u64)),
             Command::Shutdown(waiter) => *shutdown = Some(waiter),
-            Command::SaveVote(v, waiter) => *vote = Some((v, waiter)),
+            Command::SaveVote(v, waiter) => *stop = Some(Stop::Vote(v, waiter)),
+            Command::TruncateAfter(last, waiter) => *stop = Some(Stop::Truncate(last, waiter)),
+            cmd @ Command::AppendEntries(_) => *stop = Some(Stop::Held(cmd)),
             // Blocks this thread until released (a test's sender dropped).
             Command::Hold(held) => while held.recv().is_ok() {},
         }
+    }
+
+    /// `take` for a batch of entries: a record is held for the next batch.
+    #[allow(clippy::type_complexity)]
+    fn take_entries(
+        cmd: Command,
+        (entries, appends, barriers): (
+            &mut Vec<NewEntry>,
+            &mut Vec<(Flushed, u64, u64)>,
+            &mut Vec<(Waiter, u64)>,
+        ),
+        shutdown: &mut Option<Waiter>,
+        stop: &mut Option<Stop>,
+    ) {
+        match cmd {
+            Command::AppendEntries(append) => {
+                let EntryAppend {
+                    first,
+                    entries: new,
+                    flushed,
+                } = *append;
+                entries.extend(new);
+                appends.push((flushed, first, entries.len() as u64));
+            }
+            Command::Barrier(waiter) => barriers.push((waiter, entries.len() as u64)),
+            Command::Shutdown(waiter) => *shutdown = Some(waiter),
+            Command::SaveVote(v, waiter) => *stop = Some(Stop::Vote(v, waiter)),
+            Command::TruncateAfter(last, waiter) => *stop = Some(Stop::Truncate(last, waiter)),
+            cmd @ Command::Append(..) => *stop = Some(Stop::Held(cmd)),
+            Command::Hold(held) => while held.recv().is_ok() {},
+        }
+    }
+
+    /// Writes the committed mark, min(what `save_committed` was told, `durable`), if that
+    /// is more than the file holds. A failure is only warned about: the file is a lower
+    /// bound, and a stale one is safe.
+    fn write_committed(&mut self, durable: u64) {
+        let committed = self.committed.load(Ordering::SeqCst).min(durable);
+        if committed <= self.committed_written {
+            return;
+        }
+        match write_committed(&self.segments.dir, committed) {
+            Ok(()) => self.committed_written = committed,
+            Err(err) => tracing::warn!(error = %err, "cannot write the log's committed mark"),
+        }
+    }
+
+    /// Marks the log failed: nothing is written or acknowledged after `err`.
+    fn fail(&mut self, err: LogError) -> LogError {
+        tracing::error!(error = %err, "write-ahead log failed; refusing all further writes");
+        self.failed = Some(err.clone());
+        self.failed_flag.store(true, Ordering::SeqCst);
+        err
+    }
+
+    /// Writes and flushes one batch of entries (`appends`: each append's first sequence
+    /// and where it ends in `entries`), after checking that each append continues the log
+    /// where the one before it ends.
+    fn write_entries(
+        &mut self,
+        entries: &[NewEntry],
+        appends: &[(Flushed, u64, u64)],
+    ) -> Result<u64, LogError> {
+        if let Some(err) = &self.failed {
+            return Err(err.clone());
+        }
+        let mut next = self.next_seq;
+        for (_, first, end) in appends {
+            if *first != next {
+                let err =
+                    format!("Raft entries appended at {first}, where the log's next is {next}");
+                return Err(self.fail(LogError::Unavailable(err)));
+            }
+            next = self.next_seq + end;
+        }
+        self.write_batch(entries)
+    }
+
+    /// Drops everything after `last` (see `LogHandle::truncate_after`); returns the log's
+    /// last sequence afterwards.
+    fn truncate_after(&mut self, last: u64) -> Result<u64, LogError> {
+        if let Some(err) = &self.failed {
+            return Err(err.clone());
+        }
+        let end = self.next_seq - 1;
+        if last >= end {
+            return Ok(end);
+        }
+        let mark = self.segments.mark();
+        if last < mark {
+            return Err(LogError::Unavailable(format!(
+                "cannot cut the log after {last}: its front is truncated through {mark}"
+            )));
+        }
+        // The engine never cuts a committed entry; whatever a caller does, the committed
+        // mark never claims more than the log holds: lowered first, so that a crash
+        // during the cut leaves it lower, never higher.
+        self.committed.fetch_min(last, Ordering::SeqCst);
+        if self.committed_written > last {
+            if let Err(e) = write_committed(&self.segments.dir, last) {
+                let err = format!("lowering the committed mark to {last}: {e}");
+                return Err(self.fail(LogError::Unavailable(err)));
+            }
+            self.committed_written = last;
+        }
+        // The segment prepared ahead starts after the cut: it goes with the rest, and so
+        // does the current one if it starts after it (the writer's references are
+        // dropped, so that their directories are deleted).
+        if let Some((_, answer)) = self.preparing.take() {
+            drop(answer.recv());
+        }
+        let cut = truncate_segments(&self.segments, last + 1, &mut || true)
+            .map_err(|e| LogError::Unavailable(format!("cutting the log after {last}: {e}")));
+        if self.current.as_ref().is_some_and(|c| c.first() > last) {
+            drop(self.current.take());
+        }
+        self.synced_blobs.clear();
+        if let Err(err) = cut {
+            return Err(self.fail(err));
+        }
+        self.next_seq = last + 1;
+        self.durable.store(last, Ordering::SeqCst);
+        if self.current.is_none() {
+            match open_newest(&self.segments, self.next_seq) {
+                Ok(current) => self.current = current,
+                Err(e) => return Err(self.fail(LogError::Unavailable(e.to_string()))),
+            }
+        }
+        Ok(last)
     }
 
     /// Writes the vote file (after this batch's records are flushed). A failure is a
@@ -349,42 +655,22 @@ impl Writer {
         if let Some(err) = &self.failed {
             return Err(err.clone());
         }
-        write_vote(&self.segments.dir, vote).map_err(|e| {
-            let err = LogError::Unavailable(format!("saving the vote: {e}"));
-            tracing::error!(error = %err, "write-ahead log failed; refusing all further writes");
-            self.failed = Some(err.clone());
-            self.failed_flag.store(true, Ordering::SeqCst);
-            err
-        })
+        write_vote(&self.segments.dir, vote)
+            .map_err(|e| self.fail(LogError::Unavailable(format!("saving the vote: {e}"))))
     }
 
     /// Writes and flushes one batch; returns the sequence number of its last record.
-    pub(super) fn write_batch(
-        &mut self,
-        records: &[(Record, Option<Waiter>)],
-    ) -> Result<u64, LogError> {
+    pub(super) fn write_batch<T: Framed>(&mut self, records: &[T]) -> Result<u64, LogError> {
         if let Some(err) = &self.failed {
             return Err(err.clone());
         }
         if records.is_empty() {
             return Ok(self.next_seq - 1);
         }
-        let result = self.try_write(records);
-        match result {
-            Ok(last) => Ok(last),
-            Err(err) => {
-                tracing::error!(error = %err, "write-ahead log failed; refusing all further writes");
-                self.failed = Some(err.clone());
-                self.failed_flag.store(true, Ordering::SeqCst);
-                Err(err)
-            }
-        }
+        self.try_write(records).map_err(|err| self.fail(err))
     }
 
-    pub(super) fn try_write(
-        &mut self,
-        records: &[(Record, Option<Waiter>)],
-    ) -> Result<u64, LogError> {
+    pub(super) fn try_write<T: Framed>(&mut self, records: &[T]) -> Result<u64, LogError> {
         let last = self.next_seq + records.len() as u64 - 1;
         if last >= self.fail_from.load(Ordering::SeqCst) {
             return Err(LogError::Unavailable("injected write failure".into()));
@@ -419,15 +705,19 @@ impl Writer {
             // records is one key, sometimes two, so the batch costs next to nothing).
             let mut keys = sled::Batch::default();
             while !now.is_empty() {
-                let (value, count) = self.builder.fill(seq, now);
+                let (value, count) = T::fill(&mut self.builder, seq, now);
                 keys.insert(&seq.to_be_bytes(), value);
                 seq += count as u64;
                 now = &now[count..];
             }
             segment.db().apply_batch(keys).map_err(io)?;
             segment.db().flush().map_err(io)?;
+            #[cfg(test)]
+            self.note(Step::Flushed(seq - 1));
             let synced = sync_blobs(segment.path(), &mut self.synced_blobs)
                 .map_err(|e| LogError::Unavailable(format!("syncing the log's blob files: {e}")))?;
+            #[cfg(test)]
+            self.note(Step::BlobsSynced(seq - 1));
             if synced > 0 {
                 self.counters
                     .blob_files_synced
@@ -439,6 +729,13 @@ impl Writer {
         self.next_seq = seq;
         self.prepare_next_segment();
         Ok(seq - 1)
+    }
+
+    #[cfg(test)]
+    fn note(&self, step: Step) {
+        if let Some(trace) = &self.trace {
+            trace.lock().unwrap().push(step);
+        }
     }
 
     /// Once the current segment is half full, its successor is created on the segment thread
