@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use loadtest::driver::{run_phase, timed, Limits, PhaseStats};
+use loadtest::scenarios::post_json_body;
 use loadtest::server::{Launch, ServerProcess};
 use stockd::domain::Line;
 use stockd::storage::log::Log;
@@ -126,19 +127,7 @@ async fn reserve_phase(base: &str, products: u64, hot: u64, limits: Limits) -> P
                 r#"{{"customer_id":"load-{worker}","items":[{{"sku":"{}","quantity":1}}],"ttl_seconds":600}}"#,
                 sku(x * (products / hot))
             );
-            let sample = timed(async {
-                let res = client
-                    .post(url.as_str())
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await
-                    .ok()?;
-                let status = res.status().as_u16();
-                res.bytes().await.ok()?;
-                Some(status)
-            })
-            .await;
+            let sample = timed(post_json_body(&client, &url, body.into_bytes())).await;
             vec![sample]
         }
     })

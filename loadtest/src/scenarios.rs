@@ -121,11 +121,7 @@ pub async fn run(opts: Options) -> Result<Report, String> {
 }
 
 /// POSTs a JSON body and reads the whole answer: its status, or `None` if none came.
-pub(crate) async fn post_json_body(
-    client: &reqwest::Client,
-    url: &str,
-    body: Vec<u8>,
-) -> Option<u16> {
+pub async fn post_json_body(client: &reqwest::Client, url: &str, body: Vec<u8>) -> Option<u16> {
     let res = client
         .post(url)
         .header("content-type", "application/json")

@@ -249,23 +249,33 @@ pub fn decode_entry(
     Ok(Entry { pos, payload })
 }
 
+/// A membership of nodes 1..=`nodes` on loopback (API port 8000 + id, Raft 9000 + id)
+/// with these voter sets, one per config (tests).
+#[cfg(test)]
+pub(crate) fn loopback_membership(nodes: NodeId, configs: &[&[NodeId]]) -> Membership {
+    Membership {
+        configs: configs
+            .iter()
+            .map(|voters| voters.iter().copied().collect())
+            .collect(),
+        nodes: (1..=nodes)
+            .map(|id| {
+                let addr = NodeAddr {
+                    api: format!("127.0.0.1:{}", 8000 + id),
+                    raft: format!("127.0.0.1:{}", 9000 + id),
+                };
+                (id, addr)
+            })
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn membership() -> Membership {
-        Membership {
-            configs: vec![[1, 2, 3].into()],
-            nodes: (1..=3)
-                .map(|id| {
-                    let addr = NodeAddr {
-                        api: format!("127.0.0.1:{}", 8000 + id),
-                        raft: format!("127.0.0.1:{}", 9000 + id),
-                    };
-                    (id, addr)
-                })
-                .collect(),
-        }
+        loopback_membership(3, &[&[1, 2, 3]])
     }
 
     fn record() -> Record {

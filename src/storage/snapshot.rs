@@ -755,7 +755,7 @@ mod tests {
     /// to the state.
     #[test]
     fn a_replicated_state_is_format_3_and_a_single_nodes_stays_format_2() {
-        use crate::storage::entry::{Chain, Epoch, LogPos, Membership, NodeAddr, StoredMembership};
+        use crate::storage::entry::{loopback_membership, Chain, Epoch, LogPos, StoredMembership};
         let dir = tempfile::tempdir().unwrap();
         let single = write(dir.path(), 5, &state(), 10, WriteHooks::default()).unwrap();
         assert_eq!(single.format_version, 2);
@@ -770,18 +770,7 @@ mod tests {
             last_applied: Some(pos),
             membership: StoredMembership {
                 pos: Some(LogPos { term: 1, seq: 1 }),
-                membership: Membership {
-                    configs: vec![[1, 2, 3].into(), [1, 2, 3, 4, 5].into()],
-                    nodes: (1..=5)
-                        .map(|id| {
-                            let addr = NodeAddr {
-                                api: format!("127.0.0.1:{}", 8000 + id),
-                                raft: format!("127.0.0.1:{}", 9000 + id),
-                            };
-                            (id, addr)
-                        })
-                        .collect(),
-                },
+                membership: loopback_membership(5, &[&[1, 2, 3], &[1, 2, 3, 4, 5]]),
             },
             chain: Chain {
                 epoch: Epoch { term: 4, k: 2 },
