@@ -8,7 +8,9 @@
 //! `IMPORT_ACTIVATE=1` (each client also replenishes every product it created, so every
 //! product gets an actor: the passivation backlog an import made when a create spawned
 //! one, to measure its drain and the memory it returns), `IMPORT_JSON` (write the figures
-//! there), `IMPORT_PROBE=1` (with a server built `--features memory-probe`: its held bytes
+//! there), `IMPORT_STOCKD` (the path of another `stockd` binary to measure, e.g. a
+//! copy built from an earlier commit, to alternate two builds in one session; default the
+//! one cargo built), `IMPORT_PROBE=1` (with a server built `--features memory-probe`: its held bytes
 //! and mimalloc's pages printed after the drain, the snapshot and the restart).
 //!
 //! Steps: (1) start the real binary on an empty directory; (2) create the products from
@@ -191,7 +193,8 @@ fn main() {
     let passivate_after = std::env::var("IMPORT_PASSIVATE_AFTER").ok();
     let activate = env_u64("IMPORT_ACTIVATE", 0) == 1;
     let tmp = tempfile::tempdir().unwrap();
-    let mut launch = Launch::serve(env!("CARGO_BIN_EXE_stockd"), tmp.path())
+    let binary = std::env::var("IMPORT_STOCKD").unwrap_or(env!("CARGO_BIN_EXE_stockd").into());
+    let mut launch = Launch::serve(&binary, tmp.path())
         .durability(&durability)
         .timeout(Duration::from_secs(600));
     if let Some(seconds) = &passivate_after {

@@ -132,7 +132,8 @@ thread_local! {
     static RELEASED_FOR: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
-/// Asks every runtime worker thread to return its freed memory the next time it is idle.
+/// Asks every runtime worker thread to return its freed memory the next time it is idle
+/// (and see `wake_idle_workers`, which makes an idle one idle again).
 /// `mi_collect` only collects the calling thread's heap: memory freed by (or to) another
 /// thread stays in that thread's heap until that thread collects it, and a worker that
 /// never again allocates that size of block never does. After a large passivation sweep
@@ -153,6 +154,21 @@ pub fn release_freed_memory_if_asked() {
             release_freed_memory();
         }
     });
+}
+
+/// Gives each worker thread of `runtime` a task that does nothing, so that a worker parked
+/// since before `ask_threads_to_release_freed_memory` wakes, finds nothing else to do and
+/// parks again, which runs the park hook and its collection. Without it, a worker idle
+/// through a passivation drain kept the blocks other threads freed into its heap's pages
+/// until traffic next woke it (8–20 MiB after draining 100,000 passivations,
+/// docs/PERFORMANCE.md). Called from a thread outside the workers (the blocking thread of
+/// a release): a task spawned there goes to the runtime's shared queue, and each one
+/// wakes a parked worker if there is one. A worker that is busy meanwhile parks once it is
+/// done, and collects then.
+pub fn wake_idle_workers(runtime: &tokio::runtime::Handle) {
+    for _ in 0..runtime.metrics().num_workers() {
+        drop(runtime.spawn(async {}));
+    }
 }
 
 #[cfg(test)]
@@ -176,5 +192,45 @@ mod purge_tests {
         );
         restore_purge_delay();
         assert_eq!(delay(), before);
+    }
+
+    /// What a passivation drain's release relies on: every worker of the runtime, parked
+    /// since before it, parks again (and so runs the park hook) after `wake_idle_workers`
+    /// is called from a thread that is not one of them.
+    #[test]
+    fn waking_the_idle_workers_makes_each_park_again() {
+        use std::collections::HashMap;
+        use std::sync::{Arc, Mutex};
+        use std::thread::ThreadId;
+        use std::time::{Duration, Instant};
+
+        let parks: Arc<Mutex<HashMap<ThreadId, u64>>> = Arc::default();
+        let counted = parks.clone();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .on_thread_park(move || {
+                *counted
+                    .lock()
+                    .unwrap()
+                    .entry(std::thread::current().id())
+                    .or_default() += 1;
+            })
+            .build()
+            .unwrap();
+        let wait_for = |what: &str, done: &dyn Fn(&HashMap<ThreadId, u64>) -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !done(&parks.lock().unwrap()) {
+                assert!(Instant::now() < deadline, "timed out waiting: {what}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        wait_for("both workers parked", &|p| p.len() == 2);
+        // Idle now: a worker parks again only when woken.
+        std::thread::sleep(Duration::from_millis(100));
+        let before = parks.lock().unwrap().clone();
+        wake_idle_workers(runtime.handle());
+        wait_for("each worker to park again", &|p| {
+            before.iter().all(|(thread, n)| p[thread] > *n)
+        });
     }
 }

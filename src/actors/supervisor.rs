@@ -70,7 +70,7 @@ use crate::limits::{
 };
 use crate::memory::{
     ask_threads_to_release_freed_memory, release_freed_memory, restore_purge_delay,
-    return_freed_pages_at_once,
+    return_freed_pages_at_once, wake_idle_workers,
 };
 use crate::storage::fold::State;
 use crate::storage::log::Ticket;
@@ -498,7 +498,7 @@ impl Actor for Supervisor {
                     SupervisorMsg::EndReleaseWindow(window)
                 });
                 ask_threads_to_release_freed_memory();
-                tokio::task::spawn_blocking(release_freed_memory);
+                release_off_the_mailbox();
             }
             SupervisorMsg::EndReleaseWindow(window) if window == state.release_window => {
                 // The collections above miss what is freed after them (blocks freed into
@@ -515,7 +515,7 @@ impl Actor for Supervisor {
                 // a window; a flash sale's requests do not.
                 restore_purge_delay();
                 ask_threads_to_release_freed_memory();
-                tokio::task::spawn_blocking(release_freed_memory);
+                release_off_the_mailbox();
             }
             SupervisorMsg::EndReleaseWindow(_) => {} // a newer window is open
             SupervisorMsg::ProductRecovered { sku, result } => {
@@ -598,6 +598,17 @@ const SWEEP_WAIT_MS: u64 = 10;
 
 /// The routing table, every product passive. Sorted first: a B-tree is built in one
 /// pass from sorted input.
+/// A release's work that is not the supervisor's: a blocking thread returns what is shared
+/// (abandoned pages, arenas) and then wakes the idle workers, each of which returns its own
+/// heap's freed memory as it parks again (`memory::wake_idle_workers`).
+fn release_off_the_mailbox() {
+    let runtime = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        release_freed_memory();
+        wake_idle_workers(&runtime);
+    });
+}
+
 fn sorted_routes(products: crate::storage::fold::Products) -> Routes<Slot> {
     let mut sorted: Vec<(String, Product)> = products.into_iter().collect();
     sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
