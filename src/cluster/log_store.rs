@@ -1,0 +1,380 @@
+//! `ClusterLog`: the engine's log storage (`RaftLogStorage`, `RaftLogReader`) over
+//! stockd's own write-ahead log (docs/REPLICATION.md, "The log storage").
+//!
+//! Entries are stored by the log's writer as `0x82` batches, in its group commit; the
+//! engine's `IOFlushed` callback is called in one place only, the writer's `Flushed`
+//! callback, which runs after sled's flush and `sync_blobs`. The engine needs an appended
+//! entry readable as soon as `append` returns, before that flush: the **tail** holds every
+//! entry not yet flushed, and the last `TAIL_FLUSHED_KEEP` flushed ones, so that recent
+//! entries (what replication and apply read) are served without a sled lookup. Older
+//! entries are read back with `LogReader::entries_after`, decoded and verified.
+//!
+//! The vote, the committed mark, truncation and purge are the writer's and the reader's
+//! (`LogHandle::save_vote`, `save_committed`, `truncate_after`; `LogReader::purge_through`,
+//! whose truncation mark keeps the purged entry's term: mark format 2). Vote, appends and
+//! truncations go through the writer's one queue, so they reach the disk in the order the
+//! engine asked for them, as it requires.
+//!
+//! Numbering: the engine's index `i` is log sequence `i + 1` (`seq_of`, `index_of`: the
+//! only place this arithmetic is done).
+//!
+//! An append must continue the log exactly: its first index is the one after the last
+//! entry (or after the purge mark, once the purge has passed the last entry). Anything
+//! else is refused with an error and leaves the log as it is: the engine never asks for it
+//! (it truncates before it overwrites, and purges before it appends past a snapshot), and
+//! stockd's log never has a hole. Appending after a purge that passed the end of the log
+//! (a snapshot install that covers more than this node's log) needs the writer restarted
+//! at the new sequence: that comes with snapshot installs (step 6).
+
+use std::collections::VecDeque;
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
+use openraft::{OptionalSend, RaftLogReader};
+
+use crate::storage::entry::LogPos;
+use crate::storage::log::{Log, LogHandle, LogReader, OpenError};
+
+use super::types::{
+    log_id_of, new_entry, pos_of, raft_entry_of, vote_from_stored, vote_to_stored, LogId,
+    RaftEntry, RaftVote, Tc,
+};
+
+/// Flushed entries the tail keeps beside the unflushed ones.
+pub const TAIL_FLUSHED_KEEP: usize = 8192;
+
+/// The log sequence of the engine's index `index`.
+pub fn seq_of(index: u64) -> u64 {
+    index + 1
+}
+
+/// The engine's index of log sequence `seq` (at least 1: 0 means "none").
+pub fn index_of(seq: u64) -> u64 {
+    debug_assert!(seq > 0, "sequence 0 is no entry");
+    seq.saturating_sub(1)
+}
+
+/// The engine's log storage on a cluster node's log. Cheap to clone: the engine's
+/// replication tasks read through clones (`get_log_reader`).
+#[derive(Clone)]
+pub struct ClusterLog {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    handle: LogHandle,
+    reader: LogReader,
+    tail: Mutex<Tail>,
+}
+
+struct Tail {
+    /// Entries by index, consecutive; the last is `last` whenever this is not empty.
+    entries: VecDeque<RaftEntry>,
+    /// The last entry of the log, or the purge mark once the purge has passed every
+    /// entry (`None`: an empty log never purged).
+    last: Option<LogPos>,
+    /// The sequence of the last entry given to the writer (where its next append must
+    /// start, less one).
+    written: u64,
+    purged: Option<LogPos>,
+    vote: Option<RaftVote>,
+    committed: Option<LogId>,
+}
+
+fn other(err: impl std::fmt::Display) -> io::Error {
+    io::Error::other(err.to_string())
+}
+
+impl ClusterLog {
+    /// Opens a cluster node's log: reads its vote, its purge mark, its last entry and its
+    /// committed mark, and starts its writer after the last entry. Returns the writer's
+    /// thread (joined by whoever shuts the log down, `handle().shutdown()`).
+    pub fn open(log: Log) -> Result<(ClusterLog, JoinHandle<()>), OpenError> {
+        let reader = log.reader();
+        let purged = reader.purged()?;
+        let last_seq = log.last_seq()?;
+        let last = match purged {
+            Some(mark) if mark.seq >= last_seq => Some(mark),
+            _ => entry_at(&reader, last_seq)?,
+        };
+        let bad_vote = |_| OpenError::BadVote {
+            path: "the log's vote file".into(),
+        };
+        let vote = log.vote()?.map(|v| vote_from_stored(&v)).transpose();
+        let vote = vote.map_err(bad_vote)?;
+        let committed = match log.committed()? {
+            0 => None,
+            seq => match purged {
+                Some(mark) if mark.seq >= seq => Some(mark),
+                _ => entry_at(&reader, seq)?,
+            },
+        };
+        let (handle, join) = log.start_writer(last_seq + 1)?;
+        let tail = Tail {
+            entries: VecDeque::new(),
+            last,
+            written: last_seq,
+            purged,
+            vote,
+            committed: committed.map(log_id_of),
+        };
+        let shared = Shared {
+            handle,
+            reader,
+            tail: Mutex::new(tail),
+        };
+        Ok((
+            ClusterLog {
+                shared: Arc::new(shared),
+            },
+            join,
+        ))
+    }
+
+    /// The log's writer (its shutdown, its durable sequence, its test hooks).
+    pub fn handle(&self) -> &LogHandle {
+        &self.shared.handle
+    }
+
+    fn tail(&self) -> MutexGuard<'_, Tail> {
+        self.shared.tail.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Entries `from..to` (indexes) from disk, on a blocking thread.
+    async fn read_stored(&self, from: u64, to: u64) -> io::Result<Vec<RaftEntry>> {
+        let reader = self.shared.reader.clone();
+        let read = move || -> io::Result<Vec<RaftEntry>> {
+            let mut out = Vec::new();
+            for stored in reader.entries_after(seq_of(from) - 1) {
+                let stored = stored.map_err(other)?;
+                let index = index_of(stored.pos.seq);
+                if index >= to {
+                    break;
+                }
+                // A purge may have removed the front meanwhile (what is missing at the
+                // start was purged); anything else missing is a hole.
+                let expected = from + out.len() as u64;
+                if !out.is_empty() && index != expected {
+                    return Err(other(format!(
+                        "the log holds entry {} where {} was expected",
+                        stored.pos.seq,
+                        seq_of(expected)
+                    )));
+                }
+                out.push(raft_entry_of(stored)?);
+            }
+            Ok(out)
+        };
+        tokio::task::spawn_blocking(read).await.map_err(other)?
+    }
+}
+
+/// The position of the entry at `seq` in the log (`None` for 0).
+fn entry_at(reader: &LogReader, seq: u64) -> Result<Option<LogPos>, OpenError> {
+    if seq == 0 {
+        return Ok(None);
+    }
+    match reader.entries_after(seq - 1).next() {
+        Some(Ok(entry)) if entry.pos.seq == seq => Ok(Some(entry.pos)),
+        Some(Err(err)) => Err(err),
+        _ => Err(OpenError::Io {
+            path: format!("log entry {seq}"),
+            source: io::Error::other("the log has no entry there"),
+        }),
+    }
+}
+
+/// `range` as indexes `[start, end)`.
+fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
+    let start = match range.start_bound() {
+        Bound::Included(&i) => i,
+        Bound::Excluded(&i) => i.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&i) => i.saturating_add(1),
+        Bound::Excluded(&i) => i,
+        Bound::Unbounded => u64::MAX,
+    };
+    (start, end)
+}
+
+impl RaftLogReader<Tc> for ClusterLog {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<RaftEntry>, io::Error> {
+        let (start, end) = bounds(&range);
+        // What the tail holds is taken under its lock; what is older comes from disk.
+        let (disk, from_tail) = {
+            let tail = self.tail();
+            let floor = tail.purged.map_or(0, |p| index_of(p.seq) + 1);
+            let after_last = tail.last.map_or(0, |p| index_of(p.seq) + 1);
+            let (start, end) = (start.max(floor), end.min(after_last));
+            if start >= end {
+                return Ok(Vec::new());
+            }
+            let tail_first = tail.entries.front().map_or(after_last, |e| e.log_id.index);
+            let skip = start.saturating_sub(tail_first) as usize;
+            let take = end.saturating_sub(start.max(tail_first)) as usize;
+            let from_tail: Vec<RaftEntry> =
+                tail.entries.iter().skip(skip).take(take).cloned().collect();
+            (start..end.min(tail_first), from_tail)
+        };
+        let mut entries = if disk.is_empty() {
+            Vec::new()
+        } else {
+            self.read_stored(disk.start, disk.end).await?
+        };
+        entries.extend(from_tail);
+        Ok(entries)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<RaftVote>, io::Error> {
+        Ok(self.tail().vote)
+    }
+}
+
+impl RaftLogStorage<Tc> for ClusterLog {
+    type LogReader = ClusterLog;
+
+    async fn get_log_state(&mut self) -> Result<LogState<Tc>, io::Error> {
+        let tail = self.tail();
+        Ok(LogState {
+            last_purged_log_id: tail.purged.map(log_id_of),
+            last_log_id: tail.last.map(log_id_of),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &RaftVote) -> Result<(), io::Error> {
+        let ticket = self.shared.handle.save_vote(vote_to_stored(vote));
+        ticket.durable().await.map_err(other)?;
+        self.tail().vote = Some(*vote);
+        Ok(())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        if let Some(log_id) = committed {
+            self.shared.handle.save_committed(seq_of(log_id.index));
+            self.tail().committed = Some(log_id);
+        }
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(self.tail().committed)
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<Tc>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = RaftEntry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<RaftEntry> = entries.into_iter().collect();
+        let Some(first) = entries.first().map(|e| e.log_id) else {
+            callback.io_completed(Ok(()));
+            return Ok(());
+        };
+        let mut tail = self.tail();
+        let next = tail.last.map_or(0, |p| index_of(p.seq) + 1);
+        let consecutive = entries
+            .iter()
+            .enumerate()
+            .all(|(i, e)| e.log_id.index == first.index + i as u64);
+        if first.index != next || seq_of(first.index) != tail.written + 1 || !consecutive {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "entries appended from index {} do not continue the log, whose next index is \
+                     {next} (written through sequence {})",
+                    first.index, tail.written
+                ),
+            ));
+        }
+        let stored = entries.iter().map(new_entry).collect();
+        let last = pos_of(&entries[entries.len() - 1].log_id);
+        tail.entries.extend(entries);
+        tail.last = Some(last);
+        tail.written = last.seq;
+        // Sent under the tail's lock: the writer's queue has the appends in log order.
+        self.shared.handle.append_entries(
+            seq_of(first.index),
+            stored,
+            Box::new(move |flushed| callback.io_completed(flushed.map(|_| ()).map_err(other))),
+        );
+        let durable = self.shared.handle.durable_seq();
+        while tail.entries.len() > TAIL_FLUSHED_KEEP
+            && tail
+                .entries
+                .front()
+                .is_some_and(|e| seq_of(e.log_id.index) <= durable)
+        {
+            tail.entries.pop_front();
+        }
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let last = last_log_id.map(|id| pos_of(&id));
+        let cut = last.map_or(0, |p| p.seq);
+        let ticket = {
+            let mut tail = self.tail();
+            if tail.last.is_none_or(|l| l.seq <= cut) {
+                return Ok(());
+            }
+            if tail.purged.is_some_and(|p| p.seq > cut) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("cannot cut the log after {cut}: it is purged through it"),
+                ));
+            }
+            while tail
+                .entries
+                .back()
+                .is_some_and(|e| seq_of(e.log_id.index) > cut)
+            {
+                tail.entries.pop_back();
+            }
+            tail.last = last.or(tail.purged);
+            tail.written = tail.written.min(cut);
+            if tail.committed.is_some_and(|c| seq_of(c.index) > cut) {
+                tail.committed = last_log_id;
+            }
+            self.shared.handle.truncate_after(cut)
+        };
+        ticket.durable().await.map_err(other)?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        let through = pos_of(&log_id);
+        let reader = self.shared.reader.clone();
+        tokio::task::spawn_blocking(move || reader.purge_through(through))
+            .await
+            .map_err(other)?
+            .map_err(other)?;
+        let mut tail = self.tail();
+        if tail.purged.is_none_or(|p| p.seq < through.seq) {
+            tail.purged = Some(through);
+        }
+        while tail
+            .entries
+            .front()
+            .is_some_and(|e| seq_of(e.log_id.index) <= through.seq)
+        {
+            tail.entries.pop_front();
+        }
+        if tail.last.is_none_or(|l| l.seq < through.seq) {
+            tail.last = Some(through);
+        }
+        Ok(())
+    }
+}
