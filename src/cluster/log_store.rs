@@ -310,13 +310,11 @@ impl RaftLogStorage<Tc> for ClusterLog {
             stored,
             Box::new(move |flushed| callback.io_completed(flushed.map(|_| ()).map_err(other))),
         );
+        // Flushed entries beyond the newest `TAIL_FLUSHED_KEEP` leave the tail (they are
+        // read from disk from then on); unflushed ones never do.
         let durable = self.shared.handle.durable_seq();
-        while tail.entries.len() > TAIL_FLUSHED_KEEP
-            && tail
-                .entries
-                .front()
-                .is_some_and(|e| seq_of(e.log_id.index) <= durable)
-        {
+        let unflushed = last.seq.saturating_sub(durable) as usize;
+        while tail.entries.len() > TAIL_FLUSHED_KEEP + unflushed {
             tail.entries.pop_front();
         }
         Ok(())
@@ -376,5 +374,75 @@ impl RaftLogStorage<Tc> for ClusterLog {
             tail.last = Some(through);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::type_config::TypeConfigExt;
+
+    use super::*;
+    use crate::cluster::types::LogId;
+
+    fn blank(term: u64, index: u64) -> RaftEntry {
+        openraft::Entry {
+            log_id: LogId::new_term_index(term, index),
+            payload: openraft::EntryPayload::Blank,
+        }
+    }
+
+    /// Appended entries are readable as soon as `append` returns, while the writer has
+    /// not flushed them (it is held); the engine hears of the flush only once the writer
+    /// has done it; and then the same entries read back from disk alone, after a restart.
+    #[tokio::test]
+    async fn entries_are_readable_from_the_tail_before_their_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, writer) = ClusterLog::open(Log::open(dir.path()).unwrap()).unwrap();
+        let held = log.handle().hold();
+        let (tx, mut flushed) = Tc::oneshot();
+        let entries: Vec<RaftEntry> = (0..5).map(|i| blank(1, i)).collect();
+        log.append(entries.clone(), IOFlushed::signal(tx))
+            .await
+            .unwrap();
+        assert_eq!(log.try_get_log_entries(..).await.unwrap(), entries);
+        assert_eq!(log.try_get_log_entries(2..4).await.unwrap(), entries[2..4]);
+        assert_eq!(log.handle().durable_seq(), 0);
+        assert!(flushed.try_recv().is_err(), "not flushed yet");
+        drop(held);
+        flushed.await.unwrap().unwrap();
+        assert_eq!(log.handle().durable_seq(), 5);
+        log.handle().shutdown().await.unwrap();
+        drop(log);
+        writer.join().unwrap();
+        let (mut log, _writer) = ClusterLog::open(Log::open(dir.path()).unwrap()).unwrap();
+        assert_eq!(log.try_get_log_entries(..).await.unwrap(), entries);
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id, Some(LogId::new_term_index(1, 4)));
+    }
+
+    /// An append that does not continue the log is refused and changes nothing.
+    #[tokio::test]
+    async fn an_append_that_leaves_a_hole_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _writer) = ClusterLog::open(Log::open(dir.path()).unwrap()).unwrap();
+        for (first, len) in [(1, 2), (0, 0)] {
+            let entries: Vec<RaftEntry> = (first..first + len).map(|i| blank(1, i)).collect();
+            let (tx, flushed) = Tc::oneshot();
+            let appended = log.append(entries, IOFlushed::signal(tx)).await;
+            if len == 0 {
+                appended.unwrap();
+                flushed.await.unwrap().unwrap();
+            } else {
+                let err = appended.expect_err("a hole");
+                assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+            }
+        }
+        let (tx, flushed) = Tc::oneshot();
+        log.append([blank(1, 0)], IOFlushed::signal(tx))
+            .await
+            .unwrap();
+        flushed.await.unwrap().unwrap();
+        assert!(log.handle().is_healthy());
+        assert_eq!(log.try_get_log_entries(..).await.unwrap(), [blank(1, 0)]);
     }
 }
