@@ -101,11 +101,12 @@ impl ClusterLog {
             Some(mark) if mark.seq >= last_seq => Some(mark),
             _ => entry_at(&reader, last_seq)?,
         };
-        let bad_vote = |_| OpenError::BadVote {
-            path: "the log's vote file".into(),
-        };
+        // A vote that verifies but names no node (never written by this module).
         let vote = log.vote()?.map(|v| vote_from_stored(&v)).transpose();
-        let vote = vote.map_err(bad_vote)?;
+        let vote = vote.map_err(|source| OpenError::Io {
+            path: log.dir().join("vote").display().to_string(),
+            source,
+        })?;
         let committed = match log.committed()? {
             0 => None,
             seq => match purged {

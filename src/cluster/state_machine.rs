@@ -158,8 +158,8 @@ impl RaftStateMachine<Tc> for StockSm {
     {
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
-            let seq = entry.log_id.index + 1;
             let entry = fold_entry_of(entry)?;
+            let seq = entry.pos.seq;
             // A fold error is a log that contradicts itself (or entries out of order):
             // the state may be partly changed, so the engine must stop here.
             let outcome = fold::apply_entry(&mut self.state, entry)
