@@ -383,7 +383,6 @@ mod tests {
     use openraft::type_config::TypeConfigExt;
 
     use super::*;
-    use crate::cluster::types::LogId;
 
     fn blank(term: u64, index: u64) -> RaftEntry {
         openraft::Entry {
@@ -419,6 +418,78 @@ mod tests {
         assert_eq!(log.try_get_log_entries(..).await.unwrap(), entries);
         let state = log.get_log_state().await.unwrap();
         assert_eq!(state.last_log_id, Some(LogId::new_term_index(1, 4)));
+    }
+
+    async fn append(log: &mut ClusterLog, entries: Vec<RaftEntry>) {
+        let (tx, flushed) = Tc::oneshot();
+        log.append(entries, IOFlushed::signal(tx)).await.unwrap();
+        flushed.await.unwrap().unwrap();
+    }
+
+    /// Stops the log's writer and waits for its thread, so that the directory can be
+    /// opened again.
+    async fn close(log: ClusterLog, writer: JoinHandle<()>) {
+        log.handle().shutdown().await.unwrap();
+        drop(log);
+        writer.join().unwrap();
+    }
+
+    /// What the engine reads at start-up comes back after a restart: the purge mark with
+    /// its term, the last entry, the vote and the committed mark; reads start after the
+    /// purge, and appends continue after the last entry. A purge past the last entry
+    /// makes the purge mark the log's end.
+    #[tokio::test]
+    async fn a_reopened_log_keeps_its_purge_last_entry_vote_and_committed_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || ClusterLog::open(Log::open(dir.path()).unwrap()).unwrap();
+        let (mut log, writer) = open();
+        append(&mut log, (0..3).map(|i| blank(1, i)).collect()).await;
+        append(&mut log, (3..10).map(|i| blank(2, i)).collect()).await;
+        let vote = RaftVote::new_committed(2, 3);
+        log.save_vote(&vote).await.unwrap();
+        log.save_committed(Some(LogId::new_term_index(2, 8)))
+            .await
+            .unwrap();
+        log.purge(LogId::new_term_index(1, 2)).await.unwrap();
+        close(log, writer).await;
+
+        let (mut log, writer) = open();
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(LogId::new_term_index(1, 2)));
+        assert_eq!(state.last_log_id, Some(LogId::new_term_index(2, 9)));
+        assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+        assert_eq!(
+            log.read_committed().await.unwrap(),
+            Some(LogId::new_term_index(2, 8))
+        );
+        let entries = log.try_get_log_entries(..).await.unwrap();
+        assert_eq!(entries, (3..10).map(|i| blank(2, i)).collect::<Vec<_>>());
+        append(&mut log, vec![blank(3, 10)]).await;
+        log.purge(LogId::new_term_index(4, 20)).await.unwrap();
+        close(log, writer).await;
+
+        let (mut log, _writer) = open();
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(LogId::new_term_index(4, 20)));
+        assert_eq!(state.last_log_id, Some(LogId::new_term_index(4, 20)));
+        assert!(log.try_get_log_entries(..).await.unwrap().is_empty());
+    }
+
+    /// A single server's log (records, not entries) is not a cluster node's.
+    #[tokio::test]
+    async fn a_single_servers_log_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (handle, writer) = Log::open(dir.path()).unwrap().start_writer(1).unwrap();
+        let record = crate::storage::record::Record::ProductDeleted {
+            sku: "A".into(),
+            at: 1,
+            by: None,
+        };
+        handle.append(record).durable().await.unwrap();
+        handle.shutdown().await.unwrap();
+        writer.join().unwrap();
+        let refused = ClusterLog::open(Log::open(dir.path()).unwrap());
+        assert!(matches!(refused, Err(OpenError::NotAnEntry { seq: 1 })));
     }
 
     /// An append that does not continue the log is refused and changes nothing.
