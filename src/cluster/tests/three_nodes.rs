@@ -328,6 +328,15 @@ async fn digests(nodes: &BTreeMap<NodeId, Node>, ids: &[NodeId], index: u64) -> 
     out
 }
 
+/// What node `raft`'s state has on hand of `sku` (`None`: no such product).
+async fn on_hand(raft: &Raft, sku: &'static str) -> Option<u64> {
+    raft.with_state_machine(move |sm: &mut StockSm| {
+        Box::pin(async move { sm.state().products.get(sku).map(|p| p.on_hand) })
+    })
+    .await
+    .expect("reading the state machine")
+}
+
 /// The node's log from disk (as a restarted node reads it), as (sequence, term) pairs.
 fn stored_terms(dir: &Path) -> Vec<(u64, u64)> {
     let log = Log::open(&dir.join("log")).expect("opening a stopped node's log");
@@ -376,6 +385,10 @@ async fn three_nodes_elect_replicate_recover_and_cut_an_uncommitted_tail() {
         found.windows(2).all(|w| w[0] == w[1]),
         "same digest at {last}"
     );
+    for id in all {
+        assert_eq!(on_hand(&nodes[&id].raft, "A").await, Some(13), "node {id}");
+        assert_eq!(on_hand(&nodes[&id].raft, "B").await, Some(10), "node {id}");
+    }
 
     // A follower restarted from its data directory.
     let follower = *all.iter().find(|id| **id != leader).unwrap();
@@ -427,6 +440,8 @@ async fn three_nodes_elect_replicate_recover_and_cut_an_uncommitted_tail() {
         found.windows(2).all(|w| w[0] == w[1]),
         "caught up at {last}"
     );
+    assert_eq!(on_hand(&nodes[&follower].raft, "B").await, Some(13));
+    assert_eq!(on_hand(&nodes[&follower].raft, "C").await, Some(10));
 
     // A forced leader change. The leader's entries are held back, so a proposal stays on
     // its own log, uncommitted; then it is cut off, and the other two elect a new leader.
@@ -467,6 +482,10 @@ async fn three_nodes_elect_replicate_recover_and_cut_an_uncommitted_tail() {
     Router::set(&router.cut, old, false);
     let found = digests(&nodes, &all, last).await;
     assert!(found.windows(2).all(|w| w[0] == w[1]), "agreed at {last}");
+    for id in all {
+        assert_eq!(on_hand(&nodes[&id].raft, "Z").await, None, "node {id}");
+        assert_eq!(on_hand(&nodes[&id].raft, "N").await, Some(11), "node {id}");
+    }
     nodes[&old]
         .raft
         .wait(Some(WAIT))
