@@ -3,16 +3,26 @@
 //! tells about it (`Status`).
 //!
 //! Today every server is a single node: the journal is the local write-ahead log, the role
-//! is always `Role::Single`. The cluster's engine (openraft) will live in this module and
+//! is always `Role::Single`. The cluster's engine (openraft) lives in this module and
 //! nowhere else, behind these same types, so that the supervisor, the product actors, the
-//! service, the keyring and HTTP keep calling exactly what they call now.
+//! service, the keyring and HTTP keep calling exactly what they call now. What exists of
+//! it (step 3 of docs/REPLICATION.md's plan) is the engine behind an adapter, which no
+//! server constructs yet: its types and their conversions to stockd's own (`types`), its
+//! log storage over the write-ahead log (`log_store::ClusterLog`) and its state machine
+//! (`state_machine::StockSm`, following only), tested against the engine's storage suite
+//! and as an in-process three-node cluster (`tests`).
 //!
 //! Layer: between `storage`/`feed` and `actors`. It imports only from those below it; when
 //! the engine has to tell the supervisor something (gaining or losing the leadership), it
 //! will do so through a channel whose message type is defined here.
 
 pub mod journal;
+pub mod log_store;
 pub mod role;
+pub mod state_machine;
+#[cfg(test)]
+mod tests;
+pub mod types;
 
 pub use journal::Journal;
 pub use role::{NodeId, Role, SINGLE_NODE_ID};

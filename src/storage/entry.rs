@@ -135,8 +135,9 @@ pub struct Entry {
     pub payload: Payload,
 }
 
-/// What folding an entry did: what the leader's ticket for a proposal resolves by.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What folding an entry did: what the leader's ticket for a proposal resolves by (and
+/// the engine's response type, so it is serializable).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     /// Folded: a proposal that continued its epoch's chain, a membership entry, a blank.
     Applied,

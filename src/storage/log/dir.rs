@@ -11,7 +11,11 @@ use crate::storage::snapshot::sync_dir;
 use super::*;
 
 /// The truncation mark: the highest sequence number that may have been removed from the
-/// front of the log because a kept snapshot covers it (big-endian `u64`, then its CRC32).
+/// front of the log because a kept snapshot covers it. Format 1 (a single server's):
+/// big-endian `u64`, then its CRC32 (LE). Format 2 (a cluster node's purge, which the
+/// engine asks for by log id, and must be told back as `last_purged_log_id`): the
+/// sequence (`u64` BE), the term of the entry at it (`u64` LE), then the CRC32 (LE) of
+/// both. Told apart by length; both are read.
 pub(super) const MARK_FILE: &str = "truncated_through";
 pub(super) const LOCK_FILE: &str = "LOCK";
 /// A cluster node's vote (`entry::Vote`): its CRC32 (`u32` LE), then bincode 2 of the vote.
@@ -78,29 +82,50 @@ pub(super) fn lock_dir(dir: &Path) -> Result<DirLock, OpenError> {
         .map_err(io_err(&path))
 }
 
-pub(super) fn read_mark(dir: &Path) -> Result<u64, OpenError> {
+/// The truncation mark: a position of the log (`term` is `None` in a format-1 mark).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Mark {
+    pub(super) seq: u64,
+    pub(super) term: Option<u64>,
+}
+
+pub(super) fn read_mark(dir: &Path) -> Result<Mark, OpenError> {
     let path = dir.join(MARK_FILE);
     let bytes = match fs::read(&path) {
         Ok(bytes) => bytes,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Mark::default()),
         Err(err) => return Err(io_err(&path)(err)),
     };
     let bad = || OpenError::BadMark {
         path: path.display().to_string(),
     };
-    let (seq, crc) = bytes.split_at_checked(8).ok_or_else(bad)?;
+    let body_len = match bytes.len() {
+        12 => 8,
+        20 => 16,
+        _ => return Err(bad()),
+    };
+    let (body, crc) = bytes.split_at(body_len);
     let crc: [u8; 4] = crc.try_into().map_err(|_| bad())?;
-    if crc32fast::hash(seq) != u32::from_le_bytes(crc) {
+    if crc32fast::hash(body) != u32::from_le_bytes(crc) {
         return Err(bad());
     }
-    Ok(u64::from_be_bytes(seq.try_into().map_err(|_| bad())?))
+    let seq = u64::from_be_bytes(body[..8].try_into().map_err(|_| bad())?);
+    let term = match body.get(8..16) {
+        Some(term) => Some(u64::from_le_bytes(term.try_into().map_err(|_| bad())?)),
+        None => None,
+    };
+    Ok(Mark { seq, term })
 }
 
-/// Written to a temporary file, synced, renamed into place, directory synced.
-pub(super) fn write_mark(dir: &Path, seq: u64) -> io::Result<()> {
+/// Written to a temporary file, synced, renamed into place, directory synced: format 2
+/// when the mark has a term, else format 1 (what a single server has always written).
+pub(super) fn write_mark(dir: &Path, mark: Mark) -> io::Result<()> {
     let tmp = dir.join(format!("{MARK_FILE}.tmp"));
-    let mut bytes = seq.to_be_bytes().to_vec();
-    bytes.extend(crc32fast::hash(&seq.to_be_bytes()).to_le_bytes());
+    let mut bytes = mark.seq.to_be_bytes().to_vec();
+    if let Some(term) = mark.term {
+        bytes.extend(term.to_le_bytes());
+    }
+    bytes.extend(crc32fast::hash(&bytes).to_le_bytes());
     let mut file = fs::File::create(&tmp)?;
     file.write_all(&bytes)?;
     file.sync_all()?;

@@ -82,7 +82,7 @@ pub(super) fn migrate_single_database(
         segment.db().flush().map_err(sled_err(dir))?;
     }
     drop(current);
-    segments.raise_mark(mark)?;
+    segments.raise_mark(mark, None)?;
     drop((meta, trees, old));
     sync_dir(dir).map_err(io_err(dir))?;
     fs::remove_file(&db_file).map_err(io_err(&db_file))?;

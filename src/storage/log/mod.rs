@@ -220,6 +220,11 @@ impl Log {
         Ok(last.max(self.segments.mark()))
     }
 
+    /// The log's directory.
+    pub fn dir(&self) -> &Path {
+        &self.segments.dir
+    }
+
     /// A view of the log for reading (recovery, snapshots). Every clone must be dropped
     /// before the writer stops, so that the log is closed when it does.
     pub fn reader(&self) -> LogReader {

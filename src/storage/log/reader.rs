@@ -7,7 +7,7 @@ use std::sync::{mpsc, Arc};
 
 use crate::storage::record::Record;
 
-use crate::storage::entry::{decode_entry, Entry};
+use crate::storage::entry::{decode_entry, Entry, LogPos};
 
 use super::batch::{Stored, Unpacked};
 use super::*;
@@ -164,7 +164,35 @@ impl LogReader {
     /// anything is deleted and never lowered. A segment someone is reading is deleted when
     /// its reader is done. Returns the number of records dropped.
     pub fn truncate_through(&self, seq: u64) -> Result<u64, OpenError> {
-        let mark = self.segments.raise_mark(seq)?;
+        self.truncate_front(seq, None)
+    }
+
+    /// `truncate_through` for a cluster node's log (the engine's purge): the mark keeps
+    /// the position `through` (its term too: mark format 2), which `purged` reads back.
+    /// What stays of a straddling segment up to the mark is there, but purged: readers of
+    /// Raft entries start after the mark.
+    pub fn purge_through(&self, through: LogPos) -> Result<u64, OpenError> {
+        self.truncate_front(through.seq, Some(through.term))
+    }
+
+    /// Where the front of a cluster node's log was purged through (`purge_through`), or
+    /// `None` if it never was. A format-1 mark (a single server's) is
+    /// `OpenError::BadMark`: a cluster node's purge always knows the term.
+    pub fn purged(&self) -> Result<Option<LogPos>, OpenError> {
+        match self.segments.mark_pos() {
+            Mark { seq: 0, .. } => Ok(None),
+            Mark {
+                seq,
+                term: Some(term),
+            } => Ok(Some(LogPos { term, seq })),
+            Mark { term: None, .. } => Err(OpenError::BadMark {
+                path: self.segments.dir.join(MARK_FILE).display().to_string(),
+            }),
+        }
+    }
+
+    fn truncate_front(&self, seq: u64, term: Option<u64>) -> Result<u64, OpenError> {
+        let mark = self.segments.raise_mark(seq, term)?;
         let slots = self.segments.list();
         let mut dropped = 0;
         for pair in slots.windows(2) {

@@ -225,7 +225,7 @@ pub(super) fn trash_segment_dir(path: &Path) -> io::Result<(PathBuf, io::Result<
 pub(super) struct Segments {
     pub(super) dir: PathBuf,
     pub(super) slots: Mutex<BTreeMap<u64, Arc<Slot>>>,
-    pub(super) mark: Mutex<u64>,
+    pub(super) mark: Mutex<Mark>,
     pub(super) guard: Arc<DirGuard>,
     /// A normal-class thread that opens and closes segments for readers and the writer
     /// (see `Service`).
@@ -398,18 +398,25 @@ impl Segments {
     }
 
     pub(super) fn mark(&self) -> u64 {
+        self.mark_pos().seq
+    }
+
+    /// The truncation mark with its term (`None`: a format-1 mark, or none).
+    pub(super) fn mark_pos(&self) -> Mark {
         *self.mark.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Raises the truncation mark (never lowers it), durably, before anything it covers
-    /// is deleted.
-    pub(super) fn raise_mark(&self, seq: u64) -> Result<u64, OpenError> {
+    /// is deleted. `term` is the term of the entry at `seq` in a cluster node's log (a
+    /// format-2 mark), `None` for a single server's records.
+    pub(super) fn raise_mark(&self, seq: u64, term: Option<u64>) -> Result<u64, OpenError> {
         let mut mark = self.mark.lock().unwrap_or_else(|e| e.into_inner());
-        if seq > *mark {
-            write_mark(&self.dir, seq).map_err(io_err(&self.dir))?;
-            *mark = seq;
+        if seq > mark.seq {
+            let raised = Mark { seq, term };
+            write_mark(&self.dir, raised).map_err(io_err(&self.dir))?;
+            *mark = raised;
         }
-        Ok(*mark)
+        Ok(mark.seq)
     }
 
     /// Flushes every segment that is open.

@@ -294,6 +294,41 @@ fn a_damaged_mark_is_an_error() {
     assert!(matches!(err, OpenError::BadMark { .. }), "{err}");
 }
 
+/// A cluster node's purge keeps the purged entry's term in the mark (format 2), read
+/// back after a restart and never lowered; a single server's mark stays format 1 (no term),
+/// still read, and is no purge position for a cluster node; a damaged format 2 is refused.
+#[test]
+fn the_truncation_mark_keeps_a_purges_term() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    write(&dir, 30, 10);
+    let reader = Log::open(&dir).unwrap().reader();
+    assert_eq!(reader.purged().unwrap(), None);
+    reader.truncate_through(5).unwrap();
+    assert_eq!(fs::read(dir.join(MARK_FILE)).unwrap().len(), 12);
+    assert!(matches!(reader.purged(), Err(OpenError::BadMark { .. })));
+    drop(reader);
+    let reader = Log::open(&dir).unwrap().reader();
+    assert_eq!(reader.truncated_through(), 5);
+    let purged = crate::storage::entry::LogPos { term: 4, seq: 12 };
+    assert_eq!(reader.purge_through(purged).unwrap(), 10);
+    reader
+        .purge_through(crate::storage::entry::LogPos { term: 3, seq: 8 })
+        .unwrap();
+    assert_eq!(reader.purged().unwrap(), Some(purged));
+    drop(reader);
+    let log = Log::open(&dir).unwrap();
+    assert_eq!(log.reader().purged().unwrap(), Some(purged));
+    assert_eq!(log.reader().truncated_through(), 12);
+    drop(log);
+    let mut bytes = fs::read(dir.join(MARK_FILE)).unwrap();
+    assert_eq!(bytes.len(), 20);
+    bytes[10] ^= 1;
+    fs::write(dir.join(MARK_FILE), bytes).unwrap();
+    let err = Log::open(&dir).err().expect("a damaged mark");
+    assert!(matches!(err, OpenError::BadMark { .. }), "{err}");
+}
+
 #[test]
 fn cutting_the_end_removes_later_segments_and_part_of_one() {
     let tmp = tempfile::tempdir().unwrap();

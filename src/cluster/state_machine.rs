@@ -1,0 +1,229 @@
+//! `StockSm`: the engine's state machine (docs/REPLICATION.md, "The state machine").
+//!
+//! Only the **Following** mode exists yet: the state machine owns a `State` and folds
+//! each committed entry into it with `fold::apply_entry` (the only place Raft entries meet
+//! the fold), answering each entry's responder with its `Outcome`. Leading and Rebuilding
+//! (the state handed to the supervisor and its actors, and folded back after a lost
+//! leadership) come with a serving leader, in step 5.
+//!
+//! Snapshots are as simple as correct for now: a snapshot is built from a copy of the
+//! state taken when the engine asks for a builder, written with the snapshot encoder
+//! (`snapshot::write`, format 3) into this node's snapshot directory, and installed with
+//! the verified loader (`snapshot::read`), which checks that the file's Raft metadata is
+//! the engine's. `SnapshotData` is the file's path; the newest file that verifies is the
+//! current snapshot. Step 6 moves the building onto the snapshot worker (no copy of the
+//! state on the server), and bounds purges by the kept snapshots.
+//!
+//! A start-up state machine is empty: the engine installs the newest snapshot, then
+//! re-applies the log up to the committed mark (`ClusterLog::read_committed`). Step 4's
+//! start-up replaces that with stockd's own two-thread recovery.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use futures_util::{Stream, StreamExt};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{OptionalSend, RaftSnapshotBuilder};
+
+use crate::clock::{Clock, SystemClock};
+use crate::storage::fold::{self, State};
+use crate::storage::snapshot::{self, WriteHooks};
+
+use super::types::{
+    fold_entry_of, log_id_of, stored_membership_of, LogId, RaftStoredMembership, Tc,
+};
+
+/// A snapshot's file (in the snapshot directory of the node that built or installed it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotFile {
+    pub path: PathBuf,
+}
+
+pub type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<Tc>;
+pub type Snapshot = openraft::type_config::alias::SnapshotOf<Tc, SnapshotFile>;
+
+fn other(err: impl std::fmt::Display) -> io::Error {
+    io::Error::other(err.to_string())
+}
+
+/// The engine's state machine on a follower: the state, and where its snapshots live.
+pub struct StockSm {
+    state: State,
+    snapshots: PathBuf,
+}
+
+impl StockSm {
+    /// An empty state machine whose snapshots are written to (and read from) `snapshots`.
+    pub fn new(snapshots: &Path) -> StockSm {
+        StockSm {
+            state: State::default(),
+            snapshots: snapshots.to_path_buf(),
+        }
+    }
+
+    /// The state as folded so far.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// The last entry folded, and the membership in force, as the engine's.
+    fn applied(state: &State) -> io::Result<(Option<LogId>, RaftStoredMembership)> {
+        match &state.raft {
+            None => Ok((None, RaftStoredMembership::default())),
+            Some(raft) => Ok((
+                raft.last_applied.map(log_id_of),
+                stored_membership_of(&raft.membership)?,
+            )),
+        }
+    }
+}
+
+/// A snapshot's metadata, read from its state's Raft metadata.
+fn meta_of(state: &State) -> io::Result<SnapshotMeta> {
+    let (last_log_id, last_membership) = StockSm::applied(state)?;
+    Ok(SnapshotMeta {
+        last_log_id,
+        last_membership,
+    })
+}
+
+/// The newest snapshot in `dir` that verifies, with its state.
+fn newest_snapshot(dir: &Path) -> io::Result<Option<(PathBuf, State)>> {
+    let mut files = match snapshot::list(dir) {
+        Ok(files) => files,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    while let Some((_, path)) = files.pop() {
+        match snapshot::read(&path) {
+            Ok((_, state)) if state.raft.is_some() => return Ok(Some((path, state))),
+            Ok(_) => {
+                tracing::warn!(path = %path.display(), "a snapshot without Raft metadata in a cluster node's directory; skipped")
+            }
+            Err(err) => {
+                tracing::warn!(path = %path.display(), error = %err, "a snapshot that does not verify; skipped")
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Writes `state` as a snapshot in `dir`; returns the file.
+fn write_snapshot(dir: &Path, state: &State) -> io::Result<PathBuf> {
+    let seq = state
+        .raft
+        .as_ref()
+        .and_then(|raft| raft.last_applied)
+        .map_or(0, |pos| pos.seq);
+    let info = snapshot::write(dir, seq, state, SystemClock.now_ms(), WriteHooks::default())?;
+    Ok(info.path)
+}
+
+/// Builds one snapshot from the copy of the state it was made with.
+pub struct SnapshotJob {
+    state: State,
+    snapshots: PathBuf,
+}
+
+impl RaftSnapshotBuilder<Tc> for SnapshotJob {
+    type SnapshotData = SnapshotFile;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        let state = std::mem::take(&mut self.state);
+        let dir = self.snapshots.clone();
+        let (meta, path) = tokio::task::spawn_blocking(move || -> io::Result<_> {
+            let meta = meta_of(&state)?;
+            Ok((meta, write_snapshot(&dir, &state)?))
+        })
+        .await
+        .map_err(other)??;
+        Ok(Snapshot {
+            meta,
+            snapshot: SnapshotFile { path },
+        })
+    }
+}
+
+impl RaftStateMachine<Tc> for StockSm {
+    type SnapshotData = SnapshotFile;
+    type SnapshotBuilder = SnapshotJob;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, RaftStoredMembership), io::Error> {
+        StockSm::applied(&self.state)
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<Tc>, io::Error>> + Unpin + OptionalSend,
+    {
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            let entry = fold_entry_of(entry)?;
+            let seq = entry.pos.seq;
+            // A fold error is a log that contradicts itself (or entries out of order):
+            // the state may be partly changed, so the engine must stop here.
+            let outcome = fold::apply_entry(&mut self.state, entry)
+                .map_err(|e| other(format!("folding entry {seq}: {e}")))?;
+            if let Some(responder) = responder {
+                responder.send(outcome);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotJob {
+            state: self.state.clone(),
+            snapshots: self.snapshots.clone(),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotFile,
+    ) -> Result<(), io::Error> {
+        let dir = self.snapshots.clone();
+        let meta = meta.clone();
+        let state = tokio::task::spawn_blocking(move || -> io::Result<State> {
+            let (_, state) = snapshot::read(&snapshot.path).map_err(other)?;
+            if meta_of(&state)? != meta {
+                return Err(other(format!(
+                    "snapshot {} does not hold what its metadata says ({meta:?})",
+                    snapshot.path.display()
+                )));
+            }
+            // Kept in this node's own directory (a received file may live elsewhere),
+            // and the only one kept: the engine's rule for an installed snapshot.
+            let kept = if snapshot.path.parent() == Some(dir.as_path()) {
+                snapshot.path
+            } else {
+                write_snapshot(&dir, &state)?
+            };
+            for (_, path) in snapshot::list(&dir)? {
+                if path != kept {
+                    std::fs::remove_file(&path)?;
+                }
+            }
+            Ok(state)
+        })
+        .await
+        .map_err(other)??;
+        self.state = state;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        let dir = self.snapshots.clone();
+        let newest = tokio::task::spawn_blocking(move || newest_snapshot(&dir))
+            .await
+            .map_err(other)??;
+        match newest {
+            None => Ok(None),
+            Some((path, state)) => Ok(Some(Snapshot {
+                meta: meta_of(&state)?,
+                snapshot: SnapshotFile { path },
+            })),
+        }
+    }
+}

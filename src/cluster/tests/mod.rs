@@ -1,0 +1,6 @@
+//! The engine behind its adapter, tested: the engine's own storage conformance suite
+//! against `ClusterLog` and `StockSm` (`suite`), and three nodes in one process over an
+//! in-memory network (`three_nodes`).
+
+mod suite;
+mod three_nodes;

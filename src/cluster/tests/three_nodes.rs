@@ -1,0 +1,527 @@
+//! Three nodes in one process: each a `Raft` over its own `ClusterLog` and `StockSm` in a
+//! temporary directory, the network a table of the nodes' `Raft` handles that each call
+//! goes through directly (no ports). The table can cut a node off (every call to or from
+//! it fails as unreachable), or hold back only the entries it sends (its heartbeats still
+//! go through, so its followers keep it as leader and it keeps its lease while its new
+//! entries stay on its own log, uncommitted).
+//!
+//! Every wait is bounded (`WAIT`, generous for a loaded machine) and waits for a state,
+//! never for a time; nothing asserts on how long anything took.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use openraft::error::{
+    ClientWriteError, ForwardReason, NetworkError, RPCError, RaftError, ReplicationClosed,
+    StreamingError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::storage::RaftLogStorage;
+use openraft::{AnyError, Config, RaftLogReader, ServerState};
+
+use crate::cluster::log_store::ClusterLog;
+use crate::cluster::state_machine::{Snapshot, SnapshotFile, StockSm};
+use crate::cluster::types::{Proposal, RaftVote, StockdNode, Tc};
+use crate::domain::SaleRules;
+use crate::storage::entry::{Epoch, NodeId, Outcome};
+use crate::storage::log::{Log, LogHandle, OpenError};
+use crate::storage::record::{self, Record};
+
+type Raft = openraft::Raft<Tc, StockSm>;
+
+/// How long any one wait may take before the test fails.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// The in-memory network: every node's `Raft`, and what is cut.
+#[derive(Clone, Default)]
+struct Router {
+    nodes: Arc<Mutex<BTreeMap<NodeId, Raft>>>,
+    /// Nodes cut off from every other.
+    cut: Arc<Mutex<BTreeSet<NodeId>>>,
+    /// Nodes whose entries are held back (their empty appends, heartbeats, pass).
+    held: Arc<Mutex<BTreeSet<NodeId>>>,
+}
+
+impl Router {
+    /// The target's `Raft`, if the call from `from` to it goes through.
+    fn route(&self, from: NodeId, to: NodeId) -> Result<Raft, Unreachable<Tc>> {
+        let cut = self.cut.lock().unwrap();
+        if cut.contains(&from) || cut.contains(&to) {
+            return Err(Unreachable::new(&AnyError::error(format!(
+                "{from} -> {to} is cut"
+            ))));
+        }
+        drop(cut);
+        self.nodes
+            .lock()
+            .unwrap()
+            .get(&to)
+            .cloned()
+            .ok_or_else(|| Unreachable::new(&AnyError::error(format!("node {to} is down"))))
+    }
+
+    fn set(set: &Mutex<BTreeSet<NodeId>>, id: NodeId, on: bool) {
+        let mut set = set.lock().unwrap();
+        if on {
+            set.insert(id);
+        } else {
+            set.remove(&id);
+        }
+    }
+}
+
+struct Net {
+    from: NodeId,
+    router: Router,
+}
+
+struct Conn {
+    from: NodeId,
+    to: NodeId,
+    router: Router,
+}
+
+impl RaftNetworkFactory<Tc> for Net {
+    type Network = Conn;
+
+    async fn new_client(&mut self, target: NodeId, _node: &StockdNode) -> Conn {
+        Conn {
+            from: self.from,
+            to: target,
+            router: self.router.clone(),
+        }
+    }
+}
+
+fn remote<E: std::error::Error + 'static>(err: E) -> RPCError<Tc> {
+    RPCError::Network(NetworkError::new(&err))
+}
+
+impl RaftNetworkV2<Tc> for Conn {
+    type SnapshotData = SnapshotFile;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<Tc>,
+        _option: RPCOption,
+    ) -> Result<AppendEntriesResponse<Tc>, RPCError<Tc>> {
+        let raft = self.router.route(self.from, self.to)?;
+        if !rpc.entries.is_empty() && self.router.held.lock().unwrap().contains(&self.from) {
+            return Err(Unreachable::new(&AnyError::error("entries held back")).into());
+        }
+        raft.append_entries(rpc).await.map_err(remote)
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<Tc>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<Tc>, RPCError<Tc>> {
+        let raft = self.router.route(self.from, self.to)?;
+        raft.vote(rpc).await.map_err(remote)
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<Tc>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<Tc>, RPCError<Tc>> {
+        let raft = self.router.route(self.from, self.to)?;
+        raft.pre_vote(rpc).await.map_err(remote)
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: RaftVote,
+        snapshot: Snapshot,
+        _cancel: impl std::future::Future<Output = ReplicationClosed> + Send + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<Tc>, StreamingError<Tc>> {
+        let raft = self.router.route(self.from, self.to)?;
+        raft.install_full_snapshot(vote, snapshot)
+            .await
+            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))
+    }
+}
+
+/// One node: its `Raft`, its log's writer, and a reader of its log.
+struct Node {
+    raft: Raft,
+    writer: LogHandle,
+    log: ClusterLog,
+}
+
+fn config() -> Arc<Config> {
+    let config = Config {
+        heartbeat_interval: 100,
+        election_timeout_min: 1_000,
+        election_timeout_max: 2_000,
+        enable_pre_vote: Some(true),
+        ..Config::default()
+    };
+    Arc::new(config.validate().expect("a valid engine config"))
+}
+
+fn member(id: NodeId) -> StockdNode {
+    StockdNode {
+        api: format!("node-{id}:api"),
+        raft: format!("node-{id}:raft"),
+    }
+}
+
+/// Opens the log in `dir`, waiting while a stopped node's handles let go of its lock.
+async fn open_log(dir: &Path) -> ClusterLog {
+    let log_dir = dir.join("log");
+    let log = tokio::time::timeout(WAIT, async {
+        loop {
+            match Log::open(&log_dir) {
+                Err(OpenError::Locked { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                opened => return opened.expect("opening the node's log"),
+            }
+        }
+    })
+    .await
+    .expect("the node's log is let go of");
+    let (log, _writer) = ClusterLog::open(log).expect("opening the cluster log");
+    log
+}
+
+/// Starts node `id` on its log, its snapshots in `dir`.
+async fn start(router: &Router, id: NodeId, dir: &Path, log: ClusterLog) -> Node {
+    let sm = StockSm::new(&dir.join("snapshots"));
+    let net = Net {
+        from: id,
+        router: router.clone(),
+    };
+    let node = Node {
+        writer: log.handle().clone(),
+        raft: Raft::new(id, config(), net, log.clone(), sm)
+            .await
+            .expect("starting the engine"),
+        log,
+    };
+    router.nodes.lock().unwrap().insert(id, node.raft.clone());
+    node
+}
+
+/// Stops a node: the engine, then its log (whose directory is then free).
+async fn stop(router: &Router, id: NodeId, node: Node) {
+    router.nodes.lock().unwrap().remove(&id);
+    node.raft.shutdown().await.expect("stopping the engine");
+    let Node { raft, writer, log } = node;
+    drop((raft, log));
+    writer.shutdown().await.expect("stopping the log");
+}
+
+/// A record that folds: product `sku` created, or replenished by `n`.
+fn record(sku: &str, n: u64) -> Bytes {
+    let record = if n == 0 {
+        Record::ProductCreated {
+            sku: sku.into(),
+            name: format!("product {sku}"),
+            price: None,
+            on_hand: 10,
+            rules: SaleRules::default(),
+            at: 1_000,
+            by: None,
+        }
+    } else {
+        Record::Replenished {
+            sku: sku.into(),
+            quantity: n,
+            at: 1_000 + n as i64,
+            by: None,
+        }
+    };
+    Bytes::from(record::encode(&record))
+}
+
+async fn leader_of(nodes: &BTreeMap<NodeId, Node>, among: &[NodeId]) -> (NodeId, u64) {
+    let first = &nodes[&among[0]].raft;
+    let m = first
+        .wait(Some(WAIT))
+        .metrics(
+            |m| m.current_leader.is_some_and(|l| among.contains(&l)),
+            "a leader among the nodes",
+        )
+        .await
+        .expect("a leader is elected");
+    let leader = m.current_leader.expect("checked");
+    let m = nodes[&leader]
+        .raft
+        .wait(Some(WAIT))
+        .state(ServerState::Leader, "the leader knows it leads")
+        .await
+        .expect("the leader leads");
+    (leader, m.current_term)
+}
+
+/// Writes one proposal on the leader `raft` and waits for it to be applied there;
+/// returns its index. A leader refuses a proposal until a quorum has acknowledged it
+/// recently (its lease: a new leader has none until its first entry is acknowledged):
+/// such a refusal appends nothing, so the same proposal is written again once the lease
+/// holds.
+async fn write(raft: &Raft, proposal: Proposal) -> u64 {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match raft.client_write(proposal.clone()).await {
+                Ok(written) => {
+                    assert_eq!(written.data, Outcome::Applied, "{proposal} is applied");
+                    return written.log_id.index;
+                }
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))
+                    if forward.reason == ForwardReason::LeaseExpired =>
+                {
+                    raft.wait(Some(WAIT))
+                        .leader_with_quorum_acked(None, "the leader's lease")
+                        .await
+                        .expect("the leader's lease holds again");
+                }
+                Err(err) => panic!("{proposal} is refused: {err}"),
+            }
+        }
+    })
+    .await
+    .expect("the proposal is applied")
+}
+
+/// Proposes `records` in `epoch` on `raft`, numbered from `first`; returns the last
+/// one's index.
+async fn propose(raft: &Raft, epoch: Epoch, first: u64, records: Vec<Bytes>) -> u64 {
+    let mut last = 0;
+    for (n, record) in (first..).zip(records) {
+        last = write(raft, Proposal { epoch, n, record }).await;
+    }
+    last
+}
+
+/// Waits until every node in `ids` has applied through `index`; returns each node's
+/// state digest and last applied index.
+async fn digests(nodes: &BTreeMap<NodeId, Node>, ids: &[NodeId], index: u64) -> Vec<[u8; 32]> {
+    let mut out = Vec::new();
+    for id in ids {
+        let raft = &nodes[id].raft;
+        raft.wait(Some(WAIT))
+            .applied_index_at_least(Some(index), format!("node {id} applies {index}"))
+            .await
+            .expect("every node applies");
+        let (digest, applied) = raft
+            .with_state_machine(|sm: &mut StockSm| {
+                Box::pin(async move {
+                    let applied = sm.state().raft.as_ref().and_then(|r| r.last_applied);
+                    (sm.state().digest(), applied.map(|p| p.seq))
+                })
+            })
+            .await
+            .expect("reading the state machine");
+        assert_eq!(applied, Some(index + 1), "node {id} applied past {index}");
+        out.push(digest);
+    }
+    out
+}
+
+/// What node `raft`'s state has on hand of `sku` (`None`: no such product).
+async fn on_hand(raft: &Raft, sku: &'static str) -> Option<u64> {
+    raft.with_state_machine(move |sm: &mut StockSm| {
+        Box::pin(async move { sm.state().products.get(sku).map(|p| p.on_hand) })
+    })
+    .await
+    .expect("reading the state machine")
+}
+
+/// The node's log from disk (as a restarted node reads it), as (sequence, term) pairs.
+fn stored_terms(dir: &Path) -> Vec<(u64, u64)> {
+    let log = Log::open(&dir.join("log")).expect("opening a stopped node's log");
+    log.reader()
+        .entries_after(0)
+        .map(|e| e.map(|e| (e.pos.seq, e.pos.term)))
+        .collect::<Result<_, _>>()
+        .expect("the log reads back")
+}
+
+/// Election, replication of raw proposals and the same digest at the same index on all
+/// three; a restart from the data directory that recovers its vote, log and committed
+/// mark and catches up; and a forced leader change whose old leader's uncommitted tail is
+/// cut from its log (`truncate_after`), after which it agrees with the new leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_elect_replicate_recover_and_cut_an_uncommitted_tail() {
+    let root = tempfile::tempdir().unwrap();
+    let dirs: BTreeMap<NodeId, PathBuf> = (1..=3)
+        .map(|id| (id, root.path().join(format!("node-{id}"))))
+        .collect();
+    let router = Router::default();
+    let mut nodes = BTreeMap::new();
+    for (id, dir) in &dirs {
+        nodes.insert(*id, start(&router, *id, dir, open_log(dir).await).await);
+    }
+    let members: BTreeMap<NodeId, StockdNode> = (1..=3).map(|id| (id, member(id))).collect();
+    nodes[&1]
+        .raft
+        .initialize(members)
+        .await
+        .expect("initializing the cluster");
+
+    // Election and replication.
+    let all = [1, 2, 3];
+    let (leader, term) = leader_of(&nodes, &all).await;
+    let epoch = Epoch { term, k: 0 };
+    let records = vec![
+        record("A", 0),
+        record("A", 1),
+        record("B", 0),
+        record("A", 2),
+    ];
+    let last = propose(&nodes[&leader].raft, epoch, 1, records).await;
+    let found = digests(&nodes, &all, last).await;
+    assert!(
+        found.windows(2).all(|w| w[0] == w[1]),
+        "same digest at {last}"
+    );
+    for id in all {
+        assert_eq!(on_hand(&nodes[&id].raft, "A").await, Some(13), "node {id}");
+        assert_eq!(on_hand(&nodes[&id].raft, "B").await, Some(10), "node {id}");
+    }
+
+    // A follower restarted from its data directory.
+    let follower = *all.iter().find(|id| **id != leader).unwrap();
+    let last_before_restart = last;
+    let before = nodes[&follower]
+        .raft
+        .wait(Some(WAIT))
+        .metrics(
+            |m| m.local_committed.is_some_and(|c| c.index >= last),
+            "the follower knows what is committed",
+        )
+        .await
+        .unwrap();
+    let stopped = nodes.remove(&follower).unwrap();
+    stop(&router, follower, stopped).await;
+    let last = propose(
+        &nodes[&leader].raft,
+        epoch,
+        5,
+        vec![record("B", 3), record("C", 0)],
+    )
+    .await;
+    let n = 7;
+    let mut log = open_log(&dirs[&follower]).await;
+    assert_eq!(
+        log.read_vote().await.unwrap(),
+        Some(before.vote),
+        "the vote"
+    );
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(
+        state.last_log_id.map(|id| id.index),
+        before.last_log_index,
+        "the log"
+    );
+    let stored = log.try_get_log_entries(..).await.unwrap();
+    assert_eq!(Some(stored.len() as u64 - 1), before.last_log_index);
+    let committed = log.read_committed().await.unwrap();
+    assert!(
+        committed.is_some_and(|c| c.index >= last_before_restart),
+        "the committed mark: {committed:?}"
+    );
+    nodes.insert(
+        follower,
+        start(&router, follower, &dirs[&follower], log).await,
+    );
+    let found = digests(&nodes, &all, last).await;
+    assert!(
+        found.windows(2).all(|w| w[0] == w[1]),
+        "caught up at {last}"
+    );
+    assert_eq!(on_hand(&nodes[&follower].raft, "B").await, Some(13));
+    assert_eq!(on_hand(&nodes[&follower].raft, "C").await, Some(10));
+
+    // A forced leader change. The leader's entries are held back, so a proposal stays on
+    // its own log, uncommitted; then it is cut off, and the other two elect a new leader.
+    let old = leader;
+    Router::set(&router.held, old, true);
+    let stranded = {
+        let raft = nodes[&old].raft.clone();
+        let proposal = Proposal {
+            epoch,
+            n,
+            record: record("Z", 0),
+        };
+        tokio::spawn(async move { raft.client_write(proposal).await })
+    };
+    let stranded_index = last + 1;
+    nodes[&old]
+        .raft
+        .wait(Some(WAIT))
+        .log_index_at_least(Some(stranded_index), "the old leader appends its proposal")
+        .await
+        .expect("the proposal is on the old leader's log");
+    Router::set(&router.cut, old, true);
+    Router::set(&router.held, old, false);
+    let rest: Vec<NodeId> = all.iter().copied().filter(|id| *id != old).collect();
+    let (new_leader, new_term) = leader_of(&nodes, &rest).await;
+    assert!(new_term > term);
+    let new_epoch = Epoch {
+        term: new_term,
+        k: 0,
+    };
+    let last = propose(
+        &nodes[&new_leader].raft,
+        new_epoch,
+        1,
+        vec![record("N", 0), record("N", 1)],
+    )
+    .await;
+    Router::set(&router.cut, old, false);
+    let found = digests(&nodes, &all, last).await;
+    assert!(found.windows(2).all(|w| w[0] == w[1]), "agreed at {last}");
+    for id in all {
+        assert_eq!(on_hand(&nodes[&id].raft, "Z").await, None, "node {id}");
+        assert_eq!(on_hand(&nodes[&id].raft, "N").await, Some(11), "node {id}");
+    }
+    nodes[&old]
+        .raft
+        .wait(Some(WAIT))
+        .current_leader(new_leader, "the old leader follows the new one")
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(WAIT, stranded)
+        .await
+        .expect("the stranded proposal is answered")
+        .expect("its task ran");
+    assert!(
+        matches!(
+            answer,
+            Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)))
+        ),
+        "the stranded proposal was discarded: {answer:?}"
+    );
+
+    // On disk, every node holds the same log: the old leader's proposal was cut.
+    let ids: Vec<NodeId> = nodes.keys().copied().collect();
+    for id in ids {
+        let node = nodes.remove(&id).unwrap();
+        stop(&router, id, node).await;
+    }
+    let logs: Vec<Vec<(u64, u64)>> = dirs.values().map(|dir| stored_terms(dir)).collect();
+    assert!(
+        logs.windows(2).all(|w| w[0] == w[1]),
+        "the logs agree: {logs:?}"
+    );
+    // Where the stranded entry was, the new leader's first entry (its blank).
+    let cut_seq = stranded_index + 1;
+    assert!(
+        logs[0]
+            .iter()
+            .any(|&(seq, t)| seq == cut_seq && t == new_term),
+        "the stranded entry's place holds the new term: {:?}",
+        logs[0]
+    );
+}
