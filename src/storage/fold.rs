@@ -254,6 +254,7 @@ pub fn apply_owned(state: &mut State, record: Record) -> Result<(), FoldError> {
             price,
             on_hand,
             rules,
+            low_stock_threshold,
             at,
             ..
         } => {
@@ -268,6 +269,7 @@ pub fn apply_owned(state: &mut State, record: Record) -> Result<(), FoldError> {
                 return Err(FoldError::Rules(sku));
             }
             p.rules.set(rules);
+            p.rules.set_low_stock_threshold(low_stock_threshold);
             state.products.insert(sku, p);
         }
         Record::ProductPatched {
@@ -275,6 +277,7 @@ pub fn apply_owned(state: &mut State, record: Record) -> Result<(), FoldError> {
             name,
             price,
             rules,
+            low_stock_threshold,
             at,
             ..
         } => {
@@ -282,7 +285,7 @@ pub fn apply_owned(state: &mut State, record: Record) -> Result<(), FoldError> {
             if p.rules.patched(rules).check().is_err() {
                 return Err(FoldError::Rules(sku));
             }
-            p.patch(name, price, rules, at);
+            p.patch(name, price, rules, low_stock_threshold, at);
         }
         Record::Replenished {
             sku, quantity, at, ..
@@ -422,6 +425,7 @@ mod tests {
             Record::ProductCreated {
                 by: None,
                 rules: Default::default(),
+                low_stock_threshold: None,
                 sku: "A".into(),
                 name: "a".into(),
                 price: None,
@@ -494,6 +498,7 @@ mod tests {
             price: None,
             on_hand,
             rules: Default::default(),
+            low_stock_threshold: None,
             at,
             by: None,
         }

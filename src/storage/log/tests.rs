@@ -10,6 +10,7 @@ fn created(i: u64) -> Record {
     Record::ProductCreated {
         by: None,
         rules: Default::default(),
+        low_stock_threshold: None,
         sku: format!("SKU-{i}"),
         name: "n".into(),
         price: None,
@@ -1593,4 +1594,68 @@ fn the_committed_mark_is_a_lower_bound_written_with_each_batch() {
     }
     fs::write(dir.join(COMMITTED_FILE), &good[..5]).unwrap();
     assert_eq!(Log::open(&dir).unwrap().committed().unwrap(), 0);
+}
+
+/// A log written by a build of record format 2 (before the low-stock threshold), one key
+/// per record as those builds stored them, reads as today's records with no threshold;
+/// records of today's format appended after them read as written.
+#[test]
+fn a_log_of_format_2_records_reads_with_no_threshold() {
+    use crate::storage::legacy::RecordV2;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    {
+        let log = Log::open(&dir).unwrap();
+        let segment = log.segments.create(1).unwrap();
+        for seq in 1..=3u64 {
+            let old = RecordV2::ProductCreated {
+                sku: format!("SKU-{seq}"),
+                name: "n".into(),
+                price: None,
+                on_hand: seq,
+                rules: Default::default(),
+                at: 1,
+                by: None,
+            };
+            segment
+                .db()
+                .insert(seq.to_be_bytes(), record::encode_v2(&old))
+                .unwrap();
+        }
+        segment.db().flush().unwrap();
+    }
+    let log = Log::open(&dir).unwrap();
+    let (handle, join) = log.start_writer(4).unwrap();
+    let with_threshold = Record::ProductPatched {
+        sku: "SKU-1".into(),
+        name: None,
+        price: None,
+        rules: Default::default(),
+        low_stock_threshold: Some(Some(2)),
+        at: 2,
+        by: None,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        handle
+            .append(with_threshold.clone())
+            .durable()
+            .await
+            .unwrap();
+        handle.shutdown().await.unwrap();
+    });
+    join.join().unwrap();
+    let log = Log::open(&dir).unwrap();
+    let read: Vec<(u64, Record)> = log.reader().records().map(|r| r.unwrap()).collect();
+    let mut expected: Vec<(u64, Record)> = (1..=3).map(|seq| (seq, created(seq))).collect();
+    expected.push((4, with_threshold));
+    assert_eq!(read, expected);
+    let mut state = crate::storage::fold::State::default();
+    for (_, record) in &read {
+        crate::storage::fold::apply(&mut state, record).unwrap();
+    }
+    assert_eq!(state.products["SKU-1"].low_stock_threshold(), Some(2));
+    assert_eq!(state.products["SKU-2"].low_stock_threshold(), None);
 }
