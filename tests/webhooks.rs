@@ -980,3 +980,44 @@ async fn a_stalled_endpoint_holds_up_neither_another_endpoint_nor_reservations()
     assert!(view["lag_records"].as_u64().unwrap() >= 20, "{view}");
     s.stop().await;
 }
+
+/// An endpoint may subscribe to the low-stock events: it gets `stock.low` and
+/// `stock.low_cleared`, signed, and nothing else.
+#[tokio::test]
+async fn an_endpoint_subscribed_to_low_stock_gets_low_and_low_cleared() {
+    let s = start(fast).await;
+    let c = &s.client;
+    let low = Receiver::start().await;
+    let hook = register(
+        c,
+        json!({"url": low.url(), "types": ["stock.low", "stock.low_cleared"]}),
+    )
+    .await;
+    assert_eq!(hook["types"], json!(["stock.low", "stock.low_cleared"]));
+    let secret = hook["secret"].as_str().unwrap().to_string();
+    let a = c
+        .post(
+            "/v1/products",
+            json!({"sku": "L", "name": "l", "on_hand": 4, "low_stock_threshold": 2}),
+        )
+        .await;
+    assert_eq!(a.status, 201);
+    let r = c.reserve("buyer", "L", 2).await; // 2 available: low
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let path = format!("/v1/reservations/{id}/cancel");
+    let a = c.send(Method::POST, &path, None, &[]).await.unwrap(); // 4: cleared
+    assert_eq!(a.status, 200);
+    let got = low.wait_acknowledged(2).await;
+    let events: Vec<Value> = got
+        .iter()
+        .map(|d| serde_json::from_str(&d.body).unwrap())
+        .collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["stock.low", "stock.low_cleared"]);
+    assert_eq!(events[0]["data"]["low_stock_threshold"], 2);
+    assert_eq!(events[0]["data"]["products"][0]["available"], 2);
+    assert!(got.iter().all(|d| verify(&secret, d)));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(low.all().len(), 2, "nothing else");
+    s.stop().await;
+}

@@ -48,8 +48,9 @@ pub struct State {
     /// API keys that are not revoked.
     pub keys: BTreeMap<KeyId, ApiKey>,
     /// What a replicated node's state knows beside the records (`None` on a single node).
-    /// Not part of the state's own encoding: snapshot format 3 writes it after the state,
-    /// and formats 1 and 2 have none (`storage::snapshot`).
+    /// Not part of the state's own encoding: snapshot format 4 writes it after the state
+    /// (`None` on a single node), format 3 wrote it after the format-2 state, and formats 1
+    /// and 2 have none (`storage::snapshot`).
     #[serde(skip)]
     pub raft: Option<RaftMeta>,
 }
