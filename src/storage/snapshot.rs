@@ -270,6 +270,25 @@ fn write_temp(
     Ok(HEADER_BYTES as u64 + body_len)
 }
 
+/// Writes `state` as a snapshot of format 2 (no low-stock threshold), as the builds
+/// before format 4 wrote it: for tests that prove old data directories still load.
+#[cfg(test)]
+pub(crate) fn write_format_2(dir: &Path, seq: u64, state: &State) -> PathBuf {
+    fs::create_dir_all(dir).unwrap();
+    let path = dir.join(file_name(seq));
+    let body = tests::body_v2(state);
+    write_temp(
+        &path,
+        seq,
+        &body,
+        legacy::SNAPSHOT_V2,
+        0,
+        WriteHooks::default(),
+    )
+    .unwrap();
+    path
+}
+
 /// Makes the directory's entries (created, renamed, removed files) durable.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     #[cfg(unix)]
@@ -801,7 +820,7 @@ mod tests {
 
     /// The body of snapshot formats 2 and 3 as the builds before format 4 encoded it.
     #[derive(serde::Serialize)]
-    struct BodyV2 {
+    pub(super) struct BodyV2 {
         products: std::collections::HashMap<String, crate::storage::legacy::ProductV2>,
         reservations: std::collections::BTreeMap<uuid::Uuid, crate::domain::Reservation>,
         idempotency: std::collections::BTreeMap<
@@ -811,7 +830,7 @@ mod tests {
         keys: std::collections::BTreeMap<crate::domain::KeyId, crate::domain::ApiKey>,
     }
 
-    fn body_v2(s: &State) -> BodyV2 {
+    pub(super) fn body_v2(s: &State) -> BodyV2 {
         let products = s
             .products
             .iter()
