@@ -418,8 +418,9 @@ pub fn create_key(body: &Value) -> Result<CreateKey> {
 
 /// `POST /v1/webhooks` `{"url", "types"?, "skus"?}`: an absolute `http` or `https` URL
 /// with a host (no user name or password in it, no fragment), at most
-/// `webhooks::URL_CHARS_MAX` characters; `types` 1 to 12 distinct event types; `skus` 1 to
-/// `webhooks::SKUS_MAX` distinct SKUs. Each fault is a 422 naming its field.
+/// `webhooks::URL_CHARS_MAX` characters; `types` 1 to 14 distinct event types (at most
+/// each of `Kind::ALL` once); `skus` 1 to `webhooks::SKUS_MAX` distinct SKUs. Each fault is
+/// a 422 naming its field.
 pub fn create_webhook(body: &Value) -> Result<crate::webhooks::NewEndpoint> {
     use crate::feed::Kind;
     use crate::webhooks::{NewEndpoint, SKUS_MAX, URL_CHARS_MAX};
