@@ -190,6 +190,7 @@ fn main() {
     let creates = (0..products).map(|i| Record::ProductCreated {
         by: None,
         rules: Default::default(),
+        low_stock_threshold: None,
         sku: sku(i),
         name: format!("Product {i}"),
         price: None,

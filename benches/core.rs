@@ -20,6 +20,7 @@ fn records(n: usize) -> Vec<Record> {
         out.push(Record::ProductCreated {
             by: None,
             rules: Default::default(),
+            low_stock_threshold: None,
             sku: format!("SKU-{i}"),
             name: "Thing".into(),
             price: None,

@@ -59,6 +59,10 @@ pub struct Config {
     /// When webhook deliveries time out, are retried and given up (`--webhook-*`).
     /// Webhooks need the change feed: with `events` off nothing is delivered.
     pub webhooks: crate::webhooks::Schedule,
+    /// A PEM file of certificates trusted for https webhook endpoints beside the webpki
+    /// roots (`--webhook-ca-file`): a shop's own CA. Read and checked at start-up, before
+    /// recovery; a file that is missing or holds no certificate stops start-up.
+    pub webhook_ca_file: Option<PathBuf>,
     /// Test hooks for snapshot writing.
     #[doc(hidden)]
     pub snapshot_hooks: WriteHooks,
@@ -91,6 +95,7 @@ impl Default for Config {
             // million-product catalogue past 1 GB (docs/PERFORMANCE.md).
             events: None,
             webhooks: crate::webhooks::Schedule::default(),
+            webhook_ca_file: None,
             snapshot_hooks: WriteHooks::default(),
             log_segment_records: crate::storage::log::SEGMENT_RECORDS_DEFAULT,
             log_fail_from_seq: None,
@@ -115,6 +120,7 @@ impl std::fmt::Debug for Config {
             .field("snapshot_worker", &self.snapshot_worker)
             .field("events", &self.events)
             .field("webhooks", &self.webhooks)
+            .field("webhook_ca_file", &self.webhook_ca_file)
             .field("log_segment_records", &self.log_segment_records)
             .finish()
     }

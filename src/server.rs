@@ -72,6 +72,10 @@ pub enum StartError {
         path: String,
         source: std::io::Error,
     },
+    /// `--webhook-ca-file` names a file that cannot be read or holds no usable
+    /// certificate.
+    #[error("cannot use {path} as the webhooks' CA file (--webhook-ca-file): {detail}")]
+    WebhookCa { path: String, detail: String },
     /// The webhooks' store cannot be opened.
     #[error("cannot open the webhooks' store in {path}: {source}")]
     Webhooks {
@@ -203,6 +207,17 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         });
     }
     let socket = bind(config.listen)?;
+    // Before anything is created or recovered: a wrong file is the operator's to fix, and
+    // a server that started without it would fail every https delivery to that CA.
+    let webhook_roots = match &config.webhook_ca_file {
+        Some(path) => {
+            crate::webhooks::Roots::load(path).map_err(|detail| StartError::WebhookCa {
+                path: path.display().to_string(),
+                detail,
+            })?
+        }
+        None => crate::webhooks::Roots::default(),
+    };
     create_dir(&config.data_dir, "data directory")?;
     create_dir(&config.snapshot_dir, "snapshot directory")?;
     check_writable(&config.snapshot_dir)?;
@@ -318,6 +333,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
                 feed.clone(),
                 log_handle.clone(),
                 config.webhooks,
+                &webhook_roots,
             );
             Some(started.map_err(|source| StartError::Webhooks {
                 path: dir.display().to_string(),

@@ -124,6 +124,7 @@ impl Model {
                 Some(Record::ProductCreated {
                     by: None,
                     rules: Default::default(),
+                    low_stock_threshold: None,
                     sku: sku.into(),
                     name: "n".into(),
                     price: None,
@@ -246,6 +247,7 @@ impl Model {
                         starts_at: Some(window.map(|w| w.0)),
                         ends_at: Some(window.map(|w| w.1)),
                     },
+                    low_stock_threshold: None,
                     at,
                 })
             }
@@ -517,6 +519,7 @@ fn a_hold_beyond_stock_is_a_fold_error_not_an_oversell() {
         &Record::ProductCreated {
             by: None,
             rules: Default::default(),
+            low_stock_threshold: None,
             sku: "A".into(),
             name: "a".into(),
             price: None,
@@ -639,6 +642,7 @@ fn products_created(n: u64) -> Vec<Record> {
         .map(|i| Record::ProductCreated {
             by: None,
             rules: Default::default(),
+            low_stock_threshold: None,
             sku: format!("SKU-{i}"),
             name: "n".into(),
             price: None,
@@ -690,6 +694,7 @@ fn replay_of_segments_longer_than_the_read_ahead() {
     let mut records = vec![Record::ProductCreated {
         by: None,
         rules: Default::default(),
+        low_stock_threshold: None,
         sku: "A".into(),
         name: "n".into(),
         price: None,

@@ -535,7 +535,7 @@ async fn bad_registrations_are_422_naming_the_field_and_change_nothing() {
             "types",
         ),
         (
-            json!({"url": "http://127.0.0.1/", "types": ["stock.sold_out", "stock.low"]}),
+            json!({"url": "http://127.0.0.1/", "types": ["stock.sold_out", "stock.lowish"]}),
             "types[1]",
         ),
         (
@@ -979,4 +979,361 @@ async fn a_stalled_endpoint_holds_up_neither_another_endpoint_nor_reservations()
     assert_eq!(view["position"], Value::Null);
     assert!(view["lag_records"].as_u64().unwrap() >= 20, "{view}");
     s.stop().await;
+}
+
+/// An endpoint may subscribe to the low-stock events: it gets `stock.low` and
+/// `stock.low_cleared`, signed, and nothing else.
+#[tokio::test]
+async fn an_endpoint_subscribed_to_low_stock_gets_low_and_low_cleared() {
+    let s = start(fast).await;
+    let c = &s.client;
+    let low = Receiver::start().await;
+    let hook = register(
+        c,
+        json!({"url": low.url(), "types": ["stock.low", "stock.low_cleared"]}),
+    )
+    .await;
+    assert_eq!(hook["types"], json!(["stock.low", "stock.low_cleared"]));
+    let secret = hook["secret"].as_str().unwrap().to_string();
+    let a = c
+        .post(
+            "/v1/products",
+            json!({"sku": "L", "name": "l", "on_hand": 4, "low_stock_threshold": 2}),
+        )
+        .await;
+    assert_eq!(a.status, 201);
+    let r = c.reserve("buyer", "L", 2).await; // 2 available: low
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let path = format!("/v1/reservations/{id}/cancel");
+    let a = c.send(Method::POST, &path, None, &[]).await.unwrap(); // 4: cleared
+    assert_eq!(a.status, 200);
+    let got = low.wait_acknowledged(2).await;
+    let events: Vec<Value> = got
+        .iter()
+        .map(|d| serde_json::from_str(&d.body).unwrap())
+        .collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["stock.low", "stock.low_cleared"]);
+    assert_eq!(events[0]["data"]["low_stock_threshold"], 2);
+    assert_eq!(events[0]["data"]["products"][0]["available"], 2);
+    assert!(got.iter().all(|d| verify(&secret, d)));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(low.all().len(), 2, "nothing else");
+    s.stop().await;
+}
+
+/// A CA made for the test, and a server certificate it signed for `127.0.0.1` and
+/// `localhost`, with its key.
+struct TestPki {
+    ca_pem: String,
+    server_cert: tokio_rustls::rustls::pki_types::CertificateDer<'static>,
+    server_key: Vec<u8>,
+}
+
+fn test_pki() -> TestPki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "stockd test shop CA");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let mut server =
+        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "127.0.0.1");
+    server.use_authority_key_identifier_extension = true;
+    server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server_key = KeyPair::generate().unwrap();
+    let server_cert = server.signed_by(&server_key, &issuer).unwrap();
+    TestPki {
+        ca_pem: ca_cert.pem(),
+        server_cert: server_cert.der().clone(),
+        server_key: server_key.serialize_der(),
+    }
+}
+
+/// A webhook receiver over https on `127.0.0.1:0`, with the test CA's certificate: it
+/// records each delivery and answers 204, and records each handshake that failed (a
+/// client that does not trust the certificate hangs up in the handshake). Stopped when
+/// dropped.
+struct TlsReceiver {
+    addr: SocketAddr,
+    got: Arc<Mutex<Vec<Delivery>>>,
+    failed_handshakes: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TlsReceiver {
+    async fn start(pki: &TestPki) -> TlsReceiver {
+        use tokio_rustls::rustls;
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
+            rustls::pki_types::PrivatePkcs8KeyDer::from(pki.server_key.clone()),
+        );
+        // The process's crypto provider: ring, the only one built (as for reqwest's side).
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![pki.server_cert.clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let got: Arc<Mutex<Vec<Delivery>>> = Arc::default();
+        let failed_handshakes: Arc<Mutex<Vec<String>>> = Arc::default();
+        let task = tokio::spawn({
+            let (got, failed) = (got.clone(), failed_handshakes.clone());
+            async move {
+                let mut connections = tokio::task::JoinSet::new();
+                loop {
+                    let Ok((tcp, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let (acceptor, got, failed) = (acceptor.clone(), got.clone(), failed.clone());
+                    connections.spawn(async move {
+                        let tls = match acceptor.accept(tcp).await {
+                            Ok(tls) => tls,
+                            Err(e) => {
+                                failed.lock().unwrap().push(e.to_string());
+                                return;
+                            }
+                        };
+                        let service = hyper::service::service_fn(
+                            move |request: hyper::Request<hyper::body::Incoming>| {
+                                let got = got.clone();
+                                async move {
+                                    use http_body_util::BodyExt as _;
+                                    let (parts, body) = request.into_parts();
+                                    let body = body.collect().await?.to_bytes();
+                                    let header = |name: &str| {
+                                        parts
+                                            .headers
+                                            .get(name)
+                                            .and_then(|v| v.to_str().ok())
+                                            .unwrap_or("")
+                                            .to_string()
+                                    };
+                                    got.lock().unwrap().push(Delivery {
+                                        id: header("webhook-id"),
+                                        timestamp: header("webhook-timestamp"),
+                                        signature: header("webhook-signature"),
+                                        content_type: header("content-type"),
+                                        body: String::from_utf8_lossy(&body).into_owned(),
+                                        answered: 204,
+                                    });
+                                    Ok::<_, hyper::Error>(
+                                        hyper::Response::builder()
+                                            .status(204)
+                                            .body(http_body_util::Empty::<bytes::Bytes>::new())
+                                            .unwrap(),
+                                    )
+                                }
+                            },
+                        );
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                            .await;
+                    });
+                }
+            }
+        });
+        TlsReceiver {
+            addr,
+            got,
+            failed_handshakes,
+            task,
+        }
+    }
+
+    /// The receiver's URL, by IP address or by name (`localhost`).
+    fn url(&self, host: &str) -> String {
+        format!("https://{host}:{}/hooks", self.addr.port())
+    }
+
+    fn got(&self) -> Vec<Delivery> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+impl Drop for TlsReceiver {
+    fn drop(&mut self) {
+        // Aborting the accept loop drops its JoinSet, which aborts every connection.
+        self.task.abort();
+    }
+}
+
+/// The real binary, started with `--webhook-ca-file` holding the shop's CA: an https
+/// endpoint whose certificate that CA signed gets its deliveries, signed, by IP address and
+/// by name; the CA is added to the public roots, not put in their place.
+#[tokio::test]
+async fn an_https_endpoint_of_a_private_ca_gets_deliveries_with_webhook_ca_file() {
+    let pki = test_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("shop-ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+    let receiver = TlsReceiver::start(&pki).await;
+    let server = ChildServer::spawn(
+        dir.path(),
+        &[
+            "--events",
+            "on",
+            "--webhook-retry-initial-ms",
+            "50",
+            "--webhook-retry-max-ms",
+            "200",
+            "--webhook-ca-file",
+            ca_file.to_str().unwrap(),
+        ],
+    );
+    let c = server.client.clone();
+    let by_ip = register(&c, json!({"url": receiver.url("127.0.0.1")})).await;
+    let by_name = register(&c, json!({"url": receiver.url("localhost")})).await;
+    c.create_product("A", 1).await;
+    let arrived = eventually(Duration::from_secs(20), || async {
+        receiver.got().len() >= 2
+    })
+    .await;
+    if !arrived {
+        let hooks = c.get("/v1/webhooks").await.body;
+        let failed = receiver.failed_handshakes.lock().unwrap().clone();
+        panic!(
+            "{:?}; failed handshakes: {failed:?}; {hooks}",
+            receiver.got()
+        );
+    }
+    let got = receiver.got();
+    assert_eq!(got.len(), 2, "{got:?}");
+    for d in &got {
+        assert_eq!(d.id, "1");
+        assert_eq!(d.content_type, "application/json");
+        let event: Value = serde_json::from_str(&d.body).unwrap();
+        assert_eq!(event["type"], "product.created");
+    }
+    let secrets = [&by_ip, &by_name].map(|h| h["secret"].as_str().unwrap().to_string());
+    for d in &got {
+        assert!(
+            secrets.iter().any(|s| verify(s, d)),
+            "signed by one of the endpoints' secrets: {d:?}"
+        );
+    }
+    for hook in [&by_ip, &by_name] {
+        let view = c
+            .get(&format!("/v1/webhooks/{}", hook["id"].as_str().unwrap()))
+            .await
+            .body;
+        let delivered = eventually(Duration::from_secs(10), || async {
+            let view = c
+                .get(&format!("/v1/webhooks/{}", hook["id"].as_str().unwrap()))
+                .await
+                .body;
+            view["deliveries"] == 1
+        })
+        .await;
+        assert!(delivered, "{view}");
+    }
+    assert!(receiver.failed_handshakes.lock().unwrap().is_empty());
+}
+
+/// Without `--webhook-ca-file` the same endpoint is not trusted: the delivery fails in the
+/// handshake, and the endpoint's view says it was the certificate.
+#[tokio::test]
+async fn without_the_ca_file_a_private_ca_endpoint_fails_with_a_certificate_error() {
+    let pki = test_pki();
+    let receiver = TlsReceiver::start(&pki).await;
+    let s = start(fast).await;
+    let c = &s.client;
+    let hook = register(c, json!({"url": receiver.url("127.0.0.1")})).await;
+    c.create_product("A", 1).await;
+    let path = format!("/v1/webhooks/{}", hook["id"].as_str().unwrap());
+    let failed = eventually(Duration::from_secs(20), || async {
+        let view = c.get(&path).await.body;
+        view["failures"].as_u64().unwrap_or(0) >= 1 && view["last_error"].is_string()
+    })
+    .await;
+    let view = c.get(&path).await.body;
+    assert!(failed, "{view}");
+    let error = view["last_error"].as_str().unwrap().to_lowercase();
+    assert!(
+        error.contains("invalid peer certificate") && error.contains("unknownissuer"),
+        "the certificate's issuer is not trusted: {error}"
+    );
+    assert_eq!(view["state"], "failing");
+    assert_eq!(view["deliveries"], 0);
+    assert!(receiver.got().is_empty(), "nothing was delivered");
+    s.stop().await;
+}
+
+/// `--webhook-ca-file` (and `STOCKD_WEBHOOK_CA_FILE`) naming a file that is missing, or
+/// that holds no certificate, stops start-up with one line naming the file and why,
+/// before recovery runs (no data directory is created).
+#[test]
+fn a_webhook_ca_file_that_is_missing_or_holds_no_certificate_stops_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.pem");
+    let empty = dir.path().join("no-certificate.pem");
+    std::fs::write(
+        &empty,
+        "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(
+        &garbage,
+        "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let run = |flag: bool, file: &std::path::Path| {
+        let mut cmd = common::serve_command(dir.path(), &[]);
+        if flag {
+            cmd.arg("--webhook-ca-file").arg(file);
+        } else {
+            cmd.env("STOCKD_WEBHOOK_CA_FILE", file);
+        }
+        let exited = loadtest::server::run_to_exit(cmd, Duration::from_secs(20)).unwrap();
+        assert_eq!(exited.status.code(), Some(1), "{}", exited.stderr);
+        assert!(!exited.stdout.contains("listening on"), "{}", exited.stdout);
+        assert_eq!(exited.stderr.lines().count(), 1, "{}", exited.stderr);
+        exited.stderr
+    };
+    for flag in [true, false] {
+        let stderr = run(flag, &missing);
+        assert!(
+            stderr.starts_with(&format!(
+                "stockd: cannot use {} as the webhooks' CA file (--webhook-ca-file): cannot \
+                 read it: No such file or directory",
+                missing.display()
+            )),
+            "{stderr}"
+        );
+        let stderr = run(flag, &empty);
+        assert_eq!(
+            stderr,
+            format!(
+                "stockd: cannot use {} as the webhooks' CA file (--webhook-ca-file): it holds \
+                 no PEM certificate (-----BEGIN CERTIFICATE-----)\n",
+                empty.display()
+            )
+        );
+        let stderr = run(flag, &garbage);
+        assert!(
+            stderr.starts_with(&format!(
+                "stockd: cannot use {} as the webhooks' CA file (--webhook-ca-file): a \
+                 certificate in it cannot be used",
+                garbage.display()
+            )),
+            "{stderr}"
+        );
+    }
+    assert!(!dir.path().join("data").exists(), "refused before recovery");
+    assert!(!dir.path().join("snapshots").exists());
 }

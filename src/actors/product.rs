@@ -36,6 +36,8 @@ pub enum Change {
         name: Option<String>,
         price: Option<Option<Price>>,
         rules: RulesPatch,
+        /// `Some(None)` clears the threshold.
+        low_stock_threshold: Option<Option<u64>>,
     },
     Replenish {
         quantity: u64,
@@ -399,7 +401,12 @@ impl ProductActor {
         let at = self.clock.now_ms();
         let sku = p.sku.clone();
         let record = match change {
-            Change::Patch { name, price, rules } => {
+            Change::Patch {
+                name,
+                price,
+                rules,
+                low_stock_threshold,
+            } => {
                 // Checked against the product's rules as they are now, in the same step
                 // as the change (a window's end must stay after its start).
                 p.rules
@@ -409,12 +416,13 @@ impl ProductActor {
                         field: err.field().into(),
                         detail: err.to_string(),
                     })?;
-                p.patch(name.clone(), price.clone(), rules, at);
+                p.patch(name.clone(), price.clone(), rules, low_stock_threshold, at);
                 Record::ProductPatched {
                     sku,
                     name,
                     price,
                     rules,
+                    low_stock_threshold,
                     at,
                     by,
                 }

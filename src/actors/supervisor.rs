@@ -914,6 +914,7 @@ impl Supervisor {
             price,
             on_hand,
             rules,
+            low_stock_threshold,
         } = new;
         // HTTP checks them with the request; checked again here, since rules the fold would
         // refuse must never reach the log (recovery would stop on them).
@@ -929,6 +930,7 @@ impl Supervisor {
         let at = self.clock.now_ms();
         let mut product = Product::new(sku.clone(), name.clone(), price.clone(), on_hand, at);
         product.rules.set(rules);
+        product.rules.set_low_stock_threshold(low_stock_threshold);
         // Queued before the product can be reached (it is in the routing table only below),
         // so before any of its units are held.
         let ticket = self.log.append(Record::ProductCreated {
@@ -937,6 +939,7 @@ impl Supervisor {
             price,
             on_hand,
             rules,
+            low_stock_threshold,
             at,
             by,
         });

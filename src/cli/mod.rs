@@ -294,6 +294,11 @@ struct ServeArgs {
           default_value_t = crate::webhooks::GIVE_UP_SECONDS_DEFAULT,
           value_parser = clap::value_parser!(u64).range(1..))]
     webhook_give_up_seconds: u64,
+    /// Webhooks: trust the certificates in PATH (PEM, one or more) for https endpoints,
+    /// beside the public (webpki) roots: a shop's own CA. A file that cannot be read or
+    /// holds no certificate stops start-up.
+    #[arg(long, env = "STOCKD_WEBHOOK_CA_FILE", value_name = "PATH")]
+    webhook_ca_file: Option<PathBuf>,
     /// Test hook: pause this long while writing each snapshot file (to test crashes).
     #[arg(long, hide = true, env = "STOCKD_TEST_SNAPSHOT_PAUSE_MS")]
     test_snapshot_pause_ms: Option<u64>,

@@ -157,6 +157,7 @@ fn config(args: ServeArgs, snapshot_worker: Option<PathBuf>) -> Config {
             retry_max: Duration::from_millis(args.webhook_retry_max_ms),
             give_up: Duration::from_secs(args.webhook_give_up_seconds),
         },
+        webhook_ca_file: args.webhook_ca_file,
         ..Config::default()
     }
 }

@@ -8,7 +8,7 @@
 //!
 //! Snapshots are as simple as correct for now: a snapshot is built from a copy of the
 //! state taken when the engine asks for a builder, written with the snapshot encoder
-//! (`snapshot::write`, format 3) into this node's snapshot directory, and installed with
+//! (`snapshot::write`, format 4) into this node's snapshot directory, and installed with
 //! the verified loader (`snapshot::read`), which checks that the file's Raft metadata is
 //! the engine's. `SnapshotData` is the file's path; the newest file that verifies is the
 //! current snapshot. Step 6 moves the building onto the snapshot worker (no copy of the

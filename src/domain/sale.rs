@@ -29,13 +29,26 @@ pub struct SaleRules {
     pub ends_at: Option<Millis>,
 }
 
-/// A product's sale rules as it keeps them: one pointer, null for a product without any
-/// (nearly all of them: a million products are held in memory, and the rules inline were
-/// 48 bytes each). Reads and writes go through `Deref`/`DerefMut` as if it were the
-/// `SaleRules`; `set` drops the allocation when no rule is left. Encoded as `SaleRules`.
+/// A product's optional settings as it keeps them: one pointer, null for a product
+/// without any (nearly all of them: a million products are held in memory, and the rules
+/// inline were 48 bytes each). Reads and writes of the sale rules go through
+/// `Deref`/`DerefMut` as if it were the `SaleRules`; the low-stock threshold, which is no
+/// sale rule but is as optional and as rare, shares the allocation
+/// (`low_stock_threshold`, `set_low_stock_threshold`). `set` and
+/// `set_low_stock_threshold` drop the allocation when nothing is left. Encoded as
+/// `Settings` (the rules, then the threshold: snapshot format 4; formats 2 and 3 held the
+/// rules alone, `storage::legacy::ProductV2`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(from = "SaleRules", into = "SaleRules")]
-pub struct Rules(Option<Box<SaleRules>>);
+#[serde(from = "Settings", into = "Settings")]
+pub struct Rules(Option<Box<Settings>>);
+
+/// What `Rules` points to: the sale rules and the low-stock threshold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settings {
+    pub sale: SaleRules,
+    /// `available` at or below this is low (`stock.low`); `None`: no threshold.
+    pub low_stock_threshold: Option<u64>,
+}
 
 const NO_RULES: SaleRules = SaleRules {
     max_per_customer: None,
@@ -43,34 +56,67 @@ const NO_RULES: SaleRules = SaleRules {
     ends_at: None,
 };
 
+const NO_SETTINGS: Settings = Settings {
+    sale: NO_RULES,
+    low_stock_threshold: None,
+};
+
 impl Rules {
+    /// Replaces the sale rules; the threshold stays.
     pub fn set(&mut self, rules: SaleRules) {
-        *self = Rules::from(rules);
+        *self = Rules::from(Settings {
+            sale: rules,
+            low_stock_threshold: self.low_stock_threshold(),
+        });
+    }
+
+    /// The low-stock threshold, if any.
+    pub fn low_stock_threshold(&self) -> Option<u64> {
+        self.0.as_ref().and_then(|s| s.low_stock_threshold)
+    }
+
+    /// Sets or clears the low-stock threshold; the sale rules stay.
+    pub fn set_low_stock_threshold(&mut self, threshold: Option<u64>) {
+        *self = Rules::from(Settings {
+            sale: **self,
+            low_stock_threshold: threshold,
+        });
     }
 }
 
 impl From<SaleRules> for Rules {
     fn from(rules: SaleRules) -> Rules {
-        Rules((rules != NO_RULES).then(|| Box::new(rules)))
+        Rules::from(Settings {
+            sale: rules,
+            low_stock_threshold: None,
+        })
     }
 }
 
-impl From<Rules> for SaleRules {
-    fn from(rules: Rules) -> SaleRules {
-        *rules
+impl From<Settings> for Rules {
+    fn from(settings: Settings) -> Rules {
+        Rules((settings != NO_SETTINGS).then(|| Box::new(settings)))
+    }
+}
+
+impl From<Rules> for Settings {
+    fn from(rules: Rules) -> Settings {
+        rules.0.map_or(NO_SETTINGS, |settings| *settings)
     }
 }
 
 impl std::ops::Deref for Rules {
     type Target = SaleRules;
     fn deref(&self) -> &SaleRules {
-        self.0.as_deref().unwrap_or(&NO_RULES)
+        self.0
+            .as_deref()
+            .map_or(&NO_RULES, |settings| &settings.sale)
     }
 }
 
 impl std::ops::DerefMut for Rules {
     fn deref_mut(&mut self) -> &mut SaleRules {
-        self.0.get_or_insert_with(Box::default)
+        &mut self.0.get_or_insert_with(Box::default).sale
     }
 }
 
@@ -278,19 +324,62 @@ mod tests {
         };
         let config = bincode::config::standard();
         for rules in [SaleRules::default(), some] {
-            let kept = Rules::from(rules);
-            assert_eq!(*kept, rules);
-            assert_eq!(
-                bincode::serde::encode_to_vec(&kept, config).unwrap(),
-                bincode::serde::encode_to_vec(rules, config).unwrap(),
-                "the same bytes as the rules themselves"
-            );
+            for threshold in [None, Some(0), Some(300)] {
+                let mut kept = Rules::from(rules);
+                kept.set_low_stock_threshold(threshold);
+                assert_eq!(*kept, rules);
+                assert_eq!(kept.low_stock_threshold(), threshold);
+                let mut expected = bincode::serde::encode_to_vec(rules, config).unwrap();
+                expected.extend(bincode::serde::encode_to_vec(threshold, config).unwrap());
+                let bytes = bincode::serde::encode_to_vec(&kept, config).unwrap();
+                assert_eq!(
+                    bytes, expected,
+                    "the same bytes as the rules themselves, then the threshold"
+                );
+                let (back, _): (Rules, usize) =
+                    bincode::serde::decode_from_slice(&bytes, config).unwrap();
+                assert_eq!(back, kept);
+            }
         }
         let mut kept = Rules::from(some);
         kept.set(SaleRules::default());
         assert_eq!(kept, Rules::default(), "no allocation once no rule is left");
         kept.max_per_customer = Some(1);
         assert_eq!(kept.max_per_customer, Some(1));
+    }
+
+    /// The threshold and the rules share one allocation, each kept when the other changes,
+    /// and the allocation goes once neither is left.
+    #[test]
+    fn the_threshold_shares_the_rules_allocation() {
+        let mut kept = Rules::default();
+        kept.set_low_stock_threshold(Some(5));
+        assert_eq!(
+            (kept.low_stock_threshold(), *kept),
+            (Some(5), SaleRules::default())
+        );
+        kept.max_per_customer = Some(2);
+        kept.set(SaleRules {
+            max_per_customer: Some(3),
+            ..SaleRules::default()
+        });
+        assert_eq!(
+            kept.low_stock_threshold(),
+            Some(5),
+            "set keeps the threshold"
+        );
+        kept.set_low_stock_threshold(None);
+        assert_eq!(
+            kept.max_per_customer,
+            Some(3),
+            "clearing the threshold keeps the rules"
+        );
+        kept.set(SaleRules::default());
+        assert_eq!(kept, Rules::default());
+        kept.set_low_stock_threshold(Some(0));
+        assert_ne!(kept, Rules::default(), "0 is a threshold");
+        kept.set_low_stock_threshold(None);
+        assert_eq!(kept, Rules::default());
     }
 
     #[test]

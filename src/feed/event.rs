@@ -6,8 +6,18 @@
 //! record a second way: every figure it reports is read from the folded state.
 //!
 //! A record gives zero or more events: its own (`product.created`, `reservation.confirmed`
-//! ...), then the derived ones for each product it touched (`stock.sold_out` when the
-//! product's `available` became 0, `stock.back_in_stock` when it left 0). Events share
+//! ...), then the derived ones for each product it touched, in the order of the products
+//! in the record: `stock.sold_out` when the product's `available` became 0,
+//! `stock.back_in_stock` when it left 0, `stock.low` when the product became low (it has a
+//! low-stock threshold and `available` is at or below it: `Product::is_low`) and
+//! `stock.low_cleared` when it stopped being low (stock came back above the threshold, or
+//! the threshold was raised past `available`, lowered below it or cleared). For one
+//! product they come in the order the stock passed the levels: falling, `stock.low` then
+//! `stock.sold_out`; rising, `stock.back_in_stock` then `stock.low_cleared` (no change
+//! both raises and lowers `available`, and a change of threshold moves no stock). A
+//! product created low gives `stock.low` (it had no level before); one created with
+//! nothing gives no `stock.sold_out` (it never had any), and a deleted product gives no
+//! derived event. Events share
 //! their record's sequence number `seq`; `index` numbers them within it, so that
 //! `(seq, index)` is an event's position in the feed and its `id` is `"<seq>"` for the first
 //! event of a record and `"<seq>.<index>"` for the others. Records that are not changes a
@@ -38,10 +48,12 @@ pub enum Kind {
     ReservationExtended,
     StockSoldOut,
     StockBackInStock,
+    StockLow,
+    StockLowCleared,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 14] = [
         Kind::ProductCreated,
         Kind::ProductUpdated,
         Kind::ProductDeleted,
@@ -54,6 +66,8 @@ impl Kind {
         Kind::ReservationExtended,
         Kind::StockSoldOut,
         Kind::StockBackInStock,
+        Kind::StockLow,
+        Kind::StockLowCleared,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -70,6 +84,8 @@ impl Kind {
             Kind::ReservationExtended => "reservation.extended",
             Kind::StockSoldOut => "stock.sold_out",
             Kind::StockBackInStock => "stock.back_in_stock",
+            Kind::StockLow => "stock.low",
+            Kind::StockLowCleared => "stock.low_cleared",
         }
     }
 
@@ -138,6 +154,7 @@ pub enum Detail {
     Created {
         name: String,
         price: Option<Price>,
+        low_stock_threshold: Option<u64>,
     },
     /// `product.updated`: the product's fields after the change.
     Updated {
@@ -146,6 +163,7 @@ pub enum Detail {
         max_per_customer: Option<u64>,
         sale_starts_at: Option<Millis>,
         sale_ends_at: Option<Millis>,
+        low_stock_threshold: Option<u64>,
     },
     Replenished {
         quantity: u64,
@@ -171,8 +189,13 @@ pub enum Detail {
     Unknown {
         reservation_id: Option<uuid::Uuid>,
     },
-    /// Derived events (`stock.sold_out`, `stock.back_in_stock`): nothing but the figures.
+    /// Derived events `stock.sold_out`, `stock.back_in_stock`: nothing but the figures.
     None,
+    /// Derived events `stock.low`, `stock.low_cleared`: the product's threshold after the
+    /// change (`None` once a change cleared it), beside the figures.
+    Threshold {
+        low_stock_threshold: Option<u64>,
+    },
 }
 
 impl Serialize for Data {
@@ -180,9 +203,14 @@ impl Serialize for Data {
         use serde::ser::SerializeMap;
         let mut map = s.serialize_map(None)?;
         match &self.detail {
-            Detail::Created { name, price } => {
+            Detail::Created {
+                name,
+                price,
+                low_stock_threshold,
+            } => {
                 map.serialize_entry("name", name)?;
                 map.serialize_entry("price", price)?;
+                map.serialize_entry("low_stock_threshold", low_stock_threshold)?;
             }
             Detail::Updated {
                 name,
@@ -190,12 +218,14 @@ impl Serialize for Data {
                 max_per_customer,
                 sale_starts_at,
                 sale_ends_at,
+                low_stock_threshold,
             } => {
                 map.serialize_entry("name", name)?;
                 map.serialize_entry("price", price)?;
                 map.serialize_entry("max_per_customer", max_per_customer)?;
                 map.serialize_entry("sale_starts_at", &sale_starts_at.map(rfc3339))?;
                 map.serialize_entry("sale_ends_at", &sale_ends_at.map(rfc3339))?;
+                map.serialize_entry("low_stock_threshold", low_stock_threshold)?;
             }
             Detail::Replenished { quantity } => map.serialize_entry("quantity", quantity)?,
             Detail::Adjusted { delta, reason } => {
@@ -224,6 +254,9 @@ impl Serialize for Data {
                 }
             }
             Detail::None => {}
+            Detail::Threshold {
+                low_stock_threshold,
+            } => map.serialize_entry("low_stock_threshold", low_stock_threshold)?,
         }
         map.serialize_entry("by", &self.by)?;
         map.serialize_entry("products", &self.products)?;
@@ -290,11 +323,28 @@ impl Event {
     }
 }
 
-/// `available` of each product a record touches, before it was applied (`None`: the
-/// product did not exist). Taken by `Before::of` on the state the record applies to.
+/// `available` of each product a record touches, and whether it was low, before the
+/// record was applied (`None`: the product did not exist). Taken by `Before::of` on the
+/// state the record applies to.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Before {
-    available: Vec<(String, Option<u64>)>,
+    levels: Vec<(String, Option<Level>)>,
+}
+
+/// A product's stock level as the derived events see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Level {
+    available: u64,
+    low: bool,
+}
+
+impl Level {
+    fn of(p: &Product) -> Level {
+        Level {
+            available: p.available(),
+            low: p.is_low(),
+        }
+    }
 }
 
 /// The SKUs a record touches, in order, each once (`state`: before or after the record,
@@ -329,14 +379,14 @@ pub(crate) fn touched(record: &Record, state: &State) -> Vec<String> {
 impl Before {
     /// The figures `events_of` needs from the state `record` is about to be applied to.
     pub fn of(record: &Record, state: &State) -> Before {
-        let available = touched(record, state)
+        let levels = touched(record, state)
             .into_iter()
             .map(|sku| {
-                let available = state.products.get(&sku).map(Product::available);
-                (sku, available)
+                let level = state.products.get(&sku).map(Level::of);
+                (sku, level)
             })
             .collect();
-        Before { available }
+        Before { levels }
     }
 }
 
@@ -355,7 +405,7 @@ fn reservation_detail(r: &Reservation) -> Detail {
 /// `Before::of`) and the state after it was applied (`after`).
 pub fn events_of(before: &Before, seq: u64, record: &Record, after: &State) -> Vec<Event> {
     let products: Vec<Figures> = before
-        .available
+        .levels
         .iter()
         .filter_map(|(sku, _)| after.products.get(sku).map(Figures::of))
         .collect();
@@ -371,6 +421,7 @@ pub fn events_of(before: &Before, seq: u64, record: &Record, after: &State) -> V
                 Some(p) => Detail::Created {
                     name: p.name.clone(),
                     price: p.price.clone(),
+                    low_stock_threshold: p.low_stock_threshold(),
                 },
                 None => Detail::Unknown {
                     reservation_id: None,
@@ -386,6 +437,7 @@ pub fn events_of(before: &Before, seq: u64, record: &Record, after: &State) -> V
                     max_per_customer: p.rules.max_per_customer,
                     sale_starts_at: p.rules.starts_at,
                     sale_ends_at: p.rules.ends_at,
+                    low_stock_threshold: p.low_stock_threshold(),
                 },
                 None => Detail::Unknown {
                     reservation_id: None,
@@ -473,29 +525,54 @@ pub fn events_of(before: &Before, seq: u64, record: &Record, after: &State) -> V
             products,
         },
     }];
-    for (sku, was) in &before.available {
-        let (Some(was), Some(p)) = (was, after.products.get(sku)) else {
-            continue; // created or deleted by this record: no crossing to report
+    for (sku, was) in &before.levels {
+        let Some(p) = after.products.get(sku) else {
+            continue; // deleted by this record: no crossing to report
         };
-        let derived = match (*was, p.available()) {
-            (w, 0) if w > 0 => Kind::StockSoldOut,
-            (0, n) if n > 0 => Kind::StockBackInStock,
-            _ => continue,
-        };
-        let index = events.len() as u32;
-        events.push(Event {
-            position: Position { seq, index },
-            kind: derived,
-            time,
-            subject: sku.clone(),
-            data: Data {
-                detail: Detail::None,
-                by,
-                products: vec![Figures::of(p)],
-            },
-        });
+        let now = Level::of(p);
+        for derived in crossings(*was, now) {
+            let detail = match derived {
+                Kind::StockLow | Kind::StockLowCleared => Detail::Threshold {
+                    low_stock_threshold: p.low_stock_threshold(),
+                },
+                _ => Detail::None,
+            };
+            let index = events.len() as u32;
+            events.push(Event {
+                position: Position { seq, index },
+                kind: derived,
+                time,
+                subject: sku.clone(),
+                data: Data {
+                    detail,
+                    by,
+                    products: vec![Figures::of(p)],
+                },
+            });
+        }
     }
     events
+}
+
+/// The derived events of one product whose level went from `was` (`None`: it did not
+/// exist) to `now`, in their fixed order: the levels a falling stock passes (`stock.low`,
+/// then `stock.sold_out`), or those a rising one passes (`stock.back_in_stock`, then
+/// `stock.low_cleared`). A product that did not exist counts as not low (created low, it
+/// gives `stock.low`), and as never available (created empty, no `stock.sold_out`).
+fn crossings(was: Option<Level>, now: Level) -> impl Iterator<Item = Kind> {
+    let was_low = was.is_some_and(|w| w.low);
+    let low = !was_low && now.low;
+    let low_cleared = was_low && !now.low;
+    let sold_out = was.is_some_and(|w| w.available > 0) && now.available == 0;
+    let back_in_stock = was.is_some_and(|w| w.available == 0) && now.available > 0;
+    [
+        (low, Kind::StockLow),
+        (sold_out, Kind::StockSoldOut),
+        (back_in_stock, Kind::StockBackInStock),
+        (low_cleared, Kind::StockLowCleared),
+    ]
+    .into_iter()
+    .filter_map(|(crossed, kind)| crossed.then_some(kind))
 }
 
 /// Applies `record` (number `seq`) to `state` with the one fold and returns its events.
@@ -542,6 +619,7 @@ pub(crate) mod tests {
             price: None,
             on_hand,
             rules: Default::default(),
+            low_stock_threshold: None,
             at: 10,
             by: None,
         }
@@ -683,6 +761,328 @@ pub(crate) mod tests {
         assert_eq!(kinds(&events[0]), vec!["product.created"]);
     }
 
+    pub(crate) fn created_with_threshold(sku: &str, on_hand: u64, threshold: u64) -> Record {
+        match created(sku, on_hand) {
+            Record::ProductCreated {
+                sku,
+                name,
+                price,
+                on_hand,
+                rules,
+                at,
+                by,
+                ..
+            } => Record::ProductCreated {
+                sku,
+                name,
+                price,
+                on_hand,
+                rules,
+                low_stock_threshold: Some(threshold),
+                at,
+                by,
+            },
+            _ => unreachable!(),
+        }
+    }
+
+    fn threshold(sku: &str, threshold: Option<u64>) -> Record {
+        Record::ProductPatched {
+            sku: sku.into(),
+            name: None,
+            price: None,
+            rules: Default::default(),
+            low_stock_threshold: Some(threshold),
+            at: 15,
+            by: None,
+        }
+    }
+
+    fn cancel(id: u128) -> Record {
+        Record::ReservationCancelled {
+            id: Uuid::from_u128(id),
+            at: 30,
+            by: None,
+        }
+    }
+
+    fn adjust(sku: &str, delta: i64) -> Record {
+        Record::Adjusted {
+            sku: sku.into(),
+            delta,
+            reason: None,
+            at: 12,
+            by: None,
+        }
+    }
+
+    /// The events of each record after the first `setup` ones, as type names.
+    fn kinds_after(setup: usize, records: &[Record]) -> Vec<Vec<&'static str>> {
+        let (_, events) = run(records);
+        events[setup..].iter().map(|e| kinds(e)).collect()
+    }
+
+    /// Falling to the threshold by a hold is low; staying low (or above it) gives nothing
+    /// more; a cancel, an expiry, a replenishment or a positive adjustment back above it
+    /// clears it; a negative adjustment makes it low again.
+    #[test]
+    fn stock_crossing_the_threshold_gives_low_and_low_cleared() {
+        let records = [
+            created_with_threshold("A", 10, 3),
+            reserve(1, &[("A", 6)]), // 4 available: not low
+            reserve(2, &[("A", 1)]), // 3: low (at the threshold)
+            reserve(3, &[("A", 1)]), // 2: still low
+            cancel(3),               // 3: still low
+            cancel(2),               // 4: cleared
+            reserve(4, &[("A", 2)]), // 2: low
+            Record::ReservationExpired {
+                id: Uuid::from_u128(4),
+                at: 2_000,
+            }, // 4: cleared
+            adjust("A", -1),         // 3: low
+            Record::Replenished {
+                sku: "A".into(),
+                quantity: 1,
+                at: 13,
+                by: None,
+            }, // 4: cleared
+            adjust("A", -2),         // 2: low
+            adjust("A", 5),          // 7: cleared
+            Record::ReservationConfirmed {
+                id: Uuid::from_u128(1),
+                order_id: None,
+                at: 40,
+                by: None,
+            }, // on_hand and reserved both drop: 7 still
+            Record::Replenished {
+                sku: "A".into(),
+                quantity: 1,
+                at: 41,
+                by: None,
+            }, // 8: not low, nothing
+        ];
+        assert_eq!(
+            kinds_after(1, &records),
+            vec![
+                vec!["reservation.created"],
+                vec!["reservation.created", "stock.low"],
+                vec!["reservation.created"],
+                vec!["reservation.cancelled"],
+                vec!["reservation.cancelled", "stock.low_cleared"],
+                vec!["reservation.created", "stock.low"],
+                vec!["reservation.expired", "stock.low_cleared"],
+                vec!["stock.adjusted", "stock.low"],
+                vec!["stock.replenished", "stock.low_cleared"],
+                vec!["stock.adjusted", "stock.low"],
+                vec!["stock.adjusted", "stock.low_cleared"],
+                vec!["reservation.confirmed"],
+                vec!["stock.replenished"],
+            ]
+        );
+        let (_, events) = run(&records);
+        let low = &events[2][1];
+        assert_eq!(low.kind, Kind::StockLow);
+        assert_eq!(low.subject, "A");
+        assert_eq!(low.position.id(), "3.1");
+        let d = data(low);
+        assert_eq!(d["low_stock_threshold"], 3);
+        assert_eq!(d["by"], Uuid::from_u128(77).to_string());
+        assert_eq!(
+            d["products"],
+            json!([{"sku": "A", "on_hand": 10, "reserved": 7, "available": 3, "sold": 0,
+                    "version": 3}])
+        );
+        let cleared = data(&events[5][1]);
+        assert_eq!(cleared["low_stock_threshold"], 3);
+        assert_eq!(cleared["products"][0]["available"], 4);
+    }
+
+    /// A change of threshold alone: set or raised to `available` or above makes the
+    /// product low; lowered below `available`, or cleared, ends it; a change that leaves
+    /// it on the same side gives nothing.
+    #[test]
+    fn changing_the_threshold_gives_low_and_low_cleared() {
+        let records = [
+            created("A", 5),
+            threshold("A", Some(4)), // 5 > 4: not low
+            threshold("A", Some(5)), // raised to 5: low
+            threshold("A", Some(9)), // raised, still low
+            threshold("A", Some(4)), // lowered below 5: cleared
+            threshold("A", Some(6)), // low
+            threshold("A", None),    // cleared by clearing it
+            threshold("A", None),    // nothing to clear
+            threshold("A", Some(0)), // 5 > 0
+            Record::ProductPatched {
+                sku: "A".into(),
+                name: Some("renamed".into()),
+                price: None,
+                rules: Default::default(),
+                low_stock_threshold: None,
+                at: 16,
+                by: None,
+            }, // threshold kept
+            threshold("A", Some(5)), // low
+        ];
+        assert_eq!(
+            kinds_after(1, &records),
+            vec![
+                vec!["product.updated"],
+                vec!["product.updated", "stock.low"],
+                vec!["product.updated"],
+                vec!["product.updated", "stock.low_cleared"],
+                vec!["product.updated", "stock.low"],
+                vec!["product.updated", "stock.low_cleared"],
+                vec!["product.updated"],
+                vec!["product.updated"],
+                vec!["product.updated"],
+                vec!["product.updated", "stock.low"],
+            ]
+        );
+        let (state, events) = run(&records);
+        assert_eq!(state.products["A"].low_stock_threshold(), Some(5));
+        assert_eq!(data(&events[2][0])["low_stock_threshold"], 5);
+        assert_eq!(data(&events[2][1])["low_stock_threshold"], 5);
+        assert_eq!(
+            data(&events[6][1])["low_stock_threshold"],
+            Value::Null,
+            "cleared by clearing the threshold: null"
+        );
+        assert_eq!(data(&events[6][0])["low_stock_threshold"], Value::Null);
+        assert_eq!(data(&events[9][0])["low_stock_threshold"], 0);
+    }
+
+    /// One change that makes a product both low and sold out gives `stock.low` then
+    /// `stock.sold_out`; one that takes it out of both, `stock.back_in_stock` then
+    /// `stock.low_cleared`; each product's after the record's own event, products in the
+    /// record's order.
+    #[test]
+    fn low_and_sold_out_together_come_in_a_fixed_order() {
+        let records = [
+            created_with_threshold("A", 5, 2),
+            created_with_threshold("B", 3, 0),
+            created("C", 1),
+            reserve(1, &[("A", 5), ("B", 3), ("C", 1)]),
+            cancel(1),
+        ];
+        let (_, events) = run(&records);
+        let described: Vec<(&str, String)> = events[3]
+            .iter()
+            .map(|e| (e.kind.as_str(), e.subject.clone()))
+            .collect();
+        assert_eq!(
+            described,
+            vec![
+                ("reservation.created", Uuid::from_u128(1).to_string()),
+                ("stock.low", "A".into()),
+                ("stock.sold_out", "A".into()),
+                ("stock.low", "B".into()),
+                ("stock.sold_out", "B".into()),
+                ("stock.sold_out", "C".into()),
+            ]
+        );
+        let ids: Vec<String> = events[3].iter().map(|e| e.position.id()).collect();
+        assert_eq!(ids, ["4", "4.1", "4.2", "4.3", "4.4", "4.5"]);
+        assert_eq!(
+            kinds(&events[4]),
+            vec![
+                "reservation.cancelled",
+                "stock.back_in_stock",
+                "stock.low_cleared",
+                "stock.back_in_stock",
+                "stock.low_cleared",
+                "stock.back_in_stock",
+            ]
+        );
+    }
+
+    /// A product created low is low from its first event; one created above its threshold
+    /// is not; a deleted product gives no derived event.
+    #[test]
+    fn created_low_gives_low_and_deleted_gives_nothing_derived() {
+        let records = [
+            created_with_threshold("A", 2, 5),
+            created_with_threshold("B", 6, 5),
+            created_with_threshold("C", 0, 0),
+            Record::ProductDeleted {
+                sku: "A".into(),
+                at: 50,
+                by: None,
+            },
+        ];
+        assert_eq!(
+            kinds_after(0, &records),
+            vec![
+                vec!["product.created", "stock.low"],
+                vec!["product.created"],
+                vec!["product.created", "stock.low"],
+                vec!["product.deleted"],
+            ]
+        );
+        let (_, events) = run(&records);
+        assert_eq!(data(&events[0][0])["low_stock_threshold"], 5);
+        assert_eq!(data(&events[1][0])["low_stock_threshold"], 5);
+        assert_eq!(data(&events[0][1])["products"][0]["available"], 2);
+    }
+
+    /// The feed's events of a log are the same whether it was folded in one run or
+    /// stopped, its state written to a snapshot and read back, and folded on from there:
+    /// the threshold is part of the state, so a restart derives exactly the same events.
+    #[test]
+    fn a_snapshot_between_two_records_changes_no_low_event() {
+        let records = [
+            created_with_threshold("A", 5, 2),
+            reserve(1, &[("A", 3)]),
+            threshold("A", Some(1)),
+            threshold("A", Some(2)),
+            cancel(1),
+        ];
+        let (_, whole) = run(&records);
+        for cut in 1..records.len() {
+            let mut state = State::default();
+            for (i, r) in records[..cut].iter().enumerate() {
+                project(&mut state, i as u64 + 1, r).unwrap();
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let info = crate::storage::snapshot::write(
+                dir.path(),
+                cut as u64,
+                &state,
+                0,
+                Default::default(),
+            )
+            .unwrap();
+            let (_, mut state) = crate::storage::snapshot::read(&info.path).unwrap();
+            for (i, r) in records.iter().enumerate().skip(cut) {
+                let seq = i as u64 + 1;
+                assert_eq!(project(&mut state, seq, r).unwrap(), whole[i], "cut {cut}");
+            }
+        }
+        let flat: Vec<&str> = whole.iter().flat_map(|e| kinds(e)).collect();
+        assert_eq!(
+            flat,
+            [
+                "product.created",
+                "reservation.created",
+                "stock.low",
+                "product.updated",
+                "stock.low_cleared",
+                "product.updated",
+                "stock.low",
+                "reservation.cancelled",
+                "stock.low_cleared",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_new_types_parse_and_are_listed() {
+        for name in ["stock.low", "stock.low_cleared"] {
+            let kind = Kind::parse(name).unwrap();
+            assert_eq!(kind.as_str(), name);
+            assert!(Kind::ALL.contains(&kind));
+        }
+    }
+
     #[test]
     fn deleting_and_patching_name_the_product() {
         let (_, events) = run(&[
@@ -692,6 +1092,7 @@ pub(crate) mod tests {
                 name: Some("new".into()),
                 price: None,
                 rules: Default::default(),
+                low_stock_threshold: None,
                 at: 11,
                 by: None,
             },

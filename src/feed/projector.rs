@@ -292,6 +292,7 @@ mod tests {
             price: None,
             on_hand: 1,
             rules: Default::default(),
+            low_stock_threshold: None,
             at: 1,
             by: None,
         }

@@ -221,7 +221,7 @@ impl Shadow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::feed::event::tests::{created, reserve};
+    use crate::feed::event::tests::{created, created_with_threshold, reserve};
 
     /// Pending reservations and products as a full fold has them (the shadow drops ended
     /// reservations and idempotency keys by design).
@@ -313,6 +313,41 @@ mod tests {
         let want = event::project(&mut full, seq, &record).unwrap();
         assert_eq!(again.project(seq, &record).unwrap(), want);
         assert_eq!(again.to_state(), comparable(full));
+    }
+
+    /// Products gone cold keep their low-stock threshold: touched again, they give the
+    /// same `stock.low` and `stock.low_cleared` as the full fold.
+    #[test]
+    fn cold_products_keep_their_threshold() {
+        let n = (WARM_MAX * 2) as u128;
+        let mut records: Vec<Record> = (0..n)
+            .map(|i| created_with_threshold(&format!("S{i}"), 5, 4))
+            .collect();
+        records.extend((0..n).map(|i| reserve(i, &[(&format!("S{i}"), 1)])));
+        records.extend((0..n).map(|i| Record::ReservationCancelled {
+            id: Uuid::from_u128(i),
+            at: 30,
+            by: None,
+        }));
+        let mut full = State::default();
+        let mut shadow = Shadow::of(&State::default());
+        let mut low = 0;
+        for (i, record) in records.iter().enumerate() {
+            let seq = i as u64 + 1;
+            let want = event::project(&mut full, seq, record).unwrap();
+            let got = shadow.project(seq, record).unwrap();
+            assert_eq!(got, want, "record {seq}");
+            low += got
+                .iter()
+                .filter(|e| matches!(e.kind, event::Kind::StockLow | event::Kind::StockLowCleared))
+                .count();
+        }
+        assert_eq!(
+            low,
+            2 * n as usize,
+            "one stock.low and one stock.low_cleared each"
+        );
+        assert_eq!(shadow.to_state(), comparable(full));
     }
 
     #[test]

@@ -269,6 +269,11 @@ fn purchase_limit(value: &Value, field: &str) -> Result<u64> {
     unsigned(value, field, 1, STOCK_MAX)
 }
 
+/// A low-stock threshold: 0..=2^53−1 units (`available` at or below it is low).
+fn low_stock_threshold(value: &Value, field: &str) -> Result<u64> {
+    unsigned(value, field, 0, STOCK_MAX)
+}
+
 /// The sale-rule fields of a product body, as a change to the rules.
 fn rules_patch(obj: &Obj) -> Result<RulesPatch> {
     Ok(RulesPatch {
@@ -295,10 +300,12 @@ pub fn create_product(body: &Value) -> Result<NewProduct> {
             "max_per_customer",
             "sale_starts_at",
             "sale_ends_at",
+            "low_stock_threshold",
         ],
     )?;
     let rules = SaleRules::default().patched(rules_patch(&obj)?);
     rules.check().map_err(|err| rules_problem(&err))?;
+    let low_stock_threshold = settable(&obj, "low_stock_threshold", low_stock_threshold)?.flatten();
     Ok(NewProduct {
         sku: sku(obj.req("sku")?, "sku")?,
         name: string(obj.req("name")?, "name", NAME_CHARS_MAX)?.to_string(),
@@ -308,11 +315,13 @@ pub fn create_product(body: &Value) -> Result<NewProduct> {
             None => 0,
         },
         rules,
+        low_stock_threshold,
     })
 }
 
-/// `PATCH /v1/products/{sku}`: `null` clears the price or a sale rule. Whether the rules
-/// hold together once patched is checked against the product, in its actor.
+/// `PATCH /v1/products/{sku}`: `null` clears the price, a sale rule or the low-stock
+/// threshold. Whether the rules hold together once patched is checked against the
+/// product, in its actor.
 pub fn patch_product(body: &Value) -> Result<Change> {
     let obj = Obj::new(
         body,
@@ -323,6 +332,7 @@ pub fn patch_product(body: &Value) -> Result<Change> {
             "max_per_customer",
             "sale_starts_at",
             "sale_ends_at",
+            "low_stock_threshold",
         ],
     )?;
     let name = obj
@@ -331,13 +341,20 @@ pub fn patch_product(body: &Value) -> Result<Change> {
         .transpose()?;
     let price = settable(&obj, "price", price)?;
     let rules = rules_patch(&obj)?;
-    if name.is_none() && price.is_none() && rules.is_empty() {
+    let low_stock_threshold = settable(&obj, "low_stock_threshold", low_stock_threshold)?;
+    if name.is_none() && price.is_none() && rules.is_empty() && low_stock_threshold.is_none() {
         return Err(Problem::invalid(
             "body",
-            "give name, price, max_per_customer, sale_starts_at and/or sale_ends_at to change",
+            "give name, price, max_per_customer, sale_starts_at, sale_ends_at and/or \
+             low_stock_threshold to change",
         ));
     }
-    Ok(Change::Patch { name, price, rules })
+    Ok(Change::Patch {
+        name,
+        price,
+        rules,
+        low_stock_threshold,
+    })
 }
 
 pub fn replenish(body: &Value) -> Result<Change> {
@@ -401,8 +418,9 @@ pub fn create_key(body: &Value) -> Result<CreateKey> {
 
 /// `POST /v1/webhooks` `{"url", "types"?, "skus"?}`: an absolute `http` or `https` URL
 /// with a host (no user name or password in it, no fragment), at most
-/// `webhooks::URL_CHARS_MAX` characters; `types` 1 to 12 distinct event types; `skus` 1 to
-/// `webhooks::SKUS_MAX` distinct SKUs. Each fault is a 422 naming its field.
+/// `webhooks::URL_CHARS_MAX` characters; `types` 1 to 14 distinct event types (at most
+/// each of `Kind::ALL` once); `skus` 1 to `webhooks::SKUS_MAX` distinct SKUs. Each fault is
+/// a 422 naming its field.
 pub fn create_webhook(body: &Value) -> Result<crate::webhooks::NewEndpoint> {
     use crate::feed::Kind;
     use crate::webhooks::{NewEndpoint, SKUS_MAX, URL_CHARS_MAX};

@@ -19,6 +19,7 @@ pub struct ProductView<'a> {
     max_per_customer: Option<u64>,
     sale_starts_at: Option<String>,
     sale_ends_at: Option<String>,
+    low_stock_threshold: Option<u64>,
     created_at: String,
     updated_at: String,
 }
@@ -37,6 +38,7 @@ impl<'a> From<&'a Product> for ProductView<'a> {
             max_per_customer: p.rules.max_per_customer,
             sale_starts_at: p.rules.starts_at.map(rfc3339),
             sale_ends_at: p.rules.ends_at.map(rfc3339),
+            low_stock_threshold: p.low_stock_threshold(),
             created_at: rfc3339(p.created_at),
             updated_at: rfc3339(p.updated_at),
         }

@@ -100,8 +100,8 @@ pub struct Vote {
     pub committed: bool,
 }
 
-/// What a replicated state knows beside the records' effects (`State::raft`; snapshot
-/// format 3). `None` on a single node, whose snapshots stay format 2.
+/// What a replicated state knows beside the records' effects (`State::raft`; after the
+/// state in snapshot format 4, as in format 3 before it). `None` on a single node.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RaftMeta {
     /// The last entry folded (`None`: none yet).

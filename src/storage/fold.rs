@@ -48,8 +48,9 @@ pub struct State {
     /// API keys that are not revoked.
     pub keys: BTreeMap<KeyId, ApiKey>,
     /// What a replicated node's state knows beside the records (`None` on a single node).
-    /// Not part of the state's own encoding: snapshot format 3 writes it after the state,
-    /// and formats 1 and 2 have none (`storage::snapshot`).
+    /// Not part of the state's own encoding: snapshot format 4 writes it after the state
+    /// (`None` on a single node), format 3 wrote it after the format-2 state, and formats 1
+    /// and 2 have none (`storage::snapshot`).
     #[serde(skip)]
     pub raft: Option<RaftMeta>,
 }
@@ -254,6 +255,7 @@ pub fn apply_owned(state: &mut State, record: Record) -> Result<(), FoldError> {
             price,
             on_hand,
             rules,
+            low_stock_threshold,
             at,
             ..
         } => {
@@ -268,6 +270,7 @@ pub fn apply_owned(state: &mut State, record: Record) -> Result<(), FoldError> {
                 return Err(FoldError::Rules(sku));
             }
             p.rules.set(rules);
+            p.rules.set_low_stock_threshold(low_stock_threshold);
             state.products.insert(sku, p);
         }
         Record::ProductPatched {
@@ -275,6 +278,7 @@ pub fn apply_owned(state: &mut State, record: Record) -> Result<(), FoldError> {
             name,
             price,
             rules,
+            low_stock_threshold,
             at,
             ..
         } => {
@@ -282,7 +286,7 @@ pub fn apply_owned(state: &mut State, record: Record) -> Result<(), FoldError> {
             if p.rules.patched(rules).check().is_err() {
                 return Err(FoldError::Rules(sku));
             }
-            p.patch(name, price, rules, at);
+            p.patch(name, price, rules, low_stock_threshold, at);
         }
         Record::Replenished {
             sku, quantity, at, ..
@@ -422,6 +426,7 @@ mod tests {
             Record::ProductCreated {
                 by: None,
                 rules: Default::default(),
+                low_stock_threshold: None,
                 sku: "A".into(),
                 name: "a".into(),
                 price: None,
@@ -494,6 +499,7 @@ mod tests {
             price: None,
             on_hand,
             rules: Default::default(),
+            low_stock_threshold: None,
             at,
             by: None,
         }

@@ -3,8 +3,19 @@
 //! Layout of a stored record: `[format version: u8][crc32 of payload: u32 LE][payload]`,
 //! where the payload is bincode 2 (standard config) of `Record`. The version byte lets
 //! formats live side by side: records of version 1 (written before sale rules and API
-//! keys) are still read, through `storage::legacy`, and become today's records with no
-//! rules, no counted lines and no key. The checksum catches a damaged record on read.
+//! keys) and of version 2 (before the low-stock threshold) are still read, through
+//! `storage::legacy`, and become today's records with no rules, no counted lines and no
+//! key (version 1), and no threshold (versions 1 and 2). The checksum catches a damaged
+//! record on read.
+//!
+//! Format 3 added the low-stock threshold to `ProductCreated` and `ProductPatched`. It is
+//! a new format version, with version 2 copied into `storage::legacy::RecordV2`, rather
+//! than two variants appended to this enum (which old version-2 bytes would still decode
+//! as, with no copy): appended variants would keep two shapes of the same change in the
+//! enum every part of the server matches on (the fold, the feed's events, the log dump,
+//! the supervisor), for ever, each match handling an old variant no writer emits. With a
+//! new version, the old shapes live only in `legacy`, are turned into today's at decode,
+//! and everything past the codec knows one shape per change.
 //! The log stores these bytes unchanged, one record a key or framed in batches
 //! (`storage::log`, whose batch values start with a byte of 0x80 or more: record format
 //! versions stay below 0x80).
@@ -18,8 +29,9 @@ use crate::domain::{ApiKey, KeyId, Line, LineSet, Price, RulesPatch, SaleRules};
 use crate::storage::legacy;
 
 /// The format version written into every record (below 0x80: the log tells a batch of
-/// records from a single one by that bit). Version 1 is still read (`storage::legacy`).
-pub const RECORD_FORMAT_VERSION: u8 = 2;
+/// records from a single one by that bit). Versions 1 and 2 are still read
+/// (`storage::legacy`).
+pub const RECORD_FORMAT_VERSION: u8 = 3;
 const HEADER_BYTES: usize = 5;
 
 /// An idempotency key remembered with the reservation it created.
@@ -37,7 +49,7 @@ pub struct IdempotencyKey {
 ///
 /// The encoding is positional: never reorder, remove or change a variant or field of a
 /// format that has been written. A new shape is a new format version, with the old one
-/// kept readable in `storage::legacy`.
+/// kept readable in `storage::legacy` (this is format 3; `legacy::RecordV2` is format 2).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Record {
     ProductCreated {
@@ -46,6 +58,8 @@ pub enum Record {
         price: Option<Price>,
         on_hand: u64,
         rules: SaleRules,
+        /// Format 3.
+        low_stock_threshold: Option<u64>,
         at: Millis,
         by: Option<KeyId>,
     },
@@ -55,6 +69,8 @@ pub enum Record {
         /// `Some(None)` clears the price.
         price: Option<Option<Price>>,
         rules: RulesPatch,
+        /// Format 3. `None` keeps the threshold, `Some(None)` clears it.
+        low_stock_threshold: Option<Option<u64>>,
         at: Millis,
         by: Option<KeyId>,
     },
@@ -215,7 +231,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         return Err(DecodeError::Truncated(bytes.len()));
     }
     let version = bytes[0];
-    if version != RECORD_FORMAT_VERSION && version != legacy::RECORD_V1 {
+    if ![RECORD_FORMAT_VERSION, legacy::RECORD_V2, legacy::RECORD_V1].contains(&version) {
         return Err(DecodeError::UnknownVersion(version));
     }
     let stored = u32::from_le_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
@@ -223,10 +239,11 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
     if crc32fast::hash(payload) != stored {
         return Err(DecodeError::Checksum);
     }
-    if version == legacy::RECORD_V1 {
-        return decode_payload::<legacy::RecordV1>(payload).map(Record::from);
+    match version {
+        legacy::RECORD_V1 => decode_payload::<legacy::RecordV1>(payload).map(Record::from),
+        legacy::RECORD_V2 => decode_payload::<legacy::RecordV2>(payload).map(Record::from),
+        _ => decode_payload(payload),
     }
-    decode_payload(payload)
 }
 
 fn decode_payload<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, DecodeError> {
@@ -242,7 +259,19 @@ fn decode_payload<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, D
 /// that prove old logs still read.
 #[cfg(test)]
 pub(crate) fn encode_v1(record: &legacy::RecordV1) -> Vec<u8> {
-    let mut out = vec![legacy::RECORD_V1, 0, 0, 0, 0];
+    encode_old(legacy::RECORD_V1, record)
+}
+
+/// Encodes a record in format version 2, as builds before version 3 wrote it: for tests
+/// that prove old logs still read.
+#[cfg(test)]
+pub(crate) fn encode_v2(record: &legacy::RecordV2) -> Vec<u8> {
+    encode_old(legacy::RECORD_V2, record)
+}
+
+#[cfg(test)]
+fn encode_old(version: u8, record: &impl Serialize) -> Vec<u8> {
+    let mut out = vec![version, 0, 0, 0, 0];
     bincode::serde::encode_into_std_write(record, &mut out, config()).expect("in memory");
     let crc = crc32fast::hash(&out[HEADER_BYTES..]);
     out[1..HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
@@ -312,6 +341,7 @@ mod tests {
                 price: None,
                 on_hand: 3,
                 rules: SaleRules::default(),
+                low_stock_threshold: None,
                 at: 9,
                 by: None,
             })
@@ -327,6 +357,252 @@ mod tests {
             })
         );
         let mut damaged = encode_v1(&old);
+        let last = damaged.len() - 1;
+        damaged[last] ^= 1;
+        assert_eq!(decode(&damaged), Err(DecodeError::Checksum));
+    }
+
+    /// Records written by builds before format version 3 (the low-stock threshold) decode
+    /// into today's records, with no threshold and everything else as it was: every
+    /// variant, with the bytes format 2 wrote.
+    #[test]
+    fn version_2_records_still_read() {
+        use crate::domain::Scope;
+        let rules = SaleRules {
+            max_per_customer: Some(2),
+            starts_at: Some(5),
+            ends_at: None,
+        };
+        let patch = RulesPatch {
+            max_per_customer: Some(None),
+            starts_at: None,
+            ends_at: Some(Some(9)),
+        };
+        let key = ApiKey {
+            id: Uuid::from_u128(7),
+            name: "ops".into(),
+            scopes: vec![Scope::Stock, Scope::Read],
+            secret_hash: [4; 32],
+            created_at: 3,
+        };
+        let by = Some(Uuid::from_u128(8));
+        let id = Uuid::from_u128(9);
+        let mut counted = LineSet::EMPTY;
+        counted.insert(1);
+        let line = |sku: &str| Line {
+            sku: sku.into(),
+            quantity: 2,
+        };
+        let idempotency = Some((
+            IdempotencyKey {
+                customer_id: "c".into(),
+                key: "k".into(),
+            },
+            vec![1, 2],
+        ));
+        use legacy::RecordV2 as V2;
+        let cases = vec![
+            (
+                V2::ProductCreated {
+                    sku: "A".into(),
+                    name: "a".into(),
+                    price: Some(Price {
+                        amount_minor: 5,
+                        currency: "EUR".into(),
+                    }),
+                    on_hand: 3,
+                    rules,
+                    at: 9,
+                    by,
+                },
+                Record::ProductCreated {
+                    sku: "A".into(),
+                    name: "a".into(),
+                    price: Some(Price {
+                        amount_minor: 5,
+                        currency: "EUR".into(),
+                    }),
+                    on_hand: 3,
+                    rules,
+                    low_stock_threshold: None,
+                    at: 9,
+                    by,
+                },
+            ),
+            (
+                V2::ProductPatched {
+                    sku: "A".into(),
+                    name: Some("b".into()),
+                    price: Some(None),
+                    rules: patch,
+                    at: 10,
+                    by,
+                },
+                Record::ProductPatched {
+                    sku: "A".into(),
+                    name: Some("b".into()),
+                    price: Some(None),
+                    rules: patch,
+                    low_stock_threshold: None,
+                    at: 10,
+                    by,
+                },
+            ),
+            (
+                V2::Replenished {
+                    sku: "A".into(),
+                    quantity: 4,
+                    at: 11,
+                    by,
+                },
+                Record::Replenished {
+                    sku: "A".into(),
+                    quantity: 4,
+                    at: 11,
+                    by,
+                },
+            ),
+            (
+                V2::Adjusted {
+                    sku: "A".into(),
+                    delta: -2,
+                    reason: Some("r".into()),
+                    at: 12,
+                    by,
+                },
+                Record::Adjusted {
+                    sku: "A".into(),
+                    delta: -2,
+                    reason: Some("r".into()),
+                    at: 12,
+                    by,
+                },
+            ),
+            (
+                V2::ProductDeleted {
+                    sku: "A".into(),
+                    at: 13,
+                    by,
+                },
+                Record::ProductDeleted {
+                    sku: "A".into(),
+                    at: 13,
+                    by,
+                },
+            ),
+            (
+                V2::ReservationCreated {
+                    id,
+                    customer_id: "c".into(),
+                    items: vec![line("A"), line("B")],
+                    counted,
+                    created_at: 14,
+                    expires_at: 99,
+                    idempotency: idempotency.clone(),
+                    by,
+                },
+                Record::ReservationCreated {
+                    id,
+                    customer_id: "c".into(),
+                    items: vec![line("A"), line("B")],
+                    counted,
+                    created_at: 14,
+                    expires_at: 99,
+                    idempotency,
+                    by,
+                },
+            ),
+            (
+                V2::ReservationConfirmed {
+                    id,
+                    order_id: Some("o".into()),
+                    at: 15,
+                    by,
+                },
+                Record::ReservationConfirmed {
+                    id,
+                    order_id: Some("o".into()),
+                    at: 15,
+                    by,
+                },
+            ),
+            (
+                V2::ReservationCancelled { id, at: 16, by },
+                Record::ReservationCancelled { id, at: 16, by },
+            ),
+            (
+                V2::ReservationExpired { id, at: 17 },
+                Record::ReservationExpired { id, at: 17 },
+            ),
+            (
+                V2::ReservationExtended {
+                    id,
+                    expires_at: 200,
+                    at: 18,
+                    by,
+                },
+                Record::ReservationExtended {
+                    id,
+                    expires_at: 200,
+                    at: 18,
+                    by,
+                },
+            ),
+            (
+                V2::Forgotten { before: 1, at: 19 },
+                Record::Forgotten { before: 1, at: 19 },
+            ),
+            (
+                V2::KeyCreated {
+                    key: key.clone(),
+                    by,
+                },
+                Record::KeyCreated { key, by },
+            ),
+            (
+                V2::KeyRevoked {
+                    id: Uuid::from_u128(7),
+                    at: 20,
+                    by,
+                },
+                Record::KeyRevoked {
+                    id: Uuid::from_u128(7),
+                    at: 20,
+                    by,
+                },
+            ),
+        ];
+        assert_eq!(cases.len(), 13, "every variant of format 2");
+        for (old, new) in cases {
+            let bytes = encode_v2(&old);
+            assert_eq!(bytes[0], 2);
+            assert_eq!(decode(&bytes), Ok(new.clone()), "{old:?}");
+            // Today's encoding is another format: the same change, another version byte.
+            assert_eq!(encode(&new)[0], RECORD_FORMAT_VERSION);
+        }
+        // The new fields round trip in format 3.
+        let set = Record::ProductPatched {
+            sku: "A".into(),
+            name: None,
+            price: None,
+            rules: RulesPatch::default(),
+            low_stock_threshold: Some(Some(0)),
+            at: 1,
+            by: None,
+        };
+        assert_eq!(decode(&encode(&set)), Ok(set));
+        let cleared = Record::ProductPatched {
+            sku: "A".into(),
+            name: None,
+            price: None,
+            rules: RulesPatch::default(),
+            low_stock_threshold: Some(None),
+            at: 1,
+            by: None,
+        };
+        assert_eq!(decode(&encode(&cleared)), Ok(cleared));
+        // A damaged format-2 record is caught like any other.
+        let mut damaged = encode_v2(&V2::Forgotten { before: 1, at: 2 });
         let last = damaged.len() - 1;
         damaged[last] ^= 1;
         assert_eq!(decode(&damaged), Err(DecodeError::Checksum));

@@ -6,20 +6,26 @@
 //!
 //! ```text
 //! magic "STOCKDSN" (8) | format version u8 | crc32 u32 | seq u64 | created_at i64 |
-//! body_len u64 | body: bincode 2 (standard config) of `fold::State`
-//!                       [format 3: then bincode 2 of `entry::RaftMeta`]
+//! body_len u64 | body
 //! ```
 //!
-//! Format version 2 added sale rules, per-buyer counts and API keys to the state; files of
-//! version 1 are still read (`storage::legacy::StateV1`), with none of them. Format 3 is a
-//! replicated node's (docs/REPLICATION.md): the same body, then the state's Raft metadata
-//! (`State::raft`: the last entry applied, the membership, the epoch chain, the clock
-//! floor). It is written only for a state that has that metadata, so a single node keeps
-//! writing format 2, which every build since format 2 reads.
+//! The body, by format version (bincode 2, standard config):
 //!
-//! Formats are told apart by the version byte alone, so no file of one format can be read
-//! as another: a format-2 file never gains Raft metadata, and a format-3 file never loses
-//! it.
+//! | format | body | written by |
+//! | --- | --- | --- |
+//! | 1 | `legacy::StateV1`: products and reservations before sale rules and API keys | builds before sale rules; read only |
+//! | 2 | `legacy::StateV2`: sale rules, per-buyer counts, API keys | a single node, before the low-stock threshold; read only |
+//! | 3 | `legacy::StateV2`, then `entry::RaftMeta` | a replicated node, before the low-stock threshold (replication was dormant: no release wrote it); read only |
+//! | 4 | `fold::State` (products with their low-stock threshold), then `Option<entry::RaftMeta>` | every node today |
+//!
+//! Format 4 added the low-stock threshold to each product. It is one format for a single
+//! node and a replicated one alike (the Raft metadata is `None` on a single node, one byte),
+//! so that the next change of the body is one new format, not one per role: formats 2 and
+//! 3 differed only by the metadata, and a new body would otherwise have needed two new
+//! numbers again. A file's format is told by its version byte alone, so no file of one
+//! format is ever read as another; older files are turned into today's state as they are
+//! decoded (`storage::legacy`), with no threshold (and, from format 1, no rules, counts
+//! or keys).
 //!
 //! The checksum covers the body and then the three header fields after it, so a flipped
 //! byte anywhere but the magic is caught (a damaged magic or version is refused too). The
@@ -41,10 +47,9 @@ use crate::storage::entry::RaftMeta;
 use crate::storage::fold::State;
 use crate::storage::legacy;
 
-/// The format version written into every snapshot of a single node's state.
-pub const SNAPSHOT_FORMAT_VERSION: u8 = 2;
-/// The format version of a snapshot of a replicated node's state (`State::raft` is set).
-pub const SNAPSHOT_FORMAT_RAFT: u8 = 3;
+/// The format version written into every snapshot (a single node's or a replicated
+/// node's: `State::raft` follows the state, `None` or not). Formats 1 to 3 are still read.
+pub const SNAPSHOT_FORMAT_VERSION: u8 = 4;
 const MAGIC: &[u8; 8] = b"STOCKDSN";
 const HEADER_BYTES: usize = 8 + 1 + 4 + 8 + 8 + 8;
 const PREFIX: &str = "snapshot-";
@@ -189,26 +194,16 @@ pub fn write(
     fs::create_dir_all(dir)?;
     let final_path = dir.join(file_name(seq));
     let temp_path = dir.join(format!("{TEMP_PREFIX}{seq:020}-{}", std::process::id()));
-    let result = match &state.raft {
-        None => write_temp(
-            &temp_path,
-            seq,
-            state,
-            SNAPSHOT_FORMAT_VERSION,
-            created_at,
-            hooks,
-        ),
-        // bincode encodes a pair as its two members one after the other: the state's
-        // body (without `raft`, which it skips), then the metadata.
-        Some(raft) => write_temp(
-            &temp_path,
-            seq,
-            &(state, raft),
-            SNAPSHOT_FORMAT_RAFT,
-            created_at,
-            hooks,
-        ),
-    };
+    // bincode encodes a pair as its two members one after the other: the state's body
+    // (without `raft`, which it skips), then the metadata, `None` on a single node.
+    let result = write_temp(
+        &temp_path,
+        seq,
+        &(state, &state.raft),
+        SNAPSHOT_FORMAT_VERSION,
+        created_at,
+        hooks,
+    );
     let size_bytes = match result {
         Ok(size) => size,
         Err(err) => {
@@ -223,16 +218,8 @@ pub fn write(
         path: final_path,
         size_bytes,
         created_at,
-        format_version: format_of(state),
+        format_version: SNAPSHOT_FORMAT_VERSION,
     })
-}
-
-/// The format a snapshot of `state` is written in.
-fn format_of(state: &State) -> u8 {
-    match state.raft {
-        None => SNAPSHOT_FORMAT_VERSION,
-        Some(_) => SNAPSHOT_FORMAT_RAFT,
-    }
 }
 
 /// Writes a snapshot file of `state` in format `version` (the current one, but for tests
@@ -281,6 +268,25 @@ fn write_temp(
     file.write_all(&header)?;
     file.sync_all()?;
     Ok(HEADER_BYTES as u64 + body_len)
+}
+
+/// Writes `state` as a snapshot of format 2 (no low-stock threshold), as the builds
+/// before format 4 wrote it: for tests that prove old data directories still load.
+#[cfg(test)]
+pub(crate) fn write_format_2(dir: &Path, seq: u64, state: &State) -> PathBuf {
+    fs::create_dir_all(dir).unwrap();
+    let path = dir.join(file_name(seq));
+    let body = tests::body_v2(state);
+    write_temp(
+        &path,
+        seq,
+        &body,
+        legacy::SNAPSHOT_V2,
+        0,
+        WriteHooks::default(),
+    )
+    .unwrap();
+    path
 }
 
 /// Makes the directory's entries (created, renamed, removed files) durable.
@@ -428,18 +434,28 @@ pub fn read(path: &Path) -> Result<(SnapshotInfo, State), SnapshotError> {
                 bincode::serde::decode_from_std_read(&mut hashing, config).map_err(decode_err)?;
             old.into()
         }
-        SNAPSHOT_FORMAT_RAFT => {
-            let (mut state, raft): (State, RaftMeta) =
+        legacy::SNAPSHOT_V2 => {
+            let old: legacy::StateV2 =
                 bincode::serde::decode_from_std_read(&mut hashing, config).map_err(decode_err)?;
+            old.into()
+        }
+        legacy::SNAPSHOT_V3 => {
+            let (old, raft): (legacy::StateV2, RaftMeta) =
+                bincode::serde::decode_from_std_read(&mut hashing, config).map_err(decode_err)?;
+            let mut state = State::from(old);
             state.raft = Some(raft);
             state
         }
-        _ => bincode::serde::decode_from_std_read(&mut hashing, config).map_err(decode_err)?,
+        _ => {
+            let (mut state, raft): (State, Option<RaftMeta>) =
+                bincode::serde::decode_from_std_read(&mut hashing, config).map_err(decode_err)?;
+            state.raft = raft;
+            state
+        }
     };
-    debug_assert_eq!(
-        state.raft.is_some(),
-        info.format_version == SNAPSHOT_FORMAT_RAFT,
-        "only format 3 carries Raft metadata"
+    debug_assert!(
+        info.format_version != legacy::SNAPSHOT_V3 || state.raft.is_some(),
+        "format 3 always carries Raft metadata"
     );
     if hashing.read != body_len {
         return Err(SnapshotError::Decode {
@@ -460,8 +476,9 @@ fn verify_header(name: &str, header: &[u8], len: u64) -> Result<SnapshotInfo, Sn
     let format_version = header[8];
     if ![
         legacy::SNAPSHOT_V1,
+        legacy::SNAPSHOT_V2,
+        legacy::SNAPSHOT_V3,
         SNAPSHOT_FORMAT_VERSION,
-        SNAPSHOT_FORMAT_RAFT,
     ]
     .contains(&format_version)
     {
@@ -749,25 +766,10 @@ mod tests {
         assert_eq!(read_back.products["SKU-3"].buyers.held("buyer"), 2);
     }
 
-    /// A state with Raft metadata is written as format 3 and read back whole, metadata
-    /// included; a state without (a single node's) is still written as format 2, and a
-    /// format-2 file reads with no metadata. Damage to the metadata is caught like damage
-    /// to the state.
-    #[test]
-    fn a_replicated_state_is_format_3_and_a_single_nodes_stays_format_2() {
+    fn raft_meta() -> RaftMeta {
         use crate::storage::entry::{loopback_membership, Chain, Epoch, LogPos, StoredMembership};
-        let dir = tempfile::tempdir().unwrap();
-        let single = write(dir.path(), 5, &state(), 10, WriteHooks::default()).unwrap();
-        assert_eq!(single.format_version, 2);
-        let (info, read_back) = read(&single.path).unwrap();
-        assert_eq!(info.format_version, 2);
-        assert_eq!(read_back, state());
-        assert!(read_back.raft.is_none());
-
-        let mut replicated = state();
-        let pos = LogPos { term: 4, seq: 6 };
-        replicated.raft = Some(RaftMeta {
-            last_applied: Some(pos),
+        RaftMeta {
+            last_applied: Some(LogPos { term: 4, seq: 6 }),
             membership: StoredMembership {
                 pos: Some(LogPos { term: 1, seq: 1 }),
                 membership: loopback_membership(5, &[&[1, 2, 3], &[1, 2, 3, 4, 5]]),
@@ -777,15 +779,32 @@ mod tests {
                 next_n: 17,
             },
             clock_floor: 1_795_341_600_123,
-        });
+        }
+    }
+
+    /// A state with Raft metadata is written as format 4 and read back whole, metadata
+    /// included; a state without (a single node's) is written as format 4 too, and reads
+    /// with no metadata. Damage to the metadata is caught like damage to the state.
+    #[test]
+    fn a_replicated_state_and_a_single_nodes_are_both_format_4() {
+        let dir = tempfile::tempdir().unwrap();
+        let single = write(dir.path(), 5, &state(), 10, WriteHooks::default()).unwrap();
+        assert_eq!(single.format_version, 4);
+        let (info, read_back) = read(&single.path).unwrap();
+        assert_eq!(info.format_version, 4);
+        assert_eq!(read_back, state());
+        assert!(read_back.raft.is_none());
+
+        let mut replicated = state();
+        replicated.raft = Some(raft_meta());
         let info = write(dir.path(), 6, &replicated, 11, WriteHooks::default()).unwrap();
-        assert_eq!(info.format_version, SNAPSHOT_FORMAT_RAFT);
+        assert_eq!(info.format_version, SNAPSHOT_FORMAT_VERSION);
         assert!(info.size_bytes > single.size_bytes);
         let (read_info, read_back) = read(&info.path).unwrap();
-        assert_eq!(read_info.format_version, 3);
+        assert_eq!(read_info.format_version, 4);
         assert_eq!(read_back, replicated);
-        assert_eq!(verify(&info.path).unwrap().format_version, 3);
-        assert_eq!(inspect(&info.path).unwrap().format_version, 3);
+        assert_eq!(verify(&info.path).unwrap().format_version, 4);
+        assert_eq!(inspect(&info.path).unwrap().format_version, 4);
         // The metadata is covered by the checksum.
         let mut bytes = fs::read(&info.path).unwrap();
         let last = bytes.len() - 1;
@@ -797,6 +816,132 @@ mod tests {
             read(&damaged),
             Err(SnapshotError::Checksum { .. })
         ));
+    }
+
+    /// The body of snapshot formats 2 and 3 as the builds before format 4 encoded it.
+    #[derive(serde::Serialize)]
+    pub(super) struct BodyV2 {
+        products: std::collections::HashMap<String, crate::storage::legacy::ProductV2>,
+        reservations: std::collections::BTreeMap<uuid::Uuid, crate::domain::Reservation>,
+        idempotency: std::collections::BTreeMap<
+            crate::storage::record::IdempotencyKey,
+            crate::storage::fold::IdempotencyEntry,
+        >,
+        keys: std::collections::BTreeMap<crate::domain::KeyId, crate::domain::ApiKey>,
+    }
+
+    pub(super) fn body_v2(s: &State) -> BodyV2 {
+        let products = s
+            .products
+            .iter()
+            .map(|(sku, p)| {
+                assert_eq!(p.low_stock_threshold(), None, "format 2 has no threshold");
+                let old = crate::storage::legacy::ProductV2 {
+                    sku: p.sku.clone(),
+                    name: p.name.clone(),
+                    price: p.price.clone(),
+                    on_hand: p.on_hand,
+                    reserved: p.reserved,
+                    holding: p.holding,
+                    sold: p.sold,
+                    version: p.version,
+                    created_at: p.created_at,
+                    updated_at: p.updated_at,
+                    rules: *p.rules,
+                    buyers: p.buyers.clone(),
+                };
+                (sku.clone(), old)
+            })
+            .collect();
+        BodyV2 {
+            products,
+            reservations: s.reservations.clone(),
+            idempotency: s.idempotency.clone(),
+            keys: s.keys.clone(),
+        }
+    }
+
+    /// A state with rules, per-buyer counts, a reservation and a key, as formats 2 and 3
+    /// could hold it.
+    fn rich_state() -> State {
+        let mut s = state();
+        let p = s.products.get_mut("SKU-3").unwrap();
+        p.rules.max_per_customer = Some(2);
+        p.rules.starts_at = Some(100);
+        p.hold_for("buyer", 2, 100).unwrap();
+        p.settle_hold(2, 100);
+        let line = crate::domain::Line {
+            sku: "SKU-3".into(),
+            quantity: 2,
+        };
+        let mut r = crate::domain::Reservation::new(
+            uuid::Uuid::from_u128(3),
+            "buyer".into(),
+            vec![line],
+            100,
+            900,
+        );
+        r.counted.insert(0);
+        s.reservations.insert(r.id, r);
+        let key = crate::domain::ApiKey {
+            id: uuid::Uuid::from_u128(7),
+            name: "ops".into(),
+            scopes: vec![crate::domain::Scope::Stock],
+            secret_hash: [3; 32],
+            created_at: 5,
+        };
+        s.keys.insert(key.id, key);
+        s
+    }
+
+    /// Files of formats 2 (a single node's) and 3 (a replicated node's, with its Raft
+    /// metadata), written as the builds before the low-stock threshold wrote them, still
+    /// load whole, with no threshold; today's format 4 keeps the thresholds (and an old
+    /// file's bytes are not format 4's: the version byte decides how a body is read).
+    #[test]
+    fn format_2_and_3_files_still_read_and_format_4_keeps_thresholds() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = rich_state();
+        let path = dir.path().join(file_name(7));
+        write_temp(&path, 7, &body_v2(&old), 2, 9, WriteHooks::default()).unwrap();
+        let (info, read_back) = read(&path).unwrap();
+        assert_eq!((info.seq, info.format_version), (7, 2));
+        assert_eq!(read_back, old);
+        assert_eq!(read_back.products["SKU-3"].buyers.held("buyer"), 2);
+        assert_eq!(inspect(&path).unwrap().format_version, 2);
+
+        let mut replicated = old.clone();
+        replicated.raft = Some(raft_meta());
+        let path = dir.path().join(file_name(8));
+        let body = (body_v2(&old), raft_meta());
+        write_temp(&path, 8, &body, 3, 9, WriteHooks::default()).unwrap();
+        let (info, read_back) = read(&path).unwrap();
+        assert_eq!(info.format_version, 3);
+        assert_eq!(read_back, replicated);
+
+        // The same bytes under format 4's number do not pass for a state.
+        let path = dir.path().join(file_name(9));
+        write_temp(&path, 9, &body_v2(&old), 4, 9, WriteHooks::default()).unwrap();
+        assert!(matches!(read(&path), Err(SnapshotError::Decode { .. })));
+
+        let mut new = rich_state();
+        new.products
+            .get_mut("SKU-3")
+            .unwrap()
+            .rules
+            .set_low_stock_threshold(Some(1));
+        new.products
+            .get_mut("SKU-4")
+            .unwrap()
+            .rules
+            .set_low_stock_threshold(Some(0));
+        let info = write(dir.path(), 10, &new, 10, WriteHooks::default()).unwrap();
+        let (_, read_back) = read(&info.path).unwrap();
+        assert_eq!(read_back, new);
+        assert_eq!(read_back.products["SKU-3"].low_stock_threshold(), Some(1));
+        assert_eq!(read_back.products["SKU-3"].rules.max_per_customer, Some(2));
+        assert_eq!(read_back.products["SKU-4"].low_stock_threshold(), Some(0));
+        assert_eq!(read_back.products["SKU-5"].low_stock_threshold(), None);
     }
 
     #[test]

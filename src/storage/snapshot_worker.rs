@@ -407,6 +407,7 @@ mod tests {
             records.push(Record::ProductCreated {
                 by: None,
                 rules: Default::default(),
+                low_stock_threshold: None,
                 sku: format!("SKU-{i}"),
                 name: "n".into(),
                 price: None,

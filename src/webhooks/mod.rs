@@ -18,6 +18,10 @@
 //! second. So `kill -9` neither skips an event nor sends again one that was acknowledged
 //! (only the one whose 2xx had not yet been recorded, if the kill fell between the two);
 //! a power loss sends again at most the last second's acknowledged events.
+//!
+//! https endpoints are verified against the webpki roots (Mozilla's), plus the
+//! certificates of `--webhook-ca-file` (`Roots`): a shop's own CA, for endpoints whose
+//! certificate no public CA signed.
 
 pub mod store;
 
@@ -280,22 +284,73 @@ struct Inner {
     failures: AtomicU64,
 }
 
+/// Certificates trusted as roots for https endpoints beside the webpki roots (the
+/// certificates of `--webhook-ca-file`; none by default). Loaded and checked at start-up,
+/// before recovery (`Roots::load`), so a wrong file stops the server at once rather than
+/// failing every delivery later.
+#[derive(Clone, Default)]
+pub struct Roots(Vec<reqwest::Certificate>);
+
+impl std::fmt::Debug for Roots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Roots({} certificates)", self.0.len())
+    }
+}
+
+impl Roots {
+    /// The certificates of the PEM file at `path` (one or more `CERTIFICATE` blocks; other
+    /// blocks, such as a private key, are ignored). A file that cannot be read, holds no
+    /// certificate, or holds one that cannot be a trust anchor is refused, saying why.
+    pub fn load(path: &std::path::Path) -> Result<Roots, String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("cannot read it: {e}"))?;
+        let certificates = reqwest::Certificate::from_pem_bundle(&bytes)
+            .map_err(|e| format!("it is not a PEM file of certificates: {}", source_chain(&e)))?;
+        if certificates.is_empty() {
+            return Err("it holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into());
+        }
+        let roots = Roots(certificates);
+        // The TLS stack parses the certificates when a client is built: build one now.
+        client(&Schedule::default(), &roots)
+            .map_err(|e| format!("a certificate in it cannot be used: {}", source_chain(&e)))?;
+        Ok(roots)
+    }
+
+    /// How many certificates.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The HTTP client of the deliveries: the schedule's timeouts, no redirects, the webpki
+/// roots and `roots`.
+fn client(schedule: &Schedule, roots: &Roots) -> reqwest::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(schedule.timeout)
+        .connect_timeout(schedule.timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("stockd-webhooks/", env!("CARGO_PKG_VERSION")));
+    for certificate in &roots.0 {
+        builder = builder.add_root_certificate(certificate.clone());
+    }
+    builder.build()
+}
+
 impl Webhooks {
     /// Opens `<data>/webhooks` and starts a task per endpoint (inside a Tokio runtime).
+    /// https endpoints are verified against the webpki roots and `roots`.
     pub fn start(
         dir: &std::path::Path,
         feed: Feed,
         log: LogHandle,
         schedule: Schedule,
+        roots: &Roots,
     ) -> std::io::Result<Webhooks> {
         let opened = store::Store::open(dir)?;
-        let client = reqwest::Client::builder()
-            .timeout(schedule.timeout)
-            .connect_timeout(schedule.timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("stockd-webhooks/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(std::io::Error::other)?;
+        let client = client(&schedule, roots).map_err(std::io::Error::other)?;
         let (closing, _) = watch::channel(false);
         let webhooks = Webhooks {
             inner: Arc::new(Inner {

@@ -230,6 +230,7 @@ fn record(sku: &str, n: u64) -> Bytes {
             price: None,
             on_hand: 10,
             rules: SaleRules::default(),
+            low_stock_threshold: None,
             at: 1_000,
             by: None,
         }

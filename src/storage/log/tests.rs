@@ -10,6 +10,7 @@ fn created(i: u64) -> Record {
     Record::ProductCreated {
         by: None,
         rules: Default::default(),
+        low_stock_threshold: None,
         sku: format!("SKU-{i}"),
         name: "n".into(),
         price: None,
@@ -1628,4 +1629,154 @@ fn the_committed_mark_is_a_lower_bound_written_with_each_batch() {
     }
     fs::write(dir.join(COMMITTED_FILE), &good[..5]).unwrap();
     assert_eq!(Log::open(&dir).unwrap().committed().unwrap(), 0);
+}
+
+/// A log written by a build of record format 2 (before the low-stock threshold), one key
+/// per record as those builds stored them, reads as today's records with no threshold;
+/// records of today's format appended after them read as written.
+#[test]
+fn a_log_of_format_2_records_reads_with_no_threshold() {
+    use crate::storage::legacy::RecordV2;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    {
+        let log = Log::open(&dir).unwrap();
+        let segment = log.segments.create(1).unwrap();
+        for seq in 1..=3u64 {
+            let old = RecordV2::ProductCreated {
+                sku: format!("SKU-{seq}"),
+                name: "n".into(),
+                price: None,
+                on_hand: seq,
+                rules: Default::default(),
+                at: 1,
+                by: None,
+            };
+            segment
+                .db()
+                .insert(seq.to_be_bytes(), record::encode_v2(&old))
+                .unwrap();
+        }
+        segment.db().flush().unwrap();
+    }
+    let log = Log::open(&dir).unwrap();
+    let (handle, join) = log.start_writer(4).unwrap();
+    let with_threshold = Record::ProductPatched {
+        sku: "SKU-1".into(),
+        name: None,
+        price: None,
+        rules: Default::default(),
+        low_stock_threshold: Some(Some(2)),
+        at: 2,
+        by: None,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        handle
+            .append(with_threshold.clone())
+            .durable()
+            .await
+            .unwrap();
+        handle.shutdown().await.unwrap();
+    });
+    join.join().unwrap();
+    let log = Log::open(&dir).unwrap();
+    let read: Vec<(u64, Record)> = log.reader().records().map(|r| r.unwrap()).collect();
+    let mut expected: Vec<(u64, Record)> = (1..=3).map(|seq| (seq, created(seq))).collect();
+    expected.push((4, with_threshold));
+    assert_eq!(read, expected);
+    let mut state = crate::storage::fold::State::default();
+    for (_, record) in &read {
+        crate::storage::fold::apply(&mut state, record).unwrap();
+    }
+    assert_eq!(state.products["SKU-1"].low_stock_threshold(), Some(2));
+    assert_eq!(state.products["SKU-2"].low_stock_threshold(), None);
+}
+
+/// A data directory of an older build (a format-2 snapshot after record 2, and the log of
+/// format-2 records around it), upgraded: recovery starts from the old snapshot, folds the
+/// old records after it and today's after those, and only today's carry a threshold.
+#[test]
+fn recovery_reads_an_old_snapshot_and_old_records_then_new_ones() {
+    use crate::storage::legacy::RecordV2;
+    use crate::storage::recovery;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let snapshots = tmp.path().join("snapshots");
+    let old = |seq: u64| match seq {
+        3 => RecordV2::ProductPatched {
+            sku: "SKU-1".into(),
+            name: Some("renamed".into()),
+            price: None,
+            rules: crate::domain::RulesPatch {
+                max_per_customer: Some(Some(2)),
+                ..Default::default()
+            },
+            at: 3,
+            by: None,
+        },
+        _ => RecordV2::ProductCreated {
+            sku: format!("SKU-{seq}"),
+            name: "n".into(),
+            price: None,
+            on_hand: seq,
+            rules: Default::default(),
+            at: 1,
+            by: None,
+        },
+    };
+    {
+        let log = Log::open(&dir).unwrap();
+        let segment = log.segments.create(1).unwrap();
+        for seq in 1..=3u64 {
+            segment
+                .db()
+                .insert(seq.to_be_bytes(), record::encode_v2(&old(seq)))
+                .unwrap();
+        }
+        segment.db().flush().unwrap();
+    }
+    let mut at_2 = crate::storage::fold::State::default();
+    for seq in 1..=2 {
+        crate::storage::fold::apply(&mut at_2, &Record::from(old(seq))).unwrap();
+    }
+    crate::storage::snapshot::write_format_2(&snapshots, 2, &at_2);
+    let log = Log::open(&dir).unwrap();
+    let (handle, join) = log.start_writer(4).unwrap();
+    let threshold = Record::ProductPatched {
+        sku: "SKU-1".into(),
+        name: None,
+        price: None,
+        rules: Default::default(),
+        low_stock_threshold: Some(Some(1)),
+        at: 4,
+        by: None,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        handle.append(threshold).durable().await.unwrap();
+        handle.shutdown().await.unwrap();
+    });
+    join.join().unwrap();
+    let log = Log::open(&dir).unwrap();
+    let recovered = recovery::recover(&log.reader(), &snapshots, u64::MAX).unwrap();
+    let snapshot = recovered
+        .snapshot
+        .as_ref()
+        .expect("the old snapshot was used");
+    assert_eq!((snapshot.seq, snapshot.format_version), (2, 2));
+    assert_eq!((recovered.records, recovered.last_seq), (2, 4));
+    let p = &recovered.state.products["SKU-1"];
+    assert_eq!(p.name, "renamed");
+    assert_eq!(p.rules.max_per_customer, Some(2));
+    assert_eq!(p.low_stock_threshold(), Some(1));
+    assert!(p.is_low(), "1 unit, at the threshold");
+    assert_eq!(
+        recovered.state.products["SKU-2"].low_stock_threshold(),
+        None
+    );
 }
