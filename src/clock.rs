@@ -53,6 +53,37 @@ impl Clock for ManualClock {
     }
 }
 
+/// A clock that never goes back, and never shows a time before `floor`: `max(inner, floor,
+/// the last time it showed)`. A cluster's new leader reads time through one, its floor the
+/// newest time in the replicated log (`RaftMeta::clock_floor`), so that after a failover
+/// to a node whose clock is behind, no decided `at`, `created_at` or `expires_at` is
+/// earlier than one already logged: time never runs backwards across a failover
+/// (invariant 5's deadlines stay as logged; docs/REPLICATION.md, "The clock").
+pub struct FloorClock {
+    inner: SharedClock,
+    /// The latest time shown (or the floor it started from).
+    shown: AtomicI64,
+}
+
+impl FloorClock {
+    pub fn new(inner: SharedClock, floor: Millis) -> Self {
+        Self {
+            inner,
+            shown: AtomicI64::new(floor),
+        }
+    }
+}
+
+impl Clock for FloorClock {
+    fn now_ms(&self) -> Millis {
+        let now = self.inner.now_ms();
+        // `fetch_max` returns what was shown before: the answer is the larger of the two,
+        // and what is stored never decreases, whichever thread asks.
+        let before = self.shown.fetch_max(now, Ordering::AcqRel);
+        now.max(before)
+    }
+}
+
 /// Formats `ms` as RFC 3339 UTC with millisecond precision (`2026-11-22T10:00:00.123Z`).
 ///
 /// Written out by hand: it runs several times per response, and chrono's `format` parses
@@ -173,5 +204,27 @@ mod tests {
         assert_eq!(clock.now_ms(), 1_000);
         clock.advance_ms(500);
         assert_eq!(clock.now_ms(), 1_500);
+    }
+
+    /// A wall clock set by hand, backwards too.
+    struct SetClock(AtomicI64);
+
+    impl Clock for SetClock {
+        fn now_ms(&self) -> Millis {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    #[test]
+    fn a_floor_clock_starts_at_its_floor_and_never_goes_back() {
+        let wall = Arc::new(SetClock(AtomicI64::new(5_000)));
+        let clock = FloorClock::new(wall.clone(), 10_000);
+        assert_eq!(clock.now_ms(), 10_000, "a wall clock behind the floor");
+        wall.0.store(12_000, Ordering::SeqCst);
+        assert_eq!(clock.now_ms(), 12_000, "past the floor: the wall clock");
+        wall.0.store(11_000, Ordering::SeqCst);
+        assert_eq!(clock.now_ms(), 12_000, "the wall clock stepped back");
+        wall.0.store(13_000, Ordering::SeqCst);
+        assert_eq!(clock.now_ms(), 13_000);
     }
 }

@@ -18,6 +18,7 @@
 
 pub mod journal;
 pub mod log_store;
+pub mod proposer;
 pub mod role;
 pub mod state_machine;
 #[cfg(test)]

@@ -26,11 +26,12 @@ use openraft::storage::RaftLogStorage;
 use openraft::{AnyError, Config, RaftLogReader, ServerState};
 
 use crate::cluster::log_store::ClusterLog;
+use crate::cluster::proposer::Proposer;
 use crate::cluster::state_machine::{Snapshot, SnapshotFile, StockSm};
 use crate::cluster::types::{Proposal, RaftVote, StockdNode, Tc};
 use crate::domain::SaleRules;
 use crate::storage::entry::{Epoch, NodeId, Outcome};
-use crate::storage::log::{Log, LogHandle, OpenError};
+use crate::storage::log::{Log, LogError, LogHandle, OpenError};
 use crate::storage::record::{self, Record};
 
 type Raft = openraft::Raft<Tc, StockSm>;
@@ -221,9 +222,14 @@ async fn stop(router: &Router, id: NodeId, node: Node) {
     writer.shutdown().await.expect("stopping the log");
 }
 
-/// A record that folds: product `sku` created, or replenished by `n`.
+/// A record that folds, encoded: product `sku` created, or replenished by `n`.
 fn record(sku: &str, n: u64) -> Bytes {
-    let record = if n == 0 {
+    Bytes::from(record::encode(&plain_record(sku, n)))
+}
+
+/// Product `sku` created (10 on hand), or replenished by `n`.
+fn plain_record(sku: &str, n: u64) -> Record {
+    if n == 0 {
         Record::ProductCreated {
             sku: sku.into(),
             name: format!("product {sku}"),
@@ -241,8 +247,7 @@ fn record(sku: &str, n: u64) -> Bytes {
             at: 1_000 + n as i64,
             by: None,
         }
-    };
-    Bytes::from(record::encode(&record))
+    }
 }
 
 async fn leader_of(nodes: &BTreeMap<NodeId, Node>, among: &[NodeId]) -> (NodeId, u64) {
@@ -525,4 +530,129 @@ async fn three_nodes_elect_replicate_recover_and_cut_an_uncommitted_tail() {
         "the stranded entry's place holds the new term: {:?}",
         logs[0]
     );
+}
+
+/// A leader's `Proposer`: many records in flight at once, their tickets resolved in append
+/// order with consecutive sequences once applied, the same state on every node, and a
+/// barrier with the last of them. A proposer whose node does not lead in its term fails
+/// its first record and is poisoned: everything after fails at once. So is one whose
+/// chain has a gap (a second proposer of an epoch the first has moved on in): its entry
+/// is committed but skipped on every node, and nothing of it is folded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposer_commits_in_order_and_an_epoch_ends_at_its_first_failure() {
+    let root = tempfile::tempdir().unwrap();
+    let router = Router::default();
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3 {
+        let dir = root.path().join(format!("node-{id}"));
+        nodes.insert(id, start(&router, id, &dir, open_log(&dir).await).await);
+    }
+    let members: BTreeMap<NodeId, StockdNode> = (1..=3).map(|id| (id, member(id))).collect();
+    nodes[&1]
+        .raft
+        .initialize(members)
+        .await
+        .expect("initializing");
+    let all = [1, 2, 3];
+    let (leader, term) = leader_of(&nodes, &all).await;
+    // A new leader refuses proposals until a quorum has acknowledged it (its lease): the
+    // node's own start of an epoch waits for that (docs/REPLICATION.md).
+    nodes[&leader]
+        .raft
+        .wait(Some(WAIT))
+        .leader_with_quorum_acked(None, "the leader's lease")
+        .await
+        .expect("the lease");
+
+    let proposer = Proposer::start(nodes[&leader].raft.clone(), Epoch { term, k: 0 });
+    let mut tickets = vec![proposer.append(&plain_record("A", 0))];
+    tickets.extend((1..=40).map(|n| proposer.append(&plain_record("A", n))));
+    let barrier = proposer.barrier();
+    let mut seqs = Vec::new();
+    for ticket in tickets {
+        let seq = tokio::time::timeout(WAIT, ticket.durable())
+            .await
+            .expect("the ticket resolves")
+            .expect("the record is committed");
+        seqs.push(seq);
+    }
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "consecutive, in append order: {seqs:?}"
+    );
+    let last = *seqs.last().unwrap();
+    assert_eq!(barrier.durable().await.unwrap(), last, "the barrier");
+    assert!(proposer.is_healthy());
+    let found = digests(&nodes, &all, last - 1).await;
+    assert!(
+        found.windows(2).all(|w| w[0] == w[1]),
+        "same digest at {last}"
+    );
+    for id in all {
+        assert_eq!(
+            on_hand(&nodes[&id].raft, "A").await,
+            Some(10 + (1..=40).sum::<u64>()),
+            "node {id}"
+        );
+    }
+
+    // A proposer on a node that does not lead.
+    let follower = *all.iter().find(|id| **id != leader).unwrap();
+    let stale = Proposer::start(nodes[&follower].raft.clone(), Epoch { term, k: 1 });
+    let refused = stale.append(&plain_record("A", 100)).durable().await;
+    assert!(
+        matches!(refused, Err(LogError::NotCommitted(_))),
+        "{refused:?}"
+    );
+    let reason = tokio::time::timeout(WAIT, stale.poisoned()).await.unwrap();
+    assert!(reason.contains("no longer leads"), "{reason}");
+    assert!(!stale.is_healthy());
+    assert!(stale
+        .append(&plain_record("A", 101))
+        .durable()
+        .await
+        .is_err());
+    assert!(stale.barrier().durable().await.is_err());
+
+    // A second proposer of the leader's epoch starts again at n = 1: a gap in the chain.
+    let gap = Proposer::start(nodes[&leader].raft.clone(), Epoch { term, k: 0 });
+    let skipped = gap.append(&plain_record("A", 1_000)).durable().await;
+    assert!(
+        matches!(skipped, Err(LogError::NotCommitted(_))),
+        "{skipped:?}"
+    );
+    let reason = tokio::time::timeout(WAIT, gap.poisoned()).await.unwrap();
+    assert!(reason.contains("skipped"), "{reason}");
+    assert!(gap
+        .append(&plain_record("A", 1_001))
+        .durable()
+        .await
+        .is_err());
+    // Its entry is in the log (committed, one past the first proposer's last) and was
+    // skipped everywhere: the same digest, and nothing of it on hand.
+    let found = digests(&nodes, &all, last).await;
+    assert!(
+        found.windows(2).all(|w| w[0] == w[1]),
+        "same digest at {}",
+        last + 1
+    );
+    for id in all {
+        assert_eq!(
+            on_hand(&nodes[&id].raft, "A").await,
+            Some(10 + (1..=40).sum::<u64>()),
+            "node {id}: the skipped proposal folded nothing"
+        );
+    }
+
+    // The first proposer's epoch goes on: its chain has no gap.
+    let more = proposer
+        .append(&plain_record("A", 5))
+        .durable()
+        .await
+        .unwrap();
+    assert_eq!(more, last + 2);
+
+    for (id, node) in std::mem::take(&mut nodes) {
+        stop(&router, id, node).await;
+    }
 }

@@ -104,6 +104,11 @@ pub use writer::{Flushed, LogHandle, LogStats, Ticket};
 pub enum LogError {
     #[error("the write-ahead log cannot be written: {0}")]
     Unavailable(String),
+    /// A cluster leader's record that was not, or may not have been, committed (its
+    /// epoch ended: the node lost its leadership, or an earlier record of the epoch was
+    /// refused). A retry with the same `Idempotency-Key` is safe.
+    #[error("the change was not committed by the cluster ({0}); retrying with the same Idempotency-Key is safe")]
+    NotCommitted(String),
 }
 
 /// Why the log could not be opened or read at start-up.

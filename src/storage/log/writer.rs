@@ -26,6 +26,13 @@ use super::*;
 pub struct Ticket(oneshot::Receiver<Result<u64, LogError>>);
 
 impl Ticket {
+    /// A ticket and the sender that resolves it, for journals other than the local log
+    /// (a cluster leader's `Proposer`).
+    pub(crate) fn pending() -> (oneshot::Sender<Result<u64, LogError>>, Ticket) {
+        let (tx, rx) = oneshot::channel();
+        (tx, Ticket(rx))
+    }
+
     /// Waits until the record is flushed; returns its sequence number.
     pub async fn durable(self) -> Result<u64, LogError> {
         match self.0.await {
