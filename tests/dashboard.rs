@@ -18,6 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::feed::with_feed;
 use common::{Client, TestServer, START_MS};
 use fantoccini::Locator;
 use reqwest::Method;
@@ -234,10 +235,6 @@ async fn save_screenshot(b: &Browser, name: &str) -> PathBuf {
     std::fs::write(&path, png).unwrap();
     eprintln!("screenshot: {}", path.display());
     path
-}
-
-fn with_feed(config: &mut Config) {
-    config.events = Some(stockd::feed::retention_default());
 }
 
 async fn server(tweak: fn(&mut Config)) -> TestServer {

@@ -9,23 +9,13 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::feed::{start_with_feed, with_feed, Sse};
 use common::{eventually, ChildServer, Client, TestServer, START_MS};
 use serde_json::{json, Value};
 use stockd::clock::ManualClock;
-use stockd::{Config, Durability};
+use stockd::Durability;
 
 /// The feed is off by default: these servers turn it on.
-fn with_feed(config: &mut Config) {
-    config.events = Some(stockd::feed::retention_default());
-}
-
-/// An in-process server with the feed on.
-async fn start_with_feed() -> TestServer {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock::new(START_MS));
-    TestServer::start_tweaked(dir, clock, Durability::Sync, with_feed).await
-}
-
 /// Every event after `after` (all pages), with the `next_after` of the last page.
 async fn all_events(c: &Client, after: u64, filter: &str) -> (Vec<Value>, u64) {
     let mut events = Vec::new();
@@ -220,69 +210,6 @@ async fn every_change_gives_its_event_in_log_order_with_its_figures() {
         .await
         .assert_problem(422, "validation_failed");
     ts.stop().await;
-}
-
-/// One Server-Sent Event.
-#[derive(Debug, Clone)]
-struct SseEvent {
-    id: String,
-    kind: String,
-    data: Value,
-}
-
-/// A live reader of `GET /v1/events` (Server-Sent Events).
-struct Sse {
-    response: reqwest::Response,
-    buf: String,
-}
-
-impl Sse {
-    async fn open(base: &str, query: &str, last_event_id: Option<&str>) -> Sse {
-        let client = reqwest::Client::new();
-        let mut req = client
-            .get(format!("{base}/v1/events{query}"))
-            .header("accept", "text/event-stream");
-        if let Some(id) = last_event_id {
-            req = req.header("last-event-id", id);
-        }
-        let response = req.send().await.expect("the stream opens");
-        assert_eq!(response.status(), 200);
-        assert_eq!(
-            response.headers()["content-type"].to_str().unwrap(),
-            "text/event-stream"
-        );
-        Sse {
-            response,
-            buf: String::new(),
-        }
-    }
-
-    /// The next event; `None` when the stream ends (or fails, or `limit` passes).
-    async fn next(&mut self, limit: Duration) -> Option<SseEvent> {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            while let Some(end) = self.buf.find("\n\n") {
-                let frame: String = self.buf.drain(..end + 2).collect();
-                let (mut id, mut kind, mut data) = (None, None, None);
-                for line in frame.lines() {
-                    if let Some(v) = line.strip_prefix("id:") {
-                        id = Some(v.trim().to_string());
-                    } else if let Some(v) = line.strip_prefix("event:") {
-                        kind = Some(v.trim().to_string());
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        data = Some(serde_json::from_str(v.trim()).expect("data is JSON"));
-                    }
-                }
-                if let (Some(id), Some(kind), Some(data)) = (id, kind, data) {
-                    return Some(SseEvent { id, kind, data });
-                }
-            }
-            match tokio::time::timeout_at(deadline, self.response.chunk()).await {
-                Ok(Ok(Some(bytes))) => self.buf.push_str(&String::from_utf8_lossy(&bytes)),
-                _ => return None,
-            }
-        }
-    }
 }
 
 #[tokio::test]

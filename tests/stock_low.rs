@@ -6,24 +6,12 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{eventually, Answer, ChildServer, Client, TestServer, START_MS};
+use common::feed::{start_with_feed, Sse};
+use common::{eventually, Answer, ChildServer, Client, TestServer};
 use reqwest::Method;
 use serde_json::{json, Value};
-use stockd::clock::ManualClock;
-use stockd::{Config, Durability};
-
-fn with_feed(config: &mut Config) {
-    config.events = Some(stockd::feed::retention_default());
-}
-
-async fn start_with_feed() -> TestServer {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock::new(START_MS));
-    TestServer::start_tweaked(dir, clock, Durability::Sync, with_feed).await
-}
 
 async fn patch(c: &Client, sku: &str, body: Value, headers: &[(&str, &str)]) -> Answer {
     c.send(
@@ -386,52 +374,6 @@ async fn the_threshold_survives_log_replay_and_a_snapshot() {
     );
 }
 
-/// A live reader (Server-Sent Events) of the derived stock events, as a storefront
-/// would follow them.
-struct Live {
-    response: reqwest::Response,
-    buf: String,
-}
-
-impl Live {
-    async fn open(base: &str, query: &str, last_event_id: Option<&str>) -> Live {
-        let mut request = reqwest::Client::new()
-            .get(format!("{base}/v1/events{query}"))
-            .header("accept", "text/event-stream");
-        if let Some(id) = last_event_id {
-            request = request.header("last-event-id", id);
-        }
-        let response = request.send().await.expect("the stream opens");
-        assert_eq!(response.status(), 200);
-        Live {
-            response,
-            buf: String::new(),
-        }
-    }
-
-    /// The next event's (id, type); `None` once `limit` passes without one.
-    async fn next(&mut self, limit: Duration) -> Option<(String, String)> {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            while let Some(end) = self.buf.find("\n\n") {
-                let frame: String = self.buf.drain(..end + 2).collect();
-                let field = |name: &str| {
-                    frame
-                        .lines()
-                        .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
-                };
-                if let (Some(id), Some(kind)) = (field("id:"), field("event:")) {
-                    return Some((id, kind));
-                }
-            }
-            match tokio::time::timeout_at(deadline, self.response.chunk()).await {
-                Ok(Ok(Some(bytes))) => self.buf.push_str(&String::from_utf8_lossy(&bytes)),
-                _ => return None,
-            }
-        }
-    }
-}
-
 /// A live reader that reconnects with `Last-Event-ID`, between a `stock.low` and the
 /// `stock.sold_out` of the same record, and again across a restart, gets each derived
 /// event once, in order.
@@ -447,17 +389,17 @@ async fn a_live_reader_resumes_between_low_and_sold_out_and_across_a_restart() {
         .await;
     assert_eq!(a.status, 201);
     let query = "?type=stock.low,stock.low_cleared,stock.sold_out,stock.back_in_stock";
-    let mut live = Live::open(&c.base, query, None).await;
+    let mut live = Sse::open(&c.base, query, None).await;
     let id = hold(c, "Q", 3).await; // low and sold out at once
     let short = Duration::from_secs(10);
-    let low = live.next(short).await.expect("stock.low, live");
+    let low = live.next_id_and_type(short).await.expect("stock.low, live");
     assert_eq!(low.1, "stock.low");
     drop(live);
     cancel(c, &id).await; // back in stock, cleared: while nobody listens
-    let mut live = Live::open(&c.base, query, Some(&low.0)).await;
+    let mut live = Sse::open(&c.base, query, Some(&low.0)).await;
     let mut got = Vec::new();
     for _ in 0..3 {
-        got.push(live.next(short).await.expect("resumed"));
+        got.push(live.next_id_and_type(short).await.expect("resumed"));
     }
     let seq = low.0.split('.').next().unwrap().to_string();
     assert_eq!(got[0], (format!("{seq}.2"), "stock.sold_out".to_string()));
@@ -466,21 +408,33 @@ async fn a_live_reader_resumes_between_low_and_sold_out_and_across_a_restart() {
         kinds,
         ["stock.sold_out", "stock.back_in_stock", "stock.low_cleared"]
     );
-    assert_eq!(live.next(Duration::from_millis(300)).await, None, "no more");
+    assert_eq!(
+        live.next_id_and_type(Duration::from_millis(300)).await,
+        None,
+        "no more"
+    );
     drop(live);
     // Across a restart: resumed after the sold-out, the rest comes once more, and then
     // what the recovered threshold makes of new changes.
     let ts = ts.restart().await;
     let c = &ts.client;
     hold(c, "Q", 2).await; // 1 left: low again
-    let mut live = Live::open(&c.base, query, Some(&got[0].0)).await;
+    let mut live = Sse::open(&c.base, query, Some(&got[0].0)).await;
     let mut again = Vec::new();
     for _ in 0..3 {
-        again.push(live.next(short).await.expect("resumed after the restart"));
+        again.push(
+            live.next_id_and_type(short)
+                .await
+                .expect("resumed after the restart"),
+        );
     }
     assert_eq!(again[..2], got[1..]);
     assert_eq!(again[2].1, "stock.low");
-    assert_eq!(live.next(Duration::from_millis(300)).await, None, "no more");
+    assert_eq!(
+        live.next_id_and_type(Duration::from_millis(300)).await,
+        None,
+        "no more"
+    );
     drop(live);
     ts.stop().await;
 }

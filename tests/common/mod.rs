@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod feed;
 pub mod procfs;
 
 use std::ops::{Deref, DerefMut};
