@@ -2,6 +2,7 @@
 //! pages), and returning freed memory to the OS (mimalloc keeps it otherwise).
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Turns off transparent huge pages for this process and the processes it starts.
 ///
@@ -152,24 +153,79 @@ pub fn release_freed_memory_if_asked() {
         if released.get() != asked {
             released.set(asked);
             release_freed_memory();
+            let mut collected = COLLECTED.lock().unwrap_or_else(|e| e.into_inner());
+            if collected.0 < asked {
+                *collected = (asked, 0);
+            }
+            if collected.0 == asked {
+                collected.1 += 1;
+            }
         }
     });
 }
 
-/// Gives each worker thread of `runtime` a task that does nothing, so that a worker parked
-/// since before `ask_threads_to_release_freed_memory` wakes, finds nothing else to do and
-/// parks again, which runs the park hook and its collection. Without it, a worker idle
-/// through a passivation drain kept the blocks other threads freed into its heap's pages
-/// until traffic next woke it (8–20 MiB after draining 100,000 passivations,
-/// docs/PERFORMANCE.md). Called from a thread outside the workers (the blocking thread of
-/// a release): a task spawned there goes to the runtime's shared queue, and each one
-/// wakes a parked worker if there is one. A worker that is busy meanwhile parks once it is
-/// done, and collects then.
-pub fn wake_idle_workers(runtime: &tokio::runtime::Handle) {
-    for _ in 0..runtime.metrics().num_workers() {
-        drop(runtime.spawn(async {}));
+/// The newest `RELEASE_EPOCH` a thread collected for, and how many threads have for it.
+static COLLECTED: std::sync::Mutex<(u64, usize)> = std::sync::Mutex::new((0, 0));
+
+/// How many threads have collected since `epoch` was asked for.
+fn collected_for(epoch: u64) -> usize {
+    let collected = COLLECTED.lock().unwrap_or_else(|e| e.into_inner());
+    match collected.0.cmp(&epoch) {
+        std::cmp::Ordering::Equal => collected.1,
+        // A newer release was asked for: this one's work is done by its wakes.
+        std::cmp::Ordering::Greater => usize::MAX,
+        std::cmp::Ordering::Less => 0,
     }
 }
+
+/// Makes every worker thread of `runtime` that has not collected since the last release
+/// was asked for park again, which runs the park hook and its collection. Without it, a
+/// worker idle through a passivation drain kept the blocks other threads freed into its
+/// heap's pages until traffic next woke it (8–20 MiB after draining 100,000
+/// passivations, docs/PERFORMANCE.md).
+///
+/// Called from a thread outside the workers (the blocking thread of a release), it gives
+/// the runtime one small task per worker. The runtime wakes a parked worker for a new task
+/// only while no other worker is looking for work, and picks the worker that parked last,
+/// so tasks that finish at once all go to the same one or two workers and the others
+/// sleep on (seen with 4 and 8 workers). So each task holds its worker until every task
+/// has started (at most `WAKE_HOLD`): with the workers already woken busy, the runtime
+/// wakes the next sleeper for the next task, and each task gets a worker of its own. Each
+/// worker then parks again and collects. Rounds repeat until every worker has collected
+/// (the park hook counts them) or `WAKE_ROUNDS` have passed; a worker busy meanwhile
+/// collects when it next parks. Runs only after a large passivation sweep, never on a
+/// request's path.
+pub fn wake_idle_workers(runtime: &tokio::runtime::Handle) {
+    use std::sync::atomic::AtomicUsize;
+    use std::time::{Duration, Instant};
+
+    let epoch = RELEASE_EPOCH.load(Ordering::Relaxed);
+    let workers = runtime.metrics().num_workers();
+    for _ in 0..WAKE_ROUNDS {
+        if collected_for(epoch) >= workers {
+            return;
+        }
+        let started = Arc::new(AtomicUsize::new(0));
+        for _ in 0..workers {
+            let started = started.clone();
+            drop(runtime.spawn(async move {
+                started.fetch_add(1, Ordering::AcqRel);
+                let until = Instant::now() + WAKE_HOLD;
+                while started.load(Ordering::Acquire) < workers && Instant::now() < until {
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            }));
+        }
+        std::thread::sleep(WAKE_HOLD);
+    }
+}
+
+/// How long a task of `wake_idle_workers` holds its worker waiting for the others.
+const WAKE_HOLD: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Rounds of `wake_idle_workers` before it leaves the rest to traffic (~0.2 s of its
+/// blocking thread at most).
+const WAKE_ROUNDS: usize = 20;
 
 #[cfg(test)]
 mod purge_tests {
@@ -195,8 +251,10 @@ mod purge_tests {
     }
 
     /// What a passivation drain's release relies on: every worker of the runtime, parked
-    /// since before it, parks again (and so runs the park hook) after `wake_idle_workers`
-    /// is called from a thread that is not one of them.
+    /// since before the release was asked for, parks again (and so runs the park hook,
+    /// which collects) after `wake_idle_workers` is called from a thread that is not one of
+    /// them; with more workers than cores too, where one round of wakes may not reach
+    /// them all.
     #[test]
     fn waking_the_idle_workers_makes_each_park_again() {
         use std::collections::HashMap;
@@ -204,33 +262,37 @@ mod purge_tests {
         use std::thread::ThreadId;
         use std::time::{Duration, Instant};
 
-        let parks: Arc<Mutex<HashMap<ThreadId, u64>>> = Arc::default();
-        let counted = parks.clone();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .on_thread_park(move || {
-                *counted
-                    .lock()
-                    .unwrap()
-                    .entry(std::thread::current().id())
-                    .or_default() += 1;
-            })
-            .build()
-            .unwrap();
-        let wait_for = |what: &str, done: &dyn Fn(&HashMap<ThreadId, u64>) -> bool| {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !done(&parks.lock().unwrap()) {
-                assert!(Instant::now() < deadline, "timed out waiting: {what}");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        };
-        wait_for("both workers parked", &|p| p.len() == 2);
-        // Idle now: a worker parks again only when woken.
-        std::thread::sleep(Duration::from_millis(100));
-        let before = parks.lock().unwrap().clone();
-        wake_idle_workers(runtime.handle());
-        wait_for("each worker to park again", &|p| {
-            before.iter().all(|(thread, n)| p[thread] > *n)
-        });
+        for workers in [2, 4, 8] {
+            let parks: Arc<Mutex<HashMap<ThreadId, u64>>> = Arc::default();
+            let counted = parks.clone();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers)
+                .on_thread_park(move || {
+                    release_freed_memory_if_asked();
+                    *counted
+                        .lock()
+                        .unwrap()
+                        .entry(std::thread::current().id())
+                        .or_default() += 1;
+                })
+                .build()
+                .unwrap();
+            let wait_for = |what: &str, done: &dyn Fn(&HashMap<ThreadId, u64>) -> bool| {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while !done(&parks.lock().unwrap()) {
+                    assert!(Instant::now() < deadline, "timed out waiting: {what}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            };
+            wait_for("every worker parked", &|p| p.len() == workers);
+            // Idle now: a worker parks again only when woken.
+            std::thread::sleep(Duration::from_millis(100));
+            let before = parks.lock().unwrap().clone();
+            ask_threads_to_release_freed_memory();
+            wake_idle_workers(runtime.handle());
+            wait_for(&format!("each of {workers} workers to park again"), &|p| {
+                before.iter().all(|(thread, n)| p[thread] > *n)
+            });
+        }
     }
 }

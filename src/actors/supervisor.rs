@@ -596,8 +596,6 @@ const RELEASE_WINDOW_MS: u64 = 500;
 /// How long an operator's `PassivateIdle` waits for a running sweep before asking again.
 const SWEEP_WAIT_MS: u64 = 10;
 
-/// The routing table, every product passive. Sorted first: a B-tree is built in one
-/// pass from sorted input.
 /// A release's work that is not the supervisor's: a blocking thread returns what is shared
 /// (abandoned pages, arenas) and then wakes the idle workers, each of which returns its own
 /// heap's freed memory as it parks again (`memory::wake_idle_workers`).
@@ -609,6 +607,8 @@ fn release_off_the_mailbox() {
     });
 }
 
+/// The routing table, every product passive. Sorted first: a B-tree is built in one
+/// pass from sorted input.
 fn sorted_routes(products: crate::storage::fold::Products) -> Routes<Slot> {
     let mut sorted: Vec<(String, Product)> = products.into_iter().collect();
     sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));

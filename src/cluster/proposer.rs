@@ -16,22 +16,38 @@
 //! - the *completer* waits for their results in the same order (the engine applies
 //!   entries in log order) and resolves the tickets.
 //!
-//! The first failure **poisons** the epoch: a refusal (`ForwardToLeader`, a lease that
-//! ran out, an entry cut by a new leader), an entry the fold skipped (`Outcome::Skipped`:
-//! the chain has a gap), or the engine stopping. From then on every waiting and every new
-//! ticket fails with `LogError::NotCommitted` (503: a retry with the same
-//! `Idempotency-Key` is safe, the keys being replicated state), and `poisoned()` tells
-//! whoever owns the epoch to depose or rebuild. Records are never resubmitted: a record
-//! the actors decided in this epoch may be proposed only in this epoch's chain, since the
-//! state it was decided on holds every record before it.
+//! The first failure **poisons** the epoch, and the completer watches every proposal in
+//! flight at once, so a failure anywhere poisons it at once, not when the proposals before
+//! it resolve. Failures are of two kinds, and so are the errors the tickets get:
+//! - *not committed* (`LogError::NotCommitted`): the engine refused the record before
+//!   appending it (`ForwardToLeader`: this node no longer leads in the epoch's term, or its
+//!   lease ran out), or its entry was skipped by the fold (`Outcome::Skipped`). Every later
+//!   record of the epoch then follows a gap in the chain and is skipped on every node, so
+//!   it is not committed either, certainly. A retry is safe.
+//! - *outcome unknown* (`LogError::OutcomeUnknown`): the entry was appended but its result
+//!   never came (the engine dropped it, discarded it on a leader change, or it was not
+//!   applied within `COMMIT_DEADLINE`: a leader cut off from its quorum keeps its
+//!   appended entries pending until it hears of a new term). Another leader may still
+//!   commit it, and the records after it too. A retry may apply the change twice, except a
+//!   reservation retried with the same `Idempotency-Key` (the keys are replicated state).
+//!
+//! The records still waiting in front of the failure are outcome unknown too; those behind
+//! it get the failure's kind. `poisoned()` then resolves for the owner to depose or
+//! rebuild. Records are never resubmitted: a record the actors decided in this epoch may
+//! be proposed only in this epoch's chain, since the state it was decided on holds every
+//! record before it.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use openraft::error::ClientWriteError;
 use openraft::impls::ProgressResponder;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 
 use crate::storage::entry::{Epoch, Outcome};
 use crate::storage::log::{LogError, Ticket};
@@ -41,12 +57,51 @@ use super::log_store::seq_of;
 use super::state_machine::StockSm;
 use super::types::{Proposal, Tc};
 
+/// How long a proposal may wait for its result before the epoch is given up: long enough
+/// for a healthy cluster under load (an append, a majority's flush, the apply), far past
+/// an election (`election_timeout_max`, 500 ms), so that a leader that cannot reach its
+/// quorum fails its requests with 503 instead of holding them for as long as the
+/// partition lasts.
+pub const COMMIT_DEADLINE: Duration = Duration::from_secs(5);
+
 type Raft = openraft::Raft<Tc, StockSm>;
 type Reply = oneshot::Sender<Result<u64, LogError>>;
 type Written = openraft::type_config::alias::OneshotReceiverOf<
     Tc,
     Result<openraft::raft::ClientWriteResponse<Tc>, ClientWriteError<Tc>>,
 >;
+
+/// Why a proposal failed, and whether it may still be committed.
+#[derive(Clone, Debug)]
+enum Failure {
+    /// Certainly never committed (refused before being appended, or skipped).
+    NotCommitted(String),
+    /// Appended, its result unknown: another leader may still commit it.
+    Unknown(String),
+}
+
+impl Failure {
+    fn error(&self) -> LogError {
+        match self {
+            Failure::NotCommitted(reason) => LogError::NotCommitted(reason.clone()),
+            Failure::Unknown(reason) => LogError::OutcomeUnknown(reason.clone()),
+        }
+    }
+
+    fn reason(&self) -> &str {
+        match self {
+            Failure::NotCommitted(reason) | Failure::Unknown(reason) => reason,
+        }
+    }
+
+    /// The same kind of failure, for another reason.
+    fn with_reason(&self, reason: String) -> Failure {
+        match self {
+            Failure::NotCommitted(_) => Failure::NotCommitted(reason),
+            Failure::Unknown(_) => Failure::Unknown(reason),
+        }
+    }
+}
 
 enum Submit {
     Record(Bytes, Reply),
@@ -56,8 +111,8 @@ enum Submit {
 enum Complete {
     /// Proposal `n`, handed to the engine; its result comes on `Written`.
     Proposed(u64, Written, Reply),
-    /// Proposal `n` that could not be handed over (the engine stopped).
-    Failed(u64, String, Reply),
+    /// Proposal `n` that was not handed over.
+    Failed(u64, Failure, Reply),
     Barrier(Reply),
 }
 
@@ -67,7 +122,7 @@ pub struct Proposer {
     epoch: Epoch,
     submit: mpsc::UnboundedSender<Submit>,
     poisoned: Arc<AtomicBool>,
-    poison: watch::Receiver<Option<String>>,
+    poison: watch::Receiver<Option<Failure>>,
 }
 
 impl Proposer {
@@ -78,7 +133,7 @@ impl Proposer {
     pub fn start(raft: Raft, epoch: Epoch) -> Proposer {
         let (submit, submitted) = mpsc::unbounded_channel();
         let (complete, completing) = mpsc::unbounded_channel();
-        let (poison_tx, poison) = watch::channel(None);
+        let (poison_tx, poison) = watch::channel(None::<Failure>);
         let poisoned = Arc::new(AtomicBool::new(false));
         let submitting = submitter(
             raft,
@@ -138,14 +193,19 @@ impl Proposer {
     pub async fn poisoned(&self) -> String {
         let mut poison = self.poison.clone();
         let reason = match poison.wait_for(Option::is_some).await {
-            Ok(reason) => reason.clone().unwrap_or_default(),
-            Err(_) => "the epoch's tasks stopped".into(),
+            Ok(failure) => failure.as_ref().map(|f| f.reason().to_string()),
+            Err(_) => None,
         };
-        reason
+        reason.unwrap_or_else(|| "the epoch's tasks stopped".into())
     }
 
+    /// The error of a record appended after the epoch ended (never handed over).
     fn failure(&self) -> LogError {
-        let reason = self.poison.borrow().clone();
+        let reason = self
+            .poison
+            .borrow()
+            .as_ref()
+            .map(|f| f.reason().to_string());
         LogError::NotCommitted(reason.unwrap_or_else(|| "the epoch has ended".into()))
     }
 }
@@ -157,16 +217,20 @@ async fn submitter(
     mut submitted: mpsc::UnboundedReceiver<Submit>,
     complete: mpsc::UnboundedSender<Complete>,
     poisoned: Arc<AtomicBool>,
-    poison: watch::Receiver<Option<String>>,
+    poison: watch::Receiver<Option<Failure>>,
 ) {
+    let ended = |poison: &watch::Receiver<Option<Failure>>| {
+        let reason = poison.borrow().as_ref().map(|f| f.reason().to_string());
+        Failure::NotCommitted(reason.unwrap_or_else(|| "the epoch has ended".into()))
+    };
     let mut n = 0;
     while let Some(item) = submitted.recv().await {
         let next = match item {
             Submit::Barrier(reply) => Complete::Barrier(reply),
-            // Nothing more is proposed in a poisoned epoch (the chain would skip it).
+            // Nothing more is proposed in a poisoned epoch: never handed over, so never
+            // committed.
             Submit::Record(_, reply) if poisoned.load(Ordering::Acquire) => {
-                let reason = poison.borrow().clone().unwrap_or_default();
-                Complete::Failed(n + 1, reason, reply)
+                Complete::Failed(n + 1, ended(&poison), reply)
             }
             Submit::Record(record, reply) => {
                 n += 1;
@@ -180,99 +244,219 @@ async fn submitter(
                 {
                     Ok(()) => Complete::Proposed(n, written, reply),
                     Err(fatal) => {
-                        Complete::Failed(n, format!("the engine stopped: {fatal}"), reply)
+                        let reason = format!("the engine stopped: {fatal}");
+                        Complete::Failed(n, Failure::NotCommitted(reason), reply)
                     }
                 }
             }
         };
         if let Err(mpsc::error::SendError(item)) = complete.send(next) {
-            // The completer has stopped: the epoch is poisoned, and so is this record
-            // (if the engine took it, the chain skips it everywhere).
-            let reason = poison.borrow().clone().unwrap_or_default();
-            let reply = match item {
-                Complete::Barrier(reply)
-                | Complete::Failed(_, _, reply)
-                | Complete::Proposed(_, _, reply) => reply,
+            // The completer has stopped: the epoch is poisoned. This record and every one
+            // still queued fail with the epoch's failure kind (if the engine took this
+            // one, it follows the failure in the chain).
+            let failure = poison.borrow().clone().unwrap_or_else(|| ended(&poison));
+            let error = match item {
+                // Never handed over: its own failure.
+                Complete::Failed(_, own, reply) => (reply, own.error()),
+                Complete::Proposed(_, _, reply) | Complete::Barrier(reply) => {
+                    (reply, failure.error())
+                }
             };
-            let _ = reply.send(Err(LogError::NotCommitted(reason)));
+            let _ = error.0.send(Err(error.1));
+            submitted.close();
+            while let Some(item) = submitted.recv().await {
+                let reply = match item {
+                    Submit::Record(_, reply) | Submit::Barrier(reply) => reply,
+                };
+                let _ = reply.send(Err(ended(&poison).error()));
+            }
             return;
         }
     }
 }
 
-/// Resolves tickets in proposal order; the first failure poisons the epoch.
+fn reply_of(item: Complete) -> Reply {
+    match item {
+        Complete::Barrier(reply)
+        | Complete::Failed(_, _, reply)
+        | Complete::Proposed(_, _, reply) => reply,
+    }
+}
+
+/// A proposal or a barrier waiting to be resolved, in queue order.
+enum Waiting {
+    Proposal {
+        n: u64,
+        reply: Reply,
+        /// `None` while its result has not come.
+        result: Option<Result<u64, Failure>>,
+        since: Instant,
+    },
+    Barrier(Reply),
+}
+
+/// What the engine's answer for a proposal means.
+fn result_of(
+    answer: Result<
+        Result<openraft::raft::ClientWriteResponse<Tc>, ClientWriteError<Tc>>,
+        impl std::fmt::Display,
+    >,
+) -> Result<u64, Failure> {
+    match answer {
+        Ok(Ok(response)) if response.data == Outcome::Applied => Ok(seq_of(response.log_id.index)),
+        Ok(Ok(response)) => Err(Failure::NotCommitted(format!(
+            "its entry {} was skipped: an earlier proposal of the epoch was not committed",
+            seq_of(response.log_id.index)
+        ))),
+        Ok(Err(ClientWriteError::ForwardToLeader(forward))) => Err(Failure::NotCommitted(format!(
+            "this node no longer leads in its term ({:?})",
+            forward.reason
+        ))),
+        Ok(Err(other)) => Err(Failure::Unknown(other.to_string())),
+        Err(dropped) => Err(Failure::Unknown(format!(
+            "the engine dropped it ({dropped})"
+        ))),
+    }
+}
+
+/// Resolves tickets in proposal order, watching every proposal in flight at once; the
+/// first failure anywhere poisons the epoch.
 async fn completer(
     epoch: Epoch,
     mut completing: mpsc::UnboundedReceiver<Complete>,
     poisoned: Arc<AtomicBool>,
-    poison: watch::Sender<Option<String>>,
+    poison: watch::Sender<Option<Failure>>,
 ) {
     let mut last = 0;
-    while let Some(item) = completing.recv().await {
-        let failed = match item {
-            Complete::Barrier(reply) => {
-                let _ = reply.send(Ok(last));
-                continue;
+    let mut queue: VecDeque<Waiting> = VecDeque::new();
+    let mut in_flight = FuturesUnordered::new();
+    let mut open = true;
+    let failure = loop {
+        // The oldest proposal still without a result sets the deadline.
+        let oldest = queue.iter().find_map(|w| match w {
+            Waiting::Proposal {
+                result: None,
+                since,
+                n,
+                ..
+            } => Some((*n, *since)),
+            _ => None,
+        });
+        tokio::select! {
+            item = completing.recv(), if open => match item {
+                None => open = false,
+                Some(Complete::Barrier(reply)) => queue.push_back(Waiting::Barrier(reply)),
+                Some(Complete::Failed(n, failure, reply)) => queue.push_back(Waiting::Proposal {
+                    n,
+                    reply,
+                    result: Some(Err(failure)),
+                    since: Instant::now(),
+                }),
+                Some(Complete::Proposed(n, written, reply)) => {
+                    queue.push_back(Waiting::Proposal { n, reply, result: None, since: Instant::now() });
+                    in_flight.push(async move { (n, result_of(written.await)) });
+                }
+            },
+            Some((n, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                for w in queue.iter_mut() {
+                    if let Waiting::Proposal { n: m, result: slot, .. } = w {
+                        if *m == n {
+                            *slot = Some(result);
+                            break;
+                        }
+                    }
+                }
             }
-            Complete::Failed(n, reason, reply) => fail(reply, n, reason),
-            Complete::Proposed(n, written, reply) => match written.await {
-                Ok(Ok(response)) if response.data == Outcome::Applied => {
-                    let seq = seq_of(response.log_id.index);
+            _ = tokio::time::sleep_until(oldest.map_or_else(Instant::now, |(_, since)| since + COMMIT_DEADLINE)), if oldest.is_some() => {
+                let (n, _) = oldest.expect("checked");
+                let reason = format!("proposal {n} was not committed within {COMMIT_DEADLINE:?}");
+                break Failure::Unknown(reason);
+            }
+        }
+        // Resolve what is resolved at the front, in order.
+        while let Some(front) = queue.front() {
+            match front {
+                Waiting::Barrier(_) => {
+                    if let Some(Waiting::Barrier(reply)) = queue.pop_front() {
+                        let _ = reply.send(Ok(last));
+                    }
+                }
+                Waiting::Proposal {
+                    result: Some(Ok(seq)),
+                    ..
+                } => {
+                    let seq = *seq;
                     debug_assert!(seq > last, "proposals are applied in order");
                     last = seq;
-                    let _ = reply.send(Ok(seq));
-                    continue;
+                    if let Some(Waiting::Proposal { reply, .. }) = queue.pop_front() {
+                        let _ = reply.send(Ok(seq));
+                    }
                 }
-                Ok(Ok(response)) => fail(
-                    reply,
-                    n,
-                    format!(
-                        "its entry {} was skipped: an earlier proposal of the epoch was not committed",
-                        seq_of(response.log_id.index)
-                    ),
-                ),
-                Ok(Err(refused)) => fail(reply, n, refusal(&refused)),
-                Err(_) => fail(reply, n, "the engine dropped it".into()),
-            },
-        };
-        poisoned.store(true, Ordering::Release);
-        let _ = poison.send(Some(failed.clone()));
-        tracing::warn!(
-            term = epoch.term,
-            k = epoch.k,
-            reason = %failed,
-            "an epoch's proposal failed: the epoch ends"
-        );
-        // Everything queued behind it fails with the same reason; closing the channel
-        // makes the submitter stop and later appends fail at once.
-        completing.close();
-        while let Some(item) = completing.recv().await {
-            let reply = match item {
-                Complete::Barrier(reply)
-                | Complete::Failed(_, _, reply)
-                | Complete::Proposed(_, _, reply) => reply,
-            };
-            let _ = reply.send(Err(LogError::NotCommitted(failed.clone())));
+                _ => break,
+            }
         }
-        return;
+        // A failure anywhere ends the epoch now.
+        let failed = queue.iter().find_map(|w| match w {
+            Waiting::Proposal {
+                n,
+                result: Some(Err(failure)),
+                ..
+            } => Some(
+                failure.with_reason(format!("proposal {n} of the epoch: {}", failure.reason())),
+            ),
+            _ => None,
+        });
+        if let Some(failure) = failed {
+            break failure;
+        }
+        if !open && queue.is_empty() {
+            return; // every clone dropped, everything resolved
+        }
+    };
+    poisoned.store(true, Ordering::Release);
+    let _ = poison.send(Some(failure.clone()));
+    tracing::warn!(
+        term = epoch.term,
+        k = epoch.k,
+        reason = %failure.reason(),
+        "an epoch's proposal failed: the epoch ends"
+    );
+    // Those in front of the failure may still be committed by another leader; the failed
+    // one and those behind it share its kind.
+    let mut behind = false;
+    for w in queue {
+        match w {
+            Waiting::Barrier(reply) => {
+                let _ = reply.send(Err(failure.error()));
+            }
+            Waiting::Proposal { reply, result, .. } => {
+                let error = match result {
+                    Some(Ok(seq)) => {
+                        // Resolved behind a proposal still waiting: committed.
+                        let _ = reply.send(Ok(seq));
+                        continue;
+                    }
+                    Some(Err(own)) => {
+                        behind = true;
+                        own.error()
+                    }
+                    None if behind => failure.error(),
+                    None => LogError::OutcomeUnknown(format!(
+                        "a later proposal of its epoch failed: {}",
+                        failure.reason()
+                    )),
+                };
+                let _ = reply.send(Err(error));
+            }
+        }
     }
-}
-
-/// Fails `reply` for proposal `n`; returns the reason the epoch ends with.
-fn fail(reply: Reply, n: u64, reason: String) -> String {
-    let reason = format!("proposal {n} of the epoch: {reason}");
-    let _ = reply.send(Err(LogError::NotCommitted(reason.clone())));
-    reason
-}
-
-fn refusal(err: &ClientWriteError<Tc>) -> String {
-    match err {
-        ClientWriteError::ForwardToLeader(forward) => {
-            format!(
-                "this node no longer leads in its term ({:?})",
-                forward.reason
-            )
-        }
-        other => other.to_string(),
+    // Closing the channel makes the submitter stop: it fails what it still holds.
+    completing.close();
+    while let Some(item) = completing.recv().await {
+        let error = match &item {
+            Complete::Failed(_, own, _) => own.error(),
+            _ => failure.error(),
+        };
+        let _ = reply_of(item).send(Err(error));
     }
 }

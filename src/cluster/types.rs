@@ -181,8 +181,11 @@ pub fn new_entry(entry: &RaftEntry) -> NewEntry {
 }
 
 /// A stored entry (decoded and verified by the log's reader) as the engine's. A
-/// proposal's record is encoded again: `record::encode` is deterministic, so these are
-/// the bytes the leader encoded.
+/// proposal's record is encoded again, in today's record format: within one format
+/// `record::encode` is deterministic, so these are the bytes the leader encoded; a record
+/// the leader encoded in an older format comes back in today's, with the same meaning
+/// (the decoder converts old formats), so the bytes may differ but never what they fold
+/// to.
 pub fn raft_entry_of(stored: entry::Entry) -> io::Result<RaftEntry> {
     let payload = match stored.payload {
         Payload::Blank => openraft::EntryPayload::Blank,

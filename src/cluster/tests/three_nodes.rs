@@ -652,6 +652,29 @@ async fn a_proposer_commits_in_order_and_an_epoch_ends_at_its_first_failure() {
         .unwrap();
     assert_eq!(more, last + 2);
 
+    // A leader whose entries do not reach its followers (its heartbeats do, so it keeps
+    // leading and its lease): the proposal is appended and waits for a quorum that never
+    // comes. Past the deadline its outcome is unknown (another leader might still commit
+    // it), the epoch ends, and what follows is refused at once.
+    Router::set(&router.held, leader, true);
+    let stuck = proposer.append(&plain_record("A", 6));
+    let barrier = proposer.barrier();
+    let waited = tokio::time::timeout(WAIT, stuck.durable())
+        .await
+        .expect("it resolves");
+    assert!(
+        matches!(waited, Err(LogError::OutcomeUnknown(_))),
+        "{waited:?}"
+    );
+    assert!(matches!(
+        barrier.durable().await,
+        Err(LogError::OutcomeUnknown(_))
+    ));
+    assert!(!proposer.is_healthy());
+    let after = proposer.append(&plain_record("A", 7)).durable().await;
+    assert!(matches!(after, Err(LogError::NotCommitted(_))), "{after:?}");
+    Router::set(&router.held, leader, false);
+
     for (id, node) in std::mem::take(&mut nodes) {
         stop(&router, id, node).await;
     }

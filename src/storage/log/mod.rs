@@ -104,11 +104,15 @@ pub use writer::{Flushed, LogHandle, LogStats, Ticket};
 pub enum LogError {
     #[error("the write-ahead log cannot be written: {0}")]
     Unavailable(String),
-    /// A cluster leader's record that was not, or may not have been, committed (its
-    /// epoch ended: the node lost its leadership, or an earlier record of the epoch was
-    /// refused). A retry with the same `Idempotency-Key` is safe.
-    #[error("the change was not committed by the cluster ({0}); retrying with the same Idempotency-Key is safe")]
+    /// A cluster leader's record that certainly was not committed (refused before it was
+    /// appended, or after a gap in its epoch's chain): retrying the change is safe.
+    #[error("the change was not made: the cluster did not commit it ({0}); it is safe to retry")]
     NotCommitted(String),
+    /// A cluster leader's record whose fate is unknown: appended, but its result never
+    /// came (a leader change, or no quorum within the deadline). Another leader may still
+    /// commit it.
+    #[error("the change may or may not have been made ({0}): read before retrying; a reservation retried with the same Idempotency-Key is never held twice")]
+    OutcomeUnknown(String),
 }
 
 /// Why the log could not be opened or read at start-up.
