@@ -59,6 +59,9 @@ pub struct Config {
     /// When webhook deliveries time out, are retried and given up (`--webhook-*`).
     /// Webhooks need the change feed: with `events` off nothing is delivered.
     pub webhooks: crate::webhooks::Schedule,
+    /// A cluster node's settings (`--node-id`, `--peers`, `--raft-listen`, the cluster
+    /// key); `None`: a single server, which constructs nothing of a cluster.
+    pub cluster: Option<crate::cluster::settings::Settings>,
     /// Test hooks for snapshot writing.
     #[doc(hidden)]
     pub snapshot_hooks: WriteHooks,
@@ -94,6 +97,7 @@ impl Default for Config {
             snapshot_hooks: WriteHooks::default(),
             log_segment_records: crate::storage::log::SEGMENT_RECORDS_DEFAULT,
             log_fail_from_seq: None,
+            cluster: None,
         }
     }
 }
@@ -115,6 +119,7 @@ impl std::fmt::Debug for Config {
             .field("snapshot_worker", &self.snapshot_worker)
             .field("events", &self.events)
             .field("webhooks", &self.webhooks)
+            .field("cluster", &self.cluster)
             .field("log_segment_records", &self.log_segment_records)
             .finish()
     }

@@ -6,11 +6,14 @@
 //! is always `Role::Single`. The cluster's engine (openraft) lives in this module and
 //! nowhere else, behind these same types, so that the supervisor, the product actors, the
 //! service, the keyring and HTTP keep calling exactly what they call now. What exists of
-//! it (step 3 of docs/REPLICATION.md's plan) is the engine behind an adapter, which no
-//! server constructs yet: its types and their conversions to stockd's own (`types`), its
-//! log storage over the write-ahead log (`log_store::ClusterLog`) and its state machine
-//! (`state_machine::StockSm`, following only), tested against the engine's storage suite
-//! and as an in-process three-node cluster (`tests`).
+//! it (steps 3 and 4 of docs/REPLICATION.md's plan): its types and their conversions to
+//! stockd's own (`types`), its log storage over the write-ahead log
+//! (`log_store::ClusterLog`) and its state machine (`state_machine::StockSm`, following
+//! only), tested against the engine's storage suite and as an in-process three-node
+//! cluster (`tests`); and a node on the network: its flags (`settings`), the engine
+//! started with them and its metrics made a `Role` and a `Status` (`node`), and the Raft
+//! transport over HTTP, client (`net`) and server (`transport`). A server started with
+//! `--peers` builds these; one without builds none of them.
 //!
 //! Layer: between `storage`/`feed` and `actors`. It imports only from those below it; when
 //! the engine has to tell the supervisor something (gaining or losing the leadership), it
@@ -18,10 +21,14 @@
 
 pub mod journal;
 pub mod log_store;
+pub mod net;
+pub mod node;
 pub mod role;
+pub mod settings;
 pub mod state_machine;
 #[cfg(test)]
 mod tests;
+pub mod transport;
 pub mod types;
 
 pub use journal::Journal;

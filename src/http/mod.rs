@@ -53,6 +53,9 @@ pub struct App {
     pub api_addr: String,
     /// Webhook endpoints and their deliveries (`None`: the change feed is off).
     pub webhooks: Option<crate::webhooks::Webhooks>,
+    /// A cluster node's engine, for `GET /v1/cluster` and a follower's redirects (`None`:
+    /// a single server).
+    pub cluster: Option<Arc<crate::cluster::node::ClusterNode>>,
 }
 
 impl App {
@@ -84,6 +87,7 @@ impl App {
             role,
             api_addr: api_addr.to_string(),
             webhooks,
+            cluster: None,
         }
     }
 

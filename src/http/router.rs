@@ -363,6 +363,12 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
     // Read once: the role the whole request is answered in.
     let role = *app.role.borrow();
     if let Some(problem) = refused_in(role, &endpoint) {
+        // A follower sends the client to its leader, if it knows where that is.
+        if let (Role::Follower { leader }, Some(cluster)) = (role, &app.cluster) {
+            if let Some(api) = cluster.api_of(leader) {
+                return Ok(to_leader(leader, &api, req));
+            }
+        }
         return Err(problem);
     }
     // Once the log has failed, changes (and `/health`, for load balancers) are refused
@@ -397,17 +403,17 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
     // server runs open).
     let by: Option<KeyId> = caller.id;
     match endpoint {
-        Health => Ok(json(
-            StatusCode::OK,
-            &serde_json::json!({"status": "ok", "role": role.as_str()}),
-        )),
+        Health => health(role, &req.query),
         Cluster => Ok(json(
             StatusCode::OK,
-            &crate::cluster::Status::single(
-                app.api_addr.clone(),
-                svc.journal(),
-                svc.newest_snapshot_seq(),
-            ),
+            &match &app.cluster {
+                Some(cluster) => cluster.status(),
+                None => crate::cluster::Status::single(
+                    app.api_addr.clone(),
+                    svc.journal(),
+                    svc.newest_snapshot_seq(),
+                ),
+            },
         )),
         Index => Ok(crate::http::dashboard::index(&req.headers)),
         Dashboard(asset) => Ok(crate::http::dashboard::asset(asset, &req.headers)),
@@ -627,6 +633,71 @@ async fn change(
     )?)?)?;
     let p = svc.change_product(&sku, change, if_match, by).await?;
     Ok(product(StatusCode::OK, &p))
+}
+
+/// A follower's answer to an application request: 307 to the same path and query on its
+/// leader's public address (the client repeats the method and body there), naming the
+/// leader in `Stockd-Leader`.
+fn to_leader(leader: crate::cluster::NodeId, api: &str, req: &Request) -> Reply {
+    let location = match req.query.is_empty() {
+        true => format!("http://{api}{}", req.path),
+        false => format!("http://{api}{}?{}", req.path, req.query),
+    };
+    let mut reply = Response::new(Vec::new().into());
+    *reply.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+    set(&mut reply, header::LOCATION, &location);
+    set(&mut reply, "stockd-leader", &leader.to_string());
+    reply
+}
+
+/// `/health`: 200 with the role (and a follower's leader); 503 `unavailable` with
+/// `role: "leaderless"` when no leader is known. `?role=leader` is 200 only on a node that
+/// serves (a ready leader, or a single server), for load balancers' pools.
+fn health(role: Role, query: &str) -> Result<Reply> {
+    let mut wanted = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let (name, value) = (
+            input::decode_unreserved(name),
+            input::decode_unreserved(value),
+        );
+        if name == "role" {
+            match value.as_ref() {
+                "leader" => wanted = Some(()),
+                other => {
+                    return Err(Problem::bad_request(format!(
+                        "role={other} is not a role /health can check; only role=leader"
+                    )))
+                }
+            }
+        }
+    }
+    let unavailable = |detail: String| {
+        Problem::new(503, "unavailable", detail)
+            .with("role", role.as_str())
+            .header(header::RETRY_AFTER, "1")
+    };
+    if wanted.is_some() && !role.serves() {
+        return Err(unavailable(format!(
+            "this node is a {} that does not serve requests now",
+            role.as_str()
+        )));
+    }
+    match role {
+        Role::Leaderless => Err(unavailable(
+            "this cluster node knows no leader (an election is running, or there is no \
+             quorum)"
+                .to_string(),
+        )),
+        Role::Follower { leader } => Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({"status": "ok", "role": role.as_str(), "leader": leader}),
+        )),
+        _ => Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({"status": "ok", "role": role.as_str()}),
+        )),
+    }
 }
 
 async fn metrics(app: &App) -> Result<Reply> {
