@@ -272,8 +272,8 @@ async fn a_new_leader_is_elected_after_kill_9_of_the_leader() {
     let old = leader_of(&before);
     let old_term = before[&old]["term"].as_u64().unwrap();
     let killed = Instant::now();
-    cluster.nodes.get_mut(&old).unwrap().kill9();
-    cluster.nodes.remove(&old);
+    let mut old_node = cluster.nodes.remove(&old).unwrap();
+    old_node.kill9();
     let after = cluster.agreed().await;
     let new = leader_of(&after);
     println!(
@@ -298,6 +298,30 @@ async fn a_new_leader_is_elected_after_kill_9_of_the_leader() {
         .unwrap();
     assert_eq!(res.status(), 307);
     assert_eq!(res.headers()["stockd-leader"], new.to_string().as_str());
+
+    // The killed node starts again on its data directory (its vote, log and membership
+    // recovered; --peers is not applied again) and follows the new leader.
+    let restarted = Instant::now();
+    tokio::task::block_in_place(|| old_node.restart()).expect("the old leader restarts");
+    cluster.nodes.insert(old, old_node);
+    let rejoined = cluster.agreed().await;
+    println!(
+        "rejoin: node {old} follows node {} {:?} after its restart",
+        leader_of(&rejoined),
+        restarted.elapsed()
+    );
+    let old_status = &rejoined[&old];
+    assert_eq!(old_status["role"], "follower", "{rejoined:#?}");
+    assert!(
+        old_status["term"].as_u64().unwrap() >= after[&new]["term"].as_u64().unwrap(),
+        "{rejoined:#?}"
+    );
+    assert_eq!(old_status["members"].as_array().unwrap().len(), 3);
+    // It holds at least the log it had acknowledged before the kill.
+    assert!(
+        old_status["last_seq"].as_u64().unwrap() >= before[&old]["committed_seq"].as_u64().unwrap(),
+        "{rejoined:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -813,6 +813,93 @@ mod tests {
         }
     }
 
+    fn body(reply: Reply) -> (u16, Value) {
+        use std::task::{Context, Poll};
+        use warp::hyper::body::Body as _;
+        let status = reply.status().as_u16();
+        let mut body = reply.into_body();
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut bytes = Vec::new();
+        // The body is in memory: every frame is ready at once.
+        while let Poll::Ready(Some(frame)) = std::pin::Pin::new(&mut body).poll_frame(&mut cx) {
+            if let Ok(data) = frame.expect("a frame").into_data() {
+                bytes.extend_from_slice(&data);
+            }
+        }
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// `/health` by role: a follower names its leader, a node without one is 503 with its
+    /// role, and `?role=leader` is 200 only where requests are served.
+    #[test]
+    fn health_answers_by_role() {
+        use serde_json::json;
+        let answer = |role, query| match health(role, query) {
+            Ok(reply) => body(reply),
+            Err(problem) => body(problem.into_response()),
+        };
+        let (status, v) = answer(Role::Follower { leader: 3 }, "");
+        assert_eq!(
+            (status, &v["role"], &v["leader"]),
+            (200, &json!("follower"), &json!(3))
+        );
+        let (status, v) = answer(Role::Leader { ready: false }, "");
+        assert_eq!((status, &v["role"]), (200, &json!("leader")));
+        assert!(v.get("leader").is_none());
+        let (status, v) = answer(Role::Leaderless, "");
+        assert_eq!(
+            (status, &v["role"], &v["code"]),
+            (503, &json!("leaderless"), &json!("unavailable"))
+        );
+        for (role, wanted) in [
+            (Role::Single, 200),
+            (Role::Leader { ready: true }, 200),
+            (Role::Leader { ready: false }, 503),
+            (Role::Follower { leader: 1 }, 503),
+            (Role::Leaderless, 503),
+        ] {
+            let (status, v) = answer(role, "role=leader");
+            assert_eq!(status, wanted, "{role:?}: {v}");
+            if status == 503 {
+                assert_eq!(v["role"], role.as_str());
+            }
+        }
+        assert_eq!(answer(Role::Single, "role=boss").0, 400);
+        assert_eq!(answer(Role::Single, "other=1").0, 200);
+    }
+
+    /// A follower's 307 keeps the path and the query, and names the leader.
+    #[test]
+    fn a_follower_redirects_to_the_same_path_and_query() {
+        let request = |path: &str, query: &str| Request {
+            method: Method::POST,
+            path: path.into(),
+            query: query.into(),
+            headers: Default::default(),
+            body: Default::default(),
+        };
+        let reply = to_leader(
+            2,
+            "10.0.0.2:8080",
+            &request("/v1/products", "limit=5&after=A"),
+        );
+        assert_eq!(reply.status(), 307);
+        assert_eq!(
+            reply.headers()["location"],
+            "http://10.0.0.2:8080/v1/products?limit=5&after=A"
+        );
+        assert_eq!(reply.headers()["stockd-leader"], "2");
+        let reply = to_leader(2, "n2:80", &request("/v1/reservations/x/confirm", ""));
+        assert_eq!(
+            reply.headers()["location"],
+            "http://n2:80/v1/reservations/x/confirm"
+        );
+    }
+
     /// Every node answers `/health`, `/metrics`, the document, `GET /v1/cluster` and the
     /// dashboard's static files; only a
     /// single node or a ready leader answers the rest, and the others refuse it with 503
