@@ -403,7 +403,7 @@ async fn a_new_leader_is_elected_after_kill_9_of_the_leader() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_node_of_three_has_no_leader_and_says_so() {
-    let cluster = tokio::task::spawn_blocking(|| Cluster::start(&[1]))
+    let mut cluster = tokio::task::spawn_blocking(|| Cluster::start(&[1]))
         .await
         .unwrap();
     let client = cluster.client(1);
@@ -434,6 +434,12 @@ async fn one_node_of_three_has_no_leader_and_says_so() {
     let a = client.get("/v1/products").await;
     a.assert_problem(503, "unavailable");
     assert_eq!(a.header("retry-after"), Some("1"));
+    // /metrics is answered in every role.
+    assert_eq!(client.get("/metrics").await.status, 200);
+    // SIGTERM: a graceful stop (the engine, then the log), exit status 0.
+    let node = cluster.nodes.get_mut(&1).unwrap();
+    let status = tokio::task::block_in_place(|| node.terminate());
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

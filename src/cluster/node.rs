@@ -87,8 +87,8 @@ impl ClusterNode {
             err => NodeError::Open(err),
         })?;
         let fail = |log: &ClusterLog, why: String| {
-            // The writer stops with the handle; its thread is joined by the caller's
-            // shutdown of nothing, so it is asked to stop here.
+            // Start-up ends here: the log's writer is asked to stop (its thread is not
+            // waited for: the server does not start).
             let handle = log.handle().clone();
             tokio::spawn(async move {
                 let _ = handle.shutdown().await;
