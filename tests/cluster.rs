@@ -91,6 +91,11 @@ impl Cluster {
     }
 
     fn command(&self, id: u64) -> Command {
+        self.command_with(id, &self.peers())
+    }
+
+    /// Node `id`'s command, with `peers` for `--peers`.
+    fn command_with(&self, id: u64, peers: &str) -> Command {
         let data = self.data_dir(id);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_stockd"));
         cmd.arg("serve")
@@ -100,7 +105,7 @@ impl Cluster {
             .arg("--snapshot-dir")
             .arg(data.join("snapshots"))
             .args(["--node-id", &id.to_string()])
-            .args(["--peers", &self.peers()])
+            .args(["--peers", peers])
             .arg("--cluster-key-file")
             .arg(self.dir.path().join("cluster.key"))
             .env("RUST_LOG", "warn");
@@ -440,6 +445,41 @@ async fn one_node_of_three_has_no_leader_and_says_so() {
     let node = cluster.nodes.get_mut(&1).unwrap();
     let status = tokio::task::block_in_place(|| node.terminate());
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
+
+    // Started again with a --peers naming a fourth node: the stored membership stands,
+    // and the difference is warned about.
+    let peers = format!(
+        "{},4=127.0.0.1:{}@127.0.0.1:{}",
+        cluster.peers(),
+        free_port(),
+        free_port()
+    );
+    let launch = Launch::command(cluster.command_with(1, &peers))
+        .capture_stderr()
+        .timeout(WAIT);
+    let mut node = tokio::task::block_in_place(|| {
+        ChildServer::try_start(launch, cluster.data_dir(1).join("data"))
+    })
+    .expect("node 1 starts again");
+    let warned = tokio::task::block_in_place(|| {
+        node.find_in_stderr(WAIT, |line| {
+            line.contains("--peers differs from the cluster's stored membership")
+                .then_some(())
+        })
+    });
+    assert!(warned.is_some(), "the differing --peers is warned about");
+    let client = node.client.clone();
+    let three = common::eventually(WAIT, || async {
+        let status = client.get("/v1/cluster").await;
+        status.body["members"]
+            .as_array()
+            .is_some_and(|m| m.len() == 3)
+    })
+    .await;
+    assert!(three, "the stored membership of three stands");
+    let status = client.get("/v1/cluster").await;
+    assert_eq!(status.body["members"].as_array().unwrap().len(), 3);
+    assert_eq!(status.body["role"], "leaderless");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
