@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::{ChildServer, Client};
 use loadtest::server::Launch;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// How long any one wait may take before the test fails.
 const WAIT: Duration = Duration::from_secs(60);
@@ -190,6 +190,23 @@ fn leader_of(statuses: &BTreeMap<u64, Value>) -> u64 {
         .unwrap()
 }
 
+/// Asserts that `value` fits the schema `name` of the OpenAPI document
+/// (`src/http/openapi.json`), naming every mismatch.
+fn fits(name: &str, value: &Value) {
+    let mut root: Value = serde_json::from_str(stockd::http::router::OPENAPI).unwrap();
+    root["$ref"] = json!(format!("#/components/schemas/{name}"));
+    root["$schema"] = json!("https://json-schema.org/draft/2020-12/schema");
+    let validator = jsonschema::options()
+        .should_validate_formats(true)
+        .build(&root)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let errors: Vec<String> = validator
+        .iter_errors(value)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect();
+    assert!(errors.is_empty(), "{name}: {value}: {errors:#?}");
+}
+
 /// A client that shows redirects instead of following them.
 fn no_redirects() -> reqwest::Client {
     reqwest::Client::builder()
@@ -217,6 +234,7 @@ async fn roles_and_redirects(cluster: &Cluster, leader: u64) -> Result<(), Strin
         health.status == 200 && health.body["role"] == "leader",
         "the leader's /health: {health:?}"
     );
+    fits("Health", &health.body);
     let follower = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
     let health = cluster.client(follower).get("/health").await;
     check!(
@@ -225,6 +243,7 @@ async fn roles_and_redirects(cluster: &Cluster, leader: u64) -> Result<(), Strin
             && health.body["leader"] == leader,
         "a follower's /health: {health:?}"
     );
+    fits("Health", &health.body);
     for id in [leader, follower] {
         let a = cluster.client(id).get("/health?role=leader").await;
         check!(
@@ -280,6 +299,7 @@ async fn three_nodes_elect_a_leader_and_agree_on_the_cluster() {
     let statuses = cluster.caught_up().await;
     let leader = leader_of(&statuses);
     for (id, status) in &statuses {
+        fits("Cluster", status);
         assert_eq!(status["node_id"], *id, "{status}");
         let role = if *id == leader { "leader" } else { "follower" };
         assert_eq!(status["role"], role, "{status}");
@@ -426,10 +446,12 @@ async fn one_node_of_three_has_no_leader_and_says_so() {
     while Instant::now() < until {
         let health = client.get("/health").await;
         health.assert_problem(503, "unavailable");
+        fits("Problem.unavailable", &health.body);
         assert_eq!(health.body["role"], "leaderless");
         assert_eq!(health.header("retry-after"), Some("1"));
         let status = client.get("/v1/cluster").await;
         assert_eq!(status.status, 200);
+        fits("Cluster", &status.body);
         assert_eq!(status.body["role"], "leaderless");
         assert_eq!(status.body["leader"], Value::Null);
         assert_eq!(status.body["members"].as_array().unwrap().len(), 3);
