@@ -321,6 +321,27 @@ async fn three_nodes_elect_a_leader_and_agree_on_the_cluster() {
             assert_eq!(status[field], last, "{field}: {status}");
         }
         assert_eq!(status["snapshot_seq"], 0, "{status}");
+        assert_eq!(status["purged_seq"], 0, "{status}");
+        assert!(
+            status["cluster_committed_seq"].as_u64().unwrap() <= last,
+            "{status}"
+        );
+        // Only the leader tracks its quorum and each voter's log.
+        let leads = *id == leader_of(&statuses);
+        assert_eq!(status.get("replication").is_some(), leads, "{status}");
+        assert_eq!(
+            status.get("millis_since_quorum_ack").is_some(),
+            leads,
+            "{status}"
+        );
+        if leads {
+            let replication = status["replication"].as_object().unwrap();
+            assert_eq!(replication.len(), 3, "{status}");
+            assert!(
+                replication.values().all(|m| m.as_u64().unwrap() <= last),
+                "{status}"
+            );
+        }
     }
 
     // /health, and a follower's redirects, by role. A leader change meanwhile (a loaded

@@ -71,6 +71,20 @@ pub struct Status {
     pub applied_seq: u64,
     /// The record the newest snapshot covers (0: none yet).
     pub snapshot_seq: u64,
+    /// A cluster node's further figures (none on a single node): what a majority has
+    /// flushed, as the leader knows it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_committed_seq: Option<u64>,
+    /// A cluster node's: the last entry purged from its log (0: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub purged_seq: Option<u64>,
+    /// The leader's: milliseconds since a majority last acknowledged it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub millis_since_quorum_ack: Option<u64>,
+    /// The leader's: the last entry known to be on each voter's log, by node id (0: none
+    /// yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replication: Option<std::collections::BTreeMap<NodeId, u64>>,
 }
 
 impl Status {
@@ -94,6 +108,10 @@ impl Status {
             committed_seq: durable,
             applied_seq: durable,
             snapshot_seq,
+            cluster_committed_seq: None,
+            purged_seq: None,
+            millis_since_quorum_ack: None,
+            replication: None,
         }
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::{InitializeError, RaftError};
-use openraft::{Config, RaftMetrics, ServerState, SnapshotPolicy};
+use openraft::{Config, Instant as _, RaftMetrics, ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -267,5 +267,16 @@ fn status_of(m: &RaftMetrics<Tc>, durable: u64) -> Status {
         committed_seq: seq(m.local_committed.as_ref().map(|l| l.index)),
         applied_seq: seq(m.last_applied.as_ref().map(|l| l.index)),
         snapshot_seq: seq(m.snapshot.as_ref().map(|l| l.index)),
+        cluster_committed_seq: Some(seq(m.cluster_committed.as_ref().map(|l| l.index))),
+        purged_seq: Some(seq(m.purged.as_ref().map(|l| l.index))),
+        millis_since_quorum_ack: m
+            .last_quorum_acked
+            .as_ref()
+            .map(|at| at.elapsed().as_millis().min(u64::MAX as u128) as u64),
+        replication: m.replication.as_ref().map(|r| {
+            r.iter()
+                .map(|(id, matched)| (*id, seq(matched.as_ref().map(|l| l.index))))
+                .collect()
+        }),
     }
 }
