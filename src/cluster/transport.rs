@@ -20,12 +20,17 @@ use super::net::{self, SnapshotRequest, KEY_HEADER, RPC_BYTES_MAX, SNAPSHOT_BYTE
 use super::node::Raft;
 use super::settings::ClusterKey;
 use super::state_machine::{Snapshot, SnapshotFile};
+use super::types::{RaftVote, Tc};
+use crate::storage::snapshot;
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
 
 type Reply = warp::reply::Response;
 
 /// What the Raft routes need.
 struct Transport {
     raft: Raft,
+    /// This node's id: a request in its own name comes from no peer.
+    id: super::NodeId,
     key: ClusterKey,
     /// Where a received snapshot is written before the engine installs it.
     incoming: PathBuf,
@@ -94,8 +99,13 @@ pub fn routes(
     key: ClusterKey,
     incoming: PathBuf,
 ) -> impl Filter<Extract = (Reply,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
+    let id = {
+        use openraft::async_runtime::WatchReceiver;
+        raft.metrics().borrow_watched().id
+    };
     let transport = Arc::new(Transport {
         raft,
+        id,
         key,
         incoming,
         received: AtomicU64::new(0),
@@ -184,18 +194,21 @@ where
     };
     let raft = &t.raft;
     match rpc {
-        net::APPEND => match net::decode(&body) {
+        net::APPEND => match net::decode::<AppendEntriesRequest<Tc>>(&body) {
+            Ok(req) if from_myself(t, &req.vote) => own_name(),
             Ok(req) => raft
                 .append_entries(req)
                 .await
                 .map_or_else(engine_error, |r| ok(&r)),
             Err(err) => bad_body(err),
         },
-        net::VOTE => match net::decode(&body) {
+        net::VOTE => match net::decode::<VoteRequest<Tc>>(&body) {
+            Ok(req) if from_myself(t, &req.vote) => own_name(),
             Ok(req) => raft.vote(req).await.map_or_else(engine_error, |r| ok(&r)),
             Err(err) => bad_body(err),
         },
-        net::PRE_VOTE => match net::decode(&body) {
+        net::PRE_VOTE => match net::decode::<VoteRequest<Tc>>(&body) {
+            Ok(req) if from_myself(t, &req.vote) => own_name(),
             Ok(req) => raft
                 .pre_vote(req)
                 .await
@@ -210,15 +223,33 @@ where
             Err(err) => bad_body(err),
         },
         _ => match net::decode::<SnapshotRequest>(&body) {
+            Ok(req) if from_myself(t, &req.vote) => own_name(),
             Ok(req) => install(t, req).await,
             Err(err) => bad_body(err),
         },
     }
 }
 
-/// Writes a received snapshot to a file of its own, has the engine install it (the state
-/// machine verifies it with the snapshot loader and keeps its own copy), then removes the
-/// file.
+/// Whether a message carries a vote in this node's own name: no peer sends one (a node
+/// never sends itself a message), and the engine asserts against receiving it (a leader
+/// told of its own leadership stops), so it is refused before the engine sees it.
+fn from_myself(t: &Transport, vote: &RaftVote) -> bool {
+    vote.leader_id.voted_for == t.id
+}
+
+fn own_name() -> Reply {
+    problem(
+        400,
+        "bad_request",
+        "Malformed request",
+        "the message is in this node's own name: no peer sends one",
+    )
+}
+
+/// Writes a received snapshot to a file of its own, verifies it (a damaged one is 400 and
+/// nothing is done), has the engine install it (the state machine loads it with the
+/// verified loader, checks it against its metadata and keeps its own copy), then removes
+/// the file.
 async fn install(t: &Transport, req: SnapshotRequest) -> Reply {
     let n = t.received.fetch_add(1, Ordering::Relaxed);
     let path = t
@@ -237,10 +268,24 @@ async fn install(t: &Transport, req: SnapshotRequest) -> Reply {
         .map_err(|e| e.to_string())
         .and_then(|r| r.map_err(|e| e.to_string()))
     {
+        let _ = tokio::fs::remove_file(&path).await;
         return engine_error(format!(
             "cannot keep the received snapshot in {}: {err}",
             path.display()
         ));
+    }
+    // A damaged file never reaches the engine, which would stop on a snapshot its state
+    // machine cannot install: its header and checksum are verified first.
+    let verified = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || snapshot::verify(&path).map_err(|e| e.to_string()))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
+    };
+    if let Err(err) = verified {
+        let _ = tokio::fs::remove_file(&path).await;
+        return bad_body(format!("the snapshot does not verify: {err}"));
     }
     let snapshot = Snapshot {
         meta: req.meta,
