@@ -6,10 +6,14 @@ use std::time::Duration;
 use openraft::async_runtime::WatchReceiver;
 use tokio::sync::watch;
 
-use crate::cluster::net::{self, SnapshotRequest, KEY_HEADER};
+use crate::cluster::log_store::ClusterLog;
+use crate::cluster::net::{self, ClusterNet, SnapshotRequest, KEY_HEADER};
 use crate::cluster::node::ClusterNode;
+use crate::cluster::node::{engine_config, Raft};
 use crate::cluster::settings::{ClusterKey, Peer, Settings};
 use crate::cluster::state_machine::SnapshotMeta;
+use crate::cluster::state_machine::StockSm;
+use crate::cluster::types::StockdNode;
 use crate::cluster::types::{LogId, RaftVote};
 use crate::cluster::{transport, Role};
 use crate::storage::log::Log;
@@ -132,4 +136,131 @@ async fn a_snapshot_that_does_not_verify_is_refused_and_changes_nothing() {
     node.shutdown().await;
     let _ = node.log().shutdown().await;
     writer.join().unwrap();
+}
+
+/// A full snapshot over HTTP: node 1 (alone, its own leader) builds one, and its network
+/// client sends it to a fresh node 2's Raft listener, which installs it: node 2's state
+/// machine then holds node 1's applied entries and membership.
+#[tokio::test]
+async fn a_snapshot_travels_over_http_and_is_installed() {
+    use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+    let dir = tempfile::tempdir().unwrap();
+    let key = ClusterKey::new(KEY).unwrap();
+    // Node 2: a fresh engine (never initialized) behind its Raft listener.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let raft2_addr = listener.local_addr().unwrap().to_string();
+    let (log2, writer2) =
+        ClusterLog::open(Log::open(&dir.path().join("2/log")).unwrap()).expect("node 2's log");
+    let sm2 = StockSm::new(&dir.path().join("2/snapshots"));
+    let raft2 = Raft::new(
+        2,
+        engine_config(0).unwrap(),
+        ClusterNet::new(key.clone()),
+        log2.clone(),
+        sm2,
+    )
+    .await
+    .expect("node 2 starts");
+    let routes = transport::routes(raft2.clone(), key.clone(), dir.path().join("2/incoming"));
+    let server = tokio::spawn(warp::serve(routes).incoming(listener).run());
+    // Node 1: alone in its cluster, it leads, applies its first entries, and snapshots.
+    let settings = Settings {
+        node_id: 1,
+        peers: [(
+            1,
+            Peer {
+                api: "127.0.0.1:1".into(),
+                raft: "127.0.0.1:2".into(),
+            },
+        )]
+        .into(),
+        raft_listen: "127.0.0.1:0".parse().unwrap(),
+        key: key.clone(),
+    };
+    let (role, _roles) = watch::channel(Role::Leaderless);
+    let log1 = Log::open(&dir.path().join("1/log")).unwrap();
+    let (node1, writer1) =
+        ClusterNode::start(&settings, log1, &dir.path().join("1/snapshots"), 0, role)
+            .await
+            .expect("node 1 starts");
+    let raft1 = node1.raft();
+    let wait = Some(Duration::from_secs(60));
+    let m = raft1
+        .wait(wait)
+        .applied_index_at_least(Some(1), "node 1 applies its first entry")
+        .await
+        .expect("applied in time");
+    let applied = m.last_applied.expect("applied");
+    raft1
+        .trigger()
+        .snapshot()
+        .await
+        .expect("a snapshot is asked for");
+    raft1
+        .wait(wait)
+        .snapshot(applied, "node 1's snapshot")
+        .await
+        .expect("node 1 snapshots in time");
+    let snapshot = raft1
+        .get_snapshot()
+        .await
+        .unwrap()
+        .expect("node 1 has a snapshot");
+    let vote = raft1.metrics().borrow_watched().vote;
+    // Sent by node 1's network client, as the engine would.
+    let mut net = ClusterNet::new(key.clone());
+    let target = StockdNode {
+        api: "127.0.0.1:1".into(),
+        raft: raft2_addr,
+    };
+    let mut conn = net.new_client(2, &target).await;
+    let answer = conn
+        .full_snapshot(
+            vote,
+            snapshot,
+            std::future::pending(),
+            RPCOption::new(Duration::from_secs(60)),
+        )
+        .await
+        .expect("node 2 answers");
+    assert_eq!(answer.vote, vote, "node 2 took node 1's vote");
+    let m = raft2
+        .wait(wait)
+        .snapshot(applied, "node 2 installs it")
+        .await
+        .expect("installed in time");
+    assert_eq!(m.last_applied, Some(applied));
+    let members = m
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect::<Vec<_>>();
+    assert_eq!(members, vec![1]);
+    // Node 2's state machine holds it, and the received file is gone.
+    let seq = raft2
+        .with_state_machine(|sm: &mut StockSm| {
+            Box::pin(async move {
+                sm.state()
+                    .raft
+                    .as_ref()
+                    .and_then(|r| r.last_applied)
+                    .map(|p| p.seq)
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(seq, Some(applied.index + 1));
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("2/incoming"))
+            .unwrap()
+            .count(),
+        0
+    );
+    server.abort();
+    node1.shutdown().await;
+    raft2.shutdown().await.unwrap();
+    let _ = node1.log().shutdown().await;
+    let _ = log2.handle().shutdown().await;
+    writer1.join().unwrap();
+    writer2.join().unwrap();
 }
