@@ -507,6 +507,19 @@ async fn start_cluster(
         addr: config.listen,
         source,
     })?;
+    // Followers send clients to the leader's address as --peers names it.
+    let named = &settings.peers[&settings.node_id].api;
+    if named
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|named| named != addr)
+    {
+        tracing::warn!(
+            %addr,
+            peers = %named,
+            "this node serves on another address than --peers names for it: followers \
+             redirect clients to the address in --peers"
+        );
+    }
     let keyring = std::sync::Arc::new(crate::keyring::Keyring::new(
         Vec::new(),
         config.admin_key.as_ref(),
