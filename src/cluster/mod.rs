@@ -2,8 +2,9 @@
 //! through (`Journal`), the node's role in a cluster (`Role`) and what `GET /v1/cluster`
 //! tells about it (`Status`).
 //!
-//! Today every server is a single node: the journal is the local write-ahead log, the role
-//! is always `Role::Single`. The cluster's engine (openraft) lives in this module and
+//! A server without `--peers` is a single node: the journal is the local write-ahead log,
+//! the role is always `Role::Single`. A cluster node's journal refuses every record until
+//! its leader serves (step 5), and its role follows the engine. The cluster's engine (openraft) lives in this module and
 //! nowhere else, behind these same types, so that the supervisor, the product actors, the
 //! service, the keyring and HTTP keep calling exactly what they call now. What exists of
 //! it (steps 3 and 4 of docs/REPLICATION.md's plan): its types and their conversions to

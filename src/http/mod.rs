@@ -46,8 +46,8 @@ pub struct App {
     pub customer_rate: Option<Arc<rate::CustomerLimiter>>,
     /// The API keys requests are checked against (`crate::keyring`).
     pub keys: Arc<Keyring>,
-    /// This node's role in its cluster (always `Role::Single` for now): only a node that
-    /// serves answers application requests.
+    /// This node's role in its cluster (`Role::Single` without one): only a node that
+    /// serves answers application requests; a follower redirects them to its leader.
     pub role: watch::Receiver<Role>,
     /// The address this server's API is bound to, `HOST:PORT` (`GET /v1/cluster`).
     pub api_addr: String,
