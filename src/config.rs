@@ -63,6 +63,9 @@ pub struct Config {
     /// roots (`--webhook-ca-file`): a shop's own CA. Read and checked at start-up, before
     /// recovery; a file that is missing or holds no certificate stops start-up.
     pub webhook_ca_file: Option<PathBuf>,
+    /// A cluster node's settings (`--node-id`, `--peers`, `--raft-listen`, the cluster
+    /// key); `None`: a single server, which constructs nothing of a cluster.
+    pub cluster: Option<crate::cluster::settings::Settings>,
     /// Test hooks for snapshot writing.
     #[doc(hidden)]
     pub snapshot_hooks: WriteHooks,
@@ -99,6 +102,7 @@ impl Default for Config {
             snapshot_hooks: WriteHooks::default(),
             log_segment_records: crate::storage::log::SEGMENT_RECORDS_DEFAULT,
             log_fail_from_seq: None,
+            cluster: None,
         }
     }
 }
@@ -121,6 +125,7 @@ impl std::fmt::Debug for Config {
             .field("events", &self.events)
             .field("webhooks", &self.webhooks)
             .field("webhook_ca_file", &self.webhook_ca_file)
+            .field("cluster", &self.cluster)
             .field("log_segment_records", &self.log_segment_records)
             .finish()
     }

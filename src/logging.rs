@@ -177,11 +177,13 @@ pub fn queue_to(out: impl Write + Send + 'static, lines: usize) -> (QueueWriter,
 }
 
 /// Installs the global `tracing` subscriber: events at the level `RUST_LOG` asks for
-/// (default `info`), in `format`, on stderr through [`queue_to`]; ANSI colours only when
+/// (default `info`, and `warn` for the cluster's engine, openraft, whose `info` narrates
+/// every election and state change at length), in `format`, on stderr through [`queue_to`]; ANSI colours only when
 /// stderr is a terminal. Returns the guard to hold while the server runs. Calling it again
 /// installs nothing (the first subscriber stays).
 pub fn init(format: Format) -> Guard {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,openraft=warn"));
     let (writer, guard) = queue_to(io::stderr(), QUEUE_LINES);
     let ansi = io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()

@@ -13,6 +13,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::actors::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
+use crate::cluster::node::ClusterNode;
+use crate::cluster::settings::Settings;
 use crate::cluster::{Journal, Role};
 use crate::config::{Config, Durability};
 use crate::feed::{Catchup, Feed, Projector, Shadow};
@@ -82,6 +84,9 @@ pub enum StartError {
         path: String,
         source: std::io::Error,
     },
+    /// A cluster node's engine or log could not start (`--peers`).
+    #[error(transparent)]
+    Cluster(crate::cluster::node::NodeError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -122,10 +127,20 @@ pub struct Server {
     writer: std::thread::JoinHandle<()>,
     /// The change feed and its projector (`None`: `--events off`).
     feed: Option<(Feed, Projector)>,
-    /// Publishes this node's role to HTTP (always `Role::Single` for now).
-    role: tokio::sync::watch::Sender<Role>,
+    /// This node's role as HTTP sees it (`Role::Single` for a single server, whose role
+    /// never changes; a cluster node's engine publishes its own).
+    role: tokio::sync::watch::Receiver<Role>,
+    /// A cluster node's engine and Raft listener (`None`: a single server).
+    cluster: Option<ClusterParts>,
     /// Webhook deliveries (`None` with the feed off).
     webhooks: Option<crate::webhooks::Webhooks>,
+}
+
+/// What a cluster node runs besides a single server's parts.
+struct ClusterParts {
+    node: std::sync::Arc<ClusterNode>,
+    stop_raft: oneshot::Sender<()>,
+    raft_http: JoinHandle<()>,
 }
 
 /// Creates the directory `path` (the `what`) if it is missing; refuses a path that is
@@ -196,6 +211,9 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
             "retention is under the API's 24 hours: idempotency keys and ended reservations \
              are forgotten sooner than clients may expect"
         );
+    }
+    if let Some(settings) = config.cluster.clone() {
+        return start_cluster(config, settings, started).await;
     }
     // A server that would run open on a public address is refused before anything is
     // bound or created, when it is sure to be (no admin key and no log that could hold
@@ -350,13 +368,13 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         config.clock.clone(),
     ));
     announce_authentication(&keyring, addr);
-    // A single node's role never changes; the sender lives as long as the server.
-    let (role, role_rx) = tokio::sync::watch::channel(Role::Single);
+    // A single node's role never changes.
+    let (_, role_rx) = tokio::sync::watch::channel(Role::Single);
     let routes = crate::http::routes(crate::http::App::new(
         service.clone(),
         keyring,
         config.customer_rate,
-        role_rx,
+        role_rx.clone(),
         addr,
         webhooks.clone(),
     ));
@@ -381,8 +399,195 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         http,
         writer,
         feed,
-        role,
+        role: role_rx,
+        cluster: None,
         webhooks,
+    })
+}
+
+/// Starts a cluster node (`--peers`): its log opened as the engine's (`ClusterLog`), the
+/// engine started and, when new, initialized with `--peers`, the Raft listener, and the
+/// public API, which answers every application request with a follower's 307 or a 503
+/// (the leader serves from step 5 of docs/REPLICATION.md's plan). The actors run on an
+/// empty state and store nothing: the node's journal refuses every record. There is no
+/// change feed (refused with `--peers`), and snapshots are the engine's.
+async fn start_cluster(
+    config: Config,
+    settings: Settings,
+    started: Instant,
+) -> Result<Server, StartError> {
+    // A cluster node has no API keys of its own yet: without an admin key, only on a
+    // loopback address.
+    if config.admin_key.is_none() && !config.listen.ip().is_loopback() {
+        return Err(StartError::Unprotected {
+            addr: config.listen,
+        });
+    }
+    let socket = bind(config.listen)?;
+    let raft_socket = bind(settings.raft_listen)?;
+    create_dir(&config.data_dir, "data directory")?;
+    create_dir(&config.snapshot_dir, "snapshot directory")?;
+    check_writable(&config.snapshot_dir)?;
+    let log = Log::open(&config.data_dir.join("log"))?
+        .with_segment_records(config.log_segment_records)
+        .with_flush_interval(Duration::from_micros(crate::limits::SYNC_FLUSH_INTERVAL_US));
+    let reader = log.reader();
+    let (role_tx, role_rx) = tokio::sync::watch::channel(Role::Leaderless);
+    let (node, writer) = ClusterNode::start(
+        &settings,
+        log,
+        &config.snapshot_dir,
+        config.snapshots.every_records,
+        role_tx,
+    )
+    .await
+    .map_err(StartError::Cluster)?;
+    let node = std::sync::Arc::new(node);
+    let log_handle = node.log().clone();
+    // The Raft listener first: the other nodes' votes and appends reach this one as soon
+    // as possible.
+    let raft_listener =
+        raft_socket
+            .listen(LISTEN_BACKLOG)
+            .map_err(|source| StartError::Listen {
+                addr: settings.raft_listen,
+                source,
+            })?;
+    let raft_addr = raft_listener
+        .local_addr()
+        .map_err(|source| StartError::Listen {
+            addr: settings.raft_listen,
+            source,
+        })?;
+    let (stop_raft, raft_stopped) = oneshot::channel::<()>();
+    let raft_routes = crate::cluster::transport::routes(
+        node.raft().clone(),
+        settings.key.clone(),
+        config.data_dir.join("raft-incoming"),
+    );
+    let raft_http = tokio::spawn(
+        warp::serve(raft_routes)
+            .incoming(raft_listener)
+            .graceful(async move {
+                let _ = raft_stopped.await;
+            })
+            .run(),
+    );
+    // Snapshots are the engine's: this snapshotter takes none on its own (the service
+    // and the supervisor hold one; step 6 builds the engine's on it).
+    let (snapshotter, snapshot_thread) = Snapshotter::start(SnapshotterArgs {
+        reader,
+        log: log_handle.clone(),
+        dir: config.snapshot_dir.clone(),
+        policy: crate::storage::snapshotter::SnapshotPolicy {
+            every_records: 0,
+            every: None,
+            keep: config.snapshots.keep,
+            on_shutdown: false,
+        },
+        clock: config.clock.clone(),
+        hooks: config.snapshot_hooks,
+        newest: 0,
+        worker: None,
+        ceiling: None,
+    });
+    let journal = Journal::Cluster(log_handle.clone());
+    let supervisor = Supervisor {
+        log: journal.clone(),
+        clock: config.clock.clone(),
+        snapshotter: snapshotter.clone(),
+        passivate_after: config.passivate_after,
+        retention_ms: config.retention.as_millis().min(i64::MAX as u128) as i64,
+    };
+    let args = SupervisorArgs {
+        state: crate::storage::fold::State::default(),
+    };
+    let (supervisor, _join) = Actor::spawn(None, supervisor, args)
+        .await
+        .map_err(|e| StartError::Actors(e.to_string()))?;
+    let service = Service {
+        supervisor: supervisor.clone(),
+        log: journal.clone(),
+        durability: Durability::Sync,
+        default_ttl_seconds: config.default_ttl_seconds,
+        snapshotter: snapshotter.clone(),
+        feed: None,
+    };
+    let listener = socket
+        .listen(LISTEN_BACKLOG)
+        .map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    // Followers send clients to the leader's address as --peers names it.
+    let named = &settings.peers[&settings.node_id].api;
+    if named
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|named| named != addr)
+    {
+        tracing::warn!(
+            %addr,
+            peers = %named,
+            "this node serves on another address than --peers names for it: followers \
+             redirect clients to the address in --peers"
+        );
+    }
+    let keyring = std::sync::Arc::new(crate::keyring::Keyring::new(
+        Vec::new(),
+        config.admin_key.as_ref(),
+        journal,
+        config.clock.clone(),
+    ));
+    announce_authentication(&keyring, addr);
+    let mut app = crate::http::App::new(
+        service.clone(),
+        keyring,
+        config.customer_rate,
+        role_rx.clone(),
+        addr,
+        None,
+    );
+    app.cluster = Some(node.clone());
+    let (stop_http, stopped) = oneshot::channel::<()>();
+    let http = tokio::spawn(
+        warp::serve(crate::http::routes(app))
+            .incoming(listener)
+            .graceful(async move {
+                let _ = stopped.await;
+            })
+            .run(),
+    );
+    tracing::info!(
+        %addr,
+        raft = %raft_addr,
+        node = settings.node_id,
+        peers = settings.peers.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "serving as a cluster node"
+    );
+    Ok(Server {
+        addr,
+        service,
+        supervisor,
+        log: log_handle,
+        snapshotter,
+        snapshot_on_shutdown: false,
+        snapshot_thread,
+        stop_http: Some(stop_http),
+        http,
+        writer,
+        feed: None,
+        role: role_rx,
+        cluster: Some(ClusterParts {
+            node,
+            stop_raft,
+            raft_http,
+        }),
+        webhooks: None,
     })
 }
 
@@ -548,6 +753,11 @@ impl Server {
         *self.role.borrow()
     }
 
+    /// A cluster node's engine (`None`: a single server).
+    pub fn cluster(&self) -> Option<&ClusterNode> {
+        self.cluster.as_ref().map(|c| &*c.node)
+    }
+
     /// Graceful shutdown: drain HTTP, stop the actors, flush the log.
     pub async fn shutdown(mut self) -> Result<(), crate::storage::log::LogError> {
         // Live readers' streams never end by themselves: they end first, so that the
@@ -583,6 +793,15 @@ impl Server {
         // The projector reads the log too: it projects what is durable, syncs and stops.
         if let Some((_, projector)) = self.feed.take() {
             let _ = tokio::task::spawn_blocking(move || projector.stop()).await;
+        }
+        // A cluster node's engine stops before its log: it answers no peer once stopped.
+        if let Some(cluster) = self.cluster.take() {
+            let _ = cluster.stop_raft.send(());
+            let mut raft_http = cluster.raft_http;
+            if tokio::time::timeout(drain, &mut raft_http).await.is_err() {
+                raft_http.abort();
+            }
+            cluster.node.shutdown().await;
         }
         // The snapshot thread reads the log: it stops first, so the log closes with the writer.
         self.snapshotter.stop();

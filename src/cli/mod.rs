@@ -46,7 +46,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Start the server (the default when no command is given).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Take a snapshot of a stopped server's data (or `inspect` a snapshot file).
     Snapshot(SnapshotCommand),
     /// Inspect the write-ahead log of a stopped server.
@@ -248,6 +248,26 @@ struct ServeArgs {
     /// server runs without authentication, and only on a loopback address.
     #[arg(long, env = "STOCKD_ADMIN_KEY_FILE", value_name = "PATH")]
     admin_key_file: Option<PathBuf>,
+    /// Cluster: this node's id among --peers.
+    #[arg(long, env = "STOCKD_NODE_ID", value_name = "N")]
+    node_id: Option<u64>,
+    /// Cluster: every voter, this node included, as ID=API@RAFT separated by commas
+    /// (API: the node's public HOST:PORT, RAFT: its Raft listener's HOST:PORT), the same
+    /// list on every node. A node never part of a cluster starts one with it; a node that
+    /// is keeps its stored membership (a different --peers is warned about and ignored).
+    /// Without --peers the server is a single node.
+    #[arg(long, env = "STOCKD_PEERS", value_name = "LIST")]
+    peers: Option<String>,
+    /// Cluster: where the Raft listener binds [default: this node's RAFT address in
+    /// --peers].
+    #[arg(long, env = "STOCKD_RAFT_LISTEN", value_name = "ADDR")]
+    raft_listen: Option<SocketAddr>,
+    /// Cluster: read the cluster key, which every Raft request carries, from PATH (one
+    /// trailing newline is trimmed): at least 16 visible ASCII characters, the same on
+    /// every node. Without this flag the environment variable STOCKD_CLUSTER_KEY holds
+    /// it. Needed with --peers.
+    #[arg(long, env = "STOCKD_CLUSTER_KEY_FILE", value_name = "PATH")]
+    cluster_key_file: Option<PathBuf>,
     /// If a log record is damaged, remove it and every later record and start, instead of
     /// refusing to start. Acknowledged changes in the removed records are lost.
     #[arg(long)]
@@ -363,7 +383,7 @@ pub fn main() -> ExitCode {
         }
     };
     let args = match cli.command {
-        Some(Command::Serve(args)) => args,
+        Some(Command::Serve(args)) => *args,
         Some(Command::Snapshot(cmd)) => {
             return match cmd.action {
                 Some(SnapshotAction::Inspect { file, json }) => {

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use super::{OnOff, ServeArgs};
+use crate::cluster::settings::{self, Settings};
 use crate::config::{AdminKey, CustomerRate};
 use crate::storage::snapshot::WriteHooks;
 use crate::storage::snapshotter::SnapshotPolicy;
@@ -88,8 +89,16 @@ pub(super) async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let cluster = match cluster_settings(&args) {
+        Ok(cluster) => cluster,
+        Err(err) => {
+            let _ = writeln!(std::io::stderr(), "stockd: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = Config {
         admin_key,
+        cluster,
         ..config(args, worker)
     };
     let server = match crate::start(config).await {
@@ -199,6 +208,62 @@ fn admin_key(file: Option<&std::path::Path>) -> Result<Option<AdminKey>, String>
         .map_err(|err| format!("{err} ({source})"))
 }
 
+/// The environment variable holding the cluster key (without `--cluster-key-file`).
+pub const CLUSTER_KEY_VARIABLE: &str = "STOCKD_CLUSTER_KEY";
+
+/// The cluster key: from `--cluster-key-file` (which wins), else from
+/// `STOCKD_CLUSTER_KEY`; one trailing newline trimmed; with where it came from.
+fn cluster_key(file: Option<&std::path::Path>) -> Result<Option<(String, String)>, String> {
+    let (value, source) = match file {
+        Some(path) => {
+            let value = std::fs::read_to_string(path).map_err(|e| {
+                format!(
+                    "cannot read the cluster key file {} (--cluster-key-file): {e}",
+                    path.display()
+                )
+            })?;
+            (value, format!("in {} (--cluster-key-file)", path.display()))
+        }
+        None => match std::env::var(CLUSTER_KEY_VARIABLE) {
+            Ok(value) => (
+                value,
+                format!("in the environment variable {CLUSTER_KEY_VARIABLE}"),
+            ),
+            Err(std::env::VarError::NotPresent) => return Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                return Err(format!(
+                    "the cluster key in the environment variable {CLUSTER_KEY_VARIABLE} is \
+                     not UTF-8"
+                ))
+            }
+        },
+    };
+    let value = value.strip_suffix('\n').unwrap_or(&value);
+    let value = value.strip_suffix('\r').unwrap_or(value);
+    Ok(Some((value.to_string(), source)))
+}
+
+/// A cluster node's settings from `--node-id`, `--peers`, `--raft-listen` and the cluster
+/// key, checked before anything is opened (`None`: a single server).
+fn cluster_settings(args: &ServeArgs) -> Result<Option<Settings>, String> {
+    let key = match args.peers {
+        // Read only for a cluster: a single server never touches the key file.
+        Some(_) => cluster_key(args.cluster_key_file.as_deref())?,
+        None => None,
+    };
+    if args.peers.is_none() && args.cluster_key_file.is_some() {
+        return Err("--cluster-key-file needs --peers (it is a cluster flag)".to_string());
+    }
+    settings::settings(settings::Flags {
+        node_id: args.node_id,
+        peers: args.peers.clone(),
+        raft_listen: args.raft_listen,
+        key,
+        durability_async: args.durability == crate::config::Durability::Async,
+        events: args.events == OnOff::On,
+    })
+}
+
 /// The rate limit of `--customer-rate` and `--customer-burst` (clap refuses 0 for both,
 /// and a burst without a rate).
 fn customer_rate(rate: Option<u32>, burst: Option<u32>) -> Option<CustomerRate> {
@@ -240,5 +305,63 @@ mod tests {
             format!("{from_flags:?}"),
             format!("{:?}", Config::default())
         );
+    }
+
+    fn cluster_of(flags: &[&str]) -> Result<Option<Settings>, String> {
+        let cli = Cli::try_parse_from(flags.iter().copied()).unwrap();
+        cluster_settings(&cli.serve)
+    }
+
+    /// A plain `stockd serve` is a single server; the cluster flags are checked as
+    /// `settings::settings` checks them (its own tests cover every refusal), with the
+    /// cluster key read from its file.
+    #[test]
+    fn the_cluster_flags_make_a_cluster_node_or_are_refused() {
+        assert_eq!(cluster_of(&["stockd"]), Ok(None));
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("cluster.key");
+        std::fs::write(&key, "0123456789abcdef0123\n").unwrap();
+        let key = key.to_str().unwrap();
+        let peers = "1=127.0.0.1:8001@127.0.0.1:9001,2=127.0.0.1:8002@127.0.0.1:9002";
+        let node = cluster_of(&[
+            "stockd",
+            "--node-id",
+            "2",
+            "--peers",
+            peers,
+            "--cluster-key-file",
+            key,
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(node.node_id, 2);
+        assert!(node.key.matches(b"0123456789abcdef0123"));
+        let err = cluster_of(&[
+            "stockd",
+            "--node-id",
+            "2",
+            "--peers",
+            peers,
+            "--cluster-key-file",
+            key,
+            "--durability",
+            "async",
+        ])
+        .unwrap_err();
+        assert!(err.contains("--durability async"), "{err}");
+        let err = cluster_of(&["stockd", "--cluster-key-file", key]).unwrap_err();
+        assert!(err.contains("--cluster-key-file needs --peers"), "{err}");
+        let missing = dir.path().join("missing.key");
+        let err = cluster_of(&[
+            "stockd",
+            "--node-id",
+            "1",
+            "--peers",
+            peers,
+            "--cluster-key-file",
+            missing.to_str().unwrap(),
+        ])
+        .unwrap_err();
+        assert!(err.contains("cannot read the cluster key file"), "{err}");
     }
 }

@@ -15,7 +15,7 @@
 //!   sequence number of the last of them.
 //! - `is_healthy()` is false once nothing more can be made durable.
 
-use crate::storage::log::{LogHandle, LogStats, Ticket};
+use crate::storage::log::{LogError, LogHandle, LogStats, Ticket};
 use crate::storage::record::Record;
 
 /// Where records go to become durable. Cheap to clone; every part that logs holds one.
@@ -23,6 +23,16 @@ use crate::storage::record::Record;
 pub enum Journal {
     /// A single node: the local write-ahead log (group commit, one flush per batch).
     Local(LogHandle),
+    /// A cluster node that does not serve yet (step 4 of docs/REPLICATION.md's plan: the
+    /// leader's `Raft(Proposer)` is step 5): its log holds the cluster's entries, which
+    /// only the engine writes, so every append and barrier is refused (503) and nothing
+    /// is stored. Health and figures are the local log's.
+    Cluster(LogHandle),
+}
+
+/// Why a cluster node's journal refuses a record.
+fn not_serving() -> LogError {
+    LogError::Unavailable("this cluster node does not accept changes yet".into())
 }
 
 impl From<LogHandle> for Journal {
@@ -36,6 +46,7 @@ impl Journal {
     pub fn append(&self, record: Record) -> Ticket {
         match self {
             Journal::Local(log) => log.append(record),
+            Journal::Cluster(_) => Ticket::refused(not_serving()),
         }
     }
 
@@ -44,27 +55,28 @@ impl Journal {
     pub fn barrier(&self) -> Ticket {
         match self {
             Journal::Local(log) => log.barrier(),
+            Journal::Cluster(_) => Ticket::refused(not_serving()),
         }
     }
 
     /// False once a write has failed: every change is then refused with 503.
     pub fn is_healthy(&self) -> bool {
         match self {
-            Journal::Local(log) => log.is_healthy(),
+            Journal::Local(log) | Journal::Cluster(log) => log.is_healthy(),
         }
     }
 
     /// Sequence number of the last record known to be durable (0 if none).
     pub fn durable_seq(&self) -> u64 {
         match self {
-            Journal::Local(log) => log.durable_seq(),
+            Journal::Local(log) | Journal::Cluster(log) => log.durable_seq(),
         }
     }
 
     /// The local write-ahead log's figures since start (`GET /metrics`).
     pub fn log_stats(&self) -> LogStats {
         match self {
-            Journal::Local(log) => log.stats(),
+            Journal::Local(log) | Journal::Cluster(log) => log.stats(),
         }
     }
 
@@ -72,7 +84,7 @@ impl Journal {
     #[doc(hidden)]
     pub fn inject_write_failure(&self) {
         match self {
-            Journal::Local(log) => log.inject_write_failure(),
+            Journal::Local(log) | Journal::Cluster(log) => log.inject_write_failure(),
         }
     }
 }
@@ -113,6 +125,23 @@ mod tests {
         assert!(journal.barrier().durable().await.is_err());
         assert!(!journal.is_healthy());
         assert!(!journal.log_stats().healthy);
+        let _ = handle.shutdown().await;
+        writer.join().unwrap();
+    }
+
+    /// A cluster node's journal stores nothing: every append and barrier is refused, and
+    /// the log's sequence does not move; its health and figures are the log's.
+    #[tokio::test]
+    async fn a_cluster_journal_refuses_every_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path()).unwrap();
+        let (handle, writer) = log.start_writer(1).unwrap();
+        let journal = Journal::Cluster(handle.clone());
+        assert!(journal.append(record(1)).durable().await.is_err());
+        assert!(journal.barrier().durable().await.is_err());
+        assert_eq!(handle.barrier().durable().await.unwrap(), 0);
+        assert_eq!(journal.durable_seq(), 0);
+        assert!(journal.is_healthy());
         let _ = handle.shutdown().await;
         writer.join().unwrap();
     }

@@ -2,15 +2,19 @@
 //! through (`Journal`), the node's role in a cluster (`Role`) and what `GET /v1/cluster`
 //! tells about it (`Status`).
 //!
-//! Today every server is a single node: the journal is the local write-ahead log, the role
-//! is always `Role::Single`. The cluster's engine (openraft) lives in this module and
+//! A server without `--peers` is a single node: the journal is the local write-ahead log,
+//! the role is always `Role::Single`. A cluster node's journal refuses every record until
+//! its leader serves (step 5), and its role follows the engine. The cluster's engine (openraft) lives in this module and
 //! nowhere else, behind these same types, so that the supervisor, the product actors, the
 //! service, the keyring and HTTP keep calling exactly what they call now. What exists of
-//! it (step 3 of docs/REPLICATION.md's plan) is the engine behind an adapter, which no
-//! server constructs yet: its types and their conversions to stockd's own (`types`), its
-//! log storage over the write-ahead log (`log_store::ClusterLog`) and its state machine
-//! (`state_machine::StockSm`, following only), tested against the engine's storage suite
-//! and as an in-process three-node cluster (`tests`).
+//! it (steps 3 and 4 of docs/REPLICATION.md's plan): its types and their conversions to
+//! stockd's own (`types`), its log storage over the write-ahead log
+//! (`log_store::ClusterLog`) and its state machine (`state_machine::StockSm`, following
+//! only), tested against the engine's storage suite and as an in-process three-node
+//! cluster (`tests`); and a node on the network: its flags (`settings`), the engine
+//! started with them and its metrics made a `Role` and a `Status` (`node`), and the Raft
+//! transport over HTTP, client (`net`) and server (`transport`). A server started with
+//! `--peers` builds these; one without builds none of them.
 //!
 //! Layer: between `storage`/`feed` and `actors`. It imports only from those below it; when
 //! the engine has to tell the supervisor something (gaining or losing the leadership), it
@@ -18,11 +22,15 @@
 
 pub mod journal;
 pub mod log_store;
+pub mod net;
+pub mod node;
 pub mod proposer;
 pub mod role;
+pub mod settings;
 pub mod state_machine;
 #[cfg(test)]
 mod tests;
+pub mod transport;
 pub mod types;
 
 pub use journal::Journal;
@@ -65,6 +73,20 @@ pub struct Status {
     pub applied_seq: u64,
     /// The record the newest snapshot covers (0: none yet).
     pub snapshot_seq: u64,
+    /// A cluster node's further figures (none on a single node): what a majority has
+    /// flushed, as the leader knows it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_committed_seq: Option<u64>,
+    /// A cluster node's: the last entry purged from its log (0: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub purged_seq: Option<u64>,
+    /// The leader's: milliseconds since a majority last acknowledged it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub millis_since_quorum_ack: Option<u64>,
+    /// The leader's: the last entry known to be on each voter's log, by node id (0: none
+    /// yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replication: Option<std::collections::BTreeMap<NodeId, u64>>,
 }
 
 impl Status {
@@ -88,6 +110,10 @@ impl Status {
             committed_seq: durable,
             applied_seq: durable,
             snapshot_seq,
+            cluster_committed_seq: None,
+            purged_seq: None,
+            millis_since_quorum_ack: None,
+            replication: None,
         }
     }
 }

@@ -34,8 +34,8 @@ impl Role {
     }
 
     /// Whether this node answers application requests (reads and changes) itself: a single
-    /// node, or a leader that is ready. Any other node refuses them (503, and later a
-    /// follower's 307 to its leader).
+    /// node, or a leader that is ready. Any other node refuses them: a follower
+    /// with a 307 to its leader, the others with 503.
     pub fn serves(&self) -> bool {
         matches!(self, Role::Single | Role::Leader { ready: true })
     }

@@ -46,13 +46,16 @@ pub struct App {
     pub customer_rate: Option<Arc<rate::CustomerLimiter>>,
     /// The API keys requests are checked against (`crate::keyring`).
     pub keys: Arc<Keyring>,
-    /// This node's role in its cluster (always `Role::Single` for now): only a node that
-    /// serves answers application requests.
+    /// This node's role in its cluster (`Role::Single` without one): only a node that
+    /// serves answers application requests; a follower redirects them to its leader.
     pub role: watch::Receiver<Role>,
     /// The address this server's API is bound to, `HOST:PORT` (`GET /v1/cluster`).
     pub api_addr: String,
     /// Webhook endpoints and their deliveries (`None`: the change feed is off).
     pub webhooks: Option<crate::webhooks::Webhooks>,
+    /// A cluster node's engine, for `GET /v1/cluster` and a follower's redirects (`None`:
+    /// a single server).
+    pub cluster: Option<Arc<crate::cluster::node::ClusterNode>>,
 }
 
 impl App {
@@ -84,6 +87,7 @@ impl App {
             role,
             api_addr: api_addr.to_string(),
             webhooks,
+            cluster: None,
         }
     }
 

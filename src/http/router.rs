@@ -363,6 +363,12 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
     // Read once: the role the whole request is answered in.
     let role = *app.role.borrow();
     if let Some(problem) = refused_in(role, &endpoint) {
+        // A follower sends the client to its leader, if it knows where that is.
+        if let (Role::Follower { leader }, Some(cluster)) = (role, &app.cluster) {
+            if let Some(api) = cluster.api_of(leader) {
+                return Ok(to_leader(leader, &api, req));
+            }
+        }
         return Err(problem);
     }
     // Once the log has failed, changes (and `/health`, for load balancers) are refused
@@ -397,17 +403,17 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
     // server runs open).
     let by: Option<KeyId> = caller.id;
     match endpoint {
-        Health => Ok(json(
-            StatusCode::OK,
-            &serde_json::json!({"status": "ok", "role": role.as_str()}),
-        )),
+        Health => health(role, &req.query),
         Cluster => Ok(json(
             StatusCode::OK,
-            &crate::cluster::Status::single(
-                app.api_addr.clone(),
-                svc.journal(),
-                svc.newest_snapshot_seq(),
-            ),
+            &match &app.cluster {
+                Some(cluster) => cluster.status(),
+                None => crate::cluster::Status::single(
+                    app.api_addr.clone(),
+                    svc.journal(),
+                    svc.newest_snapshot_seq(),
+                ),
+            },
         )),
         Index => Ok(crate::http::dashboard::index(&req.headers)),
         Dashboard(asset) => Ok(crate::http::dashboard::asset(asset, &req.headers)),
@@ -629,6 +635,71 @@ async fn change(
     Ok(product(StatusCode::OK, &p))
 }
 
+/// A follower's answer to an application request: 307 to the same path and query on its
+/// leader's public address (the client repeats the method and body there), naming the
+/// leader in `Stockd-Leader`.
+fn to_leader(leader: crate::cluster::NodeId, api: &str, req: &Request) -> Reply {
+    let location = match req.query.is_empty() {
+        true => format!("http://{api}{}", req.path),
+        false => format!("http://{api}{}?{}", req.path, req.query),
+    };
+    let mut reply = Response::new(Vec::new().into());
+    *reply.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+    set(&mut reply, header::LOCATION, &location);
+    set(&mut reply, "stockd-leader", &leader.to_string());
+    reply
+}
+
+/// `/health`: 200 with the role (and a follower's leader); 503 `unavailable` with
+/// `role: "leaderless"` when no leader is known. `?role=leader` is 200 only on a node that
+/// serves (a ready leader, or a single server), for load balancers' pools.
+fn health(role: Role, query: &str) -> Result<Reply> {
+    let mut wanted = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let (name, value) = (
+            input::decode_unreserved(name),
+            input::decode_unreserved(value),
+        );
+        if name == "role" {
+            match value.as_ref() {
+                "leader" => wanted = Some(()),
+                other => {
+                    return Err(Problem::bad_request(format!(
+                        "role={other} is not a role /health can check; only role=leader"
+                    )))
+                }
+            }
+        }
+    }
+    let unavailable = |detail: String| {
+        Problem::new(503, "unavailable", detail)
+            .with("role", role.as_str())
+            .header(header::RETRY_AFTER, "1")
+    };
+    if wanted.is_some() && !role.serves() {
+        return Err(unavailable(format!(
+            "this node is a {} that does not serve requests now",
+            role.as_str()
+        )));
+    }
+    match role {
+        Role::Leaderless => Err(unavailable(
+            "this cluster node knows no leader (an election is running, or there is no \
+             quorum)"
+                .to_string(),
+        )),
+        Role::Follower { leader } => Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({"status": "ok", "role": role.as_str(), "leader": leader}),
+        )),
+        _ => Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({"status": "ok", "role": role.as_str()}),
+        )),
+    }
+}
+
 async fn metrics(app: &App) -> Result<Reply> {
     let svc = &app.service;
     let text = crate::http::metrics::render(&crate::http::metrics::Figures {
@@ -740,6 +811,93 @@ mod tests {
             GetWebhook(_) | DeleteWebhook(_) => "/v1/webhooks/{id}",
             EnableWebhook(_) => "/v1/webhooks/{id}/enable",
         }
+    }
+
+    fn body(reply: Reply) -> (u16, Value) {
+        use std::task::{Context, Poll};
+        use warp::hyper::body::Body as _;
+        let status = reply.status().as_u16();
+        let mut body = reply.into_body();
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut bytes = Vec::new();
+        // The body is in memory: every frame is ready at once.
+        while let Poll::Ready(Some(frame)) = std::pin::Pin::new(&mut body).poll_frame(&mut cx) {
+            if let Ok(data) = frame.expect("a frame").into_data() {
+                bytes.extend_from_slice(&data);
+            }
+        }
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// `/health` by role: a follower names its leader, a node without one is 503 with its
+    /// role, and `?role=leader` is 200 only where requests are served.
+    #[test]
+    fn health_answers_by_role() {
+        use serde_json::json;
+        let answer = |role, query| match health(role, query) {
+            Ok(reply) => body(reply),
+            Err(problem) => body(problem.into_response()),
+        };
+        let (status, v) = answer(Role::Follower { leader: 3 }, "");
+        assert_eq!(
+            (status, &v["role"], &v["leader"]),
+            (200, &json!("follower"), &json!(3))
+        );
+        let (status, v) = answer(Role::Leader { ready: false }, "");
+        assert_eq!((status, &v["role"]), (200, &json!("leader")));
+        assert!(v.get("leader").is_none());
+        let (status, v) = answer(Role::Leaderless, "");
+        assert_eq!(
+            (status, &v["role"], &v["code"]),
+            (503, &json!("leaderless"), &json!("unavailable"))
+        );
+        for (role, wanted) in [
+            (Role::Single, 200),
+            (Role::Leader { ready: true }, 200),
+            (Role::Leader { ready: false }, 503),
+            (Role::Follower { leader: 1 }, 503),
+            (Role::Leaderless, 503),
+        ] {
+            let (status, v) = answer(role, "role=leader");
+            assert_eq!(status, wanted, "{role:?}: {v}");
+            if status == 503 {
+                assert_eq!(v["role"], role.as_str());
+            }
+        }
+        assert_eq!(answer(Role::Single, "role=boss").0, 400);
+        assert_eq!(answer(Role::Single, "other=1").0, 200);
+    }
+
+    /// A follower's 307 keeps the path and the query, and names the leader.
+    #[test]
+    fn a_follower_redirects_to_the_same_path_and_query() {
+        let request = |path: &str, query: &str| Request {
+            method: Method::POST,
+            path: path.into(),
+            query: query.into(),
+            headers: Default::default(),
+            body: Default::default(),
+        };
+        let reply = to_leader(
+            2,
+            "10.0.0.2:8080",
+            &request("/v1/products", "limit=5&after=A"),
+        );
+        assert_eq!(reply.status(), 307);
+        assert_eq!(
+            reply.headers()["location"],
+            "http://10.0.0.2:8080/v1/products?limit=5&after=A"
+        );
+        assert_eq!(reply.headers()["stockd-leader"], "2");
+        let reply = to_leader(2, "n2:80", &request("/v1/reservations/x/confirm", ""));
+        assert_eq!(
+            reply.headers()["location"],
+            "http://n2:80/v1/reservations/x/confirm"
+        );
     }
 
     /// Every node answers `/health`, `/metrics`, the document, `GET /v1/cluster` and the

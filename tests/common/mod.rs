@@ -379,6 +379,17 @@ impl ChildServer {
         ChildServer::launch(Launch::command(cmd).close_output_once_listening(), data_dir)
     }
 
+    /// Starts `launch`, answering why it did not start instead of panicking (for a caller
+    /// that tries again, on other ports say).
+    pub fn try_start(launch: Launch, data_dir: PathBuf) -> Result<ChildServer, String> {
+        let process = launch.start()?;
+        Ok(ChildServer {
+            client: Client::new(process.base_url.clone()),
+            process,
+            data_dir,
+        })
+    }
+
     fn launch(launch: Launch, data_dir: PathBuf) -> ChildServer {
         let process = launch.start().unwrap_or_else(|e| panic!("{e}"));
         ChildServer {

@@ -33,6 +33,14 @@ impl Ticket {
         (tx, Ticket(rx))
     }
 
+    /// A ticket already failed with `err` (a journal that stores nothing: a cluster node
+    /// that does not serve).
+    pub(crate) fn refused(err: LogError) -> Ticket {
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(Err(err));
+        Ticket(rx)
+    }
+
     /// Waits until the record is flushed; returns its sequence number.
     pub async fn durable(self) -> Result<u64, LogError> {
         match self.0.await {

@@ -1,0 +1,282 @@
+//! A cluster node's engine: started on the node's log (`ClusterLog`) and state machine
+//! (`StockSm`) with the design's settings, initialized with `--peers` when new, its
+//! metrics turned into the `Role` that HTTP reads, and into `GET /v1/cluster`'s `Status`
+//! (docs/REPLICATION.md, step 4 of the plan).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::error::{InitializeError, RaftError};
+use openraft::{Config, Instant as _, RaftMetrics, ServerState, SnapshotPolicy};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::log_store::{seq_of, ClusterLog};
+use super::net::ClusterNet;
+use super::settings::Settings;
+use super::state_machine::StockSm;
+use super::types::{StockdNode, Tc};
+use super::{Member, NodeId, Role, Status};
+use crate::storage::log::{Log, LogHandle, OpenError};
+
+/// The engine, over stockd's log and state machine.
+pub type Raft = openraft::Raft<Tc, StockSm>;
+
+/// The engine's settings (docs/REPLICATION.md, "HTTP surface, flags and settings"):
+/// heartbeats every 50 ms, elections after 250 to 500 ms without one (the lease), pre-vote
+/// (a node back from isolation cannot depose a healthy leader), at most 1,024 entries per
+/// append, and a snapshot every `snapshot_every_records` entries (0: only when asked).
+pub fn engine_config(snapshot_every_records: u64) -> Result<Arc<Config>, String> {
+    let config = Config {
+        cluster_name: "stockd".to_string(),
+        heartbeat_interval: 50,
+        election_timeout_min: 250,
+        election_timeout_max: 500,
+        enable_pre_vote: Some(true),
+        max_payload_entries: 1024,
+        max_append_entries: Some(4096),
+        snapshot_policy: match snapshot_every_records {
+            0 => SnapshotPolicy::Never,
+            n => SnapshotPolicy::LogsSinceLast(n),
+        },
+        max_in_snapshot_log_to_keep: snapshot_every_records.max(1_000),
+        replication_lag_threshold: snapshot_every_records.max(1_000) * 2,
+        ..Config::default()
+    };
+    config.validate().map(Arc::new).map_err(|e| e.to_string())
+}
+
+/// Why a cluster node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(
+        "--peers cannot use this data directory: {0}. It was written by a single-node server; \
+         seeding a cluster from one is not possible yet (start the node on an empty data \
+         directory)"
+    )]
+    SingleServerLog(OpenError),
+    #[error(transparent)]
+    Open(OpenError),
+    #[error("cannot start the Raft engine: {0}")]
+    Engine(String),
+}
+
+/// A running cluster node's engine.
+pub struct ClusterNode {
+    raft: Raft,
+    id: NodeId,
+    log: ClusterLog,
+    roles: JoinHandle<()>,
+}
+
+impl ClusterNode {
+    /// Starts the engine on `log` (a cluster node's, or a new one), its snapshots in
+    /// `snapshot_dir`; publishes its role on `role`. Returns the node and its log writer's
+    /// thread.
+    pub async fn start(
+        settings: &Settings,
+        log: Log,
+        snapshot_dir: &Path,
+        snapshot_every_records: u64,
+        role: watch::Sender<Role>,
+    ) -> Result<(ClusterNode, std::thread::JoinHandle<()>), NodeError> {
+        let (log, writer) = ClusterLog::open(log).map_err(|err| match err {
+            err @ OpenError::NotAnEntry { .. } => NodeError::SingleServerLog(err),
+            err => NodeError::Open(err),
+        })?;
+        let fail = |log: &ClusterLog, why: String| {
+            // Start-up ends here: the log's writer is asked to stop (its thread is not
+            // waited for: the server does not start).
+            let handle = log.handle().clone();
+            tokio::spawn(async move {
+                let _ = handle.shutdown().await;
+            });
+            NodeError::Engine(why)
+        };
+        let config = match engine_config(snapshot_every_records) {
+            Ok(config) => config,
+            Err(err) => return Err(fail(&log, err)),
+        };
+        let sm = StockSm::new(snapshot_dir);
+        let net = ClusterNet::new(settings.key.clone());
+        let raft = match Raft::new(settings.node_id, config, net, log.clone(), sm).await {
+            Ok(raft) => raft,
+            Err(err) => return Err(fail(&log, err.to_string())),
+        };
+        let node = ClusterNode {
+            roles: tokio::spawn(publish_roles(raft.clone(), settings.node_id, role)),
+            raft,
+            id: settings.node_id,
+            log,
+        };
+        if let Err(err) = node.initialize(settings).await {
+            node.shutdown().await;
+            return Err(NodeError::Engine(err));
+        }
+        Ok((node, writer))
+    }
+
+    /// Starts the cluster with `--peers` on a node that was never part of one; on one
+    /// that was, only warns if `--peers` names other members than its stored membership
+    /// (later changes go through the engine's membership changes, not flags).
+    async fn initialize(&self, settings: &Settings) -> Result<(), String> {
+        let peers: BTreeMap<NodeId, StockdNode> = settings
+            .peers
+            .iter()
+            .map(|(id, p)| {
+                let node = StockdNode {
+                    api: p.api.clone(),
+                    raft: p.raft.clone(),
+                };
+                (*id, node)
+            })
+            .collect();
+        let initialized = self
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !initialized {
+            match self.raft.initialize(peers.clone()).await {
+                Ok(()) => {
+                    tracing::info!(
+                        members = peers.len(),
+                        "initialized the cluster from --peers"
+                    );
+                    return Ok(());
+                }
+                // Another node's leader reached this one first: it is in a cluster now.
+                Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+                Err(err) => return Err(format!("cannot initialize the cluster: {err}")),
+            }
+        }
+        let stored = self
+            .raft
+            .with_raft_state(|st| st.membership_state.effective().membership().clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let stored_nodes: BTreeMap<NodeId, StockdNode> =
+            stored.nodes().map(|(id, n)| (*id, n.clone())).collect();
+        let voters: Vec<NodeId> = stored.voter_ids().collect();
+        if stored_nodes != peers || voters.len() != peers.len() {
+            tracing::warn!(
+                stored = ?stored_nodes,
+                peers = ?peers,
+                "--peers differs from the cluster's stored membership: --peers is ignored \
+                 (membership changes go through the cluster, not flags)"
+            );
+        }
+        Ok(())
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// The local log's writer.
+    pub fn log(&self) -> &LogHandle {
+        self.log.handle()
+    }
+
+    /// What `GET /v1/cluster` answers, from the engine's metrics.
+    pub fn status(&self) -> Status {
+        let m = self.raft.metrics().borrow_watched().clone();
+        status_of(&m, self.log.handle().durable_seq())
+    }
+
+    /// The `api` address of node `id`, as the membership names it.
+    pub fn api_of(&self, id: NodeId) -> Option<String> {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        m.membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.api.clone())
+    }
+
+    /// Stops the engine (the log's writer is the caller's to stop, after this).
+    pub async fn shutdown(&self) {
+        if let Err(err) = self.raft.shutdown().await {
+            tracing::warn!(error = %err, "the Raft engine stopped with an error");
+        }
+        self.roles.abort();
+        tracing::info!(node = self.id, "the Raft engine stopped");
+    }
+}
+
+/// The role the engine's metrics show: an engine that stopped has no leader.
+fn role_of(m: &RaftMetrics<Tc>) -> Role {
+    if m.running_state.is_err() {
+        return Role::Leaderless;
+    }
+    match (m.state, m.current_leader) {
+        (ServerState::Leader, _) => Role::Leader { ready: false },
+        (_, Some(leader)) if leader != m.id => Role::Follower { leader },
+        _ => Role::Leaderless,
+    }
+}
+
+/// Publishes the role each time the engine's metrics change, until the engine stops.
+async fn publish_roles(raft: Raft, id: NodeId, role: watch::Sender<Role>) {
+    let mut metrics = raft.metrics();
+    loop {
+        let now = role_of(&metrics.borrow_and_update());
+        let before = role.send_replace(now);
+        if before != now {
+            tracing::info!(
+                node = id,
+                role = now.as_str(),
+                leader = now.leader(id),
+                "role"
+            );
+        }
+        if metrics.changed().await.is_err() {
+            role.send_replace(Role::Leaderless);
+            return;
+        }
+    }
+}
+
+fn seq(index: Option<u64>) -> u64 {
+    index.map_or(0, seq_of)
+}
+
+/// `GET /v1/cluster` from the engine's metrics; `durable` is the local log's.
+fn status_of(m: &RaftMetrics<Tc>, durable: u64) -> Status {
+    let membership = m.membership_config.membership();
+    let voters: Vec<NodeId> = membership.voter_ids().collect();
+    let members = membership
+        .nodes()
+        .map(|(id, node)| Member {
+            id: *id,
+            api: node.api.clone(),
+            raft: Some(node.raft.clone()),
+            voter: voters.contains(id),
+        })
+        .collect();
+    Status {
+        node_id: m.id,
+        role: role_of(m).as_str(),
+        term: m.current_term,
+        leader: m.current_leader,
+        members,
+        last_seq: seq(m.last_log_index),
+        durable_seq: durable,
+        committed_seq: seq(m.local_committed.as_ref().map(|l| l.index)),
+        applied_seq: seq(m.last_applied.as_ref().map(|l| l.index)),
+        snapshot_seq: seq(m.snapshot.as_ref().map(|l| l.index)),
+        cluster_committed_seq: Some(seq(m.cluster_committed.as_ref().map(|l| l.index))),
+        purged_seq: Some(seq(m.purged.as_ref().map(|l| l.index))),
+        millis_since_quorum_ack: m
+            .last_quorum_acked
+            .as_ref()
+            .map(|at| at.elapsed().as_millis().min(u64::MAX as u128) as u64),
+        replication: m.replication.as_ref().map(|r| {
+            r.iter()
+                .map(|(id, matched)| (*id, seq(matched.as_ref().map(|l| l.index))))
+                .collect()
+        }),
+    }
+}

@@ -1,0 +1,655 @@
+//! Three real `stockd serve` processes on loopback, started with `--peers` (step 4 of
+//! docs/REPLICATION.md's plan): the election, `GET /v1/cluster` on every node, a
+//! follower's 307 to its leader, a new leader after `kill -9` of the old one, `/health`
+//! without a quorum, and the Raft listener's cluster key.
+//!
+//! Every process is a `ChildServer`, killed (SIGKILL) when dropped, so also when a test
+//! fails. Every wait is bounded and generous (a loaded two-core machine), and waits for
+//! a state, never for a time: the times measured are printed, never asserted.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{ChildServer, Client};
+use loadtest::server::Launch;
+use serde_json::{json, Value};
+
+/// How long any one wait may take before the test fails.
+const WAIT: Duration = Duration::from_secs(60);
+
+const KEY: &str = "the-cluster-key-of-this-test-0123";
+
+/// A free port on loopback: bound, then let go (a start that finds it taken again is
+/// retried whole, `Cluster::start`).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// One node's addresses.
+#[derive(Clone)]
+struct Addrs {
+    api: String,
+    raft: String,
+}
+
+/// A cluster of three nodes on loopback, some of them running.
+struct Cluster {
+    dir: tempfile::TempDir,
+    addrs: BTreeMap<u64, Addrs>,
+    nodes: BTreeMap<u64, ChildServer>,
+}
+
+impl Cluster {
+    /// Starts the nodes `running` of a three-node cluster (each with the same `--peers`),
+    /// on fresh ports; a start that fails (a port taken meanwhile) is retried on others.
+    fn start(running: &[u64]) -> Cluster {
+        let mut last = String::new();
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            std::fs::write(dir.path().join("cluster.key"), format!("{KEY}\n")).unwrap();
+            let addrs: BTreeMap<u64, Addrs> = (1..=3)
+                .map(|id| {
+                    let addrs = Addrs {
+                        api: format!("127.0.0.1:{}", free_port()),
+                        raft: format!("127.0.0.1:{}", free_port()),
+                    };
+                    (id, addrs)
+                })
+                .collect();
+            let mut cluster = Cluster {
+                dir,
+                addrs,
+                nodes: BTreeMap::new(),
+            };
+            match running.iter().try_for_each(|id| cluster.launch(*id)) {
+                Ok(()) => return cluster,
+                Err(err) => last = err,
+            }
+        }
+        panic!("the cluster did not start in 5 tries: {last}");
+    }
+
+    fn peers(&self) -> String {
+        let peers: Vec<String> = self
+            .addrs
+            .iter()
+            .map(|(id, a)| format!("{id}={}@{}", a.api, a.raft))
+            .collect();
+        peers.join(",")
+    }
+
+    fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("node-{id}"))
+    }
+
+    fn command(&self, id: u64) -> Command {
+        self.command_with(id, &self.peers())
+    }
+
+    /// Node `id`'s command, with `peers` for `--peers`.
+    fn command_with(&self, id: u64, peers: &str) -> Command {
+        let data = self.data_dir(id);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stockd"));
+        cmd.arg("serve")
+            .args(["--listen", &self.addrs[&id].api])
+            .arg("--data-dir")
+            .arg(data.join("data"))
+            .arg("--snapshot-dir")
+            .arg(data.join("snapshots"))
+            .args(["--node-id", &id.to_string()])
+            .args(["--peers", peers])
+            .arg("--cluster-key-file")
+            .arg(self.dir.path().join("cluster.key"))
+            .env("RUST_LOG", "warn");
+        cmd
+    }
+
+    fn launch(&mut self, id: u64) -> Result<(), String> {
+        let launch = Launch::command(self.command(id)).timeout(WAIT);
+        let server = ChildServer::try_start(launch, self.data_dir(id).join("data"))
+            .map_err(|e| format!("node {id}: {e}"))?;
+        self.nodes.insert(id, server);
+        Ok(())
+    }
+
+    fn client(&self, id: u64) -> &Client {
+        &self.nodes[&id].client
+    }
+
+    /// `GET /v1/cluster` of every running node, once each answers it and all of them
+    /// name the same leader, a running one, in the same term. Returns the statuses.
+    async fn agreed(&self) -> BTreeMap<u64, Value> {
+        let deadline = Instant::now() + WAIT;
+        let running: Vec<u64> = self.nodes.keys().copied().collect();
+        loop {
+            let mut statuses = BTreeMap::new();
+            for (id, node) in &self.nodes {
+                let answer = node
+                    .client
+                    .send(reqwest::Method::GET, "/v1/cluster", None, &[])
+                    .await;
+                if let Ok(a) = answer {
+                    if a.status == 200 {
+                        statuses.insert(*id, a.body);
+                    }
+                }
+            }
+            if statuses.len() == running.len() {
+                let first = statuses.values().next().expect("a running node");
+                let (leader, term) = (&first["leader"], &first["term"]);
+                let agreed = leader.as_u64().is_some_and(|l| running.contains(&l))
+                    && statuses
+                        .values()
+                        .all(|s| &s["leader"] == leader && &s["term"] == term);
+                if agreed {
+                    return statuses;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the nodes agree on a leader within {WAIT:?}: {statuses:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Cluster {
+    /// `agreed`, once every running node has also applied everything in the leader's log
+    /// (the membership and the leader's first entry at least).
+    async fn caught_up(&self) -> BTreeMap<u64, Value> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let statuses = self.agreed().await;
+            let last = statuses[&leader_of(&statuses)]["last_seq"]
+                .as_u64()
+                .unwrap();
+            if last >= 2 && statuses.values().all(|s| s["applied_seq"] == last) {
+                return statuses;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "every node applies the leader's log within {WAIT:?}: {statuses:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn leader_of(statuses: &BTreeMap<u64, Value>) -> u64 {
+    statuses.values().next().unwrap()["leader"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Asserts that `value` fits the schema `name` of the OpenAPI document
+/// (`src/http/openapi.json`), naming every mismatch.
+fn fits(name: &str, value: &Value) {
+    let mut root: Value = serde_json::from_str(stockd::http::router::OPENAPI).unwrap();
+    root["$ref"] = json!(format!("#/components/schemas/{name}"));
+    root["$schema"] = json!("https://json-schema.org/draft/2020-12/schema");
+    let validator = jsonschema::options()
+        .should_validate_formats(true)
+        .build(&root)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let errors: Vec<String> = validator
+        .iter_errors(value)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect();
+    assert!(errors.is_empty(), "{name}: {value}: {errors:#?}");
+}
+
+/// A client that shows redirects instead of following them.
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// Fails unless `$cond`, with the message.
+macro_rules! check {
+    ($cond:expr, $($why:tt)+) => {
+        if !$cond {
+            return Err(format!($($why)+));
+        }
+    };
+}
+
+/// With `leader` leading: `/health` on the leader and on a follower (naming its leader),
+/// `?role=leader` refused on both (no leader serves yet), and the follower's 307s to the
+/// leader, with the same path and query.
+async fn roles_and_redirects(cluster: &Cluster, leader: u64) -> Result<(), String> {
+    let health = cluster.client(leader).get("/health").await;
+    check!(
+        health.status == 200 && health.body["role"] == "leader",
+        "the leader's /health: {health:?}"
+    );
+    fits("Health", &health.body);
+    let follower = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
+    let health = cluster.client(follower).get("/health").await;
+    check!(
+        health.status == 200
+            && health.body["role"] == "follower"
+            && health.body["leader"] == leader,
+        "a follower's /health: {health:?}"
+    );
+    fits("Health", &health.body);
+    for id in [leader, follower] {
+        let a = cluster.client(id).get("/health?role=leader").await;
+        check!(
+            a.status == 503 && a.code() == "unavailable" && a.header("retry-after") == Some("1"),
+            "node {id}'s /health?role=leader: {a:?}"
+        );
+    }
+    let base = &cluster.client(follower).base;
+    let leader_api = &cluster.addrs[&leader].api;
+    let http = no_redirects();
+    let res = http
+        .get(format!("{base}/v1/products?limit=5"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let location = res.headers().get("location").and_then(|v| v.to_str().ok());
+    let named = res
+        .headers()
+        .get("stockd-leader")
+        .and_then(|v| v.to_str().ok());
+    check!(
+        res.status() == 307
+            && location == Some(&format!("http://{leader_api}/v1/products?limit=5"))
+            && named == Some(&leader.to_string()),
+        "a follower's GET: {res:?}"
+    );
+    let res = http
+        .post(format!("{base}/v1/products"))
+        .header("content-type", "application/json")
+        .body(r#"{"sku":"A-1","name":"A","on_hand":1}"#)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let location = res.headers().get("location").and_then(|v| v.to_str().ok());
+    check!(
+        res.status() == 307 && location == Some(&format!("http://{leader_api}/v1/products")),
+        "a follower's POST: {res:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_elect_a_leader_and_agree_on_the_cluster() {
+    let started = Instant::now();
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start(&[1, 2, 3]))
+        .await
+        .unwrap();
+    cluster.agreed().await;
+    println!(
+        "three_nodes: a leader agreed on by all three {:?} after the first start",
+        started.elapsed()
+    );
+    let statuses = cluster.caught_up().await;
+    let leader = leader_of(&statuses);
+    for (id, status) in &statuses {
+        fits("Cluster", status);
+        assert_eq!(status["node_id"], *id, "{status}");
+        let role = if *id == leader { "leader" } else { "follower" };
+        assert_eq!(status["role"], role, "{status}");
+        assert!(status["term"].as_u64().unwrap() >= 1, "{status}");
+        // Every node lists the three members with the addresses --peers gave them.
+        let members = status["members"].as_array().unwrap();
+        assert_eq!(members.len(), 3, "{status}");
+        for member in members {
+            let id = member["id"].as_u64().unwrap();
+            assert_eq!(member["api"], cluster.addrs[&id].api, "{member}");
+            assert_eq!(member["raft"], cluster.addrs[&id].raft, "{member}");
+            assert_eq!(member["voter"], true, "{member}");
+        }
+        // The membership and the leader's first entry are in the log, flushed, committed
+        // and applied everywhere.
+        let last = status["last_seq"].as_u64().unwrap();
+        assert!(last >= 2, "{status}");
+        for field in ["durable_seq", "committed_seq", "applied_seq"] {
+            assert_eq!(status[field], last, "{field}: {status}");
+        }
+        assert_eq!(status["snapshot_seq"], 0, "{status}");
+        assert_eq!(status["purged_seq"], 0, "{status}");
+        assert!(
+            status["cluster_committed_seq"].as_u64().unwrap() <= last,
+            "{status}"
+        );
+        // Only the leader tracks its quorum and each voter's log.
+        let leads = *id == leader_of(&statuses);
+        assert_eq!(status.get("replication").is_some(), leads, "{status}");
+        assert_eq!(
+            status.get("millis_since_quorum_ack").is_some(),
+            leads,
+            "{status}"
+        );
+        if leads {
+            let replication = status["replication"].as_object().unwrap();
+            assert_eq!(replication.len(), 3, "{status}");
+            assert!(
+                replication.values().all(|m| m.as_u64().unwrap() <= last),
+                "{status}"
+            );
+        }
+    }
+
+    // /health, and a follower's redirects, by role. A leader change meanwhile (a loaded
+    // machine) makes one try fail: it is tried again with the leader agreed on then.
+    let mut tries = 0;
+    let leader = loop {
+        let leader = leader_of(&cluster.agreed().await);
+        match roles_and_redirects(&cluster, leader).await {
+            Ok(()) => break leader,
+            Err(err) if tries < 5 => {
+                tries += 1;
+                println!("three_nodes: tried again ({err})");
+            }
+            Err(err) => panic!("{err}"),
+        }
+    };
+    let follower = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
+    // Following the redirect reaches the leader, which does not serve yet.
+    let followed = cluster.client(follower).get("/v1/products?limit=5").await;
+    followed.assert_problem(503, "unavailable");
+    assert_eq!(followed.header("retry-after"), Some("1"));
+    let created = cluster
+        .client(leader)
+        .post(
+            "/v1/products",
+            serde_json::json!({"sku": "A-1", "name": "A", "on_hand": 1}),
+        )
+        .await;
+    created.assert_problem(503, "unavailable");
+    // Nothing was stored anywhere by the refused mutation: in the same term the log has
+    // not grown; after an election meanwhile (a loaded machine), by at most one first
+    // entry per new term.
+    let after = cluster.caught_up().await;
+    for (id, status) in &after {
+        let grew =
+            status["last_seq"].as_u64().unwrap() - statuses[id]["last_seq"].as_u64().unwrap();
+        let terms = status["term"].as_u64().unwrap() - statuses[id]["term"].as_u64().unwrap();
+        assert!(grew <= terms, "node {id}: {status} after {}", statuses[id]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_is_elected_after_kill_9_of_the_leader() {
+    let mut cluster = tokio::task::spawn_blocking(|| Cluster::start(&[1, 2, 3]))
+        .await
+        .unwrap();
+    let before = cluster.agreed().await;
+    let old = leader_of(&before);
+    let old_term = before[&old]["term"].as_u64().unwrap();
+    let killed = Instant::now();
+    let mut old_node = cluster.nodes.remove(&old).unwrap();
+    old_node.kill9();
+    let after = cluster.agreed().await;
+    let new = leader_of(&after);
+    println!(
+        "failover: node {new} leads term {} {:?} after kill -9 of node {old} (term {old_term})",
+        after[&new]["term"],
+        killed.elapsed()
+    );
+    assert_ne!(new, old);
+    assert!(
+        after[&new]["term"].as_u64().unwrap() > old_term,
+        "{after:#?}"
+    );
+    assert_eq!(after[&new]["role"], "leader");
+    // The survivor follows the new leader, and redirects to it (tried again with the
+    // leader agreed on then, should the two elect another meanwhile).
+    let mut tries = 0;
+    loop {
+        let leader = leader_of(&cluster.agreed().await);
+        match roles_and_redirects(&cluster, leader).await {
+            Ok(()) => break,
+            Err(err) if tries < 5 => {
+                tries += 1;
+                println!("failover: tried again ({err})");
+            }
+            Err(err) => panic!("{err}"),
+        }
+    }
+
+    // The killed node starts again on its data directory (its vote, log and membership
+    // recovered; --peers is not applied again) and follows the new leader.
+    let restarted = Instant::now();
+    tokio::task::block_in_place(|| old_node.restart()).expect("the old leader restarts");
+    cluster.nodes.insert(old, old_node);
+    let rejoined = cluster.agreed().await;
+    println!(
+        "rejoin: node {old} follows node {} {:?} after its restart",
+        leader_of(&rejoined),
+        restarted.elapsed()
+    );
+    let old_status = &rejoined[&old];
+    assert_eq!(old_status["role"], "follower", "{rejoined:#?}");
+    assert!(
+        old_status["term"].as_u64().unwrap() >= after[&new]["term"].as_u64().unwrap(),
+        "{rejoined:#?}"
+    );
+    assert_eq!(old_status["members"].as_array().unwrap().len(), 3);
+    // It holds at least the log it had acknowledged before the kill.
+    assert!(
+        old_status["last_seq"].as_u64().unwrap() >= before[&old]["committed_seq"].as_u64().unwrap(),
+        "{rejoined:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_of_three_has_no_leader_and_says_so() {
+    let mut cluster = tokio::task::spawn_blocking(|| Cluster::start(&[1]))
+        .await
+        .unwrap();
+    let client = cluster.client(1);
+    // The membership it was initialized with shows once the engine has published it.
+    let members = common::eventually(WAIT, || async {
+        let status = client.get("/v1/cluster").await;
+        status.body["members"]
+            .as_array()
+            .is_some_and(|m| m.len() == 3)
+    })
+    .await;
+    assert!(members, "the node lists the three members of --peers");
+    // Several election timeouts pass: it stays without a leader, every time asked.
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        let health = client.get("/health").await;
+        health.assert_problem(503, "unavailable");
+        fits("Problem.unavailable", &health.body);
+        assert_eq!(health.body["role"], "leaderless");
+        assert_eq!(health.header("retry-after"), Some("1"));
+        let status = client.get("/v1/cluster").await;
+        assert_eq!(status.status, 200);
+        fits("Cluster", &status.body);
+        assert_eq!(status.body["role"], "leaderless");
+        assert_eq!(status.body["leader"], Value::Null);
+        assert_eq!(status.body["members"].as_array().unwrap().len(), 3);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Application requests: 503, no leader to send them to.
+    let a = client.get("/v1/products").await;
+    a.assert_problem(503, "unavailable");
+    assert_eq!(a.header("retry-after"), Some("1"));
+    // /metrics is answered in every role.
+    assert_eq!(client.get("/metrics").await.status, 200);
+    // SIGTERM: a graceful stop (the engine, then the log), exit status 0.
+    let node = cluster.nodes.get_mut(&1).unwrap();
+    let status = tokio::task::block_in_place(|| node.terminate());
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+
+    // Started again with a --peers naming a fourth node: the stored membership stands,
+    // and the difference is warned about.
+    let peers = format!(
+        "{},4=127.0.0.1:{}@127.0.0.1:{}",
+        cluster.peers(),
+        free_port(),
+        free_port()
+    );
+    let launch = Launch::command(cluster.command_with(1, &peers))
+        .capture_stderr()
+        .timeout(WAIT);
+    let mut node = tokio::task::block_in_place(|| {
+        ChildServer::try_start(launch, cluster.data_dir(1).join("data"))
+    })
+    .expect("node 1 starts again");
+    let warned = tokio::task::block_in_place(|| {
+        node.find_in_stderr(WAIT, |line| {
+            line.contains("--peers differs from the cluster's stored membership")
+                .then_some(())
+        })
+    });
+    assert!(warned.is_some(), "the differing --peers is warned about");
+    let client = node.client.clone();
+    let three = common::eventually(WAIT, || async {
+        let status = client.get("/v1/cluster").await;
+        status.body["members"]
+            .as_array()
+            .is_some_and(|m| m.len() == 3)
+    })
+    .await;
+    assert!(three, "the stored membership of three stands");
+    let status = client.get("/v1/cluster").await;
+    assert_eq!(status.body["members"].as_array().unwrap().len(), 3);
+    assert_eq!(status.body["role"], "leaderless");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_requests_need_the_cluster_key() {
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start(&[1]))
+        .await
+        .unwrap();
+    let raft = format!("http://{}/raft/vote", cluster.addrs[&1].raft);
+    let http = no_redirects();
+    let term_before = cluster.client(1).get("/v1/cluster").await.body["term"].clone();
+    for key in [
+        None,
+        Some("the-wrong-key-of-the-same-length"),
+        Some(&KEY[1..]),
+    ] {
+        let mut req = http.post(&raft).body(vec![1u8, 2, 3]);
+        if let Some(key) = key {
+            req = req.header("stockd-cluster-key", key);
+        }
+        let res = req.send().await.unwrap();
+        assert_eq!(res.status(), 401, "key {key:?}");
+        assert_eq!(
+            res.headers()["content-type"],
+            "application/problem+json",
+            "key {key:?}"
+        );
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["code"], "unauthorized");
+        assert_eq!(body["status"], 401);
+    }
+    // The right key gets past the check: a body that is no vote is then a 400.
+    let res = http
+        .post(&raft)
+        .header("stockd-cluster-key", KEY)
+        .body(vec![1u8, 2, 3])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["code"], "bad_request");
+    // Unknown routes and methods.
+    let res = http
+        .post(format!("http://{}/raft/nothing", cluster.addrs[&1].raft))
+        .header("stockd-cluster-key", KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    let res = http.get(&raft).send().await.unwrap();
+    assert_eq!(res.status(), 405);
+    // None of it reached the engine.
+    let status = cluster.client(1).get("/v1/cluster").await.body;
+    assert_eq!(status["term"], term_before);
+}
+
+/// Runs `stockd serve` with `args` to its exit (it must fail before serving); answers
+/// its stderr.
+fn refused_start(args: &[&str], dir: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_stockd"))
+        .arg("serve")
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--snapshot-dir")
+        .arg(dir.join("snapshots"))
+        .env_remove("STOCKD_CLUSTER_KEY")
+        .env_remove("STOCKD_ADMIN_KEY")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success(), "{out:?}");
+    assert!(out.stdout.is_empty(), "never listened: {out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn peers_on_a_single_servers_data_directory_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut single = ChildServer::spawn(dir.path(), &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(single.client.create_product("A-1", 5));
+    single.terminate();
+    std::fs::write(dir.path().join("cluster.key"), KEY).unwrap();
+    let key = dir.path().join("cluster.key");
+    let peers = format!(
+        "1=127.0.0.1:{}@127.0.0.1:{},2=127.0.0.1:{}@127.0.0.1:{}",
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port()
+    );
+    let listen = peers[2..].split('@').next().unwrap().to_string();
+    let stderr = refused_start(
+        &[
+            "--listen",
+            &listen,
+            "--node-id",
+            "1",
+            "--peers",
+            &peers,
+            "--cluster-key-file",
+            key.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert!(
+        stderr.contains("written by a single-node server"),
+        "{stderr}"
+    );
+    // The single server's data is untouched: it starts again with its product.
+    let single = ChildServer::spawn(dir.path(), &[]);
+    let product = rt.block_on(single.client.product("A-1"));
+    assert_eq!(product["on_hand"], 5);
+}
+
+#[test]
+fn cluster_flags_are_checked_before_anything_is_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let peers = "1=127.0.0.1:1@127.0.0.1:2,2=127.0.0.1:3@127.0.0.1:4";
+    let stderr = refused_start(&["--peers", peers], dir.path());
+    assert!(stderr.contains("--peers needs --node-id"), "{stderr}");
+    let stderr = refused_start(&["--peers", peers, "--node-id", "1"], dir.path());
+    assert!(stderr.contains("--peers needs a cluster key"), "{stderr}");
+    let stderr = refused_start(&["--node-id", "1"], dir.path());
+    assert!(stderr.contains("--node-id needs --peers"), "{stderr}");
+    // Nothing was created.
+    assert!(!dir.path().join("data").exists());
+    assert!(!dir.path().join("snapshots").exists());
+}
