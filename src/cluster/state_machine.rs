@@ -11,7 +11,7 @@
 //! (`snapshot::write`, format 4) into this node's snapshot directory, and installed with
 //! the verified loader (`snapshot::read`), which checks that the file's Raft metadata is
 //! the engine's. `SnapshotData` is the file's path; the newest file that verifies is the
-//! current snapshot. Step 6 moves the building onto the snapshot worker (no copy of the
+//! current snapshot, and a build keeps the newest two (`SNAPSHOTS_KEPT`). Step 6 moves the building onto the snapshot worker (no copy of the
 //! state on the server), and bounds purges by the kept snapshots.
 //!
 //! A start-up state machine is empty: the engine installs the newest snapshot, then
@@ -89,12 +89,13 @@ fn meta_of(state: &State) -> io::Result<SnapshotMeta> {
 
 /// The newest snapshot in `dir` that verifies, with its state.
 fn newest_snapshot(dir: &Path) -> io::Result<Option<(PathBuf, State)>> {
-    let mut files = match snapshot::list(dir) {
+    let files = match snapshot::list(dir) {
         Ok(files) => files,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    while let Some((_, path)) = files.pop() {
+    // `list` gives the newest first.
+    for (_, path) in files {
         match snapshot::read(&path) {
             Ok((_, state)) if state.raft.is_some() => return Ok(Some((path, state))),
             Ok(_) => {
@@ -107,6 +108,10 @@ fn newest_snapshot(dir: &Path) -> io::Result<Option<(PathBuf, State)>> {
     }
     Ok(None)
 }
+
+/// Snapshots a node keeps after building one: the new one, and the one before it (which a
+/// transfer to a lagging follower may still be reading).
+const SNAPSHOTS_KEPT: usize = 2;
 
 /// Writes `state` as a snapshot in `dir`; returns the file.
 fn write_snapshot(dir: &Path, state: &State) -> io::Result<PathBuf> {
@@ -133,7 +138,9 @@ impl RaftSnapshotBuilder<Tc> for SnapshotJob {
         let dir = self.snapshots.clone();
         let (meta, path) = tokio::task::spawn_blocking(move || -> io::Result<_> {
             let meta = meta_of(&state)?;
-            Ok((meta, write_snapshot(&dir, &state)?))
+            let path = write_snapshot(&dir, &state)?;
+            snapshot::prune(&dir, SNAPSHOTS_KEPT)?;
+            Ok((meta, path))
         })
         .await
         .map_err(other)??;
@@ -225,5 +232,93 @@ impl RaftStateMachine<Tc> for StockSm {
                 snapshot: SnapshotFile { path },
             })),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::entry::{loopback_membership, LogPos, RaftMeta, StoredMembership};
+
+    /// A state that has applied through `seq`, with a membership the engine accepts.
+    fn state_at(seq: u64) -> State {
+        State {
+            raft: Some(RaftMeta {
+                last_applied: Some(LogPos { term: 1, seq }),
+                membership: StoredMembership {
+                    pos: Some(LogPos { term: 1, seq: 1 }),
+                    membership: loopback_membership(3, &[&[1, 2, 3]]),
+                },
+                ..RaftMeta::default()
+            }),
+            ..State::default()
+        }
+    }
+
+    fn last_seq(snapshot: &Snapshot) -> Option<u64> {
+        snapshot
+            .meta
+            .last_log_id
+            .as_ref()
+            .map(|id| crate::cluster::types::pos_of(id).seq)
+    }
+
+    /// The current snapshot (what a lagging follower is sent) is the newest that verifies,
+    /// not the oldest; a damaged newest one is passed over for the next.
+    #[tokio::test]
+    async fn the_current_snapshot_is_the_newest_that_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut paths = Vec::new();
+        for seq in [2, 9, 5] {
+            paths.push(write_snapshot(dir.path(), &state_at(seq)).unwrap());
+        }
+        let mut sm = StockSm::new(dir.path());
+        let current = sm
+            .get_current_snapshot()
+            .await
+            .unwrap()
+            .expect("a snapshot");
+        assert_eq!(last_seq(&current), Some(9));
+        assert_eq!(current.snapshot.path, paths[1]);
+
+        let mut bytes = std::fs::read(&paths[1]).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0xff;
+        std::fs::write(&paths[1], bytes).unwrap();
+        let current = sm
+            .get_current_snapshot()
+            .await
+            .unwrap()
+            .expect("a snapshot");
+        assert_eq!(last_seq(&current), Some(5), "the newest that verifies");
+    }
+
+    /// Building snapshots keeps the newest two: the directory does not grow with each.
+    #[tokio::test]
+    async fn building_snapshots_keeps_the_newest_two() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StockSm::new(dir.path());
+        for seq in [3, 6, 9, 12] {
+            sm.state = state_at(seq);
+            let built = sm
+                .get_snapshot_builder()
+                .await
+                .build_snapshot()
+                .await
+                .unwrap();
+            assert_eq!(last_seq(&built), Some(seq));
+        }
+        let kept: Vec<u64> = snapshot::list(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|(seq, _)| seq)
+            .collect();
+        assert_eq!(kept, vec![12, 9]);
+        let current = sm
+            .get_current_snapshot()
+            .await
+            .unwrap()
+            .expect("a snapshot");
+        assert_eq!(last_seq(&current), Some(12));
     }
 }
