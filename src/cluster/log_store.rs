@@ -83,6 +83,9 @@ struct Tail {
     purged: Option<LogPos>,
     vote: Option<RaftVote>,
     committed: Option<LogId>,
+    /// Counts the cuts and purges begun: a read from disk that saw it change meanwhile
+    /// may hold entries from both sides of one, and is done again.
+    cuts: u64,
 }
 
 fn other(err: impl std::fmt::Display) -> io::Error {
@@ -122,6 +125,7 @@ impl ClusterLog {
             purged,
             vote,
             committed: committed.map(log_id_of),
+            cuts: 0,
         };
         let shared = Shared {
             handle,
@@ -210,33 +214,61 @@ impl RaftLogReader<Tc> for ClusterLog {
         range: RB,
     ) -> Result<Vec<RaftEntry>, io::Error> {
         let (start, end) = bounds(&range);
-        // What the tail holds is taken under its lock; what is older comes from disk.
-        let (disk, from_tail) = {
-            let tail = self.tail();
-            let floor = tail.purged.map_or(0, |p| index_of(p.seq) + 1);
-            let after_last = tail.last.map_or(0, |p| index_of(p.seq) + 1);
-            let (start, end) = (start.max(floor), end.min(after_last));
-            if start >= end {
-                return Ok(Vec::new());
+        // What the tail holds is taken under its lock; what is older comes from disk. A
+        // cut or a purge while the disk is read could mix entries from before and after
+        // it (a cut reaches the disk only below the tail's 8,192 flushed entries): the
+        // read is then done again, on the log as it is after it.
+        for _ in 0..READ_ATTEMPTS {
+            let (cuts, disk, from_tail) = match self.plan_read(start, end) {
+                None => return Ok(Vec::new()),
+                Some(plan) => plan,
+            };
+            let read = if disk.is_empty() {
+                Ok(Vec::new())
+            } else {
+                self.read_stored(disk.start, disk.end).await
+            };
+            // A read that failed because entries went meanwhile is done again too.
+            if disk.is_empty() || self.tail().cuts == cuts {
+                let mut entries = read?;
+                entries.extend(from_tail);
+                return Ok(entries);
             }
-            let tail_first = tail.entries.front().map_or(after_last, |e| e.log_id.index);
-            let skip = start.saturating_sub(tail_first) as usize;
-            let take = end.saturating_sub(start.max(tail_first)) as usize;
-            let from_tail: Vec<RaftEntry> =
-                tail.entries.iter().skip(skip).take(take).cloned().collect();
-            (start..end.min(tail_first), from_tail)
-        };
-        let mut entries = if disk.is_empty() {
-            Vec::new()
-        } else {
-            self.read_stored(disk.start, disk.end).await?
-        };
-        entries.extend(from_tail);
-        Ok(entries)
+        }
+        Err(other(format!(
+            "entries {start}..{end} changed under {READ_ATTEMPTS} reads (cut or purged)"
+        )))
     }
 
     async fn read_vote(&mut self) -> Result<Option<RaftVote>, io::Error> {
         Ok(self.tail().vote)
+    }
+}
+
+/// Reads of `try_get_log_entries` before it gives up on a log being cut under it.
+const READ_ATTEMPTS: usize = 8;
+
+impl ClusterLog {
+    /// What a read of indexes `start..end` takes from disk and what from the tail, with
+    /// the count of cuts it was planned at (`None`: nothing in the range).
+    fn plan_read(
+        &self,
+        start: u64,
+        end: u64,
+    ) -> Option<(u64, std::ops::Range<u64>, Vec<RaftEntry>)> {
+        let tail = self.tail();
+        let floor = tail.purged.map_or(0, |p| index_of(p.seq) + 1);
+        let after_last = tail.last.map_or(0, |p| index_of(p.seq) + 1);
+        let (start, end) = (start.max(floor), end.min(after_last));
+        if start >= end {
+            return None;
+        }
+        let tail_first = tail.entries.front().map_or(after_last, |e| e.log_id.index);
+        let skip = start.saturating_sub(tail_first) as usize;
+        let take = end.saturating_sub(start.max(tail_first)) as usize;
+        let from_tail: Vec<RaftEntry> =
+            tail.entries.iter().skip(skip).take(take).cloned().collect();
+        Some((tail.cuts, start..end.min(tail_first), from_tail))
     }
 }
 
@@ -335,6 +367,7 @@ impl RaftLogStorage<Tc> for ClusterLog {
                     format!("cannot cut the log after {cut}: it is purged through it"),
                 ));
             }
+            tail.cuts += 1;
             while tail
                 .entries
                 .back()
@@ -355,6 +388,7 @@ impl RaftLogStorage<Tc> for ClusterLog {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         let through = pos_of(&log_id);
+        self.tail().cuts += 1;
         let reader = self.shared.reader.clone();
         tokio::task::spawn_blocking(move || reader.purge_through(through))
             .await
