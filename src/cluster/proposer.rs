@@ -368,9 +368,17 @@ async fn completer(
                 }
             }
             _ = tokio::time::sleep_until(oldest.map_or_else(Instant::now, |(_, since)| since + COMMIT_DEADLINE)), if oldest.is_some() => {
+                // Its own failure: it ends the epoch below, like any other.
                 let (n, _) = oldest.expect("checked");
-                let reason = format!("proposal {n} was not committed within {COMMIT_DEADLINE:?}");
-                break Failure::Unknown(reason);
+                let reason = format!("not applied within {COMMIT_DEADLINE:?}");
+                for w in queue.iter_mut() {
+                    if let Waiting::Proposal { n: m, result: slot, .. } = w {
+                        if *m == n {
+                            *slot = Some(Err(Failure::Unknown(reason)));
+                            break;
+                        }
+                    }
+                }
             }
         }
         // Resolve what is resolved at the front, in order.
