@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorRef};
-use tokio::net::TcpSocket;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -202,6 +202,15 @@ fn bind(addr: SocketAddr) -> Result<TcpSocket, StartError> {
 /// Connections waiting to be accepted, at most (what `TcpListener::bind` uses).
 const LISTEN_BACKLOG: u32 = 1024;
 
+/// Starts listening on a socket `bind` made for `addr`; returns the listener and the
+/// address it got (the port, when `addr` asked for port 0).
+fn listen(socket: TcpSocket, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let err = |source| StartError::Listen { addr, source };
+    let listener = socket.listen(LISTEN_BACKLOG).map_err(err)?;
+    let local = listener.local_addr().map_err(err)?;
+    Ok((listener, local))
+}
+
 /// Recovers from `config.data_dir` and starts serving on `config.listen`.
 pub async fn start(config: Config) -> Result<Server, StartError> {
     let started = Instant::now();
@@ -332,16 +341,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     // state's conversion into the supervisor's routes) goes back to the OS now, before
     // serving, rather than by the allocator's delayed purge on a request thread.
     crate::memory::release_freed_memory();
-    let listener = socket
-        .listen(LISTEN_BACKLOG)
-        .map_err(|source| StartError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Listen {
-        addr: config.listen,
-        source,
-    })?;
+    let (listener, addr) = listen(socket, config.listen)?;
     // Webhooks deliver the feed's events: none without it.
     let webhooks = match &feed {
         Some((feed, _)) => {
@@ -446,19 +446,7 @@ async fn start_cluster(
     let log_handle = node.log().clone();
     // The Raft listener first: the other nodes' votes and appends reach this one as soon
     // as possible.
-    let raft_listener =
-        raft_socket
-            .listen(LISTEN_BACKLOG)
-            .map_err(|source| StartError::Listen {
-                addr: settings.raft_listen,
-                source,
-            })?;
-    let raft_addr = raft_listener
-        .local_addr()
-        .map_err(|source| StartError::Listen {
-            addr: settings.raft_listen,
-            source,
-        })?;
+    let (raft_listener, raft_addr) = listen(raft_socket, settings.raft_listen)?;
     let (stop_raft, raft_stopped) = oneshot::channel::<()>();
     let raft_routes = crate::cluster::transport::routes(
         node.raft().clone(),
@@ -513,16 +501,7 @@ async fn start_cluster(
         snapshotter: snapshotter.clone(),
         feed: None,
     };
-    let listener = socket
-        .listen(LISTEN_BACKLOG)
-        .map_err(|source| StartError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Listen {
-        addr: config.listen,
-        source,
-    })?;
+    let (listener, addr) = listen(socket, config.listen)?;
     // Followers send clients to the leader's address as --peers names it.
     let named = &settings.peers[&settings.node_id].api;
     if named

@@ -178,32 +178,11 @@ pub const ADMIN_KEY_VARIABLE: &str = "STOCKD_ADMIN_KEY";
 /// `STOCKD_ADMIN_KEY`; one trailing newline trimmed; refused if empty, short or not a
 /// bearer token (`AdminKey::new`), naming where it came from.
 fn admin_key(file: Option<&std::path::Path>) -> Result<Option<AdminKey>, String> {
-    let (value, source) = match file {
-        Some(path) => {
-            let value = std::fs::read_to_string(path).map_err(|e| {
-                format!(
-                    "cannot read the admin key file {} (--admin-key-file): {e}",
-                    path.display()
-                )
-            })?;
-            (value, format!("in {} (--admin-key-file)", path.display()))
-        }
-        None => match std::env::var(ADMIN_KEY_VARIABLE) {
-            Ok(value) => (
-                value,
-                format!("in the environment variable {ADMIN_KEY_VARIABLE}"),
-            ),
-            Err(std::env::VarError::NotPresent) => return Ok(None),
-            Err(std::env::VarError::NotUnicode(_)) => {
-                return Err(format!(
-                    "the admin key in the environment variable {ADMIN_KEY_VARIABLE} is not UTF-8"
-                ))
-            }
-        },
+    let Some((value, source)) = secret("admin", "--admin-key-file", ADMIN_KEY_VARIABLE, file)?
+    else {
+        return Ok(None);
     };
-    let value = value.strip_suffix('\n').unwrap_or(&value);
-    let value = value.strip_suffix('\r').unwrap_or(value);
-    AdminKey::new(value)
+    AdminKey::new(&value)
         .map(Some)
         .map_err(|err| format!("{err} ({source})"))
 }
@@ -214,26 +193,34 @@ pub const CLUSTER_KEY_VARIABLE: &str = "STOCKD_CLUSTER_KEY";
 /// The cluster key: from `--cluster-key-file` (which wins), else from
 /// `STOCKD_CLUSTER_KEY`; one trailing newline trimmed; with where it came from.
 fn cluster_key(file: Option<&std::path::Path>) -> Result<Option<(String, String)>, String> {
+    secret("cluster", "--cluster-key-file", CLUSTER_KEY_VARIABLE, file)
+}
+
+/// A secret (the `what` key) read from `file` (named by `flag`), which wins, else from
+/// the environment variable `variable`; one trailing newline (or CRLF) trimmed. Returns
+/// it with where it came from, for error messages; `None` when neither is given.
+fn secret(
+    what: &str,
+    flag: &str,
+    variable: &str,
+    file: Option<&std::path::Path>,
+) -> Result<Option<(String, String)>, String> {
     let (value, source) = match file {
         Some(path) => {
             let value = std::fs::read_to_string(path).map_err(|e| {
                 format!(
-                    "cannot read the cluster key file {} (--cluster-key-file): {e}",
+                    "cannot read the {what} key file {} ({flag}): {e}",
                     path.display()
                 )
             })?;
-            (value, format!("in {} (--cluster-key-file)", path.display()))
+            (value, format!("in {} ({flag})", path.display()))
         }
-        None => match std::env::var(CLUSTER_KEY_VARIABLE) {
-            Ok(value) => (
-                value,
-                format!("in the environment variable {CLUSTER_KEY_VARIABLE}"),
-            ),
+        None => match std::env::var(variable) {
+            Ok(value) => (value, format!("in the environment variable {variable}")),
             Err(std::env::VarError::NotPresent) => return Ok(None),
             Err(std::env::VarError::NotUnicode(_)) => {
                 return Err(format!(
-                    "the cluster key in the environment variable {CLUSTER_KEY_VARIABLE} is \
-                     not UTF-8"
+                    "the {what} key in the environment variable {variable} is not UTF-8"
                 ))
             }
         },
