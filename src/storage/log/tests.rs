@@ -1631,6 +1631,34 @@ fn the_committed_mark_is_a_lower_bound_written_with_each_batch() {
     assert_eq!(Log::open(&dir).unwrap().committed().unwrap(), 0);
 }
 
+/// Stores `records` in a new log in `dir` as a build of record format 2 did: one key per
+/// record, from sequence 1.
+fn store_format_2_records(dir: &Path, records: &[crate::storage::legacy::RecordV2]) {
+    let log = Log::open(dir).unwrap();
+    let segment = log.segments.create(1).unwrap();
+    for (seq, old) in (1u64..).zip(records) {
+        segment
+            .db()
+            .insert(seq.to_be_bytes(), record::encode_v2(old))
+            .unwrap();
+    }
+    segment.db().flush().unwrap();
+}
+
+/// Appends `record` to the log in `dir` with today's writer, after record `last`.
+fn append_one(dir: &Path, last: u64, record: Record) {
+    let log = Log::open(dir).unwrap();
+    let (handle, join) = log.start_writer(last + 1).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        handle.append(record).durable().await.unwrap();
+        handle.shutdown().await.unwrap();
+    });
+    join.join().unwrap();
+}
+
 /// A log written by a build of record format 2 (before the low-stock threshold), one key
 /// per record as those builds stored them, reads as today's records with no threshold;
 /// records of today's format appended after them read as written.
@@ -1639,28 +1667,18 @@ fn a_log_of_format_2_records_reads_with_no_threshold() {
     use crate::storage::legacy::RecordV2;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("log");
-    {
-        let log = Log::open(&dir).unwrap();
-        let segment = log.segments.create(1).unwrap();
-        for seq in 1..=3u64 {
-            let old = RecordV2::ProductCreated {
-                sku: format!("SKU-{seq}"),
-                name: "n".into(),
-                price: None,
-                on_hand: seq,
-                rules: Default::default(),
-                at: 1,
-                by: None,
-            };
-            segment
-                .db()
-                .insert(seq.to_be_bytes(), record::encode_v2(&old))
-                .unwrap();
-        }
-        segment.db().flush().unwrap();
-    }
-    let log = Log::open(&dir).unwrap();
-    let (handle, join) = log.start_writer(4).unwrap();
+    let old: Vec<RecordV2> = (1..=3u64)
+        .map(|seq| RecordV2::ProductCreated {
+            sku: format!("SKU-{seq}"),
+            name: "n".into(),
+            price: None,
+            on_hand: seq,
+            rules: Default::default(),
+            at: 1,
+            by: None,
+        })
+        .collect();
+    store_format_2_records(&dir, &old);
     let with_threshold = Record::ProductPatched {
         sku: "SKU-1".into(),
         name: None,
@@ -1670,18 +1688,7 @@ fn a_log_of_format_2_records_reads_with_no_threshold() {
         at: 2,
         by: None,
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        handle
-            .append(with_threshold.clone())
-            .durable()
-            .await
-            .unwrap();
-        handle.shutdown().await.unwrap();
-    });
-    join.join().unwrap();
+    append_one(&dir, 3, with_threshold.clone());
     let log = Log::open(&dir).unwrap();
     let read: Vec<(u64, Record)> = log.reader().records().map(|r| r.unwrap()).collect();
     let mut expected: Vec<(u64, Record)> = (1..=3).map(|seq| (seq, created(seq))).collect();
@@ -1727,24 +1734,12 @@ fn recovery_reads_an_old_snapshot_and_old_records_then_new_ones() {
             by: None,
         },
     };
-    {
-        let log = Log::open(&dir).unwrap();
-        let segment = log.segments.create(1).unwrap();
-        for seq in 1..=3u64 {
-            segment
-                .db()
-                .insert(seq.to_be_bytes(), record::encode_v2(&old(seq)))
-                .unwrap();
-        }
-        segment.db().flush().unwrap();
-    }
+    store_format_2_records(&dir, &(1..=3).map(old).collect::<Vec<_>>());
     let mut at_2 = crate::storage::fold::State::default();
     for seq in 1..=2 {
         crate::storage::fold::apply(&mut at_2, &Record::from(old(seq))).unwrap();
     }
     crate::storage::snapshot::write_format_2(&snapshots, 2, &at_2);
-    let log = Log::open(&dir).unwrap();
-    let (handle, join) = log.start_writer(4).unwrap();
     let threshold = Record::ProductPatched {
         sku: "SKU-1".into(),
         name: None,
@@ -1754,14 +1749,7 @@ fn recovery_reads_an_old_snapshot_and_old_records_then_new_ones() {
         at: 4,
         by: None,
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        handle.append(threshold).durable().await.unwrap();
-        handle.shutdown().await.unwrap();
-    });
-    join.join().unwrap();
+    append_one(&dir, 3, threshold);
     let log = Log::open(&dir).unwrap();
     let recovered = recovery::recover(&log.reader(), &snapshots, u64::MAX).unwrap();
     let snapshot = recovered
