@@ -165,7 +165,9 @@ pub struct Keyring {
     enforced: AtomicBool,
     /// Held while a change is logged and applied: one change at a time.
     changes: tokio::sync::Mutex<()>,
-    log: Journal,
+    /// Where key records go: fixed on a single node; on a cluster node, each epoch of its
+    /// leadership brings its own (`begin_epoch`).
+    log: RwLock<Journal>,
     clock: SharedClock,
 }
 
@@ -185,7 +187,7 @@ impl Keyring {
             bootstrap: bootstrap.map(|k| secret_hash(k.secret().as_bytes())),
             enforced: AtomicBool::new(enforced),
             changes: tokio::sync::Mutex::new(()),
-            log: log.into(),
+            log: RwLock::new(log.into()),
             clock,
         }
     }
@@ -289,13 +291,29 @@ impl Keyring {
 
     /// Appends `record` and waits until it is durable.
     async fn persist(&self, record: Record) -> Result<()> {
-        if !self.log.is_healthy() {
+        let log = self.log.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if !log.is_healthy() {
             return Err(Error::Unavailable(
                 "the write-ahead log cannot be written; keys cannot change".into(),
             ));
         }
-        self.log.append(record).durable().await?;
+        log.append(record).durable().await?;
         Ok(())
+    }
+
+    /// A cluster node's leadership begins an epoch: the table becomes the `keys` of the
+    /// committed state it starts from, and key changes go to `log`, the epoch's journal.
+    /// Waits for a change in progress (which ends with its own epoch's answer), so no
+    /// change decided on the previous epoch's table reaches this one.
+    pub async fn begin_epoch(&self, keys: impl IntoIterator<Item = ApiKey>, log: Journal) {
+        let _one_at_a_time = self.changes.lock().await;
+        let mut table = Table::default();
+        keys.into_iter().for_each(|k| table.insert(k));
+        if !table.keys.is_empty() {
+            self.enforced.store(true, Ordering::Relaxed);
+        }
+        *self.table.write().unwrap_or_else(|e| e.into_inner()) = table;
+        *self.log.write().unwrap_or_else(|e| e.into_inner()) = log;
     }
 }
 

@@ -20,6 +20,8 @@
 //!   through the log; `webhooks`: the feed's events pushed to registered HTTP endpoints,
 //!   signed, one delivery task per endpoint, their registrations and positions under
 //!   `<data>/webhooks/`.
+//! - `leadership`: a cluster node's epochs of serving while it leads (a supervisor built
+//!   from the committed state, proposing through the replicated log).
 //! - `http`: warp, routing, validation, problem+json, metrics.
 //! - `server`, `config`: start-up and graceful shutdown.
 //! - `cli`: the `stockd` command line.
@@ -36,6 +38,7 @@ pub mod error;
 pub mod feed;
 pub mod http;
 pub mod keyring;
+pub mod leadership;
 pub mod limits;
 pub mod logging;
 pub mod memory;

@@ -139,6 +139,8 @@ pub struct Server {
 /// What a cluster node runs besides a single server's parts.
 struct ClusterParts {
     node: std::sync::Arc<ClusterNode>,
+    /// Its epochs of serving while it leads (`None` once stopped).
+    leadership: Option<crate::leadership::Leadership>,
     stop_raft: oneshot::Sender<()>,
     raft_http: JoinHandle<()>,
 }
@@ -334,6 +336,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         default_ttl_seconds: config.default_ttl_seconds,
         snapshotter: snapshotter.clone(),
         feed: feed.as_ref().map(|(feed, _)| feed.clone()),
+        serves: true,
     };
     // Reservations whose deadline passed while we were down: expired (and logged) first.
     service.expire_due_now().await.map_err(StartError::Expiry)?;
@@ -500,6 +503,7 @@ async fn start_cluster(
         default_ttl_seconds: config.default_ttl_seconds,
         snapshotter: snapshotter.clone(),
         feed: None,
+        serves: false,
     };
     let (listener, addr) = listen(socket, config.listen)?;
     // Followers send clients to the leader's address as --peers names it.
@@ -524,13 +528,27 @@ async fn start_cluster(
     announce_authentication(&keyring, addr);
     let mut app = crate::http::App::new(
         service.clone(),
-        keyring,
+        keyring.clone(),
         config.customer_rate,
         role_rx.clone(),
         addr,
         None,
     );
     app.cluster = Some(node.clone());
+    // While this node leads, it serves in epochs, each with a service of its own; the
+    // standby answers between them.
+    let leadership = crate::leadership::Leadership::start(crate::leadership::LeadershipArgs {
+        node: node.clone(),
+        slot: app.service.clone(),
+        standby: std::sync::Arc::new(service.clone()),
+        keyring,
+        clock: config.clock.clone(),
+        log: log_handle.clone(),
+        snapshotter: snapshotter.clone(),
+        passivate_after: config.passivate_after,
+        retention_ms: config.retention.as_millis().min(i64::MAX as u128) as i64,
+        default_ttl_seconds: config.default_ttl_seconds,
+    });
     let (stop_http, stopped) = oneshot::channel::<()>();
     let http = tokio::spawn(
         warp::serve(crate::http::routes(app))
@@ -563,6 +581,7 @@ async fn start_cluster(
         role: role_rx,
         cluster: Some(ClusterParts {
             node,
+            leadership: Some(leadership),
             stop_raft,
             raft_http,
         }),
@@ -757,6 +776,14 @@ impl Server {
         if let Some(webhooks) = self.webhooks.take() {
             webhooks.shutdown().await;
         }
+        // A cluster leader's epoch ends (its actors stop) before the engine does, so the
+        // records it proposed get their answers.
+        let mut cluster = self.cluster.take();
+        if let Some(cluster) = cluster.as_mut() {
+            if let Some(leadership) = cluster.leadership.take() {
+                leadership.stop().await;
+            }
+        }
         let stop_timeout = Some(Duration::from_secs(5));
         let _ = crate::actors::ask(&self.supervisor, SupervisorMsg::PrepareShutdown).await;
         self.supervisor
@@ -774,7 +801,7 @@ impl Server {
             let _ = tokio::task::spawn_blocking(move || projector.stop()).await;
         }
         // A cluster node's engine stops before its log: it answers no peer once stopped.
-        if let Some(cluster) = self.cluster.take() {
+        if let Some(cluster) = cluster {
             let _ = cluster.stop_raft.send(());
             let mut raft_http = cluster.raft_http;
             if tokio::time::timeout(drain, &mut raft_http).await.is_err() {

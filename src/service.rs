@@ -58,6 +58,10 @@ pub struct Service {
     pub(crate) snapshotter: Snapshotter,
     /// The change feed (`None`: `--events off`).
     pub(crate) feed: Option<crate::feed::Feed>,
+    /// Whether this service answers application requests: a single node's and a cluster
+    /// leader's epoch's do; a cluster node's standby service (on an empty state, its
+    /// journal refusing every record) answers only `/metrics` and the like.
+    pub(crate) serves: bool,
 }
 
 impl Service {
@@ -313,6 +317,20 @@ impl Service {
     }
 
     /// The log sequence number the newest snapshot covers (0: none yet).
+    /// The digest of the durable state (`GET /v1/admin/cluster/digest` on a single node): the
+    /// newest snapshot plus the log through the last durable record, folded on the
+    /// snapshotter's rebuild thread. Returns that record's sequence and the digest.
+    pub async fn durable_digest(&self) -> Result<(u64, [u8; 32])> {
+        let upto = self.log.durable_seq();
+        match self.snapshotter.fold_to(upto).await {
+            Ok(Ok(state)) => Ok((upto, state.digest())),
+            Ok(Err(err)) => Err(Error::Unavailable(format!(
+                "cannot fold the durable state: {err}"
+            ))),
+            Err(_) => Err(Error::Unavailable("the snapshotter has stopped".into())),
+        }
+    }
+
     pub fn newest_snapshot_seq(&self) -> u64 {
         self.snapshotter.newest_seq()
     }

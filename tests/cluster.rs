@@ -1,7 +1,7 @@
-//! Three real `stockd serve` processes on loopback, started with `--peers` (step 4 of
-//! docs/REPLICATION.md's plan): the election, `GET /v1/cluster` on every node, a
-//! follower's 307 to its leader, a new leader after `kill -9` of the old one, `/health`
-//! without a quorum, and the Raft listener's cluster key.
+//! Three real `stockd serve` processes on loopback, started with `--peers`
+//! (`common::cluster`): the election, `GET /v1/cluster` on every node, a follower's 307 to
+//! its leader and a change stored through it on every node, a new leader after `kill -9`
+//! of the old one, `/health` without a quorum, and the Raft listener's cluster key.
 //!
 //! Every process is a `ChildServer`, killed (SIGKILL) when dropped, so also when a test
 //! fails. Every wait is bounded and generous (a loaded two-core machine), and waits for
@@ -9,212 +9,14 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{ChildServer, Client};
+use common::cluster::{fits, free_port, leader_of, no_redirects, Cluster, KEY, WAIT};
+use common::ChildServer;
 use loadtest::server::Launch;
-use serde_json::{json, Value};
-
-/// How long any one wait may take before the test fails.
-const WAIT: Duration = Duration::from_secs(60);
-
-const KEY: &str = "the-cluster-key-of-this-test-0123";
-
-/// A free port on loopback: bound, then let go (a start that finds it taken again is
-/// retried whole, `Cluster::start`).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// One node's addresses.
-#[derive(Clone)]
-struct Addrs {
-    api: String,
-    raft: String,
-}
-
-/// A cluster of three nodes on loopback, some of them running.
-struct Cluster {
-    dir: tempfile::TempDir,
-    addrs: BTreeMap<u64, Addrs>,
-    nodes: BTreeMap<u64, ChildServer>,
-}
-
-impl Cluster {
-    /// Starts the nodes `running` of a three-node cluster (each with the same `--peers`),
-    /// on fresh ports; a start that fails (a port taken meanwhile) is retried on others.
-    fn start(running: &[u64]) -> Cluster {
-        let mut last = String::new();
-        for _ in 0..5 {
-            let dir = tempfile::tempdir().expect("tempdir");
-            std::fs::write(dir.path().join("cluster.key"), format!("{KEY}\n")).unwrap();
-            let addrs: BTreeMap<u64, Addrs> = (1..=3)
-                .map(|id| {
-                    let addrs = Addrs {
-                        api: format!("127.0.0.1:{}", free_port()),
-                        raft: format!("127.0.0.1:{}", free_port()),
-                    };
-                    (id, addrs)
-                })
-                .collect();
-            let mut cluster = Cluster {
-                dir,
-                addrs,
-                nodes: BTreeMap::new(),
-            };
-            match running.iter().try_for_each(|id| cluster.launch(*id)) {
-                Ok(()) => return cluster,
-                Err(err) => last = err,
-            }
-        }
-        panic!("the cluster did not start in 5 tries: {last}");
-    }
-
-    fn peers(&self) -> String {
-        let peers: Vec<String> = self
-            .addrs
-            .iter()
-            .map(|(id, a)| format!("{id}={}@{}", a.api, a.raft))
-            .collect();
-        peers.join(",")
-    }
-
-    fn data_dir(&self, id: u64) -> PathBuf {
-        self.dir.path().join(format!("node-{id}"))
-    }
-
-    fn command(&self, id: u64) -> Command {
-        self.command_with(id, &self.peers())
-    }
-
-    /// Node `id`'s command, with `peers` for `--peers`.
-    fn command_with(&self, id: u64, peers: &str) -> Command {
-        let data = self.data_dir(id);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stockd"));
-        cmd.arg("serve")
-            .args(["--listen", &self.addrs[&id].api])
-            .arg("--data-dir")
-            .arg(data.join("data"))
-            .arg("--snapshot-dir")
-            .arg(data.join("snapshots"))
-            .args(["--node-id", &id.to_string()])
-            .args(["--peers", peers])
-            .arg("--cluster-key-file")
-            .arg(self.dir.path().join("cluster.key"))
-            .env("RUST_LOG", "warn");
-        cmd
-    }
-
-    fn launch(&mut self, id: u64) -> Result<(), String> {
-        let launch = Launch::command(self.command(id)).timeout(WAIT);
-        let server = ChildServer::try_start(launch, self.data_dir(id).join("data"))
-            .map_err(|e| format!("node {id}: {e}"))?;
-        self.nodes.insert(id, server);
-        Ok(())
-    }
-
-    fn client(&self, id: u64) -> &Client {
-        &self.nodes[&id].client
-    }
-
-    /// `GET /v1/cluster` of every running node, once each answers it and all of them
-    /// name the same leader, a running one, in the same term. Returns the statuses.
-    async fn agreed(&self) -> BTreeMap<u64, Value> {
-        let deadline = Instant::now() + WAIT;
-        let running: Vec<u64> = self.nodes.keys().copied().collect();
-        loop {
-            let mut statuses = BTreeMap::new();
-            for (id, node) in &self.nodes {
-                let answer = node
-                    .client
-                    .send(reqwest::Method::GET, "/v1/cluster", None, &[])
-                    .await;
-                if let Ok(a) = answer {
-                    if a.status == 200 {
-                        statuses.insert(*id, a.body);
-                    }
-                }
-            }
-            if statuses.len() == running.len() {
-                let first = statuses.values().next().expect("a running node");
-                let (leader, term) = (&first["leader"], &first["term"]);
-                let agreed = leader.as_u64().is_some_and(|l| running.contains(&l))
-                    && statuses
-                        .values()
-                        .all(|s| &s["leader"] == leader && &s["term"] == term);
-                if agreed {
-                    return statuses;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the nodes agree on a leader within {WAIT:?}: {statuses:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Cluster {
-    /// `agreed`, once every running node has also applied everything in the leader's log
-    /// (the membership and the leader's first entry at least).
-    async fn caught_up(&self) -> BTreeMap<u64, Value> {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let statuses = self.agreed().await;
-            let last = statuses[&leader_of(&statuses)]["last_seq"]
-                .as_u64()
-                .unwrap();
-            if last >= 2 && statuses.values().all(|s| s["applied_seq"] == last) {
-                return statuses;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "every node applies the leader's log within {WAIT:?}: {statuses:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-fn leader_of(statuses: &BTreeMap<u64, Value>) -> u64 {
-    statuses.values().next().unwrap()["leader"]
-        .as_u64()
-        .unwrap()
-}
-
-/// Asserts that `value` fits the schema `name` of the OpenAPI document
-/// (`src/http/openapi.json`), naming every mismatch.
-fn fits(name: &str, value: &Value) {
-    let mut root: Value = serde_json::from_str(stockd::http::router::OPENAPI).unwrap();
-    root["$ref"] = json!(format!("#/components/schemas/{name}"));
-    root["$schema"] = json!("https://json-schema.org/draft/2020-12/schema");
-    let validator = jsonschema::options()
-        .should_validate_formats(true)
-        .build(&root)
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
-    let errors: Vec<String> = validator
-        .iter_errors(value)
-        .map(|e| format!("{e} at {}", e.instance_path()))
-        .collect();
-    assert!(errors.is_empty(), "{name}: {value}: {errors:#?}");
-}
-
-/// A client that shows redirects instead of following them.
-fn no_redirects() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
+use serde_json::Value;
 
 /// Fails unless `$cond`, with the message.
 macro_rules! check {
@@ -225,8 +27,8 @@ macro_rules! check {
     };
 }
 
-/// With `leader` leading: `/health` on the leader and on a follower (naming its leader),
-/// `?role=leader` refused on both (no leader serves yet), and the follower's 307s to the
+/// With `leader` leading and serving: `/health` on the leader and on a follower (naming
+/// its leader), `?role=leader` 200 on the leader only, and the follower's 307s to the
 /// leader, with the same path and query.
 async fn roles_and_redirects(cluster: &Cluster, leader: u64) -> Result<(), String> {
     let health = cluster.client(leader).get("/health").await;
@@ -244,13 +46,16 @@ async fn roles_and_redirects(cluster: &Cluster, leader: u64) -> Result<(), Strin
         "a follower's /health: {health:?}"
     );
     fits("Health", &health.body);
-    for id in [leader, follower] {
-        let a = cluster.client(id).get("/health?role=leader").await;
-        check!(
-            a.status == 503 && a.code() == "unavailable" && a.header("retry-after") == Some("1"),
-            "node {id}'s /health?role=leader: {a:?}"
-        );
-    }
+    let a = cluster.client(leader).get("/health?role=leader").await;
+    check!(
+        a.status == 200 && a.body["role"] == "leader",
+        "the leader's /health?role=leader: {a:?}"
+    );
+    let a = cluster.client(follower).get("/health?role=leader").await;
+    check!(
+        a.status == 503 && a.code() == "unavailable" && a.header("retry-after") == Some("1"),
+        "a follower's /health?role=leader: {a:?}"
+    );
     let base = &cluster.client(follower).base;
     let leader_api = &cluster.addrs[&leader].api;
     let http = no_redirects();
@@ -345,10 +150,10 @@ async fn three_nodes_elect_a_leader_and_agree_on_the_cluster() {
     }
 
     // /health, and a follower's redirects, by role. A leader change meanwhile (a loaded
-    // machine) makes one try fail: it is tried again with the leader agreed on then.
+    // machine) makes one try fail: it is tried again with the leader serving then.
     let mut tries = 0;
     let leader = loop {
-        let leader = leader_of(&cluster.agreed().await);
+        let leader = cluster.serving().await;
         match roles_and_redirects(&cluster, leader).await {
             Ok(()) => break leader,
             Err(err) if tries < 5 => {
@@ -359,28 +164,33 @@ async fn three_nodes_elect_a_leader_and_agree_on_the_cluster() {
         }
     };
     let follower = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
-    // Following the redirect reaches the leader, which does not serve yet.
-    let followed = cluster.client(follower).get("/v1/products?limit=5").await;
-    followed.assert_problem(503, "unavailable");
-    assert_eq!(followed.header("retry-after"), Some("1"));
+    // A change sent to a follower follows its redirect to the leader, which stores it on
+    // a majority before it answers; every node then holds it.
     let created = cluster
-        .client(leader)
+        .client(follower)
         .post(
             "/v1/products",
             serde_json::json!({"sku": "A-1", "name": "A", "on_hand": 1}),
         )
         .await;
-    created.assert_problem(503, "unavailable");
-    // Nothing was stored anywhere by the refused mutation: in the same term the log has
-    // not grown; after an election meanwhile (a loaded machine), by at most one first
-    // entry per new term.
+    assert_eq!(created.status, 201, "{created:?}");
+    let followed = cluster.client(follower).get("/v1/products?limit=5").await;
+    assert_eq!(followed.status, 200, "{followed:?}");
+    assert_eq!(followed.body["items"][0]["sku"], "A-1", "{followed:?}");
     let after = cluster.caught_up().await;
     for (id, status) in &after {
-        let grew =
-            status["last_seq"].as_u64().unwrap() - statuses[id]["last_seq"].as_u64().unwrap();
-        let terms = status["term"].as_u64().unwrap() - statuses[id]["term"].as_u64().unwrap();
-        assert!(grew <= terms, "node {id}: {status} after {}", statuses[id]);
+        assert!(
+            status["last_seq"].as_u64().unwrap() > statuses[id]["last_seq"].as_u64().unwrap(),
+            "node {id}: {status} after {}",
+            statuses[id]
+        );
     }
+    let (at, digests) = cluster.digests().await;
+    let first = digests.values().next().unwrap();
+    assert!(
+        digests.values().all(|d| d == first),
+        "the same state at {at}: {digests:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -411,7 +221,7 @@ async fn a_new_leader_is_elected_after_kill_9_of_the_leader() {
     // leader agreed on then, should the two elect another meanwhile).
     let mut tries = 0;
     loop {
-        let leader = leader_of(&cluster.agreed().await);
+        let leader = cluster.serving().await;
         match roles_and_redirects(&cluster, leader).await {
             Ok(()) => break,
             Err(err) if tries < 5 => {

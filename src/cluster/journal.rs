@@ -2,10 +2,11 @@
 //! their records through (docs/REPLICATION.md, "Proposing: `Journal` replaces
 //! `LogHandle`").
 //!
-//! Today it is only `Local`: the local write-ahead log, whose ticket resolves once the
-//! record is flushed. In a cluster it becomes `Raft(Proposer)`, whose ticket resolves once
-//! the record is committed on a majority and applied on the leader. The calls and their
-//! promises are the same for both, so callers never know which they hold:
+//! A single node's is `Local`: the local write-ahead log, whose ticket resolves once the
+//! record is flushed. A cluster leader's is `Raft`: one epoch's `Proposer`, whose ticket
+//! resolves once the record is committed on a majority and applied on the leader. A
+//! cluster node that does not lead holds `Cluster`, which refuses every record. The calls
+//! and their promises are the same for all, so callers never know which they hold:
 //!
 //! - `append(record)` never blocks, and records are stored in the order they were
 //!   appended (the log order rule, invariant 3 in docs/ARCHITECTURE.md, relies on it);
@@ -18,16 +19,22 @@
 use crate::storage::log::{LogError, LogHandle, LogStats, Ticket};
 use crate::storage::record::Record;
 
+use super::proposer::Proposer;
+
 /// Where records go to become durable. Cheap to clone; every part that logs holds one.
 #[derive(Clone)]
 pub enum Journal {
     /// A single node: the local write-ahead log (group commit, one flush per batch).
     Local(LogHandle),
-    /// A cluster node that does not serve yet (step 4 of docs/REPLICATION.md's plan: the
-    /// leader's `Raft(Proposer)` is step 5): its log holds the cluster's entries, which
-    /// only the engine writes, so every append and barrier is refused (503) and nothing
-    /// is stored. Health and figures are the local log's.
+    /// A cluster node that does not serve (a follower, or a leader between epochs): its
+    /// log holds the cluster's entries, which only the engine writes, so every append and
+    /// barrier is refused (503) and nothing is stored. Health and figures are the local
+    /// log's.
     Cluster(LogHandle),
+    /// A cluster leader's epoch: records become proposals, durable once committed on a
+    /// majority and applied here. Health is the epoch's and the local log's; figures are
+    /// the local log's.
+    Raft { proposer: Proposer, log: LogHandle },
 }
 
 /// Why a cluster node's journal refuses a record.
@@ -47,6 +54,7 @@ impl Journal {
         match self {
             Journal::Local(log) => log.append(record),
             Journal::Cluster(_) => Ticket::refused(not_serving()),
+            Journal::Raft { proposer, .. } => proposer.append(&record),
         }
     }
 
@@ -56,6 +64,7 @@ impl Journal {
         match self {
             Journal::Local(log) => log.barrier(),
             Journal::Cluster(_) => Ticket::refused(not_serving()),
+            Journal::Raft { proposer, .. } => proposer.barrier(),
         }
     }
 
@@ -63,20 +72,23 @@ impl Journal {
     pub fn is_healthy(&self) -> bool {
         match self {
             Journal::Local(log) | Journal::Cluster(log) => log.is_healthy(),
+            Journal::Raft { proposer, log } => proposer.is_healthy() && log.is_healthy(),
         }
     }
 
     /// Sequence number of the last record known to be durable (0 if none).
     pub fn durable_seq(&self) -> u64 {
         match self {
-            Journal::Local(log) | Journal::Cluster(log) => log.durable_seq(),
+            Journal::Local(log) | Journal::Cluster(log) | Journal::Raft { log, .. } => {
+                log.durable_seq()
+            }
         }
     }
 
     /// The local write-ahead log's figures since start (`GET /metrics`).
     pub fn log_stats(&self) -> LogStats {
         match self {
-            Journal::Local(log) | Journal::Cluster(log) => log.stats(),
+            Journal::Local(log) | Journal::Cluster(log) | Journal::Raft { log, .. } => log.stats(),
         }
     }
 
@@ -84,7 +96,9 @@ impl Journal {
     #[doc(hidden)]
     pub fn inject_write_failure(&self) {
         match self {
-            Journal::Local(log) | Journal::Cluster(log) => log.inject_write_failure(),
+            Journal::Local(log) | Journal::Cluster(log) | Journal::Raft { log, .. } => {
+                log.inject_write_failure()
+            }
         }
     }
 }

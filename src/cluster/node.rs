@@ -69,6 +69,12 @@ pub struct ClusterNode {
     id: NodeId,
     log: ClusterLog,
     roles: JoinHandle<()>,
+    /// The term in which this node's leadership serves (`None`: it does not); its role is
+    /// `Leader { ready: true }` only while this is the engine's current term.
+    serving: watch::Sender<Option<u64>>,
+    /// How long after a majority last acknowledged it this node may still answer reads
+    /// as the leader (`lease_holds`).
+    lease: std::time::Duration,
 }
 
 impl ClusterNode {
@@ -105,11 +111,20 @@ impl ClusterNode {
             Ok(raft) => raft,
             Err(err) => return Err(fail(&log, err.to_string())),
         };
+        let (serving, serving_rx) = watch::channel(None);
+        let lease = std::time::Duration::from_millis(raft.config().election_timeout_min);
         let node = ClusterNode {
-            roles: tokio::spawn(publish_roles(raft.clone(), settings.node_id, role)),
+            roles: tokio::spawn(publish_roles(
+                raft.clone(),
+                settings.node_id,
+                role,
+                serving_rx,
+            )),
             raft,
             id: settings.node_id,
             log,
+            serving,
+            lease,
         };
         if let Err(err) = node.initialize(settings).await {
             node.shutdown().await;
@@ -175,6 +190,103 @@ impl ClusterNode {
         &self.raft
     }
 
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The term this node leads in now (`None`: it does not lead, or its engine stopped).
+    pub fn leading_term(&self) -> Option<u64> {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        (m.state == ServerState::Leader && m.running_state.is_ok()).then_some(m.current_term)
+    }
+
+    /// Waits until this node leads; returns the term (`None`: the engine stopped).
+    pub async fn leading(&self) -> Option<u64> {
+        let mut metrics = self.raft.metrics();
+        loop {
+            if let Some(term) = self.leading_term() {
+                return Some(term);
+            }
+            if metrics.borrow_watched().running_state.is_err() || metrics.changed().await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Resolves once this node no longer leads in `term` (or its engine stopped).
+    pub async fn deposed(&self, term: u64) {
+        let mut metrics = self.raft.metrics();
+        while self.leading_term() == Some(term) {
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Writes a blank entry and waits until it is applied here: every entry before it is
+    /// then applied too. Returns its log sequence. Fails if this node does not lead, or
+    /// the entry is not applied within `proposer::COMMIT_DEADLINE`.
+    pub async fn write_blank(&self) -> Result<u64, String> {
+        let deadline = super::proposer::COMMIT_DEADLINE;
+        let written = tokio::time::timeout(deadline, self.raft.write_blank())
+            .await
+            .map_err(|_| format!("a blank entry was not applied within {deadline:?}"))?
+            .map_err(|err| format!("a blank entry failed: {err}"))?;
+        Ok(seq_of(written.log_id.index))
+    }
+
+    /// A copy of the state the state machine has folded (every entry applied so far).
+    pub async fn applied_state(&self) -> Result<crate::storage::fold::State, String> {
+        self.raft
+            .with_state_machine(|sm: &mut StockSm| Box::pin(async move { sm.state().clone() }))
+            .await
+            .map_err(|err| format!("cannot read the state machine: {err}"))
+    }
+
+    /// The digest of the state the state machine has folded, and the last entry it folded
+    /// (`GET /v1/admin/cluster/digest`): equal on every node at the same position.
+    pub async fn digest(&self) -> Result<(u64, [u8; 32]), String> {
+        self.raft
+            .with_state_machine(|sm: &mut StockSm| {
+                Box::pin(async move {
+                    let state = sm.state();
+                    let applied = state.raft.as_ref().and_then(|r| r.last_applied);
+                    (applied.map_or(0, |pos| pos.seq), state.digest())
+                })
+            })
+            .await
+            .map_err(|err| format!("cannot read the state machine: {err}"))
+    }
+
+    /// A proposer for `epoch`, which this node must lead in (its proposals are refused
+    /// otherwise).
+    pub fn proposer(&self, epoch: crate::storage::entry::Epoch) -> super::proposer::Proposer {
+        super::proposer::Proposer::start(self.raft.clone(), epoch)
+    }
+
+    /// Says that this node's leadership serves in `term` (`None`: it stopped serving).
+    /// The role becomes `Leader { ready: true }` while `term` is the engine's current
+    /// term and this node leads in it.
+    pub fn set_serving(&self, term: Option<u64>) {
+        self.serving.send_replace(term);
+    }
+
+    /// Whether this node may answer a read as the leader now: it leads, and a majority
+    /// acknowledged it less than a lease ago (the shortest election timeout: no other
+    /// node can have been elected since). Read from the engine's metrics, with no round
+    /// trip (docs/REPLICATION.md, "Reads and expiry on the leader").
+    pub fn lease_holds(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        m.state == ServerState::Leader
+            && m.running_state.is_ok()
+            && m.last_quorum_acked
+                .as_ref()
+                .is_some_and(|at| at.elapsed() < self.lease)
+    }
+
     /// The local log's writer.
     pub fn log(&self) -> &LogHandle {
         self.log.handle()
@@ -206,23 +318,33 @@ impl ClusterNode {
     }
 }
 
-/// The role the engine's metrics show: an engine that stopped has no leader.
-fn role_of(m: &RaftMetrics<Tc>) -> Role {
+/// The role the engine's metrics show, with the term this node's leadership serves in
+/// (`serving`): an engine that stopped has no leader.
+fn role_of(m: &RaftMetrics<Tc>, serving: Option<u64>) -> Role {
     if m.running_state.is_err() {
         return Role::Leaderless;
     }
     match (m.state, m.current_leader) {
-        (ServerState::Leader, _) => Role::Leader { ready: false },
+        (ServerState::Leader, _) => Role::Leader {
+            ready: serving == Some(m.current_term),
+        },
         (_, Some(leader)) if leader != m.id => Role::Follower { leader },
         _ => Role::Leaderless,
     }
 }
 
-/// Publishes the role each time the engine's metrics change, until the engine stops.
-async fn publish_roles(raft: Raft, id: NodeId, role: watch::Sender<Role>) {
+/// Publishes the role each time the engine's metrics or the serving term change, until
+/// the engine stops.
+async fn publish_roles(
+    raft: Raft,
+    id: NodeId,
+    role: watch::Sender<Role>,
+    mut serving: watch::Receiver<Option<u64>>,
+) {
     let mut metrics = raft.metrics();
     loop {
-        let now = role_of(&metrics.borrow_and_update());
+        let term = *serving.borrow_and_update();
+        let now = role_of(&metrics.borrow_and_update(), term);
         let before = role.send_replace(now);
         if before != now {
             tracing::info!(
@@ -232,7 +354,12 @@ async fn publish_roles(raft: Raft, id: NodeId, role: watch::Sender<Role>) {
                 "role"
             );
         }
-        if metrics.changed().await.is_err() {
+        let stopped = tokio::select! {
+            changed = metrics.changed() => changed.is_err(),
+            // The sender lives as long as the node: an error here is its end too.
+            changed = serving.changed() => changed.is_err(),
+        };
+        if stopped {
             role.send_replace(Role::Leaderless);
             return;
         }
@@ -258,7 +385,7 @@ fn status_of(m: &RaftMetrics<Tc>, durable: u64) -> Status {
         .collect();
     Status {
         node_id: m.id,
-        role: role_of(m).as_str(),
+        role: role_of(m, None).as_str(),
         term: m.current_term,
         leader: m.current_leader,
         members,

@@ -48,6 +48,7 @@ use openraft::error::ClientWriteError;
 use openraft::impls::ProgressResponder;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::storage::entry::{Epoch, Outcome};
 use crate::storage::log::{LogError, Ticket};
@@ -123,6 +124,10 @@ pub struct Proposer {
     submit: mpsc::UnboundedSender<Submit>,
     poisoned: Arc<AtomicBool>,
     poison: watch::Receiver<Option<Failure>>,
+    /// Asks the submitter to hand nothing more to the engine (`close`).
+    closing: CancellationToken,
+    /// The submitter's task, awaited by `close`.
+    submitting: Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 impl Proposer {
@@ -135,21 +140,43 @@ impl Proposer {
         let (complete, completing) = mpsc::unbounded_channel();
         let (poison_tx, poison) = watch::channel(None::<Failure>);
         let poisoned = Arc::new(AtomicBool::new(false));
-        let submitting = submitter(
+        let closing = CancellationToken::new();
+        let submitting = tokio::spawn(submitter(
             raft,
             epoch,
             submitted,
             complete,
             poisoned.clone(),
             poison.clone(),
-        );
-        tokio::spawn(submitting);
+            closing.clone(),
+        ));
         tokio::spawn(completer(epoch, completing, poisoned.clone(), poison_tx));
         Proposer {
             epoch,
             submit,
             poisoned,
             poison,
+            closing,
+            submitting: Arc::new(tokio::sync::Mutex::new(Some(submitting))),
+        }
+    }
+
+    /// Ends the epoch: every record appended from now on, and every one still queued, is
+    /// refused (`NotCommitted`), and once this returns **nothing more of the epoch reaches
+    /// the engine**. The records already handed over keep their tickets, which resolve
+    /// from the engine's answers (or at the deadline), like any others.
+    ///
+    /// The next epoch's owner calls this before anything that must come after every record
+    /// of this one in the log (a blank entry, then the copy of the state the next epoch
+    /// starts from): a record handed over after it would be folded into the committed
+    /// state but not into the next epoch's actors.
+    pub async fn close(&self) {
+        self.poisoned.store(true, Ordering::Release);
+        self.closing.cancel();
+        let task = self.submitting.lock().await.take();
+        if let Some(task) = task {
+            // A panicked submitter hands nothing over either.
+            let _ = task.await;
         }
     }
 
@@ -218,13 +245,32 @@ async fn submitter(
     complete: mpsc::UnboundedSender<Complete>,
     poisoned: Arc<AtomicBool>,
     poison: watch::Receiver<Option<Failure>>,
+    closing: CancellationToken,
 ) {
     let ended = |poison: &watch::Receiver<Option<Failure>>| {
         let reason = poison.borrow().as_ref().map(|f| f.reason().to_string());
         Failure::NotCommitted(reason.unwrap_or_else(|| "the epoch has ended".into()))
     };
     let mut n = 0;
-    while let Some(item) = submitted.recv().await {
+    loop {
+        // Closing is noticed only between records, never while one is being handed over:
+        // once `close` has awaited this task, nothing more reaches the engine.
+        let item = tokio::select! {
+            biased;
+            _ = closing.cancelled() => None,
+            item = submitted.recv() => item,
+        };
+        let Some(item) = item else {
+            // Closed (or every clone dropped): what is still queued was never handed over.
+            submitted.close();
+            while let Ok(item) = submitted.try_recv() {
+                let reply = match item {
+                    Submit::Record(_, reply) | Submit::Barrier(reply) => reply,
+                };
+                let _ = reply.send(Err(ended(&poison).error()));
+            }
+            return;
+        };
         let next = match item {
             Submit::Barrier(reply) => Complete::Barrier(reply),
             // Nothing more is proposed in a poisoned epoch: never handed over, so never

@@ -32,7 +32,10 @@ use problem::Problem;
 
 /// Everything a handler needs, shared by all requests (behind one `Arc`; see `routes`).
 pub struct App {
-    pub service: Service,
+    /// The service requests are answered by. A single node's never changes; a cluster
+    /// node's is its leadership's epoch's while it serves, and a standby otherwise
+    /// (`crate::leadership`). A request loads it once, without a lock.
+    pub service: Arc<arc_swap::ArcSwap<Service>>,
     /// Admission control: requests beyond `REQUESTS_IN_FLIGHT_MAX` get 503 at once.
     pub in_flight: Arc<Semaphore>,
     /// `GET /metrics` in flight: limited on its own (`SCRAPES_IN_FLIGHT_MAX`), never by
@@ -75,7 +78,7 @@ impl App {
             limiter
         });
         App {
-            service,
+            service: Arc::new(arc_swap::ArcSwap::from_pointee(service)),
             in_flight: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),
             scrapes: Arc::new(Semaphore::new(SCRAPES_IN_FLIGHT_MAX)),
             responses: metrics::Responses::default(),

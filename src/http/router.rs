@@ -43,6 +43,7 @@ enum Endpoint {
     RevokeKey(String),
     Events,
     Cluster,
+    ClusterDigest,
     CreateWebhook,
     ListWebhooks,
     GetWebhook(String),
@@ -76,6 +77,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("/v1/admin/keys/{id}", "DELETE"),
     ("/v1/events", "GET, HEAD"),
     ("/v1/cluster", "GET, HEAD"),
+    ("/v1/admin/cluster/digest", "GET, HEAD"),
     ("/v1/webhooks", "GET, HEAD, POST"),
     ("/v1/webhooks/{id}", "GET, HEAD, DELETE"),
     ("/v1/webhooks/{id}/enable", "POST"),
@@ -188,6 +190,10 @@ fn route(method: &Method, path: &str) -> Route {
         ),
         ["v1", "events"] => pick(const { allow("/v1/events") }, read.then_some(Events)),
         ["v1", "cluster"] => pick(const { allow("/v1/cluster") }, read.then_some(Cluster)),
+        ["v1", "admin", "cluster", "digest"] => pick(
+            const { allow("/v1/admin/cluster/digest") },
+            read.then_some(ClusterDigest),
+        ),
         ["v1", "webhooks"] => pick(
             const { allow("/v1/webhooks") },
             match *m {
@@ -248,7 +254,7 @@ fn scope(endpoint: &Endpoint) -> Option<Scope> {
         CreateProduct | PatchProduct(_) | DeleteProduct(_) | Replenish(_) | Adjust(_) => {
             Some(Scope::Stock)
         }
-        Snapshot | CreateKey | ListKeys | RevokeKey(_) => Some(Scope::Admin),
+        Snapshot | CreateKey | ListKeys | RevokeKey(_) | ClusterDigest => Some(Scope::Admin),
         // Webhooks hold signing secrets and make the server call out: admin, reads too.
         CreateWebhook | ListWebhooks | GetWebhook(_) | DeleteWebhook(_) | EnableWebhook(_) => {
             Some(Scope::Admin)
@@ -339,7 +345,7 @@ fn refused_in(role: Role, endpoint: &Endpoint) -> Option<Problem> {
     if role.serves()
         || matches!(
             endpoint,
-            Health | Index | Dashboard(_) | Metrics | OpenApi | Cluster
+            Health | Index | Dashboard(_) | Metrics | OpenApi | Cluster | ClusterDigest
         )
     {
         return None;
@@ -359,9 +365,15 @@ fn refused_in(role: Role, endpoint: &Endpoint) -> Option<Problem> {
 
 async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> Result<Reply> {
     use Endpoint::*;
-    let svc = &app.service;
-    // Read once: the role the whole request is answered in.
-    let role = *app.role.borrow();
+    // Read once each: the role and the service the whole request is answered in.
+    let mut role = *app.role.borrow();
+    let svc = app.service.load();
+    let svc: &crate::service::Service = &svc;
+    // A cluster node's role and service change one after the other (the service first
+    // when an epoch begins, the role first when it ends): it serves only when both say so.
+    if role.serves() && !svc.serves {
+        role = Role::Leader { ready: false };
+    }
     if let Some(problem) = refused_in(role, &endpoint) {
         // A follower sends the client to its leader, if it knows where that is.
         if let (Role::Follower { leader }, Some(cluster)) = (role, &app.cluster) {
@@ -387,9 +399,36 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
             | ListKeys
             | Events
             | Cluster
+            | ClusterDigest
             | ListWebhooks
             | GetWebhook(_)
     );
+    // A cluster leader answers reads only within its lease: past it, another node may
+    // have been elected and have changed what this one would answer.
+    let application_read = read
+        && !matches!(
+            endpoint,
+            Index | Dashboard(_) | Metrics | OpenApi | Cluster | ClusterDigest
+        );
+    if let (true, Some(cluster)) = (application_read, &app.cluster) {
+        if !cluster.lease_holds() {
+            return Err(Problem::new(
+                503,
+                "unavailable",
+                "this leader has not heard from a majority of the cluster within its lease; \
+                 retry (another node may be leading now)",
+            )
+            .header(header::RETRY_AFTER, "1"));
+        }
+    }
+    if !read && !svc.log_healthy() && app.cluster.is_some() {
+        return Err(Problem::new(
+            503,
+            "unavailable",
+            "this node's leadership is ending; retry (on the next leader)",
+        )
+        .header(header::RETRY_AFTER, "1"));
+    }
     if !read && !svc.log_healthy() {
         return Err(Problem::new(
             503,
@@ -415,6 +454,20 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
                 ),
             },
         )),
+        ClusterDigest => {
+            let (seq, digest) = match &app.cluster {
+                Some(cluster) => cluster
+                    .digest()
+                    .await
+                    .map_err(crate::error::Error::Unavailable)?,
+                None => svc.durable_digest().await?,
+            };
+            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({"applied_seq": seq, "digest": hex}),
+            ))
+        }
         Index => Ok(crate::http::dashboard::index(&req.headers)),
         Dashboard(asset) => Ok(crate::http::dashboard::asset(asset, &req.headers)),
         Metrics => metrics(app).await,
@@ -701,7 +754,7 @@ fn health(role: Role, query: &str) -> Result<Reply> {
 }
 
 async fn metrics(app: &App) -> Result<Reply> {
-    let svc = &app.service;
+    let svc = app.service.load();
     let text = crate::http::metrics::render(&crate::http::metrics::Figures {
         responses: &app.responses,
         in_flight: app.requests_in_flight(),
@@ -807,6 +860,7 @@ mod tests {
             RevokeKey(_) => "/v1/admin/keys/{id}",
             Events => "/v1/events",
             Cluster => "/v1/cluster",
+            ClusterDigest => "/v1/admin/cluster/digest",
             CreateWebhook | ListWebhooks => "/v1/webhooks",
             GetWebhook(_) | DeleteWebhook(_) => "/v1/webhooks/{id}",
             EnableWebhook(_) => "/v1/webhooks/{id}/enable",
@@ -911,6 +965,7 @@ mod tests {
             "/metrics",
             "/openapi.json",
             "/v1/cluster",
+            "/v1/admin/cluster/digest",
             "/",
             "/dashboard",
             "/dashboard/app.js",
@@ -1074,7 +1129,7 @@ mod tests {
                 checked += 1;
             }
         }
-        assert_eq!(checked, 45);
+        assert_eq!(checked, 47);
     }
 
     /// Each documented operation's `security` names the scope the router asks for (as

@@ -1,0 +1,256 @@
+//! A cluster node's leadership: while this node leads, it serves in **epochs**
+//! (docs/REPLICATION.md, "Gaining and losing the leadership").
+//!
+//! An epoch `(term, k)` is one run of serving: a supervisor and its product actors built
+//! from the committed state, a `Proposer` that carries their records into the replicated
+//! log, the keyring's table from the same state, and a clock that never runs behind the
+//! newest time in the log. HTTP's service is the epoch's while it lasts, and a standby
+//! (an empty state whose journal refuses every record) otherwise.
+//!
+//! **Beginning an epoch** (the node leads in `term`):
+//! 1. A blank entry is written and awaited: once it is applied, every entry before it is
+//!    folded into the state machine's state (or skipped by the epoch chain), this node's
+//!    earlier epochs' included.
+//! 2. That state is copied (the state machine keeps folding its own copy: the committed
+//!    state is always at hand, and ending an epoch needs no rebuild).
+//! 3. The epoch is `(term, k)`, `k` past every epoch of `term` the log or this node has
+//!    seen, so its first proposal opens a new chain.
+//! 4. The supervisor starts from the copy with the epoch's journal and a `FloorClock`
+//!    whose floor is the state's `clock_floor`; the keyring gets the state's keys; the
+//!    reservations that are overdue are expired (their records are the epoch's first).
+//! 5. The service becomes the epoch's, then the role `Leader { ready: true }`.
+//!
+//! **Ending it** (the node no longer leads in `term`, a proposal failed, or the server
+//! stops): the role stops being ready, the service becomes the standby, the proposer is
+//! closed (nothing more of the epoch reaches the engine; what it already took resolves
+//! from the engine's answers), and the supervisor and its actors are stopped. What the
+//! actors decided and the log will never hold is dropped with them: the next epoch starts
+//! from the committed state again. If this node still leads, the next epoch begins at once.
+//!
+//! Expiry and retention run in the epoch's supervisor only, so only on the leader; a
+//! deposed leader's expiries are proposals of a term that has passed, which the engine
+//! refuses, or which the chain skips.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use ractor::{Actor, ActorRef};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::actors::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
+use crate::clock::{FloorClock, SharedClock};
+use crate::cluster::node::ClusterNode;
+use crate::cluster::proposer::Proposer;
+use crate::cluster::Journal;
+use crate::keyring::Keyring;
+use crate::service::Service;
+use crate::storage::entry::Epoch;
+use crate::storage::log::LogHandle;
+use crate::storage::snapshotter::Snapshotter;
+use crate::storage::Durability;
+
+/// How long to wait before trying again to begin an epoch that could not begin.
+const RETRY_AFTER: Duration = Duration::from_millis(100);
+
+/// A leader that cannot begin an epoch says so every this many tries (a second's worth).
+const WARN_EVERY_TRIES: u32 = 10;
+
+/// How long an ending epoch's supervisor and actors get to stop.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What every epoch is built with.
+pub struct LeadershipArgs {
+    pub node: Arc<ClusterNode>,
+    /// The service HTTP answers with (`http::App::service`).
+    pub slot: Arc<ArcSwap<Service>>,
+    /// The service between epochs.
+    pub standby: Arc<Service>,
+    pub keyring: Arc<Keyring>,
+    /// The node's clock; each epoch reads it through a `FloorClock`.
+    pub clock: SharedClock,
+    /// The local log (its figures, and its health).
+    pub log: LogHandle,
+    pub snapshotter: Snapshotter,
+    pub passivate_after: Option<Duration>,
+    pub retention_ms: i64,
+    pub default_ttl_seconds: u64,
+}
+
+/// The running leadership task.
+pub struct Leadership {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Leadership {
+    /// Starts watching the node's engine: an epoch begins each time it leads.
+    pub fn start(args: LeadershipArgs) -> Leadership {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(args, stop.clone()));
+        Leadership { stop, task }
+    }
+
+    /// Ends the epoch being served, if any, and stops. Requests still waiting for their
+    /// records get their answers from the engine (or 503).
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// An epoch being served.
+struct Serving {
+    epoch: Epoch,
+    proposer: Proposer,
+    supervisor: ActorRef<SupervisorMsg>,
+}
+
+async fn run(args: LeadershipArgs, stop: CancellationToken) {
+    let mut last: Option<Epoch> = None;
+    // Failed tries to begin an epoch in the same term, in a row.
+    let (mut tried_in, mut tries) = (None, 0u32);
+    loop {
+        let term = tokio::select! {
+            _ = stop.cancelled() => return,
+            term = args.node.leading() => match term {
+                Some(term) => term,
+                None => return, // the engine stopped
+            },
+        };
+        // Not cancelled midway: an epoch half begun would have nobody to end it. Every
+        // wait in it is bounded.
+        let begun = begin(&args, term, last).await;
+        let serving = match begun {
+            Ok(serving) => serving,
+            Err(why) => {
+                // A new leader's first tries are refused until a majority has acknowledged
+                // it: only a leader that keeps failing is worth a warning.
+                tries = if tried_in == Some(term) { tries + 1 } else { 1 };
+                tried_in = Some(term);
+                if tries % WARN_EVERY_TRIES == 0 {
+                    tracing::warn!(term, tries, reason = %why, "cannot begin serving as the leader; trying again");
+                } else {
+                    tracing::debug!(term, tries, reason = %why, "cannot begin serving as the leader yet; trying again");
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(RETRY_AFTER) => continue,
+                }
+            }
+        };
+        last = Some(serving.epoch);
+        tried_in = None;
+        let why = tokio::select! {
+            _ = stop.cancelled() => "the server is stopping".to_string(),
+            reason = serving.proposer.poisoned() => format!("a proposal failed: {reason}"),
+            _ = args.node.deposed(term) => "this node no longer leads in its term".to_string(),
+        };
+        end(&args, serving, &why).await;
+        if stop.is_cancelled() {
+            return;
+        }
+    }
+}
+
+/// Begins an epoch in `term` (see the module's documentation); `last` is the epoch this
+/// node served before, if any.
+async fn begin(args: &LeadershipArgs, term: u64, last: Option<Epoch>) -> Result<Serving, String> {
+    let started = Instant::now();
+    let blank_seq = args.node.write_blank().await?;
+    if args.node.leading_term() != Some(term) {
+        return Err("it no longer leads in its term".into());
+    }
+    let state = args.node.applied_state().await?;
+    let meta = state.raft.clone().unwrap_or_default();
+    let applied = meta.last_applied.map_or(0, |pos| pos.seq);
+    if applied < blank_seq {
+        return Err(format!(
+            "the state machine has applied {applied}, before its blank entry {blank_seq}"
+        ));
+    }
+    // Past every epoch of this term that the log holds, and every one this node began
+    // (one whose proposals were all refused leaves nothing in the log).
+    let mut k = match meta.chain.epoch {
+        seen if seen.term == term => seen.k + 1,
+        _ => 1,
+    };
+    if let Some(last) = last.filter(|last| last.term == term) {
+        k = k.max(last.k + 1);
+    }
+    let epoch = Epoch { term, k };
+    let proposer = args.node.proposer(epoch);
+    let journal = Journal::Raft {
+        proposer: proposer.clone(),
+        log: args.log.clone(),
+    };
+    let clock: SharedClock = Arc::new(FloorClock::new(args.clock.clone(), meta.clock_floor));
+    let keys: Vec<_> = state.keys.values().cloned().collect();
+    let supervisor = Supervisor {
+        log: journal.clone(),
+        clock,
+        snapshotter: args.snapshotter.clone(),
+        passivate_after: args.passivate_after,
+        retention_ms: args.retention_ms,
+    };
+    let supervisor = match Actor::spawn(None, supervisor, SupervisorArgs { state }).await {
+        Ok((supervisor, _)) => supervisor,
+        Err(err) => {
+            proposer.close().await;
+            return Err(format!("cannot start the actors: {err}"));
+        }
+    };
+    let service = Service {
+        supervisor: supervisor.clone(),
+        log: journal.clone(),
+        durability: Durability::Sync,
+        default_ttl_seconds: args.default_ttl_seconds,
+        snapshotter: args.snapshotter.clone(),
+        feed: None,
+        serves: true,
+    };
+    args.keyring.begin_epoch(keys, journal).await;
+    let serving = Serving {
+        epoch,
+        proposer,
+        supervisor,
+    };
+    // What fell due while no leader served is expired before anything else is decided.
+    if let Err(err) = service.expire_due_now().await {
+        let why = format!("cannot expire the overdue reservations: {err}");
+        end(args, serving, &why).await;
+        return Err(why);
+    }
+    args.slot.store(Arc::new(service));
+    args.node.set_serving(Some(term));
+    tracing::info!(
+        term,
+        k,
+        applied_seq = applied,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "serving as the leader"
+    );
+    Ok(serving)
+}
+
+/// Ends `serving` (see the module's documentation).
+async fn end(args: &LeadershipArgs, serving: Serving, why: &str) {
+    args.node.set_serving(None);
+    args.slot.store(args.standby.clone());
+    serving.proposer.close().await;
+    let supervisor = serving.supervisor;
+    let _ = crate::actors::ask(&supervisor, SupervisorMsg::PrepareShutdown).await;
+    supervisor
+        .stop_children_and_wait(Some("the epoch ended".into()), Some(STOP_TIMEOUT))
+        .await;
+    let _ = supervisor
+        .stop_and_wait(Some("the epoch ended".into()), Some(STOP_TIMEOUT))
+        .await;
+    tracing::warn!(
+        term = serving.epoch.term,
+        k = serving.epoch.k,
+        reason = why,
+        "stopped serving as the leader"
+    );
+}

@@ -1,0 +1,255 @@
+//! Three real `stockd serve` processes on loopback, started with `--peers`: the harness
+//! the cluster tests share. Every process is a `ChildServer`, killed (SIGKILL) when
+//! dropped, so also when a test fails. Every wait is bounded and generous (a loaded
+//! two-core machine), and waits for a state, never for a time.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use loadtest::server::Launch;
+use serde_json::{json, Value};
+
+use super::{ChildServer, Client};
+
+/// How long any one wait may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+pub const KEY: &str = "the-cluster-key-of-this-test-0123";
+
+/// A free port on loopback: bound, then let go (a start that finds it taken again is
+/// retried whole, `Cluster::start`).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// One node's addresses.
+#[derive(Clone)]
+pub struct Addrs {
+    pub api: String,
+    pub raft: String,
+}
+
+/// A cluster of three nodes on loopback, some of them running.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub addrs: BTreeMap<u64, Addrs>,
+    pub nodes: BTreeMap<u64, ChildServer>,
+}
+
+impl Cluster {
+    /// Starts the nodes `running` of a three-node cluster (each with the same `--peers`),
+    /// on fresh ports; a start that fails (a port taken meanwhile) is retried on others.
+    pub fn start(running: &[u64]) -> Cluster {
+        let mut last = String::new();
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            std::fs::write(dir.path().join("cluster.key"), format!("{KEY}\n")).unwrap();
+            let addrs: BTreeMap<u64, Addrs> = (1..=3)
+                .map(|id| {
+                    let addrs = Addrs {
+                        api: format!("127.0.0.1:{}", free_port()),
+                        raft: format!("127.0.0.1:{}", free_port()),
+                    };
+                    (id, addrs)
+                })
+                .collect();
+            let mut cluster = Cluster {
+                dir,
+                addrs,
+                nodes: BTreeMap::new(),
+            };
+            match running.iter().try_for_each(|id| cluster.launch(*id)) {
+                Ok(()) => return cluster,
+                Err(err) => last = err,
+            }
+        }
+        panic!("the cluster did not start in 5 tries: {last}");
+    }
+
+    pub fn peers(&self) -> String {
+        let peers: Vec<String> = self
+            .addrs
+            .iter()
+            .map(|(id, a)| format!("{id}={}@{}", a.api, a.raft))
+            .collect();
+        peers.join(",")
+    }
+
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("node-{id}"))
+    }
+
+    pub fn command(&self, id: u64) -> Command {
+        self.command_with(id, &self.peers())
+    }
+
+    /// Node `id`'s command, with `peers` for `--peers`.
+    pub fn command_with(&self, id: u64, peers: &str) -> Command {
+        let data = self.data_dir(id);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stockd"));
+        cmd.arg("serve")
+            .args(["--listen", &self.addrs[&id].api])
+            .arg("--data-dir")
+            .arg(data.join("data"))
+            .arg("--snapshot-dir")
+            .arg(data.join("snapshots"))
+            .args(["--node-id", &id.to_string()])
+            .args(["--peers", peers])
+            .arg("--cluster-key-file")
+            .arg(self.dir.path().join("cluster.key"))
+            .env("RUST_LOG", "warn");
+        cmd
+    }
+
+    pub fn launch(&mut self, id: u64) -> Result<(), String> {
+        let launch = Launch::command(self.command(id)).timeout(WAIT);
+        let server = ChildServer::try_start(launch, self.data_dir(id).join("data"))
+            .map_err(|e| format!("node {id}: {e}"))?;
+        self.nodes.insert(id, server);
+        Ok(())
+    }
+
+    pub fn client(&self, id: u64) -> &Client {
+        &self.nodes[&id].client
+    }
+
+    /// `GET /v1/cluster` of every running node, once each answers it and all of them
+    /// name the same leader, a running one, in the same term. Returns the statuses.
+    pub async fn agreed(&self) -> BTreeMap<u64, Value> {
+        let deadline = Instant::now() + WAIT;
+        let running: Vec<u64> = self.nodes.keys().copied().collect();
+        loop {
+            let mut statuses = BTreeMap::new();
+            for (id, node) in &self.nodes {
+                let answer = node
+                    .client
+                    .send(reqwest::Method::GET, "/v1/cluster", None, &[])
+                    .await;
+                if let Ok(a) = answer {
+                    if a.status == 200 {
+                        statuses.insert(*id, a.body);
+                    }
+                }
+            }
+            if statuses.len() == running.len() {
+                let first = statuses.values().next().expect("a running node");
+                let (leader, term) = (&first["leader"], &first["term"]);
+                let agreed = leader.as_u64().is_some_and(|l| running.contains(&l))
+                    && statuses
+                        .values()
+                        .all(|s| &s["leader"] == leader && &s["term"] == term);
+                if agreed {
+                    return statuses;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the nodes agree on a leader within {WAIT:?}: {statuses:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Cluster {
+    /// `agreed`, once every running node has also applied everything in the leader's log
+    /// (the membership and the leader's first entry at least).
+    pub async fn caught_up(&self) -> BTreeMap<u64, Value> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let statuses = self.agreed().await;
+            let last = statuses[&leader_of(&statuses)]["last_seq"]
+                .as_u64()
+                .unwrap();
+            if last >= 2 && statuses.values().all(|s| s["applied_seq"] == last) {
+                return statuses;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "every node applies the leader's log within {WAIT:?}: {statuses:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+pub fn leader_of(statuses: &BTreeMap<u64, Value>) -> u64 {
+    statuses.values().next().unwrap()["leader"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Asserts that `value` fits the schema `name` of the OpenAPI document
+/// (`src/http/openapi.json`), naming every mismatch.
+pub fn fits(name: &str, value: &Value) {
+    let mut root: Value = serde_json::from_str(stockd::http::router::OPENAPI).unwrap();
+    root["$ref"] = json!(format!("#/components/schemas/{name}"));
+    root["$schema"] = json!("https://json-schema.org/draft/2020-12/schema");
+    let validator = jsonschema::options()
+        .should_validate_formats(true)
+        .build(&root)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let errors: Vec<String> = validator
+        .iter_errors(value)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect();
+    assert!(errors.is_empty(), "{name}: {value}: {errors:#?}");
+}
+
+/// A client that shows redirects instead of following them.
+pub fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+impl Cluster {
+    /// The leader, once the running nodes agree on it and it serves (its
+    /// `/health?role=leader` is 200).
+    pub async fn serving(&self) -> u64 {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let leader = leader_of(&self.agreed().await);
+            if self.client(leader).get("/health?role=leader").await.status == 200 {
+                return leader;
+            }
+            assert!(Instant::now() < deadline, "a leader serves within {WAIT:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Once every running node has applied the same position of the log (nothing is
+    /// being written), each node's `GET /v1/admin/cluster/digest`, which must all be
+    /// at that position. Returns the position and each node's digest.
+    pub async fn digests(&self) -> (u64, BTreeMap<u64, String>) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let statuses = self.caught_up().await;
+            let applied = statuses.values().next().unwrap()["applied_seq"].clone();
+            let mut digests = BTreeMap::new();
+            for (id, node) in &self.nodes {
+                let a = node.client.get("/v1/admin/cluster/digest").await;
+                if a.status == 200 && a.body["applied_seq"] == applied {
+                    fits("ClusterDigest", &a.body);
+                    digests.insert(*id, a.body["digest"].as_str().unwrap().to_string());
+                }
+            }
+            if digests.len() == self.nodes.len() {
+                return (applied.as_u64().unwrap(), digests);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "every node's digest at one position within {WAIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
