@@ -1,0 +1,436 @@
+//! A three-node cluster serves (`common::cluster`: three real `stockd serve` processes on
+//! loopback): the reservation paths through any node, `kill -9` of the leader under load
+//! losing nothing acknowledged, an expiry across a failover, and a whole-cluster restart.
+//!
+//! Clients here act as a shop's checkout would: they send to any node, follow a
+//! follower's 307 to the leader, and retry a 503 or a connection error on another node,
+//! a reservation always with the same `Idempotency-Key`. Every wait is bounded and waits
+//! for a state; times are printed, never asserted.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::cluster::{Cluster, WAIT};
+use common::{Answer, Client};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+/// A checkout's client of the whole cluster: every node's address, tried in turn.
+#[derive(Clone)]
+struct Checkout {
+    nodes: Vec<Client>,
+}
+
+impl Checkout {
+    fn of(cluster: &Cluster) -> Checkout {
+        Checkout {
+            nodes: cluster.nodes.values().map(|n| n.client.clone()).collect(),
+        }
+    }
+
+    /// Sends until an answer that is not a 503 (a leader being elected, or one whose
+    /// epoch ended) nor a connection error (a node killed): on another node each time.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        key: Option<&str>,
+    ) -> Answer {
+        let deadline = Instant::now() + WAIT;
+        let body = body.map(Value::to_string);
+        let headers: Vec<(&str, &str)> = key.map(|k| ("idempotency-key", k)).into_iter().collect();
+        let mut last;
+        for turn in 0.. {
+            let node = &self.nodes[turn % self.nodes.len()];
+            match node
+                .send(method.clone(), path, body.as_deref(), &headers)
+                .await
+            {
+                Ok(answer) if answer.status != 503 => return answer,
+                Ok(answer) => last = format!("{answer:?}"),
+                Err(err) => last = err.to_string(),
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{method} {path}: no answer but 503s and errors within {WAIT:?}; last: {last}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        unreachable!()
+    }
+
+    async fn get(&self, path: &str) -> Answer {
+        self.send(Method::GET, path, None, None).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Answer {
+        self.send(Method::POST, path, Some(&body), None).await
+    }
+
+    async fn reserve(&self, customer: &str, items: Value, key: &str) -> Answer {
+        let body = json!({"customer_id": customer, "items": items, "ttl_seconds": 600});
+        self.send(Method::POST, "/v1/reservations", Some(&body), Some(key))
+            .await
+    }
+
+    async fn product(&self, sku: &str) -> Value {
+        let a = self.get(&format!("/v1/products/{sku}")).await;
+        assert_eq!(a.status, 200, "{a:?}");
+        a.body
+    }
+}
+
+async fn start(running: &[u64]) -> Cluster {
+    let running = running.to_vec();
+    tokio::task::spawn_blocking(move || Cluster::start(&running))
+        .await
+        .unwrap()
+}
+
+/// Every node at the same position holds the same state.
+async fn assert_same_state(cluster: &Cluster) {
+    let (at, digests) = cluster.digests().await;
+    let first = digests.values().next().unwrap();
+    assert!(
+        digests.values().all(|d| d == first),
+        "the same state on every node at {at}: {digests:?}"
+    );
+}
+
+fn figures(product: &Value) -> (u64, u64, u64) {
+    let n = |f: &str| product[f].as_u64().unwrap();
+    (n("on_hand"), n("reserved"), n("sold"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_serves_the_reservation_paths_through_any_node() {
+    let cluster = start(&[1, 2, 3]).await;
+    let leader = cluster.serving().await;
+    // Everything goes to a follower first (unless the leadership moves meanwhile).
+    let follower = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
+    let mut nodes = vec![cluster.client(follower).clone()];
+    nodes.extend(cluster.nodes.values().map(|n| n.client.clone()));
+    let c = Checkout { nodes };
+
+    let a = c
+        .post(
+            "/v1/products",
+            json!({"sku": "A", "name": "A", "on_hand": 10}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let a = c
+        .post(
+            "/v1/products",
+            json!({"sku": "B", "name": "B", "on_hand": 5}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    c.post(
+        "/v1/products",
+        json!({"sku": "A", "name": "A", "on_hand": 1}),
+    )
+    .await
+    .assert_problem(409, "sku_exists");
+
+    // A reservation of two lines, replayed by its key.
+    let items = json!([{"sku": "A", "quantity": 2}, {"sku": "B", "quantity": 1}]);
+    let first = c.reserve("user-1", items.clone(), "order-1").await;
+    assert_eq!(first.status, 201, "{first:?}");
+    let replay = c.reserve("user-1", items, "order-1").await;
+    assert_eq!(replay.status, 201, "{replay:?}");
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    assert_eq!(replay.body, first.body);
+    let id = first.body["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        c.get(&format!("/v1/reservations/{id}")).await.body["status"],
+        "pending"
+    );
+    assert_eq!(figures(&c.product("A").await), (10, 2, 0));
+    assert_eq!(figures(&c.product("B").await), (5, 1, 0));
+
+    // Extend, confirm (repeatable), and what a confirmed reservation refuses.
+    let a = c
+        .post(
+            &format!("/v1/reservations/{id}/extend"),
+            json!({"ttl_seconds": 900}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let a = c
+        .post(
+            &format!("/v1/reservations/{id}/confirm"),
+            json!({"order_id": "o-1"}),
+        )
+        .await;
+    assert_eq!(
+        (a.status.as_u16(), &a.body["status"]),
+        (200, &json!("confirmed")),
+        "{a:?}"
+    );
+    let again = c
+        .post(&format!("/v1/reservations/{id}/confirm"), json!({}))
+        .await;
+    assert_eq!(again.body, a.body);
+    c.post(&format!("/v1/reservations/{id}/cancel"), json!({}))
+        .await
+        .assert_problem(409, "reservation_confirmed");
+    assert_eq!(figures(&c.product("A").await), (8, 0, 2));
+
+    // A cancel returns the units; a hold beyond the stock changes nothing.
+    let r = c
+        .reserve("user-2", json!([{"sku": "A", "quantity": 3}]), "order-2")
+        .await;
+    let id2 = r.body["id"].as_str().unwrap().to_string();
+    let a = c
+        .post(&format!("/v1/reservations/{id2}/cancel"), json!({}))
+        .await;
+    assert_eq!(a.body["status"], "cancelled", "{a:?}");
+    c.reserve("user-3", json!([{"sku": "A", "quantity": 9}]), "order-3")
+        .await
+        .assert_problem(409, "insufficient_stock");
+    // Stock changes.
+    let a = c
+        .post("/v1/products/A/replenish", json!({"quantity": 5}))
+        .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(figures(&c.product("A").await), (13, 0, 2));
+
+    // Every node folded the same log into the same state.
+    assert_same_state(&cluster).await;
+}
+
+/// What the checkout tasks acknowledged: idempotency key → reservation id.
+type Acked = Arc<std::sync::Mutex<BTreeMap<String, String>>>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_leader_under_load_loses_nothing_acknowledged() {
+    const STOCK: u64 = 40;
+    const TASKS: usize = 4;
+    const PER_TASK: usize = 15;
+    let mut cluster = start(&[1, 2, 3]).await;
+    let old = cluster.serving().await;
+    let c = Checkout::of(&cluster);
+    let a = c
+        .post(
+            "/v1/products",
+            json!({"sku": "FLASH", "name": "Flash", "on_hand": STOCK}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+
+    // Buyers, one unit each, each attempt with its own key, retried until a definite
+    // answer: 201, or 409 once sold out.
+    let acked: Acked = Default::default();
+    let count = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for task in 0..TASKS {
+        let (c, acked, count) = (c.clone(), acked.clone(), count.clone());
+        tasks.push(tokio::spawn(async move {
+            for n in 0..PER_TASK {
+                let key = format!("k-{task}-{n}");
+                let a = c
+                    .reserve(
+                        &format!("buyer-{task}-{n}"),
+                        json!([{"sku": "FLASH", "quantity": 1}]),
+                        &key,
+                    )
+                    .await;
+                match a.status.as_u16() {
+                    201 => {
+                        let id = a.body["id"].as_str().unwrap().to_string();
+                        acked.lock().unwrap().insert(key, id);
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                    409 => {
+                        a.assert_problem(409, "insufficient_stock");
+                        return;
+                    }
+                    _ => panic!("{key}: {a:?}"),
+                }
+            }
+        }));
+    }
+    // The leader dies mid-run.
+    let until = Instant::now() + WAIT;
+    while count.load(Ordering::SeqCst) < 10 {
+        assert!(
+            Instant::now() < until,
+            "ten holds acknowledged within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut killed = cluster.nodes.remove(&old).unwrap();
+    let at_kill = count.load(Ordering::SeqCst);
+    let kill = Instant::now();
+    killed.kill9();
+    for task in tasks {
+        task.await.expect("a checkout task");
+    }
+    let acked = acked.lock().unwrap().clone();
+    println!(
+        "kill_9_under_load: {} holds acknowledged, {at_kill} before the kill of node {old}; \
+         the rest within {:?} after it",
+        acked.len(),
+        kill.elapsed()
+    );
+    assert!(
+        acked.len() > at_kill,
+        "holds were acknowledged after the kill"
+    );
+
+    // On the new leader: every acknowledged hold, each once; never above the stock.
+    let new = cluster.serving().await;
+    assert_ne!(new, old);
+    let c = Checkout::of(&cluster);
+    let ids: BTreeSet<&String> = acked.values().collect();
+    assert_eq!(ids.len(), acked.len(), "one reservation per key");
+    for id in &ids {
+        let r = c.get(&format!("/v1/reservations/{id}")).await;
+        assert_eq!(r.body["status"], "pending", "{r:?}");
+    }
+    let (on_hand, reserved, sold) = figures(&c.product("FLASH").await);
+    assert_eq!(on_hand, STOCK);
+    assert_eq!(sold, 0);
+    assert_eq!(
+        reserved,
+        acked.len() as u64,
+        "every acknowledged hold, and only those (no retry held twice)"
+    );
+    assert!(reserved <= STOCK, "never oversold");
+    // A retry of any acknowledged key now replays it.
+    for (key, id) in acked.iter().take(5) {
+        let (task, n) = key[2..].split_once('-').unwrap();
+        let a = c
+            .reserve(
+                &format!("buyer-{task}-{n}"),
+                json!([{"sku": "FLASH", "quantity": 1}]),
+                key,
+            )
+            .await;
+        assert_eq!(
+            (a.status.as_u16(), a.body["id"].as_str()),
+            (201, Some(id.as_str())),
+            "{a:?}"
+        );
+        assert_eq!(a.header("idempotent-replayed"), Some("true"));
+    }
+
+    // The killed node restarts on its directory and catches up to the same state.
+    tokio::task::block_in_place(|| killed.restart()).expect("the old leader restarts");
+    cluster.nodes.insert(old, killed);
+    assert_same_state(&cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_across_a_failover_returns_the_units_once() {
+    let mut cluster = start(&[1, 2, 3]).await;
+    let old = cluster.serving().await;
+    let c = Checkout::of(&cluster);
+    let a = c
+        .post(
+            "/v1/products",
+            json!({"sku": "E", "name": "E", "on_hand": 5}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let body =
+        json!({"customer_id": "u", "items": [{"sku": "E", "quantity": 3}], "ttl_seconds": 2});
+    let r = c
+        .send(Method::POST, "/v1/reservations", Some(&body), Some("e-1"))
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let id = r.body["id"].as_str().unwrap().to_string();
+    // The leader that decided the deadline dies before it passes; the next one expires it.
+    let mut killed = cluster.nodes.remove(&old).unwrap();
+    killed.kill9();
+    let c = Checkout::of(&cluster);
+    let expired = common::eventually(WAIT, || async {
+        c.get(&format!("/v1/reservations/{id}")).await.body["status"] == "expired"
+    })
+    .await;
+    assert!(expired, "the reservation expires on the new leader");
+    assert_eq!(
+        figures(&c.product("E").await),
+        (5, 0, 0),
+        "the units came back once"
+    );
+    let p = c.product("E").await;
+    assert_eq!(p["available"], 5);
+
+    tokio::task::block_in_place(|| killed.restart()).expect("the old leader restarts");
+    cluster.nodes.insert(old, killed);
+    assert_same_state(&cluster).await;
+    let p = Checkout::of(&cluster).product("E").await;
+    assert_eq!(
+        (p["available"].as_u64(), p["reserved"].as_u64()),
+        (Some(5), Some(0))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_cluster_restart_recovers_every_acknowledged_change() {
+    let mut cluster = start(&[1, 2, 3]).await;
+    cluster.serving().await;
+    let c = Checkout::of(&cluster);
+    for (sku, on_hand) in [("X", 10), ("Y", 4)] {
+        let a = c
+            .post(
+                "/v1/products",
+                json!({"sku": sku, "name": sku, "on_hand": on_hand}),
+            )
+            .await;
+        assert_eq!(a.status, 201, "{a:?}");
+    }
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        let items = json!([{"sku": "X", "quantity": 1}, {"sku": "Y", "quantity": n % 2}]);
+        let items = if n % 2 == 0 {
+            json!([{"sku": "X", "quantity": 1}])
+        } else {
+            items
+        };
+        let r = c.reserve(&format!("u-{n}"), items, &format!("w-{n}")).await;
+        assert_eq!(r.status, 201, "{r:?}");
+        ids.push(r.body["id"].as_str().unwrap().to_string());
+    }
+    let a = c
+        .post(&format!("/v1/reservations/{}/confirm", ids[0]), json!({}))
+        .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let a = c
+        .post(&format!("/v1/reservations/{}/cancel", ids[1]), json!({}))
+        .await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let before: Vec<Value> = {
+        let mut out = Vec::new();
+        for id in &ids {
+            out.push(c.get(&format!("/v1/reservations/{id}")).await.body);
+        }
+        out
+    };
+    let (x, y) = (c.product("X").await, c.product("Y").await);
+
+    // Every node dies at once, and all start again on their directories.
+    for node in cluster.nodes.values_mut() {
+        node.kill9();
+    }
+    for node in cluster.nodes.values_mut() {
+        tokio::task::block_in_place(|| node.restart()).expect("a node restarts");
+    }
+    cluster.serving().await;
+    let c = Checkout::of(&cluster);
+    for (id, before) in ids.iter().zip(&before) {
+        let after = c.get(&format!("/v1/reservations/{id}")).await;
+        assert_eq!(&after.body, before, "reservation {id}");
+    }
+    assert_eq!(figures(&c.product("X").await), figures(&x));
+    assert_eq!(figures(&c.product("Y").await), figures(&y));
+    assert_eq!(figures(&x), (9, 4, 1));
+    assert_same_state(&cluster).await;
+}
