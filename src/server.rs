@@ -134,6 +134,8 @@ pub struct Server {
     cluster: Option<ClusterParts>,
     /// Webhook deliveries (`None` with the feed off).
     webhooks: Option<crate::webhooks::Webhooks>,
+    /// The service HTTP answers with now (a cluster node's changes with its leadership).
+    serving: std::sync::Arc<arc_swap::ArcSwap<Service>>,
 }
 
 /// What a cluster node runs besides a single server's parts.
@@ -373,14 +375,16 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     announce_authentication(&keyring, addr);
     // A single node's role never changes.
     let (_, role_rx) = tokio::sync::watch::channel(Role::Single);
-    let routes = crate::http::routes(crate::http::App::new(
+    let app = crate::http::App::new(
         service.clone(),
         keyring,
         config.customer_rate,
         role_rx.clone(),
         addr,
         webhooks.clone(),
-    ));
+    );
+    let serving = app.service.clone();
+    let routes = crate::http::routes(app);
     let http = tokio::spawn(
         warp::serve(routes)
             .incoming(listener)
@@ -405,6 +409,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         role: role_rx,
         cluster: None,
         webhooks,
+        serving,
     })
 }
 
@@ -535,6 +540,7 @@ async fn start_cluster(
         None,
     );
     app.cluster = Some(node.clone());
+    let serving = app.service.clone();
     // While this node leads, it serves in epochs, each with a service of its own; the
     // standby answers between them.
     let leadership = crate::leadership::Leadership::start(crate::leadership::LeadershipArgs {
@@ -586,6 +592,7 @@ async fn start_cluster(
             raft_http,
         }),
         webhooks: None,
+        serving,
     })
 }
 
@@ -742,6 +749,14 @@ impl Server {
         self.addr
     }
 
+    /// The service requests are answered by now: a single node's, or a cluster node's
+    /// epoch's while it leads and serves (its standby otherwise).
+    pub fn current_service(&self) -> std::sync::Arc<Service> {
+        self.serving.load_full()
+    }
+
+    /// The service the server started with: a single node's only one, a cluster node's
+    /// standby (`current_service` is the one serving).
     pub fn service(&self) -> &Service {
         &self.service
     }

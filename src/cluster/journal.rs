@@ -92,6 +92,15 @@ impl Journal {
         }
     }
 
+    /// Test hook: on a cluster leader, the next record leaves a gap in its epoch's chain
+    /// (`Proposer::inject_gap`); elsewhere, nothing.
+    #[doc(hidden)]
+    pub fn inject_proposal_gap(&self) {
+        if let Journal::Raft { proposer, .. } = self {
+            proposer.inject_gap();
+        }
+    }
+
     /// Failure injection for tests: every later write fails as if the disk refused it.
     #[doc(hidden)]
     pub fn inject_write_failure(&self) {

@@ -128,6 +128,8 @@ pub struct Proposer {
     closing: CancellationToken,
     /// The submitter's task, awaited by `close`.
     submitting: Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    /// Test hook (`inject_gap`): the next record skips a number.
+    gap: Arc<AtomicBool>,
 }
 
 impl Proposer {
@@ -141,14 +143,18 @@ impl Proposer {
         let (poison_tx, poison) = watch::channel(None::<Failure>);
         let poisoned = Arc::new(AtomicBool::new(false));
         let closing = CancellationToken::new();
+        let gap = Arc::new(AtomicBool::new(false));
         let submitting = tokio::spawn(submitter(
-            raft,
-            epoch,
+            Submitter {
+                raft,
+                epoch,
+                complete,
+                poisoned: poisoned.clone(),
+                poison: poison.clone(),
+                closing: closing.clone(),
+                gap: gap.clone(),
+            },
             submitted,
-            complete,
-            poisoned.clone(),
-            poison.clone(),
-            closing.clone(),
         ));
         tokio::spawn(completer(epoch, completing, poisoned.clone(), poison_tx));
         Proposer {
@@ -158,7 +164,16 @@ impl Proposer {
             poison,
             closing,
             submitting: Arc::new(tokio::sync::Mutex::new(Some(submitting))),
+            gap,
         }
+    }
+
+    /// Test hook: the next record is handed over with the number after its own, as if
+    /// the proposal before it had been refused. It is appended and committed, and
+    /// skipped by the epoch chain on every node, so its ticket fails and the epoch ends.
+    #[doc(hidden)]
+    pub fn inject_gap(&self) {
+        self.gap.store(true, Ordering::Release);
     }
 
     /// Ends the epoch: every record appended from now on, and every one still queued, is
@@ -237,16 +252,28 @@ impl Proposer {
     }
 }
 
-/// Hands records to the engine in queue order, numbered within the epoch.
-async fn submitter(
+/// What the submitter task works with.
+struct Submitter {
     raft: Raft,
     epoch: Epoch,
-    mut submitted: mpsc::UnboundedReceiver<Submit>,
     complete: mpsc::UnboundedSender<Complete>,
     poisoned: Arc<AtomicBool>,
     poison: watch::Receiver<Option<Failure>>,
     closing: CancellationToken,
-) {
+    gap: Arc<AtomicBool>,
+}
+
+/// Hands records to the engine in queue order, numbered within the epoch.
+async fn submitter(s: Submitter, mut submitted: mpsc::UnboundedReceiver<Submit>) {
+    let Submitter {
+        raft,
+        epoch,
+        complete,
+        poisoned,
+        poison,
+        closing,
+        gap,
+    } = s;
     let ended = |poison: &watch::Receiver<Option<Failure>>| {
         let reason = poison.borrow().as_ref().map(|f| f.reason().to_string());
         Failure::NotCommitted(reason.unwrap_or_else(|| "the epoch has ended".into()))
@@ -279,6 +306,9 @@ async fn submitter(
                 Complete::Failed(n + 1, ended(&poison), reply)
             }
             Submit::Record(record, reply) => {
+                if gap.swap(false, Ordering::AcqRel) {
+                    n += 1;
+                }
                 n += 1;
                 let (responder, written) = ProgressResponder::complete_only();
                 let proposal = Proposal { epoch, n, record };

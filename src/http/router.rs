@@ -441,220 +441,237 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
     // The API key making the request, recorded with every change it makes (`None`: the
     // server runs open).
     let by: Option<KeyId> = caller.id;
-    match endpoint {
-        Health => health(role, &req.query),
-        Cluster => Ok(json(
-            StatusCode::OK,
-            &match &app.cluster {
-                Some(cluster) => cluster.status(),
-                None => crate::cluster::Status::single(
-                    app.api_addr.clone(),
-                    svc.journal(),
-                    svc.newest_snapshot_seq(),
-                ),
-            },
-        )),
-        ClusterDigest => {
-            let (seq, digest) = match &app.cluster {
-                Some(cluster) => cluster
-                    .digest()
+    let answered: Result<Reply> = async {
+        match endpoint {
+            Health => health(role, &req.query),
+            Cluster => Ok(json(
+                StatusCode::OK,
+                &match &app.cluster {
+                    Some(cluster) => cluster.status(),
+                    None => crate::cluster::Status::single(
+                        app.api_addr.clone(),
+                        svc.journal(),
+                        svc.newest_snapshot_seq(),
+                    ),
+                },
+            )),
+            ClusterDigest => {
+                let (seq, digest) = match &app.cluster {
+                    Some(cluster) => cluster
+                        .digest()
+                        .await
+                        .map_err(crate::error::Error::Unavailable)?,
+                    None => svc.durable_digest().await?,
+                };
+                let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({"applied_seq": seq, "digest": hex}),
+                ))
+            }
+            Index => Ok(crate::http::dashboard::index(&req.headers)),
+            Dashboard(asset) => Ok(crate::http::dashboard::asset(asset, &req.headers)),
+            Metrics => metrics(app).await,
+            OpenApi => {
+                let mut reply = Response::new(OPENAPI.into());
+                reply.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                Ok(reply)
+            }
+            CreateProduct => {
+                let new = input::create_product(&input::required(body()?)?)?;
+                let p = svc.create_product(new, by).await?;
+                let mut reply = product(StatusCode::CREATED, &p);
+                set(
+                    &mut reply,
+                    header::LOCATION,
+                    &format!("/v1/products/{}", p.sku),
+                );
+                Ok(reply)
+            }
+            ListProducts => {
+                let (limit, after) = input::page(&req.query)?;
+                let (products, next_after) = svc.list_products(after, limit).await?;
+                let page = PageView {
+                    items: products.iter().map(ProductView::from).collect(),
+                    next_after: next_after.as_deref(),
+                };
+                Ok(json(StatusCode::OK, &page))
+            }
+            GetProduct(sku) => {
+                let sku = known_sku(sku)?;
+                Ok(product(StatusCode::OK, &svc.get_product(&sku).await?))
+            }
+            PatchProduct(sku) => change(svc, req, sku, input::patch_product, by).await,
+            Replenish(sku) => change(svc, req, sku, input::replenish, by).await,
+            Adjust(sku) => change(svc, req, sku, input::adjust, by).await,
+            DeleteProduct(sku) => {
+                let sku = known_sku(sku)?;
+                let if_match = input::if_match(&req.headers)?;
+                svc.delete_product(&sku, if_match, by).await?;
+                let mut reply = Response::new(Vec::new().into());
+                *reply.status_mut() = StatusCode::NO_CONTENT;
+                Ok(reply)
+            }
+            Reserve => {
+                let key = input::idempotency_key(&req.headers)?;
+                let request = input::reserve_body(&req.headers, &req.body)?;
+                // An attempt (an idempotent replay included) counts once its body is valid;
+                // one refused here changes nothing.
+                if let Some(limiter) = &app.customer_rate {
+                    limiter.check(&request.customer_id).map_err(rate_limited)?;
+                }
+                let (r, replayed) = svc.reserve(request, key, by).await?;
+                let view = if replayed {
+                    ReservationView::original(&r)
+                } else {
+                    ReservationView::new(&r)
+                };
+                let mut reply = json(StatusCode::CREATED, &view);
+                set(
+                    &mut reply,
+                    header::LOCATION,
+                    &format!("/v1/reservations/{}", r.id),
+                );
+                if replayed {
+                    set(&mut reply, "idempotent-replayed", "true");
+                }
+                Ok(reply)
+            }
+            GetReservation(id) => reservation(&svc.get_reservation(reservation_id(&id)?).await?),
+            Events => crate::http::events::serve(svc.feed(), &req.query, &req.headers).await,
+            CreateWebhook => {
+                let hooks = crate::http::webhooks::enabled(app)?;
+                let new = input::create_webhook(&input::required(body()?)?)?;
+                let view = hooks
+                    .register(new)
                     .await
-                    .map_err(crate::error::Error::Unavailable)?,
-                None => svc.durable_digest().await?,
-            };
-            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-            Ok(json(
-                StatusCode::OK,
-                &serde_json::json!({"applied_seq": seq, "digest": hex}),
-            ))
-        }
-        Index => Ok(crate::http::dashboard::index(&req.headers)),
-        Dashboard(asset) => Ok(crate::http::dashboard::asset(asset, &req.headers)),
-        Metrics => metrics(app).await,
-        OpenApi => {
-            let mut reply = Response::new(OPENAPI.into());
-            reply.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            Ok(reply)
-        }
-        CreateProduct => {
-            let new = input::create_product(&input::required(body()?)?)?;
-            let p = svc.create_product(new, by).await?;
-            let mut reply = product(StatusCode::CREATED, &p);
-            set(
-                &mut reply,
-                header::LOCATION,
-                &format!("/v1/products/{}", p.sku),
-            );
-            Ok(reply)
-        }
-        ListProducts => {
-            let (limit, after) = input::page(&req.query)?;
-            let (products, next_after) = svc.list_products(after, limit).await?;
-            let page = PageView {
-                items: products.iter().map(ProductView::from).collect(),
-                next_after: next_after.as_deref(),
-            };
-            Ok(json(StatusCode::OK, &page))
-        }
-        GetProduct(sku) => {
-            let sku = known_sku(sku)?;
-            Ok(product(StatusCode::OK, &svc.get_product(&sku).await?))
-        }
-        PatchProduct(sku) => change(svc, req, sku, input::patch_product, by).await,
-        Replenish(sku) => change(svc, req, sku, input::replenish, by).await,
-        Adjust(sku) => change(svc, req, sku, input::adjust, by).await,
-        DeleteProduct(sku) => {
-            let sku = known_sku(sku)?;
-            let if_match = input::if_match(&req.headers)?;
-            svc.delete_product(&sku, if_match, by).await?;
-            let mut reply = Response::new(Vec::new().into());
-            *reply.status_mut() = StatusCode::NO_CONTENT;
-            Ok(reply)
-        }
-        Reserve => {
-            let key = input::idempotency_key(&req.headers)?;
-            let request = input::reserve_body(&req.headers, &req.body)?;
-            // An attempt (an idempotent replay included) counts once its body is valid;
-            // one refused here changes nothing.
-            if let Some(limiter) = &app.customer_rate {
-                limiter.check(&request.customer_id).map_err(rate_limited)?;
+                    .map_err(crate::http::webhooks::problem(""))?;
+                let mut reply = json(StatusCode::CREATED, &view);
+                set(
+                    &mut reply,
+                    header::LOCATION,
+                    &format!("/v1/webhooks/{}", view.id),
+                );
+                Ok(reply)
             }
-            let (r, replayed) = svc.reserve(request, key, by).await?;
-            let view = if replayed {
-                ReservationView::original(&r)
-            } else {
-                ReservationView::new(&r)
-            };
-            let mut reply = json(StatusCode::CREATED, &view);
-            set(
-                &mut reply,
-                header::LOCATION,
-                &format!("/v1/reservations/{}", r.id),
-            );
-            if replayed {
-                set(&mut reply, "idempotent-replayed", "true");
+            ListWebhooks => {
+                let hooks = crate::http::webhooks::enabled(app)?;
+                Ok(json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "items": hooks.list() }),
+                ))
             }
-            Ok(reply)
-        }
-        GetReservation(id) => reservation(&svc.get_reservation(reservation_id(&id)?).await?),
-        Events => crate::http::events::serve(svc.feed(), &req.query, &req.headers).await,
-        CreateWebhook => {
-            let hooks = crate::http::webhooks::enabled(app)?;
-            let new = input::create_webhook(&input::required(body()?)?)?;
-            let view = hooks
-                .register(new)
-                .await
-                .map_err(crate::http::webhooks::problem(""))?;
-            let mut reply = json(StatusCode::CREATED, &view);
-            set(
-                &mut reply,
-                header::LOCATION,
-                &format!("/v1/webhooks/{}", view.id),
-            );
-            Ok(reply)
-        }
-        ListWebhooks => {
-            let hooks = crate::http::webhooks::enabled(app)?;
-            Ok(json(
-                StatusCode::OK,
-                &serde_json::json!({ "items": hooks.list() }),
-            ))
-        }
-        GetWebhook(id) => {
-            let hooks = crate::http::webhooks::enabled(app)?;
-            let view = hooks
-                .show(crate::http::webhooks::id(&id)?)
-                .map_err(crate::http::webhooks::problem(&id))?;
-            Ok(json(StatusCode::OK, &view))
-        }
-        DeleteWebhook(id) => {
-            let hooks = crate::http::webhooks::enabled(app)?;
-            hooks
-                .delete(crate::http::webhooks::id(&id)?)
-                .await
-                .map_err(crate::http::webhooks::problem(&id))?;
-            let mut reply = Response::new(Vec::new().into());
-            *reply.status_mut() = StatusCode::NO_CONTENT;
-            Ok(reply)
-        }
-        EnableWebhook(id) => {
-            let hooks = crate::http::webhooks::enabled(app)?;
-            let uuid = crate::http::webhooks::id(&id)?;
-            if let Some(value) = body()? {
-                if value.as_object().is_none_or(|o| !o.is_empty()) {
-                    return Err(Problem::invalid("body", "enable takes no body"));
+            GetWebhook(id) => {
+                let hooks = crate::http::webhooks::enabled(app)?;
+                let view = hooks
+                    .show(crate::http::webhooks::id(&id)?)
+                    .map_err(crate::http::webhooks::problem(&id))?;
+                Ok(json(StatusCode::OK, &view))
+            }
+            DeleteWebhook(id) => {
+                let hooks = crate::http::webhooks::enabled(app)?;
+                hooks
+                    .delete(crate::http::webhooks::id(&id)?)
+                    .await
+                    .map_err(crate::http::webhooks::problem(&id))?;
+                let mut reply = Response::new(Vec::new().into());
+                *reply.status_mut() = StatusCode::NO_CONTENT;
+                Ok(reply)
+            }
+            EnableWebhook(id) => {
+                let hooks = crate::http::webhooks::enabled(app)?;
+                let uuid = crate::http::webhooks::id(&id)?;
+                if let Some(value) = body()? {
+                    if value.as_object().is_none_or(|o| !o.is_empty()) {
+                        return Err(Problem::invalid("body", "enable takes no body"));
+                    }
                 }
+                let view = hooks
+                    .enable(uuid)
+                    .await
+                    .map_err(crate::http::webhooks::problem(&id))?;
+                Ok(json(StatusCode::OK, &view))
             }
-            let view = hooks
-                .enable(uuid)
-                .await
-                .map_err(crate::http::webhooks::problem(&id))?;
-            Ok(json(StatusCode::OK, &view))
-        }
-        Snapshot => {
-            if let Some(value) = body()? {
-                if value.as_object().is_none_or(|o| !o.is_empty()) {
-                    return Err(Problem::invalid("body", "a snapshot request takes no body"));
+            Snapshot => {
+                if let Some(value) = body()? {
+                    if value.as_object().is_none_or(|o| !o.is_empty()) {
+                        return Err(Problem::invalid("body", "a snapshot request takes no body"));
+                    }
                 }
+                let taken = svc.snapshot().await?;
+                let status = if taken.created {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                };
+                Ok(json(status, &taken))
             }
-            let taken = svc.snapshot().await?;
-            let status = if taken.created {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
-            Ok(json(status, &taken))
-        }
-        CreateKey => {
-            let input = input::create_key(&input::required(body()?)?)?;
-            if !app.keys.enforced() && !input.scopes.contains(&Scope::Admin) {
-                // The first key turns authentication on: without admin among its scopes,
-                // nobody could manage keys any more.
-                return Err(Problem::invalid(
-                    "scopes",
-                    "the server runs without authentication, and its first key turns it on: \
-                     give that key the admin scope",
-                ));
-            }
-            let (key, secret) = app.keys.create(input.name, input.scopes, caller.id).await?;
-            Ok(json(StatusCode::CREATED, &KeyView::created(&key, &secret)))
-        }
-        ListKeys => {
-            let keys = app.keys.list();
-            let items: Vec<KeyView> = keys.iter().map(KeyView::listed).collect();
-            Ok(json(StatusCode::OK, &serde_json::json!({ "items": items })))
-        }
-        RevokeKey(id) => {
-            let id = Uuid::parse_str(&id)
-                .map_err(|_| crate::error::Error::KeyNotFound { id: id.to_string() })?;
-            app.keys.revoke(id, caller.id).await?;
-            let mut reply = Response::new(Vec::new().into());
-            *reply.status_mut() = StatusCode::NO_CONTENT;
-            Ok(reply)
-        }
-        Confirm(id) => {
-            let id = reservation_id(&id)?;
-            let order_id = input::confirm(body()?.as_ref())?;
-            reservation(&svc.confirm(id, order_id, by).await?)
-        }
-        Cancel(id) => {
-            let id = reservation_id(&id)?;
-            // A body is not expected; if one is sent it must at least be an empty object.
-            if let Some(value) = body()? {
-                if value.as_object().is_none_or(|o| !o.is_empty()) {
-                    return Err(Problem::invalid("body", "cancel takes no body"));
+            CreateKey => {
+                let input = input::create_key(&input::required(body()?)?)?;
+                if !app.keys.enforced() && !input.scopes.contains(&Scope::Admin) {
+                    // The first key turns authentication on: without admin among its scopes,
+                    // nobody could manage keys any more.
+                    return Err(Problem::invalid(
+                        "scopes",
+                        "the server runs without authentication, and its first key turns it on: \
+                         give that key the admin scope",
+                    ));
                 }
+                let (key, secret) = app.keys.create(input.name, input.scopes, caller.id).await?;
+                Ok(json(StatusCode::CREATED, &KeyView::created(&key, &secret)))
             }
-            reservation(&svc.cancel(id, by).await?)
+            ListKeys => {
+                let keys = app.keys.list();
+                let items: Vec<KeyView> = keys.iter().map(KeyView::listed).collect();
+                Ok(json(StatusCode::OK, &serde_json::json!({ "items": items })))
+            }
+            RevokeKey(id) => {
+                let id = Uuid::parse_str(&id)
+                    .map_err(|_| crate::error::Error::KeyNotFound { id: id.to_string() })?;
+                app.keys.revoke(id, caller.id).await?;
+                let mut reply = Response::new(Vec::new().into());
+                *reply.status_mut() = StatusCode::NO_CONTENT;
+                Ok(reply)
+            }
+            Confirm(id) => {
+                let id = reservation_id(&id)?;
+                let order_id = input::confirm(body()?.as_ref())?;
+                reservation(&svc.confirm(id, order_id, by).await?)
+            }
+            Cancel(id) => {
+                let id = reservation_id(&id)?;
+                // A body is not expected; if one is sent it must at least be an empty object.
+                if let Some(value) = body()? {
+                    if value.as_object().is_none_or(|o| !o.is_empty()) {
+                        return Err(Problem::invalid("body", "cancel takes no body"));
+                    }
+                }
+                reservation(&svc.cancel(id, by).await?)
+            }
+            Extend(id) => {
+                let id = reservation_id(&id)?;
+                let ttl = input::extend(&input::required(body()?)?)?;
+                reservation(&svc.extend(id, ttl, by).await?)
+            }
         }
-        Extend(id) => {
-            let id = reservation_id(&id)?;
-            let ttl = input::extend(&input::required(body()?)?)?;
-            reservation(&svc.extend(id, ttl, by).await?)
+    }
+    .await;
+    match answered {
+        // A cluster leader's epoch that ended while the request was in its actors: they
+        // stopped before answering. Nothing was acknowledged; another node may serve it.
+        Err(problem) if problem.status == 500 && app.cluster.is_some() && !svc.log_healthy() => {
+            Err(Problem::new(
+                503,
+                "unavailable",
+                "this node stopped leading while the request was being served; retry \
+                 (a reservation with the same Idempotency-Key)",
+            )
+            .header(header::RETRY_AFTER, "1"))
         }
+        answered => answered,
     }
 }
 
