@@ -23,12 +23,15 @@ use serde_json::{json, Value};
 #[derive(Clone)]
 struct Checkout {
     nodes: Vec<Client>,
+    /// How long one try waits for its answer (a paused node never answers).
+    patience: Duration,
 }
 
 impl Checkout {
     fn of(cluster: &Cluster) -> Checkout {
         Checkout {
             nodes: cluster.nodes.values().map(|n| n.client.clone()).collect(),
+            patience: WAIT,
         }
     }
 
@@ -47,13 +50,12 @@ impl Checkout {
         let mut last;
         for turn in 0.. {
             let node = &self.nodes[turn % self.nodes.len()];
-            match node
-                .send(method.clone(), path, body.as_deref(), &headers)
-                .await
-            {
-                Ok(answer) if answer.status != 503 => return answer,
-                Ok(answer) => last = format!("{answer:?}"),
-                Err(err) => last = err.to_string(),
+            let sent = node.send(method.clone(), path, body.as_deref(), &headers);
+            match tokio::time::timeout(self.patience, sent).await {
+                Ok(Ok(answer)) if answer.status != 503 => return answer,
+                Ok(Ok(answer)) => last = format!("{answer:?}"),
+                Ok(Err(err)) => last = err.to_string(),
+                Err(_) => last = format!("no answer within {:?}", self.patience),
             }
             assert!(
                 Instant::now() < deadline,
@@ -115,7 +117,10 @@ async fn the_leader_serves_the_reservation_paths_through_any_node() {
     let follower = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
     let mut nodes = vec![cluster.client(follower).clone()];
     nodes.extend(cluster.nodes.values().map(|n| n.client.clone()));
-    let c = Checkout { nodes };
+    let c = Checkout {
+        nodes,
+        patience: WAIT,
+    };
 
     let a = c
         .post(
@@ -432,5 +437,96 @@ async fn a_whole_cluster_restart_recovers_every_acknowledged_change() {
     assert_eq!(figures(&c.product("X").await), figures(&x));
     assert_eq!(figures(&c.product("Y").await), figures(&y));
     assert_eq!(figures(&x), (9, 4, 1));
+    assert_same_state(&cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_acknowledges_nothing_and_rejoins_as_a_follower() {
+    let cluster = start(&[1, 2, 3]).await;
+    let old = cluster.serving().await;
+    let c = Checkout::of(&cluster);
+    let a = c
+        .post(
+            "/v1/products",
+            json!({"sku": "P", "name": "P", "on_hand": 5}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    // A hold due in a second: the paused leader will find it overdue when it resumes.
+    let body =
+        json!({"customer_id": "u", "items": [{"sku": "P", "quantity": 2}], "ttl_seconds": 1});
+    let r = c
+        .send(Method::POST, "/v1/reservations", Some(&body), Some("p-1"))
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let id = r.body["id"].as_str().unwrap().to_string();
+
+    let pid = cluster.nodes[&old]
+        .pid()
+        .expect("a running leader")
+        .to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    // Requests sent to it while it is paused, answered (if at all) once it resumes; the
+    // redirects are not followed, so any 2xx would be its own.
+    let http = common::cluster::no_redirects();
+    let base = cluster.client(old).base.clone();
+    let mut sent = Vec::new();
+    for n in 0..4 {
+        let (http, base) = (http.clone(), base.clone());
+        sent.push(tokio::spawn(async move {
+            let body =
+                json!({"customer_id": format!("w-{n}"), "items": [{"sku": "P", "quantity": 1}]});
+            http.post(format!("{base}/v1/reservations"))
+                .json(&body)
+                .send()
+                .await
+                .map(|res| res.status().as_u16())
+        }));
+    }
+    // The others elect a leader of their own and serve. (Reads only: a read sent before
+    // the election is redirected to the paused node, and is given up on quickly.)
+    let others = Checkout {
+        nodes: cluster
+            .nodes
+            .iter()
+            .filter(|(id, _)| **id != old)
+            .map(|(_, n)| n.client.clone())
+            .collect(),
+        patience: Duration::from_secs(1),
+    };
+    let paused = Instant::now();
+    let expired = common::eventually(WAIT, || async {
+        others.get(&format!("/v1/reservations/{id}")).await.body["status"] == "expired"
+    })
+    .await;
+    assert!(expired, "the new leader expires the overdue hold");
+    println!(
+        "sigstop: the others serve {:?} after the pause",
+        paused.elapsed()
+    );
+    // Long enough past the election for any lease of the old leader to have run out.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    signal("-CONT");
+    for task in sent {
+        let answer = task.await.unwrap();
+        assert!(
+            !matches!(answer, Ok(status) if (200..300).contains(&status)),
+            "a paused, deposed leader acknowledged a request: {answer:?}"
+        );
+    }
+    // It rejoins as a follower; its overdue-hold expiry (decided in a term that has
+    // passed) never committed: the units came back once.
+    let statuses = cluster.agreed().await;
+    assert_ne!(common::cluster::leader_of(&statuses), old);
+    assert_eq!(statuses[&old]["role"], "follower", "{statuses:#?}");
+    assert_eq!(figures(&c.product("P").await), (5, 0, 0));
+    assert_eq!(c.product("P").await["available"], 5);
     assert_same_state(&cluster).await;
 }
