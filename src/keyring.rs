@@ -301,6 +301,18 @@ impl Keyring {
         Ok(())
     }
 
+    /// A cluster node that does not serve keeps its table to the committed `keys`, so
+    /// that it authenticates what the leader would (its journal is left as it is).
+    pub async fn replace_keys(&self, keys: impl IntoIterator<Item = ApiKey>) {
+        let _one_at_a_time = self.changes.lock().await;
+        let mut table = Table::default();
+        keys.into_iter().for_each(|k| table.insert(k));
+        if !table.keys.is_empty() {
+            self.enforced.store(true, Ordering::Relaxed);
+        }
+        *self.table.write().unwrap_or_else(|e| e.into_inner()) = table;
+    }
+
     /// A cluster node's leadership begins an epoch: the table becomes the `keys` of the
     /// committed state it starts from, and key changes go to `log`, the epoch's journal.
     /// Waits for a change in progress (which ends with its own epoch's answer), so no

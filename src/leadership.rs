@@ -54,6 +54,10 @@ use crate::storage::Durability;
 /// How long to wait before trying again to begin an epoch that could not begin.
 const RETRY_AFTER: Duration = Duration::from_millis(100);
 
+/// How often a node that does not lead brings its keyring to the committed keys (when
+/// anything was applied since).
+const KEYS_EVERY: Duration = Duration::from_millis(250);
+
 /// A leader that cannot begin an epoch says so every this many tries (a second's worth).
 const WARN_EVERY_TRIES: u32 = 10;
 
@@ -111,13 +115,30 @@ async fn run(args: LeadershipArgs, stop: CancellationToken) {
     let mut last: Option<Epoch> = None;
     // Failed tries to begin an epoch in the same term, in a row.
     let (mut tried_in, mut tries) = (None, 0u32);
+    // The position the keyring's table was last read at (`u64::MAX`: never).
+    let mut keys_at = u64::MAX;
     loop {
-        let term = tokio::select! {
-            _ = stop.cancelled() => return,
-            term = args.node.leading() => match term {
-                Some(term) => term,
-                None => return, // the engine stopped
-            },
+        // While it does not lead, its keyring follows the committed keys.
+        let term = loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                term = args.node.leading() => match term {
+                    Some(term) => break term,
+                    None => return, // the engine stopped
+                },
+                _ = tokio::time::sleep(KEYS_EVERY) => {
+                    if args.node.applied_seq() == keys_at {
+                        continue;
+                    }
+                    match args.node.applied_keys().await {
+                        Ok((applied, keys)) => {
+                            args.keyring.replace_keys(keys).await;
+                            keys_at = applied;
+                        }
+                        Err(err) => tracing::warn!(error = %err, "cannot read the committed API keys"),
+                    }
+                }
+            }
         };
         // Not cancelled midway: an epoch half begun would have nobody to end it. Every
         // wait in it is bounded.
@@ -142,6 +163,7 @@ async fn run(args: LeadershipArgs, stop: CancellationToken) {
         };
         last = Some(serving.epoch);
         tried_in = None;
+        keys_at = u64::MAX;
         let why = tokio::select! {
             _ = stop.cancelled() => "the server is stopping".to_string(),
             reason = serving.proposer.poisoned() => format!("a proposal failed: {reason}"),

@@ -530,3 +530,71 @@ async fn a_paused_leader_acknowledges_nothing_and_rejoins_as_a_follower() {
     assert_eq!(c.product("P").await["available"], 5);
     assert_same_state(&cluster).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_created_on_the_leader_authenticate_on_every_node() {
+    let mut cluster = start(&[1, 2, 3]).await;
+    let old = cluster.serving().await;
+    let c = Checkout::of(&cluster);
+    // The first key turns authentication on (the nodes run open on loopback until then).
+    let a = c
+        .post(
+            "/v1/admin/keys",
+            json!({"name": "ops", "scopes": ["admin"]}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let admin = format!("Bearer {}", a.body["secret"].as_str().unwrap());
+    let auth = [("authorization", admin.as_str())];
+    // Every node comes to know it, and refuses a request without it.
+    for (id, node) in &cluster.nodes {
+        let known = common::eventually(WAIT, || async {
+            let without = node.client.get("/v1/cluster").await;
+            let with = node
+                .client
+                .send(Method::GET, "/v1/cluster", None, &auth)
+                .await
+                .unwrap();
+            without.status == 401 && with.status == 200
+        })
+        .await;
+        assert!(known, "node {id} authenticates with the key");
+    }
+    // A follower checks the key, then redirects.
+    let follower = *cluster.nodes.keys().find(|id| **id != old).unwrap();
+    let http = common::cluster::no_redirects();
+    let base = &cluster.client(follower).base;
+    let res = http
+        .get(format!("{base}/v1/products"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    let res = http
+        .get(format!("{base}/v1/products"))
+        .header("authorization", &admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 307);
+    // After a failover, the new leader knows it too.
+    let mut killed = cluster.nodes.remove(&old).unwrap();
+    killed.kill9();
+    // (`/health` needs no key; `GET /v1/cluster`, which `serving` reads, needs one now.)
+    let listed = common::eventually(WAIT, || async {
+        for node in cluster.nodes.values() {
+            if node.client.get("/health?role=leader").await.status == 200 {
+                let a = node
+                    .client
+                    .send(Method::GET, "/v1/admin/keys", None, &auth)
+                    .await
+                    .unwrap();
+                return a.status == 200 && a.body["items"].as_array().map(Vec::len) == Some(1);
+            }
+        }
+        false
+    })
+    .await;
+    assert!(listed, "the new leader lists the key, authenticated by it");
+    drop(killed);
+}

@@ -260,6 +260,29 @@ impl ClusterNode {
             .map_err(|err| format!("cannot read the state machine: {err}"))
     }
 
+    /// The API keys of the state the state machine has folded, and the last entry it
+    /// folded: what a node that does not serve authenticates with.
+    pub async fn applied_keys(&self) -> Result<(u64, Vec<crate::domain::key::ApiKey>), String> {
+        self.raft
+            .with_state_machine(|sm: &mut StockSm| {
+                Box::pin(async move {
+                    let state = sm.state();
+                    let applied = state.raft.as_ref().and_then(|r| r.last_applied);
+                    let keys = state.keys.values().cloned().collect();
+                    (applied.map_or(0, |pos| pos.seq), keys)
+                })
+            })
+            .await
+            .map_err(|err| format!("cannot read the state machine: {err}"))
+    }
+
+    /// The last entry the state machine has applied (0: none), from the metrics.
+    pub fn applied_seq(&self) -> u64 {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        seq(m.last_applied.as_ref().map(|l| l.index))
+    }
+
     /// A proposer for `epoch`, which this node must lead in (its proposals are refused
     /// otherwise).
     pub fn proposer(&self, epoch: crate::storage::entry::Epoch) -> super::proposer::Proposer {
