@@ -63,6 +63,11 @@ impl ClusterId {
         })
     }
 
+    /// The file the id is kept in.
+    pub fn path(&self) -> &Path {
+        &self.file
+    }
+
     pub fn get(&self) -> Option<Uuid> {
         *self.id.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -199,6 +199,17 @@ impl ClusterNode {
             initialize_new(&self.raft, &self.ids, peers.clone()).await?;
             return Ok(None);
         }
+        // A node in a cluster has its id: it made it before initializing, or took it
+        // before its first entry reached the engine. Only a log written before cluster
+        // ids existed has none, and no node would ever talk to it.
+        if self.ids.get().is_none() {
+            return Err(format!(
+                "this node's log belongs to a cluster but there is no cluster id in {}: it \
+                 was written by a version without cluster ids; start the cluster on empty \
+                 data directories",
+                self.ids.path().display()
+            ));
+        }
         let stored = self
             .raft
             .with_raft_state(|st| st.membership_state.effective().membership().clone())
