@@ -176,14 +176,30 @@ pub fn queue_to(out: impl Write + Send + 'static, lines: usize) -> (QueueWriter,
     )
 }
 
+/// What is logged unless `RUST_LOG` says otherwise: `info`; `warn` for the cluster's
+/// engine, openraft, whose `info` narrates every election and state change at length; and
+/// `error` for the three places where the engine warns of each failed call to a peer: a
+/// heartbeat (`core::heartbeat`, every 50 ms), a replication call (`replication`, and
+/// the same failure again when the core hears of it, `engine::handler::
+/// replication_handler`). With a peer down these were some 20 lines a second; stockd's
+/// network client says instead, once, that the peer does not answer, reminds every minute,
+/// and says when it answers again (`cluster::net::Reachability`). The replication
+/// modules' other warnings (`replication::stream_state`, `replication_handle`,
+/// `snapshot_transmitter`: the storage breaking the engine's contract, a snapshot that
+/// cannot be read) stay at `warn`.
+pub const DEFAULT_FILTER: &str = "info,openraft=warn,openraft::core::heartbeat=error,\
+    openraft::replication=error,openraft::replication::stream_state=warn,\
+    openraft::replication::replication_handle=warn,\
+    openraft::replication::snapshot_transmitter=warn,\
+    openraft::engine::handler::replication_handler=error";
+
 /// Installs the global `tracing` subscriber: events at the level `RUST_LOG` asks for
-/// (default `info`, and `warn` for the cluster's engine, openraft, whose `info` narrates
-/// every election and state change at length), in `format`, on stderr through [`queue_to`]; ANSI colours only when
-/// stderr is a terminal. Returns the guard to hold while the server runs. Calling it again
-/// installs nothing (the first subscriber stays).
+/// (default [`DEFAULT_FILTER`]), in `format`, on stderr through [`queue_to`]; ANSI colours
+/// only when stderr is a terminal. Returns the guard to hold while the server runs.
+/// Calling it again installs nothing (the first subscriber stays).
 pub fn init(format: Format) -> Guard {
     let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,openraft=warn"));
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let (writer, guard) = queue_to(io::stderr(), QUEUE_LINES);
     let ansi = io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
@@ -203,6 +219,57 @@ pub fn init(format: Format) -> Guard {
 mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
+
+    /// The default filter drops the engine's warning for each failed call to a peer (its
+    /// heartbeat and replication modules) and nothing else of it at `warn` or above: its
+    /// errors, its other warnings (the replication modules' other files included), and
+    /// stockd's own warnings and information still show.
+    #[test]
+    fn the_default_filter_drops_only_the_engines_per_call_warnings() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+        struct Record(Arc<Mutex<Vec<String>>>);
+        impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Record {
+            fn on_event(
+                &self,
+                event: &tracing::Event<'_>,
+                _: tracing_subscriber::layer::Context<'_, S>,
+            ) {
+                let m = event.metadata();
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push(format!("{} {}", m.level(), m.target()));
+            }
+        }
+        let subscriber = tracing_subscriber::registry()
+            .with(EnvFilter::new(DEFAULT_FILTER))
+            .with(Record(seen.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(target: "openraft::core::heartbeat::worker", "failed to send a heartbeat");
+            tracing::warn!(target: "openraft::replication", "ReplicationCore recv RPCError");
+            tracing::warn!(target: "openraft::engine::handler::replication_handler", "update progress error");
+            tracing::info!(target: "openraft::core::raft_core", "an election");
+            tracing::error!(target: "openraft::core::heartbeat::worker", "failed to send to RaftCore");
+            tracing::warn!(target: "openraft::core::raft_core", "a higher vote");
+            tracing::warn!(target: "openraft::replication::stream_state", "returned empty");
+            tracing::error!(target: "openraft::replication::snapshot_transmitter", "storage");
+            tracing::warn!(target: "stockd::cluster::net", "a peer does not answer");
+            tracing::info!(target: "stockd::server", "serving");
+            tracing::debug!(target: "stockd::server", "detail");
+        });
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                "ERROR openraft::core::heartbeat::worker",
+                "WARN openraft::core::raft_core",
+                "WARN openraft::replication::stream_state",
+                "ERROR openraft::replication::snapshot_transmitter",
+                "WARN stockd::cluster::net",
+                "INFO stockd::server",
+            ]
+        );
+    }
 
     /// Fails every write, like stderr on a full disk.
     struct Full;

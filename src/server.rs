@@ -459,6 +459,7 @@ async fn start_cluster(
     let raft_routes = crate::cluster::transport::routes(
         node.raft().clone(),
         settings.key.clone(),
+        node.cluster_ids(),
         config.data_dir.join("raft-incoming"),
     );
     let raft_http = tokio::spawn(

@@ -103,8 +103,15 @@ async fn three_nodes_elect_a_leader_and_agree_on_the_cluster() {
     );
     let statuses = cluster.caught_up().await;
     let leader = leader_of(&statuses);
+    // One cluster id, made when node 1 initialized the cluster, known to all three.
+    let cluster_id = statuses[&1]["cluster_id"].clone();
+    assert!(
+        cluster_id.as_str().is_some_and(|id| id.len() == 36),
+        "{statuses:#?}"
+    );
     for (id, status) in &statuses {
         fits("Cluster", status);
+        assert_eq!(status["cluster_id"], cluster_id, "{status}");
         assert_eq!(status["node_id"], *id, "{status}");
         let role = if *id == leader { "leader" } else { "follower" };
         assert_eq!(status["role"], role, "{status}");
@@ -245,6 +252,13 @@ async fn a_new_leader_is_elected_after_kill_9_of_the_leader() {
     );
     let old_status = &rejoined[&old];
     assert_eq!(old_status["role"], "follower", "{rejoined:#?}");
+    assert!(before[&old]["cluster_id"].is_string(), "{before:#?}");
+    assert!(
+        rejoined
+            .values()
+            .all(|s| s["cluster_id"] == before[&old]["cluster_id"]),
+        "the cluster id is kept across the restart: {rejoined:#?}"
+    );
     assert!(
         old_status["term"].as_u64().unwrap() >= after[&new]["term"].as_u64().unwrap(),
         "{rejoined:#?}"
@@ -342,7 +356,17 @@ async fn raft_requests_need_the_cluster_key() {
         .unwrap();
     let raft = format!("http://{}/raft/vote", cluster.addrs[&1].raft);
     let http = no_redirects();
-    let term_before = cluster.client(1).get("/v1/cluster").await.body["term"].clone();
+    // Node 1, the lowest id, makes the cluster's id when it initializes the cluster.
+    let client = cluster.client(1);
+    let named = common::eventually(WAIT, || async {
+        client.get("/v1/cluster").await.body["cluster_id"].is_string()
+    })
+    .await;
+    assert!(named, "node 1 has a cluster id");
+    let status = client.get("/v1/cluster").await.body;
+    fits("Cluster", &status);
+    let cluster_id = status["cluster_id"].as_str().unwrap().to_string();
+    let term_before = status["term"].clone();
     for key in [
         None,
         Some("the-wrong-key-of-the-same-length"),
@@ -363,7 +387,8 @@ async fn raft_requests_need_the_cluster_key() {
         assert_eq!(body["code"], "unauthorized");
         assert_eq!(body["status"], 401);
     }
-    // The right key gets past the check: a body that is no vote is then a 400.
+    // The right key gets past the check; a request must then name its cluster, this
+    // node's (another is 409, before the body is read).
     let res = http
         .post(&raft)
         .header("stockd-cluster-key", KEY)
@@ -374,6 +399,48 @@ async fn raft_requests_need_the_cluster_key() {
     assert_eq!(res.status(), 400);
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["code"], "bad_request");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Stockd-Cluster-Id"),
+        "{body}"
+    );
+    let res = http
+        .post(&raft)
+        .header("stockd-cluster-key", KEY)
+        .header("stockd-cluster-id", "0190a6a0-0000-7000-8000-000000000000")
+        .body(vec![1u8, 2, 3])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 409);
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["code"], "wrong_cluster");
+    assert!(
+        body["detail"].as_str().unwrap().contains(&cluster_id),
+        "{body}"
+    );
+    // With both: a body that is no vote is then a 400.
+    let res = http
+        .post(&raft)
+        .header("stockd-cluster-key", KEY)
+        .header("stockd-cluster-id", &cluster_id)
+        .body(vec![1u8, 2, 3])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["code"], "bad_request");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not this route's message"),
+        "{body}"
+    );
     // Unknown routes and methods.
     let res = http
         .post(format!("http://{}/raft/nothing", cluster.addrs[&1].raft))

@@ -22,9 +22,13 @@
 //! entry (or after the purge mark, once the purge has passed the last entry). Anything
 //! else is refused with an error and leaves the log as it is: the engine never asks for it
 //! (it truncates before it overwrites, and purges before it appends past a snapshot), and
-//! stockd's log never has a hole. Appending after a purge that passed the end of the log
-//! (a snapshot install that covers more than this node's log) needs the writer restarted
-//! at the new sequence: that comes with snapshot installs (step 6).
+//! stockd's log never has a hole. After a purge that passed the end of the log (a snapshot
+//! install that covers more than this node's log), the writer is restarted after the
+//! purge mark (`LogHandle::restart`), and appends continue from there.
+//!
+//! A node's log opened with `open_bounded` is never purged past the oldest snapshot kept
+//! in its snapshot directory: whatever the engine asks, the newest snapshot that verifies
+//! (or an older one kept) plus the log after it rebuilds the state.
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
@@ -69,6 +73,9 @@ struct Shared {
     handle: LogHandle,
     reader: LogReader,
     tail: Mutex<Tail>,
+    /// The node's snapshot directory: a purge never passes the oldest snapshot kept there
+    /// (`None`: purges go where the engine says, as in the storage suite's cases).
+    snapshots: Option<std::path::PathBuf>,
 }
 
 struct Tail {
@@ -131,6 +138,7 @@ impl ClusterLog {
             handle,
             reader,
             tail: Mutex::new(tail),
+            snapshots: None,
         };
         Ok((
             ClusterLog {
@@ -138,6 +146,89 @@ impl ClusterLog {
             },
             join,
         ))
+    }
+
+    /// `open`, with purges bounded by the snapshots kept in `snapshots` (a cluster node's
+    /// snapshot directory): the log is never purged past the oldest of them, so that the
+    /// newest snapshot that verifies, or failing it an older one, plus the log after it
+    /// always rebuilds the state.
+    pub fn open_bounded(
+        log: Log,
+        snapshots: &std::path::Path,
+    ) -> Result<(ClusterLog, JoinHandle<()>), OpenError> {
+        let (log, writer) = ClusterLog::open(log)?;
+        let Shared {
+            handle,
+            reader,
+            tail,
+            ..
+        } = Arc::into_inner(log.shared).expect("a log just opened has one owner");
+        let shared = Shared {
+            handle,
+            reader,
+            tail,
+            snapshots: Some(snapshots.to_path_buf()),
+        };
+        Ok((
+            ClusterLog {
+                shared: Arc::new(shared),
+            },
+            writer,
+        ))
+    }
+
+    /// Where a purge the engine asks for through `wanted` may go: through `wanted`, or
+    /// through the oldest kept snapshot if that is before it (`None`: not at all, no
+    /// snapshot being kept, or the bound already purged).
+    async fn purge_bound(&self, wanted: LogPos) -> io::Result<Option<LogPos>> {
+        let Some(dir) = self.shared.snapshots.clone() else {
+            return Ok(Some(wanted));
+        };
+        // Past the end of the log: the engine installed a snapshot that covers all of it
+        // (the only one kept then), and the log continues after it.
+        if wanted.seq > self.tail().written {
+            return Ok(Some(wanted));
+        }
+        let listed = tokio::task::spawn_blocking(move || crate::storage::snapshot::list(&dir))
+            .await
+            .map_err(other)?;
+        let oldest = match listed {
+            Ok(files) => files.last().map(|(seq, _)| *seq),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let Some(oldest) = oldest else {
+            tracing::debug!(
+                wanted = wanted.seq,
+                "no snapshot kept: the log is not purged"
+            );
+            return Ok(None);
+        };
+        if oldest >= wanted.seq {
+            return Ok(Some(wanted));
+        }
+        if self.tail().purged.is_some_and(|p| p.seq >= oldest) {
+            return Ok(None);
+        }
+        // The term of the entry the oldest snapshot ends at: in the log, since nothing
+        // past the purge mark is purged.
+        let entries = self
+            .clone()
+            .try_get_log_entries(index_of(oldest)..index_of(oldest) + 1)
+            .await?;
+        match entries.first() {
+            Some(entry) => {
+                tracing::debug!(
+                    wanted = wanted.seq,
+                    bound = oldest,
+                    "the log is purged only through the oldest snapshot kept"
+                );
+                Ok(Some(pos_of(&entry.log_id)))
+            }
+            None => Err(other(format!(
+                "the oldest snapshot kept ends at {oldest}, which the log does not hold"
+            ))),
+        }
     }
 
     /// The log's writer (its shutdown, its durable sequence, its test hooks).
@@ -387,26 +478,39 @@ impl RaftLogStorage<Tc> for ClusterLog {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        let through = pos_of(&log_id);
+        let Some(through) = self.purge_bound(pos_of(&log_id)).await? else {
+            return Ok(());
+        };
         self.tail().cuts += 1;
         let reader = self.shared.reader.clone();
         tokio::task::spawn_blocking(move || reader.purge_through(through))
             .await
             .map_err(other)?
             .map_err(other)?;
-        let mut tail = self.tail();
-        if tail.purged.is_none_or(|p| p.seq < through.seq) {
-            tail.purged = Some(through);
-        }
-        while tail
-            .entries
-            .front()
-            .is_some_and(|e| seq_of(e.log_id.index) <= through.seq)
-        {
-            tail.entries.pop_front();
-        }
-        if tail.last.is_none_or(|l| l.seq < through.seq) {
-            tail.last = Some(through);
+        let restart = {
+            let mut tail = self.tail();
+            if tail.purged.is_none_or(|p| p.seq < through.seq) {
+                tail.purged = Some(through);
+            }
+            while tail
+                .entries
+                .front()
+                .is_some_and(|e| seq_of(e.log_id.index) <= through.seq)
+            {
+                tail.entries.pop_front();
+            }
+            if tail.last.is_none_or(|l| l.seq < through.seq) {
+                tail.last = Some(through);
+            }
+            // Past the end of what was written (a snapshot installed that covers more
+            // than this log): the writer numbers the next entry after the purge mark.
+            (tail.written < through.seq).then(|| {
+                tail.written = through.seq;
+                self.shared.handle.restart(through.seq + 1)
+            })
+        };
+        if let Some(ticket) = restart {
+            ticket.durable().await.map_err(other)?;
         }
         Ok(())
     }

@@ -20,6 +20,7 @@
 //! the engine has to tell the supervisor something (gaining or losing the leadership), it
 //! will do so through a channel whose message type is defined here.
 
+pub mod cluster_id;
 pub mod journal;
 pub mod log_store;
 pub mod net;
@@ -56,6 +57,10 @@ pub struct Member {
 /// 0 means "none".
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Status {
+    /// A cluster node's: the id of its cluster (`Some(None)`, shown as `null`: none yet,
+    /// a new node no leader has reached). A single node has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<Option<String>>,
     pub node_id: NodeId,
     pub role: &'static str,
     /// The Raft term this node knows (0: no election ever happened, as on a single node).
@@ -95,6 +100,7 @@ impl Status {
     pub fn single(api: String, journal: &Journal, snapshot_seq: u64) -> Status {
         let durable = journal.durable_seq();
         Status {
+            cluster_id: None,
             node_id: SINGLE_NODE_ID,
             role: Role::Single.as_str(),
             term: 0,

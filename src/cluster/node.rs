@@ -13,6 +13,7 @@ use openraft::{Config, Instant as _, RaftMetrics, ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::cluster_id::ClusterId;
 use super::log_store::{seq_of, ClusterLog};
 use super::net::ClusterNet;
 use super::settings::Settings;
@@ -61,7 +62,15 @@ pub enum NodeError {
     Open(OpenError),
     #[error("cannot start the Raft engine: {0}")]
     Engine(String),
+    #[error("cannot read the cluster id: {0}")]
+    ClusterId(std::io::Error),
 }
+
+/// How long a new node that would initialize its cluster (the lowest id in `--peers`)
+/// first waits for a leader to reach it: a node whose data directory was replaced joins
+/// its running cluster rather than starting a new one (a leader's heartbeats reach a node
+/// that is back within the engine's backoff, 500 ms).
+pub const JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A running cluster node's engine.
 pub struct ClusterNode {
@@ -75,6 +84,10 @@ pub struct ClusterNode {
     /// How long after a majority last acknowledged it this node may still answer reads
     /// as the leader (`lease_holds`).
     lease: std::time::Duration,
+    /// The cluster id, once this node has one (the Raft listener checks it).
+    ids: Arc<ClusterId>,
+    /// Initializing a new cluster, after `JOIN_WAIT` (none once done).
+    initializing: Option<JoinHandle<()>>,
 }
 
 impl ClusterNode {
@@ -88,10 +101,14 @@ impl ClusterNode {
         snapshot_every_records: u64,
         role: watch::Sender<Role>,
     ) -> Result<(ClusterNode, std::thread::JoinHandle<()>), NodeError> {
-        let (log, writer) = ClusterLog::open(log).map_err(|err| match err {
-            err @ OpenError::NotAnEntry { .. } => NodeError::SingleServerLog(err),
-            err => NodeError::Open(err),
-        })?;
+        let ids = ClusterId::load(log.dir())
+            .map(Arc::new)
+            .map_err(NodeError::ClusterId)?;
+        let (log, writer) =
+            ClusterLog::open_bounded(log, snapshot_dir).map_err(|err| match err {
+                err @ OpenError::NotAnEntry { .. } => NodeError::SingleServerLog(err),
+                err => NodeError::Open(err),
+            })?;
         let fail = |log: &ClusterLog, why: String| {
             // Start-up ends here: the log's writer is asked to stop (its thread is not
             // waited for: the server does not start).
@@ -106,14 +123,14 @@ impl ClusterNode {
             Err(err) => return Err(fail(&log, err)),
         };
         let sm = StockSm::new(snapshot_dir);
-        let net = ClusterNet::new(settings.key.clone());
+        let net = ClusterNet::new(settings.key.clone(), ids.clone());
         let raft = match Raft::new(settings.node_id, config, net, log.clone(), sm).await {
             Ok(raft) => raft,
             Err(err) => return Err(fail(&log, err.to_string())),
         };
         let (serving, serving_rx) = watch::channel(None);
         let lease = std::time::Duration::from_millis(raft.config().election_timeout_min);
-        let node = ClusterNode {
+        let mut node = ClusterNode {
             roles: tokio::spawn(publish_roles(
                 raft.clone(),
                 settings.node_id,
@@ -125,18 +142,39 @@ impl ClusterNode {
             log,
             serving,
             lease,
+            ids,
+            initializing: None,
         };
-        if let Err(err) = node.initialize(settings).await {
-            node.shutdown().await;
-            return Err(NodeError::Engine(err));
+        match node.initialize(settings).await {
+            Ok(None) => {}
+            Ok(Some(later)) => node.initializing = Some(tokio::spawn(later)),
+            Err(err) => {
+                node.shutdown().await;
+                return Err(NodeError::Engine(err));
+            }
         }
         Ok((node, writer))
+    }
+
+    /// This node's cluster id (none yet: never initialized, and no leader reached it).
+    pub fn cluster_ids(&self) -> Arc<ClusterId> {
+        self.ids.clone()
     }
 
     /// Starts the cluster with `--peers` on a node that was never part of one; on one
     /// that was, only warns if `--peers` names other members than its stored membership
     /// (later changes go through the engine's membership changes, not flags).
-    async fn initialize(&self, settings: &Settings) -> Result<(), String> {
+    ///
+    /// Only the lowest id in `--peers` initializes a new cluster, and makes its id
+    /// (`ClusterId::generate`) before it does, so that a cluster has one id, not one per
+    /// node: the other new nodes wait for its leader to reach them, and take the id then.
+    /// A new lowest node first waits `JOIN_WAIT` for a leader (its cluster may be running
+    /// already): that wait runs after start-up, so that the Raft listener can serve
+    /// meanwhile; it is returned, for the caller to spawn.
+    async fn initialize(
+        &self,
+        settings: &Settings,
+    ) -> Result<Option<impl std::future::Future<Output = ()> + Send + 'static>, String> {
         let peers: BTreeMap<NodeId, StockdNode> = settings
             .peers
             .iter()
@@ -154,18 +192,38 @@ impl ClusterNode {
             .await
             .map_err(|e| e.to_string())?;
         if !initialized {
-            match self.raft.initialize(peers.clone()).await {
-                Ok(()) => {
-                    tracing::info!(
-                        members = peers.len(),
-                        "initialized the cluster from --peers"
-                    );
-                    return Ok(());
-                }
-                // Another node's leader reached this one first: it is in a cluster now.
-                Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
-                Err(err) => return Err(format!("cannot initialize the cluster: {err}")),
+            let lowest = peers.keys().next() == Some(&self.id);
+            if !lowest {
+                tracing::info!(
+                    cluster = ?self.ids.get(),
+                    "a new node: waiting for the cluster's leader to reach it"
+                );
+                return Ok(None);
             }
+            if self.ids.get().is_none() && peers.len() > 1 {
+                let (raft, ids) = (self.raft.clone(), self.ids.clone());
+                return Ok(Some(async move {
+                    if ids.wait(JOIN_WAIT).await.is_some() {
+                        return;
+                    }
+                    if let Err(err) = initialize_new(&raft, &ids, peers).await {
+                        tracing::error!(error = %err, "cannot initialize the cluster");
+                    }
+                }));
+            }
+            initialize_new(&self.raft, &self.ids, peers.clone()).await?;
+            return Ok(None);
+        }
+        // A node in a cluster has its id: it made it before initializing, or took it
+        // before its first entry reached the engine. Only a log written before cluster
+        // ids existed has none, and no node would ever talk to it.
+        if self.ids.get().is_none() {
+            return Err(format!(
+                "this node's log belongs to a cluster but there is no cluster id in {}: it \
+                 was written by a version without cluster ids; start the cluster on empty \
+                 data directories",
+                self.ids.path().display()
+            ));
         }
         let stored = self
             .raft
@@ -183,7 +241,7 @@ impl ClusterNode {
                  (membership changes go through the cluster, not flags)"
             );
         }
-        Ok(())
+        Ok(None)
     }
 
     pub fn raft(&self) -> &Raft {
@@ -318,7 +376,9 @@ impl ClusterNode {
     /// What `GET /v1/cluster` answers, from the engine's metrics.
     pub fn status(&self) -> Status {
         let m = self.raft.metrics().borrow_watched().clone();
-        status_of(&m, self.log.handle().durable_seq())
+        let mut status = status_of(&m, self.log.handle().durable_seq());
+        status.cluster_id = Some(self.ids.get().map(|id| id.to_string()));
+        status
     }
 
     /// The `api` address of node `id`, as the membership names it.
@@ -333,11 +393,40 @@ impl ClusterNode {
 
     /// Stops the engine (the log's writer is the caller's to stop, after this).
     pub async fn shutdown(&self) {
+        if let Some(initializing) = &self.initializing {
+            initializing.abort();
+        }
         if let Err(err) = self.raft.shutdown().await {
             tracing::warn!(error = %err, "the Raft engine stopped with an error");
         }
         self.roles.abort();
         tracing::info!(node = self.id, "the Raft engine stopped");
+    }
+}
+
+/// Initializes a new cluster of `peers` on this node: its id made and kept first (or the
+/// one it has: a node stopped after making it and before initializing), then the engine
+/// initialized. An engine that a leader reached meanwhile refuses, which is no error.
+async fn initialize_new(
+    raft: &Raft,
+    ids: &ClusterId,
+    peers: BTreeMap<NodeId, StockdNode>,
+) -> Result<(), String> {
+    let id = ids
+        .generate()
+        .map_err(|e| format!("cannot make the cluster id: {e}"))?;
+    match raft.initialize(peers.clone()).await {
+        Ok(()) => {
+            tracing::info!(
+                members = peers.len(),
+                cluster = %id,
+                "initialized the cluster from --peers"
+            );
+            Ok(())
+        }
+        // Another node's leader reached this one first: it is in a cluster now.
+        Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+        Err(err) => Err(format!("cannot initialize the cluster: {err}")),
     }
 }
 
@@ -407,6 +496,7 @@ fn status_of(m: &RaftMetrics<Tc>, durable: u64) -> Status {
         })
         .collect();
     Status {
+        cluster_id: None,
         node_id: m.id,
         role: role_of(m, None).as_str(),
         term: m.current_term,

@@ -158,8 +158,10 @@ impl Cluster {
 }
 
 impl Cluster {
-    /// `agreed`, once every running node has also applied everything in the leader's log
-    /// (the membership and the leader's first entry at least).
+    /// `agreed`, once every running node has also flushed and applied everything in the
+    /// leader's log (the membership and the leader's first entry at least). A follower may
+    /// apply a committed entry before its own flush of it ends (the engine allows it),
+    /// which a new node's first flush, creating its log's first segment, makes likely.
     pub async fn caught_up(&self) -> BTreeMap<u64, Value> {
         let deadline = Instant::now() + WAIT;
         loop {
@@ -167,7 +169,8 @@ impl Cluster {
             let last = statuses[&leader_of(&statuses)]["last_seq"]
                 .as_u64()
                 .unwrap();
-            if last >= 2 && statuses.values().all(|s| s["applied_seq"] == last) {
+            let done = |s: &Value| s["applied_seq"] == last && s["durable_seq"] == last;
+            if last >= 2 && statuses.values().all(done) {
                 return statuses;
             }
             assert!(

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use openraft::async_runtime::WatchReceiver;
 use openraft::error::{
     ClientWriteError, ForwardReason, NetworkError, RPCError, RaftError, ReplicationClosed,
     StreamingError, Unreachable,
@@ -178,6 +179,12 @@ fn member(id: NodeId) -> StockdNode {
 
 /// Opens the log in `dir`, waiting while a stopped node's handles let go of its lock.
 async fn open_log(dir: &Path) -> ClusterLog {
+    open_log_with(dir, false).await
+}
+
+/// `open_log`; `bounded`: its purges bounded by the snapshots kept in `dir/snapshots`,
+/// as a cluster node's are.
+async fn open_log_with(dir: &Path, bounded: bool) -> ClusterLog {
     let log_dir = dir.join("log");
     let log = tokio::time::timeout(WAIT, async {
         loop {
@@ -191,12 +198,28 @@ async fn open_log(dir: &Path) -> ClusterLog {
     })
     .await
     .expect("the node's log is let go of");
-    let (log, _writer) = ClusterLog::open(log).expect("opening the cluster log");
+    let opened = if bounded {
+        ClusterLog::open_bounded(log, &dir.join("snapshots"))
+    } else {
+        ClusterLog::open(log)
+    };
+    let (log, _writer) = opened.expect("opening the cluster log");
     log
 }
 
 /// Starts node `id` on its log, its snapshots in `dir`.
 async fn start(router: &Router, id: NodeId, dir: &Path, log: ClusterLog) -> Node {
+    start_with(router, id, dir, log, config()).await
+}
+
+/// `start` with the engine's settings `config`.
+async fn start_with(
+    router: &Router,
+    id: NodeId,
+    dir: &Path,
+    log: ClusterLog,
+    config: Arc<Config>,
+) -> Node {
     let sm = StockSm::new(&dir.join("snapshots"));
     let net = Net {
         from: id,
@@ -204,7 +227,7 @@ async fn start(router: &Router, id: NodeId, dir: &Path, log: ClusterLog) -> Node
     };
     let node = Node {
         writer: log.handle().clone(),
-        raft: Raft::new(id, config(), net, log.clone(), sm)
+        raft: Raft::new(id, config, net, log.clone(), sm)
             .await
             .expect("starting the engine"),
         log,
@@ -675,6 +698,171 @@ async fn a_proposer_commits_in_order_and_an_epoch_ends_at_its_first_failure() {
     assert!(matches!(after, Err(LogError::NotCommitted(_))), "{after:?}");
     Router::set(&router.held, leader, false);
 
+    for (id, node) in std::mem::take(&mut nodes) {
+        stop(&router, id, node).await;
+    }
+}
+
+/// Settings for catching up by snapshot: snapshots only when asked, and the engine asks
+/// to purge the log right up to each (none kept behind it).
+fn purging_config() -> Arc<Config> {
+    let config = Config {
+        max_in_snapshot_log_to_keep: 0,
+        snapshot_policy: openraft::SnapshotPolicy::Never,
+        ..(*config()).clone()
+    };
+    Arc::new(config.validate().expect("a valid engine config"))
+}
+
+/// Asks `raft` for a snapshot and waits until it has one at `index`.
+async fn snapshot_at(raft: &Raft, index: u64) {
+    raft.trigger()
+        .snapshot()
+        .await
+        .expect("a snapshot is asked for");
+    raft.wait(Some(WAIT))
+        .metrics(
+            |m| m.snapshot.is_some_and(|s| s.index == index),
+            format!("a snapshot at {index}"),
+        )
+        .await
+        .expect("the snapshot is built");
+}
+
+/// A follower kept down while the leader snapshots twice and its engine purges the log
+/// past the follower's last entry: the leader's log is purged only through the older of
+/// its two kept snapshots (never past what a kept snapshot covers), the follower, started
+/// again on its directory, is sent the newest snapshot and installs it (its own log, far
+/// behind, is purged past its end and its writer numbers on after the snapshot), takes
+/// the entries after it, and has the leader's digest at the same applied position; and
+/// its log on disk starts after the snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_a_purge_catches_up_by_snapshot() {
+    let root = tempfile::tempdir().unwrap();
+    let dirs: BTreeMap<NodeId, PathBuf> = (1..=3)
+        .map(|id| (id, root.path().join(format!("node-{id}"))))
+        .collect();
+    let router = Router::default();
+    let mut nodes = BTreeMap::new();
+    for (id, dir) in &dirs {
+        let log = open_log_with(dir, true).await;
+        let node = start_with(&router, *id, dir, log, purging_config()).await;
+        nodes.insert(*id, node);
+    }
+    let members: BTreeMap<NodeId, StockdNode> = (1..=3).map(|id| (id, member(id))).collect();
+    nodes[&1]
+        .raft
+        .initialize(members)
+        .await
+        .expect("initializing the cluster");
+    let all = [1, 2, 3];
+    let (leader, term) = leader_of(&nodes, &all).await;
+    let epoch = Epoch { term, k: 0 };
+    let last = propose(
+        &nodes[&leader].raft,
+        epoch,
+        1,
+        vec![record("A", 0), record("A", 1)],
+    )
+    .await;
+    digests(&nodes, &all, last).await;
+
+    // The follower goes down; the leader goes on, and snapshots twice.
+    let follower = *all.iter().find(|id| **id != leader).unwrap();
+    let behind = nodes[&follower]
+        .raft
+        .metrics()
+        .borrow_watched()
+        .last_log_index
+        .expect("the follower has entries");
+    let stopped = nodes.remove(&follower).unwrap();
+    stop(&router, follower, stopped).await;
+    let raft = nodes[&leader].raft.clone();
+    let first = propose(&raft, epoch, 3, (2..=6).map(|n| record("A", n)).collect()).await;
+    snapshot_at(&raft, first).await;
+    let second = propose(&raft, epoch, 8, (7..=11).map(|n| record("A", n)).collect()).await;
+    snapshot_at(&raft, second).await;
+    // The engine asks to purge through the newest snapshot; the log is purged only
+    // through the older one kept, past the follower's last entry all the same.
+    raft.wait(Some(WAIT))
+        .metrics(
+            |m| m.purged.is_some_and(|p| p.index == second),
+            "the engine purges up to its newest snapshot",
+        )
+        .await
+        .expect("purged in time");
+    let kept = nodes[&leader]
+        .log
+        .clone()
+        .get_log_state()
+        .await
+        .unwrap()
+        .last_purged_log_id
+        .expect("the leader's log is purged");
+    assert_eq!(
+        kept.index, first,
+        "purged only through the oldest kept snapshot"
+    );
+    assert!(kept.index > behind, "past the follower's last entry");
+    let kept_files: Vec<u64> = crate::storage::snapshot::list(&dirs[&leader].join("snapshots"))
+        .unwrap()
+        .into_iter()
+        .map(|(seq, _)| seq)
+        .collect();
+    assert_eq!(kept_files, vec![second + 1, first + 1]);
+    // The log after the oldest kept snapshot is all there: that snapshot plus it rebuilds
+    // the state.
+    let rest = nodes[&leader]
+        .log
+        .clone()
+        .try_get_log_entries(first + 1..=second)
+        .await
+        .unwrap();
+    assert_eq!(rest.len() as u64, second - first);
+
+    // The follower comes back on its directory and is sent the newest snapshot.
+    let log = open_log_with(&dirs[&follower], true).await;
+    nodes.insert(
+        follower,
+        start_with(&router, follower, &dirs[&follower], log, purging_config()).await,
+    );
+    let m = nodes[&follower]
+        .raft
+        .wait(Some(WAIT))
+        .metrics(
+            |m| m.snapshot.is_some_and(|s| s.index == second),
+            "the follower installs the leader's snapshot",
+        )
+        .await
+        .expect("installed in time");
+    assert!(m.last_applied.is_some_and(|a| a.index >= second));
+    // Entries after the snapshot reach it, appended after the snapshot's last entry.
+    let last = propose(&raft, epoch, 13, vec![record("B", 0), record("A", 12)]).await;
+    let found = digests(&nodes, &all, last).await;
+    assert!(
+        found.windows(2).all(|w| w[0] == w[1]),
+        "same digest at {last}"
+    );
+    assert_eq!(
+        on_hand(&nodes[&follower].raft, "A").await,
+        Some(10 + (1..=12).sum::<u64>())
+    );
+    assert_eq!(on_hand(&nodes[&follower].raft, "B").await, Some(10));
+
+    // On disk, the follower's log starts after the snapshot, and holds what followed it.
+    let stopped = nodes.remove(&follower).unwrap();
+    stop(&router, follower, stopped).await;
+    let log = Log::open(&dirs[&follower].join("log")).unwrap();
+    let purged = log.reader().purged().unwrap().expect("purged");
+    assert_eq!(purged.seq, second + 1);
+    let after: Vec<u64> = log
+        .reader()
+        .entries_after(purged.seq)
+        .map(|e| e.map(|e| e.pos.seq))
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(after, ((second + 2)..=(last + 1)).collect::<Vec<_>>());
+    drop(log);
     for (id, node) in std::mem::take(&mut nodes) {
         stop(&router, id, node).await;
     }

@@ -1768,3 +1768,56 @@ fn recovery_reads_an_old_snapshot_and_old_records_then_new_ones() {
         None
     );
 }
+
+/// `restart` numbers the next entries past a purge that passed the log's end (a snapshot
+/// installed): refused without harm before the purge or at the log's own next sequence,
+/// then entries continue from it, inside the current segment or in a new one, and read
+/// back after a restart with nothing of the purged front.
+#[test]
+fn restart_numbers_the_next_entries_past_a_purge_beyond_the_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let log = Log::open(&dir).unwrap().with_segment_records(10);
+    let reader = log.reader();
+    let (handle, join) = log.start_writer(1).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    assert_eq!(append_entries_now(&handle, 1..=3, 1), Ok(3));
+    // Not purged yet: a restart would leave a hole.
+    assert!(runtime.block_on(handle.restart(8).durable()).is_err());
+    assert!(handle.is_healthy());
+    reader
+        .purge_through(crate::storage::entry::LogPos { term: 2, seq: 7 })
+        .unwrap();
+    // Past the mark, or not past the log's end: refused.
+    assert!(runtime.block_on(handle.restart(9).durable()).is_err());
+    assert!(runtime.block_on(handle.restart(4).durable()).is_err());
+    assert!(handle.is_healthy());
+    assert_eq!(runtime.block_on(handle.restart(8).durable()), Ok(7));
+    assert_eq!(handle.durable_seq(), 7);
+    // Into the current segment (1-10), then on into the next.
+    assert_eq!(append_entries_now(&handle, 8..=9, 2), Ok(9));
+    reader
+        .purge_through(crate::storage::entry::LogPos { term: 3, seq: 40 })
+        .unwrap();
+    assert_eq!(runtime.block_on(handle.restart(41).durable()), Ok(40));
+    assert_eq!(append_entries_now(&handle, 41..=43, 3), Ok(43));
+    runtime.block_on(handle.shutdown()).unwrap();
+    join.join().unwrap();
+    drop(reader);
+    let log = Log::open(&dir).unwrap();
+    assert_eq!(log.last_seq().unwrap(), 43);
+    let read: Vec<(u64, u64)> = log
+        .reader()
+        .entries_after(40)
+        .map(|e| e.map(|e| (e.pos.seq, e.pos.term)))
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(read, vec![(41, 3), (42, 3), (43, 3)]);
+    // The writer started again continues after the last entry.
+    let (handle, join) = log.start_writer(44).unwrap();
+    assert_eq!(append_entries_now(&handle, 44..=44, 3), Ok(44));
+    runtime.block_on(handle.shutdown()).unwrap();
+    join.join().unwrap();
+}

@@ -70,6 +70,9 @@ pub(super) enum Command {
     /// Drops every record or entry after this sequence, once everything queued before it
     /// is written.
     TruncateAfter(u64, oneshot::Sender<Result<u64, LogError>>),
+    /// Numbers what comes next from this sequence, past a purge mark that passed the
+    /// log's end (a snapshot installed), once everything queued before it is written.
+    Restart(u64, oneshot::Sender<Result<u64, LogError>>),
     /// Resolves once every command queued before it has been flushed.
     Barrier(oneshot::Sender<Result<u64, LogError>>),
     /// Saves a cluster node's vote once every record queued before it is flushed.
@@ -190,6 +193,24 @@ impl LogHandle {
         let (tx, rx) = oneshot::channel();
         if let Err(mpsc::SendError(Command::TruncateAfter(_, tx))) =
             self.tx.send(Command::TruncateAfter(last, tx))
+        {
+            let _ = tx.send(Err(LogError::Unavailable("the log writer stopped".into())));
+        }
+        Ticket(rx)
+    }
+
+    /// Numbers the next entry `next_seq`, after a purge that passed the end of the log (a
+    /// cluster node that installed a snapshot covering more than its log: the engine
+    /// purges through the snapshot, then appends after it). Run like a cut, after what is
+    /// queued before it and before anything queued after it. Refused without harm unless
+    /// the front of the log is purged through `next_seq - 1` (so the log shows no hole)
+    /// and `next_seq` is past the log's end. The ticket resolves with `next_seq - 1`, the
+    /// log's last sequence from then on. A restarted writer does the same by itself: a
+    /// log's end is never before its purge mark (`Log::last_seq`).
+    pub fn restart(&self, next_seq: u64) -> Ticket {
+        let (tx, rx) = oneshot::channel();
+        if let Err(mpsc::SendError(Command::Restart(_, tx))) =
+            self.tx.send(Command::Restart(next_seq, tx))
         {
             let _ = tx.send(Err(LogError::Unavailable("the log writer stopped".into())));
         }
@@ -358,6 +379,7 @@ pub(super) type Trace = Arc<std::sync::Mutex<Vec<Step>>>;
 pub(super) enum Stop {
     Vote(Vote, Waiter),
     Truncate(u64, Waiter),
+    Restart(u64, Waiter),
     Held(Command),
 }
 
@@ -506,6 +528,10 @@ impl Writer {
                     let cut = outcome.and_then(|_| self.truncate_after(last));
                     let _ = waiter.send(cut);
                 }
+                Some(Stop::Restart(next, waiter)) => {
+                    let restarted = outcome.and_then(|_| self.restart(next));
+                    let _ = waiter.send(restarted);
+                }
                 Some(Stop::Held(cmd)) => held = Some(cmd),
                 None => {}
             }
@@ -529,6 +555,7 @@ impl Writer {
             Command::Shutdown(waiter) => *shutdown = Some(waiter),
             Command::SaveVote(v, waiter) => *stop = Some(Stop::Vote(v, waiter)),
             Command::TruncateAfter(last, waiter) => *stop = Some(Stop::Truncate(last, waiter)),
+            Command::Restart(next, waiter) => *stop = Some(Stop::Restart(next, waiter)),
             cmd @ Command::AppendEntries(_) => *stop = Some(Stop::Held(cmd)),
             // Blocks this thread until released (a test's sender dropped).
             Command::Hold(held) => while held.recv().is_ok() {},
@@ -561,6 +588,7 @@ impl Writer {
             Command::Shutdown(waiter) => *shutdown = Some(waiter),
             Command::SaveVote(v, waiter) => *stop = Some(Stop::Vote(v, waiter)),
             Command::TruncateAfter(last, waiter) => *stop = Some(Stop::Truncate(last, waiter)),
+            Command::Restart(next, waiter) => *stop = Some(Stop::Restart(next, waiter)),
             cmd @ Command::Append(..) => *stop = Some(Stop::Held(cmd)),
             Command::Hold(held) => while held.recv().is_ok() {},
         }
@@ -662,6 +690,27 @@ impl Writer {
             }
         }
         Ok(last)
+    }
+
+    /// Numbers what comes next from `next` (see `LogHandle::restart`); returns the log's
+    /// last sequence afterwards, `next - 1`.
+    fn restart(&mut self, next: u64) -> Result<u64, LogError> {
+        if let Some(err) = &self.failed {
+            return Err(err.clone());
+        }
+        let mark = self.segments.mark();
+        if next <= self.next_seq || next > mark.saturating_add(1) {
+            return Err(LogError::Unavailable(format!(
+                "cannot number the log's next entry {next}: its next is {}, and its front is \
+                 purged through {mark}",
+                self.next_seq
+            )));
+        }
+        // What is on disk up to the mark is purged; the current segment takes the next
+        // entries if they fit its range, else a new one starts at `next` (`try_write`).
+        self.next_seq = next;
+        self.durable.store(next - 1, Ordering::SeqCst);
+        Ok(next - 1)
     }
 
     /// Writes the vote file (after this batch's records are flushed). A failure is a
