@@ -23,6 +23,7 @@
 pub mod cluster_id;
 pub mod journal;
 pub mod log_store;
+pub mod membership;
 pub mod net;
 pub mod node;
 pub mod proposer;

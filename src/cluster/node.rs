@@ -88,6 +88,8 @@ pub struct ClusterNode {
     ids: Arc<ClusterId>,
     /// Initializing a new cluster, after `JOIN_WAIT` (none once done).
     initializing: Option<JoinHandle<()>>,
+    /// Held while a membership change runs (`membership`): one at a time.
+    changing: tokio::sync::Mutex<()>,
 }
 
 impl ClusterNode {
@@ -144,6 +146,7 @@ impl ClusterNode {
             lease,
             ids,
             initializing: None,
+            changing: tokio::sync::Mutex::new(()),
         };
         match node.initialize(settings).await {
             Ok(None) => {}
@@ -246,6 +249,11 @@ impl ClusterNode {
 
     pub fn raft(&self) -> &Raft {
         &self.raft
+    }
+
+    /// The lock a membership change holds while it runs.
+    pub(super) fn changing(&self) -> &tokio::sync::Mutex<()> {
+        &self.changing
     }
 
     /// This node's id.

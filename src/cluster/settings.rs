@@ -87,22 +87,28 @@ pub struct Flags {
     pub events: bool,
 }
 
-/// Checks `HOST:PORT`: a host, and a port from 1 to 65535.
-fn address(what: &str, id: NodeId, value: &str) -> Result<String, String> {
-    let bad = |why: &str| {
-        format!("--peers: node {id}'s {what} address {value:?} is not HOST:PORT ({why})")
-    };
-    let (host, port) = value.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+/// Checks `HOST:PORT`: a host, and a port from 1 to 65535. The error says what is wrong.
+/// (`--peers` and the membership changes of the admin API check addresses with it.)
+pub fn host_port(value: &str) -> Result<(), &'static str> {
+    let (host, port) = value.rsplit_once(':').ok_or("no port")?;
     if host.is_empty() {
-        return Err(bad("no host"));
+        return Err("no host");
     }
-    if host.contains(['/', '@', ',', '=', ' ']) {
-        return Err(bad("the host holds a character an address cannot"));
+    if host.contains(['/', '@', ',', '=', ' ']) || !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("the host holds a character an address cannot");
     }
     match port.parse::<u16>() {
-        Ok(0) | Err(_) => Err(bad("the port must be 1 to 65535")),
-        Ok(_) => Ok(value.to_string()),
+        Ok(0) | Err(_) => Err("the port must be 1 to 65535"),
+        Ok(_) => Ok(()),
     }
+}
+
+/// Checks one of `--peers`' addresses (`host_port`).
+fn address(what: &str, id: NodeId, value: &str) -> Result<String, String> {
+    host_port(value).map_err(|why| {
+        format!("--peers: node {id}'s {what} address {value:?} is not HOST:PORT ({why})")
+    })?;
+    Ok(value.to_string())
 }
 
 /// Parses `--peers`: `ID=API@RAFT` separated by commas, ids from 1, no id or address

@@ -664,6 +664,76 @@ pub fn confirm(body: Option<&Value>) -> Result<Option<String>> {
         .transpose()
 }
 
+/// `POST /v1/admin/cluster/learners` `{"id", "api", "raft"}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewLearner {
+    pub id: u64,
+    pub api: String,
+    pub raft: String,
+}
+
+/// The longest address a membership change takes, in bytes.
+pub const NODE_ADDRESS_MAX: usize = 255;
+
+/// `POST /v1/admin/cluster/learners`: `id` a whole number from 1, `api` and `raft`
+/// `HOST:PORT` (`cluster::settings::host_port`), each a 422 naming its field. Whether they
+/// fit the membership is checked by the cluster (`cluster::membership`).
+pub fn new_learner(body: &Value) -> Result<NewLearner> {
+    let obj = Obj::new(body, "", &["id", "api", "raft"])?;
+    let id = unsigned(obj.req("id")?, "id", 1, u64::MAX)?;
+    let address = |field: &str| -> Result<String> {
+        let value = obj
+            .req(field)?
+            .as_str()
+            .ok_or_else(|| Problem::invalid(field, format!("{field} must be a string")))?;
+        if value.len() > NODE_ADDRESS_MAX {
+            return Err(Problem::invalid(
+                field,
+                format!("{field} must be at most {NODE_ADDRESS_MAX} bytes"),
+            ));
+        }
+        crate::cluster::settings::host_port(value)
+            .map_err(|why| Problem::invalid(field, format!("{field} must be HOST:PORT ({why})")))?;
+        Ok(value.to_string())
+    };
+    Ok(NewLearner {
+        id,
+        api: address("api")?,
+        raft: address("raft")?,
+    })
+}
+
+/// The most voters `PUT /v1/admin/cluster/voters` takes.
+pub const VOTERS_MAX: usize = 100;
+
+/// `PUT /v1/admin/cluster/voters` `{"voters": [ids]}`: 1 to `VOTERS_MAX` node ids, each a
+/// whole number from 1, none twice. Whether they are members is checked by the cluster.
+pub fn voters(body: &Value) -> Result<Vec<u64>> {
+    let obj = Obj::new(body, "", &["voters"])?;
+    let list = obj
+        .req("voters")?
+        .as_array()
+        .ok_or_else(|| Problem::invalid("voters", "voters must be an array of node ids"))?;
+    if list.is_empty() || list.len() > VOTERS_MAX {
+        return Err(Problem::invalid(
+            "voters",
+            format!("voters must name 1 to {VOTERS_MAX} nodes"),
+        ));
+    }
+    let mut ids = Vec::with_capacity(list.len());
+    for (i, v) in list.iter().enumerate() {
+        let id = unsigned(v, &format!("voters[{i}]"), 1, u64::MAX)?;
+        if ids.contains(&id) {
+            return Err(Problem::invalid(
+                format!("voters[{i}]"),
+                format!("voters[{i}]: node {id} is named more than once"),
+            ));
+        }
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
 pub fn extend(body: &Value) -> Result<u64> {
     let obj = Obj::new(body, "", &["ttl_seconds"])?;
     ttl(obj.req("ttl_seconds")?)

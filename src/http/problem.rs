@@ -80,6 +80,7 @@ impl Problem {
             "events_disabled" => "Change feed off",
             "webhook_not_found" => "Webhook not found",
             "too_many_webhooks" => "Too many webhooks",
+            "membership_conflict" => "Membership change refused",
             // "internal_error", and any code without a title of its own (a test holds
             // every code the server answers to a title of its own).
             _ => "Internal server error",

@@ -44,6 +44,8 @@ enum Endpoint {
     Events,
     Cluster,
     ClusterDigest,
+    AddLearner,
+    ChangeVoters,
     CreateWebhook,
     ListWebhooks,
     GetWebhook(String),
@@ -78,6 +80,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("/v1/events", "GET, HEAD"),
     ("/v1/cluster", "GET, HEAD"),
     ("/v1/admin/cluster/digest", "GET, HEAD"),
+    ("/v1/admin/cluster/learners", "POST"),
+    ("/v1/admin/cluster/voters", "PUT"),
     ("/v1/webhooks", "GET, HEAD, POST"),
     ("/v1/webhooks/{id}", "GET, HEAD, DELETE"),
     ("/v1/webhooks/{id}/enable", "POST"),
@@ -194,6 +198,14 @@ fn route(method: &Method, path: &str) -> Route {
             const { allow("/v1/admin/cluster/digest") },
             read.then_some(ClusterDigest),
         ),
+        ["v1", "admin", "cluster", "learners"] => pick(
+            const { allow("/v1/admin/cluster/learners") },
+            (m == Method::POST).then_some(AddLearner),
+        ),
+        ["v1", "admin", "cluster", "voters"] => pick(
+            const { allow("/v1/admin/cluster/voters") },
+            (m == Method::PUT).then_some(ChangeVoters),
+        ),
         ["v1", "webhooks"] => pick(
             const { allow("/v1/webhooks") },
             match *m {
@@ -254,7 +266,8 @@ fn scope(endpoint: &Endpoint) -> Option<Scope> {
         CreateProduct | PatchProduct(_) | DeleteProduct(_) | Replenish(_) | Adjust(_) => {
             Some(Scope::Stock)
         }
-        Snapshot | CreateKey | ListKeys | RevokeKey(_) | ClusterDigest => Some(Scope::Admin),
+        Snapshot | CreateKey | ListKeys | RevokeKey(_) | ClusterDigest | AddLearner
+        | ChangeVoters => Some(Scope::Admin),
         // Webhooks hold signing secrets and make the server call out: admin, reads too.
         CreateWebhook | ListWebhooks | GetWebhook(_) | DeleteWebhook(_) | EnableWebhook(_) => {
             Some(Scope::Admin)
@@ -469,6 +482,24 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
                     &serde_json::json!({"applied_seq": seq, "digest": hex}),
                 ))
             }
+            AddLearner => {
+                let new = input::new_learner(&input::required(body()?)?)?;
+                let cluster = membership_of(app)?;
+                let status = cluster
+                    .add_learner(new.id, new.api, new.raft)
+                    .await
+                    .map_err(membership_problem)?;
+                Ok(json(StatusCode::OK, &status))
+            }
+            ChangeVoters => {
+                let voters = input::voters(&input::required(body()?)?)?;
+                let cluster = membership_of(app)?;
+                let status = cluster
+                    .change_voters(&voters)
+                    .await
+                    .map_err(membership_problem)?;
+                Ok(json(StatusCode::OK, &status))
+            }
             Index => Ok(crate::http::dashboard::index(&req.headers)),
             Dashboard(asset) => Ok(crate::http::dashboard::asset(asset, &req.headers)),
             Metrics => metrics(app).await,
@@ -675,6 +706,32 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
     }
 }
 
+/// The cluster node whose membership the admin API changes: a single node has none (409).
+fn membership_of(app: &App) -> Result<&crate::cluster::node::ClusterNode> {
+    app.cluster.as_deref().ok_or_else(|| {
+        Problem::new(
+            409,
+            "membership_conflict",
+            "this server runs alone (started without --peers): it has no cluster membership \
+             to change",
+        )
+    })
+}
+
+/// A membership change refused or unconfirmed, as problem+json: 422 naming the field,
+/// 409 `membership_conflict`, or 503 to retry.
+fn membership_problem(err: crate::cluster::membership::MembershipError) -> Problem {
+    use crate::cluster::membership::MembershipError;
+    let detail = err.to_string();
+    match err {
+        MembershipError::Invalid { field, .. } => Problem::invalid(field, detail),
+        MembershipError::Conflict(_) => Problem::new(409, "membership_conflict", detail),
+        MembershipError::Unavailable(_) => {
+            Problem::new(503, "unavailable", detail).header(header::RETRY_AFTER, "1")
+        }
+    }
+}
+
 /// 429 for an attempt over its customer's limit, saying when to retry.
 fn rate_limited(wait: std::time::Duration) -> Problem {
     let seconds = crate::http::rate::retry_after_seconds(wait);
@@ -878,6 +935,8 @@ mod tests {
             Events => "/v1/events",
             Cluster => "/v1/cluster",
             ClusterDigest => "/v1/admin/cluster/digest",
+            AddLearner => "/v1/admin/cluster/learners",
+            ChangeVoters => "/v1/admin/cluster/voters",
             CreateWebhook | ListWebhooks => "/v1/webhooks",
             GetWebhook(_) | DeleteWebhook(_) => "/v1/webhooks/{id}",
             EnableWebhook(_) => "/v1/webhooks/{id}/enable",
@@ -1019,6 +1078,112 @@ mod tests {
         assert!(refused > 50, "{refused}");
     }
 
+    /// The membership requests' bodies: each fault a 422 naming its field, and the
+    /// cluster's refusals as 422, 409 `membership_conflict` or 503 with `Retry-After`.
+    #[test]
+    fn membership_requests_are_refused_naming_the_field() {
+        use crate::cluster::membership::{check_learner, check_voters, MembershipError};
+        use crate::cluster::Member;
+        use serde_json::json;
+        let refused = |problem: Problem| body(problem.into_response());
+        let learner = |v: Value| input::new_learner(&v).map_err(refused);
+        assert_eq!(
+            learner(json!({"id": 4, "api": "10.0.0.4:80", "raft": "10.0.0.4:90"})).unwrap(),
+            input::NewLearner {
+                id: 4,
+                api: "10.0.0.4:80".into(),
+                raft: "10.0.0.4:90".into()
+            }
+        );
+        for (value, field) in [
+            (json!([]), "body"),
+            (json!({"api": "a:1", "raft": "b:2"}), "id"),
+            (json!({"id": 0, "api": "a:1", "raft": "b:2"}), "id"),
+            (json!({"id": -1, "api": "a:1", "raft": "b:2"}), "id"),
+            (json!({"id": "4", "api": "a:1", "raft": "b:2"}), "id"),
+            (json!({"id": 4.5, "api": "a:1", "raft": "b:2"}), "id"),
+            (json!({"id": 4, "raft": "b:2"}), "api"),
+            (json!({"id": 4, "api": 80, "raft": "b:2"}), "api"),
+            (json!({"id": 4, "api": "a", "raft": "b:2"}), "api"),
+            (json!({"id": 4, "api": "a:0", "raft": "b:2"}), "api"),
+            (json!({"id": 4, "api": "a:1", "raft": "b:99999"}), "raft"),
+            (
+                json!({"id": 4, "api": "a:1", "raft": format!("{}:1", "b".repeat(300))}),
+                "raft",
+            ),
+            (
+                json!({"id": 4, "api": "a:1", "raft": "b:2", "voter": true}),
+                "voter",
+            ),
+        ] {
+            let (status, v) = learner(value.clone()).unwrap_err();
+            assert_eq!(
+                (status, &v["code"], &v["field"]),
+                (422, &json!("validation_failed"), &json!(field)),
+                "{value}: {v}"
+            );
+            assert!(v["detail"].as_str().is_some_and(|d| !d.is_empty()));
+        }
+        let voters = |v: Value| input::voters(&v).map_err(refused);
+        assert_eq!(voters(json!({"voters": [3, 1, 2]})).unwrap(), vec![3, 1, 2]);
+        for (value, field) in [
+            (json!({}), "voters"),
+            (json!({"voters": []}), "voters"),
+            (json!({"voters": 1}), "voters"),
+            (json!({"voters": [1, "2"]}), "voters[1]"),
+            (json!({"voters": [0]}), "voters[0]"),
+            (json!({"voters": [1, 2, 1]}), "voters[2]"),
+            (json!({"voters": (1..=101).collect::<Vec<u64>>()}), "voters"),
+            (json!({"voters": [1], "learners": [2]}), "learners"),
+        ] {
+            let (status, v) = voters(value.clone()).unwrap_err();
+            assert_eq!(
+                (status, &v["code"], &v["field"]),
+                (422, &json!("validation_failed"), &json!(field)),
+                "{value}: {v}"
+            );
+        }
+
+        // Against a membership of three voters and a learner.
+        let members: Vec<Member> = (1..=4)
+            .map(|id| Member {
+                id,
+                api: format!("n{id}:80"),
+                raft: Some(format!("n{id}:90")),
+                voter: id <= 3,
+            })
+            .collect();
+        let answer = |err: MembershipError| body(membership_problem(err).into_response());
+        let (status, v) = answer(check_voters(&members, &[1, 2, 5]).unwrap_err());
+        assert_eq!((status, &v["field"]), (422, &json!("voters")), "{v}");
+        assert!(v["detail"].as_str().unwrap().contains("node 5"), "{v}");
+        let (status, v) = answer(check_learner(&members, 5, "n1:80", "n5:90").unwrap_err());
+        assert_eq!((status, &v["field"]), (422, &json!("api")), "{v}");
+        let (status, v) = answer(check_learner(&members, 2, "n2:80", "n2:90").unwrap_err());
+        assert_eq!(
+            (status, &v["code"], &v["type"], &v["title"]),
+            (
+                409,
+                &json!("membership_conflict"),
+                &json!("/problems/membership_conflict"),
+                &json!("Membership change refused")
+            ),
+            "{v}"
+        );
+        assert!(
+            v["detail"].as_str().unwrap().contains("already a voter"),
+            "{v}"
+        );
+        let reply =
+            membership_problem(MembershipError::Unavailable("later".into())).into_response();
+        assert_eq!(reply.headers()[header::RETRY_AFTER], "1");
+        let (status, v) = body(reply);
+        assert_eq!(
+            (status, &v["code"], &v["detail"]),
+            (503, &json!("unavailable"), &json!("later"))
+        );
+    }
+
     const SKU: &str = "LAPTOP-001";
     const ID: &str = "0193a4b2-7c1e-7d3a-9f10-2b3c4d5e6f70";
 
@@ -1146,7 +1311,7 @@ mod tests {
                 checked += 1;
             }
         }
-        assert_eq!(checked, 47);
+        assert_eq!(checked, 49);
     }
 
     /// Each documented operation's `security` names the scope the router asks for (as
