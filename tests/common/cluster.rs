@@ -1,5 +1,8 @@
-//! Three real `stockd serve` processes on loopback, started with `--peers`: the harness
-//! the cluster tests share. Every process is a `ChildServer`, killed (SIGKILL) when
+//! Real `stockd serve` processes on loopback, started with `--peers`: the harness the
+//! cluster tests share. A cluster starts with three members (the founders, whose `--peers`
+//! names the three); `Cluster::start_sized` picks addresses for more nodes, which join it
+//! through the admin API, each started with the founders and the nodes before it, itself
+//! included, in its `--peers`. Every process is a `ChildServer`, killed (SIGKILL) when
 //! dropped, so also when a test fails. Every wait is bounded and generous (a loaded
 //! two-core machine), and waits for a state, never for a time.
 
@@ -35,22 +38,32 @@ pub struct Addrs {
     pub raft: String,
 }
 
-/// A cluster of three nodes on loopback, some of them running.
+/// A cluster of three nodes on loopback (and addresses for more), some of them running.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
+    /// Every node's addresses: the founders' and those of the nodes that may join.
     pub addrs: BTreeMap<u64, Addrs>,
     pub nodes: BTreeMap<u64, ChildServer>,
+    /// The nodes the cluster was initialized with (1, 2 and 3): `peers()` names them.
+    pub founders: Vec<u64>,
 }
 
 impl Cluster {
     /// Starts the nodes `running` of a three-node cluster (each with the same `--peers`),
     /// on fresh ports; a start that fails (a port taken meanwhile) is retried on others.
     pub fn start(running: &[u64]) -> Cluster {
+        Cluster::start_sized(3, running)
+    }
+
+    /// `start`, with addresses picked for nodes 1 to `size`: the founders 1 to 3, and
+    /// nodes that may join later (`launch` them, then add them through the admin API).
+    pub fn start_sized(size: u64, running: &[u64]) -> Cluster {
+        assert!(size >= 3, "a cluster here has three founders");
         let mut last = String::new();
         for _ in 0..5 {
             let dir = tempfile::tempdir().expect("tempdir");
             std::fs::write(dir.path().join("cluster.key"), format!("{KEY}\n")).unwrap();
-            let addrs: BTreeMap<u64, Addrs> = (1..=3)
+            let addrs: BTreeMap<u64, Addrs> = (1..=size)
                 .map(|id| {
                     let addrs = Addrs {
                         api: format!("127.0.0.1:{}", free_port()),
@@ -63,6 +76,7 @@ impl Cluster {
                 dir,
                 addrs,
                 nodes: BTreeMap::new(),
+                founders: vec![1, 2, 3],
             };
             match running.iter().try_for_each(|id| cluster.launch(*id)) {
                 Ok(()) => return cluster,
@@ -72,13 +86,33 @@ impl Cluster {
         panic!("the cluster did not start in 5 tries: {last}");
     }
 
+    /// The founders' `--peers`.
     pub fn peers(&self) -> String {
-        let peers: Vec<String> = self
-            .addrs
+        self.peers_of(&self.founders)
+    }
+
+    /// A `--peers` naming `ids`.
+    pub fn peers_of(&self, ids: &[u64]) -> String {
+        let peers: Vec<String> = ids
             .iter()
-            .map(|(id, a)| format!("{id}={}@{}", a.api, a.raft))
+            .map(|id| {
+                let a = &self.addrs[id];
+                format!("{id}={}@{}", a.api, a.raft)
+            })
             .collect();
         peers.join(",")
+    }
+
+    /// Node `id`'s `--peers`: the founders' for a founder; for a node that joins, the
+    /// founders, the nodes numbered before it, and itself (the members it joins, as an
+    /// operator would list them: its id is never the lowest, so it never initializes a
+    /// cluster of its own, and waits for the leader to reach it).
+    pub fn peers_for(&self, id: u64) -> String {
+        if self.founders.contains(&id) {
+            return self.peers();
+        }
+        let ids: Vec<u64> = self.addrs.keys().copied().filter(|n| *n <= id).collect();
+        self.peers_of(&ids)
     }
 
     pub fn data_dir(&self, id: u64) -> PathBuf {
@@ -86,7 +120,7 @@ impl Cluster {
     }
 
     pub fn command(&self, id: u64) -> Command {
-        self.command_with(id, &self.peers())
+        self.command_with(id, &self.peers_for(id))
     }
 
     /// Node `id`'s command, with `peers` for `--peers`.
