@@ -71,6 +71,7 @@ impl Cluster {
                     peers: peers.clone(),
                     raft_listen: raft.parse().unwrap(),
                     key: ClusterKey::new(KEY).unwrap(),
+                    join: false,
                 }),
                 ..Config::default()
             };

@@ -262,6 +262,12 @@ struct ServeArgs {
     /// --peers].
     #[arg(long, env = "STOCKD_RAFT_LISTEN", value_name = "ADDR")]
     raft_listen: Option<SocketAddr>,
+    /// Cluster: this node joins a running cluster (the leader adds it with POST
+    /// /v1/admin/cluster/learners) and never starts one, even when its id is the lowest
+    /// in --peers. Without it, a new node with the lowest id starts a new cluster if no
+    /// leader reaches it within 2 s.
+    #[arg(long, env = "STOCKD_JOIN")]
+    join: bool,
     /// Cluster: read the cluster key, which every Raft request carries, from PATH (one
     /// trailing newline is trimmed): at least 16 visible ASCII characters, the same on
     /// every node. Without this flag the environment variable STOCKD_CLUSTER_KEY holds

@@ -248,6 +248,7 @@ fn cluster_settings(args: &ServeArgs) -> Result<Option<Settings>, String> {
         key,
         durability_async: args.durability == crate::config::Durability::Async,
         events: args.events == OnOff::On,
+        join: args.join,
     })
 }
 

@@ -195,8 +195,11 @@ impl ClusterNode {
             .await
             .map_err(|e| e.to_string())?;
         if !initialized {
+            // A node added to a running cluster (`--join`, or not the lowest id) waits for
+            // its leader: the admin API's `POST /v1/admin/cluster/learners` makes the
+            // leader reach it, and it takes the cluster's id from that first append.
             let lowest = peers.keys().next() == Some(&self.id);
-            if !lowest {
+            if !lowest || settings.join {
                 tracing::info!(
                     cluster = ?self.ids.get(),
                     "a new node: waiting for the cluster's leader to reach it"

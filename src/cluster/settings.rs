@@ -71,6 +71,9 @@ pub struct Settings {
     /// in `peers`).
     pub raft_listen: SocketAddr,
     pub key: ClusterKey,
+    /// `--join`: this node joins a running cluster (added through the admin API) and
+    /// never initializes one, even with the lowest id in `peers`.
+    pub join: bool,
 }
 
 /// The flags as given, before they are checked.
@@ -85,6 +88,8 @@ pub struct Flags {
     pub durability_async: bool,
     /// `--events on` was asked for.
     pub events: bool,
+    /// `--join` was given.
+    pub join: bool,
 }
 
 /// Checks `HOST:PORT`: a host, and a port from 1 to 65535. The error says what is wrong.
@@ -153,6 +158,7 @@ pub fn settings(flags: Flags) -> Result<Option<Settings>, String> {
         let stray = [
             (flags.node_id.is_some(), "--node-id"),
             (flags.raft_listen.is_some(), "--raft-listen"),
+            (flags.join, "--join"),
         ];
         if let Some((_, flag)) = stray.iter().find(|(given, _)| *given) {
             return Err(format!("{flag} needs --peers (it is a cluster flag)"));
@@ -204,6 +210,7 @@ pub fn settings(flags: Flags) -> Result<Option<Settings>, String> {
         peers,
         raft_listen,
         key,
+        join: flags.join,
     }))
 }
 
@@ -222,6 +229,7 @@ mod tests {
             key: Some(("a-cluster-key-of-32-characters..".into(), "test".into())),
             durability_async: false,
             events: false,
+            join: false,
         }
     }
 
@@ -257,6 +265,12 @@ mod tests {
         let s = settings(given).unwrap().unwrap();
         assert_eq!(s.raft_listen, "0.0.0.0:7000".parse().unwrap());
         assert_eq!(format!("{:?}", s.key), "ClusterKey(..)");
+        assert!(!s.join);
+        let joining = Flags {
+            join: true,
+            ..flags()
+        };
+        assert!(settings(joining).unwrap().unwrap().join);
     }
 
     #[test]
@@ -271,6 +285,11 @@ mod tests {
             ..Flags::default()
         };
         refused(listen, "--raft-listen needs --peers");
+        let join = Flags {
+            join: true,
+            ..Flags::default()
+        };
+        refused(join, "--join needs --peers");
     }
 
     #[test]

@@ -105,8 +105,7 @@ impl Cluster {
 
     /// Node `id`'s `--peers`: the founders' for a founder; for a node that joins, the
     /// founders, the nodes numbered before it, and itself (the members it joins, as an
-    /// operator would list them: its id is never the lowest, so it never initializes a
-    /// cluster of its own, and waits for the leader to reach it).
+    /// operator would list them).
     pub fn peers_for(&self, id: u64) -> String {
         if self.founders.contains(&id) {
             return self.peers();
@@ -119,8 +118,14 @@ impl Cluster {
         self.dir.path().join(format!("node-{id}"))
     }
 
+    /// Node `id`'s command: a node that joins is started with `--join`, as an operator
+    /// would start one (it never initializes a cluster of its own).
     pub fn command(&self, id: u64) -> Command {
-        self.command_with(id, &self.peers_for(id))
+        let mut cmd = self.command_with(id, &self.peers_for(id));
+        if !self.founders.contains(&id) {
+            cmd.arg("--join");
+        }
+        cmd
     }
 
     /// Node `id`'s command, with `peers` for `--peers`.

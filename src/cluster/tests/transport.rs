@@ -45,6 +45,7 @@ async fn a_snapshot_that_does_not_verify_is_refused_and_changes_nothing() {
         .into(),
         raft_listen: "127.0.0.1:0".parse().unwrap(),
         key: ClusterKey::new(KEY).unwrap(),
+        join: false,
     };
     let log = Log::open(&dir.path().join("log")).unwrap();
     let (role, mut roles) = watch::channel(Role::Leaderless);
@@ -210,6 +211,7 @@ async fn sender(dir: &Path, key: &ClusterKey) -> Sender {
         .into(),
         raft_listen: "127.0.0.1:0".parse().unwrap(),
         key: key.clone(),
+        join: false,
     };
     let (role, _roles) = watch::channel(Role::Leaderless);
     let log1 = Log::open(&dir.join("1/log")).unwrap();
@@ -493,4 +495,47 @@ async fn a_snapshot_cut_off_mid_body_installs_nothing_and_leaves_no_file() {
     assert_eq!(node2.incoming_files(), 0);
     node1.stop().await;
     node2.stop().await;
+}
+
+/// A node started with `--join` never initializes a cluster, even with the lowest id in
+/// its `--peers` (here, alone in them, where a node without it initializes at once): it
+/// waits for a leader to add it, and has no cluster id until one reaches it.
+#[tokio::test]
+async fn a_joining_node_initializes_no_cluster_even_with_the_lowest_id() {
+    for join in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings {
+            node_id: 1,
+            peers: [(
+                1,
+                Peer {
+                    api: "127.0.0.1:1".into(),
+                    raft: "127.0.0.1:2".into(),
+                },
+            )]
+            .into(),
+            raft_listen: "127.0.0.1:0".parse().unwrap(),
+            key: ClusterKey::new(KEY).unwrap(),
+            join,
+        };
+        let log = Log::open(&dir.path().join("log")).unwrap();
+        let (role, _roles) = watch::channel(Role::Leaderless);
+        let (node, writer) =
+            ClusterNode::start(&settings, log, &dir.path().join("snapshots"), 0, role)
+                .await
+                .expect("the node starts");
+        let initialized = node.raft().is_initialized().await.unwrap();
+        assert_eq!(initialized, !join, "join: {join}");
+        assert_eq!(node.cluster_ids().get().is_some(), !join, "join: {join}");
+        if join {
+            let status = node.status();
+            assert_eq!(
+                (status.leader, status.members.len(), status.cluster_id),
+                (None, 0, Some(None))
+            );
+        }
+        node.shutdown().await;
+        let _ = node.log().shutdown().await;
+        writer.join().unwrap();
+    }
 }
