@@ -114,6 +114,56 @@ async fn get_v1_cluster_describes_a_single_node() {
     );
 }
 
+/// The membership routes on a server without a cluster: a body of the wrong shape is
+/// 422 naming the field, as anywhere; a valid one is 409 `membership_conflict` (a single
+/// node has no membership to change); the other methods 405. Nothing changes.
+#[tokio::test]
+async fn membership_changes_on_a_single_node_are_refused() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    let before = c.get("/v1/cluster").await.body;
+    let a = c
+        .post(
+            "/v1/admin/cluster/learners",
+            json!({"id": 2, "api": "127.0.0.1:8082", "raft": "127.0.0.1:9082"}),
+        )
+        .await;
+    a.assert_problem(409, "membership_conflict");
+    assert!(
+        a.body["detail"].as_str().unwrap().contains("--peers"),
+        "{a:?}"
+    );
+    let a = c
+        .post(
+            "/v1/admin/cluster/learners",
+            json!({"id": 2, "api": "127.0.0.1", "raft": "127.0.0.1:9082"}),
+        )
+        .await;
+    a.assert_problem(422, "validation_failed");
+    assert_eq!(a.body["field"], "api");
+    let put = |body: &'static str| c.send(Method::PUT, "/v1/admin/cluster/voters", Some(body), &[]);
+    put(r#"{"voters": [1]}"#)
+        .await
+        .unwrap()
+        .assert_problem(409, "membership_conflict");
+    let a = put(r#"{"voters": []}"#).await.unwrap();
+    a.assert_problem(422, "validation_failed");
+    assert_eq!(a.body["field"], "voters");
+    put("[").await.unwrap().assert_problem(400, "bad_request");
+    let a = c
+        .send(Method::GET, "/v1/admin/cluster/voters", None, &[])
+        .await
+        .unwrap();
+    a.assert_problem(405, "method_not_allowed");
+    assert_eq!(a.header("allow"), Some("PUT"));
+    let a = c
+        .send(Method::PUT, "/v1/admin/cluster/learners", Some("{}"), &[])
+        .await
+        .unwrap();
+    assert_eq!(a.header("allow"), Some("POST"));
+    assert_eq!(c.get("/v1/cluster").await.body, before);
+}
+
 #[tokio::test]
 async fn skus_in_urls_are_reachable_however_a_client_spells_them() {
     let t = TestServer::start().await;
