@@ -262,6 +262,48 @@ async fn three_grow_to_five_and_shrink_to_three_without_the_leader_under_load() 
         statuses[&4]["cluster_id"].is_string()
             && statuses[&4]["cluster_id"] == statuses[&1]["cluster_id"]
     );
+    // A learner removed, then added again (its node still runs on its directory).
+    let a = admin
+        .send(Method::DELETE, "/v1/admin/cluster/learners/5", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200, "{a:?}");
+    let mut without = expected.clone();
+    without.remove(&5);
+    assert_eq!(members(&a.body), without, "{a:?}");
+    let running_five = cluster.nodes.remove(&5).unwrap();
+    agree_on_members(&cluster, &without).await;
+    cluster.nodes.insert(5, running_five);
+    for (path, code) in [
+        ("/v1/admin/cluster/learners/5", "membership_conflict"),
+        ("/v1/admin/cluster/learners/2", "membership_conflict"),
+        ("/v1/admin/cluster/learners/x", "validation_failed"),
+    ] {
+        let a = admin.send(Method::DELETE, path, None, &[]).await.unwrap();
+        a.assert_problem(
+            if code == "validation_failed" {
+                422
+            } else {
+                409
+            },
+            code,
+        );
+    }
+    let body = json!({"id": 5, "api": cluster.addrs[&5].api, "raft": cluster.addrs[&5].raft});
+    let a = c
+        .send(
+            Method::POST,
+            "/v1/admin/cluster/learners",
+            Some(&body),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (a.status.as_u16(), members(&a.body)),
+        (200, expected.clone()),
+        "{a:?}"
+    );
+    agree_on_members(&cluster, &expected).await;
     // Adding it again with the same addresses only waits for it.
     let body = json!({"id": 4, "api": cluster.addrs[&4].api, "raft": cluster.addrs[&4].raft});
     let a = c

@@ -1,7 +1,8 @@
 //! Membership changes through the admin API (docs/REPLICATION.md, step 7):
 //! `POST /v1/admin/cluster/learners` adds a node as a learner and waits until it has
-//! caught up, `PUT /v1/admin/cluster/voters` sets the voters by joint consensus. Both run
-//! on the leader only (the router redirects them like any application request).
+//! caught up, `DELETE /v1/admin/cluster/learners/{id}` removes a learner, `PUT
+//! /v1/admin/cluster/voters` sets the voters by joint consensus. They run on the leader
+//! only (the router redirects them like any application request).
 //!
 //! The requests are checked here against the membership the leader knows, before the
 //! engine is asked: a fault is `MembershipError::Invalid` (422) naming the field, a
@@ -143,6 +144,20 @@ pub fn check_voters(
         }
     }
     Ok(set)
+}
+
+/// Checks removing learner `id`: a member that is no voter.
+pub fn check_learner_removal(members: &[Member], id: NodeId) -> Result<(), MembershipError> {
+    match members.iter().find(|m| m.id == id) {
+        None => Err(MembershipError::Conflict(format!(
+            "node {id} is not a member of this cluster (removed already?)"
+        ))),
+        Some(m) if m.voter => Err(MembershipError::Conflict(format!(
+            "node {id} is a voter: leave it out of the voters instead \
+             (PUT /v1/admin/cluster/voters), which removes it"
+        ))),
+        Some(_) => Ok(()),
+    }
 }
 
 /// The engine's refusal of a membership change, as stockd's error.
@@ -303,6 +318,24 @@ impl ClusterNode {
         Ok(self.status())
     }
 
+    /// `DELETE /v1/admin/cluster/learners/{id}`: removes learner `id` from the cluster
+    /// (the leader stops sending it the log). Returns the status once the change is
+    /// committed.
+    pub async fn remove_learner(&self, id: NodeId) -> Result<Status, MembershipError> {
+        let _one = self.one_change()?;
+        check_learner_removal(&self.members(), id)?;
+        let change = openraft::ChangeMembers::RemoveNodes(BTreeSet::from([id]));
+        tokio::time::timeout(
+            CHANGE_DEADLINE,
+            self.raft().change_membership(change, false),
+        )
+        .await
+        .map_err(|_| not_in_time("removing the learner"))?
+        .map_err(refused)?;
+        tracing::info!(node = id, "removed a learner");
+        Ok(self.status())
+    }
+
     /// One membership change at a time on this node: a second one while the first runs is
     /// a conflict.
     fn one_change(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, MembershipError> {
@@ -426,5 +459,18 @@ mod tests {
             err.to_string().contains("add it as a learner first"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn only_a_learner_is_removed_as_one() {
+        let m = three_and_a_learner();
+        assert_eq!(check_learner_removal(&m, 4), Ok(()));
+        for (id, says) in [(2, "is a voter"), (5, "not a member")] {
+            let err = check_learner_removal(&m, id).unwrap_err();
+            assert!(
+                matches!(&err, MembershipError::Conflict(d) if d.contains(says)),
+                "{id}: {err:?}"
+            );
+        }
     }
 }

@@ -703,6 +703,18 @@ pub fn new_learner(body: &Value) -> Result<NewLearner> {
     })
 }
 
+/// A node id in a path (`DELETE /v1/admin/cluster/learners/{id}`): a whole number from 1,
+/// in decimal digits; anything else is 422 naming `id`.
+pub fn node_id(text: &str) -> Result<u64> {
+    match text.parse::<u64>() {
+        Ok(id) if id >= 1 && text.bytes().all(|b| b.is_ascii_digit()) => Ok(id),
+        _ => Err(Problem::invalid(
+            "id",
+            format!("id must be a node id, a whole number from 1, not {text:?}"),
+        )),
+    }
+}
+
 /// The most voters `PUT /v1/admin/cluster/voters` takes.
 pub const VOTERS_MAX: usize = 100;
 

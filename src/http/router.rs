@@ -45,6 +45,7 @@ enum Endpoint {
     Cluster,
     ClusterDigest,
     AddLearner,
+    RemoveLearner(String),
     ChangeVoters,
     CreateWebhook,
     ListWebhooks,
@@ -81,6 +82,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("/v1/cluster", "GET, HEAD"),
     ("/v1/admin/cluster/digest", "GET, HEAD"),
     ("/v1/admin/cluster/learners", "POST"),
+    ("/v1/admin/cluster/learners/{id}", "DELETE"),
     ("/v1/admin/cluster/voters", "PUT"),
     ("/v1/webhooks", "GET, HEAD, POST"),
     ("/v1/webhooks/{id}", "GET, HEAD, DELETE"),
@@ -202,6 +204,10 @@ fn route(method: &Method, path: &str) -> Route {
             const { allow("/v1/admin/cluster/learners") },
             (m == Method::POST).then_some(AddLearner),
         ),
+        ["v1", "admin", "cluster", "learners", id] if !id.is_empty() => pick(
+            const { allow("/v1/admin/cluster/learners/{id}") },
+            (m == Method::DELETE).then(|| RemoveLearner(s(id))),
+        ),
         ["v1", "admin", "cluster", "voters"] => pick(
             const { allow("/v1/admin/cluster/voters") },
             (m == Method::PUT).then_some(ChangeVoters),
@@ -267,7 +273,7 @@ fn scope(endpoint: &Endpoint) -> Option<Scope> {
             Some(Scope::Stock)
         }
         Snapshot | CreateKey | ListKeys | RevokeKey(_) | ClusterDigest | AddLearner
-        | ChangeVoters => Some(Scope::Admin),
+        | RemoveLearner(_) | ChangeVoters => Some(Scope::Admin),
         // Webhooks hold signing secrets and make the server call out: admin, reads too.
         CreateWebhook | ListWebhooks | GetWebhook(_) | DeleteWebhook(_) | EnableWebhook(_) => {
             Some(Scope::Admin)
@@ -487,6 +493,15 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
                 let cluster = membership_of(app)?;
                 let status = cluster
                     .add_learner(new.id, new.api, new.raft)
+                    .await
+                    .map_err(membership_problem)?;
+                Ok(json(StatusCode::OK, &status))
+            }
+            RemoveLearner(id) => {
+                let id = input::node_id(&id)?;
+                let cluster = membership_of(app)?;
+                let status = cluster
+                    .remove_learner(id)
                     .await
                     .map_err(membership_problem)?;
                 Ok(json(StatusCode::OK, &status))
@@ -936,6 +951,7 @@ mod tests {
             Cluster => "/v1/cluster",
             ClusterDigest => "/v1/admin/cluster/digest",
             AddLearner => "/v1/admin/cluster/learners",
+            RemoveLearner(_) => "/v1/admin/cluster/learners/{id}",
             ChangeVoters => "/v1/admin/cluster/voters",
             CreateWebhook | ListWebhooks => "/v1/webhooks",
             GetWebhook(_) | DeleteWebhook(_) => "/v1/webhooks/{id}",
@@ -1124,6 +1140,20 @@ mod tests {
             );
             assert!(v["detail"].as_str().is_some_and(|d| !d.is_empty()));
         }
+        assert_eq!(input::node_id("4").unwrap(), 4);
+        for bad in [
+            "0",
+            "-1",
+            "+4",
+            " 4",
+            "x",
+            "4.0",
+            "18446744073709551616",
+            ID,
+        ] {
+            let (status, v) = refused(input::node_id(bad).unwrap_err());
+            assert_eq!((status, &v["field"]), (422, &json!("id")), "{bad}: {v}");
+        }
         let voters = |v: Value| input::voters(&v).map_err(refused);
         assert_eq!(voters(json!({"voters": [3, 1, 2]})).unwrap(), vec![3, 1, 2]);
         for (value, field) in [
@@ -1311,7 +1341,7 @@ mod tests {
                 checked += 1;
             }
         }
-        assert_eq!(checked, 49);
+        assert_eq!(checked, 50);
     }
 
     /// Each documented operation's `security` names the scope the router asks for (as
