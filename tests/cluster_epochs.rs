@@ -233,3 +233,40 @@ async fn a_refused_proposal_skips_the_rest_of_its_epoch() {
     assert!(digests.iter().all(|d| d == &digests[0]), "{digests:?}");
     cluster.stop_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_product_actor_failing_on_the_leader_ends_the_epoch_and_the_next_serves_it() {
+    let cluster = Cluster::start().await;
+    let leader = cluster.serving().await;
+    let c = cluster.nodes[&leader].client.clone();
+    assert_eq!(c.create_product("K", 10).await.status, 201);
+    // A hold gives the product an actor, which then dies as in a crash.
+    assert_eq!(c.reserve("u", "K", 2).await.status, 201);
+    let server = cluster.nodes[&leader].server.as_ref().unwrap();
+    let epoch = server.current_service();
+    epoch.inject_product_kill("K");
+    // The epoch ends (its journal stops taking records), and the leader serves again
+    // from the committed state: the hold made before the failure is there.
+    let ended = common::eventually(WAIT, || async { !epoch.journal().is_healthy() }).await;
+    assert!(ended, "the epoch ends");
+    let deadline = Instant::now() + WAIT;
+    let leader = loop {
+        let leader = cluster.serving().await;
+        let a = cluster.nodes[&leader].client.reserve("v", "K", 3).await;
+        if a.status == 201 {
+            break leader;
+        }
+        assert_eq!(a.status, 503, "{a:?}");
+        assert!(Instant::now() < deadline, "served again within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let p = cluster.nodes[&leader].client.product("K").await;
+    assert_eq!(
+        (p["reserved"].as_u64(), p["available"].as_u64()),
+        (Some(5), Some(5)),
+        "{p}"
+    );
+    let digests = cluster.digests().await;
+    assert!(digests.iter().all(|d| d == &digests[0]), "{digests:?}");
+    cluster.stop_all().await;
+}
