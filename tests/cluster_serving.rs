@@ -206,6 +206,23 @@ async fn the_leader_serves_the_reservation_paths_through_any_node() {
     assert_eq!(a.status, 200, "{a:?}");
     assert_eq!(figures(&c.product("A").await), (13, 0, 2));
 
+    // An operator's snapshot is the leader engine's: taken, then found current.
+    let taken = c.post("/v1/admin/snapshot", json!({})).await;
+    assert_eq!(taken.status, 201, "{taken:?}");
+    let sequence = taken.body["sequence"].as_u64().unwrap();
+    assert!(
+        sequence > 0 && taken.body["size_bytes"].as_u64() > Some(0),
+        "{taken:?}"
+    );
+    let again = c.post("/v1/admin/snapshot", json!({})).await;
+    assert_eq!(
+        (again.status.as_u16(), &again.body["created"]),
+        (200, &json!(false)),
+        "{again:?}"
+    );
+    assert_eq!(again.body["sequence"], sequence);
+    common::cluster::fits("Snapshot", &taken.body);
+
     // Every node folded the same log into the same state.
     assert_same_state(&cluster).await;
 }
