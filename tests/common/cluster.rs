@@ -46,6 +46,11 @@ impl Cluster {
     /// Starts the nodes `running` of a three-node cluster (each with the same `--peers`),
     /// on fresh ports; a start that fails (a port taken meanwhile) is retried on others.
     pub fn start(running: &[u64]) -> Cluster {
+        Cluster::start_with(running, &[])
+    }
+
+    /// `start`, every node with the environment variables `env` too (kept by restarts).
+    pub fn start_with(running: &[u64], env: &[(&str, &str)]) -> Cluster {
         let mut last = String::new();
         for _ in 0..5 {
             let dir = tempfile::tempdir().expect("tempdir");
@@ -64,7 +69,10 @@ impl Cluster {
                 addrs,
                 nodes: BTreeMap::new(),
             };
-            match running.iter().try_for_each(|id| cluster.launch(*id)) {
+            match running
+                .iter()
+                .try_for_each(|id| cluster.launch_with(*id, env))
+            {
                 Ok(()) => return cluster,
                 Err(err) => last = err,
             }
@@ -108,7 +116,14 @@ impl Cluster {
     }
 
     pub fn launch(&mut self, id: u64) -> Result<(), String> {
-        let launch = Launch::command(self.command(id)).timeout(WAIT);
+        self.launch_with(id, &[])
+    }
+
+    /// `launch`, with the environment variables `env` too.
+    pub fn launch_with(&mut self, id: u64, env: &[(&str, &str)]) -> Result<(), String> {
+        let mut command = self.command(id);
+        command.envs(env.iter().copied());
+        let launch = Launch::command(command).timeout(WAIT);
         let server = ChildServer::try_start(launch, self.data_dir(id).join("data"))
             .map_err(|e| format!("node {id}: {e}"))?;
         self.nodes.insert(id, server);
