@@ -166,7 +166,7 @@ async fn run(args: LeadershipArgs, stop: CancellationToken) {
         keys_at = u64::MAX;
         let why = tokio::select! {
             _ = stop.cancelled() => "the server is stopping".to_string(),
-            reason = serving.proposer.poisoned() => format!("a proposal failed: {reason}"),
+            reason = serving.proposer.poisoned() => format!("the epoch ended: {reason}"),
             _ = args.node.deposed(term) => "this node no longer leads in its term".to_string(),
         };
         end(&args, serving, &why).await;
