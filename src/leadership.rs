@@ -211,7 +211,7 @@ async fn begin(args: &LeadershipArgs, term: u64, last: Option<Epoch>) -> Result<
     let keys: Vec<_> = state.keys.values().cloned().collect();
     let supervisor = Supervisor {
         log: journal.clone(),
-        clock,
+        clock: clock.clone(),
         snapshotter: args.snapshotter.clone(),
         passivate_after: args.passivate_after,
         retention_ms: args.retention_ms,
@@ -232,7 +232,7 @@ async fn begin(args: &LeadershipArgs, term: u64, last: Option<Epoch>) -> Result<
         feed: None,
         serves: true,
     };
-    args.keyring.begin_epoch(keys, journal).await;
+    args.keyring.begin_epoch(keys, journal, clock).await;
     let serving = Serving {
         epoch,
         proposer,
