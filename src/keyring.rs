@@ -168,7 +168,9 @@ pub struct Keyring {
     /// Where key records go: fixed on a single node; on a cluster node, each epoch of its
     /// leadership brings its own (`begin_epoch`).
     log: RwLock<Journal>,
-    clock: SharedClock,
+    /// The time key changes are stamped with (a cluster leader's epoch's clock, which
+    /// never runs behind the log, while it serves).
+    clock: RwLock<SharedClock>,
 }
 
 impl Keyring {
@@ -188,7 +190,7 @@ impl Keyring {
             enforced: AtomicBool::new(enforced),
             changes: tokio::sync::Mutex::new(()),
             log: RwLock::new(log.into()),
-            clock,
+            clock: RwLock::new(clock),
         }
     }
 
@@ -250,7 +252,7 @@ impl Keyring {
             name,
             scopes,
             secret_hash: secret_hash(secret.as_bytes()),
-            created_at: self.clock.now_ms(),
+            created_at: self.now_ms(),
         };
         self.persist(Record::KeyCreated {
             key: key.clone(),
@@ -278,7 +280,7 @@ impl Keyring {
         {
             return Err(Error::KeyNotFound { id: id.to_string() });
         }
-        let at: Millis = self.clock.now_ms();
+        let at: Millis = self.now_ms();
         self.persist(Record::KeyRevoked { id, at, by }).await?;
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
         if let Some(key) = table.keys.remove(&id) {
@@ -301,6 +303,13 @@ impl Keyring {
         Ok(())
     }
 
+    fn now_ms(&self) -> Millis {
+        self.clock
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .now_ms()
+    }
+
     /// A cluster node that does not serve keeps its table to the committed `keys`, so
     /// that it authenticates what the leader would (its journal is left as it is).
     pub async fn replace_keys(&self, keys: impl IntoIterator<Item = ApiKey>) {
@@ -314,10 +323,16 @@ impl Keyring {
     }
 
     /// A cluster node's leadership begins an epoch: the table becomes the `keys` of the
-    /// committed state it starts from, and key changes go to `log`, the epoch's journal.
+    /// committed state it starts from, key changes go to `log`, the epoch's journal, and
+    /// are stamped by `clock`, the epoch's.
     /// Waits for a change in progress (which ends with its own epoch's answer), so no
     /// change decided on the previous epoch's table reaches this one.
-    pub async fn begin_epoch(&self, keys: impl IntoIterator<Item = ApiKey>, log: Journal) {
+    pub async fn begin_epoch(
+        &self,
+        keys: impl IntoIterator<Item = ApiKey>,
+        log: Journal,
+        clock: SharedClock,
+    ) {
         let _one_at_a_time = self.changes.lock().await;
         let mut table = Table::default();
         keys.into_iter().for_each(|k| table.insert(k));
@@ -326,6 +341,7 @@ impl Keyring {
         }
         *self.table.write().unwrap_or_else(|e| e.into_inner()) = table;
         *self.log.write().unwrap_or_else(|e| e.into_inner()) = log;
+        *self.clock.write().unwrap_or_else(|e| e.into_inner()) = clock;
     }
 }
 

@@ -166,7 +166,7 @@ async fn run(args: LeadershipArgs, stop: CancellationToken) {
         keys_at = u64::MAX;
         let why = tokio::select! {
             _ = stop.cancelled() => "the server is stopping".to_string(),
-            reason = serving.proposer.poisoned() => format!("a proposal failed: {reason}"),
+            reason = serving.proposer.poisoned() => format!("the epoch ended: {reason}"),
             _ = args.node.deposed(term) => "this node no longer leads in its term".to_string(),
         };
         end(&args, serving, &why).await;
@@ -211,7 +211,7 @@ async fn begin(args: &LeadershipArgs, term: u64, last: Option<Epoch>) -> Result<
     let keys: Vec<_> = state.keys.values().cloned().collect();
     let supervisor = Supervisor {
         log: journal.clone(),
-        clock,
+        clock: clock.clone(),
         snapshotter: args.snapshotter.clone(),
         passivate_after: args.passivate_after,
         retention_ms: args.retention_ms,
@@ -232,7 +232,7 @@ async fn begin(args: &LeadershipArgs, term: u64, last: Option<Epoch>) -> Result<
         feed: None,
         serves: true,
     };
-    args.keyring.begin_epoch(keys, journal).await;
+    args.keyring.begin_epoch(keys, journal, clock).await;
     let serving = Serving {
         epoch,
         proposer,

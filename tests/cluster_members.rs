@@ -98,7 +98,7 @@ type Acked = Arc<std::sync::Mutex<BTreeMap<String, String>>>;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_grow_to_five_and_shrink_to_three_without_the_leader_under_load() {
     const STOCK: u64 = 100_000;
-    let mut cluster = tokio::task::spawn_blocking(|| Cluster::start_sized(5, &[1, 2, 3]))
+    let mut cluster = tokio::task::spawn_blocking(|| Cluster::start_sized(5, &[1, 2, 3], &[]))
         .await
         .unwrap();
     let first = cluster.serving().await;

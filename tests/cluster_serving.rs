@@ -206,6 +206,23 @@ async fn the_leader_serves_the_reservation_paths_through_any_node() {
     assert_eq!(a.status, 200, "{a:?}");
     assert_eq!(figures(&c.product("A").await), (13, 0, 2));
 
+    // An operator's snapshot is the leader engine's: taken, then found current.
+    let taken = c.post("/v1/admin/snapshot", json!({})).await;
+    assert_eq!(taken.status, 201, "{taken:?}");
+    let sequence = taken.body["sequence"].as_u64().unwrap();
+    assert!(
+        sequence > 0 && taken.body["size_bytes"].as_u64() > Some(0),
+        "{taken:?}"
+    );
+    let again = c.post("/v1/admin/snapshot", json!({})).await;
+    assert_eq!(
+        (again.status.as_u16(), &again.body["created"]),
+        (200, &json!(false)),
+        "{again:?}"
+    );
+    assert_eq!(again.body["sequence"], sequence);
+    common::cluster::fits("Snapshot", &taken.body);
+
     // Every node folded the same log into the same state.
     assert_same_state(&cluster).await;
 }
@@ -597,4 +614,72 @@ async fn api_keys_created_on_the_leader_authenticate_on_every_node() {
     .await;
     assert!(listed, "the new leader lists the key, authenticated by it");
     drop(killed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_down_past_the_leaders_purge_catches_up_by_snapshot() {
+    // A snapshot every 100 entries: the leader keeps 1,000 entries behind its snapshots,
+    // and purges up to the oldest one it keeps.
+    let env = [("STOCKD_SNAPSHOT_EVERY_RECORDS", "100")];
+    let mut cluster = tokio::task::spawn_blocking(move || Cluster::start_with(&[1, 2, 3], &env))
+        .await
+        .unwrap();
+    let leader = cluster.serving().await;
+    let c = Checkout::of(&cluster);
+    let a = c
+        .post(
+            "/v1/products",
+            json!({"sku": "R", "name": "R", "on_hand": 0}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let down = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
+    let statuses = cluster.caught_up().await;
+    let down_at = statuses[&down]["last_seq"].as_u64().unwrap();
+    assert_eq!(statuses[&down]["snapshot_seq"], 0, "{statuses:#?}");
+    let mut follower = cluster.nodes.remove(&down).unwrap();
+    follower.kill9();
+
+    // Changes until the leader has purged past everything the follower holds.
+    let c = Checkout::of(&cluster);
+    let mut sent = 0u64;
+    let purged = loop {
+        let mut batch = Vec::new();
+        for _ in 0..4 {
+            let c = c.clone();
+            batch.push(tokio::spawn(async move {
+                for _ in 0..50 {
+                    let a = c
+                        .post("/v1/products/R/replenish", json!({"quantity": 1}))
+                        .await;
+                    assert_eq!(a.status, 200, "{a:?}");
+                }
+            }));
+        }
+        for task in batch {
+            task.await.unwrap();
+        }
+        sent += 200;
+        let status = c.get("/v1/cluster").await;
+        let purged = status.body["purged_seq"].as_u64().unwrap_or(0);
+        if status.body["role"] == "leader" && purged > down_at {
+            break purged;
+        }
+        assert!(
+            sent < 10_000,
+            "the leader purges within 10,000 changes: {status:?}"
+        );
+    };
+    println!("purge: the leader purged through {purged} after {sent} changes (the follower held {down_at})");
+
+    // Back, it catches up by the leader's snapshot, then the log after it.
+    tokio::task::block_in_place(|| follower.restart()).expect("the follower restarts");
+    cluster.nodes.insert(down, follower);
+    assert_same_state(&cluster).await;
+    let status = cluster.client(down).get("/v1/cluster").await;
+    assert!(
+        status.body["snapshot_seq"].as_u64().unwrap() > down_at,
+        "it installed a snapshot: {status:?}"
+    );
+    assert_eq!(Checkout::of(&cluster).product("R").await["on_hand"], sent);
 }

@@ -574,6 +574,15 @@ impl Actor for Supervisor {
         if !still_routed {
             return Ok(()); // deleted on purpose
         }
+        // A cluster leader's epoch ends instead: the next one starts every product from
+        // the committed state (which the snapshotter's local fold cannot read).
+        let why = format!("the actor of product {sku} stopped unexpectedly: {reason}");
+        if self.log.abandon_epoch(why) {
+            tracing::error!(%sku, %reason, "product actor stopped unexpectedly; the leader's epoch ends");
+            state.active.remove(&sku);
+            state.routes.insert(sku, Slot::Restarting(Vec::new()));
+            return Ok(());
+        }
         tracing::error!(%sku, %reason, "product actor stopped unexpectedly; rebuilding it from the log");
         self.begin_restart(&myself, state, sku);
         Ok(())

@@ -92,6 +92,19 @@ impl Journal {
         }
     }
 
+    /// On a cluster leader, ends the epoch (`Proposer::abandon`): its serving state is
+    /// started again from the committed state. Answers whether it did; elsewhere (a
+    /// single node, a node that does not serve) nothing happens.
+    pub fn abandon_epoch(&self, why: String) -> bool {
+        match self {
+            Journal::Raft { proposer, .. } => {
+                proposer.abandon(why);
+                true
+            }
+            Journal::Local(_) | Journal::Cluster(_) => false,
+        }
+    }
+
     /// Test hook: on a cluster leader, the next record leaves a gap in its epoch's chain
     /// (`Proposer::inject_gap`); elsewhere, nothing.
     #[doc(hidden)]

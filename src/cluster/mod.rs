@@ -3,22 +3,24 @@
 //! tells about it (`Status`).
 //!
 //! A server without `--peers` is a single node: the journal is the local write-ahead log,
-//! the role is always `Role::Single`. A cluster node's journal refuses every record until
-//! its leader serves (step 5), and its role follows the engine. The cluster's engine (openraft) lives in this module and
+//! the role is always `Role::Single`. A cluster node's journal is its leader's epoch's
+//! (`Journal::Raft`, the `proposer`) while it serves, and refuses every record otherwise;
+//! its role follows the engine. The cluster's engine (openraft) lives in this module and
 //! nowhere else, behind these same types, so that the supervisor, the product actors, the
-//! service, the keyring and HTTP keep calling exactly what they call now. What exists of
-//! it (steps 3 and 4 of docs/REPLICATION.md's plan): its types and their conversions to
+//! service, the keyring and HTTP keep calling what they always called, and the epochs of
+//! a serving leader (`crate::leadership`, a layer above) reach the engine only through
+//! `node::ClusterNode`. What is here: the engine's types and their conversions to
 //! stockd's own (`types`), its log storage over the write-ahead log
-//! (`log_store::ClusterLog`) and its state machine (`state_machine::StockSm`, following
-//! only), tested against the engine's storage suite and as an in-process three-node
-//! cluster (`tests`); and a node on the network: its flags (`settings`), the engine
-//! started with them and its metrics made a `Role` and a `Status` (`node`), and the Raft
-//! transport over HTTP, client (`net`) and server (`transport`). A server started with
-//! `--peers` builds these; one without builds none of them.
+//! (`log_store::ClusterLog`), its state machine (`state_machine::StockSm`, which folds
+//! every committed entry, on the leader too), a leader's proposals (`proposer`), the
+//! node (`node`: the engine started with the flags of `settings`, its metrics made a
+//! `Role` and a `Status`), the Raft transport over HTTP, client (`net`) and server
+//! (`transport`), the cluster id every Raft message names (`cluster_id`), and tests against
+//! the engine's storage suite and as an in-process
+//! three-node cluster (`tests`). A server started with `--peers` builds these; one
+//! without builds none of them.
 //!
-//! Layer: between `storage`/`feed` and `actors`. It imports only from those below it; when
-//! the engine has to tell the supervisor something (gaining or losing the leadership), it
-//! will do so through a channel whose message type is defined here.
+//! Layer: between `storage`/`feed` and `actors`. It imports only from those below it.
 
 pub mod cluster_id;
 pub mod journal;

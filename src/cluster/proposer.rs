@@ -130,6 +130,9 @@ pub struct Proposer {
     submitting: Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
     /// Test hook (`inject_gap`): the next record skips a number.
     gap: Arc<AtomicBool>,
+    /// Ended by its owner's side (`abandon`), with the reason.
+    abandoned: CancellationToken,
+    abandoned_why: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Proposer {
@@ -165,7 +168,20 @@ impl Proposer {
             closing,
             submitting: Arc::new(tokio::sync::Mutex::new(Some(submitting))),
             gap,
+            abandoned: CancellationToken::new(),
+            abandoned_why: Arc::new(std::sync::Mutex::new(None)),
         }
+    }
+
+    /// Ends the epoch from the serving side (a part of it failed, and the state it
+    /// decides on can no longer be trusted): nothing more is proposed in it, and
+    /// `poisoned()` resolves with `why`, so that its owner ends it and begins another from
+    /// the committed state. What was already handed over resolves as usual.
+    pub fn abandon(&self, why: String) {
+        let mut slot = self.abandoned_why.lock().unwrap_or_else(|e| e.into_inner());
+        slot.get_or_insert(why);
+        self.poisoned.store(true, Ordering::Release);
+        self.abandoned.cancel();
     }
 
     /// Test hook: the next record is handed over with the number after its own, as if
@@ -231,12 +247,20 @@ impl Proposer {
         !self.poisoned.load(Ordering::Acquire)
     }
 
-    /// Resolves once the epoch is poisoned, with the reason.
+    /// Resolves once the epoch is poisoned (a proposal failed, or it was abandoned), with
+    /// the reason.
     pub async fn poisoned(&self) -> String {
         let mut poison = self.poison.clone();
-        let reason = match poison.wait_for(Option::is_some).await {
-            Ok(failure) => failure.as_ref().map(|f| f.reason().to_string()),
-            Err(_) => None,
+        let reason = tokio::select! {
+            failed = poison.wait_for(Option::is_some) => match failed {
+                Ok(failure) => failure.as_ref().map(|f| f.reason().to_string()),
+                Err(_) => None,
+            },
+            _ = self.abandoned.cancelled() => self
+                .abandoned_why
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         };
         reason.unwrap_or_else(|| "the epoch's tasks stopped".into())
     }

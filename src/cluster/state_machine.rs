@@ -1,22 +1,23 @@
 //! `StockSm`: the engine's state machine (docs/REPLICATION.md, "The state machine").
 //!
-//! Only the **Following** mode exists yet: the state machine owns a `State` and folds
-//! each committed entry into it with `fold::apply_entry` (the only place Raft entries meet
-//! the fold), answering each entry's responder with its `Outcome`. Leading and Rebuilding
-//! (the state handed to the supervisor and its actors, and folded back after a lost
-//! leadership) come with a serving leader, in step 5.
+//! The state machine owns a `State` and folds each committed entry into it with
+//! `fold::apply_entry` (the only place Raft entries meet the fold), answering each entry's
+//! responder with its `Outcome`, on every node, **the leader included**: a leader's epoch
+//! starts its actors from a copy of this state (`crate::leadership`), whose proposals come
+//! back here committed, so the committed state is always at hand and an epoch that ends
+//! needs no rebuild (docs/REPLICATION.md, "The state machine", on what that costs).
 //!
 //! Snapshots are as simple as correct for now: a snapshot is built from a copy of the
 //! state taken when the engine asks for a builder, written with the snapshot encoder
 //! (`snapshot::write`, format 4) into this node's snapshot directory, and installed with
 //! the verified loader (`snapshot::read`), which checks that the file's Raft metadata is
 //! the engine's. `SnapshotData` is the file's path; the newest file that verifies is the
-//! current snapshot, and a build keeps the newest two (`SNAPSHOTS_KEPT`). Step 6 moves the building onto the snapshot worker (no copy of the
-//! state on the server), and bounds purges by the kept snapshots.
+//! current snapshot, and a build keeps the newest two (`SNAPSHOTS_KEPT`). Building on the
+//! snapshot worker (no copy of the state on the server) is still to come.
 //!
 //! A start-up state machine is empty: the engine installs the newest snapshot, then
-//! re-applies the log up to the committed mark (`ClusterLog::read_committed`). Step 4's
-//! start-up replaces that with stockd's own two-thread recovery.
+//! re-applies the log up to the committed mark (`ClusterLog::read_committed`); stockd's
+//! own two-thread recovery would be faster, and is still to come.
 
 use std::io;
 use std::path::{Path, PathBuf};

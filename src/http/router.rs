@@ -1,7 +1,7 @@
 //! Routing and the endpoint handlers: parse, call the service, render.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::Value;
@@ -355,6 +355,9 @@ async fn run(app: &Arc<App>, endpoint: Endpoint, request: Request, caller: Calle
     }
 }
 
+/// How long `POST /v1/admin/snapshot` on a cluster node waits for its engine's snapshot.
+const CLUSTER_SNAPSHOT_WAIT: Duration = Duration::from_secs(300);
+
 /// Whether a node in `role` refuses `endpoint`: only a node that serves (a single node, a
 /// ready leader) answers application requests; `/health`, `/metrics`, the OpenAPI document,
 /// `GET /v1/cluster` and the dashboard's static page and assets are answered by every node
@@ -647,7 +650,15 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
                         return Err(Problem::invalid("body", "a snapshot request takes no body"));
                     }
                 }
-                let taken = svc.snapshot().await?;
+                let taken = match &app.cluster {
+                    // A cluster node's snapshots are its engine's (a single server's
+                    // snapshotter cannot read its log).
+                    Some(cluster) => cluster
+                        .snapshot(CLUSTER_SNAPSHOT_WAIT)
+                        .await
+                        .map_err(crate::error::Error::Unavailable)?,
+                    None => svc.snapshot().await?,
+                };
                 let status = if taken.created {
                     StatusCode::CREATED
                 } else {

@@ -52,12 +52,17 @@ impl Cluster {
     /// Starts the nodes `running` of a three-node cluster (each with the same `--peers`),
     /// on fresh ports; a start that fails (a port taken meanwhile) is retried on others.
     pub fn start(running: &[u64]) -> Cluster {
-        Cluster::start_sized(3, running)
+        Cluster::start_with(running, &[])
     }
 
-    /// `start`, with addresses picked for nodes 1 to `size`: the founders 1 to 3, and
+    /// `start`, every node with the environment variables `env` too (kept by restarts).
+    pub fn start_with(running: &[u64], env: &[(&str, &str)]) -> Cluster {
+        Cluster::start_sized(3, running, env)
+    }
+
+    /// `start_with`, with addresses picked for nodes 1 to `size`: the founders 1 to 3, and
     /// nodes that may join later (`launch` them, then add them through the admin API).
-    pub fn start_sized(size: u64, running: &[u64]) -> Cluster {
+    pub fn start_sized(size: u64, running: &[u64], env: &[(&str, &str)]) -> Cluster {
         assert!(size >= 3, "a cluster here has three founders");
         let mut last = String::new();
         for _ in 0..5 {
@@ -78,7 +83,10 @@ impl Cluster {
                 nodes: BTreeMap::new(),
                 founders: vec![1, 2, 3],
             };
-            match running.iter().try_for_each(|id| cluster.launch(*id)) {
+            match running
+                .iter()
+                .try_for_each(|id| cluster.launch_with(*id, env))
+            {
                 Ok(()) => return cluster,
                 Err(err) => last = err,
             }
@@ -147,7 +155,14 @@ impl Cluster {
     }
 
     pub fn launch(&mut self, id: u64) -> Result<(), String> {
-        let launch = Launch::command(self.command(id)).timeout(WAIT);
+        self.launch_with(id, &[])
+    }
+
+    /// `launch`, with the environment variables `env` too.
+    pub fn launch_with(&mut self, id: u64, env: &[(&str, &str)]) -> Result<(), String> {
+        let mut command = self.command(id);
+        command.envs(env.iter().copied());
+        let launch = Launch::command(command).timeout(WAIT);
         let server = ChildServer::try_start(launch, self.data_dir(id).join("data"))
             .map_err(|e| format!("node {id}: {e}"))?;
         self.nodes.insert(id, server);
