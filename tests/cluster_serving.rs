@@ -25,6 +25,8 @@ struct Checkout {
     nodes: Vec<Client>,
     /// How long one try waits for its answer (a paused node never answers).
     patience: Duration,
+    /// Tries repeated after a 503 or an error (whose outcome may have been a change).
+    retried: Arc<AtomicUsize>,
 }
 
 impl Checkout {
@@ -32,6 +34,7 @@ impl Checkout {
         Checkout {
             nodes: cluster.nodes.values().map(|n| n.client.clone()).collect(),
             patience: WAIT,
+            retried: Arc::default(),
         }
     }
 
@@ -44,6 +47,17 @@ impl Checkout {
         body: Option<&Value>,
         key: Option<&str>,
     ) -> Answer {
+        self.send_counted(method, path, body, key).await.0
+    }
+
+    /// `send`; also answers whether a try was repeated.
+    async fn send_counted(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        key: Option<&str>,
+    ) -> (Answer, bool) {
         let deadline = Instant::now() + WAIT;
         let body = body.map(Value::to_string);
         let headers: Vec<(&str, &str)> = key.map(|k| ("idempotency-key", k)).into_iter().collect();
@@ -52,7 +66,7 @@ impl Checkout {
             let node = &self.nodes[turn % self.nodes.len()];
             let sent = node.send(method.clone(), path, body.as_deref(), &headers);
             match tokio::time::timeout(self.patience, sent).await {
-                Ok(Ok(answer)) if answer.status != 503 => return answer,
+                Ok(Ok(answer)) if answer.status != 503 => return (answer, turn > 0),
                 Ok(Ok(answer)) => last = format!("{answer:?}"),
                 Ok(Err(err)) => last = err.to_string(),
                 Err(_) => last = format!("no answer within {:?}", self.patience),
@@ -61,9 +75,24 @@ impl Checkout {
                 Instant::now() < deadline,
                 "{method} {path}: no answer but 503s and errors within {WAIT:?}; last: {last}"
             );
+            self.retried.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         unreachable!()
+    }
+
+    /// Creates product `sku`. A create repeated after a 503 whose change was committed
+    /// meets its own product (409 `sku_exists`): the product must then be as asked.
+    async fn create(&self, sku: &str, on_hand: u64) {
+        let body = json!({"sku": sku, "name": sku, "on_hand": on_hand});
+        let (a, retried) = self
+            .send_counted(Method::POST, "/v1/products", Some(&body), None)
+            .await;
+        if retried && a.status == 409 && a.code() == "sku_exists" {
+            assert_eq!(self.product(sku).await["on_hand"], on_hand, "{a:?}");
+            return;
+        }
+        assert_eq!(a.status, 201, "{a:?}");
     }
 
     async fn get(&self, path: &str) -> Answer {
@@ -120,22 +149,11 @@ async fn the_leader_serves_the_reservation_paths_through_any_node() {
     let c = Checkout {
         nodes,
         patience: WAIT,
+        retried: Arc::default(),
     };
 
-    let a = c
-        .post(
-            "/v1/products",
-            json!({"sku": "A", "name": "A", "on_hand": 10}),
-        )
-        .await;
-    assert_eq!(a.status, 201, "{a:?}");
-    let a = c
-        .post(
-            "/v1/products",
-            json!({"sku": "B", "name": "B", "on_hand": 5}),
-        )
-        .await;
-    assert_eq!(a.status, 201, "{a:?}");
+    c.create("A", 10).await;
+    c.create("B", 5).await;
     c.post(
         "/v1/products",
         json!({"sku": "A", "name": "A", "on_hand": 1}),
@@ -238,13 +256,7 @@ async fn kill_9_of_the_leader_under_load_loses_nothing_acknowledged() {
     let mut cluster = start(&[1, 2, 3]).await;
     let old = cluster.serving().await;
     let c = Checkout::of(&cluster);
-    let a = c
-        .post(
-            "/v1/products",
-            json!({"sku": "FLASH", "name": "Flash", "on_hand": STOCK}),
-        )
-        .await;
-    assert_eq!(a.status, 201, "{a:?}");
+    c.create("FLASH", STOCK).await;
 
     // Buyers, one unit each, each attempt with its own key, retried until a definite
     // answer: 201, or 409 once sold out.
@@ -354,13 +366,7 @@ async fn an_expiry_across_a_failover_returns_the_units_once() {
     let mut cluster = start(&[1, 2, 3]).await;
     let old = cluster.serving().await;
     let c = Checkout::of(&cluster);
-    let a = c
-        .post(
-            "/v1/products",
-            json!({"sku": "E", "name": "E", "on_hand": 5}),
-        )
-        .await;
-    assert_eq!(a.status, 201, "{a:?}");
+    c.create("E", 5).await;
     let body =
         json!({"customer_id": "u", "items": [{"sku": "E", "quantity": 3}], "ttl_seconds": 2});
     let r = c
@@ -401,13 +407,7 @@ async fn a_whole_cluster_restart_recovers_every_acknowledged_change() {
     cluster.serving().await;
     let c = Checkout::of(&cluster);
     for (sku, on_hand) in [("X", 10), ("Y", 4)] {
-        let a = c
-            .post(
-                "/v1/products",
-                json!({"sku": sku, "name": sku, "on_hand": on_hand}),
-            )
-            .await;
-        assert_eq!(a.status, 201, "{a:?}");
+        c.create(sku, on_hand).await;
     }
     let mut ids = Vec::new();
     for n in 0..6 {
@@ -462,13 +462,7 @@ async fn a_paused_leader_acknowledges_nothing_and_rejoins_as_a_follower() {
     let cluster = start(&[1, 2, 3]).await;
     let old = cluster.serving().await;
     let c = Checkout::of(&cluster);
-    let a = c
-        .post(
-            "/v1/products",
-            json!({"sku": "P", "name": "P", "on_hand": 5}),
-        )
-        .await;
-    assert_eq!(a.status, 201, "{a:?}");
+    c.create("P", 5).await;
     // A hold due in a second: the paused leader will find it overdue when it resumes.
     let body =
         json!({"customer_id": "u", "items": [{"sku": "P", "quantity": 2}], "ttl_seconds": 1});
@@ -517,6 +511,7 @@ async fn a_paused_leader_acknowledges_nothing_and_rejoins_as_a_follower() {
             .map(|(_, n)| n.client.clone())
             .collect(),
         patience: Duration::from_secs(1),
+        retried: Arc::default(),
     };
     let paused = Instant::now();
     let expired = common::eventually(WAIT, || async {
@@ -626,13 +621,7 @@ async fn a_follower_down_past_the_leaders_purge_catches_up_by_snapshot() {
         .unwrap();
     let leader = cluster.serving().await;
     let c = Checkout::of(&cluster);
-    let a = c
-        .post(
-            "/v1/products",
-            json!({"sku": "R", "name": "R", "on_hand": 0}),
-        )
-        .await;
-    assert_eq!(a.status, 201, "{a:?}");
+    c.create("R", 0).await;
     let down = *cluster.nodes.keys().find(|id| **id != leader).unwrap();
     let statuses = cluster.caught_up().await;
     let down_at = statuses[&down]["last_seq"].as_u64().unwrap();
@@ -681,5 +670,49 @@ async fn a_follower_down_past_the_leaders_purge_catches_up_by_snapshot() {
         status.body["snapshot_seq"].as_u64().unwrap() > down_at,
         "it installed a snapshot: {status:?}"
     );
-    assert_eq!(Checkout::of(&cluster).product("R").await["on_hand"], sent);
+    // Each replenishment once, or (a retry after a 503 whose change was committed) twice.
+    let on_hand = Checkout::of(&cluster).product("R").await["on_hand"]
+        .as_u64()
+        .unwrap();
+    let retried = c.retried.load(Ordering::SeqCst) as u64;
+    assert!(
+        (sent..=sent + retried).contains(&on_hand),
+        "{on_hand} after {sent} and {retried} retries"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_is_its_only_voter_keeps_answering_reads() {
+    let mut cluster = start(&[1, 2, 3]).await;
+    let leader = cluster.serving().await;
+    let c = cluster.client(leader).clone();
+    assert_eq!(c.create_product("S", 3).await.status, 201);
+    let a = c
+        .send(
+            Method::PUT,
+            "/v1/admin/cluster/voters",
+            Some(&json!({"voters": [leader]}).to_string()),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200, "{a:?}");
+    // The others are no longer members; they stop.
+    let others: Vec<u64> = cluster
+        .nodes
+        .keys()
+        .copied()
+        .filter(|id| *id != leader)
+        .collect();
+    for id in others {
+        cluster.nodes.remove(&id).unwrap().kill9();
+    }
+    // Its own majority: past several leases, it still answers reads and changes.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let p = c.get("/v1/products/S").await;
+        assert_eq!(p.status, 200, "{p:?}");
+    }
+    assert_eq!(c.reserve("u", "S", 1).await.status, 201);
+    assert_eq!(c.product("S").await["reserved"], 1);
 }

@@ -440,18 +440,31 @@ impl ClusterNode {
         self.serving.send_replace(term);
     }
 
-    /// Whether this node may answer a read as the leader now: it leads, and a majority
-    /// acknowledged it less than a lease ago (the shortest election timeout: no other
-    /// node can have been elected since). Read from the engine's metrics, with no round
-    /// trip (docs/REPLICATION.md, "Reads and expiry on the leader").
+    /// Whether this node may answer a read as the leader now: it leads, it is a voter of
+    /// the membership in force (a leader that removed itself hands over at once, without
+    /// waiting for its lease), and a majority acknowledged it less than a lease ago (the
+    /// shortest election timeout: no other node can have been elected since), or it is
+    /// the only voter (its own majority: the engine counts no acknowledgement from
+    /// itself). Read from the engine's metrics, with no round trip (docs/REPLICATION.md,
+    /// "Reads and expiry on the leader").
     pub fn lease_holds(&self) -> bool {
         let m = self.raft.metrics();
         let m = m.borrow_watched();
-        m.state == ServerState::Leader
-            && m.running_state.is_ok()
-            && m.last_quorum_acked
-                .as_ref()
-                .is_some_and(|at| at.elapsed() < self.lease)
+        if m.state != ServerState::Leader || m.running_state.is_err() {
+            return false;
+        }
+        let membership = m.membership_config.membership();
+        let mut voters = membership.voter_ids();
+        let (first, second) = (voters.next(), voters.next());
+        if !membership.voter_ids().any(|id| id == m.id) {
+            return false;
+        }
+        if first == Some(m.id) && second.is_none() {
+            return true;
+        }
+        m.last_quorum_acked
+            .as_ref()
+            .is_some_and(|at| at.elapsed() < self.lease)
     }
 
     /// The local log's writer.

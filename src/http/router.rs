@@ -355,6 +355,17 @@ async fn run(app: &Arc<App>, endpoint: Endpoint, request: Request, caller: Calle
     }
 }
 
+/// A cluster leader past its lease: it may no longer be the leader.
+fn lease_lapsed() -> Problem {
+    Problem::new(
+        503,
+        "unavailable",
+        "this leader has not heard from a majority of the cluster within its lease; retry \
+         (another node may be leading now)",
+    )
+    .header(header::RETRY_AFTER, "1")
+}
+
 /// How long `POST /v1/admin/snapshot` on a cluster node waits for its engine's snapshot.
 const CLUSTER_SNAPSHOT_WAIT: Duration = Duration::from_secs(300);
 
@@ -434,13 +445,7 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
         );
     if let (true, Some(cluster)) = (application_read, &app.cluster) {
         if !cluster.lease_holds() {
-            return Err(Problem::new(
-                503,
-                "unavailable",
-                "this leader has not heard from a majority of the cluster within its lease; \
-                 retry (another node may be leading now)",
-            )
-            .header(header::RETRY_AFTER, "1"));
+            return Err(lease_lapsed());
         }
     }
     if !read && !svc.log_healthy() && app.cluster.is_some() {
@@ -463,6 +468,8 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
     // The API key making the request, recorded with every change it makes (`None`: the
     // server runs open).
     let by: Option<KeyId> = caller.id;
+    // An application request (one a node that does not serve refuses).
+    let application = refused_in(Role::Leaderless, &endpoint).is_some();
     let answered: Result<Reply> = async {
         match endpoint {
             Health => health(role, &req.query),
@@ -727,6 +734,19 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
                  (a reservation with the same Idempotency-Key)",
             )
             .header(header::RETRY_AFTER, "1"))
+        }
+        // A cluster leader's answer that no commit vouches for (a read, or a change refused
+        // from its state without a record) is sent only if its lease still holds now,
+        // after the state was read: the lease checked before may have run out while the
+        // request waited in the actors, and another leader been elected meanwhile.
+        answered
+            if app.cluster.as_ref().is_some_and(|cluster| {
+                application
+                    && (application_read || answered.as_ref().is_err_and(|p| p.status != 503))
+                    && !cluster.lease_holds()
+            }) =>
+        {
+            Err(lease_lapsed())
         }
         answered => answered,
     }
