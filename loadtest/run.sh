@@ -11,7 +11,9 @@
 #                            [--rate R] [--target URL] [--json FILE] [--markdown FILE]
 #                            [--svg FILE]
 #
-# SCENARIO: ceiling | flash-sale | limits | checkout | crash   (loadtest --help lists every flag)
+# SCENARIO: ceiling | flash-sale | limits | checkout | crash | failover | cluster
+#           (loadtest --help lists every flag; failover and cluster start a 3-node cluster
+#           of their own, so they take no --target)
 # --target URL loads a server already running on loopback instead of starting one.
 # Relative FILE paths are taken from the directory the script is run in.
 set -euo pipefail

@@ -318,6 +318,90 @@ async fn crash_mid_load_loses_no_acknowledged_change() {
     );
 }
 
+/// A three-node cluster of the real binary, its leader killed mid-run: every acknowledged
+/// hold on the new leader, each once, and the restarted node at the same state. Times are
+/// reported, not asserted (a loaded machine may take longer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_of_the_leader_loses_no_acknowledged_hold() {
+    // Whichever ends first: 600 reservations or 10 s (a slow machine may not get through
+    // the budget, and the kill comes at 30-70 % of either).
+    let opts = Options {
+        limits: Limits {
+            requests_max: Some(600),
+            ..limits()
+        },
+        stock: 10_000,
+        rounds: 1,
+        ..options(Scenario::Failover, stockd())
+    };
+    let report = loadtest::run(opts).await.expect("run");
+    assert!(report.verified, "{}", report.markdown());
+    let f = report.failover.clone().expect("the failover figures");
+    assert_ne!(f.killed_node, f.new_leader);
+    assert!(
+        f.acknowledged_before > 0 && f.acknowledged_after > 0,
+        "{f:?}"
+    );
+    assert!(f.gap_ms.is_some() && f.digest_seq.is_some(), "{f:?}");
+    // Every attempt ended in a hold: the stock refuses none, and none was given up.
+    assert!(report.requests > 0 && report.requests <= 600);
+    assert_eq!(
+        report.statuses.get("201"),
+        Some(&report.requests),
+        "{:?}",
+        report.statuses
+    );
+    assert_eq!(report.transport_errors, 0);
+    assert_eq!((report.oversold, report.lost_acks), (0, 0));
+    assert!(
+        report.markdown().contains("**Gap**"),
+        "{}",
+        report.markdown()
+    );
+    println!("{}", report.markdown());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_flash_sale_is_set_against_one_nodes_and_verifies() {
+    let opts = Options {
+        limits: Limits {
+            requests_max: Some(300),
+            ..limits()
+        },
+        stock: 10_000,
+        rounds: 2,
+        ..options(Scenario::Cluster, stockd())
+    };
+    let report = loadtest::run(opts).await.expect("run");
+    assert!(report.verified, "{}", report.markdown());
+    // One node, cluster, one node, cluster, one node: each phase a round's share of the
+    // budget, 150 requests.
+    assert_eq!(report.requests, 300);
+    assert_eq!(report.statuses.get("201"), Some(&300));
+    assert_eq!(report.ceilings_rps.len(), 3, "{}", report.markdown());
+    assert_eq!(report.rounds.len(), 2);
+    assert!(report.ratio > 0.0);
+    let md = report.markdown();
+    assert!(md.contains("flash sale, one node (sync)"), "{md}");
+    assert!(
+        md.contains("cluster: every acknowledged hold is held by the server"),
+        "{md}"
+    );
+    assert!(
+        md.contains("one node: every acknowledged hold is held by the server"),
+        "{md}"
+    );
+}
+
+#[tokio::test]
+async fn the_cluster_scenarios_start_their_own_cluster() {
+    for scenario in [Scenario::Failover, Scenario::Cluster] {
+        let opts = options(scenario, Target::Url("http://127.0.0.1:9".into()));
+        let err = loadtest::run(opts).await.expect_err("refused");
+        assert!(err.contains("give --stockd"), "{err}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_loop_sends_at_the_given_rate_and_verifies() {
     let opts = Options {

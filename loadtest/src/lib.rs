@@ -15,14 +15,20 @@
 //! - `scenarios`: `ceiling`, `flash-sale`, and `run`, which runs any scenario; `checkout`:
 //!   the shopper mix; `crash`: the mix with a SIGKILL and a restart. Dependencies go one
 //!   way: `scenarios` → `crash` → `checkout` → `rounds`, `api`, `options`.
+//! - `cluster`: three `stockd` nodes on loopback, started and stopped by the run;
+//!   `failover`: the flash sale while the cluster's leader is killed with SIGKILL;
+//!   `cluster_ratio`: the cluster's flash sale against one node's, alternated.
 //! - `follow`: `--follow-events`, a live reader of the change feed and its lag.
 //! - `report`: the terminal table, Markdown and JSON; `chart`: the SVG chart.
 
 pub mod api;
 pub mod chart;
 pub mod checkout;
+pub mod cluster;
+pub mod cluster_ratio;
 pub mod crash;
 pub mod driver;
+pub mod failover;
 pub mod follow;
 pub mod limits;
 pub mod options;

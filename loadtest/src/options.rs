@@ -19,6 +19,12 @@ pub enum Scenario {
     Checkout,
     /// The checkout mix while the server is killed with SIGKILL and restarted.
     Crash,
+    /// The flash sale on a three-node cluster it starts, its leader killed with SIGKILL
+    /// mid-run; verified: every acknowledged hold on the new leader, each once.
+    Failover,
+    /// The flash sale on a three-node cluster it starts, alternated with the flash sale on
+    /// one node (sync): the cluster's throughput as a ratio to one node's.
+    Cluster,
 }
 
 impl Scenario {
@@ -29,6 +35,8 @@ impl Scenario {
             Scenario::Limits => "limits",
             Scenario::Checkout => "checkout",
             Scenario::Crash => "crash",
+            Scenario::Failover => "failover",
+            Scenario::Cluster => "cluster",
         }
     }
 }

@@ -173,6 +173,38 @@ pub struct Report {
     pub killed_at_s: Option<f64>,
     /// `--follow-events`: how far behind the log a live reader of the feed fell.
     pub feed_lag: Option<crate::follow::FeedLag>,
+    /// What the ceiling phases were when not `GET /health` (the `cluster` scenario sets
+    /// its cluster's flash sale against the flash sale on one node).
+    pub baseline: Option<String>,
+    /// Failover scenario: the kill of the leader and how long the cluster served nothing.
+    pub failover: Option<Failover>,
+}
+
+/// The failover scenario's figures (times in ms, on the load generator's clock).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Failover {
+    /// The leader killed with SIGKILL.
+    pub killed_node: u64,
+    /// The kill, in milliseconds since the Unix epoch (to match the nodes' logs).
+    pub killed_at_unix_ms: u64,
+    /// The leader the load ended on, where the run was verified.
+    pub new_leader: u64,
+    /// The failover gap: from the kill to the first 2xx answered by another node.
+    pub gap_ms: Option<f64>,
+    /// From the last 2xx of the killed leader to the first 2xx of another node.
+    pub outage_ms: Option<f64>,
+    /// Holds acknowledged before the kill, and after it (by the new leader).
+    pub acknowledged_before: u64,
+    pub acknowledged_after: u64,
+    /// Tries beyond each reservation's first (a 503, or no answer: sent again, with the
+    /// same `Idempotency-Key`, to the next node).
+    pub retries: u64,
+    /// Replays: a retry answered with the reservation its key already held
+    /// (`Idempotent-Replayed: true`).
+    pub replayed: u64,
+    /// The killed node, restarted on its directory: the position at which all three had
+    /// the same state digest (`None`: not restarted, or no agreement).
+    pub digest_seq: Option<u64>,
 }
 
 fn timeline(stats: &PhaseStats) -> Vec<SecondView> {
@@ -226,6 +258,8 @@ impl Report {
             ceilings_at_s: Vec::new(),
             killed_at_s: None,
             feed_lag: None,
+            baseline: None,
+            failover: None,
         }
     }
 
@@ -263,16 +297,18 @@ impl Report {
             "### {} ({} connections, durability {})\n\n\
              | phase | requests/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |\n\
              | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n\
-             | ceiling (GET /health{}) | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n\
+             | {}{} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n\
              | {}{} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n\n\
-             ratio to ceiling: **{:.2}**{} · requests: {} · statuses: {:?} · unanswered: {}\n\n",
+             ratio to {}: **{:.2}**{} · requests: {} · statuses: {:?} · unanswered: {}\n\n",
             self.scenario,
             self.connections,
             self.durability.as_deref().unwrap_or("unknown"),
-            if phases > 1 {
-                format!(", {phases} phases")
-            } else {
-                String::new()
+            self.baseline.as_deref().unwrap_or("ceiling (GET /health"),
+            match (phases > 1, self.baseline.is_some()) {
+                (true, true) => format!(", {phases} phases"),
+                (true, false) => format!(", {phases} phases)"),
+                (false, true) => String::new(),
+                (false, false) => ")".to_string(),
             },
             self.ceiling_rps,
             c.p50,
@@ -292,11 +328,21 @@ impl Report {
             l.p99,
             l.p999,
             l.max,
+            if self.baseline.is_some() {
+                "baseline"
+            } else {
+                "ceiling"
+            },
             self.ratio,
             if phases > 1 {
                 format!(
-                    " (of {:.0}, the mean of {phases} ceiling phases)",
-                    self.ceiling_rps
+                    " (of {:.0}, the mean of {phases} {} phases)",
+                    self.ceiling_rps,
+                    if self.baseline.is_some() {
+                        "baseline"
+                    } else {
+                        "ceiling"
+                    }
                 )
             } else {
                 String::new()
@@ -308,7 +354,12 @@ impl Report {
         if phases > 1 {
             let list = |v: Vec<String>| v.join(" · ");
             out.push_str(&format!(
-                "ceiling phases, req/s: {}\n\n",
+                "{} phases, req/s: {}\n\n",
+                if self.baseline.is_some() {
+                    "baseline"
+                } else {
+                    "ceiling"
+                },
                 list(
                     self.ceilings_rps
                         .iter()
@@ -319,7 +370,12 @@ impl Report {
         }
         if !self.rounds.is_empty() {
             out.push_str(&format!(
-                "rounds, req/s (ratio to the ceiling phases either side): {}\n\n",
+                "rounds, req/s (ratio to the {} phases either side): {}\n\n",
+                if self.baseline.is_some() {
+                    "baseline"
+                } else {
+                    "ceiling"
+                },
                 self.rounds
                     .iter()
                     .map(|r| format!("{:.0} ({:.2})", r.throughput_rps, r.ratio))
@@ -362,7 +418,25 @@ impl Report {
                 "\nrecovery after kill -9: {ms:.0} ms to serving\n"
             ));
         }
-        if let Some(at) = self.killed_at_s {
+        if let Some(f) = &self.failover {
+            let ms = |v: Option<f64>| v.map_or("none".to_string(), |v| format!("{v:.0} ms"));
+            out.push_str(&format!(
+                "\nfailover: leader node {} killed (SIGKILL) {:.1} s into the load; node {} \
+                 leads after it. **Gap** from the kill to the first 2xx of another node: \
+                 **{}**; from the killed leader's last 2xx: {}. Acknowledged {} holds before \
+                 the kill and {} after; {} retries (same Idempotency-Key, next node), {} \
+                 replayed\n",
+                f.killed_node,
+                self.killed_at_s.unwrap_or(0.0),
+                f.new_leader,
+                ms(f.gap_ms),
+                ms(f.outage_ms),
+                f.acknowledged_before,
+                f.acknowledged_after,
+                f.retries,
+                f.replayed,
+            ));
+        } else if let Some(at) = self.killed_at_s {
             out.push_str(&format!(
                 "\nthe load stopped at the kill, {at:.1} s in: its figures are of the load \
                  before it (the restarted server is only verified, not loaded)\n"

@@ -32,6 +32,9 @@ fn check_loopback(url: &str) -> Result<(), String> {
 
 /// Runs the scenario and verifies it. The report says whether verification passed.
 pub async fn run(opts: Options) -> Result<Report, String> {
+    if matches!(opts.scenario, Scenario::Failover | Scenario::Cluster) {
+        return run_cluster(opts).await;
+    }
     let (mut server, base) = match &opts.target {
         Target::Spawn { stockd, durability } => {
             // A live reader needs the feed, whatever the server's default.
@@ -60,12 +63,7 @@ pub async fn run(opts: Options) -> Result<Report, String> {
         value.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, value);
     }
-    let client = reqwest::Client::builder()
-        .default_headers(headers)
-        .pool_max_idle_per_host(opts.limits.connections)
-        .timeout(Duration::from_secs(30))
-        .build()
-        .map_err(|e| e.to_string())?;
+    let client = load_client(headers, &opts)?;
 
     // Flash-sale and checkout alternate ceiling and scenario phases (C S C ... S C), so
     // that the ceiling samples the same moments of a drifting machine as the scenario.
@@ -75,13 +73,13 @@ pub async fn run(opts: Options) -> Result<Report, String> {
             1,
             opts.limits.requests_max.unwrap_or(u64::MAX).max(1) as usize,
         ),
-        Scenario::Ceiling | Scenario::Crash => 1,
+        Scenario::Ceiling | Scenario::Crash | Scenario::Failover | Scenario::Cluster => 1,
     };
     let label = match opts.scenario {
         Scenario::FlashSale | Scenario::Checkout | Scenario::Limits => {
             format!("ceiling 1/{}", rounds + 1)
         }
-        Scenario::Ceiling | Scenario::Crash => "ceiling".to_string(),
+        _ => "ceiling".to_string(),
     };
     let follower = match opts.follow_events {
         true => Some(Follower::start(&client, &base).await?),
@@ -107,6 +105,7 @@ pub async fn run(opts: Options) -> Result<Report, String> {
                 .push(served("the ceiling phase was served", &[first]));
             report
         }
+        Scenario::Failover | Scenario::Cluster => unreachable!("run_cluster"),
     };
     if let Some(follower) = follower {
         let (lag, check) = follower.finish().await;
@@ -117,6 +116,50 @@ pub async fn run(opts: Options) -> Result<Report, String> {
     report.durability = durability;
     report.connections = opts.limits.connections;
     drop(server);
+    Ok(report)
+}
+
+/// The load's client: keep-alive connections, one per worker, 30 s per request.
+fn load_client(
+    headers: reqwest::header::HeaderMap,
+    opts: &Options,
+) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .pool_max_idle_per_host(opts.limits.connections)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// `failover` and `cluster`: they always start their own servers (a cluster, and for
+/// `cluster` one node too) from the `stockd` binary given, on loopback.
+async fn run_cluster(opts: Options) -> Result<Report, String> {
+    let Target::Spawn { stockd, .. } = &opts.target else {
+        return Err(format!(
+            "the {} scenario starts its own cluster: give --stockd, not --target",
+            opts.scenario.name()
+        ));
+    };
+    if opts.follow_events {
+        return Err("cluster nodes have no change feed: --follow-events is refused".into());
+    }
+    // The nodes run open on loopback: no key is sent.
+    let client = load_client(reqwest::header::HeaderMap::new(), &opts)?;
+    let mut report = match opts.scenario {
+        Scenario::Failover => crate::failover::failover(&client, stockd, &opts).await?,
+        _ => {
+            let rounds = opts.rounds.clamp(
+                1,
+                opts.limits.requests_max.unwrap_or(u64::MAX).max(1) as usize,
+            );
+            crate::cluster_ratio::cluster_ratio(&client, stockd, &opts, rounds).await?
+        }
+    };
+    if report.durability.is_none() {
+        report.durability = Some("the cluster's (commit on a majority)".into());
+    }
+    report.connections = opts.limits.connections;
     Ok(report)
 }
 
