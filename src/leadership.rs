@@ -51,15 +51,21 @@ use crate::storage::log::LogHandle;
 use crate::storage::snapshotter::Snapshotter;
 use crate::storage::Durability;
 
-/// How long to wait before trying again to begin an epoch that could not begin.
+/// How long to wait before trying again to begin an epoch that could not begin: briefly
+/// for a new leader's first tries (the engine refuses its blank entry until a majority
+/// has acknowledged it, a few milliseconds after the election: every millisecond here is
+/// part of a failover's gap), then less often.
+const RETRY_FIRST_AFTER: Duration = Duration::from_millis(10);
+const RETRY_FIRST_TRIES: u32 = 20;
 const RETRY_AFTER: Duration = Duration::from_millis(100);
 
 /// How often a node that does not lead brings its keyring to the committed keys (when
 /// anything was applied since).
 const KEYS_EVERY: Duration = Duration::from_millis(250);
 
-/// A leader that cannot begin an epoch says so every this many tries (a second's worth).
-const WARN_EVERY_TRIES: u32 = 10;
+/// A leader that cannot begin an epoch says so every this many tries (the first after
+/// about 1.2 s, then every 3 s).
+const WARN_EVERY_TRIES: u32 = 30;
 
 /// How long an ending epoch's supervisor and actors get to stop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -157,7 +163,7 @@ async fn run(args: LeadershipArgs, stop: CancellationToken) {
                 }
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(RETRY_AFTER) => continue,
+                    _ = tokio::time::sleep(if tries <= RETRY_FIRST_TRIES { RETRY_FIRST_AFTER } else { RETRY_AFTER }) => continue,
                 }
             }
         };

@@ -26,15 +26,20 @@ use crate::storage::log::{Log, LogHandle, OpenError};
 pub type Raft = openraft::Raft<Tc, StockSm>;
 
 /// The engine's settings (docs/REPLICATION.md, "HTTP surface, flags and settings"):
-/// heartbeats every 50 ms, elections after 250 to 500 ms without one (the lease), pre-vote
+/// heartbeats every 50 ms, elections after 200 to 400 ms without one (the engine's lease is
+/// the longer; stockd's read lease the shorter, `lease_holds`), pre-vote
 /// (a node back from isolation cannot depose a healthy leader), at most 1,024 entries per
 /// append, and a snapshot every `snapshot_every_records` entries (0: only when asked).
 pub fn engine_config(snapshot_every_records: u64) -> Result<Arc<Config>, String> {
     let config = Config {
         cluster_name: "stockd".to_string(),
         heartbeat_interval: 50,
-        election_timeout_min: 250,
-        election_timeout_max: 500,
+        // A failover's gap is mostly these: the survivors' detection takes the last
+        // heartbeat + the engine's lease (the max) + an election timeout, and their
+        // pre-vote round. 250/500 gave gaps of 1.0 to 1.2 s after kill -9 of the leader
+        // (docs/PERFORMANCE.md, "Cluster").
+        election_timeout_min: 200,
+        election_timeout_max: 400,
         enable_pre_vote: Some(true),
         max_payload_entries: 1024,
         max_append_entries: Some(4096),

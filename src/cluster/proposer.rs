@@ -60,7 +60,7 @@ use super::types::{Proposal, Tc};
 
 /// How long a proposal may wait for its result before the epoch is given up: long enough
 /// for a healthy cluster under load (an append, a majority's flush, the apply), far past
-/// an election (`election_timeout_max`, 500 ms), so that a leader that cannot reach its
+/// an election (`election_timeout_max`, 400 ms), so that a leader that cannot reach its
 /// quorum fails its requests with 503 instead of holding them for as long as the
 /// partition lasts.
 pub const COMMIT_DEADLINE: Duration = Duration::from_secs(5);
