@@ -484,6 +484,7 @@ async fn a_paused_leader_acknowledges_nothing_and_rejoins_as_a_follower() {
         assert!(ok, "kill {sig} {pid}");
     };
     signal("-STOP");
+    let paused = Instant::now();
     // Requests sent to it while it is paused, answered (if at all) once it resumes; the
     // redirects are not followed, so any 2xx would be its own.
     let http = common::cluster::no_redirects();
@@ -513,16 +514,26 @@ async fn a_paused_leader_acknowledges_nothing_and_rejoins_as_a_follower() {
         patience: Duration::from_secs(1),
         retried: Arc::default(),
     };
-    let paused = Instant::now();
+    // When a survivor serves, from the pause (printed, not asserted).
+    let served = loop {
+        let mut ready = false;
+        for (id, node) in &cluster.nodes {
+            if *id != old && node.client.get("/health?role=leader").await.status == 200 {
+                ready = true;
+            }
+        }
+        if ready {
+            break paused.elapsed();
+        }
+        assert!(paused.elapsed() < WAIT, "a survivor serves within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    println!("sigstop: a survivor serves {served:?} after the pause");
     let expired = common::eventually(WAIT, || async {
         others.get(&format!("/v1/reservations/{id}")).await.body["status"] == "expired"
     })
     .await;
     assert!(expired, "the new leader expires the overdue hold");
-    println!(
-        "sigstop: the others serve {:?} after the pause",
-        paused.elapsed()
-    );
     // Long enough past the election for any lease of the old leader to have run out.
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     signal("-CONT");
