@@ -13,54 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::cluster::{fits, leader_of, no_redirects, Cluster, WAIT};
-use common::{Answer, Client};
+use common::cluster::{fits, leader_of, no_redirects, Checkout, Cluster, WAIT};
+use common::Client;
 use reqwest::Method;
 use serde_json::{json, Value};
-
-/// A client of the whole cluster: each request sent to one node after another until an
-/// answer that is neither a 503 nor a connection error (a follower's 307 is followed).
-#[derive(Clone)]
-struct Anywhere {
-    nodes: Vec<Client>,
-}
-
-impl Anywhere {
-    fn of(cluster: &Cluster) -> Anywhere {
-        Anywhere {
-            nodes: cluster.nodes.values().map(|n| n.client.clone()).collect(),
-        }
-    }
-
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&Value>,
-        key: Option<&str>,
-    ) -> Answer {
-        let deadline = Instant::now() + WAIT;
-        let body = body.map(Value::to_string);
-        let headers: Vec<(&str, &str)> = key.map(|k| ("idempotency-key", k)).into_iter().collect();
-        let mut last;
-        for turn in 0.. {
-            let node = &self.nodes[turn % self.nodes.len()];
-            let sent = node.send(method.clone(), path, body.as_deref(), &headers);
-            match tokio::time::timeout(WAIT, sent).await {
-                Ok(Ok(answer)) if answer.status != 503 => return answer,
-                Ok(Ok(answer)) => last = format!("{answer:?}"),
-                Ok(Err(err)) => last = err.to_string(),
-                Err(_) => last = format!("no answer within {WAIT:?}"),
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{method} {path}: no answer but 503s and errors within {WAIT:?}; last: {last}"
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        unreachable!()
-    }
-}
 
 /// The members a status lists: id → voter.
 fn members(status: &Value) -> BTreeMap<u64, bool> {
@@ -102,7 +58,7 @@ async fn three_grow_to_five_and_shrink_to_three_without_the_leader_under_load() 
         .await
         .unwrap();
     let first = cluster.serving().await;
-    let c = Anywhere::of(&cluster);
+    let c = Checkout::of(&cluster);
     let a = c
         .send(
             Method::POST,
@@ -121,11 +77,13 @@ async fn three_grow_to_five_and_shrink_to_three_without_the_leader_under_load() 
         let (acked, stop) = (acked.clone(), stop.clone());
         let addrs = cluster.addrs.clone();
         tokio::spawn(async move {
-            let c = Anywhere {
+            let c = Checkout {
                 nodes: addrs
                     .values()
                     .map(|a| Client::new(format!("http://{}", a.api)))
                     .collect(),
+                patience: WAIT,
+                retried: Arc::default(),
             };
             let mut n = 0;
             while !stop.load(Ordering::SeqCst) {
@@ -420,7 +378,7 @@ async fn three_grow_to_five_and_shrink_to_three_without_the_leader_under_load() 
     // Every acknowledged hold is there, once; nothing else was held.
     let acked = acked.lock().unwrap().clone();
     assert!(acked.len() > 10, "{}", acked.len());
-    let c = Anywhere::of(&cluster);
+    let c = Checkout::of(&cluster);
     let ids: BTreeSet<&String> = acked.values().collect();
     assert_eq!(ids.len(), acked.len(), "one reservation per key");
     for id in &ids {

@@ -10,12 +10,15 @@ use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use loadtest::server::Launch;
+use reqwest::Method;
 use serde_json::{json, Value};
 
-use super::{ChildServer, Client};
+use super::{Answer, ChildServer, Client};
 
 /// How long any one wait may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(60);
@@ -308,5 +311,102 @@ impl Cluster {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// A checkout's client of the whole cluster: every node's address, tried in turn.
+#[derive(Clone)]
+pub struct Checkout {
+    pub nodes: Vec<Client>,
+    /// How long one try waits for its answer (a paused node never answers).
+    pub patience: Duration,
+    /// Tries repeated after a 503 or an error (whose outcome may have been a change).
+    pub retried: Arc<AtomicUsize>,
+}
+
+impl Checkout {
+    pub fn of(cluster: &Cluster) -> Checkout {
+        Checkout {
+            nodes: cluster.nodes.values().map(|n| n.client.clone()).collect(),
+            patience: WAIT,
+            retried: Arc::default(),
+        }
+    }
+
+    /// Sends until an answer that is not a 503 (a leader being elected, or one whose
+    /// epoch ended) nor a connection error (a node killed): on another node each time.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        key: Option<&str>,
+    ) -> Answer {
+        self.send_counted(method, path, body, key).await.0
+    }
+
+    /// `send`; also answers whether a try was repeated.
+    pub async fn send_counted(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        key: Option<&str>,
+    ) -> (Answer, bool) {
+        let deadline = Instant::now() + WAIT;
+        let body = body.map(Value::to_string);
+        let headers: Vec<(&str, &str)> = key.map(|k| ("idempotency-key", k)).into_iter().collect();
+        let mut last;
+        for turn in 0.. {
+            let node = &self.nodes[turn % self.nodes.len()];
+            let sent = node.send(method.clone(), path, body.as_deref(), &headers);
+            match tokio::time::timeout(self.patience, sent).await {
+                Ok(Ok(answer)) if answer.status != 503 => return (answer, turn > 0),
+                Ok(Ok(answer)) => last = format!("{answer:?}"),
+                Ok(Err(err)) => last = err.to_string(),
+                Err(_) => last = format!("no answer within {:?}", self.patience),
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{method} {path}: no answer but 503s and errors within {WAIT:?}; last: {last}"
+            );
+            self.retried.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        unreachable!()
+    }
+
+    /// Creates product `sku`. A create repeated after a 503 whose change was committed
+    /// meets its own product (409 `sku_exists`): the product must then be as asked.
+    pub async fn create(&self, sku: &str, on_hand: u64) {
+        let body = json!({"sku": sku, "name": sku, "on_hand": on_hand});
+        let (a, retried) = self
+            .send_counted(Method::POST, "/v1/products", Some(&body), None)
+            .await;
+        if retried && a.status == 409 && a.code() == "sku_exists" {
+            assert_eq!(self.product(sku).await["on_hand"], on_hand, "{a:?}");
+            return;
+        }
+        assert_eq!(a.status, 201, "{a:?}");
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        self.send(Method::GET, path, None, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Answer {
+        self.send(Method::POST, path, Some(&body), None).await
+    }
+
+    pub async fn reserve(&self, customer: &str, items: Value, key: &str) -> Answer {
+        let body = json!({"customer_id": customer, "items": items, "ttl_seconds": 600});
+        self.send(Method::POST, "/v1/reservations", Some(&body), Some(key))
+            .await
+    }
+
+    pub async fn product(&self, sku: &str) -> Value {
+        let a = self.get(&format!("/v1/products/{sku}")).await;
+        assert_eq!(a.status, 200, "{a:?}");
+        a.body
     }
 }
