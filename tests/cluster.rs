@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::cluster::{fits, free_port, leader_of, no_redirects, Cluster, KEY, WAIT};
+use common::cluster::{fits, free_ports, leader_of, no_redirects, Cluster, KEY, WAIT};
 use common::ChildServer;
 use loadtest::server::Launch;
 use serde_json::Value;
@@ -315,11 +315,12 @@ async fn one_node_of_three_has_no_leader_and_says_so() {
 
     // Started again with a --peers naming a fourth node: the stored membership stands,
     // and the difference is warned about.
+    let ports = free_ports(2);
     let peers = format!(
         "{},4=127.0.0.1:{}@127.0.0.1:{}",
         cluster.peers(),
-        free_port(),
-        free_port()
+        ports[0],
+        ports[1]
     );
     let launch = Launch::command(cluster.command_with(1, &peers))
         .capture_stderr()
@@ -485,12 +486,10 @@ fn peers_on_a_single_servers_data_directory_are_refused() {
     single.terminate();
     std::fs::write(dir.path().join("cluster.key"), KEY).unwrap();
     let key = dir.path().join("cluster.key");
+    let p = free_ports(4);
     let peers = format!(
         "1=127.0.0.1:{}@127.0.0.1:{},2=127.0.0.1:{}@127.0.0.1:{}",
-        free_port(),
-        free_port(),
-        free_port(),
-        free_port()
+        p[0], p[1], p[2], p[3]
     );
     let listen = peers[2..].split('@').next().unwrap().to_string();
     let stderr = refused_start(

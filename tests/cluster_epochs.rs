@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::cluster::{free_port, KEY, WAIT};
+use common::cluster::{free_ports, KEY, WAIT};
 use common::{Client, START_MS};
 use serde_json::json;
 use stockd::clock::{Clock, ManualClock};
@@ -46,10 +46,12 @@ impl Cluster {
 
     async fn try_start() -> Result<Cluster, String> {
         let dir = tempfile::tempdir().unwrap();
+        let mut ports = free_ports(6).into_iter();
+        let mut port = || ports.next().expect("a port per address");
         let addrs: BTreeMap<u64, (String, String)> = (1..=3)
             .map(|id| {
-                let api = format!("127.0.0.1:{}", free_port());
-                (id, (api, format!("127.0.0.1:{}", free_port())))
+                let api = format!("127.0.0.1:{}", port());
+                (id, (api, format!("127.0.0.1:{}", port())))
             })
             .collect();
         let peers: Vec<String> = addrs

@@ -32,10 +32,17 @@ const LOG_FILTER: &str = "warn,openraft::core::heartbeat=error,openraft::replica
 /// The nodes' ids: node 1, the lowest, initializes the cluster, so it starts first.
 pub const NODE_IDS: [u64; 3] = [1, 2, 3];
 
-fn free_port() -> Result<u16, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
+/// `n` different free loopback ports: all bound at once, then let go, so that no two are
+/// the same (ports bound and let go one at a time may come back twice).
+fn free_ports(n: usize) -> Result<Vec<u16>, String> {
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("no free loopback port: {e}"))?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("no free loopback port: {e}"))
 }
 
@@ -68,9 +75,11 @@ impl LocalCluster {
             let key_file = dir.path().join("cluster.key");
             write_private(&key_file, &format!("{key}\n"))?;
             let mut addrs = BTreeMap::new();
+            let mut ports = free_ports(2 * NODE_IDS.len())?.into_iter();
             for id in NODE_IDS {
-                let api = format!("127.0.0.1:{}", free_port()?);
-                let raft = format!("127.0.0.1:{}", free_port()?);
+                let mut port = || ports.next().ok_or("no free loopback port");
+                let api = format!("127.0.0.1:{}", port()?);
+                let raft = format!("127.0.0.1:{}", port()?);
                 addrs.insert(id, NodeAddrs { api, raft });
             }
             let mut cluster = LocalCluster {

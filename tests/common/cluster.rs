@@ -25,13 +25,16 @@ pub const WAIT: Duration = Duration::from_secs(60);
 
 pub const KEY: &str = "the-cluster-key-of-this-test-0123";
 
-/// A free port on loopback: bound, then let go (a start that finds it taken again is
-/// retried whole, `Cluster::start`).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+/// `n` different free ports on loopback: all bound at once, then let go, so that no two
+/// are the same (ports bound and let go one at a time may come back twice).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("a bound port").port())
+        .collect()
 }
 
 /// One node's addresses.
@@ -71,11 +74,13 @@ impl Cluster {
         for _ in 0..5 {
             let dir = tempfile::tempdir().expect("tempdir");
             std::fs::write(dir.path().join("cluster.key"), format!("{KEY}\n")).unwrap();
+            let mut ports = free_ports(2 * size as usize).into_iter();
+            let mut port = || ports.next().expect("a port per address");
             let addrs: BTreeMap<u64, Addrs> = (1..=size)
                 .map(|id| {
                     let addrs = Addrs {
-                        api: format!("127.0.0.1:{}", free_port()),
-                        raft: format!("127.0.0.1:{}", free_port()),
+                        api: format!("127.0.0.1:{}", port()),
+                        raft: format!("127.0.0.1:{}", port()),
                     };
                     (id, addrs)
                 })
