@@ -16,8 +16,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
-
 use crate::api::create_product;
 use crate::cluster::LocalCluster;
 use crate::driver::{run_phase_at, timed, PhaseStats, Sample};
@@ -33,16 +31,7 @@ type SampleFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Sampl
 
 fn flash_sender(client: &reqwest::Client, base: &str, sku: &str, connections: usize) -> Sender {
     let url = Arc::new(format!("{base}/v1/reservations"));
-    let bodies: Arc<Vec<Vec<u8>>> = Arc::new(
-        (0..connections)
-            .map(|w| {
-                let body = json!({"customer_id": format!("buyer-{w}"),
-                                  "items": [{"sku": sku, "quantity": 1}],
-                                  "ttl_seconds": 86400});
-                serde_json::to_vec(&body).expect("json")
-            })
-            .collect(),
-    );
+    let bodies = Arc::new(crate::scenarios::flash_sale_bodies(sku, connections));
     let client = client.clone();
     Arc::new(move |worker, _| {
         let (client, url, bodies) = (client.clone(), url.clone(), bodies.clone());

@@ -52,6 +52,21 @@ struct Clock {
 }
 
 impl Clock {
+    /// Nothing killed and nothing acknowledged yet, the load started at `started`.
+    fn new(started: Instant) -> Clock {
+        Clock {
+            started,
+            kill_ns: AtomicU64::new(u64::MAX),
+            killed: AtomicU64::new(0),
+            last_before: AtomicU64::new(0),
+            first_after: AtomicU64::new(u64::MAX),
+            acked_before: AtomicU64::new(0),
+            acked_after: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Clock {
     fn answered(&self, node: Option<u64>) {
         let at = self.started.elapsed().as_nanos() as u64;
         let killed = self.killed.load(Ordering::SeqCst);
@@ -193,14 +208,7 @@ async fn run(
             (id, format!("{base}/v1/reservations"), port.unwrap_or(0))
         })
         .collect();
-    let bodies = (0..opts.limits.connections)
-        .map(|w| {
-            let body = json!({"customer_id": format!("buyer-{w}"),
-                              "items": [{"sku": sku, "quantity": 1}],
-                              "ttl_seconds": 86400});
-            serde_json::to_vec(&body).expect("json")
-        })
-        .collect();
+    let bodies = crate::scenarios::flash_sale_bodies(&sku, opts.limits.connections);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
@@ -211,15 +219,7 @@ async fn run(
         nodes,
         bodies,
         prefix: format!("fo-{}-{}", std::process::id(), now.as_millis()),
-        clock: Clock {
-            started,
-            kill_ns: AtomicU64::new(u64::MAX),
-            killed: AtomicU64::new(0),
-            last_before: AtomicU64::new(0),
-            first_after: AtomicU64::new(u64::MAX),
-            acked_before: AtomicU64::new(0),
-            acked_after: AtomicU64::new(0),
-        },
+        clock: Clock::new(started),
         retries: AtomicU64::new(0),
         replayed: AtomicU64::new(0),
         ids: Mutex::new(Vec::new()),
@@ -457,15 +457,7 @@ mod tests {
     use super::*;
 
     fn clock() -> Clock {
-        Clock {
-            started: Instant::now(),
-            kill_ns: AtomicU64::new(u64::MAX),
-            killed: AtomicU64::new(0),
-            last_before: AtomicU64::new(0),
-            first_after: AtomicU64::new(u64::MAX),
-            acked_before: AtomicU64::new(0),
-            acked_after: AtomicU64::new(0),
-        }
+        Clock::new(Instant::now())
     }
 
     #[test]

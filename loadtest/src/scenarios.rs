@@ -177,6 +177,19 @@ pub async fn post_json_body(client: &reqwest::Client, url: &str, body: Vec<u8>) 
     Some(status)
 }
 
+/// The flash sale's request bodies, one per connection: a buyer of its own reserving one
+/// unit of `sku` for a day (the `flash-sale`, `cluster` and `failover` scenarios).
+pub(crate) fn flash_sale_bodies(sku: &str, connections: usize) -> Vec<Vec<u8>> {
+    (0..connections)
+        .map(|w| {
+            let body = json!({"customer_id": format!("buyer-{w}"),
+                              "items": [{"sku": sku, "quantity": 1}],
+                              "ttl_seconds": 86400});
+            serde_json::to_vec(&body).expect("json")
+        })
+        .collect()
+}
+
 async fn flash_sale(
     client: &reqwest::Client,
     base: &str,
@@ -187,16 +200,7 @@ async fn flash_sale(
     let sku = format!("FLASH-{}", std::process::id());
     create_product(client, base, &sku, opts.stock).await?;
     let url = Arc::new(format!("{base}/v1/reservations"));
-    let bodies: Arc<Vec<Vec<u8>>> = Arc::new(
-        (0..opts.limits.connections)
-            .map(|w| {
-                let body = json!({"customer_id": format!("buyer-{w}"),
-                                  "items": [{"sku": sku, "quantity": 1}],
-                                  "ttl_seconds": 86400});
-                serde_json::to_vec(&body).expect("json")
-            })
-            .collect(),
-    );
+    let bodies = Arc::new(flash_sale_bodies(&sku, opts.limits.connections));
     let load_client = client.clone();
     let send = move |worker: usize, _| {
         let (client, url, bodies) = (load_client.clone(), url.clone(), bodies.clone());
