@@ -28,12 +28,9 @@ use crate::storage::log::Log;
 
 const KEY: &str = "a-cluster-key-for-this-test";
 
-/// A damaged snapshot is refused (400) before the engine sees it: the engine keeps
-/// running, installs nothing, and the received file is gone.
-#[tokio::test]
-async fn a_snapshot_that_does_not_verify_is_refused_and_changes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let settings = Settings {
+/// The settings of node 1, alone in its `--peers`, its Raft listener on a free port.
+fn lone_node(join: bool) -> Settings {
+    Settings {
         node_id: 1,
         peers: [(
             1,
@@ -45,8 +42,16 @@ async fn a_snapshot_that_does_not_verify_is_refused_and_changes_nothing() {
         .into(),
         raft_listen: "127.0.0.1:0".parse().unwrap(),
         key: ClusterKey::new(KEY).unwrap(),
-        join: false,
-    };
+        join,
+    }
+}
+
+/// A damaged snapshot is refused (400) before the engine sees it: the engine keeps
+/// running, installs nothing, and the received file is gone.
+#[tokio::test]
+async fn a_snapshot_that_does_not_verify_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = lone_node(false);
     let log = Log::open(&dir.path().join("log")).unwrap();
     let (role, mut roles) = watch::channel(Role::Leaderless);
     let (node, writer) = ClusterNode::start(&settings, log, &dir.path().join("snapshots"), 0, role)
@@ -504,20 +509,7 @@ async fn a_snapshot_cut_off_mid_body_installs_nothing_and_leaves_no_file() {
 async fn a_joining_node_initializes_no_cluster_even_with_the_lowest_id() {
     for join in [false, true] {
         let dir = tempfile::tempdir().unwrap();
-        let settings = Settings {
-            node_id: 1,
-            peers: [(
-                1,
-                Peer {
-                    api: "127.0.0.1:1".into(),
-                    raft: "127.0.0.1:2".into(),
-                },
-            )]
-            .into(),
-            raft_listen: "127.0.0.1:0".parse().unwrap(),
-            key: ClusterKey::new(KEY).unwrap(),
-            join,
-        };
+        let settings = lone_node(join);
         let log = Log::open(&dir.path().join("log")).unwrap();
         let (role, _roles) = watch::channel(Role::Leaderless);
         let (node, writer) =
