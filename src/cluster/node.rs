@@ -264,11 +264,6 @@ impl ClusterNode {
         &self.changing
     }
 
-    /// This node's id.
-    pub fn id(&self) -> NodeId {
-        self.id
-    }
-
     /// The term this node leads in now (`None`: it does not lead, or its engine stopped).
     pub fn leading_term(&self) -> Option<u64> {
         let m = self.raft.metrics();

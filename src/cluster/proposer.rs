@@ -120,7 +120,6 @@ enum Complete {
 /// One epoch's proposals. Cheap to clone; every clone appends to the same epoch.
 #[derive(Clone)]
 pub struct Proposer {
-    epoch: Epoch,
     submit: mpsc::UnboundedSender<Submit>,
     poisoned: Arc<AtomicBool>,
     poison: watch::Receiver<Option<Failure>>,
@@ -161,7 +160,6 @@ impl Proposer {
         ));
         tokio::spawn(completer(epoch, completing, poisoned.clone(), poison_tx));
         Proposer {
-            epoch,
             submit,
             poisoned,
             poison,
@@ -209,11 +207,6 @@ impl Proposer {
             // A panicked submitter hands nothing over either.
             let _ = task.await;
         }
-    }
-
-    /// The epoch proposed in.
-    pub fn epoch(&self) -> Epoch {
-        self.epoch
     }
 
     /// Queues `record` as the epoch's next proposal; the ticket resolves once it is
