@@ -329,8 +329,11 @@ impl Iterator for Records {
                         }
                     }
                 }
-                let done = self.current.take();
-                self.service.run(Box::new(move || drop(done)));
+                if let Some(done) = self.current.take() {
+                    let (iter, segment) = *done;
+                    drop(iter);
+                    self.release(segment);
+                }
             }
             match self.open_next()? {
                 // (A segment truncated after it was opened is read all the same: its
@@ -372,13 +375,29 @@ fn batch_start(segment: &SegmentRef, from: u64) -> Result<u64, OpenError> {
     }
 }
 
+impl Records {
+    /// Lets go of a segment this stream is done with: a reader of Raft entries leaves it
+    /// open on the segment thread for a moment (the engine's next short read is likely to
+    /// want it: `Service::keep`); a reader of records (recovery, the snapshot worker, a
+    /// dump) reads each segment once, and closes it.
+    fn release(&self, segment: SegmentRef) {
+        match self.entries {
+            true => self.service.keep(segment),
+            false => self.service.close(segment),
+        }
+    }
+}
+
 impl Drop for Records {
     fn drop(&mut self) {
-        let current = self.current.take();
-        self.service.run(Box::new(move || drop(current)));
-        // An opening ahead holds a reference once it is done: closed after it.
+        if let Some(current) = self.current.take() {
+            let (iter, segment) = *current;
+            drop(iter);
+            self.release(segment);
+        }
+        // An opening ahead holds a reference once it is done: let go after it.
         if let Some(Ok(Ok(Some(segment)))) = self.opening.take().map(|o| o.recv()) {
-            self.service.close(segment);
+            self.release(segment);
         }
     }
 }

@@ -115,6 +115,8 @@ pub(super) struct Slot {
 pub(super) struct DirGuard {
     pub(super) open: Mutex<usize>,
     pub(super) closed: std::sync::Condvar,
+    /// Segment databases opened since the log was (what keeping them open saves).
+    pub(super) opened: AtomicU64,
 }
 
 impl DirGuard {
@@ -237,6 +239,58 @@ pub(super) struct Segments {
 
 pub(super) type ServiceJob = Box<dyn FnOnce() + Send>;
 
+/// How long a segment a reader of Raft entries is done with stays open on the segment
+/// thread (`Service::keep`). The engine reads the log in short ranges (a replay on
+/// start-up, a lagging follower's catch-up): without this, every one of them would open
+/// a sealed segment and close it again (~16 ms of sled's start-up and shut-down each).
+pub(super) const KEEP_OPEN: Duration = Duration::from_secs(1);
+/// Segments kept open that way at most (the newest kept; the active segment is open
+/// anyway, so two cover a read crossing from a sealed segment into it).
+pub(super) const KEEP_OPEN_MAX: usize = 2;
+
+/// What the segment thread is asked to do.
+enum Job {
+    Run(ServiceJob),
+    /// Keep this reference until `KEEP_OPEN` after the last time it was kept.
+    Keep(SegmentRef),
+    /// Drop the references kept of the segment starting at this sequence (`None`: all).
+    Forget(Option<u64>),
+}
+
+/// The segments the thread keeps open for readers, oldest first.
+#[derive(Default)]
+struct Kept(Vec<(SegmentRef, Instant)>);
+
+impl Kept {
+    fn keep(&mut self, segment: SegmentRef) {
+        // A truncated segment is deleted by its last user: not kept from it.
+        if segment.slot.state().removed {
+            return;
+        }
+        self.forget(Some(segment.first()));
+        self.0.push((segment, Instant::now() + KEEP_OPEN));
+        if self.0.len() > KEEP_OPEN_MAX {
+            self.0.remove(0);
+        }
+    }
+
+    fn forget(&mut self, first: Option<u64>) {
+        self.0
+            .retain(|(segment, _)| first.is_some_and(|first| segment.first() != first));
+    }
+
+    fn expire(&mut self) {
+        let now = Instant::now();
+        self.0.retain(|(_, until)| *until > now);
+    }
+
+    /// Until the next one expires.
+    fn next_expiry(&self) -> Option<Duration> {
+        let until = self.0.iter().map(|(_, until)| *until).min()?;
+        Some(until.saturating_duration_since(Instant::now()))
+    }
+}
+
 /// Opening a segment (~10 ms: sled reads its own log) and closing one (~6 ms) are done
 /// off the reader's and the writer's paths, on this one thread. It is started by whoever
 /// opens the log (start-up, in the normal scheduling class), not by a snapshot job: a
@@ -244,17 +298,32 @@ pub(super) type ServiceJob = Box<dyn FnOnce() + Send>;
 /// threads sled's shared pool starts from it (opening a segment hands its reads to that
 /// pool, starting threads as needed), which the writer's flushes also use. For the same
 /// reason it keeps the normal class: a nice-10 thread would lower those threads too.
+///
+/// It also keeps the segments readers of Raft entries were done with open a little longer
+/// (`keep`), so that the engine's consecutive short reads open a sealed segment once.
 #[derive(Clone)]
-pub(super) struct Service(mpsc::Sender<ServiceJob>);
+pub(super) struct Service(mpsc::Sender<Job>);
 
 impl Service {
     pub(super) fn start() -> Service {
-        let (tx, rx) = mpsc::channel::<ServiceJob>();
+        let (tx, rx) = mpsc::channel::<Job>();
         let started = thread::Builder::new()
             .name("stockd-log-segments".into())
             .spawn(move || {
-                for job in rx {
-                    job();
+                let mut kept = Kept::default();
+                loop {
+                    let job = match kept.next_expiry() {
+                        Some(wait) => rx.recv_timeout(wait),
+                        None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                    };
+                    match job {
+                        Ok(Job::Run(job)) => job(),
+                        Ok(Job::Keep(segment)) => kept.keep(segment),
+                        Ok(Job::Forget(first)) => kept.forget(first),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                    kept.expire();
                 }
             });
         if let Err(err) = started {
@@ -265,7 +334,7 @@ impl Service {
 
     /// Runs `job` on the service thread, or here if that is gone.
     pub(super) fn run(&self, job: ServiceJob) {
-        if let Err(mpsc::SendError(job)) = self.0.send(job) {
+        if let Err(mpsc::SendError(Job::Run(job))) = self.0.send(Job::Run(job)) {
             job();
         }
     }
@@ -286,6 +355,19 @@ impl Service {
     pub(super) fn close(&self, segment: SegmentRef) {
         self.run(Box::new(move || drop(segment)));
     }
+
+    /// Hands a reader's segment to the service thread, which keeps it open for
+    /// `KEEP_OPEN` (a reader opening it meanwhile shares it), then closes it.
+    pub(super) fn keep(&self, segment: SegmentRef) {
+        // With no thread, the reference is dropped here: closed now.
+        let _ = self.0.send(Job::Keep(segment));
+    }
+
+    /// Closes what the service thread keeps open of the segment starting at `first`
+    /// (`None`: every segment): a truncated segment, or the log shutting down.
+    pub(super) fn forget(&self, first: Option<u64>) {
+        let _ = self.0.send(Job::Forget(first));
+    }
 }
 
 impl Segments {
@@ -295,6 +377,7 @@ impl Segments {
         let guard = Arc::new(DirGuard {
             open: Mutex::new(0),
             closed: std::sync::Condvar::new(),
+            opened: AtomicU64::new(0),
         });
         let mut slots = BTreeMap::new();
         for entry in fs::read_dir(dir).map_err(io_err(dir))? {
@@ -388,6 +471,8 @@ impl Segments {
         slots.remove(&first);
         drop(slots);
         state.removed = true;
+        // Kept open for readers: deleted once the service thread lets go of it.
+        self.service.forget(Some(first));
         let result = synced.map_err(io_err(&self.dir));
         if state.users == 0 {
             fs::remove_dir_all(&trash).map_err(io_err(&trash))?;
@@ -440,6 +525,7 @@ pub(super) fn open_segment(slot: &Arc<Slot>) -> Result<Option<SegmentRef>, OpenE
     if state.db.is_none() {
         state.db = Some(open_sled(&slot.path)?);
         slot.guard.count(1);
+        slot.guard.opened.fetch_add(1, Ordering::Relaxed);
     }
     state.users += 1;
     Ok(Some(SegmentRef {

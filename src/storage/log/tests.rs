@@ -1821,3 +1821,67 @@ fn restart_numbers_the_next_entries_past_a_purge_beyond_the_end() {
     runtime.block_on(handle.shutdown()).unwrap();
     join.join().unwrap();
 }
+
+/// A reader of Raft entries leaves the segments it read open on the segment thread for a
+/// moment: the engine's consecutive short reads (a replay, a follower's catch-up) open a
+/// sealed segment once, not once per read. A truncation still deletes such a segment, and
+/// the writer's shutdown closes them.
+#[test]
+fn short_reads_of_entries_open_a_sealed_segment_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let log = Log::open(&dir).unwrap().with_segment_records(10);
+    let reader = log.reader();
+    let (handle, join) = log.start_writer(1).unwrap();
+    assert_eq!(append_entries_now(&handle, 1..=25, 2), Ok(25));
+    let opened = || {
+        let opened = &reader.segments.guard.opened;
+        opened.load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = opened();
+    // 16 reads of two entries each from the sealed segments 1 and 11 (each read opens
+    // the segment after its own ahead as well): 32 opens if every read closed them.
+    for after in 0..16 {
+        let read: Vec<u64> = reader
+            .entries_after(after)
+            .take(2)
+            .map(|e| e.unwrap().pos.seq)
+            .collect();
+        assert_eq!(read, vec![after + 1, after + 2]);
+    }
+    let opens = opened() - before;
+    assert!(
+        opens <= 8,
+        "{opens} opens of sealed segments for 16 short reads"
+    );
+
+    // Segment 1 is open (kept), and truncated: its directory goes all the same.
+    assert_eq!(reader.truncate_through(10).unwrap(), 10);
+    let leftovers = || {
+        fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with(TRASH_PREFIX) || name == &segment_dir_name(1))
+            .collect::<Vec<_>>()
+    };
+    wait_until(|| leftovers().is_empty());
+    assert_eq!(leftovers(), Vec::<String>::new());
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(handle.shutdown()).unwrap();
+    join.join().unwrap();
+    assert!(
+        reader.segments.guard.wait_closed(Duration::ZERO),
+        "a segment is still open after the writer's shutdown"
+    );
+    drop(reader);
+    let read: Vec<u64> = Log::open(&dir)
+        .unwrap()
+        .reader()
+        .entries_after(10)
+        .map(|e| e.unwrap().pos.seq)
+        .collect();
+    assert_eq!(read, (11..=25).collect::<Vec<_>>());
+}

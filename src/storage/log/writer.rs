@@ -870,6 +870,7 @@ impl Writer {
         // Closed before the answer: when shutdown returns, the log is closed (segments
         // being closed on the segment thread included; readers are stopped before).
         drop(self.current.take());
+        self.segments.service.forget(None);
         if !self.segments.guard.wait_closed(Duration::from_secs(30)) {
             tracing::warn!("log segments still open 30 s after the writer stopped");
         }
