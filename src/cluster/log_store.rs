@@ -231,6 +231,16 @@ impl ClusterLog {
         }
     }
 
+    /// A reader of the log (start-up's recovery, the snapshot worker's feed).
+    pub fn reader(&self) -> &LogReader {
+        &self.shared.reader
+    }
+
+    /// The sequence of the last entry this node knows to be committed (0: none).
+    pub fn committed_seq(&self) -> u64 {
+        self.tail().committed.map_or(0, |id| pos_of(&id).seq)
+    }
+
     /// The log's writer (its shutdown, its durable sequence, its test hooks).
     pub fn handle(&self) -> &LogHandle {
         &self.shared.handle

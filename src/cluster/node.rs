@@ -21,6 +21,7 @@ use super::state_machine::StockSm;
 use super::types::{StockdNode, Tc};
 use super::{Member, NodeId, Role, Status};
 use crate::storage::log::{Log, LogHandle, OpenError};
+use crate::storage::recovery;
 
 /// The engine, over stockd's log and state machine.
 pub type Raft = openraft::Raft<Tc, StockSm>;
@@ -129,7 +130,28 @@ impl ClusterNode {
             Ok(config) => config,
             Err(err) => return Err(fail(&log, err)),
         };
-        let sm = StockSm::new(snapshot_dir);
+        // The newest snapshot and the log through the committed mark, with stockd's own
+        // two-thread recovery (the engine would replay the log in short reads, an entry
+        // at a time through its apply loop).
+        let recovered = {
+            let (reader, dir) = (log.reader().clone(), snapshot_dir.to_path_buf());
+            let committed = log.committed_seq();
+            tokio::task::spawn_blocking(move || recovery::recover_entries(&reader, &dir, committed))
+                .await
+        };
+        let recovered = match recovered {
+            Ok(Ok(recovered)) => recovered,
+            Ok(Err(err)) => return Err(fail(&log, format!("cannot recover: {err}"))),
+            Err(err) => return Err(fail(&log, format!("cannot recover: {err}"))),
+        };
+        tracing::info!(
+            snapshot = recovered.snapshot.as_ref().map_or(0, |s| s.seq),
+            entries = recovered.records,
+            applied_seq = recovered.last_seq,
+            replay_ms = recovered.replay.as_millis() as u64,
+            "recovered the committed state"
+        );
+        let sm = StockSm::recovered(snapshot_dir, recovered.state);
         let net = ClusterNet::new(settings.key.clone(), ids.clone());
         let raft = match Raft::new(settings.node_id, config, net, log.clone(), sm).await {
             Ok(raft) => raft,

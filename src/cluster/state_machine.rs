@@ -15,9 +15,10 @@
 //! current snapshot, and a build keeps the newest two (`SNAPSHOTS_KEPT`). Building on the
 //! snapshot worker (no copy of the state on the server) is still to come.
 //!
-//! A start-up state machine is empty: the engine installs the newest snapshot, then
-//! re-applies the log up to the committed mark (`ClusterLog::read_committed`); stockd's
-//! own two-thread recovery would be faster, and is still to come.
+//! At start-up the node recovers the state itself, with stockd's two-thread recovery
+//! (`recovery::recover_entries`: the newest snapshot that verifies, then the log's entries
+//! through the committed mark), and hands it over (`StockSm::recovered`); the engine
+//! applies only what is committed after that.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -58,6 +59,15 @@ impl StockSm {
     pub fn new(snapshots: &Path) -> StockSm {
         StockSm {
             state: State::default(),
+            snapshots: snapshots.to_path_buf(),
+        }
+    }
+
+    /// A state machine that starts from `state`, recovered from this node's snapshot
+    /// and log (`recovery::recover_entries`): the engine applies only what follows it.
+    pub fn recovered(snapshots: &Path, state: State) -> StockSm {
+        StockSm {
+            state,
             snapshots: snapshots.to_path_buf(),
         }
     }
