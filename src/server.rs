@@ -446,6 +446,7 @@ async fn start_cluster(
         log,
         &config.snapshot_dir,
         config.snapshots.every_records,
+        config.snapshot_worker.clone(),
         role_tx,
     )
     .await

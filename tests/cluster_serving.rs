@@ -126,9 +126,11 @@ async fn the_leader_serves_the_reservation_paths_through_any_node() {
     assert_eq!(a.status, 200, "{a:?}");
     assert_eq!(figures(&c.product("A").await), (13, 0, 2));
 
-    // An operator's snapshot is the leader engine's: taken, then found current.
+    // An operator's snapshot is the leader engine's: taken (by the snapshot worker, from
+    // the log), then found current.
     let taken = c.post("/v1/admin/snapshot", json!({})).await;
     assert_eq!(taken.status, 201, "{taken:?}");
+    assert_eq!(taken.body["worker"], json!(true), "{taken:?}");
     let sequence = taken.body["sequence"].as_u64().unwrap();
     assert!(
         sequence > 0 && taken.body["size_bytes"].as_u64() > Some(0),

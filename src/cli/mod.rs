@@ -77,6 +77,9 @@ struct WorkerArgs {
     now: i64,
     #[arg(long)]
     pause_before_rename_ms: Option<u64>,
+    /// A cluster node's log: Raft entries are sent, not records.
+    #[arg(long)]
+    entries: bool,
     /// The server process that started this worker (it dies with it).
     #[arg(long)]
     parent_pid: Option<u32>,

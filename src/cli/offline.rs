@@ -173,6 +173,7 @@ pub(super) fn snapshot_worker(args: WorkerArgs) -> ExitCode {
         truncated_through: args.truncated_through,
         now: args.now,
         pause_before_rename: args.pause_before_rename_ms.map(Duration::from_millis),
+        entries: args.entries,
     };
     match crate::storage::snapshot_worker::run(&job, std::io::stdin(), std::io::stdout().lock()) {
         Ok(_) => ExitCode::SUCCESS,

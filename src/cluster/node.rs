@@ -4,7 +4,7 @@
 //! (docs/REPLICATION.md, step 4 of the plan).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use openraft::async_runtime::WatchReceiver;
@@ -17,7 +17,7 @@ use super::cluster_id::ClusterId;
 use super::log_store::{seq_of, ClusterLog};
 use super::net::ClusterNet;
 use super::settings::Settings;
-use super::state_machine::StockSm;
+use super::state_machine::{SnapshotSource, StockSm};
 use super::types::{StockdNode, Tc};
 use super::{Member, NodeId, Role, Status};
 use crate::storage::log::{Log, LogHandle, OpenError};
@@ -96,17 +96,21 @@ pub struct ClusterNode {
     initializing: Option<JoinHandle<()>>,
     /// Held while a membership change runs (`membership`): one at a time.
     changing: tokio::sync::Mutex<()>,
+    /// The last snapshot the state machine built (`snapshot` reports it).
+    last_built: Arc<std::sync::Mutex<Option<(crate::storage::snapshot_worker::Built, bool)>>>,
 }
 
 impl ClusterNode {
     /// Starts the engine on `log` (a cluster node's, or a new one), its snapshots in
-    /// `snapshot_dir`; publishes its role on `role`. Returns the node and its log writer's
+    /// `snapshot_dir` (built by `snapshot_worker`, the `stockd` binary, or in this process
+    /// if `None`); publishes its role on `role`. Returns the node and its log writer's
     /// thread.
     pub async fn start(
         settings: &Settings,
         log: Log,
         snapshot_dir: &Path,
         snapshot_every_records: u64,
+        snapshot_worker: Option<PathBuf>,
         role: watch::Sender<Role>,
     ) -> Result<(ClusterNode, std::thread::JoinHandle<()>), NodeError> {
         let ids = ClusterId::load(log.dir())
@@ -151,7 +155,14 @@ impl ClusterNode {
             replay_ms = recovered.replay.as_millis() as u64,
             "recovered the committed state"
         );
-        let sm = StockSm::recovered(snapshot_dir, recovered.state);
+        let source = SnapshotSource {
+            reader: log.reader().clone(),
+            writer: log.handle().clone(),
+            program: snapshot_worker,
+            last_built: Arc::default(),
+        };
+        let last_built = source.last_built.clone();
+        let sm = StockSm::recovered(snapshot_dir, recovered.state, source);
         let net = ClusterNet::new(settings.key.clone(), ids.clone());
         let raft = match Raft::new(settings.node_id, config, net, log.clone(), sm).await {
             Ok(raft) => raft,
@@ -174,6 +185,7 @@ impl ClusterNode {
             ids,
             initializing: None,
             changing: tokio::sync::Mutex::new(()),
+            last_built,
         };
         match node.initialize(settings).await {
             Ok(None) => {}
@@ -427,6 +439,17 @@ impl ClusterNode {
             .as_ref()
             .map_or(0, |id| seq_of(id.index));
         let elapsed_ms = started.elapsed().as_millis() as u64;
+        // How it was built, if this node built it (not if it installed the leader's).
+        let built = match &*self.last_built.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some((built, worker)) if created && built.sequence == sequence => {
+                Some((built.clone(), *worker))
+            }
+            _ => None,
+        };
+        let (build_ms, write_ms, worker) =
+            built.as_ref().map_or((elapsed_ms, 0, false), |(b, w)| {
+                (b.build_ms, b.write_ms, *w)
+            });
         Ok(crate::storage::snapshotter::Taken {
             sequence,
             file: path
@@ -443,9 +466,9 @@ impl ClusterNode {
             // The engine purges its log on its own schedule, a snapshot interval behind.
             log_records_dropped: 0,
             elapsed_ms,
-            build_ms: elapsed_ms,
-            write_ms: 0,
-            worker: false,
+            build_ms,
+            write_ms,
+            worker,
         })
     }
 

@@ -22,14 +22,18 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use futures_util::{Stream, StreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{OptionalSend, RaftSnapshotBuilder};
 
 use crate::clock::{Clock, SystemClock};
+use crate::storage::entry::RaftMeta;
 use crate::storage::fold::{self, State};
+use crate::storage::log::{LogHandle, LogReader};
 use crate::storage::snapshot::{self, WriteHooks};
+use crate::storage::{recovery, snapshot_worker};
 
 use super::types::{
     fold_entry_of, log_id_of, stored_membership_of, LogId, RaftStoredMembership, Tc,
@@ -52,6 +56,22 @@ fn other(err: impl std::fmt::Display) -> io::Error {
 pub struct StockSm {
     state: State,
     snapshots: PathBuf,
+    /// The node's log, which snapshots are built from (`None`: from a copy of the state).
+    log: Option<SnapshotSource>,
+}
+
+/// Where a node's snapshots are built from: its log, read by the snapshot worker
+/// (`program`, the `stockd` binary), or in this process if there is none or it cannot be
+/// started.
+#[derive(Clone)]
+pub struct SnapshotSource {
+    pub reader: LogReader,
+    /// The log's writer: a build waits until what it reads is written.
+    pub writer: LogHandle,
+    pub program: Option<PathBuf>,
+    /// The last snapshot built, and whether the worker built it (what
+    /// `POST /v1/admin/snapshot` reports).
+    pub last_built: Arc<Mutex<Option<(snapshot_worker::Built, bool)>>>,
 }
 
 impl StockSm {
@@ -60,15 +80,18 @@ impl StockSm {
         StockSm {
             state: State::default(),
             snapshots: snapshots.to_path_buf(),
+            log: None,
         }
     }
 
     /// A state machine that starts from `state`, recovered from this node's snapshot
     /// and log (`recovery::recover_entries`): the engine applies only what follows it.
-    pub fn recovered(snapshots: &Path, state: State) -> StockSm {
+    /// Its snapshots are built from `log`.
+    pub fn recovered(snapshots: &Path, state: State, log: SnapshotSource) -> StockSm {
         StockSm {
             state,
             snapshots: snapshots.to_path_buf(),
+            log: Some(log),
         }
     }
 
@@ -135,26 +158,116 @@ fn write_snapshot(dir: &Path, state: &State) -> io::Result<PathBuf> {
     Ok(info.path)
 }
 
-/// Builds one snapshot from the copy of the state it was made with.
+/// Builds one snapshot: of the state after the last entry applied when it was made.
 pub struct SnapshotJob {
-    state: State,
+    from: Build,
     snapshots: PathBuf,
+}
+
+enum Build {
+    /// A copy of the state (a state machine without a log: the engine's storage suite).
+    Copy(State),
+    /// The snapshot worker folds the log through the entry `meta` says was applied onto
+    /// the newest snapshot before it (no copy of the state in the server), and must reach
+    /// exactly `meta`.
+    Log {
+        source: SnapshotSource,
+        meta: RaftMeta,
+    },
+}
+
+impl SnapshotJob {
+    /// Builds the snapshot (blocking); returns its metadata and file.
+    fn build(from: Build, dir: &Path) -> io::Result<(SnapshotMeta, PathBuf)> {
+        let (meta, path) = match from {
+            Build::Copy(state) => (meta_of(&state)?, write_snapshot(dir, &state)?),
+            Build::Log { source, meta } => {
+                let path = build_from_log(&source, &meta, dir)?;
+                let state = State {
+                    raft: Some(meta),
+                    ..State::default()
+                };
+                (meta_of(&state)?, path)
+            }
+        };
+        snapshot::prune(dir, SNAPSHOTS_KEPT)?;
+        Ok((meta, path))
+    }
+}
+
+/// Builds the snapshot of the state after the entry `meta` says was applied, from the log
+/// and the newest snapshot before it: in the snapshot worker, or here if there is none.
+fn build_from_log(source: &SnapshotSource, meta: &RaftMeta, dir: &Path) -> io::Result<PathBuf> {
+    let started = std::time::Instant::now();
+    let upto = meta.last_applied.map_or(0, |pos| pos.seq);
+    let reader = &source.reader;
+    let job = snapshot_worker::Job {
+        snapshot_dir: dir.to_path_buf(),
+        upto,
+        truncated_through: reader.purged().map_err(other)?.map_or(0, |mark| mark.seq),
+        now: SystemClock.now_ms(),
+        pause_before_rename: None,
+        entries: true,
+    };
+    let mut built = None;
+    if let Some(program) = &source.program {
+        match snapshot_worker::build(program, reader, &job) {
+            Ok(done) => built = Some((done, true)),
+            Err(err @ snapshot_worker::WorkerError::Spawn { .. }) => {
+                tracing::warn!(error = %err, "building the snapshot in the server instead");
+            }
+            Err(err) => return Err(other(err)),
+        }
+    }
+    let (built, worker) = match built {
+        Some(built) => built,
+        None => {
+            let recovered = recovery::recover_entries_at(reader, dir, upto).map_err(other)?;
+            let built = snapshot_worker::write(&job, recovered, started).map_err(other)?;
+            (built, false)
+        }
+    };
+    for skipped in &built.skipped {
+        tracing::warn!(reason = %skipped, "skipped a snapshot that does not verify");
+    }
+    if built.raft.as_ref() != Some(meta) {
+        return Err(other(format!(
+            "the snapshot built at {upto} holds {:?}, not what was applied ({meta:?})",
+            built.raft
+        )));
+    }
+    let mut last = source.last_built.lock().unwrap_or_else(|e| e.into_inner());
+    *last = Some((built.clone(), worker));
+    drop(last);
+    tracing::info!(
+        sequence = built.sequence,
+        entries_folded = built.records_folded,
+        size_bytes = built.size_bytes,
+        build_ms = built.build_ms,
+        write_ms = built.write_ms,
+        worker,
+        "snapshot built"
+    );
+    Ok(dir.join(snapshot::file_name(upto)))
 }
 
 impl RaftSnapshotBuilder<Tc> for SnapshotJob {
     type SnapshotData = SnapshotFile;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let state = std::mem::take(&mut self.state);
+        let from = std::mem::replace(&mut self.from, Build::Copy(State::default()));
+        // An entry is applied once a majority has it, which need not include this node's
+        // disk yet: the worker reads the log from disk, so it waits for it.
+        if let Build::Log { source, meta } = &from {
+            let upto = meta.last_applied.map_or(0, |pos| pos.seq);
+            if source.writer.durable_seq() < upto {
+                source.writer.barrier().durable().await.map_err(other)?;
+            }
+        }
         let dir = self.snapshots.clone();
-        let (meta, path) = tokio::task::spawn_blocking(move || -> io::Result<_> {
-            let meta = meta_of(&state)?;
-            let path = write_snapshot(&dir, &state)?;
-            snapshot::prune(&dir, SNAPSHOTS_KEPT)?;
-            Ok((meta, path))
-        })
-        .await
-        .map_err(other)??;
+        let (meta, path) = tokio::task::spawn_blocking(move || SnapshotJob::build(from, &dir))
+            .await
+            .map_err(other)??;
         Ok(Snapshot {
             meta,
             snapshot: SnapshotFile { path },
@@ -190,8 +303,15 @@ impl RaftStateMachine<Tc> for StockSm {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        let from = match (&self.log, &self.state.raft) {
+            (Some(source), Some(meta)) => Build::Log {
+                source: source.clone(),
+                meta: meta.clone(),
+            },
+            _ => Build::Copy(self.state.clone()),
+        };
         SnapshotJob {
-            state: self.state.clone(),
+            from,
             snapshots: self.snapshots.clone(),
         }
     }

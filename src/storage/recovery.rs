@@ -134,15 +134,36 @@ pub fn recover_entries(
     snapshot_dir: &Path,
     committed: u64,
 ) -> Result<Recovered, RecoveryError> {
+    entries_onto_snapshot(reader, snapshot_dir, u64::MAX, committed)
+}
+
+/// A cluster node's state after entry `upto` exactly (a snapshot built without the
+/// snapshot worker): the newest snapshot at or before it, and the entries after that.
+pub fn recover_entries_at(
+    reader: &LogReader,
+    snapshot_dir: &Path,
+    upto: u64,
+) -> Result<Recovered, RecoveryError> {
+    entries_onto_snapshot(reader, snapshot_dir, upto, upto)
+}
+
+/// The newest snapshot at or before `base_upto` that verifies, then the entries after it
+/// through `upto` (none if the snapshot is at or past it).
+fn entries_onto_snapshot(
+    reader: &LogReader,
+    snapshot_dir: &Path,
+    base_upto: u64,
+    upto: u64,
+) -> Result<Recovered, RecoveryError> {
     let purged = reader.purged()?.map_or(0, |mark| mark.seq);
     let snapshots = list_snapshots(snapshot_dir)?;
-    let base = base_from(snapshots, u64::MAX, purged)?;
+    let base = base_from(snapshots, base_upto, purged)?;
     let after = base.snapshot.as_ref().map_or(0, |s| s.seq);
     if base.snapshot.is_some() && base.state.raft.is_none() {
         return Err(RecoveryError::NotReplicated { seq: after });
     }
     let started = std::time::Instant::now();
-    if committed <= after {
+    if upto <= after {
         let folded = (base.state, 0, after);
         return finish(
             base.snapshot,
@@ -152,14 +173,8 @@ pub fn recover_entries(
             started.elapsed(),
         );
     }
-    let folded = fold_entries(reader.entries_after(after), base.state, after, committed)?;
-    finish(
-        base.snapshot,
-        base.skipped,
-        folded,
-        committed,
-        started.elapsed(),
-    )
+    let folded = fold_entries(reader.entries_after(after), base.state, after, upto)?;
+    finish(base.snapshot, base.skipped, folded, upto, started.elapsed())
 }
 
 /// The state a fold starts from: the newest snapshot at or before `upto` that verifies

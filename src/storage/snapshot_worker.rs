@@ -33,7 +33,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Millis;
-use crate::storage::log::{LogReader, OpenError};
+use crate::storage::entry::{decode_entry, Entry, RaftMeta};
+use crate::storage::log::{LogReader, OpenError, RawEntry};
 use crate::storage::record::Record;
 use crate::storage::recovery;
 use crate::storage::snapshot::{self, WriteHooks};
@@ -53,6 +54,9 @@ pub struct Job {
     pub truncated_through: u64,
     pub now: Millis,
     pub pause_before_rename: Option<Duration>,
+    /// A cluster node's snapshot: the log holds Raft entries, sent as entry frames and
+    /// folded with `fold::apply_entry` (`recovery::fold_entries`).
+    pub entries: bool,
 }
 
 impl Job {
@@ -69,6 +73,9 @@ impl Job {
         ];
         if let Some(pause) = self.pause_before_rename {
             args.push(format!("--pause-before-rename-ms={}", pause.as_millis()).into());
+        }
+        if self.entries {
+            args.push("--entries".into());
         }
         args
     }
@@ -89,6 +96,10 @@ pub struct Built {
     pub skipped: Vec<String>,
     pub build_ms: u64,
     pub write_ms: u64,
+    /// A cluster node's snapshot: the Raft metadata of the state it holds (the node checks
+    /// it is what its state machine had applied when it asked).
+    #[serde(default)]
+    pub raft: Option<RaftMeta>,
 }
 
 /// Why the server could not build a snapshot in a worker.
@@ -121,12 +132,17 @@ pub fn run(
     let started = Instant::now();
     let base = recovery::base_snapshot(&job.snapshot_dir, job.upto, job.truncated_through)?;
     let after = base.snapshot.as_ref().map_or(0, |s| s.seq);
+    if job.entries && base.snapshot.is_some() && base.state.raft.is_none() {
+        return Err(recovery::RecoveryError::NotReplicated { seq: after }.into());
+    }
     answer(&mut output, &BaseLine { base: after })?;
     let frames = Frames {
         input: BufReader::with_capacity(1 << 20, input),
-        failed: false,
     };
-    let folded = recovery::fold_stream(frames, base.state, after, job.upto)?;
+    let folded = match job.entries {
+        true => recovery::fold_entries(frames.entries(), base.state, after, job.upto)?,
+        false => recovery::fold_stream(frames.records(), base.state, after, job.upto)?,
+    };
     let recovered = recovery::finish(
         base.snapshot,
         base.skipped,
@@ -176,55 +192,100 @@ pub fn write(
         skipped: recovered.skipped,
         build_ms: built.as_millis() as u64,
         write_ms: (started.elapsed() - built).as_millis() as u64,
+        raft: recovered.state.raft,
     })
 }
 
-/// The records the server sends, decoded and verified.
+/// What the server sends: frames of records or of Raft entries, decoded and verified.
 struct Frames<R> {
     input: BufReader<R>,
-    failed: bool,
 }
 
-impl<R: Read> Frames<R> {
-    fn read_frame(&mut self) -> io::Result<Option<(u64, Vec<u8>)>> {
-        let mut header = [0u8; 12];
-        // The end of the stream is only allowed between frames.
+impl<R: Read + Send> Frames<R> {
+    /// Fills `header`; false at the end of the stream (only allowed between frames).
+    fn header(&mut self, header: &mut [u8]) -> io::Result<bool> {
         if self.input.fill_buf()?.is_empty() {
-            return Ok(None);
+            return Ok(false);
         }
-        self.input.read_exact(&mut header)?;
-        let seq = u64::from_be_bytes(header[..8].try_into().expect("8 bytes"));
-        let len = u32::from_be_bytes(header[8..].try_into().expect("4 bytes")) as usize;
+        self.input.read_exact(header)?;
+        Ok(true)
+    }
+
+    /// The `len` bytes after a header (`seq` names the frame in an error).
+    fn body(&mut self, seq: u64, len: [u8; 4]) -> io::Result<Vec<u8>> {
+        let len = u32::from_be_bytes(len) as usize;
         if len > FRAME_BYTES_MAX {
             return Err(io::Error::other(format!(
-                "record {seq} is said to be {len} bytes long"
+                "frame {seq} is said to be {len} bytes long"
             )));
         }
         let mut bytes = vec![0; len];
         self.input.read_exact(&mut bytes)?;
-        Ok(Some((seq, bytes)))
+        Ok(bytes)
+    }
+
+    /// `[seq u64 BE][len u32 BE][record bytes]`
+    fn read_record(&mut self) -> Result<Option<(u64, Record)>, OpenError> {
+        let mut header = [0u8; 12];
+        if !self.header(&mut header).map_err(pipe_err)? {
+            return Ok(None);
+        }
+        let seq = u64::from_be_bytes(header[..8].try_into().expect("8 bytes"));
+        let bytes = self
+            .body(seq, header[8..].try_into().expect("4 bytes"))
+            .map_err(pipe_err)?;
+        crate::storage::log::decode_at(seq, &bytes).map(|record| Some((seq, record)))
+    }
+
+    /// `[seq u64 BE][term u64 BE][crc u32 BE][len u32 BE][payload]`
+    fn read_entry(&mut self) -> Result<Option<Entry>, OpenError> {
+        let mut header = [0u8; 24];
+        if !self.header(&mut header).map_err(pipe_err)? {
+            return Ok(None);
+        }
+        let seq = u64::from_be_bytes(header[..8].try_into().expect("8 bytes"));
+        let term = u64::from_be_bytes(header[8..16].try_into().expect("8 bytes"));
+        let crc = u32::from_be_bytes(header[16..20].try_into().expect("4 bytes"));
+        let payload = self
+            .body(seq, header[20..].try_into().expect("4 bytes"))
+            .map_err(pipe_err)?;
+        decode_entry(seq, term, &payload, crc)
+            .map(Some)
+            .map_err(|source| OpenError::Damaged { seq, source })
+    }
+
+    fn records(self) -> impl Iterator<Item = Result<(u64, Record), OpenError>> + Send {
+        self.until_error(Frames::read_record)
+    }
+
+    fn entries(self) -> impl Iterator<Item = Result<Entry, OpenError>> + Send {
+        self.until_error(Frames::read_entry)
+    }
+
+    /// The items `read` returns, until the end of the stream or the first error.
+    fn until_error<T>(
+        mut self,
+        read: fn(&mut Self) -> Result<Option<T>, OpenError>,
+    ) -> impl Iterator<Item = Result<T, OpenError>> + Send
+    where
+        T: Send,
+    {
+        let mut failed = false;
+        std::iter::from_fn(move || {
+            if failed {
+                return None;
+            }
+            let item = read(&mut self).transpose()?;
+            failed = item.is_err();
+            Some(item)
+        })
     }
 }
 
-impl<R: Read> Iterator for Frames<R> {
-    type Item = Result<(u64, Record), OpenError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.failed {
-            return None;
-        }
-        let item = match self.read_frame() {
-            Ok(None) => return None,
-            Ok(Some((seq, bytes))) => {
-                crate::storage::log::decode_at(seq, &bytes).map(|record| (seq, record))
-            }
-            Err(source) => Err(OpenError::Io {
-                path: "the server's pipe".to_string(),
-                source,
-            }),
-        };
-        self.failed = item.is_err();
-        Some(item)
+fn pipe_err(source: io::Error) -> OpenError {
+    OpenError::Io {
+        path: "the server's pipe".to_string(),
+        source,
     }
 }
 
@@ -270,6 +331,19 @@ fn write_frame(out: &mut impl Write, seq: u64, bytes: &[u8]) -> Result<(), Strin
         .and_then(|()| out.write_all(&len.to_be_bytes()))
         .and_then(|()| out.write_all(bytes))
         .map_err(|e| format!("sending log record {seq}: {e}"))
+}
+
+/// Writes one entry frame: `[seq u64 BE][term u64 BE][crc u32 BE][len u32 BE][payload]`.
+fn write_entry_frame(out: &mut impl Write, entry: &RawEntry) -> Result<(), String> {
+    let seq = entry.seq;
+    let len = u32::try_from(entry.payload.len())
+        .map_err(|_| format!("log entry {seq} is too large to send"))?;
+    out.write_all(&seq.to_be_bytes())
+        .and_then(|()| out.write_all(&entry.term.to_be_bytes()))
+        .and_then(|()| out.write_all(&entry.crc.to_be_bytes()))
+        .and_then(|()| out.write_all(&len.to_be_bytes()))
+        .and_then(|()| out.write_all(&entry.payload))
+        .map_err(|e| format!("sending log entry {seq}: {e}"))
 }
 
 /// The server's side: builds the snapshot after `job.upto` in a child running `program`,
@@ -335,6 +409,22 @@ pub fn build(program: &Path, reader: &LogReader, job: &Job) -> Result<Built, Wor
     }
 }
 
+/// What of the log to send the worker: `item` (`None`: past `upto`, the end of it).
+/// Damaged batch framing past `upto` is not this job's to report (the records and entries
+/// themselves are verified by the worker).
+fn to_send<T>(
+    item: Result<T, OpenError>,
+    seq: impl Fn(&T) -> u64,
+    upto: u64,
+) -> Result<Option<T>, Exchange> {
+    match item {
+        Ok(item) if seq(&item) <= upto => Ok(Some(item)),
+        Ok(_) => Ok(None),
+        Err(OpenError::Damaged { seq, .. }) if seq > upto => Ok(None),
+        Err(err) => Err(Exchange::Log(err)),
+    }
+}
+
 /// Why an exchange with the child ended early.
 enum Exchange {
     /// Reading the log on this side failed.
@@ -367,18 +457,20 @@ fn exchange(
     let base: BaseLine = serde_json::from_str(&next_line("base")?)
         .map_err(|e| format!("its base is not understood: {e}"))?;
     let mut input = BufWriter::with_capacity(1 << 20, stdin);
-    for item in reader.raw_records_after(base.base) {
-        let (seq, bytes) = match item {
-            Ok(record) => record,
-            // Damaged batch framing past `upto` is not this job's to report (the records
-            // themselves are verified by the worker).
-            Err(OpenError::Damaged { seq, .. }) if seq > job.upto => break,
-            Err(err) => return Err(Exchange::Log(err)),
-        };
-        if seq > job.upto {
-            break;
+    if job.entries {
+        for item in reader.raw_entries_after(base.base) {
+            let Some(entry) = to_send(item, |entry| entry.seq, job.upto)? else {
+                break;
+            };
+            write_entry_frame(&mut input, &entry)?;
         }
-        write_frame(&mut input, seq, &bytes)?;
+    } else {
+        for item in reader.raw_records_after(base.base) {
+            let Some((seq, bytes)) = to_send(item, |(seq, _)| *seq, job.upto)? else {
+                break;
+            };
+            write_frame(&mut input, seq, &bytes)?;
+        }
     }
     input
         .flush()
@@ -454,7 +546,91 @@ mod tests {
             truncated_through: 0,
             now: 7,
             pause_before_rename: None,
+            entries: false,
         }
+    }
+
+    /// Entry frames for entries `after + 1 ..= upto` in term 1 (proposals of one epoch
+    /// carrying `records`, every fourth a blank), entry `damaged` (if any) damaged.
+    fn entry_frames(records: &[Record], after: u64, upto: u64, damaged: Option<u64>) -> Vec<u8> {
+        use crate::storage::entry::{encode_blank, encode_proposal, frame_crc, Epoch};
+        let mut out = Vec::new();
+        let mut n = 0;
+        for seq in 1..=upto {
+            let mut payload = Vec::new();
+            if seq % 4 == 0 {
+                encode_blank(&mut payload);
+            } else {
+                n += 1;
+                let record = record::encode(&records[n as usize - 1]);
+                encode_proposal(Epoch { term: 1, k: 1 }, n, &record, &mut payload);
+            }
+            let crc = frame_crc(1, &payload);
+            if Some(seq) == damaged {
+                *payload.last_mut().unwrap() ^= 0x5a;
+            }
+            let entry = RawEntry {
+                seq,
+                term: 1,
+                crc,
+                payload: payload.into(),
+            };
+            if seq > after {
+                write_entry_frame(&mut out, &entry).unwrap();
+            }
+        }
+        out
+    }
+
+    /// A cluster node's worker folds Raft entries (blanks left out, proposals by their
+    /// chain) onto its newest snapshot, reports the Raft metadata it reached, and writes
+    /// nothing for a damaged entry.
+    #[test]
+    fn the_worker_folds_a_cluster_nodes_entries() {
+        let tmp = tempfile::tempdir().unwrap();
+        let records = records();
+        let entries_job = |upto| Job {
+            entries: true,
+            ..job(tmp.path(), upto)
+        };
+        let built = run(
+            &entries_job(6),
+            &entry_frames(&records, 0, 6, None)[..],
+            Vec::new(),
+        )
+        .unwrap();
+        assert_eq!((built.sequence, built.records_folded), (6, 6));
+        let raft = built.raft.expect("Raft metadata");
+        assert_eq!(raft.last_applied.map(|pos| pos.seq), Some(6));
+        assert_eq!(raft.chain.next_n, 6, "five proposals, one blank");
+        let mut out = Vec::new();
+        let built = run(
+            &entries_job(13),
+            &entry_frames(&records, 6, 13, None)[..],
+            &mut out,
+        )
+        .unwrap();
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .starts_with("{\"base\":6}\n"));
+        assert_eq!((built.sequence, built.records_folded), (13, 7));
+        let (_, state) = snapshot::read(&tmp.path().join(snapshot::file_name(13))).unwrap();
+        assert_eq!(state.products, fold_of(&records).products);
+        assert_eq!(state.raft, built.raft);
+
+        let err = run(
+            &entries_job(12),
+            &entry_frames(&records, 6, 12, Some(9))[..],
+            Vec::new(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("9"), "{err}");
+        let kept: Vec<u64> = snapshot::list(tmp.path())
+            .unwrap()
+            .iter()
+            .map(|(seq, _)| *seq)
+            .collect();
+        assert_eq!(kept, vec![13, 6]);
     }
 
     #[test]

@@ -540,6 +540,7 @@ fn build_snapshot(
         truncated_through: reader.truncated_through(),
         now,
         pause_before_rename: hooks.pause_before_rename,
+        entries: false,
     };
     if let Some(program) = worker {
         match snapshot_worker::build(program, reader, &job) {

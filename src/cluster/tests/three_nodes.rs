@@ -28,12 +28,13 @@ use openraft::{AnyError, Config, RaftLogReader, ServerState};
 
 use crate::cluster::log_store::ClusterLog;
 use crate::cluster::proposer::Proposer;
-use crate::cluster::state_machine::{Snapshot, SnapshotFile, StockSm};
+use crate::cluster::state_machine::{Snapshot, SnapshotFile, SnapshotSource, StockSm};
 use crate::cluster::types::{Proposal, RaftVote, StockdNode, Tc};
 use crate::domain::SaleRules;
 use crate::storage::entry::{Epoch, NodeId, Outcome};
 use crate::storage::log::{Log, LogError, LogHandle, OpenError};
 use crate::storage::record::{self, Record};
+use crate::storage::recovery;
 
 type Raft = openraft::Raft<Tc, StockSm>;
 
@@ -220,7 +221,24 @@ async fn start_with(
     log: ClusterLog,
     config: Arc<Config>,
 ) -> Node {
-    let sm = StockSm::new(&dir.join("snapshots"));
+    // As a node starts (`ClusterNode::start`): the state recovered from its snapshot and
+    // its log, snapshots built from the log (in this process: a test has no worker).
+    let snapshots = dir.join("snapshots");
+    let recovered = {
+        let (reader, dir, committed) =
+            (log.reader().clone(), snapshots.clone(), log.committed_seq());
+        tokio::task::spawn_blocking(move || recovery::recover_entries(&reader, &dir, committed))
+            .await
+            .unwrap()
+            .expect("recovering the node's state")
+    };
+    let source = SnapshotSource {
+        reader: log.reader().clone(),
+        writer: log.handle().clone(),
+        program: None,
+        last_built: Default::default(),
+    };
+    let sm = StockSm::recovered(&snapshots, recovered.state, source);
     let net = Net {
         from: id,
         router: router.clone(),

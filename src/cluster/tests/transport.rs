@@ -54,9 +54,10 @@ async fn a_snapshot_that_does_not_verify_is_refused_and_changes_nothing() {
     let settings = lone_node(false);
     let log = Log::open(&dir.path().join("log")).unwrap();
     let (role, mut roles) = watch::channel(Role::Leaderless);
-    let (node, writer) = ClusterNode::start(&settings, log, &dir.path().join("snapshots"), 0, role)
-        .await
-        .expect("the node starts");
+    let (node, writer) =
+        ClusterNode::start(&settings, log, &dir.path().join("snapshots"), 0, None, role)
+            .await
+            .expect("the node starts");
     // Alone in its cluster, it leads.
     tokio::time::timeout(
         Duration::from_secs(60),
@@ -220,9 +221,10 @@ async fn sender(dir: &Path, key: &ClusterKey) -> Sender {
     };
     let (role, _roles) = watch::channel(Role::Leaderless);
     let log1 = Log::open(&dir.join("1/log")).unwrap();
-    let (node, writer) = ClusterNode::start(&settings, log1, &dir.join("1/snapshots"), 0, role)
-        .await
-        .expect("node 1 starts");
+    let (node, writer) =
+        ClusterNode::start(&settings, log1, &dir.join("1/snapshots"), 0, None, role)
+            .await
+            .expect("node 1 starts");
     let raft1 = node.raft();
     let wait = Some(Duration::from_secs(60));
     let m = raft1
@@ -513,7 +515,7 @@ async fn a_joining_node_initializes_no_cluster_even_with_the_lowest_id() {
         let log = Log::open(&dir.path().join("log")).unwrap();
         let (role, _roles) = watch::channel(Role::Leaderless);
         let (node, writer) =
-            ClusterNode::start(&settings, log, &dir.path().join("snapshots"), 0, role)
+            ClusterNode::start(&settings, log, &dir.path().join("snapshots"), 0, None, role)
                 .await
                 .expect("the node starts");
         let initialized = node.raft().is_initialized().await.unwrap();

@@ -95,7 +95,7 @@ use migrate::*;
 use segments::*;
 
 pub use batch::NewEntry;
-pub use reader::{LogReader, LogSummary, OpenAhead};
+pub use reader::{LogReader, LogSummary, OpenAhead, RawEntry};
 pub use segments::SEGMENT_RECORDS_DEFAULT;
 pub use writer::{Flushed, LogHandle, LogStats, Ticket};
 

@@ -19,6 +19,15 @@ pub struct LogReader {
     pub(super) segments: Arc<Segments>,
 }
 
+/// A Raft entry as the log stores it: its position, its frame's checksum and its payload.
+#[derive(Clone, Debug)]
+pub struct RawEntry {
+    pub seq: u64,
+    pub term: u64,
+    pub crc: u32,
+    pub payload: sled::IVec,
+}
+
 /// What `stockd log dump` reports.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct LogSummary {
@@ -108,6 +117,24 @@ impl LogReader {
                     seq: stored.seq,
                     source,
                 }
+            })
+        })
+    }
+
+    /// Every Raft entry after `after`, in log order, as stored (not verified: the snapshot
+    /// worker verifies what it is sent, `entry::decode_entry`). Ends as `entries_after`.
+    pub fn raw_entries_after(
+        &self,
+        after: u64,
+    ) -> impl Iterator<Item = Result<RawEntry, OpenError>> + Send + 'static {
+        self.stored_after(after, true).map(|item| {
+            let stored = item?;
+            let (term, crc) = stored.entry.expect("entries only");
+            Ok(RawEntry {
+                seq: stored.seq,
+                term,
+                crc,
+                payload: stored.bytes,
             })
         })
     }
