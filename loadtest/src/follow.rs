@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 use tokio::time::sleep;
+use tokio_util::sync::CancellationToken;
 
 use crate::report::Check;
 
@@ -79,7 +80,9 @@ pub struct Follower {
     seen: Arc<Mutex<Seen>>,
     reader: JoinHandle<()>,
     scraper: JoinHandle<Vec<(Instant, u64, u64)>>,
-    stop: Arc<tokio::sync::Notify>,
+    /// Stops the reader and the scraper. A token, not a `Notify`: a task that is not
+    /// waiting at the moment it is told (the scraper mid-request) still sees it after.
+    stop: CancellationToken,
 }
 
 async fn metrics(client: &reqwest::Client, base: &str) -> Result<(u64, u64), String> {
@@ -107,7 +110,7 @@ async fn read(
     base: String,
     after: u64,
     seen: Arc<Mutex<Seen>>,
-    stop: Arc<tokio::sync::Notify>,
+    stop: CancellationToken,
 ) {
     let mut last_id: Option<String> = None;
     loop {
@@ -120,7 +123,7 @@ async fn read(
         }
         let response = tokio::select! {
             r = request.send() => r,
-            () = stop.notified() => return,
+            () = stop.cancelled() => return,
         };
         let mut response = match response {
             Ok(r) if r.status().is_success() => r,
@@ -137,7 +140,7 @@ async fn read(
         loop {
             let chunk = tokio::select! {
                 c = response.chunk() => c,
-                () = stop.notified() => return,
+                () = stop.cancelled() => return,
             };
             let Ok(Some(chunk)) = chunk else { break };
             pending.extend_from_slice(&chunk);
@@ -168,7 +171,7 @@ impl Follower {
     pub async fn start(client: &reqwest::Client, base: &str) -> Result<Follower, String> {
         let (_, after) = metrics(client, base).await?;
         let seen = Arc::new(Mutex::new(Seen::default()));
-        let stop = Arc::new(tokio::sync::Notify::new());
+        let stop = CancellationToken::new();
         let reader = tokio::spawn(read(
             client.clone(),
             base.to_string(),
@@ -186,7 +189,7 @@ impl Follower {
                     }
                     tokio::select! {
                         () = sleep(Duration::from_millis(SCRAPE_MS)) => {}
-                        () = stop.notified() => return samples,
+                        () = stop.cancelled() => return samples,
                     }
                 }
             }
@@ -219,7 +222,7 @@ impl Follower {
         {
             sleep(Duration::from_millis(20)).await;
         }
-        self.stop.notify_waiters();
+        self.stop.cancel();
         let samples = self.scraper.await.unwrap_or_default();
         self.reader.abort();
         let seen = self.seen.lock().unwrap();

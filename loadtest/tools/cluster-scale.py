@@ -2,10 +2,10 @@
 """What a catalogue of N products costs a 3-node cluster: memory per node, the new
 leader's epoch start after kill -9 of the leader, and a restarted node's catch-up.
 
-    python3 loadtest/tools/cluster-scale.py target/release/stockd 100000
+    python3 loadtest/tools/cluster-scale.py target/release/stockd 100000 [connections]
 
 Starts three `stockd serve` nodes on loopback (free ports, a temporary directory), creates
-N products through the leader (8 keep-alive connections), prints each node's RSS, kills
+N products through the leader (8 keep-alive connections unless told), prints each node's RSS, kills
 the leader with SIGKILL, prints the new leader's "serving as the leader" elapsed_ms (the
 blank entry, the copy of the committed state, the actors built from it), restarts the
 killed node and prints how long until it listens and until it has applied the whole log.
@@ -60,6 +60,7 @@ def rss_mib(pid):
 
 def main():
     stockd, n = sys.argv[1], int(sys.argv[2])
+    conns = int(sys.argv[3]) if len(sys.argv) > 3 else 8
     tmp = tempfile.TemporaryDirectory()
     ports = free_ports(6)
     api = {i: ports[2 * (i - 1)] for i in (1, 2, 3)}
@@ -94,7 +95,7 @@ def main():
 
         def create(t):
             c = http.client.HTTPConnection("127.0.0.1", api[leader], timeout=30)
-            for k in range(t, n, 8):
+            for k in range(t, n, conns):
                 body = json.dumps({"sku": f"S-{k}", "name": "x", "on_hand": 100})
                 c.request("POST", "/v1/products", body, {"content-type": "application/json"})
                 r = c.getresponse()
@@ -103,7 +104,7 @@ def main():
                     raise SystemExit(f"create S-{k}: {r.status}")
 
         t0 = time.time()
-        threads = [threading.Thread(target=create, args=(t,)) for t in range(8)]
+        threads = [threading.Thread(target=create, args=(t,)) for t in range(conns)]
         [t.start() for t in threads]
         [t.join() for t in threads]
         print(f"created {n} products in {time.time() - t0:.1f} s")
@@ -122,8 +123,11 @@ def main():
             (i for i in others if get(api[i], "/health?role=leader")[0] == 200), None))
         print(f"node {new} serves {time.time() - killed:.2f} s after kill -9 of node {leader}")
         log = open(os.path.join(tmp.name, f"node{new}.log")).read()
-        began = re.findall(r"serving as the leader.*elapsed_ms=(\d+)", log)
-        print(f"its epoch began in {began[-1]} ms (blank entry, state copied, actors built)")
+        began = re.findall(r"serving as the leader.*elapsed_ms=(\d+) blank_ms=(\d+) "
+                           r"copied_ms=(\d+) actors_ms=(\d+)", log)[-1]
+        total, blank, copied, actors = (int(x) for x in began)
+        print(f"its epoch began in {total} ms: blank entry committed at {blank} ms, state "
+              f"copied at {copied} ms, actors built at {actors} ms")
 
         t0 = time.time()
         start(leader)
