@@ -39,7 +39,7 @@ use ractor::{Actor, ActorRef};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::actors::supervisor::{Supervisor, SupervisorArgs, SupervisorMsg};
+use crate::actors::supervisor::{Supervisor, SupervisorMsg};
 use crate::clock::{FloorClock, SharedClock};
 use crate::cluster::node::ClusterNode;
 use crate::cluster::proposer::Proposer;
@@ -190,8 +190,9 @@ async fn begin(args: &LeadershipArgs, term: u64, last: Option<Epoch>) -> Result<
     if args.node.leading_term() != Some(term) {
         return Err("it no longer leads in its term".into());
     }
-    let state = args.node.applied_state().await?;
-    let meta = state.raft.clone().unwrap_or_default();
+    let blank_ms = started.elapsed().as_millis() as u64;
+    let (copy, meta, keys) = args.node.epoch_start().await?;
+    let copied_ms = started.elapsed().as_millis() as u64;
     let applied = meta.last_applied.map_or(0, |pos| pos.seq);
     if applied < blank_seq {
         return Err(format!(
@@ -214,7 +215,6 @@ async fn begin(args: &LeadershipArgs, term: u64, last: Option<Epoch>) -> Result<
         log: args.log.clone(),
     };
     let clock: SharedClock = Arc::new(FloorClock::new(args.clock.clone(), meta.clock_floor));
-    let keys: Vec<_> = state.keys.values().cloned().collect();
     let supervisor = Supervisor {
         log: journal.clone(),
         clock: clock.clone(),
@@ -222,13 +222,14 @@ async fn begin(args: &LeadershipArgs, term: u64, last: Option<Epoch>) -> Result<
         passivate_after: args.passivate_after,
         retention_ms: args.retention_ms,
     };
-    let supervisor = match Actor::spawn(None, supervisor, SupervisorArgs { state }).await {
+    let supervisor = match Actor::spawn(None, supervisor, copy).await {
         Ok((supervisor, _)) => supervisor,
         Err(err) => {
             proposer.close().await;
             return Err(format!("cannot start the actors: {err}"));
         }
     };
+    let actors_ms = started.elapsed().as_millis() as u64;
     let service = Service {
         supervisor: supervisor.clone(),
         log: journal.clone(),
@@ -257,6 +258,9 @@ async fn begin(args: &LeadershipArgs, term: u64, last: Option<Epoch>) -> Result<
         k,
         applied_seq = applied,
         elapsed_ms = started.elapsed().as_millis() as u64,
+        blank_ms,
+        copied_ms,
+        actors_ms,
         "serving as the leader"
     );
     Ok(serving)

@@ -325,9 +325,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         passivate_after: config.passivate_after,
         retention_ms: config.retention.as_millis().min(i64::MAX as u128) as i64,
     };
-    let args = SupervisorArgs {
-        state: recovered.state,
-    };
+    let args = SupervisorArgs::from_state(recovered.state);
     let (supervisor, _join) = Actor::spawn(None, supervisor, args)
         .await
         .map_err(|e| StartError::Actors(e.to_string()))?;
@@ -497,9 +495,7 @@ async fn start_cluster(
         passivate_after: config.passivate_after,
         retention_ms: config.retention.as_millis().min(i64::MAX as u128) as i64,
     };
-    let args = SupervisorArgs {
-        state: crate::storage::fold::State::default(),
-    };
+    let args = SupervisorArgs::from_state(crate::storage::fold::State::default());
     let (supervisor, _join) = Actor::spawn(None, supervisor, args)
         .await
         .map_err(|e| StartError::Actors(e.to_string()))?;

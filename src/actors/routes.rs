@@ -111,9 +111,65 @@ impl<T> Routes<T> {
     }
 }
 
+/// The first 8 bytes of `sku`, big-endian, zero-padded. Ordering SKUs by it, and by the
+/// whole SKU when it ties, is their order as strings; but a sort comparing it compares an
+/// integer held in the element itself for most pairs, not two strings behind pointers.
+fn sku_prefix(sku: &str) -> u64 {
+    let mut bytes = [0u8; 8];
+    let n = sku.len().min(8);
+    bytes[..n].copy_from_slice(&sku.as_bytes()[..n]);
+    u64::from_be_bytes(bytes)
+}
+
+/// A copy of `items` in SKU order (each SKU once), for `Routes::from_sorted`. The
+/// references are sorted, then the items cloned in that order: neither the items nor a
+/// copy of their map are moved around by the sort (a leader's epoch copies the committed
+/// catalogue this way; docs/PERFORMANCE.md, "Cluster").
+pub fn sorted_copy<'a, T: Clone + 'a>(
+    items: impl ExactSizeIterator<Item = (&'a String, &'a T)>,
+) -> Vec<(String, T)> {
+    let mut refs: Vec<(u64, &String, &T)> = items
+        .map(|(sku, item)| (sku_prefix(sku), sku, item))
+        .collect();
+    refs.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+    refs.into_iter()
+        .map(|(_, sku, item)| (sku.clone(), item.clone()))
+        .collect()
+}
+
+/// `items` in SKU order (each SKU once), for `Routes::from_sorted`: sorted by their keys
+/// (prefix and SKU, see `sku_prefix`), then moved into place once each.
+pub fn sorted<T>(items: impl IntoIterator<Item = (String, T)>) -> Vec<(String, T)> {
+    let mut items: Vec<(String, T)> = items.into_iter().collect();
+    items.sort_by_cached_key(|(sku, _)| (sku_prefix(sku), sku.clone()));
+    items
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// Both sorts give the strings' own order, whatever the SKUs share: a prefix of
+        /// 8 bytes or more, a shorter SKU that is a prefix of a longer one, a NUL byte
+        /// (which the padding of a short SKU also reads as), bytes of any value.
+        #[test]
+        fn the_sorts_give_the_strings_order(
+            skus in proptest::collection::hash_set("(SKU-12|S|\\x00|é)?[a-c\\x00\\xff]{0,10}", 0..200)
+        ) {
+            let mut expected: Vec<String> = skus.iter().cloned().collect();
+            expected.sort();
+            let map: std::collections::HashMap<String, usize> =
+                skus.iter().map(|sku| (sku.clone(), sku.len())).collect();
+            let copied: Vec<String> = sorted_copy(map.iter()).into_iter().map(|(sku, n)| {
+                assert_eq!(n, sku.len(), "each SKU keeps its item");
+                sku
+            }).collect();
+            proptest::prop_assert_eq!(&copied, &expected);
+            let moved: Vec<String> = sorted(map).into_iter().map(|(sku, _)| sku).collect();
+            proptest::prop_assert_eq!(&moved, &expected);
+        }
+    }
 
     #[test]
     fn it_behaves_as_an_ordered_map() {

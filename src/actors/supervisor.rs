@@ -45,7 +45,7 @@
 //! it has holds in flight (units held for a reservation not registered yet), so a hold is
 //! always registered, or rolled back, on the actor that took it.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use ractor::concurrency::JoinHandle;
@@ -59,7 +59,7 @@ use crate::actors::product::{
 use crate::actors::reservations::{
     Ack, Idempotency, KeyCheck, ReservationEvents, Reservations, StockEffect, Transition,
 };
-use crate::actors::routes::Routes;
+use crate::actors::routes::{self, Routes};
 use crate::clock::{Millis, SharedClock};
 use crate::cluster::Journal;
 use crate::domain::{KeyId, Line, LineSet, NewProduct, Product, Reservation};
@@ -72,7 +72,7 @@ use crate::memory::{
     ask_threads_to_release_freed_memory, release_freed_memory, restore_purge_delay,
     return_freed_pages_at_once, wake_idle_workers,
 };
-use crate::storage::fold::State;
+use crate::storage::fold::{IdempotencyEntry, State};
 use crate::storage::log::Ticket;
 use crate::storage::record::{IdempotencyKey, Record};
 use crate::storage::snapshotter::{Snapshotter, TakeError};
@@ -231,9 +231,41 @@ pub struct Supervisor {
     pub retention_ms: i64,
 }
 
-/// What the supervisor starts from: the recovered state.
+/// What the supervisor starts from: a state's products in SKU order, its reservations and
+/// idempotency keys (its API keys are the HTTP layer's business, its Raft metadata the
+/// state machine's).
 pub struct SupervisorArgs {
-    pub state: State,
+    products: Vec<(String, Product)>,
+    reservations: BTreeMap<Uuid, Reservation>,
+    idempotency: BTreeMap<IdempotencyKey, IdempotencyEntry>,
+}
+
+impl SupervisorArgs {
+    /// From a recovered state, taken over.
+    pub fn from_state(state: State) -> SupervisorArgs {
+        let State {
+            products,
+            reservations,
+            idempotency,
+            keys: _,
+            raft: _,
+        } = state;
+        SupervisorArgs {
+            products: routes::sorted(products),
+            reservations,
+            idempotency,
+        }
+    }
+
+    /// From a copy of `state` (a leader's epoch: the state machine keeps its own). Only
+    /// what the supervisor needs is copied, the products straight into SKU order.
+    pub fn copy_of(state: &State) -> SupervisorArgs {
+        SupervisorArgs {
+            products: routes::sorted_copy(state.products.iter()),
+            reservations: state.reservations.clone(),
+            idempotency: state.idempotency.clone(),
+        }
+    }
 }
 
 pub struct SupervisorState {
@@ -310,19 +342,20 @@ impl Actor for Supervisor {
         myself: ActorRef<SupervisorMsg>,
         args: SupervisorArgs,
     ) -> Result<SupervisorState, ActorProcessingErr> {
-        // API keys are the HTTP layer's business (the server hands them over there).
-        let State {
+        let SupervisorArgs {
             products,
             reservations,
             idempotency,
-            keys: _,
-            raft: _,
-        } = args.state;
+        } = args;
         let now = self.clock.now_ms();
         let _ = myself;
         Ok(SupervisorState {
             // Every product starts passive: no actor is spawned per product at start-up.
-            routes: sorted_routes(products),
+            routes: Routes::from_sorted(
+                products
+                    .into_iter()
+                    .map(|(sku, product)| (sku, Slot::Passive(product))),
+            ),
             active: HashSet::new(),
             skus_by_actor: HashMap::new(),
             book: Reservations::new(reservations, idempotency, self.retention_ms, now),
@@ -618,12 +651,6 @@ fn release_off_the_mailbox() {
 
 /// The routing table, every product passive. Sorted first: a B-tree is built in one
 /// pass from sorted input.
-fn sorted_routes(products: crate::storage::fold::Products) -> Routes<Slot> {
-    let mut sorted: Vec<(String, Product)> = products.into_iter().collect();
-    sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    Routes::from_sorted(sorted.into_iter().map(|(sku, p)| (sku, Slot::Passive(p))))
-}
-
 /// One page of products after `after`, and the SKU to continue after (if more).
 fn list_products(
     state: &SupervisorState,

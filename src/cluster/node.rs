@@ -348,6 +348,35 @@ impl ClusterNode {
             .map_err(|err| format!("cannot read the state machine: {err}"))
     }
 
+    /// What a leader's epoch starts from (`crate::leadership`): a copy of what its
+    /// supervisor needs of the state the state machine has folded (`SupervisorArgs::copy_of`),
+    /// with its Raft metadata and API keys, taken on the state machine's task (nothing is
+    /// applied meanwhile).
+    pub async fn epoch_start(
+        &self,
+    ) -> Result<
+        (
+            crate::actors::supervisor::SupervisorArgs,
+            crate::storage::entry::RaftMeta,
+            Vec<crate::domain::key::ApiKey>,
+        ),
+        String,
+    > {
+        self.raft
+            .with_state_machine(|sm: &mut StockSm| {
+                Box::pin(async move {
+                    let state = sm.state();
+                    (
+                        crate::actors::supervisor::SupervisorArgs::copy_of(state),
+                        state.raft.clone().unwrap_or_default(),
+                        state.keys.values().cloned().collect(),
+                    )
+                })
+            })
+            .await
+            .map_err(|err| format!("cannot read the state machine: {err}"))
+    }
+
     /// The digest of the state the state machine has folded, and the last entry it folded
     /// (`GET /v1/admin/cluster/digest`): equal on every node at the same position.
     pub async fn digest(&self) -> Result<(u64, [u8; 32]), String> {
