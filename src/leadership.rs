@@ -11,8 +11,9 @@
 //! 1. A blank entry is written and awaited: once it is applied, every entry before it is
 //!    folded into the state machine's state (or skipped by the epoch chain), this node's
 //!    earlier epochs' included.
-//! 2. That state is copied (the state machine keeps folding its own copy: the committed
-//!    state is always at hand, and ending an epoch needs no rebuild).
+//! 2. What the supervisor needs of that state is copied, its products straight into SKU
+//!    order (`SupervisorArgs::copy_of`; the state machine keeps folding its own state: the
+//!    committed state is always at hand, and ending an epoch needs no rebuild).
 //! 3. The epoch is `(term, k)`, `k` past every epoch of `term` the log or this node has
 //!    seen, so its first proposal opens a new chain.
 //! 4. The supervisor starts from the copy with the epoch's journal and a `FloorClock`

@@ -576,9 +576,29 @@ async fn a_follower_down_past_the_leaders_purge_catches_up_by_snapshot() {
     };
     println!("purge: the leader purged through {purged} after {sent} changes (the follower held {down_at})");
 
-    // Back, it catches up by the leader's snapshot, then the log after it.
-    tokio::task::block_in_place(|| follower.restart()).expect("the follower restarts");
-    cluster.nodes.insert(down, follower);
+    // Back, it is sent the leader's snapshot, and is killed (-9) in the middle of its
+    // install: the snapshot kept, the log not yet moved past it.
+    drop(follower);
+    let snapshots = cluster.data_dir(down).join("snapshots");
+    let installing = [("STOCKD_TEST_INSTALL_PAUSE_MS", "600000"), env[0]];
+    tokio::task::block_in_place(|| cluster.launch_with(down, &installing))
+        .expect("the follower restarts");
+    let kept = common::eventually(WAIT, || {
+        let snapshots = snapshots.clone();
+        async move {
+            let listed = stockd::storage::snapshot::list(&snapshots).unwrap_or_default();
+            listed.first().is_some_and(|(seq, _)| *seq > down_at)
+        }
+    })
+    .await;
+    assert!(kept, "the follower keeps the leader's snapshot");
+    cluster.nodes.get_mut(&down).unwrap().kill9();
+    let installed = stockd::storage::snapshot::list(&snapshots).unwrap();
+    println!("purge: killed mid-install, with snapshots {installed:?}");
+
+    // Restarted, it starts from that snapshot and catches up.
+    cluster.nodes.remove(&down);
+    tokio::task::block_in_place(|| cluster.launch_with(down, &env)).expect("the follower restarts");
     assert_same_state(&cluster).await;
     let status = cluster.client(down).get("/v1/cluster").await;
     assert!(

@@ -143,6 +143,19 @@ fn newest_snapshot(dir: &Path) -> io::Result<Option<(PathBuf, State)>> {
     Ok(None)
 }
 
+/// A test hook (tests/cluster_serving.rs kills a node there): milliseconds an install
+/// waits once its snapshot is the only one kept, before the engine moves the log past it.
+const INSTALL_PAUSE_ENV: &str = "STOCKD_TEST_INSTALL_PAUSE_MS";
+
+/// Sleeps for the milliseconds the environment variable `name` says, if it is set.
+fn pause_for_a_test(name: &str) {
+    let Some(ms) = std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok()) else {
+        return;
+    };
+    tracing::warn!(pause_ms = ms, hook = name, "pausing for a test");
+    std::thread::sleep(std::time::Duration::from_millis(ms));
+}
+
 /// Snapshots a node keeps after building one: the new one, and the one before it (which a
 /// transfer to a lagging follower may still be reading).
 const SNAPSHOTS_KEPT: usize = 2;
@@ -343,6 +356,7 @@ impl RaftStateMachine<Tc> for StockSm {
                     std::fs::remove_file(&path)?;
                 }
             }
+            pause_for_a_test(INSTALL_PAUSE_ENV);
             Ok(state)
         })
         .await
