@@ -58,7 +58,14 @@ pub struct StockSm {
     snapshots: PathBuf,
     /// The node's log, which snapshots are built from (`None`: from a copy of the state).
     log: Option<SnapshotSource>,
+    known: Known,
 }
+
+/// The last snapshot this state machine built or installed, with its metadata: while it
+/// is the newest file, `get_current_snapshot` verifies it (a checksum pass) instead of
+/// decoding the whole state to read its metadata, a second copy of the state in the
+/// server each time the engine asks.
+type Known = Arc<Mutex<Option<(PathBuf, SnapshotMeta)>>>;
 
 /// Where a node's snapshots are built from: its log, read by the snapshot worker
 /// (`program`, the `stockd` binary), or in this process if there is none or it cannot be
@@ -81,6 +88,7 @@ impl StockSm {
             state: State::default(),
             snapshots: snapshots.to_path_buf(),
             log: None,
+            known: Known::default(),
         }
     }
 
@@ -92,6 +100,7 @@ impl StockSm {
             state,
             snapshots: snapshots.to_path_buf(),
             log: Some(log),
+            known: Known::default(),
         }
     }
 
@@ -156,6 +165,10 @@ fn pause_for_a_test(name: &str) {
     std::thread::sleep(std::time::Duration::from_millis(ms));
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Snapshots a node keeps after building one: the new one, and the one before it (which a
 /// transfer to a lagging follower may still be reading).
 const SNAPSHOTS_KEPT: usize = 2;
@@ -175,6 +188,7 @@ fn write_snapshot(dir: &Path, state: &State) -> io::Result<PathBuf> {
 pub struct SnapshotJob {
     from: Build,
     snapshots: PathBuf,
+    known: Known,
 }
 
 enum Build {
@@ -281,6 +295,7 @@ impl RaftSnapshotBuilder<Tc> for SnapshotJob {
         let (meta, path) = tokio::task::spawn_blocking(move || SnapshotJob::build(from, &dir))
             .await
             .map_err(other)??;
+        *lock(&self.known) = Some((path.clone(), meta.clone()));
         Ok(Snapshot {
             meta,
             snapshot: SnapshotFile { path },
@@ -326,6 +341,7 @@ impl RaftStateMachine<Tc> for StockSm {
         SnapshotJob {
             from,
             snapshots: self.snapshots.clone(),
+            known: self.known.clone(),
         }
     }
 
@@ -336,7 +352,8 @@ impl RaftStateMachine<Tc> for StockSm {
     ) -> Result<(), io::Error> {
         let dir = self.snapshots.clone();
         let meta = meta.clone();
-        let state = tokio::task::spawn_blocking(move || -> io::Result<State> {
+        let installed = meta.clone();
+        let (state, kept) = tokio::task::spawn_blocking(move || -> io::Result<(State, PathBuf)> {
             let (_, state) = snapshot::read(&snapshot.path).map_err(other)?;
             if meta_of(&state)? != meta {
                 return Err(other(format!(
@@ -357,26 +374,38 @@ impl RaftStateMachine<Tc> for StockSm {
                 }
             }
             pause_for_a_test(INSTALL_PAUSE_ENV);
-            Ok(state)
+            Ok((state, kept))
         })
         .await
         .map_err(other)??;
         self.state = state;
+        *lock(&self.known) = Some((kept, installed));
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
         let dir = self.snapshots.clone();
-        let newest = tokio::task::spawn_blocking(move || newest_snapshot(&dir))
-            .await
-            .map_err(other)??;
-        match newest {
-            None => Ok(None),
-            Some((path, state)) => Ok(Some(Snapshot {
-                meta: meta_of(&state)?,
-                snapshot: SnapshotFile { path },
-            })),
-        }
+        let known = lock(&self.known).clone();
+        let newest = tokio::task::spawn_blocking(move || -> io::Result<_> {
+            if let Some((path, meta)) = known {
+                let newest = snapshot::list(&dir).ok().and_then(|l| l.into_iter().next());
+                if newest.is_some_and(|(_, newest)| newest == path)
+                    && snapshot::verify(&path).is_ok()
+                {
+                    return Ok(Some((path, meta)));
+                }
+            }
+            match newest_snapshot(&dir)? {
+                Some((path, state)) => Ok(Some((path, meta_of(&state)?))),
+                None => Ok(None),
+            }
+        })
+        .await
+        .map_err(other)??;
+        Ok(newest.map(|(path, meta)| Snapshot {
+            meta,
+            snapshot: SnapshotFile { path },
+        }))
     }
 }
 
@@ -465,5 +494,18 @@ mod tests {
             .unwrap()
             .expect("a snapshot");
         assert_eq!(last_seq(&current), Some(12));
+
+        // The one it built is known without a decode, but only while it verifies.
+        let path = current.snapshot.path;
+        let mut bytes = std::fs::read(&path).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+        let current = sm
+            .get_current_snapshot()
+            .await
+            .unwrap()
+            .expect("a snapshot");
+        assert_eq!(last_seq(&current), Some(9), "the newest that verifies");
     }
 }
