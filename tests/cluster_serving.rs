@@ -595,10 +595,28 @@ async fn a_follower_down_past_the_leaders_purge_catches_up_by_snapshot() {
     cluster.nodes.get_mut(&down).unwrap().kill9();
     let installed = stockd::storage::snapshot::list(&snapshots).unwrap();
     println!("purge: killed mid-install, with snapshots {installed:?}");
+    let kept_seq = installed[0].0;
 
-    // Restarted, it starts from that snapshot and catches up.
+    // Restarted, it starts from that snapshot (its recovery says so) and catches up.
     cluster.nodes.remove(&down);
-    tokio::task::block_in_place(|| cluster.launch_with(down, &env)).expect("the follower restarts");
+    let logged = [("RUST_LOG", "warn,stockd::cluster::node=info"), env[0]];
+    tokio::task::block_in_place(|| cluster.launch_capturing(down, &logged))
+        .expect("the follower restarts");
+    let started_from = tokio::task::block_in_place(|| {
+        let node = cluster.nodes.get_mut(&down).unwrap();
+        node.find_in_stderr(WAIT, |line| {
+            let at = line.find("recovered the committed state")?;
+            let field = line[at..]
+                .split_whitespace()
+                .find(|f| f.starts_with("snapshot="))?;
+            field["snapshot=".len()..].parse::<u64>().ok()
+        })
+    });
+    assert_eq!(
+        started_from,
+        Some(kept_seq),
+        "it recovers from the kept snapshot"
+    );
     assert_same_state(&cluster).await;
     let status = cluster.client(down).get("/v1/cluster").await;
     assert!(

@@ -649,8 +649,6 @@ fn release_off_the_mailbox() {
     });
 }
 
-/// The routing table, every product passive. Sorted first: a B-tree is built in one
-/// pass from sorted input.
 /// One page of products after `after`, and the SKU to continue after (if more).
 fn list_products(
     state: &SupervisorState,

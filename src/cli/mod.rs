@@ -80,6 +80,9 @@ struct WorkerArgs {
     /// A cluster node's log: Raft entries are sent, not records.
     #[arg(long)]
     entries: bool,
+    /// The Raft metadata (JSON) the folded state must hold before it is written.
+    #[arg(long)]
+    expect_raft: Option<String>,
     /// The server process that started this worker (it dies with it).
     #[arg(long)]
     parent_pid: Option<u32>,

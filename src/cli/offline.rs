@@ -174,6 +174,18 @@ pub(super) fn snapshot_worker(args: WorkerArgs) -> ExitCode {
         now: args.now,
         pause_before_rename: args.pause_before_rename_ms.map(Duration::from_millis),
         entries: args.entries,
+        expect_raft: None,
+    };
+    let job = match args.expect_raft.as_deref().map(serde_json::from_str) {
+        None => job,
+        Some(Ok(raft)) => crate::storage::snapshot_worker::Job {
+            expect_raft: Some(raft),
+            ..job
+        },
+        Some(Err(err)) => {
+            let _ = writeln!(std::io::stderr(), "snapshot worker: --expect-raft: {err}");
+            return ExitCode::FAILURE;
+        }
     };
     match crate::storage::snapshot_worker::run(&job, std::io::stdin(), std::io::stdout().lock()) {
         Ok(_) => ExitCode::SUCCESS,

@@ -3,17 +3,21 @@
 //! The state machine owns a `State` and folds each committed entry into it with
 //! `fold::apply_entry` (the only place Raft entries meet the fold), answering each entry's
 //! responder with its `Outcome`, on every node, **the leader included**: a leader's epoch
-//! starts its actors from a copy of this state (`crate::leadership`), whose proposals come
+//! starts its actors from a copy of what they need of this state (`crate::leadership`,
+//! `SupervisorArgs::copy_of`), whose proposals come
 //! back here committed, so the committed state is always at hand and an epoch that ends
 //! needs no rebuild (docs/REPLICATION.md, "The state machine", on what that costs).
 //!
-//! Snapshots are as simple as correct for now: a snapshot is built from a copy of the
-//! state taken when the engine asks for a builder, written with the snapshot encoder
-//! (`snapshot::write`, format 4) into this node's snapshot directory, and installed with
-//! the verified loader (`snapshot::read`), which checks that the file's Raft metadata is
-//! the engine's. `SnapshotData` is the file's path; the newest file that verifies is the
-//! current snapshot, and a build keeps the newest two (`SNAPSHOTS_KEPT`). Building on the
-//! snapshot worker (no copy of the state on the server) is still to come.
+//! Snapshots are built from the log, not from the state: the builder is given the Raft
+//! metadata applied so far, and the snapshot worker (a child process; or this process if
+//! there is none, or it fails) folds the newest snapshot before that entry and the log's
+//! entries after it, and writes the snapshot (format 4) into this node's snapshot
+//! directory only if it holds exactly that metadata (`build_from_log`). A received
+//! snapshot is installed with the verified loader (`snapshot::read`), which checks that the
+//! file's Raft metadata is the engine's. `SnapshotData` is the file's path; the newest
+//! file that verifies is the current snapshot, and a build keeps the newest two
+//! (`SNAPSHOTS_KEPT`). A state machine without a log (the engine's storage suite) builds
+//! from a copy of its state.
 //!
 //! At start-up the node recovers the state itself, with stockd's two-thread recovery
 //! (`recovery::recover_entries`: the newest snapshot that verifies, then the log's entries
@@ -52,13 +56,17 @@ fn other(err: impl std::fmt::Display) -> io::Error {
     io::Error::other(err.to_string())
 }
 
-/// The engine's state machine on a follower: the state, and where its snapshots live.
+/// The engine's state machine (on every node): the state, and where its snapshots live.
 pub struct StockSm {
     state: State,
     snapshots: PathBuf,
     /// The node's log, which snapshots are built from (`None`: from a copy of the state).
     log: Option<SnapshotSource>,
     known: Known,
+    /// Held while a build or an install changes the snapshot directory: the engine runs
+    /// builds in a task of their own, so an install could otherwise delete a build's base
+    /// (and let the log be purged under its read), or a build's pruning an install's files.
+    files: Arc<Mutex<()>>,
 }
 
 /// The last snapshot this state machine built or installed, with its metadata: while it
@@ -89,6 +97,7 @@ impl StockSm {
             snapshots: snapshots.to_path_buf(),
             log: None,
             known: Known::default(),
+            files: Arc::default(),
         }
     }
 
@@ -101,6 +110,7 @@ impl StockSm {
             snapshots: snapshots.to_path_buf(),
             log: Some(log),
             known: Known::default(),
+            files: Arc::default(),
         }
     }
 
@@ -189,6 +199,7 @@ pub struct SnapshotJob {
     from: Build,
     snapshots: PathBuf,
     known: Known,
+    files: Arc<Mutex<()>>,
 }
 
 enum Build {
@@ -235,15 +246,17 @@ fn build_from_log(source: &SnapshotSource, meta: &RaftMeta, dir: &Path) -> io::R
         now: SystemClock.now_ms(),
         pause_before_rename: None,
         entries: true,
+        expect_raft: Some(meta.clone()),
     };
+    // The engine stops on a failed build: a worker that fails (killed, out of memory, a
+    // broken pipe) is followed by a build here before that.
     let mut built = None;
     if let Some(program) = &source.program {
         match snapshot_worker::build(program, reader, &job) {
             Ok(done) => built = Some((done, true)),
-            Err(err @ snapshot_worker::WorkerError::Spawn { .. }) => {
-                tracing::warn!(error = %err, "building the snapshot in the server instead");
+            Err(err) => {
+                tracing::warn!(error = %err, "the snapshot worker failed; building the snapshot in the server instead");
             }
-            Err(err) => return Err(other(err)),
         }
     }
     let (built, worker) = match built {
@@ -291,10 +304,13 @@ impl RaftSnapshotBuilder<Tc> for SnapshotJob {
                 source.writer.barrier().durable().await.map_err(other)?;
             }
         }
-        let dir = self.snapshots.clone();
-        let (meta, path) = tokio::task::spawn_blocking(move || SnapshotJob::build(from, &dir))
-            .await
-            .map_err(other)??;
+        let (dir, files) = (self.snapshots.clone(), self.files.clone());
+        let (meta, path) = tokio::task::spawn_blocking(move || {
+            let _files = lock(&files);
+            SnapshotJob::build(from, &dir)
+        })
+        .await
+        .map_err(other)??;
         *lock(&self.known) = Some((path.clone(), meta.clone()));
         Ok(Snapshot {
             meta,
@@ -342,6 +358,7 @@ impl RaftStateMachine<Tc> for StockSm {
             from,
             snapshots: self.snapshots.clone(),
             known: self.known.clone(),
+            files: self.files.clone(),
         }
     }
 
@@ -353,7 +370,9 @@ impl RaftStateMachine<Tc> for StockSm {
         let dir = self.snapshots.clone();
         let meta = meta.clone();
         let installed = meta.clone();
+        let files = self.files.clone();
         let (state, kept) = tokio::task::spawn_blocking(move || -> io::Result<(State, PathBuf)> {
+            let _files = lock(&files);
             let (_, state) = snapshot::read(&snapshot.path).map_err(other)?;
             if meta_of(&state)? != meta {
                 return Err(other(format!(

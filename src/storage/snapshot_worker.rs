@@ -7,7 +7,8 @@
 //! in the process that answers requests, and its resident memory peaks at twice the
 //! steady state. In a child process they do not. The child is the same `stockd` binary
 //! (`stockd snapshot-worker`, hidden), started from the snapshot job's thread, so it
-//! inherits that thread's scheduling class (`SCHED_IDLE` for background snapshots).
+//! inherits that thread's scheduling class (`SCHED_IDLE` for a single server's background
+//! snapshots; a cluster node builds on a blocking thread of its runtime, normal class).
 //!
 //! The protocol, over the child's stdin and stdout:
 //! 1. The child loads the newest snapshot at or before `--upto` that verifies (and that
@@ -20,6 +21,13 @@
 //!    (temporary file, fsync, rename, directory fsync) and prints one JSON line
 //!    describing it. Anything else it has to say goes to stderr, which the server reads
 //!    and reports if the child fails.
+//!
+//! For a cluster node (`--entries`) the log holds Raft entries: step 2's frames are
+//! `[sequence: u64 BE][term: u64 BE][frame checksum: u32 BE][length: u32 BE][payload]`,
+//! as stored; the child verifies each (`entry::decode_entry`) and folds them with
+//! `recovery::fold_entries`; and with `--expect-raft` (JSON) it writes the snapshot only if
+//! the state's Raft metadata is exactly that (what the node's state machine had applied),
+//! so a state that differs is never put in place.
 //!
 //! The log stays the server's alone (it holds the log's lock); the child only reads
 //! snapshots and writes one. A child left behind by a server killed with SIGKILL is
@@ -57,6 +65,10 @@ pub struct Job {
     /// A cluster node's snapshot: the log holds Raft entries, sent as entry frames and
     /// folded with `fold::apply_entry` (`recovery::fold_entries`).
     pub entries: bool,
+    /// The Raft metadata the folded state must hold, checked before the snapshot is
+    /// written (a cluster node's: what its state machine had applied). A state that
+    /// differs is never put in place.
+    pub expect_raft: Option<RaftMeta>,
 }
 
 impl Job {
@@ -76,6 +88,10 @@ impl Job {
         }
         if self.entries {
             args.push("--entries".into());
+        }
+        if let Some(raft) = &self.expect_raft {
+            let json = serde_json::to_string(raft).expect("Raft metadata serializes");
+            args.push(format!("--expect-raft={json}").into());
         }
         args
     }
@@ -118,6 +134,13 @@ pub enum WorkerError {
     Answer(io::Error),
     #[error("cannot write a snapshot in {dir}: {source}")]
     Write { dir: String, source: io::Error },
+    /// The state folded is not the one asked for (`Job::expect_raft`): nothing written.
+    #[error("the state folded through {upto} holds {found:?}, not the Raft metadata asked for ({expected:?})")]
+    NotExpected {
+        upto: u64,
+        found: Box<Option<RaftMeta>>,
+        expected: Box<RaftMeta>,
+    },
     /// The server could not read the log records to send (its side, not the child's).
     #[error(transparent)]
     Log(#[from] OpenError),
@@ -171,6 +194,15 @@ pub fn write(
     started: Instant,
 ) -> Result<Built, WorkerError> {
     let built = started.elapsed();
+    if let Some(expected) = &job.expect_raft {
+        if recovered.state.raft.as_ref() != Some(expected) {
+            return Err(WorkerError::NotExpected {
+                upto: job.upto,
+                found: Box::new(recovered.state.raft),
+                expected: Box::new(expected.clone()),
+            });
+        }
+    }
     let hooks = WriteHooks {
         pause_before_rename: job.pause_before_rename,
     };
@@ -547,6 +579,7 @@ mod tests {
             now: 7,
             pause_before_rename: None,
             entries: false,
+            expect_raft: None,
         }
     }
 
@@ -625,6 +658,36 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("9"), "{err}");
+        // A state that is not the one asked for is never written.
+        let mut expected = built.raft.clone().unwrap();
+        expected.clock_floor += 1;
+        let err = run(
+            &Job {
+                expect_raft: Some(expected),
+                ..entries_job(13)
+            },
+            &entry_frames(&records, 13, 13, None)[..],
+            Vec::new(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, WorkerError::NotExpected { upto: 13, .. }),
+            "{err}"
+        );
+        let asked = Job {
+            expect_raft: built.raft.clone(),
+            ..entries_job(13)
+        };
+        let arg = asked.args().into_iter().find_map(|a| {
+            let a = a.into_string().unwrap();
+            a.strip_prefix("--expect-raft=").map(str::to_string)
+        });
+        let parsed: RaftMeta = serde_json::from_str(&arg.expect("the argument")).unwrap();
+        assert_eq!(
+            Some(parsed),
+            built.raft,
+            "the argument carries the metadata whole"
+        );
         let kept: Vec<u64> = snapshot::list(tmp.path())
             .unwrap()
             .iter()

@@ -541,6 +541,7 @@ fn build_snapshot(
         now,
         pause_before_rename: hooks.pause_before_rename,
         entries: false,
+        expect_raft: None,
     };
     if let Some(program) = worker {
         match snapshot_worker::build(program, reader, &job) {

@@ -168,9 +168,21 @@ impl Cluster {
 
     /// `launch`, with the environment variables `env` too.
     pub fn launch_with(&mut self, id: u64, env: &[(&str, &str)]) -> Result<(), String> {
+        self.launch_as(id, env, false)
+    }
+
+    /// `launch_with`, the node's stderr kept for `ChildServer::find_in_stderr`.
+    pub fn launch_capturing(&mut self, id: u64, env: &[(&str, &str)]) -> Result<(), String> {
+        self.launch_as(id, env, true)
+    }
+
+    fn launch_as(&mut self, id: u64, env: &[(&str, &str)], capture: bool) -> Result<(), String> {
         let mut command = self.command(id);
         command.envs(env.iter().copied());
-        let launch = Launch::command(command).timeout(WAIT);
+        let mut launch = Launch::command(command).timeout(WAIT);
+        if capture {
+            launch = launch.capture_stderr();
+        }
         let server = ChildServer::try_start(launch, self.data_dir(id).join("data"))
             .map_err(|e| format!("node {id}: {e}"))?;
         self.nodes.insert(id, server);

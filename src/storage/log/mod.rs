@@ -41,7 +41,9 @@
 //!
 //! Only the newest segment stays open (the writer's); an older one is opened while it is
 //! read (recovery, snapshots, rebuilds) and closed when its last reader is done, so memory
-//! does not grow with the number of segments.
+//! does not grow with the number of segments. The one exception is short-lived: the last
+//! two segments a reader of Raft entries let go of stay open for a second
+//! (`segments::KEEP_OPEN`), for the engine's next short read.
 //!
 //! Everyone else talks to the writer through a `LogHandle`: `append` queues a record and
 //! returns a `Ticket` that resolves once the record is flushed. The writer takes everything

@@ -403,10 +403,11 @@ fn batch_start(segment: &SegmentRef, from: u64) -> Result<u64, OpenError> {
 }
 
 impl Records {
-    /// Lets go of a segment this stream is done with: a reader of Raft entries leaves it
-    /// open on the segment thread for a moment (the engine's next short read is likely to
-    /// want it: `Service::keep`); a reader of records (recovery, the snapshot worker, a
-    /// dump) reads each segment once, and closes it.
+    /// Lets go of a segment this stream is done with: a reader of Raft entries (the
+    /// engine's reads, and on a cluster node recovery and the snapshot worker's feed too)
+    /// leaves it open on the segment thread for a moment (the engine's next short read is
+    /// likely to want it: `Service::keep`); a reader of records (a single server's
+    /// recovery and snapshots, a dump) reads each segment once, and closes it.
     fn release(&self, segment: SegmentRef) {
         match self.entries {
             true => self.service.keep(segment),

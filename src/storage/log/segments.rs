@@ -24,7 +24,8 @@ pub(super) const SEGMENT_PREFIX: &str = "segment-";
 pub(super) const TRASH_PREFIX: &str = "trash-";
 /// sled's page cache per open segment: more than a segment of 65,536 records holds (~10–20
 /// MB), so that sled never evicts while one is written or read. Only the newest segment
-/// stays open, older ones only while they are read, so this bounds little in practice.
+/// stays open, older ones only while they are read (and two, a second longer, for readers
+/// of Raft entries: `KEEP_OPEN`), so this bounds little in practice.
 pub(super) const SEGMENT_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// `SEGMENT_CACHE_BYTES`, or in a `memory-probe` build `STOCKD_SEGMENT_CACHE_BYTES`.
 fn segment_cache_bytes() -> u64 {
