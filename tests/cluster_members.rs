@@ -18,6 +18,11 @@ use common::Client;
 use reqwest::Method;
 use serde_json::{json, Value};
 
+/// The body that adds node `id` as a learner, at its own addresses.
+fn learner(cluster: &Cluster, id: u64) -> Value {
+    json!({"id": id, "api": cluster.addrs[&id].api, "raft": cluster.addrs[&id].raft})
+}
+
 /// The members a status lists: id → voter.
 fn members(status: &Value) -> BTreeMap<u64, bool> {
     status["members"]
@@ -144,10 +149,7 @@ async fn three_grow_to_five_and_shrink_to_three_without_the_leader_under_load() 
         .await
         .assert_problem(422, "validation_failed");
     let a = admin
-        .post(
-            "/v1/admin/cluster/learners",
-            json!({"id": 2, "api": cluster.addrs[&2].api, "raft": cluster.addrs[&2].raft}),
-        )
+        .post("/v1/admin/cluster/learners", learner(&cluster, 2))
         .await;
     a.assert_problem(409, "membership_conflict");
     let a = admin
@@ -169,7 +171,7 @@ async fn three_grow_to_five_and_shrink_to_three_without_the_leader_under_load() 
             "{}/v1/admin/cluster/learners",
             cluster.client(follower).base
         ))
-        .json(&json!({"id": 4, "api": cluster.addrs[&4].api, "raft": cluster.addrs[&4].raft}))
+        .json(&learner(&cluster, 4))
         .send()
         .await
         .unwrap();
@@ -194,15 +196,8 @@ async fn three_grow_to_five_and_shrink_to_three_without_the_leader_under_load() 
     let before = acked_now();
     let mut expected = founders.clone();
     for id in [4, 5] {
-        let body =
-            json!({"id": id, "api": cluster.addrs[&id].api, "raft": cluster.addrs[&id].raft});
         let a = c
-            .send(
-                Method::POST,
-                "/v1/admin/cluster/learners",
-                Some(&body),
-                None,
-            )
+            .post("/v1/admin/cluster/learners", learner(&cluster, id))
             .await;
         assert_eq!(a.status, 200, "{a:?}");
         fits("Cluster", &a.body);
@@ -247,14 +242,8 @@ async fn three_grow_to_five_and_shrink_to_three_without_the_leader_under_load() 
             code,
         );
     }
-    let body = json!({"id": 5, "api": cluster.addrs[&5].api, "raft": cluster.addrs[&5].raft});
     let a = c
-        .send(
-            Method::POST,
-            "/v1/admin/cluster/learners",
-            Some(&body),
-            None,
-        )
+        .post("/v1/admin/cluster/learners", learner(&cluster, 5))
         .await;
     assert_eq!(
         (a.status.as_u16(), members(&a.body)),
@@ -263,14 +252,8 @@ async fn three_grow_to_five_and_shrink_to_three_without_the_leader_under_load() 
     );
     agree_on_members(&cluster, &expected).await;
     // Adding it again with the same addresses only waits for it.
-    let body = json!({"id": 4, "api": cluster.addrs[&4].api, "raft": cluster.addrs[&4].raft});
     let a = c
-        .send(
-            Method::POST,
-            "/v1/admin/cluster/learners",
-            Some(&body),
-            None,
-        )
+        .post("/v1/admin/cluster/learners", learner(&cluster, 4))
         .await;
     assert_eq!(
         (a.status.as_u16(), members(&a.body)),
@@ -297,15 +280,9 @@ async fn three_grow_to_five_and_shrink_to_three_without_the_leader_under_load() 
         acked_now() - before
     );
     // A voter now: a new node is no learner to add.
-    let body = json!({"id": 5, "api": cluster.addrs[&5].api, "raft": cluster.addrs[&5].raft});
-    c.send(
-        Method::POST,
-        "/v1/admin/cluster/learners",
-        Some(&body),
-        None,
-    )
-    .await
-    .assert_problem(409, "membership_conflict");
+    c.post("/v1/admin/cluster/learners", learner(&cluster, 5))
+        .await
+        .assert_problem(409, "membership_conflict");
 
     // Shrink to three, leaving out the leader and another founder: the new nodes and one
     // founder remain.

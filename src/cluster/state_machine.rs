@@ -276,9 +276,7 @@ fn build_from_log(source: &SnapshotSource, meta: &RaftMeta, dir: &Path) -> io::R
             built.raft
         )));
     }
-    let mut last = source.last_built.lock().unwrap_or_else(|e| e.into_inner());
-    *last = Some((built.clone(), worker));
-    drop(last);
+    *lock(&source.last_built) = Some((built.clone(), worker));
     tracing::info!(
         sequence = built.sequence,
         entries_folded = built.records_folded,

@@ -486,22 +486,10 @@ fn record_products_hold_invariant(state: &State, record: &Record) -> bool {
 mod tests {
     use super::*;
     use crate::storage::entry::{encode_blank, encode_proposal, Epoch, LogPos};
+    use crate::storage::log::tests::created;
     use crate::storage::log::{Log, NewEntry};
     use crate::storage::record;
     use crate::storage::snapshot::WriteHooks;
-
-    fn created(i: u64) -> Record {
-        Record::ProductCreated {
-            by: None,
-            rules: Default::default(),
-            low_stock_threshold: None,
-            sku: format!("SKU-{i}"),
-            name: "n".into(),
-            price: None,
-            on_hand: i,
-            at: i as i64,
-        }
-    }
 
     /// Entries 1..=n in term 1: proposals of one epoch, every fifth a blank.
     fn entries(n: u64) -> Vec<NewEntry> {

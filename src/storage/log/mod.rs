@@ -82,7 +82,7 @@ mod migrate;
 mod reader;
 mod segments;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod writer;
 
 use std::io;

@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use super::*;
 
-fn created(i: u64) -> Record {
+/// A product's creation, `SKU-<i>` with `i` units: the record the log's tests (and
+/// recovery's) write.
+pub(crate) fn created(i: u64) -> Record {
     Record::ProductCreated {
         by: None,
         rules: Default::default(),
