@@ -11,9 +11,10 @@
 //! 1. A blank entry is written and awaited: once it is applied, every entry before it is
 //!    folded into the state machine's state (or skipped by the epoch chain), this node's
 //!    earlier epochs' included.
-//! 2. What the supervisor needs of that state is copied, its products straight into SKU
-//!    order (`SupervisorArgs::copy_of`; the state machine keeps folding its own state: the
-//!    committed state is always at hand, and ending an epoch needs no rebuild).
+//! 2. The state machine lends that state to the epoch (`ClusterNode::epoch_start`,
+//!    `StockSm::lend`): taken, not copied, its products sorted into SKU order
+//!    (`SupervisorArgs::from_state`). The state machine keeps only its Raft metadata
+//!    while the epoch has the state.
 //! 3. The epoch is `(term, k)`, `k` past every epoch of `term` the log or this node has
 //!    seen, so its first proposal opens a new chain.
 //! 4. The supervisor starts from the copy with the epoch's journal and a `FloorClock`
@@ -26,7 +27,9 @@
 //! closed (nothing more of the epoch reaches the engine; what it already took resolves
 //! from the engine's answers), and the supervisor and its actors are stopped. What the
 //! actors decided and the log will never hold is dropped with them: the next epoch starts
-//! from the committed state again. If this node still leads, the next epoch begins at once.
+//! from the committed state again: the state machine's state is rebuilt from its
+//! snapshot and log (`ClusterNode::reclaim`). If this node still leads, the next epoch
+//! begins once that is done.
 //!
 //! Expiry and retention run in the epoch's supervisor only, so only on the leader; a
 //! deposed leader's expiries are proposals of a term that has passed, which the engine
@@ -179,6 +182,14 @@ async fn run(args: LeadershipArgs, stop: CancellationToken) {
         end(&args, serving, &why).await;
         if stop.is_cancelled() {
             return;
+        }
+        // The actors are gone: the state machine's state is rebuilt from the log now, not
+        // at its next reader.
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            reclaimed = args.node.reclaim() => if let Err(err) = reclaimed {
+                tracing::warn!(error = %err, "cannot rebuild the state machine's state; its next reader tries again");
+            },
         }
     }
 }

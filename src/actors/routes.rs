@@ -37,13 +37,23 @@ pub struct Routes<T> {
 const COMPACT_ADDED_SHARE: usize = 8;
 
 impl<T> Routes<T> {
-    /// The table of `sorted` (ascending SKUs, each once): the tree is built in one pass.
-    pub fn from_sorted(sorted: impl ExactSizeIterator<Item = (String, T)>) -> Routes<T> {
-        let mut slots = Slab::with_capacity(sorted.len());
-        let index = sorted
-            .map(|(sku, slot)| (sku, slots.insert(slot)))
+    /// The table of `items` (each SKU once, in any order). Each item is moved once, into
+    /// its slot; the index's keys (`sku_prefix`, the SKU, the slot) are sorted, the whole
+    /// SKUs compared only on a tie of their prefixes, and the tree is built from them in
+    /// one pass. No SKU is copied (a leader's epoch builds its table from a million
+    /// products this way: docs/PERFORMANCE.md, "Cluster").
+    pub fn from_items(items: impl IntoIterator<Item = (String, T)>) -> Routes<T> {
+        let items = items.into_iter();
+        let mut slots = Slab::with_capacity(items.size_hint().0);
+        let mut keys: Vec<(u64, String, usize)> = items
+            .map(|(sku, item)| (sku_prefix(&sku), sku, slots.insert(item)))
+            .collect();
+        keys.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+        let index = keys
+            .into_iter()
+            .map(|(_, sku, slot)| (sku, slot))
             .collect::<BTreeMap<_, _>>();
-        debug_assert_eq!(index.len(), slots.len(), "SKUs are unique");
+        assert_eq!(index.len(), slots.len(), "each SKU once");
         Routes {
             index,
             slots,
@@ -114,6 +124,8 @@ impl<T> Routes<T> {
 /// The first 8 bytes of `sku`, big-endian, zero-padded. Ordering SKUs by it, and by the
 /// whole SKU when it ties, is their order as strings; but a sort comparing it compares an
 /// integer held in the element itself for most pairs, not two strings behind pointers.
+/// (`BTreeMap`'s `collect` sorts its input again, stably: input already in order costs it
+/// one pass.)
 fn sku_prefix(sku: &str) -> u64 {
     let mut bytes = [0u8; 8];
     let n = sku.len().min(8);
@@ -121,60 +133,36 @@ fn sku_prefix(sku: &str) -> u64 {
     u64::from_be_bytes(bytes)
 }
 
-/// A copy of `items` in SKU order (each SKU once), for `Routes::from_sorted`. The
-/// references are sorted, then the items cloned in that order: neither the items nor a
-/// copy of their map are moved around by the sort (a leader's epoch copies the committed
-/// catalogue this way; docs/PERFORMANCE.md, "Cluster").
-pub fn sorted_copy<'a, T: Clone + 'a>(
-    items: impl ExactSizeIterator<Item = (&'a String, &'a T)>,
-) -> Vec<(String, T)> {
-    let mut refs: Vec<(u64, &String, &T)> = items
-        .map(|(sku, item)| (sku_prefix(sku), sku, item))
-        .collect();
-    refs.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
-    refs.into_iter()
-        .map(|(_, sku, item)| (sku.clone(), item.clone()))
-        .collect()
-}
-
-/// `items` in SKU order (each SKU once), for `Routes::from_sorted`: sorted by their keys
-/// (prefix and SKU, see `sku_prefix`), then moved into place once each.
-pub fn sorted<T>(items: impl IntoIterator<Item = (String, T)>) -> Vec<(String, T)> {
-    let mut items: Vec<(String, T)> = items.into_iter().collect();
-    items.sort_by_cached_key(|(sku, _)| (sku_prefix(sku), sku.clone()));
-    items
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     proptest::proptest! {
-        /// Both sorts give the strings' own order, whatever the SKUs share: a prefix of
-        /// 8 bytes or more, a shorter SKU that is a prefix of a longer one, a NUL byte
-        /// (which the padding of a short SKU also reads as), bytes of any value.
+        /// The table lists the SKUs in the strings' own order, each with its item,
+        /// whatever they share: a prefix of 8 bytes or more, a shorter SKU that is a
+        /// prefix of a longer one, a NUL byte (which the padding of a short SKU also reads
+        /// as), bytes of any value.
         #[test]
-        fn the_sorts_give_the_strings_order(
+        fn the_table_is_in_the_strings_order(
             skus in proptest::collection::hash_set("(SKU-12|S|\\x00|é)?[a-c\\x00\\xff]{0,10}", 0..200)
         ) {
             let mut expected: Vec<String> = skus.iter().cloned().collect();
             expected.sort();
             let map: std::collections::HashMap<String, usize> =
                 skus.iter().map(|sku| (sku.clone(), sku.len())).collect();
-            let copied: Vec<String> = sorted_copy(map.iter()).into_iter().map(|(sku, n)| {
+            let routes = Routes::from_items(map);
+            let listed: Vec<String> = routes.after(None).map(|(sku, &n)| {
                 assert_eq!(n, sku.len(), "each SKU keeps its item");
-                sku
+                assert_eq!(routes.get(sku), Some(&n));
+                sku.clone()
             }).collect();
-            proptest::prop_assert_eq!(&copied, &expected);
-            let moved: Vec<String> = sorted(map).into_iter().map(|(sku, _)| sku).collect();
-            proptest::prop_assert_eq!(&moved, &expected);
+            proptest::prop_assert_eq!(&listed, &expected);
         }
     }
 
     #[test]
     fn it_behaves_as_an_ordered_map() {
-        let mut routes =
-            Routes::from_sorted([("A".to_string(), 1), ("C".to_string(), 3)].into_iter());
+        let mut routes = Routes::from_items([("C".to_string(), 3), ("A".to_string(), 1)]);
         assert_eq!(
             (routes.len(), routes.get("A"), routes.get("B")),
             (2, Some(&1), None)
@@ -197,7 +185,7 @@ mod tests {
 
     #[test]
     fn compacting_keeps_every_route_and_waits_for_enough_additions() {
-        let mut routes = Routes::from_sorted((0..64).map(|i| (format!("SKU-{i:03}"), i)));
+        let mut routes = Routes::from_items((0..64).map(|i| (format!("SKU-{i:03}"), i)));
         assert!(!routes.compact(), "nothing added since it was built");
         for i in 64..70 {
             routes.insert(format!("SKU-{i:03}"), i);

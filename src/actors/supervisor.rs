@@ -59,7 +59,7 @@ use crate::actors::product::{
 use crate::actors::reservations::{
     Ack, Idempotency, KeyCheck, ReservationEvents, Reservations, StockEffect, Transition,
 };
-use crate::actors::routes::{self, Routes};
+use crate::actors::routes::Routes;
 use crate::clock::{Millis, SharedClock};
 use crate::cluster::Journal;
 use crate::domain::{KeyId, Line, LineSet, NewProduct, Product, Reservation};
@@ -231,17 +231,19 @@ pub struct Supervisor {
     pub retention_ms: i64,
 }
 
-/// What the supervisor starts from: a state's products in SKU order, its reservations and
-/// idempotency keys (its API keys are the HTTP layer's business, its Raft metadata the
-/// state machine's).
+/// What the supervisor starts from: a state's products, already in the table it routes
+/// by (built by `from_state`, on the caller's thread), its reservations and idempotency
+/// keys (its API keys are the HTTP layer's business, its Raft metadata the state
+/// machine's).
 pub struct SupervisorArgs {
-    products: Vec<(String, Product)>,
+    routes: Routes<Slot>,
     reservations: BTreeMap<Uuid, Reservation>,
     idempotency: BTreeMap<IdempotencyKey, IdempotencyEntry>,
 }
 
 impl SupervisorArgs {
-    /// From a recovered state, taken over.
+    /// From a state taken over: a recovered one, or the one a cluster node's state
+    /// machine lends a leader's epoch.
     pub fn from_state(state: State) -> SupervisorArgs {
         let State {
             products,
@@ -251,19 +253,14 @@ impl SupervisorArgs {
             raft: _,
         } = state;
         SupervisorArgs {
-            products: routes::sorted(products),
+            // Every product starts passive: no actor is spawned per product at start-up.
+            routes: Routes::from_items(
+                products
+                    .into_iter()
+                    .map(|(sku, product)| (sku, Slot::Passive(product))),
+            ),
             reservations,
             idempotency,
-        }
-    }
-
-    /// From a copy of `state` (a leader's epoch: the state machine keeps its own). Only
-    /// what the supervisor needs is copied, the products straight into SKU order.
-    pub fn copy_of(state: &State) -> SupervisorArgs {
-        SupervisorArgs {
-            products: routes::sorted_copy(state.products.iter()),
-            reservations: state.reservations.clone(),
-            idempotency: state.idempotency.clone(),
         }
     }
 }
@@ -343,19 +340,14 @@ impl Actor for Supervisor {
         args: SupervisorArgs,
     ) -> Result<SupervisorState, ActorProcessingErr> {
         let SupervisorArgs {
-            products,
+            routes,
             reservations,
             idempotency,
         } = args;
         let now = self.clock.now_ms();
         let _ = myself;
         Ok(SupervisorState {
-            // Every product starts passive: no actor is spawned per product at start-up.
-            routes: Routes::from_sorted(
-                products
-                    .into_iter()
-                    .map(|(sku, product)| (sku, Slot::Passive(product))),
-            ),
+            routes,
             active: HashSet::new(),
             skus_by_actor: HashMap::new(),
             book: Reservations::new(reservations, idempotency, self.retention_ms, now),

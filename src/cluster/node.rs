@@ -78,6 +78,9 @@ pub enum NodeError {
 /// that is back within the engine's backoff, 500 ms).
 pub const JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Reclaims before a read of the state machine's state, at most (`read_state`).
+const READ_TRIES: usize = 3;
+
 /// A running cluster node's engine.
 pub struct ClusterNode {
     raft: Raft,
@@ -96,6 +99,8 @@ pub struct ClusterNode {
     initializing: Option<JoinHandle<()>>,
     /// Held while a membership change runs (`membership`): one at a time.
     changing: tokio::sync::Mutex<()>,
+    /// Held while the state machine's lent state is given back (`reclaim`): one at a time.
+    reclaiming: tokio::sync::Mutex<()>,
     /// The last snapshot the state machine built (`snapshot` reports it).
     last_built: Arc<std::sync::Mutex<Option<(crate::storage::snapshot_worker::Built, bool)>>>,
 }
@@ -185,6 +190,7 @@ impl ClusterNode {
             ids,
             initializing: None,
             changing: tokio::sync::Mutex::new(()),
+            reclaiming: tokio::sync::Mutex::new(()),
             last_built,
         };
         match node.initialize(settings).await {
@@ -340,18 +346,81 @@ impl ClusterNode {
         Ok(seq_of(written.log_id.index))
     }
 
-    /// A copy of the state the state machine has folded (every entry applied so far).
-    pub async fn applied_state(&self) -> Result<crate::storage::fold::State, String> {
-        self.raft
-            .with_state_machine(|sm: &mut StockSm| Box::pin(async move { sm.state().clone() }))
+    /// Gives the state machine's state back if it is lent to an epoch
+    /// (`state_machine`'s documentation): rebuilds it from the newest snapshot and the log
+    /// through the last entry applied, off the state machine's task, then folds in what
+    /// was applied meanwhile. A node leading a million products takes seconds; the state
+    /// machine goes on applying meanwhile.
+    pub async fn reclaim(&self) -> Result<(), String> {
+        let _one = self.reclaiming.lock().await;
+        let job = self
+            .raft
+            .with_state_machine(|sm: &mut StockSm| Box::pin(async move { sm.begin_reclaim() }))
             .await
-            .map_err(|err| format!("cannot read the state machine: {err}"))
+            .map_err(|err| format!("cannot read the state machine: {err}"))?;
+        let Some(job) = job else {
+            return Ok(());
+        };
+        let started = std::time::Instant::now();
+        let upto = job.upto;
+        let rebuilt = job.rebuild().await;
+        let rebuild_ms = started.elapsed().as_millis() as u64;
+        self.raft
+            .with_state_machine(move |sm: &mut StockSm| {
+                Box::pin(async move { sm.finish_reclaim(upto, rebuilt) })
+            })
+            .await
+            .map_err(|err| format!("cannot read the state machine: {err}"))??;
+        tracing::info!(
+            rebuilt_through = upto,
+            rebuild_ms,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "the state machine's state is whole again"
+        );
+        Ok(())
     }
 
-    /// What a leader's epoch starts from (`crate::leadership`): a copy of what its
-    /// supervisor needs of the state the state machine has folded (`SupervisorArgs::copy_of`),
-    /// with its Raft metadata and API keys, taken on the state machine's task (nothing is
-    /// applied meanwhile).
+    /// Reads the state the state machine has folded with `read`, on its task (nothing is
+    /// applied meanwhile), reclaiming the state first if it is lent.
+    async fn read_state<T, F>(&self, read: F) -> Result<T, String>
+    where
+        T: Send + 'static,
+        F: FnOnce(&crate::storage::fold::State) -> T + Send + 'static,
+    {
+        let mut read = read;
+        // An epoch may begin, and borrow the state, between the reclaim and the read.
+        for _ in 0..READ_TRIES {
+            self.reclaim().await?;
+            let answer = self
+                .raft
+                .with_state_machine(move |sm: &mut StockSm| {
+                    Box::pin(async move {
+                        if sm.is_lent() {
+                            Err(read)
+                        } else {
+                            Ok(read(sm.state()))
+                        }
+                    })
+                })
+                .await
+                .map_err(|err| format!("cannot read the state machine: {err}"))?;
+            match answer {
+                Ok(answer) => return Ok(answer),
+                Err(unread) => read = unread,
+            }
+        }
+        Err("the state machine's state is lent to an epoch; try again".into())
+    }
+
+    /// A copy of the state the state machine has folded (every entry applied so far).
+    pub async fn applied_state(&self) -> Result<crate::storage::fold::State, String> {
+        self.read_state(|state| state.clone()).await
+    }
+
+    /// What a leader's epoch starts from (`crate::leadership`): the state the state machine
+    /// has folded, lent (`StockSm::lend`: taken, not copied), its products in SKU order
+    /// (`SupervisorArgs::from_state`, sorted on a blocking thread), with its Raft metadata
+    /// and API keys. Nothing is applied between the blank entry's and the lend.
     pub async fn epoch_start(
         &self,
     ) -> Result<
@@ -362,50 +431,49 @@ impl ClusterNode {
         ),
         String,
     > {
-        self.raft
-            .with_state_machine(|sm: &mut StockSm| {
-                Box::pin(async move {
-                    let state = sm.state();
-                    (
-                        crate::actors::supervisor::SupervisorArgs::copy_of(state),
-                        state.raft.clone().unwrap_or_default(),
-                        state.keys.values().cloned().collect(),
-                    )
-                })
+        for _ in 0..READ_TRIES {
+            self.reclaim().await?;
+            let lent = self
+                .raft
+                .with_state_machine(|sm: &mut StockSm| Box::pin(async move { sm.lend() }))
+                .await
+                .map_err(|err| format!("cannot read the state machine: {err}"))?;
+            let Some(mut state) = lent else {
+                continue;
+            };
+            let meta = state.raft.clone().unwrap_or_default();
+            let keys = std::mem::take(&mut state.keys).into_values().collect();
+            let args = tokio::task::spawn_blocking(move || {
+                crate::actors::supervisor::SupervisorArgs::from_state(state)
             })
             .await
-            .map_err(|err| format!("cannot read the state machine: {err}"))
+            .map_err(|err| format!("cannot sort the products: {err}"))?;
+            return Ok((args, meta, keys));
+        }
+        Err("the state machine's state is lent to an epoch".into())
     }
 
     /// The digest of the state the state machine has folded, and the last entry it folded
-    /// (`GET /v1/admin/cluster/digest`): equal on every node at the same position.
+    /// (`GET /v1/admin/cluster/digest`): equal on every node at the same position. On a
+    /// leader, the state is given back by its epoch first (`reclaim`), and stays whole
+    /// until the next epoch.
     pub async fn digest(&self) -> Result<(u64, [u8; 32]), String> {
-        self.raft
-            .with_state_machine(|sm: &mut StockSm| {
-                Box::pin(async move {
-                    let state = sm.state();
-                    let applied = state.raft.as_ref().and_then(|r| r.last_applied);
-                    (applied.map_or(0, |pos| pos.seq), state.digest())
-                })
-            })
-            .await
-            .map_err(|err| format!("cannot read the state machine: {err}"))
+        self.read_state(|state| {
+            let applied = state.raft.as_ref().and_then(|r| r.last_applied);
+            (applied.map_or(0, |pos| pos.seq), state.digest())
+        })
+        .await
     }
 
     /// The API keys of the state the state machine has folded, and the last entry it
     /// folded: what a node that does not serve authenticates with.
     pub async fn applied_keys(&self) -> Result<(u64, Vec<crate::domain::key::ApiKey>), String> {
-        self.raft
-            .with_state_machine(|sm: &mut StockSm| {
-                Box::pin(async move {
-                    let state = sm.state();
-                    let applied = state.raft.as_ref().and_then(|r| r.last_applied);
-                    let keys = state.keys.values().cloned().collect();
-                    (applied.map_or(0, |pos| pos.seq), keys)
-                })
-            })
-            .await
-            .map_err(|err| format!("cannot read the state machine: {err}"))
+        self.read_state(|state| {
+            let applied = state.raft.as_ref().and_then(|r| r.last_applied);
+            let keys = state.keys.values().cloned().collect();
+            (applied.map_or(0, |pos| pos.seq), keys)
+        })
+        .await
     }
 
     /// The last entry the state machine has applied (0: none), from the metrics.

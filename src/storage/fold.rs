@@ -198,7 +198,24 @@ pub fn forget(
 /// follow the last one: the next sequence, in a term no older (the first entry a state
 /// folds is sequence 1). On error the state may be partly changed, as with `apply`.
 pub fn apply_entry(state: &mut State, entry: Entry) -> Result<Outcome, FoldError> {
-    let last = state.raft.as_ref().and_then(|raft| raft.last_applied);
+    let (outcome, record) = admit_entry(&mut state.raft, entry)?;
+    if let Some(record) = record {
+        apply_owned(state, record)?;
+    }
+    Ok(outcome)
+}
+
+/// `apply_entry`'s part in the Raft metadata alone: checks the entry's order, decides its
+/// outcome by the chain, and moves the metadata past it (`last_applied`, the chain, the
+/// clock's floor, the membership). Returns the record to fold, if the entry is a proposal
+/// the chain admits. The outcome never depends on anything but the metadata, so a state
+/// machine whose products are lent to a leader's epoch keeps deciding it
+/// (`cluster::state_machine`).
+pub fn admit_entry(
+    raft: &mut Option<RaftMeta>,
+    entry: Entry,
+) -> Result<(Outcome, Option<Record>), FoldError> {
+    let last = raft.as_ref().and_then(|raft| raft.last_applied);
     let in_order = match last {
         Some(last) => entry.pos.seq == last.seq + 1 && entry.pos.term >= last.term,
         None => entry.pos.seq == 1,
@@ -209,34 +226,31 @@ pub fn apply_entry(state: &mut State, entry: Entry) -> Result<Outcome, FoldError
             entry: entry.pos,
         });
     }
-    let raft = state.raft.get_or_insert_with(RaftMeta::default);
-    let outcome = match entry.payload {
-        Payload::Blank => Outcome::Applied,
+    let raft = raft.get_or_insert_with(RaftMeta::default);
+    let admitted = match entry.payload {
+        Payload::Blank => (Outcome::Applied, None),
         Payload::Membership(membership) => {
             raft.membership = StoredMembership {
                 pos: Some(entry.pos),
                 membership,
             };
-            Outcome::Applied
+            (Outcome::Applied, None)
         }
         Payload::Normal { epoch, n, record } => {
             if epoch.term == entry.pos.term && raft.chain.admits(epoch, n) {
-                let at = record.at();
-                apply_owned(state, record)?;
-                let raft = state.raft.as_mut().expect("set above");
                 raft.chain = Chain {
                     epoch,
                     next_n: n + 1,
                 };
-                raft.clock_floor = raft.clock_floor.max(at);
-                Outcome::Applied
+                raft.clock_floor = raft.clock_floor.max(record.at());
+                (Outcome::Applied, Some(record))
             } else {
-                Outcome::Skipped
+                (Outcome::Skipped, None)
             }
         }
     };
-    state.raft.as_mut().expect("set above").last_applied = Some(entry.pos);
-    Ok(outcome)
+    raft.last_applied = Some(entry.pos);
+    Ok(admitted)
 }
 
 /// Applies one record to the state. On error the state may be partly changed: the caller

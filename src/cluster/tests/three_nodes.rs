@@ -885,3 +885,116 @@ async fn a_follower_behind_a_purge_catches_up_by_snapshot() {
         stop(&router, id, node).await;
     }
 }
+
+/// The leader's state lent to an epoch (`StockSm::lend`): the state machine keeps
+/// answering each entry from its Raft metadata alone; a reclaim that fails leaves it lent;
+/// one that succeeds rebuilds it from the snapshot and the log through the entry it began
+/// at, folds in the records applied while it ran, and makes the state machine whole, its
+/// digest then the followers' at the same position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lent_state_is_given_back_whole_with_what_was_applied_meanwhile() {
+    let root = tempfile::tempdir().unwrap();
+    let router = Router::default();
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3 {
+        let dir = root.path().join(format!("node-{id}"));
+        nodes.insert(id, start(&router, id, &dir, open_log(&dir).await).await);
+    }
+    let members: BTreeMap<NodeId, StockdNode> = (1..=3).map(|id| (id, member(id))).collect();
+    nodes[&1]
+        .raft
+        .initialize(members)
+        .await
+        .expect("initializing");
+    let all = [1, 2, 3];
+    let (leader, term) = leader_of(&nodes, &all).await;
+    let raft = nodes[&leader].raft.clone();
+    let epoch = Epoch { term, k: 1 };
+    let mut next_n = 1;
+    let mut proposals = |records: Vec<Bytes>| {
+        let first = next_n;
+        next_n += records.len() as u64;
+        (first, records)
+    };
+    let (first, records) = proposals(vec![record("A", 0), record("A", 1), record("A", 2)]);
+    let last = propose(&raft, epoch, first, records).await;
+    snapshot_at(&raft, last).await;
+    let (first, records) = proposals(vec![record("A", 3)]);
+    propose(&raft, epoch, first, records).await;
+
+    let lent = raft
+        .with_state_machine(|sm: &mut StockSm| {
+            Box::pin(async move { (sm.lend(), sm.lend().is_some(), sm.is_lent()) })
+        })
+        .await
+        .unwrap();
+    let (state, lent_twice, is_lent) = lent;
+    let state = state.expect("the state is lent");
+    assert_eq!(
+        state.products["A"].on_hand, 16,
+        "the epoch gets the whole state"
+    );
+    assert!(!lent_twice && is_lent, "lent once, until it is given back");
+
+    // Lent: entries are answered from the metadata; the products are the epoch's.
+    let (first, records) = proposals(vec![record("A", 4), record("B", 0)]);
+    propose(&raft, epoch, first, records).await;
+    assert_eq!(
+        on_hand(&raft, "A").await,
+        None,
+        "the state machine holds no products"
+    );
+
+    // A reclaim that cannot rebuild leaves the state lent.
+    let failed = raft
+        .with_state_machine(|sm: &mut StockSm| {
+            Box::pin(async move {
+                let upto = sm.begin_reclaim().expect("lent").upto;
+                (
+                    sm.finish_reclaim(upto, Err("no rebuild".into())),
+                    sm.is_lent(),
+                )
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(failed, (Err("no rebuild".into()), true));
+
+    let job = raft
+        .with_state_machine(|sm: &mut StockSm| Box::pin(async move { sm.begin_reclaim() }))
+        .await
+        .unwrap()
+        .expect("lent");
+    // Applied while the state is rebuilt: kept, and folded in at the end.
+    let (first, records) = proposals(vec![record("A", 5), record("B", 6)]);
+    let last = propose(&raft, epoch, first, records).await;
+    assert!(job.upto <= last, "the rebuild is through an earlier entry");
+    let rebuilt = job.rebuild().await;
+    let upto = job.upto;
+    raft.with_state_machine(move |sm: &mut StockSm| {
+        Box::pin(async move { sm.finish_reclaim(upto, rebuilt) })
+    })
+    .await
+    .unwrap()
+    .expect("the state is given back");
+    assert_eq!(on_hand(&raft, "A").await, Some(10 + 1 + 2 + 3 + 4 + 5));
+    assert_eq!(on_hand(&raft, "B").await, Some(16));
+    let found = digests(&nodes, &all, last).await;
+    assert!(
+        found.windows(2).all(|w| w[0] == w[1]),
+        "same digest at {last}"
+    );
+
+    // Whole again: what follows is folded as before.
+    let (first, records) = proposals(vec![record("B", 7)]);
+    let last = propose(&raft, epoch, first, records).await;
+    assert_eq!(on_hand(&raft, "B").await, Some(23));
+    let found = digests(&nodes, &all, last).await;
+    assert!(
+        found.windows(2).all(|w| w[0] == w[1]),
+        "same digest at {last}"
+    );
+    for (id, node) in nodes {
+        stop(&router, id, node).await;
+    }
+}
