@@ -2,8 +2,9 @@
 //! catalogue. Now the state machine lends the epoch its state (`StockSm::lend`): the
 //! products are taken and moved into the table once (`Routes::from_items`, which sorts
 //! only the SKUs' keys). Before, the epoch copied them (the references sorted by an 8-byte
-//! SKU prefix, the products cloned in that order) and built the table from the copy, and
-//! the state machine kept its own. Rounds alternate (this machine is noisy), and the
+//! SKU prefix, the products cloned in that order) and built the table from the copy
+//! (here with the same `from_items`, whose sort of keys already in order is one pass),
+//! and the state machine kept its own. Rounds alternate (this machine is noisy), and the
 //! state a lend takes is cloned before its clock starts.
 //!
 //! `cargo bench --bench epoch_start` (release build). `EPOCH_PRODUCTS` (default

@@ -17,7 +17,7 @@
 //!    while the epoch has the state.
 //! 3. The epoch is `(term, k)`, `k` past every epoch of `term` the log or this node has
 //!    seen, so its first proposal opens a new chain.
-//! 4. The supervisor starts from the copy with the epoch's journal and a `FloorClock`
+//! 4. The supervisor starts from that state with the epoch's journal and a `FloorClock`
 //!    whose floor is the state's `clock_floor`; the keyring gets the state's keys; the
 //!    reservations that are overdue are expired (their records are the epoch's first).
 //! 5. The service becomes the epoch's, then the role `Leader { ready: true }`.
@@ -203,14 +203,10 @@ async fn begin(args: &LeadershipArgs, term: u64, last: Option<Epoch>) -> Result<
         return Err("it no longer leads in its term".into());
     }
     let blank_ms = started.elapsed().as_millis() as u64;
-    let (copy, meta, keys) = args.node.epoch_start().await?;
-    let copied_ms = started.elapsed().as_millis() as u64;
+    let (lent, meta, keys) = args.node.epoch_start(blank_seq).await?;
+    let lent_ms = started.elapsed().as_millis() as u64;
     let applied = meta.last_applied.map_or(0, |pos| pos.seq);
-    if applied < blank_seq {
-        return Err(format!(
-            "the state machine has applied {applied}, before its blank entry {blank_seq}"
-        ));
-    }
+    debug_assert!(applied >= blank_seq, "lent only past the blank entry");
     // Past every epoch of this term that the log holds, and every one this node began
     // (one whose proposals were all refused leaves nothing in the log).
     let mut k = match meta.chain.epoch {
@@ -234,7 +230,7 @@ async fn begin(args: &LeadershipArgs, term: u64, last: Option<Epoch>) -> Result<
         passivate_after: args.passivate_after,
         retention_ms: args.retention_ms,
     };
-    let supervisor = match Actor::spawn(None, supervisor, copy).await {
+    let supervisor = match Actor::spawn(None, supervisor, lent).await {
         Ok((supervisor, _)) => supervisor,
         Err(err) => {
             proposer.close().await;
@@ -271,7 +267,7 @@ async fn begin(args: &LeadershipArgs, term: u64, last: Option<Epoch>) -> Result<
         applied_seq = applied,
         elapsed_ms = started.elapsed().as_millis() as u64,
         blank_ms,
-        copied_ms,
+        lent_ms,
         actors_ms,
         "serving as the leader"
     );

@@ -7,7 +7,8 @@ leader's epoch start after kill -9 of the leader, and a restarted node's catch-u
 Starts three `stockd serve` nodes on loopback (free ports, a temporary directory), creates
 N products through the leader (8 keep-alive connections unless told), prints each node's RSS, kills
 the leader with SIGKILL, prints the new leader's "serving as the leader" elapsed_ms (the
-blank entry, the copy of the committed state, the actors built from it), restarts the
+blank entry, the committed state lent by the state machine and the supervisor's table
+built from it, the supervisor started), restarts the
 killed node and prints how long until it listens and until it has applied the whole log.
 Every node is killed at the end, also on error. Loopback only.
 """
@@ -124,10 +125,14 @@ def main():
         print(f"node {new} serves {time.time() - killed:.2f} s after kill -9 of node {leader}")
         log = open(os.path.join(tmp.name, f"node{new}.log")).read()
         began = re.findall(r"serving as the leader.*elapsed_ms=(\d+) blank_ms=(\d+) "
-                           r"copied_ms=(\d+) actors_ms=(\d+)", log)[-1]
-        total, blank, copied, actors = (int(x) for x in began)
+                           r"lent_ms=(\d+) actors_ms=(\d+)", log)[-1]
+        total, blank, lent, actors = (int(x) for x in began)
+        split = re.findall(r"the state machine lent its state.*lent_ms=(\d+) table_ms=(\d+)", log)
+        if split:
+            print(f"the state machine lent its state in {split[-1][0]} ms; the table took "
+                  f"{split[-1][1]} ms")
         print(f"its epoch began in {total} ms: blank entry committed at {blank} ms, state "
-              f"copied at {copied} ms, actors built at {actors} ms")
+              f"lent and its table built at {lent} ms, supervisor started at {actors} ms")
 
         t0 = time.time()
         start(leader)

@@ -12,7 +12,8 @@
 //! `node::ClusterNode`. What is here: the engine's types and their conversions to
 //! stockd's own (`types`), its log storage over the write-ahead log
 //! (`log_store::ClusterLog`), its state machine (`state_machine::StockSm`, which folds
-//! every committed entry, on the leader too), a leader's proposals (`proposer`), the
+//! every committed entry, and on a leader lends its state to the epoch and rebuilds it
+//! when the epoch ends), a leader's proposals (`proposer`), the
 //! node (`node`: the engine started with the flags of `settings`, its metrics made a
 //! `Role` and a `Status`), the Raft transport over HTTP, client (`net`) and server
 //! (`transport`), the cluster id every Raft message names (`cluster_id`), and tests against

@@ -81,6 +81,66 @@ pub const JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Reclaims before a read of the state machine's state, at most (`read_state`).
 const READ_TRIES: usize = 3;
 
+/// After a failed rebuild of a lent state, reclaims fail at once for this long, doubled
+/// after each further failure up to the maximum (`ClusterNode::reclaim`).
+const RECLAIM_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+const RECLAIM_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Held while a lent state is given back (one at a time): the last failure, if the last
+/// rebuild failed, and how long to wait after it.
+type Reclaiming = Arc<tokio::sync::Mutex<Option<(std::time::Instant, std::time::Duration)>>>;
+
+/// `ClusterNode::reclaim`'s work.
+async fn reclaim(raft: Raft, reclaiming: Reclaiming) -> Result<(), String> {
+    let mut failed = reclaiming.lock().await;
+    if let Some((at, wait)) = *failed {
+        if at.elapsed() < wait {
+            return Err(format!(
+                "the state machine's state could not be rebuilt; trying again in {:?}",
+                wait - at.elapsed()
+            ));
+        }
+    }
+    let job = raft
+        .with_state_machine(|sm: &mut StockSm| Box::pin(async move { sm.begin_reclaim() }))
+        .await
+        .map_err(|err| format!("cannot read the state machine: {err}"))?;
+    let Some(job) = job else {
+        *failed = None;
+        return Ok(());
+    };
+    let started = std::time::Instant::now();
+    let upto = job.upto;
+    let rebuilt = job.rebuild().await;
+    let rebuild_ms = started.elapsed().as_millis() as u64;
+    let finished = raft
+        .with_state_machine(move |sm: &mut StockSm| {
+            Box::pin(async move { sm.finish_reclaim(upto, rebuilt) })
+        })
+        .await
+        .map_err(|err| format!("cannot read the state machine: {err}"))?;
+    match finished {
+        Ok(()) => {
+            *failed = None;
+            tracing::info!(
+                rebuilt_through = upto,
+                rebuild_ms,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "the state machine's state is whole again"
+            );
+            Ok(())
+        }
+        Err(err) => {
+            let wait = failed.map_or(RECLAIM_RETRY_FIRST, |(_, wait)| {
+                (wait * 2).min(RECLAIM_RETRY_MAX)
+            });
+            *failed = Some((std::time::Instant::now(), wait));
+            tracing::error!(error = %err, retry_in = ?wait, "cannot rebuild the state machine's state");
+            Err(err)
+        }
+    }
+}
+
 /// A running cluster node's engine.
 pub struct ClusterNode {
     raft: Raft,
@@ -100,7 +160,7 @@ pub struct ClusterNode {
     /// Held while a membership change runs (`membership`): one at a time.
     changing: tokio::sync::Mutex<()>,
     /// Held while the state machine's lent state is given back (`reclaim`): one at a time.
-    reclaiming: tokio::sync::Mutex<()>,
+    reclaiming: Reclaiming,
     /// The last snapshot the state machine built (`snapshot` reports it).
     last_built: Arc<std::sync::Mutex<Option<(crate::storage::snapshot_worker::Built, bool)>>>,
 }
@@ -190,7 +250,7 @@ impl ClusterNode {
             ids,
             initializing: None,
             changing: tokio::sync::Mutex::new(()),
-            reclaiming: tokio::sync::Mutex::new(()),
+            reclaiming: Reclaiming::default(),
             last_built,
         };
         match node.initialize(settings).await {
@@ -347,37 +407,18 @@ impl ClusterNode {
     }
 
     /// Gives the state machine's state back if it is lent to an epoch
-    /// (`state_machine`'s documentation): rebuilds it from the newest snapshot and the log
-    /// through the last entry applied, off the state machine's task, then folds in what
-    /// was applied meanwhile. A node leading a million products takes seconds; the state
-    /// machine goes on applying meanwhile.
+    /// (`state_machine`'s documentation): rebuilds it from the newest snapshot at or before
+    /// the last entry applied and the log through that entry, off the state machine's
+    /// task, then folds in what was applied meanwhile. A node that led a million products
+    /// takes seconds; the state machine goes on applying meanwhile. Runs in a task of its
+    /// own, so a caller that stops waiting does not stop it halfway. After a failure, the
+    /// next tries fail at once for a while (`RECLAIM_RETRY_*`): each rebuild reads the
+    /// whole snapshot.
     pub async fn reclaim(&self) -> Result<(), String> {
-        let _one = self.reclaiming.lock().await;
-        let job = self
-            .raft
-            .with_state_machine(|sm: &mut StockSm| Box::pin(async move { sm.begin_reclaim() }))
+        let (raft, reclaiming) = (self.raft.clone(), self.reclaiming.clone());
+        tokio::spawn(reclaim(raft, reclaiming))
             .await
-            .map_err(|err| format!("cannot read the state machine: {err}"))?;
-        let Some(job) = job else {
-            return Ok(());
-        };
-        let started = std::time::Instant::now();
-        let upto = job.upto;
-        let rebuilt = job.rebuild().await;
-        let rebuild_ms = started.elapsed().as_millis() as u64;
-        self.raft
-            .with_state_machine(move |sm: &mut StockSm| {
-                Box::pin(async move { sm.finish_reclaim(upto, rebuilt) })
-            })
-            .await
-            .map_err(|err| format!("cannot read the state machine: {err}"))??;
-        tracing::info!(
-            rebuilt_through = upto,
-            rebuild_ms,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "the state machine's state is whole again"
-        );
-        Ok(())
+            .map_err(|err| format!("the rebuild stopped: {err}"))?
     }
 
     /// Reads the state the state machine has folded with `read`, on its task (nothing is
@@ -418,11 +459,13 @@ impl ClusterNode {
     }
 
     /// What a leader's epoch starts from (`crate::leadership`): the state the state machine
-    /// has folded, lent (`StockSm::lend`: taken, not copied), its products in SKU order
-    /// (`SupervisorArgs::from_state`, sorted on a blocking thread), with its Raft metadata
-    /// and API keys. Nothing is applied between the blank entry's and the lend.
+    /// has folded, lent (`StockSm::lend`: taken, not copied), its products moved into the
+    /// supervisor's table on a blocking thread (`SupervisorArgs::from_state`), with its Raft
+    /// metadata and API keys. Lent only once the state machine has applied the epoch's
+    /// blank entry, `blank_seq`: an epoch that cannot begin leaves the state whole.
     pub async fn epoch_start(
         &self,
+        blank_seq: u64,
     ) -> Result<
         (
             crate::actors::supervisor::SupervisorArgs,
@@ -433,21 +476,41 @@ impl ClusterNode {
     > {
         for _ in 0..READ_TRIES {
             self.reclaim().await?;
+            let started = std::time::Instant::now();
             let lent = self
                 .raft
-                .with_state_machine(|sm: &mut StockSm| Box::pin(async move { sm.lend() }))
+                .with_state_machine(move |sm: &mut StockSm| {
+                    Box::pin(async move {
+                        let applied = sm.state().raft.as_ref().and_then(|r| r.last_applied);
+                        match applied.map_or(0, |pos| pos.seq) {
+                            applied if applied < blank_seq => Err(format!(
+                                "the state machine has applied {applied}, before the blank \
+                                 entry {blank_seq}"
+                            )),
+                            _ => Ok(sm.lend()),
+                        }
+                    })
+                })
                 .await
-                .map_err(|err| format!("cannot read the state machine: {err}"))?;
+                .map_err(|err| format!("cannot read the state machine: {err}"))??;
             let Some(mut state) = lent else {
                 continue;
             };
+            let lent_ms = started.elapsed().as_millis() as u64;
             let meta = state.raft.clone().unwrap_or_default();
             let keys = std::mem::take(&mut state.keys).into_values().collect();
+            let products = state.products.len();
             let args = tokio::task::spawn_blocking(move || {
                 crate::actors::supervisor::SupervisorArgs::from_state(state)
             })
             .await
-            .map_err(|err| format!("cannot sort the products: {err}"))?;
+            .map_err(|err| format!("cannot build the supervisor's table: {err}"))?;
+            tracing::info!(
+                products,
+                lent_ms,
+                table_ms = started.elapsed().as_millis() as u64 - lent_ms,
+                "the state machine lent its state to the epoch"
+            );
             return Ok((args, meta, keys));
         }
         Err("the state machine's state is lent to an epoch".into())
@@ -455,8 +518,8 @@ impl ClusterNode {
 
     /// The digest of the state the state machine has folded, and the last entry it folded
     /// (`GET /v1/admin/cluster/digest`): equal on every node at the same position. On a
-    /// leader, the state is given back by its epoch first (`reclaim`), and stays whole
-    /// until the next epoch.
+    /// leader, whose state is lent to its epoch, the state machine's is rebuilt first
+    /// (`reclaim`), and stays whole until the next epoch.
     pub async fn digest(&self) -> Result<(u64, [u8; 32]), String> {
         self.read_state(|state| {
             let applied = state.raft.as_ref().and_then(|r| r.last_applied);

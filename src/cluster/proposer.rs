@@ -196,7 +196,7 @@ impl Proposer {
     /// from the engine's answers (or at the deadline), like any others.
     ///
     /// The next epoch's owner calls this before anything that must come after every record
-    /// of this one in the log (a blank entry, then the copy of the state the next epoch
+    /// of this one in the log (a blank entry, then the state the next epoch
     /// starts from): a record handed over after it would be folded into the committed
     /// state but not into the next epoch's actors.
     pub async fn close(&self) {

@@ -1,8 +1,9 @@
 //! `StockSm`: the engine's state machine (docs/REPLICATION.md, "The state machine").
 //!
 //! The state machine owns a `State` and folds each committed entry into it with
-//! `fold::apply_entry` (the only place Raft entries meet the fold), answering each entry's
-//! responder with its `Outcome`, on every node.
+//! `fold::apply_entry` (or, while the state is lent, `fold::admit_entry`: the two are the
+//! only places Raft entries meet the fold), answering each entry's responder with its
+//! `Outcome`, on every node.
 //!
 //! **A leader lends its state to its epoch** (`lend`): a new epoch's supervisor takes the
 //! products, reservations and idempotency keys themselves, not a copy (copying a million
@@ -12,13 +13,14 @@
 //! records it admits meanwhile are the epoch's own proposals, which its actors already
 //! hold, or, once the node no longer leads, entries that stay in the log. Giving the
 //! state back (`begin_reclaim`, `Reclaim::rebuild`, `finish_reclaim`;
-//! `ClusterNode::reclaim`) rebuilds it from the newest snapshot and the log through the
-//! last entry applied, off the state machine's task, which meanwhile goes on applying
-//! and keeps the records it admits; they are folded into the rebuilt state at the end.
+//! `ClusterNode::reclaim`) rebuilds it from the newest snapshot at or before the last
+//! entry applied and the log through that entry, off the state machine's task, which
+//! meanwhile goes on applying and keeps the records it admits; they are folded into the
+//! rebuilt state at the end.
 //! The epoch's actors are never read back: they may hold changes that never committed.
 //! A reader of the state (the digest, the API keys of a node that does not lead, the next
 //! epoch) reclaims it first.
-
+//!
 //! Snapshots are built from the log, not from the state: the builder is given the Raft
 //! metadata applied so far, and the snapshot worker (a child process; or this process if
 //! there is none, or it fails) folds the newest snapshot before that entry and the log's
@@ -115,15 +117,13 @@ impl Reclaim {
     /// entries after that (`recovery::recover_entries_at`), once the log is durable
     /// through it (an entry is applied once a majority has it, which need not include
     /// this node's disk yet). Runs on a blocking thread, holding the snapshot directory.
-    pub async fn rebuild(&self) -> Result<State, String> {
+    pub async fn rebuild(&self) -> Result<State, RebuildError> {
         let upto = self.upto;
         let writer = &self.source.writer;
         if writer.durable_seq() < upto {
-            writer
-                .barrier()
-                .durable()
-                .await
-                .map_err(|err| format!("the log is not durable through {upto}: {err}"))?;
+            writer.barrier().durable().await.map_err(|err| {
+                RebuildError::Failed(format!("the log is not durable through {upto}: {err}"))
+            })?;
         }
         let (reader, dir, files) = (
             self.source.reader.clone(),
@@ -134,10 +134,35 @@ impl Reclaim {
             let _files = lock(&files);
             recovery::recover_entries_at(&reader, &dir, upto)
                 .map(|recovered| recovered.state)
-                .map_err(|err| format!("cannot rebuild the state through entry {upto}: {err}"))
+                .map_err(|err| {
+                    let why = format!("cannot rebuild the state through entry {upto}: {err}");
+                    match err {
+                        recovery::RecoveryError::Fold { .. } => RebuildError::Contradiction(why),
+                        _ => RebuildError::Failed(why),
+                    }
+                })
         })
         .await
-        .map_err(|err| format!("the rebuild stopped: {err}"))?
+        .map_err(|err| RebuildError::Failed(format!("the rebuild stopped: {err}")))?
+    }
+}
+
+/// Why a lent state could not be rebuilt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RebuildError {
+    /// The committed log contradicts itself (a record that does not fold): the state
+    /// machine stops, as on any fold error.
+    Contradiction(String),
+    /// Anything else (the log or the snapshots cannot be read, a snapshot was installed
+    /// meanwhile): the state stays lent, and a later reclaim tries again.
+    Failed(String),
+}
+
+impl std::fmt::Display for RebuildError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RebuildError::Contradiction(why) | RebuildError::Failed(why) => f.write_str(why),
+        }
     }
 }
 
@@ -197,7 +222,7 @@ impl StockSm {
     /// Lends the state to a leader's epoch (see the module's documentation); `None` if it
     /// is lent already (reclaim it first). A state machine without a log cannot rebuild
     /// its state: it lends a copy, and stays whole.
-    pub fn lend(&mut self) -> Option<State> {
+    pub(crate) fn lend(&mut self) -> Option<State> {
         if self.lent.is_some() {
             return None;
         }
@@ -218,8 +243,8 @@ impl StockSm {
 
     /// Begins giving a lent state back: from now on, the records this state machine
     /// admits are kept until `finish_reclaim`. Returns what to rebuild the state from
-    /// (`None`: it is not lent).
-    pub fn begin_reclaim(&mut self) -> Option<Reclaim> {
+    /// (`None`: it is not lent). One reclaim at a time (`ClusterNode::reclaim`).
+    pub(crate) fn begin_reclaim(&mut self) -> Option<Reclaim> {
         let lent = self.lent.as_mut()?;
         let source = self.log.clone()?;
         let upto = applied_seq(&self.state);
@@ -234,12 +259,13 @@ impl StockSm {
 
     /// Ends giving a lent state back: `rebuilt` is the state through entry `upto`
     /// (`Reclaim::rebuild`); the records admitted since are folded into it, and it
-    /// becomes this state machine's. If it could not be rebuilt, the state stays lent. If
-    /// an installed snapshot made the state whole meanwhile, `rebuilt` is dropped.
-    pub fn finish_reclaim(
+    /// becomes this state machine's. If it could not be rebuilt, the state stays lent, and
+    /// if the log contradicts itself, the next `apply` fails (the engine stops). If an
+    /// installed snapshot made the state whole meanwhile, `rebuilt` is dropped.
+    pub(crate) fn finish_reclaim(
         &mut self,
         upto: u64,
-        rebuilt: Result<State, String>,
+        rebuilt: Result<State, RebuildError>,
     ) -> Result<(), String> {
         let Some(lent) = self.lent.as_mut() else {
             return Ok(());
@@ -248,7 +274,14 @@ impl StockSm {
             return Err(format!("no rebuild through entry {upto} was under way"));
         }
         let (_, since) = lent.since.take().expect("checked above");
-        let mut state = rebuilt?;
+        let mut state = match rebuilt {
+            Ok(state) => state,
+            Err(RebuildError::Contradiction(err)) => {
+                self.broken = Some(err.clone());
+                return Err(err);
+            }
+            Err(RebuildError::Failed(err)) => return Err(err),
+        };
         let rebuilt_through = applied_seq(&state);
         if rebuilt_through != upto {
             return Err(format!(

@@ -28,7 +28,9 @@ use openraft::{AnyError, Config, RaftLogReader, ServerState};
 
 use crate::cluster::log_store::ClusterLog;
 use crate::cluster::proposer::Proposer;
-use crate::cluster::state_machine::{Snapshot, SnapshotFile, SnapshotSource, StockSm};
+use crate::cluster::state_machine::{
+    RebuildError, Snapshot, SnapshotFile, SnapshotSource, StockSm,
+};
 use crate::cluster::types::{Proposal, RaftVote, StockdNode, Tc};
 use crate::domain::SaleRules;
 use crate::storage::entry::{Epoch, NodeId, Outcome};
@@ -951,7 +953,7 @@ async fn a_lent_state_is_given_back_whole_with_what_was_applied_meanwhile() {
             Box::pin(async move {
                 let upto = sm.begin_reclaim().expect("lent").upto;
                 (
-                    sm.finish_reclaim(upto, Err("no rebuild".into())),
+                    sm.finish_reclaim(upto, Err(RebuildError::Failed("no rebuild".into()))),
                     sm.is_lent(),
                 )
             })
@@ -994,6 +996,66 @@ async fn a_lent_state_is_given_back_whole_with_what_was_applied_meanwhile() {
         found.windows(2).all(|w| w[0] == w[1]),
         "same digest at {last}"
     );
+    for (id, node) in nodes {
+        stop(&router, id, node).await;
+    }
+}
+
+/// A lent state whose rebuild finds the committed log contradicting itself stops the
+/// engine at its next entry, as a fold error does on a state machine that was never lent;
+/// the other two nodes go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_that_meets_a_contradiction_stops_the_engine() {
+    let root = tempfile::tempdir().unwrap();
+    let router = Router::default();
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3 {
+        let dir = root.path().join(format!("node-{id}"));
+        nodes.insert(id, start(&router, id, &dir, open_log(&dir).await).await);
+    }
+    let members: BTreeMap<NodeId, StockdNode> = (1..=3).map(|id| (id, member(id))).collect();
+    nodes[&1]
+        .raft
+        .initialize(members)
+        .await
+        .expect("initializing");
+    let all = [1, 2, 3];
+    let (leader, term) = leader_of(&nodes, &all).await;
+    let epoch = Epoch { term, k: 1 };
+    let last = propose(&nodes[&leader].raft, epoch, 1, vec![record("A", 0)]).await;
+    digests(&nodes, &all, last).await;
+    let follower = *all.iter().find(|&&id| id != leader).unwrap();
+    let refused = nodes[&follower]
+        .raft
+        .with_state_machine(|sm: &mut StockSm| {
+            Box::pin(async move {
+                let lent = sm.lend().is_some();
+                let upto = sm.begin_reclaim().expect("lent").upto;
+                let why = RebuildError::Contradiction("record 2 does not fold".into());
+                (lent, sm.finish_reclaim(upto, Err(why)), sm.is_lent())
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(refused, (true, Err("record 2 does not fold".into()), true));
+
+    let last = propose(&nodes[&leader].raft, epoch, 2, vec![record("A", 1)]).await;
+    nodes[&follower]
+        .raft
+        .wait(Some(WAIT))
+        .metrics(|m| m.running_state.is_err(), "the follower's engine stops")
+        .await
+        .expect("the follower's engine stops at its next entry");
+    let others: Vec<NodeId> = all.iter().copied().filter(|&id| id != follower).collect();
+    let found = digests(&nodes, &others, last).await;
+    assert_eq!(found[0], found[1], "the other two go on");
+
+    let stopped = nodes.remove(&follower).unwrap();
+    router.nodes.lock().unwrap().remove(&follower);
+    let _ = stopped.raft.shutdown().await; // its engine stopped on its own
+    let Node { raft, writer, log } = stopped;
+    drop((raft, log));
+    writer.shutdown().await.expect("stopping the log");
     for (id, node) in nodes {
         stop(&router, id, node).await;
     }
