@@ -227,7 +227,11 @@ impl ClusterNode {
             last_built: Arc::default(),
         };
         let last_built = source.last_built.clone();
-        let sm = StockSm::recovered(snapshot_dir, recovered.state, source);
+        let snapshot = recovered
+            .snapshot
+            .map(|s| s.path)
+            .zip(recovered.snapshot_raft);
+        let sm = StockSm::recovered(snapshot_dir, recovered.state, source, snapshot);
         let net = ClusterNet::new(settings.key.clone(), ids.clone());
         let raft = match Raft::new(settings.node_id, config, net, log.clone(), sm).await {
             Ok(raft) => raft,

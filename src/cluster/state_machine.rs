@@ -51,6 +51,7 @@ use crate::storage::fold::{self, State};
 use crate::storage::log::{LogHandle, LogReader};
 use crate::storage::record::Record;
 use crate::storage::snapshot::{self, WriteHooks};
+use crate::storage::snapshotter::{self, Priority};
 use crate::storage::{recovery, snapshot_worker};
 
 use super::types::{
@@ -196,15 +197,30 @@ impl StockSm {
 
     /// A state machine that starts from `state`, recovered from this node's snapshot
     /// and log (`recovery::recover_entries`): the engine applies only what follows it.
-    /// Its snapshots are built from `log`.
-    pub fn recovered(snapshots: &Path, state: State, log: SnapshotSource) -> StockSm {
+    /// Its snapshots are built from `log`. `snapshot` is the snapshot recovery started
+    /// from, with its Raft metadata: the engine's first question about its current
+    /// snapshot is answered from it (while it is the newest, and verifies), not by
+    /// decoding it a second time.
+    pub fn recovered(
+        snapshots: &Path,
+        state: State,
+        log: SnapshotSource,
+        snapshot: Option<(PathBuf, RaftMeta)>,
+    ) -> StockSm {
+        let known = snapshot.and_then(|(path, raft)| {
+            let meta = meta_of(&State {
+                raft: Some(raft),
+                ..State::default()
+            });
+            meta.ok().map(|meta| (path, meta))
+        });
         StockSm {
             state,
             lent: None,
             broken: None,
             snapshots: snapshots.to_path_buf(),
             log: Some(log),
-            known: Known::default(),
+            known: Arc::new(Mutex::new(known)),
             files: Arc::default(),
         }
     }
@@ -494,12 +510,18 @@ impl RaftSnapshotBuilder<Tc> for SnapshotJob {
             }
         }
         let (dir, files) = (self.snapshots.clone(), self.files.clone());
+        // At a lower weight (nice 10), not `SCHED_IDLE` as a single server's background
+        // snapshots: the engine asks again only once this one is done, so a load that kept
+        // every core busy would otherwise starve every snapshot, and the log would grow
+        // without bound.
         let (meta, path) = tokio::task::spawn_blocking(move || {
-            let _files = lock(&files);
-            SnapshotJob::build(from, &dir)
+            snapshotter::on_lowered_thread(Priority::Overdue, || {
+                let _files = lock(&files);
+                SnapshotJob::build(from, &dir)
+            })
         })
         .await
-        .map_err(other)??;
+        .map_err(other)???;
         *lock(&self.known) = Some((path.clone(), meta.clone()));
         Ok(Snapshot {
             meta,

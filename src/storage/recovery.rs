@@ -66,6 +66,9 @@ pub struct Recovered {
     pub state: State,
     /// The snapshot recovery started from (`None`: the log from its first record).
     pub snapshot: Option<SnapshotInfo>,
+    /// That snapshot's Raft metadata (a cluster node's recovery, `recover_entries`): what
+    /// the engine asks of its current snapshot, known without decoding it again.
+    pub snapshot_raft: Option<crate::storage::entry::RaftMeta>,
     /// Newer snapshots that failed verification, with the reason (skipped).
     pub skipped: Vec<String>,
     /// Log records replayed after the snapshot.
@@ -163,18 +166,24 @@ fn entries_onto_snapshot(
         return Err(RecoveryError::NotReplicated { seq: after });
     }
     let started = std::time::Instant::now();
-    if upto <= after {
+    let snapshot_raft = base.snapshot.as_ref().and(base.state.raft.clone());
+    let recovered = if upto <= after {
         let folded = (base.state, 0, after);
-        return finish(
+        finish(
             base.snapshot,
             base.skipped,
             folded,
             after,
             started.elapsed(),
-        );
-    }
-    let folded = fold_entries(reader.entries_after(after), base.state, after, upto)?;
-    finish(base.snapshot, base.skipped, folded, upto, started.elapsed())
+        )
+    } else {
+        let folded = fold_entries(reader.entries_after(after), base.state, after, upto)?;
+        finish(base.snapshot, base.skipped, folded, upto, started.elapsed())
+    };
+    recovered.map(|recovered| Recovered {
+        snapshot_raft,
+        ..recovered
+    })
 }
 
 /// The state a fold starts from: the newest snapshot at or before `upto` that verifies
@@ -262,6 +271,7 @@ pub fn finish(
     Ok(Recovered {
         state,
         snapshot,
+        snapshot_raft: None,
         skipped,
         records,
         last_seq,
@@ -540,7 +550,7 @@ mod tests {
         // No snapshot: the log from its start, through the committed mark only.
         let recovered = recover_entries(&reader, &snapshots, 30).unwrap();
         assert_eq!((recovered.records, recovered.last_seq), (30, 30));
-        assert!(recovered.snapshot.is_none());
+        assert!(recovered.snapshot.is_none() && recovered.snapshot_raft.is_none());
         let at_30 = folded_through(&reader, 30);
         assert_eq!(recovered.state.digest(), at_30.digest());
         assert_eq!(recovered.state.products.len(), 24);
@@ -554,6 +564,8 @@ mod tests {
         assert_eq!(recovered.snapshot.as_ref().map(|s| s.seq), Some(12));
         assert_eq!((recovered.records, recovered.last_seq), (18, 30));
         assert_eq!(recovered.state.digest(), at_30.digest());
+        // The snapshot's own metadata, not the state's after the fold.
+        assert_eq!(recovered.snapshot_raft, at_12.raft);
 
         // A committed mark before the snapshot (it holds committed entries only): the
         // snapshot alone.

@@ -8,7 +8,7 @@
 //! steady state. In a child process they do not. The child is the same `stockd` binary
 //! (`stockd snapshot-worker`, hidden), started from the snapshot job's thread, so it
 //! inherits that thread's scheduling class (`SCHED_IDLE` for a single server's background
-//! snapshots; a cluster node builds on a blocking thread of its runtime, normal class).
+//! snapshots; nice 10 for a cluster node's, and for a single server's overdue ones).
 //!
 //! The protocol, over the child's stdin and stdout:
 //! 1. The child loads the newest snapshot at or before `--upto` that verifies (and that

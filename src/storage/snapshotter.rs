@@ -296,6 +296,17 @@ fn run_at<T: Send>(
     if priority == Priority::Urgent {
         return job();
     }
+    on_lowered_thread(priority, job).map_err(TakeError::Thread)?
+}
+
+/// Runs `job` on a thread of its own that lowers its scheduling class to `priority`
+/// first, and waits for it (see `run_at`; a cluster node's snapshot builds run this way,
+/// and the snapshot worker they start inherits the class). Fails only if the thread
+/// cannot be started.
+pub fn on_lowered_thread<T: Send>(
+    priority: Priority,
+    job: impl FnOnce() -> T + Send,
+) -> std::io::Result<T> {
     thread::scope(|scope| {
         let handle = thread::Builder::new()
             .name("stockd-snapshot-job".into())
@@ -304,10 +315,9 @@ fn run_at<T: Send>(
                 let result = job();
                 crate::memory::release_freed_memory();
                 result
-            })
-            .map_err(TakeError::Thread)?;
+            })?;
         match handle.join() {
-            Ok(result) => result,
+            Ok(result) => Ok(result),
             Err(panic) => std::panic::resume_unwind(panic),
         }
     })

@@ -240,7 +240,11 @@ async fn start_with(
         program: None,
         last_built: Default::default(),
     };
-    let sm = StockSm::recovered(&snapshots, recovered.state, source);
+    let snapshot = recovered
+        .snapshot
+        .map(|s| s.path)
+        .zip(recovered.snapshot_raft);
+    let sm = StockSm::recovered(&snapshots, recovered.state, source, snapshot);
     let net = Net {
         from: id,
         router: router.clone(),
@@ -1059,4 +1063,62 @@ async fn a_rebuild_that_meets_a_contradiction_stops_the_engine() {
     for (id, node) in nodes {
         stop(&router, id, node).await;
     }
+}
+
+/// A node started from a snapshot knows that snapshot's metadata from its recovery: the
+/// engine's first question about its current snapshot is answered without decoding the
+/// file again (here the metadata handed over differs from the file's, to tell the two
+/// apart), and while that file is the newest and verifies only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovered_snapshot_is_known_without_a_second_decode() {
+    use openraft::storage::RaftStateMachine;
+
+    use crate::storage::entry::{loopback_membership, LogPos, RaftMeta, StoredMembership};
+    use crate::storage::fold::State;
+    use crate::storage::snapshot::{self, WriteHooks};
+
+    let root = tempfile::tempdir().unwrap();
+    let log = open_log(root.path()).await;
+    let snapshots = root.path().join("snapshots");
+    let raft_at = |seq| RaftMeta {
+        last_applied: Some(LogPos { term: 1, seq }),
+        membership: StoredMembership {
+            pos: Some(LogPos { term: 1, seq: 1 }),
+            membership: loopback_membership(3, &[&[1, 2, 3]]),
+        },
+        ..RaftMeta::default()
+    };
+    let state = State {
+        raft: Some(raft_at(9)),
+        ..State::default()
+    };
+    let written = snapshot::write(&snapshots, 9, &state, 0, WriteHooks::default()).unwrap();
+    let source = SnapshotSource {
+        reader: log.reader().clone(),
+        writer: log.handle().clone(),
+        program: None,
+        last_built: Default::default(),
+    };
+    let told = Some((written.path.clone(), raft_at(8)));
+    let mut sm = StockSm::recovered(&snapshots, state, source, told);
+    let seq = |s: Option<Snapshot>| {
+        let id = s.expect("a snapshot").meta.last_log_id.expect("an entry");
+        crate::cluster::types::pos_of(&id).seq
+    };
+    assert_eq!(
+        seq(sm.get_current_snapshot().await.unwrap()),
+        8,
+        "from memory"
+    );
+
+    let mut bytes = std::fs::read(&written.path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&written.path, bytes).unwrap();
+    assert!(
+        sm.get_current_snapshot().await.unwrap().is_none(),
+        "verified each time"
+    );
+    drop(sm);
+    log.handle().shutdown().await.expect("stopping the log");
 }
