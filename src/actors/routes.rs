@@ -24,7 +24,7 @@ use std::ops::Bound;
 use slab::Slab;
 
 pub struct Routes<T> {
-    index: BTreeMap<String, usize>,
+    index: BTreeMap<SkuKey, usize>,
     slots: Slab<T>,
     /// SKUs added to the index since it was last built from sorted input.
     added: usize,
@@ -38,21 +38,19 @@ const COMPACT_ADDED_SHARE: usize = 8;
 
 impl<T> Routes<T> {
     /// The table of `items` (each SKU once, in any order). Each item is moved once, into
-    /// its slot; the index's keys (`sku_prefix`, the SKU, the slot) are sorted, the whole
-    /// SKUs compared only on a tie of their prefixes, and the tree is built from them in
-    /// one pass. No SKU is copied (a leader's epoch builds its table from a million
-    /// products this way: docs/PERFORMANCE.md, "Cluster").
+    /// its slot; the index's keys (`SkuKey`) are sorted, and the tree is built from them
+    /// in one pass (`collect` checks the order again: one comparison of neighbours each).
+    /// No SKU is copied, and the SKUs themselves are compared only where two share their
+    /// first 8 bytes (a leader's epoch builds its table from a million products this way:
+    /// docs/PERFORMANCE.md, "Cluster").
     pub fn from_items(items: impl IntoIterator<Item = (String, T)>) -> Routes<T> {
         let items = items.into_iter();
         let mut slots = Slab::with_capacity(items.size_hint().0);
-        let mut keys: Vec<(u64, String, usize)> = items
-            .map(|(sku, item)| (sku_prefix(&sku), sku, slots.insert(item)))
+        let mut keys: Vec<(SkuKey, usize)> = items
+            .map(|(sku, item)| (SkuKey::new(sku), slots.insert(item)))
             .collect();
-        keys.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
-        let index = keys
-            .into_iter()
-            .map(|(_, sku, slot)| (sku, slot))
-            .collect::<BTreeMap<_, _>>();
+        keys.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let index = keys.into_iter().collect::<BTreeMap<_, _>>();
         assert_eq!(index.len(), slots.len(), "each SKU once");
         Routes {
             index,
@@ -93,11 +91,11 @@ impl<T> Routes<T> {
 
     /// Puts `slot` under `sku`; returns the one it replaces.
     pub fn insert(&mut self, sku: String, slot: T) -> Option<T> {
-        match self.index.get(&sku) {
+        match self.index.get(sku.as_str()) {
             Some(&i) => Some(std::mem::replace(&mut self.slots[i], slot)),
             None => {
                 let i = self.slots.insert(slot);
-                self.index.insert(sku, i);
+                self.index.insert(SkuKey::new(sku), i);
                 self.added += 1;
                 None
             }
@@ -111,21 +109,67 @@ impl<T> Routes<T> {
 
     /// The products after `after` (all if `None`), in SKU order.
     pub fn after(&self, after: Option<String>) -> impl Iterator<Item = (&String, &T)> {
-        let start = match after {
-            Some(after) => Bound::Excluded(after),
-            None => Bound::Unbounded,
+        let range = match &after {
+            Some(after) => self
+                .index
+                .range::<str, _>((Bound::Excluded(after.as_str()), Bound::Unbounded)),
+            None => self.index.range::<str, _>(..),
         };
-        self.index
-            .range((start, Bound::Unbounded))
-            .map(|(sku, &i)| (sku, &self.slots[i]))
+        range.map(|(key, &i)| (&key.sku, &self.slots[i]))
+    }
+}
+
+/// A SKU as the index keeps it, with its first 8 bytes as an integer beside it
+/// (`sku_prefix`). Keys order exactly as their SKUs do, so that the index is found by
+/// `&str` (`Borrow`); but comparing two keys compares the integers held in the tree's
+/// nodes, and reads the strings behind their pointers only when two SKUs share their
+/// first 8 bytes. (Building the index compares each key with its neighbour: at a million
+/// SKUs scattered over the heap, reading each string was a cache miss each time.)
+#[derive(Clone, Debug)]
+struct SkuKey {
+    prefix: u64,
+    sku: String,
+}
+
+impl SkuKey {
+    fn new(sku: String) -> SkuKey {
+        SkuKey {
+            prefix: sku_prefix(&sku),
+            sku,
+        }
+    }
+}
+
+impl PartialEq for SkuKey {
+    fn eq(&self, other: &SkuKey) -> bool {
+        self.prefix == other.prefix && self.sku == other.sku
+    }
+}
+
+impl Eq for SkuKey {}
+
+impl Ord for SkuKey {
+    fn cmp(&self, other: &SkuKey) -> std::cmp::Ordering {
+        self.prefix
+            .cmp(&other.prefix)
+            .then_with(|| self.sku.cmp(&other.sku))
+    }
+}
+
+impl PartialOrd for SkuKey {
+    fn partial_cmp(&self, other: &SkuKey) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl std::borrow::Borrow<str> for SkuKey {
+    fn borrow(&self) -> &str {
+        &self.sku
     }
 }
 
 /// The first 8 bytes of `sku`, big-endian, zero-padded. Ordering SKUs by it, and by the
-/// whole SKU when it ties, is their order as strings; but a sort comparing it compares an
-/// integer held in the element itself for most pairs, not two strings behind pointers.
-/// (`BTreeMap`'s `collect` sorts its input again, stably: input already in order costs it
-/// one pass.)
+/// whole SKU when it ties, is their order as strings (the property test below).
 fn sku_prefix(sku: &str) -> u64 {
     let mut bytes = [0u8; 8];
     let n = sku.len().min(8);
@@ -157,6 +201,14 @@ mod tests {
                 sku.clone()
             }).collect();
             proptest::prop_assert_eq!(&listed, &expected);
+            // Found by `&str` after any SKU, absent or present.
+            for (i, sku) in expected.iter().enumerate() {
+                let next = routes.after(Some(sku.clone())).next().map(|(s, _)| s);
+                proptest::prop_assert_eq!(next, expected.get(i + 1));
+                let mut absent = sku.clone();
+                absent.push('\u{1}');
+                proptest::prop_assert_eq!(routes.get(&absent), None);
+            }
         }
     }
 
