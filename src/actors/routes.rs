@@ -16,7 +16,9 @@
 //! draining 100,000 activated products: 1,148 pages of that class, 71 MiB, held 1.5 MiB of
 //! nodes. `compact` rebuilds the tree from its sorted entries, into as few pages as its
 //! full nodes need; the supervisor calls it once the actors of a large passivation sweep
-//! have stopped (docs/PERFORMANCE.md, "Where the memory after a drain was").
+//! have stopped (docs/PERFORMANCE.md, "Where the memory after a drain was"). (Those sizes
+//! are of 24-byte keys; a key is now a `SkuKey`, 32 bytes, so an internal node is ~550
+//! bytes, in the next size class.)
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
