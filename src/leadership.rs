@@ -188,7 +188,7 @@ async fn run(args: LeadershipArgs, stop: CancellationToken) {
         tokio::select! {
             _ = stop.cancelled() => return,
             reclaimed = args.node.reclaim() => if let Err(err) = reclaimed {
-                tracing::warn!(error = %err, "cannot rebuild the state machine's state; its next reader tries again");
+                tracing::warn!(error = %err, "cannot rebuild the state machine's state; the next reader tries again after a pause");
             },
         }
     }
@@ -198,6 +198,9 @@ async fn run(args: LeadershipArgs, stop: CancellationToken) {
 /// node served before, if any.
 async fn begin(args: &LeadershipArgs, term: u64, last: Option<Epoch>) -> Result<Serving, String> {
     let started = Instant::now();
+    // A state still lent to an earlier epoch is rebuilt first; while rebuilds fail, this
+    // fails at once, before a blank entry is written for nothing.
+    args.node.reclaim().await?;
     let blank_seq = args.node.write_blank().await?;
     if args.node.leading_term() != Some(term) {
         return Err("it no longer leads in its term".into());

@@ -16,9 +16,8 @@
 //! draining 100,000 activated products: 1,148 pages of that class, 71 MiB, held 1.5 MiB of
 //! nodes. `compact` rebuilds the tree from its sorted entries, into as few pages as its
 //! full nodes need; the supervisor calls it once the actors of a large passivation sweep
-//! have stopped (docs/PERFORMANCE.md, "Where the memory after a drain was"). (Those sizes
-//! are of 24-byte keys; a key is now a `SkuKey`, 32 bytes, so an internal node is ~550
-//! bytes, in the next size class.)
+//! have stopped (docs/PERFORMANCE.md, "Where the memory after a drain was"). (A key is
+//! a `SkuKey` now, 24 bytes as the `String` was, so those sizes hold.)
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -41,7 +40,7 @@ const COMPACT_ADDED_SHARE: usize = 8;
 impl<T> Routes<T> {
     /// The table of `items` (each SKU once, in any order). Each item is moved once, into
     /// its slot; the index's keys (`SkuKey`) are sorted, and the tree is built from them
-    /// in one pass (`collect` checks the order again: one comparison of neighbours each).
+    /// in one pass (`collect` checks their order again, and looks for duplicates).
     /// No SKU is copied, and the SKUs themselves are compared only where two share their
     /// first 8 bytes (a leader's epoch builds its table from a million products this way:
     /// docs/PERFORMANCE.md, "Cluster").
@@ -110,14 +109,14 @@ impl<T> Routes<T> {
     }
 
     /// The products after `after` (all if `None`), in SKU order.
-    pub fn after(&self, after: Option<String>) -> impl Iterator<Item = (&String, &T)> {
+    pub fn after(&self, after: Option<String>) -> impl Iterator<Item = (&str, &T)> {
         let range = match &after {
             Some(after) => self
                 .index
                 .range::<str, _>((Bound::Excluded(after.as_str()), Bound::Unbounded)),
             None => self.index.range::<str, _>(..),
         };
-        range.map(|(key, &i)| (&key.sku, &self.slots[i]))
+        range.map(|(key, &i)| (&*key.sku, &self.slots[i]))
     }
 }
 
@@ -125,19 +124,23 @@ impl<T> Routes<T> {
 /// (`sku_prefix`). Keys order exactly as their SKUs do, so that the index is found by
 /// `&str` (`Borrow`); but comparing two keys compares the integers held in the tree's
 /// nodes, and reads the strings behind their pointers only when two SKUs share their
-/// first 8 bytes. (Building the index compares each key with its neighbour: at a million
-/// SKUs scattered over the heap, reading each string was a cache miss each time.)
+/// first 8 bytes. (Building the index compares each key with its neighbours twice, its
+/// order checked and its duplicates looked for: at a million SKUs scattered over the
+/// heap, reading the strings was a cache miss each time.) The SKU is a `Box<str>`, so a
+/// key is 24 bytes, as a `String` was: the tree's nodes keep their sizes, and their
+/// allocator size classes (see the module's documentation). SKUs that share their first
+/// 8 bytes (`SKU-00012345`) gain nothing from the prefix.
 #[derive(Clone, Debug)]
 struct SkuKey {
     prefix: u64,
-    sku: String,
+    sku: Box<str>,
 }
 
 impl SkuKey {
     fn new(sku: String) -> SkuKey {
         SkuKey {
             prefix: sku_prefix(&sku),
-            sku,
+            sku: sku.into_boxed_str(),
         }
     }
 }
@@ -200,13 +203,13 @@ mod tests {
             let listed: Vec<String> = routes.after(None).map(|(sku, &n)| {
                 assert_eq!(n, sku.len(), "each SKU keeps its item");
                 assert_eq!(routes.get(sku), Some(&n));
-                sku.clone()
+                sku.to_string()
             }).collect();
             proptest::prop_assert_eq!(&listed, &expected);
             // Found by `&str` after any SKU, absent or present.
             for (i, sku) in expected.iter().enumerate() {
                 let next = routes.after(Some(sku.clone())).next().map(|(s, _)| s);
-                proptest::prop_assert_eq!(next, expected.get(i + 1));
+                proptest::prop_assert_eq!(next, expected.get(i + 1).map(String::as_str));
                 let mut absent = sku.clone();
                 absent.push('\u{1}');
                 proptest::prop_assert_eq!(routes.get(&absent), None);
@@ -224,7 +227,10 @@ mod tests {
         assert_eq!(routes.insert("B".into(), 2), None);
         assert_eq!(routes.insert("C".into(), 30), Some(3));
         *routes.get_mut("A").unwrap() = 10;
-        let all: Vec<_> = routes.after(None).map(|(s, v)| (s.clone(), *v)).collect();
+        let all: Vec<_> = routes
+            .after(None)
+            .map(|(s, v)| (s.to_string(), *v))
+            .collect();
         assert_eq!(all, [("A".into(), 10), ("B".into(), 2), ("C".into(), 30)]);
         let rest: Vec<_> = routes.after(Some("A".into())).map(|(_, v)| *v).collect();
         assert_eq!(rest, [2, 30]);
@@ -232,7 +238,10 @@ mod tests {
         assert_eq!(routes.remove("B"), None);
         // A freed slot is reused, and the index still points right.
         assert_eq!(routes.insert("D".into(), 4), None);
-        let all: Vec<_> = routes.after(None).map(|(s, v)| (s.clone(), *v)).collect();
+        let all: Vec<_> = routes
+            .after(None)
+            .map(|(s, v)| (s.to_string(), *v))
+            .collect();
         assert_eq!(all, [("A".into(), 10), ("C".into(), 30), ("D".into(), 4)]);
         assert_eq!(routes.len(), 3);
     }
@@ -251,7 +260,10 @@ mod tests {
         assert_eq!(routes.remove("SKU-010"), Some(10));
         assert!(routes.compact(), "16 added to 79");
         assert!(!routes.compact(), "nothing added since");
-        let all: Vec<_> = routes.after(None).map(|(s, v)| (s.clone(), *v)).collect();
+        let all: Vec<_> = routes
+            .after(None)
+            .map(|(s, v)| (s.to_string(), *v))
+            .collect();
         let expected: Vec<_> = (0..80)
             .filter(|&i| i != 10)
             .map(|i| (format!("SKU-{i:03}"), i))

@@ -648,11 +648,13 @@ fn list_products(
     limit: usize,
 ) -> (Vec<Listed>, Option<String>) {
     // Products being rebuilt are left out of the page, like one mid-delete.
-    let mut page: Vec<(&String, Listed)> = state
+    let mut page: Vec<(&str, Listed)> = state
         .routes
         .after(after)
         .filter_map(|(sku, slot)| match slot {
-            Slot::Active { actor, .. } => Some((sku, Listed::Actor(sku.clone(), actor.clone()))),
+            Slot::Active { actor, .. } => {
+                Some((sku, Listed::Actor(sku.to_string(), actor.clone())))
+            }
             Slot::Passive(p) => Some((sku, Listed::Product(p.clone_without_buyers()))),
             Slot::Restarting(_) => None,
         })
@@ -661,7 +663,7 @@ fn list_products(
     let more = page.len() > limit;
     page.truncate(limit);
     let next_after = if more {
-        page.last().map(|(sku, _)| (*sku).clone())
+        page.last().map(|(sku, _)| sku.to_string())
     } else {
         None
     };

@@ -17,7 +17,7 @@ use super::cluster_id::ClusterId;
 use super::log_store::{seq_of, ClusterLog};
 use super::net::ClusterNet;
 use super::settings::Settings;
-use super::state_machine::{SnapshotSource, StockSm};
+use super::state_machine::{RebuildError, SnapshotSource, StockSm};
 use super::types::{StockdNode, Tc};
 use super::{Member, NodeId, Role, Status};
 use crate::storage::log::{Log, LogHandle, OpenError};
@@ -81,37 +81,54 @@ pub const JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Reclaims before a read of the state machine's state, at most (`read_state`).
 const READ_TRIES: usize = 3;
 
-/// After a failed rebuild of a lent state, reclaims fail at once for this long, doubled
-/// after each further failure up to the maximum (`ClusterNode::reclaim`).
+/// After a failed rebuild of a lent state, reclaims of a state still lent fail at once for
+/// this long, doubled after each further failure up to the maximum (`ClusterNode::reclaim`).
+/// The maximum is short: a leader whose state cannot be rebuilt does not serve.
 const RECLAIM_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
-const RECLAIM_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+const RECLAIM_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Held while a lent state is given back (one at a time): the last failure, if the last
 /// rebuild failed, and how long to wait after it.
 type Reclaiming = Arc<tokio::sync::Mutex<Option<(std::time::Instant, std::time::Duration)>>>;
 
 /// `ClusterNode::reclaim`'s work.
-async fn reclaim(raft: Raft, reclaiming: Reclaiming) -> Result<(), String> {
+async fn reclaim(
+    raft: Raft,
+    reclaiming: Reclaiming,
+    stopping: tokio_util::sync::CancellationToken,
+) -> Result<(), String> {
     let mut failed = reclaiming.lock().await;
-    if let Some((at, wait)) = *failed {
-        if at.elapsed() < wait {
-            return Err(format!(
-                "the state machine's state could not be rebuilt; trying again in {:?}",
-                wait - at.elapsed()
-            ));
-        }
-    }
+    // How long the last failure still holds rebuilds back (zero: not at all).
+    let wait = failed.map_or(std::time::Duration::ZERO, |(at, wait)| {
+        wait.saturating_sub(at.elapsed())
+    });
     let job = raft
-        .with_state_machine(|sm: &mut StockSm| Box::pin(async move { sm.begin_reclaim() }))
+        .with_state_machine(move |sm: &mut StockSm| {
+            Box::pin(async move {
+                match sm.is_lent() {
+                    // Whole (never lent, or a snapshot was installed): nothing to wait for.
+                    false => Ok(None),
+                    true if !wait.is_zero() => Err(wait),
+                    true => Ok(sm.begin_reclaim()),
+                }
+            })
+        })
         .await
-        .map_err(|err| format!("cannot read the state machine: {err}"))?;
+        .map_err(|err| format!("cannot read the state machine: {err}"))?
+        .map_err(|wait| {
+            format!("the state machine's state could not be rebuilt; trying again in {wait:?}")
+        })?;
     let Some(job) = job else {
         *failed = None;
         return Ok(());
     };
     let started = std::time::Instant::now();
     let upto = job.upto;
-    let rebuilt = job.rebuild().await;
+    let rebuilt = if stopping.is_cancelled() {
+        Err(RebuildError::Failed("the node is stopping".into()))
+    } else {
+        job.rebuild().await
+    };
     let rebuild_ms = started.elapsed().as_millis() as u64;
     let finished = raft
         .with_state_machine(move |sm: &mut StockSm| {
@@ -161,6 +178,8 @@ pub struct ClusterNode {
     changing: tokio::sync::Mutex<()>,
     /// Held while the state machine's lent state is given back (`reclaim`): one at a time.
     reclaiming: Reclaiming,
+    /// Cancelled when the node stops: a reclaim under way starts no rebuild then.
+    stopping: tokio_util::sync::CancellationToken,
     /// The last snapshot the state machine built (`snapshot` reports it).
     last_built: Arc<std::sync::Mutex<Option<(crate::storage::snapshot_worker::Built, bool)>>>,
 }
@@ -255,6 +274,7 @@ impl ClusterNode {
             initializing: None,
             changing: tokio::sync::Mutex::new(()),
             reclaiming: Reclaiming::default(),
+            stopping: tokio_util::sync::CancellationToken::new(),
             last_built,
         };
         match node.initialize(settings).await {
@@ -420,7 +440,7 @@ impl ClusterNode {
     /// whole snapshot.
     pub async fn reclaim(&self) -> Result<(), String> {
         let (raft, reclaiming) = (self.raft.clone(), self.reclaiming.clone());
-        tokio::spawn(reclaim(raft, reclaiming))
+        tokio::spawn(reclaim(raft, reclaiming, self.stopping.clone()))
             .await
             .map_err(|err| format!("the rebuild stopped: {err}"))?
     }
@@ -704,6 +724,10 @@ impl ClusterNode {
         if let Some(initializing) = &self.initializing {
             initializing.abort();
         }
+        // A reclaim under way ends before the engine (which it needs) and the log (which
+        // its rebuild reads) stop; one that has not begun its rebuild starts none.
+        self.stopping.cancel();
+        let _reclaims_done = self.reclaiming.lock().await;
         if let Err(err) = self.raft.shutdown().await {
             tracing::warn!(error = %err, "the Raft engine stopped with an error");
         }

@@ -284,9 +284,11 @@ impl StockSm {
         rebuilt: Result<State, RebuildError>,
     ) -> Result<(), String> {
         let Some(lent) = self.lent.as_mut() else {
+            drop_elsewhere(rebuilt.ok());
             return Ok(());
         };
         if !matches!(lent.since, Some((from, _)) if from == upto) {
+            drop_elsewhere(rebuilt.ok());
             return Err(format!("no rebuild through entry {upto} was under way"));
         }
         let (_, since) = lent.since.take().expect("checked above");
@@ -300,6 +302,7 @@ impl StockSm {
         };
         let rebuilt_through = applied_seq(&state);
         if rebuilt_through != upto {
+            drop_elsewhere(Some(state));
             return Err(format!(
                 "the state was rebuilt through entry {rebuilt_through}, not {upto}"
             ));
@@ -325,6 +328,18 @@ impl StockSm {
                 raft.last_applied.map(log_id_of),
                 stored_membership_of(&raft.membership)?,
             )),
+        }
+    }
+}
+
+/// Frees a state this state machine does not keep on a blocking thread, not on its own
+/// task (a million products take hundreds of milliseconds to free, and the engine's
+/// applies would wait for it).
+fn drop_elsewhere(state: Option<State>) {
+    if let Some(state) = state {
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || drop(state))),
+            Err(_) => drop(state),
         }
     }
 }

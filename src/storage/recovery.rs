@@ -66,7 +66,8 @@ pub struct Recovered {
     pub state: State,
     /// The snapshot recovery started from (`None`: the log from its first record).
     pub snapshot: Option<SnapshotInfo>,
-    /// That snapshot's Raft metadata (a cluster node's recovery, `recover_entries`): what
+    /// That snapshot's Raft metadata (a cluster node's recovery, `recover_entries` and
+    /// `recover_entries_at`): what
     /// the engine asks of its current snapshot, known without decoding it again.
     pub snapshot_raft: Option<crate::storage::entry::RaftMeta>,
     /// Newer snapshots that failed verification, with the reason (skipped).

@@ -301,8 +301,8 @@ fn run_at<T: Send>(
 
 /// Runs `job` on a thread of its own that lowers its scheduling class to `priority`
 /// first, and waits for it (see `run_at`; a cluster node's snapshot builds run this way,
-/// and the snapshot worker they start inherits the class). Fails only if the thread
-/// cannot be started.
+/// and the snapshot worker they start inherits the class). Fails if the thread cannot be
+/// started; a panic in `job` is raised again here.
 pub fn on_lowered_thread<T: Send>(
     priority: Priority,
     job: impl FnOnce() -> T + Send,
