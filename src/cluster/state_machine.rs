@@ -671,7 +671,7 @@ impl RaftStateMachine<Tc> for StockSm {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::storage::entry::{loopback_membership, LogPos, RaftMeta, StoredMembership};
 
@@ -688,6 +688,14 @@ mod tests {
             }),
             ..State::default()
         }
+    }
+
+    /// Damages the file at `path` in its middle byte (a snapshot then fails to verify).
+    pub(crate) fn flip_middle_byte(path: &Path) {
+        let mut bytes = std::fs::read(path).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0xff;
+        std::fs::write(path, bytes).unwrap();
     }
 
     fn last_seq(snapshot: &Snapshot) -> Option<u64> {
@@ -716,10 +724,7 @@ mod tests {
         assert_eq!(last_seq(&current), Some(9));
         assert_eq!(current.snapshot.path, paths[1]);
 
-        let mut bytes = std::fs::read(&paths[1]).unwrap();
-        let middle = bytes.len() / 2;
-        bytes[middle] ^= 0xff;
-        std::fs::write(&paths[1], bytes).unwrap();
+        flip_middle_byte(&paths[1]);
         let current = sm
             .get_current_snapshot()
             .await
@@ -758,10 +763,7 @@ mod tests {
 
         // The one it built is known without a decode, but only while it verifies.
         let path = current.snapshot.path;
-        let mut bytes = std::fs::read(&path).unwrap();
-        let middle = bytes.len() / 2;
-        bytes[middle] ^= 0xff;
-        std::fs::write(&path, bytes).unwrap();
+        flip_middle_byte(&path);
         let current = sm
             .get_current_snapshot()
             .await

@@ -297,6 +297,24 @@ fn plain_record(sku: &str, n: u64) -> Record {
     }
 }
 
+/// Three nodes started in `root` (`node-1` to `node-3`), a cluster initialized on node 1;
+/// returns them, the leader and its term once elected.
+async fn three_started(router: &Router, root: &Path) -> (BTreeMap<NodeId, Node>, NodeId, u64) {
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3 {
+        let dir = root.join(format!("node-{id}"));
+        nodes.insert(id, start(router, id, &dir, open_log(&dir).await).await);
+    }
+    let members: BTreeMap<NodeId, StockdNode> = (1..=3).map(|id| (id, member(id))).collect();
+    nodes[&1]
+        .raft
+        .initialize(members)
+        .await
+        .expect("initializing");
+    let (leader, term) = leader_of(&nodes, &[1, 2, 3]).await;
+    (nodes, leader, term)
+}
+
 async fn leader_of(nodes: &BTreeMap<NodeId, Node>, among: &[NodeId]) -> (NodeId, u64) {
     let first = &nodes[&among[0]].raft;
     let m = first
@@ -589,19 +607,8 @@ async fn three_nodes_elect_replicate_recover_and_cut_an_uncommitted_tail() {
 async fn a_proposer_commits_in_order_and_an_epoch_ends_at_its_first_failure() {
     let root = tempfile::tempdir().unwrap();
     let router = Router::default();
-    let mut nodes = BTreeMap::new();
-    for id in 1..=3 {
-        let dir = root.path().join(format!("node-{id}"));
-        nodes.insert(id, start(&router, id, &dir, open_log(&dir).await).await);
-    }
-    let members: BTreeMap<NodeId, StockdNode> = (1..=3).map(|id| (id, member(id))).collect();
-    nodes[&1]
-        .raft
-        .initialize(members)
-        .await
-        .expect("initializing");
+    let (mut nodes, leader, term) = three_started(&router, root.path()).await;
     let all = [1, 2, 3];
-    let (leader, term) = leader_of(&nodes, &all).await;
     // A new leader refuses proposals until a quorum has acknowledged it (its lease): the
     // node's own start of an epoch waits for that (docs/REPLICATION.md).
     nodes[&leader]
@@ -901,19 +908,8 @@ async fn a_follower_behind_a_purge_catches_up_by_snapshot() {
 async fn a_lent_state_is_given_back_whole_with_what_was_applied_meanwhile() {
     let root = tempfile::tempdir().unwrap();
     let router = Router::default();
-    let mut nodes = BTreeMap::new();
-    for id in 1..=3 {
-        let dir = root.path().join(format!("node-{id}"));
-        nodes.insert(id, start(&router, id, &dir, open_log(&dir).await).await);
-    }
-    let members: BTreeMap<NodeId, StockdNode> = (1..=3).map(|id| (id, member(id))).collect();
-    nodes[&1]
-        .raft
-        .initialize(members)
-        .await
-        .expect("initializing");
+    let (nodes, leader, term) = three_started(&router, root.path()).await;
     let all = [1, 2, 3];
-    let (leader, term) = leader_of(&nodes, &all).await;
     let raft = nodes[&leader].raft.clone();
     let epoch = Epoch { term, k: 1 };
     let mut next_n = 1;
@@ -1012,19 +1008,8 @@ async fn a_lent_state_is_given_back_whole_with_what_was_applied_meanwhile() {
 async fn a_rebuild_that_meets_a_contradiction_stops_the_engine() {
     let root = tempfile::tempdir().unwrap();
     let router = Router::default();
-    let mut nodes = BTreeMap::new();
-    for id in 1..=3 {
-        let dir = root.path().join(format!("node-{id}"));
-        nodes.insert(id, start(&router, id, &dir, open_log(&dir).await).await);
-    }
-    let members: BTreeMap<NodeId, StockdNode> = (1..=3).map(|id| (id, member(id))).collect();
-    nodes[&1]
-        .raft
-        .initialize(members)
-        .await
-        .expect("initializing");
+    let (mut nodes, leader, term) = three_started(&router, root.path()).await;
     let all = [1, 2, 3];
-    let (leader, term) = leader_of(&nodes, &all).await;
     let epoch = Epoch { term, k: 1 };
     let last = propose(&nodes[&leader].raft, epoch, 1, vec![record("A", 0)]).await;
     digests(&nodes, &all, last).await;
@@ -1111,10 +1096,7 @@ async fn a_recovered_snapshot_is_known_without_a_second_decode() {
         "from memory"
     );
 
-    let mut bytes = std::fs::read(&written.path).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0xff;
-    std::fs::write(&written.path, bytes).unwrap();
+    crate::cluster::state_machine::tests::flip_middle_byte(&written.path);
     assert!(
         sm.get_current_snapshot().await.unwrap().is_none(),
         "verified each time"
