@@ -185,13 +185,12 @@ async fn open_log(dir: &Path) -> ClusterLog {
     open_log_with(dir, false).await
 }
 
-/// `open_log`; `bounded`: its purges bounded by the snapshots kept in `dir/snapshots`,
-/// as a cluster node's are.
-async fn open_log_with(dir: &Path, bounded: bool) -> ClusterLog {
-    let log_dir = dir.join("log");
-    let log = tokio::time::timeout(WAIT, async {
+/// The log in `log_dir`, once a stopped node's last holders (the engine's tasks, a
+/// snapshot build under way) have let go of it.
+async fn open_let_go(log_dir: &Path) -> Log {
+    tokio::time::timeout(WAIT, async {
         loop {
-            match Log::open(&log_dir) {
+            match Log::open(log_dir) {
                 Err(OpenError::Locked { .. }) => {
                     tokio::time::sleep(Duration::from_millis(50)).await
                 }
@@ -200,7 +199,13 @@ async fn open_log_with(dir: &Path, bounded: bool) -> ClusterLog {
         }
     })
     .await
-    .expect("the node's log is let go of");
+    .expect("the node's log is let go of")
+}
+
+/// `open_log`; `bounded`: its purges bounded by the snapshots kept in `dir/snapshots`,
+/// as a cluster node's are.
+async fn open_log_with(dir: &Path, bounded: bool) -> ClusterLog {
+    let log = open_let_go(&dir.join("log")).await;
     let opened = if bounded {
         ClusterLog::open_bounded(log, &dir.join("snapshots"))
     } else {
@@ -883,7 +888,7 @@ async fn a_follower_behind_a_purge_catches_up_by_snapshot() {
     // On disk, the follower's log starts after the snapshot, and holds what followed it.
     let stopped = nodes.remove(&follower).unwrap();
     stop(&router, follower, stopped).await;
-    let log = Log::open(&dirs[&follower].join("log")).unwrap();
+    let log = open_let_go(&dirs[&follower].join("log")).await;
     let purged = log.reader().purged().unwrap().expect("purged");
     assert_eq!(purged.seq, second + 1);
     let after: Vec<u64> = log
