@@ -90,6 +90,8 @@ pub struct LeadershipArgs {
     pub passivate_after: Option<Duration>,
     pub retention_ms: i64,
     pub default_ttl_seconds: u64,
+    /// The node's change feed (`None`: `--events off`).
+    pub feed: Option<crate::feed::Feed>,
 }
 
 /// The running leadership task.
@@ -247,7 +249,7 @@ async fn begin(args: &LeadershipArgs, term: u64, last: Option<Epoch>) -> Result<
         durability: Durability::Sync,
         default_ttl_seconds: args.default_ttl_seconds,
         snapshotter: args.snapshotter.clone(),
-        feed: None,
+        feed: args.feed.clone(),
         serves: true,
     };
     args.keyring.begin_epoch(keys, journal, clock).await;

@@ -438,19 +438,47 @@ async fn start_cluster(
         .with_segment_records(config.log_segment_records)
         .with_flush_interval(Duration::from_micros(crate::limits::SYNC_FLUSH_INTERVAL_US));
     let reader = log.reader();
+    let projector_reader = log.reader();
+    let events_dir = config.data_dir.join("events");
+    let feed_err = |source| StartError::Feed {
+        path: events_dir.display().to_string(),
+        source,
+    };
+    let store = match config.events {
+        Some(retention) => Some(crate::feed::open(&events_dir, retention).map_err(feed_err)?),
+        None => None,
+    };
     let (role_tx, role_rx) = tokio::sync::watch::channel(Role::Leaderless);
-    let (node, writer) = ClusterNode::start(
+    let (node, writer, feed) = ClusterNode::start(
         &settings,
         log,
         &config.snapshot_dir,
         config.snapshots.every_records,
         config.snapshot_worker.clone(),
         role_tx,
+        store,
     )
     .await
-    .map_err(StartError::Cluster)?;
+    .map_err(|err| match err {
+        crate::cluster::node::NodeError::Feed(source) => feed_err(source),
+        err => StartError::Cluster(err),
+    })?;
     let node = std::sync::Arc::new(node);
     let log_handle = node.log().clone();
+    // The projector follows the entries the state machine applies, from where recovery
+    // ended, on a shadow of its state.
+    let feed = feed.map(|start| {
+        let projector = Projector::start_entries(
+            start.feed.clone(),
+            projector_reader,
+            log_handle.clone(),
+            start.shadow,
+            start.raft,
+            start.after,
+            start.followed,
+        );
+        (start.feed, projector)
+    });
     // The Raft listener first: the other nodes' votes and appends reach this one as soon
     // as possible.
     let (raft_listener, raft_addr) = listen(raft_socket, settings.raft_listen)?;
@@ -505,7 +533,7 @@ async fn start_cluster(
         durability: Durability::Sync,
         default_ttl_seconds: config.default_ttl_seconds,
         snapshotter: snapshotter.clone(),
-        feed: None,
+        feed: feed.as_ref().map(|(feed, _)| feed.clone()),
         serves: false,
     };
     let (listener, addr) = listen(socket, config.listen)?;
@@ -552,6 +580,7 @@ async fn start_cluster(
         passivate_after: config.passivate_after,
         retention_ms: config.retention.as_millis().min(i64::MAX as u128) as i64,
         default_ttl_seconds: config.default_ttl_seconds,
+        feed: feed.as_ref().map(|(feed, _)| feed.clone()),
     });
     let (stop_http, stopped) = oneshot::channel::<()>();
     let http = tokio::spawn(
@@ -581,7 +610,7 @@ async fn start_cluster(
         stop_http: Some(stop_http),
         http,
         writer,
-        feed: None,
+        feed,
         role: role_rx,
         cluster: Some(ClusterParts {
             node,
@@ -809,10 +838,6 @@ impl Server {
         if self.snapshot_on_shutdown && self.log.is_healthy() {
             self.final_snapshot().await;
         }
-        // The projector reads the log too: it projects what is durable, syncs and stops.
-        if let Some((_, projector)) = self.feed.take() {
-            let _ = tokio::task::spawn_blocking(move || projector.stop()).await;
-        }
         // A cluster node's engine stops before its log: it answers no peer once stopped.
         if let Some(cluster) = cluster {
             let _ = cluster.stop_raft.send(());
@@ -821,6 +846,11 @@ impl Server {
                 raft_http.abort();
             }
             cluster.node.shutdown().await;
+        }
+        // The projector reads the log too: it projects what is durable (on a cluster node,
+        // what the stopped engine applied), syncs and stops.
+        if let Some((_, projector)) = self.feed.take() {
+            let _ = tokio::task::spawn_blocking(move || projector.stop()).await;
         }
         // The snapshot thread reads the log: it stops first, so the log closes with the writer.
         self.snapshotter.stop();

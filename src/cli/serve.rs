@@ -247,7 +247,6 @@ fn cluster_settings(args: &ServeArgs) -> Result<Option<Settings>, String> {
         raft_listen: args.raft_listen,
         key,
         durability_async: args.durability == crate::config::Durability::Async,
-        events: args.events == OnOff::On,
         join: args.join,
     })
 }

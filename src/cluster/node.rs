@@ -70,6 +70,22 @@ pub enum NodeError {
     Engine(String),
     #[error("cannot read the cluster id: {0}")]
     ClusterId(std::io::Error),
+    /// The change feed's store cannot be caught up.
+    #[error("cannot catch up the change feed's store: {0}")]
+    Feed(std::io::Error),
+}
+
+/// A cluster node's change feed as start-up leaves it: the store caught up through the
+/// entries recovery folded, and what the projector starts from
+/// (`feed::Projector::start_entries`).
+pub struct FeedStart {
+    pub feed: crate::feed::Feed,
+    /// The state after entry `after`, as the projector keeps it.
+    pub shadow: crate::feed::Shadow,
+    /// The Raft metadata after entry `after`.
+    pub raft: Option<crate::storage::entry::RaftMeta>,
+    pub after: u64,
+    pub followed: crate::feed::Followed,
 }
 
 /// How long a new node that would initialize its cluster (the lowest id in `--peers`)
@@ -158,6 +174,32 @@ async fn reclaim(
     }
 }
 
+/// Recovers a cluster node's committed state (`recovery::recover_entries`) and, with the
+/// change feed's `store`, derives the events of the entries the store lacks from the fold
+/// as it runs. The store may reach past the fold (the committed mark on disk can lag what
+/// the state machine applied before a crash): the projector leaves out what it holds.
+pub(crate) fn recover_catching_up(
+    reader: &crate::storage::log::LogReader,
+    dir: &Path,
+    committed: u64,
+    store: Option<&mut crate::feed::store::Store>,
+) -> (
+    Result<recovery::Recovered, recovery::RecoveryError>,
+    std::io::Result<()>,
+) {
+    let Some(store) = store else {
+        return (recovery::recover_entries(reader, dir, committed), Ok(()));
+    };
+    let mut catchup = crate::feed::Catchup::new(store);
+    let recovered = recovery::recover_entries_observed(reader, dir, committed, Some(&mut catchup));
+    let caught_up = match &recovered {
+        // Every entry in the store was committed: it is never cut (`u64::MAX`).
+        Ok(recovered) => catchup.finish(recovered.snapshot.as_ref().map_or(0, |s| s.seq), u64::MAX),
+        Err(_) => catchup.finish_partial(),
+    };
+    (recovered, caught_up)
+}
+
 /// A running cluster node's engine.
 pub struct ClusterNode {
     raft: Raft,
@@ -187,8 +229,10 @@ pub struct ClusterNode {
 impl ClusterNode {
     /// Starts the engine on `log` (a cluster node's, or a new one), its snapshots in
     /// `snapshot_dir` (built by `snapshot_worker`, the `stockd` binary, or in this process
-    /// if `None`); publishes its role on `role`. Returns the node and its log writer's
-    /// thread.
+    /// if `None`); publishes its role on `role`. With the change feed's `store`, the
+    /// events of the entries it lacks are derived from recovery's fold as it runs
+    /// (`feed::Catchup`), and the state machine is linked to the feed. Returns the node,
+    /// its log writer's thread, and the feed.
     pub async fn start(
         settings: &Settings,
         log: Log,
@@ -196,7 +240,8 @@ impl ClusterNode {
         snapshot_every_records: u64,
         snapshot_worker: Option<PathBuf>,
         role: watch::Sender<Role>,
-    ) -> Result<(ClusterNode, std::thread::JoinHandle<()>), NodeError> {
+        store: Option<crate::feed::store::Store>,
+    ) -> Result<(ClusterNode, std::thread::JoinHandle<()>, Option<FeedStart>), NodeError> {
         let ids = ClusterId::load(log.dir())
             .map(Arc::new)
             .map_err(NodeError::ClusterId)?;
@@ -221,15 +266,28 @@ impl ClusterNode {
         // The newest snapshot and the log through the committed mark, with stockd's own
         // two-thread recovery (the engine would replay the log in short reads, an entry
         // at a time through its apply loop).
+        // With the feed's store, its catch-up watches the fold.
         let recovered = {
             let (reader, dir) = (log.reader().clone(), snapshot_dir.to_path_buf());
             let committed = log.committed_seq();
-            tokio::task::spawn_blocking(move || recovery::recover_entries(&reader, &dir, committed))
-                .await
+            tokio::task::spawn_blocking(move || {
+                let mut store = store;
+                let (recovered, caught_up) =
+                    recover_catching_up(&reader, &dir, committed, store.as_mut());
+                (recovered, caught_up, store)
+            })
+            .await
         };
-        let recovered = match recovered {
-            Ok(Ok(recovered)) => recovered,
-            Ok(Err(err)) => return Err(fail(&log, format!("cannot recover: {err}"))),
+        let (recovered, store) = match recovered {
+            Ok((Ok(recovered), Ok(()), store)) => (recovered, store),
+            Ok((Ok(_), Err(err), _)) => {
+                let handle = log.handle().clone();
+                tokio::spawn(async move {
+                    let _ = handle.shutdown().await;
+                });
+                return Err(NodeError::Feed(err));
+            }
+            Ok((Err(err), _, _)) => return Err(fail(&log, format!("cannot recover: {err}"))),
             Err(err) => return Err(fail(&log, format!("cannot recover: {err}"))),
         };
         tracing::info!(
@@ -250,7 +308,31 @@ impl ClusterNode {
             .snapshot
             .map(|s| s.path)
             .zip(recovered.snapshot_raft);
-        let sm = StockSm::recovered(snapshot_dir, recovered.state, source, snapshot);
+        // The projector's shadow is built before the state moves into the state machine.
+        let feed = store.map(|store| {
+            let started = std::time::Instant::now();
+            let shadow = crate::feed::Shadow::of(&recovered.state);
+            tracing::info!(
+                products = shadow.products(),
+                pending_reservations = shadow.reservations(),
+                ms = started.elapsed().as_millis() as u64,
+                "the change feed's shadow state is built"
+            );
+            (
+                crate::feed::Feed::new(store),
+                shadow,
+                recovered.state.raft.clone(),
+            )
+        });
+        let after = recovered.last_seq;
+        let mut sm = StockSm::recovered(snapshot_dir, recovered.state, source, snapshot);
+        let feed = feed.map(|(feed, shadow, raft)| FeedStart {
+            followed: sm.follow_feed(&feed),
+            feed,
+            shadow,
+            raft,
+            after,
+        });
         let net = ClusterNet::new(settings.key.clone(), ids.clone());
         let raft = match Raft::new(settings.node_id, config, net, log.clone(), sm).await {
             Ok(raft) => raft,
@@ -285,7 +367,7 @@ impl ClusterNode {
                 return Err(NodeError::Engine(err));
             }
         }
-        Ok((node, writer))
+        Ok((node, writer, feed))
     }
 
     /// This node's cluster id (none yet: never initialized, and no leader reached it).

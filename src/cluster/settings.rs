@@ -86,8 +86,6 @@ pub struct Flags {
     pub key: Option<(String, String)>,
     /// `--durability async` was asked for.
     pub durability_async: bool,
-    /// `--events on` was asked for.
-    pub events: bool,
     /// `--join` was given.
     pub join: bool,
 }
@@ -183,13 +181,6 @@ pub fn settings(flags: Flags) -> Result<Option<Settings>, String> {
                 .to_string(),
         );
     }
-    if flags.events {
-        return Err(
-            "--events on cannot be used with --peers yet: the change feed does not follow a \
-             cluster's log"
-                .to_string(),
-        );
-    }
     let raft_listen = match flags.raft_listen {
         Some(addr) => addr,
         None => me.raft.parse().map_err(|_| {
@@ -228,7 +219,6 @@ mod tests {
             raft_listen: None,
             key: Some(("a-cluster-key-of-32-characters..".into(), "test".into())),
             durability_async: false,
-            events: false,
             join: false,
         }
     }
@@ -354,20 +344,13 @@ mod tests {
     }
 
     #[test]
-    fn async_durability_events_and_a_missing_or_weak_key_are_refused() {
+    fn async_durability_and_a_missing_or_weak_key_are_refused() {
         refused(
             Flags {
                 durability_async: true,
                 ..flags()
             },
             "--durability async cannot be used with --peers",
-        );
-        refused(
-            Flags {
-                events: true,
-                ..flags()
-            },
-            "--events on cannot be used with --peers",
         );
         refused(
             Flags {

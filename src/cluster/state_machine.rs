@@ -88,6 +88,18 @@ pub struct StockSm {
     /// builds in a task of their own, so an install could otherwise delete a build's base
     /// (and let the log be purged under its read), or a build's pruning an install's files.
     files: Arc<Mutex<()>>,
+    /// This node's change feed, if it has one (`follow_feed`).
+    feed: Option<FeedLink>,
+}
+
+/// What links a state machine to its node's change feed: the projector follows the
+/// entries applied and the snapshots installed (`applied`), and a snapshot is built only
+/// through entries the feed's store holds on disk (`Feed::synced`), so that a restart's fold,
+/// from the newest snapshot, passes every entry whose events the store lacks.
+#[derive(Clone)]
+struct FeedLink {
+    applied: Arc<crate::feed::Applied>,
+    feed: crate::feed::Feed,
 }
 
 /// The last snapshot this state machine built or installed, with its metadata: while it
@@ -192,6 +204,7 @@ impl StockSm {
             log: None,
             known: Known::default(),
             files: Arc::default(),
+            feed: None,
         }
     }
 
@@ -222,6 +235,28 @@ impl StockSm {
             log: Some(log),
             known: Arc::new(Mutex::new(known)),
             files: Arc::default(),
+            feed: None,
+        }
+    }
+
+    /// Links this state machine to its node's change feed: it publishes the entries it
+    /// applies and the snapshots it installs to `applied`, and builds no snapshot past the
+    /// entry the feed's store is fsynced through (`Feed::synced`). Returns what the projector
+    /// follows.
+    pub fn follow_feed(&mut self, feed: &crate::feed::Feed) -> crate::feed::Followed {
+        let applied = Arc::new(crate::feed::Applied::default());
+        let after = applied_seq(&self.state);
+        applied.applied(after);
+        // The projector starts after `after`, whatever the store holds past it.
+        feed.synced_at_most(after);
+        self.feed = Some(FeedLink {
+            applied: applied.clone(),
+            feed: feed.clone(),
+        });
+        crate::feed::Followed {
+            applied,
+            snapshots: self.snapshots.clone(),
+            files: self.files.clone(),
         }
     }
 
@@ -422,7 +457,12 @@ pub struct SnapshotJob {
     snapshots: PathBuf,
     known: Known,
     files: Arc<Mutex<()>>,
+    /// The node's change feed, whose store a build waits for (`None`: no feed).
+    feed: Option<crate::feed::Feed>,
 }
+
+/// How often a snapshot build waiting for the change feed looks again.
+const FEED_WAIT_POLL_MS: u64 = 10;
 
 enum Build {
     /// A copy of the state (a state machine without a log: the engine's storage suite).
@@ -511,20 +551,57 @@ fn build_from_log(source: &SnapshotSource, meta: &RaftMeta, dir: &Path) -> io::R
     Ok(dir.join(snapshot::file_name(upto)))
 }
 
+/// Waits until the feed's store is fsynced through entry `upto`. The feed follows the log
+/// the build has just made durable, so it is soon there. A feed that failed holds nothing
+/// back (`Feed::synced` is `u64::MAX` then); one whose projector stopped (the node stops)
+/// fails the build, which must not pass the store.
+async fn wait_for_feed(feed: &crate::feed::Feed, upto: u64) -> io::Result<()> {
+    use std::sync::atomic::Ordering;
+    let synced = feed.synced();
+    let started = std::time::Instant::now();
+    let mut warned = false;
+    while synced.load(Ordering::SeqCst) < upto {
+        if feed.stopped() {
+            return Err(other(format!(
+                "no snapshot through entry {upto}: the change feed stopped before it"
+            )));
+        }
+        if !warned && started.elapsed() >= std::time::Duration::from_secs(10) {
+            tracing::warn!(
+                upto,
+                synced = synced.load(Ordering::SeqCst),
+                "a snapshot waits for the change feed to reach its last entry"
+            );
+            warned = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(FEED_WAIT_POLL_MS)).await;
+    }
+    Ok(())
+}
+
 impl RaftSnapshotBuilder<Tc> for SnapshotJob {
     type SnapshotData = SnapshotFile;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
         let from = std::mem::replace(&mut self.from, Build::Copy(State::default()));
+        let mut upto = None;
         // An entry is applied once a majority has it, which need not include this node's
         // disk yet: the worker reads the log from disk, so it waits for it.
         if let Build::Log { source, meta } = &from {
-            let upto = meta.last_applied.map_or(0, |pos| pos.seq);
-            if source.writer.durable_seq() < upto {
+            let seq = meta.last_applied.map_or(0, |pos| pos.seq);
+            upto = Some(seq);
+            if source.writer.durable_seq() < seq {
                 source.writer.barrier().durable().await.map_err(other)?;
             }
+            if let Some(feed) = &self.feed {
+                wait_for_feed(feed, seq).await?;
+            }
         }
-        let (dir, files) = (self.snapshots.clone(), self.files.clone());
+        let (dir, files, known) = (
+            self.snapshots.clone(),
+            self.files.clone(),
+            self.known.clone(),
+        );
         // At a lower weight (nice 10), not `SCHED_IDLE` as a single server's background
         // snapshots: the engine asks again only once this one is done, so a load that kept
         // every core busy would otherwise starve every snapshot, and the log would grow
@@ -532,6 +609,18 @@ impl RaftSnapshotBuilder<Tc> for SnapshotJob {
         let (meta, path) = tokio::task::spawn_blocking(move || {
             snapshotter::on_lowered_thread(Priority::Overdue, || {
                 let _files = lock(&files);
+                // A snapshot installed since the build began, at or past its entry, has
+                // replaced the files and the log it would read: it is the answer (the
+                // engine keeps the newer of the two).
+                if let (Some(upto), Some((path, meta))) = (upto, lock(&known).clone()) {
+                    let covers = meta
+                        .last_log_id
+                        .as_ref()
+                        .is_some_and(|id| super::types::pos_of(id).seq >= upto);
+                    if covers && path.exists() {
+                        return Ok((meta, path));
+                    }
+                }
                 SnapshotJob::build(from, &dir)
             })
         })
@@ -560,6 +649,7 @@ impl RaftStateMachine<Tc> for StockSm {
         if let Some(err) = &self.broken {
             return Err(other(err));
         }
+        let mut last = None;
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
             let entry = fold_entry_of(entry)?;
@@ -579,9 +669,13 @@ impl RaftStateMachine<Tc> for StockSm {
                 }
             }
             .map_err(|e| other(format!("folding entry {seq}: {e}")))?;
+            last = Some(seq);
             if let Some(responder) = responder {
                 responder.send(outcome);
             }
+        }
+        if let (Some(feed), Some(seq)) = (&self.feed, last) {
+            feed.applied.applied(seq);
         }
         Ok(())
     }
@@ -599,6 +693,7 @@ impl RaftStateMachine<Tc> for StockSm {
             snapshots: self.snapshots.clone(),
             known: self.known.clone(),
             files: self.files.clone(),
+            feed: self.feed.as_ref().map(|link| link.feed.clone()),
         }
     }
 
@@ -610,8 +705,8 @@ impl RaftStateMachine<Tc> for StockSm {
         let dir = self.snapshots.clone();
         let meta = meta.clone();
         let installed = meta.clone();
-        let files = self.files.clone();
-        let (state, kept) = tokio::task::spawn_blocking(move || -> io::Result<(State, PathBuf)> {
+        let (files, known) = (self.files.clone(), self.known.clone());
+        let state = tokio::task::spawn_blocking(move || -> io::Result<State> {
             let _files = lock(&files);
             let (_, state) = snapshot::read(&snapshot.path).map_err(other)?;
             if meta_of(&state)? != meta {
@@ -632,15 +727,20 @@ impl RaftStateMachine<Tc> for StockSm {
                     std::fs::remove_file(&path)?;
                 }
             }
+            // Known while the directory is still held: a build that takes it next sees
+            // that this snapshot replaced its base.
+            *lock(&known) = Some((kept, installed));
             pause_for_a_test(INSTALL_PAUSE_ENV);
-            Ok((state, kept))
+            Ok(state)
         })
         .await
         .map_err(other)??;
         // Whole again if it was lent: what the epoch's actors hold is never read back.
         self.state = state;
         self.lent = None;
-        *lock(&self.known) = Some((kept, installed));
+        if let Some(feed) = &self.feed {
+            feed.applied.installed(applied_seq(&self.state));
+        }
         Ok(())
     }
 

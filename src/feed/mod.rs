@@ -26,7 +26,9 @@ use serde::Deserialize;
 use tokio::sync::{broadcast, watch, Semaphore};
 
 pub use event::{Kind, Position};
-pub use projector::{open, Catchup, Projector};
+#[cfg(test)]
+pub(crate) use projector::publish;
+pub use projector::{open, Applied, Catchup, Followed, Projector};
 pub use shadow::Shadow;
 pub use store::{Gone, Retention, Stored};
 
@@ -72,6 +74,13 @@ struct Shared {
     readers_dropped: AtomicU64,
     /// True once the server shuts down: live readers end their streams.
     closing: watch::Sender<bool>,
+    /// Counts the times the store started again after an installed snapshot (a cluster
+    /// node's feed, `projector::Entries::reseed`): the events between are not in it, so
+    /// live readers end their streams, and their reconnection is told `events_gone`.
+    started_again: watch::Sender<u64>,
+    /// True once the projector's thread ended (stopped, failed or panicked): a cluster
+    /// node's snapshot build no longer waits for the store.
+    stopped: AtomicBool,
     /// The store's `through` after each append: webhook deliveries wait on it when they
     /// have caught up (a wake-up only; they read the events from the store).
     appended: watch::Sender<u64>,
@@ -162,6 +171,8 @@ pub enum Subscribe {
 pub struct LiveReader {
     pub events: broadcast::Receiver<Arc<Stored>>,
     pub closing: watch::Receiver<bool>,
+    /// Changes when the store starts again after a gap (`Feed::started_again`).
+    pub started_again: watch::Receiver<u64>,
     _permit: tokio::sync::OwnedSemaphorePermit,
     feed: Feed,
 }
@@ -182,6 +193,7 @@ impl Feed {
         let synced = Arc::new(AtomicU64::new(store.through()));
         let (live, _) = broadcast::channel(LIVE_EVENTS_BUFFERED);
         let (closing, _) = watch::channel(false);
+        let (started_again, _) = watch::channel(0);
         let (appended, _) = watch::channel(store.through());
         Feed {
             shared: Arc::new(Shared {
@@ -192,6 +204,8 @@ impl Feed {
                 readers: Arc::new(Semaphore::new(LIVE_READERS_MAX)),
                 readers_dropped: AtomicU64::new(0),
                 closing,
+                started_again,
+                stopped: AtomicBool::new(false),
                 appended,
             }),
         }
@@ -231,6 +245,7 @@ impl Feed {
         Ok(LiveReader {
             events: self.shared.live.subscribe(),
             closing: self.shared.closing.subscribe(),
+            started_again: self.shared.started_again.subscribe(),
             _permit: permit,
             feed: self.clone(),
         })
@@ -239,6 +254,29 @@ impl Feed {
     /// Changes each time events were appended (its value: the store's `through`).
     pub fn appended(&self) -> watch::Receiver<u64> {
         self.shared.appended.subscribe()
+    }
+
+    /// The store started again after a gap: live readers end their streams (before the
+    /// events after the gap reach them).
+    pub(crate) fn started_again(&self) {
+        self.shared.started_again.send_modify(|n| *n += 1);
+    }
+
+    /// Whether the projector's thread has ended.
+    pub fn stopped(&self) -> bool {
+        self.shared.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Holds the snapshot ceiling at `seq` at most: a cluster node's store can reach past
+    /// the entry its projector starts after, and a snapshot must not pass the projector.
+    pub fn synced_at_most(&self, seq: u64) {
+        self.shared.synced.fetch_min(seq, Ordering::SeqCst);
+    }
+
+    /// Holds the store's lock (tests: a projector that cannot go on).
+    #[cfg(test)]
+    pub(crate) fn hold_store(&self) -> std::sync::MutexGuard<'_, store::Store> {
+        self.store()
     }
 
     /// Ends every live reader's stream (shutdown).

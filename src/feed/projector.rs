@@ -14,8 +14,9 @@
 //! recovery's fold (from S) passes every record after E.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -23,10 +24,11 @@ use crate::feed::event::{events_of, Before};
 use crate::feed::shadow::Shadow;
 use crate::feed::store::{Store, Stored};
 use crate::feed::{Feed, PROJECTOR_POLL_MS, PROJECTOR_SYNC_MS};
+use crate::storage::entry::RaftMeta;
 use crate::storage::fold::State;
 use crate::storage::log::{LogHandle, LogReader};
 use crate::storage::record::Record;
-use crate::storage::recovery::FoldObserver;
+use crate::storage::recovery::{self, FoldObserver};
 
 /// Events appended to the store (and handed to live readers) in one go, at most.
 const APPEND_EVENTS_MAX: usize = 1024;
@@ -103,23 +105,48 @@ impl<'a> Catchup<'a> {
     }
 }
 
+impl Catchup<'_> {
+    /// Whether the fold reached `seq` without a gap after the store's end; if it starts
+    /// later (a new store, or one older than the newest snapshot), the feed starts again
+    /// after the snapshot. `false` if that failed.
+    fn continues(&mut self, seq: u64) -> bool {
+        if seq != self.through + 1 {
+            self.batch.clear();
+            if let Err(err) = self.store.reset(seq - 1) {
+                self.error = Some(err);
+                return false;
+            }
+            self.through = seq - 1;
+        }
+        true
+    }
+
+    /// Appends the batch once it is large, or covers many records.
+    fn append_if_large(&mut self) {
+        if self.batch.len() >= APPEND_EVENTS_MAX
+            || self.through - self.store.through() >= APPEND_RECORDS_MAX
+        {
+            self.append();
+        }
+    }
+}
+
 impl FoldObserver for Catchup<'_> {
     fn wants(&self, seq: u64) -> bool {
         self.error.is_none() && seq > self.through
     }
 
     fn before(&mut self, seq: u64, record: &Record, state: &State) {
-        if seq != self.through + 1 {
-            // The fold starts after the store's end (a new store, or one older than the
-            // newest snapshot): the feed starts again after the snapshot.
-            self.batch.clear();
-            if let Err(err) = self.store.reset(seq - 1) {
-                self.error = Some(err);
-                return;
-            }
-            self.through = seq - 1;
+        if self.continues(seq) {
+            self.before = Some(Before::of(record, state));
         }
-        self.before = Some(Before::of(record, state));
+    }
+
+    fn passed(&mut self, seq: u64) {
+        if self.continues(seq) {
+            self.through = seq;
+            self.append_if_large();
+        }
     }
 
     fn after(&mut self, seq: u64, record: &Record, state: &State) {
@@ -129,11 +156,7 @@ impl FoldObserver for Catchup<'_> {
         self.batch
             .extend(stored(events_of(&before, seq, record, state)));
         self.through = seq;
-        if self.batch.len() >= APPEND_EVENTS_MAX
-            || self.through - self.store.through() >= APPEND_RECORDS_MAX
-        {
-            self.append();
-        }
+        self.append_if_large();
     }
 }
 
@@ -152,12 +175,43 @@ impl Projector {
         shadow: Shadow,
         after: u64,
     ) -> Projector {
+        Projector::spawn(feed, reader, log, shadow, after, Follow::Records)
+    }
+
+    /// Starts following a cluster node's log after entry `after`, whose state `shadow`
+    /// and Raft metadata `raft` stand for: the entries its state machine applied
+    /// (`cluster`), each admitted by the same rule (`fold::admit_entry`).
+    pub fn start_entries(
+        feed: Feed,
+        reader: LogReader,
+        log: LogHandle,
+        shadow: Shadow,
+        raft: Option<RaftMeta>,
+        after: u64,
+        cluster: Followed,
+    ) -> Projector {
+        let follow = Follow::Entries(Entries {
+            raft,
+            cluster,
+            read_failures: 0,
+        });
+        Projector::spawn(feed, reader, log, shadow, after, follow)
+    }
+
+    fn spawn(
+        feed: Feed,
+        reader: LogReader,
+        log: LogHandle,
+        shadow: Shadow,
+        after: u64,
+        follow: Follow,
+    ) -> Projector {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = thread::Builder::new()
             .name("stockd-projector".into())
             .spawn({
                 let stop = stop.clone();
-                move || run(feed, reader, log, shadow, after, stop)
+                move || run(feed, reader, log, shadow, after, follow, stop)
             })
             .expect("spawning the projector thread");
         Projector {
@@ -181,23 +235,113 @@ impl Drop for Projector {
     }
 }
 
+/// How far a cluster node's state machine applied, and the snapshots it installed: what
+/// its projector follows (`Projector::start_entries`). The state machine moves it
+/// (`cluster::StockSm`).
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// The last snapshot installed since start-up (0: none).
+    installed: AtomicU64,
+    /// The last entry applied.
+    applied: AtomicU64,
+}
+
+impl Applied {
+    /// Entries through `seq` are applied.
+    pub fn applied(&self, seq: u64) {
+        self.applied.fetch_max(seq, Ordering::SeqCst);
+    }
+
+    /// A snapshot through entry `seq` was installed: the state jumped there.
+    pub fn installed(&self, seq: u64) {
+        // Before `applied`: a projector that sees the new applied position sees the
+        // install too (it reads them the other way round).
+        self.installed.fetch_max(seq, Ordering::SeqCst);
+        self.applied(seq);
+    }
+
+    /// (the last entry applied, the last snapshot installed)
+    fn read(&self) -> (u64, u64) {
+        let applied = self.applied.load(Ordering::SeqCst);
+        (applied, self.installed.load(Ordering::SeqCst))
+    }
+}
+
+/// What a cluster node's projector needs besides its log: how far the state machine
+/// applied, and its snapshots (with the lock under which they are read and changed), to
+/// start again from an installed one.
+#[derive(Clone)]
+pub struct Followed {
+    pub applied: Arc<Applied>,
+    pub snapshots: PathBuf,
+    pub files: Arc<Mutex<()>>,
+}
+
+/// What the projector follows.
+enum Follow {
+    /// A single server's records, once durable.
+    Records,
+    /// A cluster node's entries, once applied (so committed: never cut) and durable here.
+    Entries(Entries),
+}
+
+struct Entries {
+    /// The Raft metadata after the last entry projected: admits the next one.
+    raft: Option<RaftMeta>,
+    cluster: Followed,
+    /// Reads of the log that failed in a row (an entry being cut past the applied
+    /// position can fail a read ahead): the feed stops after `READ_FAILURES_MAX`.
+    read_failures: u32,
+}
+
+/// Failed reads of a cluster node's log in a row (one a poll) before the feed stops.
+const READ_FAILURES_MAX: u32 = 100;
+
+impl Follow {
+    /// Where the projector may read to, the log being durable through `durable`.
+    fn limit(&self, durable: u64) -> u64 {
+        match self {
+            Follow::Records => durable,
+            Follow::Entries(entries) => entries.cluster.applied.read().0.min(durable),
+        }
+    }
+}
+
 fn run(
     feed: Feed,
     reader: LogReader,
     log: LogHandle,
     mut shadow: Shadow,
     mut pos: u64,
+    mut follow: Follow,
     stop: Arc<AtomicBool>,
 ) {
+    // However the thread ends, the feed says so; a panic is a failure like any other, so
+    // that nothing waits on a feed that no longer moves.
+    struct Ended(Feed);
+    impl Drop for Ended {
+        fn drop(&mut self) {
+            if thread::panicking() {
+                fail(&self.0, "the projector panicked".into());
+            }
+            self.0.shared.stopped.store(true, Ordering::SeqCst);
+        }
+    }
+    let _ended = Ended(feed.clone());
     let mut last_sync = Instant::now();
     loop {
         let stopping = stop.load(Ordering::SeqCst);
         let durable = log.durable_seq();
-        if durable > pos {
-            match follow(&feed, &reader, &mut shadow, pos, durable) {
-                Ok(through) => pos = through,
-                Err(err) => return fail(&feed, err),
+        let followed = match &mut follow {
+            Follow::Records if durable > pos => {
+                follow_records(&feed, &reader, &mut shadow, pos, durable)
             }
+            Follow::Records => Ok(pos),
+            Follow::Entries(entries) => entries.follow(&feed, &reader, &mut shadow, pos, durable),
+        };
+        match followed {
+            Ok(through) => pos = through,
+            Err(err) => return fail(&feed, err),
         }
         if stopping || last_sync.elapsed() >= Duration::from_millis(PROJECTOR_SYNC_MS) {
             // The fsync runs without the store's lock: readers never wait for the disk.
@@ -205,9 +349,11 @@ fn run(
                 let mut store = feed.store();
                 store.to_sync().map(|file| (file, store.through()))
             };
+            // Never past the projector: a cluster node's store can reach past the entry
+            // it started after (`publish`), and a snapshot must not pass the projector.
             let synced = taken.and_then(|(file, through)| match file {
-                Some(file) => file.sync_data().map(|()| through),
-                None => Ok(through),
+                Some(file) => file.sync_data().map(|()| through.min(pos)),
+                None => Ok(through.min(pos)),
             });
             match synced {
                 Ok(through) => {
@@ -217,10 +363,144 @@ fn run(
             }
             last_sync = Instant::now();
         }
-        if stopping && log.durable_seq() <= pos {
+        // A cluster's other nodes may go on committing: what was applied when the stop
+        // was asked for is projected, and no more waited for.
+        if stopping && (matches!(follow, Follow::Entries(_)) || follow.limit(durable) <= pos) {
             return;
         }
         thread::sleep(Duration::from_millis(PROJECTOR_POLL_MS));
+    }
+}
+
+impl Entries {
+    /// Projects the entries after `pos` that are applied and durable; returns the last
+    /// one projected. After a snapshot was installed past `pos`, starts again from it
+    /// (`reseed`).
+    fn follow(
+        &mut self,
+        feed: &Feed,
+        reader: &LogReader,
+        shadow: &mut Shadow,
+        pos: u64,
+        durable: u64,
+    ) -> Result<u64, String> {
+        let (applied, installed) = self.cluster.applied.read();
+        if installed > pos {
+            return match self.reseed(feed, reader, shadow, installed) {
+                // Another install replaced that snapshot meanwhile: the next poll starts
+                // from the newer one.
+                Err(_) if self.cluster.applied.read().1 > installed => Ok(pos),
+                reseeded => reseeded,
+            };
+        }
+        let limit = applied.min(durable);
+        if limit <= pos {
+            return Ok(pos);
+        }
+        let mut batch = Vec::new();
+        let (mut through, mut appended) = (pos, pos);
+        let mut failed = None;
+        for item in reader.entries_after(pos) {
+            let entry = match item {
+                Ok(entry) if entry.pos.seq == through + 1 => entry,
+                Ok(entry) if entry.pos.seq > limit => break,
+                Ok(entry) => {
+                    failed = Some(format!(
+                        "log entry {} is missing (found {})",
+                        through + 1,
+                        entry.pos.seq
+                    ));
+                    break;
+                }
+                Err(err) => {
+                    failed = Some(format!("cannot read the log: {err}"));
+                    break;
+                }
+            };
+            if entry.pos.seq > limit {
+                break;
+            }
+            let seq = entry.pos.seq;
+            let (_, record) = crate::storage::fold::admit_entry(&mut self.raft, entry)
+                .map_err(|e| format!("log entry {seq} cannot be applied: {e}"))?;
+            if let Some(record) = record {
+                let events = shadow
+                    .project(seq, &record)
+                    .map_err(|e| format!("log entry {seq} cannot be applied: {e}"))?;
+                batch.extend(stored(events));
+            }
+            through = seq;
+            if batch.len() >= APPEND_EVENTS_MAX || through - appended >= APPEND_RECORDS_MAX {
+                publish(feed, &mut batch, through)?;
+                appended = through;
+            }
+        }
+        publish(feed, &mut batch, through)?;
+        match failed {
+            // Stopped short of the limit: a snapshot installed meanwhile purged the log
+            // (the next poll starts from it), or a read failed; tried again next poll.
+            Some(err) if through < limit => {
+                if self.cluster.applied.read().1 <= through {
+                    self.read_failures += 1;
+                    if self.read_failures >= READ_FAILURES_MAX {
+                        return Err(err);
+                    }
+                }
+            }
+            _ => self.read_failures = 0,
+        }
+        Ok(through)
+    }
+
+    /// Starts again from the snapshot installed through entry `installed`: the shadow
+    /// and the metadata become its state's. The events of the entries between the last
+    /// one projected and the snapshot are not in this node's log (the snapshot replaced
+    /// them): the feed starts again after the snapshot, unless it already reaches past it.
+    fn reseed(
+        &mut self,
+        feed: &Feed,
+        reader: &LogReader,
+        shadow: &mut Shadow,
+        installed: u64,
+    ) -> Result<u64, String> {
+        let started = Instant::now();
+        let recovered = {
+            let _files = self
+                .cluster
+                .files
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            recovery::recover_entries_at(reader, &self.cluster.snapshots, installed)
+        }
+        .map_err(|e| {
+            format!("cannot read the snapshot installed through entry {installed}: {e}")
+        })?;
+        if recovered.last_seq != installed {
+            return Err(format!(
+                "the snapshot installed through entry {installed} is gone (the newest at or \
+                 before it ends at {})",
+                recovered.last_seq
+            ));
+        }
+        *shadow = Shadow::of(&recovered.state);
+        self.raft = recovered.state.raft.clone();
+        self.read_failures = 0;
+        {
+            let mut store = feed.store();
+            if store.through() < installed {
+                store
+                    .reset(installed)
+                    .map_err(|e| format!("cannot start the store again: {e}"))?;
+                feed.started_again();
+            }
+        }
+        tracing::info!(
+            installed,
+            products = shadow.products(),
+            ms = started.elapsed().as_millis() as u64,
+            "the change feed follows the installed snapshot"
+        );
+        Ok(installed)
     }
 }
 
@@ -233,7 +513,7 @@ fn fail(feed: &Feed, err: String) {
 }
 
 /// Projects the records after `pos` up to `durable`; returns the last one projected.
-fn follow(
+fn follow_records(
     feed: &Feed,
     reader: &LogReader,
     shadow: &mut Shadow,
@@ -267,11 +547,22 @@ fn follow(
 
 /// Appends `batch` (the events of the records up to `through`) and hands it to live
 /// readers, in that order: a reader that subscribed before it finds it in the ring, one
-/// that subscribes after it in the store.
-fn publish(feed: &Feed, batch: &mut Vec<Stored>, through: u64) -> Result<(), String> {
-    feed.store()
-        .append(batch, through)
-        .map_err(|e| format!("cannot append to the store: {e}"))?;
+/// that subscribes after it in the store. Events of records the store holds already are
+/// left out: a cluster node's store can reach past the entries its start-up folded (its
+/// committed mark on disk lags what it applied), and past an installed snapshot.
+pub(crate) fn publish(feed: &Feed, batch: &mut Vec<Stored>, through: u64) -> Result<(), String> {
+    {
+        let mut store = feed.store();
+        let held = store.through();
+        if through <= held {
+            batch.clear();
+            return Ok(());
+        }
+        batch.retain(|event| event.position.seq > held);
+        store
+            .append(batch, through)
+            .map_err(|e| format!("cannot append to the store: {e}"))?;
+    }
     for event in batch.drain(..) {
         // No reader connected is not an error.
         let _ = feed.shared.live.send(Arc::new(event));
@@ -318,6 +609,56 @@ mod tests {
 
     fn retention() -> crate::feed::Retention {
         crate::feed::retention_default()
+    }
+
+    #[test]
+    fn events_the_store_holds_already_are_not_appended_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path(), 0, retention()).unwrap();
+        let event = |seq| Stored {
+            position: Position { seq, index: 0 },
+            json: format!("{{\"id\":\"{seq}\"}}"),
+        };
+        store.append(&[event(1), event(2)], 2).unwrap();
+        let feed = Feed::new(store);
+        // A cluster node's projector starting at entry 1 (its committed mark on disk lagged
+        // what it had applied): entry 2's event is in the store, entry 3's is not.
+        publish(&feed, &mut vec![event(2), event(3)], 3).unwrap();
+        publish(&feed, &mut vec![event(3)], 3).unwrap();
+        let read = feed.read_after(Position::default(), 10).unwrap();
+        let seqs: Vec<u64> = read.events.iter().map(|e| e.position.seq).collect();
+        assert_eq!(seqs, vec![1, 2, 3]);
+        assert_eq!(read.through, 3);
+    }
+
+    /// A cluster node's fold passes entries that fold no record (blank and membership
+    /// entries): the catch-up goes on past them, without starting the store again.
+    #[test]
+    fn positions_that_fold_no_record_keep_the_catch_up_contiguous() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path(), 0, retention()).unwrap();
+        let mut state = State::default();
+        let mut catchup = Catchup::new(&mut store);
+        catchup.passed(1);
+        for (seq, record) in [(2, created("A")), (4, created("B"))] {
+            if seq == 4 {
+                catchup.passed(3);
+            }
+            assert!(catchup.wants(seq));
+            catchup.before(seq, &record, &state);
+            crate::storage::fold::apply(&mut state, &record).unwrap();
+            catchup.after(seq, &record, &state);
+        }
+        catchup.passed(5);
+        catchup.finish(0, u64::MAX).unwrap();
+        assert_eq!(
+            (store.floor(), store.through()),
+            (0, 5),
+            "never started again"
+        );
+        let read = store.read_after(Position::default(), 10).unwrap();
+        let seqs: Vec<u64> = read.events.iter().map(|e| e.position.seq).collect();
+        assert_eq!(seqs, vec![2, 4]);
     }
 
     #[test]

@@ -273,6 +273,11 @@ impl Live {
             }
             tokio::select! {
                 received = self.reader.events.recv() => match received {
+                    // The store started again after a gap before this event was made: the
+                    // stream ends, and the reconnection is told `events_gone`.
+                    Ok(_) if self.reader.started_again.has_changed().unwrap_or(true) => {
+                        return None;
+                    }
                     Ok(event) => self.ready.push_back(Stored::clone(&event)),
                     Err(RecvError::Lagged(_)) => {
                         // Too slow for the ring: dropped, never waited for. The client
@@ -283,6 +288,7 @@ impl Live {
                     Err(RecvError::Closed) => return None,
                 },
                 _ = self.reader.closing.changed() => return None,
+                _ = self.reader.started_again.changed() => return None,
             }
         }
     }
@@ -336,6 +342,43 @@ async fn stream(feed: &Feed, cursor: Position, filter: Filter) -> Result<Reply> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cluster node's store that starts again after an installed snapshot ends the live
+    /// streams, rather than let a caught-up reader jump the gap: its reconnection is told
+    /// `events_gone`.
+    #[tokio::test]
+    async fn a_live_stream_ends_when_the_store_starts_again_after_a_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            crate::feed::store::Store::open(dir.path(), 0, crate::feed::retention_default())
+                .unwrap();
+        let feed = Feed::new(store);
+        let event = |seq| Stored {
+            position: Position { seq, index: 0 },
+            json: format!("{{\"id\":\"{seq}\"}}"),
+        };
+        crate::feed::publish(&feed, &mut vec![event(1)], 1).unwrap();
+        let mut live = Live {
+            feed: feed.clone(),
+            reader: feed.subscribe().unwrap(),
+            cursor: Position::default(),
+            filter: Filter::default(),
+            ready: VecDeque::new(),
+            caught_up: false,
+        };
+        assert_eq!(live.next().await.map(|e| e.position.seq), Some(1));
+        // Caught up: it waits on the ring.
+        let waited = tokio::time::timeout(Duration::from_millis(100), live.next()).await;
+        assert!(waited.is_err(), "{waited:?}");
+        feed.hold_store().reset(10).unwrap();
+        feed.started_again();
+        crate::feed::publish(&feed, &mut vec![event(11)], 11).unwrap();
+        let after = tokio::time::timeout(Duration::from_secs(5), live.next()).await;
+        assert!(
+            matches!(after, Ok(None)),
+            "the stream ends rather than skip the gap: {after:?}"
+        );
+    }
 
     #[test]
     fn queries_parse_and_refuse_what_is_wrong() {

@@ -9,7 +9,17 @@ use crate::http::App;
 use crate::webhooks::{WebhookError, Webhooks, ENDPOINTS_MAX};
 
 /// The server's webhooks, or 404 `events_disabled`: they deliver the change feed's events.
+/// A cluster node has none: 501 `webhooks_unavailable`.
 pub fn enabled(app: &App) -> Result<&Webhooks, Problem> {
+    if app.cluster.is_some() {
+        return Err(Problem::new(
+            501,
+            "webhooks_unavailable",
+            "webhooks are not available on a cluster yet: their endpoints and delivery \
+             positions would be kept by one node, not replicated. Read the change feed \
+             (GET /v1/events) instead: every node keeps it, at the same positions",
+        ));
+    }
     app.webhooks.as_ref().ok_or_else(|| {
         Problem::new(
             404,

@@ -90,6 +90,9 @@ pub trait FoldObserver: Send {
     fn before(&mut self, seq: u64, record: &Record, state: &State);
     /// Called with the state after record `seq` was applied.
     fn after(&mut self, seq: u64, record: &Record, state: &State);
+    /// Called instead of `before` and `after` for a wanted log position that folds no
+    /// record (a cluster's blank or membership entry, or a proposal the chain skipped).
+    fn passed(&mut self, _seq: u64) {}
 }
 
 /// Recovers the state after record `upto` (`u64::MAX`: everything in the log).
@@ -138,7 +141,17 @@ pub fn recover_entries(
     snapshot_dir: &Path,
     committed: u64,
 ) -> Result<Recovered, RecoveryError> {
-    entries_onto_snapshot(reader, snapshot_dir, u64::MAX, committed)
+    entries_onto_snapshot(reader, snapshot_dir, u64::MAX, committed, None)
+}
+
+/// `recover_entries`, with `observer` watching the entries folded after the snapshot.
+pub fn recover_entries_observed(
+    reader: &LogReader,
+    snapshot_dir: &Path,
+    committed: u64,
+    observer: Option<&mut dyn FoldObserver>,
+) -> Result<Recovered, RecoveryError> {
+    entries_onto_snapshot(reader, snapshot_dir, u64::MAX, committed, observer)
 }
 
 /// A cluster node's state after entry `upto` exactly (a snapshot built without the
@@ -148,7 +161,17 @@ pub fn recover_entries_at(
     snapshot_dir: &Path,
     upto: u64,
 ) -> Result<Recovered, RecoveryError> {
-    entries_onto_snapshot(reader, snapshot_dir, upto, upto)
+    entries_onto_snapshot(reader, snapshot_dir, upto, upto, None)
+}
+
+/// `recover_entries_at`, with `observer` watching the entries folded after the snapshot.
+pub fn recover_entries_at_observed(
+    reader: &LogReader,
+    snapshot_dir: &Path,
+    upto: u64,
+    observer: Option<&mut dyn FoldObserver>,
+) -> Result<Recovered, RecoveryError> {
+    entries_onto_snapshot(reader, snapshot_dir, upto, upto, observer)
 }
 
 /// The newest snapshot at or before `base_upto` that verifies, then the entries after it
@@ -158,6 +181,7 @@ fn entries_onto_snapshot(
     snapshot_dir: &Path,
     base_upto: u64,
     upto: u64,
+    observer: Option<&mut dyn FoldObserver>,
 ) -> Result<Recovered, RecoveryError> {
     let purged = reader.purged()?.map_or(0, |mark| mark.seq);
     let snapshots = list_snapshots(snapshot_dir)?;
@@ -178,7 +202,13 @@ fn entries_onto_snapshot(
             started.elapsed(),
         )
     } else {
-        let folded = fold_entries(reader.entries_after(after), base.state, after, upto)?;
+        let folded = fold_entries_observed(
+            reader.entries_after(after),
+            base.state,
+            after,
+            upto,
+            observer,
+        )?;
         finish(base.snapshot, base.skipped, folded, upto, started.elapsed())
     };
     recovered.map(|recovered| Recovered {
@@ -359,9 +389,21 @@ fn fold_observed(
 /// folded.
 pub fn fold_entries(
     source: impl Iterator<Item = Result<Entry, OpenError>> + Send,
+    state: State,
+    after: u64,
+    upto: u64,
+) -> Result<(State, u64, u64), RecoveryError> {
+    fold_entries_observed(source, state, after, upto, None)
+}
+
+/// `fold_entries`, with `observer` watching each entry it wants: `before` and `after`
+/// around the record an entry folds, `passed` for one that folds none.
+fn fold_entries_observed(
+    source: impl Iterator<Item = Result<Entry, OpenError>> + Send,
     mut state: State,
     after: u64,
     upto: u64,
+    mut observer: Option<&mut dyn FoldObserver>,
 ) -> Result<(State, u64, u64), RecoveryError> {
     let (entries, last_seq) = pipeline(
         source,
@@ -375,8 +417,23 @@ pub fn fold_entries(
                 crate::storage::entry::Payload::Normal { record, .. } => Some(record.clone()),
                 _ => None,
             };
-            fold::apply_entry(&mut state, entry)
-                .map_err(|source| RecoveryError::Fold { seq, source })?;
+            let fold_err = |source| RecoveryError::Fold { seq, source };
+            match observer.as_deref_mut() {
+                Some(o) if o.wants(seq) => {
+                    match fold::admit_entry(&mut state.raft, entry).map_err(fold_err)? {
+                        (_, Some(record)) => {
+                            o.before(seq, &record, &state);
+                            let watched = record.clone();
+                            fold::apply_owned(&mut state, record).map_err(fold_err)?;
+                            o.after(seq, &watched, &state);
+                        }
+                        (_, None) => o.passed(seq),
+                    }
+                }
+                _ => {
+                    fold::apply_entry(&mut state, entry).map_err(fold_err)?;
+                }
+            }
             #[cfg(debug_assertions)]
             if let Some(touched) = touched {
                 assert!(

@@ -27,16 +27,17 @@ use openraft::storage::RaftLogStorage;
 use openraft::{AnyError, Config, RaftLogReader, ServerState};
 
 use crate::cluster::log_store::ClusterLog;
+use crate::cluster::node::recover_catching_up;
 use crate::cluster::proposer::Proposer;
 use crate::cluster::state_machine::{
     RebuildError, Snapshot, SnapshotFile, SnapshotSource, StockSm,
 };
 use crate::cluster::types::{Proposal, RaftVote, StockdNode, Tc};
 use crate::domain::SaleRules;
+use crate::feed::{Feed, Position, Projector, Shadow};
 use crate::storage::entry::{Epoch, NodeId, Outcome};
 use crate::storage::log::{Log, LogError, LogHandle, OpenError};
 use crate::storage::record::{self, Record};
-use crate::storage::recovery;
 
 type Raft = openraft::Raft<Tc, StockSm>;
 
@@ -155,11 +156,13 @@ impl RaftNetworkV2<Tc> for Conn {
     }
 }
 
-/// One node: its `Raft`, its log's writer, and a reader of its log.
+/// One node: its `Raft`, its log's writer, and a reader of its log; and its change feed
+/// with its projector, if it has one (`start_fed`).
 struct Node {
     raft: Raft,
     writer: LogHandle,
     log: ClusterLog,
+    feed: Option<(Feed, Projector)>,
 }
 
 fn config() -> Arc<Config> {
@@ -228,17 +231,57 @@ async fn start_with(
     log: ClusterLog,
     config: Arc<Config>,
 ) -> Node {
+    start_node(router, id, dir, log, config, false).await
+}
+
+/// `start_with`, with a change feed whose store is in `dir/events`.
+async fn start_fed(
+    router: &Router,
+    id: NodeId,
+    dir: &Path,
+    log: ClusterLog,
+    config: Arc<Config>,
+) -> Node {
+    start_node(router, id, dir, log, config, true).await
+}
+
+async fn start_node(
+    router: &Router,
+    id: NodeId,
+    dir: &Path,
+    log: ClusterLog,
+    config: Arc<Config>,
+    events: bool,
+) -> Node {
     // As a node starts (`ClusterNode::start`): the state recovered from its snapshot and
-    // its log, snapshots built from the log (in this process: a test has no worker).
+    // its log (the feed's store caught up by the same fold), snapshots built from the log
+    // (in this process: a test has no worker).
     let snapshots = dir.join("snapshots");
-    let recovered = {
+    let store = events.then(|| {
+        crate::feed::open(&dir.join("events"), crate::feed::retention_default())
+            .expect("opening the feed's store")
+    });
+    let (recovered, store) = {
         let (reader, dir, committed) =
             (log.reader().clone(), snapshots.clone(), log.committed_seq());
-        tokio::task::spawn_blocking(move || recovery::recover_entries(&reader, &dir, committed))
-            .await
-            .unwrap()
-            .expect("recovering the node's state")
+        tokio::task::spawn_blocking(move || {
+            let mut store = store;
+            let (recovered, caught_up) =
+                recover_catching_up(&reader, &dir, committed, store.as_mut());
+            caught_up.expect("catching up the feed's store");
+            (recovered.expect("recovering the node's state"), store)
+        })
+        .await
+        .unwrap()
     };
+    let fed = store.map(|store| {
+        (
+            Feed::new(store),
+            Shadow::of(&recovered.state),
+            recovered.state.raft.clone(),
+        )
+    });
+    let after = recovered.last_seq;
     let source = SnapshotSource {
         reader: log.reader().clone(),
         writer: log.handle().clone(),
@@ -249,17 +292,31 @@ async fn start_with(
         .snapshot
         .map(|s| s.path)
         .zip(recovered.snapshot_raft);
-    let sm = StockSm::recovered(&snapshots, recovered.state, source, snapshot);
+    let mut sm = StockSm::recovered(&snapshots, recovered.state, source, snapshot);
+    let fed = fed.map(|(feed, shadow, raft)| (sm.follow_feed(&feed), feed, shadow, raft));
     let net = Net {
         from: id,
         router: router.clone(),
     };
+    let feed = fed.map(|(followed, feed, shadow, raft)| {
+        let projector = Projector::start_entries(
+            feed.clone(),
+            log.reader().clone(),
+            log.handle().clone(),
+            shadow,
+            raft,
+            after,
+            followed,
+        );
+        (feed, projector)
+    });
     let node = Node {
         writer: log.handle().clone(),
         raft: Raft::new(id, config, net, log.clone(), sm)
             .await
             .expect("starting the engine"),
         log,
+        feed,
     };
     router.nodes.lock().unwrap().insert(id, node.raft.clone());
     node
@@ -269,7 +326,18 @@ async fn start_with(
 async fn stop(router: &Router, id: NodeId, node: Node) {
     router.nodes.lock().unwrap().remove(&id);
     node.raft.shutdown().await.expect("stopping the engine");
-    let Node { raft, writer, log } = node;
+    let Node {
+        raft,
+        writer,
+        log,
+        feed,
+    } = node;
+    // The projector reads the log: it stops before the log does.
+    if let Some((_, projector)) = feed {
+        tokio::task::spawn_blocking(move || projector.stop())
+            .await
+            .unwrap();
+    }
     drop((raft, log));
     writer.shutdown().await.expect("stopping the log");
 }
@@ -1047,7 +1115,9 @@ async fn a_rebuild_that_meets_a_contradiction_stops_the_engine() {
     let stopped = nodes.remove(&follower).unwrap();
     router.nodes.lock().unwrap().remove(&follower);
     let _ = stopped.raft.shutdown().await; // its engine stopped on its own
-    let Node { raft, writer, log } = stopped;
+    let Node {
+        raft, writer, log, ..
+    } = stopped;
     drop((raft, log));
     writer.shutdown().await.expect("stopping the log");
     for (id, node) in nodes {
@@ -1108,4 +1178,241 @@ async fn a_recovered_snapshot_is_known_without_a_second_decode() {
     );
     drop(sm);
     log.handle().shutdown().await.expect("stopping the log");
+}
+
+/// Node `node`'s change feed once it has projected through entry `seq`: every event it
+/// keeps after record `after`, in feed order.
+async fn feed_through(node: &Node, seq: u64, after: u64) -> Vec<(Position, String)> {
+    let (feed, _) = node.feed.as_ref().expect("a node with a feed");
+    tokio::time::timeout(WAIT, async {
+        while feed.stats().through < seq {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the feed reaches the entry");
+    let mut cursor = Position {
+        seq: after,
+        index: u32::MAX,
+    };
+    let mut events = Vec::new();
+    loop {
+        let found = feed.read_after(cursor, 1000).expect("the events are kept");
+        let Some(last) = found.events.last() else {
+            return events;
+        };
+        cursor = last.position;
+        events.extend(found.events.into_iter().map(|e| (e.position, e.json)));
+    }
+}
+
+/// Three nodes with change feeds tell the committed entries alike: the same events at the
+/// same positions (entry sequences, blank and membership entries giving none). A follower
+/// stopped and started again on its directory derives the events it lacks from its
+/// start-up's fold and its projector, none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_nodes_change_feed_tells_the_committed_entries_alike() {
+    let root = tempfile::tempdir().unwrap();
+    let dirs: BTreeMap<NodeId, PathBuf> = (1..=3)
+        .map(|id| (id, root.path().join(format!("node-{id}"))))
+        .collect();
+    let router = Router::default();
+    let mut nodes = BTreeMap::new();
+    for (id, dir) in &dirs {
+        let log = open_log_with(dir, true).await;
+        nodes.insert(*id, start_fed(&router, *id, dir, log, config()).await);
+    }
+    let members: BTreeMap<NodeId, StockdNode> = (1..=3).map(|id| (id, member(id))).collect();
+    nodes[&1]
+        .raft
+        .initialize(members)
+        .await
+        .expect("initializing the cluster");
+    let all = [1, 2, 3];
+    let (leader, term) = leader_of(&nodes, &all).await;
+    let epoch = Epoch { term, k: 0 };
+    let raft = nodes[&leader].raft.clone();
+    let records = vec![
+        record("A", 0),
+        record("B", 0),
+        record("A", 1),
+        record("A", 2),
+    ];
+    let last = propose(&raft, epoch, 1, records).await + 1;
+    let told: Vec<_> = {
+        let mut told = Vec::new();
+        for id in all {
+            told.push(feed_through(&nodes[&id], last, 0).await);
+        }
+        told
+    };
+    assert_eq!(told[0], told[1]);
+    assert_eq!(told[1], told[2]);
+    let kinds: Vec<String> = told[0]
+        .iter()
+        .map(|(_, json)| {
+            serde_json::from_str::<serde_json::Value>(json).unwrap()["type"].to_string()
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "\"product.created\"",
+            "\"product.created\"",
+            "\"stock.replenished\"",
+            "\"stock.replenished\""
+        ]
+    );
+    // Positions are the entries' sequences: the first proposal follows the blank entry
+    // and the membership entry of the cluster's start.
+    assert_eq!(told[0].last().unwrap().0.seq, last);
+
+    // A follower's projector stops (as if it had fallen behind when the node was
+    // killed), its engine goes on applying, then it stops; the others go on; it starts
+    // again on its directory, its store behind its log: start-up's fold derives the
+    // events the store lacks.
+    let follower = *all.iter().find(|id| **id != leader).unwrap();
+    let mut stopped = nodes.remove(&follower).unwrap();
+    let (_, projector) = stopped.feed.take().unwrap();
+    tokio::task::spawn_blocking(move || projector.stop())
+        .await
+        .unwrap();
+    let applied = propose(&raft, epoch, 5, vec![record("A", 3)]).await;
+    stopped
+        .raft
+        .wait(Some(WAIT))
+        .applied_index_at_least(Some(applied), "the follower applies")
+        .await
+        .expect("the follower applies");
+    stop(&router, follower, stopped).await;
+    let more = propose(&raft, epoch, 6, vec![record("B", 4)]).await + 1;
+    let log = open_log_with(&dirs[&follower], true).await;
+    let restarted = start_fed(&router, follower, &dirs[&follower], log, config()).await;
+    nodes.insert(follower, restarted);
+    let last = propose(&raft, epoch, 7, vec![record("C", 0)]).await + 1;
+    assert!(last > more);
+    let told: Vec<_> = {
+        let mut told = Vec::new();
+        for id in all {
+            told.push(feed_through(&nodes[&id], last, 0).await);
+        }
+        told
+    };
+    assert_eq!(told[0], told[1]);
+    assert_eq!(told[1], told[2]);
+    assert_eq!(told[0].len(), 7, "{:#?}", told[0]);
+    assert!(
+        told[0].windows(2).all(|w| w[0].0 < w[1].0),
+        "in order, none twice"
+    );
+    for (id, node) in std::mem::take(&mut nodes) {
+        stop(&router, id, node).await;
+    }
+}
+
+/// A follower down past the leader's purge, with a change feed: the leader builds its
+/// snapshots only through what its feed's store holds on disk; the follower installs the
+/// leader's snapshot, and its feed starts again after it (the events of the entries the
+/// snapshot replaced are not in its log: a read from before is answered `Gone`), then
+/// tells what follows as the leader does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_behind_an_installed_snapshot_starts_again_after_it() {
+    let root = tempfile::tempdir().unwrap();
+    let dirs: BTreeMap<NodeId, PathBuf> = (1..=3)
+        .map(|id| (id, root.path().join(format!("node-{id}"))))
+        .collect();
+    let router = Router::default();
+    let mut nodes = BTreeMap::new();
+    for (id, dir) in &dirs {
+        let log = open_log_with(dir, true).await;
+        nodes.insert(
+            *id,
+            start_fed(&router, *id, dir, log, purging_config()).await,
+        );
+    }
+    let members: BTreeMap<NodeId, StockdNode> = (1..=3).map(|id| (id, member(id))).collect();
+    nodes[&1]
+        .raft
+        .initialize(members)
+        .await
+        .expect("initializing the cluster");
+    let all = [1, 2, 3];
+    let (leader, term) = leader_of(&nodes, &all).await;
+    let epoch = Epoch { term, k: 0 };
+    let raft = nodes[&leader].raft.clone();
+    let last = propose(&raft, epoch, 1, vec![record("A", 0), record("A", 1)]).await;
+    digests(&nodes, &all, last).await;
+    let follower = *all.iter().find(|id| **id != leader).unwrap();
+    feed_through(&nodes[&follower], last + 1, 0).await;
+    let stopped = nodes.remove(&follower).unwrap();
+    stop(&router, follower, stopped).await;
+
+    // A snapshot is built only through what the leader's feed holds on disk: none while
+    // its projector cannot append.
+    let (feed, _) = nodes[&leader].feed.as_ref().unwrap();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (holding, held) = std::sync::mpsc::channel::<()>();
+    let holder = {
+        let feed = feed.clone();
+        std::thread::spawn(move || {
+            let _store = feed.hold_store();
+            holding.send(()).unwrap();
+            let _ = released.recv();
+        })
+    };
+    held.recv().unwrap();
+    let first = propose(&raft, epoch, 3, (2..=6).map(|n| record("A", n)).collect()).await;
+    raft.trigger()
+        .snapshot()
+        .await
+        .expect("a snapshot is asked for");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let built = raft.metrics().borrow_watched().snapshot;
+    assert!(
+        built.is_none_or(|s| s.index < first),
+        "no snapshot past the feed: {built:?}"
+    );
+    release.send(()).unwrap();
+    holder.join().unwrap();
+    snapshot_at(&raft, first).await;
+    let second = propose(&raft, epoch, 8, (7..=11).map(|n| record("A", n)).collect()).await;
+    snapshot_at(&raft, second).await;
+    raft.wait(Some(WAIT))
+        .metrics(
+            |m| m.purged.is_some_and(|p| p.index == second),
+            "the engine purges up to its newest snapshot",
+        )
+        .await
+        .expect("purged in time");
+
+    let log = open_log_with(&dirs[&follower], true).await;
+    let restarted = start_fed(&router, follower, &dirs[&follower], log, purging_config()).await;
+    nodes.insert(follower, restarted);
+    nodes[&follower]
+        .raft
+        .wait(Some(WAIT))
+        .metrics(
+            |m| m.snapshot.is_some_and(|s| s.index == second),
+            "the follower installs the leader's snapshot",
+        )
+        .await
+        .expect("installed in time");
+    let last = propose(&raft, epoch, 13, vec![record("B", 0), record("A", 12)]).await + 1;
+    let installed = second + 1;
+    let on_leader = feed_through(&nodes[&leader], last, installed).await;
+    let on_follower = feed_through(&nodes[&follower], last, installed).await;
+    assert_eq!(on_follower, on_leader);
+    assert_eq!(on_follower.len(), 2, "{on_follower:#?}");
+    let (feed, _) = nodes[&follower].feed.as_ref().unwrap();
+    assert_eq!(
+        feed.read_after(Position::default(), 10)
+            .map(|f| f.events.len()),
+        Err(crate::feed::Gone {
+            oldest_seq: installed + 1
+        }),
+        "the feed starts again after the installed snapshot"
+    );
+    for (id, node) in std::mem::take(&mut nodes) {
+        stop(&router, id, node).await;
+    }
 }

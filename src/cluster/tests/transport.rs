@@ -54,10 +54,17 @@ async fn a_snapshot_that_does_not_verify_is_refused_and_changes_nothing() {
     let settings = lone_node(false);
     let log = Log::open(&dir.path().join("log")).unwrap();
     let (role, mut roles) = watch::channel(Role::Leaderless);
-    let (node, writer) =
-        ClusterNode::start(&settings, log, &dir.path().join("snapshots"), 0, None, role)
-            .await
-            .expect("the node starts");
+    let (node, writer, _) = ClusterNode::start(
+        &settings,
+        log,
+        &dir.path().join("snapshots"),
+        0,
+        None,
+        role,
+        None,
+    )
+    .await
+    .expect("the node starts");
     // Alone in its cluster, it leads.
     tokio::time::timeout(
         Duration::from_secs(60),
@@ -221,10 +228,17 @@ async fn sender(dir: &Path, key: &ClusterKey) -> Sender {
     };
     let (role, _roles) = watch::channel(Role::Leaderless);
     let log1 = Log::open(&dir.join("1/log")).unwrap();
-    let (node, writer) =
-        ClusterNode::start(&settings, log1, &dir.join("1/snapshots"), 0, None, role)
-            .await
-            .expect("node 1 starts");
+    let (node, writer, _) = ClusterNode::start(
+        &settings,
+        log1,
+        &dir.join("1/snapshots"),
+        0,
+        None,
+        role,
+        None,
+    )
+    .await
+    .expect("node 1 starts");
     let raft1 = node.raft();
     let wait = Some(Duration::from_secs(60));
     let m = raft1
@@ -514,10 +528,17 @@ async fn a_joining_node_initializes_no_cluster_even_with_the_lowest_id() {
         let settings = lone_node(join);
         let log = Log::open(&dir.path().join("log")).unwrap();
         let (role, _roles) = watch::channel(Role::Leaderless);
-        let (node, writer) =
-            ClusterNode::start(&settings, log, &dir.path().join("snapshots"), 0, None, role)
-                .await
-                .expect("the node starts");
+        let (node, writer, _) = ClusterNode::start(
+            &settings,
+            log,
+            &dir.path().join("snapshots"),
+            0,
+            None,
+            role,
+            None,
+        )
+        .await
+        .expect("the node starts");
         let initialized = node.raft().is_initialized().await.unwrap();
         assert_eq!(initialized, !join, "join: {join}");
         assert_eq!(node.cluster_ids().get().is_some(), !join, "join: {join}");
