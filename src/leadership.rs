@@ -92,6 +92,9 @@ pub struct LeadershipArgs {
     pub default_ttl_seconds: u64,
     /// The node's change feed (`None`: `--events off`).
     pub feed: Option<crate::feed::Feed>,
+    /// How an epoch's webhooks deliver (they need the feed).
+    pub webhook_schedule: crate::webhooks::Schedule,
+    pub webhook_roots: crate::webhooks::Roots,
 }
 
 /// The running leadership task.
@@ -121,6 +124,8 @@ struct Serving {
     epoch: Epoch,
     proposer: Proposer,
     supervisor: ActorRef<SupervisorMsg>,
+    /// The epoch's webhooks (`None`: the feed is off).
+    webhooks: Option<crate::webhooks::Webhooks>,
 }
 
 async fn run(args: LeadershipArgs, stop: CancellationToken) {
@@ -208,7 +213,7 @@ async fn begin(args: &LeadershipArgs, term: u64, last: Option<Epoch>) -> Result<
         return Err("it no longer leads in its term".into());
     }
     let blank_ms = started.elapsed().as_millis() as u64;
-    let (lent, meta, keys) = args.node.epoch_start(blank_seq).await?;
+    let (lent, meta, keys, webhooks) = args.node.epoch_start(blank_seq).await?;
     let lent_ms = started.elapsed().as_millis() as u64;
     let applied = meta.last_applied.map_or(0, |pos| pos.seq);
     debug_assert!(applied >= blank_seq, "lent only past the blank entry");
@@ -243,6 +248,36 @@ async fn begin(args: &LeadershipArgs, term: u64, last: Option<Epoch>) -> Result<
         }
     };
     let actors_ms = started.elapsed().as_millis() as u64;
+    // The committed webhooks deliver the node's feed from where the last leader recorded
+    // them: none without the feed.
+    let webhooks = match &args.feed {
+        Some(feed) => match crate::webhooks::Webhooks::start_replicated(
+            webhooks,
+            feed.clone(),
+            journal.clone(),
+            applied,
+            args.webhook_schedule,
+            &args.webhook_roots,
+        ) {
+            Ok(webhooks) => Some(webhooks),
+            Err(err) => {
+                let why = format!("cannot start the webhooks: {err}");
+                end(
+                    args,
+                    Serving {
+                        epoch,
+                        proposer,
+                        supervisor,
+                        webhooks: None,
+                    },
+                    &why,
+                )
+                .await;
+                return Err(why);
+            }
+        },
+        None => None,
+    };
     let service = Service {
         supervisor: supervisor.clone(),
         log: journal.clone(),
@@ -250,6 +285,7 @@ async fn begin(args: &LeadershipArgs, term: u64, last: Option<Epoch>) -> Result<
         default_ttl_seconds: args.default_ttl_seconds,
         snapshotter: args.snapshotter.clone(),
         feed: args.feed.clone(),
+        webhooks: webhooks.clone(),
         serves: true,
     };
     args.keyring.begin_epoch(keys, journal, clock).await;
@@ -257,6 +293,7 @@ async fn begin(args: &LeadershipArgs, term: u64, last: Option<Epoch>) -> Result<
         epoch,
         proposer,
         supervisor,
+        webhooks,
     };
     // What fell due while no leader served is expired before anything else is decided.
     if let Err(err) = service.expire_due_now().await {
@@ -283,6 +320,11 @@ async fn begin(args: &LeadershipArgs, term: u64, last: Option<Epoch>) -> Result<
 async fn end(args: &LeadershipArgs, serving: Serving, why: &str) {
     args.node.set_serving(None);
     args.slot.store(args.standby.clone());
+    // Deliveries stop, and their last positions are proposed while the epoch may still
+    // commit them.
+    if let Some(webhooks) = serving.webhooks {
+        webhooks.shutdown().await;
+    }
     serving.proposer.close().await;
     let supervisor = serving.supervisor;
     let _ = crate::actors::ask(&supervisor, SupervisorMsg::PrepareShutdown).await;

@@ -238,17 +238,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         });
     }
     let socket = bind(config.listen)?;
-    // Before anything is created or recovered: a wrong file is the operator's to fix, and
-    // a server that started without it would fail every https delivery to that CA.
-    let webhook_roots = match &config.webhook_ca_file {
-        Some(path) => {
-            crate::webhooks::Roots::load(path).map_err(|detail| StartError::WebhookCa {
-                path: path.display().to_string(),
-                detail,
-            })?
-        }
-        None => crate::webhooks::Roots::default(),
-    };
+    let webhook_roots = load_webhook_roots(&config)?;
     create_dir(&config.data_dir, "data directory")?;
     create_dir(&config.snapshot_dir, "snapshot directory")?;
     check_writable(&config.snapshot_dir)?;
@@ -336,6 +326,8 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         default_ttl_seconds: config.default_ttl_seconds,
         snapshotter: snapshotter.clone(),
         feed: feed.as_ref().map(|(feed, _)| feed.clone()),
+        // A single server's webhooks are the App's (started once the feed is).
+        webhooks: None,
         serves: true,
     };
     // Reservations whose deadline passed while we were down: expired (and logged) first.
@@ -431,6 +423,7 @@ async fn start_cluster(
     }
     let socket = bind(config.listen)?;
     let raft_socket = bind(settings.raft_listen)?;
+    let webhook_roots = load_webhook_roots(&config)?;
     create_dir(&config.data_dir, "data directory")?;
     create_dir(&config.snapshot_dir, "snapshot directory")?;
     check_writable(&config.snapshot_dir)?;
@@ -534,6 +527,8 @@ async fn start_cluster(
         default_ttl_seconds: config.default_ttl_seconds,
         snapshotter: snapshotter.clone(),
         feed: feed.as_ref().map(|(feed, _)| feed.clone()),
+        // Each epoch of a leader has its own.
+        webhooks: None,
         serves: false,
     };
     let (listener, addr) = listen(socket, config.listen)?;
@@ -581,6 +576,8 @@ async fn start_cluster(
         retention_ms: config.retention.as_millis().min(i64::MAX as u128) as i64,
         default_ttl_seconds: config.default_ttl_seconds,
         feed: feed.as_ref().map(|(feed, _)| feed.clone()),
+        webhook_schedule: config.webhooks,
+        webhook_roots,
     });
     let (stop_http, stopped) = oneshot::channel::<()>();
     let http = tokio::spawn(
@@ -621,6 +618,19 @@ async fn start_cluster(
         webhooks: None,
         serving,
     })
+}
+
+/// The roots of `--webhook-ca-file`. Loaded before anything is created or recovered: a
+/// wrong file is the operator's to fix, and a server that started without it would fail
+/// every https delivery to that CA.
+fn load_webhook_roots(config: &Config) -> Result<crate::webhooks::Roots, StartError> {
+    match &config.webhook_ca_file {
+        Some(path) => crate::webhooks::Roots::load(path).map_err(|detail| StartError::WebhookCa {
+            path: path.display().to_string(),
+            detail,
+        }),
+        None => Ok(crate::webhooks::Roots::default()),
+    }
 }
 
 /// Says at start-up how requests are authenticated.

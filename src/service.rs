@@ -58,6 +58,9 @@ pub struct Service {
     pub(crate) snapshotter: Snapshotter,
     /// The change feed (`None`: `--events off`).
     pub(crate) feed: Option<crate::feed::Feed>,
+    /// A cluster leader's epoch's webhooks (`None`: the feed is off, or no epoch; a single
+    /// server's are `http::App::webhooks`).
+    pub(crate) webhooks: Option<crate::webhooks::Webhooks>,
     /// Whether this service answers application requests: a single node's and a cluster
     /// leader's epoch's do; a cluster node's standby service (on an empty state, its
     /// journal refusing every record) answers only `/metrics` and the like.

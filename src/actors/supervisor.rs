@@ -250,6 +250,7 @@ impl SupervisorArgs {
             reservations,
             idempotency,
             keys: _,
+            webhooks: _,
             raft: _,
         } = state;
         SupervisorArgs {

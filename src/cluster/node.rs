@@ -577,6 +577,7 @@ impl ClusterNode {
             crate::actors::supervisor::SupervisorArgs,
             crate::storage::entry::RaftMeta,
             Vec<crate::domain::key::ApiKey>,
+            crate::domain::WebhookBook,
         ),
         String,
     > {
@@ -605,6 +606,7 @@ impl ClusterNode {
             let lent_ms = started.elapsed().as_millis() as u64;
             let meta = state.raft.clone().unwrap_or_default();
             let keys = std::mem::take(&mut state.keys).into_values().collect();
+            let webhooks = std::mem::take(&mut state.webhooks);
             let products = state.products.len();
             let args = tokio::task::spawn_blocking(move || {
                 crate::actors::supervisor::SupervisorArgs::from_state(state)
@@ -617,7 +619,7 @@ impl ClusterNode {
                 table_ms = started.elapsed().as_millis() as u64 - lent_ms,
                 "the state machine lent its state to the epoch"
             );
-            return Ok((args, meta, keys));
+            return Ok((args, meta, keys, webhooks));
         }
         Err("the state machine's state is lent to an epoch".into())
     }

@@ -24,7 +24,7 @@
 //! Snapshots are built from the log, not from the state: the builder is given the Raft
 //! metadata applied so far, and the snapshot worker (a child process; or this process if
 //! there is none, or it fails) folds the newest snapshot before that entry and the log's
-//! entries after it, and writes the snapshot (format 4) into this node's snapshot
+//! entries after it, and writes the snapshot (format 4, or 5 with webhooks) into this node's snapshot
 //! directory only if it holds exactly that metadata (`build_from_log`). A received
 //! snapshot is installed with the verified loader (`snapshot::read`), which checks that the
 //! file's Raft metadata is the engine's. `SnapshotData` is the file's path; the newest

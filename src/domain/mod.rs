@@ -8,8 +8,10 @@ pub mod key;
 pub mod product;
 pub mod reservation;
 pub mod sale;
+pub mod webhook;
 
 pub use key::{ApiKey, KeyId, Scope};
 pub use product::{HoldError, NewProduct, Price, Product, StockError};
 pub use reservation::{Line, Reservation, Status};
 pub use sale::{Buyers, LineSet, Rules, RulesError, RulesPatch, SaleRules};
+pub use webhook::{Registration, WebhookBook};

@@ -371,7 +371,12 @@ pub(crate) fn touched(record: &Record, state: &State) -> Vec<String> {
                 r.items.iter().for_each(|l| add(&l.sku));
             }
         }
-        Record::Forgotten { .. } | Record::KeyCreated { .. } | Record::KeyRevoked { .. } => {}
+        Record::Forgotten { .. }
+        | Record::KeyCreated { .. }
+        | Record::KeyRevoked { .. }
+        | Record::WebhookSaved { .. }
+        | Record::WebhookRemoved { .. }
+        | Record::WebhookPositions { .. } => {}
     }
     skus
 }
@@ -510,9 +515,12 @@ pub fn events_of(before: &Before, seq: u64, record: &Record, after: &State) -> V
             reservation(id),
             *by,
         ),
-        Record::Forgotten { .. } | Record::KeyCreated { .. } | Record::KeyRevoked { .. } => {
-            return Vec::new()
-        }
+        Record::Forgotten { .. }
+        | Record::KeyCreated { .. }
+        | Record::KeyRevoked { .. }
+        | Record::WebhookSaved { .. }
+        | Record::WebhookRemoved { .. }
+        | Record::WebhookPositions { .. } => return Vec::new(),
     };
     let mut events = vec![Event {
         position: Position { seq, index: 0 },

@@ -121,6 +121,8 @@ impl Shadow {
                 reservations: Default::default(),
                 idempotency: Default::default(),
                 keys: state.keys.clone(),
+                // A cluster's webhooks give no event, and no event reads them.
+                webhooks: Default::default(),
                 // The feed folds records, never Raft entries (storage::entry).
                 raft: None,
             },

@@ -78,7 +78,6 @@ impl Problem {
             "sale_ended" => "Sale ended",
             "events_gone" => "Events no longer kept",
             "events_disabled" => "Change feed off",
-            "webhooks_unavailable" => "Webhooks unavailable",
             "webhook_not_found" => "Webhook not found",
             "too_many_webhooks" => "Too many webhooks",
             "membership_conflict" => "Membership change refused",

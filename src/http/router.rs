@@ -599,7 +599,7 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
             GetReservation(id) => reservation(&svc.get_reservation(reservation_id(&id)?).await?),
             Events => crate::http::events::serve(svc.feed(), &req.query, &req.headers).await,
             CreateWebhook => {
-                let hooks = crate::http::webhooks::enabled(app)?;
+                let hooks = crate::http::webhooks::enabled(app, svc)?;
                 let new = input::create_webhook(&input::required(body()?)?)?;
                 let view = hooks
                     .register(new)
@@ -614,21 +614,21 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
                 Ok(reply)
             }
             ListWebhooks => {
-                let hooks = crate::http::webhooks::enabled(app)?;
+                let hooks = crate::http::webhooks::enabled(app, svc)?;
                 Ok(json(
                     StatusCode::OK,
                     &serde_json::json!({ "items": hooks.list() }),
                 ))
             }
             GetWebhook(id) => {
-                let hooks = crate::http::webhooks::enabled(app)?;
+                let hooks = crate::http::webhooks::enabled(app, svc)?;
                 let view = hooks
                     .show(crate::http::webhooks::id(&id)?)
                     .map_err(crate::http::webhooks::problem(&id))?;
                 Ok(json(StatusCode::OK, &view))
             }
             DeleteWebhook(id) => {
-                let hooks = crate::http::webhooks::enabled(app)?;
+                let hooks = crate::http::webhooks::enabled(app, svc)?;
                 hooks
                     .delete(crate::http::webhooks::id(&id)?)
                     .await
@@ -638,7 +638,7 @@ async fn serve(app: &App, endpoint: Endpoint, req: &Request, caller: Caller) -> 
                 Ok(reply)
             }
             EnableWebhook(id) => {
-                let hooks = crate::http::webhooks::enabled(app)?;
+                let hooks = crate::http::webhooks::enabled(app, svc)?;
                 let uuid = crate::http::webhooks::id(&id)?;
                 if let Some(value) = body()? {
                     if value.as_object().is_none_or(|o| !o.is_empty()) {
@@ -885,7 +885,9 @@ async fn metrics(app: &App) -> Result<Reply> {
         stderr_lines_lost: crate::logging::lines_lost(),
         rate_limited: app.customer_rate.as_ref().map_or(0, |l| l.refused()),
         feed: svc.feed().map(crate::feed::Feed::stats),
-        webhooks: app.webhooks.as_ref().map(crate::webhooks::Webhooks::stats),
+        webhooks: crate::http::webhooks::enabled(app, &svc)
+            .ok()
+            .map(|hooks| hooks.stats()),
     });
     let mut reply = Response::new(text.into());
     reply.headers_mut().insert(

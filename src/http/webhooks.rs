@@ -6,28 +6,23 @@ use uuid::Uuid;
 
 use crate::http::problem::Problem;
 use crate::http::App;
+use crate::service::Service;
 use crate::webhooks::{WebhookError, Webhooks, ENDPOINTS_MAX};
 
-/// The server's webhooks, or 404 `events_disabled`: they deliver the change feed's events.
-/// A cluster node has none: 501 `webhooks_unavailable`.
-pub fn enabled(app: &App) -> Result<&Webhooks, Problem> {
-    if app.cluster.is_some() {
-        return Err(Problem::new(
-            501,
-            "webhooks_unavailable",
-            "webhooks are not available on a cluster yet: their endpoints and delivery \
-             positions would be kept by one node, not replicated. Read the change feed \
-             (GET /v1/events) instead: every node keeps it, at the same positions",
-        ));
-    }
-    app.webhooks.as_ref().ok_or_else(|| {
-        Problem::new(
-            404,
-            "events_disabled",
-            "the change feed is off on this server (--events off), and webhooks deliver its \
+/// The server's webhooks (a single server's, or the serving epoch's of a cluster leader),
+/// or 404 `events_disabled`: they deliver the change feed's events.
+pub fn enabled(app: &App, svc: &Service) -> Result<Webhooks, Problem> {
+    app.webhooks
+        .clone()
+        .or_else(|| svc.webhooks.clone())
+        .ok_or_else(|| {
+            Problem::new(
+                404,
+                "events_disabled",
+                "the change feed is off on this server (--events off), and webhooks deliver its \
              events: start the server with --events on",
-        )
-    })
+            )
+        })
 }
 
 /// An endpoint id from the path: a string that is no UUID names no endpoint.

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::clock::Millis;
-use crate::domain::{ApiKey, KeyId, Product, Reservation, Status};
+use crate::domain::{ApiKey, KeyId, Product, Reservation, Status, WebhookBook};
 use crate::storage::entry::{Chain, Entry, LogPos, Outcome, Payload, RaftMeta, StoredMembership};
 use crate::storage::record::{IdempotencyKey, Record};
 
@@ -47,8 +47,10 @@ pub struct State {
     pub idempotency: BTreeMap<IdempotencyKey, IdempotencyEntry>,
     /// API keys that are not revoked.
     pub keys: BTreeMap<KeyId, ApiKey>,
+    /// A cluster's webhooks (a single server keeps its own in files: empty there).
+    pub webhooks: WebhookBook,
     /// What a replicated node's state knows beside the records (`None` on a single node).
-    /// Not part of the state's own encoding: snapshot format 4 writes it after the state
+    /// Not part of the state's own encoding: snapshot formats 4 and 5 write it after the state
     /// (`None` on a single node), format 3 wrote it after the format-2 state, and formats 1
     /// and 2 have none (`storage::snapshot`).
     #[serde(skip)]
@@ -129,6 +131,11 @@ impl State {
         part(&self.reservations);
         part(&self.idempotency);
         part(&self.keys);
+        // A cluster's webhooks; none on a single node (whose digest stays what it was) nor
+        // on a cluster that never had one.
+        if self.webhooks != WebhookBook::default() {
+            part(&self.webhooks);
+        }
         // A replicated state's chain and membership (its clock floor is a bound for the
         // next leader's clock, not something the log describes); none on a single node,
         // whose digest stays what it was.
@@ -419,6 +426,9 @@ pub fn apply_owned(state: &mut State, record: Record) -> Result<(), FoldError> {
                 return Err(FoldError::UnknownKey(id));
             }
         }
+        Record::WebhookSaved { registration, .. } => state.webhooks.save(registration),
+        Record::WebhookRemoved { id, .. } => state.webhooks.remove(id),
+        Record::WebhookPositions { positions, .. } => state.webhooks.record(&positions),
     }
     Ok(())
 }

@@ -274,6 +274,7 @@ impl From<StateV1> for State {
             reservations,
             idempotency: old.idempotency,
             keys: BTreeMap::new(),
+            webhooks: Default::default(),
             raft: None,
         }
     }
@@ -515,6 +516,34 @@ impl From<ProductV2> for Product {
     }
 }
 
+/// The state as snapshot format 4 encodes it: today's, without a cluster's webhooks
+/// (format 4 is still written when there are none: `storage::snapshot`).
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateV4<
+    P = Products,
+    R = BTreeMap<Uuid, Reservation>,
+    I = BTreeMap<IdempotencyKey, IdempotencyEntry>,
+    K = BTreeMap<KeyId, ApiKey>,
+> {
+    pub products: P,
+    pub reservations: R,
+    pub idempotency: I,
+    pub keys: K,
+}
+
+impl From<StateV4> for State {
+    fn from(old: StateV4) -> State {
+        State {
+            products: old.products,
+            reservations: old.reservations,
+            idempotency: old.idempotency,
+            keys: old.keys,
+            webhooks: Default::default(),
+            raft: None,
+        }
+    }
+}
+
 /// The state as snapshot formats 2 and 3 encoded it (format 3 then the Raft metadata).
 /// Only the products differ from today's; they are turned into today's as they are
 /// decoded, one at a time, so an old snapshot of a million products never holds a second
@@ -563,6 +592,7 @@ impl From<StateV2> for State {
             reservations: old.reservations,
             idempotency: old.idempotency,
             keys: old.keys,
+            webhooks: Default::default(),
             raft: None,
         }
     }

@@ -16,6 +16,13 @@
 //! the supervisor), for ever, each match handling an old variant no writer emits. With a
 //! new version, the old shapes live only in `legacy`, are turned into today's at decode,
 //! and everything past the codec knows one shape per change.
+//!
+//! Format 4 is format 3 with three kinds appended, `WebhookSaved`, `WebhookRemoved` and
+//! `WebhookPositions` (a cluster's webhooks). No shape changed, so format-3 bytes decode as format 4 does.
+//! Only those three kinds are written as format 4; every other record is still written as
+//! format 3, so that a server taken back to a build before them reads its log unless it
+//! holds a cluster's webhook records (which that build refuses by their version, rather
+//! than misread).
 //! The log stores these bytes unchanged, one record a key or framed in batches
 //! (`storage::log`, whose batch values start with a byte of 0x80 or more: record format
 //! versions stay below 0x80).
@@ -25,13 +32,15 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::clock::Millis;
-use crate::domain::{ApiKey, KeyId, Line, LineSet, Price, RulesPatch, SaleRules};
+use crate::domain::{ApiKey, KeyId, Line, LineSet, Price, Registration, RulesPatch, SaleRules};
 use crate::storage::legacy;
 
 /// The format version written into every record (below 0x80: the log tells a batch of
 /// records from a single one by that bit). Versions 1 and 2 are still read
 /// (`storage::legacy`).
-pub const RECORD_FORMAT_VERSION: u8 = 3;
+pub const RECORD_FORMAT_VERSION: u8 = 4;
+/// The format version of every record but the two kinds format 4 added.
+pub const RECORD_FORMAT_V3: u8 = 3;
 const HEADER_BYTES: usize = 5;
 
 /// An idempotency key remembered with the reservation it created.
@@ -143,6 +152,25 @@ pub enum Record {
         at: Millis,
         by: Option<KeyId>,
     },
+    /// A cluster's webhook endpoint, registered or with its state changed (failing,
+    /// disabled, enabled): it replaces the endpoint of that id, if any. Only a cluster's
+    /// leader writes it: a single server keeps its webhooks in files of its own. Format 4.
+    WebhookSaved {
+        registration: Registration,
+        at: Millis,
+    },
+    /// A cluster's webhook endpoint removed (with its position). Format 4.
+    WebhookRemoved {
+        id: Uuid,
+        at: Millis,
+    },
+    /// How far a cluster's webhook endpoints had delivered, `(id, seq, index)` (the feed
+    /// position of the last event acknowledged, or passed over by the filters): written by
+    /// the leader about once a second while it delivers. Format 4.
+    WebhookPositions {
+        positions: Vec<(Uuid, u64, u32)>,
+        at: Millis,
+    },
 }
 
 impl Record {
@@ -161,7 +189,10 @@ impl Record {
             | Record::ReservationExpired { at, .. }
             | Record::ReservationExtended { at, .. }
             | Record::Forgotten { at, .. }
-            | Record::KeyRevoked { at, .. } => *at,
+            | Record::KeyRevoked { at, .. }
+            | Record::WebhookSaved { at, .. }
+            | Record::WebhookRemoved { at, .. }
+            | Record::WebhookPositions { at, .. } => *at,
             Record::ReservationCreated { created_at, .. } => *created_at,
             Record::KeyCreated { key, .. } => key.created_at,
         }
@@ -183,6 +214,20 @@ impl Record {
             Record::Forgotten { .. } => "Forgotten",
             Record::KeyCreated { .. } => "KeyCreated",
             Record::KeyRevoked { .. } => "KeyRevoked",
+            Record::WebhookSaved { .. } => "WebhookSaved",
+            Record::WebhookRemoved { .. } => "WebhookRemoved",
+            Record::WebhookPositions { .. } => "WebhookPositions",
+        }
+    }
+
+    /// The format version the record is written in: format 4 for the kinds it added,
+    /// format 3 for every other (the module's documentation).
+    pub fn format_version(&self) -> u8 {
+        match self {
+            Record::WebhookSaved { .. }
+            | Record::WebhookRemoved { .. }
+            | Record::WebhookPositions { .. } => RECORD_FORMAT_VERSION,
+            _ => RECORD_FORMAT_V3,
         }
     }
 }
@@ -217,7 +262,7 @@ pub fn encode(record: &Record) -> Vec<u8> {
 /// encodes a whole batch into one buffer this way.
 pub fn encode_into(record: &Record, out: &mut Vec<u8>) {
     let start = out.len();
-    out.extend_from_slice(&[RECORD_FORMAT_VERSION, 0, 0, 0, 0]);
+    out.extend_from_slice(&[record.format_version(), 0, 0, 0, 0]);
     // Encoding plain data into a Vec cannot fail: no I/O, no size limit.
     bincode::serde::encode_into_std_write(record, &mut *out, config())
         .expect("encoding a record into memory cannot fail");
@@ -231,7 +276,14 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         return Err(DecodeError::Truncated(bytes.len()));
     }
     let version = bytes[0];
-    if ![RECORD_FORMAT_VERSION, legacy::RECORD_V2, legacy::RECORD_V1].contains(&version) {
+    if ![
+        RECORD_FORMAT_VERSION,
+        RECORD_FORMAT_V3,
+        legacy::RECORD_V2,
+        legacy::RECORD_V1,
+    ]
+    .contains(&version)
+    {
         return Err(DecodeError::UnknownVersion(version));
     }
     let stored = u32::from_le_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
@@ -281,6 +333,33 @@ fn encode_old(version: u8, record: &impl Serialize) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The webhook records are format 4 and round-trip; every other kind is still
+    /// written as format 3, and a format-3 record decodes as before.
+    #[test]
+    fn webhook_records_are_format_4_and_the_others_format_3() {
+        let saved = Record::WebhookSaved {
+            registration: crate::domain::webhook::tests::registration(1),
+            at: 1,
+        };
+        let removed = Record::WebhookRemoved {
+            id: Uuid::from_u128(1),
+            at: 3,
+        };
+        let positions = Record::WebhookPositions {
+            positions: vec![(Uuid::from_u128(1), 7, 0)],
+            at: 2,
+        };
+        for record in [saved, removed, positions] {
+            let bytes = encode(&record);
+            assert_eq!(bytes[0], 4);
+            assert_eq!(decode(&bytes).unwrap(), record);
+        }
+        let sample = sample();
+        let bytes = encode(&sample);
+        assert_eq!(bytes[0], 3);
+        assert_eq!(decode(&bytes).unwrap(), sample);
+    }
 
     fn sample() -> Record {
         Record::ReservationCreated {
@@ -578,7 +657,7 @@ mod tests {
             assert_eq!(bytes[0], 2);
             assert_eq!(decode(&bytes), Ok(new.clone()), "{old:?}");
             // Today's encoding is another format: the same change, another version byte.
-            assert_eq!(encode(&new)[0], RECORD_FORMAT_VERSION);
+            assert_eq!(encode(&new)[0], RECORD_FORMAT_V3);
         }
         // The new fields round trip in format 3.
         let set = Record::ProductPatched {

@@ -539,7 +539,12 @@ fn record_products_hold_invariant(state: &State, record: &Record) -> bool {
         | Adjusted { sku, .. }
         | ProductDeleted { sku, .. } => check(sku),
         ReservationCreated { items, .. } => items.iter().all(|l| check(&l.sku)),
-        Forgotten { .. } | KeyCreated { .. } | KeyRevoked { .. } => true,
+        Forgotten { .. }
+        | KeyCreated { .. }
+        | KeyRevoked { .. }
+        | WebhookSaved { .. }
+        | WebhookRemoved { .. }
+        | WebhookPositions { .. } => true,
         ReservationConfirmed { id, .. }
         | ReservationCancelled { id, .. }
         | ReservationExpired { id, .. }

@@ -16,7 +16,12 @@
 //! | 1 | `legacy::StateV1`: products and reservations before sale rules and API keys | builds before sale rules; read only |
 //! | 2 | `legacy::StateV2`: sale rules, per-buyer counts, API keys | a single node, before the low-stock threshold; read only |
 //! | 3 | `legacy::StateV2`, then `entry::RaftMeta` | a replicated node, before the low-stock threshold (replication was dormant: no release wrote it); read only |
-//! | 4 | `fold::State` (products with their low-stock threshold), then `Option<entry::RaftMeta>` | every node today |
+//! | 4 | `legacy::StateV4` (products with their low-stock threshold), then `Option<entry::RaftMeta>` | every node whose state has no webhooks (a single server always) |
+//! | 5 | `fold::State` (format 4's and a cluster's webhooks), then `Option<entry::RaftMeta>` | a cluster node whose state has webhooks |
+//!
+//! Format 5 added a cluster's webhooks after the API keys, and is written only when there
+//! are some: a state without (every single server's) is still written as format 4, so
+//! that a server taken back to a build before format 5 still reads its snapshots.
 //!
 //! Format 4 added the low-stock threshold to each product. It is one format for a single
 //! node and a replicated one alike (the Raft metadata is `None` on a single node, one byte),
@@ -49,7 +54,9 @@ use crate::storage::legacy;
 
 /// The format version written into every snapshot (a single node's or a replicated
 /// node's: `State::raft` follows the state, `None` or not). Formats 1 to 3 are still read.
-pub const SNAPSHOT_FORMAT_VERSION: u8 = 4;
+pub const SNAPSHOT_FORMAT_VERSION: u8 = 5;
+/// The format of a state without webhooks (the module's documentation).
+pub const SNAPSHOT_FORMAT_V4: u8 = 4;
 const MAGIC: &[u8; 8] = b"STOCKDSN";
 const HEADER_BYTES: usize = 8 + 1 + 4 + 8 + 8 + 8;
 const PREFIX: &str = "snapshot-";
@@ -196,14 +203,32 @@ pub fn write(
     let temp_path = dir.join(format!("{TEMP_PREFIX}{seq:020}-{}", std::process::id()));
     // bincode encodes a pair as its two members one after the other: the state's body
     // (without `raft`, which it skips), then the metadata, `None` on a single node.
-    let result = write_temp(
-        &temp_path,
-        seq,
-        &(state, &state.raft),
-        SNAPSHOT_FORMAT_VERSION,
-        created_at,
-        hooks,
-    );
+    let format_version = format_of(state);
+    let result = if format_version == SNAPSHOT_FORMAT_V4 {
+        let body = legacy::StateV4 {
+            products: &state.products,
+            reservations: &state.reservations,
+            idempotency: &state.idempotency,
+            keys: &state.keys,
+        };
+        write_temp(
+            &temp_path,
+            seq,
+            &(body, &state.raft),
+            format_version,
+            created_at,
+            hooks,
+        )
+    } else {
+        write_temp(
+            &temp_path,
+            seq,
+            &(state, &state.raft),
+            format_version,
+            created_at,
+            hooks,
+        )
+    };
     let size_bytes = match result {
         Ok(size) => size,
         Err(err) => {
@@ -218,8 +243,17 @@ pub fn write(
         path: final_path,
         size_bytes,
         created_at,
-        format_version: SNAPSHOT_FORMAT_VERSION,
+        format_version,
     })
+}
+
+/// The format `state` is written in: 5 with webhooks, 4 without.
+pub fn format_of(state: &State) -> u8 {
+    if state.webhooks == crate::domain::WebhookBook::default() {
+        SNAPSHOT_FORMAT_V4
+    } else {
+        SNAPSHOT_FORMAT_VERSION
+    }
 }
 
 /// Writes a snapshot file of `state` in format `version` (the current one, but for tests
@@ -446,6 +480,13 @@ pub fn read(path: &Path) -> Result<(SnapshotInfo, State), SnapshotError> {
             state.raft = Some(raft);
             state
         }
+        SNAPSHOT_FORMAT_V4 => {
+            let (old, raft): (legacy::StateV4, Option<RaftMeta>) =
+                bincode::serde::decode_from_std_read(&mut hashing, config).map_err(decode_err)?;
+            let mut state = State::from(old);
+            state.raft = raft;
+            state
+        }
         _ => {
             let (mut state, raft): (State, Option<RaftMeta>) =
                 bincode::serde::decode_from_std_read(&mut hashing, config).map_err(decode_err)?;
@@ -478,6 +519,7 @@ fn verify_header(name: &str, header: &[u8], len: u64) -> Result<SnapshotInfo, Sn
         legacy::SNAPSHOT_V1,
         legacy::SNAPSHOT_V2,
         legacy::SNAPSHOT_V3,
+        SNAPSHOT_FORMAT_V4,
         SNAPSHOT_FORMAT_VERSION,
     ]
     .contains(&format_version)
@@ -761,9 +803,50 @@ mod tests {
         new.keys.insert(key.id, key);
         let info = write(dir.path(), 5, &new, 10, WriteHooks::default()).unwrap();
         let (info, read_back) = read(&info.path).unwrap();
-        assert_eq!(info.format_version, SNAPSHOT_FORMAT_VERSION);
+        assert_eq!(
+            info.format_version, SNAPSHOT_FORMAT_V4,
+            "no webhooks: format 4"
+        );
         assert_eq!(read_back, new);
         assert_eq!(read_back.products["SKU-3"].buyers.held("buyer"), 2);
+    }
+
+    /// A cluster's state with webhooks is written as format 5 and read back whole (the
+    /// endpoints with their secrets, and the positions); the same state without them is
+    /// format 4 again.
+    #[test]
+    fn a_state_with_webhooks_is_format_5_and_one_without_is_format_4() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut hooked = state();
+        hooked.raft = Some(raft_meta());
+        let id = uuid::Uuid::from_u128(9);
+        hooked.webhooks.save(crate::domain::Registration {
+            id,
+            url: "https://shop.example/hooks".into(),
+            types: Some(vec!["stock.sold_out".into()]),
+            skus: None,
+            secret: "whsec_c2VjcmV0".into(),
+            created_at: 3,
+            started_after_seq: 4,
+            failing_since: Some(5),
+            disabled: None,
+        });
+        hooked.webhooks.record(&[(id, 42, 1)]);
+        let info = write(dir.path(), 7, &hooked, 12, WriteHooks::default()).unwrap();
+        assert_eq!(info.format_version, SNAPSHOT_FORMAT_VERSION);
+        let (read_info, read_back) = read(&info.path).unwrap();
+        assert_eq!(read_info.format_version, 5);
+        assert_eq!(read_back, hooked);
+        assert_eq!(read_back.webhooks.positions[&id], (42, 1));
+
+        hooked.webhooks.remove(id);
+        assert!(
+            hooked.webhooks.positions.is_empty(),
+            "a deleted endpoint's position goes"
+        );
+        let info = write(dir.path(), 8, &hooked, 13, WriteHooks::default()).unwrap();
+        assert_eq!(info.format_version, SNAPSHOT_FORMAT_V4);
+        assert_eq!(read(&info.path).unwrap().1, hooked);
     }
 
     fn raft_meta() -> RaftMeta {
@@ -798,7 +881,7 @@ mod tests {
         let mut replicated = state();
         replicated.raft = Some(raft_meta());
         let info = write(dir.path(), 6, &replicated, 11, WriteHooks::default()).unwrap();
-        assert_eq!(info.format_version, SNAPSHOT_FORMAT_VERSION);
+        assert_eq!(info.format_version, SNAPSHOT_FORMAT_V4);
         assert!(info.size_bytes > single.size_bytes);
         let (read_info, read_back) = read(&info.path).unwrap();
         assert_eq!(read_info.format_version, 4);

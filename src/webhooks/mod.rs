@@ -38,8 +38,11 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+use crate::cluster::journal::Journal;
+use crate::domain::WebhookBook;
 use crate::feed::{Feed, Filter, Gone, Kind, Position};
 use crate::storage::log::LogHandle;
+use crate::storage::record::Record;
 pub use store::{Disabled, Registration};
 
 /// Endpoints at most.
@@ -271,10 +274,16 @@ pub struct Webhooks {
 
 struct Inner {
     feed: Feed,
-    log: LogHandle,
+    /// Where a registration's "after" is read (its barrier), and, on a cluster, where
+    /// registrations and positions go.
+    journal: Journal,
+    /// On a cluster, every record up to here was committed before this epoch began: an
+    /// endpoint registered in it starts after it at least (the epoch's own barrier says 0
+    /// until it has proposed something).
+    committed_before: u64,
     schedule: Schedule,
     client: reqwest::Client,
-    store: Mutex<store::Store>,
+    keeper: Keeper,
     /// Changes of the registrations are made one at a time (and so saved in order).
     registering: tokio::sync::Mutex<()>,
     endpoints: RwLock<BTreeMap<Uuid, Arc<Endpoint>>>,
@@ -282,6 +291,140 @@ struct Inner {
     closing: watch::Sender<bool>,
     deliveries: AtomicU64,
     failures: AtomicU64,
+}
+
+/// Where registrations and positions are kept.
+enum Keeper {
+    /// A single server: `<data>/webhooks/` (`store`).
+    Files(Mutex<store::Store>),
+    /// A cluster leader's epoch: records in the replicated log, `WebhookSaved` and
+    /// `WebhookRemoved` for the registrations (answered once committed: one endpoint a
+    /// record, so a record stays small) and `WebhookPositions` for the positions,
+    /// sent by the flusher about once a second (`unsent`: positions recorded since). A new
+    /// leader delivers from the last positions committed: at most about the last second's
+    /// acknowledged events are sent again.
+    Log {
+        unsent: Mutex<BTreeMap<Uuid, Position>>,
+    },
+}
+
+/// One change of the registrations: what a cluster records (a single server rewrites
+/// them all).
+enum Change {
+    Saved(Registration),
+    Removed(Uuid),
+}
+
+/// How often a cluster's endpoint whose position is before what the leader's feed keeps
+/// looks again.
+const GONE_RETRY: Duration = Duration::from_secs(5);
+
+/// How long a cluster leader's last positions may take to commit as its epoch ends.
+const LAST_POSITIONS_WAIT: Duration = Duration::from_secs(2);
+
+impl Inner {
+    /// Saves the registrations, `all` of them after `change`, durably: the files'
+    /// rewrite (on a blocking thread, never on a runtime worker serving requests), or the
+    /// change's record, committed.
+    async fn save_all(
+        self: &Arc<Inner>,
+        all: Vec<Registration>,
+        change: Change,
+    ) -> Result<(), String> {
+        match &self.keeper {
+            Keeper::Files(_) => {
+                let inner = self.clone();
+                tokio::task::spawn_blocking(move || match &inner.keeper {
+                    Keeper::Files(store) => lock(store).save_registrations(&all),
+                    Keeper::Log { .. } => unreachable!("a keeper never changes"),
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("cannot save the webhooks: {e}"))
+            }
+            Keeper::Log { .. } => self
+                .journal
+                .append(match change {
+                    Change::Saved(registration) => Record::WebhookSaved {
+                        registration,
+                        at: now_ms(),
+                    },
+                    Change::Removed(id) => Record::WebhookRemoved { id, at: now_ms() },
+                })
+                .durable()
+                .await
+                .map(drop)
+                .map_err(|e| format!("cannot save the webhooks: {e}")),
+        }
+    }
+
+    /// Records an endpoint's position: written to the positions file (before the next
+    /// delivery), or kept for the flusher's next record. Answers whether it was.
+    fn record_position(&self, id: Uuid, position: Position) -> bool {
+        match &self.keeper {
+            Keeper::Files(store) => match lock(store).record(id, position) {
+                Ok(()) => true,
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot write a webhook's position");
+                    false
+                }
+            },
+            Keeper::Log { unsent } => {
+                lock(unsent).insert(id, position);
+                true
+            }
+        }
+    }
+
+    /// Records the positions the filters alone moved, then makes the positions durable:
+    /// the positions file fsynced (compacted first when it has grown), or the positions
+    /// recorded since the last flush committed in one `WebhookPositions`.
+    async fn flush(self: &Arc<Inner>) {
+        let endpoints: Vec<(Uuid, Arc<Endpoint>)> = self
+            .endpoints
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, e)| (*id, e.clone()))
+            .collect();
+        match &self.keeper {
+            Keeper::Files(_) => {
+                let inner = self.clone();
+                let _ =
+                    tokio::task::spawn_blocking(move || sync_positions(&inner, &endpoints)).await;
+            }
+            Keeper::Log { unsent } => {
+                for (id, endpoint) in &endpoints {
+                    let mut live = lock(&endpoint.live);
+                    if live.recorded != live.position {
+                        lock(unsent).insert(*id, live.position);
+                        live.recorded = live.position;
+                    }
+                }
+                let taken = std::mem::take(&mut *lock(unsent));
+                if taken.is_empty() {
+                    return;
+                }
+                let positions = taken.iter().map(|(id, p)| (*id, p.seq, p.index)).collect();
+                let sent = self
+                    .journal
+                    .append(Record::WebhookPositions {
+                        positions,
+                        at: now_ms(),
+                    })
+                    .durable()
+                    .await;
+                if let Err(err) = sent {
+                    tracing::warn!(error = %err, "cannot record the webhooks' positions");
+                    // Sent again with the next flush, unless a later one replaced them.
+                    let mut unsent = lock(unsent);
+                    for (id, position) in taken {
+                        unsent.entry(id).or_insert(position);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Certificates trusted as roots for https endpoints beside the webpki roots (the
@@ -350,23 +493,8 @@ impl Webhooks {
         roots: &Roots,
     ) -> std::io::Result<Webhooks> {
         let opened = store::Store::open(dir)?;
-        let client = client(&schedule, roots).map_err(std::io::Error::other)?;
-        let (closing, _) = watch::channel(false);
-        let webhooks = Webhooks {
-            inner: Arc::new(Inner {
-                feed,
-                log,
-                schedule,
-                client,
-                store: Mutex::new(opened.store),
-                registering: tokio::sync::Mutex::new(()),
-                endpoints: RwLock::new(BTreeMap::new()),
-                tasks: Mutex::new(Vec::new()),
-                closing,
-                deliveries: AtomicU64::new(0),
-                failures: AtomicU64::new(0),
-            }),
-        };
+        let keeper = Keeper::Files(Mutex::new(opened.store));
+        let webhooks = Webhooks::new(feed, Journal::Local(log), 0, schedule, roots, keeper)?;
         // The feed ends here after recovery. A position past it means the log was cut
         // short (`--truncate-damaged-log`) behind records already delivered: the records
         // written from now on reuse those numbers, and an endpoint left past them would
@@ -397,9 +525,70 @@ impl Webhooks {
             }
             webhooks.add(registration, position);
         }
-        let flusher = tokio::spawn(flush_positions(webhooks.inner.clone()));
-        lock(&webhooks.inner.tasks).push(flusher);
+        webhooks.start_flusher();
         Ok(webhooks)
+    }
+
+    /// A cluster leader's webhooks for its epoch: the endpoints and positions of the
+    /// committed state (`book`), kept through the epoch's `journal`, delivering the
+    /// node's feed. `committed_before`: the entry the epoch began after.
+    pub fn start_replicated(
+        book: WebhookBook,
+        feed: Feed,
+        journal: Journal,
+        committed_before: u64,
+        schedule: Schedule,
+        roots: &Roots,
+    ) -> std::io::Result<Webhooks> {
+        let keeper = Keeper::Log {
+            unsent: Mutex::default(),
+        };
+        let webhooks = Webhooks::new(feed, journal, committed_before, schedule, roots, keeper)?;
+        for registration in book.endpoints {
+            let position = match book.positions.get(&registration.id) {
+                Some(&(seq, index)) => Position { seq, index },
+                None => Position {
+                    seq: registration.started_after_seq,
+                    index: u32::MAX,
+                },
+            };
+            webhooks.add(registration, position);
+        }
+        webhooks.start_flusher();
+        Ok(webhooks)
+    }
+
+    fn new(
+        feed: Feed,
+        journal: Journal,
+        committed_before: u64,
+        schedule: Schedule,
+        roots: &Roots,
+        keeper: Keeper,
+    ) -> std::io::Result<Webhooks> {
+        let client = client(&schedule, roots).map_err(std::io::Error::other)?;
+        let (closing, _) = watch::channel(false);
+        Ok(Webhooks {
+            inner: Arc::new(Inner {
+                feed,
+                journal,
+                committed_before,
+                schedule,
+                client,
+                keeper,
+                registering: tokio::sync::Mutex::new(()),
+                endpoints: RwLock::new(BTreeMap::new()),
+                tasks: Mutex::new(Vec::new()),
+                closing,
+                deliveries: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    fn start_flusher(&self) {
+        let flusher = tokio::spawn(flush_positions(self.inner.clone()));
+        lock(&self.inner.tasks).push(flusher);
     }
 
     fn add(&self, registration: Registration, position: Position) {
@@ -454,11 +643,12 @@ impl Webhooks {
         // Every record queued before this moment is "before the registration".
         let after = self
             .inner
-            .log
+            .journal
             .barrier()
             .durable()
             .await
-            .map_err(|e| WebhookError::Unavailable(e.to_string()))?;
+            .map_err(|e| WebhookError::Unavailable(e.to_string()))?
+            .max(self.inner.committed_before);
         let registration = Registration {
             id: Uuid::now_v7(),
             url: new.url,
@@ -474,7 +664,7 @@ impl Webhooks {
         };
         let mut all = self.registrations();
         all.push(registration.clone());
-        self.save(all).await?;
+        self.save(all, Change::Saved(registration.clone())).await?;
         let position = Position {
             seq: after,
             index: u32::MAX,
@@ -486,12 +676,11 @@ impl Webhooks {
         Ok(view)
     }
 
-    async fn save(&self, all: Vec<Registration>) -> Result<(), WebhookError> {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || lock(&inner.store).save_registrations(&all))
+    async fn save(&self, all: Vec<Registration>, change: Change) -> Result<(), WebhookError> {
+        self.inner
+            .save_all(all, change)
             .await
-            .map_err(|e| WebhookError::Unavailable(e.to_string()))?
-            .map_err(|e| WebhookError::Unavailable(format!("cannot save the webhooks: {e}")))
+            .map_err(WebhookError::Unavailable)
     }
 
     /// Every endpoint, oldest first.
@@ -523,7 +712,7 @@ impl Webhooks {
             .into_iter()
             .filter(|r| r.id != id)
             .collect();
-        self.save(all).await?;
+        self.save(all, Change::Removed(id)).await?;
         let removed = self
             .inner
             .endpoints
@@ -537,43 +726,53 @@ impl Webhooks {
         Ok(())
     }
 
-    /// Enables a disabled endpoint (durably), or has a failing one retry now. One that
-    /// was disabled because its position fell behind the feed's retention resumes at the
-    /// oldest event kept (the gap is its `last_error`).
+    /// Enables a disabled endpoint (durably), or has a failing one retry now. One whose
+    /// position fell behind the feed's store (disabled for it on a single server, waiting
+    /// on a cluster) resumes at the oldest event kept (the gap is its `last_error`).
     pub async fn enable(&self, id: Uuid) -> Result<EndpointView, WebhookError> {
         let _one = self.inner.registering.lock().await;
         let endpoint = self.get(id).ok_or(WebhookError::NotFound)?;
         let was = lock(&endpoint.registration).clone();
-        if was.disabled.is_some() || was.failing_since.is_some() {
+        let behind = lock(&endpoint.live).position.seq < self.inner.feed.floor();
+        if was.disabled.is_some() || was.failing_since.is_some() || behind {
             let mut all = self.registrations();
+            let mut enabled = was.clone();
+            enabled.disabled = None;
+            enabled.failing_since = None;
             for r in all.iter_mut().filter(|r| r.id == id) {
-                r.disabled = None;
-                r.failing_since = None;
+                *r = enabled.clone();
             }
-            self.save(all).await?;
+            if enabled != was {
+                self.save(all, Change::Saved(enabled)).await?;
+            }
             {
                 let mut registration = lock(&endpoint.registration);
                 registration.disabled = None;
                 registration.failing_since = None;
             }
             let floor = self.inner.feed.floor();
-            let mut store = lock(&self.inner.store);
-            let mut live = lock(&endpoint.live);
-            live.attempts = 0;
-            live.next_attempt_at = None;
-            if live.position.seq < floor {
-                live.last_error = Some(format!(
-                    "resumed after the events of log records {} to {floor}, no longer kept, \
-                     were skipped",
-                    live.position.seq + 1
-                ));
-                live.position = Position {
-                    seq: floor,
-                    index: u32::MAX,
-                };
-                let position = live.position;
-                if store.record(id, position).is_ok() {
-                    live.recorded = position;
+            let skipped_to = {
+                let mut live = lock(&endpoint.live);
+                live.attempts = 0;
+                live.next_attempt_at = None;
+                if live.position.seq < floor {
+                    live.last_error = Some(format!(
+                        "resumed after the events of log records {} to {floor}, no longer \
+                         kept, were skipped",
+                        live.position.seq + 1
+                    ));
+                    live.position = Position {
+                        seq: floor,
+                        index: u32::MAX,
+                    };
+                    Some(live.position)
+                } else {
+                    None
+                }
+            };
+            if let Some(position) = skipped_to {
+                if self.inner.record_position(id, position) {
+                    lock(&endpoint.live).recorded = position;
                 }
             }
         }
@@ -630,7 +829,8 @@ impl Webhooks {
     }
 
     /// Stops every task (deliveries in flight are abandoned: not acknowledged, they are
-    /// sent again after the restart) and fsyncs the positions.
+    /// sent again after the restart, or by the next leader) and makes the positions
+    /// durable (a cluster's epoch waits `LAST_POSITIONS_WAIT` at most).
     pub async fn shutdown(&self) {
         let _ = self.inner.closing.send(true);
         let tasks: Vec<JoinHandle<()>> = lock(&self.inner.tasks).drain(..).collect();
@@ -638,24 +838,31 @@ impl Webhooks {
             task.abort();
             let _ = task.await;
         }
-        let inner = self.inner.clone();
-        let _ = tokio::task::spawn_blocking(move || sync_positions(&inner)).await;
+        match self.inner.keeper {
+            // The fsync of the positions file, however long the disk takes.
+            Keeper::Files(_) => self.inner.flush().await,
+            Keeper::Log { .. } => {
+                let flushed = tokio::time::timeout(LAST_POSITIONS_WAIT, self.inner.flush()).await;
+                if flushed.is_err() {
+                    tracing::warn!(
+                        "the webhooks' last positions were not committed in time: the next \
+                         leader sends their events again"
+                    );
+                }
+            }
+        }
     }
 }
 
 /// Fsyncs the positions file (compacting it first when it has grown).
-fn sync_positions(inner: &Inner) {
-    let endpoints: Vec<(Uuid, Arc<Endpoint>)> = inner
-        .endpoints
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .map(|(id, e)| (*id, e.clone()))
-        .collect();
+fn sync_positions(inner: &Inner, endpoints: &[(Uuid, Arc<Endpoint>)]) {
+    let Keeper::Files(store) = &inner.keeper else {
+        return;
+    };
     let taken = {
-        let mut store = lock(&inner.store);
+        let mut store = lock(store);
         // Positions moved by the filters alone (no delivery wrote them).
-        for (id, endpoint) in &endpoints {
+        for (id, endpoint) in endpoints {
             let mut live = lock(&endpoint.live);
             if live.recorded != live.position && store.record(*id, live.position).is_ok() {
                 live.recorded = live.position;
@@ -690,8 +897,7 @@ async fn flush_positions(inner: Arc<Inner>) {
             _ = tokio::time::sleep(FLUSH_EVERY) => {}
             _ = closing.changed() => return,
         }
-        let inner = inner.clone();
-        let _ = tokio::task::spawn_blocking(move || sync_positions(&inner)).await;
+        inner.flush().await;
     }
 }
 
@@ -792,6 +998,33 @@ async fn deliver(inner: Arc<Inner>, endpoint: Arc<Endpoint>) {
         let found = match read {
             Ok(Ok(found)) => found,
             Ok(Err(Gone { oldest_seq })) => {
+                if let Keeper::Log { .. } = inner.keeper {
+                    // A cluster's leader may lack events the others keep (its feed started
+                    // again after a snapshot it installed): not committed as disabled, the
+                    // endpoint waits for a leader that has them, or for an operator's
+                    // enable, which skips to the oldest event kept.
+                    let detail = format!(
+                        "this leader's change feed no longer holds the events after its \
+                         position (log record {}): the oldest it keeps are those of record \
+                         {oldest_seq}; waiting for a leader that has them (enable skips them)",
+                        cursor.seq
+                    );
+                    let new = {
+                        let mut live = lock(&endpoint.live);
+                        let new = live.last_error.as_deref() != Some(detail.as_str());
+                        live.last_error = Some(detail.clone());
+                        new
+                    };
+                    if new {
+                        tracing::warn!(endpoint = %id, %detail, "a webhook endpoint waits");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(GONE_RETRY) => {}
+                        _ = endpoint.wake.notified() => {}
+                        _ = closing.changed() => {}
+                    }
+                    continue;
+                }
                 let detail = format!(
                     "its position (after log record {}) fell behind the change feed's \
                      retention: the oldest events kept are those of record {oldest_seq}",
@@ -825,15 +1058,11 @@ async fn deliver(inner: Arc<Inner>, endpoint: Arc<Endpoint>) {
             }
             match deliver_one(&inner, &endpoint, &event.position.id(), &event.json).await {
                 Some(true) => {
-                    // Lock order, everywhere: the store, then an endpoint's `live`.
-                    let mut store = lock(&inner.store);
-                    let mut live = lock(&endpoint.live);
-                    live.position = event.position;
-                    match store.record(id, event.position) {
-                        Ok(()) => live.recorded = event.position,
-                        Err(err) => {
-                            tracing::error!(error = %err, "cannot write a webhook's position")
-                        }
+                    // Recorded before the next event is sent. Never with `live` held: the
+                    // positions file is locked before an endpoint's `live` everywhere.
+                    lock(&endpoint.live).position = event.position;
+                    if inner.record_position(id, event.position) {
+                        lock(&endpoint.live).recorded = event.position;
                     }
                 }
                 // Disabled, deleted or shutting down: the cursor stays before this event.
@@ -947,14 +1176,8 @@ async fn persist(inner: &Arc<Inner>, endpoint: &Endpoint, change: impl FnOnce(&m
         all.contains(&updated),
         "an endpoint not deleted is registered"
     );
-    // The fsyncs run on a blocking thread, never on a runtime worker serving requests.
-    let saving = inner.clone();
-    let saved =
-        tokio::task::spawn_blocking(move || lock(&saving.store).save_registrations(&all)).await;
-    match saved {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => tracing::error!(error = %err, "cannot save the webhooks"),
-        Err(err) => tracing::error!(error = %err, "cannot save the webhooks"),
+    if let Err(err) = inner.save_all(all, Change::Saved(updated)).await {
+        tracing::error!(error = %err, "cannot save the webhooks");
     }
 }
 

@@ -34,37 +34,7 @@ pub const POSITIONS_COMPACT_BYTES: u64 = 1024 * 1024;
 const ENDPOINTS_FILE: &str = "endpoints.json";
 const POSITIONS_FILE: &str = "positions.log";
 
-/// Why an endpoint is disabled.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Disabled {
-    /// Unix milliseconds.
-    pub at: i64,
-    /// `failing` (gave up after the retry period) or `events_gone` (its position fell
-    /// behind the feed's retention).
-    pub reason: String,
-    pub detail: String,
-}
-
-/// One endpoint as `endpoints.json` keeps it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Registration {
-    pub id: Uuid,
-    pub url: String,
-    /// Event types (`None`: every type).
-    pub types: Option<Vec<String>>,
-    /// SKUs (`None`: every SKU).
-    pub skus: Option<Vec<String>>,
-    /// `whsec_` + base64 of the key's bytes.
-    pub secret: String,
-    /// Unix milliseconds.
-    pub created_at: i64,
-    /// The log record the endpoint started after: it gets the events of later records.
-    pub started_after_seq: u64,
-    /// Unix milliseconds of the first failed attempt of the current streak (`None`: the
-    /// last attempt succeeded, or none failed).
-    pub failing_since: Option<i64>,
-    pub disabled: Option<Disabled>,
-}
+pub use crate::domain::webhook::{Disabled, Registration};
 
 #[derive(Serialize, Deserialize)]
 struct EndpointsFile {
