@@ -19,11 +19,17 @@
 //!    seen, so its first proposal opens a new chain.
 //! 4. The supervisor starts from that state with the epoch's journal and a `FloorClock`
 //!    whose floor is the state's `clock_floor`; the keyring gets the state's keys; the
-//!    reservations that are overdue are expired (their records are the epoch's first).
+//!    webhooks start from the state's (with the feed on); the reservations that are
+//!    overdue are expired (their records are the epoch's first).
 //! 5. The service becomes the epoch's, then the role `Leader { ready: true }`.
 //!
+//! A beginning that fails is tried again while the node leads; after `HAND_OVER_AFTER` of
+//! failures in one term, the node hands its leadership to another voter
+//! (`ClusterNode::hand_over`) rather than keep the cluster answering 503.
+//!
 //! **Ending it** (the node no longer leads in `term`, a proposal failed, or the server
-//! stops): the role stops being ready, the service becomes the standby, the proposer is
+//! stops): the role stops being ready, the service becomes the standby, the webhooks stop
+//! (their last positions proposed while the epoch can still commit them), the proposer is
 //! closed (nothing more of the epoch reaches the engine; what it already took resolves
 //! from the engine's answers), and the supervisor and its actors are stopped. What the
 //! actors decided and the log will never hold is dropped with them: the next epoch starts
@@ -70,6 +76,13 @@ const KEYS_EVERY: Duration = Duration::from_millis(250);
 /// A leader that cannot begin an epoch says so every this many tries (the first after
 /// about 1.2 s, then every 3 s).
 const WARN_EVERY_TRIES: u32 = 30;
+/// A leader that has failed to begin serving for this long in a row hands its leadership
+/// to another voter (`ClusterNode::hand_over`): a node that cannot rebuild its state or
+/// write its log would otherwise keep the leadership, and the cluster would answer 503.
+const HAND_OVER_AFTER: Duration = Duration::from_secs(5);
+/// Test hook: a node refuses to begin serving in the first N terms it leads (a leader that
+/// cannot serve, without breaking its disk).
+const FAIL_FIRST_TERMS_ENV: &str = "STOCKD_TEST_FAIL_FIRST_TERMS";
 
 /// How long an ending epoch's supervisor and actors get to stop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -130,8 +143,15 @@ struct Serving {
 
 async fn run(args: LeadershipArgs, stop: CancellationToken) {
     let mut last: Option<Epoch> = None;
-    // Failed tries to begin an epoch in the same term, in a row.
+    // Failed tries to begin an epoch in the same term, in a row, and when the first failed.
     let (mut tried_in, mut tries) = (None, 0u32);
+    let mut failing_since = Instant::now();
+    // The terms this node has led, and how many of the first it refuses (a test's hook).
+    let (mut led_in, mut terms_led) = (None, 0u32);
+    let refuse_first: u32 = std::env::var(FAIL_FIRST_TERMS_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     // The position the keyring's table was last read at (`u64::MAX`: never).
     let mut keys_at = u64::MAX;
     loop {
@@ -159,15 +179,37 @@ async fn run(args: LeadershipArgs, stop: CancellationToken) {
         };
         // Not cancelled midway: an epoch half begun would have nobody to end it. Every
         // wait in it is bounded.
-        let begun = begin(&args, term, last).await;
+        if led_in != Some(term) {
+            led_in = Some(term);
+            terms_led += 1;
+        }
+        let begun = if terms_led <= refuse_first {
+            Err(format!("refused by {FAIL_FIRST_TERMS_ENV} (a test)"))
+        } else {
+            begin(&args, term, last).await
+        };
         let serving = match begun {
             Ok(serving) => serving,
             Err(why) => {
                 // A new leader's first tries are refused until a majority has acknowledged
                 // it: only a leader that keeps failing is worth a warning.
-                tries = if tried_in == Some(term) { tries + 1 } else { 1 };
+                if tried_in != Some(term) {
+                    tries = 0;
+                    failing_since = Instant::now();
+                }
+                tries += 1;
                 tried_in = Some(term);
-                if tries % WARN_EVERY_TRIES == 0 {
+                if failing_since.elapsed() >= HAND_OVER_AFTER {
+                    match args.node.hand_over().await {
+                        Some(to) => {
+                            tracing::warn!(term, tries, reason = %why, to, "cannot begin serving as the leader: handed the leadership to another voter")
+                        }
+                        None => {
+                            tracing::warn!(term, tries, reason = %why, "cannot begin serving as the leader, and no other voter can take the leadership; trying again")
+                        }
+                    }
+                    failing_since = Instant::now();
+                } else if tries % WARN_EVERY_TRIES == 0 {
                     tracing::warn!(term, tries, reason = %why, "cannot begin serving as the leader; trying again");
                 } else {
                     tracing::debug!(term, tries, reason = %why, "cannot begin serving as the leader yet; trying again");

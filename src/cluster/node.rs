@@ -490,6 +490,33 @@ impl ClusterNode {
         }
     }
 
+    /// Hands this node's leadership to another voter: the one whose log it has seen reach
+    /// furthest (a leader that cannot begin serving, whose cluster would otherwise answer
+    /// 503 for as long as it keeps the leadership). Returns the voter it was handed to;
+    /// `None` if it does not lead, or is the only voter.
+    pub async fn hand_over(&self) -> Option<NodeId> {
+        let to = {
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
+            if m.state != ServerState::Leader {
+                return None;
+            }
+            let matched = |id: &NodeId| {
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(id).cloned().flatten())
+                    .map(|log_id| log_id.index)
+            };
+            m.membership_config
+                .membership()
+                .voter_ids()
+                .filter(|id| *id != self.id)
+                .max_by_key(|id| (matched(id), std::cmp::Reverse(*id)))?
+        };
+        self.raft.trigger().transfer_leader(to).await.ok()?;
+        Some(to)
+    }
+
     /// Resolves once this node no longer leads in `term` (or its engine stopped).
     pub async fn deposed(&self, term: u64) {
         let mut metrics = self.raft.metrics();
