@@ -446,7 +446,7 @@ async fn start_cluster(
         &settings,
         log,
         &config.snapshot_dir,
-        config.snapshots.every_records,
+        &config.snapshots,
         config.snapshot_worker.clone(),
         role_tx,
         store,

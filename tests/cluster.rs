@@ -562,3 +562,35 @@ async fn a_leader_that_cannot_begin_serving_hands_its_leadership_over() {
         .await;
     assert_eq!(a.status, 201, "{a:?}");
 }
+
+/// `--snapshot-every-seconds` on a cluster: every node asks its engine for a snapshot on
+/// its timer once it has applied something since its newest, long before
+/// `--snapshot-every-records` (500,000 by default) would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_takes_a_snapshot_on_its_timer() {
+    let env = [("STOCKD_SNAPSHOT_EVERY_SECONDS", "1")];
+    let cluster = tokio::task::spawn_blocking(move || Cluster::start_with(&[1, 2, 3], &env))
+        .await
+        .unwrap();
+    cluster.serving().await;
+    let c = common::cluster::Checkout::of(&cluster);
+    let a = c
+        .post(
+            "/v1/products",
+            serde_json::json!({"sku": "T", "name": "T", "on_hand": 1}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let statuses = cluster.caught_up().await;
+    let applied = statuses.values().next().unwrap()["applied_seq"]
+        .as_u64()
+        .unwrap();
+    for (id, node) in &cluster.nodes {
+        let snapshotted = common::eventually(WAIT, || async {
+            let status = node.client.get("/v1/cluster").await;
+            status.body["snapshot_seq"].as_u64().unwrap_or(0) >= applied
+        })
+        .await;
+        assert!(snapshotted, "node {id} takes a snapshot through {applied}");
+    }
+}

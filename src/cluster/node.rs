@@ -224,6 +224,28 @@ pub struct ClusterNode {
     stopping: tokio_util::sync::CancellationToken,
     /// The last snapshot the state machine built (`snapshot` reports it).
     last_built: Arc<std::sync::Mutex<Option<(crate::storage::snapshot_worker::Built, bool)>>>,
+    /// Asks for a snapshot every `--snapshot-every-seconds` (`None`: never by time).
+    snapshot_timer: Option<JoinHandle<()>>,
+}
+
+/// Asks the engine for a snapshot every `every` if it applied anything since its newest
+/// one (`--snapshot-every-seconds`; the engine's own policy counts entries). A build
+/// under way when it asks is not started twice: the engine ignores the request.
+async fn snapshot_timer(raft: Raft, every: std::time::Duration) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await; // the first tick is at once
+    loop {
+        ticks.tick().await;
+        let behind = {
+            let m = raft.metrics();
+            let m = m.borrow_watched();
+            m.last_applied.as_ref().map(|l| l.index) > m.snapshot.as_ref().map(|l| l.index)
+        };
+        if behind && raft.trigger().snapshot().await.is_err() {
+            return; // the engine stopped
+        }
+    }
 }
 
 impl ClusterNode {
@@ -237,7 +259,7 @@ impl ClusterNode {
         settings: &Settings,
         log: Log,
         snapshot_dir: &Path,
-        snapshot_every_records: u64,
+        snapshots: &crate::storage::snapshotter::SnapshotPolicy,
         snapshot_worker: Option<PathBuf>,
         role: watch::Sender<Role>,
         store: Option<crate::feed::store::Store>,
@@ -259,7 +281,7 @@ impl ClusterNode {
             });
             NodeError::Engine(why)
         };
-        let config = match engine_config(snapshot_every_records) {
+        let config = match engine_config(snapshots.every_records) {
             Ok(config) => config,
             Err(err) => return Err(fail(&log, err)),
         };
@@ -358,7 +380,11 @@ impl ClusterNode {
             reclaiming: Reclaiming::default(),
             stopping: tokio_util::sync::CancellationToken::new(),
             last_built,
+            snapshot_timer: None,
         };
+        node.snapshot_timer = snapshots
+            .every
+            .map(|every| tokio::spawn(snapshot_timer(node.raft.clone(), every)));
         match node.initialize(settings).await {
             Ok(None) => {}
             Ok(Some(later)) => node.initializing = Some(tokio::spawn(later)),
@@ -843,6 +869,9 @@ impl ClusterNode {
             tracing::warn!(error = %err, "the Raft engine stopped with an error");
         }
         self.roles.abort();
+        if let Some(timer) = &self.snapshot_timer {
+            timer.abort();
+        }
         tracing::info!(node = self.id, "the Raft engine stopped");
     }
 }

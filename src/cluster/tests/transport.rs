@@ -29,6 +29,15 @@ use crate::storage::log::Log;
 const KEY: &str = "a-cluster-key-for-this-test";
 
 /// The settings of node 1, alone in its `--peers`, its Raft listener on a free port.
+/// No snapshot by count nor by time (the engine's storage cases take their own).
+fn no_snapshots() -> crate::storage::snapshotter::SnapshotPolicy {
+    crate::storage::snapshotter::SnapshotPolicy {
+        every_records: 0,
+        every: None,
+        ..Default::default()
+    }
+}
+
 fn lone_node(join: bool) -> Settings {
     Settings {
         node_id: 1,
@@ -58,7 +67,7 @@ async fn a_snapshot_that_does_not_verify_is_refused_and_changes_nothing() {
         &settings,
         log,
         &dir.path().join("snapshots"),
-        0,
+        &no_snapshots(),
         None,
         role,
         None,
@@ -232,7 +241,7 @@ async fn sender(dir: &Path, key: &ClusterKey) -> Sender {
         &settings,
         log1,
         &dir.join("1/snapshots"),
-        0,
+        &no_snapshots(),
         None,
         role,
         None,
@@ -532,7 +541,7 @@ async fn a_joining_node_initializes_no_cluster_even_with_the_lowest_id() {
             &settings,
             log,
             &dir.path().join("snapshots"),
-            0,
+            &no_snapshots(),
             None,
             role,
             None,
