@@ -24,7 +24,7 @@
 //! 5. The service becomes the epoch's, then the role `Leader { ready: true }`.
 //!
 //! A beginning that fails is tried again while the node leads; after `HAND_OVER_AFTER` of
-//! failures in one term, the node hands its leadership to another voter
+//! trying in one term, the node hands its leadership to another voter
 //! (`ClusterNode::hand_over`) rather than keep the cluster answering 503.
 //!
 //! **Ending it** (the node no longer leads in `term`, a proposal failed, or the server
@@ -76,13 +76,18 @@ const KEYS_EVERY: Duration = Duration::from_millis(250);
 /// A leader that cannot begin an epoch says so every this many tries (the first after
 /// about 1.2 s, then every 3 s).
 const WARN_EVERY_TRIES: u32 = 30;
-/// A leader that has failed to begin serving for this long in a row hands its leadership
-/// to another voter (`ClusterNode::hand_over`): a node that cannot rebuild its state or
-/// write its log would otherwise keep the leadership, and the cluster would answer 503.
-const HAND_OVER_AFTER: Duration = Duration::from_secs(5);
-/// Test hook: a node refuses to begin serving in the first N terms it leads (a leader that
+/// A leader that has been trying to begin serving for this long in one term, and failed,
+/// hands its leadership to another voter (`ClusterNode::hand_over`): a node whose state
+/// cannot be rebuilt, or whose blank entries never commit, would otherwise keep the
+/// leadership, and the cluster would answer 503. Three times the blank entry's own
+/// deadline (`COMMIT_DEADLINE`), so that a healthy leader slow to commit its first blank
+/// keeps its term.
+const HAND_OVER_AFTER: Duration = Duration::from_secs(15);
+const _: () =
+    assert!(HAND_OVER_AFTER.as_secs() >= 3 * crate::cluster::proposer::COMMIT_DEADLINE.as_secs());
+/// Test hook: a node refuses to begin serving in the terms up to this one (a leader that
 /// cannot serve, without breaking its disk).
-const FAIL_FIRST_TERMS_ENV: &str = "STOCKD_TEST_FAIL_FIRST_TERMS";
+const FAIL_TERMS_UPTO_ENV: &str = "STOCKD_TEST_FAIL_TERMS_UPTO";
 
 /// How long an ending epoch's supervisor and actors get to stop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -143,15 +148,21 @@ struct Serving {
 
 async fn run(args: LeadershipArgs, stop: CancellationToken) {
     let mut last: Option<Epoch> = None;
-    // Failed tries to begin an epoch in the same term, in a row, and when the first failed.
-    let (mut tried_in, mut tries) = (None, 0u32);
-    let mut failing_since = Instant::now();
-    // The terms this node has led, and how many of the first it refuses (a test's hook).
-    let (mut led_in, mut terms_led) = (None, 0u32);
-    let refuse_first: u32 = std::env::var(FAIL_FIRST_TERMS_ENV)
+    // The term this node is trying to begin serving in, since when (from its first try,
+    // however long that took), and its failed tries there; cleared once it serves.
+    let mut trying: Option<(u64, Instant)> = None;
+    let mut tries = 0u32;
+    let refuse_upto: u64 = std::env::var(FAIL_TERMS_UPTO_ENV)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
+    if refuse_upto > 0 {
+        tracing::warn!(
+            upto = refuse_upto,
+            "{FAIL_TERMS_UPTO_ENV} is set: this node refuses to serve in those terms (a test \
+             hook, never for production)"
+        );
+    }
     // The position the keyring's table was last read at (`u64::MAX`: never).
     let mut keys_at = u64::MAX;
     loop {
@@ -179,12 +190,12 @@ async fn run(args: LeadershipArgs, stop: CancellationToken) {
         };
         // Not cancelled midway: an epoch half begun would have nobody to end it. Every
         // wait in it is bounded.
-        if led_in != Some(term) {
-            led_in = Some(term);
-            terms_led += 1;
+        if trying.is_none_or(|(t, _)| t != term) {
+            trying = Some((term, Instant::now()));
+            tries = 0;
         }
-        let begun = if terms_led <= refuse_first {
-            Err(format!("refused by {FAIL_FIRST_TERMS_ENV} (a test)"))
+        let begun = if term <= refuse_upto {
+            Err(format!("refused by {FAIL_TERMS_UPTO_ENV} (a test)"))
         } else {
             begin(&args, term, last).await
         };
@@ -193,23 +204,19 @@ async fn run(args: LeadershipArgs, stop: CancellationToken) {
             Err(why) => {
                 // A new leader's first tries are refused until a majority has acknowledged
                 // it: only a leader that keeps failing is worth a warning.
-                if tried_in != Some(term) {
-                    tries = 0;
-                    failing_since = Instant::now();
-                }
                 tries += 1;
-                tried_in = Some(term);
-                if failing_since.elapsed() >= HAND_OVER_AFTER {
+                let since = trying.map_or_else(Instant::now, |(_, since)| since);
+                if since.elapsed() >= HAND_OVER_AFTER {
                     match args.node.hand_over().await {
                         Some(to) => {
-                            tracing::warn!(term, tries, reason = %why, to, "cannot begin serving as the leader: handed the leadership to another voter")
+                            tracing::warn!(term, tries, reason = %why, to, "cannot begin serving as the leader: asked the engine to hand the leadership to another voter")
                         }
                         None => {
                             tracing::warn!(term, tries, reason = %why, "cannot begin serving as the leader, and no other voter can take the leadership; trying again")
                         }
                     }
-                    failing_since = Instant::now();
-                } else if tries % WARN_EVERY_TRIES == 0 {
+                    trying = Some((term, Instant::now()));
+                } else if tries.is_multiple_of(WARN_EVERY_TRIES) {
                     tracing::warn!(term, tries, reason = %why, "cannot begin serving as the leader; trying again");
                 } else {
                     tracing::debug!(term, tries, reason = %why, "cannot begin serving as the leader yet; trying again");
@@ -221,7 +228,7 @@ async fn run(args: LeadershipArgs, stop: CancellationToken) {
             }
         };
         last = Some(serving.epoch);
-        tried_in = None;
+        trying = None;
         keys_at = u64::MAX;
         let why = tokio::select! {
             _ = stop.cancelled() => "the server is stopping".to_string(),

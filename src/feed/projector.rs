@@ -397,17 +397,16 @@ impl Entries {
         if limit <= pos {
             return Ok(pos);
         }
-        let mut batch = Vec::new();
-        let (mut through, mut appended) = (pos, pos);
+        let mut pending = Pending::after(pos);
         let mut failed = None;
         for item in reader.entries_after(pos) {
             let entry = match item {
-                Ok(entry) if entry.pos.seq == through + 1 => entry,
+                Ok(entry) if entry.pos.seq == pending.through + 1 => entry,
                 Ok(entry) if entry.pos.seq > limit => break,
                 Ok(entry) => {
                     failed = Some(format!(
                         "log entry {} is missing (found {})",
-                        through + 1,
+                        pending.through + 1,
                         entry.pos.seq
                     ));
                     break;
@@ -423,19 +422,15 @@ impl Entries {
             let seq = entry.pos.seq;
             let (_, record) = crate::storage::fold::admit_entry(&mut self.raft, entry)
                 .map_err(|e| format!("log entry {seq} cannot be applied: {e}"))?;
-            if let Some(record) = record {
-                let events = shadow
+            let events = match record {
+                Some(record) => shadow
                     .project(seq, &record)
-                    .map_err(|e| format!("log entry {seq} cannot be applied: {e}"))?;
-                batch.extend(stored(events));
-            }
-            through = seq;
-            if batch.len() >= APPEND_EVENTS_MAX || through - appended >= APPEND_RECORDS_MAX {
-                publish(feed, &mut batch, through)?;
-                appended = through;
-            }
+                    .map_err(|e| format!("log entry {seq} cannot be applied: {e}"))?,
+                None => Vec::new(),
+            };
+            pending.projected(feed, seq, events)?;
         }
-        publish(feed, &mut batch, through)?;
+        let through = pending.finish(feed)?;
         match failed {
             // Stopped short of the limit: a snapshot installed meanwhile purged the log
             // (the next poll starts from it), or a read failed; tried again next poll.
@@ -520,29 +515,65 @@ fn follow_records(
     pos: u64,
     durable: u64,
 ) -> Result<u64, String> {
-    let mut batch = Vec::new();
-    let mut through = pos;
-    let mut appended = pos;
+    let mut pending = Pending::after(pos);
     for item in reader.records_after(pos) {
         let (seq, record) = item.map_err(|e| format!("cannot read the log: {e}"))?;
         if seq > durable {
             break;
         }
-        if seq != through + 1 {
-            return Err(format!("log record {} is missing", through + 1));
+        if seq != pending.through + 1 {
+            return Err(format!("log record {} is missing", pending.through + 1));
         }
         let events = shadow
             .project(seq, &record)
             .map_err(|e| format!("log record {seq} cannot be applied: {e}"))?;
-        batch.extend(stored(events));
-        through = seq;
-        if batch.len() >= APPEND_EVENTS_MAX || through - appended >= APPEND_RECORDS_MAX {
-            publish(feed, &mut batch, through)?;
-            appended = through;
+        pending.projected(feed, seq, events)?;
+    }
+    pending.finish(feed)
+}
+
+/// The events of the records projected since the last append: appended once there are
+/// many, or they cover many records, and at the end of each pass.
+struct Pending {
+    batch: Vec<Stored>,
+    /// The last record projected.
+    through: u64,
+    /// The last record appended.
+    appended: u64,
+}
+
+impl Pending {
+    fn after(pos: u64) -> Pending {
+        Pending {
+            batch: Vec::new(),
+            through: pos,
+            appended: pos,
         }
     }
-    publish(feed, &mut batch, through)?;
-    Ok(through)
+
+    /// Record `seq` gave `events` (none: a position that is no change).
+    fn projected(
+        &mut self,
+        feed: &Feed,
+        seq: u64,
+        events: Vec<crate::feed::event::Event>,
+    ) -> Result<(), String> {
+        self.batch.extend(stored(events));
+        self.through = seq;
+        if self.batch.len() >= APPEND_EVENTS_MAX
+            || self.through - self.appended >= APPEND_RECORDS_MAX
+        {
+            publish(feed, &mut self.batch, self.through)?;
+            self.appended = self.through;
+        }
+        Ok(())
+    }
+
+    /// Appends what is left; returns the last record projected.
+    fn finish(mut self, feed: &Feed) -> Result<u64, String> {
+        publish(feed, &mut self.batch, self.through)?;
+        Ok(self.through)
+    }
 }
 
 /// Appends `batch` (the events of the records up to `through`) and hands it to live

@@ -388,6 +388,40 @@ async fn three_started(router: &Router, root: &Path) -> (BTreeMap<NodeId, Node>,
     (nodes, leader, term)
 }
 
+/// Three nodes on logs whose purges are bounded by their snapshots, as a cluster node's
+/// are, in `root` (`node-1` to `node-3`), with the engine's settings `config` and change
+/// feeds if `fed`; a cluster initialized on node 1. Returns the nodes, their directories,
+/// and the leader and its term once elected.
+async fn three_bounded(
+    router: &Router,
+    root: &Path,
+    config: Arc<Config>,
+    fed: bool,
+) -> (
+    BTreeMap<NodeId, Node>,
+    BTreeMap<NodeId, PathBuf>,
+    NodeId,
+    u64,
+) {
+    let dirs: BTreeMap<NodeId, PathBuf> = (1..=3)
+        .map(|id| (id, root.join(format!("node-{id}"))))
+        .collect();
+    let mut nodes = BTreeMap::new();
+    for (id, dir) in &dirs {
+        let log = open_log_with(dir, true).await;
+        let node = start_node(router, *id, dir, log, config.clone(), fed).await;
+        nodes.insert(*id, node);
+    }
+    let members: BTreeMap<NodeId, StockdNode> = (1..=3).map(|id| (id, member(id))).collect();
+    nodes[&1]
+        .raft
+        .initialize(members)
+        .await
+        .expect("initializing the cluster");
+    let (leader, term) = leader_of(&nodes, &[1, 2, 3]).await;
+    (nodes, dirs, leader, term)
+}
+
 async fn leader_of(nodes: &BTreeMap<NodeId, Node>, among: &[NodeId]) -> (NodeId, u64) {
     let first = &nodes[&among[0]].raft;
     let m = first
@@ -843,24 +877,10 @@ async fn snapshot_at(raft: &Raft, index: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_behind_a_purge_catches_up_by_snapshot() {
     let root = tempfile::tempdir().unwrap();
-    let dirs: BTreeMap<NodeId, PathBuf> = (1..=3)
-        .map(|id| (id, root.path().join(format!("node-{id}"))))
-        .collect();
     let router = Router::default();
-    let mut nodes = BTreeMap::new();
-    for (id, dir) in &dirs {
-        let log = open_log_with(dir, true).await;
-        let node = start_with(&router, *id, dir, log, purging_config()).await;
-        nodes.insert(*id, node);
-    }
-    let members: BTreeMap<NodeId, StockdNode> = (1..=3).map(|id| (id, member(id))).collect();
-    nodes[&1]
-        .raft
-        .initialize(members)
-        .await
-        .expect("initializing the cluster");
+    let (mut nodes, dirs, leader, term) =
+        three_bounded(&router, root.path(), purging_config(), false).await;
     let all = [1, 2, 3];
-    let (leader, term) = leader_of(&nodes, &all).await;
     let epoch = Epoch { term, k: 0 };
     let last = propose(
         &nodes[&leader].raft,
@@ -1213,23 +1233,9 @@ async fn feed_through(node: &Node, seq: u64, after: u64) -> Vec<(Position, Strin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_nodes_change_feed_tells_the_committed_entries_alike() {
     let root = tempfile::tempdir().unwrap();
-    let dirs: BTreeMap<NodeId, PathBuf> = (1..=3)
-        .map(|id| (id, root.path().join(format!("node-{id}"))))
-        .collect();
     let router = Router::default();
-    let mut nodes = BTreeMap::new();
-    for (id, dir) in &dirs {
-        let log = open_log_with(dir, true).await;
-        nodes.insert(*id, start_fed(&router, *id, dir, log, config()).await);
-    }
-    let members: BTreeMap<NodeId, StockdNode> = (1..=3).map(|id| (id, member(id))).collect();
-    nodes[&1]
-        .raft
-        .initialize(members)
-        .await
-        .expect("initializing the cluster");
+    let (mut nodes, dirs, leader, term) = three_bounded(&router, root.path(), config(), true).await;
     let all = [1, 2, 3];
-    let (leader, term) = leader_of(&nodes, &all).await;
     let epoch = Epoch { term, k: 0 };
     let raft = nodes[&leader].raft.clone();
     let records = vec![
@@ -1318,26 +1324,10 @@ async fn every_nodes_change_feed_tells_the_committed_entries_alike() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_feed_behind_an_installed_snapshot_starts_again_after_it() {
     let root = tempfile::tempdir().unwrap();
-    let dirs: BTreeMap<NodeId, PathBuf> = (1..=3)
-        .map(|id| (id, root.path().join(format!("node-{id}"))))
-        .collect();
     let router = Router::default();
-    let mut nodes = BTreeMap::new();
-    for (id, dir) in &dirs {
-        let log = open_log_with(dir, true).await;
-        nodes.insert(
-            *id,
-            start_fed(&router, *id, dir, log, purging_config()).await,
-        );
-    }
-    let members: BTreeMap<NodeId, StockdNode> = (1..=3).map(|id| (id, member(id))).collect();
-    nodes[&1]
-        .raft
-        .initialize(members)
-        .await
-        .expect("initializing the cluster");
+    let (mut nodes, dirs, leader, term) =
+        three_bounded(&router, root.path(), purging_config(), true).await;
     let all = [1, 2, 3];
-    let (leader, term) = leader_of(&nodes, &all).await;
     let epoch = Epoch { term, k: 0 };
     let raft = nodes[&leader].raft.clone();
     let last = propose(&raft, epoch, 1, vec![record("A", 0), record("A", 1)]).await;
