@@ -563,3 +563,73 @@ async fn a_joining_node_initializes_no_cluster_even_with_the_lowest_id() {
         writer.join().unwrap();
     }
 }
+
+/// A lent state whose rebuild fails stays lent, and the reclaims after it fail at once,
+/// without a rebuild, until the backoff has passed (1 s after a first failure); once the
+/// cause is gone, a reclaim after the backoff makes the state whole again, and the digest
+/// can be read.
+#[tokio::test]
+async fn a_failed_rebuild_holds_reclaims_back_until_its_backoff_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = lone_node(false);
+    let log = Log::open(&dir.path().join("log")).unwrap();
+    let (role, mut roles) = watch::channel(Role::Leaderless);
+    let snapshots = dir.path().join("snapshots");
+    let (node, writer, _) = ClusterNode::start(
+        &settings,
+        log,
+        &snapshots,
+        &no_snapshots(),
+        None,
+        role,
+        None,
+    )
+    .await
+    .expect("the node starts");
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        roles.wait_for(|r| *r == Role::Leader { ready: false }),
+    )
+    .await
+    .expect("it leads in time")
+    .expect("the role is published");
+    let blank = node.write_blank().await.expect("the blank entry commits");
+    let (lent, ..) = node.epoch_start(blank).await.expect("the state is lent");
+    drop(lent);
+
+    // The snapshot directory replaced by a file: a rebuild cannot list it.
+    let _ = std::fs::remove_dir_all(&snapshots);
+    std::fs::write(&snapshots, b"not a directory").unwrap();
+    let first = node.reclaim().await.expect_err("the rebuild fails");
+    assert!(
+        !first.contains("trying again in"),
+        "a rebuild was tried: {first}"
+    );
+    let held = node.reclaim().await.expect_err("held back");
+    assert!(
+        held.contains("trying again in"),
+        "no rebuild this time: {held}"
+    );
+    assert!(node.digest().await.is_err(), "the state is still lent");
+
+    // The cause goes: a reclaim once the backoff has passed rebuilds the state.
+    std::fs::remove_file(&snapshots).unwrap();
+    std::fs::create_dir(&snapshots).unwrap();
+    let whole = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match node.reclaim().await {
+                Ok(()) => return,
+                Err(err) => assert!(err.contains("trying again in"), "{err}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(whole.is_ok(), "whole again once the backoff passed");
+    let (applied, _) = node.digest().await.expect("the digest of the whole state");
+    assert!(applied >= blank, "through the blank entry: {applied}");
+
+    node.shutdown().await;
+    let _ = node.log().shutdown().await;
+    writer.join().unwrap();
+}
