@@ -404,11 +404,12 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
 }
 
 /// Starts a cluster node (`--peers`): its log opened as the engine's (`ClusterLog`), the
-/// engine started and, when new, initialized with `--peers`, the Raft listener, and the
-/// public API, which answers every application request with a follower's 307 or a 503
-/// (the leader serves from step 5 of docs/REPLICATION.md's plan). The actors run on an
-/// empty state and store nothing: the node's journal refuses every record. There is no
-/// change feed (refused with `--peers`), and snapshots are the engine's.
+/// engine started and, when new, initialized with `--peers`, the Raft listener, the
+/// change feed's projector following the applied entries (`--events on`), and the public
+/// API. While the node leads, its leadership serves in epochs (`leadership`), each with
+/// its own actors and webhooks; otherwise the standby service answers a follower's 307
+/// or a 503: its actors run on an empty state and its journal refuses every record.
+/// Snapshots are the engine's.
 async fn start_cluster(
     config: Config,
     settings: Settings,

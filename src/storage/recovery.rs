@@ -164,16 +164,6 @@ pub fn recover_entries_at(
     entries_onto_snapshot(reader, snapshot_dir, upto, upto, None)
 }
 
-/// `recover_entries_at`, with `observer` watching the entries folded after the snapshot.
-pub fn recover_entries_at_observed(
-    reader: &LogReader,
-    snapshot_dir: &Path,
-    upto: u64,
-    observer: Option<&mut dyn FoldObserver>,
-) -> Result<Recovered, RecoveryError> {
-    entries_onto_snapshot(reader, snapshot_dir, upto, upto, observer)
-}
-
 /// The newest snapshot at or before `base_upto` that verifies, then the entries after it
 /// through `upto` (none if the snapshot is at or past it).
 fn entries_onto_snapshot(
@@ -360,17 +350,10 @@ fn fold_observed(
             // every product the record touched.
             #[cfg(debug_assertions)]
             let touched = record.clone();
-            let watched = match observer.as_deref_mut() {
-                Some(o) if o.wants(seq) => {
-                    o.before(seq, &record, &state);
-                    Some(record.clone())
-                }
-                _ => None,
-            };
-            fold::apply_owned(&mut state, record)
-                .map_err(|source| RecoveryError::Fold { seq, source })?;
-            if let (Some(o), Some(record)) = (observer.as_deref_mut(), watched) {
-                o.after(seq, &record, &state);
+            match observer.as_deref_mut() {
+                Some(o) if o.wants(seq) => fold_watched(&mut state, seq, record, o)?,
+                _ => fold::apply_owned(&mut state, record)
+                    .map_err(|source| RecoveryError::Fold { seq, source })?,
             }
             #[cfg(debug_assertions)]
             assert!(
@@ -381,6 +364,21 @@ fn fold_observed(
         },
     )?;
     Ok((state, records, last_seq))
+}
+
+/// Folds `record`, at position `seq`, into `state`, with `observer` shown the state
+/// before and after it.
+fn fold_watched(
+    state: &mut State,
+    seq: u64,
+    record: Record,
+    observer: &mut dyn FoldObserver,
+) -> Result<(), RecoveryError> {
+    observer.before(seq, &record, state);
+    let watched = record.clone();
+    fold::apply_owned(state, record).map_err(|source| RecoveryError::Fold { seq, source })?;
+    observer.after(seq, &watched, state);
+    Ok(())
 }
 
 /// `fold_stream` for a cluster node: Raft entries (a node's log, or the entries a node
@@ -421,12 +419,7 @@ fn fold_entries_observed(
             match observer.as_deref_mut() {
                 Some(o) if o.wants(seq) => {
                     match fold::admit_entry(&mut state.raft, entry).map_err(fold_err)? {
-                        (_, Some(record)) => {
-                            o.before(seq, &record, &state);
-                            let watched = record.clone();
-                            fold::apply_owned(&mut state, record).map_err(fold_err)?;
-                            o.after(seq, &watched, &state);
-                        }
+                        (_, Some(record)) => fold_watched(&mut state, seq, record, o)?,
                         (_, None) => o.passed(seq),
                     }
                 }

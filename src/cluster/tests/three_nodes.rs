@@ -342,6 +342,13 @@ async fn stop(router: &Router, id: NodeId, node: Node) {
     writer.shutdown().await.expect("stopping the log");
 }
 
+/// Stops every node of `nodes`.
+async fn stop_all(router: &Router, nodes: BTreeMap<NodeId, Node>) {
+    for (id, node) in nodes {
+        stop(router, id, node).await;
+    }
+}
+
 /// A record that folds, encoded: product `sku` created, or replenished by `n`.
 fn record(sku: &str, n: u64) -> Bytes {
     Bytes::from(record::encode(&plain_record(sku, n)))
@@ -836,9 +843,7 @@ async fn a_proposer_commits_in_order_and_an_epoch_ends_at_its_first_failure() {
     assert!(matches!(after, Err(LogError::NotCommitted(_))), "{after:?}");
     Router::set(&router.held, leader, false);
 
-    for (id, node) in std::mem::take(&mut nodes) {
-        stop(&router, id, node).await;
-    }
+    stop_all(&router, std::mem::take(&mut nodes)).await;
 }
 
 /// Settings for catching up by snapshot: snapshots only when asked, and the engine asks
@@ -987,9 +992,7 @@ async fn a_follower_behind_a_purge_catches_up_by_snapshot() {
         .unwrap();
     assert_eq!(after, ((second + 2)..=(last + 1)).collect::<Vec<_>>());
     drop(log);
-    for (id, node) in std::mem::take(&mut nodes) {
-        stop(&router, id, node).await;
-    }
+    stop_all(&router, std::mem::take(&mut nodes)).await;
 }
 
 /// The leader's state lent to an epoch (`StockSm::lend`): the state machine keeps
@@ -1089,9 +1092,7 @@ async fn a_lent_state_is_given_back_whole_with_what_was_applied_meanwhile() {
         found.windows(2).all(|w| w[0] == w[1]),
         "same digest at {last}"
     );
-    for (id, node) in nodes {
-        stop(&router, id, node).await;
-    }
+    stop_all(&router, nodes).await;
 }
 
 /// A lent state whose rebuild finds the committed log contradicting itself stops the
@@ -1140,9 +1141,7 @@ async fn a_rebuild_that_meets_a_contradiction_stops_the_engine() {
     } = stopped;
     drop((raft, log));
     writer.shutdown().await.expect("stopping the log");
-    for (id, node) in nodes {
-        stop(&router, id, node).await;
-    }
+    stop_all(&router, nodes).await;
 }
 
 /// A node started from a snapshot knows that snapshot's metadata from its recovery: the
@@ -1226,6 +1225,27 @@ async fn feed_through(node: &Node, seq: u64, after: u64) -> Vec<(Position, Strin
     }
 }
 
+/// Every event the feeds of `ids` keep, once each has projected through entry `last`: the
+/// same on every node (asserted).
+async fn feeds_alike(
+    nodes: &BTreeMap<NodeId, Node>,
+    ids: &[NodeId],
+    last: u64,
+) -> Vec<(Position, String)> {
+    let mut told = Vec::new();
+    for id in ids {
+        told.push(feed_through(&nodes[id], last, 0).await);
+    }
+    for (id, other) in ids.iter().zip(&told).skip(1) {
+        assert_eq!(
+            other, &told[0],
+            "node {id} tells what node {} tells",
+            ids[0]
+        );
+    }
+    told.swap_remove(0)
+}
+
 /// Three nodes with change feeds tell the committed entries alike: the same events at the
 /// same positions (entry sequences, blank and membership entries giving none). A follower
 /// stopped and started again on its directory derives the events it lacks from its
@@ -1245,16 +1265,8 @@ async fn every_nodes_change_feed_tells_the_committed_entries_alike() {
         record("A", 2),
     ];
     let last = propose(&raft, epoch, 1, records).await + 1;
-    let told: Vec<_> = {
-        let mut told = Vec::new();
-        for id in all {
-            told.push(feed_through(&nodes[&id], last, 0).await);
-        }
-        told
-    };
-    assert_eq!(told[0], told[1]);
-    assert_eq!(told[1], told[2]);
-    let kinds: Vec<String> = told[0]
+    let told = feeds_alike(&nodes, &all, last).await;
+    let kinds: Vec<String> = told
         .iter()
         .map(|(_, json)| {
             serde_json::from_str::<serde_json::Value>(json).unwrap()["type"].to_string()
@@ -1271,7 +1283,7 @@ async fn every_nodes_change_feed_tells_the_committed_entries_alike() {
     );
     // Positions are the entries' sequences: the first proposal follows the blank entry
     // and the membership entry of the cluster's start.
-    assert_eq!(told[0].last().unwrap().0.seq, last);
+    assert_eq!(told.last().unwrap().0.seq, last);
 
     // A follower's projector stops (as if it had fallen behind when the node was
     // killed), its engine goes on applying, then it stops; the others go on; it starts
@@ -1297,23 +1309,13 @@ async fn every_nodes_change_feed_tells_the_committed_entries_alike() {
     nodes.insert(follower, restarted);
     let last = propose(&raft, epoch, 7, vec![record("C", 0)]).await + 1;
     assert!(last > more);
-    let told: Vec<_> = {
-        let mut told = Vec::new();
-        for id in all {
-            told.push(feed_through(&nodes[&id], last, 0).await);
-        }
-        told
-    };
-    assert_eq!(told[0], told[1]);
-    assert_eq!(told[1], told[2]);
-    assert_eq!(told[0].len(), 7, "{:#?}", told[0]);
+    let told = feeds_alike(&nodes, &all, last).await;
+    assert_eq!(told.len(), 7, "{:#?}", told);
     assert!(
-        told[0].windows(2).all(|w| w[0].0 < w[1].0),
+        told.windows(2).all(|w| w[0].0 < w[1].0),
         "in order, none twice"
     );
-    for (id, node) in std::mem::take(&mut nodes) {
-        stop(&router, id, node).await;
-    }
+    stop_all(&router, std::mem::take(&mut nodes)).await;
 }
 
 /// A follower down past the leader's purge, with a change feed: the leader builds its
@@ -1402,7 +1404,5 @@ async fn a_feed_behind_an_installed_snapshot_starts_again_after_it() {
         }),
         "the feed starts again after the installed snapshot"
     );
-    for (id, node) in std::mem::take(&mut nodes) {
-        stop(&router, id, node).await;
-    }
+    stop_all(&router, std::mem::take(&mut nodes)).await;
 }

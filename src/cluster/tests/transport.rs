@@ -38,6 +38,37 @@ fn no_snapshots() -> crate::storage::snapshotter::SnapshotPolicy {
     }
 }
 
+/// A node alone in its cluster, on `dir/log` and `dir/snapshots`, once it leads.
+async fn lone_leader(
+    dir: &Path,
+) -> (
+    ClusterNode,
+    std::thread::JoinHandle<()>,
+    watch::Receiver<Role>,
+) {
+    let log = Log::open(&dir.join("log")).unwrap();
+    let (role, mut roles) = watch::channel(Role::Leaderless);
+    let (node, writer, _) = ClusterNode::start(
+        &lone_node(false),
+        log,
+        &dir.join("snapshots"),
+        &no_snapshots(),
+        None,
+        role,
+        None,
+    )
+    .await
+    .expect("the node starts");
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        roles.wait_for(|r| *r == Role::Leader { ready: false }),
+    )
+    .await
+    .expect("it leads in time")
+    .expect("the role is published");
+    (node, writer, roles)
+}
+
 fn lone_node(join: bool) -> Settings {
     Settings {
         node_id: 1,
@@ -61,27 +92,8 @@ fn lone_node(join: bool) -> Settings {
 async fn a_snapshot_that_does_not_verify_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let settings = lone_node(false);
-    let log = Log::open(&dir.path().join("log")).unwrap();
-    let (role, mut roles) = watch::channel(Role::Leaderless);
-    let (node, writer, _) = ClusterNode::start(
-        &settings,
-        log,
-        &dir.path().join("snapshots"),
-        &no_snapshots(),
-        None,
-        role,
-        None,
-    )
-    .await
-    .expect("the node starts");
     // Alone in its cluster, it leads.
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        roles.wait_for(|r| *r == Role::Leader { ready: false }),
-    )
-    .await
-    .expect("it leads in time")
-    .expect("the role is published");
+    let (node, writer, roles) = lone_leader(dir.path()).await;
     // Its membership (index 0) and first entry (index 1) applied: nothing moves after.
     node.raft()
         .wait(Some(Duration::from_secs(60)))
@@ -571,28 +583,8 @@ async fn a_joining_node_initializes_no_cluster_even_with_the_lowest_id() {
 #[tokio::test]
 async fn a_failed_rebuild_holds_reclaims_back_until_its_backoff_passes() {
     let dir = tempfile::tempdir().unwrap();
-    let settings = lone_node(false);
-    let log = Log::open(&dir.path().join("log")).unwrap();
-    let (role, mut roles) = watch::channel(Role::Leaderless);
     let snapshots = dir.path().join("snapshots");
-    let (node, writer, _) = ClusterNode::start(
-        &settings,
-        log,
-        &snapshots,
-        &no_snapshots(),
-        None,
-        role,
-        None,
-    )
-    .await
-    .expect("the node starts");
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        roles.wait_for(|r| *r == Role::Leader { ready: false }),
-    )
-    .await
-    .expect("it leads in time")
-    .expect("the role is published");
+    let (node, writer, _) = lone_leader(dir.path()).await;
     let blank = node.write_blank().await.expect("the blank entry commits");
     let (lent, ..) = node.epoch_start(blank).await.expect("the state is lent");
     drop(lent);
