@@ -12,9 +12,9 @@
 //!    folded into the state machine's state (or skipped by the epoch chain), this node's
 //!    earlier epochs' included.
 //! 2. The state machine lends that state to the epoch (`ClusterNode::epoch_start`,
-//!    `StockSm::lend`): taken, not copied, its products moved into the supervisor's
-//!    table (`SupervisorArgs::from_state`). The state machine keeps only its Raft
-//!    metadata while the epoch has the state.
+//!    `StockSm::lend`): taken, not copied, its products and the SKUs in order it keeps
+//!    becoming the supervisor's table as they are (`SupervisorArgs::from_state`). The
+//!    state machine keeps only its Raft metadata while the epoch has the state.
 //! 3. The epoch is `(term, k)`, `k` past every epoch of `term` the log or this node has
 //!    seen, so its first proposal opens a new chain.
 //! 4. The supervisor starts from that state with the epoch's journal and a `FloorClock`

@@ -326,6 +326,8 @@ proptest! {
     fn fold_matches_the_reference_model(ops in prop::collection::vec(op(), 1..80)) {
         let mut model = Model::default();
         let mut state = State::default();
+        // As a cluster node's state machine keeps it: the fold keeps its SKUs in order.
+        state.keep_sku_order();
         let mut log = Vec::new();
         for (i, op) in ops.iter().enumerate() {
             let at = 1_000 + i as i64;
@@ -342,6 +344,9 @@ proptest! {
                 prop_assert!(p.on_hand <= STOCK_MAX);
             }
             prop_assert_eq!(state.products.len(), model.stock.len());
+            let kept: Vec<&str> = state.skus.0.as_ref().expect("kept").after(None).collect();
+            let in_order: Vec<&str> = model.stock.keys().copied().collect();
+            prop_assert_eq!(kept, in_order, "the SKUs in order after {:?}", op);
             let mut counts = BTreeMap::new();
             for (sku, p) in &state.products {
                 for (customer, n) in p.buyers.iter() {

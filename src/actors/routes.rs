@@ -1,79 +1,78 @@
-//! The supervisor's routing table: SKU → where the product lives, in SKU order.
+//! The supervisor's routing table: SKU → where the product lives, and the SKUs in order.
 //!
-//! A B-tree keeps the SKUs in order (pages of `GET /v1/products`), but only SKU → index;
-//! the slots themselves (a product's plain data is ~140 bytes) live in a slab. Why: a
-//! B-tree filled in key order, as a catalogue import creates SKUs, splits its nodes in the
-//! middle and leaves them about half full, while one built from sorted input at start-up is
-//! full. With the slots inside the tree's nodes, that half made an imported catalogue take
-//! 1.63× the memory of the same catalogue after a restart (docs/PERFORMANCE.md, "Catalogue
-//! import over HTTP"); with an index there, the half-full nodes waste ~30 bytes a product.
-//!
-//! Worse than their half-full nodes, the tree's nodes allocated while product actors run
-//! pin the allocator's pages: an internal node (464 bytes) falls in mimalloc's 512-byte
-//! size class, where product actors allocate too, so the nodes an import creates
-//! while it activates products are scattered one or two to a 64 KiB page among the
-//! actors' blocks, and once the actors stop those pages cannot be returned. Measured after
-//! draining 100,000 activated products: 1,148 pages of that class, 71 MiB, held 1.5 MiB of
-//! nodes. `compact` rebuilds the tree from its sorted entries, into as few pages as its
-//! full nodes need; the supervisor calls it once the actors of a large passivation sweep
-//! have stopped (docs/PERFORMANCE.md, "Where the memory after a drain was"). (A key is
-//! a `SkuKey` now, 24 bytes as the `String` was, so those sizes hold.)
+//! A product without an actor (passive) is plain data in `passive`, which is the state's
+//! own map of products, taken as it is: a recovered state's, or the one a cluster node's
+//! state machine lends a leader's epoch. So building the table moves no product, and a new
+//! leader serves a million products as soon as the state is lent (docs/PERFORMANCE.md,
+//! "Cluster"). The others (`L`: an actor, or a rebuild under way) are in `live`, a map the
+//! size of the resident actors; a SKU is in exactly one of the two. The SKUs in order
+//! (`SkuIndex`) are what a page of `GET /v1/products` walks: a cluster node's state keeps
+//! them as it folds (`storage::fold::SkuOrder`), and a single server's supervisor sorts them
+//! from the recovered products once, at start-up.
 
-use std::collections::BTreeMap;
-use std::ops::Bound;
+use std::collections::HashMap;
 
-use slab::Slab;
+use crate::domain::{Product, SkuIndex};
+use crate::storage::fold::Products;
 
-pub struct Routes<T> {
-    index: BTreeMap<SkuKey, usize>,
-    slots: Slab<T>,
-    /// SKUs added to the index since it was last built from sorted input.
-    added: usize,
+pub struct Routes<L> {
+    /// Products without an actor: the state's map (an `IndexMap`, dense).
+    passive: Products,
+    /// Products with an actor, or being rebuilt.
+    live: HashMap<String, L, foldhash::fast::RandomState>,
+    /// Every SKU of both, in order.
+    index: SkuIndex,
 }
 
-/// `compact` rebuilds the index only once the SKUs added since it was last built are at
-/// least this share of it (1/8): the rebuild is linear in the catalogue (~100 ms at a
-/// million SKUs, in the supervisor), so its cost stays a constant per SKU added
-/// (amortized), and a sweep after a handful of creates does not pay it.
-const COMPACT_ADDED_SHARE: usize = 8;
+/// Where a product lives: as plain data, or with what `L` says.
+#[derive(Debug, PartialEq)]
+pub enum Route<'a, L> {
+    Passive(&'a Product),
+    Live(&'a L),
+}
 
-impl<T> Routes<T> {
-    /// The table of `items` (each SKU once, in any order). Each item is moved once, into
-    /// its slot; the index's keys (`SkuKey`) are sorted, and the tree is built from them
-    /// in one pass (`collect` checks their order again, and looks for duplicates).
-    /// No SKU is copied, and the SKUs themselves are compared only where two share their
-    /// first 8 bytes (a leader's epoch builds its table from a million products this way:
-    /// docs/PERFORMANCE.md, "Cluster").
-    pub fn from_items(items: impl IntoIterator<Item = (String, T)>) -> Routes<T> {
-        let items = items.into_iter();
-        let mut slots = Slab::with_capacity(items.size_hint().0);
-        let mut keys: Vec<(SkuKey, usize)> = items
-            .map(|(sku, item)| (SkuKey::new(sku), slots.insert(item)))
-            .collect();
-        keys.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let index = keys.into_iter().collect::<BTreeMap<_, _>>();
-        assert_eq!(index.len(), slots.len(), "each SKU once");
+/// `Route`, to change in place.
+pub enum RouteMut<'a, L> {
+    Passive(&'a mut Product),
+    Live(&'a mut L),
+}
+
+/// A route taken out of the table.
+#[derive(Debug, PartialEq)]
+pub enum Slot<L> {
+    Passive(Product),
+    Live(L),
+}
+
+impl<L> Routes<L> {
+    /// The table of `products`, all passive, whose SKUs in order are `index` (see
+    /// `storage::fold::State::take_sku_index`). Moves nothing.
+    pub fn new(products: Products, index: SkuIndex) -> Routes<L> {
+        assert_eq!(
+            index.len(),
+            products.len(),
+            "the index holds the products' SKUs"
+        );
         Routes {
+            passive: products,
+            live: HashMap::default(),
             index,
-            slots,
-            added: 0,
         }
     }
 
-    /// Rebuilds the index from its sorted entries if enough SKUs were added since it was
-    /// last built (`COMPACT_ADDED_SHARE`): full nodes, allocated now (see the module's
-    /// documentation). Answers whether it did.
+    /// The SKUs added since the index was last built are a large enough share of it:
+    /// rebuilds it (`SkuIndex::compact`). Answers whether it did.
     pub fn compact(&mut self) -> bool {
-        if self.added == 0 || self.added * COMPACT_ADDED_SHARE < self.index.len() {
-            return false;
-        }
-        self.added = 0;
-        // In SKU order: the tree is built in one pass, its nodes full.
-        self.index = std::mem::take(&mut self.index).into_iter().collect();
-        true
+        self.index.compact()
+    }
+
+    /// Shrinks the map of live products to the ones left (after a passivation sweep).
+    pub fn shrink_live(&mut self) {
+        self.live.shrink_to_fit();
     }
 
     pub fn len(&self) -> usize {
+        debug_assert_eq!(self.index.len(), self.passive.len() + self.live.len());
         self.index.len()
     }
 
@@ -81,195 +80,183 @@ impl<T> Routes<T> {
         self.index.is_empty()
     }
 
-    pub fn get(&self, sku: &str) -> Option<&T> {
-        self.index.get(sku).map(|&i| &self.slots[i])
+    pub fn get(&self, sku: &str) -> Option<Route<'_, L>> {
+        // The live map first: it is small, and holds what a sale is busy with.
+        if let Some(live) = self.live.get(sku) {
+            return Some(Route::Live(live));
+        }
+        self.passive.get(sku).map(Route::Passive)
     }
 
-    pub fn get_mut(&mut self, sku: &str) -> Option<&mut T> {
-        let i = *self.index.get(sku)?;
-        Some(&mut self.slots[i])
+    pub fn get_mut(&mut self, sku: &str) -> Option<RouteMut<'_, L>> {
+        if let Some(live) = self.live.get_mut(sku) {
+            return Some(RouteMut::Live(live));
+        }
+        self.passive.get_mut(sku).map(RouteMut::Passive)
     }
 
-    /// Puts `slot` under `sku`; returns the one it replaces.
-    pub fn insert(&mut self, sku: String, slot: T) -> Option<T> {
-        match self.index.get(sku.as_str()) {
-            Some(&i) => Some(std::mem::replace(&mut self.slots[i], slot)),
+    /// `product` becomes passive under `sku` (its own); returns what was live there.
+    pub fn set_passive(&mut self, sku: String, product: Product) -> Option<L> {
+        debug_assert_eq!(product.sku, sku, "a product is routed by its own SKU");
+        let was = self.live.remove(sku.as_str());
+        if was.is_none() {
+            self.index.insert(&sku);
+        }
+        let replaced = self.passive.insert(sku, product);
+        debug_assert!(
+            replaced.is_none() || was.is_none(),
+            "a SKU is passive or live, not both"
+        );
+        was
+    }
+
+    /// `sku` becomes live with `live`; returns its passive product, if it was passive.
+    pub fn set_live(&mut self, sku: &str, live: L) -> Option<Product> {
+        let was = self.passive.swap_remove(sku);
+        match self.live.get_mut(sku) {
+            Some(slot) => {
+                debug_assert!(was.is_none(), "a SKU is passive or live, not both");
+                *slot = live;
+            }
             None => {
-                let i = self.slots.insert(slot);
-                self.index.insert(SkuKey::new(sku), i);
-                self.added += 1;
-                None
+                if was.is_none() {
+                    self.index.insert(sku);
+                }
+                self.live.insert(sku.to_string(), live);
             }
         }
+        was
     }
 
-    pub fn remove(&mut self, sku: &str) -> Option<T> {
-        let i = self.index.remove(sku)?;
-        Some(self.slots.remove(i))
+    pub fn remove(&mut self, sku: &str) -> Option<Slot<L>> {
+        let slot = match self.live.remove(sku) {
+            Some(live) => Slot::Live(live),
+            None => Slot::Passive(self.passive.swap_remove(sku)?),
+        };
+        let indexed = self.index.remove(sku);
+        debug_assert!(indexed, "every routed SKU is in the index");
+        Some(slot)
     }
 
     /// The products after `after` (all if `None`), in SKU order.
-    pub fn after(&self, after: Option<String>) -> impl Iterator<Item = (&str, &T)> {
-        let range = match &after {
-            Some(after) => self
-                .index
-                .range::<str, _>((Bound::Excluded(after.as_str()), Bound::Unbounded)),
-            None => self.index.range::<str, _>(..),
-        };
-        range.map(|(key, &i)| (&*key.sku, &self.slots[i]))
+    pub fn after<'a>(
+        &'a self,
+        after: Option<&str>,
+    ) -> impl Iterator<Item = (&'a str, Route<'a, L>)> + 'a {
+        self.index.after(after).filter_map(|sku| {
+            let route = self.get(sku);
+            debug_assert!(route.is_some(), "every SKU in the index is routed");
+            Some((sku, route?))
+        })
     }
-}
-
-/// A SKU as the index keeps it, with its first 8 bytes as an integer beside it
-/// (`sku_prefix`). Keys order exactly as their SKUs do, so that the index is found by
-/// `&str` (`Borrow`); but comparing two keys compares the integers held in the tree's
-/// nodes, and reads the strings behind their pointers only when two SKUs share their
-/// first 8 bytes. (Building the index compares each key with its neighbours twice, its
-/// order checked and its duplicates looked for: at a million SKUs scattered over the
-/// heap, reading the strings was a cache miss each time.) The SKU is a `Box<str>`, so a
-/// key is 24 bytes, as a `String` was: the tree's nodes keep their sizes, and their
-/// allocator size classes (see the module's documentation). SKUs that share their first
-/// 8 bytes (`SKU-00012345`) gain nothing from the prefix.
-#[derive(Clone, Debug)]
-struct SkuKey {
-    prefix: u64,
-    sku: Box<str>,
-}
-
-impl SkuKey {
-    fn new(sku: String) -> SkuKey {
-        SkuKey {
-            prefix: sku_prefix(&sku),
-            sku: sku.into_boxed_str(),
-        }
-    }
-}
-
-impl PartialEq for SkuKey {
-    fn eq(&self, other: &SkuKey) -> bool {
-        self.prefix == other.prefix && self.sku == other.sku
-    }
-}
-
-impl Eq for SkuKey {}
-
-impl Ord for SkuKey {
-    fn cmp(&self, other: &SkuKey) -> std::cmp::Ordering {
-        self.prefix
-            .cmp(&other.prefix)
-            .then_with(|| self.sku.cmp(&other.sku))
-    }
-}
-
-impl PartialOrd for SkuKey {
-    fn partial_cmp(&self, other: &SkuKey) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl std::borrow::Borrow<str> for SkuKey {
-    fn borrow(&self) -> &str {
-        &self.sku
-    }
-}
-
-/// The first 8 bytes of `sku`, big-endian, zero-padded. Ordering SKUs by it, and by the
-/// whole SKU when it ties, is their order as strings (the property test below).
-fn sku_prefix(sku: &str) -> u64 {
-    let mut bytes = [0u8; 8];
-    let n = sku.len().min(8);
-    bytes[..n].copy_from_slice(&sku.as_bytes()[..n]);
-    u64::from_be_bytes(bytes)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    proptest::proptest! {
-        /// The table lists the SKUs in the strings' own order, each with its item,
-        /// whatever they share: a prefix of 8 bytes or more, a shorter SKU that is a
-        /// prefix of a longer one, a NUL byte (which the padding of a short SKU also reads
-        /// as), bytes of any value.
-        #[test]
-        fn the_table_is_in_the_strings_order(
-            skus in proptest::collection::hash_set("(SKU-12|S|\\x00|é)?[a-c\\x00\\xff]{0,10}", 0..200)
-        ) {
-            let mut expected: Vec<String> = skus.iter().cloned().collect();
-            expected.sort();
-            let map: std::collections::HashMap<String, usize> =
-                skus.iter().map(|sku| (sku.clone(), sku.len())).collect();
-            let routes = Routes::from_items(map);
-            let listed: Vec<String> = routes.after(None).map(|(sku, &n)| {
-                assert_eq!(n, sku.len(), "each SKU keeps its item");
-                assert_eq!(routes.get(sku), Some(&n));
-                sku.to_string()
-            }).collect();
-            proptest::prop_assert_eq!(&listed, &expected);
-            // Found by `&str` after any SKU, absent or present.
-            for (i, sku) in expected.iter().enumerate() {
-                let next = routes.after(Some(sku.clone())).next().map(|(s, _)| s);
-                proptest::prop_assert_eq!(next, expected.get(i + 1).map(String::as_str));
-                let mut absent = sku.clone();
-                absent.push('\u{1}');
-                proptest::prop_assert_eq!(routes.get(&absent), None);
-            }
-        }
+    fn product(sku: &str, on_hand: u64) -> Product {
+        Product::new(sku.to_string(), "n".into(), None, on_hand, 1)
+    }
+
+    fn products(skus: &[&str]) -> Products {
+        skus.iter()
+            .enumerate()
+            .map(|(i, sku)| (sku.to_string(), product(sku, i as u64)))
+            .collect()
+    }
+
+    fn table(skus: &[&str]) -> Routes<u32> {
+        Routes::new(products(skus), SkuIndex::of(skus.iter().copied()))
+    }
+
+    /// The SKUs listed, each with its on-hand units if passive, or its live value + 1000.
+    fn listed(routes: &Routes<u32>, after: Option<&str>) -> Vec<(String, u64)> {
+        routes
+            .after(after)
+            .map(|(sku, route)| {
+                let n = match route {
+                    Route::Passive(p) => {
+                        assert_eq!(p.sku, sku, "each SKU keeps its product");
+                        p.on_hand
+                    }
+                    Route::Live(&n) => 1000 + u64::from(n),
+                };
+                (sku.to_string(), n)
+            })
+            .collect()
     }
 
     #[test]
-    fn it_behaves_as_an_ordered_map() {
-        let mut routes = Routes::from_items([("C".to_string(), 3), ("A".to_string(), 1)]);
+    fn a_product_moves_between_passive_and_live_and_keeps_its_place_in_order() {
+        let mut routes = table(&["C", "A"]);
+        assert_eq!(listed(&routes, None), [("A".into(), 1), ("C".into(), 0)]);
+        assert_eq!(routes.get("B"), None);
+        // Live: its product is handed back, and it stays in order.
+        let was = routes.set_live("A", 7).expect("A was passive");
+        assert_eq!((was.sku.as_str(), was.on_hand), ("A", 1));
+        assert_eq!(routes.get("A"), Some(Route::Live(&7)));
+        if let Some(RouteMut::Live(n)) = routes.get_mut("A") {
+            *n = 8;
+        }
+        assert_eq!(routes.set_live("A", 9), None, "already live");
+        assert_eq!(listed(&routes, None), [("A".into(), 1009), ("C".into(), 0)]);
+        // Passive again: what was live there is handed back.
+        assert_eq!(routes.set_passive("A".into(), product("A", 5)), Some(9));
+        assert_eq!(listed(&routes, None), [("A".into(), 5), ("C".into(), 0)]);
+        if let Some(RouteMut::Passive(p)) = routes.get_mut("C") {
+            p.on_hand = 3;
+        }
+        // New SKUs, passive or live, join the order.
+        assert_eq!(routes.set_passive("B".into(), product("B", 2)), None);
+        assert_eq!(routes.set_live("AA", 1), None);
         assert_eq!(
-            (routes.len(), routes.get("A"), routes.get("B")),
-            (2, Some(&1), None)
+            listed(&routes, None),
+            [
+                ("A".into(), 5),
+                ("AA".into(), 1001),
+                ("B".into(), 2),
+                ("C".into(), 3)
+            ]
         );
-        assert_eq!(routes.insert("B".into(), 2), None);
-        assert_eq!(routes.insert("C".into(), 30), Some(3));
-        *routes.get_mut("A").unwrap() = 10;
-        let all: Vec<_> = routes
-            .after(None)
-            .map(|(s, v)| (s.to_string(), *v))
-            .collect();
-        assert_eq!(all, [("A".into(), 10), ("B".into(), 2), ("C".into(), 30)]);
-        let rest: Vec<_> = routes.after(Some("A".into())).map(|(_, v)| *v).collect();
-        assert_eq!(rest, [2, 30]);
-        assert_eq!(routes.remove("B"), Some(2));
+        assert_eq!(
+            listed(&routes, Some("AA")),
+            [("B".into(), 2), ("C".into(), 3)]
+        );
+        assert_eq!(routes.len(), 4);
+        // Removed from wherever it lives, and from the order.
+        assert_eq!(routes.remove("AA"), Some(Slot::Live(1)));
+        assert!(matches!(routes.remove("B"), Some(Slot::Passive(p)) if p.on_hand == 2));
         assert_eq!(routes.remove("B"), None);
-        // A freed slot is reused, and the index still points right.
-        assert_eq!(routes.insert("D".into(), 4), None);
-        let all: Vec<_> = routes
-            .after(None)
-            .map(|(s, v)| (s.to_string(), *v))
-            .collect();
-        assert_eq!(all, [("A".into(), 10), ("C".into(), 30), ("D".into(), 4)]);
-        assert_eq!(routes.len(), 3);
+        assert_eq!(listed(&routes, None), [("A".into(), 5), ("C".into(), 3)]);
+        assert_eq!(routes.len(), 2);
     }
 
     #[test]
-    fn compacting_keeps_every_route_and_waits_for_enough_additions() {
-        let mut routes = Routes::from_items((0..64).map(|i| (format!("SKU-{i:03}"), i)));
-        assert!(!routes.compact(), "nothing added since it was built");
-        for i in 64..70 {
-            routes.insert(format!("SKU-{i:03}"), i);
+    #[should_panic(expected = "the index holds the products' SKUs")]
+    fn a_table_refuses_an_index_of_other_skus() {
+        Routes::<u32>::new(products(&["A", "B"]), SkuIndex::of(["A"]));
+    }
+
+    #[test]
+    fn compacting_keeps_every_route() {
+        let skus: Vec<String> = (0..64).map(|i| format!("SKU-{i:03}")).collect();
+        let refs: Vec<&str> = skus.iter().map(String::as_str).collect();
+        let mut routes = table(&refs);
+        for i in 64..80 {
+            let sku = format!("SKU-{i:03}");
+            routes.set_passive(sku.clone(), product(&sku, i));
         }
-        assert!(!routes.compact(), "6 added to 70: less than an eighth");
-        for i in 70..80 {
-            routes.insert(format!("SKU-{i:03}"), i);
-        }
-        assert_eq!(routes.remove("SKU-010"), Some(10));
+        routes.set_live("SKU-003", 3);
+        assert!(matches!(routes.remove("SKU-010"), Some(Slot::Passive(_))));
         assert!(routes.compact(), "16 added to 79");
-        assert!(!routes.compact(), "nothing added since");
-        let all: Vec<_> = routes
-            .after(None)
-            .map(|(s, v)| (s.to_string(), *v))
-            .collect();
-        let expected: Vec<_> = (0..80)
+        let all: Vec<String> = routes.after(None).map(|(s, _)| s.to_string()).collect();
+        let expected: Vec<String> = (0..80)
             .filter(|&i| i != 10)
-            .map(|i| (format!("SKU-{i:03}"), i))
+            .map(|i| format!("SKU-{i:03}"))
             .collect();
         assert_eq!(all, expected);
-        assert_eq!(routes.get("SKU-079"), Some(&79));
+        assert_eq!(routes.get("SKU-003"), Some(Route::Live(&3)));
         assert_eq!(routes.len(), 79);
     }
 }

@@ -23,10 +23,11 @@
 //! the durable state (snapshot + log, by the snapshotter), off its own mailbox (the
 //! default, which would stop the supervisor, is overridden).
 //!
-//! Virtual actors (like Orleans'): a product is in one of three slots. `Active`: an actor
-//! owns it. `Passive`: nobody touched it for `passivate_after`; its actor was stopped and
+//! Virtual actors (like Orleans'): a product is in one of three states. `Active`: an actor
+//! owns it. Passive: nobody touched it for `passivate_after`; its actor was stopped and
 //! the product is kept here as plain data (a few hundred bytes instead of an actor's
-//! ~7.8 KB). `Restarting`: its actor failed and is being rebuilt. Start-up makes every
+//! ~7.8 KB), in the map of products the supervisor started from (`routes`). `Restarting`:
+//! its actor failed and is being rebuilt. Start-up makes every
 //! product passive (no actor is spawned per product), and a created product starts
 //! passive too. A message that needs an actor (a hold, a change, a delete) activates a
 //! passive product: the actor is spawned from the plain data and the message delivered.
@@ -59,7 +60,7 @@ use crate::actors::product::{
 use crate::actors::reservations::{
     Ack, Idempotency, KeyCheck, ReservationEvents, Reservations, StockEffect, Transition,
 };
-use crate::actors::routes::Routes;
+use crate::actors::routes::{Route, RouteMut, Routes, Slot};
 use crate::clock::{Millis, SharedClock};
 use crate::cluster::Journal;
 use crate::domain::{KeyId, Line, LineSet, NewProduct, Product, Reservation};
@@ -191,14 +192,14 @@ pub enum Listed {
     Product(Product),
 }
 
-/// Where a product lives (see the module documentation).
-enum Slot {
+/// Where a product that is not passive lives (see the module documentation; a passive
+/// product is plain data in the routing table).
+enum Live {
     Active {
         actor: ActorRef<ProductMsg>,
         /// When this supervisor last routed something to it.
         used_at: Millis,
     },
-    Passive(Product),
     /// Its actor failed; the stock effects sent meanwhile, for the rebuilt product.
     Restarting(Vec<ProductMsg>),
 }
@@ -236,15 +237,18 @@ pub struct Supervisor {
 /// keys (its API keys are the HTTP layer's business, its Raft metadata the state
 /// machine's).
 pub struct SupervisorArgs {
-    routes: Routes<Slot>,
+    routes: Routes<Live>,
     reservations: BTreeMap<Uuid, Reservation>,
     idempotency: BTreeMap<IdempotencyKey, IdempotencyEntry>,
 }
 
 impl SupervisorArgs {
     /// From a state taken over: a recovered one, or the one a cluster node's state
-    /// machine lends a leader's epoch.
-    pub fn from_state(state: State) -> SupervisorArgs {
+    /// machine lends a leader's epoch. Its products are the routing table's passive ones
+    /// as they are, and the SKUs in order are the index the state kept, or one sorted now
+    /// (`State::take_sku_index`).
+    pub fn from_state(mut state: State) -> SupervisorArgs {
+        let index = state.take_sku_index();
         let State {
             products,
             reservations,
@@ -252,14 +256,11 @@ impl SupervisorArgs {
             keys: _,
             webhooks: _,
             raft: _,
+            skus: _,
         } = state;
         SupervisorArgs {
             // Every product starts passive: no actor is spawned per product at start-up.
-            routes: Routes::from_items(
-                products
-                    .into_iter()
-                    .map(|(sku, product)| (sku, Slot::Passive(product))),
-            ),
+            routes: Routes::new(products, index),
             reservations,
             idempotency,
         }
@@ -267,8 +268,8 @@ impl SupervisorArgs {
 }
 
 pub struct SupervisorState {
-    routes: Routes<Slot>,
-    /// SKUs whose slot is `Active`, for the passivation check.
+    routes: Routes<Live>,
+    /// SKUs that are `Active`, for the passivation check.
     active: HashSet<String>,
     /// Actor id → SKU, to know which product a supervision event is about.
     skus_by_actor: HashMap<ActorId, String>,
@@ -319,6 +320,7 @@ impl SupervisorState {
             return;
         }
         let rebuilt = self.active.len() <= PASSIVATION_SWEEP_RELEASE_MIN && self.routes.compact();
+        self.routes.shrink_live();
         self.active.shrink_to_fit();
         self.skus_by_actor.shrink_to_fit();
         self.idle_candidates.shrink_to_fit();
@@ -548,7 +550,11 @@ impl Actor for Supervisor {
                 self.finish_restart(&myself, state, sku, result);
             }
             SupervisorMsg::RetryRestart(sku) => {
-                if matches!(state.routes.get(&sku), Some(Slot::Restarting(_))) && !state.stopping {
+                if matches!(
+                    state.routes.get(&sku),
+                    Some(Route::Live(Live::Restarting(_)))
+                ) && !state.stopping
+                {
                     self.begin_restart(&myself, state, sku);
                 }
             }
@@ -595,7 +601,7 @@ impl Actor for Supervisor {
         }
         let still_routed = matches!(
             state.routes.get(&sku),
-            Some(Slot::Active { actor, .. }) if actor.get_id() == cell.get_id()
+            Some(Route::Live(Live::Active { actor, .. })) if actor.get_id() == cell.get_id()
         );
         if !still_routed {
             return Ok(()); // deleted on purpose
@@ -606,7 +612,7 @@ impl Actor for Supervisor {
         if self.log.abandon_epoch(why) {
             tracing::error!(%sku, %reason, "product actor stopped unexpectedly; the leader's epoch ends");
             state.active.remove(&sku);
-            state.routes.insert(sku, Slot::Restarting(Vec::new()));
+            state.routes.set_live(&sku, Live::Restarting(Vec::new()));
             return Ok(());
         }
         tracing::error!(%sku, %reason, "product actor stopped unexpectedly; rebuilding it from the log");
@@ -651,13 +657,13 @@ fn list_products(
     // Products being rebuilt are left out of the page, like one mid-delete.
     let mut page: Vec<(&str, Listed)> = state
         .routes
-        .after(after)
-        .filter_map(|(sku, slot)| match slot {
-            Slot::Active { actor, .. } => {
+        .after(after.as_deref())
+        .filter_map(|(sku, route)| match route {
+            Route::Live(Live::Active { actor, .. }) => {
                 Some((sku, Listed::Actor(sku.to_string(), actor.clone())))
             }
-            Slot::Passive(p) => Some((sku, Listed::Product(p.clone_without_buyers()))),
-            Slot::Restarting(_) => None,
+            Route::Passive(p) => Some((sku, Listed::Product(p.clone_without_buyers()))),
+            Route::Live(Live::Restarting(_)) => None,
         })
         .take(limit + 1)
         .collect();
@@ -692,7 +698,7 @@ fn unroutable(state: &SupervisorState, sku: &str) -> Option<Error> {
         None => Some(Error::ProductNotFound {
             sku: sku.to_string(),
         }),
-        Some(Slot::Restarting(_)) => Some(restarting(sku)),
+        Some(Route::Live(Live::Restarting(_))) => Some(restarting(sku)),
         Some(_) => None,
     }
 }
@@ -784,9 +790,9 @@ impl Supervisor {
             Actor::spawn_linked(None, actor, product, myself.get_cell()).await?;
         state.skus_by_actor.insert(actor_ref.get_id(), sku.clone());
         state.active.insert(sku.clone());
-        state.routes.insert(
-            sku,
-            Slot::Active {
+        state.routes.set_live(
+            &sku,
+            Live::Active {
                 actor: actor_ref.clone(),
                 used_at: self.clock.now_ms(),
             },
@@ -804,14 +810,14 @@ impl Supervisor {
     ) -> Option<ActorRef<ProductMsg>> {
         let now = self.clock.now_ms();
         let product = match state.routes.get_mut(sku)? {
-            Slot::Active { actor, used_at } => {
+            RouteMut::Live(Live::Active { actor, used_at }) => {
                 *used_at = now;
                 return Some(actor.clone());
             }
-            Slot::Restarting(_) => return None,
+            RouteMut::Live(Live::Restarting(_)) => return None,
             // The per-buyer counts move to the actor (they can be large); the rest is
-            // copied, so the slot keeps a product if the spawn fails.
-            Slot::Passive(p) => {
+            // copied, so the table keeps a product if the spawn fails.
+            RouteMut::Passive(p) => {
                 let mut product = p.clone_without_buyers();
                 product.buyers = std::mem::take(&mut p.buyers);
                 product
@@ -823,7 +829,7 @@ impl Supervisor {
                 Some(actor)
             }
             Err(err) => {
-                // The request gets a 503. The slot's product lost its counts to the
+                // The request gets a 503. The passive product lost its counts to the
                 // failed spawn: it is rebuilt from the log, which has them.
                 tracing::error!(%sku, error = %err, "cannot activate the product actor; rebuilding it");
                 self.begin_restart(myself, state, sku.to_string());
@@ -842,7 +848,10 @@ impl Supervisor {
         let idle_ms = after.as_millis() as i64;
         let routes = &state.routes;
         let idle = state.active.iter().filter(|sku| {
-            matches!(routes.get(sku), Some(Slot::Active { used_at, .. }) if now - *used_at >= idle_ms)
+            matches!(
+                routes.get(sku),
+                Some(Route::Live(Live::Active { used_at, .. })) if now - *used_at >= idle_ms
+            )
         });
         state.idle_candidates.extend(idle.cloned());
     }
@@ -902,7 +911,9 @@ impl Supervisor {
             };
             // Used (or passivated, deleted, failed) since the scan: not a candidate now.
             let actor = match state.routes.get(&sku) {
-                Some(Slot::Active { actor, used_at }) if now - *used_at >= idle_ms => actor.clone(),
+                Some(Route::Live(Live::Active { actor, used_at })) if now - *used_at >= idle_ms => {
+                    actor.clone()
+                }
                 _ => continue,
             };
             // Waited for here, so that nothing reaches the product in between. Product
@@ -914,13 +925,15 @@ impl Supervisor {
                     debug_assert_eq!(product.holding, 0);
                     state.skus_by_actor.remove(&actor.get_id());
                     state.active.remove(&sku);
-                    state.routes.insert(sku, Slot::Passive(product));
+                    state.routes.set_passive(sku, product);
                     state.passivations += 1;
                     done += 1;
                 }
                 // Holds in flight: it stays active, and is looked at again later.
                 Ok(None) => {
-                    if let Some(Slot::Active { used_at, .. }) = state.routes.get_mut(&sku) {
+                    if let Some(RouteMut::Live(Live::Active { used_at, .. })) =
+                        state.routes.get_mut(&sku)
+                    {
                         *used_at = now;
                     }
                 }
@@ -952,7 +965,7 @@ impl Supervisor {
             detail: err.to_string(),
         })?;
         match state.routes.get(&sku) {
-            Some(Slot::Restarting(_)) => return Err(restarting(&sku)),
+            Some(Route::Live(Live::Restarting(_))) => return Err(restarting(&sku)),
             Some(_) => return Err(Error::SkuExists { sku }),
             None => {}
         }
@@ -978,7 +991,7 @@ impl Supervisor {
         // caught up (docs/PERFORMANCE.md, "Catalogue import over HTTP").
         state
             .routes
-            .insert(product.sku.clone(), Slot::Passive(product.clone()));
+            .set_passive(product.sku.clone(), product.clone());
         Ok((product, ticket))
     }
 
@@ -1023,9 +1036,7 @@ impl Supervisor {
         sku: String,
     ) {
         state.active.remove(&sku);
-        state
-            .routes
-            .insert(sku.clone(), Slot::Restarting(Vec::new()));
+        state.routes.set_live(&sku, Live::Restarting(Vec::new()));
         // Queued now, so its sequence is that of the last record queued before this point.
         let barrier = self.log.barrier();
         let snapshotter = self.snapshotter.clone();
@@ -1072,7 +1083,7 @@ impl Supervisor {
             }
         };
         let waiting = match state.routes.remove(&sku) {
-            Some(Slot::Restarting(waiting)) => waiting,
+            Some(Slot::Live(Live::Restarting(waiting))) => waiting,
             other => {
                 debug_assert!(
                     other.is_none(),
@@ -1090,7 +1101,7 @@ impl Supervisor {
             product.invariant_holds(),
             "rebuilt product {sku} breaks invariant 1"
         );
-        state.routes.insert(sku.clone(), Slot::Passive(product));
+        state.routes.set_passive(sku.clone(), product);
         state.product_restarts += 1;
         tracing::warn!(%sku, "product rebuilt from its last acknowledged state");
     }
@@ -1168,7 +1179,7 @@ impl Supervisor {
             .find(|(line, held_by)| {
                 !matches!(
                     state.routes.get(&line.sku),
-                    Some(Slot::Active { actor, .. }) if actor.get_id() == held_by.get_id()
+                    Some(Route::Live(Live::Active { actor, .. })) if actor.get_id() == held_by.get_id()
                 )
             });
         if let Some((line, _)) = replaced {
@@ -1286,13 +1297,13 @@ impl Supervisor {
     fn send_stock(&self, state: &mut SupervisorState, sku: &str, msg: ProductMsg) {
         debug_assert!(is_stock_effect(&msg));
         match state.routes.get_mut(sku) {
-            Some(Slot::Restarting(waiting)) => waiting.push(msg),
-            Some(Slot::Passive(product)) => {
+            Some(RouteMut::Live(Live::Restarting(waiting))) => waiting.push(msg),
+            Some(RouteMut::Passive(product)) => {
                 let applied = apply_without_actor(product, msg);
                 debug_assert!(applied.is_ok());
                 debug_assert!(product.invariant_holds());
             }
-            Some(Slot::Active { actor, used_at }) => {
+            Some(RouteMut::Live(Live::Active { actor, used_at })) => {
                 *used_at = self.clock.now_ms();
                 // An actor that has just failed loses it; the rebuild reads it from the log.
                 let _ = actor.send_message(msg);
@@ -1312,12 +1323,12 @@ impl Supervisor {
     ) {
         let msg = match state.routes.get_mut(sku) {
             None => return msg.reply_not_found(sku),
-            Some(Slot::Restarting(_)) => return msg.reply_err(restarting(sku)),
-            Some(Slot::Passive(product)) => match apply_without_actor(product, msg) {
+            Some(RouteMut::Live(Live::Restarting(_))) => return msg.reply_err(restarting(sku)),
+            Some(RouteMut::Passive(product)) => match apply_without_actor(product, msg) {
                 Ok(()) => return,
                 Err(msg) => msg,
             },
-            Some(Slot::Active { .. }) => msg,
+            Some(RouteMut::Live(Live::Active { .. })) => msg,
         };
         let Some(actor) = self.activate(myself, state, sku).await else {
             return msg.reply_err(restarting(sku));

@@ -618,8 +618,9 @@ impl ClusterNode {
     }
 
     /// What a leader's epoch starts from (`crate::leadership`): the state the state machine
-    /// has folded, lent (`StockSm::lend`: taken, not copied), its products moved into the
-    /// supervisor's table on a blocking thread (`SupervisorArgs::from_state`), with its Raft
+    /// has folded, lent (`StockSm::lend`: taken, not copied), its products and SKUs in
+    /// order made the supervisor's table on a blocking thread (`SupervisorArgs::from_state`:
+    /// nothing is moved or sorted, since the state machine keeps the order), with its Raft
     /// metadata and API keys. Lent only once the state machine has applied the epoch's
     /// blank entry, `blank_seq`: an epoch that cannot begin leaves the state whole.
     pub async fn epoch_start(

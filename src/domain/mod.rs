@@ -8,10 +8,12 @@ pub mod key;
 pub mod product;
 pub mod reservation;
 pub mod sale;
+pub mod sku_index;
 pub mod webhook;
 
 pub use key::{ApiKey, KeyId, Scope};
 pub use product::{HoldError, NewProduct, Price, Product, StockError};
 pub use reservation::{Line, Reservation, Status};
 pub use sale::{Buyers, LineSet, Rules, RulesError, RulesPatch, SaleRules};
+pub use sku_index::SkuIndex;
 pub use webhook::{Registration, WebhookBook};

@@ -125,6 +125,7 @@ impl Shadow {
                 webhooks: Default::default(),
                 // The feed folds records, never Raft entries (storage::entry).
                 raft: None,
+                skus: Default::default(),
             },
             cold,
             cold_reservations,
@@ -168,7 +169,7 @@ impl Shadow {
             let (products, cold) = (&mut self.state.products, &mut self.cold);
             cool_half(
                 &mut self.touched_at,
-                |sku: &String| products.remove(sku.as_str()),
+                |sku: &String| products.swap_remove(sku.as_str()),
                 |sku, bytes| {
                     cold.insert(sku.as_str().into(), bytes);
                 },

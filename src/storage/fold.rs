@@ -7,13 +7,14 @@
 //! the state (an unknown SKU, a hold beyond what is available) is an error naming the
 //! problem, never a silent repair.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
+use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::clock::Millis;
-use crate::domain::{ApiKey, KeyId, Product, Reservation, Status, WebhookBook};
+use crate::domain::{ApiKey, KeyId, Product, Reservation, SkuIndex, Status, WebhookBook};
 use crate::storage::entry::{Chain, Entry, LogPos, Outcome, Payload, RaftMeta, StoredMembership};
 use crate::storage::record::{IdempotencyKey, Record};
 
@@ -25,11 +26,36 @@ pub struct IdempotencyEntry {
     pub created_at: Millis,
 }
 
-/// Products by SKU. Hashed with foldhash (seeded per process), not SipHash: SipHash and
-/// the rehashing of a growing table were ~31 % of the fold's CPU when replaying a
-/// million-product log (perf, docs/performance-history.md#restart-replay-memory-and-snapshots-with-a-million-skus). SKUs come from the operator's
-/// product API, not from buyers, and the seed still differs per process.
-pub type Products = HashMap<String, Product, foldhash::fast::RandomState>;
+/// Products by SKU. An `IndexMap`: a hash table of 8-byte indexes into one dense vector of
+/// the products, so a catalogue costs its products plus a few bytes each; a `HashMap` keeps
+/// its products in the table's slots, and a table just past a doubling (a million products
+/// in 2^21 slots) is half empty, ~170 bytes an empty slot. Removing swaps the last product
+/// into the hole (`swap_remove`): the order of iteration is nobody's business (the digest
+/// sorts, and a snapshot is read back into a map). Hashed with foldhash (seeded per
+/// process), not SipHash: SipHash and the rehashing of a growing table were ~31 % of the
+/// fold's CPU when replaying a million-product log (perf,
+/// docs/performance-history.md#restart-replay-memory-and-snapshots-with-a-million-skus).
+/// SKUs come from the operator's product API, not from buyers, and the seed still differs
+/// per process.
+pub type Products = IndexMap<String, Product, foldhash::fast::RandomState>;
+
+/// The SKUs of a state's products in order, when the state keeps them (`Some`): the fold
+/// adds and removes a SKU with its product. A cluster node's state machine keeps them
+/// (`State::keep_sku_order`), so that the state it lends a new leader's epoch comes with
+/// the index a page of products walks, instead of the epoch sorting a million SKUs while
+/// the cluster waits (docs/PERFORMANCE.md, "Cluster"). Derived from the products, so not
+/// part of the state's value: never encoded, and not compared (two states are equal
+/// whatever either keeps here).
+#[derive(Clone, Debug, Default)]
+pub struct SkuOrder(pub Option<SkuIndex>);
+
+impl PartialEq for SkuOrder {
+    fn eq(&self, _: &SkuOrder) -> bool {
+        true
+    }
+}
+
+impl Eq for SkuOrder {}
 
 /// Everything the log describes (and what a snapshot holds).
 ///
@@ -55,6 +81,9 @@ pub struct State {
     /// and 2 have none (`storage::snapshot`).
     #[serde(skip)]
     pub raft: Option<RaftMeta>,
+    /// The products' SKUs in order, if this state keeps them (see `SkuOrder`).
+    #[serde(skip)]
+    pub skus: SkuOrder,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -103,6 +132,27 @@ fn pending(
 impl State {
     fn product(&mut self, sku: &str) -> Result<&mut Product, FoldError> {
         product(&mut self.products, sku)
+    }
+
+    /// From now on the fold keeps this state's SKUs in order (`SkuOrder`); the index is
+    /// built now if the state has none (linear in the catalogue, plus a sort of its keys).
+    pub fn keep_sku_order(&mut self) {
+        if self.skus.0.is_none() {
+            self.skus.0 = Some(SkuIndex::of(self.products.keys().map(String::as_str)));
+        }
+    }
+
+    /// The products' SKUs in order: the index this state kept, taken (the fold keeps none
+    /// from now on), or one built now.
+    pub fn take_sku_index(&mut self) -> SkuIndex {
+        match self.skus.0.take() {
+            Some(index) if index.len() == self.products.len() => index,
+            kept => {
+                // The fold keeps the two alike; a state built some other way is sorted.
+                debug_assert!(kept.is_none(), "the SKUs kept are not the products'");
+                SkuIndex::of(self.products.keys().map(String::as_str))
+            }
+        }
     }
 
     /// A digest of everything the log describes, the same for two states that hold the
@@ -292,6 +342,10 @@ pub fn apply_owned(state: &mut State, record: Record) -> Result<(), FoldError> {
             }
             p.rules.set(rules);
             p.rules.set_low_stock_threshold(low_stock_threshold);
+            if let Some(index) = &mut state.skus.0 {
+                index.insert(&sku);
+                debug_assert_eq!(index.len(), state.products.len() + 1);
+            }
             state.products.insert(sku, p);
         }
         Record::ProductPatched {
@@ -329,7 +383,11 @@ pub fn apply_owned(state: &mut State, record: Record) -> Result<(), FoldError> {
             if state.product(&sku)?.reserved != 0 {
                 return Err(FoldError::DeleteReserved(sku));
             }
-            state.products.remove(&sku);
+            state.products.swap_remove(&sku);
+            if let Some(index) = &mut state.skus.0 {
+                index.remove(&sku);
+                debug_assert_eq!(index.len(), state.products.len());
+            }
         }
         Record::ReservationCreated {
             id,

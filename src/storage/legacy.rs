@@ -276,6 +276,7 @@ impl From<StateV1> for State {
             keys: BTreeMap::new(),
             webhooks: Default::default(),
             raft: None,
+            skus: Default::default(),
         }
     }
 }
@@ -540,6 +541,7 @@ impl From<StateV4> for State {
             keys: old.keys,
             webhooks: Default::default(),
             raft: None,
+            skus: Default::default(),
         }
     }
 }
@@ -594,6 +596,7 @@ impl From<StateV2> for State {
             keys: old.keys,
             webhooks: Default::default(),
             raft: None,
+            skus: Default::default(),
         }
     }
 }

@@ -522,6 +522,29 @@ async fn on_hand(raft: &Raft, sku: &'static str) -> Option<u64> {
     .expect("reading the state machine")
 }
 
+/// The SKUs node `raft`'s state keeps in order (`State::keep_sku_order`), after checking
+/// that they are its products' (`None`: it keeps none).
+async fn kept_skus(raft: &Raft) -> Option<Vec<String>> {
+    raft.with_state_machine(move |sm: &mut StockSm| {
+        Box::pin(async move {
+            let state = sm.state();
+            let kept: Vec<String> = state
+                .skus
+                .0
+                .as_ref()?
+                .after(None)
+                .map(String::from)
+                .collect();
+            let mut skus: Vec<String> = state.products.keys().cloned().collect();
+            skus.sort();
+            assert_eq!(kept, skus, "the SKUs kept in order are the products'");
+            Some(kept)
+        })
+    })
+    .await
+    .expect("reading the state machine")
+}
+
 /// The node's log from disk (as a restarted node reads it), as (sequence, term) pairs.
 fn stored_terms(dir: &Path) -> Vec<(u64, u64)> {
     let log = Log::open(&dir.join("log")).expect("opening a stopped node's log");
@@ -977,6 +1000,11 @@ async fn a_follower_behind_a_purge_catches_up_by_snapshot() {
         Some(10 + (1..=12).sum::<u64>())
     );
     assert_eq!(on_hand(&nodes[&follower].raft, "B").await, Some(10));
+    // The installed snapshot's SKUs are kept in order, and the entries after it keep them.
+    assert_eq!(
+        kept_skus(&nodes[&follower].raft).await,
+        Some(vec!["A".to_string(), "B".to_string()])
+    );
 
     // On disk, the follower's log starts after the snapshot, and holds what followed it.
     let stopped = nodes.remove(&follower).unwrap();
@@ -1032,6 +1060,8 @@ async fn a_lent_state_is_given_back_whole_with_what_was_applied_meanwhile() {
         state.products["A"].on_hand, 16,
         "the epoch gets the whole state"
     );
+    let order: Vec<&str> = state.skus.0.as_ref().expect("kept").after(None).collect();
+    assert_eq!(order, ["A"], "with its SKUs in order");
     assert!(!lent_twice && is_lent, "lent once, until it is given back");
 
     // Lent: entries are answered from the metadata; the products are the epoch's.
@@ -1077,6 +1107,11 @@ async fn a_lent_state_is_given_back_whole_with_what_was_applied_meanwhile() {
     .expect("the state is given back");
     assert_eq!(on_hand(&raft, "A").await, Some(10 + 1 + 2 + 3 + 4 + 5));
     assert_eq!(on_hand(&raft, "B").await, Some(16));
+    // Rebuilt with its SKUs in order ("B" was created while the state was lent).
+    assert_eq!(
+        kept_skus(&raft).await,
+        Some(vec!["A".to_string(), "B".to_string()])
+    );
     let found = digests(&nodes, &all, last).await;
     assert!(
         found.windows(2).all(|w| w[0] == w[1]),
