@@ -10,11 +10,12 @@
 //! products took 0.8 s of every failover), and the products' SKUs in order, which the
 //! state machine keeps as it folds (`State::keep_sku_order`: sorted once whenever its state
 //! is recovered, installed or rebuilt, then kept by the fold), so that the supervisor's
-//! table is built from nothing (sorting a million SKUs took 0.3–0.6 s of a failover). While the state is lent, the state machine
-//! keeps only its Raft metadata, and folds each entry into that alone (`fold::admit_entry`:
-//! an entry's outcome depends on nothing else), so the engine's answers are the same. The
-//! records it admits meanwhile are the epoch's own proposals, which its actors already
-//! hold, or, once the node no longer leads, entries that stay in the log. Giving the
+//! table is built from nothing (sorting a million SKUs took 0.3–0.6 s of a failover).
+//! While the state is lent, the state machine keeps only its Raft metadata, and folds each
+//! entry into that alone (`fold::admit_entry`: an entry's outcome depends on nothing
+//! else), so the engine's answers are the same. The records it admits meanwhile are the
+//! epoch's own proposals, which its actors already hold, or, once the node no longer
+//! leads, entries that stay in the log. Giving the
 //! state back (`begin_reclaim`, `Reclaim::rebuild`, `finish_reclaim`;
 //! `ClusterNode::reclaim`) rebuilds it from the newest snapshot at or before the last
 //! entry applied and the log through that entry, off the state machine's task, which

@@ -12,8 +12,9 @@
 //! middle and leaves them about half full, while one built from sorted input is full; and
 //! the nodes allocated while product actors run pin the allocator's pages among the actors'
 //! blocks (docs/PERFORMANCE.md, "Where the memory after a drain was"). `compact` rebuilds
-//! the tree from its sorted keys, into full nodes allocated together; the supervisor calls
-//! it once the actors of a large passivation sweep have stopped.
+//! the tree from its sorted keys, into full nodes allocated together, once enough SKUs were
+//! added (amortized). The supervisor calls it once the actors of a large passivation sweep
+//! have stopped; a cluster node's state machine after each batch of entries it applies.
 
 use std::collections::BTreeSet;
 use std::ops::Bound;
