@@ -4,7 +4,8 @@
 //! or those below; docs/ARCHITECTURE.md "The parts" says what each file owns):
 //!
 //! - base: `clock`, `limits` (every limit and default), `logging` (lines to stderr that
-//!   can never stop the server), `memory` (huge pages, returning freed memory).
+//!   can never stop the server), `memory` (huge pages, returning freed memory), `sync` (a
+//!   lock that a panic elsewhere does not poison).
 //! - `domain`: products and reservations as plain data with their rules (pure functions).
 //! - `storage`: the record codec, the one fold, the write-ahead log, snapshots, recovery,
 //!   the snapshotter and the snapshot worker.
@@ -45,6 +46,7 @@ pub mod memory;
 pub mod server;
 pub mod service;
 pub mod storage;
+pub mod sync;
 pub mod webhooks;
 
 pub use config::{Config, Durability};

@@ -536,10 +536,7 @@ fn cluster_flags_are_checked_before_anything_is_opened() {
 /// 15 s of trying), and the cluster then serves in a later term.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_that_cannot_begin_serving_hands_its_leadership_over() {
-    let env = [("STOCKD_TEST_FAIL_TERMS_UPTO", "1")];
-    let cluster = tokio::task::spawn_blocking(move || Cluster::start_with(&[1, 2, 3], &env))
-        .await
-        .unwrap();
+    let cluster = Cluster::three_with(&[("STOCKD_TEST_FAIL_TERMS_UPTO", "1")]).await;
     let first = cluster.agreed().await;
     let first_term = first[&leader_of(&first)]["term"].as_u64().unwrap();
     let started = Instant::now();
@@ -565,10 +562,7 @@ async fn a_leader_that_cannot_begin_serving_hands_its_leadership_over() {
 /// `--snapshot-every-records` (500,000 by default) would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_takes_a_snapshot_on_its_timer() {
-    let env = [("STOCKD_SNAPSHOT_EVERY_SECONDS", "1")];
-    let cluster = tokio::task::spawn_blocking(move || Cluster::start_with(&[1, 2, 3], &env))
-        .await
-        .unwrap();
+    let cluster = Cluster::three_with(&[("STOCKD_SNAPSHOT_EVERY_SECONDS", "1")]).await;
     cluster.serving().await;
     let c = common::cluster::Checkout::of(&cluster);
     let a = c

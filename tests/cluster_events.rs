@@ -62,6 +62,9 @@ async fn until_told(c: &Checkout, after: u64, types: &[&str]) -> (Vec<Value>, u6
     }
 }
 
+/// Every node's environment here: the change feed on.
+const EVENTS_ON: &[(&str, &str)] = &[("STOCKD_EVENTS", "on")];
+
 fn ids(events: &[Value]) -> Vec<String> {
     events
         .iter()
@@ -71,10 +74,7 @@ fn ids(events: &[Value]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_feed_reader_resumes_on_the_new_leader_after_kill_9_missing_nothing() {
-    let env = [("STOCKD_EVENTS", "on")];
-    let mut cluster = tokio::task::spawn_blocking(move || Cluster::start_with(&[1, 2, 3], &env))
-        .await
-        .unwrap();
+    let mut cluster = Cluster::three_with(EVENTS_ON).await;
     let leader = cluster.serving().await;
     let c = Checkout::of(&cluster);
     c.create("F", 10).await;
@@ -197,10 +197,7 @@ async fn until_delivered(receiver: &Receiver, ids: &[String]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_are_replicated_and_the_next_leader_delivers_from_their_position() {
-    let env = [("STOCKD_EVENTS", "on")];
-    let mut cluster = tokio::task::spawn_blocking(move || Cluster::start_with(&[1, 2, 3], &env))
-        .await
-        .unwrap();
+    let mut cluster = Cluster::three_with(EVENTS_ON).await;
     let leader = cluster.serving().await;
     let receiver = Receiver::start().await;
     let c = Checkout::of(&cluster);
@@ -271,7 +268,7 @@ async fn webhooks_are_replicated_and_the_next_leader_delivers_from_their_positio
     // the receiver refuses everything: the next leader's view can only show a position
     // it was handed, and any repeat would be an attempt.
     let killed = leader;
-    tokio::task::block_in_place(|| cluster.launch_with(killed, &env))
+    tokio::task::block_in_place(|| cluster.launch_with(killed, EVENTS_ON))
         .expect("the killed node restarts");
     cluster.caught_up().await;
     receiver.refusing.store(true, Ordering::SeqCst);

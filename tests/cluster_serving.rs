@@ -530,10 +530,8 @@ async fn api_keys_created_on_the_leader_authenticate_on_every_node() {
 async fn a_follower_down_past_the_leaders_purge_catches_up_by_snapshot() {
     // A snapshot every 100 entries: the leader keeps 1,000 entries behind its snapshots,
     // and purges up to the oldest one it keeps.
-    let env = [("STOCKD_SNAPSHOT_EVERY_RECORDS", "100")];
-    let mut cluster = tokio::task::spawn_blocking(move || Cluster::start_with(&[1, 2, 3], &env))
-        .await
-        .unwrap();
+    const EVERY_100: &[(&str, &str)] = &[("STOCKD_SNAPSHOT_EVERY_RECORDS", "100")];
+    let mut cluster = Cluster::three_with(EVERY_100).await;
     let leader = cluster.serving().await;
     let c = Checkout::of(&cluster);
     c.create("R", 0).await;
@@ -580,7 +578,7 @@ async fn a_follower_down_past_the_leaders_purge_catches_up_by_snapshot() {
     // install: the snapshot kept, the log not yet moved past it.
     drop(follower);
     let snapshots = cluster.data_dir(down).join("snapshots");
-    let installing = [("STOCKD_TEST_INSTALL_PAUSE_MS", "600000"), env[0]];
+    let installing = [("STOCKD_TEST_INSTALL_PAUSE_MS", "600000"), EVERY_100[0]];
     tokio::task::block_in_place(|| cluster.launch_with(down, &installing))
         .expect("the follower restarts");
     let kept = common::eventually(WAIT, || {
@@ -599,7 +597,10 @@ async fn a_follower_down_past_the_leaders_purge_catches_up_by_snapshot() {
 
     // Restarted, it starts from that snapshot (its recovery says so) and catches up.
     cluster.nodes.remove(&down);
-    let logged = [("RUST_LOG", "warn,stockd::cluster::node=info"), env[0]];
+    let logged = [
+        ("RUST_LOG", "warn,stockd::cluster::node=info"),
+        EVERY_100[0],
+    ];
     tokio::task::block_in_place(|| cluster.launch_capturing(down, &logged))
         .expect("the follower restarts");
     let started_from = tokio::task::block_in_place(|| {

@@ -272,15 +272,16 @@ impl ClusterNode {
                 err @ OpenError::NotAnEntry { .. } => NodeError::SingleServerLog(err),
                 err => NodeError::Open(err),
             })?;
-        let fail = |log: &ClusterLog, why: String| {
-            // Start-up ends here: the log's writer is asked to stop (its thread is not
-            // waited for: the server does not start).
+        // Start-up ends with `err`: the log's writer is asked to stop (its thread is not
+        // waited for: the server does not start).
+        let stop_with = |log: &ClusterLog, err: NodeError| {
             let handle = log.handle().clone();
             tokio::spawn(async move {
                 let _ = handle.shutdown().await;
             });
-            NodeError::Engine(why)
+            err
         };
+        let fail = |log: &ClusterLog, why: String| stop_with(log, NodeError::Engine(why));
         let config = match engine_config(snapshots.every_records) {
             Ok(config) => config,
             Err(err) => return Err(fail(&log, err)),
@@ -302,13 +303,7 @@ impl ClusterNode {
         };
         let (recovered, store) = match recovered {
             Ok((Ok(recovered), Ok(()), store)) => (recovered, store),
-            Ok((Ok(_), Err(err), _)) => {
-                let handle = log.handle().clone();
-                tokio::spawn(async move {
-                    let _ = handle.shutdown().await;
-                });
-                return Err(NodeError::Feed(err));
-            }
+            Ok((Ok(_), Err(err), _)) => return Err(stop_with(&log, NodeError::Feed(err))),
             Ok((Err(err), _, _)) => return Err(fail(&log, format!("cannot recover: {err}"))),
             Err(err) => return Err(fail(&log, format!("cannot recover: {err}"))),
         };

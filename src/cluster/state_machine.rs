@@ -57,6 +57,7 @@ use crate::storage::record::Record;
 use crate::storage::snapshot::{self, WriteHooks};
 use crate::storage::snapshotter::{self, Priority};
 use crate::storage::{recovery, snapshot_worker};
+use crate::sync::lock;
 
 use super::types::{
     fold_entry_of, log_id_of, stored_membership_of, LogId, RaftStoredMembership, Tc,
@@ -445,10 +446,6 @@ fn pause_for_a_test(name: &str) {
     };
     tracing::warn!(pause_ms = ms, hook = name, "pausing for a test");
     std::thread::sleep(std::time::Duration::from_millis(ms));
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Snapshots a node keeps after building one: the new one, and the one before it (which a

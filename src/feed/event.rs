@@ -112,6 +112,15 @@ impl Position {
         }
     }
 
+    /// Past every event of record `seq`: where a reader that has seen that record's events
+    /// (or that starts after the record) stands.
+    pub fn after_record(seq: u64) -> Position {
+        Position {
+            seq,
+            index: u32::MAX,
+        }
+    }
+
     /// Parses an `id` as `id` writes it (a bare `<seq>` is that record's first event).
     pub fn parse(id: &str) -> Option<Position> {
         let (seq, index) = match id.split_once('.') {

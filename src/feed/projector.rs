@@ -29,6 +29,7 @@ use crate::storage::fold::State;
 use crate::storage::log::{LogHandle, LogReader};
 use crate::storage::record::Record;
 use crate::storage::recovery::{self, FoldObserver};
+use crate::sync::lock;
 
 /// Events appended to the store (and handed to live readers) in one go, at most.
 const APPEND_EVENTS_MAX: usize = 1024;
@@ -297,16 +298,6 @@ struct Entries {
 /// Failed reads of a cluster node's log in a row (one a poll) before the feed stops.
 const READ_FAILURES_MAX: u32 = 100;
 
-impl Follow {
-    /// Where the projector may read to, the log being durable through `durable`.
-    fn limit(&self, durable: u64) -> u64 {
-        match self {
-            Follow::Records => durable,
-            Follow::Entries(entries) => entries.cluster.applied.read().0.min(durable),
-        }
-    }
-}
-
 fn run(
     feed: Feed,
     reader: LogReader,
@@ -363,9 +354,10 @@ fn run(
             }
             last_sync = Instant::now();
         }
-        // A cluster's other nodes may go on committing: what was applied when the stop
-        // was asked for is projected, and no more waited for.
-        if stopping && (matches!(follow, Follow::Entries(_)) || follow.limit(durable) <= pos) {
+        // A single server stops once what is durable is projected; a cluster's other nodes
+        // may go on committing: what was applied when the stop was asked for is
+        // projected, and no more waited for.
+        if stopping && (matches!(follow, Follow::Entries(_)) || durable <= pos) {
             return;
         }
         thread::sleep(Duration::from_millis(PROJECTOR_POLL_MS));
@@ -460,11 +452,7 @@ impl Entries {
     ) -> Result<u64, String> {
         let started = Instant::now();
         let recovered = {
-            let _files = self
-                .cluster
-                .files
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let _files = lock(&self.cluster.files);
             recovery::recover_entries_at(reader, &self.cluster.snapshots, installed)
         }
         .map_err(|e| {

@@ -621,10 +621,7 @@ mod tests {
             .read_after(Position { seq: 1, index: 0 }, 100)
             .unwrap();
         assert_eq!(positions(&mid), vec!["1.1", "3"]);
-        let whole = Position {
-            seq: 1,
-            index: u32::MAX,
-        };
+        let whole = Position::after_record(1);
         assert_eq!(positions(&store.read_after(whole, 100).unwrap()), vec!["3"]);
     }
 
@@ -658,15 +655,7 @@ mod tests {
                 oldest_seq: floor + 1
             }
         );
-        let read = store
-            .read_after(
-                Position {
-                    seq: 1_990,
-                    index: u32::MAX,
-                },
-                5,
-            )
-            .unwrap();
+        let read = store.read_after(Position::after_record(1_990), 5).unwrap();
         assert_eq!(
             positions(&read),
             vec!["1991", "1992", "1993", "1994", "1995"]
@@ -739,15 +728,7 @@ mod tests {
         store.append(&[event(13, 0, 1)], 13).unwrap();
         let read = store.read_after(Position::default(), 100);
         assert!(read.is_err(), "0 is below the floor 10");
-        let read = store
-            .read_after(
-                Position {
-                    seq: 10,
-                    index: u32::MAX,
-                },
-                100,
-            )
-            .unwrap();
+        let read = store.read_after(Position::after_record(10), 100).unwrap();
         assert_eq!(positions(&read), vec!["11", "12", "12.1", "13"]);
         store.reset(40).unwrap();
         assert_eq!(

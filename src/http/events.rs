@@ -134,10 +134,7 @@ pub async fn serve(feed: Option<&Feed>, raw_query: &str, headers: &HeaderMap) ->
             Some(id) => id.to_str().ok().and_then(Position::parse).ok_or_else(|| {
                 Problem::invalid("Last-Event-ID", "Last-Event-ID must be an event id")
             })?,
-            None => Position {
-                seq: after,
-                index: u32::MAX,
-            },
+            None => Position::after_record(after),
         };
         return stream(feed, cursor, q.filter).await;
     }
@@ -151,13 +148,7 @@ fn page(feed: &Feed, after: u64, q: Query) -> Result<Reply> {
     let mut scanned = 0;
     let next_after = 'scan: loop {
         let found = feed
-            .read_after(
-                Position {
-                    seq: done,
-                    index: u32::MAX,
-                },
-                EVENTS_READ_CHUNK,
-            )
+            .read_after(Position::after_record(done), EVENTS_READ_CHUNK)
             .map_err(gone)?;
         let mut record = None;
         for event in found.events {

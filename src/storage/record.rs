@@ -35,11 +35,13 @@ use crate::clock::Millis;
 use crate::domain::{ApiKey, KeyId, Line, LineSet, Price, Registration, RulesPatch, SaleRules};
 use crate::storage::legacy;
 
-/// The format version written into every record (below 0x80: the log tells a batch of
-/// records from a single one by that bit). Versions 1 and 2 are still read
-/// (`storage::legacy`).
+/// The newest record format (below 0x80: the log tells a batch of records from a single
+/// one by that bit), written only into the three webhook kinds it added (`WebhookSaved`,
+/// `WebhookRemoved`, `WebhookPositions`); every other record is written as format 3
+/// (`RECORD_FORMAT_V3`), so an older build reads a log without them. Versions 1 and 2 are
+/// still read (`storage::legacy`).
 pub const RECORD_FORMAT_VERSION: u8 = 4;
-/// The format version of every record but the two kinds format 4 added.
+/// The format version of every record but the three kinds format 4 added.
 pub const RECORD_FORMAT_V3: u8 = 3;
 const HEADER_BYTES: usize = 5;
 

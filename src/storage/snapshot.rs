@@ -52,8 +52,10 @@ use crate::storage::entry::RaftMeta;
 use crate::storage::fold::State;
 use crate::storage::legacy;
 
-/// The format version written into every snapshot (a single node's or a replicated
-/// node's: `State::raft` follows the state, `None` or not). Formats 1 to 3 are still read.
+/// The newest snapshot format, written for a state that has webhooks (a cluster's); a
+/// state without them, every single node's, is written as format 4 (`SNAPSHOT_FORMAT_V4`).
+/// In both, `State::raft` follows the state (`None` on a single node). Formats 1 to 3 are
+/// still read.
 pub const SNAPSHOT_FORMAT_VERSION: u8 = 5;
 /// The format of a state without webhooks (the module's documentation).
 pub const SNAPSHOT_FORMAT_V4: u8 = 4;

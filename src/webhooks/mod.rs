@@ -17,7 +17,13 @@
 //! written after each acknowledged delivery, before the next is sent, and fsynced every
 //! second. So `kill -9` neither skips an event nor sends again one that was acknowledged
 //! (only the one whose 2xx had not yet been recorded, if the kill fell between the two);
-//! a power loss sends again at most the last second's acknowledged events.
+//! a power loss sends again at most the last second's acknowledged events. On a cluster
+//! (`Keeper::Log`) the registrations and positions are records of the replicated log
+//! instead: a registration is answered once its record is committed, and the positions are
+//! committed about once a second (`WebhookPositions`), so after `kill -9` of the leader the
+//! next one sends again at most what was delivered since; a leader whose epoch ends
+//! proposes its last positions first (at most `LAST_POSITIONS_WAIT`), and only the
+//! deliveries then in flight, abandoned, are sent again.
 //!
 //! https endpoints are verified against the webpki roots (Mozilla's), plus the
 //! certificates of `--webhook-ca-file` (`Roots`): a shop's own CA, for endpoints whose
@@ -43,6 +49,7 @@ use crate::domain::WebhookBook;
 use crate::feed::{Feed, Filter, Gone, Kind, Position};
 use crate::storage::log::LogHandle;
 use crate::storage::record::Record;
+use crate::sync::lock;
 pub use store::{Disabled, Registration};
 
 /// Endpoints at most.
@@ -118,7 +125,8 @@ pub struct NewEndpoint {
 pub enum WebhookError {
     NotFound,
     TooMany,
-    /// The log's barrier failed (the log cannot be written), or the store cannot be.
+    /// The log's barrier failed (the log cannot be written), the store cannot be, or on a
+    /// cluster the record was not committed.
     Unavailable(String),
 }
 
@@ -221,10 +229,6 @@ impl EndpointFilter {
                 .as_ref()
                 .is_none_or(|skus| skus.iter().any(|f| f.matches(json)))
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn now_ms() -> i64 {
@@ -378,8 +382,9 @@ impl Inner {
 
     /// Records the positions the filters alone moved, then makes the positions durable:
     /// the positions file fsynced (compacted first when it has grown), or the positions
-    /// recorded since the last flush committed in one `WebhookPositions`.
-    async fn flush(self: &Arc<Inner>) {
+    /// recorded since the last flush committed in one `WebhookPositions`. An error says
+    /// they are not durable (logged here; a later flush tries again).
+    async fn flush(self: &Arc<Inner>) -> Result<(), String> {
         let endpoints: Vec<(Uuid, Arc<Endpoint>)> = self
             .endpoints
             .read()
@@ -390,8 +395,9 @@ impl Inner {
         match &self.keeper {
             Keeper::Files(_) => {
                 let inner = self.clone();
-                let _ =
-                    tokio::task::spawn_blocking(move || sync_positions(&inner, &endpoints)).await;
+                tokio::task::spawn_blocking(move || sync_positions(&inner, &endpoints))
+                    .await
+                    .map_err(|e| e.to_string())?
             }
             Keeper::Log { unsent } => {
                 for (id, endpoint) in &endpoints {
@@ -403,7 +409,7 @@ impl Inner {
                 }
                 let taken = std::mem::take(&mut *lock(unsent));
                 if taken.is_empty() {
-                    return;
+                    return Ok(());
                 }
                 let positions = taken.iter().map(|(id, p)| (*id, p.seq, p.index)).collect();
                 let sent = self
@@ -421,7 +427,9 @@ impl Inner {
                     for (id, position) in taken {
                         unsent.entry(id).or_insert(position);
                     }
+                    return Err(format!("cannot record the webhooks' positions: {err}"));
                 }
+                Ok(())
             }
         }
     }
@@ -501,15 +509,11 @@ impl Webhooks {
         // skip them. It starts again at the feed's end.
         let through = webhooks.inner.feed.stats().through;
         for registration in opened.registrations {
-            let mut position =
-                opened
-                    .positions
-                    .get(&registration.id)
-                    .copied()
-                    .unwrap_or(Position {
-                        seq: registration.started_after_seq,
-                        index: u32::MAX,
-                    });
+            let mut position = opened
+                .positions
+                .get(&registration.id)
+                .copied()
+                .unwrap_or(Position::after_record(registration.started_after_seq));
             if position.seq > through {
                 tracing::warn!(
                     endpoint = %registration.id,
@@ -518,10 +522,7 @@ impl Webhooks {
                     "a webhook endpoint's position is past the end of the log (the log was \
                      cut short): it goes on after the log's last record"
                 );
-                position = Position {
-                    seq: through,
-                    index: u32::MAX,
-                };
+                position = Position::after_record(through);
             }
             webhooks.add(registration, position);
         }
@@ -547,10 +548,7 @@ impl Webhooks {
         for registration in book.endpoints {
             let position = match book.positions.get(&registration.id) {
                 Some(&(seq, index)) => Position { seq, index },
-                None => Position {
-                    seq: registration.started_after_seq,
-                    index: u32::MAX,
-                },
+                None => Position::after_record(registration.started_after_seq),
             };
             webhooks.add(registration, position);
         }
@@ -665,10 +663,7 @@ impl Webhooks {
         let mut all = self.registrations();
         all.push(registration.clone());
         self.save(all, Change::Saved(registration.clone())).await?;
-        let position = Position {
-            seq: after,
-            index: u32::MAX,
-        };
+        let position = Position::after_record(after);
         self.add(registration.clone(), position);
         let endpoint = self.get(registration.id).expect("just added");
         let mut view = self.view(&endpoint);
@@ -761,10 +756,7 @@ impl Webhooks {
                          kept, were skipped",
                         live.position.seq + 1
                     ));
-                    live.position = Position {
-                        seq: floor,
-                        index: u32::MAX,
-                    };
+                    live.position = Position::after_record(floor);
                     Some(live.position)
                 } else {
                     None
@@ -774,6 +766,13 @@ impl Webhooks {
                 if self.inner.record_position(id, position) {
                     lock(&endpoint.live).recorded = position;
                 }
+                // Answered once the skip is durable (committed, on a cluster), so that
+                // neither a restart nor the next leader takes the endpoint back behind
+                // the floor. A failure is a 503; enabling again is safe.
+                self.inner
+                    .flush()
+                    .await
+                    .map_err(WebhookError::Unavailable)?;
             }
         }
         endpoint.wake.notify_one();
@@ -839,13 +838,14 @@ impl Webhooks {
             let _ = task.await;
         }
         match self.inner.keeper {
-            // The fsync of the positions file, however long the disk takes.
-            Keeper::Files(_) => self.inner.flush().await,
+            // The fsync of the positions file, however long the disk takes (an error is
+            // logged: the restart sends what follows the last durable position).
+            Keeper::Files(_) => drop(self.inner.flush().await),
             Keeper::Log { .. } => {
                 let flushed = tokio::time::timeout(LAST_POSITIONS_WAIT, self.inner.flush()).await;
-                if flushed.is_err() {
+                if !matches!(flushed, Ok(Ok(()))) {
                     tracing::warn!(
-                        "the webhooks' last positions were not committed in time: the next \
+                        "the webhooks' last positions were not committed (in time): the next \
                          leader sends their events again"
                     );
                 }
@@ -855,9 +855,9 @@ impl Webhooks {
 }
 
 /// Fsyncs the positions file (compacting it first when it has grown).
-fn sync_positions(inner: &Inner, endpoints: &[(Uuid, Arc<Endpoint>)]) {
+fn sync_positions(inner: &Inner, endpoints: &[(Uuid, Arc<Endpoint>)]) -> Result<(), String> {
     let Keeper::Files(store) = &inner.keeper else {
-        return;
+        return Ok(());
     };
     let taken = {
         let mut store = lock(store);
@@ -879,15 +879,15 @@ fn sync_positions(inner: &Inner, endpoints: &[(Uuid, Arc<Endpoint>)]) {
         }
         store.to_sync()
     };
-    match taken {
-        Ok(Some(file)) => {
-            if let Err(err) = file.sync_data() {
-                tracing::error!(error = %err, "cannot fsync the webhooks' positions");
-            }
-        }
-        Ok(None) => {}
-        Err(err) => tracing::error!(error = %err, "cannot fsync the webhooks' positions"),
-    }
+    let synced = match taken {
+        Ok(Some(file)) => file.sync_data(),
+        Ok(None) => Ok(()),
+        Err(err) => Err(err),
+    };
+    synced.map_err(|err| {
+        tracing::error!(error = %err, "cannot fsync the webhooks' positions");
+        format!("cannot fsync the webhooks' positions: {err}")
+    })
 }
 
 async fn flush_positions(inner: Arc<Inner>) {
@@ -897,7 +897,8 @@ async fn flush_positions(inner: Arc<Inner>) {
             _ = tokio::time::sleep(FLUSH_EVERY) => {}
             _ = closing.changed() => return,
         }
-        inner.flush().await;
+        // A failure is logged, and the next flush tries again.
+        let _ = inner.flush().await;
     }
 }
 

@@ -61,9 +61,18 @@ impl Cluster {
         Cluster::start_with(running, &[])
     }
 
-    /// `start`, every node with the environment variables `env` too (kept by restarts).
+    /// `start`, every node with the environment variables `env` too (a restart passes
+    /// them again: `launch_with`).
     pub fn start_with(running: &[u64], env: &[(&str, &str)]) -> Cluster {
         Cluster::start_sized(3, running, env)
+    }
+
+    /// `start_with` for all three founders, from an async test (the start blocks while the
+    /// nodes come up, so it runs on a blocking thread).
+    pub async fn three_with(env: &'static [(&'static str, &'static str)]) -> Cluster {
+        tokio::task::spawn_blocking(move || Cluster::start_with(&[1, 2, 3], env))
+            .await
+            .expect("the cluster starts")
     }
 
     /// `start_with`, with addresses picked for nodes 1 to `size`: the founders 1 to 3, and

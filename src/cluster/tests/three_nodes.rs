@@ -886,13 +886,29 @@ async fn snapshot_at(raft: &Raft, index: u64) {
         .snapshot()
         .await
         .expect("a snapshot is asked for");
+    has_snapshot_at(raft, index).await;
+}
+
+/// Waits until `raft` has a snapshot at `index`, built or installed; its metrics then.
+async fn has_snapshot_at(raft: &Raft, index: u64) -> openraft::RaftMetrics<Tc> {
     raft.wait(Some(WAIT))
         .metrics(
             |m| m.snapshot.is_some_and(|s| s.index == index),
             format!("a snapshot at {index}"),
         )
         .await
-        .expect("the snapshot is built");
+        .expect("a snapshot in time")
+}
+
+/// Waits until `raft`'s engine has purged its log through `index`, its newest snapshot.
+async fn purged_through(raft: &Raft, index: u64) {
+    raft.wait(Some(WAIT))
+        .metrics(
+            |m| m.purged.is_some_and(|p| p.index == index),
+            "the engine purges up to its newest snapshot",
+        )
+        .await
+        .expect("purged in time");
 }
 
 /// A follower kept down while the leader snapshots twice and its engine purges the log
@@ -936,13 +952,7 @@ async fn a_follower_behind_a_purge_catches_up_by_snapshot() {
     snapshot_at(&raft, second).await;
     // The engine asks to purge through the newest snapshot; the log is purged only
     // through the older one kept, past the follower's last entry all the same.
-    raft.wait(Some(WAIT))
-        .metrics(
-            |m| m.purged.is_some_and(|p| p.index == second),
-            "the engine purges up to its newest snapshot",
-        )
-        .await
-        .expect("purged in time");
+    purged_through(&raft, second).await;
     let kept = nodes[&leader]
         .log
         .clone()
@@ -978,15 +988,7 @@ async fn a_follower_behind_a_purge_catches_up_by_snapshot() {
         follower,
         start_with(&router, follower, &dirs[&follower], log, purging_config()).await,
     );
-    let m = nodes[&follower]
-        .raft
-        .wait(Some(WAIT))
-        .metrics(
-            |m| m.snapshot.is_some_and(|s| s.index == second),
-            "the follower installs the leader's snapshot",
-        )
-        .await
-        .expect("installed in time");
+    let m = has_snapshot_at(&nodes[&follower].raft, second).await;
     assert!(m.last_applied.is_some_and(|a| a.index >= second));
     // Entries after the snapshot reach it, appended after the snapshot's last entry.
     let last = propose(&raft, epoch, 13, vec![record("B", 0), record("A", 12)]).await;
@@ -1404,26 +1406,12 @@ async fn a_feed_behind_an_installed_snapshot_starts_again_after_it() {
     snapshot_at(&raft, first).await;
     let second = propose(&raft, epoch, 8, (7..=11).map(|n| record("A", n)).collect()).await;
     snapshot_at(&raft, second).await;
-    raft.wait(Some(WAIT))
-        .metrics(
-            |m| m.purged.is_some_and(|p| p.index == second),
-            "the engine purges up to its newest snapshot",
-        )
-        .await
-        .expect("purged in time");
+    purged_through(&raft, second).await;
 
     let log = open_log_with(&dirs[&follower], true).await;
     let restarted = start_fed(&router, follower, &dirs[&follower], log, purging_config()).await;
     nodes.insert(follower, restarted);
-    nodes[&follower]
-        .raft
-        .wait(Some(WAIT))
-        .metrics(
-            |m| m.snapshot.is_some_and(|s| s.index == second),
-            "the follower installs the leader's snapshot",
-        )
-        .await
-        .expect("installed in time");
+    has_snapshot_at(&nodes[&follower].raft, second).await;
     let last = propose(&raft, epoch, 13, vec![record("B", 0), record("A", 12)]).await + 1;
     let installed = second + 1;
     let on_leader = feed_through(&nodes[&leader], last, installed).await;

@@ -38,18 +38,20 @@ fn no_snapshots() -> crate::storage::snapshotter::SnapshotPolicy {
     }
 }
 
-/// A node alone in its cluster, on `dir/log` and `dir/snapshots`, once it leads.
-async fn lone_leader(
+/// A node alone in its `--peers` (`lone_node`), on `dir/log` and `dir/snapshots`: the
+/// node, its log's writer thread, and its role.
+async fn start_lone(
     dir: &Path,
+    join: bool,
 ) -> (
     ClusterNode,
     std::thread::JoinHandle<()>,
     watch::Receiver<Role>,
 ) {
     let log = Log::open(&dir.join("log")).unwrap();
-    let (role, mut roles) = watch::channel(Role::Leaderless);
+    let (role, roles) = watch::channel(Role::Leaderless);
     let (node, writer, _) = ClusterNode::start(
-        &lone_node(false),
+        &lone_node(join),
         log,
         &dir.join("snapshots"),
         &no_snapshots(),
@@ -59,6 +61,18 @@ async fn lone_leader(
     )
     .await
     .expect("the node starts");
+    (node, writer, roles)
+}
+
+/// A node alone in its cluster, on `dir/log` and `dir/snapshots`, once it leads.
+async fn lone_leader(
+    dir: &Path,
+) -> (
+    ClusterNode,
+    std::thread::JoinHandle<()>,
+    watch::Receiver<Role>,
+) {
+    let (node, writer, mut roles) = start_lone(dir, false).await;
     tokio::time::timeout(
         Duration::from_secs(60),
         roles.wait_for(|r| *r == Role::Leader { ready: false }),
@@ -546,20 +560,7 @@ async fn a_snapshot_cut_off_mid_body_installs_nothing_and_leaves_no_file() {
 async fn a_joining_node_initializes_no_cluster_even_with_the_lowest_id() {
     for join in [false, true] {
         let dir = tempfile::tempdir().unwrap();
-        let settings = lone_node(join);
-        let log = Log::open(&dir.path().join("log")).unwrap();
-        let (role, _roles) = watch::channel(Role::Leaderless);
-        let (node, writer, _) = ClusterNode::start(
-            &settings,
-            log,
-            &dir.path().join("snapshots"),
-            &no_snapshots(),
-            None,
-            role,
-            None,
-        )
-        .await
-        .expect("the node starts");
+        let (node, writer, _roles) = start_lone(dir.path(), join).await;
         let initialized = node.raft().is_initialized().await.unwrap();
         assert_eq!(initialized, !join, "join: {join}");
         assert_eq!(node.cluster_ids().get().is_some(), !join, "join: {join}");
